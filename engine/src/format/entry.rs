@@ -1,0 +1,243 @@
+//! L1 and L2 table entries, decoded into enums.
+//!
+//! An L2 entry (64-bit standard or 128-bit extended) is decoded into a [`L2Entry`] once; the
+//! planner then asks it what one subcluster maps to ([`SubclusterState`]). Invalid combinations
+//! of bits are reported as corruption, never guessed at.
+
+/// Mask of the host offset in L1 entries and standard-cluster L2 entries (bits 9..=55).
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bit 63: refcount is exactly one (COPIED).
+const COPIED: u64 = 1 << 63;
+/// Bit 62: the cluster is compressed.
+const COMPRESSED: u64 = 1 << 62;
+/// Bit 0: the cluster reads as zeros (standard L2 entries only).
+const ZERO: u64 = 1;
+
+/// Decodes an L1 entry into the host offset of its L2 table (`None` when unallocated).
+///
+/// Reserved bits are ignored, as QEMU's read path ignores them (`qemu-img check` reports them).
+/// Returns `Err` with a reason when the offset is not cluster aligned.
+pub fn decode_l1_entry(raw: u64, cluster_size: u64) -> Result<Option<u64>, &'static str> {
+    let off = raw & OFFSET_MASK;
+    if off == 0 {
+        return Ok(None);
+    }
+    if !off.is_multiple_of(cluster_size) {
+        return Err("L2 table offset not cluster aligned");
+    }
+    Ok(Some(off))
+}
+
+/// Where a compressed cluster's data lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompressedDescriptor {
+    /// Host byte offset of the compressed stream (not aligned).
+    pub host_offset: u64,
+    /// Upper bound of the stream's length in bytes; the extent may end before it at EOF.
+    pub max_len: u64,
+}
+
+impl CompressedDescriptor {
+    /// Decodes the low 62 bits of a compressed L2 entry.
+    pub fn decode(raw: u64, cluster_bits: u32) -> CompressedDescriptor {
+        let x = 62 - (cluster_bits - 8);
+        let host_offset = raw & ((1u64 << x) - 1);
+        let sectors = (raw >> x) & ((1u64 << (62 - x)) - 1);
+        CompressedDescriptor {
+            host_offset,
+            max_len: (sectors + 1) * 512 - (host_offset & 511),
+        }
+    }
+}
+
+/// What a whole cluster maps to, from the first 64 bits of its L2 entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterMapping {
+    /// Not allocated in this image.
+    Unallocated,
+    /// Reads as zeros; `host` is a preallocated cluster when non-zero.
+    Zero {
+        /// Host offset of the preallocated cluster, if any.
+        host: Option<u64>,
+    },
+    /// Allocated at this host offset (cluster aligned).
+    Normal {
+        /// Host offset of the cluster.
+        host: u64,
+    },
+    /// Compressed.
+    Compressed(CompressedDescriptor),
+}
+
+/// A decoded L2 entry: the cluster mapping and, for extended L2 entries, the subcluster bitmap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Entry {
+    /// The cluster-level mapping.
+    pub mapping: ClusterMapping,
+    /// Subcluster bitmap (extended L2 only): bits 0..31 allocated, 32..63 reads as zero.
+    pub bitmap: Option<u64>,
+    /// The COPIED flag (refcount is exactly one).
+    pub copied: bool,
+}
+
+/// What one subcluster (or, on standard images, one cluster) reads as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubclusterState {
+    /// Read from the backing file, or zeros without one.
+    Unallocated,
+    /// Reads as zeros.
+    Zero,
+    /// Data at this host offset of the subcluster's start.
+    Data {
+        /// Host offset of the cluster (not the subcluster).
+        cluster_host: u64,
+    },
+    /// Compressed cluster.
+    Compressed(CompressedDescriptor),
+}
+
+impl L2Entry {
+    /// Decodes a standard (64-bit) or extended (`bitmap` = second word) L2 entry.
+    ///
+    /// `cluster_size` bounds alignment checks; `Err` carries the reason for corruption.
+    pub fn decode(
+        raw: u64,
+        bitmap: Option<u64>,
+        cluster_bits: u32,
+    ) -> Result<L2Entry, &'static str> {
+        let cluster_size = 1u64 << cluster_bits;
+        let copied = raw & COPIED != 0;
+        if raw & COMPRESSED != 0 {
+            let desc = CompressedDescriptor::decode(raw & !(COPIED | COMPRESSED), cluster_bits);
+            if desc.host_offset == 0 {
+                return Err("compressed cluster at host offset 0");
+            }
+            return Ok(L2Entry {
+                mapping: ClusterMapping::Compressed(desc),
+                bitmap,
+                copied,
+            });
+        }
+        // Reserved bits are ignored, as in QEMU's read path; with extended entries bit 0 is
+        // reserved too.
+        let extended = bitmap.is_some();
+        let host = raw & OFFSET_MASK;
+        if !host.is_multiple_of(cluster_size) {
+            return Err("data cluster offset not cluster aligned");
+        }
+        let mapping = if !extended && raw & ZERO != 0 {
+            ClusterMapping::Zero {
+                host: (host != 0).then_some(host),
+            }
+        } else if host == 0 {
+            ClusterMapping::Unallocated
+        } else {
+            ClusterMapping::Normal { host }
+        };
+        if let Some(bm) = bitmap {
+            let alloc = bm & 0xffff_ffff;
+            let zero = bm >> 32;
+            if alloc & zero != 0 {
+                return Err("subcluster both allocated and zero");
+            }
+            if host == 0 && alloc != 0 {
+                return Err("allocated subclusters in an unallocated cluster");
+            }
+        }
+        Ok(L2Entry {
+            mapping,
+            bitmap,
+            copied,
+        })
+    }
+
+    /// What subcluster `index` (0..32; always 0 on standard images) reads as.
+    pub fn subcluster(&self, index: u32) -> SubclusterState {
+        match (self.mapping, self.bitmap) {
+            (ClusterMapping::Compressed(d), _) => SubclusterState::Compressed(d),
+            (ClusterMapping::Unallocated, None) => SubclusterState::Unallocated,
+            (ClusterMapping::Zero { .. }, _) => SubclusterState::Zero,
+            (ClusterMapping::Normal { host }, None) => SubclusterState::Data { cluster_host: host },
+            (mapping, Some(bm)) => {
+                if bm & (1u64 << (32 + index)) != 0 {
+                    SubclusterState::Zero
+                } else if bm & (1u64 << index) != 0 {
+                    match mapping {
+                        ClusterMapping::Normal { host } => {
+                            SubclusterState::Data { cluster_host: host }
+                        }
+                        // decode() refuses allocated subclusters without a host cluster.
+                        _ => SubclusterState::Unallocated,
+                    }
+                } else {
+                    SubclusterState::Unallocated
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worked_example_from_design_notes() {
+        let e = L2Entry::decode(0x4AC0_0000_003D_9750, None, 16).unwrap();
+        let ClusterMapping::Compressed(d) = e.mapping else {
+            panic!("not compressed: {e:?}");
+        };
+        assert_eq!(d.host_offset, 0x3D9750);
+        assert_eq!(d.max_len, 22192);
+        assert_eq!(d.host_offset + d.max_len, 0x3DEE00);
+    }
+
+    #[test]
+    fn standard_entries() {
+        assert_eq!(
+            L2Entry::decode(0, None, 16).unwrap().mapping,
+            ClusterMapping::Unallocated
+        );
+        assert_eq!(
+            L2Entry::decode(1, None, 16).unwrap().mapping,
+            ClusterMapping::Zero { host: None }
+        );
+        assert_eq!(
+            L2Entry::decode(COPIED | 0x50000 | 1, None, 16).unwrap().mapping,
+            ClusterMapping::Zero {
+                host: Some(0x50000)
+            }
+        );
+        let e = L2Entry::decode(COPIED | 0x50000, None, 16).unwrap();
+        assert_eq!(e.mapping, ClusterMapping::Normal { host: 0x50000 });
+        assert!(e.copied);
+        assert!(L2Entry::decode(0x50200, None, 16).is_err());
+    }
+
+    #[test]
+    fn extended_entries() {
+        // Subcluster 0 allocated, 1 zero, 2 unallocated.
+        let e = L2Entry::decode(0x50000, Some(1 | (1 << 33)), 16).unwrap();
+        assert_eq!(e.subcluster(0), SubclusterState::Data { cluster_host: 0x50000 });
+        assert_eq!(e.subcluster(1), SubclusterState::Zero);
+        assert_eq!(e.subcluster(2), SubclusterState::Unallocated);
+        // Allocated and zero at once.
+        assert!(L2Entry::decode(0x50000, Some(1 | (1 << 32)), 16).is_err());
+        // Allocated without a host cluster.
+        assert!(L2Entry::decode(0, Some(1), 16).is_err());
+        // Zero subclusters without a host cluster are fine.
+        let e = L2Entry::decode(0, Some(1 << 40), 16).unwrap();
+        assert_eq!(e.subcluster(8), SubclusterState::Zero);
+        assert_eq!(e.subcluster(7), SubclusterState::Unallocated);
+        // Bit 0 is not a zero flag with extended entries.
+        let e = L2Entry::decode(0x50000 | 1, Some(1), 16).unwrap();
+        assert_eq!(e.subcluster(0), SubclusterState::Data { cluster_host: 0x50000 });
+    }
+
+    #[test]
+    fn l1_entries() {
+        assert_eq!(decode_l1_entry(0, 65536), Ok(None));
+        assert_eq!(decode_l1_entry(COPIED | 0x30000, 65536), Ok(Some(0x30000)));
+        assert!(decode_l1_entry(0x30200, 65536).is_err());
+    }
+}

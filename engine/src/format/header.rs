@@ -1,0 +1,711 @@
+//! The QCOW2 header (v2 and v3) and its extensions.
+//!
+//! Fields are validated in dependency order: magic and version, then the cluster size (every
+//! other limit derives from it), then tables, then features and extensions. All arithmetic on
+//! values from the file is checked.
+
+use super::{
+    autoclear, be32, be64_at, incompat, FormatError, MAX_BACKING_NAME_BYTES, MAX_CLUSTER_BITS,
+    MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOTS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
+};
+
+/// `QFI\xfb`.
+pub const MAGIC: u32 = 0x5146_49fb;
+/// Size of the fixed v2 header.
+pub const V2_HEADER_BYTES: usize = 72;
+/// Smallest v3 header.
+pub const V3_MIN_HEADER_BYTES: usize = 104;
+
+/// Header extension type: end of the extension area.
+pub const END_EXT: u32 = 0;
+/// Header extension type: backing file format name.
+pub const BACKING_FORMAT_EXT: u32 = 0xe279_2aca;
+/// Header extension type: feature name table.
+pub const FEATURE_NAME_TABLE_EXT: u32 = 0x6803_f857;
+/// Header extension type: bitmaps.
+pub const BITMAPS_EXT: u32 = 0x2385_2875;
+/// Header extension type: full disk encryption header pointer.
+pub const CRYPTO_EXT: u32 = 0x0537_be77;
+/// Header extension type: external data file name.
+pub const DATA_FILE_EXT: u32 = 0x4441_5441;
+
+/// How compressed clusters are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionType {
+    /// Raw deflate (RFC 1951), called "zlib" by QEMU.
+    Zlib,
+    /// Zstandard frames.
+    Zstd,
+}
+
+/// Which feature bitmap a named feature belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureKind {
+    /// `incompatible_features`.
+    Incompatible,
+    /// `compatible_features`.
+    Compatible,
+    /// `autoclear_features`.
+    Autoclear,
+}
+
+/// One entry of the feature name table extension.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FeatureName {
+    /// Which bitmap.
+    pub kind: FeatureKind,
+    /// Bit number, 0..63.
+    pub bit: u8,
+    /// The name, without trailing NULs.
+    pub name: String,
+}
+
+/// A header extension as found in the file; unknown ones are kept so that a header rewrite
+/// can preserve them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extension {
+    /// The extension type.
+    pub ext_type: u32,
+    /// The payload, without padding.
+    pub data: Vec<u8>,
+}
+
+/// The parsed and validated header of a QCOW2 image.
+#[derive(Clone, Debug)]
+pub struct Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// Byte offset of the backing file name, 0 if none.
+    pub backing_file_offset: u64,
+    /// Length of the backing file name.
+    pub backing_file_size: u32,
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// 0 none, 1 AES, 2 LUKS.
+    pub crypt_method: u32,
+    /// Entries in the active L1 table.
+    pub l1_size: u32,
+    /// Host offset of the active L1 table.
+    pub l1_table_offset: u64,
+    /// Host offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// Clusters occupied by the refcount table.
+    pub refcount_table_clusters: u32,
+    /// Number of internal snapshots.
+    pub nb_snapshots: u32,
+    /// Host offset of the snapshot table.
+    pub snapshots_offset: u64,
+    /// Incompatible feature bits.
+    pub incompatible_features: u64,
+    /// Compatible feature bits.
+    pub compatible_features: u64,
+    /// Autoclear feature bits.
+    pub autoclear_features: u64,
+    /// log2 of the refcount width in bits.
+    pub refcount_order: u32,
+    /// Length of the header in bytes (72 for v2).
+    pub header_length: u32,
+    /// Compression type of compressed clusters.
+    pub compression_type: CompressionType,
+    /// The backing file name, if any.
+    pub backing_file: Option<String>,
+    /// The backing file format from its extension, if any.
+    pub backing_format: Option<String>,
+    /// The external data file name from its extension, if any.
+    pub data_file: Option<String>,
+    /// The feature name table, if any.
+    pub feature_names: Vec<FeatureName>,
+    /// Bitmaps extension: (number of bitmaps, directory size, directory offset).
+    pub bitmaps: Option<(u32, u64, u64)>,
+    /// Encryption header pointer: (offset, length).
+    pub crypto_header: Option<(u64, u64)>,
+    /// Every extension in file order, known and unknown.
+    pub extensions: Vec<Extension>,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> FormatError {
+    FormatError::InvalidField {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl Header {
+    /// Bytes a caller should read from the start of the file to parse the header: the largest
+    /// possible first cluster.
+    pub const PROBE_BYTES: usize = 1 << MAX_CLUSTER_BITS;
+
+    /// Parses and validates the header from the first bytes of the file.
+    ///
+    /// `buf` holds the start of the file (at least the first cluster, or the whole file when it
+    /// is shorter); `file_len` is the file's length, used to bound table offsets.
+    pub fn parse(buf: &[u8], file_len: u64) -> Result<Header, FormatError> {
+        if buf.len() < 8 {
+            return Err(FormatError::Truncated { len: buf.len() });
+        }
+        let magic = be32(buf, 0);
+        if magic != MAGIC {
+            return Err(FormatError::BadMagic { magic });
+        }
+        let version = be32(buf, 4);
+        if version != 2 && version != 3 {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        if buf.len() < V2_HEADER_BYTES {
+            return Err(FormatError::Truncated { len: buf.len() });
+        }
+
+        // Cluster size first: every other limit derives from it.
+        let cluster_bits = be32(buf, 20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(invalid(
+                "cluster_bits",
+                format!("{cluster_bits} (cluster size must be 512 B to 2 MiB)"),
+            ));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        if (buf.len() as u64) < cluster_size.min(file_len) {
+            return Err(FormatError::Truncated { len: buf.len() });
+        }
+
+        let mut h = Header {
+            version,
+            backing_file_offset: be64_at(buf, 8),
+            backing_file_size: be32(buf, 16),
+            cluster_bits,
+            size: be64_at(buf, 24),
+            crypt_method: be32(buf, 32),
+            l1_size: be32(buf, 36),
+            l1_table_offset: be64_at(buf, 40),
+            refcount_table_offset: be64_at(buf, 48),
+            refcount_table_clusters: be32(buf, 56),
+            nb_snapshots: be32(buf, 60),
+            snapshots_offset: be64_at(buf, 64),
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V2_HEADER_BYTES as u32,
+            compression_type: CompressionType::Zlib,
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+            feature_names: Vec::new(),
+            bitmaps: None,
+            crypto_header: None,
+            extensions: Vec::new(),
+        };
+
+        if version == 3 {
+            if buf.len() < V3_MIN_HEADER_BYTES {
+                return Err(FormatError::Truncated { len: buf.len() });
+            }
+            h.incompatible_features = be64_at(buf, 72);
+            h.compatible_features = be64_at(buf, 80);
+            h.autoclear_features = be64_at(buf, 88);
+            h.refcount_order = be32(buf, 96);
+            h.header_length = be32(buf, 100);
+            let hl = u64::from(h.header_length);
+            if hl < V3_MIN_HEADER_BYTES as u64 || hl % 8 != 0 || hl > cluster_size {
+                return Err(invalid(
+                    "header_length",
+                    format!("{hl} (must be a multiple of 8, at least 104, within the first cluster)"),
+                ));
+            }
+            if hl as usize > buf.len() {
+                return Err(FormatError::Truncated { len: buf.len() });
+            }
+            if h.header_length > 104 {
+                h.compression_type = match buf[104] {
+                    0 => CompressionType::Zlib,
+                    1 => CompressionType::Zstd,
+                    other => {
+                        return Err(FormatError::UnsupportedFeature {
+                            names: format!("compression type {other}"),
+                        })
+                    }
+                };
+            }
+            let has_bit = h.incompatible_features & incompat::COMPRESSION_TYPE != 0;
+            let nonzero = h.compression_type != CompressionType::Zlib;
+            if has_bit != nonzero {
+                return Err(invalid(
+                    "compression_type",
+                    "the compression type field and incompatible bit 3 disagree",
+                ));
+            }
+        }
+
+        if h.refcount_order > 6 {
+            return Err(invalid(
+                "refcount_order",
+                format!("{} (at most 6)", h.refcount_order),
+            ));
+        }
+        if version == 2 && h.refcount_order != 4 {
+            return Err(invalid("refcount_order", "version 2 images use 16-bit refcounts"));
+        }
+        if h.size > MAX_VIRTUAL_SIZE {
+            return Err(invalid("size", format!("{} bytes is too large", h.size)));
+        }
+        if h.crypt_method != 0 {
+            return Err(FormatError::Encrypted(h.crypt_method));
+        }
+
+        h.validate_tables(file_len)?;
+        h.parse_extensions(buf)?;
+        h.parse_backing_name(buf)?;
+        h.validate_features()?;
+        Ok(h)
+    }
+
+    /// Size of one cluster in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1u64 << self.cluster_bits
+    }
+
+    /// Whether L2 entries are 128 bits with subcluster bitmaps.
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & incompat::EXTENDED_L2 != 0
+    }
+
+    /// Whether guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & incompat::EXTERNAL_DATA_FILE != 0
+    }
+
+    /// Whether the external data file is a consistent raw image.
+    pub fn data_file_raw(&self) -> bool {
+        self.autoclear_features & autoclear::DATA_FILE_RAW != 0
+    }
+
+    /// Bytes per L2 entry.
+    pub fn l2_entry_bytes(&self) -> u64 {
+        if self.extended_l2() {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Entries in one L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / self.l2_entry_bytes()
+    }
+
+    /// Guest bytes covered by one L2 table.
+    pub fn l2_coverage_bytes(&self) -> u64 {
+        self.l2_entries() * self.cluster_size()
+    }
+
+    /// Refcount width in bits.
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    /// L1 entries needed to cover the virtual size.
+    pub fn l1_entries_needed(&self) -> u64 {
+        self.size.div_ceil(self.l2_coverage_bytes())
+    }
+
+    fn validate_tables(&self, file_len: u64) -> Result<(), FormatError> {
+        let cs = self.cluster_size();
+        let in_file = |field: &'static str, off: u64, len: u64| -> Result<(), FormatError> {
+            if !off.is_multiple_of(cs) {
+                return Err(invalid(field, format!("offset {off:#x} is not cluster aligned")));
+            }
+            match off.checked_add(len) {
+                Some(end) if end <= file_len => Ok(()),
+                _ => Err(invalid(
+                    field,
+                    format!("table at {off:#x} of {len} bytes lies past the end of the file ({file_len} bytes)"),
+                )),
+            }
+        };
+
+        let l1_bytes = u64::from(self.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(invalid(
+                "l1_size",
+                format!("{} entries exceeds the 32 MiB limit", self.l1_size),
+            ));
+        }
+        if u64::from(self.l1_size) < self.l1_entries_needed() {
+            return Err(invalid(
+                "l1_size",
+                format!(
+                    "{} entries cannot cover the virtual size of {} bytes",
+                    self.l1_size, self.size
+                ),
+            ));
+        }
+        if self.l1_size > 0 {
+            in_file("l1_table_offset", self.l1_table_offset, l1_bytes)?;
+        }
+
+        let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
+        if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(invalid(
+                "refcount_table_clusters",
+                format!("{} clusters exceeds the 8 MiB limit", self.refcount_table_clusters),
+            ));
+        }
+        if rt_bytes == 0 {
+            return Err(invalid("refcount_table_clusters", "must not be 0"));
+        }
+        in_file("refcount_table_offset", self.refcount_table_offset, rt_bytes)?;
+
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(invalid(
+                "nb_snapshots",
+                format!("{} exceeds the limit of {MAX_SNAPSHOTS}", self.nb_snapshots),
+            ));
+        }
+        if self.nb_snapshots > 0 {
+            // Each snapshot entry is at least 40 bytes.
+            in_file(
+                "snapshots_offset",
+                self.snapshots_offset,
+                u64::from(self.nb_snapshots) * 40,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn parse_extensions(&mut self, buf: &[u8]) -> Result<(), FormatError> {
+        let cs = self.cluster_size() as usize;
+        let mut end = cs.min(buf.len());
+        if self.backing_file_offset != 0 && (self.backing_file_offset as usize) < end {
+            end = self.backing_file_offset as usize;
+        }
+        let mut off = self.header_length as usize;
+        while off + 8 <= end {
+            let ext_type = be32(buf, off);
+            let len = be32(buf, off + 4) as usize;
+            if ext_type == END_EXT {
+                break;
+            }
+            let data_start = off + 8;
+            let bad = |reason: &'static str| FormatError::InvalidExtension {
+                ext_type,
+                offset: off,
+                reason,
+            };
+            let data_end = data_start
+                .checked_add(len)
+                .filter(|&e| e <= end)
+                .ok_or_else(|| bad("extends past the header area"))?;
+            let data = &buf[data_start..data_end];
+            match ext_type {
+                BACKING_FORMAT_EXT => {
+                    self.backing_format = Some(
+                        std::str::from_utf8(data)
+                            .map_err(|_| bad("backing format is not UTF-8"))?
+                            .trim_end_matches('\0')
+                            .to_owned(),
+                    );
+                }
+                DATA_FILE_EXT => {
+                    self.data_file = Some(
+                        std::str::from_utf8(data)
+                            .map_err(|_| bad("data file name is not UTF-8"))?
+                            .trim_end_matches('\0')
+                            .to_owned(),
+                    );
+                }
+                FEATURE_NAME_TABLE_EXT => {
+                    if !len.is_multiple_of(48) {
+                        return Err(bad("length is not a multiple of 48"));
+                    }
+                    for e in data.chunks_exact(48) {
+                        let kind = match e[0] {
+                            0 => FeatureKind::Incompatible,
+                            1 => FeatureKind::Compatible,
+                            2 => FeatureKind::Autoclear,
+                            _ => continue, // Unknown kinds are ignored, as QEMU does.
+                        };
+                        let name_bytes = &e[2..];
+                        let n = name_bytes.iter().position(|&b| b == 0).unwrap_or(46);
+                        self.feature_names.push(FeatureName {
+                            kind,
+                            bit: e[1],
+                            name: String::from_utf8_lossy(&name_bytes[..n]).into_owned(),
+                        });
+                    }
+                }
+                BITMAPS_EXT => {
+                    if len < 24 {
+                        return Err(bad("bitmaps extension shorter than 24 bytes"));
+                    }
+                    self.bitmaps = Some((be32(data, 0), be64_at(data, 8), be64_at(data, 16)));
+                }
+                CRYPTO_EXT => {
+                    if len < 16 {
+                        return Err(bad("encryption header pointer shorter than 16 bytes"));
+                    }
+                    self.crypto_header = Some((be64_at(data, 0), be64_at(data, 8)));
+                }
+                _ => {}
+            }
+            self.extensions.push(Extension {
+                ext_type,
+                data: data.to_vec(),
+            });
+            off = data_start + len.next_multiple_of(8);
+        }
+        Ok(())
+    }
+
+    fn parse_backing_name(&mut self, buf: &[u8]) -> Result<(), FormatError> {
+        if self.backing_file_offset == 0 {
+            return Ok(());
+        }
+        if self.backing_file_size == 0 || self.backing_file_size > MAX_BACKING_NAME_BYTES {
+            return Err(invalid(
+                "backing_file_size",
+                format!("{} (must be 1..=1023)", self.backing_file_size),
+            ));
+        }
+        let start = self.backing_file_offset;
+        let end = start + u64::from(self.backing_file_size);
+        if end > self.cluster_size() || end > buf.len() as u64 {
+            return Err(invalid(
+                "backing_file_offset",
+                "the backing file name lies outside the first cluster",
+            ));
+        }
+        let name = std::str::from_utf8(&buf[start as usize..end as usize])
+            .map_err(|_| invalid("backing_file_offset", "backing file name is not UTF-8"))?;
+        self.backing_file = Some(name.to_owned());
+        Ok(())
+    }
+
+    fn validate_features(&self) -> Result<(), FormatError> {
+        let unknown = self.incompatible_features & !incompat::KNOWN;
+        if unknown != 0 {
+            return Err(FormatError::UnsupportedFeature {
+                names: self.feature_list(FeatureKind::Incompatible, unknown),
+            });
+        }
+        if self.extended_l2() && self.cluster_bits < 14 {
+            return Err(invalid(
+                "cluster_bits",
+                "extended L2 entries need clusters of at least 16 KiB",
+            ));
+        }
+        if self.has_data_file() && self.data_file.is_none() {
+            return Err(invalid(
+                "incompatible_features",
+                "an external data file is required but the image does not name one",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Names the features set in `bits` of bitmap `kind`, using the image's feature name table
+    /// where it has an entry and `bit N` otherwise.
+    pub fn feature_list(&self, kind: FeatureKind, bits: u64) -> String {
+        let mut names = Vec::new();
+        for bit in 0..64u8 {
+            if bits & (1u64 << bit) == 0 {
+                continue;
+            }
+            let name = self
+                .feature_names
+                .iter()
+                .find(|f| f.kind == kind && f.bit == bit)
+                .map(|f| f.name.clone())
+                .or_else(|| builtin_feature_name(kind, bit).map(str::to_owned))
+                .unwrap_or_else(|| format!("unknown bit {bit}"));
+            names.push(name);
+        }
+        names.join(", ")
+    }
+}
+
+/// The names QEMU gives to the features the specification defines.
+pub fn builtin_feature_name(kind: FeatureKind, bit: u8) -> Option<&'static str> {
+    match (kind, bit) {
+        (FeatureKind::Incompatible, 0) => Some("dirty bit"),
+        (FeatureKind::Incompatible, 1) => Some("corrupt bit"),
+        (FeatureKind::Incompatible, 2) => Some("external data file"),
+        (FeatureKind::Incompatible, 3) => Some("compression type"),
+        (FeatureKind::Incompatible, 4) => Some("extended L2 entries"),
+        (FeatureKind::Compatible, 0) => Some("lazy refcounts"),
+        (FeatureKind::Autoclear, 0) => Some("bitmaps"),
+        (FeatureKind::Autoclear, 1) => Some("raw external data"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A v3 header for a 1 MiB disk with 64 KiB clusters; tables placed in clusters 1..=3.
+    fn v3_header() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&MAGIC.to_be_bytes()); // magic
+        b.extend_from_slice(&3u32.to_be_bytes()); // version
+        b.extend_from_slice(&0u64.to_be_bytes()); // backing_file_offset
+        b.extend_from_slice(&0u32.to_be_bytes()); // backing_file_size
+        b.extend_from_slice(&16u32.to_be_bytes()); // cluster_bits: 64 KiB
+        b.extend_from_slice(&(1u64 << 20).to_be_bytes()); // size: 1 MiB
+        b.extend_from_slice(&0u32.to_be_bytes()); // crypt_method
+        b.extend_from_slice(&1u32.to_be_bytes()); // l1_size
+        b.extend_from_slice(&0x30000u64.to_be_bytes()); // l1_table_offset
+        b.extend_from_slice(&0x10000u64.to_be_bytes()); // refcount_table_offset
+        b.extend_from_slice(&1u32.to_be_bytes()); // refcount_table_clusters
+        b.extend_from_slice(&0u32.to_be_bytes()); // nb_snapshots
+        b.extend_from_slice(&0u64.to_be_bytes()); // snapshots_offset
+        b.extend_from_slice(&0u64.to_be_bytes()); // incompatible_features
+        b.extend_from_slice(&0u64.to_be_bytes()); // compatible_features
+        b.extend_from_slice(&0u64.to_be_bytes()); // autoclear_features
+        b.extend_from_slice(&4u32.to_be_bytes()); // refcount_order: 16 bits
+        b.extend_from_slice(&112u32.to_be_bytes()); // header_length
+        b.extend_from_slice(&[0u8; 8]); // compression_type + padding
+        b.resize(0x40000, 0);
+        b
+    }
+
+    fn put32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn put64(b: &mut [u8], at: usize, v: u64) {
+        b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    #[test]
+    fn parses_minimal_v3() {
+        let b = v3_header();
+        let h = Header::parse(&b, b.len() as u64).unwrap();
+        assert_eq!(h.cluster_size(), 65536);
+        assert_eq!(h.l2_entries(), 8192);
+        assert_eq!(h.compression_type, CompressionType::Zlib);
+        assert_eq!(h.refcount_bits(), 16);
+    }
+
+    #[test]
+    fn refuses_bad_magic_and_version() {
+        let mut b = v3_header();
+        b[0] = b'X';
+        assert!(matches!(
+            Header::parse(&b, b.len() as u64),
+            Err(FormatError::BadMagic { .. })
+        ));
+        let mut b = v3_header();
+        put32(&mut b, 4, 4);
+        assert_eq!(
+            Header::parse(&b, b.len() as u64).unwrap_err(),
+            FormatError::UnsupportedVersion(4)
+        );
+    }
+
+    #[test]
+    fn refuses_out_of_range_cluster_bits() {
+        for bits in [8u32, 22, 63, u32::MAX] {
+            let mut b = v3_header();
+            put32(&mut b, 20, bits);
+            assert!(matches!(
+                Header::parse(&b, b.len() as u64),
+                Err(FormatError::InvalidField { field: "cluster_bits", .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn names_unknown_incompatible_feature_from_table() {
+        let mut b = v3_header();
+        put64(&mut b, 72, 1 << 9);
+        // Feature name table extension with one entry naming bit 9.
+        put32(&mut b, 112, FEATURE_NAME_TABLE_EXT);
+        put32(&mut b, 116, 48);
+        b[120] = 0; // incompatible
+        b[121] = 9; // bit
+        b[122..122 + 9].copy_from_slice(b"frobnicat");
+        let err = Header::parse(&b, b.len() as u64).unwrap_err();
+        assert_eq!(
+            err,
+            FormatError::UnsupportedFeature {
+                names: "frobnicat".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unnamed_unknown_feature_says_its_bit() {
+        let mut b = v3_header();
+        put64(&mut b, 72, 1 << 40);
+        let err = Header::parse(&b, b.len() as u64).unwrap_err().to_string();
+        assert!(err.contains("unknown bit 40"), "{err}");
+    }
+
+    #[test]
+    fn refuses_encryption() {
+        let mut b = v3_header();
+        put32(&mut b, 32, 2);
+        assert_eq!(
+            Header::parse(&b, b.len() as u64).unwrap_err(),
+            FormatError::Encrypted(2)
+        );
+    }
+
+    #[test]
+    fn refuses_tables_past_eof_or_unaligned() {
+        let mut b = v3_header();
+        put64(&mut b, 40, 0x30200);
+        assert!(Header::parse(&b, b.len() as u64).is_err());
+        let mut b = v3_header();
+        put64(&mut b, 40, 0x1_0000_0000);
+        assert!(Header::parse(&b, b.len() as u64).is_err());
+        let mut b = v3_header();
+        put32(&mut b, 36, u32::MAX);
+        assert!(Header::parse(&b, b.len() as u64).is_err());
+        let mut b = v3_header();
+        put32(&mut b, 56, u32::MAX);
+        assert!(Header::parse(&b, b.len() as u64).is_err());
+        let mut b = v3_header();
+        put64(&mut b, 24, u64::MAX);
+        assert!(Header::parse(&b, b.len() as u64).is_err());
+    }
+
+    #[test]
+    fn truncated_header_is_an_error() {
+        let b = v3_header();
+        for len in [0usize, 7, 50, 100] {
+            assert!(Header::parse(&b[..len], len as u64).is_err());
+        }
+    }
+
+    #[test]
+    fn keeps_unknown_extensions_and_reads_known_ones() {
+        let mut b = v3_header();
+        put32(&mut b, 112, BACKING_FORMAT_EXT);
+        put32(&mut b, 116, 5);
+        b[120..125].copy_from_slice(b"qcow2");
+        put32(&mut b, 128, 0x1234_5678);
+        put32(&mut b, 132, 3);
+        b[136..139].copy_from_slice(b"abc");
+        let h = Header::parse(&b, b.len() as u64).unwrap();
+        assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(h.extensions.len(), 2);
+        assert_eq!(h.extensions[1].ext_type, 0x1234_5678);
+        assert_eq!(h.extensions[1].data, b"abc");
+    }
+
+    #[test]
+    fn extension_overrunning_the_cluster_is_an_error() {
+        let mut b = v3_header();
+        put32(&mut b, 112, 0x1234_5678);
+        put32(&mut b, 116, u32::MAX);
+        assert!(matches!(
+            Header::parse(&b, b.len() as u64),
+            Err(FormatError::InvalidExtension { .. })
+        ));
+    }
+}

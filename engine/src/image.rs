@@ -1,0 +1,455 @@
+//! An opened image: the top QCOW2 file, its external data file, and its backing chain.
+//!
+//! Opening reads and validates every header and the active L1 table of each qcow2 layer
+//! (through a private io_uring, off the data path) and resolves the backing chain. The result
+//! is immutable and shared by all shards through an `Arc`.
+
+use crate::error::{Error, ErrorKind};
+use crate::format::{self, incompat, FeatureKind, Header};
+use crate::io::BlockingReader;
+use crate::meta::Geometry;
+use crate::shard::{Shard, ShardConfig};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How to open an image.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Open every file read-only. Writable images are not supported yet.
+    pub read_only: bool,
+    /// Deepest backing chain accepted (the top image is not counted).
+    pub max_backing_depth: usize,
+    /// Per-shard L2 cache size in bytes; `None` covers the whole image, up to 1 GiB.
+    pub l2_cache_bytes: Option<u64>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: true,
+            max_backing_depth: 16,
+            l2_cache_bytes: None,
+        }
+    }
+}
+
+/// Upper bound of the default L2 cache (per shard).
+const MAX_DEFAULT_L2_CACHE_BYTES: u64 = 1 << 30;
+
+/// One qcow2 file of the chain.
+pub(crate) struct Qcow2Layer {
+    pub header: Header,
+    pub geom: Geometry,
+    pub file: File,
+    pub data_file: Option<File>,
+    /// The active L1 table, raw entries in native byte order.
+    pub l1: Box<[u64]>,
+}
+
+impl Qcow2Layer {
+    /// The descriptor guest data is read from.
+    pub fn data_fd(&self) -> RawFd {
+        self.data_file.as_ref().unwrap_or(&self.file).as_raw_fd()
+    }
+}
+
+pub(crate) enum LayerKind {
+    Qcow2(Box<Qcow2Layer>),
+    Raw(File),
+}
+
+/// One image of the chain; index 0 is the top.
+pub(crate) struct Layer {
+    pub path: PathBuf,
+    /// Bytes the layer covers; reads past it are zeros.
+    pub virtual_size: u64,
+    pub kind: LayerKind,
+}
+
+pub(crate) struct ImageInner {
+    pub layers: Vec<Layer>,
+    pub read_only: bool,
+    pub l2_cache_bytes: u64,
+}
+
+/// An opened image; cheap to clone, shared by every shard.
+#[derive(Clone)]
+pub struct Image {
+    pub(crate) inner: Arc<ImageInner>,
+}
+
+/// One image of the backing chain, as reported by [`Image::info`].
+#[derive(Clone, Debug, Serialize)]
+pub struct ChainEntry {
+    /// Path as resolved.
+    pub filename: String,
+    /// "qcow2" or "raw".
+    pub format: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+}
+
+/// What `qcow2d info` reports about an image.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageInfo {
+    /// Path of the top image.
+    pub filename: String,
+    /// Always "qcow2" for the top image.
+    pub format: String,
+    /// 2 or 3.
+    pub version: u32,
+    /// "0.10" for version 2, "1.1" for version 3.
+    pub compat: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Compression type of compressed clusters.
+    pub compression_type: format::CompressionType,
+    /// Incompatible features by name.
+    pub incompatible_features: Vec<String>,
+    /// Compatible features by name.
+    pub compatible_features: Vec<String>,
+    /// Autoclear features by name.
+    pub autoclear_features: Vec<String>,
+    /// Dirty bit set (refcounts may be stale).
+    pub dirty: bool,
+    /// Corrupt bit set.
+    pub corrupt: bool,
+    /// Extended L2 entries (subclusters).
+    pub extended_l2: bool,
+    /// Lazy refcounts enabled.
+    pub lazy_refcounts: bool,
+    /// External data file, if any.
+    pub data_file: Option<String>,
+    /// External data file is raw.
+    pub data_file_raw: bool,
+    /// Number of internal snapshots.
+    pub snapshots: u32,
+    /// Backing file name as written in the header.
+    pub backing_file: Option<String>,
+    /// Backing format as written in the header.
+    pub backing_format: Option<String>,
+    /// The backing chain below the top image, top first.
+    pub backing_chain: Vec<ChainEntry>,
+}
+
+impl std::fmt::Display for ImageInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        writeln!(f, "image: {}", self.filename)?;
+        writeln!(f, "file format: {}", self.format)?;
+        writeln!(f, "virtual size: {} bytes", self.virtual_size)?;
+        writeln!(f, "cluster_size: {}", self.cluster_size)?;
+        writeln!(f, "compat: {} (version {})", self.compat, self.version)?;
+        writeln!(f, "refcount bits: {}", self.refcount_bits)?;
+        writeln!(f, "compression type: {}", match self.compression_type {
+            format::CompressionType::Zlib => "zlib",
+            format::CompressionType::Zstd => "zstd",
+        })?;
+        writeln!(f, "incompatible features: {}", list(&self.incompatible_features))?;
+        writeln!(f, "compatible features: {}", list(&self.compatible_features))?;
+        writeln!(f, "autoclear features: {}", list(&self.autoclear_features))?;
+        writeln!(f, "dirty: {}", self.dirty)?;
+        writeln!(f, "corrupt: {}", self.corrupt)?;
+        writeln!(f, "extended l2: {}", self.extended_l2)?;
+        writeln!(f, "lazy refcounts: {}", self.lazy_refcounts)?;
+        if let Some(d) = &self.data_file {
+            writeln!(f, "data file: {d} (raw: {})", self.data_file_raw)?;
+        }
+        writeln!(f, "snapshots: {}", self.snapshots)?;
+        if let Some(b) = &self.backing_file {
+            write!(f, "backing file: {b}")?;
+            if let Some(fmt) = &self.backing_format {
+                write!(f, " (format {fmt})")?;
+            }
+            writeln!(f)?;
+        }
+        for (i, e) in self.backing_chain.iter().enumerate() {
+            writeln!(
+                f,
+                "backing chain [{}]: {} ({}, {} bytes)",
+                i + 1,
+                e.filename,
+                e.format,
+                e.virtual_size
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn open_file(path: &Path, read_only: bool) -> Result<File, Error> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| Error::io(format!("Cannot open {}", path.display()), e))
+}
+
+fn file_len(file: &File, path: &Path) -> Result<u64, Error> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|e| Error::io(format!("Cannot stat {}", path.display()), e))
+}
+
+/// Resolves a file name stored in an image against the directory of that image.
+fn resolve_relative(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        image.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+fn open_qcow2(
+    path: &Path,
+    file: File,
+    reader: &mut BlockingReader,
+    read_only: bool,
+) -> Result<Qcow2Layer, Error> {
+    let len = file_len(&file, path)?;
+    let mut buf = vec![0u8; (Header::PROBE_BYTES as u64).min(len) as usize];
+    reader
+        .read_exact_at(file.as_raw_fd(), &mut buf, 0)
+        .map_err(|e| Error::io(format!("Cannot read the header of {}", path.display()), e))?;
+    let header = Header::parse(&buf, len).map_err(|e| {
+        let kind = match e {
+            format::FormatError::UnsupportedFeature { .. }
+            | format::FormatError::Encrypted(_)
+            | format::FormatError::UnsupportedVersion(_) => ErrorKind::Unsupported,
+            _ => ErrorKind::InvalidImage,
+        };
+        Error::with_source(kind, format!("Cannot open {}", path.display()), e)
+    })?;
+
+    let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
+    reader
+        .read_exact_at(file.as_raw_fd(), &mut l1_bytes, header.l1_table_offset)
+        .map_err(|e| Error::io(format!("Cannot read the L1 table of {}", path.display()), e))?;
+    let l1: Box<[u64]> = l1_bytes
+        .chunks_exact(8)
+        .map(|c| format::be64_at(c, 0))
+        .collect();
+
+    let data_file = match &header.data_file {
+        Some(name) if header.has_data_file() => {
+            let dpath = resolve_relative(path, name);
+            Some(open_file(&dpath, read_only).map_err(|e| {
+                e.context(format!("External data file of {}", path.display()))
+            })?)
+        }
+        _ => None,
+    };
+    let geom = Geometry {
+        cluster_bits: header.cluster_bits,
+        extended_l2: header.extended_l2(),
+        has_data_file: header.has_data_file(),
+    };
+    Ok(Qcow2Layer {
+        header,
+        geom,
+        file,
+        data_file,
+        l1,
+    })
+}
+
+/// Reads the first bytes of a file to decide whether it is qcow2.
+fn probe_is_qcow2(file: &File, reader: &mut BlockingReader) -> Result<bool, std::io::Error> {
+    let mut magic = [0u8; 4];
+    let n = reader.read_at(file.as_raw_fd(), &mut magic, 0)?;
+    Ok(n == 4 && u32::from_be_bytes(magic) == 0x5146_49fb)
+}
+
+impl Image {
+    /// Opens the image at `path` and its whole backing chain.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image, Error> {
+        let path = path.as_ref();
+        if !opts.read_only {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "Writable images are not supported yet",
+            ));
+        }
+        let mut reader = BlockingReader::new()
+            .map_err(|e| Error::io("Cannot create an io_uring (is io_uring enabled?)", e))?;
+        let mut layers = Vec::new();
+        let mut seen = HashSet::new();
+        let mut next: Option<(PathBuf, Option<String>)> = Some((path.to_path_buf(), Some("qcow2".into())));
+        while let Some((p, format)) = next.take() {
+            let canonical = std::fs::canonicalize(&p).map_err(|e| {
+                let err = Error::io(format!("Cannot open {}", p.display()), e);
+                if layers.is_empty() {
+                    err
+                } else {
+                    Error::new(
+                        ErrorKind::BackingChain,
+                        format!("Backing file {} cannot be opened: {err}", p.display()),
+                    )
+                }
+            })?;
+            if !seen.insert(canonical) {
+                return Err(Error::new(
+                    ErrorKind::BackingChain,
+                    format!("Backing chain of {} loops back to {}", path.display(), p.display()),
+                ));
+            }
+            if layers.len() > opts.max_backing_depth {
+                return Err(Error::new(
+                    ErrorKind::BackingChain,
+                    format!(
+                        "Backing chain of {} is deeper than {} images",
+                        path.display(),
+                        opts.max_backing_depth
+                    ),
+                ));
+            }
+            let file = open_file(&p, true)?;
+            let is_qcow2 = match format.as_deref() {
+                Some("qcow2") => true,
+                Some("raw") => false,
+                Some(other) => {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!("Backing file {} has unsupported format {other}", p.display()),
+                    ))
+                }
+                None => probe_is_qcow2(&file, &mut reader)
+                    .map_err(|e| Error::io(format!("Cannot read {}", p.display()), e))?,
+            };
+            if is_qcow2 {
+                let q = open_qcow2(&p, file, &mut reader, true)?;
+                if let Some(name) = &q.header.backing_file {
+                    next = Some((resolve_relative(&p, name), q.header.backing_format.clone()));
+                }
+                layers.push(Layer {
+                    path: p,
+                    virtual_size: q.header.size,
+                    kind: LayerKind::Qcow2(Box::new(q)),
+                });
+            } else {
+                let len = file_len(&file, &p)?;
+                layers.push(Layer {
+                    path: p,
+                    virtual_size: len,
+                    kind: LayerKind::Raw(file),
+                });
+            }
+        }
+
+        let l2_cache_bytes = match opts.l2_cache_bytes {
+            Some(b) => b,
+            None => layers
+                .iter()
+                .map(|l| match &l.kind {
+                    LayerKind::Qcow2(q) => q.l1.len() as u64 * q.geom.cluster_size(),
+                    LayerKind::Raw(_) => 0,
+                })
+                .sum::<u64>()
+                .min(MAX_DEFAULT_L2_CACHE_BYTES),
+        };
+        Ok(Image {
+            inner: Arc::new(ImageInner {
+                layers,
+                read_only: opts.read_only,
+                l2_cache_bytes,
+            }),
+        })
+    }
+
+    fn top(&self) -> &Qcow2Layer {
+        match &self.inner.layers[0].kind {
+            LayerKind::Qcow2(q) => q,
+            LayerKind::Raw(_) => unreachable!("the top layer is always opened as qcow2"),
+        }
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.inner.layers[0].virtual_size
+    }
+
+    /// Whether writes are refused.
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    /// Cluster size of the top image in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.top().geom.cluster_size()
+    }
+
+    /// Creates a shard: an io_uring and caches for one thread.
+    pub fn new_shard(&self, config: &ShardConfig) -> Result<Shard, Error> {
+        Shard::new(self.clone(), config)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` through a private shard, waiting for the result.
+    /// For tools and tests; servers use shards.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        let mut shard = self.new_shard(&ShardConfig::default())?;
+        shard.read_blocking(buf, offset)
+    }
+
+    /// A description of the image for `qcow2d info`.
+    pub fn info(&self) -> ImageInfo {
+        let top = self.top();
+        let h = &top.header;
+        let names = |kind, bits| -> Vec<String> {
+            let s = h.feature_list(kind, bits);
+            if s.is_empty() {
+                Vec::new()
+            } else {
+                s.split(", ").map(str::to_owned).collect()
+            }
+        };
+        ImageInfo {
+            filename: self.inner.layers[0].path.display().to_string(),
+            format: "qcow2".into(),
+            version: h.version,
+            compat: if h.version == 2 { "0.10" } else { "1.1" }.into(),
+            virtual_size: h.size,
+            cluster_size: h.cluster_size(),
+            refcount_bits: h.refcount_bits(),
+            compression_type: h.compression_type,
+            incompatible_features: names(FeatureKind::Incompatible, h.incompatible_features),
+            compatible_features: names(FeatureKind::Compatible, h.compatible_features),
+            autoclear_features: names(FeatureKind::Autoclear, h.autoclear_features),
+            dirty: h.incompatible_features & incompat::DIRTY != 0,
+            corrupt: h.incompatible_features & incompat::CORRUPT != 0,
+            extended_l2: h.extended_l2(),
+            lazy_refcounts: h.compatible_features & format::compat::LAZY_REFCOUNTS != 0,
+            data_file: h.data_file.clone(),
+            data_file_raw: h.data_file_raw(),
+            snapshots: h.nb_snapshots,
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            backing_chain: self.inner.layers[1..]
+                .iter()
+                .map(|l| ChainEntry {
+                    filename: l.path.display().to_string(),
+                    format: match l.kind {
+                        LayerKind::Qcow2(_) => "qcow2",
+                        LayerKind::Raw(_) => "raw",
+                    }
+                    .into(),
+                    virtual_size: l.virtual_size,
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! io_uring submission and completion, and the raw memory the kernel reads into.
+//!
+//! All of the engine's unsafe code lives here: pushing entries whose buffers the kernel will
+//! write, and copying or zeroing caller memory described by iovecs. Callers above this layer
+//! (meta, shard) handle only safe values; the one contract they carry is that a buffer passed
+//! to [`Ring::push`] outlives its completion, which the shard guarantees by keeping every
+//! buffer in a slot that is freed only after its completion is reaped (and by draining the
+//! ring before it is dropped).
+
+mod iov;
+mod ring;
+
+pub use iov::{iov_copy_from, iov_fill_zero, iov_subrange, iov_total_len};
+pub use ring::{BlockingReader, Ring};

@@ -1,0 +1,197 @@
+//! One io_uring with an eventfd that the kernel signals on every completion.
+
+use io_uring::{squeue, IoUring};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// An io_uring owned by one shard, with its completion eventfd.
+///
+/// Field order is drop order: the ring is dropped (and the kernel releases every buffer it
+/// still references) before the eventfd is closed.
+pub struct Ring {
+    ring: IoUring,
+    eventfd: OwnedFd,
+    /// Entries pushed since the last `submit`.
+    unsubmitted: usize,
+}
+
+impl Ring {
+    /// Creates a ring of `entries` submission slots and registers a non-blocking eventfd.
+    pub fn new(entries: u32) -> io::Result<Ring> {
+        let ring = IoUring::builder().build(entries.max(8))?;
+        // SAFETY: eventfd takes no pointers; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a freshly created descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(Ring {
+            ring,
+            eventfd,
+            unsubmitted: 0,
+        })
+    }
+
+    /// The eventfd that becomes readable when completions are posted.
+    pub fn event_fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    /// Resets the eventfd counter so level-triggered pollers stop firing until the next
+    /// completion. Call it before reaping, so a completion posted meanwhile re-arms it.
+    pub fn drain_eventfd(&self) {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a local u64; the fd is non-blocking, errors are ignored
+        // (EAGAIN means the counter was already zero).
+        unsafe {
+            libc::read(
+                self.eventfd.as_raw_fd(),
+                (&mut v as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+
+    /// Queues one entry, submitting what is queued first when the submission queue is full.
+    ///
+    /// # Safety
+    /// Every buffer and iovec array the entry points to must stay valid (and not be moved
+    /// or freed) until the completion carrying the entry's user data has been reaped.
+    pub unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: the caller guarantees the entry's buffers outlive its completion.
+            let pushed = unsafe { self.ring.submission().push(entry).is_ok() };
+            if pushed {
+                self.unsubmitted += 1;
+                return Ok(());
+            }
+            self.submit()?;
+        }
+    }
+
+    /// Submits everything queued with one `io_uring_enter`; a no-op when nothing is queued.
+    pub fn submit(&mut self) -> io::Result<()> {
+        if self.unsubmitted == 0 {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => {
+                    self.unsubmitted = 0;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is full: the caller must reap first.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Submits what is queued and blocks until at least one completion is available.
+    pub fn submit_and_wait(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {
+                    self.unsubmitted = 0;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether completions are waiting to be reaped.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    /// Appends every available completion to `out` as (user data, result).
+    ///
+    /// Collected into a caller-owned buffer (reused, so no allocation in steady state) because
+    /// handling a completion may push new entries, which needs the ring again.
+    pub fn reap_into(&mut self, out: &mut Vec<(u64, i32)>) -> usize {
+        let before = out.len();
+        out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        out.len() - before
+    }
+}
+
+/// Reads through a private io_uring and waits: for metadata at open time, off the data path.
+pub struct BlockingReader {
+    ring: IoUring,
+}
+
+impl BlockingReader {
+    /// Creates a small ring.
+    pub fn new() -> io::Result<BlockingReader> {
+        Ok(BlockingReader {
+            ring: IoUring::new(4)?,
+        })
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (less only at
+    /// end of file).
+    pub fn read_at(&mut self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let chunk = (buf.len() - done).min(1 << 30);
+            let entry = io_uring::opcode::Read::new(
+                io_uring::types::Fd(fd),
+                buf[done..].as_mut_ptr(),
+                chunk as u32,
+            )
+            .offset(offset + done as u64)
+            .build()
+            .user_data(0);
+            // SAFETY: `buf` outlives the operation: we wait for its completion below before
+            // returning, and nothing else is queued on this private ring.
+            unsafe {
+                self.ring
+                    .submission()
+                    .push(&entry)
+                    .map_err(|_| io::Error::other("submission queue full"))?;
+            }
+            loop {
+                match self.ring.submit_and_wait(1) {
+                    Ok(_) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            let res = self
+                .ring
+                .completion()
+                .next()
+                .map(|c| c.result())
+                .ok_or_else(|| io::Error::other("io_uring returned no completion"))?;
+            if res < 0 {
+                return Err(io::Error::from_raw_os_error(-res));
+            }
+            if res == 0 {
+                break;
+            }
+            done += res as usize;
+        }
+        Ok(done)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; end of file first is an error.
+    pub fn read_exact_at(&mut self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let n = self.read_at(fd, buf, offset)?;
+        if n < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "end of file after {n} of {} bytes at offset {offset:#x}",
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

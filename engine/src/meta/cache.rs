@@ -1,0 +1,266 @@
+//! A fixed-size cache of equally sized buffers keyed by `u64`, with loads in flight.
+//!
+//! Used for L2 tables (key: L1 index) and decompressed clusters (key: host offset of the
+//! compressed extent). A slot is either loading, with a list of parts waiting for it, or
+//! ready. Eviction is CLOCK over ready slots; a loading slot is never evicted, so a buffer the
+//! kernel is writing into is never reused. When every slot is loading, the cache grows past its
+//! capacity rather than stall (bounded by the number of requests in flight).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// "No element" in the intrusive lists threaded through the shard's parts.
+pub const NO_ID: u32 = u32::MAX;
+
+/// Head and tail of an intrusive FIFO of part ids; the links live in the parts themselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitList {
+    /// First waiting part, or [`NO_ID`].
+    pub head: u32,
+    /// Last waiting part, or [`NO_ID`].
+    pub tail: u32,
+}
+
+impl WaitList {
+    /// An empty list.
+    pub const EMPTY: WaitList = WaitList {
+        head: NO_ID,
+        tail: NO_ID,
+    };
+}
+
+#[derive(Debug)]
+enum State {
+    Free,
+    Loading(WaitList),
+    Ready,
+}
+
+#[derive(Debug)]
+struct Slot {
+    key: u64,
+    state: State,
+    referenced: bool,
+    buf: Box<[u8]>,
+}
+
+/// Result of [`SlotCache::lookup`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The buffer is valid.
+    Ready(u32),
+    /// A load is in flight; wait on the slot.
+    Loading(u32),
+    /// Not cached and not loading.
+    Miss,
+}
+
+/// Hashes a `u64` key with one multiplication (keys are offsets and indices, not attacker
+/// chosen in a way that matters: the map is bounded by the cache capacity).
+#[derive(Default)]
+pub struct U64Hasher(u64);
+
+impl Hasher for U64Hasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// See the module documentation.
+pub struct SlotCache {
+    map: HashMap<u64, u32, BuildHasherDefault<U64Hasher>>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    capacity: usize,
+    hand: usize,
+    buf_bytes: usize,
+    hits: u64,
+    misses: u64,
+}
+
+impl SlotCache {
+    /// A cache of at most `capacity` buffers (at least 1) of `buf_bytes` each; buffers are
+    /// allocated on first use.
+    pub fn new(capacity: usize, buf_bytes: usize) -> SlotCache {
+        SlotCache {
+            map: HashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            capacity: capacity.max(1),
+            hand: 0,
+            buf_bytes,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// Looks `key` up and marks it recently used.
+    pub fn lookup(&mut self, key: u64) -> Lookup {
+        match self.map.get(&key) {
+            Some(&id) => {
+                let slot = &mut self.slots[id as usize];
+                slot.referenced = true;
+                match slot.state {
+                    State::Ready => {
+                        self.hits += 1;
+                        Lookup::Ready(id)
+                    }
+                    State::Loading(_) => Lookup::Loading(id),
+                    State::Free => unreachable!("a mapped slot is never free"),
+                }
+            }
+            None => {
+                self.misses += 1;
+                Lookup::Miss
+            }
+        }
+    }
+
+    /// Claims a slot for `key` (which must not be cached) and marks it loading; the caller
+    /// starts the read into [`SlotCache::buf_mut`].
+    pub fn start_load(&mut self, key: u64) -> u32 {
+        debug_assert!(!self.map.contains_key(&key));
+        let id = self.take_slot();
+        let slot = &mut self.slots[id as usize];
+        slot.key = key;
+        slot.state = State::Loading(WaitList::EMPTY);
+        slot.referenced = true;
+        self.map.insert(key, id);
+        id
+    }
+
+    fn take_slot(&mut self) -> u32 {
+        if let Some(id) = self.free.pop() {
+            return id;
+        }
+        if self.slots.len() < self.capacity {
+            return self.push_slot();
+        }
+        // CLOCK over ready slots, at most two sweeps.
+        let n = self.slots.len();
+        for _ in 0..2 * n {
+            let i = self.hand;
+            self.hand = (self.hand + 1) % n;
+            let slot = &mut self.slots[i];
+            if !matches!(slot.state, State::Ready) {
+                continue;
+            }
+            if slot.referenced {
+                slot.referenced = false;
+                continue;
+            }
+            self.map.remove(&slot.key);
+            slot.state = State::Free;
+            return i as u32;
+        }
+        // Every slot is loading: grow rather than stall.
+        self.push_slot()
+    }
+
+    fn push_slot(&mut self) -> u32 {
+        self.slots.push(Slot {
+            key: 0,
+            state: State::Free,
+            referenced: false,
+            buf: vec![0u8; self.buf_bytes].into_boxed_slice(),
+        });
+        (self.slots.len() - 1) as u32
+    }
+
+    /// The wait list of a loading slot.
+    pub fn waiters_mut(&mut self, id: u32) -> &mut WaitList {
+        match &mut self.slots[id as usize].state {
+            State::Loading(w) => w,
+            other => panic!("slot {id} is not loading: {other:?}"),
+        }
+    }
+
+    /// Marks a loading slot ready and returns the parts that waited for it.
+    pub fn finish_load(&mut self, id: u32) -> WaitList {
+        let slot = &mut self.slots[id as usize];
+        match std::mem::replace(&mut slot.state, State::Ready) {
+            State::Loading(w) => w,
+            other => panic!("slot {id} was not loading: {other:?}"),
+        }
+    }
+
+    /// Drops a failed load and returns the parts that waited for it.
+    pub fn fail_load(&mut self, id: u32) -> WaitList {
+        let slot = &mut self.slots[id as usize];
+        let w = match std::mem::replace(&mut slot.state, State::Free) {
+            State::Loading(w) => w,
+            other => panic!("slot {id} was not loading: {other:?}"),
+        };
+        self.map.remove(&slot.key);
+        self.free.push(id);
+        w
+    }
+
+    /// Drops `key` if it is cached and ready (a cached extent was freed or rewritten).
+    pub fn invalidate(&mut self, key: u64) {
+        if let Some(&id) = self.map.get(&key) {
+            if matches!(self.slots[id as usize].state, State::Ready) {
+                self.map.remove(&key);
+                self.slots[id as usize].state = State::Free;
+                self.free.push(id);
+            }
+        }
+    }
+
+    /// The buffer of a slot.
+    pub fn buf(&self, id: u32) -> &[u8] {
+        &self.slots[id as usize].buf
+    }
+
+    /// The buffer of a slot, for loading into.
+    pub fn buf_mut(&mut self, id: u32) -> &mut [u8] {
+        &mut self.slots[id as usize].buf
+    }
+
+    /// (hits, misses) since creation.
+    pub fn stats(&self) -> (u64, u64) {
+        (self.hits, self.misses)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_hit_evict() {
+        let mut c = SlotCache::new(2, 16);
+        assert_eq!(c.lookup(7), Lookup::Miss);
+        let a = c.start_load(7);
+        assert_eq!(c.lookup(7), Lookup::Loading(a));
+        c.waiters_mut(a).head = 3;
+        assert_eq!(c.finish_load(a).head, 3);
+        assert_eq!(c.lookup(7), Lookup::Ready(a));
+        let b = c.start_load(8);
+        c.finish_load(b);
+        // Third key evicts one of the two ready slots.
+        let d = c.start_load(9);
+        assert!(d == a || d == b);
+        assert_eq!(c.slots.len(), 2);
+    }
+
+    #[test]
+    fn loading_slots_are_never_evicted() {
+        let mut c = SlotCache::new(1, 16);
+        let a = c.start_load(1);
+        let b = c.start_load(2);
+        assert_ne!(a, b);
+        assert_eq!(c.lookup(1), Lookup::Loading(a));
+        c.fail_load(a);
+        assert_eq!(c.lookup(1), Lookup::Miss);
+        assert_eq!(c.start_load(3), a);
+    }
+}

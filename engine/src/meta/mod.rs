@@ -1,0 +1,12 @@
+//! Metadata: per-shard caches of L2 tables and decompressed clusters, and the planner that
+//! maps a guest range to what it reads as.
+//!
+//! Runs on a shard thread; every structure here is owned by exactly one shard. Nothing here
+//! does I/O: the shard asks the planner what a range maps to and submits the I/O itself.
+#![forbid(unsafe_code)]
+
+mod cache;
+mod plan;
+
+pub use cache::{Lookup, SlotCache, WaitList, NO_ID};
+pub use plan::{resolve, Geometry, Step};
