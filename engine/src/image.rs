@@ -155,12 +155,24 @@ impl std::fmt::Display for ImageInfo {
         writeln!(f, "cluster_size: {}", self.cluster_size)?;
         writeln!(f, "compat: {} (version {})", self.compat, self.version)?;
         writeln!(f, "refcount bits: {}", self.refcount_bits)?;
-        writeln!(f, "compression type: {}", match self.compression_type {
-            format::CompressionType::Zlib => "zlib",
-            format::CompressionType::Zstd => "zstd",
-        })?;
-        writeln!(f, "incompatible features: {}", list(&self.incompatible_features))?;
-        writeln!(f, "compatible features: {}", list(&self.compatible_features))?;
+        writeln!(
+            f,
+            "compression type: {}",
+            match self.compression_type {
+                format::CompressionType::Zlib => "zlib",
+                format::CompressionType::Zstd => "zstd",
+            }
+        )?;
+        writeln!(
+            f,
+            "incompatible features: {}",
+            list(&self.incompatible_features)
+        )?;
+        writeln!(
+            f,
+            "compatible features: {}",
+            list(&self.compatible_features)
+        )?;
         writeln!(f, "autoclear features: {}", list(&self.autoclear_features))?;
         writeln!(f, "dirty: {}", self.dirty)?;
         writeln!(f, "corrupt: {}", self.corrupt)?;
@@ -203,6 +215,21 @@ fn file_len(file: &File, path: &Path) -> Result<u64, Error> {
     file.metadata()
         .map(|m| m.len())
         .map_err(|e| Error::io(format!("Cannot stat {}", path.display()), e))
+}
+
+/// Takes the locks QEMU takes for a reader, so that QEMU cannot write an image while it is
+/// served, and refuses an image QEMU is writing.
+fn lock_file(file: &File, path: &Path) -> Result<(), Error> {
+    crate::io::lock_reader(file).map_err(|e| match e {
+        crate::io::LockError::Conflict(why) => Error::new(
+            ErrorKind::Locked,
+            format!(
+                "{}: {why}; is another process using the image?",
+                path.display()
+            ),
+        ),
+        crate::io::LockError::Os(e) => Error::io(format!("Cannot lock {}", path.display()), e),
+    })
 }
 
 /// Resolves a file name stored in an image against the directory of that image.
@@ -248,9 +275,10 @@ fn open_qcow2(
     let data_file = match &header.data_file {
         Some(name) if header.has_data_file() => {
             let dpath = resolve_relative(path, name);
-            Some(open_file(&dpath, read_only).map_err(|e| {
-                e.context(format!("External data file of {}", path.display()))
-            })?)
+            let f = open_file(&dpath, read_only)
+                .map_err(|e| e.context(format!("External data file of {}", path.display())))?;
+            lock_file(&f, &dpath)?;
+            Some(f)
         }
         _ => None,
     };
@@ -289,7 +317,8 @@ impl Image {
             .map_err(|e| Error::io("Cannot create an io_uring (is io_uring enabled?)", e))?;
         let mut layers = Vec::new();
         let mut seen = HashSet::new();
-        let mut next: Option<(PathBuf, Option<String>)> = Some((path.to_path_buf(), Some("qcow2".into())));
+        let mut next: Option<(PathBuf, Option<String>)> =
+            Some((path.to_path_buf(), Some("qcow2".into())));
         while let Some((p, format)) = next.take() {
             let canonical = std::fs::canonicalize(&p).map_err(|e| {
                 let err = Error::io(format!("Cannot open {}", p.display()), e);
@@ -305,7 +334,11 @@ impl Image {
             if !seen.insert(canonical) {
                 return Err(Error::new(
                     ErrorKind::BackingChain,
-                    format!("Backing chain of {} loops back to {}", path.display(), p.display()),
+                    format!(
+                        "Backing chain of {} loops back to {}",
+                        path.display(),
+                        p.display()
+                    ),
                 ));
             }
             if layers.len() > opts.max_backing_depth {
@@ -319,13 +352,17 @@ impl Image {
                 ));
             }
             let file = open_file(&p, true)?;
+            lock_file(&file, &p)?;
             let is_qcow2 = match format.as_deref() {
                 Some("qcow2") => true,
                 Some("raw") => false,
                 Some(other) => {
                     return Err(Error::new(
                         ErrorKind::Unsupported,
-                        format!("Backing file {} has unsupported format {other}", p.display()),
+                        format!(
+                            "Backing file {} has unsupported format {other}",
+                            p.display()
+                        ),
                     ))
                 }
                 None => probe_is_qcow2(&file, &mut reader)

@@ -203,7 +203,9 @@ mod tests {
             ClusterMapping::Zero { host: None }
         );
         assert_eq!(
-            L2Entry::decode(COPIED | 0x50000 | 1, None, 16).unwrap().mapping,
+            L2Entry::decode(COPIED | 0x50000 | 1, None, 16)
+                .unwrap()
+                .mapping,
             ClusterMapping::Zero {
                 host: Some(0x50000)
             }
@@ -218,7 +220,12 @@ mod tests {
     fn extended_entries() {
         // Subcluster 0 allocated, 1 zero, 2 unallocated.
         let e = L2Entry::decode(0x50000, Some(1 | (1 << 33)), 16).unwrap();
-        assert_eq!(e.subcluster(0), SubclusterState::Data { cluster_host: 0x50000 });
+        assert_eq!(
+            e.subcluster(0),
+            SubclusterState::Data {
+                cluster_host: 0x50000
+            }
+        );
         assert_eq!(e.subcluster(1), SubclusterState::Zero);
         assert_eq!(e.subcluster(2), SubclusterState::Unallocated);
         // Allocated and zero at once.
@@ -231,7 +238,12 @@ mod tests {
         assert_eq!(e.subcluster(7), SubclusterState::Unallocated);
         // Bit 0 is not a zero flag with extended entries.
         let e = L2Entry::decode(0x50000 | 1, Some(1), 16).unwrap();
-        assert_eq!(e.subcluster(0), SubclusterState::Data { cluster_host: 0x50000 });
+        assert_eq!(
+            e.subcluster(0),
+            SubclusterState::Data {
+                cluster_host: 0x50000
+            }
+        );
     }
 
     #[test]

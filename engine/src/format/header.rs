@@ -213,7 +213,9 @@ impl Header {
             if hl < V3_MIN_HEADER_BYTES as u64 || hl % 8 != 0 || hl > cluster_size {
                 return Err(invalid(
                     "header_length",
-                    format!("{hl} (must be a multiple of 8, at least 104, within the first cluster)"),
+                    format!(
+                        "{hl} (must be a multiple of 8, at least 104, within the first cluster)"
+                    ),
                 ));
             }
             if hl as usize > buf.len() {
@@ -247,7 +249,10 @@ impl Header {
             ));
         }
         if version == 2 && h.refcount_order != 4 {
-            return Err(invalid("refcount_order", "version 2 images use 16-bit refcounts"));
+            return Err(invalid(
+                "refcount_order",
+                "version 2 images use 16-bit refcounts",
+            ));
         }
         if h.size > MAX_VIRTUAL_SIZE {
             return Err(invalid("size", format!("{} bytes is too large", h.size)));
@@ -316,7 +321,10 @@ impl Header {
         let cs = self.cluster_size();
         let in_file = |field: &'static str, off: u64, len: u64| -> Result<(), FormatError> {
             if !off.is_multiple_of(cs) {
-                return Err(invalid(field, format!("offset {off:#x} is not cluster aligned")));
+                return Err(invalid(
+                    field,
+                    format!("offset {off:#x} is not cluster aligned"),
+                ));
             }
             match off.checked_add(len) {
                 Some(end) if end <= file_len => Ok(()),
@@ -351,13 +359,20 @@ impl Header {
         if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
             return Err(invalid(
                 "refcount_table_clusters",
-                format!("{} clusters exceeds the 8 MiB limit", self.refcount_table_clusters),
+                format!(
+                    "{} clusters exceeds the 8 MiB limit",
+                    self.refcount_table_clusters
+                ),
             ));
         }
         if rt_bytes == 0 {
             return Err(invalid("refcount_table_clusters", "must not be 0"));
         }
-        in_file("refcount_table_offset", self.refcount_table_offset, rt_bytes)?;
+        in_file(
+            "refcount_table_offset",
+            self.refcount_table_offset,
+            rt_bytes,
+        )?;
 
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return Err(invalid(
@@ -613,7 +628,10 @@ mod tests {
             put32(&mut b, 20, bits);
             assert!(matches!(
                 Header::parse(&b, b.len() as u64),
-                Err(FormatError::InvalidField { field: "cluster_bits", .. })
+                Err(FormatError::InvalidField {
+                    field: "cluster_bits",
+                    ..
+                })
             ));
         }
     }

@@ -8,15 +8,15 @@
 mod compress;
 mod entry;
 mod header;
+mod refcount;
 
 pub use compress::{inflate_cluster, InflateError, Inflater};
-pub use entry::{
-    decode_l1_entry, ClusterMapping, CompressedDescriptor, L2Entry, SubclusterState,
-};
+pub use entry::{decode_l1_entry, ClusterMapping, CompressedDescriptor, L2Entry, SubclusterState};
 pub use header::{
-    CompressionType, Extension, FeatureKind, FeatureName, Header, BITMAPS_EXT, CRYPTO_EXT,
-    FEATURE_NAME_TABLE_EXT, BACKING_FORMAT_EXT, DATA_FILE_EXT,
+    CompressionType, Extension, FeatureKind, FeatureName, Header, BACKING_FORMAT_EXT, BITMAPS_EXT,
+    CRYPTO_EXT, DATA_FILE_EXT, FEATURE_NAME_TABLE_EXT,
 };
+pub use refcount::{refcount_get, refcount_max, refcount_set};
 
 use thiserror::Error;
 

@@ -55,7 +55,12 @@ pub unsafe fn iov_copy_from(iov: &[iovec], skip: usize, src: &[u8]) {
 }
 
 /// Calls `f(ptr, len, bytes_done_before)` for each piece of `skip..skip + len` of `iov`.
-fn for_each_segment(iov: &[iovec], mut skip: usize, mut len: usize, mut f: impl FnMut(*mut u8, usize, usize)) {
+fn for_each_segment(
+    iov: &[iovec],
+    mut skip: usize,
+    mut len: usize,
+    mut f: impl FnMut(*mut u8, usize, usize),
+) {
     let mut done = 0;
     for v in iov {
         if len == 0 {

@@ -8,7 +8,9 @@
 //! ring before it is dropped).
 
 mod iov;
+mod lock;
 mod ring;
 
 pub use iov::{iov_copy_from, iov_fill_zero, iov_subrange, iov_total_len};
+pub use lock::{lock_image, lock_reader, LockError, Perm};
 pub use ring::{BlockingReader, Ring};

@@ -162,7 +162,10 @@ mod tests {
     #[test]
     fn zero_and_unallocated_runs() {
         let t = table(&[(1, 0), (1, 0), (0, 0)], false);
-        assert_eq!(resolve(&STD, &t, 0, 0x30000).unwrap(), (Step::Zero, 0x20000));
+        assert_eq!(
+            resolve(&STD, &t, 0, 0x30000).unwrap(),
+            (Step::Zero, 0x20000)
+        );
         assert_eq!(
             resolve(&STD, &t, 0x20000, 0x30000).unwrap(),
             (Step::Backing, 0x30000)
@@ -190,7 +193,10 @@ mod tests {
             resolve(&g, &t, 0, 0x10000).unwrap(),
             (Step::Data { host: 0x10000 }, 0x1000)
         );
-        assert_eq!(resolve(&g, &t, 0x1000, 0x10000).unwrap(), (Step::Zero, 0x800));
+        assert_eq!(
+            resolve(&g, &t, 0x1000, 0x10000).unwrap(),
+            (Step::Zero, 0x800)
+        );
         assert_eq!(
             resolve(&g, &t, 0x1800, 0x800 * 29).unwrap(),
             (Step::Backing, 0x800 * 29)

@@ -252,7 +252,9 @@ impl Shard {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(Error::new(
                 ErrorKind::OutOfRange,
-                format!("Read of {len} bytes at {offset:#x} is beyond the disk size of {size} bytes"),
+                format!(
+                    "Read of {len} bytes at {offset:#x} is beyond the disk size of {size} bytes"
+                ),
             ));
         }
         if iov.len() > MAX_IOVECS {
@@ -314,8 +316,6 @@ impl Shard {
     /// Queues a flush: completes when every write completed before it is durable. A read-only
     /// image has nothing to flush, so it completes at the next poll.
     pub fn submit_flush(&mut self, token: u64) -> Result<(), Error> {
-        let r = self.st.reqs.alloc();
-        self.st.reqs.free(r);
         self.st.finished.push(Completion {
             token,
             result: Ok(()),
@@ -369,11 +369,14 @@ impl Shard {
         // caller) is dropped before `buf`'s borrow ends, and Drop waits for the kernel.
         unsafe { self.submit_read(TOKEN, offset, &iov)? };
         let mut out = Vec::with_capacity(1);
-        while out.is_empty() {
+        loop {
+            self.wait(&mut out);
+            if !out.is_empty() {
+                break;
+            }
             if self.in_flight() == 0 {
                 return Err(Error::new(ErrorKind::Io, "Read lost by the shard"));
             }
-            self.wait(&mut out);
         }
         out[0].result.map_err(|e| {
             let kind = match e {
@@ -505,7 +508,12 @@ impl State {
     ///
     /// # Safety
     /// The buffers `entry` points to must stay valid until the operation's completion.
-    unsafe fn push(&mut self, ring: &mut Ring, op: u32, entry: io_uring::squeue::Entry) -> Result<(), IoError> {
+    unsafe fn push(
+        &mut self,
+        ring: &mut Ring,
+        op: u32,
+        entry: io_uring::squeue::Entry,
+    ) -> Result<(), IoError> {
         // SAFETY: forwarded from the caller.
         match unsafe { ring.push(&entry.user_data(u64::from(op))) } {
             Ok(()) => {
@@ -572,8 +580,10 @@ impl State {
                                         "{}: L2 entry at {at:#x}: {why}",
                                         layer.path.display()
                                     );
-                                    return self
-                                        .finish_part(pid, Err(IoError::Corrupt { host_offset: at }));
+                                    return self.finish_part(
+                                        pid,
+                                        Err(IoError::Corrupt { host_offset: at }),
+                                    );
                                 }
                             }
                         }
@@ -631,7 +641,9 @@ impl State {
                             let src = &caches.decompressed.buf(slot)[at..at + part.len as usize];
                             // SAFETY: the request's iovecs are valid for writes until its
                             // completion; the part lies within them; `src` is our own buffer.
-                            unsafe { iov_copy_from(&self.reqs[part.req].iov, part.skip as usize, src) };
+                            unsafe {
+                                iov_copy_from(&self.reqs[part.req].iov, part.skip as usize, src)
+                            };
                             return self.finish_part(pid, Ok(()));
                         }
                         Lookup::Loading(slot) => {
@@ -827,16 +839,19 @@ impl State {
                     }
                     return;
                 }
-                let buf = self.ops[op].buf.take().expect("compressed op owns a buffer");
+                let buf = self.ops[op]
+                    .buf
+                    .take()
+                    .expect("compressed op owns a buffer");
                 self.free_op(op);
                 let kind = match &img.layers[layer as usize].kind {
                     LayerKind::Qcow2(q) => q.header.compression_type,
                     LayerKind::Raw(_) => unreachable!("compressed cluster in a raw layer"),
                 };
                 let cache = &mut self.layers[layer as usize].decompressed;
-                let result =
-                    self.inflater
-                        .inflate(kind, &buf[..got as usize], cache.buf_mut(slot));
+                let result = self
+                    .inflater
+                    .inflate(kind, &buf[..got as usize], cache.buf_mut(slot));
                 if self.compressed_bufs.len() < MAX_POOLED_COMPRESSED_BUFFERS {
                     self.compressed_bufs.push(buf);
                 }
