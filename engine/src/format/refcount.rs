@@ -65,7 +65,7 @@ mod tests {
     fn every_width_round_trips_without_touching_neighbours() {
         for order in 0..=6u32 {
             let mut block = vec![0u8; 64];
-            let entries = 64 * 8 >> order;
+            let entries = (64 * 8) >> order;
             let max = refcount_max(order);
             for i in 0..entries {
                 let v = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) & max;
