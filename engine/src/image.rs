@@ -14,13 +14,18 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 /// How to open an image.
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
-    /// Open every file read-only. Writable images are not supported yet.
+    /// Open every file read-only; otherwise the top image (and its external data file) is
+    /// opened for writing. Backing files are always read-only.
     pub read_only: bool,
+    /// Keep refcount updates in memory until a clean close (the image's dirty bit is set
+    /// meanwhile); faster allocating writes, a refcount rebuild after a crash.
+    pub lazy_refcounts: bool,
     /// Deepest backing chain accepted (the top image is not counted).
     pub max_backing_depth: usize,
     /// Per-shard L2 cache size in bytes; `None` covers the whole image, up to 1 GiB.
@@ -31,6 +36,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             read_only: true,
+            lazy_refcounts: false,
             max_backing_depth: 16,
             l2_cache_bytes: None,
         }
@@ -46,8 +52,12 @@ pub(crate) struct Qcow2Layer {
     pub geom: Geometry,
     pub file: File,
     pub data_file: Option<File>,
-    /// The active L1 table, raw entries in native byte order.
-    pub l1: Box<[u64]>,
+    /// The active L1 table, raw entries in native byte order. Atomic because the image is
+    /// shared by every shard; each entry is only ever changed by the shard that owns it.
+    pub l1: Box<[AtomicU64]>,
+    /// The header as read: its first `header_length` bytes, patched and rewritten when a
+    /// field changes so that unknown fields and extensions are preserved.
+    pub header_bytes: Vec<u8>,
 }
 
 impl Qcow2Layer {
@@ -74,6 +84,8 @@ pub(crate) struct ImageInner {
     pub layers: Vec<Layer>,
     pub read_only: bool,
     pub l2_cache_bytes: u64,
+    /// Allocation and header state of a writable image (None when read-only).
+    pub writable: Option<crate::write::Writable>,
 }
 
 /// An opened image; cheap to clone, shared by every shard.
@@ -218,9 +230,15 @@ fn file_len(file: &File, path: &Path) -> Result<u64, Error> {
 }
 
 /// Takes the locks QEMU takes for a reader, so that QEMU cannot write an image while it is
-/// served, and refuses an image QEMU is writing.
-fn lock_file(file: &File, path: &Path) -> Result<(), Error> {
-    crate::io::lock_reader(file).map_err(|e| match e {
+/// served, and refuses an image QEMU is writing. A writer also refuses an image whose readers
+/// do not share writes (a running QEMU holding it read-only).
+fn lock_file(file: &File, path: &Path, writer: bool) -> Result<(), Error> {
+    let result = if writer {
+        crate::io::lock_writer(file)
+    } else {
+        crate::io::lock_reader(file)
+    };
+    result.map_err(|e| match e {
         crate::io::LockError::Conflict(why) => Error::new(
             ErrorKind::Locked,
             format!(
@@ -267,17 +285,18 @@ fn open_qcow2(
     reader
         .read_exact_at(file.as_raw_fd(), &mut l1_bytes, header.l1_table_offset)
         .map_err(|e| Error::io(format!("Cannot read the L1 table of {}", path.display()), e))?;
-    let l1: Box<[u64]> = l1_bytes
+    let l1: Box<[AtomicU64]> = l1_bytes
         .chunks_exact(8)
-        .map(|c| format::be64_at(c, 0))
+        .map(|c| AtomicU64::new(format::be64_at(c, 0)))
         .collect();
+    let header_bytes = buf[..header.header_length as usize].to_vec();
 
     let data_file = match &header.data_file {
         Some(name) if header.has_data_file() => {
             let dpath = resolve_relative(path, name);
             let f = open_file(&dpath, read_only)
                 .map_err(|e| e.context(format!("External data file of {}", path.display())))?;
-            lock_file(&f, &dpath)?;
+            lock_file(&f, &dpath, !read_only)?;
             Some(f)
         }
         _ => None,
@@ -293,6 +312,7 @@ fn open_qcow2(
         file,
         data_file,
         l1,
+        header_bytes,
     })
 }
 
@@ -307,12 +327,6 @@ impl Image {
     /// Opens the image at `path` and its whole backing chain.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image, Error> {
         let path = path.as_ref();
-        if !opts.read_only {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "Writable images are not supported yet",
-            ));
-        }
         let mut reader = BlockingReader::new()
             .map_err(|e| Error::io("Cannot create an io_uring (is io_uring enabled?)", e))?;
         let mut layers = Vec::new();
@@ -351,8 +365,9 @@ impl Image {
                     ),
                 ));
             }
-            let file = open_file(&p, true)?;
-            lock_file(&file, &p)?;
+            let writable = layers.is_empty() && !opts.read_only;
+            let file = open_file(&p, !writable)?;
+            lock_file(&file, &p, writable)?;
             let is_qcow2 = match format.as_deref() {
                 Some("qcow2") => true,
                 Some("raw") => false,
@@ -369,7 +384,7 @@ impl Image {
                     .map_err(|e| Error::io(format!("Cannot read {}", p.display()), e))?,
             };
             if is_qcow2 {
-                let q = open_qcow2(&p, file, &mut reader, true)?;
+                let q = open_qcow2(&p, file, &mut reader, !writable)?;
                 if let Some(name) = &q.header.backing_file {
                     next = Some((resolve_relative(&p, name), q.header.backing_format.clone()));
                 }
@@ -399,11 +414,21 @@ impl Image {
                 .sum::<u64>()
                 .min(MAX_DEFAULT_L2_CACHE_BYTES),
         };
+        let writable = if opts.read_only {
+            None
+        } else {
+            Some(crate::write::open_writable(
+                &mut layers[0],
+                &mut reader,
+                opts.lazy_refcounts,
+            )?)
+        };
         Ok(Image {
             inner: Arc::new(ImageInner {
                 layers,
                 read_only: opts.read_only,
                 l2_cache_bytes,
+                writable,
             }),
         })
     }
@@ -428,6 +453,26 @@ impl Image {
     /// Cluster size of the top image in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.top().geom.cluster_size()
+    }
+
+    /// Finishes a writable image cleanly: writes refcounts still in memory and clears the
+    /// dirty bit. Call it after every shard has run [`Shard::flush_blocking`] and
+    /// [`Shard::release_reserved`]; a no-op for read-only images.
+    pub fn close(&self) -> Result<(), Error> {
+        match &self.inner.writable {
+            Some(w) => crate::write::close(&self.inner.layers[0], w),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `buf` at `offset` through a private shard, flushes, and closes the image's
+    /// state cleanly. For tools and tests.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        let mut shard = self.new_shard(&ShardConfig::default())?;
+        shard.write_blocking(buf, offset)?;
+        shard.flush_blocking()?;
+        shard.release_reserved();
+        Ok(())
     }
 
     /// Creates a shard: an io_uring and caches for one thread.

@@ -17,6 +17,7 @@ pub mod image;
 pub mod io;
 pub mod meta;
 pub mod shard;
+mod write;
 
 pub use error::{Error, ErrorKind, IoError};
 pub use image::{Image, ImageInfo, OpenOptions};

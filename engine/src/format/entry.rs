@@ -253,3 +253,69 @@ mod tests {
         assert!(decode_l1_entry(0x30200, 65536).is_err());
     }
 }
+
+/// Encodes an L1 entry pointing at an L2 table whose refcount is exactly one.
+pub fn encode_l1_entry(l2_host: u64) -> u64 {
+    debug_assert_eq!(l2_host & !OFFSET_MASK, 0);
+    l2_host | COPIED
+}
+
+/// Whether an L1 entry's COPIED flag is set (its L2 table may be written in place).
+pub fn l1_entry_copied(raw: u64) -> bool {
+    raw & COPIED != 0
+}
+
+/// Encodes the first word of a standard or extended L2 entry for an uncompressed cluster.
+///
+/// `zero` sets the all-zeros flag; it must be false for extended entries, whose zero state
+/// lives in the bitmap.
+pub fn encode_l2_entry(host: Option<u64>, zero: bool, copied: bool) -> u64 {
+    let mut raw = host.unwrap_or(0);
+    debug_assert_eq!(raw & !OFFSET_MASK, 0);
+    if zero {
+        raw |= ZERO;
+    }
+    if copied && host.is_some() {
+        raw |= COPIED;
+    }
+    raw
+}
+
+impl CompressedDescriptor {
+    /// The host byte range QEMU counts as used by this compressed cluster: from the sector
+    /// holding its first byte, for the number of sectors in the descriptor. Every host
+    /// cluster this range touches holds one reference for it.
+    pub fn host_range(&self) -> (u64, u64) {
+        let start = self.host_offset & !511;
+        (start, self.max_len + (self.host_offset & 511))
+    }
+}
+
+#[cfg(test)]
+mod encode_tests {
+    use super::*;
+
+    #[test]
+    fn encode_round_trips_through_decode() {
+        let raw = encode_l2_entry(Some(0x70000), false, true);
+        let e = L2Entry::decode(raw, None, 16).unwrap();
+        assert_eq!(e.mapping, ClusterMapping::Normal { host: 0x70000 });
+        assert!(e.copied);
+        let raw = encode_l2_entry(None, true, false);
+        assert_eq!(
+            L2Entry::decode(raw, None, 16).unwrap().mapping,
+            ClusterMapping::Zero { host: None }
+        );
+        assert_eq!(
+            decode_l1_entry(encode_l1_entry(0x30000), 65536),
+            Ok(Some(0x30000))
+        );
+        assert!(l1_entry_copied(encode_l1_entry(0x30000)));
+    }
+
+    #[test]
+    fn compressed_host_range_covers_whole_sectors() {
+        let d = CompressedDescriptor::decode(0x2B << 54 | 0x3D9750, 16);
+        assert_eq!(d.host_range(), (0x3D9600, 44 * 512));
+    }
+}

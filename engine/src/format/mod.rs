@@ -11,7 +11,10 @@ mod header;
 mod refcount;
 
 pub use compress::{inflate_cluster, InflateError, Inflater};
-pub use entry::{decode_l1_entry, ClusterMapping, CompressedDescriptor, L2Entry, SubclusterState};
+pub use entry::{
+    decode_l1_entry, encode_l1_entry, encode_l2_entry, l1_entry_copied, ClusterMapping,
+    CompressedDescriptor, L2Entry, SubclusterState,
+};
 pub use header::{
     CompressionType, Extension, FeatureKind, FeatureName, Header, BACKING_FORMAT_EXT, BITMAPS_EXT,
     CRYPTO_EXT, DATA_FILE_EXT, FEATURE_NAME_TABLE_EXT,

@@ -54,6 +54,19 @@ pub unsafe fn iov_copy_from(iov: &[iovec], skip: usize, src: &[u8]) {
     });
 }
 
+/// Copies bytes `skip..skip + dst.len()` of the memory described by `iov` into `dst`.
+///
+/// # Safety
+/// Every iovec must describe memory valid for reads of its full length, not overlapping `dst`.
+pub unsafe fn iov_copy_to(iov: &[iovec], skip: usize, dst: &mut [u8]) {
+    let dst_ptr = dst.as_mut_ptr();
+    for_each_segment(iov, skip, dst.len(), |ptr, n, done| {
+        // SAFETY: the caller guarantees the iovec memory is readable and disjoint from `dst`;
+        // `done + n <= dst.len()` by construction of the segments.
+        unsafe { std::ptr::copy_nonoverlapping(ptr.cast_const(), dst_ptr.add(done), n) };
+    });
+}
+
 /// Calls `f(ptr, len, bytes_done_before)` for each piece of `skip..skip + len` of `iov`.
 fn for_each_segment(
     iov: &[iovec],

@@ -107,6 +107,20 @@ pub fn lock_image(file: &File, held: &[Perm], unshared: &[Perm]) -> Result<(), L
     Ok(())
 }
 
+/// The locks for a writer that still lets QEMU readers such as `qemu-img info` in: it holds
+/// consistent reads and unshares write and resize (so QEMU cannot open the image for
+/// writing), but does not hold the write byte itself, which QEMU readers check. It refuses an
+/// image whose users do not share writes.
+pub fn lock_writer(file: &File) -> Result<(), LockError> {
+    if held_by_others(file, SHARED_BASE + Perm::Write as i64).map_err(LockError::Os)? {
+        return Err(LockError::Conflict(format!(
+            "Failed to get \"{}\" lock: another process does not share it",
+            Perm::Write.name()
+        )));
+    }
+    lock_reader(file)
+}
+
 /// The locks QEMU takes for a read-only user: consistent reads, and no writer or resizer
 /// elsewhere.
 pub fn lock_reader(file: &File) -> Result<(), LockError> {

@@ -11,6 +11,6 @@ mod iov;
 mod lock;
 mod ring;
 
-pub use iov::{iov_copy_from, iov_fill_zero, iov_subrange, iov_total_len};
-pub use lock::{lock_image, lock_reader, LockError, Perm};
+pub use iov::{iov_copy_from, iov_copy_to, iov_fill_zero, iov_subrange, iov_total_len};
+pub use lock::{lock_image, lock_reader, lock_writer, LockError, Perm};
 pub use ring::{BlockingReader, Ring};

@@ -121,7 +121,8 @@ impl Ring {
     }
 }
 
-/// Reads through a private io_uring and waits: for metadata at open time, off the data path.
+/// Reads and writes through a private io_uring and waits: for metadata at open and close
+/// time, off the data path.
 pub struct BlockingReader {
     ring: IoUring,
 }
@@ -178,6 +179,65 @@ impl BlockingReader {
             done += res as usize;
         }
         Ok(done)
+    }
+
+    fn run_one(&mut self, entry: io_uring::squeue::Entry) -> io::Result<i32> {
+        // The entry's buffers are the caller's, borrowed for the whole call.
+        // SAFETY: we wait for this entry's completion before returning, so every buffer it
+        // points to (borrowed by our caller for the duration of the call) outlives the
+        // kernel's use; nothing else is queued on this private ring.
+        unsafe {
+            self.ring
+                .submission()
+                .push(&entry)
+                .map_err(|_| io::Error::other("submission queue full"))?;
+        }
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let res = self
+            .ring
+            .completion()
+            .next()
+            .map(|c| c.result())
+            .ok_or_else(|| io::Error::other("io_uring returned no completion"))?;
+        if res < 0 {
+            return Err(io::Error::from_raw_os_error(-res));
+        }
+        Ok(res)
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_all_at(&mut self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let chunk = (buf.len() - done).min(1 << 30);
+            let entry = io_uring::opcode::Write::new(
+                io_uring::types::Fd(fd),
+                buf[done..].as_ptr(),
+                chunk as u32,
+            )
+            .offset(offset + done as u64)
+            .build();
+            let n = self.run_one(entry)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0"));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Makes everything written to `fd` durable (data and the metadata needed to read it).
+    pub fn fdatasync(&mut self, fd: RawFd) -> io::Result<()> {
+        let entry = io_uring::opcode::Fsync::new(io_uring::types::Fd(fd))
+            .flags(io_uring::types::FsyncFlags::DATASYNC)
+            .build();
+        self.run_one(entry).map(|_| ())
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`; end of file first is an error.

@@ -21,6 +21,12 @@ pub struct WaitList {
     pub tail: u32,
 }
 
+impl Default for WaitList {
+    fn default() -> Self {
+        WaitList::EMPTY
+    }
+}
+
 impl WaitList {
     /// An empty list.
     pub const EMPTY: WaitList = WaitList {
@@ -41,6 +47,10 @@ struct Slot {
     key: u64,
     state: State,
     referenced: bool,
+    /// Changed in memory and not yet written: never evicted.
+    dirty: bool,
+    /// Held by an operation that will change the buffer: never evicted.
+    pins: u32,
     buf: Box<[u8]>,
 }
 
@@ -133,6 +143,7 @@ impl SlotCache {
         slot.key = key;
         slot.state = State::Loading(WaitList::EMPTY);
         slot.referenced = true;
+        slot.dirty = false;
         self.map.insert(key, id);
         id
     }
@@ -150,7 +161,7 @@ impl SlotCache {
             let i = self.hand;
             self.hand = (self.hand + 1) % n;
             let slot = &mut self.slots[i];
-            if !matches!(slot.state, State::Ready) {
+            if !matches!(slot.state, State::Ready) || slot.dirty || slot.pins > 0 {
                 continue;
             }
             if slot.referenced {
@@ -161,7 +172,7 @@ impl SlotCache {
             slot.state = State::Free;
             return i as u32;
         }
-        // Every slot is loading: grow rather than stall.
+        // Every slot is loading or dirty: grow rather than stall.
         self.push_slot()
     }
 
@@ -170,6 +181,8 @@ impl SlotCache {
             key: 0,
             state: State::Free,
             referenced: false,
+            dirty: false,
+            pins: 0,
             buf: vec![0u8; self.buf_bytes].into_boxed_slice(),
         });
         (self.slots.len() - 1) as u32
@@ -207,11 +220,53 @@ impl SlotCache {
     /// Drops `key` if it is cached and ready (a cached extent was freed or rewritten).
     pub fn invalidate(&mut self, key: u64) {
         if let Some(&id) = self.map.get(&key) {
-            if matches!(self.slots[id as usize].state, State::Ready) {
+            let slot = &self.slots[id as usize];
+            if matches!(slot.state, State::Ready) && !slot.dirty && slot.pins == 0 {
                 self.map.remove(&key);
                 self.slots[id as usize].state = State::Free;
                 self.free.push(id);
             }
+        }
+    }
+
+    /// Inserts `key` as a ready slot without loading it (a newly allocated table); the caller
+    /// fills the buffer, which starts zeroed.
+    pub fn insert_new(&mut self, key: u64) -> u32 {
+        let id = self.start_load(key);
+        self.slots[id as usize].buf.fill(0);
+        self.slots[id as usize].state = State::Ready;
+        id
+    }
+
+    /// Keeps a ready slot from being evicted until [`SlotCache::unpin`].
+    pub fn pin(&mut self, id: u32) {
+        self.slots[id as usize].pins += 1;
+    }
+
+    /// Releases one [`SlotCache::pin`].
+    pub fn unpin(&mut self, id: u32) {
+        self.slots[id as usize].pins -= 1;
+    }
+
+    /// Marks a ready slot changed in memory.
+    pub fn mark_dirty(&mut self, id: u32) {
+        self.slots[id as usize].dirty = true;
+    }
+
+    /// Appends (key, slot) of every dirty slot to `out` and marks them clean.
+    pub fn take_dirty(&mut self, out: &mut Vec<(u64, u32)>) {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if slot.dirty {
+                slot.dirty = false;
+                out.push((slot.key, i as u32));
+            }
+        }
+    }
+
+    /// Marks a slot dirty again after its write failed.
+    pub fn remark_dirty(&mut self, key: u64) {
+        if let Some(&id) = self.map.get(&key) {
+            self.slots[id as usize].dirty = true;
         }
     }
 

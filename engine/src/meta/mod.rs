@@ -7,6 +7,8 @@
 
 mod cache;
 mod plan;
+mod refcount;
 
 pub use cache::{Lookup, SlotCache, WaitList, NO_ID};
 pub use plan::{resolve, Geometry, Step};
+pub use refcount::{RefcountError, Refcounts, TableLocation};

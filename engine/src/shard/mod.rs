@@ -7,33 +7,39 @@
 //! A request becomes one or more *parts*: a guest range at one layer of the backing chain. The
 //! planner ([`crate::meta::resolve`]) maps the start of a part to a step (zeros, data at a host
 //! offset, a compressed cluster, or the next layer down); the part is split where the mapping
-//! changes and each piece is served: zeros are written at once, data is read by the kernel
-//! straight into the caller's memory, compressed clusters go through the decompressed-cluster
-//! cache. A part that needs an L2 table or a compressed cluster that is not cached waits on the
-//! cache slot being loaded and is planned again when the load completes.
+//! changes and each piece is served (`read.rs`). Writes are planned cluster by cluster
+//! (`write.rs`): in place when the cluster is allocated and not shared, otherwise through an
+//! *allocation* that copies what the write does not cover, writes the new cluster, and only
+//! then points the L2 entry at it. Flushes write metadata in dependency order (`flush.rs`).
+//! A part that needs an L2 table or a compressed cluster that is not cached waits on the cache
+//! slot being loaded; a write to a cluster being allocated waits on that allocation; both are
+//! planned again when what they wait for completes.
 //!
 //! One loop turn ([`Shard::poll`]) reaps completions, plans every ready part, and submits all
 //! the I/O that produced with one `io_uring_enter`.
 
+mod flush;
+mod read;
 mod slab;
+mod write;
 
 use crate::error::{Error, ErrorKind, IoError};
 use crate::format::Inflater;
-use crate::image::{Image, ImageInner, LayerKind};
-use crate::io::{iov_copy_from, iov_fill_zero, iov_subrange, iov_total_len, Ring};
-use crate::meta::{resolve, Lookup, SlotCache, Step, WaitList, NO_ID};
-use io_uring::{opcode, types};
+use crate::image::{Image, LayerKind};
+use crate::io::{iov_total_len, Ring};
+use crate::meta::{SlotCache, WaitList, NO_ID};
+use flush::FlushState;
 use libc::iovec;
 use slab::Slab;
-use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, RawFd};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::RawFd;
 
 /// How a shard is set up.
 #[derive(Clone, Debug)]
 pub struct ShardConfig {
     /// This shard's index, `0..count`.
     pub index: usize,
-    /// How many shards serve the image.
+    /// How many shards serve the image. Writable images are served by one shard.
     pub count: usize,
     /// Submission queue entries of the shard's io_uring.
     pub ring_entries: u32,
@@ -61,18 +67,39 @@ pub struct Completion {
     pub result: Result<(), IoError>,
 }
 
-/// Most iovecs one read may carry (the kernel's `IOV_MAX`).
+/// Most iovecs one request may carry (the kernel's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
-/// Compressed-extent buffers kept for reuse; more are freed after use.
-const MAX_POOLED_COMPRESSED_BUFFERS: usize = 8;
+/// Compressed-extent and bounce buffers kept for reuse; more are freed after use.
+const MAX_POOLED_BUFFERS: usize = 16;
+
+/// What a request does.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+enum ReqKind {
+    #[default]
+    Read,
+    Write,
+    WriteZeroes {
+        unmap: bool,
+    },
+    Discard,
+}
+
+impl ReqKind {
+    fn is_write(self) -> bool {
+        !matches!(self, ReqKind::Read)
+    }
+}
 
 #[derive(Default)]
 struct Req {
     token: u64,
+    kind: ReqKind,
     iov: Vec<iovec>,
     /// Parts not yet finished.
     pending: u32,
     error: Option<IoError>,
+    /// For a read issued by an allocation (copy on write): that allocation, else NO_ID.
+    parent: u32,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -87,6 +114,16 @@ struct Part {
     next: u32,
 }
 
+/// Where the bytes of a data operation come from or go to.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Buffer {
+    /// The part's range of its request's iovecs.
+    #[default]
+    Request,
+    /// The shard's zero buffer (writes of zeros).
+    Zeros,
+}
+
 #[derive(Default, Clone, Copy)]
 enum OpKind {
     #[default]
@@ -96,11 +133,14 @@ enum OpKind {
         slot: u32,
         host: u64,
     },
+    /// Guest data read into, or written from, the request (or zeros) for one part.
     Data {
         part: u32,
         fd: RawFd,
         host: u64,
         done: u64,
+        write: bool,
+        buffer: Buffer,
     },
     Compressed {
         layer: u16,
@@ -110,6 +150,12 @@ enum OpKind {
         want: u64,
         got: u64,
     },
+    /// The write of an allocation's new cluster.
+    AllocWrite {
+        alloc: u32,
+    },
+    /// A metadata write or sync of the flush in progress.
+    Flush,
 }
 
 #[derive(Default)]
@@ -124,19 +170,50 @@ struct LayerCaches {
     decompressed: SlotCache,
 }
 
+/// Clusters reserved from the image's allocator, handed out one at a time.
+#[derive(Default, Clone, Copy)]
+struct Reserved {
+    next: u64,
+    remaining: u64,
+    fresh: bool,
+}
+
+/// A host range whose reference was dropped; freed after the next flush makes that durable.
+#[derive(Clone, Copy, Debug)]
+struct PendingFree {
+    host: u64,
+    len: u64,
+    /// Key of the decompressed-cluster cache entry to drop (compressed extents).
+    compressed: Option<u64>,
+}
+
 /// Everything a shard mutates, apart from the ring.
 struct State {
     layers: Vec<LayerCaches>,
     reqs: Slab<Req>,
     parts: Slab<Part>,
     ops: Slab<Op>,
+    allocs: Slab<write::Alloc>,
+    /// Guest cluster offset -> allocation in flight on it.
+    allocating: HashMap<u64, u32>,
+    /// Allocations whose copy-on-write reads have all completed.
+    cow_ready: Vec<u32>,
     ready: VecDeque<u32>,
     finished: Vec<Completion>,
     cqes: Vec<(u64, i32)>,
-    compressed_bufs: Vec<Box<[u8]>>,
-    compressed_buf_bytes: usize,
+    /// Buffers for compressed extents (2 clusters) and allocations (1 cluster).
+    big_bufs: Vec<Box<[u8]>>,
+    big_buf_bytes: usize,
+    cluster_bufs: Vec<Box<[u8]>>,
+    cluster_buf_bytes: usize,
+    zeros: Box<[u8]>,
     inflater: Inflater,
     ops_in_kernel: usize,
+    reserved: Reserved,
+    pending_frees: Vec<PendingFree>,
+    dirty_l1: Vec<u64>,
+    flush: FlushState,
+    writethrough: bool,
 }
 
 /// See the module documentation.
@@ -161,16 +238,26 @@ fn os_error(e: &std::io::Error) -> IoError {
 
 impl Shard {
     pub(crate) fn new(image: Image, config: &ShardConfig) -> Result<Shard, Error> {
+        let inner = &image.inner;
+        if inner.writable.is_some() && config.count > 1 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "A writable image is served by one shard",
+            ));
+        }
         let ring = Ring::new(config.ring_entries)
             .map_err(|e| Error::io("Cannot create an io_uring (is io_uring enabled?)", e))?;
-        let inner = &image.inner;
         let mut layers = Vec::with_capacity(inner.layers.len());
-        let mut compressed_buf_bytes = 0usize;
-        for layer in &inner.layers {
+        let mut big_buf_bytes = 0usize;
+        let mut top_cluster = 512usize;
+        for (i, layer) in inner.layers.iter().enumerate() {
             let caches = match &layer.kind {
                 LayerKind::Qcow2(q) => {
                     let cs = q.geom.cluster_size();
-                    compressed_buf_bytes = compressed_buf_bytes.max(2 * cs as usize);
+                    if i == 0 {
+                        top_cluster = cs as usize;
+                    }
+                    big_buf_bytes = big_buf_bytes.max(2 * cs as usize);
                     let l2_slots = (inner.l2_cache_bytes / cs).clamp(4, q.l1.len().max(4) as u64);
                     LayerCaches {
                         l2: SlotCache::new(l2_slots as usize, cs as usize),
@@ -187,6 +274,7 @@ impl Shard {
             };
             layers.push(caches);
         }
+        let writable = inner.writable.is_some();
         Ok(Shard {
             ring,
             st: State {
@@ -194,13 +282,28 @@ impl Shard {
                 reqs: Slab::with_capacity(256),
                 parts: Slab::with_capacity(512),
                 ops: Slab::with_capacity(512),
+                allocs: Slab::with_capacity(64),
+                allocating: HashMap::with_capacity(64),
+                cow_ready: Vec::with_capacity(64),
                 ready: VecDeque::with_capacity(512),
                 finished: Vec::with_capacity(256),
                 cqes: Vec::with_capacity(512),
-                compressed_bufs: Vec::new(),
-                compressed_buf_bytes,
+                big_bufs: Vec::new(),
+                big_buf_bytes,
+                cluster_bufs: Vec::new(),
+                cluster_buf_bytes: top_cluster,
+                zeros: if writable {
+                    vec![0u8; top_cluster].into_boxed_slice()
+                } else {
+                    Box::default()
+                },
                 inflater: Inflater::new(),
                 ops_in_kernel: 0,
+                reserved: Reserved::default(),
+                pending_frees: Vec::new(),
+                dirty_l1: Vec::new(),
+                flush: FlushState::default(),
+                writethrough: false,
             },
             image,
         })
@@ -213,7 +316,7 @@ impl Shard {
 
     /// Requests submitted and not yet returned as completions.
     pub fn in_flight(&self) -> usize {
-        self.st.reqs.live()
+        self.st.reqs.live() + self.st.flush.waiting()
     }
 
     /// L2 cache (hits, misses) summed over the layers.
@@ -232,6 +335,72 @@ impl Shard {
         })
     }
 
+    /// In write-through mode every write is durable before it completes (the guest turned
+    /// its write cache off); in write-back mode (the default) only flushes make writes durable.
+    pub fn set_writethrough(&mut self, on: bool) {
+        self.st.writethrough = on;
+    }
+
+    fn check_range(&self, what: &str, offset: u64, len: u64) -> Result<(), Error> {
+        let size = self.image.virtual_size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "{what} of {len} bytes at {offset:#x} is beyond the disk size of {size} bytes"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self, what: &str) -> Result<(), Error> {
+        match &self.image.inner.writable {
+            None => Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{what} to a read-only image"),
+            )),
+            Some(w) if w.failed.load(std::sync::atomic::Ordering::Relaxed) => Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{what} refused: a flush failed earlier, the image takes no more writes"),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Creates a request with one part covering it (or completes it at once when empty).
+    fn start_request(&mut self, token: u64, kind: ReqKind, offset: u64, len: u64, iov: &[iovec]) {
+        let st = &mut self.st;
+        let r = st.reqs.alloc();
+        let req = &mut st.reqs[r];
+        req.token = token;
+        req.kind = kind;
+        req.iov.clear();
+        req.iov.extend_from_slice(iov);
+        req.error = None;
+        req.parent = NO_ID;
+        if len == 0 {
+            req.pending = 0;
+            st.finished.push(Completion {
+                token,
+                result: Ok(()),
+            });
+            st.reqs.free(r);
+            return;
+        }
+        req.pending = 1;
+        let p = st.parts.alloc();
+        st.parts[p] = Part {
+            req: r,
+            layer: 0,
+            guest_off: offset,
+            len,
+            skip: 0,
+            next: NO_ID,
+        };
+        st.ready.push_back(p);
+    }
+
     /// Queues a read of the guest range `offset..offset + total iov length` into `iov`.
     ///
     /// `Err` means the request was rejected before any I/O (out of range, too many
@@ -248,78 +417,67 @@ impl Shard {
         iov: &[iovec],
     ) -> Result<(), Error> {
         let len = iov_total_len(iov);
-        let size = self.image.virtual_size();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(Error::new(
-                ErrorKind::OutOfRange,
-                format!(
-                    "Read of {len} bytes at {offset:#x} is beyond the disk size of {size} bytes"
-                ),
-            ));
-        }
-        if iov.len() > MAX_IOVECS {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Read with {} segments (at most {MAX_IOVECS})", iov.len()),
-            ));
-        }
-        let st = &mut self.st;
-        let r = st.reqs.alloc();
-        let req = &mut st.reqs[r];
-        req.token = token;
-        req.iov.clear();
-        req.iov.extend_from_slice(iov);
-        req.error = None;
-        if len == 0 {
-            req.pending = 0;
-            st.finished.push(Completion {
-                token,
-                result: Ok(()),
-            });
-            st.reqs.free(r);
-            return Ok(());
-        }
-        req.pending = 1;
-        let p = st.parts.alloc();
-        st.parts[p] = Part {
-            req: r,
-            layer: 0,
-            guest_off: offset,
-            len,
-            skip: 0,
-            next: NO_ID,
-        };
-        st.ready.push_back(p);
+        self.check_range("Read", offset, len)?;
+        check_iov_count(iov)?;
+        self.start_request(token, ReqKind::Read, offset, len, iov);
         Ok(())
     }
 
-    /// Queues a write. Writable images are not supported yet: always `Err(ReadOnly)`.
+    /// Queues a write of `iov` to the guest range at `offset`. Same contract as
+    /// [`Shard::submit_read`]; read-only images refuse with [`ErrorKind::ReadOnly`].
     ///
     /// # Safety
-    /// Every iovec must point to memory valid for reads of its length until the completion for
-    /// `token` has been returned or the shard has been dropped.
+    /// Every iovec must point to memory valid for reads of its length, not written by anyone
+    /// else, until the completion for `token` has been returned or the shard has been dropped.
     pub unsafe fn submit_write(
         &mut self,
-        _token: u64,
+        token: u64,
         offset: u64,
         iov: &[iovec],
     ) -> Result<(), Error> {
-        Err(Error::new(
-            ErrorKind::ReadOnly,
-            format!(
-                "Write of {} bytes at {offset:#x} to a read-only image",
-                iov_total_len(iov)
-            ),
-        ))
+        let len = iov_total_len(iov);
+        self.check_writable("Write")?;
+        self.check_range("Write", offset, len)?;
+        check_iov_count(iov)?;
+        self.start_request(token, ReqKind::Write, offset, len, iov);
+        Ok(())
     }
 
-    /// Queues a flush: completes when every write completed before it is durable. A read-only
-    /// image has nothing to flush, so it completes at the next poll.
+    /// Queues a write of zeros over `offset..offset + len`; with `unmap` the clusters may be
+    /// deallocated. Afterwards the range reads as zeros, whatever the backing file holds.
+    pub fn submit_write_zeroes(
+        &mut self,
+        token: u64,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), Error> {
+        self.check_writable("Write zeroes")?;
+        self.check_range("Write zeroes", offset, len)?;
+        self.start_request(token, ReqKind::WriteZeroes { unmap }, offset, len, &[]);
+        Ok(())
+    }
+
+    /// Queues a discard: the range's clusters may be deallocated (without exposing backing
+    /// data); partly covered clusters are left as they are.
+    pub fn submit_discard(&mut self, token: u64, offset: u64, len: u64) -> Result<(), Error> {
+        self.check_writable("Discard")?;
+        self.check_range("Discard", offset, len)?;
+        self.start_request(token, ReqKind::Discard, offset, len, &[]);
+        Ok(())
+    }
+
+    /// Queues a flush: completes when every write completed before it is durable.
     pub fn submit_flush(&mut self, token: u64) -> Result<(), Error> {
-        self.st.finished.push(Completion {
-            token,
-            result: Ok(()),
-        });
+        if self.image.inner.writable.is_none() {
+            // Nothing is ever written: nothing to make durable.
+            self.st.finished.push(Completion {
+                token,
+                result: Ok(()),
+            });
+            return Ok(());
+        }
+        self.st.flush.enqueue(token);
         Ok(())
     }
 
@@ -347,13 +505,87 @@ impl Shard {
         let before = out.len();
         loop {
             self.poll(out);
-            if out.len() > before || self.in_flight() == 0 {
+            if out.len() > before || (self.in_flight() == 0 && self.st.ops_in_kernel == 0) {
                 return;
             }
             if let Err(e) = self.ring.submit_and_wait() {
                 tracing::error!("io_uring wait failed: {e}");
                 return;
             }
+        }
+    }
+
+    /// Waits until every request submitted so far has completed, appending them to `out`.
+    pub fn drain(&mut self, out: &mut Vec<Completion>) {
+        while self.in_flight() > 0 || self.st.ops_in_kernel > 0 {
+            let before = out.len();
+            self.wait(out);
+            if out.len() == before && self.st.ops_in_kernel == 0 && self.st.ready.is_empty() {
+                break;
+            }
+        }
+    }
+
+    /// Flushes and waits: for shutdown.
+    pub fn flush_blocking(&mut self) -> Result<(), Error> {
+        const TOKEN: u64 = u64::MAX - 1;
+        let mut out = Vec::new();
+        self.drain(&mut out);
+        self.submit_flush(TOKEN)?;
+        let mut result = Ok(());
+        loop {
+            let before = out.len();
+            self.wait(&mut out);
+            if let Some(c) = out[before..].iter().find(|c| c.token == TOKEN) {
+                result = c.result;
+                break;
+            }
+            if out.len() == before && self.in_flight() == 0 {
+                break;
+            }
+        }
+        result.map_err(|e| Error::with_source(ErrorKind::Io, "Flush failed", e))
+    }
+
+    /// Gives the clusters this shard reserved but did not use back to the image (for a clean
+    /// close, after [`Shard::flush_blocking`]).
+    pub fn release_reserved(&mut self) {
+        let (Some(w), r) = (&self.image.inner.writable, &mut self.st.reserved) else {
+            return;
+        };
+        if r.remaining == 0 {
+            return;
+        }
+        let cs = self.image.cluster_size();
+        if let Ok(mut rc) = w.refcounts.lock() {
+            if let Err(e) = rc.adjust_range(r.next, r.remaining * cs, -1) {
+                tracing::warn!("Cannot release reserved clusters: {e}");
+            }
+        }
+        r.remaining = 0;
+    }
+
+    /// Writes `buf` at `offset` and waits for it.
+    pub(crate) fn write_blocking(&mut self, buf: &[u8], offset: u64) -> Result<(), Error> {
+        let iov = [iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        }];
+        const TOKEN: u64 = u64::MAX - 2;
+        // SAFETY: `buf` is borrowed for this whole call and we drain below until the request
+        // has completed; the kernel only reads from it.
+        unsafe { self.submit_write(TOKEN, offset, &iov)? };
+        let mut out = Vec::new();
+        self.drain(&mut out);
+        match out.iter().find(|c| c.token == TOKEN) {
+            Some(c) => c.result.map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Io,
+                    format!("Write of {} bytes at {offset:#x} failed", buf.len()),
+                    e,
+                )
+            }),
+            None => Err(Error::new(ErrorKind::Io, "Write lost by the shard")),
         }
     }
 
@@ -394,7 +626,8 @@ impl Shard {
         })
     }
 
-    /// One pass: handle every available completion, then plan every ready part.
+    /// One pass: handle every available completion, then plan every ready part, then start a
+    /// flush if one is due.
     fn turn(&mut self) {
         let Shard { ring, st, image } = self;
         let img = &*image.inner;
@@ -405,10 +638,27 @@ impl Shard {
             st.ops_in_kernel -= 1;
             st.complete_op(ring, img, op as u32, res);
         }
-        while let Some(p) = st.ready.pop_front() {
-            st.plan(ring, img, p);
+        loop {
+            while let Some(p) = st.ready.pop_front() {
+                st.plan(ring, img, p);
+            }
+            if st.cow_ready.is_empty() {
+                break;
+            }
+            st.run_cow_ready(ring, img);
         }
+        st.maybe_start_flush(ring, img);
     }
+}
+
+fn check_iov_count(iov: &[iovec]) -> Result<(), Error> {
+    if iov.len() > MAX_IOVECS {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("Request with {} segments (at most {MAX_IOVECS})", iov.len()),
+        ));
+    }
+    Ok(())
 }
 
 impl Drop for Shard {
@@ -420,10 +670,8 @@ impl Drop for Shard {
                     "io_uring failed while draining {} operations: {e}; leaking their buffers",
                     self.st.ops_in_kernel
                 );
-                let st = std::mem::take(&mut self.st.layers);
-                std::mem::forget(st);
-                let ops = std::mem::replace(&mut self.st.ops, Slab::with_capacity(0));
-                std::mem::forget(ops);
+                std::mem::forget(std::mem::take(&mut self.st.layers));
+                std::mem::forget(std::mem::replace(&mut self.st.ops, Slab::with_capacity(0)));
                 return;
             }
             self.st.cqes.clear();
@@ -459,21 +707,19 @@ impl State {
             req.error.get_or_insert(e);
         }
         req.pending -= 1;
-        if req.pending == 0 {
-            self.finished.push(Completion {
-                token: req.token,
-                result: req.error.map_or(Ok(()), Err),
-            });
-            self.reqs.free(req_id);
+        if req.pending > 0 {
+            return;
         }
-    }
-
-    fn zero_part(&mut self, pid: u32) {
-        let p = self.parts[pid];
-        // SAFETY: the request's iovecs are valid for writes until its completion (the
-        // submit_read contract), and the part lies within them.
-        unsafe { iov_fill_zero(&self.reqs[p.req].iov, p.skip as usize, p.len as usize) };
-        self.finish_part(pid, Ok(()));
+        let result = req.error.map_or(Ok(()), Err);
+        let (token, kind, parent) = (req.token, req.kind, req.parent);
+        self.reqs.free(req_id);
+        if parent != NO_ID {
+            self.cow_read_done(parent, result);
+        } else if kind.is_write() && self.writethrough && result.is_ok() {
+            self.flush.enqueue(token);
+        } else {
+            self.finished.push(Completion { token, result });
+        }
     }
 
     fn fail_waiters(&mut self, mut list: WaitList, err: IoError) {
@@ -484,10 +730,11 @@ impl State {
         }
     }
 
-    fn replan_waiters(&mut self, ring: &mut Ring, img: &ImageInner, mut list: WaitList) {
+    /// Makes every part of `list` ready to be planned again.
+    fn wake_waiters(&mut self, mut list: WaitList) {
         while list.head != NO_ID {
             let next = self.parts[list.head].next;
-            self.plan(ring, img, list.head);
+            self.ready.push_back(list.head);
             list.head = next;
         }
     }
@@ -521,360 +768,60 @@ impl State {
                 Ok(())
             }
             Err(e) => {
-                self.ops[op].kind = OpKind::Idle;
-                self.ops.free(op);
+                self.free_op(op);
                 Err(os_error(&e))
             }
         }
     }
 
-    /// Plans part `pid` until it is served, split, or waiting on a cache slot.
-    fn plan(&mut self, ring: &mut Ring, img: &ImageInner, pid: u32) {
-        loop {
-            let p = self.parts[pid];
-            let Some(layer) = img.layers.get(p.layer as usize) else {
-                return self.zero_part(pid);
-            };
-            if p.guest_off >= layer.virtual_size {
-                return self.zero_part(pid);
-            }
-            if p.guest_off + p.len > layer.virtual_size {
-                self.split(pid, layer.virtual_size - p.guest_off);
-                continue;
-            }
-            let q = match &layer.kind {
-                LayerKind::Raw(file) => {
-                    return self.start_data(ring, pid, file.as_raw_fd(), p.guest_off);
-                }
-                LayerKind::Qcow2(q) => q,
-            };
-            let cover = q.geom.l2_coverage();
-            let l1_index = p.guest_off / cover;
-            let table_end = (l1_index + 1) * cover;
-            if p.guest_off + p.len > table_end {
-                self.split(pid, table_end - p.guest_off);
-                continue;
-            }
-            let raw_l1 = q.l1.get(l1_index as usize).copied().unwrap_or(0);
-            let cs = q.geom.cluster_size();
-            let l2_host = match crate::format::decode_l1_entry(raw_l1, cs) {
-                Err(why) => {
-                    let at = q.header.l1_table_offset + 8 * l1_index;
-                    tracing::warn!("{}: L1 entry at {at:#x}: {why}", layer.path.display());
-                    return self.finish_part(pid, Err(IoError::Corrupt { host_offset: at }));
-                }
-                Ok(h) => h,
-            };
-            let (step, run) = match l2_host {
-                None => (Step::Backing, p.len),
-                Some(l2_host) => {
-                    let caches = &mut self.layers[p.layer as usize];
-                    match caches.l2.lookup(l1_index) {
-                        Lookup::Ready(slot) => {
-                            match resolve(&q.geom, caches.l2.buf(slot), p.guest_off, p.len) {
-                                Ok(r) => r,
-                                Err(why) => {
-                                    let at = l2_host
-                                        + (p.guest_off % cover) / cs * q.geom.l2_entry_bytes();
-                                    tracing::warn!(
-                                        "{}: L2 entry at {at:#x}: {why}",
-                                        layer.path.display()
-                                    );
-                                    return self.finish_part(
-                                        pid,
-                                        Err(IoError::Corrupt { host_offset: at }),
-                                    );
-                                }
-                            }
-                        }
-                        Lookup::Loading(slot) => {
-                            Self::enqueue_waiter(&mut self.parts, caches.l2.waiters_mut(slot), pid);
-                            return;
-                        }
-                        Lookup::Miss => {
-                            let slot = caches.l2.start_load(l1_index);
-                            Self::enqueue_waiter(&mut self.parts, caches.l2.waiters_mut(slot), pid);
-                            let buf = caches.l2.buf_mut(slot);
-                            let entry = opcode::Read::new(
-                                types::Fd(q.file.as_raw_fd()),
-                                buf.as_mut_ptr(),
-                                buf.len() as u32,
-                            )
-                            .offset(l2_host)
-                            .build();
-                            let op = self.ops.alloc();
-                            self.ops[op].kind = OpKind::L2Load {
-                                layer: p.layer,
-                                slot,
-                                host: l2_host,
-                            };
-                            // SAFETY: the slot's buffer is not freed, moved or reused while the
-                            // slot is loading; it stays loading until this op completes.
-                            if let Err(e) = unsafe { self.push(ring, op, entry) } {
-                                let w = self.layers[p.layer as usize].l2.fail_load(slot);
-                                self.fail_waiters(w, e);
-                            }
-                            return;
-                        }
-                    }
-                }
-            };
-            if run < p.len {
-                self.split(pid, run);
-            }
-            match step {
-                Step::Zero => return self.zero_part(pid),
-                Step::Backing => {
-                    if p.layer as usize + 1 < img.layers.len() {
-                        self.parts[pid].layer += 1;
-                        continue;
-                    }
-                    return self.zero_part(pid);
-                }
-                Step::Data { host } => return self.start_data(ring, pid, q.data_fd(), host),
-                Step::Compressed(desc) => {
-                    let caches = &mut self.layers[p.layer as usize];
-                    match caches.decompressed.lookup(desc.host_offset) {
-                        Lookup::Ready(slot) => {
-                            let at = (p.guest_off % cs) as usize;
-                            let part = self.parts[pid];
-                            let src = &caches.decompressed.buf(slot)[at..at + part.len as usize];
-                            // SAFETY: the request's iovecs are valid for writes until its
-                            // completion; the part lies within them; `src` is our own buffer.
-                            unsafe {
-                                iov_copy_from(&self.reqs[part.req].iov, part.skip as usize, src)
-                            };
-                            return self.finish_part(pid, Ok(()));
-                        }
-                        Lookup::Loading(slot) => {
-                            Self::enqueue_waiter(
-                                &mut self.parts,
-                                caches.decompressed.waiters_mut(slot),
-                                pid,
-                            );
-                            return;
-                        }
-                        Lookup::Miss => {
-                            let slot = caches.decompressed.start_load(desc.host_offset);
-                            Self::enqueue_waiter(
-                                &mut self.parts,
-                                caches.decompressed.waiters_mut(slot),
-                                pid,
-                            );
-                            let bytes = self.compressed_buf_bytes;
-                            let mut buf = self
-                                .compressed_bufs
-                                .pop()
-                                .unwrap_or_else(|| vec![0u8; bytes].into_boxed_slice());
-                            let want = desc.max_len.min(buf.len() as u64);
-                            let fd = q.file.as_raw_fd();
-                            let entry =
-                                opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), want as u32)
-                                    .offset(desc.host_offset)
-                                    .build();
-                            let op = self.ops.alloc();
-                            self.ops[op].kind = OpKind::Compressed {
-                                layer: p.layer,
-                                slot,
-                                fd,
-                                host: desc.host_offset,
-                                want,
-                                got: 0,
-                            };
-                            self.ops[op].buf = Some(buf);
-                            // SAFETY: the buffer is owned by the op (a heap allocation that
-                            // does not move) until the op's completion is handled.
-                            if let Err(e) = unsafe { self.push(ring, op, entry) } {
-                                let w = self.layers[p.layer as usize].decompressed.fail_load(slot);
-                                self.fail_waiters(w, e);
-                            }
-                            return;
-                        }
-                    }
-                }
-            }
+    fn free_op(&mut self, op: u32) {
+        let o = &mut self.ops[op];
+        o.kind = OpKind::Idle;
+        if let Some(buf) = o.buf.take() {
+            self.recycle(buf);
+        }
+        self.ops.free(op);
+    }
+
+    /// Returns a compressed-extent or cluster buffer to its pool (other sizes are dropped).
+    fn recycle(&mut self, buf: Box<[u8]>) {
+        let pool = if buf.len() == self.big_buf_bytes {
+            &mut self.big_bufs
+        } else if buf.len() == self.cluster_buf_bytes {
+            &mut self.cluster_bufs
+        } else {
+            return;
+        };
+        if pool.len() < MAX_POOLED_BUFFERS {
+            pool.push(buf);
         }
     }
 
-    /// Starts (or continues, after a short read) reading part `pid` from `fd` at `host`.
-    fn start_data(&mut self, ring: &mut Ring, pid: u32, fd: RawFd, host: u64) {
-        let op = self.ops.alloc();
-        self.ops[op].kind = OpKind::Data {
-            part: pid,
-            fd,
-            host,
-            done: 0,
-        };
-        self.submit_data(ring, op);
-    }
-
-    fn submit_data(&mut self, ring: &mut Ring, op: u32) {
-        let OpKind::Data {
-            part,
-            fd,
-            host,
-            done,
-        } = self.ops[op].kind
-        else {
-            unreachable!("submit_data on a non-data op");
-        };
-        let p = self.parts[part];
-        let o = &mut self.ops[op];
-        o.iov.clear();
-        iov_subrange(
-            &self.reqs[p.req].iov,
-            (p.skip + done) as usize,
-            (p.len - done) as usize,
-            &mut o.iov,
-        );
-        let entry = opcode::Readv::new(types::Fd(fd), o.iov.as_ptr(), o.iov.len() as u32)
-            .offset(host + done)
-            .build();
-        // SAFETY: the iovec array lives in the op until its completion; the memory it points
-        // to is the request's, valid until the request completes (submit_read contract), and
-        // the request cannot complete before this part does.
-        if let Err(e) = unsafe { self.push(ring, op, entry) } {
-            self.finish_part(part, Err(e));
+    /// Plans part `pid`: reads by the read planner, the rest by the write planner.
+    fn plan(&mut self, ring: &mut Ring, img: &crate::image::ImageInner, pid: u32) {
+        let kind = self.reqs[self.parts[pid].req].kind;
+        if kind.is_write() {
+            self.plan_write(ring, img, pid, kind);
+        } else {
+            self.plan_read(ring, img, pid);
         }
     }
 
     /// Handles the completion of operation `op` with result `res`.
-    fn complete_op(&mut self, ring: &mut Ring, img: &ImageInner, op: u32, res: i32) {
+    fn complete_op(&mut self, ring: &mut Ring, img: &crate::image::ImageInner, op: u32, res: i32) {
         match self.ops[op].kind {
             OpKind::Idle => unreachable!("completion for idle op {op}"),
-            OpKind::Data {
-                part,
-                fd,
-                host,
-                done,
-            } => {
-                let p = self.parts[part];
-                if res < 0 {
-                    self.free_op(op);
-                    return self.finish_part(part, Err(IoError::Os { errno: -res }));
-                }
-                let done = done + res as u64;
-                if res == 0 {
-                    // End of file: what lies past it reads as zeros.
-                    self.free_op(op);
-                    // SAFETY: as in zero_part; the range is the unread tail of the part.
-                    unsafe {
-                        iov_fill_zero(
-                            &self.reqs[p.req].iov,
-                            (p.skip + done) as usize,
-                            (p.len - done) as usize,
-                        )
-                    };
-                    return self.finish_part(part, Ok(()));
-                }
-                if done < p.len {
-                    self.ops[op].kind = OpKind::Data {
-                        part,
-                        fd,
-                        host,
-                        done,
-                    };
-                    return self.submit_data(ring, op);
-                }
+            OpKind::Data { .. } => self.complete_data(ring, op, res),
+            OpKind::L2Load { .. } => self.complete_l2_load(ring, img, op, res),
+            OpKind::Compressed { .. } => self.complete_compressed(ring, img, op, res),
+            OpKind::AllocWrite { alloc } => {
                 self.free_op(op);
-                self.finish_part(part, Ok(()));
+                self.alloc_written(img, alloc, res);
             }
-            OpKind::L2Load { layer, slot, host } => {
+            OpKind::Flush => {
                 self.free_op(op);
-                let cache = &mut self.layers[layer as usize].l2;
-                let expected = cache.buf(slot).len();
-                if res >= 0 && res as usize == expected {
-                    let w = cache.finish_load(slot);
-                    self.replan_waiters(ring, img, w);
-                } else {
-                    let w = cache.fail_load(slot);
-                    let err = if res < 0 {
-                        IoError::Os { errno: -res }
-                    } else {
-                        tracing::warn!(
-                            "{}: L2 table at {host:#x} lies past the end of the file",
-                            img.layers[layer as usize].path.display()
-                        );
-                        IoError::Corrupt { host_offset: host }
-                    };
-                    self.fail_waiters(w, err);
-                }
-            }
-            OpKind::Compressed {
-                layer,
-                slot,
-                fd,
-                host,
-                want,
-                got,
-            } => {
-                if res < 0 {
-                    self.free_op(op);
-                    let w = self.layers[layer as usize].decompressed.fail_load(slot);
-                    return self.fail_waiters(w, IoError::Os { errno: -res });
-                }
-                let got = got + res as u64;
-                if res > 0 && got < want {
-                    let o = &mut self.ops[op];
-                    o.kind = OpKind::Compressed {
-                        layer,
-                        slot,
-                        fd,
-                        host,
-                        want,
-                        got,
-                    };
-                    let buf = o.buf.as_mut().expect("compressed op owns a buffer");
-                    let entry = opcode::Read::new(
-                        types::Fd(fd),
-                        buf[got as usize..].as_mut_ptr(),
-                        (want - got) as u32,
-                    )
-                    .offset(host + got)
-                    .build();
-                    // SAFETY: the buffer stays owned by the op until its completion.
-                    if let Err(e) = unsafe { self.push(ring, op, entry) } {
-                        let w = self.layers[layer as usize].decompressed.fail_load(slot);
-                        self.fail_waiters(w, e);
-                    }
-                    return;
-                }
-                let buf = self.ops[op]
-                    .buf
-                    .take()
-                    .expect("compressed op owns a buffer");
-                self.free_op(op);
-                let kind = match &img.layers[layer as usize].kind {
-                    LayerKind::Qcow2(q) => q.header.compression_type,
-                    LayerKind::Raw(_) => unreachable!("compressed cluster in a raw layer"),
-                };
-                let cache = &mut self.layers[layer as usize].decompressed;
-                let result = self
-                    .inflater
-                    .inflate(kind, &buf[..got as usize], cache.buf_mut(slot));
-                if self.compressed_bufs.len() < MAX_POOLED_COMPRESSED_BUFFERS {
-                    self.compressed_bufs.push(buf);
-                }
-                match result {
-                    Ok(()) => {
-                        let w = cache.finish_load(slot);
-                        self.replan_waiters(ring, img, w);
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            "{}: compressed cluster at {host:#x}: {e}",
-                            img.layers[layer as usize].path.display()
-                        );
-                        let w = cache.fail_load(slot);
-                        self.fail_waiters(w, IoError::BadCompressedCluster { host_offset: host });
-                    }
-                }
+                self.flush_op_done(ring, img, res);
             }
         }
-    }
-
-    fn free_op(&mut self, op: u32) {
-        self.ops[op].kind = OpKind::Idle;
-        self.ops.free(op);
     }
 }

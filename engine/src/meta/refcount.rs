@@ -1,0 +1,509 @@
+//! The image's refcounts, held in memory, and the cluster allocator built on them.
+//!
+//! Every refcount block is loaded when a writable image is opened (their total size is the
+//! file size divided by the cluster size, times the refcount width: 1/32768 of the file for
+//! 64 KiB clusters and 16-bit refcounts), so allocation never waits for I/O. Changes mark blocks
+//! dirty; the flush writes them (see `shard::flush`) before any L2 table that depends on them.
+//!
+//! Growth: a cluster whose refcount block does not exist gets one, placed at the first cluster
+//! of the range it describes (so it describes itself); when the refcount table is full it is
+//! moved to a larger one at the end of the file, with blocks covering itself. The old table is
+//! freed after the header that points to the new one is durable.
+//!
+//! Owned behind a mutex in the image and taken only on slow paths: when a shard reserves a run
+//! of clusters, when deferred frees are applied after a flush, and by the flush itself.
+#![allow(clippy::len_without_is_empty)]
+
+use crate::format::{refcount_get, refcount_max, refcount_set};
+use std::collections::BTreeSet;
+
+/// Why a refcount change was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RefcountError {
+    /// The refcount would exceed the width of an entry.
+    #[error("Refcount of cluster {cluster} would overflow")]
+    Overflow {
+        /// Cluster index.
+        cluster: u64,
+    },
+    /// A refcount would go below zero: the metadata is inconsistent.
+    #[error("Refcount of cluster {cluster} would drop below zero")]
+    Underflow {
+        /// Cluster index.
+        cluster: u64,
+    },
+    /// The image would grow past what the format can address.
+    #[error("Image file would grow past the largest supported size")]
+    TooLarge,
+}
+
+/// In-memory refcounts of every host cluster; see the module documentation.
+pub struct Refcounts {
+    order: u32,
+    cluster_bits: u32,
+    entries_per_block: u64,
+    /// Refcount table: host offsets of blocks (0 = none), length = table capacity.
+    table: Vec<u64>,
+    table_offset: u64,
+    table_clusters: u64,
+    blocks: Vec<Option<Box<[u8]>>>,
+    dirty_blocks: BTreeSet<usize>,
+    /// The table was moved or entries were added: it and the header must be written.
+    table_dirty: bool,
+    /// Old table location to free once the header pointing at the new one is durable.
+    retired_table: Option<(u64, u64)>,
+    /// One past the highest cluster that holds a refcount > 0 (or the file end at open).
+    end_cluster: u64,
+    /// Clusters at or past this index have never held data since open: they read as zeros.
+    fresh_from: u64,
+    /// Lowest cluster index that may be free.
+    hint: u64,
+}
+
+/// A table location: (host offset, clusters).
+pub type TableLocation = (u64, u64);
+
+impl Refcounts {
+    /// Builds the in-memory refcounts from the loaded table and blocks.
+    ///
+    /// `blocks[i]` is the content of the block at `table[i]` (None where the entry is 0);
+    /// `file_len` is the image file's length.
+    pub fn new(
+        order: u32,
+        cluster_bits: u32,
+        table: Vec<u64>,
+        table_location: TableLocation,
+        blocks: Vec<Option<Box<[u8]>>>,
+        file_len: u64,
+    ) -> Refcounts {
+        let cs = 1u64 << cluster_bits;
+        let entries_per_block = (cs * 8) >> order;
+        let mut r = Refcounts {
+            order,
+            cluster_bits,
+            entries_per_block,
+            table,
+            table_offset: table_location.0,
+            table_clusters: table_location.1,
+            blocks,
+            dirty_blocks: BTreeSet::new(),
+            table_dirty: false,
+            retired_table: None,
+            end_cluster: file_len.div_ceil(cs),
+            fresh_from: file_len.div_ceil(cs),
+            hint: 0,
+        };
+        // The highest allocated cluster may lie past the end of the file (sparse images).
+        for (b, block) in r.blocks.iter().enumerate() {
+            if let Some(block) = block {
+                for i in (0..entries_per_block as usize).rev() {
+                    if refcount_get(block, order, i) != 0 {
+                        let c = b as u64 * entries_per_block + i as u64 + 1;
+                        r.end_cluster = r.end_cluster.max(c);
+                        r.fresh_from = r.fresh_from.max(c);
+                        break;
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Refcount of cluster `c` (0 where no block describes it).
+    pub fn get(&self, c: u64) -> u64 {
+        let b = (c / self.entries_per_block) as usize;
+        match self.blocks.get(b) {
+            Some(Some(block)) => {
+                refcount_get(block, self.order, (c % self.entries_per_block) as usize)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Sets the refcount of cluster `c`, whose block must exist.
+    fn set(&mut self, c: u64, v: u64) -> Result<(), RefcountError> {
+        let b = (c / self.entries_per_block) as usize;
+        let order = self.order;
+        let i = (c % self.entries_per_block) as usize;
+        let block = self.blocks[b]
+            .as_mut()
+            .expect("set() is only called for clusters whose block exists");
+        refcount_set(block, order, i, v).map_err(|_| RefcountError::Overflow { cluster: c })?;
+        self.dirty_blocks.insert(b);
+        if v > 0 {
+            self.end_cluster = self.end_cluster.max(c + 1);
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` (which may be negative) to the refcount of every cluster overlapping
+    /// `host..host + len`.
+    pub fn adjust_range(&mut self, host: u64, len: u64, delta: i64) -> Result<(), RefcountError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = host >> self.cluster_bits;
+        let last = (host + len - 1) >> self.cluster_bits;
+        for c in first..=last {
+            let old = self.get(c);
+            let new = if delta >= 0 {
+                old.checked_add(delta as u64)
+                    .filter(|&v| v <= refcount_max(self.order))
+                    .ok_or(RefcountError::Overflow { cluster: c })?
+            } else {
+                old.checked_sub(delta.unsigned_abs())
+                    .ok_or(RefcountError::Underflow { cluster: c })?
+            };
+            if new > 0 {
+                self.ensure_block_for(c)?;
+            } else if old == 0 {
+                continue;
+            }
+            self.set(c, new)?;
+            if new == 0 && c < self.hint {
+                self.hint = c;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocates up to `want` contiguous clusters (at least one), each with refcount 1.
+    /// Returns (host offset, clusters, fresh): `fresh` when they never held data since open
+    /// and so read as zeros.
+    pub fn allocate(&mut self, want: u64) -> Result<(u64, u64, bool), RefcountError> {
+        let want = want.max(1);
+        loop {
+            let (start, n) = self.find_free(want);
+            // Make sure every cluster of the run has a block; creating a block may take the
+            // first cluster of the run, so search again after any growth.
+            let mut grew = false;
+            for c in start..start + n {
+                if self.block_missing(c) {
+                    self.ensure_block_for(c)?;
+                    grew = true;
+                    break;
+                }
+            }
+            if grew {
+                continue;
+            }
+            for c in start..start + n {
+                self.set(c, 1)?;
+            }
+            let fresh = start >= self.fresh_from;
+            self.hint = start + n;
+            if start + n > self.fresh_from && !fresh {
+                // A run that straddles the fresh boundary is not fresh as a whole.
+                self.fresh_from = self.fresh_from.max(start + n);
+            } else if fresh {
+                self.fresh_from = start + n;
+            }
+            return Ok((start << self.cluster_bits, n, fresh));
+        }
+    }
+
+    fn block_missing(&self, c: u64) -> bool {
+        let b = (c / self.entries_per_block) as usize;
+        !matches!(self.blocks.get(b), Some(Some(_)))
+    }
+
+    /// First run of free clusters at or after the hint: up to `want` long, shorter only when
+    /// a used cluster follows. Past the end every cluster is free.
+    fn find_free(&self, want: u64) -> (u64, u64) {
+        let mut c = self.hint;
+        while c < self.end_cluster {
+            if self.get(c) == 0 && !self.is_metadata_in_flux(c) {
+                let mut n = 1;
+                while n < want && c + n < self.end_cluster && self.get(c + n) == 0 {
+                    n += 1;
+                }
+                if c + n == self.end_cluster {
+                    n = want;
+                }
+                return (c, n);
+            }
+            c += 1;
+        }
+        (c.max(self.end_cluster), want)
+    }
+
+    /// Clusters of a retired table are not reused until it is freed explicitly.
+    fn is_metadata_in_flux(&self, c: u64) -> bool {
+        match self.retired_table {
+            Some((off, n)) => {
+                let first = off >> self.cluster_bits;
+                c >= first && c < first + n
+            }
+            None => false,
+        }
+    }
+
+    /// Creates the refcount block describing cluster `c` if it does not exist.
+    fn ensure_block_for(&mut self, c: u64) -> Result<(), RefcountError> {
+        let b = c / self.entries_per_block;
+        if !self.block_missing(c) {
+            return Ok(());
+        }
+        if b as usize >= self.table.len() {
+            self.grow_table(b as usize + 1)?;
+            if !self.block_missing(c) {
+                return Ok(());
+            }
+        }
+        // The first cluster of the range the block describes is free (no block, so nothing
+        // in the range is in use): the block goes there and describes itself.
+        let at = b * self.entries_per_block;
+        let cs = self.cluster_size();
+        self.table[b as usize] = at.checked_mul(cs).ok_or(RefcountError::TooLarge)?;
+        self.blocks[b as usize] = Some(vec![0u8; cs as usize].into_boxed_slice());
+        self.table_dirty = true;
+        self.set(at, 1)?;
+        Ok(())
+    }
+
+    /// Moves the refcount table to a new location at the end of the file with room for at
+    /// least `entries` blocks, and blocks describing the new table.
+    fn grow_table(&mut self, entries: usize) -> Result<(), RefcountError> {
+        let cs = self.cluster_size();
+        let per_cluster = (cs / 8) as usize;
+        let mut new_entries = entries
+            .max(self.table.len() * 2)
+            .next_multiple_of(per_cluster);
+        // The new table and the blocks for its own range are placed from `start`, past
+        // everything in use and at the start of a block range, so that range is empty.
+        let epb = self.entries_per_block;
+        let start_block = self.end_cluster.div_ceil(epb);
+        let start = start_block * epb;
+        let table_clusters = loop {
+            let tc = (new_entries / per_cluster) as u64;
+            // Blocks needed: one per block range touched by [start, start + tc + blocks).
+            let needed_blocks = (tc + 1).div_ceil(epb - 1).max(1);
+            let last_block = start_block + needed_blocks;
+            if (last_block as usize) < new_entries {
+                break tc;
+            }
+            new_entries = (last_block as usize + 1).next_multiple_of(per_cluster);
+        };
+        if start
+            .checked_add(table_clusters + 1)
+            .and_then(|c| c.checked_mul(cs))
+            .is_none_or(|end| end > crate::format::MAX_VIRTUAL_SIZE)
+        {
+            return Err(RefcountError::TooLarge);
+        }
+        self.table.resize(new_entries, 0);
+        self.blocks.resize_with(new_entries, || None);
+        let old = (self.table_offset, self.table_clusters);
+        // Place each block at the first cluster of its range, then the table after the first
+        // block; every cluster used lies in ranges starting at start_block.
+        let mut c = start;
+        let table_start = start + 1;
+        let table_end = table_start + table_clusters;
+        while c < table_end {
+            let b = (c / epb) as usize;
+            if self.blocks[b].is_none() {
+                let at = b as u64 * epb;
+                self.table[b] = at * cs;
+                self.blocks[b] = Some(vec![0u8; cs as usize].into_boxed_slice());
+                self.set(at, 1)?;
+            }
+            c += 1;
+        }
+        // The table's own clusters; a cluster that is the first of a range is a block.
+        let mut placed = 0;
+        let mut t = table_start;
+        let mut table_offset = 0;
+        while placed < table_clusters {
+            let b = (t / epb) as usize;
+            if self.blocks[b].is_none() {
+                let at = b as u64 * epb;
+                self.table[b] = at * cs;
+                self.blocks[b] = Some(vec![0u8; cs as usize].into_boxed_slice());
+                self.set(at, 1)?;
+            }
+            if self.get(t) == 0 {
+                if placed == 0 {
+                    table_offset = t * cs;
+                } else if table_offset + placed * cs != t * cs {
+                    // Not contiguous (a block sits in the middle): start over after it.
+                    for k in 0..placed {
+                        self.set((table_offset >> self.cluster_bits) + k, 0)?;
+                    }
+                    placed = 0;
+                    continue;
+                }
+                self.set(t, 1)?;
+                placed += 1;
+            }
+            t += 1;
+        }
+        self.table_offset = table_offset;
+        self.table_clusters = table_clusters;
+        self.table_dirty = true;
+        if let Some(prev) = self.retired_table.replace((old.0, old.1)) {
+            // A table retired by an earlier growth that was never flushed: nothing points
+            // at it any more, free it now.
+            self.adjust_range(prev.0, prev.1 * cs, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Where the refcount table is: (host offset, clusters).
+    pub fn table_location(&self) -> TableLocation {
+        (self.table_offset, self.table_clusters)
+    }
+
+    /// Whether the table (and so the header) must be written.
+    pub fn table_dirty(&self) -> bool {
+        self.table_dirty
+    }
+
+    /// The table encoded for writing (big-endian entries, whole clusters).
+    pub fn encode_table(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity((self.table_clusters * self.cluster_size()) as usize);
+        for e in &self.table {
+            out.extend_from_slice(&e.to_be_bytes());
+        }
+        out.resize((self.table_clusters * self.cluster_size()) as usize, 0);
+        out
+    }
+
+    /// Takes the set of dirty blocks as (host offset, content copy) and marks them clean.
+    pub fn take_dirty_blocks(&mut self) -> Vec<(u64, Box<[u8]>)> {
+        let dirty = std::mem::take(&mut self.dirty_blocks);
+        dirty
+            .into_iter()
+            .filter_map(|b| {
+                let block = self.blocks[b].as_ref()?;
+                Some((self.table[b], block.clone()))
+            })
+            .collect()
+    }
+
+    /// Marks the table written; returns the retired table to free now that the header
+    /// pointing at the new one is durable.
+    pub fn table_written(&mut self) -> Option<(u64, u64)> {
+        self.table_dirty = false;
+        self.retired_table.take()
+    }
+
+    /// Marks blocks dirty again after a failed write.
+    pub fn mark_all_dirty(&mut self) {
+        for (b, block) in self.blocks.iter().enumerate() {
+            if block.is_some() {
+                self.dirty_blocks.insert(b);
+            }
+        }
+    }
+
+    /// One past the highest cluster in use.
+    pub fn end_cluster(&self) -> u64 {
+        self.end_cluster
+    }
+
+    /// Entries per refcount block.
+    pub fn entries_per_block(&self) -> u64 {
+        self.entries_per_block
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh image like qemu-img makes with 512-byte clusters: header, table, one block.
+    fn small_image() -> Refcounts {
+        let cs = 512u64;
+        let order = 4;
+        let mut block = vec![0u8; cs as usize].into_boxed_slice();
+        for c in 0..4 {
+            refcount_set(&mut block, order, c, 1).unwrap();
+        }
+        let mut table = vec![0u64; 64];
+        table[0] = 2 * cs; // block at cluster 2
+        let mut blocks: Vec<Option<Box<[u8]>>> = vec![None; 64];
+        blocks[0] = Some(block);
+        Refcounts::new(order, 9, table, (cs, 1), blocks, 4 * cs)
+    }
+
+    #[test]
+    fn allocates_past_the_end_and_reuses_freed() {
+        let mut r = small_image();
+        let (off, n, fresh) = r.allocate(3).unwrap();
+        assert_eq!((off, n, fresh), (4 * 512, 3, true));
+        assert_eq!(r.get(5), 1);
+        r.adjust_range(5 * 512, 512, -1).unwrap();
+        let (off, n, fresh) = r.allocate(1).unwrap();
+        assert_eq!((off, n, fresh), (5 * 512, 1, false));
+    }
+
+    #[test]
+    fn growing_past_a_block_creates_a_self_describing_block() {
+        let mut r = small_image();
+        let epb = r.entries_per_block(); // 256 clusters per block
+                                         // Use up the first block's range.
+        let mut total = 4;
+        while total < epb {
+            let (_, n, _) = r.allocate(epb - total).unwrap();
+            total += n;
+        }
+        let (off, _, _) = r.allocate(1).unwrap();
+        // Block 1 sits at cluster 256 and the data at 257.
+        assert_eq!(off, (epb + 1) * 512);
+        assert_eq!(r.get(epb), 1);
+        assert_eq!(r.table[1], epb * 512);
+    }
+
+    #[test]
+    fn table_growth_moves_the_table_and_retires_the_old_one() {
+        let mut r = small_image();
+        let epb = r.entries_per_block();
+        // 64 table entries * 256 clusters: fill past that.
+        let target = 64 * epb + 10;
+        let mut end = 0;
+        while end < target {
+            let (off, n, _) = r.allocate(4096).unwrap();
+            end = (off >> 9) + n;
+        }
+        assert!(r.table_dirty());
+        let (toff, tcl) = r.table_location();
+        assert_ne!(toff, 512);
+        assert!(r.table.len() as u64 * epb > end);
+        // The new table clusters are accounted for.
+        for k in 0..tcl {
+            assert_eq!(r.get((toff >> 9) + k), 1);
+        }
+        // The old table is freed only after the header is durable.
+        assert_eq!(r.get(1), 1);
+        let retired = r.table_written().unwrap();
+        assert_eq!(retired, (512, 1));
+        // Every block that exists is described by a refcount of 1.
+        for (b, off) in r.table.iter().enumerate() {
+            if *off != 0 {
+                assert_eq!(r.get(off >> 9), 1, "block {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn underflow_and_overflow_are_errors() {
+        let mut r = small_image();
+        assert_eq!(
+            r.adjust_range(100 * 512, 512, -1),
+            Err(RefcountError::Underflow { cluster: 100 })
+        );
+        let mut one_bit = small_image();
+        one_bit.order = 0;
+        one_bit.entries_per_block = 512 * 8;
+        one_bit.blocks[0] = Some(vec![0u8; 512].into_boxed_slice());
+        one_bit.adjust_range(0, 512, 1).unwrap();
+        assert_eq!(
+            one_bit.adjust_range(0, 512, 1),
+            Err(RefcountError::Overflow { cluster: 0 })
+        );
+    }
+}

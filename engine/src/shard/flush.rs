@@ -1,0 +1,320 @@
+//! Guest flushes: making every completed write durable, metadata in dependency order.
+//!
+//! At the start of a flush the shard takes a snapshot of what is dirty: refcount blocks (and
+//! the refcount table and header if the table grew or moved), L2 tables and L1 entries. Then,
+//! one batch after the other, each batch's writes all complete before the next starts:
+//!
+//! 1. refcount blocks, then fdatasync (also of the external data file): every new cluster an
+//!    entry below may point at has a durable refcount, and every guest write that completed
+//!    before the flush is durable (invariants 1 and 2);
+//! 2. the refcount table, then fdatasync; the header if the table moved, then fdatasync;
+//! 3. L2 tables, then fdatasync;
+//! 4. L1 entries (new or copied L2 tables), then fdatasync: a table is durable before the
+//!    entry that points at it.
+//!
+//! Then the references dropped before the snapshot are freed in memory (invariant 3: an L2
+//! entry stops pointing at a cluster durably before its refcount drops, and the cluster is not
+//! reused before). Whatever changes while a flush runs belongs to the next one; flushes that
+//! arrive meanwhile are served together by the next one. If a write or sync fails, the image
+//! turns read-only and every waiting flush fails: nothing pretends to be durable.
+//!
+//! With lazy refcounts step 1 writes no blocks (they are written at close) but still syncs.
+
+use super::{OpKind, PendingFree, State};
+use crate::error::IoError;
+use crate::image::{ImageInner, LayerKind};
+use crate::io::Ring;
+use crate::write::field;
+use io_uring::{opcode, types};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+
+enum Batch {
+    /// (file, host offset, bytes) to write.
+    Writes(Vec<(RawFd, u64, Box<[u8]>)>),
+    /// Files to fdatasync.
+    Sync(Vec<RawFd>),
+}
+
+#[derive(Default)]
+pub(super) struct FlushState {
+    /// Flushes waiting for the next run.
+    queued: Vec<u64>,
+    /// Flushes the run in progress completes.
+    running: Vec<u64>,
+    active: bool,
+    batches: VecDeque<Batch>,
+    pending_ops: u32,
+    error: Option<IoError>,
+    /// Snapshot bookkeeping, to undo on failure and finish on success.
+    l2_keys: Vec<(u64, u32)>,
+    l1_indices: Vec<u64>,
+    frees: Vec<PendingFree>,
+    table_written: bool,
+}
+
+impl FlushState {
+    pub(super) fn enqueue(&mut self, token: u64) {
+        self.queued.push(token);
+    }
+
+    /// Flush requests not yet completed.
+    pub(super) fn waiting(&self) -> usize {
+        self.queued.len() + self.running.len()
+    }
+}
+
+impl State {
+    /// Starts a flush when one is queued and none is running.
+    pub(super) fn maybe_start_flush(&mut self, ring: &mut Ring, img: &ImageInner) {
+        if self.flush.active || self.flush.queued.is_empty() {
+            return;
+        }
+        let Some(w) = &img.writable else {
+            for token in std::mem::take(&mut self.flush.queued) {
+                self.finished.push(super::Completion {
+                    token,
+                    result: Ok(()),
+                });
+            }
+            return;
+        };
+        if w.failed.load(Ordering::Relaxed) {
+            for token in std::mem::take(&mut self.flush.queued) {
+                self.finished.push(super::Completion {
+                    token,
+                    result: Err(IoError::Os { errno: libc::EIO }),
+                });
+            }
+            return;
+        }
+        let LayerKind::Qcow2(q) = &img.layers[0].kind else {
+            unreachable!("the top layer is always qcow2");
+        };
+        let fd = q.file.as_raw_fd();
+        let cs = q.geom.cluster_size();
+        let f = &mut self.flush;
+        f.active = true;
+        f.running = std::mem::take(&mut f.queued);
+        f.error = None;
+        f.table_written = false;
+
+        // Snapshot: L2 tables and L1 entries first, then refcounts, so that every cluster a
+        // snapshotted entry points at was reserved (and counted) before the refcount snapshot.
+        f.l2_keys.clear();
+        self.layers[0].l2.take_dirty(&mut f.l2_keys);
+        let mut l2_writes = Vec::with_capacity(f.l2_keys.len());
+        for &(l1_index, slot) in &f.l2_keys {
+            let raw = q.l1[l1_index as usize].load(Ordering::Relaxed);
+            let Ok(Some(host)) = crate::format::decode_l1_entry(raw, cs) else {
+                continue;
+            };
+            let mut buf = self
+                .cluster_bufs
+                .pop()
+                .unwrap_or_else(|| vec![0u8; cs as usize].into_boxed_slice());
+            buf.copy_from_slice(self.layers[0].l2.buf(slot));
+            l2_writes.push((fd, host, buf));
+        }
+        f.l1_indices.clear();
+        f.l1_indices.append(&mut self.dirty_l1);
+        f.l1_indices.sort_unstable();
+        f.l1_indices.dedup();
+        let mut l1_writes = Vec::new();
+        let mut sector = u64::MAX;
+        for &i in &f.l1_indices {
+            if i / 64 == sector {
+                continue;
+            }
+            sector = i / 64;
+            let first = (sector * 64) as usize;
+            let last = (first + 64).min(q.l1.len());
+            let bytes: Vec<u8> = q.l1[first..last]
+                .iter()
+                .flat_map(|e| e.load(Ordering::Relaxed).to_be_bytes())
+                .collect();
+            l1_writes.push((
+                fd,
+                q.header.l1_table_offset + first as u64 * 8,
+                bytes.into_boxed_slice(),
+            ));
+        }
+        f.frees = std::mem::take(&mut self.pending_frees);
+
+        let (blocks, table) = {
+            let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+            let blocks = if w.lazy_refcounts {
+                Vec::new()
+            } else {
+                rc.take_dirty_blocks()
+            };
+            let table = (!w.lazy_refcounts && rc.table_dirty())
+                .then(|| (rc.table_location(), rc.encode_table()));
+            (blocks, table)
+        };
+
+        let mut sync = vec![fd];
+        if let Some(df) = &q.data_file {
+            sync.push(df.as_raw_fd());
+        }
+        let b = &mut f.batches;
+        b.clear();
+        if !blocks.is_empty() {
+            b.push_back(Batch::Writes(
+                blocks.into_iter().map(|(h, buf)| (fd, h, buf)).collect(),
+            ));
+        }
+        b.push_back(Batch::Sync(sync));
+        if let Some(((toff, tclusters), bytes)) = table {
+            b.push_back(Batch::Writes(vec![(fd, toff, bytes.into_boxed_slice())]));
+            b.push_back(Batch::Sync(vec![fd]));
+            let header = {
+                let mut h = w.header.lock().unwrap_or_else(|p| p.into_inner());
+                h.put64(field::REFCOUNT_TABLE_OFFSET, toff);
+                h.put32(field::REFCOUNT_TABLE_CLUSTERS, tclusters as u32);
+                h.bytes.clone()
+            };
+            b.push_back(Batch::Writes(vec![(fd, 0, header.into_boxed_slice())]));
+            b.push_back(Batch::Sync(vec![fd]));
+            f.table_written = true;
+        }
+        if !l2_writes.is_empty() {
+            b.push_back(Batch::Writes(l2_writes));
+            b.push_back(Batch::Sync(vec![fd]));
+        }
+        if !l1_writes.is_empty() {
+            b.push_back(Batch::Writes(l1_writes));
+            b.push_back(Batch::Sync(vec![fd]));
+        }
+        self.next_flush_batch(ring, img);
+    }
+
+    /// Submits the next batch, or finishes the flush when none is left.
+    fn next_flush_batch(&mut self, ring: &mut Ring, img: &ImageInner) {
+        let Some(batch) = self.flush.batches.pop_front() else {
+            return self.finish_flush(img);
+        };
+        let mut entries = Vec::new();
+        match batch {
+            Batch::Writes(writes) => {
+                for (fd, host, buf) in writes {
+                    let entry = opcode::Write::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
+                        .offset(host)
+                        .build();
+                    let op = self.ops.alloc();
+                    self.ops[op].kind = OpKind::Flush;
+                    self.ops[op].buf = Some(buf);
+                    entries.push((op, entry));
+                }
+            }
+            Batch::Sync(fds) => {
+                for fd in fds {
+                    let entry = opcode::Fsync::new(types::Fd(fd))
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build();
+                    let op = self.ops.alloc();
+                    self.ops[op].kind = OpKind::Flush;
+                    entries.push((op, entry));
+                }
+            }
+        }
+        self.flush.pending_ops = 0;
+        for (op, entry) in entries {
+            // SAFETY: a write's buffer is owned by its op (a heap allocation that does not
+            // move) until the op's completion; syncs point at no memory.
+            match unsafe { self.push(ring, op, entry) } {
+                Ok(()) => self.flush.pending_ops += 1,
+                Err(e) => {
+                    self.flush.error.get_or_insert(e);
+                }
+            }
+        }
+        if self.flush.pending_ops == 0 {
+            if self.flush.error.is_some() {
+                self.finish_flush(img);
+            } else {
+                self.next_flush_batch(ring, img);
+            }
+        }
+    }
+
+    /// One write or sync of the running flush completed.
+    pub(super) fn flush_op_done(&mut self, ring: &mut Ring, img: &ImageInner, res: i32) {
+        if res < 0 {
+            self.flush.error.get_or_insert(IoError::Os { errno: -res });
+        }
+        self.flush.pending_ops -= 1;
+        if self.flush.pending_ops > 0 {
+            return;
+        }
+        if self.flush.error.is_some() {
+            self.flush.batches.clear();
+            return self.finish_flush(img);
+        }
+        self.next_flush_batch(ring, img);
+    }
+
+    fn finish_flush(&mut self, img: &ImageInner) {
+        let w = img
+            .writable
+            .as_ref()
+            .expect("only writable images run flushes");
+        let f = &mut self.flush;
+        f.active = false;
+        let result = match f.error {
+            None => {
+                let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+                if f.table_written {
+                    if let Some((off, n)) = rc.table_written() {
+                        let cluster = 1u64 << rc_cluster_bits(img);
+                        if let Err(e) = rc.adjust_range(off, n * cluster, -1) {
+                            tracing::warn!("Cannot free the old refcount table: {e}");
+                        }
+                    }
+                }
+                for free in f.frees.drain(..) {
+                    if let Err(e) = rc.adjust_range(free.host, free.len, -1) {
+                        tracing::warn!(
+                            "{}: cannot free {} bytes at {:#x}: {e}",
+                            img.layers[0].path.display(),
+                            free.len,
+                            free.host
+                        );
+                    }
+                    if let Some(key) = free.compressed {
+                        self.layers[0].decompressed.invalidate(key);
+                    }
+                }
+                Ok(())
+            }
+            Some(e) => {
+                tracing::error!(
+                    "{}: flush failed ({e}); the image takes no more writes",
+                    img.layers[0].path.display()
+                );
+                w.failed.store(true, Ordering::Relaxed);
+                for &(key, _) in &f.l2_keys {
+                    self.layers[0].l2.remark_dirty(key);
+                }
+                self.dirty_l1.extend_from_slice(&f.l1_indices);
+                self.pending_frees.append(&mut f.frees);
+                w.refcounts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .mark_all_dirty();
+                Err(e)
+            }
+        };
+        for token in std::mem::take(&mut self.flush.running) {
+            self.finished.push(super::Completion { token, result });
+        }
+    }
+}
+
+fn rc_cluster_bits(img: &ImageInner) -> u32 {
+    match &img.layers[0].kind {
+        LayerKind::Qcow2(q) => q.geom.cluster_bits,
+        LayerKind::Raw(_) => unreachable!("the top layer is always qcow2"),
+    }
+}

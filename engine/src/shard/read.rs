@@ -1,0 +1,452 @@
+//! Planning and completing reads; the L2-table loading and data I/O shared with writes.
+
+use super::{Buffer, OpKind, State, NO_ID};
+use crate::error::IoError;
+use crate::image::{ImageInner, LayerKind, Qcow2Layer};
+use crate::io::{iov_copy_from, iov_fill_zero, iov_subrange, Ring};
+use crate::meta::{resolve, Lookup, Step, WaitList};
+use io_uring::{opcode, types};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+
+/// What [`State::l2_table`] found.
+pub(super) enum Table {
+    /// The table is cached in this slot; its host offset.
+    Ready { slot: u32, host: u64 },
+    /// The layer has no L2 table for this range.
+    Unallocated,
+    /// The part now waits for the table, or has failed.
+    Pending,
+}
+
+impl State {
+    /// Finds the L2 table of `l1_index` in layer `layer` for part `pid`, starting its load on a
+    /// miss (the part then waits on it).
+    pub(super) fn l2_table(
+        &mut self,
+        ring: &mut Ring,
+        layer: u16,
+        q: &Qcow2Layer,
+        path: &std::path::Path,
+        l1_index: u64,
+        pid: u32,
+    ) -> Table {
+        let raw_l1 =
+            q.l1.get(l1_index as usize)
+                .map_or(0, |e| e.load(Ordering::Relaxed));
+        let host = match crate::format::decode_l1_entry(raw_l1, q.geom.cluster_size()) {
+            Err(why) => {
+                let at = q.header.l1_table_offset + 8 * l1_index;
+                tracing::warn!("{}: L1 entry at {at:#x}: {why}", path.display());
+                self.finish_part(pid, Err(IoError::Corrupt { host_offset: at }));
+                return Table::Pending;
+            }
+            Ok(None) => return Table::Unallocated,
+            Ok(Some(h)) => h,
+        };
+        let caches = &mut self.layers[layer as usize];
+        match caches.l2.lookup(l1_index) {
+            Lookup::Ready(slot) => Table::Ready { slot, host },
+            Lookup::Loading(slot) => {
+                Self::enqueue_waiter(&mut self.parts, caches.l2.waiters_mut(slot), pid);
+                Table::Pending
+            }
+            Lookup::Miss => {
+                let slot = caches.l2.start_load(l1_index);
+                Self::enqueue_waiter(&mut self.parts, caches.l2.waiters_mut(slot), pid);
+                let buf = caches.l2.buf_mut(slot);
+                let entry = opcode::Read::new(
+                    types::Fd(q.file.as_raw_fd()),
+                    buf.as_mut_ptr(),
+                    buf.len() as u32,
+                )
+                .offset(host)
+                .build();
+                let op = self.ops.alloc();
+                self.ops[op].kind = OpKind::L2Load { layer, slot, host };
+                // SAFETY: the slot's buffer is not freed, moved or reused while the slot is
+                // loading; it stays loading until this op completes.
+                if let Err(e) = unsafe { self.push(ring, op, entry) } {
+                    let w = self.layers[layer as usize].l2.fail_load(slot);
+                    self.fail_waiters(w, e);
+                }
+                Table::Pending
+            }
+        }
+    }
+
+    /// Plans read part `pid` until it is served, split, or waiting on a cache slot.
+    pub(super) fn plan_read(&mut self, ring: &mut Ring, img: &ImageInner, pid: u32) {
+        loop {
+            let p = self.parts[pid];
+            let Some(layer) = img.layers.get(p.layer as usize) else {
+                return self.zero_part(pid);
+            };
+            if p.guest_off >= layer.virtual_size {
+                return self.zero_part(pid);
+            }
+            if p.guest_off + p.len > layer.virtual_size {
+                self.split(pid, layer.virtual_size - p.guest_off);
+                continue;
+            }
+            let q = match &layer.kind {
+                LayerKind::Raw(file) => {
+                    return self.start_data(
+                        ring,
+                        pid,
+                        file.as_raw_fd(),
+                        p.guest_off,
+                        false,
+                        Buffer::Request,
+                    );
+                }
+                LayerKind::Qcow2(q) => q,
+            };
+            let cover = q.geom.l2_coverage();
+            let l1_index = p.guest_off / cover;
+            let table_end = (l1_index + 1) * cover;
+            if p.guest_off + p.len > table_end {
+                self.split(pid, table_end - p.guest_off);
+                continue;
+            }
+            let cs = q.geom.cluster_size();
+            let (step, run) = match self.l2_table(ring, p.layer, q, &layer.path, l1_index, pid) {
+                Table::Pending => return,
+                Table::Unallocated => (Step::Backing, p.len),
+                Table::Ready { slot, host } => {
+                    let table = self.layers[p.layer as usize].l2.buf(slot);
+                    match resolve(&q.geom, table, p.guest_off, p.len) {
+                        Ok(r) => r,
+                        Err(why) => {
+                            let at = host + (p.guest_off % cover) / cs * q.geom.l2_entry_bytes();
+                            tracing::warn!("{}: L2 entry at {at:#x}: {why}", layer.path.display());
+                            return self
+                                .finish_part(pid, Err(IoError::Corrupt { host_offset: at }));
+                        }
+                    }
+                }
+            };
+            if run < p.len {
+                self.split(pid, run);
+            }
+            match step {
+                Step::Zero => return self.zero_part(pid),
+                Step::Backing => {
+                    if p.layer as usize + 1 < img.layers.len() {
+                        self.parts[pid].layer += 1;
+                        continue;
+                    }
+                    return self.zero_part(pid);
+                }
+                Step::Data { host } => {
+                    return self.start_data(ring, pid, q.data_fd(), host, false, Buffer::Request)
+                }
+                Step::Compressed(desc) => return self.read_compressed(ring, q, pid, desc),
+            }
+        }
+    }
+
+    fn read_compressed(
+        &mut self,
+        ring: &mut Ring,
+        q: &Qcow2Layer,
+        pid: u32,
+        desc: crate::format::CompressedDescriptor,
+    ) {
+        let p = self.parts[pid];
+        let cs = q.geom.cluster_size();
+        let caches = &mut self.layers[p.layer as usize];
+        match caches.decompressed.lookup(desc.host_offset) {
+            Lookup::Ready(slot) => {
+                let at = (p.guest_off % cs) as usize;
+                let src = &caches.decompressed.buf(slot)[at..at + p.len as usize];
+                // SAFETY: the request's iovecs are valid for writes until its completion; the
+                // part lies within them; `src` is our own buffer.
+                unsafe { iov_copy_from(&self.reqs[p.req].iov, p.skip as usize, src) };
+                self.finish_part(pid, Ok(()));
+            }
+            Lookup::Loading(slot) => {
+                Self::enqueue_waiter(&mut self.parts, caches.decompressed.waiters_mut(slot), pid);
+            }
+            Lookup::Miss => {
+                let slot = caches.decompressed.start_load(desc.host_offset);
+                Self::enqueue_waiter(&mut self.parts, caches.decompressed.waiters_mut(slot), pid);
+                let bytes = self.big_buf_bytes;
+                let mut buf = self
+                    .big_bufs
+                    .pop()
+                    .unwrap_or_else(|| vec![0u8; bytes].into_boxed_slice());
+                let want = desc.max_len.min(buf.len() as u64);
+                let fd = q.file.as_raw_fd();
+                let entry = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), want as u32)
+                    .offset(desc.host_offset)
+                    .build();
+                let op = self.ops.alloc();
+                self.ops[op].kind = OpKind::Compressed {
+                    layer: p.layer,
+                    slot,
+                    fd,
+                    host: desc.host_offset,
+                    want,
+                    got: 0,
+                };
+                self.ops[op].buf = Some(buf);
+                // SAFETY: the buffer is owned by the op (a heap allocation that does not move)
+                // until the op's completion is handled.
+                if let Err(e) = unsafe { self.push(ring, op, entry) } {
+                    let w = self.layers[p.layer as usize].decompressed.fail_load(slot);
+                    self.fail_waiters(w, e);
+                }
+            }
+        }
+    }
+
+    /// Zeroes the part's range of its request and finishes it.
+    pub(super) fn zero_part(&mut self, pid: u32) {
+        let p = self.parts[pid];
+        // SAFETY: the request's iovecs are valid for writes until its completion (the
+        // submit_read contract), and the part lies within them.
+        unsafe { iov_fill_zero(&self.reqs[p.req].iov, p.skip as usize, p.len as usize) };
+        self.finish_part(pid, Ok(()));
+    }
+
+    /// Starts reading (or writing) part `pid` at `host` of `fd`.
+    pub(super) fn start_data(
+        &mut self,
+        ring: &mut Ring,
+        pid: u32,
+        fd: RawFd,
+        host: u64,
+        write: bool,
+        buffer: Buffer,
+    ) {
+        let op = self.ops.alloc();
+        self.ops[op].kind = OpKind::Data {
+            part: pid,
+            fd,
+            host,
+            done: 0,
+            write,
+            buffer,
+        };
+        self.submit_data(ring, op);
+    }
+
+    /// Submits (the rest of) a data operation.
+    fn submit_data(&mut self, ring: &mut Ring, op: u32) {
+        let OpKind::Data {
+            part,
+            fd,
+            host,
+            done,
+            write,
+            buffer,
+        } = self.ops[op].kind
+        else {
+            unreachable!("submit_data on a non-data op");
+        };
+        let p = self.parts[part];
+        let o = &mut self.ops[op];
+        o.iov.clear();
+        let rest = (p.len - done) as usize;
+        match buffer {
+            Buffer::Request => iov_subrange(
+                &self.reqs[p.req].iov,
+                (p.skip + done) as usize,
+                rest,
+                &mut o.iov,
+            ),
+            Buffer::Zeros => {
+                // The zero buffer is one cluster; a data part never spans more than one.
+                o.iov.push(libc::iovec {
+                    iov_base: self.zeros.as_ptr() as *mut libc::c_void,
+                    iov_len: rest.min(self.zeros.len()),
+                });
+            }
+        }
+        let entry = if write {
+            opcode::Writev::new(types::Fd(fd), o.iov.as_ptr(), o.iov.len() as u32)
+                .offset(host + done)
+                .build()
+        } else {
+            opcode::Readv::new(types::Fd(fd), o.iov.as_ptr(), o.iov.len() as u32)
+                .offset(host + done)
+                .build()
+        };
+        // SAFETY: the iovec array lives in the op until its completion; the memory it points
+        // to is the request's, valid until the request completes (submit contract), and the
+        // request cannot complete before this part does; or it is the shard's zero buffer,
+        // which lives as long as the shard and is never written.
+        if let Err(e) = unsafe { self.push(ring, op, entry) } {
+            self.finish_part(part, Err(e));
+        }
+    }
+
+    pub(super) fn complete_data(&mut self, ring: &mut Ring, op: u32, res: i32) {
+        let OpKind::Data {
+            part,
+            fd,
+            host,
+            done,
+            write,
+            buffer,
+        } = self.ops[op].kind
+        else {
+            unreachable!("complete_data on a non-data op");
+        };
+        let p = self.parts[part];
+        if res < 0 {
+            self.free_op(op);
+            return self.finish_part(part, Err(IoError::Os { errno: -res }));
+        }
+        let done = done + res as u64;
+        if res == 0 {
+            self.free_op(op);
+            if write {
+                return self.finish_part(part, Err(IoError::Os { errno: libc::EIO }));
+            }
+            // End of file: what lies past it reads as zeros.
+            // SAFETY: as in zero_part; the range is the unread tail of the part.
+            unsafe {
+                iov_fill_zero(
+                    &self.reqs[p.req].iov,
+                    (p.skip + done) as usize,
+                    (p.len - done) as usize,
+                )
+            };
+            return self.finish_part(part, Ok(()));
+        }
+        if done < p.len {
+            self.ops[op].kind = OpKind::Data {
+                part,
+                fd,
+                host,
+                done,
+                write,
+                buffer,
+            };
+            return self.submit_data(ring, op);
+        }
+        self.free_op(op);
+        self.finish_part(part, Ok(()));
+    }
+
+    pub(super) fn complete_l2_load(
+        &mut self,
+        ring: &mut Ring,
+        img: &ImageInner,
+        op: u32,
+        res: i32,
+    ) {
+        let OpKind::L2Load { layer, slot, host } = self.ops[op].kind else {
+            unreachable!("complete_l2_load on another op");
+        };
+        self.free_op(op);
+        let cache = &mut self.layers[layer as usize].l2;
+        let expected = cache.buf(slot).len();
+        if res >= 0 && res as usize == expected {
+            let w = cache.finish_load(slot);
+            self.replan_waiters(ring, img, w);
+        } else {
+            let w = cache.fail_load(slot);
+            let err = if res < 0 {
+                IoError::Os { errno: -res }
+            } else {
+                tracing::warn!(
+                    "{}: L2 table at {host:#x} lies past the end of the file",
+                    img.layers[layer as usize].path.display()
+                );
+                IoError::Corrupt { host_offset: host }
+            };
+            self.fail_waiters(w, err);
+        }
+    }
+
+    /// Plans every part of `list` now: a slot just loaded cannot be evicted before they use it.
+    fn replan_waiters(&mut self, ring: &mut Ring, img: &ImageInner, mut list: WaitList) {
+        while list.head != NO_ID {
+            let next = self.parts[list.head].next;
+            self.plan(ring, img, list.head);
+            list.head = next;
+        }
+    }
+
+    pub(super) fn complete_compressed(
+        &mut self,
+        ring: &mut Ring,
+        img: &ImageInner,
+        op: u32,
+        res: i32,
+    ) {
+        let OpKind::Compressed {
+            layer,
+            slot,
+            fd,
+            host,
+            want,
+            got,
+        } = self.ops[op].kind
+        else {
+            unreachable!("complete_compressed on another op");
+        };
+        if res < 0 {
+            self.free_op(op);
+            let w = self.layers[layer as usize].decompressed.fail_load(slot);
+            return self.fail_waiters(w, IoError::Os { errno: -res });
+        }
+        let got = got + res as u64;
+        if res > 0 && got < want {
+            let o = &mut self.ops[op];
+            o.kind = OpKind::Compressed {
+                layer,
+                slot,
+                fd,
+                host,
+                want,
+                got,
+            };
+            let buf = o.buf.as_mut().expect("a compressed op owns its buffer");
+            let entry = opcode::Read::new(
+                types::Fd(fd),
+                buf[got as usize..].as_mut_ptr(),
+                (want - got) as u32,
+            )
+            .offset(host + got)
+            .build();
+            // SAFETY: the buffer stays owned by the op until its completion.
+            if let Err(e) = unsafe { self.push(ring, op, entry) } {
+                let w = self.layers[layer as usize].decompressed.fail_load(slot);
+                self.fail_waiters(w, e);
+            }
+            return;
+        }
+        let buf = self.ops[op]
+            .buf
+            .take()
+            .expect("a compressed op owns its buffer");
+        self.free_op(op);
+        let kind = match &img.layers[layer as usize].kind {
+            LayerKind::Qcow2(q) => q.header.compression_type,
+            LayerKind::Raw(_) => unreachable!("compressed cluster in a raw layer"),
+        };
+        let cache = &mut self.layers[layer as usize].decompressed;
+        let result = self
+            .inflater
+            .inflate(kind, &buf[..got as usize], cache.buf_mut(slot));
+        self.recycle(buf);
+        match result {
+            Ok(()) => {
+                let w = self.layers[layer as usize].decompressed.finish_load(slot);
+                self.replan_waiters(ring, img, w);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{}: compressed cluster at {host:#x}: {e}",
+                    img.layers[layer as usize].path.display()
+                );
+                let w = self.layers[layer as usize].decompressed.fail_load(slot);
+                self.fail_waiters(w, IoError::BadCompressedCluster { host_offset: host });
+            }
+        }
+    }
+}

@@ -1,0 +1,680 @@
+//! Planning writes, write-zeroes and discards, cluster by cluster.
+//!
+//! A write to a cluster that is allocated with refcount 1 (COPIED) goes in place. Anything else
+//! becomes an [`Alloc`]: a new host cluster (or, with extended L2 entries, new subclusters of
+//! the same one), filled with the guest data plus a copy of whatever the write does not cover
+//! (read through the normal read path from the old mapping, or known to be zeros), written,
+//! and only then made visible by updating the L2 entry (invariant: data before the entry that
+//! points at it). The old host cluster is freed after the next flush has made the new entry
+//! durable. While an allocation is in flight on a cluster, other writes to it wait; reads see
+//! the old mapping until the entry changes, so they get old or new data, never garbage.
+
+use super::{Buffer, OpKind, PendingFree, ReqKind, State, NO_ID};
+use crate::error::IoError;
+use crate::format::{
+    be64_at, encode_l1_entry, encode_l2_entry, l1_entry_copied, ClusterMapping, L2Entry,
+    SubclusterState,
+};
+use crate::image::{ImageInner, LayerKind, Qcow2Layer};
+use crate::io::{iov_copy_to, iov_subrange, Ring};
+use crate::meta::{RefcountError, WaitList};
+use crate::write::Writable;
+use io_uring::{opcode, types};
+use std::sync::atomic::Ordering;
+
+/// Clusters a shard reserves from the image's allocator at a time.
+const RESERVE_CLUSTERS: u64 = 32;
+
+/// An allocating write of one cluster in flight.
+#[derive(Default)]
+pub(super) struct Alloc {
+    part: u32,
+    /// Guest offset of the cluster.
+    cluster: u64,
+    /// L2 slot (pinned) and entry index of the cluster.
+    slot: u32,
+    index: usize,
+    /// Host cluster written, and whether it was allocated for this write.
+    host: u64,
+    new_cluster: bool,
+    /// In-cluster byte range written to the host cluster.
+    span: (u64, u64),
+    /// In-cluster byte range taken from the request (the rest is copied).
+    write: (u64, u64),
+    zeros: bool,
+    /// The cluster lives at its guest offset in the external data file (no refcounts).
+    identity: bool,
+    /// Extended L2: every subcluster is allocated afterwards (whole-cluster copy).
+    whole: bool,
+    old_raw: u64,
+    old_bitmap: Option<u64>,
+    buf: Option<Box<[u8]>>,
+    cow_pending: u32,
+    error: Option<IoError>,
+    expected: u64,
+    waiters: WaitList,
+}
+
+fn refcount_error(e: RefcountError) -> IoError {
+    tracing::error!("Cluster allocation failed: {e}");
+    match e {
+        RefcountError::TooLarge => IoError::Os {
+            errno: libc::ENOSPC,
+        },
+        RefcountError::Overflow { cluster } | RefcountError::Underflow { cluster } => {
+            IoError::Corrupt {
+                host_offset: cluster,
+            }
+        }
+    }
+}
+
+/// Bits of the subclusters overlapping in-cluster bytes `a..b`.
+fn subcluster_mask(a: u64, b: u64, sc: u64) -> u64 {
+    let first = a / sc;
+    let last = b.div_ceil(sc);
+    let n = last - first;
+    if n >= 32 {
+        0xffff_ffff
+    } else {
+        ((1u64 << n) - 1) << first
+    }
+}
+
+/// Whether in-cluster bytes `a..b` of `entry` read as zeros without looking at data.
+fn reads_zero(entry: &L2Entry, ext: bool, sc: u64, a: u64, b: u64, has_backing: bool) -> bool {
+    if a >= b {
+        return true;
+    }
+    if !ext {
+        return match entry.mapping {
+            ClusterMapping::Zero { .. } => true,
+            ClusterMapping::Unallocated => !has_backing,
+            _ => false,
+        };
+    }
+    (a / sc..b.div_ceil(sc)).all(|i| match entry.subcluster(i as u32) {
+        SubclusterState::Zero => true,
+        SubclusterState::Unallocated => !has_backing,
+        _ => false,
+    })
+}
+
+fn top(img: &ImageInner) -> (&Qcow2Layer, &Writable) {
+    let LayerKind::Qcow2(q) = &img.layers[0].kind else {
+        unreachable!("the top layer is always qcow2");
+    };
+    let w = img
+        .writable
+        .as_ref()
+        .expect("writes are refused before they reach a read-only image");
+    (q, w)
+}
+
+impl State {
+    /// Plans write part `pid` (a write, write-zeroes or discard) for one cluster.
+    pub(super) fn plan_write(
+        &mut self,
+        ring: &mut Ring,
+        img: &ImageInner,
+        pid: u32,
+        kind: ReqKind,
+    ) {
+        let (q, _) = top(img);
+        let cs = q.geom.cluster_size();
+        let p = self.parts[pid];
+        let cluster = p.guest_off & !(cs - 1);
+        if p.guest_off + p.len > cluster + cs {
+            self.split(pid, cluster + cs - p.guest_off);
+        }
+        if let Some(&a) = self.allocating.get(&cluster) {
+            Self::enqueue_waiter(&mut self.parts, &mut self.allocs[a].waiters, pid);
+            return;
+        }
+        let cover = q.geom.l2_coverage();
+        let l1_index = p.guest_off / cover;
+        let Some(slot) = self.writable_l2_table(ring, img, l1_index, pid, kind) else {
+            return;
+        };
+        let index = ((p.guest_off % cover) / cs) as usize;
+        let table = self.layers[0].l2.buf(slot);
+        let at = index * q.geom.l2_entry_bytes() as usize;
+        let raw = be64_at(table, at);
+        let bitmap = q.geom.extended_l2.then(|| be64_at(table, at + 8));
+        let entry = match L2Entry::decode(raw, bitmap, q.geom.cluster_bits) {
+            Ok(e) => e,
+            Err(why) => {
+                tracing::warn!("{}: L2 entry {index}: {why}", img.layers[0].path.display());
+                return self.finish_part(pid, Err(IoError::Corrupt { host_offset: 0 }));
+            }
+        };
+        match kind {
+            ReqKind::Write => self.write_cluster(ring, img, pid, slot, index, entry, false),
+            ReqKind::WriteZeroes { unmap } => {
+                self.zero_cluster(ring, img, pid, slot, index, entry, unmap, false)
+            }
+            ReqKind::Discard => self.zero_cluster(ring, img, pid, slot, index, entry, true, true),
+            ReqKind::Read => unreachable!("reads are planned by plan_read"),
+        }
+    }
+
+    /// The L2 table of `l1_index`, owned by the active L1 only (copied if a snapshot shares
+    /// it, created if missing). `None` when the part waits, has failed, or needs nothing.
+    fn writable_l2_table(
+        &mut self,
+        ring: &mut Ring,
+        img: &ImageInner,
+        l1_index: u64,
+        pid: u32,
+        kind: ReqKind,
+    ) -> Option<u32> {
+        let (q, w) = top(img);
+        let cs = q.geom.cluster_size();
+        let raw_l1 = q.l1[l1_index as usize].load(Ordering::Relaxed);
+        match self.l2_table(ring, 0, q, &img.layers[0].path, l1_index, pid) {
+            super::read::Table::Pending => None,
+            super::read::Table::Unallocated => {
+                let has_backing = img.layers.len() > 1;
+                if !has_backing && !matches!(kind, ReqKind::Write) {
+                    // Nothing allocated and nothing below: the range already reads as zeros.
+                    self.finish_part(pid, Ok(()));
+                    return None;
+                }
+                let host = match self.alloc_cluster(img, w) {
+                    Ok((h, _)) => h,
+                    Err(e) => {
+                        self.finish_part(pid, Err(e));
+                        return None;
+                    }
+                };
+                let cache = &mut self.layers[0].l2;
+                let slot = cache.insert_new(l1_index);
+                cache.mark_dirty(slot);
+                q.l1[l1_index as usize].store(encode_l1_entry(host), Ordering::Relaxed);
+                self.dirty_l1.push(l1_index);
+                Some(slot)
+            }
+            super::read::Table::Ready { slot, host } => {
+                if !l1_entry_copied(raw_l1) {
+                    // Shared with an internal snapshot: the active L1 gets its own copy.
+                    let new = match self.alloc_cluster(img, w) {
+                        Ok((h, _)) => h,
+                        Err(e) => {
+                            self.finish_part(pid, Err(e));
+                            return None;
+                        }
+                    };
+                    q.l1[l1_index as usize].store(encode_l1_entry(new), Ordering::Relaxed);
+                    self.dirty_l1.push(l1_index);
+                    self.layers[0].l2.mark_dirty(slot);
+                    self.pending_frees.push(PendingFree {
+                        host,
+                        len: cs,
+                        compressed: None,
+                    });
+                }
+                Some(slot)
+            }
+        }
+    }
+
+    /// Takes one cluster from this shard's reservation, reserving more when it is empty.
+    /// Returns (host offset, fresh): a fresh cluster has never held data and reads as zeros.
+    pub(super) fn alloc_cluster(
+        &mut self,
+        img: &ImageInner,
+        w: &Writable,
+    ) -> Result<(u64, bool), IoError> {
+        let (q, _) = top(img);
+        let cs = q.geom.cluster_size();
+        if self.reserved.remaining == 0 {
+            let (off, n, fresh) = {
+                let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+                rc.allocate(RESERVE_CLUSTERS).map_err(refcount_error)?
+            };
+            // Extend the file over the reservation so that no entry ever points past its end.
+            let end = off + n * cs;
+            if end > w.file_len.load(Ordering::Relaxed) {
+                q.file.set_len(end).map_err(|e| {
+                    tracing::error!("Cannot extend {}: {e}", img.layers[0].path.display());
+                    super::os_error(&e)
+                })?;
+                w.file_len.store(end, Ordering::Relaxed);
+            }
+            self.reserved = super::Reserved {
+                next: off,
+                remaining: n,
+                fresh,
+            };
+        }
+        let host = self.reserved.next;
+        self.reserved.next += cs;
+        self.reserved.remaining -= 1;
+        Ok((host, self.reserved.fresh))
+    }
+
+    /// Writes (or, with `zeros`, writes zeros over) part `pid` within one cluster.
+    #[allow(clippy::too_many_arguments)]
+    fn write_cluster(
+        &mut self,
+        ring: &mut Ring,
+        img: &ImageInner,
+        pid: u32,
+        slot: u32,
+        index: usize,
+        entry: L2Entry,
+        zeros: bool,
+    ) {
+        let (q, w) = top(img);
+        let cs = q.geom.cluster_size();
+        let sc = q.geom.subcluster_size();
+        let ext = q.geom.extended_l2;
+        let p = self.parts[pid];
+        let cluster = p.guest_off & !(cs - 1);
+        let (ws, we) = (p.guest_off - cluster, p.guest_off - cluster + p.len);
+        let buffer = if zeros {
+            Buffer::Zeros
+        } else {
+            Buffer::Request
+        };
+
+        let copied_normal = match entry.mapping {
+            ClusterMapping::Normal { host } if entry.copied => Some(host),
+            _ => None,
+        };
+        if let Some(host) = copied_normal {
+            let all_allocated = match entry.bitmap {
+                None => true,
+                Some(bm) => {
+                    let m = subcluster_mask(ws, we, sc);
+                    bm & m == m
+                }
+            };
+            if all_allocated {
+                return self.start_data(ring, pid, q.data_fd(), host + ws, true, buffer);
+            }
+        }
+
+        let partial_ok = ext
+            && (copied_normal.is_some() || matches!(entry.mapping, ClusterMapping::Unallocated));
+        let (span_s, span_e) = if partial_ok {
+            (ws / sc * sc, we.div_ceil(sc) * sc)
+        } else {
+            (0, cs)
+        };
+        let (host, new_cluster, fresh) = match copied_normal {
+            Some(h) if ext => (h, false, false),
+            _ if q.data_file.is_some() => (cluster, true, false),
+            _ => match self.alloc_cluster(img, w) {
+                Ok((h, fresh)) => (h, true, fresh),
+                Err(e) => return self.finish_part(pid, Err(e)),
+            },
+        };
+        let has_backing = img.layers.len() > 1;
+        let cow_zero = reads_zero(&entry, ext, sc, span_s, ws, has_backing)
+            && reads_zero(&entry, ext, sc, we, span_e, has_backing);
+        let need_cow = span_s < ws || we < span_e;
+
+        let a = self.allocs.alloc();
+        self.allocs[a] = Alloc {
+            part: pid,
+            cluster,
+            slot,
+            index,
+            host,
+            new_cluster,
+            span: (span_s, span_e),
+            write: (ws, we),
+            zeros,
+            identity: q.data_file.is_some(),
+            whole: ext && !partial_ok,
+            old_raw: 0,
+            old_bitmap: entry.bitmap,
+            buf: None,
+            cow_pending: 0,
+            error: None,
+            expected: 0,
+            waiters: WaitList::EMPTY,
+        };
+        self.allocs[a].old_raw = {
+            let table = self.layers[0].l2.buf(slot);
+            be64_at(table, index * q.geom.l2_entry_bytes() as usize)
+        };
+        self.allocating.insert(cluster, a);
+        self.layers[0].l2.pin(slot);
+
+        if !need_cow || (cow_zero && fresh) {
+            // Only the guest's bytes need writing: the rest of the cluster already reads as
+            // zeros (a fresh cluster) or is not part of the span.
+            self.allocs[a].span = (ws, we);
+            return self.submit_alloc_write(ring, img, a);
+        }
+        let mut buf = self
+            .cluster_bufs
+            .pop()
+            .unwrap_or_else(|| vec![0u8; cs as usize].into_boxed_slice());
+        if cow_zero {
+            buf[span_s as usize..ws as usize].fill(0);
+            buf[we as usize..span_e as usize].fill(0);
+            self.allocs[a].buf = Some(buf);
+            return self.fill_and_write(ring, img, a);
+        }
+        let base = buf.as_mut_ptr();
+        self.allocs[a].buf = Some(buf);
+        for (rs, re) in [(span_s, ws), (we, span_e)] {
+            if rs >= re {
+                continue;
+            }
+            self.allocs[a].cow_pending += 1;
+            let iov = [libc::iovec {
+                // The buffer is a heap allocation owned by the allocation until it finishes,
+                // which is after this read completes; only the address is computed here.
+                iov_base: (base as usize + rs as usize) as *mut libc::c_void,
+                iov_len: (re - rs) as usize,
+            }];
+            self.start_internal_read(a, cluster + rs, &iov);
+        }
+    }
+
+    /// Starts a read of the current content of a range into an allocation's buffer.
+    fn start_internal_read(&mut self, alloc: u32, offset: u64, iov: &[libc::iovec]) {
+        let r = self.reqs.alloc();
+        let req = &mut self.reqs[r];
+        req.token = 0;
+        req.kind = ReqKind::Read;
+        req.iov.clear();
+        req.iov.extend_from_slice(iov);
+        req.error = None;
+        req.parent = alloc;
+        req.pending = 1;
+        let p = self.parts.alloc();
+        self.parts[p] = super::Part {
+            req: r,
+            layer: 0,
+            guest_off: offset,
+            len: iov[0].iov_len as u64,
+            skip: 0,
+            next: NO_ID,
+        };
+        self.ready.push_back(p);
+    }
+
+    /// A copy-on-write read of allocation `a` finished.
+    pub(super) fn cow_read_done(&mut self, a: u32, result: Result<(), IoError>) {
+        let al = &mut self.allocs[a];
+        al.cow_pending -= 1;
+        if let Err(e) = result {
+            al.error.get_or_insert(e);
+        }
+        if al.cow_pending > 0 {
+            return;
+        }
+        // The write is submitted by the turn loop, which has the ring at hand.
+        self.cow_ready.push(a);
+    }
+
+    /// Allocations whose copy-on-write reads completed: fill in the guest data and write.
+    pub(super) fn run_cow_ready(&mut self, ring: &mut Ring, img: &ImageInner) {
+        while let Some(a) = self.cow_ready.pop() {
+            if let Some(e) = self.allocs[a].error {
+                self.fail_alloc(a, e);
+            } else {
+                self.fill_and_write(ring, img, a);
+            }
+        }
+    }
+
+    /// Copies the guest's bytes (or zeros) into the allocation's buffer and writes its span.
+    fn fill_and_write(&mut self, ring: &mut Ring, img: &ImageInner, a: u32) {
+        let al = &mut self.allocs[a];
+        let (ws, we) = al.write;
+        let buf = al.buf.as_mut().expect("a copying allocation owns a buffer");
+        let dst = &mut buf[ws as usize..we as usize];
+        if al.zeros {
+            dst.fill(0);
+        } else {
+            let p = self.parts[al.part];
+            // SAFETY: the request's iovecs are valid for reads until its completion (submit
+            // contract), the part lies within them, and `dst` is our own buffer.
+            unsafe { iov_copy_to(&self.reqs[p.req].iov, p.skip as usize, dst) };
+        }
+        self.submit_alloc_write(ring, img, a);
+    }
+
+    /// Writes the allocation's span to its host cluster, from its buffer or straight from the
+    /// request (or the zero buffer) when no copy was needed.
+    fn submit_alloc_write(&mut self, ring: &mut Ring, img: &ImageInner, a: u32) {
+        let (q, _) = top(img);
+        let op = self.ops.alloc();
+        self.ops[op].kind = OpKind::AllocWrite { alloc: a };
+        let al = &self.allocs[a];
+        let (s, e) = al.span;
+        let o = &mut self.ops[op];
+        o.iov.clear();
+        match (&al.buf, al.zeros) {
+            (Some(buf), _) => o.iov.push(libc::iovec {
+                iov_base: (buf.as_ptr() as usize + s as usize) as *mut libc::c_void,
+                iov_len: (e - s) as usize,
+            }),
+            (None, true) => o.iov.push(libc::iovec {
+                iov_base: self.zeros.as_ptr() as *mut libc::c_void,
+                iov_len: (e - s) as usize,
+            }),
+            (None, false) => {
+                let p = self.parts[al.part];
+                iov_subrange(
+                    &self.reqs[p.req].iov,
+                    p.skip as usize,
+                    p.len as usize,
+                    &mut o.iov,
+                );
+            }
+        }
+        let entry = opcode::Writev::new(types::Fd(q.data_fd()), o.iov.as_ptr(), o.iov.len() as u32)
+            .offset(al.host + s)
+            .build();
+        self.allocs[a].expected = e - s;
+        // SAFETY: the iovecs point into the allocation's buffer (owned by it until it
+        // finishes, after this op completes), the shard's zero buffer (never written, lives as
+        // long as the shard), or the request's memory (valid until the request completes,
+        // which waits for this part); the iovec array lives in the op.
+        if let Err(err) = unsafe { self.push(ring, op, entry) } {
+            self.fail_alloc(a, err);
+        }
+    }
+
+    /// The new cluster of allocation `a` is written: point the L2 entry at it.
+    pub(super) fn alloc_written(&mut self, img: &ImageInner, a: u32, res: i32) {
+        if res < 0 {
+            return self.fail_alloc(a, IoError::Os { errno: -res });
+        }
+        if res as u64 != self.allocs[a].expected {
+            return self.fail_alloc(a, IoError::Os { errno: libc::EIO });
+        }
+        let (q, _) = top(img);
+        let cs = q.geom.cluster_size();
+        let sc = q.geom.subcluster_size();
+        let al = std::mem::take(&mut self.allocs[a]);
+        let at = al.index * q.geom.l2_entry_bytes() as usize;
+        let raw = encode_l2_entry(Some(al.host), false, true);
+        let cache = &mut self.layers[0].l2;
+        let table = cache.buf_mut(al.slot);
+        table[at..at + 8].copy_from_slice(&raw.to_be_bytes());
+        if let Some(old_bm) = al.old_bitmap {
+            let bm = if al.whole {
+                0xffff_ffff
+            } else {
+                let m = subcluster_mask(al.span.0, al.span.1, sc);
+                (old_bm | m) & !(m << 32)
+            };
+            table[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
+        }
+        cache.mark_dirty(al.slot);
+        cache.unpin(al.slot);
+        if al.new_cluster && !al.identity {
+            self.free_old_mapping(q, al.old_raw, al.old_bitmap, cs);
+        }
+        self.allocating.remove(&al.cluster);
+        self.wake_waiters(al.waiters);
+        if let Some(buf) = al.buf {
+            self.recycle(buf);
+        }
+        self.allocs.free(a);
+        self.finish_part(al.part, Ok(()));
+    }
+
+    fn fail_alloc(&mut self, a: u32, err: IoError) {
+        let al = std::mem::take(&mut self.allocs[a]);
+        self.layers[0].l2.unpin(al.slot);
+        if al.new_cluster && !al.identity {
+            // Never referenced: free it once the next flush has passed.
+            self.pending_frees.push(PendingFree {
+                host: al.host,
+                len: self.zeros.len() as u64,
+                compressed: None,
+            });
+        }
+        self.allocating.remove(&al.cluster);
+        self.wake_waiters(al.waiters);
+        if let Some(buf) = al.buf {
+            self.recycle(buf);
+        }
+        self.allocs.free(a);
+        self.finish_part(al.part, Err(err));
+    }
+
+    /// Queues the free of whatever an L2 entry pointed at before it was replaced.
+    fn free_old_mapping(&mut self, q: &Qcow2Layer, raw: u64, bitmap: Option<u64>, cs: u64) {
+        let Ok(old) = L2Entry::decode(raw, bitmap, q.geom.cluster_bits) else {
+            return;
+        };
+        match old.mapping {
+            ClusterMapping::Normal { host } | ClusterMapping::Zero { host: Some(host) } => {
+                self.pending_frees.push(PendingFree {
+                    host,
+                    len: cs,
+                    compressed: None,
+                })
+            }
+            ClusterMapping::Compressed(d) => {
+                let (host, len) = d.host_range();
+                self.pending_frees.push(PendingFree {
+                    host,
+                    len,
+                    compressed: Some(d.host_offset),
+                });
+            }
+            ClusterMapping::Zero { host: None } | ClusterMapping::Unallocated => {}
+        }
+    }
+
+    /// Write-zeroes (or discard) of part `pid` within one cluster: metadata only where the
+    /// format allows, real zeros otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn zero_cluster(
+        &mut self,
+        ring: &mut Ring,
+        img: &ImageInner,
+        pid: u32,
+        slot: u32,
+        index: usize,
+        entry: L2Entry,
+        unmap: bool,
+        discard: bool,
+    ) {
+        let (q, w) = top(img);
+        let cs = q.geom.cluster_size();
+        let sc = q.geom.subcluster_size();
+        let ext = q.geom.extended_l2;
+        let has_backing = img.layers.len() > 1;
+        let p = self.parts[pid];
+        let cluster = p.guest_off & !(cs - 1);
+        let (ws, we) = (p.guest_off - cluster, p.guest_off - cluster + p.len);
+        let full = ws == 0 && we == cs;
+
+        if q.data_file.is_some() {
+            // Guest data has a fixed place in the external data file: write real zeros there.
+            if discard {
+                return self.finish_part(pid, Ok(()));
+            }
+            return self.write_cluster(ring, img, pid, slot, index, entry, true);
+        }
+        if reads_zero(&entry, ext, sc, ws, we, has_backing) {
+            return self.finish_part(pid, Ok(()));
+        }
+        let at = index * q.geom.l2_entry_bytes() as usize;
+        let old_raw = be64_at(self.layers[0].l2.buf(slot), at);
+        let keep_host = match entry.mapping {
+            ClusterMapping::Normal { host } | ClusterMapping::Zero { host: Some(host) }
+                if entry.copied && !unmap && !discard =>
+            {
+                Some(host)
+            }
+            _ => None,
+        };
+
+        let (raw, bitmap) = if !ext {
+            if !full {
+                if discard {
+                    return self.finish_part(pid, Ok(()));
+                }
+                return self.write_cluster(ring, img, pid, slot, index, entry, true);
+            }
+            if w.zero_flag {
+                if discard && !has_backing {
+                    (encode_l2_entry(None, false, false), None)
+                } else {
+                    (encode_l2_entry(keep_host, true, true), None)
+                }
+            } else if !has_backing {
+                // Version 2 has no zero flag: an unallocated cluster without backing reads
+                // as zeros.
+                (encode_l2_entry(None, false, false), None)
+            } else if discard {
+                return self.finish_part(pid, Ok(()));
+            } else {
+                return self.write_cluster(ring, img, pid, slot, index, entry, true);
+            }
+        } else {
+            let old_bm = entry.bitmap.unwrap_or(0);
+            let normal_or_unalloc = matches!(entry.mapping, ClusterMapping::Unallocated)
+                || (matches!(entry.mapping, ClusterMapping::Normal { .. }) && entry.copied);
+            if full && keep_host.is_none() {
+                (
+                    encode_l2_entry(None, false, false),
+                    Some(0xffff_ffffu64 << 32),
+                )
+            } else if normal_or_unalloc {
+                let (a, b) = if discard {
+                    (ws.div_ceil(sc) * sc, we / sc * sc)
+                } else if ws % sc != 0 || (we % sc != 0 && we != cs) {
+                    return self.write_cluster(ring, img, pid, slot, index, entry, true);
+                } else {
+                    (ws, we)
+                };
+                if a >= b {
+                    return self.finish_part(pid, Ok(()));
+                }
+                let m = subcluster_mask(a, b, sc);
+                (old_raw, Some((old_bm & !m) | (m << 32)))
+            } else if discard {
+                return self.finish_part(pid, Ok(()));
+            } else {
+                return self.write_cluster(ring, img, pid, slot, index, entry, true);
+            }
+        };
+
+        let cache = &mut self.layers[0].l2;
+        let table = cache.buf_mut(slot);
+        table[at..at + 8].copy_from_slice(&raw.to_be_bytes());
+        if let Some(bm) = bitmap {
+            table[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
+        }
+        cache.mark_dirty(slot);
+        let old_host_kept = raw & 0x00ff_ffff_ffff_fe00 != 0;
+        if !old_host_kept {
+            self.free_old_mapping(q, old_raw, entry.bitmap, cs);
+        }
+        self.finish_part(pid, Ok(()));
+    }
+}

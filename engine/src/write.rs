@@ -1,0 +1,271 @@
+//! State of a writable image shared by its shards: refcounts and allocator, the header, and
+//! whether the image has failed.
+//!
+//! Opening an image for writing loads every refcount block (see [`crate::meta::Refcounts`]),
+//! clears the autoclear bits qcow2d does not maintain, and, with lazy refcounts, sets the dirty
+//! bit, each made durable before the first guest write. The mutexes here are taken only on
+//! slow paths (reserving a run of clusters, flushing, closing), never per request.
+
+use crate::error::{Error, ErrorKind};
+use crate::format::{autoclear, compat, incompat, Header};
+use crate::image::{Layer, LayerKind};
+use crate::io::BlockingReader;
+use crate::meta::Refcounts;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Mutex;
+
+/// Largest amount of refcount metadata loaded into memory.
+const MAX_REFCOUNT_MEMORY_BYTES: u64 = 1 << 30;
+
+/// Byte offsets of header fields that qcow2d rewrites.
+pub(crate) mod field {
+    pub const REFCOUNT_TABLE_OFFSET: usize = 48;
+    pub const REFCOUNT_TABLE_CLUSTERS: usize = 56;
+    pub const INCOMPATIBLE: usize = 72;
+    pub const COMPATIBLE: usize = 80;
+    pub const AUTOCLEAR: usize = 88;
+}
+
+/// The raw header and the feature bits as they are on disk now.
+pub(crate) struct HeaderState {
+    /// First `header_length` bytes of the file.
+    pub bytes: Vec<u8>,
+}
+
+impl HeaderState {
+    pub fn put32(&mut self, at: usize, v: u32) {
+        self.bytes[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+
+    pub fn put64(&mut self, at: usize, v: u64) {
+        self.bytes[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// See the module documentation.
+pub(crate) struct Writable {
+    pub refcounts: Mutex<Refcounts>,
+    pub header: Mutex<HeaderState>,
+    /// Refcounts are written only at clean close; the dirty bit is set on disk meanwhile.
+    pub lazy_refcounts: bool,
+    /// Set when a flush failed: the image takes no more writes.
+    pub failed: AtomicBool,
+    /// Length of the image file: clusters reserved past the old end extend it.
+    pub file_len: AtomicU64,
+    /// Version 3: zero flags exist.
+    pub zero_flag: bool,
+}
+
+fn corrupt(path: &std::path::Path, what: String) -> Error {
+    Error::new(ErrorKind::Corrupt, format!("{}: {what}", path.display()))
+}
+
+/// Loads what writing needs and updates the header for writing; see the module documentation.
+pub(crate) fn open_writable(
+    layer: &mut Layer,
+    reader: &mut BlockingReader,
+    lazy_refcounts: bool,
+) -> Result<Writable, Error> {
+    let path = layer.path.clone();
+    let LayerKind::Qcow2(q) = &mut layer.kind else {
+        unreachable!("the top layer is always qcow2");
+    };
+    let h: &Header = &q.header;
+    if h.incompatible_features & incompat::CORRUPT != 0 {
+        return Err(corrupt(
+            &path,
+            "the image is marked corrupt; it can only be served read-only (qemu-img check -r all repairs it)"
+                .into(),
+        ));
+    }
+    if h.incompatible_features & incompat::DIRTY != 0 {
+        return Err(corrupt(
+            &path,
+            "the image was not closed cleanly while lazy refcounts were in use; repair it first (qemu-img check -r all)".into(),
+        ));
+    }
+    if lazy_refcounts && h.version < 3 {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{}: lazy refcounts need a version 3 (compat=1.1) image",
+                path.display()
+            ),
+        ));
+    }
+    let fd = q.file.as_raw_fd();
+    let file_len = q
+        .file
+        .metadata()
+        .map_err(|e| Error::io(format!("Cannot stat {}", path.display()), e))?
+        .len();
+    let cs = h.cluster_size();
+
+    // The refcount table and every block it points to.
+    let mut table_bytes = vec![0u8; (u64::from(h.refcount_table_clusters) * cs) as usize];
+    reader
+        .read_exact_at(fd, &mut table_bytes, h.refcount_table_offset)
+        .map_err(|e| {
+            Error::io(
+                format!("Cannot read the refcount table of {}", path.display()),
+                e,
+            )
+        })?;
+    let table: Vec<u64> = table_bytes
+        .chunks_exact(8)
+        .map(|c| crate::format::be64_at(c, 0))
+        .collect();
+    let used = table.iter().filter(|&&e| e != 0).count() as u64;
+    if used * cs > MAX_REFCOUNT_MEMORY_BYTES {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{}: {} MiB of refcount blocks is more than qcow2d keeps in memory",
+                path.display(),
+                (used * cs) >> 20
+            ),
+        ));
+    }
+    let mut blocks = Vec::with_capacity(table.len());
+    for (i, &off) in table.iter().enumerate() {
+        if off == 0 {
+            blocks.push(None);
+            continue;
+        }
+        if off % cs != 0 || off.checked_add(cs).is_none_or(|end| end > file_len) {
+            return Err(corrupt(
+                &path,
+                format!("refcount block {i} at {off:#x} is unaligned or past the end of the file"),
+            ));
+        }
+        let mut block = vec![0u8; cs as usize].into_boxed_slice();
+        reader.read_exact_at(fd, &mut block, off).map_err(|e| {
+            Error::io(
+                format!("Cannot read refcount block {i} of {}", path.display()),
+                e,
+            )
+        })?;
+        blocks.push(Some(block));
+    }
+    let refcounts = Refcounts::new(
+        h.refcount_order,
+        h.cluster_bits,
+        table,
+        (
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters),
+        ),
+        blocks,
+        file_len,
+    );
+
+    // Header: drop autoclear bits qcow2d does not maintain; set the dirty bit for lazy
+    // refcounts. Both durable before the first write.
+    let mut header = HeaderState {
+        bytes: q.header_bytes.clone(),
+    };
+    if h.version >= 3 {
+        let keep = if h.has_data_file() {
+            autoclear::DATA_FILE_RAW
+        } else {
+            0
+        };
+        let mut changed = false;
+        let ac = h.autoclear_features & keep;
+        if ac != h.autoclear_features {
+            header.put64(field::AUTOCLEAR, ac);
+            changed = true;
+        }
+        if lazy_refcounts {
+            header.put64(
+                field::COMPATIBLE,
+                h.compatible_features | compat::LAZY_REFCOUNTS,
+            );
+            header.put64(
+                field::INCOMPATIBLE,
+                h.incompatible_features | incompat::DIRTY,
+            );
+            changed = true;
+        }
+        if changed {
+            reader
+                .write_all_at(fd, &header.bytes, 0)
+                .and_then(|()| reader.fdatasync(fd))
+                .map_err(|e| {
+                    Error::io(format!("Cannot update the header of {}", path.display()), e)
+                })?;
+        }
+    }
+
+    Ok(Writable {
+        refcounts: Mutex::new(refcounts),
+        header: Mutex::new(header),
+        lazy_refcounts,
+        failed: AtomicBool::new(false),
+        file_len: AtomicU64::new(file_len),
+        zero_flag: h.version >= 3,
+    })
+}
+
+/// Writes what a clean close needs: refcount blocks still in memory (all of them with lazy
+/// refcounts), a grown refcount table and its header fields, then clears the dirty bit. Every
+/// shard must have flushed and released its reservation first.
+pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
+    let LayerKind::Qcow2(q) = &layer.kind else {
+        unreachable!("the top layer is always qcow2");
+    };
+    let fd = q.file.as_raw_fd();
+    let cs = q.geom.cluster_size();
+    let io_err = |what: &str, e: std::io::Error| {
+        w.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+        Error::io(
+            format!("Cannot {what} of {} at close", layer.path.display()),
+            e,
+        )
+    };
+    let mut io = BlockingReader::new().map_err(|e| io_err("create an io_uring", e))?;
+    let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+    // Freeing a retired table dirties blocks again: at most a few rounds.
+    for _ in 0..4 {
+        let blocks = rc.take_dirty_blocks();
+        for (host, buf) in &blocks {
+            io.write_all_at(fd, buf, *host)
+                .map_err(|e| io_err("write refcount blocks", e))?;
+        }
+        io.fdatasync(fd).map_err(|e| io_err("sync", e))?;
+        if !rc.table_dirty() {
+            if blocks.is_empty() {
+                break;
+            }
+            continue;
+        }
+        let (toff, tclusters) = rc.table_location();
+        io.write_all_at(fd, &rc.encode_table(), toff)
+            .and_then(|()| io.fdatasync(fd))
+            .map_err(|e| io_err("write the refcount table", e))?;
+        let header = {
+            let mut h = w.header.lock().unwrap_or_else(|p| p.into_inner());
+            h.put64(field::REFCOUNT_TABLE_OFFSET, toff);
+            h.put32(field::REFCOUNT_TABLE_CLUSTERS, tclusters as u32);
+            h.bytes.clone()
+        };
+        io.write_all_at(fd, &header, 0)
+            .and_then(|()| io.fdatasync(fd))
+            .map_err(|e| io_err("write the header", e))?;
+        if let Some((off, n)) = rc.table_written() {
+            rc.adjust_range(off, n * cs, -1).map_err(|e| {
+                Error::with_source(ErrorKind::Corrupt, "Cannot free the old refcount table", e)
+            })?;
+        }
+    }
+    if w.lazy_refcounts {
+        let mut h = w.header.lock().unwrap_or_else(|p| p.into_inner());
+        let incompat_bits = crate::format::be64_at(&h.bytes, field::INCOMPATIBLE);
+        h.put64(field::INCOMPATIBLE, incompat_bits & !incompat::DIRTY);
+        io.write_all_at(fd, &h.bytes, 0)
+            .and_then(|()| io.fdatasync(fd))
+            .map_err(|e| io_err("clear the dirty bit", e))?;
+    }
+    Ok(())
+}
