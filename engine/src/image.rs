@@ -293,7 +293,12 @@ fn open_qcow2(
 
     let data_file = match &header.data_file {
         Some(name) if header.has_data_file() => {
-            let dpath = resolve_relative(path, name);
+            // Relative to the image's directory; QEMU opens it relative to its working
+            // directory, so fall back to that when only it exists.
+            let mut dpath = resolve_relative(path, name);
+            if !dpath.exists() && Path::new(name).exists() {
+                dpath = PathBuf::from(name);
+            }
             let f = open_file(&dpath, read_only)
                 .map_err(|e| e.context(format!("External data file of {}", path.display())))?;
             lock_file(&f, &dpath, !read_only)?;

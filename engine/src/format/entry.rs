@@ -99,11 +99,14 @@ pub enum SubclusterState {
 impl L2Entry {
     /// Decodes a standard (64-bit) or extended (`bitmap` = second word) L2 entry.
     ///
-    /// `cluster_size` bounds alignment checks; `Err` carries the reason for corruption.
+    /// `external_data` says the image keeps guest data in an external data file, where host
+    /// offset 0 with the COPIED flag is a valid allocated cluster. `Err` carries the reason for
+    /// corruption.
     pub fn decode(
         raw: u64,
         bitmap: Option<u64>,
         cluster_bits: u32,
+        external_data: bool,
     ) -> Result<L2Entry, &'static str> {
         let cluster_size = 1u64 << cluster_bits;
         let copied = raw & COPIED != 0;
@@ -125,11 +128,12 @@ impl L2Entry {
         if !host.is_multiple_of(cluster_size) {
             return Err("data cluster offset not cluster aligned");
         }
+        let allocated = host != 0 || (external_data && copied);
         let mapping = if !extended && raw & ZERO != 0 {
             ClusterMapping::Zero {
-                host: (host != 0).then_some(host),
+                host: allocated.then_some(host),
             }
-        } else if host == 0 {
+        } else if !allocated {
             ClusterMapping::Unallocated
         } else {
             ClusterMapping::Normal { host }
@@ -140,7 +144,7 @@ impl L2Entry {
             if alloc & zero != 0 {
                 return Err("subcluster both allocated and zero");
             }
-            if host == 0 && alloc != 0 {
+            if !allocated && alloc != 0 {
                 return Err("allocated subclusters in an unallocated cluster");
             }
         }
@@ -183,7 +187,7 @@ mod tests {
 
     #[test]
     fn worked_example_from_design_notes() {
-        let e = L2Entry::decode(0x4AC0_0000_003D_9750, None, 16).unwrap();
+        let e = L2Entry::decode(0x4AC0_0000_003D_9750, None, 16, false).unwrap();
         let ClusterMapping::Compressed(d) = e.mapping else {
             panic!("not compressed: {e:?}");
         };
@@ -195,31 +199,45 @@ mod tests {
     #[test]
     fn standard_entries() {
         assert_eq!(
-            L2Entry::decode(0, None, 16).unwrap().mapping,
+            L2Entry::decode(0, None, 16, false).unwrap().mapping,
             ClusterMapping::Unallocated
         );
         assert_eq!(
-            L2Entry::decode(1, None, 16).unwrap().mapping,
+            L2Entry::decode(1, None, 16, false).unwrap().mapping,
             ClusterMapping::Zero { host: None }
         );
         assert_eq!(
-            L2Entry::decode(COPIED | 0x50000 | 1, None, 16)
+            L2Entry::decode(COPIED | 0x50000 | 1, None, 16, false)
                 .unwrap()
                 .mapping,
             ClusterMapping::Zero {
                 host: Some(0x50000)
             }
         );
-        let e = L2Entry::decode(COPIED | 0x50000, None, 16).unwrap();
+        let e = L2Entry::decode(COPIED | 0x50000, None, 16, false).unwrap();
         assert_eq!(e.mapping, ClusterMapping::Normal { host: 0x50000 });
         assert!(e.copied);
-        assert!(L2Entry::decode(0x50200, None, 16).is_err());
+        assert!(L2Entry::decode(0x50200, None, 16, false).is_err());
+    }
+
+    #[test]
+    fn external_data_cluster_at_offset_zero() {
+        let e = L2Entry::decode(COPIED, None, 16, true).unwrap();
+        assert_eq!(e.mapping, ClusterMapping::Normal { host: 0 });
+        assert_eq!(
+            L2Entry::decode(COPIED, None, 16, false).unwrap().mapping,
+            ClusterMapping::Unallocated
+        );
+        assert_eq!(
+            L2Entry::decode(0, None, 16, true).unwrap().mapping,
+            ClusterMapping::Unallocated
+        );
     }
 
     #[test]
     fn extended_entries() {
         // Subcluster 0 allocated, 1 zero, 2 unallocated.
-        let e = L2Entry::decode(0x50000, Some(1 | (1 << 33)), 16).unwrap();
+        let e = L2Entry::decode(0x50000, Some(1 | (1 << 33)), 16, false).unwrap();
         assert_eq!(
             e.subcluster(0),
             SubclusterState::Data {
@@ -229,15 +247,15 @@ mod tests {
         assert_eq!(e.subcluster(1), SubclusterState::Zero);
         assert_eq!(e.subcluster(2), SubclusterState::Unallocated);
         // Allocated and zero at once.
-        assert!(L2Entry::decode(0x50000, Some(1 | (1 << 32)), 16).is_err());
+        assert!(L2Entry::decode(0x50000, Some(1 | (1 << 32)), 16, false).is_err());
         // Allocated without a host cluster.
-        assert!(L2Entry::decode(0, Some(1), 16).is_err());
+        assert!(L2Entry::decode(0, Some(1), 16, false).is_err());
         // Zero subclusters without a host cluster are fine.
-        let e = L2Entry::decode(0, Some(1 << 40), 16).unwrap();
+        let e = L2Entry::decode(0, Some(1 << 40), 16, false).unwrap();
         assert_eq!(e.subcluster(8), SubclusterState::Zero);
         assert_eq!(e.subcluster(7), SubclusterState::Unallocated);
         // Bit 0 is not a zero flag with extended entries.
-        let e = L2Entry::decode(0x50000 | 1, Some(1), 16).unwrap();
+        let e = L2Entry::decode(0x50000 | 1, Some(1), 16, false).unwrap();
         assert_eq!(
             e.subcluster(0),
             SubclusterState::Data {
@@ -298,12 +316,12 @@ mod encode_tests {
     #[test]
     fn encode_round_trips_through_decode() {
         let raw = encode_l2_entry(Some(0x70000), false, true);
-        let e = L2Entry::decode(raw, None, 16).unwrap();
+        let e = L2Entry::decode(raw, None, 16, false).unwrap();
         assert_eq!(e.mapping, ClusterMapping::Normal { host: 0x70000 });
         assert!(e.copied);
         let raw = encode_l2_entry(None, true, false);
         assert_eq!(
-            L2Entry::decode(raw, None, 16).unwrap().mapping,
+            L2Entry::decode(raw, None, 16, false).unwrap().mapping,
             ClusterMapping::Zero { host: None }
         );
         assert_eq!(

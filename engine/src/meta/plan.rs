@@ -68,7 +68,7 @@ fn entry(geom: &Geometry, table: &[u8], index: usize) -> Result<L2Entry, &'stati
     let at = index * geom.l2_entry_bytes() as usize;
     let raw = be64_at(table, at);
     let bitmap = geom.extended_l2.then(|| be64_at(table, at + 8));
-    L2Entry::decode(raw, bitmap, geom.cluster_bits)
+    L2Entry::decode(raw, bitmap, geom.cluster_bits, geom.has_data_file)
 }
 
 /// What the byte at `guest_off` reads as, as a step starting there.

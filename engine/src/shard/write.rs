@@ -141,7 +141,7 @@ impl State {
         let at = index * q.geom.l2_entry_bytes() as usize;
         let raw = be64_at(table, at);
         let bitmap = q.geom.extended_l2.then(|| be64_at(table, at + 8));
-        let entry = match L2Entry::decode(raw, bitmap, q.geom.cluster_bits) {
+        let entry = match L2Entry::decode(raw, bitmap, q.geom.cluster_bits, q.geom.has_data_file) {
             Ok(e) => e,
             Err(why) => {
                 tracing::warn!("{}: L2 entry {index}: {why}", img.layers[0].path.display());
@@ -545,7 +545,8 @@ impl State {
 
     /// Queues the free of whatever an L2 entry pointed at before it was replaced.
     fn free_old_mapping(&mut self, q: &Qcow2Layer, raw: u64, bitmap: Option<u64>, cs: u64) {
-        let Ok(old) = L2Entry::decode(raw, bitmap, q.geom.cluster_bits) else {
+        let Ok(old) = L2Entry::decode(raw, bitmap, q.geom.cluster_bits, q.geom.has_data_file)
+        else {
             return;
         };
         match old.mapping {

@@ -1,0 +1,512 @@
+//! Model-based tests of the write path, through the engine API.
+//!
+//! Each case makes an image with the real `qemu-img` (and `qemu-io`), keeps a flat in-memory
+//! model of the disk, and runs a seeded random sequence of batches of concurrent,
+//! non-overlapping reads, writes, write-zeroes, discards and flushes against both. Reads are
+//! checked against the model as they complete; at the end the image is closed cleanly and
+//! `qemu-img check` must find no errors and no leaks, and `qemu-img compare` must find the
+//! image equal to the model.
+
+use qcow2d_engine::{Image, OpenOptions, ShardConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is qemu-utils installed?): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    run(Command::new("qemu-img").args(args))
+}
+
+/// xorshift64*: deterministic, seedable, good enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// How discard behaves on an image: which aligned granules it zeroes (None: never).
+fn discard_granule(info: &qcow2d_engine::ImageInfo, has_backing: bool) -> Option<u64> {
+    if info.data_file.is_some() || (info.version == 2 && has_backing) {
+        return None;
+    }
+    Some(if info.extended_l2 {
+        info.cluster_size / 32
+    } else {
+        info.cluster_size
+    })
+}
+
+enum Op {
+    Read(u64, Vec<u8>),
+    Write(u64, Vec<u8>),
+    Zero(u64, u64, bool),
+    Discard(u64, u64),
+}
+
+/// Runs `batches` random batches against `path` and its raw model `model`.
+fn exercise(path: &Path, model: &mut [u8], seed: u64, batches: usize, hot_fraction: u64) {
+    let img = Image::open(
+        path,
+        &OpenOptions {
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let info = img.info();
+    let granule = discard_granule(&info, !info.backing_chain.is_empty());
+    let size = img.virtual_size();
+    let hot = (size / hot_fraction).max(1 << 20).min(size);
+    let mut shard = img.new_shard(&ShardConfig::default()).unwrap();
+    let mut rng = Rng(seed | 1);
+    let mut out = Vec::new();
+    for b in 0..batches {
+        let mut ops: Vec<Op> = Vec::new();
+        let mut taken: Vec<(u64, u64)> = Vec::new();
+        for _ in 0..rng.below(24) + 1 {
+            let len = (rng.below(256) + 1) * 512;
+            let off = rng.below(hot / 512) * 512;
+            let len = len.min(size - off);
+            if taken.iter().any(|&(o, l)| off < o + l && o < off + len) {
+                continue;
+            }
+            taken.push((off, len));
+            ops.push(match rng.below(20) {
+                0..=9 => {
+                    let mut data = vec![0u8; len as usize];
+                    rng.fill(&mut data);
+                    Op::Write(off, data)
+                }
+                10..=12 => Op::Zero(off, len, rng.below(2) == 0),
+                13..=14 => Op::Discard(off, len),
+                _ => Op::Read(off, vec![0u8; len as usize]),
+            });
+        }
+        for (i, op) in ops.iter_mut().enumerate() {
+            let token = (b * 1000 + i) as u64;
+            let r = match op {
+                Op::Read(off, buf) => {
+                    let iov = [libc::iovec {
+                        iov_base: buf.as_mut_ptr().cast(),
+                        iov_len: buf.len(),
+                    }];
+                    // SAFETY: `buf` lives in `ops` until the batch is drained below.
+                    unsafe { shard.submit_read(token, *off, &iov) }
+                }
+                Op::Write(off, buf) => {
+                    let iov = [libc::iovec {
+                        iov_base: buf.as_mut_ptr().cast(),
+                        iov_len: buf.len(),
+                    }];
+                    // SAFETY: `buf` lives in `ops` until the batch is drained below.
+                    unsafe { shard.submit_write(token, *off, &iov) }
+                }
+                Op::Zero(off, len, unmap) => shard.submit_write_zeroes(token, *off, *len, *unmap),
+                Op::Discard(off, len) => shard.submit_discard(token, *off, *len),
+            };
+            r.unwrap();
+        }
+        if rng.below(5) == 0 {
+            shard.submit_flush(u64::MAX).unwrap();
+        }
+        shard.drain(&mut out);
+        for c in out.drain(..) {
+            assert!(
+                c.result.is_ok(),
+                "request {} failed: {:?}",
+                c.token,
+                c.result
+            );
+        }
+        for op in &ops {
+            match op {
+                Op::Read(off, buf) => {
+                    let want = &model[*off as usize..*off as usize + buf.len()];
+                    if let Some(i) = (0..buf.len()).find(|&i| buf[i] != want[i]) {
+                        panic!(
+                            "{}: batch {b}: read at {off:#x} differs from the model at byte {:#x}",
+                            path.display(),
+                            *off as usize + i
+                        );
+                    }
+                }
+                Op::Write(off, buf) => {
+                    model[*off as usize..*off as usize + buf.len()].copy_from_slice(buf)
+                }
+                Op::Zero(off, len, _) => model[*off as usize..(*off + *len) as usize].fill(0),
+                Op::Discard(off, len) => {
+                    if let Some(g) = granule {
+                        let a = off.div_ceil(g) * g;
+                        let e = ((off + len) / g * g).max(a);
+                        let e = if off + len == size { off + len } else { e };
+                        if a < e {
+                            model[a as usize..e as usize].fill(0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    shard.flush_blocking().unwrap();
+    shard.release_reserved();
+    drop(shard);
+    img.close().unwrap();
+}
+
+fn raw_of(image: &Path, out: &Path) -> Vec<u8> {
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    std::fs::read(out).unwrap()
+}
+
+/// Checks the image with qemu-img (no corruption, no leak) and compares it with the model.
+fn verify(image: &Path, model: &[u8], dir: &Path) {
+    let json = qemu_img(&["check", "--output=json", image.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for key in ["corruptions", "leaks", "check-errors"] {
+        let n = v.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
+        assert_eq!(
+            n,
+            0,
+            "{}: qemu-img check reports {key}: {json}",
+            image.display()
+        );
+    }
+    let model_path = dir.join("model.raw");
+    std::fs::write(&model_path, model).unwrap();
+    let out = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-F",
+            "raw",
+            image.to_str().unwrap(),
+            model_path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: image differs from the model: {}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+struct Case {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+}
+
+fn case(setup: impl FnOnce(&Path) -> PathBuf) -> Case {
+    let dir = tempfile::tempdir().unwrap();
+    let image = setup(dir.path());
+    Case { dir, image }
+}
+
+fn random_raw(dir: &Path, name: &str, size: usize, seed: u64) -> PathBuf {
+    let mut data = vec![0u8; size];
+    let mut rng = Rng(seed);
+    // Half random, a quarter text-like (compressible), a quarter zeros.
+    rng.fill(&mut data[..size / 2]);
+    for (i, b) in data[size / 2..size * 3 / 4].iter_mut().enumerate() {
+        *b = b"qcow2d model test "[i % 18];
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, &data).unwrap();
+    p
+}
+
+fn run_case(c: &Case, seed: u64, batches: usize) {
+    let raw_path = c.dir.path().join("before.raw");
+    let mut model = raw_of(&c.image, &raw_path);
+    exercise(&c.image, &mut model, seed, batches, 4);
+    verify(&c.image, &model, c.dir.path());
+}
+
+/// `qemu-img create` run inside `dir`, so relative names (data files) land there.
+fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
+    let mut args = vec!["create", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([name, size]);
+    run(Command::new("qemu-img").current_dir(dir).args(&args));
+    dir.join(name)
+}
+
+fn dirty_bit(image: &Path) -> bool {
+    let b = std::fs::read(image).unwrap();
+    b[79] & 1 != 0
+}
+
+#[test]
+fn fresh_image_64k() {
+    run_case(&case(|d| create(d, "a.qcow2", "", "64M")), 1, 150);
+}
+
+#[test]
+fn compressed_zlib_and_zstd() {
+    for (i, ty) in ["zlib", "zstd"].into_iter().enumerate() {
+        let c = case(|d| {
+            let raw = random_raw(d, "src.raw", 32 << 20, 11);
+            let p = d.join("c.qcow2");
+            qemu_img(&[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ty}"),
+                raw.to_str().unwrap(),
+                p.to_str().unwrap(),
+            ]);
+            p
+        });
+        run_case(&c, 2 + i as u64, 120);
+    }
+}
+
+#[test]
+fn backing_chain_three_deep() {
+    let c = case(|d| {
+        // raw base (shorter than the top), qcow2 middle with data, qcow2 top.
+        random_raw(d, "base.raw", 20 << 20, 21);
+        let mid = d.join("mid.qcow2");
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            mid.to_str().unwrap(),
+            "40M",
+        ]);
+        run(Command::new("qemu-io").args(["-c", "write -P 0x5a 1M 3M", mid.to_str().unwrap()]));
+        let top = d.join("top.qcow2");
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            top.to_str().unwrap(),
+            "48M",
+        ]);
+        top
+    });
+    run_case(&c, 3, 150);
+}
+
+#[test]
+fn internal_snapshot_survives_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = random_raw(d, "src.raw", 32 << 20, 31);
+    let img = d.join("s.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    qemu_img(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
+    run(Command::new("qemu-io").args(["-c", "write -P 0x44 5M 2M", img.to_str().unwrap()]));
+    let c = Case {
+        dir,
+        image: img.clone(),
+    };
+    let d = c.dir.path().to_path_buf();
+    run_case(&c, 4, 150);
+    // The snapshot still holds what it held.
+    let copy = d.join("copy.qcow2");
+    std::fs::copy(&img, &copy).unwrap();
+    qemu_img(&["snapshot", "-a", "s1", copy.to_str().unwrap()]);
+    let snap = raw_of(&copy, &d.join("snap.raw"));
+    assert!(
+        snap == std::fs::read(&raw).unwrap(),
+        "the internal snapshot changed"
+    );
+}
+
+#[test]
+fn extended_l2_over_backing() {
+    let c = case(|d| {
+        random_raw(d, "base.raw", 32 << 20, 41);
+        let p = d.join("e.qcow2");
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=64k",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            p.to_str().unwrap(),
+            "32M",
+        ]);
+        p
+    });
+    run_case(&c, 5, 150);
+}
+
+#[test]
+fn refcount_widths_1_and_64() {
+    for (i, bits) in ["1", "64"].into_iter().enumerate() {
+        run_case(
+            &case(|d| create(d, "r.qcow2", &format!("refcount_bits={bits}"), "32M")),
+            6 + i as u64,
+            100,
+        );
+    }
+}
+
+#[test]
+fn cluster_sizes_512_and_2m() {
+    run_case(
+        &case(|d| create(d, "small.qcow2", "cluster_size=512", "16M")),
+        8,
+        120,
+    );
+    run_case(
+        &case(|d| create(d, "big.qcow2", "cluster_size=2M", "64M")),
+        9,
+        60,
+    );
+}
+
+#[test]
+fn version_2_image() {
+    run_case(
+        &case(|d| create(d, "v2.qcow2", "compat=0.10", "32M")),
+        10,
+        120,
+    );
+}
+
+#[test]
+fn external_data_file() {
+    for (i, raw) in ["off", "on"].into_iter().enumerate() {
+        run_case(
+            &case(|d| {
+                let data = d.join("x.data");
+                let opts = format!("data_file={},data_file_raw={raw}", data.display());
+                create(d, "x.qcow2", &opts, "32M")
+            }),
+            12 + i as u64,
+            100,
+        );
+    }
+}
+
+#[test]
+fn lazy_refcounts_close_cleanly() {
+    let c = case(|d| create(d, "l.qcow2", "", "32M"));
+    let raw_path = c.dir.path().join("before.raw");
+    let mut model = raw_of(&c.image, &raw_path);
+    let open = |lazy| {
+        Image::open(
+            &c.image,
+            &OpenOptions {
+                read_only: false,
+                lazy_refcounts: lazy,
+                ..Default::default()
+            },
+        )
+    };
+    let img = open(true).unwrap();
+    assert!(
+        dirty_bit(&c.image),
+        "lazy refcounts set the dirty bit while open"
+    );
+    drop(img);
+    // Not closed cleanly: the dirty bit stays and a writable open is refused until repaired.
+    assert!(dirty_bit(&c.image));
+    let err = open(false)
+        .err()
+        .expect("a dirty image must not open writable");
+    assert_eq!(err.kind(), qcow2d_engine::ErrorKind::Corrupt, "{err}");
+    // Clear it the way a repair would and run a lazy session that closes cleanly.
+    let mut bytes = std::fs::read(&c.image).unwrap();
+    bytes[79] &= !1;
+    std::fs::write(&c.image, &bytes).unwrap();
+    let img = open(true).unwrap();
+    drop(img);
+    let mut bytes = std::fs::read(&c.image).unwrap();
+    bytes[79] &= !1;
+    std::fs::write(&c.image, &bytes).unwrap();
+    // A full lazy session: writes, flushes, clean close clears the bit and leaves consistent
+    // refcounts.
+    let img_path = c.image.clone();
+    {
+        let img = open(true).unwrap();
+        drop(img);
+    }
+    let mut bytes = std::fs::read(&img_path).unwrap();
+    bytes[79] &= !1;
+    std::fs::write(&img_path, &bytes).unwrap();
+    exercise_lazy(&img_path, &mut model);
+    assert!(!dirty_bit(&img_path), "a clean close clears the dirty bit");
+    verify(&img_path, &model, c.dir.path());
+}
+
+/// Like [`exercise`], with lazy refcounts.
+fn exercise_lazy(path: &Path, model: &mut [u8]) {
+    let img = Image::open(
+        path,
+        &OpenOptions {
+            read_only: false,
+            lazy_refcounts: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut rng = Rng(99);
+    for i in 0..64u64 {
+        let off = rng.below(img.virtual_size() / 65536) * 65536 + 512 * (i % 7);
+        let mut data = vec![0u8; 8192];
+        rng.fill(&mut data);
+        img.write_at(&data, off).unwrap();
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    img.close().unwrap();
+}
