@@ -208,6 +208,37 @@ pub(crate) fn open_writable(
     })
 }
 
+impl Writable {
+    /// Records that the image's metadata is corrupt: sets the corrupt bit on disk (so neither
+    /// qcow2d nor QEMU writes it again before a repair) and refuses further writes.
+    pub(crate) fn mark_corrupt(&self, layer: &Layer, why: &str) {
+        if self.failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        tracing::error!(
+            "{}: corrupt metadata ({why}); marking the image corrupt, it takes no more writes",
+            layer.path.display()
+        );
+        let LayerKind::Qcow2(q) = &layer.kind else {
+            return;
+        };
+        if q.header.version < 3 {
+            return;
+        }
+        let mut h = self.header.lock().unwrap_or_else(|p| p.into_inner());
+        let bits = crate::format::be64_at(&h.bytes, field::INCOMPATIBLE);
+        h.put64(field::INCOMPATIBLE, bits | incompat::CORRUPT);
+        let fd = q.file.as_raw_fd();
+        let result = BlockingReader::new().and_then(|mut io| {
+            io.write_all_at(fd, &h.bytes[..field::INCOMPATIBLE + 8], 0)?;
+            io.fdatasync(fd)
+        });
+        if let Err(e) = result {
+            tracing::error!("{}: cannot set the corrupt bit: {e}", layer.path.display());
+        }
+    }
+}
+
 /// Writes what a clean close needs: refcount blocks still in memory (all of them with lazy
 /// refcounts), a grown refcount table and its header fields, then clears the dirty bit. Every
 /// shard must have flushed and released its reservation first.

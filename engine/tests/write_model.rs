@@ -510,3 +510,43 @@ fn exercise_lazy(path: &Path, model: &mut [u8]) {
     }
     img.close().unwrap();
 }
+
+#[test]
+fn corruption_found_while_writable_sets_the_corrupt_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let img_path = create(dir.path(), "c.qcow2", "", "16M");
+    run(Command::new("qemu-io").args(["-c", "write -P 0x11 0 64k", img_path.to_str().unwrap()]));
+    // Make the first L2 entry point at an unaligned host offset.
+    let mut bytes = std::fs::read(&img_path).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be64(&bytes, 40) as usize;
+    let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = be64(&bytes, l2) | 0x200;
+    bytes[l2..l2 + 8].copy_from_slice(&entry.to_be_bytes());
+    std::fs::write(&img_path, &bytes).unwrap();
+
+    let img = Image::open(
+        &img_path,
+        &OpenOptions {
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = img.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(err.kind(), qcow2d_engine::ErrorKind::Corrupt, "{err}");
+    // Another cluster still reads; writes are refused from now on.
+    img.read_at(&mut buf, 1 << 20).unwrap();
+    let mut shard = img.new_shard(&ShardConfig::default()).unwrap();
+    let e = shard
+        .submit_write_zeroes(1, 1 << 20, 4096, false)
+        .unwrap_err();
+    assert_eq!(e.kind(), qcow2d_engine::ErrorKind::ReadOnly, "{e}");
+    drop(shard);
+    drop(img);
+    let bytes = std::fs::read(&img_path).unwrap();
+    assert!(bytes[79] & 2 != 0, "the corrupt bit is set on disk");
+    let info = run(Command::new("qemu-img").args(["info", img_path.to_str().unwrap()]));
+    assert!(info.contains("corrupt: true"), "{info}");
+}

@@ -214,6 +214,8 @@ struct State {
     dirty_l1: Vec<u64>,
     flush: FlushState,
     writethrough: bool,
+    /// Corruption of the top image found during this turn, handled at its end.
+    pending_corrupt: Option<&'static str>,
 }
 
 /// See the module documentation.
@@ -304,6 +306,7 @@ impl Shard {
                 dirty_l1: Vec::new(),
                 flush: FlushState::default(),
                 writethrough: false,
+                pending_corrupt: None,
             },
             image,
         })
@@ -646,6 +649,9 @@ impl Shard {
                 break;
             }
             st.run_cow_ready(ring, img);
+        }
+        if let (Some(why), Some(w)) = (st.pending_corrupt.take(), &img.writable) {
+            w.mark_corrupt(&img.layers[0], why);
         }
         st.maybe_start_flush(ring, img);
     }

@@ -20,6 +20,13 @@ pub(super) enum Table {
 }
 
 impl State {
+    /// Corruption found in layer `layer`: a writable top image is marked corrupt.
+    pub(super) fn corrupt_detected(&mut self, layer: u16, why: &'static str) {
+        if layer == 0 {
+            self.pending_corrupt.get_or_insert(why);
+        }
+    }
+
     /// Finds the L2 table of `l1_index` in layer `layer` for part `pid`, starting its load on a
     /// miss (the part then waits on it).
     pub(super) fn l2_table(
@@ -38,6 +45,7 @@ impl State {
             Err(why) => {
                 let at = q.header.l1_table_offset + 8 * l1_index;
                 tracing::warn!("{}: L1 entry at {at:#x}: {why}", path.display());
+                self.corrupt_detected(layer, why);
                 self.finish_part(pid, Err(IoError::Corrupt { host_offset: at }));
                 return Table::Pending;
             }
@@ -120,6 +128,7 @@ impl State {
                         Err(why) => {
                             let at = host + (p.guest_off % cover) / cs * q.geom.l2_entry_bytes();
                             tracing::warn!("{}: L2 entry at {at:#x}: {why}", layer.path.display());
+                            self.corrupt_detected(p.layer, why);
                             return self
                                 .finish_part(pid, Err(IoError::Corrupt { host_offset: at }));
                         }

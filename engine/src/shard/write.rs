@@ -145,6 +145,7 @@ impl State {
             Ok(e) => e,
             Err(why) => {
                 tracing::warn!("{}: L2 entry {index}: {why}", img.layers[0].path.display());
+                self.corrupt_detected(0, why);
                 return self.finish_part(pid, Err(IoError::Corrupt { host_offset: 0 }));
             }
         };
