@@ -11,6 +11,7 @@
 //! frontend (the daemon's vhost-user-blk code, or a test) submits requests to it and polls it
 //! for completions. Nothing here knows about virtio.
 
+pub mod check;
 pub mod error;
 pub mod format;
 pub mod image;
@@ -19,6 +20,7 @@ pub mod meta;
 pub mod shard;
 mod write;
 
+pub use check::{check, CheckReport};
 pub use error::{Error, ErrorKind, IoError};
 pub use image::{Image, ImageInfo, OpenOptions};
 pub use shard::{Completion, Shard, ShardConfig};

@@ -13,12 +13,24 @@ pub struct Ring {
     eventfd: OwnedFd,
     /// Entries pushed since the last `submit`.
     unsubmitted: usize,
+    /// Completions taken off the completion queue to make room while pushing, handed out by
+    /// the next `reap_into` before anything else.
+    stash: Vec<(u64, i32)>,
+    /// Entries pushed whose completion has not been taken off the completion queue. Kept at
+    /// or below the completion queue's size, so the kernel never overflows it.
+    in_kernel: usize,
+    cq_capacity: usize,
 }
 
 impl Ring {
     /// Creates a ring of `entries` submission slots and registers a non-blocking eventfd.
     pub fn new(entries: u32) -> io::Result<Ring> {
-        let ring = IoUring::builder().build(entries.max(8))?;
+        let entries = entries.max(8);
+        // A completion queue well larger than the submission queue: a shard may have many
+        // operations in flight, and a full queue makes the kernel refuse submissions.
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 8)
+            .build(entries)?;
         // SAFETY: eventfd takes no pointers; the result is checked before use.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -27,10 +39,14 @@ impl Ring {
         // SAFETY: fd is a freshly created descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let cq_capacity = ring.params().cq_entries() as usize;
         Ok(Ring {
             ring,
             eventfd,
             unsubmitted: 0,
+            stash: Vec::new(),
+            in_kernel: 0,
+            cq_capacity,
         })
     }
 
@@ -55,20 +71,43 @@ impl Ring {
     }
 
     /// Queues one entry, submitting what is queued first when the submission queue is full.
+    /// At most as many entries as the completion queue holds are in the kernel at once: when
+    /// that many are, completions are moved to the stash to make room (waiting for one if
+    /// none has arrived), so the completion queue never overflows and nothing spins.
     ///
     /// # Safety
     /// Every buffer and iovec array the entry points to must stay valid (and not be moved
     /// or freed) until the completion carrying the entry's user data has been reaped.
     pub unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        while self.in_kernel >= self.cq_capacity {
+            self.stash_completions();
+            if self.in_kernel >= self.cq_capacity {
+                self.submit_and_wait()?;
+                self.stash_completions();
+            }
+        }
         loop {
             // SAFETY: the caller guarantees the entry's buffers outlive its completion.
             let pushed = unsafe { self.ring.submission().push(entry).is_ok() };
             if pushed {
                 self.unsubmitted += 1;
+                self.in_kernel += 1;
                 return Ok(());
             }
             self.submit()?;
         }
+    }
+
+    fn stash_completions(&mut self) {
+        let before = self.stash.len();
+        self.stash
+            .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        self.in_kernel -= self.stash.len() - before;
+    }
+
+    /// Whether entries were queued but not yet handed to the kernel.
+    pub fn has_unsubmitted(&self) -> bool {
+        self.unsubmitted > 0
     }
 
     /// Submits everything queued with one `io_uring_enter`; a no-op when nothing is queued.
@@ -107,7 +146,7 @@ impl Ring {
 
     /// Whether completions are waiting to be reaped.
     pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        !self.stash.is_empty() || !self.ring.completion().is_empty()
     }
 
     /// Appends every available completion to `out` as (user data, result).
@@ -116,7 +155,10 @@ impl Ring {
     /// handling a completion may push new entries, which needs the ring again.
     pub fn reap_into(&mut self, out: &mut Vec<(u64, i32)>) -> usize {
         let before = out.len();
+        out.append(&mut self.stash);
+        let stashed = out.len() - before;
         out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        self.in_kernel -= out.len() - before - stashed;
         out.len() - before
     }
 }

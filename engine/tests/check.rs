@@ -1,0 +1,656 @@
+//! `qcow2d_engine::check` against `qemu-img check`.
+//!
+//! Images are made by the real `qemu-img` and `qemu-io` in every layout the engine supports.
+//! Each must check clean, with the same image end offset and cluster statistics as
+//! `qemu-img check --output=json`. Then refcounts are damaged by editing bytes in the file
+//! (a leak, a refcount dropped to 0, a missing refcount block, a stale refcount under the dirty
+//! bit): our check must count what `qemu-img check` counts, and our repair must leave an image
+//! that both checks find clean and that `qemu-img compare` finds identical to a copy taken
+//! before the damage. A missing tool fails the test loudly.
+
+use qcow2d_engine::check::{check, CheckReport};
+use qcow2d_engine::format::{refcount_get, refcount_set};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn output(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is qemu-utils installed?): {e}"))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    run(Command::new("qemu-img").args(args))
+}
+
+fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.arg("-f").arg(fmt);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    c.arg(path);
+    let out = run(&mut c);
+    assert!(
+        !out.contains("error") && !out.contains("failed"),
+        "qemu-io {cmds:?}: {out}"
+    );
+}
+
+/// What `qemu-img check --output=json` says, and its exit status.
+#[derive(Debug)]
+struct QemuCheck {
+    exit: i32,
+    corruptions: u64,
+    leaks: u64,
+    check_errors: u64,
+    image_end_offset: u64,
+    total_clusters: u64,
+    allocated_clusters: u64,
+    compressed_clusters: u64,
+    fragmented_clusters: u64,
+    json: String,
+    stderr: String,
+}
+
+fn qemu_check(path: &Path) -> QemuCheck {
+    let out = output(
+        Command::new("qemu-img")
+            .args(["check", "--output=json", "-f", "qcow2"])
+            .arg(path),
+    );
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // When QEMU cannot open the image it prints no JSON and exits with 1.
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    // Fields that are zero are left out.
+    let field = |name: &str| v.get(name).and_then(|x| x.as_u64()).unwrap_or(0);
+    QemuCheck {
+        exit: out.status.code().unwrap_or(-1),
+        corruptions: field("corruptions"),
+        leaks: field("leaks"),
+        check_errors: field("check-errors"),
+        image_end_offset: field("image-end-offset"),
+        total_clusters: field("total-clusters"),
+        allocated_clusters: field("allocated-clusters"),
+        compressed_clusters: field("compressed-clusters"),
+        fragmented_clusters: field("fragmented-clusters"),
+        json,
+        stderr,
+    }
+}
+
+/// Checks without repair and asserts we agree with `qemu-img check` on every number.
+fn assert_agrees(path: &Path) -> CheckReport {
+    let ours = check(path, false).unwrap_or_else(|e| panic!("check {}: {e}", path.display()));
+    let q = qemu_check(path);
+    let ctx = format!(
+        "{}\nours: {ours:?}\n{ours}\nqemu: {}{}",
+        path.display(),
+        q.json,
+        q.stderr
+    );
+    assert_eq!(q.check_errors, 0, "{ctx}");
+    assert_eq!(ours.corruptions, q.corruptions, "corruptions: {ctx}");
+    assert_eq!(ours.leaks, q.leaks, "leaks: {ctx}");
+    assert_eq!(ours.exit_code(), q.exit, "exit code: {ctx}");
+    assert_eq!(ours.image_end_offset, q.image_end_offset, "end: {ctx}");
+    assert_eq!(ours.total_clusters, q.total_clusters, "total: {ctx}");
+    assert_eq!(
+        ours.allocated_clusters, q.allocated_clusters,
+        "alloc: {ctx}"
+    );
+    assert_eq!(
+        ours.compressed_clusters, q.compressed_clusters,
+        "compr: {ctx}"
+    );
+    assert_eq!(
+        ours.fragmented_clusters, q.fragmented_clusters,
+        "frag: {ctx}"
+    );
+    assert!(!ours.repaired);
+    ours
+}
+
+fn assert_clean(path: &Path) {
+    let r = assert_agrees(path);
+    assert_eq!(
+        (r.corruptions, r.leaks),
+        (0, 0),
+        "{}: {r:?}",
+        path.display()
+    );
+    assert_eq!(r.exit_code(), 0);
+    assert!(r
+        .to_string()
+        .starts_with("No errors were found on the image.\n"));
+}
+
+/// Repairs, then asserts that both checks find the image clean and that its contents equal
+/// `reference` (a copy taken before the damage).
+fn repair_and_verify(path: &Path, reference: &Path) -> CheckReport {
+    let r = check(path, true).unwrap_or_else(|e| panic!("repair {}: {e}", path.display()));
+    assert!(r.repaired);
+    assert_eq!(
+        (r.corruptions, r.leaks),
+        (0, 0),
+        "after repair of {}: {r:?}",
+        path.display()
+    );
+    assert_clean(path);
+    let q = qemu_check(path);
+    assert_eq!(
+        q.exit, 0,
+        "qemu-img check after repair: {}{}",
+        q.json, q.stderr
+    );
+    let out = output(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+            .arg(reference)
+            .arg(path),
+    );
+    assert!(
+        out.status.success(),
+        "qemu-img compare after repair: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    r
+}
+
+// ---- Byte-level access to an image, for damaging it. ----
+
+fn read_file(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+struct Layout {
+    cluster_bits: u32,
+    refcount_order: u32,
+    refcount_table_offset: u64,
+    l1_table_offset: u64,
+    extended_l2: bool,
+}
+
+fn layout(img: &[u8]) -> Layout {
+    let version = be32(img, 4);
+    Layout {
+        cluster_bits: be32(img, 20),
+        refcount_order: if version >= 3 { be32(img, 96) } else { 4 },
+        refcount_table_offset: be64(img, 48),
+        l1_table_offset: be64(img, 40),
+        extended_l2: version >= 3 && be64(img, 72) & (1 << 4) != 0,
+    }
+}
+
+impl Layout {
+    /// Byte offset of the refcount block holding cluster `c`, and `c`'s index in it.
+    fn refcount_slot(&self, img: &[u8], c: u64) -> (usize, usize) {
+        let epb = (8u64 << self.cluster_bits) >> self.refcount_order;
+        let rt = self.refcount_table_offset as usize + (c / epb) as usize * 8;
+        let block = be64(img, rt) & !0x1ff;
+        assert_ne!(block, 0, "no refcount block for cluster {c}");
+        (block as usize, (c % epb) as usize)
+    }
+
+    fn refcount(&self, img: &[u8], c: u64) -> u64 {
+        let (block, i) = self.refcount_slot(img, c);
+        let cs = 1usize << self.cluster_bits;
+        refcount_get(&img[block..block + cs], self.refcount_order, i)
+    }
+
+    fn set_refcount(&self, img: &mut [u8], c: u64, v: u64) {
+        let (block, i) = self.refcount_slot(img, c);
+        let cs = 1usize << self.cluster_bits;
+        refcount_set(&mut img[block..block + cs], self.refcount_order, i, v).unwrap();
+    }
+
+    /// Host cluster of the first L2 table of the active L1 table.
+    fn first_l2_cluster(&self, img: &[u8]) -> u64 {
+        let l2 = be64(img, self.l1_table_offset as usize) & 0x00ff_ffff_ffff_fe00;
+        assert_ne!(l2, 0, "L1 entry 0 is unallocated");
+        l2 >> self.cluster_bits
+    }
+
+    /// Host cluster of the first allocated, uncompressed data cluster of the first L2 table.
+    fn first_data_cluster(&self, img: &[u8]) -> u64 {
+        let l2 = (self.first_l2_cluster(img) << self.cluster_bits) as usize;
+        let esz = if self.extended_l2 { 16 } else { 8 };
+        let entries = (1usize << self.cluster_bits) / esz;
+        (0..entries)
+            .map(|j| be64(img, l2 + j * esz))
+            .find(|e| e & (1 << 62) == 0 && e & 0x00ff_ffff_ffff_fe00 != 0)
+            .map(|e| (e & 0x00ff_ffff_ffff_fe00) >> self.cluster_bits)
+            .expect("no allocated data cluster in the first L2 table")
+    }
+}
+
+fn edit(path: &Path, f: impl FnOnce(&Layout, &mut Vec<u8>)) {
+    let mut img = read_file(path);
+    let l = layout(&img);
+    f(&l, &mut img);
+    std::fs::write(path, &img).unwrap();
+}
+
+// ---- Image factory. ----
+
+struct Dir {
+    dir: tempfile::TempDir,
+}
+
+impl Dir {
+    fn new() -> Dir {
+        Dir {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `qemu-img create -f qcow2 -o <opts>` then runs `qemu-io` commands on it.
+    fn image(&self, name: &str, opts: &str, size: &str, cmds: &[&str]) -> PathBuf {
+        let p = self.path(name);
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        let ps = p.to_str().unwrap().to_owned();
+        args.push(&ps);
+        args.push(size);
+        qemu_img(&args);
+        if !cmds.is_empty() {
+            qemu_io("qcow2", &p, cmds);
+        }
+        p
+    }
+
+    /// A raw image with compressible and incompressible data, compressed into qcow2 with
+    /// `qemu-img convert -c` and the given options.
+    fn compressed(&self, name: &str, opts: &str) -> PathBuf {
+        let raw = self.path(&format!("{name}.raw"));
+        let mut data = vec![0u8; 3 << 20];
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for (i, chunk) in data.chunks_mut(4096).enumerate() {
+            match i % 5 {
+                0 => chunk.fill(0x5a),
+                1 => chunk.fill(0),
+                _ => {
+                    for b in chunk.iter_mut() {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        // Half random, half text-like: compresses partly.
+                        *b = if i % 2 == 0 {
+                            x as u8
+                        } else {
+                            b'a' + (x % 7) as u8
+                        };
+                    }
+                }
+            }
+        }
+        std::fs::write(&raw, &data).unwrap();
+        let p = self.path(name);
+        let mut args = vec!["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        let (rs, ps) = (
+            raw.to_str().unwrap().to_owned(),
+            p.to_str().unwrap().to_owned(),
+        );
+        args.push(&rs);
+        args.push(&ps);
+        qemu_img(&args);
+        p
+    }
+
+    fn copy(&self, from: &Path, name: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::copy(from, &p).unwrap();
+        p
+    }
+}
+
+const WRITES: &[&str] = &[
+    "write -P 1 0 100k",
+    "write -P 2 1M 64k",
+    "write -z 2M 128k",
+    "write -P 3 3M 8k",
+    "discard 1M 64k",
+];
+
+/// Every layout of image we serve, as made by QEMU, with data in it.
+fn all_images(d: &Dir) -> Vec<PathBuf> {
+    let snap = |p: &Path, name: &str| {
+        qemu_img(&["snapshot", "-c", name, p.to_str().unwrap()]);
+    };
+    let mut v = vec![
+        d.image("fresh.qcow2", "", "4M", &[]),
+        d.image("written.qcow2", "", "8M", WRITES),
+        d.compressed("compressed.qcow2", ""),
+        d.compressed("zstd.qcow2", "compression_type=zstd"),
+        d.image("c512.qcow2", "cluster_size=512", "4M", WRITES),
+        d.image("rc1.qcow2", "refcount_bits=1", "8M", WRITES),
+        d.image("rc64.qcow2", "refcount_bits=64", "8M", WRITES),
+        d.image(
+            "extl2.qcow2",
+            "extended_l2=on,cluster_size=64k",
+            "8M",
+            &[
+                "write -P 1 0 4k",
+                "write -P 2 12k 8k",
+                "write -z 64k 64k",
+                "write -z 130k 2k",
+                "write -P 4 1M 96k",
+            ],
+        ),
+        d.image("v2.qcow2", "compat=0.10", "8M", WRITES),
+        d.image("prealloc.qcow2", "preallocation=metadata", "4M", &[]),
+        d.image(
+            "lazy.qcow2",
+            "lazy_refcounts=on",
+            "4M",
+            &["write -P 7 0 200k"],
+        ),
+    ];
+    let data = d.path("external.data");
+    v.push(d.image(
+        "datafile.qcow2",
+        &format!("data_file={}", data.display()),
+        "4M",
+        &["write -P 1 0 100k", "write -P 2 1M 64k"],
+    ));
+
+    let s = d.image("snapshots.qcow2", "", "8M", &["write -P 1 0 256k"]);
+    snap(&s, "s1");
+    qemu_io("qcow2", &s, &["write -P 2 64k 64k", "write -P 3 4M 64k"]);
+    snap(&s, "s2");
+    qemu_io("qcow2", &s, &["write -P 4 0 8k", "discard 4M 64k"]);
+    v.push(s);
+
+    let s = d.image("v2snap.qcow2", "compat=0.10", "4M", &["write -P 1 0 128k"]);
+    snap(&s, "first");
+    qemu_io("qcow2", &s, &["write -P 9 0 64k"]);
+    v.push(s);
+
+    let c = d.compressed("csnap.qcow2", "");
+    snap(&c, "s1");
+    qemu_io("qcow2", &c, &["write -P 9 64k 64k"]);
+    v.push(c);
+
+    let b = d.image("bitmaps.qcow2", "", "4M", &[]);
+    qemu_img(&["bitmap", "--add", b.to_str().unwrap(), "b0"]);
+    qemu_img(&["bitmap", "--add", b.to_str().unwrap(), "b1", "-g", "512k"]);
+    qemu_io("qcow2", &b, &["write -P 3 0 256k", "write -P 4 3M 64k"]);
+    v.push(b);
+    v
+}
+
+#[test]
+fn images_made_by_qemu_check_clean_and_agree_with_qemu_img() {
+    let d = Dir::new();
+    for p in all_images(&d) {
+        assert_clean(&p);
+        // Repairing a clean image changes nothing.
+        let before = read_file(&p);
+        let r = check(&p, true).unwrap();
+        assert!(r.repaired);
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
+        assert_eq!(
+            read_file(&p),
+            before,
+            "{}: repair of a clean image wrote",
+            p.display()
+        );
+    }
+}
+
+#[test]
+fn bitmaps_are_counted() {
+    let d = Dir::new();
+    let b = d.image("bitmaps.qcow2", "", "4M", &[]);
+    qemu_img(&["bitmap", "--add", b.to_str().unwrap(), "b0"]);
+    qemu_io("qcow2", &b, &["write -P 3 0 256k"]);
+    assert_clean(&b);
+    // Leaking one bitmap cluster by hand is seen the same way by both.
+    edit(&b, |l, img| {
+        let c = 0;
+        let v = l.refcount(img, c);
+        l.set_refcount(img, c, v + 1);
+    });
+    let r = assert_agrees(&b);
+    assert_eq!(r.leaks, 1);
+}
+
+/// Damages a copy of `src` with `damage`, compares our counts with qemu-img's, repairs and
+/// verifies. Returns the report of the damaged image.
+fn damage_and_repair(
+    d: &Dir,
+    src: &Path,
+    tag: &str,
+    damage: impl FnOnce(&Layout, &mut Vec<u8>),
+) -> CheckReport {
+    let name = src.file_name().unwrap().to_str().unwrap();
+    let reference = d.copy(src, &format!("{name}.{tag}.ref"));
+    let img = d.copy(src, &format!("{name}.{tag}"));
+    edit(&img, damage);
+    let found = assert_agrees(&img);
+    assert!(
+        found.corruptions + found.leaks > 0,
+        "{tag} on {name}: nothing found"
+    );
+    let fixed = repair_and_verify(&img, &reference);
+    assert_eq!(fixed.corruptions_fixed, found.corruptions, "{fixed:?}");
+    assert_eq!(fixed.leaks_fixed, found.leaks, "{fixed:?}");
+    found
+}
+
+#[test]
+fn leaks_are_counted_like_qemu_and_repaired() {
+    let d = Dir::new();
+    for p in all_images(&d) {
+        let img = read_file(&p);
+        let l = layout(&img);
+        if l.refcount_order == 0 {
+            continue; // A 1-bit refcount cannot exceed 1.
+        }
+        // The header cluster: a plain leak.
+        let r = damage_and_repair(&d, &p, "leak-header", |l, img| {
+            let v = l.refcount(img, 0);
+            l.set_refcount(img, 0, v + 3);
+        });
+        assert_eq!((r.leaks, r.corruptions), (1, 0), "{}", p.display());
+        assert_eq!(r.leaked_clusters, vec![(0, 4, 1)]);
+        assert!(r
+            .to_string()
+            .contains("1 leaked clusters were found on the image."));
+        assert_eq!(r.exit_code(), 3);
+        if be64(&img, l.l1_table_offset as usize) != 0 {
+            // An L2 table: a leak, plus a COPIED flag that no longer matches (as QEMU says).
+            damage_and_repair(&d, &p, "leak-l2", |l, img| {
+                let c = l.first_l2_cluster(img);
+                let v = l.refcount(img, c);
+                l.set_refcount(img, c, v + 1);
+            });
+        }
+    }
+}
+
+#[test]
+fn lost_refcounts_are_counted_like_qemu_and_repaired() {
+    let d = Dir::new();
+    for p in all_images(&d) {
+        let img = read_file(&p);
+        let l = layout(&img);
+        if be64(&img, l.l1_table_offset as usize) == 0 {
+            continue;
+        }
+        let name = p.file_name().unwrap().to_str().unwrap();
+        let r = damage_and_repair(&d, &p, "lost-l2", |l, img| {
+            let c = l.first_l2_cluster(img);
+            l.set_refcount(img, c, 0);
+        });
+        assert!(r.corruptions >= 1, "{name}: {r:?}");
+        assert_eq!(r.exit_code(), 2);
+        let c = l.first_l2_cluster(&img);
+        assert_eq!(r.corrupt_clusters[0].0, c << l.cluster_bits, "{r:?}");
+        if !name.starts_with("datafile")
+            && !name.starts_with("compressed")
+            && !name.starts_with("zstd")
+            && !name.starts_with("csnap")
+            && !name.starts_with("prealloc")
+        {
+            damage_and_repair(&d, &p, "lost-data", |l, img| {
+                let c = l.first_data_cluster(img);
+                l.set_refcount(img, c, 0);
+            });
+        }
+    }
+}
+
+#[test]
+fn missing_refcount_block_is_rebuilt() {
+    let d = Dir::new();
+    for p in all_images(&d) {
+        let r = damage_and_repair(&d, &p, "no-block", |l, img| {
+            let rt = l.refcount_table_offset as usize;
+            img[rt..rt + 8].fill(0);
+        });
+        assert!(r.corruptions > 0, "{r:?}");
+        // The refcount table moved to the end of the file.
+        let img = read_file(&p.with_file_name(format!(
+            "{}.no-block",
+            p.file_name().unwrap().to_str().unwrap()
+        )));
+        assert!(layout(&img).refcount_table_offset > layout(&read_file(&p)).refcount_table_offset);
+    }
+}
+
+#[test]
+fn dirty_image_with_stale_refcounts_is_repaired_and_marked_clean() {
+    let d = Dir::new();
+    let p = d.image(
+        "lazy.qcow2",
+        "lazy_refcounts=on",
+        "4M",
+        &["write -P 7 0 200k", "write -P 8 2M 64k"],
+    );
+    let reference = d.copy(&p, "lazy.ref");
+    edit(&p, |l, img| {
+        img[79] |= 1; // Incompatible bit 0: dirty.
+        let c = l.first_data_cluster(img);
+        l.set_refcount(img, c, 0);
+        let last = (img.len() as u64 - 1) >> l.cluster_bits;
+        let v = l.refcount(img, last);
+        l.set_refcount(img, last, v + 1);
+    });
+    let r = assert_agrees(&p);
+    assert!(r.corruptions > 0 && r.leaks == 1, "{r:?}");
+    assert!(r.messages.iter().any(|m| m.contains("dirty")), "{r:?}");
+    let fixed = repair_and_verify(&p, &reference);
+    assert_eq!(read_file(&p)[79] & 3, 0, "dirty bit still set: {fixed:?}");
+}
+
+#[test]
+fn corrupt_bit_is_cleared_by_repair() {
+    let d = Dir::new();
+    let p = d.image("c.qcow2", "", "4M", &["write -P 7 0 200k"]);
+    let reference = d.copy(&p, "c.ref");
+    edit(&p, |l, img| {
+        img[79] |= 2; // Incompatible bit 1: corrupt.
+        let v = l.refcount(img, 0);
+        l.set_refcount(img, 0, v + 1);
+    });
+    // qemu-img check refuses nothing for a corrupt-marked image opened read-only.
+    let r = check(&p, false).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 1), "{r:?}");
+    repair_and_verify(&p, &reference);
+    assert_eq!(read_file(&p)[79] & 3, 0);
+}
+
+#[test]
+fn not_an_image_is_an_error() {
+    let d = Dir::new();
+    let p = d.path("junk");
+    std::fs::write(&p, vec![7u8; 4096]).unwrap();
+    assert!(check(&p, false).is_err());
+    assert!(check(&p, true).is_err());
+    assert!(check(&d.path("missing"), false).is_err());
+}
+
+/// Random damage to metadata never panics; when our repair says the image is clean,
+/// `qemu-img check` agrees that nothing is corrupt.
+#[test]
+fn random_damage_never_panics() {
+    let d = Dir::new();
+    let sources = [
+        d.image(
+            "snap.qcow2",
+            "cluster_size=4k",
+            "1M",
+            &["write -P 1 0 256k"],
+        ),
+        d.compressed("comp.qcow2", "cluster_size=4k"),
+        d.image(
+            "ext.qcow2",
+            "extended_l2=on,cluster_size=16k",
+            "1M",
+            &["write -P 1 0 100k", "write -z 300k 20k"],
+        ),
+    ];
+    qemu_img(&["snapshot", "-c", "s", sources[0].to_str().unwrap()]);
+    qemu_io("qcow2", &sources[0], &["write -P 2 0 64k"]);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for (k, src) in sources.iter().enumerate() {
+        let len = read_file(src).len() as u64;
+        for round in 0..12 {
+            let p = d.copy(src, &format!("fuzz-{k}-{round}"));
+            edit(&p, |_, img| {
+                for _ in 0..1 + next() % 8 {
+                    // Metadata lives mostly in the first clusters; hit them more often.
+                    let span = if next() % 2 == 0 { 64 << 10 } else { len };
+                    let at = (next() % span.min(len)) as usize;
+                    img[at] ^= 1 << (next() % 8);
+                }
+            });
+            let Ok(_) = check(&p, false) else { continue };
+            let Ok(r) = check(&p, true) else { continue };
+            if r.corruptions == 0 {
+                let q = qemu_check(&p);
+                assert_eq!(
+                    q.corruptions, 0,
+                    "round {k}/{round}: ours clean, qemu: {}{}\nours: {r:?}",
+                    q.json, q.stderr
+                );
+            }
+        }
+    }
+}
