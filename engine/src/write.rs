@@ -246,6 +246,15 @@ pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
     let LayerKind::Qcow2(q) = &layer.kind else {
         unreachable!("the top layer is always qcow2");
     };
+    if w.failed.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "{}: not closed cleanly: a flush failed or corruption was found earlier",
+                layer.path.display()
+            ),
+        ));
+    }
     let fd = q.file.as_raw_fd();
     let cs = q.geom.cluster_size();
     let io_err = |what: &str, e: std::io::Error| {

@@ -550,3 +550,61 @@ fn corruption_found_while_writable_sets_the_corrupt_bit() {
     let info = run(Command::new("qemu-img").args(["info", img_path.to_str().unwrap()]));
     assert!(info.contains("corrupt: true"), "{info}");
 }
+
+#[test]
+fn failed_sync_turns_the_image_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let img_path = create(dir.path(), "f.qcow2", "", "16M");
+    let img = Image::open(
+        &img_path,
+        &OpenOptions {
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut shard = img
+        .new_shard(&ShardConfig {
+            fail_flush_number: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
+    let data = vec![0x42u8; 65536];
+    let iov = [libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    }];
+    let mut out = Vec::new();
+    // The first flush succeeds. (A flush covers writes completed before it was submitted.)
+    // SAFETY: `data` outlives the request: it is drained below.
+    unsafe { shard.submit_write(1, 0, &iov).unwrap() };
+    shard.drain(&mut out);
+    shard.submit_flush(2).unwrap();
+    shard.drain(&mut out);
+    assert!(out.iter().all(|c| c.result.is_ok()), "{out:?}");
+    out.clear();
+    // The second flush's syncs fail: the flush reports it, and the image refuses writes.
+    // SAFETY: as above.
+    unsafe { shard.submit_write(3, 1 << 20, &iov).unwrap() };
+    shard.drain(&mut out);
+    shard.submit_flush(4).unwrap();
+    shard.drain(&mut out);
+    let flush = out.iter().find(|c| c.token == 4).unwrap();
+    assert!(
+        flush.result.is_err(),
+        "a failed sync must fail the flush: {out:?}"
+    );
+    // SAFETY: as above (refused before any I/O).
+    let e = unsafe { shard.submit_write(5, 0, &iov) }.unwrap_err();
+    assert_eq!(e.kind(), qcow2d_engine::ErrorKind::ReadOnly, "{e}");
+    shard.submit_flush(6).unwrap();
+    out.clear();
+    shard.drain(&mut out);
+    assert!(out[0].result.is_err(), "later flushes fail too: {out:?}");
+    // Reads still work.
+    let mut buf = vec![0u8; 65536];
+    drop(shard);
+    img.read_at(&mut buf, 0).unwrap();
+    let bad = buf.iter().position(|&b| b != 0x42);
+    assert_eq!(bad, None, "the flushed write reads back");
+}

@@ -94,6 +94,7 @@ impl State {
         };
         let fd = q.file.as_raw_fd();
         let cs = q.geom.cluster_size();
+        self.flushes += 1;
         let f = &mut self.flush;
         f.active = true;
         f.running = std::mem::take(&mut f.queued);
@@ -203,18 +204,23 @@ impl State {
                         .offset(host)
                         .build();
                     let op = self.ops.alloc();
-                    self.ops[op].kind = OpKind::Flush;
+                    self.ops[op].kind = OpKind::Flush { injected: false };
                     self.ops[op].buf = Some(buf);
                     entries.push((op, entry));
                 }
             }
             Batch::Sync(fds) => {
                 for fd in fds {
-                    let entry = opcode::Fsync::new(types::Fd(fd))
-                        .flags(types::FsyncFlags::DATASYNC)
-                        .build();
+                    let injected = self.fail_flush_number == Some(self.flushes);
+                    let entry = if injected {
+                        opcode::Nop::new().build()
+                    } else {
+                        opcode::Fsync::new(types::Fd(fd))
+                            .flags(types::FsyncFlags::DATASYNC)
+                            .build()
+                    };
                     let op = self.ops.alloc();
-                    self.ops[op].kind = OpKind::Flush;
+                    self.ops[op].kind = OpKind::Flush { injected };
                     entries.push((op, entry));
                 }
             }

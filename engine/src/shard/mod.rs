@@ -45,6 +45,10 @@ pub struct ShardConfig {
     pub ring_entries: u32,
     /// Bytes of decompressed clusters cached per layer.
     pub decompressed_cache_bytes: u64,
+    /// Fault injection for tests: every fdatasync of the n-th flush of this shard (counting
+    /// from 1) fails with EIO instead of reaching the kernel. `None` in production.
+    #[doc(hidden)]
+    pub fail_flush_number: Option<u64>,
 }
 
 impl Default for ShardConfig {
@@ -54,6 +58,7 @@ impl Default for ShardConfig {
             count: 1,
             ring_entries: 256,
             decompressed_cache_bytes: 16 << 20,
+            fail_flush_number: None,
         }
     }
 }
@@ -154,8 +159,11 @@ enum OpKind {
     AllocWrite {
         alloc: u32,
     },
-    /// A metadata write or sync of the flush in progress.
-    Flush,
+    /// A metadata write or sync of the flush in progress (`injected`: a sync replaced by a
+    /// no-op that must be reported as failed).
+    Flush {
+        injected: bool,
+    },
 }
 
 #[derive(Default)]
@@ -216,6 +224,9 @@ struct State {
     writethrough: bool,
     /// Corruption of the top image found during this turn, handled at its end.
     pending_corrupt: Option<&'static str>,
+    /// Flushes started so far, and the one whose syncs fail (fault injection for tests).
+    flushes: u64,
+    fail_flush_number: Option<u64>,
 }
 
 /// See the module documentation.
@@ -307,6 +318,8 @@ impl Shard {
                 flush: FlushState::default(),
                 writethrough: false,
                 pending_corrupt: None,
+                flushes: 0,
+                fail_flush_number: config.fail_flush_number,
             },
             image,
         })
@@ -547,7 +560,8 @@ impl Shard {
         }
     }
 
-    /// Flushes and waits: for shutdown.
+    /// Flushes and waits: for shutdown. Completions drained meanwhile are discarded; the
+    /// tokens `u64::MAX - 2 ..= u64::MAX` are reserved for this and the other blocking helpers.
     pub fn flush_blocking(&mut self) -> Result<(), Error> {
         const TOKEN: u64 = u64::MAX - 1;
         let mut out = Vec::new();
@@ -578,10 +592,9 @@ impl Shard {
             return;
         }
         let cs = self.image.cluster_size();
-        if let Ok(mut rc) = w.refcounts.lock() {
-            if let Err(e) = rc.adjust_range(r.next, r.remaining * cs, -1) {
-                tracing::warn!("Cannot release reserved clusters: {e}");
-            }
+        let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = rc.adjust_range(r.next, r.remaining * cs, -1) {
+            tracing::warn!("Cannot release reserved clusters: {e}");
         }
         r.remaining = 0;
     }
@@ -687,6 +700,17 @@ fn check_iov_count(iov: &[iovec]) -> Result<(), Error> {
 
 impl Drop for Shard {
     fn drop(&mut self) {
+        if self.image.inner.writable.is_some()
+            && (!self.st.pending_frees.is_empty()
+                || !self.st.dirty_l1.is_empty()
+                || self.st.reserved.remaining > 0
+                || self.st.reqs.live() > 0)
+        {
+            tracing::warn!(
+                "A writable shard is dropped without flush_blocking() and release_reserved(): \
+                 writes since the last flush are lost and reserved clusters leak"
+            );
+        }
         // The kernel may still write into caller memory and our buffers: wait until it is done.
         while self.st.ops_in_kernel > 0 {
             if let Err(e) = self.ring.submit_and_wait() {
@@ -842,9 +866,9 @@ impl State {
                 self.free_op(op);
                 self.alloc_written(img, alloc, res);
             }
-            OpKind::Flush => {
+            OpKind::Flush { injected } => {
                 self.free_op(op);
-                self.flush_op_done(ring, img, res);
+                self.flush_op_done(ring, img, if injected { -libc::EIO } else { res });
             }
         }
     }
