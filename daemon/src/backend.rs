@@ -1,0 +1,555 @@
+//! The vhost-user-blk device: what vhost-user-backend asks a backend for.
+//!
+//! One [`BlkBackend`] serves one frontend connection of one export (a fresh one, with fresh
+//! engine shards, per connection, so no state leaks from one client to the next; what the
+//! previous client wrote was made durable before its shards were dropped). Its methods run on
+//! three kinds of threads:
+//! - the vhost-user frontend thread (feature negotiation, config space and its `writeback`
+//!   byte, memory table, GET_VRING_BASE via [`BlkBackend::stop_vring`]);
+//! - the worker threads, one per engine shard, each running vhost-user-backend's epoll loop and
+//!   calling [`BlkBackend::handle_event`] for kicks of the queues it owns and for its shard's
+//!   completion eventfd. A writable image has exactly one shard, so one worker serves all the
+//!   queues of a writable export;
+//! - the export's listener thread, which calls [`BlkBackend::finish`] once the connection's
+//!   other threads are gone.
+//!
+//! Per-thread state ([`Worker`]) sits in a `Mutex` per worker thread, indexed by thread id; only
+//! its own thread takes it on the data path, so it is uncontended. The frontend thread takes
+//! one worker's mutex at a time (GET_VRING_BASE, a write-cache change) and never while holding
+//! another lock of ours, so it cannot deadlock with the data path.
+//!
+//! The write-cache mode belongs to the export, not to a connection: a driver that turned the
+//! cache off and reconnects (QEMU with `reconnect=1`) must not find it silently on again.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use qcow2d_engine::Image;
+use tracing::{debug, error, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::block_io::EngineIo;
+use crate::exit_events::ExitEvents;
+use crate::request::DeviceInfo;
+use crate::virtio_blk::{
+    device_features, writeback_written, BlkConfig, MAX_QUEUES, MAX_QUEUE_SIZE,
+};
+use crate::worker::{Vring, Worker};
+
+/// Failures while building a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The engine could not create a shard.
+    #[error("Cannot create engine shard {index}")]
+    Shard {
+        /// Index of the shard.
+        index: usize,
+        /// The engine's error.
+        #[source]
+        source: qcow2d_engine::Error,
+    },
+    /// The workers' exit eventfds could not be created.
+    #[error("Cannot create the exit events of the worker threads")]
+    ExitEvents(#[source] io::Error),
+    /// A worker's completion eventfd could not be added to its epoll loop.
+    #[error("Cannot watch the completions of shard {index}")]
+    RegisterCompletions {
+        /// Index of the shard.
+        index: usize,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What a backend is built from (fixed for the life of an export).
+#[derive(Clone, Debug)]
+pub struct DeviceParams {
+    /// Queues offered to the guest (1..=64).
+    pub num_queues: u16,
+    /// Worker threads, each with one engine shard (1..=num_queues).
+    pub shards: usize,
+    /// What requests are checked against.
+    pub device: DeviceInfo,
+    /// The image's cluster size (optimal I/O size hint, discard alignment).
+    pub cluster_size: u64,
+    /// Write-back (true) or write-through: starts as `!writethrough` from the configuration,
+    /// changed by the driver through the config space, kept across the export's connections.
+    pub writeback: Arc<AtomicBool>,
+}
+
+/// The vhost-user-blk backend of one connection.
+pub struct BlkBackend {
+    num_queues: usize,
+    device: DeviceInfo,
+    config: ConfigSpace,
+    workers: Vec<Mutex<Worker<EngineIo>>>,
+    exit_events: ExitEvents,
+    event_idx: AtomicBool,
+}
+
+/// The config space of one connection and the write-cache mode behind its `writeback` byte.
+struct ConfigSpace {
+    /// Everything but `writeback`, fixed for the connection.
+    base: BlkConfig,
+    read_only: bool,
+    /// The export's write-cache mode (see [`DeviceParams::writeback`]).
+    writeback: Arc<AtomicBool>,
+    /// Whether the driver accepted VIRTIO_BLK_F_FLUSH (assumed until it says otherwise): a
+    /// driver that cannot flush gets write-through whatever `writeback` says.
+    flush_acked: AtomicBool,
+}
+
+impl ConfigSpace {
+    fn new(base: BlkConfig, read_only: bool, writeback: Arc<AtomicBool>) -> Self {
+        ConfigSpace {
+            base,
+            read_only,
+            writeback,
+            flush_acked: AtomicBool::new(true),
+        }
+    }
+
+    /// Whether completed writes may sit in a cache until the next flush.
+    fn writeback(&self) -> bool {
+        !self.read_only
+            && self.writeback.load(Ordering::Relaxed)
+            && self.flush_acked.load(Ordering::Relaxed)
+    }
+
+    /// GET_CONFIG.
+    fn read(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut config = self.base;
+        config.writeback = u8::from(self.writeback());
+        config.read(offset, size)
+    }
+
+    /// SET_CONFIG: only the `writeback` byte of a writable export is writable, everything else
+    /// is ignored. Returns the new mode when the write was to that byte.
+    fn write(&self, offset: u32, buf: &[u8]) -> Option<bool> {
+        if self.read_only {
+            return None;
+        }
+        let writeback = writeback_written(offset, buf)?;
+        self.writeback.store(writeback, Ordering::Relaxed);
+        Some(writeback)
+    }
+
+    /// The driver's features: without FLUSH it cannot ask for durability, so every write must
+    /// be durable when it completes.
+    fn ack_features(&self, features: u64) {
+        self.flush_acked
+            .store(features & (1 << VIRTIO_BLK_F_FLUSH) != 0, Ordering::Relaxed);
+    }
+}
+
+/// Which queues each worker thread owns: queue `q` goes to thread `q % threads`.
+pub fn queue_masks(queues: usize, threads: usize) -> Vec<u64> {
+    let threads = threads.max(1);
+    (0..threads)
+        .map(|t| {
+            (0..queues.min(usize::from(MAX_QUEUES)))
+                .filter(|q| q % threads == t)
+                .fold(0u64, |mask, q| mask | (1 << q))
+        })
+        .collect()
+}
+
+impl BlkBackend {
+    /// Creates the backend and one engine shard per worker thread. `mem` must be the guest
+    /// memory handed to the `VhostUserDaemon` that will drive this backend.
+    pub fn new(
+        image: &Image,
+        params: &DeviceParams,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> Result<Self, BackendError> {
+        let num_queues = usize::from(params.num_queues.clamp(1, MAX_QUEUES));
+        let shards = params.shards.clamp(1, num_queues);
+        let workers = (0..shards)
+            .map(|index| {
+                EngineIo::new(image, index, shards)
+                    .map(|io| Mutex::new(Worker::new(io, mem.clone())))
+                    .map_err(|source| BackendError::Shard { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let exit_events = ExitEvents::new(shards).map_err(BackendError::ExitEvents)?;
+        let backend = BlkBackend {
+            num_queues,
+            device: params.device.clone(),
+            config: ConfigSpace::new(
+                BlkConfig::new(
+                    params.device.capacity,
+                    num_queues as u16,
+                    params.cluster_size,
+                    params.device.read_only,
+                    false,
+                ),
+                params.device.read_only,
+                Arc::clone(&params.writeback),
+            ),
+            workers,
+            exit_events,
+            event_idx: AtomicBool::new(false),
+        };
+        backend.apply_cache_mode();
+        Ok(backend)
+    }
+
+    /// Tells every shard whether to make each write durable before completing it.
+    fn apply_cache_mode(&self) {
+        if self.device.read_only {
+            return;
+        }
+        let writethrough = !self.config.writeback();
+        for thread in 0..self.workers.len() {
+            self.lock(thread).set_writethrough(writethrough);
+        }
+    }
+
+    /// Once the connection's threads are gone (the `VhostUserDaemon` dropped): waits for every
+    /// request still in flight, then flushes every shard and returns what it reserved. Every
+    /// worker is finished even if one fails; the first error is returned (for the caller to
+    /// report), later ones are logged here.
+    pub fn finish(&self) -> Result<(), qcow2d_engine::Error> {
+        let mut result = Ok(());
+        for thread in 0..self.workers.len() {
+            if let Err(e) = self.lock(thread).finish() {
+                if result.is_ok() {
+                    result = Err(e);
+                } else {
+                    error!(thread, "Another shard could not flush either: {e}");
+                }
+            }
+        }
+        result
+    }
+
+    /// Number of worker threads (and shards).
+    pub fn threads(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The epoll data of worker `thread`'s completion eventfd: above the range that
+    /// vhost-user-backend reserves for queues and its exit event (0..=num_queues).
+    fn completion_event(&self, thread: usize) -> u64 {
+        (self.num_queues + 1 + thread) as u64
+    }
+
+    /// Adds each worker's shard completion eventfd to that worker's epoll loop.
+    pub fn register_completions(
+        &self,
+        handlers: &[std::sync::Arc<VringEpollHandler<std::sync::Arc<BlkBackend>>>],
+    ) -> Result<(), BackendError> {
+        for (index, handler) in handlers.iter().enumerate() {
+            let fd: RawFd = self.lock(index).io().completion_fd();
+            handler
+                .register_listener(fd, EventSet::IN, self.completion_event(index))
+                .map_err(|source| BackendError::RegisterCompletions { index, source })?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self, thread: usize) -> MutexGuard<'_, Worker<EngineIo>> {
+        // A worker that panicked left its state as it was between two requests at worst; the
+        // panic is already reported, and refusing to go on would wedge the connection.
+        self.workers[thread]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The worker thread that owns queue `queue`.
+    fn thread_of(&self, queue: usize) -> usize {
+        queue % self.workers.len()
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        device_features(self.device.read_only) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("Guest acknowledged features {features:#x}");
+        self.config.ack_features(features);
+        if features & (1 << VIRTIO_BLK_F_FLUSH) == 0 && !self.device.read_only {
+            info!("The driver cannot flush: every write is made durable before it completes");
+        }
+        self.apply_cache_mode();
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config.read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        match self.config.write(offset, buf) {
+            Some(writeback) => {
+                self.apply_cache_mode();
+                info!(
+                    "The driver set the write cache to {}",
+                    if writeback {
+                        "write-back"
+                    } else {
+                        "write-through"
+                    }
+                );
+            }
+            None => debug!(offset, len = buf.len(), "Ignoring a config-space write"),
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        for thread in 0..self.workers.len() {
+            self.lock(thread).set_memory(mem.clone());
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        queue_masks(self.num_queues, self.workers.len())
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match self.exit_events.take(thread_index) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!(thread_index, "Cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let queue = queue_index as usize;
+        if queue >= self.num_queues {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let thread = self.thread_of(queue);
+        let mut worker = self.lock(thread);
+        let local = queue / self.workers.len();
+        let pending = worker.queue_in_flight(local);
+        if pending > 0 {
+            info!(
+                queue,
+                pending, "Waiting for requests in flight on a stopping queue"
+            );
+        }
+        worker.stop_queue(local);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors returned from here stop the worker's event loop for good, so everything is
+        // handled (and logged) inside.
+        if thread_id >= self.workers.len() {
+            warn!(thread_id, "Event for an unknown worker thread");
+            return Ok(());
+        }
+        let event = usize::from(device_event);
+        let mut worker = self.lock(thread_id);
+        if event < vrings.len() {
+            let event_idx = self.event_idx.load(Ordering::Relaxed);
+            worker.process_queue(vrings, event, event_idx, &self.device);
+        } else if event as u64 == self.completion_event(thread_id) {
+            worker.process_completions(vrings);
+        } else {
+            warn!(thread_id, device_event, "Unexpected event");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio_blk::{ID_BYTES, WRITEBACK_OFFSET};
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
+    };
+
+    #[test]
+    fn queue_masks_round_robin() {
+        assert_eq!(queue_masks(4, 2), vec![0b0101, 0b1010]);
+        assert_eq!(queue_masks(3, 3), vec![1, 2, 4]);
+        assert_eq!(queue_masks(1, 1), vec![1]);
+        let all = queue_masks(64, 5);
+        assert_eq!(all.len(), 5);
+        assert_eq!(all.iter().fold(0, |a, m| a | m), u64::MAX);
+        assert_eq!(all.iter().map(|m| m.count_ones()).sum::<u32>(), 64);
+        // Queue 7 of 64 with 5 threads belongs to thread 2.
+        assert_ne!(all[2] & (1 << 7), 0);
+        // One thread (a writable export) owns every queue.
+        assert_eq!(queue_masks(16, 1), vec![0xffff]);
+    }
+
+    fn space(read_only: bool, writeback: bool) -> (ConfigSpace, Arc<AtomicBool>) {
+        let shared = Arc::new(AtomicBool::new(writeback));
+        let base = BlkConfig::new(1 << 30, 4, 65536, read_only, false);
+        (
+            ConfigSpace::new(base, read_only, Arc::clone(&shared)),
+            shared,
+        )
+    }
+
+    #[test]
+    fn set_config_writes_only_the_writeback_byte() {
+        let (cfg, shared) = space(false, true);
+        let before = cfg.read(0, 96);
+        assert_eq!(before[32], 1);
+        // The driver turns the cache off: reflected at once, and kept for the export.
+        assert_eq!(cfg.write(WRITEBACK_OFFSET, &[0]), Some(false));
+        assert_eq!(cfg.read(WRITEBACK_OFFSET, 1), vec![0]);
+        assert!(!shared.load(Ordering::Relaxed));
+        assert!(!cfg.writeback());
+        let after = cfg.read(0, 96);
+        assert_eq!(after[..32], before[..32]);
+        assert_eq!(after[33..], before[33..]);
+        // Writes elsewhere change nothing, even those that would change capacity.
+        assert_eq!(cfg.write(0, &[0xff; 32]), None);
+        assert_eq!(cfg.write(36, &[0; 8]), None);
+        assert_eq!(cfg.read(0, 96), after);
+        // A wide write covering byte 32: only that byte is taken.
+        let mut wide = [0u8; 16];
+        wide[32 - 24] = 1;
+        assert_eq!(cfg.write(24, &wide), Some(true));
+        assert_eq!(cfg.read(0, 96), before);
+        // A new connection of the same export starts from the driver's choice.
+        cfg.write(WRITEBACK_OFFSET, &[0]);
+        let next = ConfigSpace::new(cfg.base, false, Arc::clone(&shared));
+        assert_eq!(next.read(WRITEBACK_OFFSET, 1), vec![0]);
+    }
+
+    #[test]
+    fn writethrough_without_flush_and_on_read_only_exports() {
+        let (cfg, _) = space(false, false);
+        assert_eq!(cfg.read(WRITEBACK_OFFSET, 1), vec![0], "--writethrough");
+        let (cfg, _) = space(false, true);
+        // A driver without FLUSH cannot make writes durable: write-through, reported as such.
+        cfg.ack_features(1 << VIRTIO_BLK_F_CONFIG_WCE);
+        assert!(!cfg.writeback());
+        assert_eq!(cfg.read(WRITEBACK_OFFSET, 1), vec![0]);
+        cfg.ack_features((1 << VIRTIO_BLK_F_CONFIG_WCE) | (1 << VIRTIO_BLK_F_FLUSH));
+        assert!(cfg.writeback());
+
+        let (ro, shared) = space(true, true);
+        assert_eq!(ro.read(WRITEBACK_OFFSET, 1), vec![0]);
+        assert_eq!(ro.write(WRITEBACK_OFFSET, &[1]), None);
+        assert_eq!(ro.write(WRITEBACK_OFFSET, &[0]), None);
+        assert!(shared.load(Ordering::Relaxed), "unchanged");
+    }
+
+    /// A fresh qcow2 image made by qemu-img, or None (test skipped) without it.
+    fn qemu_img_create(name: &str, size: &str) -> Option<std::path::PathBuf> {
+        let dir = std::env::temp_dir().join(format!("qcow2d-backend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let path = dir.join(name);
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg(size)
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(path),
+            _ => {
+                eprintln!("qemu-img not available: skipped");
+                None
+            }
+        }
+    }
+
+    fn params(image: &Image, queues: u16, shards: usize) -> DeviceParams {
+        DeviceParams {
+            num_queues: queues,
+            shards,
+            device: DeviceInfo {
+                capacity: image.virtual_size(),
+                read_only: image.is_read_only(),
+                serial: [0; ID_BYTES],
+            },
+            cluster_size: image.cluster_size(),
+            writeback: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    #[test]
+    fn backend_over_a_real_image() {
+        let Some(path) = qemu_img_create("rw.qcow2", "64M") else {
+            return;
+        };
+        let options = qcow2d_engine::OpenOptions {
+            read_only: false,
+            ..qcow2d_engine::OpenOptions::default()
+        };
+        let image = Image::open(&path, &options).unwrap();
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = BlkBackend::new(&image, &params(&image, 8, 1), &mem).unwrap();
+        assert_eq!(backend.threads(), 1);
+        assert_eq!(backend.queues_per_thread(), vec![0xff]);
+        let features = backend.features();
+        for bit in [
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+            VIRTIO_BLK_F_CONFIG_WCE,
+        ] {
+            assert_ne!(features & (1 << bit), 0, "bit {bit}");
+        }
+        assert_eq!(features & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(backend.get_config(WRITEBACK_OFFSET, 1), vec![1]);
+        backend.set_config(WRITEBACK_OFFSET, &[0]).unwrap();
+        assert_eq!(backend.get_config(WRITEBACK_OFFSET, 1), vec![0]);
+        backend.set_config(WRITEBACK_OFFSET, &[1]).unwrap();
+        assert_eq!(backend.get_config(WRITEBACK_OFFSET, 1), vec![1]);
+        backend.finish().unwrap();
+        drop(backend);
+        image.close().unwrap();
+        drop(image);
+
+        // Read-only: RO and several shards.
+        let image = Image::open(&path, &qcow2d_engine::OpenOptions::default()).unwrap();
+        let backend = BlkBackend::new(&image, &params(&image, 8, 2), &mem).unwrap();
+        assert_eq!(backend.threads(), 2);
+        let features = backend.features();
+        assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(features & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        backend.set_config(WRITEBACK_OFFSET, &[1]).unwrap();
+        assert_eq!(backend.get_config(WRITEBACK_OFFSET, 1), vec![0]);
+        backend.finish().unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}

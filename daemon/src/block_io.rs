@@ -1,0 +1,201 @@
+//! The seam between the vhost-user-blk worker and the QCOW2 engine.
+//!
+//! [`BlockIo`] is what a worker thread needs from the thing that performs its I/O: submit reads,
+//! writes, write-zeroes, discards and flushes tagged with a token, collect completions, switch
+//! between write-back and write-through, and make everything durable when a connection ends.
+//! [`EngineIo`] implements it with one engine [`Shard`]. Each `EngineIo` is owned by one worker
+//! thread's state (behind that thread's mutex); the vhost-user frontend thread only touches it
+//! through that mutex, to drain a queue on GET_VRING_BASE or to change the write-cache mode, and
+//! the export's listener thread finishes it after the connection's threads are gone. Tests
+//! implement the trait with a synchronous fake.
+
+use std::fmt;
+use std::os::fd::RawFd;
+
+use qcow2d_engine::{Completion, Image, IoError, Shard, ShardConfig};
+
+/// One finished request: its token and whether it succeeded.
+pub type Done<E> = (u64, Result<(), E>);
+
+/// Asynchronous block I/O, tagged by caller-chosen tokens.
+pub trait BlockIo {
+    /// Why a submission was refused.
+    type SubmitError: fmt::Display;
+    /// Why a submitted request failed.
+    type IoError: fmt::Display;
+
+    /// Queues a read of `[offset, offset + total length of iov)` into `iov`.
+    ///
+    /// `Ok` means exactly one completion with `token` will come out of [`BlockIo::poll`] or
+    /// [`BlockIo::wait`].
+    ///
+    /// # Safety
+    /// Every iovec must point to memory valid for writes of its length until the completion for
+    /// `token` has been returned, or until `self` has been dropped.
+    unsafe fn submit_read(
+        &mut self,
+        token: u64,
+        offset: u64,
+        iov: &[libc::iovec],
+    ) -> Result<(), Self::SubmitError>;
+
+    /// Queues a write of `iov` at `offset`.
+    ///
+    /// # Safety
+    /// Every iovec must point to memory valid for reads of its length until the completion for
+    /// `token` has been returned, or until `self` has been dropped.
+    unsafe fn submit_write(
+        &mut self,
+        token: u64,
+        offset: u64,
+        iov: &[libc::iovec],
+    ) -> Result<(), Self::SubmitError>;
+
+    /// Queues a write of zeros over `len` bytes at `offset`; with `unmap` the range may be
+    /// deallocated. Same completion contract as [`BlockIo::submit_read`].
+    fn submit_write_zeroes(
+        &mut self,
+        token: u64,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), Self::SubmitError>;
+
+    /// Queues a discard of `len` bytes at `offset`. Same completion contract as
+    /// [`BlockIo::submit_read`].
+    fn submit_discard(
+        &mut self,
+        token: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Self::SubmitError>;
+
+    /// Queues a flush: completes when every write completed before it is durable.
+    fn submit_flush(&mut self, token: u64) -> Result<(), Self::SubmitError>;
+
+    /// Write-through (every write durable before it completes) or write-back (durable after
+    /// the next flush).
+    fn set_writethrough(&mut self, on: bool);
+
+    /// For the end of a connection, once nothing is in flight: makes every completed write and
+    /// all metadata durable and gives back what was reserved but not used, so that dropping
+    /// `self` loses nothing.
+    fn finish(&mut self) -> Result<(), Self::SubmitError>;
+
+    /// Submits queued work and appends finished requests to `out`, without blocking.
+    fn poll(&mut self, out: &mut Vec<Done<Self::IoError>>);
+
+    /// Like [`BlockIo::poll`] but blocks until at least one request finished (returns at once
+    /// when nothing is in flight).
+    fn wait(&mut self, out: &mut Vec<Done<Self::IoError>>);
+
+    /// Requests submitted and not yet returned.
+    fn in_flight(&self) -> usize;
+}
+
+/// [`BlockIo`] over one engine shard.
+pub struct EngineIo {
+    shard: Shard,
+    completions: Vec<Completion>,
+}
+
+impl EngineIo {
+    /// Creates shard `index` of `count` for `image`.
+    pub fn new(image: &Image, index: usize, count: usize) -> Result<Self, qcow2d_engine::Error> {
+        let config = ShardConfig {
+            index,
+            count,
+            ..ShardConfig::default()
+        };
+        Ok(EngineIo {
+            shard: image.new_shard(&config)?,
+            completions: Vec::with_capacity(256),
+        })
+    }
+
+    /// The eventfd that becomes readable when the shard has completions to reap.
+    pub fn completion_fd(&self) -> RawFd {
+        self.shard.completion_fd()
+    }
+
+    fn move_completions(&mut self, out: &mut Vec<Done<IoError>>) {
+        out.extend(self.completions.drain(..).map(|c| (c.token, c.result)));
+    }
+}
+
+impl BlockIo for EngineIo {
+    type SubmitError = qcow2d_engine::Error;
+    type IoError = IoError;
+
+    unsafe fn submit_read(
+        &mut self,
+        token: u64,
+        offset: u64,
+        iov: &[libc::iovec],
+    ) -> Result<(), Self::SubmitError> {
+        // SAFETY: the caller guarantees the buffers stay valid for writes until the completion
+        // (or until the shard, owned by `self`, is dropped), which is the shard's contract.
+        unsafe { self.shard.submit_read(token, offset, iov) }
+    }
+
+    unsafe fn submit_write(
+        &mut self,
+        token: u64,
+        offset: u64,
+        iov: &[libc::iovec],
+    ) -> Result<(), Self::SubmitError> {
+        // SAFETY: the caller guarantees the buffers stay valid for reads until the completion
+        // (or until the shard, owned by `self`, is dropped), which is the shard's contract.
+        unsafe { self.shard.submit_write(token, offset, iov) }
+    }
+
+    fn submit_write_zeroes(
+        &mut self,
+        token: u64,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), Self::SubmitError> {
+        self.shard.submit_write_zeroes(token, offset, len, unmap)
+    }
+
+    fn submit_discard(
+        &mut self,
+        token: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Self::SubmitError> {
+        self.shard.submit_discard(token, offset, len)
+    }
+
+    fn submit_flush(&mut self, token: u64) -> Result<(), Self::SubmitError> {
+        self.shard.submit_flush(token)
+    }
+
+    fn set_writethrough(&mut self, on: bool) {
+        self.shard.set_writethrough(on);
+    }
+
+    fn finish(&mut self) -> Result<(), Self::SubmitError> {
+        // flush_blocking drains whatever is still queued first. The reservation goes back even
+        // if the flush failed: it only changes in-memory refcounts, and a failed image is never
+        // closed (see `Export::run`).
+        let flushed = self.shard.flush_blocking();
+        self.shard.release_reserved();
+        flushed
+    }
+
+    fn poll(&mut self, out: &mut Vec<Done<IoError>>) {
+        self.shard.poll(&mut self.completions);
+        self.move_completions(out);
+    }
+
+    fn wait(&mut self, out: &mut Vec<Done<IoError>>) {
+        self.shard.wait(&mut self.completions);
+        self.move_completions(out);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.shard.in_flight()
+    }
+}

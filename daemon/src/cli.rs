@@ -1,0 +1,167 @@
+//! The command line (clap derive): `qcow2d serve ...` and `qcow2d info ...`.
+//!
+//! Parsed once on the main thread; `serve` options become a validated
+//! [`crate::config::ServeConfig`] in [`crate::config`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Serve QCOW2 images to virtual machines over vhost-user-blk.
+#[derive(Debug, Parser)]
+#[command(name = "qcow2d", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve one image (--image/--socket) or the exports of a config file (--config).
+    Serve(ServeArgs),
+    /// Print what an image is made of.
+    Info(InfoArgs),
+}
+
+/// `qcow2d serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML file listing the exports ([[export]] tables with image, socket, read_only,
+    /// writethrough, lazy_refcounts, queues, serial; optional top-level shards).
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = [
+            "image", "socket", "read_only", "writethrough", "lazy_refcounts", "queues", "shards",
+            "serial",
+        ]
+    )]
+    pub config: Option<PathBuf>,
+
+    /// QCOW2 image to serve.
+    #[arg(long, value_name = "IMG", required_unless_present = "config")]
+    pub image: Option<PathBuf>,
+
+    /// vhost-user unix socket to listen on.
+    #[arg(long, value_name = "SOCK", required_unless_present = "config")]
+    pub socket: Option<PathBuf>,
+
+    /// Export the image read-only (without it the image is opened for writing).
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Make every write durable before it completes (reports the write cache off; the guest
+    /// may turn it on). Default: write-back, writes durable at the guest's flushes.
+    #[arg(long, conflicts_with = "read_only")]
+    pub writethrough: bool,
+
+    /// Keep refcount updates in memory until a clean shutdown (faster allocating writes; after
+    /// a crash the image needs `qemu-img check -r all`).
+    #[arg(long, conflicts_with = "read_only")]
+    pub lazy_refcounts: bool,
+
+    /// Number of virtqueues [default: max(16, CPUs), at most 64].
+    #[arg(long, value_name = "N")]
+    pub queues: Option<u64>,
+
+    /// Worker threads, each with its own engine shard, for read-only exports [default: CPUs,
+    /// at most --queues]. Writable exports always have one.
+    #[arg(long, value_name = "N")]
+    pub shards: Option<u64>,
+
+    /// Serial number reported to the guest (at most 20 bytes) [default: image file name].
+    #[arg(long, value_name = "STR")]
+    pub serial: Option<String>,
+}
+
+/// `qcow2d info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The image.
+    #[arg(value_name = "IMG")]
+    pub image: PathBuf,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_needs_image_and_socket_or_config() {
+        assert!(Cli::try_parse_from(["qcow2d", "serve", "--image", "a"]).is_err());
+        assert!(Cli::try_parse_from(["qcow2d", "serve", "--image", "a", "--socket", "s"]).is_ok());
+        assert!(Cli::try_parse_from(["qcow2d", "serve", "--config", "c.toml"]).is_ok());
+        assert!(Cli::try_parse_from(["qcow2d", "serve", "--config", "c", "--image", "a"]).is_err());
+        let cli = Cli::try_parse_from([
+            "qcow2d",
+            "serve",
+            "--image",
+            "a",
+            "--socket",
+            "s",
+            "--read-only",
+            "--queues",
+            "4",
+            "--shards",
+            "2",
+            "--serial",
+            "x",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert!(args.read_only);
+        assert!(!args.writethrough && !args.lazy_refcounts);
+        assert_eq!(args.queues, Some(4));
+        assert_eq!(args.shards, Some(2));
+        assert_eq!(args.serial.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn write_options() {
+        let base = ["qcow2d", "serve", "--image", "a", "--socket", "s"];
+        let parse = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            Cli::try_parse_from(args).map(|cli| match cli.command {
+                Command::Serve(args) => args,
+                Command::Info(_) => panic!("not serve"),
+            })
+        };
+        let args = parse(&["--writethrough", "--lazy-refcounts"]).unwrap();
+        assert!(args.writethrough && args.lazy_refcounts && !args.read_only);
+        let args = parse(&[]).unwrap();
+        assert!(!args.writethrough && !args.lazy_refcounts && !args.read_only);
+        // Meaningless on a read-only export, and not with a config file.
+        assert!(parse(&["--read-only", "--writethrough"]).is_err());
+        assert!(parse(&["--read-only", "--lazy-refcounts"]).is_err());
+        assert!(
+            Cli::try_parse_from(["qcow2d", "serve", "--config", "c", "--writethrough"]).is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["qcow2d", "serve", "--config", "c", "--lazy-refcounts"]).is_err()
+        );
+    }
+
+    #[test]
+    fn info_args() {
+        let cli = Cli::try_parse_from(["qcow2d", "info", "img.qcow2", "--json"]).unwrap();
+        let Command::Info(args) = cli.command else {
+            panic!("not info")
+        };
+        assert_eq!(args.image, PathBuf::from("img.qcow2"));
+        assert!(args.json);
+    }
+}

@@ -1,0 +1,599 @@
+//! What to serve: the exports, from the command line or from a TOML config file, validated
+//! into typed values before any image or socket is opened.
+//!
+//! Runs on the main thread at start-up. A config file looks like:
+//!
+//! ```toml
+//! shards = 4              # optional: worker threads (engine shards) per read-only export
+//!
+//! [[export]]
+//! image = "/var/lib/images/vm1.qcow2"
+//! socket = "/run/qcow2d/vm1.sock"
+//! read_only = true        # optional, default false: the image is opened for writing
+//! writethrough = true     # optional, default false: every write durable before it completes
+//! lazy_refcounts = true   # optional, default false: refcounts written at clean close only
+//! queues = 4              # optional, default max(16, CPUs), at most 64
+//! serial = "vm1-disk0"    # optional, at most 20 bytes; default: the image's file name
+//! ```
+//!
+//! A writable image is served by one engine shard, so a writable export has one worker thread
+//! for all its queues whatever `shards` says; `shards` applies to read-only exports.
+//!
+//! Relative paths in a config file are relative to the directory of that file. Unknown keys
+//! are errors, reported with their line and column.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::virtio_blk::{ID_BYTES, MAX_QUEUES};
+
+/// Most worker threads (shards) an export may ask for.
+const MAX_SHARDS: u64 = 256;
+
+/// Errors in the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("Cannot read config file {}", path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or does not match the schema.
+    #[error("Invalid config file {}{location}: {message}", path.display())]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// Where in the file.
+        location: Location,
+        /// What is wrong there.
+        message: String,
+    },
+    /// The config file has no `[[export]]`.
+    #[error("Config file {} defines no [[export]]", path.display())]
+    NoExports {
+        /// The config file.
+        path: PathBuf,
+    },
+    /// A value is out of range or malformed.
+    #[error("{origin}: {problem}")]
+    Invalid {
+        /// Which export (and where it was defined).
+        origin: Origin,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// A line and column in a config file (1-based), or nothing when the parser gave no position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location(pub Option<(usize, usize)>);
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some((line, column)) => write!(f, ", line {line}, column {column}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where an export was defined, for error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `qcow2d serve --image ... --socket ...`.
+    CommandLine,
+    /// The n-th (1-based) `[[export]]` of a config file.
+    File {
+        /// The config file.
+        path: PathBuf,
+        /// 1-based index of the export.
+        index: usize,
+    },
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::CommandLine => f.write_str("Command line"),
+            Origin::File { path, index } => {
+                write!(f, "Export {index} in config file {}", path.display())
+            }
+        }
+    }
+}
+
+/// One validated export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportConfig {
+    /// The QCOW2 image.
+    pub image: PathBuf,
+    /// The vhost-user unix socket to listen on.
+    pub socket: PathBuf,
+    /// Whether the user asked for a read-only export.
+    pub read_only: bool,
+    /// Whether every write is made durable before it completes (the write cache starts off;
+    /// the driver may turn it on).
+    pub writethrough: bool,
+    /// Whether to open the image with lazy refcounts.
+    pub lazy_refcounts: bool,
+    /// Number of virtqueues offered.
+    pub queues: u16,
+    /// Worker threads (engine shards): never more than `queues`, and 1 for writable exports.
+    pub shards: usize,
+    /// GET_ID answer, at most 20 bytes.
+    pub serial: String,
+}
+
+/// Everything `qcow2d serve` needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// The exports, each served by its own listener thread.
+    pub exports: Vec<ExportConfig>,
+}
+
+/// Export settings as given, before validation.
+#[derive(Clone, Debug, Default)]
+pub struct RawExport {
+    /// Image path.
+    pub image: PathBuf,
+    /// Socket path.
+    pub socket: PathBuf,
+    /// `read_only` / `--read-only`.
+    pub read_only: bool,
+    /// `writethrough` / `--writethrough`.
+    pub writethrough: bool,
+    /// `lazy_refcounts` / `--lazy-refcounts`.
+    pub lazy_refcounts: bool,
+    /// `queues` / `--queues`.
+    pub queues: Option<u64>,
+    /// `serial` / `--serial`.
+    pub serial: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    shards: Option<u64>,
+    #[serde(default)]
+    export: Vec<FileExport>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileExport {
+    image: PathBuf,
+    socket: PathBuf,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    writethrough: bool,
+    #[serde(default)]
+    lazy_refcounts: bool,
+    queues: Option<u64>,
+    serial: Option<String>,
+}
+
+/// The machine's CPU count (at least 1).
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Default queue count: QEMU's vhost-user-blk-pci asks for one queue per vCPU, so offer at
+/// least 16 and at least one per host CPU, at most 64.
+pub fn default_queues(cpus: usize) -> u16 {
+    let cpus = u16::try_from(cpus).unwrap_or(u16::MAX);
+    cpus.clamp(16, MAX_QUEUES)
+}
+
+/// Builds the configuration of `qcow2d serve --image ... --socket ...`.
+pub fn from_command_line(raw: RawExport, shards: Option<u64>) -> Result<ServeConfig, ConfigError> {
+    let export = validate(raw, shards, cpu_count(), &Origin::CommandLine)?;
+    Ok(ServeConfig {
+        exports: vec![export],
+    })
+}
+
+/// Reads and validates a config file.
+pub fn from_file(path: &Path) -> Result<ServeConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path, cpu_count())
+}
+
+/// Parses and validates config `text` read from `path` on a machine with `cpus` CPUs.
+pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, ConfigError> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        location: Location(e.span().map(|span| line_column(text, span.start))),
+        message: e.message().trim_end().to_owned(),
+    })?;
+    if file.export.is_empty() {
+        return Err(ConfigError::NoExports {
+            path: path.to_owned(),
+        });
+    }
+    let base = path.parent().unwrap_or(Path::new(""));
+    let mut exports = Vec::with_capacity(file.export.len());
+    let mut sockets = HashSet::new();
+    for (i, e) in file.export.into_iter().enumerate() {
+        let origin = Origin::File {
+            path: path.to_owned(),
+            index: i + 1,
+        };
+        let raw = RawExport {
+            image: base.join(e.image),
+            socket: base.join(e.socket),
+            read_only: e.read_only,
+            writethrough: e.writethrough,
+            lazy_refcounts: e.lazy_refcounts,
+            queues: e.queues,
+            serial: e.serial,
+        };
+        let export = validate(raw, file.shards, cpus, &origin)?;
+        if !sockets.insert(export.socket.clone()) {
+            return Err(ConfigError::Invalid {
+                origin,
+                problem: format!(
+                    "Socket {} is already used by another export",
+                    export.socket.display()
+                ),
+            });
+        }
+        exports.push(export);
+    }
+    Ok(ServeConfig { exports })
+}
+
+/// 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+fn validate(
+    raw: RawExport,
+    shards: Option<u64>,
+    cpus: usize,
+    origin: &Origin,
+) -> Result<ExportConfig, ConfigError> {
+    let invalid = |problem: String| ConfigError::Invalid {
+        origin: origin.clone(),
+        problem,
+    };
+    if raw.image.as_os_str().is_empty() {
+        return Err(invalid("The image path is empty".into()));
+    }
+    if raw.socket.as_os_str().is_empty() {
+        return Err(invalid("The socket path is empty".into()));
+    }
+    if raw.read_only {
+        for (set, name) in [
+            (raw.writethrough, "writethrough"),
+            (raw.lazy_refcounts, "lazy_refcounts"),
+        ] {
+            if set {
+                return Err(invalid(format!(
+                    "{name} applies to writable exports only, and this one is read-only"
+                )));
+            }
+        }
+    }
+    let queues = match raw.queues {
+        None => default_queues(cpus),
+        Some(q) if (1..=u64::from(MAX_QUEUES)).contains(&q) => q as u16,
+        Some(q) => {
+            return Err(invalid(format!(
+                "Queue count must be between 1 and {MAX_QUEUES}, not {q}"
+            )))
+        }
+    };
+    let shards = match shards {
+        None => cpus,
+        Some(s) if (1..=MAX_SHARDS).contains(&s) => s as usize,
+        Some(s) => {
+            return Err(invalid(format!(
+                "Shard count must be between 1 and {MAX_SHARDS}, not {s}"
+            )))
+        }
+    };
+    // A worker without a queue would have nothing to do; a writable image has one shard.
+    let shards = if raw.read_only {
+        shards.clamp(1, usize::from(queues))
+    } else {
+        1
+    };
+    let serial = match raw.serial {
+        Some(s) => {
+            if s.len() > ID_BYTES {
+                return Err(invalid(format!(
+                    "Serial {s:?} is {} bytes long; at most {ID_BYTES} fit",
+                    s.len()
+                )));
+            }
+            if s.contains('\0') {
+                return Err(invalid("Serial contains a NUL character".into()));
+            }
+            s
+        }
+        None => default_serial(&raw.image),
+    };
+    Ok(ExportConfig {
+        image: raw.image,
+        socket: raw.socket,
+        read_only: raw.read_only,
+        writethrough: raw.writethrough,
+        lazy_refcounts: raw.lazy_refcounts,
+        queues,
+        shards,
+        serial,
+    })
+}
+
+/// The image's file name without its extension, cut to 20 bytes on a character boundary.
+pub fn default_serial(image: &Path) -> String {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().replace('\0', ""))
+        .unwrap_or_default();
+    let mut end = stem.len().min(ID_BYTES);
+    while !stem.is_char_boundary(end) {
+        end -= 1;
+    }
+    let serial = &stem[..end];
+    if serial.is_empty() {
+        "qcow2d".to_owned()
+    } else {
+        serial.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(text: &str) -> ServeConfig {
+        parse(text, Path::new("/etc/qcow2d/test.toml"), 8).unwrap()
+    }
+
+    fn parse_err(text: &str) -> ConfigError {
+        parse(text, Path::new("/etc/qcow2d/test.toml"), 8).unwrap_err()
+    }
+
+    #[test]
+    fn good_config() {
+        let cfg = parse_ok(
+            r#"
+shards = 2
+
+[[export]]
+image = "/images/a.qcow2"
+socket = "/run/a.sock"
+read_only = true
+queues = 4
+serial = "disk-a"
+
+[[export]]
+image = "b.qcow2"
+socket = "sockets/b.sock"
+"#,
+        );
+        assert_eq!(cfg.exports.len(), 2);
+        assert_eq!(
+            cfg.exports[0],
+            ExportConfig {
+                image: "/images/a.qcow2".into(),
+                socket: "/run/a.sock".into(),
+                read_only: true,
+                writethrough: false,
+                lazy_refcounts: false,
+                queues: 4,
+                shards: 2,
+                serial: "disk-a".into(),
+            }
+        );
+        let b = &cfg.exports[1];
+        assert_eq!(b.image, PathBuf::from("/etc/qcow2d/b.qcow2"));
+        assert_eq!(b.socket, PathBuf::from("/etc/qcow2d/sockets/b.sock"));
+        assert!(!b.read_only);
+        assert!(!b.writethrough);
+        assert!(!b.lazy_refcounts);
+        assert_eq!(b.queues, 16);
+        assert_eq!(b.shards, 1, "a writable export has one shard");
+        assert_eq!(b.serial, "b");
+    }
+
+    #[test]
+    fn write_options() {
+        let cfg = parse_ok(
+            "shards = 4\n[[export]]\nimage = \"a\"\nsocket = \"s\"\nwritethrough = true\nlazy_refcounts = true\n",
+        );
+        let e = &cfg.exports[0];
+        assert!(e.writethrough && e.lazy_refcounts && !e.read_only);
+        assert_eq!(e.shards, 1);
+        let cfg = parse_ok(
+            "[[export]]\nimage = \"a\"\nsocket = \"s\"\nwritethrough = false\nlazy_refcounts = false\n",
+        );
+        assert!(!cfg.exports[0].writethrough && !cfg.exports[0].lazy_refcounts);
+        // Wrong types are refused with their position.
+        let err = parse_err("[[export]]\nimage = \"a\"\nsocket = \"s\"\nwritethrough = \"yes\"\n");
+        assert!(err.to_string().contains("line 4"), "{err}");
+        let err = parse_err("[[export]]\nimage = \"a\"\nsocket = \"s\"\nlazy_refcounts = 1\n");
+        assert!(err.to_string().contains("line 4"), "{err}");
+        // Near misses are unknown keys, not silently ignored.
+        for key in ["write_through", "lazy-refcounts", "cache"] {
+            let err = parse_err(&format!(
+                "[[export]]\nimage = \"a\"\nsocket = \"s\"\n{key} = true\n"
+            ));
+            match &err {
+                ConfigError::Parse { message, .. } => assert!(message.contains(key), "{message}"),
+                other => panic!("{key}: unexpected {other:?}"),
+            }
+        }
+        // Meaningless on a read-only export.
+        let err = parse_err(
+            "[[export]]\nimage = \"a\"\nsocket = \"s\"\nread_only = true\nwritethrough = true\n",
+        );
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("writethrough"), "{err}");
+        let err = parse_err(
+            "[[export]]\nimage = \"a\"\nsocket = \"s\"\nread_only = true\nlazy_refcounts = true\n",
+        );
+        assert!(err.to_string().contains("lazy_refcounts"), "{err}");
+        // At the top level too.
+        assert!(matches!(
+            parse_err("writethrough = true\n[[export]]\nimage = \"a\"\nsocket = \"s\"\n"),
+            ConfigError::Parse { .. }
+        ));
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_line() {
+        let err =
+            parse_err("[[export]]\nimage = \"a.qcow2\"\nsocket = \"a.sock\"\ncache = \"none\"\n");
+        match &err {
+            ConfigError::Parse {
+                location, message, ..
+            } => {
+                assert_eq!(location.0, Some((4, 1)));
+                assert!(message.contains("cache"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains("/etc/qcow2d/test.toml"), "{text}");
+        assert!(text.contains("line 4, column 1"), "{text}");
+
+        let err = parse_err("shards = 1\nbogus = 2\n[[export]]\nimage = \"a\"\nsocket = \"b\"\n");
+        assert!(err.to_string().contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn syntax_and_type_errors_have_positions() {
+        let err = parse_err("[[export]]\nimage = \"a.qcow2\nsocket = \"s\"\n");
+        assert!(err.to_string().contains("line 2"), "{err}");
+        let err = parse_err("[[export]]\nimage = \"a\"\nsocket = \"s\"\nqueues = \"four\"\n");
+        assert!(err.to_string().contains("line 4"), "{err}");
+        let err = parse_err("[[export]]\nimage = \"a\"\n");
+        assert!(err.to_string().contains("socket"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let err = parse_err("[[export]]\nimage = \"a\"\nsocket = \"s\"\nqueues = 65\n");
+        assert_eq!(
+            err.to_string(),
+            "Export 1 in config file /etc/qcow2d/test.toml: Queue count must be between 1 and 64, not 65"
+        );
+        assert!(matches!(
+            parse_err("[[export]]\nimage = \"a\"\nsocket = \"s\"\nqueues = 0\n"),
+            ConfigError::Invalid { .. }
+        ));
+        assert!(matches!(
+            parse_err("[[export]]\nimage = \"a\"\nsocket = \"s\"\nqueues = -1\n"),
+            ConfigError::Parse { .. }
+        ));
+        assert!(matches!(
+            parse_err("shards = 0\n[[export]]\nimage = \"a\"\nsocket = \"s\"\n"),
+            ConfigError::Invalid { .. }
+        ));
+        let err = parse_err(
+            "[[export]]\nimage = \"a\"\nsocket = \"s\"\nserial = \"123456789012345678901\"\n",
+        );
+        assert!(err.to_string().contains("at most 20"), "{err}");
+        assert!(matches!(parse_err(""), ConfigError::NoExports { .. }));
+        let err = parse_err(
+            "[[export]]\nimage = \"a\"\nsocket = \"s\"\n[[export]]\nimage = \"b\"\nsocket = \"s\"\n",
+        );
+        assert!(err.to_string().starts_with("Export 2 in"), "{err}");
+    }
+
+    #[test]
+    fn shards_never_exceed_queues() {
+        let ro = "read_only = true\n";
+        let cfg = parse_ok(&format!(
+            "shards = 32\n[[export]]\nimage = \"a\"\nsocket = \"s\"\nqueues = 4\n{ro}"
+        ));
+        assert_eq!(cfg.exports[0].shards, 4);
+        // Default shards: one per CPU (8 here).
+        let cfg = parse_ok(&format!("[[export]]\nimage = \"a\"\nsocket = \"s\"\n{ro}"));
+        assert_eq!(cfg.exports[0].shards, 8);
+        // Writable: always one.
+        let cfg = parse_ok("shards = 32\n[[export]]\nimage = \"a\"\nsocket = \"s\"\n");
+        assert_eq!(cfg.exports[0].shards, 1);
+    }
+
+    #[test]
+    fn defaults() {
+        assert_eq!(default_queues(1), 16);
+        assert_eq!(default_queues(32), 32);
+        assert_eq!(default_queues(500), 64);
+        assert_eq!(default_serial(Path::new("/x/vm-disk.qcow2")), "vm-disk");
+        assert_eq!(
+            default_serial(Path::new("/x/a-very-long-image-name-indeed.qcow2")),
+            "a-very-long-image-na"
+        );
+        // Cut on a character boundary: 19 ASCII bytes then a 2-byte character.
+        assert_eq!(
+            default_serial(Path::new("abcdefghijklmnopqrsé.img")),
+            "abcdefghijklmnopqrs"
+        );
+        assert_eq!(default_serial(Path::new("/")), "qcow2d");
+    }
+
+    #[test]
+    fn command_line() {
+        let cfg = from_command_line(
+            RawExport {
+                image: "img.qcow2".into(),
+                socket: "s.sock".into(),
+                read_only: true,
+                queues: Some(2),
+                serial: None,
+                ..RawExport::default()
+            },
+            Some(8),
+        )
+        .unwrap();
+        assert_eq!(cfg.exports[0].queues, 2);
+        assert_eq!(cfg.exports[0].shards, 2);
+        assert_eq!(cfg.exports[0].serial, "img");
+        let cfg = from_command_line(
+            RawExport {
+                image: "img.qcow2".into(),
+                socket: "s.sock".into(),
+                writethrough: true,
+                lazy_refcounts: true,
+                ..RawExport::default()
+            },
+            Some(8),
+        )
+        .unwrap();
+        let e = &cfg.exports[0];
+        assert!(!e.read_only && e.writethrough && e.lazy_refcounts);
+        assert_eq!(e.shards, 1);
+        let err = from_command_line(
+            RawExport {
+                image: "img.qcow2".into(),
+                socket: "s.sock".into(),
+                queues: Some(100),
+                ..RawExport::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("Command line: "), "{err}");
+    }
+}

@@ -1,0 +1,309 @@
+//! One export: its listening socket and the loop that serves its frontend connections.
+//!
+//! The socket is created on the main thread ([`bind_socket`]); then the export's own listener
+//! thread runs [`Export::run`]: for each connection it builds a fresh [`BlkBackend`] (with new
+//! engine shards) and a fresh `VhostUserDaemon`, whose worker threads are spawned by
+//! vhost-user-backend, accepts one frontend, waits until it goes away, then tears everything
+//! down (worker threads joined through their exit events; shards drained, flushed and their
+//! reserved clusters given back, so the next client sees every write of this one) and accepts
+//! the next one. When asked to stop it closes the image cleanly (refcounts written, dirty bit
+//! cleared) — unless a flush failed, in which case the image is left as it is on disk and the
+//! export reports the failure. [`ExportControl`] is how the main thread asks it to stop,
+//! whether it is waiting for a client or serving one.
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use qcow2d_engine::Image;
+use tracing::{error, info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::{BackendError, BlkBackend, DeviceParams};
+
+/// Failures to create an export's socket.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Something that is not a socket is in the way.
+    #[error("{} exists and is not a socket", path.display())]
+    NotASocket {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// Another process serves this socket.
+    #[error("{} is in use by another process", path.display())]
+    InUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The existing path cannot be examined or removed.
+    #[error("Cannot replace the stale socket {}", path.display())]
+    Stale {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// bind() or listen() failed.
+    #[error("Cannot listen on {}", path.display())]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The vhost-user error.
+        #[source]
+        source: VhostUserError,
+    },
+}
+
+/// Failures that end an export.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The backend of a new connection could not be built.
+    #[error("Cannot set up the device for a new connection")]
+    Backend(#[from] BackendError),
+    /// vhost-user-backend refused to create its daemon (worker threads).
+    #[error("Cannot create the vhost-user device: {0}")]
+    Daemon(String),
+    /// Accepting a connection failed.
+    #[error("Cannot accept a connection: {0}")]
+    Accept(String),
+    /// The export thread panicked.
+    #[error("The export thread panicked")]
+    Panicked,
+    /// A connection's writes could not be made durable; the image was not closed cleanly.
+    #[error(
+        "Writes could not be made durable, so the image was not closed cleanly (check it with qemu-img check)"
+    )]
+    Flush(#[source] qcow2d_engine::Error),
+    /// Closing the image failed.
+    #[error("Cannot close the image cleanly")]
+    Close(#[source] qcow2d_engine::Error),
+}
+
+/// Creates the listening socket at `path`. A stale socket left by a previous run (nobody
+/// listening) is replaced; a live one, or anything that is not a socket, is an error.
+pub fn bind_socket(path: &Path) -> Result<Listener, SocketError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            if !meta.file_type().is_socket() {
+                return Err(SocketError::NotASocket {
+                    path: path.to_owned(),
+                });
+            }
+            match UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(SocketError::InUse {
+                        path: path.to_owned(),
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path).map_err(|source| SocketError::Stale {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                }
+                Err(source) => {
+                    return Err(SocketError::Stale {
+                        path: path.to_owned(),
+                        source,
+                    })
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(SocketError::Stale {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    }
+    // The listener removes the socket file when it is dropped.
+    Listener::new(path, false).map_err(|source| SocketError::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[derive(Default)]
+struct ControlState {
+    stopping: bool,
+    connection: Option<ShutdownHandle>,
+}
+
+/// Shared between the main thread and an export's listener thread: the stop request and the
+/// handle of the connection being served.
+pub struct ExportControl {
+    socket: PathBuf,
+    state: Mutex<ControlState>,
+}
+
+impl ExportControl {
+    /// Control for the export listening on `socket`.
+    pub fn new(socket: PathBuf) -> Self {
+        ExportControl {
+            socket,
+            state: Mutex::new(ControlState::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks the export to stop: disconnects its client, or wakes it from accept().
+    pub fn request_stop(&self) {
+        let waiting_for_client = {
+            let mut state = self.lock();
+            state.stopping = true;
+            match &state.connection {
+                Some(handle) => {
+                    handle.shutdown();
+                    false
+                }
+                None => true,
+            }
+        };
+        if waiting_for_client {
+            // The listener thread may be blocked in accept(): give it a connection to return
+            // with. It sees the stop request and closes it at once. Failure means it is not
+            // listening any more, which is just as good.
+            let _ = UnixStream::connect(&self.socket);
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.lock().stopping
+    }
+
+    /// Records the connection being served; if a stop was requested meanwhile, ends it now.
+    fn connected(&self, handle: Option<ShutdownHandle>) {
+        let mut state = self.lock();
+        if state.stopping {
+            if let Some(h) = &handle {
+                h.shutdown();
+            }
+        }
+        state.connection = handle;
+    }
+
+    fn disconnected(&self) {
+        self.lock().connection = None;
+    }
+}
+
+/// An export ready to serve: its image, device parameters and bound socket.
+pub struct Export {
+    /// The opened image.
+    pub image: Image,
+    /// Image path (for logs).
+    pub image_path: PathBuf,
+    /// The device the guest sees.
+    pub params: DeviceParams,
+    /// The bound socket.
+    pub listener: Listener,
+    /// Stop requests from the main thread.
+    pub control: Arc<ExportControl>,
+    /// Name of the vhost-user frontend thread.
+    pub thread_name: String,
+}
+
+impl Export {
+    /// Serves connections one after the other until stopped, then closes the image. Runs on
+    /// the export's own thread.
+    pub fn run(mut self) -> Result<(), ExportError> {
+        let mut flush_error = None;
+        let served = self.serve(&mut flush_error);
+        let closed = self.close(flush_error);
+        served.and(closed)
+    }
+
+    /// Closes a writable image cleanly once every shard has been flushed and dropped, unless
+    /// one of those flushes failed: then nothing more is written (the engine has turned the
+    /// image read-only) and that failure is the result.
+    fn close(&self, flush_error: Option<qcow2d_engine::Error>) -> Result<(), ExportError> {
+        if self.image.is_read_only() {
+            return Ok(());
+        }
+        let image = self.image_path.display();
+        if let Some(e) = flush_error {
+            error!(%image, "Not closing the image cleanly: a flush failed ({e})");
+            return Err(ExportError::Flush(e));
+        }
+        match self.image.close() {
+            Ok(()) => {
+                info!(%image, "Image closed cleanly");
+                Ok(())
+            }
+            Err(e) => {
+                error!(%image, "Cannot close the image cleanly: {e}");
+                Err(ExportError::Close(e))
+            }
+        }
+    }
+
+    /// The connection loop of [`Export::run`]. The first failure to make a connection's writes
+    /// durable is stored in `flush_error`; the export goes on serving (the engine refuses
+    /// writes from then on) until it is stopped.
+    fn serve(&mut self, flush_error: &mut Option<qcow2d_engine::Error>) -> Result<(), ExportError> {
+        let socket = self.control.socket.display().to_string();
+        loop {
+            if self.control.is_stopping() {
+                return Ok(());
+            }
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let backend = Arc::new(BlkBackend::new(&self.image, &self.params, &mem)?);
+            let mut daemon = VhostUserDaemon::new(self.thread_name.clone(), backend.clone(), mem)
+                .map_err(|e| ExportError::Daemon(e.to_string()))?;
+            backend.register_completions(&daemon.get_epoll_handlers())?;
+
+            if let Err(e) = daemon.start(&mut self.listener) {
+                if self.control.is_stopping() {
+                    return Ok(());
+                }
+                return Err(ExportError::Accept(e.to_string()));
+            }
+            // If a stop was requested meanwhile (possibly by the wake-up connection of
+            // `request_stop`), this ends the connection at once.
+            self.control.connected(daemon.shutdown_handle());
+            let stopped_at_once = self.control.is_stopping();
+            if !stopped_at_once {
+                info!(
+                    socket,
+                    image = %self.image_path.display(),
+                    workers = backend.threads(),
+                    "Client connected"
+                );
+            }
+
+            let result = daemon.wait();
+            self.control.disconnected();
+            match result {
+                _ if stopped_at_once => {}
+                Ok(()) => info!(socket, "Client disconnected"),
+                Err(DaemonError::HandleRequest(
+                    VhostUserError::Disconnected
+                    | VhostUserError::PartialMessage
+                    | VhostUserError::SocketBroken(_),
+                )) => info!(socket, "Client disconnected"),
+                Err(e) if self.control.is_stopping() => {
+                    info!(socket, "Connection closed for shutdown ({e})");
+                }
+                Err(e) => warn!(socket, "Connection ended with an error: {e}"),
+            }
+            // Dropping the daemon stops and joins the worker threads (and the frontend thread
+            // is gone already): nothing else touches the shards. Finishing them waits for the
+            // requests still in flight and makes every write durable before they are dropped.
+            drop(daemon);
+            if let Err(e) = backend.finish() {
+                error!(socket, "The client's writes could not be made durable: {e}");
+                flush_error.get_or_insert(e);
+            }
+            drop(backend);
+        }
+    }
+}

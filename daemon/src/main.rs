@@ -1,0 +1,167 @@
+//! `qcow2d`: serves QCOW2 disk images to virtual machines over vhost-user-blk.
+//!
+//! The main thread parses the command line, sets up logging (tracing to stderr, filtered by
+//! `RUST_LOG`, default `info`) and runs the subcommand; an error ends the process with a
+//! non-zero status after printing its whole cause chain once. Modules:
+//! - [`cli`], [`config`]: what to serve;
+//! - [`serve`](mod@serve), [`export`], [`signals`]: threads, lifecycle, clean shutdown;
+//! - [`backend`], [`worker`], [`request`], [`virtio_blk`], [`block_io`], [`exit_events`]: the
+//!   vhost-user-blk device and its data path onto the engine.
+
+mod backend;
+mod block_io;
+mod cli;
+mod config;
+mod exit_events;
+mod export;
+mod request;
+mod serve;
+mod signals;
+mod virtio_blk;
+mod worker;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use qcow2d_engine::{Image, OpenOptions};
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command, InfoArgs, ServeArgs};
+use crate::config::{ConfigError, RawExport};
+use crate::serve::ServeError;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Why `qcow2d` failed.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// `qcow2d info` could not open the image.
+    #[error("Cannot open image {}", path.display())]
+    Info {
+        /// The image.
+        path: PathBuf,
+        /// The engine's error.
+        #[source]
+        source: qcow2d_engine::Error,
+    },
+    /// `qcow2d info --json` could not encode the result.
+    #[error("Cannot encode the image information as JSON")]
+    Json(#[source] serde_json::Error),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Info(args) => info(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Error> {
+    let config = match args.config {
+        Some(path) => config::from_file(&path)?,
+        None => {
+            let raw = RawExport {
+                // clap requires both unless --config is given.
+                image: args.image.unwrap_or_default(),
+                socket: args.socket.unwrap_or_default(),
+                read_only: args.read_only,
+                writethrough: args.writethrough,
+                lazy_refcounts: args.lazy_refcounts,
+                queues: args.queues,
+                serial: args.serial,
+            };
+            config::from_command_line(raw, args.shards)?
+        }
+    };
+    serve::serve(config)?;
+    Ok(())
+}
+
+fn info(args: InfoArgs) -> Result<(), Error> {
+    let options = OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    };
+    let image = Image::open(&args.image, &options).map_err(|source| Error::Info {
+        path: args.image.clone(),
+        source,
+    })?;
+    let info = image.info();
+    if args.json {
+        let text = serde_json::to_string_pretty(&info).map_err(Error::Json)?;
+        println!("{text}");
+    } else {
+        println!("{}", info.to_string().trim_end());
+    }
+    Ok(())
+}
+
+fn init_logging() {
+    let (filter, bad_filter) = match EnvFilter::try_from_default_env() {
+        Ok(f) => (f, None),
+        Err(e) => {
+            let bad = std::env::var(EnvFilter::DEFAULT_ENV)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| (v, e));
+            (EnvFilter::new("info"), bad)
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    if let Some((value, e)) = bad_filter {
+        tracing::warn!("Ignoring RUST_LOG={value:?} ({e}); logging at info level");
+    }
+}
+
+/// `Error: <message>` then one `  caused by: <message>` line per source.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = format!("Error: {e}");
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_prints_every_cause_once() {
+        let e = Error::Config(ConfigError::Read {
+            path: "/nonexistent.toml".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert_eq!(
+            error_chain(&e),
+            "Error: Cannot read config file /nonexistent.toml\n  caused by: entity not found"
+        );
+    }
+}

@@ -1,0 +1,1041 @@
+//! The data path of one worker thread: from available descriptor chains to used ones.
+//!
+//! vhost-user-backend runs one epoll loop per worker thread; queue `q` belongs to worker
+//! `q % shards`. That thread calls into its [`Worker`] (through the backend's per-thread mutex,
+//! uncontended on the data path) when a queue it owns is kicked and when its engine shard's
+//! completion eventfd fires. The vhost-user frontend thread takes the same mutex only for
+//! GET_VRING_BASE ([`Worker::stop_queue`]), to wait out the requests of a queue being stopped,
+//! and to switch the shard between write-back and write-through ([`Worker::set_writethrough`]).
+//!
+//! A request in flight lives in a slot of a slab; its token is the slot index. A discard or
+//! write-zeroes request with several segments becomes one engine request per segment, all with
+//! the slot's token; the slot counts them and completes the chain after the last one, with
+//! VIRTIO_BLK_S_IOERR if any failed. The slot keeps a clone of the `Arc` of the guest-memory
+//! snapshot that its host buffers point into, so a memory-table change cannot unmap them before
+//! the engine is done. The slab, the scratch buffers and the completion vector are reused: the
+//! steady state allocates nothing.
+//!
+//! When the connection is gone, the export's listener thread calls [`Worker::finish`] (after
+//! vhost-user-backend has joined the worker thread): it waits for what is still in flight and
+//! makes every write durable before the shard is dropped. `Drop` does the same if that was
+//! skipped.
+
+use std::sync::Arc;
+
+use tracing::{debug, error, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::block_io::{BlockIo, Done};
+use crate::request::{prepare, DeviceInfo, Prepared, Scratch};
+use crate::virtio_blk::{MAX_QUEUES, STATUS_IOERR, STATUS_OK};
+
+/// The vring type the backend uses.
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+
+/// How many request failures a worker logs before it only logs every power of two.
+const LOUD_ERRORS: u64 = 16;
+
+/// One request in flight.
+struct Slot {
+    /// Head descriptor index of the chain, returned in the used ring.
+    head: u16,
+    /// Index of the queue in this worker's vrings.
+    queue: u8,
+    /// Guest address of the status byte.
+    status: GuestAddress,
+    /// Used length reported on success (data read + status byte).
+    ok_len: u32,
+    /// Engine requests of this chain not yet completed.
+    pending: u32,
+    /// Whether one of them failed (or could not be submitted).
+    failed: bool,
+    /// The memory the request's buffers point into; `None` while the slot is free.
+    mem: Option<Arc<GuestMemoryMmap>>,
+}
+
+impl Slot {
+    const FREE: Slot = Slot {
+        head: 0,
+        queue: 0,
+        status: GuestAddress(0),
+        ok_len: 0,
+        pending: 0,
+        failed: false,
+        mem: None,
+    };
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Read(u64),
+    Write(u64),
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+/// Per-thread state of the data path.
+pub struct Worker<B: BlockIo> {
+    // Declared first so that, should the explicit drain in `drop` stop early, the I/O engine
+    // is dropped (and waits for the kernel) before the slots release the guest memory.
+    io: B,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    scratch: Scratch,
+    done: Vec<Done<B::IoError>>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// This thread's vrings, remembered from the first event so that GET_VRING_BASE (which
+    /// does not get them) can complete requests.
+    vrings: Vec<Vring>,
+    in_flight_per_queue: [u32; MAX_QUEUES as usize],
+    /// Queues (local indexes) that got used entries since they were last notified.
+    dirty: u64,
+    errors: u64,
+    /// Whether [`Worker::finish`] ran.
+    finished: bool,
+}
+
+impl<B: BlockIo> Worker<B> {
+    /// A worker that performs its I/O with `io` and reads guest memory through `mem`.
+    pub fn new(io: B, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+        Worker {
+            io,
+            slots: Vec::with_capacity(256),
+            free: Vec::with_capacity(256),
+            scratch: Scratch::new(),
+            done: Vec::with_capacity(256),
+            mem,
+            vrings: Vec::new(),
+            in_flight_per_queue: [0; MAX_QUEUES as usize],
+            dirty: 0,
+            errors: 0,
+            finished: false,
+        }
+    }
+
+    /// The I/O engine.
+    pub fn io(&self) -> &B {
+        &self.io
+    }
+
+    /// Switches the I/O engine between write-through and write-back.
+    pub fn set_writethrough(&mut self, on: bool) {
+        self.io.set_writethrough(on);
+    }
+
+    /// Uses `mem` for requests popped from now on.
+    pub fn set_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) {
+        self.mem = mem;
+    }
+
+    /// Requests in flight on local queue `index`.
+    pub fn queue_in_flight(&self, index: usize) -> u32 {
+        self.in_flight_per_queue.get(index).copied().unwrap_or(0)
+    }
+
+    fn remember_vrings(&mut self, vrings: &[Vring]) {
+        if self.vrings.len() != vrings.len() {
+            self.vrings = vrings.to_vec();
+        }
+    }
+
+    /// Handles a kick of local queue `index`: takes every available chain, answers what can be
+    /// answered at once, submits the rest, then reaps whatever the engine already finished and
+    /// notifies the guest as needed.
+    pub fn process_queue(
+        &mut self,
+        vrings: &[Vring],
+        index: usize,
+        event_idx: bool,
+        dev: &DeviceInfo,
+    ) {
+        self.remember_vrings(vrings);
+        let Some(vring) = vrings.get(index) else {
+            warn!(index, "Event for a queue this worker does not own");
+            return;
+        };
+        let mem = self.mem.memory().into_inner();
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    warn!(index, "Cannot disable queue notifications: {e}");
+                }
+            }
+            self.pop_requests(vring, index, &mem, dev);
+            if !event_idx {
+                break;
+            }
+            // Re-enable notifications; if the driver added chains meanwhile, go round again
+            // so that no kick is lost.
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(index, "Cannot enable queue notifications: {e}");
+                    break;
+                }
+            }
+        }
+        self.reap(vrings, false);
+        self.notify(vrings);
+    }
+
+    /// Handles the engine's completion eventfd.
+    pub fn process_completions(&mut self, vrings: &[Vring]) {
+        self.remember_vrings(vrings);
+        self.reap(vrings, false);
+        self.notify(vrings);
+    }
+
+    /// Blocks until every request in flight on local queue `index` has completed to the used
+    /// ring (GET_VRING_BASE). Requests of this thread's other queues that finish meanwhile are
+    /// completed too.
+    pub fn stop_queue(&mut self, index: usize) {
+        let vrings = std::mem::take(&mut self.vrings);
+        while self.queue_in_flight(index) > 0 {
+            if self.io.in_flight() == 0 {
+                error!(
+                    index,
+                    "Requests still pending on a stopping queue but none in the engine"
+                );
+                self.abandon_queue(&vrings, index);
+                break;
+            }
+            self.reap(&vrings, true);
+        }
+        self.notify(&vrings);
+        self.vrings = vrings;
+    }
+
+    fn pop_requests(
+        &mut self,
+        vring: &Vring,
+        index: usize,
+        mem: &Arc<GuestMemoryMmap>,
+        dev: &DeviceInfo,
+    ) {
+        let mut state = vring.get_mut();
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) {
+            let head = chain.head_index();
+            let descriptors = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
+            let (prepared, malformed) = prepare(descriptors, mem, dev, &mut self.scratch);
+            if let Some(why) = malformed {
+                debug!(index, head, ?why, "Malformed request");
+            }
+            let (op, ok_len, status) = match prepared {
+                Prepared::Done { status, used_len } => {
+                    if let Some((addr, code)) = status {
+                        write_status(mem, addr, code);
+                    }
+                    if let Err(e) = state.add_used(head, used_len) {
+                        warn!(index, head, "Cannot return a request to the guest: {e}");
+                    }
+                    self.dirty |= 1 << index;
+                    continue;
+                }
+                Prepared::Read {
+                    offset,
+                    len,
+                    status,
+                } => (Op::Read(offset), len + 1, status),
+                Prepared::Write {
+                    offset,
+                    len: _,
+                    status,
+                } => (Op::Write(offset), 1, status),
+                Prepared::Flush { status } => (Op::Flush, 1, status),
+                Prepared::Discard { status } => (Op::Discard, 1, status),
+                Prepared::WriteZeroes { status } => (Op::WriteZeroes, 1, status),
+            };
+
+            let slot = match self.free.pop() {
+                Some(slot) => slot,
+                None => {
+                    // Bounded by the sum of this thread's queue sizes (each chain is in
+                    // flight at most once), far below u32::MAX.
+                    self.slots.push(Slot::FREE);
+                    (self.slots.len() - 1) as u32
+                }
+            };
+            let token = u64::from(slot);
+            self.slots[slot as usize] = Slot {
+                head,
+                // Local queue indexes are below MAX_QUEUES (64).
+                queue: index as u8,
+                status,
+                ok_len,
+                pending: 0,
+                failed: false,
+                mem: Some(Arc::clone(mem)),
+            };
+            let (submitted, refused) = self.submit(op, token);
+            if let Some(e) = &refused {
+                // Refusals are the guest's doing (or a read-only export) and can come at
+                // request rate: not worth more than a debug line each.
+                debug!(index, head, "Request refused by the engine: {e}");
+            }
+            let slot_state = &mut self.slots[slot as usize];
+            slot_state.pending = submitted;
+            slot_state.failed = refused.is_some();
+            if submitted > 0 {
+                if let Some(n) = self.in_flight_per_queue.get_mut(index) {
+                    *n += 1;
+                }
+                continue;
+            }
+            // Nothing reached the engine: answer now.
+            slot_state.mem = None;
+            self.free.push(slot);
+            write_status(mem, status, STATUS_IOERR);
+            if let Err(e) = state.add_used(head, 1) {
+                warn!(index, head, "Cannot return a request to the guest: {e}");
+            }
+            self.dirty |= 1 << index;
+        }
+    }
+
+    /// Submits the engine requests of the chain prepared in `self.scratch` with `token`.
+    /// Returns how many were accepted and, if one was refused, why (the ones after it are not
+    /// submitted).
+    fn submit(&mut self, op: Op, token: u64) -> (u32, Option<B::SubmitError>) {
+        let one = |r: Result<(), B::SubmitError>| match r {
+            Ok(()) => (1, None),
+            Err(e) => (0, Some(e)),
+        };
+        match op {
+            Op::Read(offset) => {
+                // SAFETY: `prepare` built the iovecs from regions of the memory snapshot whose
+                // Arc the slot of `token` holds; that clone lives until the completion for
+                // `token` is processed (or, if the worker is dropped first, until the I/O
+                // engine has been drained), so the mapping outlives the I/O. They are the
+                // chain's device-writable buffers, which the driver does not touch while the
+                // request is in flight (if a broken driver does, it only garbles its own data:
+                // the memory is a shared mapping, accessed by the kernel and raw copies).
+                one(unsafe { self.io.submit_read(token, offset, &self.scratch.iov) })
+            }
+            Op::Write(offset) => {
+                // SAFETY: as for reads: the mapping outlives the I/O; the buffers are the
+                // chain's device-readable ones and are only read.
+                one(unsafe { self.io.submit_write(token, offset, &self.scratch.iov) })
+            }
+            Op::Flush => one(self.io.submit_flush(token)),
+            Op::Discard | Op::WriteZeroes => {
+                let mut submitted = 0;
+                for r in &self.scratch.ranges {
+                    let result = match op {
+                        Op::Discard => self.io.submit_discard(token, r.offset, r.len),
+                        _ => self.io.submit_write_zeroes(token, r.offset, r.len, r.unmap),
+                    };
+                    match result {
+                        Ok(()) => submitted += 1,
+                        Err(e) => return (submitted, Some(e)),
+                    }
+                }
+                (submitted, None)
+            }
+        }
+    }
+
+    /// Collects finished requests from the engine (blocking for at least one if `block`) and
+    /// returns them to their queues.
+    fn reap(&mut self, vrings: &[Vring], block: bool) {
+        let mut done = std::mem::take(&mut self.done);
+        if block {
+            self.io.wait(&mut done);
+        } else {
+            self.io.poll(&mut done);
+        }
+        for (token, result) in done.drain(..) {
+            let ok = match result {
+                Ok(()) => true,
+                Err(e) => {
+                    if self.note_error() {
+                        warn!(token, "Request failed: {e}");
+                    }
+                    false
+                }
+            };
+            self.complete(vrings, token, ok);
+        }
+        self.done = done;
+    }
+
+    fn complete(&mut self, vrings: &[Vring], token: u64, ok: bool) {
+        let Some(slot) = usize::try_from(token)
+            .ok()
+            .and_then(|i| self.slots.get_mut(i))
+        else {
+            error!(token, "Completion for an unknown request");
+            return;
+        };
+        if slot.mem.is_none() || slot.pending == 0 {
+            error!(token, "Completion for a request that is not in flight");
+            return;
+        }
+        slot.failed |= !ok;
+        slot.pending -= 1;
+        if slot.pending > 0 {
+            // More segments of the same chain to come.
+            return;
+        }
+        let Some(mem) = slot.mem.take() else {
+            return;
+        };
+        let (code, len) = if !slot.failed {
+            (STATUS_OK, slot.ok_len)
+        } else {
+            (STATUS_IOERR, 1)
+        };
+        write_status(&mem, slot.status, code);
+        let (queue, head) = (usize::from(slot.queue), slot.head);
+        drop(mem);
+        // In range: `token` indexed `slots`, whose length fits u32 (see `pop_requests`).
+        self.free.push(token as u32);
+        if let Some(n) = self.in_flight_per_queue.get_mut(queue) {
+            *n = n.saturating_sub(1);
+        }
+        match vrings.get(queue) {
+            Some(vring) => {
+                if let Err(e) = vring.add_used(head, len) {
+                    warn!(queue, head, "Cannot return a request to the guest: {e}");
+                }
+                self.dirty |= 1 << queue;
+            }
+            None => error!(queue, "Completion for a queue this worker does not know"),
+        }
+    }
+
+    /// Fails every request still recorded on local queue `index` (used only when the engine
+    /// lost track of them, which is a bug).
+    fn abandon_queue(&mut self, vrings: &[Vring], index: usize) {
+        let stuck: Vec<u64> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.mem.is_some() && usize::from(s.queue) == index)
+            .map(|(i, _)| i as u64)
+            .collect();
+        for token in stuck {
+            if let Some(slot) = self.slots.get_mut(token as usize) {
+                slot.pending = 1;
+            }
+            self.complete(vrings, token, false);
+        }
+    }
+
+    /// Ends this worker's part of a connection whose threads are gone: waits for every request
+    /// still in flight (their chains are not returned: nobody reads the rings any more), then
+    /// makes every completed write durable and gives back the engine's reservations
+    /// ([`BlockIo::finish`]). Idempotent: a second call finds nothing to do but flush again.
+    pub fn finish(&mut self) -> Result<(), B::SubmitError> {
+        self.finished = true;
+        while self.io.in_flight() > 0 {
+            let before = self.io.in_flight();
+            self.io.wait(&mut self.done);
+            let progressed = !self.done.is_empty() || self.io.in_flight() < before;
+            self.done.clear();
+            if !progressed {
+                error!(
+                    in_flight = self.io.in_flight(),
+                    "The engine stopped completing requests; flushing what completed"
+                );
+                break;
+            }
+        }
+        self.io.finish()
+    }
+
+    /// Signals every queue that got used entries, when the driver asked for it.
+    fn notify(&mut self, vrings: &[Vring]) {
+        while self.dirty != 0 {
+            let queue = self.dirty.trailing_zeros() as usize;
+            self.dirty &= self.dirty - 1;
+            let Some(vring) = vrings.get(queue) else {
+                continue;
+            };
+            let needed = vring.needs_notification().unwrap_or_else(|e| {
+                warn!(queue, "Cannot read the driver's notification index: {e}");
+                true
+            });
+            if needed {
+                if let Err(e) = vring.signal_used_queue() {
+                    warn!(queue, "Cannot notify the guest: {e}");
+                }
+            }
+        }
+    }
+
+    /// Counts a failed request; true if it should be logged (the first few, then every power
+    /// of two), so a broken disk cannot flood the log.
+    fn note_error(&mut self) -> bool {
+        self.errors += 1;
+        self.errors <= LOUD_ERRORS || self.errors.is_power_of_two()
+    }
+}
+
+impl<B: BlockIo> Drop for Worker<B> {
+    fn drop(&mut self) {
+        // The owner normally calls `finish` and reports its result; if it did not (an error
+        // path), do it here so that nothing written is dropped, and so that the kernel is done
+        // with guest buffers before the memory snapshots in the slots go.
+        if !self.finished {
+            if let Err(e) = self.finish() {
+                error!("Cannot make the writes of a closed connection durable: {e}");
+            }
+        }
+    }
+}
+
+fn write_status(mem: &GuestMemoryMmap, addr: GuestAddress, code: u8) {
+    // `prepare` checked that the status byte is inside guest memory.
+    if let Err(e) = mem.write_obj(code, addr) {
+        warn!("Cannot write a request status at {:#x}: {e}", addr.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio_blk::{ID_BYTES, STATUS_UNSUPP};
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+    };
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    /// What a submitted request does.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum FakeOp {
+        /// Offset and buffers.
+        Read(u64, Vec<(usize, usize)>),
+        /// Offset and the bytes, copied at submission.
+        Write(u64, Vec<u8>),
+        /// Offset, length, unmap.
+        Zeroes(u64, u64, bool),
+        /// Offset, length.
+        Discard(u64, u64),
+        Flush,
+    }
+
+    impl FakeOp {
+        fn offset(&self) -> Option<u64> {
+            match self {
+                FakeOp::Read(o, _) | FakeOp::Write(o, _) => Some(*o),
+                FakeOp::Zeroes(o, _, _) | FakeOp::Discard(o, _) => Some(*o),
+                FakeOp::Flush => None,
+            }
+        }
+    }
+
+    /// Performs requests synchronously when polled: byte i of the disk reads as `pattern(i)`.
+    #[derive(Default)]
+    struct FakeIo {
+        pending: Vec<(u64, FakeOp)>,
+        /// Every request submitted, in order.
+        log: Vec<(u64, FakeOp)>,
+        /// While true, `poll` finishes nothing (only `wait` does).
+        hold: bool,
+        /// Requests at this offset fail when they complete.
+        fail_offset: Option<u64>,
+        /// Requests at this offset are refused at submission.
+        refuse_offset: Option<u64>,
+        /// Last `set_writethrough`.
+        writethrough: Option<bool>,
+        /// `finish` calls: requests in flight at the time of each (shared, to be read after the
+        /// worker is dropped).
+        finished: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    fn pattern(i: u64) -> u8 {
+        (i % 251) as u8
+    }
+
+    impl FakeIo {
+        fn complete_all(&mut self, out: &mut Vec<Done<String>>) {
+            for (token, op) in self.pending.drain(..) {
+                if op.offset().is_some() && op.offset() == self.fail_offset {
+                    out.push((token, Err("injected failure".to_string())));
+                    continue;
+                }
+                if let FakeOp::Read(offset, iov) = op {
+                    let mut pos = offset;
+                    for (base, len) in iov {
+                        for i in 0..len {
+                            // SAFETY: the worker guarantees the iovec is valid for writes
+                            // until this completion is returned.
+                            unsafe { *(base as *mut u8).add(i) = pattern(pos) };
+                            pos += 1;
+                        }
+                    }
+                }
+                out.push((token, Ok(())));
+            }
+        }
+
+        fn push(&mut self, token: u64, op: FakeOp) -> Result<(), String> {
+            if op.offset().is_some() && op.offset() == self.refuse_offset {
+                return Err("refused".into());
+            }
+            self.log.push((token, op.clone()));
+            self.pending.push((token, op));
+            Ok(())
+        }
+    }
+
+    impl BlockIo for FakeIo {
+        type SubmitError = String;
+        type IoError = String;
+
+        unsafe fn submit_read(
+            &mut self,
+            token: u64,
+            offset: u64,
+            iov: &[libc::iovec],
+        ) -> Result<(), String> {
+            let iov = iov
+                .iter()
+                .map(|v| (v.iov_base as usize, v.iov_len))
+                .collect();
+            self.push(token, FakeOp::Read(offset, iov))
+        }
+
+        unsafe fn submit_write(
+            &mut self,
+            token: u64,
+            offset: u64,
+            iov: &[libc::iovec],
+        ) -> Result<(), String> {
+            let mut data = Vec::new();
+            for v in iov {
+                // SAFETY: the worker guarantees the iovec is valid for reads of its length
+                // until the completion.
+                data.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                });
+            }
+            self.push(token, FakeOp::Write(offset, data))
+        }
+
+        fn submit_write_zeroes(
+            &mut self,
+            token: u64,
+            offset: u64,
+            len: u64,
+            unmap: bool,
+        ) -> Result<(), String> {
+            self.push(token, FakeOp::Zeroes(offset, len, unmap))
+        }
+
+        fn submit_discard(&mut self, token: u64, offset: u64, len: u64) -> Result<(), String> {
+            self.push(token, FakeOp::Discard(offset, len))
+        }
+
+        fn submit_flush(&mut self, token: u64) -> Result<(), String> {
+            self.push(token, FakeOp::Flush)
+        }
+
+        fn set_writethrough(&mut self, on: bool) {
+            self.writethrough = Some(on);
+        }
+
+        fn finish(&mut self) -> Result<(), String> {
+            self.finished.lock().unwrap().push(self.pending.len());
+            Ok(())
+        }
+
+        fn poll(&mut self, out: &mut Vec<Done<String>>) {
+            if !self.hold {
+                self.complete_all(out);
+            }
+        }
+
+        fn wait(&mut self, out: &mut Vec<Done<String>>) {
+            self.complete_all(out);
+        }
+
+        fn in_flight(&self) -> usize {
+            self.pending.len()
+        }
+    }
+
+    const QSIZE: u16 = 16;
+
+    fn device() -> DeviceInfo {
+        let mut serial = [0u8; ID_BYTES];
+        serial[..4].copy_from_slice(b"test");
+        DeviceInfo {
+            capacity: 1 << 20,
+            read_only: true,
+            serial,
+        }
+    }
+
+    fn desc(addr: u64, len: u32, write: bool, next: Option<u16>) -> RawDescriptor {
+        let mut flags = 0;
+        if write {
+            flags |= VRING_DESC_F_WRITE as u16;
+        }
+        if next.is_some() {
+            flags |= VRING_DESC_F_NEXT as u16;
+        }
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next.unwrap_or(0)))
+    }
+
+    fn write_header(mem: &GuestMemoryMmap, at: u64, t: u32, sector: u64) {
+        let mut raw = [0u8; 16];
+        raw[0..4].copy_from_slice(&t.to_le_bytes());
+        raw[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&raw, GuestAddress(at)).unwrap();
+    }
+
+    struct Harness {
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        vring: Vring,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let mem = GuestMemoryAtomic::new(
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+            );
+            let vring = <Vring as VringT<_>>::new(mem.clone(), QSIZE).unwrap();
+            Harness { mem, vring }
+        }
+
+        /// Lays out the rings, writes `descs` (chains linked by their `next` fields) and makes
+        /// them available; returns the queue's ring addresses for reading the used ring.
+        fn queue(&self, descs: &[RawDescriptor]) -> u64 {
+            let guard = self.mem.memory();
+            let vq = MockSplitQueue::new(&*guard, QSIZE);
+            vq.add_desc_chains(descs, 0).unwrap();
+            self.vring
+                .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+                .unwrap();
+            self.vring.set_queue_size(QSIZE);
+            self.vring.set_queue_ready(true);
+            self.vring.set_enabled(true);
+            vq.used_addr().0
+        }
+
+        /// (head, len) of used entry `i`, and the used index.
+        fn used(&self, used_addr: u64, i: u64) -> (u32, u32) {
+            let m = self.mem.memory();
+            let at = GuestAddress(used_addr + 4 + 8 * i);
+            (
+                m.read_obj::<u32>(at).unwrap(),
+                m.read_obj::<u32>(at.unchecked_add(4)).unwrap(),
+            )
+        }
+
+        fn used_idx(&self, used_addr: u64) -> u16 {
+            self.mem
+                .memory()
+                .read_obj::<u16>(GuestAddress(used_addr + 2))
+                .unwrap()
+        }
+
+        fn byte(&self, at: u64) -> u8 {
+            self.mem.memory().read_obj::<u8>(GuestAddress(at)).unwrap()
+        }
+    }
+
+    use vm_memory::Address;
+
+    #[test]
+    fn malformed_chains_get_ioerr_or_are_dropped_and_good_requests_still_complete() {
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+        write_header(&m, 0x1100, VIRTIO_BLK_T_IN, 2);
+        write_header(&m, 0x1200, 77, 0);
+        for status in [0x5000u64, 0x5001, 0x5002] {
+            m.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+        }
+        let descs = [
+            // 0..2: read whose data buffer lies outside guest memory -> IOERR.
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x4000_0000, 512, true, Some(2)),
+            desc(0x5000, 1, true, None),
+            // 3: header only, no status byte -> dropped with len 0.
+            desc(0x1000, 16, false, None),
+            // 4..6: good read of sectors 2..4.
+            desc(0x1100, 16, false, Some(5)),
+            desc(0x8000, 1024, true, Some(6)),
+            desc(0x5001, 1, true, None),
+            // 7..8: unknown request type -> UNSUPP.
+            desc(0x1200, 16, false, Some(8)),
+            desc(0x5002, 1, true, None),
+        ];
+        let used_addr = h.queue(&descs);
+
+        let mut w = Worker::new(FakeIo::default(), h.mem.clone());
+        w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
+
+        assert_eq!(h.used_idx(used_addr), 4);
+        // Immediate answers come first, in ring order; the read completes after the poll.
+        assert_eq!(h.used(used_addr, 0), (0, 1));
+        assert_eq!(h.used(used_addr, 1), (3, 0));
+        assert_eq!(h.used(used_addr, 2), (7, 1));
+        assert_eq!(h.used(used_addr, 3), (4, 1025));
+        assert_eq!(h.byte(0x5000), STATUS_IOERR);
+        assert_eq!(h.byte(0x5001), STATUS_OK);
+        assert_eq!(h.byte(0x5002), STATUS_UNSUPP);
+        for i in 0..1024u64 {
+            assert_eq!(h.byte(0x8000 + i), pattern(1024 + i), "byte {i}");
+        }
+        assert_eq!(w.queue_in_flight(0), 0);
+        // The slot was recycled: a second round reuses it.
+        assert_eq!(w.slots.len(), 1);
+        assert_eq!(w.free.len(), 1);
+    }
+
+    #[test]
+    fn engine_failure_becomes_ioerr() {
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 1);
+        let descs = [
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 512, true, Some(2)),
+            desc(0x5000, 1, true, None),
+        ];
+        let used_addr = h.queue(&descs);
+        let io = FakeIo {
+            fail_offset: Some(512),
+            ..FakeIo::default()
+        };
+        let mut w = Worker::new(io, h.mem.clone());
+        w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device());
+        assert_eq!(h.used_idx(used_addr), 1);
+        assert_eq!(h.used(used_addr, 0), (0, 1));
+        assert_eq!(h.byte(0x5000), STATUS_IOERR);
+    }
+
+    #[test]
+    fn stop_queue_waits_for_requests_in_flight() {
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+        write_header(&m, 0x1100, VIRTIO_BLK_T_FLUSH, 0);
+        let descs = [
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 512, true, Some(2)),
+            desc(0x5000, 1, true, None),
+            desc(0x1100, 16, false, Some(4)),
+            desc(0x5001, 1, true, None),
+        ];
+        let used_addr = h.queue(&descs);
+        let io = FakeIo {
+            hold: true,
+            ..FakeIo::default()
+        };
+        let mut w = Worker::new(io, h.mem.clone());
+        w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device());
+        assert_eq!(h.used_idx(used_addr), 0, "nothing finished yet");
+        assert_eq!(w.queue_in_flight(0), 2);
+
+        w.stop_queue(0);
+        assert_eq!(w.queue_in_flight(0), 0);
+        assert_eq!(h.used_idx(used_addr), 2);
+        assert_eq!(h.used(used_addr, 0), (0, 513));
+        assert_eq!(h.used(used_addr, 1), (3, 1));
+        assert_eq!(h.byte(0x5000), STATUS_OK);
+        assert_eq!(h.byte(0x5001), STATUS_OK);
+    }
+
+    fn device_rw() -> DeviceInfo {
+        DeviceInfo {
+            read_only: false,
+            ..device()
+        }
+    }
+
+    /// Writes virtio_blk_discard_write_zeroes structs at `at`; returns their length.
+    fn write_segments(mem: &GuestMemoryMmap, at: u64, segs: &[(u64, u32, u32)]) -> u32 {
+        for (i, &(sector, num, flags)) in segs.iter().enumerate() {
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&sector.to_le_bytes());
+            raw[8..12].copy_from_slice(&num.to_le_bytes());
+            raw[12..16].copy_from_slice(&flags.to_le_bytes());
+            mem.write_slice(&raw, GuestAddress(at + 16 * i as u64))
+                .unwrap();
+        }
+        16 * segs.len() as u32
+    }
+
+    #[test]
+    fn writes_discards_write_zeroes_and_flushes_reach_the_engine() {
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_OUT, 2);
+        m.write_slice(&[0xab; 1024], GuestAddress(0x8000)).unwrap();
+        write_header(&m, 0x1100, VIRTIO_BLK_T_DISCARD, 0);
+        let d = write_segments(&m, 0x6000, &[(0, 8, 0), (16, 8, 0), (64, 8, 0)]);
+        write_header(&m, 0x1200, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let z = write_segments(&m, 0x6100, &[(8, 8, 1)]);
+        write_header(&m, 0x1300, VIRTIO_BLK_T_FLUSH, 0);
+        write_header(&m, 0x1400, VIRTIO_BLK_T_DISCARD, 0);
+        let bad = write_segments(&m, 0x6200, &[(8, 8, 1)]);
+        for status in 0x5000u64..0x5005 {
+            m.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+        }
+        let descs = [
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 1024, false, Some(2)),
+            desc(0x5000, 1, true, None),
+            desc(0x1100, 16, false, Some(4)),
+            desc(0x6000, d, false, Some(5)),
+            desc(0x5001, 1, true, None),
+            desc(0x1200, 16, false, Some(7)),
+            desc(0x6100, z, false, Some(8)),
+            desc(0x5002, 1, true, None),
+            desc(0x1300, 16, false, Some(10)),
+            desc(0x5003, 1, true, None),
+            // Unmap on a discard: UNSUPP, never submitted.
+            desc(0x1400, 16, false, Some(12)),
+            desc(0x6200, bad, false, Some(13)),
+            desc(0x5004, 1, true, None),
+        ];
+        let used_addr = h.queue(&descs);
+        let mut w = Worker::new(FakeIo::default(), h.mem.clone());
+        w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device_rw());
+
+        let log = &w.io().log;
+        let ops: Vec<&FakeOp> = log.iter().map(|(_, op)| op).collect();
+        assert_eq!(
+            ops,
+            vec![
+                &FakeOp::Write(1024, vec![0xab; 1024]),
+                &FakeOp::Discard(0, 4096),
+                &FakeOp::Discard(8192, 4096),
+                &FakeOp::Discard(32768, 4096),
+                &FakeOp::Zeroes(4096, 4096, true),
+                &FakeOp::Flush,
+            ]
+        );
+        // The segments of one chain share its token.
+        assert_eq!(log[1].0, log[2].0);
+        assert_eq!(log[2].0, log[3].0);
+        assert_ne!(log[0].0, log[1].0);
+
+        assert_eq!(h.used_idx(used_addr), 5);
+        assert_eq!(h.used(used_addr, 0), (11, 1), "UNSUPP answered at once");
+        assert_eq!(h.used(used_addr, 1), (0, 1));
+        assert_eq!(h.used(used_addr, 2), (3, 1), "discard completed once");
+        assert_eq!(h.used(used_addr, 3), (6, 1));
+        assert_eq!(h.used(used_addr, 4), (9, 1));
+        for status in 0x5000..0x5004 {
+            assert_eq!(h.byte(status), STATUS_OK, "status at {status:#x}");
+        }
+        assert_eq!(h.byte(0x5004), STATUS_UNSUPP);
+        assert_eq!(w.queue_in_flight(0), 0);
+        assert_eq!(w.free.len(), w.slots.len());
+    }
+
+    #[test]
+    fn a_failed_segment_fails_the_whole_chain() {
+        let h = Harness::new();
+        let m = h.mem.memory();
+        // 1: three segments, the second fails in the engine.
+        write_header(&m, 0x1000, VIRTIO_BLK_T_DISCARD, 0);
+        let a = write_segments(&m, 0x6000, &[(0, 8, 0), (16, 8, 0), (32, 8, 0)]);
+        // 2: two segments, the second is refused at submission.
+        write_header(&m, 0x1100, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let b = write_segments(&m, 0x6100, &[(100, 8, 0), (128, 8, 0)]);
+        // 3: one segment, refused: answered at once.
+        write_header(&m, 0x1200, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let c = write_segments(&m, 0x6200, &[(128, 8, 1)]);
+        let descs = [
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x6000, a, false, Some(2)),
+            desc(0x5000, 1, true, None),
+            desc(0x1100, 16, false, Some(4)),
+            desc(0x6100, b, false, Some(5)),
+            desc(0x5001, 1, true, None),
+            desc(0x1200, 16, false, Some(7)),
+            desc(0x6200, c, false, Some(8)),
+            desc(0x5002, 1, true, None),
+        ];
+        let used_addr = h.queue(&descs);
+        let io = FakeIo {
+            fail_offset: Some(16 * 512),
+            refuse_offset: Some(128 * 512),
+            ..FakeIo::default()
+        };
+        let mut w = Worker::new(io, h.mem.clone());
+        w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device_rw());
+        assert_eq!(w.io().log.len(), 4, "3 + 1 segments submitted");
+        assert_eq!(h.used_idx(used_addr), 3);
+        assert_eq!(h.used(used_addr, 0), (6, 1));
+        assert_eq!(h.used(used_addr, 1), (0, 1));
+        assert_eq!(h.used(used_addr, 2), (3, 1));
+        for status in [0x5000, 0x5001, 0x5002] {
+            assert_eq!(h.byte(status), STATUS_IOERR, "status at {status:#x}");
+        }
+        assert_eq!(w.queue_in_flight(0), 0);
+        assert_eq!(w.free.len(), w.slots.len());
+    }
+
+    #[test]
+    fn writes_to_a_read_only_export_are_refused_before_the_engine() {
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_OUT, 0);
+        write_header(&m, 0x1100, VIRTIO_BLK_T_DISCARD, 0);
+        let d = write_segments(&m, 0x6000, &[(0, 8, 0)]);
+        let descs = [
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 512, false, Some(2)),
+            desc(0x5000, 1, true, None),
+            desc(0x1100, 16, false, Some(4)),
+            desc(0x6000, d, false, Some(5)),
+            desc(0x5001, 1, true, None),
+        ];
+        let used_addr = h.queue(&descs);
+        let mut w = Worker::new(FakeIo::default(), h.mem.clone());
+        w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
+        assert!(w.io().log.is_empty());
+        assert_eq!(h.used_idx(used_addr), 2);
+        assert_eq!(h.byte(0x5000), STATUS_IOERR);
+        assert_eq!(h.byte(0x5001), STATUS_UNSUPP);
+    }
+
+    #[test]
+    fn finish_drains_then_flushes_once_and_drop_finishes_otherwise() {
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_OUT, 0);
+        let descs = [
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 512, false, Some(2)),
+            desc(0x5000, 1, true, None),
+        ];
+        let used_addr = h.queue(&descs);
+        let io = FakeIo {
+            hold: true,
+            ..FakeIo::default()
+        };
+        let finished = Arc::clone(&io.finished);
+        let mut w = Worker::new(io, h.mem.clone());
+        w.set_writethrough(true);
+        assert_eq!(w.io().writethrough, Some(true));
+        w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device_rw());
+        assert_eq!(w.io().in_flight(), 1);
+        w.finish().unwrap();
+        // Drained before the flush; the ring is left alone (the connection is gone).
+        assert_eq!(*finished.lock().unwrap(), vec![0]);
+        assert_eq!(h.used_idx(used_addr), 0);
+        drop(w);
+        assert_eq!(finished.lock().unwrap().len(), 1, "not finished twice");
+
+        // Dropped without `finish`: the drop finishes it.
+        let io = FakeIo::default();
+        let finished = Arc::clone(&io.finished);
+        drop(Worker::new(io, h.mem.clone()));
+        assert_eq!(*finished.lock().unwrap(), vec![0]);
+    }
+}
