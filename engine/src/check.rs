@@ -178,14 +178,20 @@ impl fmt::Display for CheckReport {
 /// more than [`MAX_CHECK_MEMORY`] bytes.
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
     let mut t = Target::open(path, repair)?;
-    let first = analyze(&mut t)?;
+    let mut first = analyze(&mut t)?;
+    let mut log = Log::default();
+    header_notes(&first.header, &mut log);
+    log.append(&first.log);
     if !repair {
-        return Ok(first.report(false));
+        let mut report = first.report(false);
+        report.messages = log.into_vec();
+        return Ok(report);
     }
 
     let (first_corruptions, first_leaks) = (first.corruptions, first.leaks);
-    let mut log = first.log.clone();
     if first.mismatches > 0 || first.rebuild {
+        // Clearing COPIED is always safe, setting it only once the refcount is right.
+        fix_copied_flags(&mut t, &mut first, FlagMode::ClearUnsafe, &mut log)?;
         fix_refcounts(&mut t, first, &mut log)?;
     } else {
         drop(first);
@@ -194,7 +200,7 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
     let mut second = analyze(&mut t)?;
     if second.corruptions > 0 {
         if second.mismatches == 0 && !second.rebuild {
-            fix_copied_flags(&mut t, &mut second, &mut log)?;
+            fix_copied_flags(&mut t, &mut second, FlagMode::Fix, &mut log)?;
         } else {
             log.push("Not fixing COPIED flags: the refcounts are still inconsistent".to_owned());
         }
@@ -220,6 +226,12 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
         }
     }
     let mut report = fin.report(true);
+    let mut still = Log::default();
+    if fin.corruptions > 0 {
+        header_notes(&fin.header, &mut still);
+    }
+    still.append(&fin.log);
+    report.messages = still.into_vec();
     report.corruptions_fixed = first_corruptions.saturating_sub(report.corruptions);
     report.leaks_fixed = first_leaks.saturating_sub(report.leaks);
     let mut messages = log.into_vec();
@@ -229,6 +241,18 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
     }
     report.messages = messages;
     Ok(report)
+}
+
+/// Notes on the header's dirty and corrupt bits (not counted as errors, as in QEMU).
+fn header_notes(h: &Header, log: &mut Log) {
+    if h.incompatible_features & incompat::DIRTY != 0 {
+        log.push(
+            "The image is marked dirty: its refcounts may be stale (lazy refcounts)".to_owned(),
+        );
+    }
+    if h.incompatible_features & incompat::CORRUPT != 0 {
+        log.push("The image is marked corrupt".to_owned());
+    }
 }
 
 /// The opened image file.
@@ -428,6 +452,13 @@ impl Log {
         }
     }
 
+    fn append(&mut self, other: &Log) {
+        for line in &other.lines {
+            self.push(line.clone());
+        }
+        self.dropped += other.dropped;
+    }
+
     fn into_vec(mut self) -> Vec<String> {
         if self.dropped > 0 {
             self.lines
@@ -478,6 +509,19 @@ fn classify(raw: u64, g: &Geo) -> Kind {
     } else {
         Kind::Alloc(off)
     }
+}
+
+/// What a pass over the COPIED flags does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FlagMode {
+    /// Count flags that disagree with the stored refcounts, as QEMU does.
+    Check,
+    /// Before refcounts change: clear COPIED wherever the expected refcount is not 1, so
+    /// that a crash in the middle of the repair never leaves a shared cluster marked as
+    /// writable in place.
+    ClearUnsafe,
+    /// Once the refcounts are right: make every flag match the expected refcount.
+    Fix,
 }
 
 /// Everything one pass over the image found.
@@ -547,13 +591,6 @@ fn analyze(t: &mut Target) -> Result<Analysis, Error> {
         image_end_offset: 0,
     };
     let h = a.header.clone();
-    if h.incompatible_features & incompat::DIRTY != 0 {
-        a.log
-            .push("The image is marked dirty: refcounts may be stale (lazy refcounts)".to_owned());
-    }
-    if h.incompatible_features & incompat::CORRUPT != 0 {
-        a.log.push("The image is marked corrupt".to_owned());
-    }
 
     // QEMU counts the first cluster for the header, its extensions and the backing file name.
     a.inc(0, g.cs, "header", false);
@@ -574,7 +611,8 @@ fn analyze(t: &mut Target) -> Result<Analysis, Error> {
 
     let mut stored = Stored::new(&a);
     a.compare(t, &mut stored)?;
-    a.copied_pass(t, &mut stored, None)?;
+    let mut unused = Log::default();
+    a.copied_pass(t, &mut stored, FlagMode::Check, &mut unused)?;
     Ok(a)
 }
 
@@ -1030,17 +1068,35 @@ impl Analysis {
         Ok(())
     }
 
-    /// Checks (or, with `fix`, fixes) the COPIED flags of the active L1 table and the L2
-    /// tables it points at against the stored refcounts, as QEMU's `check_oflag_copied`
-    /// does. With `fix`, it also clears COPIED on compressed clusters of every L2 table.
-    /// Returns how many entries were fixed.
+    /// The refcount a COPIED flag is judged by: the stored one when checking (as QEMU's
+    /// `check_oflag_copied` does), the expected one when repairing. `None`: not judged.
+    fn flag_refcount(
+        &self,
+        t: &mut Target,
+        stored: &mut Stored,
+        mode: FlagMode,
+        c: u64,
+    ) -> Result<Option<u64>, Error> {
+        match mode {
+            FlagMode::Check => stored.get(t, c),
+            FlagMode::ClearUnsafe | FlagMode::Fix => Ok(self.expected_at(c)),
+        }
+    }
+
+    /// Checks or fixes the COPIED flags of the active L1 table and of the L2 tables it points
+    /// at, as QEMU's `check_oflag_copied` does; fixing also clears COPIED on compressed
+    /// clusters of every L2 table. `log` receives what was repaired (unused when checking,
+    /// where mismatches are counted as corruptions). Returns how many entries changed.
     fn copied_pass(
         &mut self,
         t: &mut Target,
         stored: &mut Stored,
-        mut fix: Option<&mut Log>,
+        mode: FlagMode,
+        log: &mut Log,
     ) -> Result<u64, Error> {
         let g = self.g;
+        let fixing = mode != FlagMode::Check;
+        let verb = if fixing { "Repairing" } else { "ERROR" };
         let (l1_off, l1_size) = (self.header.l1_table_offset, self.header.l1_size);
         let mut l1 = zeroed(u64::from(l1_size) * 8, &t.path)?;
         t.read(l1_off, &mut l1, "the active L1 table")?;
@@ -1056,32 +1112,29 @@ impl Analysis {
             // Invalid tables were reported by the counting pass; QEMU still checks their
             // flags (reading zeros past the end of the file), but they are never rewritten.
             let valid = l2_off.is_multiple_of(g.cs) && l2_off >> g.cb < g.file_clusters;
-            if fix.is_some() && !valid {
+            if fixing && !valid {
                 continue;
             }
-            let Some(rc) = stored.get(t, l2_off >> g.cb)? else {
+            let Some(rc) = self.flag_refcount(t, stored, mode, l2_off >> g.cb)? else {
                 continue;
             };
-            if (rc == 1) != (raw & COPIED != 0) {
+            let copied = raw & COPIED != 0;
+            if (rc == 1) != copied && (mode != FlagMode::ClearUnsafe || copied) {
+                let msg = format!(
+                    "{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={raw:x} refcount={rc}"
+                );
                 let entry_off = l1_off + (i as u64) * 8;
-                match fix.as_deref_mut() {
-                    Some(log) => {
-                        if self.expected_at(entry_off >> g.cb) != Some(1) {
-                            log.push(format!(
-                                "Not repairing L1 entry {i}: the L1 table overlaps other metadata"
-                            ));
-                        } else {
-                            let new = if rc == 1 { raw | COPIED } else { raw & !COPIED };
-                            log.push(format!(
-                                "Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={raw:x} refcount={rc}"
-                            ));
-                            t.write(entry_off, &new.to_be_bytes(), "an L1 entry")?;
-                            fixed += 1;
-                        }
-                    }
-                    None => self.corrupt(format!(
-                        "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={raw:x} refcount={rc}"
-                    )),
+                if !fixing {
+                    self.corrupt(msg);
+                } else if self.expected_at(entry_off >> g.cb) != Some(1) {
+                    log.push(format!(
+                        "Not repairing L1 entry {i}: the L1 table overlaps other metadata"
+                    ));
+                } else {
+                    log.push(msg);
+                    let new = if rc == 1 { raw | COPIED } else { raw & !COPIED };
+                    t.write(entry_off, &new.to_be_bytes(), "an L1 entry")?;
+                    fixed += 1;
                 }
             }
             if !done_tables.insert(l2_off) {
@@ -1092,37 +1145,31 @@ impl Analysis {
             for j in 0..l2.len() / g.esz {
                 let at = j * g.esz;
                 let e = be64(&l2, at);
+                let copied = e & COPIED != 0;
                 let want = match classify(e, &g) {
                     Kind::Alloc(off) => {
                         let rc = if g.data_file {
                             1
                         } else {
-                            match stored.get(t, off >> g.cb)? {
+                            match self.flag_refcount(t, stored, mode, off >> g.cb)? {
                                 Some(rc) => rc,
                                 None => continue,
                             }
                         };
-                        if (rc == 1) == (e & COPIED != 0) {
+                        if (rc == 1) == copied || (mode == FlagMode::ClearUnsafe && !copied) {
                             continue;
                         }
-                        if fix.is_none() {
-                            self.corrupt(format!(
-                                "ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
-                            ));
+                        let msg = format!(
+                            "{verb} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
+                        );
+                        if !fixing {
+                            self.corrupt(msg);
                             continue;
                         }
-                        if let Some(log) = fix.as_deref_mut() {
-                            log.push(format!(
-                                "Repairing OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
-                            ));
-                        }
-                        if rc == 1 {
-                            e | COPIED
-                        } else {
-                            e & !COPIED
-                        }
+                        log.push(msg);
+                        e ^ COPIED
                     }
-                    Kind::Compressed if e & COPIED != 0 && fix.is_some() => e & !COPIED,
+                    Kind::Compressed if copied && fixing => e & !COPIED,
                     _ => continue,
                 };
                 if let Some(slot) = l2.get_mut(at..at + 8) {
@@ -1132,37 +1179,36 @@ impl Analysis {
                 }
             }
             if dirty {
-                if let Some(log) = fix.as_deref_mut() {
-                    self.write_l2(t, l2_off, &l2, log)?;
-                }
+                self.write_l2(t, l2_off, &l2, log)?;
             }
         }
+        if !fixing {
+            return Ok(fixed);
+        }
         // Compressed clusters with COPIED in L2 tables only snapshots point at.
-        if let Some(log) = fix {
-            let mut others: Vec<u64> = self
-                .l2_tables
-                .iter()
-                .filter(|(_, u)| !u.active)
-                .map(|(&off, _)| off)
-                .collect();
-            others.sort_unstable();
-            for l2_off in others {
-                t.read(l2_off, &mut l2, "an L2 table")?;
-                let mut dirty = false;
-                for j in 0..l2.len() / g.esz {
-                    let at = j * g.esz;
-                    let e = be64(&l2, at);
-                    if e & COMPRESSED != 0 && e & COPIED != 0 {
-                        if let Some(slot) = l2.get_mut(at..at + 8) {
-                            slot.copy_from_slice(&(e & !COPIED).to_be_bytes());
-                            dirty = true;
-                            fixed += 1;
-                        }
+        let mut others: Vec<u64> = self
+            .l2_tables
+            .iter()
+            .filter(|(_, u)| !u.active)
+            .map(|(&off, _)| off)
+            .collect();
+        others.sort_unstable();
+        for l2_off in others {
+            t.read(l2_off, &mut l2, "an L2 table")?;
+            let mut dirty = false;
+            for j in 0..l2.len() / g.esz {
+                let at = j * g.esz;
+                let e = be64(&l2, at);
+                if e & COMPRESSED != 0 && e & COPIED != 0 {
+                    if let Some(slot) = l2.get_mut(at..at + 8) {
+                        slot.copy_from_slice(&(e & !COPIED).to_be_bytes());
+                        dirty = true;
+                        fixed += 1;
                     }
                 }
-                if dirty {
-                    self.write_l2(t, l2_off, &l2, log)?;
-                }
+            }
+            if dirty {
+                self.write_l2(t, l2_off, &l2, log)?;
             }
         }
         Ok(fixed)
@@ -1418,10 +1464,15 @@ fn rebuild_refcounts(t: &mut Target, mut a: Analysis, log: &mut Log) -> Result<(
     Ok(())
 }
 
-/// Fixes COPIED flags once the refcounts are consistent (stored equals expected).
-fn fix_copied_flags(t: &mut Target, a: &mut Analysis, log: &mut Log) -> Result<(), Error> {
+/// Rewrites COPIED flags according to the expected refcounts (see [`FlagMode`]).
+fn fix_copied_flags(
+    t: &mut Target,
+    a: &mut Analysis,
+    mode: FlagMode,
+    log: &mut Log,
+) -> Result<(), Error> {
     let mut stored = Stored::new(a);
-    let fixed = a.copied_pass(t, &mut stored, Some(log))?;
+    let fixed = a.copied_pass(t, &mut stored, mode, log)?;
     if fixed > 0 {
         t.sync()?;
     }

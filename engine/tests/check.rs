@@ -429,6 +429,25 @@ fn images_made_by_qemu_check_clean_and_agree_with_qemu_img() {
     }
 }
 
+/// Host clusters of the first bitmap's table and of its first data cluster, found through
+/// the bitmaps header extension.
+fn bitmap_clusters(img: &[u8]) -> (u64, u64) {
+    let l = layout(img);
+    let mut at = be32(img, 100) as usize;
+    loop {
+        let (ty, len) = (be32(img, at), be32(img, at + 4) as usize);
+        assert_ne!(ty, 0, "no bitmaps extension");
+        if ty == 0x2385_2875 {
+            let dir = be64(img, at + 8 + 16) as usize;
+            let table = be64(img, dir);
+            let data = be64(img, table as usize) & 0x00ff_ffff_ffff_fe00;
+            assert_ne!(data, 0, "the bitmap has no data cluster");
+            return (table >> l.cluster_bits, data >> l.cluster_bits);
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
 #[test]
 fn bitmaps_are_counted() {
     let d = Dir::new();
@@ -436,14 +455,16 @@ fn bitmaps_are_counted() {
     qemu_img(&["bitmap", "--add", b.to_str().unwrap(), "b0"]);
     qemu_io("qcow2", &b, &["write -P 3 0 256k"]);
     assert_clean(&b);
-    // Leaking one bitmap cluster by hand is seen the same way by both.
-    edit(&b, |l, img| {
-        let c = 0;
-        let v = l.refcount(img, c);
-        l.set_refcount(img, c, v + 1);
+    let (table, data) = bitmap_clusters(&read_file(&b));
+    let r = damage_and_repair(&d, &b, "bitmap", |l, img| {
+        let v = l.refcount(img, table);
+        l.set_refcount(img, table, v + 1);
+        l.set_refcount(img, data, 0);
     });
-    let r = assert_agrees(&b);
-    assert_eq!(r.leaks, 1);
+    assert_eq!((r.corruptions, r.leaks), (1, 1), "{r:?}");
+    // The bitmap survives the repair.
+    let info = qemu_img(&["info", d.path("bitmaps.qcow2.bitmap").to_str().unwrap()]);
+    assert!(info.contains("name: b0"), "{info}");
 }
 
 /// Damages a copy of `src` with `damage`, compares our counts with qemu-img's, repairs and
@@ -571,6 +592,16 @@ fn wrong_copied_flags_are_counted_like_qemu_and_repaired() {
         flip_l2_entry(l, img, 1 << 63, false);
     });
     assert_eq!((r.corruptions, r.leaks), (2, 0), "{r:?}");
+    // A shared data cluster whose refcount dropped to 1 and whose entry says COPIED: QEMU
+    // sees one refcount error (the flag agrees with the stored refcount); the repair must
+    // clear the flag as it raises the refcount back to 2.
+    let r = damage_and_repair(&d, &snap, "shared-lost", |l, img| {
+        let c = l.first_data_cluster(img);
+        assert_eq!(l.refcount(img, c), 2);
+        l.set_refcount(img, c, 1);
+        flip_l2_entry(l, img, 1 << 63, false);
+    });
+    assert_eq!((r.corruptions, r.leaks), (1, 0), "{r:?}");
 }
 
 #[test]
@@ -589,6 +620,28 @@ fn missing_refcount_block_is_rebuilt() {
         )));
         assert!(layout(&img).refcount_table_offset > layout(&read_file(&p)).refcount_table_offset);
     }
+}
+
+/// A refcount table too small for the file (its size field cut down) cannot hold the
+/// refcounts in place: the structure is rebuilt, bigger.
+#[test]
+fn refcount_table_too_small_is_rebuilt() {
+    let d = Dir::new();
+    // 64 refcounts per 512-byte block, 64 blocks per table cluster: 2 MiB per table cluster.
+    let p = d.image(
+        "small-table.qcow2",
+        "cluster_size=512,refcount_bits=64",
+        "8M",
+        &["write -P 5 0 3M"],
+    );
+    let clusters = be32(&read_file(&p), 56);
+    assert!(clusters >= 2, "refcount table of {clusters} clusters");
+    let r = damage_and_repair(&d, &p, "cut", |_, img| {
+        img[56..60].copy_from_slice(&1u32.to_be_bytes());
+    });
+    assert!(r.corruptions > 0, "{r:?}");
+    let fixed = read_file(&d.path("small-table.qcow2.cut"));
+    assert!(be32(&fixed, 56) >= 2);
 }
 
 #[test]
@@ -631,6 +684,24 @@ fn corrupt_bit_is_cleared_by_repair() {
     assert_eq!((r.corruptions, r.leaks), (0, 1), "{r:?}");
     repair_and_verify(&p, &reference);
     assert_eq!(read_file(&p)[79] & 3, 0);
+}
+
+#[test]
+fn repair_refuses_an_image_in_use() {
+    let d = Dir::new();
+    let p = d.image("busy.qcow2", "", "4M", &["write -P 1 0 64k"]);
+    let img = Image::open(
+        &p,
+        &OpenOptions {
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let e = check(&p, true).unwrap_err();
+    assert_eq!(e.kind(), qcow2d_engine::ErrorKind::Locked, "{e}");
+    drop(img);
+    assert_eq!(check(&p, true).unwrap().exit_code(), 0);
 }
 
 #[test]
