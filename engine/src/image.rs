@@ -321,6 +321,39 @@ fn open_qcow2(
     })
 }
 
+/// An image left with the dirty bit (lazy refcounts, not closed cleanly) has stale refcounts:
+/// rebuild them before writing, as QEMU does.
+fn repair_if_dirty(path: &Path, reader: &mut BlockingReader) -> Result<(), Error> {
+    let file = open_file(path, true)?;
+    let mut head = [0u8; 80];
+    let n = reader
+        .read_at(file.as_raw_fd(), &mut head, 0)
+        .map_err(|e| Error::io(format!("Cannot read {}", path.display()), e))?;
+    drop(file);
+    if n < 80 || format::be32(&head, 0) != 0x5146_49fb || format::be32(&head, 4) < 3 {
+        return Ok(()); // Not a v3 image: Header::parse reports what is wrong.
+    }
+    if format::be64_at(&head, 72) & incompat::DIRTY == 0 {
+        return Ok(());
+    }
+    tracing::warn!(
+        "{} was not closed cleanly while lazy refcounts were in use; rebuilding its refcounts",
+        path.display()
+    );
+    let report = crate::check::check(path, true)?;
+    if report.corruptions > 0 {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "{}: {} corruptions remain after rebuilding the refcounts: {report}",
+                path.display(),
+                report.corruptions
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads the first bytes of a file to decide whether it is qcow2.
 fn probe_is_qcow2(file: &File, reader: &mut BlockingReader) -> Result<bool, std::io::Error> {
     let mut magic = [0u8; 4];
@@ -334,6 +367,9 @@ impl Image {
         let path = path.as_ref();
         let mut reader = BlockingReader::new()
             .map_err(|e| Error::io("Cannot create an io_uring (is io_uring enabled?)", e))?;
+        if !opts.read_only {
+            repair_if_dirty(path, &mut reader)?;
+        }
         let mut layers = Vec::new();
         let mut seen = HashSet::new();
         let mut next: Option<(PathBuf, Option<String>)> =

@@ -80,9 +80,11 @@ pub(crate) fn open_writable(
         ));
     }
     if h.incompatible_features & incompat::DIRTY != 0 {
+        // Image::open repairs a dirty image before it gets here; a dirty bit now means the
+        // repair could not clear it.
         return Err(corrupt(
             &path,
-            "the image was not closed cleanly while lazy refcounts were in use; repair it first (qemu-img check -r all)".into(),
+            "the image is still marked dirty after rebuilding its refcounts".into(),
         ));
     }
     if lazy_refcounts && h.version < 3 {
