@@ -1,11 +1,13 @@
 # qcow2d: the two commands a fresh machine needs.
 #   make test    format check, clippy, build, every test (unit, differential, bad images, CLI)
 #   make serve   build the release daemon and serve IMAGE (default: a demo image) on SOCKET
+#                (writable; READ_ONLY=1 for a read-only export)
 
 CARGO      ?= cargo
 SOCKET     ?= /tmp/qcow2d.sock
 DEMO_IMAGE := .cache/demo.qcow2
 IMAGE      ?= $(DEMO_IMAGE)
+READ_ONLY  ?=
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
 .PHONY: all test serve
@@ -32,4 +34,4 @@ $(DEMO_IMAGE):
 
 serve: $(if $(filter $(DEMO_IMAGE),$(IMAGE)),$(DEMO_IMAGE))
 	$(CARGO) build --release -p qcow2d
-	$(TARGET_DIR)/release/qcow2d serve --image $(IMAGE) --socket $(SOCKET) --read-only
+	$(TARGET_DIR)/release/qcow2d serve --image $(IMAGE) --socket $(SOCKET) $(if $(READ_ONLY),--read-only)
