@@ -276,14 +276,14 @@ pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
                 .map_err(|e| io_err("write refcount blocks", e))?;
         }
         io.fdatasync(fd).map_err(|e| io_err("sync", e))?;
-        if !rc.table_dirty() {
+        let Some(table) = rc.take_table() else {
             if blocks.is_empty() {
                 break;
             }
             continue;
-        }
-        let (toff, tclusters) = rc.table_location();
-        io.write_all_at(fd, &rc.encode_table(), toff)
+        };
+        let (toff, tclusters) = table.location;
+        io.write_all_at(fd, &table.bytes, toff)
             .and_then(|()| io.fdatasync(fd))
             .map_err(|e| io_err("write the refcount table", e))?;
         let header = {
@@ -295,7 +295,7 @@ pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
         io.write_all_at(fd, &header, 0)
             .and_then(|()| io.fdatasync(fd))
             .map_err(|e| io_err("write the header", e))?;
-        if let Some((off, n)) = rc.table_written() {
+        if let Some((off, n)) = table.retired {
             rc.adjust_range(off, n * cs, -1).map_err(|e| {
                 Error::with_source(ErrorKind::Corrupt, "Cannot free the old refcount table", e)
             })?;

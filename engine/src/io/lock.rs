@@ -79,10 +79,47 @@ pub enum LockError {
     Os(io::Error),
 }
 
+/// How long a conflicting lock is given to go away before it counts. A file description this
+/// process closed can briefly outlive it in a child between `fork` and `exec` (a test spawning
+/// `qemu-img` while another test closes an image), with its locks; a real user of the image
+/// holds its locks far longer.
+const CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Takes QEMU-compatible locks on `file`: `held` permissions, and `unshared` permissions that
-/// no one else may hold. Checks for conflicts first, as QEMU does.
-pub fn lock_image(file: &File, held: &[Perm], unshared: &[Perm]) -> Result<(), LockError> {
+/// no one else may hold. Checks for conflicts first, as QEMU does; `needs_shared` are
+/// permissions that others must share although we do not take them.
+pub fn lock_image(
+    file: &File,
+    held: &[Perm],
+    unshared: &[Perm],
+    needs_shared: &[Perm],
+) -> Result<(), LockError> {
+    let start = std::time::Instant::now();
+    loop {
+        match check_conflicts(file, held, unshared, needs_shared) {
+            Err(LockError::Conflict(_)) if start.elapsed() < CONFLICT_GRACE => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+            Ok(()) => break,
+        }
+    }
     for &p in held {
+        lock_byte(file, PERM_BASE + p as i64).map_err(LockError::Os)?;
+    }
+    for &p in unshared {
+        lock_byte(file, SHARED_BASE + p as i64).map_err(LockError::Os)?;
+    }
+    Ok(())
+}
+
+fn check_conflicts(
+    file: &File,
+    held: &[Perm],
+    unshared: &[Perm],
+    needs_shared: &[Perm],
+) -> Result<(), LockError> {
+    for &p in held.iter().chain(needs_shared) {
         if held_by_others(file, SHARED_BASE + p as i64).map_err(LockError::Os)? {
             return Err(LockError::Conflict(format!(
                 "Failed to get \"{}\" lock: another process does not share it",
@@ -98,31 +135,25 @@ pub fn lock_image(file: &File, held: &[Perm], unshared: &[Perm]) -> Result<(), L
             )));
         }
     }
-    for &p in held {
-        lock_byte(file, PERM_BASE + p as i64).map_err(LockError::Os)?;
-    }
-    for &p in unshared {
-        lock_byte(file, SHARED_BASE + p as i64).map_err(LockError::Os)?;
-    }
     Ok(())
 }
 
-/// The locks for a writer that still lets QEMU readers such as `qemu-img info` in: it holds
-/// consistent reads and unshares write and resize (so QEMU cannot open the image for
-/// writing), but does not hold the write byte itself, which QEMU readers check. It refuses an
-/// image whose users do not share writes.
+/// The locks for a writer. It holds consistent reads and unshares consistent reads, write and
+/// resize: QEMU cannot open the image for writing, nor for reading with I/O (it would see
+/// metadata in the middle of changing), while `qemu-img info`, which opens without I/O
+/// permissions, still works. It does not hold the write byte itself (QEMU's `qemu-img info`
+/// checks it), and refuses an image whose users do not share writes.
 pub fn lock_writer(file: &File) -> Result<(), LockError> {
-    if held_by_others(file, SHARED_BASE + Perm::Write as i64).map_err(LockError::Os)? {
-        return Err(LockError::Conflict(format!(
-            "Failed to get \"{}\" lock: another process does not share it",
-            Perm::Write.name()
-        )));
-    }
-    lock_reader(file)
+    lock_image(
+        file,
+        &[Perm::ConsistentRead],
+        &[Perm::ConsistentRead, Perm::Write, Perm::Resize],
+        &[Perm::Write],
+    )
 }
 
 /// The locks QEMU takes for a read-only user: consistent reads, and no writer or resizer
 /// elsewhere.
 pub fn lock_reader(file: &File) -> Result<(), LockError> {
-    lock_image(file, &[Perm::ConsistentRead], &[Perm::Write, Perm::Resize])
+    lock_image(file, &[Perm::ConsistentRead], &[Perm::Write, Perm::Resize], &[])
 }

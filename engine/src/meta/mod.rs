@@ -11,4 +11,4 @@ mod refcount;
 
 pub use cache::{Lookup, SlotCache, WaitList, NO_ID};
 pub use plan::{resolve, Geometry, Step};
-pub use refcount::{RefcountError, Refcounts, TableLocation};
+pub use refcount::{RefcountError, Refcounts, TableLocation, TableSnapshot};

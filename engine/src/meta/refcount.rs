@@ -63,6 +63,17 @@ pub struct Refcounts {
 /// A table location: (host offset, clusters).
 pub type TableLocation = (u64, u64);
 
+/// The refcount table as a flush writes it; see [`Refcounts::take_table`].
+#[derive(Debug)]
+pub struct TableSnapshot {
+    /// Where the table goes.
+    pub location: TableLocation,
+    /// Its content.
+    pub bytes: Vec<u8>,
+    /// The table it replaces, freed once the header pointing at the new one is durable.
+    pub retired: Option<TableLocation>,
+}
+
 impl Refcounts {
     /// Builds the in-memory refcounts from the loaded table and blocks.
     ///
@@ -344,10 +355,12 @@ impl Refcounts {
         self.table_offset = table_offset;
         self.table_clusters = table_clusters;
         self.table_dirty = true;
-        if let Some(prev) = self.retired_table.replace((old.0, old.1)) {
-            // A table retired by an earlier growth that was never flushed: nothing points
-            // at it any more, free it now.
-            self.adjust_range(prev.0, prev.1 * cs, -1)?;
+        if self.retired_table.is_some() {
+            // The table being replaced was never pointed at by a durable header (the table
+            // the header points at is still waiting to be retired): nothing refers to it.
+            self.adjust_range(old.0, old.1 * cs, -1)?;
+        } else {
+            self.retired_table = Some(old);
         }
         Ok(())
     }
@@ -384,11 +397,28 @@ impl Refcounts {
             .collect()
     }
 
-    /// Marks the table written; returns the retired table to free now that the header
-    /// pointing at the new one is durable.
-    pub fn table_written(&mut self) -> Option<(u64, u64)> {
+    /// Takes what must be written for the table: its location, its encoded bytes, and the
+    /// table it replaces (to free once a header pointing at the new one is durable). Marks the
+    /// table clean: entries added after this belong to the next flush.
+    pub fn take_table(&mut self) -> Option<TableSnapshot> {
+        if !self.table_dirty {
+            return None;
+        }
         self.table_dirty = false;
-        self.retired_table.take()
+        Some(TableSnapshot {
+            location: self.table_location(),
+            bytes: self.encode_table(),
+            retired: self.retired_table.take(),
+        })
+    }
+
+    /// The write of a [`TableSnapshot`] failed: the table stays dirty and the table it would
+    /// have retired stays in place.
+    pub fn table_write_failed(&mut self, snapshot: TableSnapshot) {
+        self.table_dirty = true;
+        if self.retired_table.is_none() {
+            self.retired_table = snapshot.retired;
+        }
     }
 
     /// Marks blocks dirty again after a failed write.
@@ -469,7 +499,6 @@ mod tests {
             let (off, n, _) = r.allocate(4096).unwrap();
             end = (off >> 9) + n;
         }
-        assert!(r.table_dirty());
         let (toff, tcl) = r.table_location();
         assert_ne!(toff, 512);
         assert!(r.table.len() as u64 * epb > end);
@@ -479,8 +508,13 @@ mod tests {
         }
         // The old table is freed only after the header is durable.
         assert_eq!(r.get(1), 1);
-        let retired = r.table_written().unwrap();
-        assert_eq!(retired, (512, 1));
+        let snap = r.take_table().expect("the grown table must be written");
+        assert_eq!(snap.retired, Some((512, 1)));
+        assert!(r.take_table().is_none(), "taken once");
+        // A block created after the snapshot dirties the table again.
+        let (off, n, _) = r.allocate(4 * epb).unwrap();
+        assert!(off + n * 512 > end * 512);
+        assert!(r.take_table().is_some(), "new entries belong to the next flush");
         // Every block that exists is described by a refcount of 1.
         for (b, off) in r.table.iter().enumerate() {
             if *off != 0 {

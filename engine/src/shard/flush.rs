@@ -51,7 +51,9 @@ pub(super) struct FlushState {
     l2_keys: Vec<(u64, u32)>,
     l1_indices: Vec<u64>,
     frees: Vec<PendingFree>,
-    table_written: bool,
+    /// The refcount table this flush writes (kept to undo on failure and to free the table
+    /// it retires on success).
+    table: Option<crate::meta::TableSnapshot>,
 }
 
 impl FlushState {
@@ -99,7 +101,6 @@ impl State {
         f.active = true;
         f.running = std::mem::take(&mut f.queued);
         f.error = None;
-        f.table_written = false;
 
         // Snapshot: L2 tables and L1 entries first, then refcounts, so that every cluster a
         // snapshotted entry points at was reserved (and counted) before the refcount snapshot.
@@ -150,8 +151,11 @@ impl State {
             } else {
                 rc.take_dirty_blocks()
             };
-            let table = (!w.lazy_refcounts && rc.table_dirty())
-                .then(|| (rc.table_location(), rc.encode_table()));
+            let table = if w.lazy_refcounts {
+                None
+            } else {
+                rc.take_table()
+            };
             (blocks, table)
         };
 
@@ -167,7 +171,10 @@ impl State {
             ));
         }
         b.push_back(Batch::Sync(sync));
-        if let Some(((toff, tclusters), bytes)) = table {
+        if let Some(snapshot) = table {
+            let (toff, tclusters) = snapshot.location;
+            let bytes = snapshot.bytes.clone();
+            f.table = Some(snapshot);
             b.push_back(Batch::Writes(vec![(fd, toff, bytes.into_boxed_slice())]));
             b.push_back(Batch::Sync(vec![fd]));
             let header = {
@@ -178,7 +185,6 @@ impl State {
             };
             b.push_back(Batch::Writes(vec![(fd, 0, header.into_boxed_slice())]));
             b.push_back(Batch::Sync(vec![fd]));
-            f.table_written = true;
         }
         if !l2_writes.is_empty() {
             b.push_back(Batch::Writes(l2_writes));
@@ -271,12 +277,10 @@ impl State {
         let result = match f.error {
             None => {
                 let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-                if f.table_written {
-                    if let Some((off, n)) = rc.table_written() {
-                        let cluster = 1u64 << rc_cluster_bits(img);
-                        if let Err(e) = rc.adjust_range(off, n * cluster, -1) {
-                            tracing::warn!("Cannot free the old refcount table: {e}");
-                        }
+                if let Some((off, n)) = f.table.take().and_then(|t| t.retired) {
+                    let cluster = 1u64 << rc_cluster_bits(img);
+                    if let Err(e) = rc.adjust_range(off, n * cluster, -1) {
+                        tracing::warn!("Cannot free the old refcount table: {e}");
                     }
                 }
                 for free in f.frees.drain(..) {
@@ -305,10 +309,11 @@ impl State {
                 }
                 self.dirty_l1.extend_from_slice(&f.l1_indices);
                 self.pending_frees.append(&mut f.frees);
-                w.refcounts
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .mark_all_dirty();
+                let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+                rc.mark_all_dirty();
+                if let Some(t) = f.table.take() {
+                    rc.table_write_failed(t);
+                }
                 Err(e)
             }
         };

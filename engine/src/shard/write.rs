@@ -660,7 +660,16 @@ impl State {
                 let m = subcluster_mask(a, b, sc);
                 (old_raw, Some((old_bm & !m) | (m << 32)))
             } else if discard {
-                return self.finish_part(pid, Ok(()));
+                // A compressed or shared cluster has no per-subcluster state to change:
+                // fully covered subclusters read as zeros through a copy of the cluster.
+                let (a, b) = (ws.div_ceil(sc) * sc, we / sc * sc);
+                if a >= b {
+                    return self.finish_part(pid, Ok(()));
+                }
+                let part = &mut self.parts[pid];
+                part.guest_off = cluster + a;
+                part.len = b - a;
+                return self.write_cluster(ring, img, pid, slot, index, entry, true);
             } else {
                 return self.write_cluster(ring, img, pid, slot, index, entry, true);
             }

@@ -1470,3 +1470,737 @@ pub fn compressed_clusters(path: &Path) -> Vec<CompressedExtent> {
     }
     v
 }
+
+// ---------------------------------------------------------------------------------------------
+// Writable exports: starting and killing the daemon, a write-capable vhost-user-blk client,
+// qemu-img check/compare, header flags, QEMU processes that hold an image open
+// ---------------------------------------------------------------------------------------------
+
+impl Daemon {
+    /// `qcow2d serve --image IMG --socket SOCK EXTRA...` without `--read-only` (the export is
+    /// writable unless EXTRA says otherwise), waiting for the ready line.
+    pub fn start_writable(
+        image: &Path,
+        socket: &Path,
+        extra: &[&str],
+    ) -> Result<Daemon, StartFailure> {
+        let mut cmd = Command::new(daemon_bin());
+        cmd.arg("serve")
+            .arg("--image")
+            .arg(image)
+            .arg("--socket")
+            .arg(socket)
+            .args(extra);
+        Self::spawn(cmd, image, socket)
+    }
+
+    /// SIGKILL (no chance to flush or close anything), then reaps the process.
+    pub fn sigkill(mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("daemon still owned");
+        c.kill().expect("kill(SIGKILL) the daemon");
+        c.wait().expect("wait for the killed daemon")
+    }
+}
+
+/// One request of [`RwClient`].
+#[derive(Clone, Debug)]
+pub enum BlkOp {
+    /// Read `len` bytes (at most [`SLOT_BYTES`]).
+    Read { off: u64, len: usize },
+    /// Write `data` (at most [`SLOT_BYTES`]).
+    Write { off: u64, data: Vec<u8> },
+    /// Write zeroes; `unmap: false` sends BLKIO_REQ_NO_UNMAP (the device must not deallocate).
+    WriteZeroes { off: u64, len: u64, unmap: bool },
+    /// Discard.
+    Discard { off: u64, len: u64 },
+    /// Flush: makes every write completed before it was submitted durable.
+    Flush,
+}
+
+impl BlkOp {
+    /// For messages: `write 4096 bytes at 0x10000` and so on.
+    pub fn describe(&self) -> String {
+        match self {
+            BlkOp::Read { off, len } => format!("read {len} bytes at {off:#x}"),
+            BlkOp::Write { off, data } => format!("write {} bytes at {off:#x}", data.len()),
+            BlkOp::WriteZeroes { off, len, unmap } => {
+                format!("write-zeroes (unmap {unmap}) {len} bytes at {off:#x}")
+            }
+            BlkOp::Discard { off, len } => format!("discard {len} bytes at {off:#x}"),
+            BlkOp::Flush => "flush".into(),
+        }
+    }
+
+    /// The byte range the request touches (`None` for a flush).
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match self {
+            BlkOp::Read { off, len } => Some((*off, *len as u64)),
+            BlkOp::Write { off, data } => Some((*off, data.len() as u64)),
+            BlkOp::WriteZeroes { off, len, .. } | BlkOp::Discard { off, len } => Some((*off, *len)),
+            BlkOp::Flush => None,
+        }
+    }
+}
+
+/// What a finished [`BlkOp`] returned: the data of a read (empty for the others) or the error.
+pub type OpResult = Result<Vec<u8>, String>;
+
+/// Data buffers of [`RwClient`] (of [`SLOT_BYTES`] each).
+pub const RW_SLOTS: usize = 16;
+/// Requests of [`RwClient`] in flight at once over all queues (each queue has 128 descriptors).
+pub const RW_MAX_IN_FLIGHT: usize = 48;
+/// Limit for [`RwClient::run_batch`] to make progress (one completion).
+pub const RW_PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
+
+struct RwRequest {
+    tag: usize,
+    queue: usize,
+    slot: Option<usize>,
+    read_len: Option<usize>,
+    // Kept alive until completion: blkio may hold the pointer in its request backlog.
+    _iov: Vec<libc::iovec>,
+}
+
+/// A read-write vhost-user-blk client on blkio's `virtio-blk-vhost-user` driver: reads, writes
+/// (scatter-gather, uneven segments), write zeroes, discards and flushes, several in flight over
+/// all queues. Not `Send`: use it on one thread (see [`rw_session`]).
+pub struct RwClient {
+    // Field order matters: queues go before the Blkio that owns the memory region.
+    queues: Vec<Blkioq>,
+    blkio: Blkio,
+    region: MemoryRegion,
+    capacity: u64,
+    max_segment_len: usize,
+    max_segments: usize,
+    max_write_zeroes_len: u64,
+    max_discard_len: u64,
+    flush_needed: bool,
+    free_slots: Vec<usize>,
+    free_ids: Vec<usize>,
+    requests: Vec<Option<RwRequest>>,
+    queue_load: Vec<usize>,
+    next_queue: usize,
+    ready: Vec<(usize, OpResult)>,
+    completions: Vec<std::mem::MaybeUninit<blkio::Completion>>,
+}
+
+/// Splits `len` bytes at `base` into iovecs of uneven sizes (multiples of 512) within the
+/// device's segment limits.
+fn split_iovecs(
+    base: usize,
+    len: usize,
+    max_segments: usize,
+    max_segment_len: usize,
+) -> Result<Vec<libc::iovec>, String> {
+    const SIZES: [usize; 5] = [4096, 512, 65536, 3584, 131072];
+    let mut seg_sizes = Vec::new();
+    let mut done = 0;
+    let mut i = 0;
+    while done < len {
+        let mut n = if max_segments == 1 {
+            len - done
+        } else {
+            SIZES[i % SIZES.len()].min(len - done)
+        };
+        if max_segment_len > 0 {
+            n = n.min(max_segment_len);
+        }
+        seg_sizes.push(n);
+        done += n;
+        i += 1;
+    }
+    if seg_sizes.len() > max_segments {
+        let seg = if max_segment_len > 0 {
+            max_segment_len
+        } else {
+            len
+        };
+        seg_sizes = (0..len.div_ceil(seg))
+            .map(|k| seg.min(len - k * seg))
+            .collect();
+        if seg_sizes.len() > max_segments {
+            return Err(format!(
+                "a {len}-byte request needs {} segments, the device allows {max_segments} of at \
+                 most {max_segment_len} bytes",
+                seg_sizes.len()
+            ));
+        }
+    }
+    let mut at = base;
+    Ok(seg_sizes
+        .into_iter()
+        .map(|n| {
+            let v = libc::iovec {
+                iov_base: at as *mut libc::c_void,
+                iov_len: n,
+            };
+            at += n;
+            v
+        })
+        .collect())
+}
+
+impl RwClient {
+    /// Connects to `socket` read-write with `num_queues` queues of 128 descriptors.
+    pub fn connect(socket: &Path, num_queues: i32) -> Result<RwClient, String> {
+        let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| blkio_err("new", e))?;
+        b.set_str("path", &socket.display().to_string())
+            .map_err(|e| blkio_err("set path", e))?;
+        b.connect().map_err(|e| blkio_err("connect", e))?;
+        b.set_i32("num-queues", num_queues)
+            .map_err(|e| blkio_err("set num-queues", e))?;
+        b.set_i32("queue-size", 128)
+            .map_err(|e| blkio_err("set queue-size", e))?;
+        let get_u64 = |b: &Blkio, name: &str| {
+            b.get_u64(name)
+                .map_err(|e| blkio_err(&format!("get {name}"), e))
+        };
+        let get_i32 = |b: &Blkio, name: &str| {
+            b.get_i32(name)
+                .map_err(|e| blkio_err(&format!("get {name}"), e))
+        };
+        let capacity = get_u64(&b, "capacity")?;
+        let max_segment_len = get_i32(&b, "max-segment-len")?.max(0) as usize;
+        let max_segments = get_i32(&b, "max-segments")?.max(1) as usize;
+        let max_write_zeroes_len = get_u64(&b, "max-write-zeroes-len")?;
+        let max_discard_len = get_u64(&b, "max-discard-len")?;
+        let flush_needed = b
+            .get_bool("flush-needed")
+            .map_err(|e| blkio_err("get flush-needed", e))?;
+        let outcome = b.start().map_err(|e| blkio_err("start", e))?;
+        let region = b
+            .alloc_mem_region(SLOT_BYTES * RW_SLOTS)
+            .map_err(|e| blkio_err("alloc_mem_region", e))?;
+        b.map_mem_region(&region)
+            .map_err(|e| blkio_err("map_mem_region", e))?;
+        let nq = outcome.queues.len();
+        Ok(RwClient {
+            queues: outcome.queues,
+            blkio: b,
+            region,
+            capacity,
+            max_segment_len,
+            max_segments,
+            max_write_zeroes_len,
+            max_discard_len,
+            flush_needed,
+            free_slots: (0..RW_SLOTS).rev().collect(),
+            free_ids: (0..RW_MAX_IN_FLIGHT).rev().collect(),
+            requests: (0..RW_MAX_IN_FLIGHT).map(|_| None).collect(),
+            queue_load: vec![0; nq],
+            next_queue: 0,
+            ready: Vec::new(),
+            completions: (0..128).map(|_| std::mem::MaybeUninit::uninit()).collect(),
+        })
+    }
+
+    /// The disk size the device reports.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Largest write-zeroes request the device accepts (0: not offered).
+    pub fn max_write_zeroes_len(&self) -> u64 {
+        self.max_write_zeroes_len
+    }
+
+    /// Largest discard request the device accepts (0: not offered).
+    pub fn max_discard_len(&self) -> u64 {
+        self.max_discard_len
+    }
+
+    /// Whether the device reports a volatile write cache (write-back: FLUSH needed).
+    pub fn flush_needed(&self) -> bool {
+        self.flush_needed
+    }
+
+    /// Requests submitted and not yet returned by [`RwClient::poll`].
+    pub fn in_flight(&self) -> usize {
+        RW_MAX_IN_FLIGHT - self.free_ids.len() + self.ready.len()
+    }
+
+    /// Whether [`RwClient::submit`] would accept `op` now.
+    pub fn can_submit(&self, op: &BlkOp) -> bool {
+        let needs_slot = matches!(op, BlkOp::Read { .. } | BlkOp::Write { .. });
+        !self.free_ids.is_empty() && (!needs_slot || !self.free_slots.is_empty())
+    }
+
+    /// Queues `op` (tagged `tag` in its completion) and kicks the device. Fails when
+    /// [`RwClient::can_submit`] is false, the request is too large, or on a transport error.
+    pub fn submit(&mut self, op: &BlkOp, tag: usize) -> Result<(), String> {
+        if !self.can_submit(op) {
+            return Err(format!("no room to submit {}", op.describe()));
+        }
+        let nq = self.queues.len();
+        let q = self.next_queue % nq;
+        self.next_queue += 1;
+        let id = self.free_ids.pop().unwrap();
+        let mut req = RwRequest {
+            tag,
+            queue: q,
+            slot: None,
+            read_len: None,
+            _iov: Vec::new(),
+        };
+        let bad_len = match op {
+            BlkOp::Read { len, .. } => *len == 0 || *len > SLOT_BYTES,
+            BlkOp::Write { data, .. } => data.is_empty() || data.len() > SLOT_BYTES,
+            BlkOp::WriteZeroes { len, .. } | BlkOp::Discard { len, .. } => *len == 0,
+            BlkOp::Flush => false,
+        };
+        if bad_len {
+            self.free_ids.push(id);
+            return Err(format!("bad request length: {}", op.describe()));
+        }
+        match op {
+            BlkOp::Read { off, len } => {
+                let slot = self.free_slots.pop().unwrap();
+                let base = self.region.addr + slot * SLOT_BYTES;
+                req.slot = Some(slot);
+                req.read_len = Some(*len);
+                req._iov = match split_iovecs(base, *len, self.max_segments, self.max_segment_len) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.free_slots.push(slot);
+                        self.free_ids.push(id);
+                        return Err(e);
+                    }
+                };
+                self.queues[q].readv(
+                    *off,
+                    req._iov.as_ptr(),
+                    req._iov.len() as u32,
+                    id,
+                    ReqFlags::empty(),
+                );
+            }
+            BlkOp::Write { off, data } => {
+                let slot = self.free_slots.pop().unwrap();
+                let base = self.region.addr + slot * SLOT_BYTES;
+                // SAFETY: the region is mapped for the client's lifetime, this slot is free (no
+                // request of ours uses it), and `data` fits in it (checked above).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), base as *mut u8, data.len())
+                };
+                req.slot = Some(slot);
+                req._iov =
+                    match split_iovecs(base, data.len(), self.max_segments, self.max_segment_len) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            self.free_slots.push(slot);
+                            self.free_ids.push(id);
+                            return Err(e);
+                        }
+                    };
+                self.queues[q].writev(
+                    *off,
+                    req._iov.as_ptr(),
+                    req._iov.len() as u32,
+                    id,
+                    ReqFlags::empty(),
+                );
+            }
+            BlkOp::WriteZeroes { off, len, unmap } => {
+                let flags = if *unmap {
+                    ReqFlags::empty()
+                } else {
+                    ReqFlags::NO_UNMAP
+                };
+                self.queues[q].write_zeroes(*off, *len, id, flags);
+            }
+            BlkOp::Discard { off, len } => {
+                self.queues[q].discard(*off, *len, id, ReqFlags::empty());
+            }
+            BlkOp::Flush => self.queues[q].flush(id, ReqFlags::empty()),
+        }
+        self.requests[id] = Some(req);
+        self.queue_load[q] += 1;
+        self.kick(q)
+    }
+
+    /// Submits what is queued on queue `q` and collects what has completed, without waiting.
+    fn kick(&mut self, q: usize) -> Result<(), String> {
+        let n = self.queues[q]
+            .do_io(&mut self.completions, 0, None, None)
+            .map_err(|e| blkio_err("do_io", e))?;
+        self.collect(n);
+        Ok(())
+    }
+
+    fn collect(&mut self, n: usize) {
+        for i in 0..n {
+            // SAFETY: do_io() initialised the first n entries of the array.
+            let c = unsafe { self.completions[i].assume_init_ref() };
+            let (id, ret) = (c.user_data, c.ret);
+            let req = self.requests[id]
+                .take()
+                .expect("completion of a request that is not in flight");
+            self.queue_load[req.queue] -= 1;
+            self.free_ids.push(id);
+            let result = if ret == 0 {
+                match (req.slot, req.read_len) {
+                    (Some(slot), Some(len)) => {
+                        let base = self.region.addr + slot * SLOT_BYTES;
+                        // SAFETY: the region is mapped for the client's lifetime and this slot's
+                        // request has completed, so nothing writes to these bytes now.
+                        let data = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
+                        Ok(data.to_vec())
+                    }
+                    _ => Ok(Vec::new()),
+                }
+            } else {
+                Err(format!(
+                    "request failed: {}",
+                    std::io::Error::from_raw_os_error(-ret)
+                ))
+            };
+            if let Some(slot) = req.slot {
+                self.free_slots.push(slot);
+            }
+            self.ready.push((req.tag, result));
+        }
+    }
+
+    /// Returns the completions that arrived (tag, result), waiting up to `wait` for at least
+    /// one when requests are in flight. An empty vector after `wait` means nothing completed.
+    pub fn poll(&mut self, wait: Duration) -> Result<Vec<(usize, OpResult)>, String> {
+        for q in 0..self.queues.len() {
+            if self.queue_load[q] > 0 {
+                self.kick(q)?;
+            }
+        }
+        let deadline = Instant::now() + wait;
+        let mut turn = 0;
+        while self.ready.is_empty() && self.queue_load.iter().any(|&n| n > 0) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // Wait on one queue for a short while, then look at the others too.
+            let nq = self.queues.len();
+            let q = (0..nq)
+                .map(|i| (turn + i) % nq)
+                .find(|&q| self.queue_load[q] > 0)
+                .unwrap();
+            turn = q + 1;
+            let mut t = left.min(Duration::from_millis(5));
+            match self.queues[q].do_io(&mut self.completions, 1, Some(&mut t), None) {
+                Ok(n) => self.collect(n),
+                Err(e) if e.errno() == blkio::Errno::TIME => {}
+                Err(e) => return Err(blkio_err("do_io (waiting)", e)),
+            }
+            for q in 0..nq {
+                if self.queue_load[q] > 0 {
+                    self.kick(q)?;
+                }
+            }
+        }
+        Ok(std::mem::take(&mut self.ready))
+    }
+
+    /// Runs every op of `ops` with as many in flight at once as the client allows (submitted in
+    /// order, completing in any order) and returns the results in the order of `ops`. The
+    /// caller makes sure concurrent ops do not overlap. `Err` on a transport failure or when
+    /// nothing completes for [`RW_PROGRESS_TIMEOUT`].
+    pub fn run_batch(&mut self, ops: &[BlkOp]) -> Result<Vec<OpResult>, String> {
+        let mut results: Vec<Option<OpResult>> = vec![None; ops.len()];
+        let mut next = 0;
+        let mut done = 0;
+        let mut last_progress = Instant::now();
+        while done < ops.len() {
+            while next < ops.len() && self.can_submit(&ops[next]) {
+                self.submit(&ops[next], next)?;
+                next += 1;
+            }
+            let got = self.poll(Duration::from_millis(200))?;
+            if got.is_empty() {
+                if last_progress.elapsed() > RW_PROGRESS_TIMEOUT {
+                    let stuck: Vec<String> = results
+                        .iter()
+                        .enumerate()
+                        .take(next)
+                        .filter(|(_, r)| r.is_none())
+                        .map(|(i, _)| ops[i].describe())
+                        .collect();
+                    return Err(format!(
+                        "no completion for {} s; in flight: {}",
+                        RW_PROGRESS_TIMEOUT.as_secs(),
+                        stuck.join(", ")
+                    ));
+                }
+                continue;
+            }
+            last_progress = Instant::now();
+            for (tag, r) in got {
+                assert!(results[tag].is_none(), "two completions for op {tag}");
+                results[tag] = Some(r);
+                done += 1;
+            }
+        }
+        Ok(results.into_iter().map(Option::unwrap).collect())
+    }
+
+    /// Like [`RwClient::run_batch`], failing on the first request that failed.
+    pub fn run_ok(&mut self, ops: &[BlkOp]) -> Result<Vec<Vec<u8>>, String> {
+        let results = self.run_batch(ops)?;
+        ops.iter()
+            .zip(results)
+            .map(|(op, r)| r.map_err(|e| format!("{}: {e}", op.describe())))
+            .collect()
+    }
+
+    /// Reads `len` bytes at `off` in requests of at most 1 MiB.
+    pub fn read_range(&mut self, off: u64, len: u64) -> Result<Vec<u8>, String> {
+        let mut ops = Vec::new();
+        let mut at = off;
+        while at < off + len {
+            let n = (SLOT_BYTES as u64).min(off + len - at);
+            ops.push(BlkOp::Read {
+                off: at,
+                len: n as usize,
+            });
+            at += n;
+        }
+        Ok(self.run_ok(&ops)?.concat())
+    }
+}
+
+impl Drop for RwClient {
+    fn drop(&mut self) {
+        self.queues.clear();
+        self.blkio.unmap_mem_region(&self.region);
+    }
+}
+
+/// Runs `f` with a read-write client connected to `socket`, on its own thread, within
+/// `timeout`.
+pub fn rw_session<T, F>(
+    socket: &Path,
+    num_queues: i32,
+    timeout: Duration,
+    f: F,
+) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut RwClient) -> Result<T, String> + Send + 'static,
+{
+    let socket = socket.to_path_buf();
+    try_with_timeout("vhost-user-blk read-write client", timeout, move || {
+        let mut c = RwClient::connect(&socket, num_queues)?;
+        f(&mut c)
+    })?
+}
+
+/// `qemu-img check --output=json IMG`: (exit code, parsed report). Exit codes: 0 clean,
+/// 1 check could not run, 2 corruptions, 3 leaks only.
+pub fn qemu_img_check(img: &Path, repair: Option<&str>) -> (i32, serde_json::Value) {
+    require_qemu_tools();
+    let mut c = Command::new("qemu-img");
+    c.current_dir(image_dir(img))
+        .args(["check", "--output=json"]);
+    if let Some(r) = repair {
+        c.args(["-r", r]);
+    }
+    c.arg(img);
+    let desc = describe_cmd(&c);
+    let out = run_cmd(&mut c, TOOL_TIMEOUT);
+    let code = out.status.code().unwrap_or(-1);
+    let v = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "`{desc}` ({}) printed no JSON report ({e}):\nstdout: {}\nstderr: {}",
+            out.status, out.stdout, out.stderr
+        )
+    });
+    (code, v)
+}
+
+/// A count of a `qemu-img check` JSON report (absent: 0).
+pub fn check_count(v: &serde_json::Value, key: &str) -> u64 {
+    v.get(key).and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
+/// Fails unless `qemu-img check` finds no corruption, no leak and no check error.
+pub fn assert_check_clean(img: &Path, what: &str) {
+    let (code, v) = qemu_img_check(img, None);
+    for key in ["corruptions", "leaks", "check-errors"] {
+        assert_eq!(
+            check_count(&v, key),
+            0,
+            "{what}: qemu-img check of {} reports {key}: {v}",
+            img.display()
+        );
+    }
+    assert_eq!(code, 0, "{what}: qemu-img check exit code {code}: {v}");
+}
+
+/// `qemu-img compare -f qcow2 -F raw IMG RAW`: `Err` with qemu-img's output when they differ.
+pub fn qemu_img_compare_raw(img: &Path, raw: &Path) -> Result<(), String> {
+    require_qemu_tools();
+    let mut c = Command::new("qemu-img");
+    c.current_dir(image_dir(img))
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(img)
+        .arg(raw);
+    let desc = describe_cmd(&c);
+    let out = run_cmd(&mut c, TOOL_TIMEOUT);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{desc}` ({}): {}{}",
+            out.status, out.stdout, out.stderr
+        ))
+    }
+}
+
+/// The incompatible feature bits of a qcow2 file (version 2 has none).
+pub fn incompatible_features(img: &Path) -> u64 {
+    if be32(img, hdr::VERSION) >= 3 {
+        be64(img, hdr::INCOMPATIBLE_FEATURES)
+    } else {
+        0
+    }
+}
+
+/// Incompatible feature bit 0 (dirty: refcounts may be stale) as stored in the file.
+pub fn dirty_bit(img: &Path) -> bool {
+    incompatible_features(img) & 1 != 0
+}
+
+/// Incompatible feature bit 1 (corrupt) as stored in the file.
+pub fn corrupt_bit(img: &Path) -> bool {
+    incompatible_features(img) & 2 != 0
+}
+
+/// Whether this daemon binary has a `check` subcommand (`qcow2d check --help` succeeds).
+pub fn daemon_has_check() -> bool {
+    let out = run_cmd(
+        Command::new(daemon_bin()).args(["check", "--help"]),
+        TOOL_TIMEOUT,
+    );
+    out.status.success()
+}
+
+/// Runs `qcow2d ARGS` to completion.
+pub fn run_daemon_cmd(args: &[&OsStr]) -> CmdOutput {
+    run_cmd(Command::new(daemon_bin()).args(args), TOOL_TIMEOUT)
+}
+
+/// A `qemu-io` process that holds an image open (read-write, or read-only with `-r`) until it
+/// is dropped: started without `-c`, its commands come from a pipe the test holds.
+pub struct QemuIoHolder {
+    child: Option<Child>,
+    stdin: Option<std::process::ChildStdin>,
+    output: Arc<Mutex<String>>,
+}
+
+impl QemuIoHolder {
+    /// Starts `qemu-io [-r] -f qcow2 IMG` and waits until it has read the first sector (so the
+    /// image is open and locked). `Err` with its output when it fails to open the image.
+    pub fn open(img: &Path, read_only: bool) -> Result<QemuIoHolder, String> {
+        use std::io::Write;
+        require_qemu_tools();
+        let mut c = Command::new("qemu-io");
+        c.current_dir(image_dir(img));
+        if read_only {
+            c.arg("-r");
+        }
+        c.args(["-f", "qcow2"]).arg(img);
+        let desc = describe_cmd(&c);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run `{desc}`: {e}"));
+        let output = Arc::new(Mutex::new(String::new()));
+        for r in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            thread::spawn(move || {
+                let mut r = r;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = r.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    output
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let mut stdin = child.stdin.take().unwrap();
+        let mut h = QemuIoHolder {
+            child: Some(child),
+            stdin: None,
+            output,
+        };
+        // A failed open makes qemu-io exit; the write may then fail with EPIPE.
+        let _ = stdin
+            .write_all(b"read 0 512\n")
+            .and_then(|()| stdin.flush());
+        h.stdin = Some(stdin);
+        let deadline = Instant::now() + TOOL_TIMEOUT;
+        loop {
+            if h.output().contains("read 512/512 bytes at offset 0") {
+                return Ok(h);
+            }
+            let exited = h.child.as_mut().unwrap().try_wait().ok().flatten();
+            if let Some(st) = exited {
+                thread::sleep(Duration::from_millis(50));
+                return Err(format!("`{desc}` exited ({st}): {}", h.output()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "`{desc}` did not read its first sector within {} s: {}",
+                    TOOL_TIMEOUT.as_secs(),
+                    h.output()
+                ));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything qemu-io printed so far.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Closes qemu-io's stdin (it exits at end of input) and waits for it; kills it after
+    /// [`EXIT_TIMEOUT`].
+    pub fn close(mut self) -> Option<ExitStatus> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Option<ExitStatus> {
+        drop(self.stdin.take());
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for QemuIoHolder {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
