@@ -155,5 +155,10 @@ pub fn lock_writer(file: &File) -> Result<(), LockError> {
 /// The locks QEMU takes for a read-only user: consistent reads, and no writer or resizer
 /// elsewhere.
 pub fn lock_reader(file: &File) -> Result<(), LockError> {
-    lock_image(file, &[Perm::ConsistentRead], &[Perm::Write, Perm::Resize], &[])
+    lock_image(
+        file,
+        &[Perm::ConsistentRead],
+        &[Perm::Write, Perm::Resize],
+        &[],
+    )
 }

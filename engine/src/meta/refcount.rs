@@ -514,7 +514,10 @@ mod tests {
         // A block created after the snapshot dirties the table again.
         let (off, n, _) = r.allocate(4 * epb).unwrap();
         assert!(off + n * 512 > end * 512);
-        assert!(r.take_table().is_some(), "new entries belong to the next flush");
+        assert!(
+            r.take_table().is_some(),
+            "new entries belong to the next flush"
+        );
         // Every block that exists is described by a refcount of 1.
         for (b, off) in r.table.iter().enumerate() {
             if *off != 0 {
