@@ -37,6 +37,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::block_io::EngineIo;
 use crate::exit_events::ExitEvents;
+use crate::metrics::ExportMetrics;
 use crate::request::DeviceInfo;
 use crate::virtio_blk::{
     device_features, writeback_written, BlkConfig, MAX_QUEUES, MAX_QUEUE_SIZE,
@@ -83,6 +84,9 @@ pub struct DeviceParams {
     /// Write-back (true) or write-through: starts as `!writethrough` from the configuration,
     /// changed by the driver through the config space, kept across the export's connections.
     pub writeback: Arc<AtomicBool>,
+    /// Where the workers count requests (`--metrics`), kept across the export's connections:
+    /// worker `i` of every connection records into shard metrics `i`.
+    pub metrics: Option<Arc<ExportMetrics>>,
 }
 
 /// The vhost-user-blk backend of one connection.
@@ -174,8 +178,9 @@ impl BlkBackend {
         let shards = params.shards.clamp(1, num_queues);
         let workers = (0..shards)
             .map(|index| {
+                let metrics = params.metrics.as_ref().and_then(|m| m.shard(index));
                 EngineIo::new(image, index, shards)
-                    .map(|io| Mutex::new(Worker::new(io, mem.clone())))
+                    .map(|io| Mutex::new(Worker::new(io, mem.clone()).with_metrics(metrics)))
                     .map_err(|source| BackendError::Shard { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -504,6 +509,7 @@ mod tests {
             },
             cluster_size: image.cluster_size(),
             writeback: Arc::new(AtomicBool::new(true)),
+            metrics: None,
         }
     }
 

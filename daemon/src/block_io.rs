@@ -2,7 +2,8 @@
 //!
 //! [`BlockIo`] is what a worker thread needs from the thing that performs its I/O: submit reads,
 //! writes, write-zeroes, discards and flushes tagged with a token, collect completions, switch
-//! between write-back and write-through, and make everything durable when a connection ends.
+//! between write-back and write-through, make everything durable when a connection ends, and
+//! report cache statistics for the metrics.
 //! [`EngineIo`] implements it with one engine [`Shard`]. Each `EngineIo` is owned by one worker
 //! thread's state (behind that thread's mutex); the vhost-user frontend thread only touches it
 //! through that mutex, to drain a queue on GET_VRING_BASE or to change the write-cache mode, and
@@ -16,6 +17,35 @@ use qcow2d_engine::{Completion, Image, IoError, Shard, ShardConfig};
 
 /// One finished request: its token and whether it succeeded.
 pub type Done<E> = (u64, Result<(), E>);
+
+/// Cumulative cache lookups of one I/O engine since it was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// L2 table lookups served from the cache.
+    pub l2_hits: u64,
+    /// L2 table lookups that read the table.
+    pub l2_misses: u64,
+    /// Compressed-cluster reads served from the decompressed-cluster cache.
+    pub decompressed_hits: u64,
+    /// Compressed-cluster reads that read and inflated the cluster.
+    pub decompressed_misses: u64,
+}
+
+impl CacheStats {
+    /// What was counted between `earlier` and `self` (counters only grow).
+    pub fn since(self, earlier: CacheStats) -> CacheStats {
+        CacheStats {
+            l2_hits: self.l2_hits.saturating_sub(earlier.l2_hits),
+            l2_misses: self.l2_misses.saturating_sub(earlier.l2_misses),
+            decompressed_hits: self
+                .decompressed_hits
+                .saturating_sub(earlier.decompressed_hits),
+            decompressed_misses: self
+                .decompressed_misses
+                .saturating_sub(earlier.decompressed_misses),
+        }
+    }
+}
 
 /// Asynchronous block I/O, tagged by caller-chosen tokens.
 pub trait BlockIo {
@@ -91,6 +121,11 @@ pub trait BlockIo {
 
     /// Requests submitted and not yet returned.
     fn in_flight(&self) -> usize;
+
+    /// Cache lookups so far (cheap: called once per turn of the worker's loop).
+    fn cache_stats(&self) -> CacheStats {
+        CacheStats::default()
+    }
 }
 
 /// [`BlockIo`] over one engine shard.
@@ -197,5 +232,16 @@ impl BlockIo for EngineIo {
 
     fn in_flight(&self) -> usize {
         self.shard.in_flight()
+    }
+
+    fn cache_stats(&self) -> CacheStats {
+        let (l2_hits, l2_misses) = self.shard.l2_cache_stats();
+        let (decompressed_hits, decompressed_misses) = self.shard.decompressed_cache_stats();
+        CacheStats {
+            l2_hits,
+            l2_misses,
+            decompressed_hits,
+            decompressed_misses,
+        }
     }
 }

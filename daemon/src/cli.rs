@@ -29,7 +29,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file listing the exports ([[export]] tables with image, socket, read_only,
-    /// writethrough, lazy_refcounts, queues, serial; optional top-level shards).
+    /// writethrough, lazy_refcounts, queues, serial; optional top-level shards and metrics).
     #[arg(
         long,
         value_name = "FILE",
@@ -74,6 +74,11 @@ pub struct ServeArgs {
     /// Serial number reported to the guest (at most 20 bytes) [default: image file name].
     #[arg(long, value_name = "STR")]
     pub serial: Option<String>,
+
+    /// Serve Prometheus metrics on http://ADDR/metrics (ADDR is IP:PORT, e.g. 127.0.0.1:9187;
+    /// port 0 picks a free port). Overrides a config file's `metrics`.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 /// `qcow2d info`.
@@ -125,6 +130,7 @@ mod tests {
         };
         assert!(args.read_only);
         assert!(!args.writethrough && !args.lazy_refcounts);
+        assert_eq!(args.metrics, None);
         assert_eq!(args.queues, Some(4));
         assert_eq!(args.shards, Some(2));
         assert_eq!(args.serial.as_deref(), Some("x"));
@@ -153,6 +159,36 @@ mod tests {
         assert!(
             Cli::try_parse_from(["qcow2d", "serve", "--config", "c", "--lazy-refcounts"]).is_err()
         );
+    }
+
+    #[test]
+    fn metrics_goes_with_either_form() {
+        for args in [
+            &[
+                "qcow2d",
+                "serve",
+                "--image",
+                "a",
+                "--socket",
+                "s",
+                "--metrics",
+                "127.0.0.1:9187",
+            ][..],
+            &[
+                "qcow2d",
+                "serve",
+                "--config",
+                "c.toml",
+                "--metrics",
+                "127.0.0.1:9187",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("not serve")
+            };
+            assert_eq!(args.metrics.as_deref(), Some("127.0.0.1:9187"));
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //!
 //! ```toml
 //! shards = 4              # optional: worker threads (engine shards) per read-only export
+//! metrics = "127.0.0.1:9187"  # optional: serve Prometheus metrics on http://ADDR/metrics
 //!
 //! [[export]]
 //! image = "/var/lib/images/vm1.qcow2"
@@ -24,6 +25,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -60,6 +62,16 @@ pub enum ConfigError {
     NoExports {
         /// The config file.
         path: PathBuf,
+    },
+    /// The metrics address is not an IP address and port.
+    #[error(
+        "{place}: invalid metrics address {value:?}: expected IP:PORT, such as 127.0.0.1:9187"
+    )]
+    MetricsAddress {
+        /// `Command line` or `Config file <path>`.
+        place: String,
+        /// The value given.
+        value: String,
     },
     /// A value is out of range or malformed.
     #[error("{origin}: {problem}")]
@@ -136,6 +148,8 @@ pub struct ExportConfig {
 pub struct ServeConfig {
     /// The exports, each served by its own listener thread.
     pub exports: Vec<ExportConfig>,
+    /// Where to serve metrics over HTTP, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Export settings as given, before validation.
@@ -161,6 +175,7 @@ pub struct RawExport {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     shards: Option<u64>,
+    metrics: Option<String>,
     #[serde(default)]
     export: Vec<FileExport>,
 }
@@ -197,7 +212,23 @@ pub fn from_command_line(raw: RawExport, shards: Option<u64>) -> Result<ServeCon
     let export = validate(raw, shards, cpu_count(), &Origin::CommandLine)?;
     Ok(ServeConfig {
         exports: vec![export],
+        metrics: None,
     })
+}
+
+/// Parses the metrics address of `--metrics` (`file`: `None`) or of a config file's `metrics`
+/// key: an IP address and a port (port 0 picks a free one).
+pub fn metrics_address(value: &str, file: Option<&Path>) -> Result<SocketAddr, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::MetricsAddress {
+            place: match file {
+                Some(path) => format!("Config file {}", path.display()),
+                None => "Command line".to_owned(),
+            },
+            value: value.to_owned(),
+        })
 }
 
 /// Reads and validates a config file.
@@ -250,7 +281,11 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
         }
         exports.push(export);
     }
-    Ok(ServeConfig { exports })
+    let metrics = file
+        .metrics
+        .map(|value| metrics_address(&value, Some(path)))
+        .transpose()?;
+    Ok(ServeConfig { exports, metrics })
 }
 
 /// 1-based line and column (in characters) of byte `offset` of `text`.
@@ -533,6 +568,41 @@ socket = "sockets/b.sock"
         // Writable: always one.
         let cfg = parse_ok("shards = 32\n[[export]]\nimage = \"a\"\nsocket = \"s\"\n");
         assert_eq!(cfg.exports[0].shards, 1);
+    }
+
+    #[test]
+    fn metrics_address() {
+        const EXPORT: &str = "[[export]]\nimage = \"a\"\nsocket = \"s\"\n";
+        assert_eq!(parse_ok(EXPORT).metrics, None);
+        let cfg = parse_ok(&format!("metrics = \"127.0.0.1:9187\"\n{EXPORT}"));
+        assert_eq!(cfg.metrics, Some("127.0.0.1:9187".parse().unwrap()));
+        let cfg = parse_ok(&format!("metrics = \"[::1]:0\"\n{EXPORT}"));
+        assert_eq!(cfg.metrics, Some("[::1]:0".parse().unwrap()));
+        let err = parse_err(&format!("metrics = \"localhost\"\n{EXPORT}"));
+        assert_eq!(
+            err.to_string(),
+            "Config file /etc/qcow2d/test.toml: invalid metrics address \"localhost\": expected \
+             IP:PORT, such as 127.0.0.1:9187"
+        );
+        // Top level only, and a string.
+        assert!(matches!(
+            parse_err(&format!("metrics = 9187\n{EXPORT}")),
+            ConfigError::Parse { .. }
+        ));
+        assert!(matches!(
+            parse_err(&format!("{EXPORT}metrics = \"127.0.0.1:1\"\n")),
+            ConfigError::Parse { .. }
+        ));
+        assert_eq!(
+            super::metrics_address("0.0.0.0:9187", None).unwrap(),
+            "0.0.0.0:9187".parse().unwrap()
+        );
+        let err = super::metrics_address(":9187", None).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("Command line: invalid metrics address"),
+            "{err}"
+        );
     }
 
     #[test]

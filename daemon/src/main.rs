@@ -5,6 +5,7 @@
 //! non-zero status after printing its whole cause chain once. Modules:
 //! - [`cli`], [`config`]: what to serve;
 //! - [`serve`](mod@serve), [`export`], [`signals`]: threads, lifecycle, clean shutdown;
+//! - [`metrics`]: per-worker counters and histograms, the Prometheus scrape endpoint;
 //! - [`backend`], [`worker`], [`request`], [`virtio_blk`], [`block_io`], [`exit_events`]: the
 //!   vhost-user-blk device and its data path onto the engine.
 
@@ -14,6 +15,7 @@ mod cli;
 mod config;
 mod exit_events;
 mod export;
+mod metrics;
 mod request;
 mod serve;
 mod signals;
@@ -78,7 +80,7 @@ fn run(cli: Cli) -> Result<(), Error> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), Error> {
-    let config = match args.config {
+    let mut config = match args.config {
         Some(path) => config::from_file(&path)?,
         None => {
             let raw = RawExport {
@@ -94,6 +96,9 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
             config::from_command_line(raw, args.shards)?
         }
     };
+    if let Some(value) = &args.metrics {
+        config.metrics = Some(config::metrics_address(value, None)?);
+    }
     serve::serve(config)?;
     Ok(())
 }

@@ -63,6 +63,8 @@ pub struct Scratch {
     pub iov: Vec<libc::iovec>,
     /// Ranges of the last prepared discard or write zeroes (at most [`MAX_DWZ_SEGMENTS`]).
     pub ranges: Vec<ByteRange>,
+    /// Type of the last prepared chain, `None` when its header could not be read.
+    pub request_type: Option<RequestType>,
 }
 
 // SAFETY: `iov` holds raw pointers into guest memory, which make the type !Send by default.
@@ -80,6 +82,7 @@ impl Scratch {
             writable: Vec::with_capacity(130),
             iov: Vec::with_capacity(130),
             ranges: Vec::with_capacity(MAX_DWZ_SEGMENTS),
+            request_type: None,
         }
     }
 }
@@ -178,6 +181,7 @@ pub fn prepare(
     scratch.writable.clear();
     scratch.iov.clear();
     scratch.ranges.clear();
+    scratch.request_type = None;
 
     // 1. Split the chain into its device-readable part and its device-writable part.
     let mut misordered = false;
@@ -270,6 +274,7 @@ pub fn prepare(
         return fail(Malformed::ShortHeader);
     }
     let header = RequestHeader::parse(&raw);
+    scratch.request_type = Some(header.request_type);
 
     // Device-readable bytes after the header: the data of a write.
     let (first, skip) = data_start;

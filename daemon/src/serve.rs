@@ -2,14 +2,16 @@
 //! and stops them all on SIGINT/SIGTERM or when one fails.
 //!
 //! Everything here runs on the main thread. Start-up is all-or-nothing: every image is opened
-//! (for writing unless the export is read-only) and every socket bound before the first
-//! "serving" line is printed. Then the main thread only waits for messages: a stop signal (from
-//! the signal thread) or the end of an export thread. Stopping asks every export to stop; each
-//! export thread disconnects its client, drains and flushes its shards and closes its image
-//! ([`Export::run`]). An export that fails to do so, or that does not finish within
-//! [`STOP_TIMEOUT`] (a stuck disk), makes `serve` fail, so the process exits non-zero.
+//! (for writing unless the export is read-only), every socket bound and the metrics endpoint
+//! (`--metrics`) listening before the first "serving" line is printed. Then the main thread
+//! only waits for messages: a stop signal (from the signal thread) or the end of an export
+//! thread. Stopping asks every export to stop; each export thread disconnects its client,
+//! drains and flushes its shards and closes its image ([`Export::run`]). An export that fails
+//! to do so, or that does not finish within [`STOP_TIMEOUT`] (a stuck disk), makes `serve`
+//! fail, so the process exits non-zero.
 
 use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
@@ -22,6 +24,7 @@ use tracing::{error, info, warn};
 use crate::backend::DeviceParams;
 use crate::config::{ExportConfig, ServeConfig};
 use crate::export::{bind_socket, Export, ExportControl, ExportError, SocketError};
+use crate::metrics::{ExportLabels, Metrics};
 use crate::request::DeviceInfo;
 use crate::signals;
 use crate::virtio_blk::ID_BYTES;
@@ -44,6 +47,15 @@ pub enum ServeError {
     /// A socket cannot be created.
     #[error(transparent)]
     Socket(#[from] SocketError),
+    /// The metrics endpoint cannot listen.
+    #[error("Cannot serve metrics on {addr}")]
+    Metrics {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Signal handling cannot be set up.
     #[error("Cannot set up signal handling")]
     Signals(#[source] std::io::Error),
@@ -115,17 +127,31 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
         opened.push(image);
     }
 
+    let mut metrics = config.metrics.map(|_| Metrics::new());
     let mut exports = Vec::with_capacity(opened.len());
     for (index, (cfg, image)) in config.exports.iter().zip(opened).enumerate() {
         let listener = bind_socket(&cfg.socket)?;
+        let mut params = device_params(cfg, &image);
+        if let Some(metrics) = &mut metrics {
+            let labels = ExportLabels {
+                export: cfg.socket.display().to_string(),
+                image: cfg.image.display().to_string(),
+                serial: cfg.serial.clone(),
+                read_only: image.is_read_only(),
+            };
+            params.metrics = Some(metrics.add_export(labels, params.shards));
+        }
         exports.push(Export {
-            params: device_params(cfg, &image),
+            params,
             image,
             image_path: cfg.image.clone(),
             listener,
             control: Arc::new(ExportControl::new(cfg.socket.clone())),
             thread_name: format!("qcow2d-vu{index}"),
         });
+    }
+    if let (Some(addr), Some(metrics)) = (config.metrics, metrics) {
+        serve_metrics(addr, metrics)?;
     }
     announce(&config.exports);
 
@@ -210,7 +236,25 @@ fn device_params(cfg: &ExportConfig, image: &Image) -> DeviceParams {
         },
         cluster_size: image.cluster_size(),
         writeback: Arc::new(AtomicBool::new(!cfg.writethrough)),
+        metrics: None,
     }
+}
+
+/// Starts the metrics endpoint on `addr` and prints `qcow2d: metrics on http://ADDR/metrics`
+/// with the address it listens on (which tells the port when `addr` asked for port 0).
+fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> Result<(), ServeError> {
+    let listener =
+        TcpListener::bind(addr).map_err(|source| ServeError::Metrics { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Metrics { addr, source })?;
+    crate::metrics::http::spawn(listener, Arc::new(metrics)).map_err(ServeError::Thread)?;
+    info!(address = %local, "Serving metrics on /metrics");
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let _ = writeln!(out, "qcow2d: metrics on http://{local}/metrics");
+    let _ = out.flush();
+    Ok(())
 }
 
 /// The one line per export that scripts wait for.

@@ -15,19 +15,27 @@
 //! the engine is done. The slab, the scratch buffers and the completion vector are reused: the
 //! steady state allocates nothing.
 //!
+//! With `--metrics` the worker also records every request into its [`ShardMetrics`]: the time
+//! from popping the chain to adding it to the used ring, its operation, payload bytes and
+//! outcome (relaxed atomic adds, no lock, no allocation); once per turn of the event loop it
+//! publishes the number of requests in flight and the shard's cache statistics there. Requests
+//! still in flight when a connection ends are never returned to the guest, so never counted.
+//!
 //! When the connection is gone, the export's listener thread calls [`Worker::finish`] (after
 //! vhost-user-backend has joined the worker thread): it waits for what is still in flight and
 //! makes every write durable before the shard is dropped. `Drop` does the same if that was
 //! skipped.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tracing::{debug, error, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::block_io::{BlockIo, Done};
+use crate::block_io::{BlockIo, CacheStats, Done};
+use crate::metrics::{Operation, ShardMetrics};
 use crate::request::{prepare, DeviceInfo, Prepared, Scratch};
 use crate::virtio_blk::{MAX_QUEUES, STATUS_IOERR, STATUS_OK};
 
@@ -53,6 +61,11 @@ struct Slot {
     failed: bool,
     /// The memory the request's buffers point into; `None` while the slot is free.
     mem: Option<Arc<GuestMemoryMmap>>,
+    /// For the metrics: what the request is, its payload bytes and when its chain was popped
+    /// (`None` without metrics).
+    op: Operation,
+    bytes: u64,
+    started: Option<Instant>,
 }
 
 impl Slot {
@@ -64,6 +77,9 @@ impl Slot {
         pending: 0,
         failed: false,
         mem: None,
+        op: Operation::Other,
+        bytes: 0,
+        started: None,
     };
 }
 
@@ -74,6 +90,18 @@ enum Op {
     Flush,
     Discard,
     WriteZeroes,
+}
+
+impl Op {
+    fn operation(self) -> Operation {
+        match self {
+            Op::Read(_) => Operation::Read,
+            Op::Write(_) => Operation::Write,
+            Op::Flush => Operation::Flush,
+            Op::Discard => Operation::Discard,
+            Op::WriteZeroes => Operation::WriteZeroes,
+        }
+    }
 }
 
 /// Per-thread state of the data path.
@@ -93,6 +121,10 @@ pub struct Worker<B: BlockIo> {
     /// Queues (local indexes) that got used entries since they were last notified.
     dirty: u64,
     errors: u64,
+    /// Where requests are counted, with `--metrics`.
+    metrics: Option<Arc<ShardMetrics>>,
+    /// The engine's cache statistics as last published to `metrics`.
+    cache_published: CacheStats,
     /// Whether [`Worker::finish`] ran.
     finished: bool,
 }
@@ -111,8 +143,16 @@ impl<B: BlockIo> Worker<B> {
             in_flight_per_queue: [0; MAX_QUEUES as usize],
             dirty: 0,
             errors: 0,
+            metrics: None,
+            cache_published: CacheStats::default(),
             finished: false,
         }
+    }
+
+    /// Records requests into `metrics` (nothing is measured without).
+    pub fn with_metrics(mut self, metrics: Option<Arc<ShardMetrics>>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The I/O engine.
@@ -180,6 +220,7 @@ impl<B: BlockIo> Worker<B> {
         }
         self.reap(vrings, false);
         self.notify(vrings);
+        self.publish_metrics();
     }
 
     /// Handles the engine's completion eventfd.
@@ -187,6 +228,7 @@ impl<B: BlockIo> Worker<B> {
         self.remember_vrings(vrings);
         self.reap(vrings, false);
         self.notify(vrings);
+        self.publish_metrics();
     }
 
     /// Blocks until every request in flight on local queue `index` has completed to the used
@@ -207,6 +249,29 @@ impl<B: BlockIo> Worker<B> {
         }
         self.notify(&vrings);
         self.vrings = vrings;
+        self.publish_metrics();
+    }
+
+    /// Once per turn: publishes the requests in flight and what the engine's caches counted
+    /// since the last turn.
+    fn publish_metrics(&mut self) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let in_flight: u32 = self.in_flight_per_queue.iter().sum();
+        metrics.set_in_flight(u64::from(in_flight));
+        let stats = self.io.cache_stats();
+        if stats != self.cache_published {
+            metrics.add_cache(stats.since(self.cache_published));
+            self.cache_published = stats;
+        }
+    }
+
+    /// Counts a request returned to the used ring just now.
+    fn record(&self, started: Option<Instant>, op: Operation, ok: bool, bytes: u64) {
+        if let (Some(metrics), Some(started)) = (&self.metrics, started) {
+            metrics.record(op, ok, bytes, started.elapsed());
+        }
     }
 
     fn pop_requests(
@@ -218,13 +283,14 @@ impl<B: BlockIo> Worker<B> {
     ) {
         let mut state = vring.get_mut();
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) {
+            let started = self.metrics.is_some().then(Instant::now);
             let head = chain.head_index();
             let descriptors = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
             let (prepared, malformed) = prepare(descriptors, mem, dev, &mut self.scratch);
             if let Some(why) = malformed {
                 debug!(index, head, ?why, "Malformed request");
             }
-            let (op, ok_len, status) = match prepared {
+            let (op, ok_len, status, bytes) = match prepared {
                 Prepared::Done { status, used_len } => {
                     if let Some((addr, code)) = status {
                         write_status(mem, addr, code);
@@ -233,21 +299,28 @@ impl<B: BlockIo> Worker<B> {
                         warn!(index, head, "Cannot return a request to the guest: {e}");
                     }
                     self.dirty |= 1 << index;
+                    let ok = matches!(status, Some((_, STATUS_OK)));
+                    // On success everything written but the status byte is payload (GET_ID).
+                    let bytes = u64::from(used_len.saturating_sub(1));
+                    let op = Operation::of(self.scratch.request_type);
+                    self.record(started, op, ok, bytes);
                     continue;
                 }
                 Prepared::Read {
                     offset,
                     len,
                     status,
-                } => (Op::Read(offset), len + 1, status),
+                } => (Op::Read(offset), len + 1, status, u64::from(len)),
                 Prepared::Write {
                     offset,
-                    len: _,
+                    len,
                     status,
-                } => (Op::Write(offset), 1, status),
-                Prepared::Flush { status } => (Op::Flush, 1, status),
-                Prepared::Discard { status } => (Op::Discard, 1, status),
-                Prepared::WriteZeroes { status } => (Op::WriteZeroes, 1, status),
+                } => (Op::Write(offset), 1, status, u64::from(len)),
+                Prepared::Flush { status } => (Op::Flush, 1, status, 0),
+                Prepared::Discard { status } => (Op::Discard, 1, status, self.ranges_bytes()),
+                Prepared::WriteZeroes { status } => {
+                    (Op::WriteZeroes, 1, status, self.ranges_bytes())
+                }
             };
 
             let slot = match self.free.pop() {
@@ -269,6 +342,9 @@ impl<B: BlockIo> Worker<B> {
                 pending: 0,
                 failed: false,
                 mem: Some(Arc::clone(mem)),
+                op: op.operation(),
+                bytes,
+                started,
             };
             let (submitted, refused) = self.submit(op, token);
             if let Some(e) = &refused {
@@ -293,7 +369,13 @@ impl<B: BlockIo> Worker<B> {
                 warn!(index, head, "Cannot return a request to the guest: {e}");
             }
             self.dirty |= 1 << index;
+            self.record(started, op.operation(), false, bytes);
         }
+    }
+
+    /// Bytes covered by the ranges of the discard or write-zeroes request just prepared.
+    fn ranges_bytes(&self) -> u64 {
+        self.scratch.ranges.iter().map(|r| r.len).sum()
     }
 
     /// Submits the engine requests of the chain prepared in `self.scratch` with `token`.
@@ -390,6 +472,7 @@ impl<B: BlockIo> Worker<B> {
         };
         write_status(&mem, slot.status, code);
         let (queue, head) = (usize::from(slot.queue), slot.head);
+        let (op, bytes, started, ok) = (slot.op, slot.bytes, slot.started, !slot.failed);
         drop(mem);
         // In range: `token` indexed `slots`, whose length fits u32 (see `pop_requests`).
         self.free.push(token as u32);
@@ -402,6 +485,7 @@ impl<B: BlockIo> Worker<B> {
                     warn!(queue, head, "Cannot return a request to the guest: {e}");
                 }
                 self.dirty |= 1 << queue;
+                self.record(started, op, ok, bytes);
             }
             None => error!(queue, "Completion for a queue this worker does not know"),
         }
@@ -444,7 +528,13 @@ impl<B: BlockIo> Worker<B> {
                 break;
             }
         }
-        self.io.finish()
+        let finished = self.io.finish();
+        self.publish_metrics();
+        if let Some(metrics) = &self.metrics {
+            // Whatever was still in flight will never be returned to the guest.
+            metrics.set_in_flight(0);
+        }
+        finished
     }
 
     /// Signals every queue that got used entries, when the driver asked for it.
@@ -500,12 +590,15 @@ mod tests {
     use super::*;
     use crate::virtio_blk::{ID_BYTES, STATUS_UNSUPP};
     use virtio_bindings::virtio_blk::{
-        VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
-        VIRTIO_BLK_T_WRITE_ZEROES,
+        VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     };
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+
+    use crate::metrics::exposition::{ExportSnapshot, OpSnapshot};
+    use crate::metrics::{ExportLabels, Metrics};
 
     /// What a submitted request does.
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -548,6 +641,8 @@ mod tests {
         /// `finish` calls: requests in flight at the time of each (shared, to be read after the
         /// worker is dropped).
         finished: Arc<std::sync::Mutex<Vec<usize>>>,
+        /// What `cache_stats` reports.
+        cache: CacheStats,
     }
 
     fn pattern(i: u64) -> u8 {
@@ -659,6 +754,10 @@ mod tests {
 
         fn in_flight(&self) -> usize {
             self.pending.len()
+        }
+
+        fn cache_stats(&self) -> CacheStats {
+            self.cache
         }
     }
 
@@ -1037,5 +1136,208 @@ mod tests {
         let finished = Arc::clone(&io.finished);
         drop(Worker::new(io, h.mem.clone()));
         assert_eq!(*finished.lock().unwrap(), vec![0]);
+    }
+
+    fn metrics() -> (Metrics, Arc<ShardMetrics>) {
+        let mut metrics = Metrics::new();
+        let export = metrics.add_export(
+            ExportLabels {
+                export: "/run/test.sock".into(),
+                image: "test.qcow2".into(),
+                serial: "test".into(),
+                read_only: false,
+            },
+            1,
+        );
+        let shard = export.shard(0).unwrap();
+        (metrics, shard)
+    }
+
+    fn export_snapshot(metrics: &Metrics) -> ExportSnapshot {
+        metrics.snapshot().exports.remove(0)
+    }
+
+    fn op(snap: &ExportSnapshot, op: Operation) -> &OpSnapshot {
+        &snap.ops[op as usize]
+    }
+
+    #[test]
+    fn metrics_count_every_request_returned_to_the_guest() {
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_OUT, 2);
+        write_header(&m, 0x1100, VIRTIO_BLK_T_DISCARD, 0);
+        let d = write_segments(&m, 0x6000, &[(0, 8, 0), (16, 8, 0), (64, 8, 0)]);
+        write_header(&m, 0x1200, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let z = write_segments(&m, 0x6100, &[(8, 8, 1)]);
+        write_header(&m, 0x1300, VIRTIO_BLK_T_FLUSH, 0);
+        write_header(&m, 0x1400, VIRTIO_BLK_T_DISCARD, 0);
+        let bad = write_segments(&m, 0x6200, &[(8, 8, 1)]);
+        let descs = [
+            // 0..2: write of 1024 bytes: OK.
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 1024, false, Some(2)),
+            desc(0x5000, 1, true, None),
+            // 3..5: discard of three 4 KiB ranges: OK.
+            desc(0x1100, 16, false, Some(4)),
+            desc(0x6000, d, false, Some(5)),
+            desc(0x5001, 1, true, None),
+            // 6..8: write zeroes, 4 KiB: OK.
+            desc(0x1200, 16, false, Some(7)),
+            desc(0x6100, z, false, Some(8)),
+            desc(0x5002, 1, true, None),
+            // 9..10: flush: OK.
+            desc(0x1300, 16, false, Some(10)),
+            desc(0x5003, 1, true, None),
+            // 11..13: discard with unmap: UNSUPP, an error.
+            desc(0x1400, 16, false, Some(12)),
+            desc(0x6200, bad, false, Some(13)),
+            desc(0x5004, 1, true, None),
+        ];
+        let used_addr = h.queue(&descs);
+        let (metrics, shard) = metrics();
+        let io = FakeIo {
+            cache: CacheStats {
+                l2_hits: 7,
+                l2_misses: 2,
+                decompressed_hits: 1,
+                decompressed_misses: 3,
+            },
+            ..FakeIo::default()
+        };
+        let mut w = Worker::new(io, h.mem.clone()).with_metrics(Some(shard));
+        w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device_rw());
+        assert_eq!(h.used_idx(used_addr), 5);
+
+        // More than one queue of 16 descriptors holds.
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1500, VIRTIO_BLK_T_GET_ID, 0);
+        write_header(&m, 0x1600, 77, 0);
+        write_header(&m, 0x1700, VIRTIO_BLK_T_IN, 4);
+        let descs = [
+            // 0..2: GET_ID: 20 bytes.
+            desc(0x1500, 16, false, Some(1)),
+            desc(0x9000, 32, true, Some(2)),
+            desc(0x5005, 1, true, None),
+            // 3..4: unknown type: UNSUPP, "other".
+            desc(0x1600, 16, false, Some(4)),
+            desc(0x5006, 1, true, None),
+            // 5..7: read of 2048 bytes: OK.
+            desc(0x1700, 16, false, Some(6)),
+            desc(0xa000, 2048, true, Some(7)),
+            desc(0x5007, 1, true, None),
+            // 8..10: read into memory the guest does not have: IOERR.
+            desc(0x1700, 16, false, Some(9)),
+            desc(0x4000_0000, 512, true, Some(10)),
+            desc(0x5008, 1, true, None),
+            // 11: no status byte: dropped, "other", an error.
+            desc(0x1700, 16, false, None),
+        ];
+        let used_addr = h.queue(&descs);
+        w.set_memory(h.mem.clone());
+        w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device_rw());
+        assert_eq!(h.used_idx(used_addr), 5);
+
+        let snap = export_snapshot(&metrics);
+        let expect = [
+            // (operation, requests, bytes, errors)
+            (Operation::Read, 2, 2048, 1),
+            (Operation::Write, 1, 1024, 0),
+            (Operation::Flush, 1, 0, 0),
+            (Operation::Discard, 2, 3 * 4096, 1),
+            (Operation::WriteZeroes, 1, 4096, 0),
+            (Operation::GetId, 1, 20, 0),
+            (Operation::Other, 2, 0, 2),
+        ];
+        for (o, requests, bytes, errors) in expect {
+            let s = op(&snap, o);
+            assert_eq!(
+                (s.requests(), s.bytes, s.errors),
+                (requests, bytes, errors),
+                "{o:?}"
+            );
+            assert!(s.quantiles.is_some(), "{o:?}");
+            assert!(s.duration_seconds > 0.0, "{o:?}");
+        }
+        assert_eq!(snap.shards[0].in_flight, 0);
+        assert_eq!(snap.shards[0].cache, w.io().cache);
+
+        // Held requests are in flight until they complete; cache counters only grow by what
+        // the engine counted since the last turn.
+        let h2 = Harness::new();
+        let m2 = h2.mem.memory();
+        write_header(&m2, 0x1000, VIRTIO_BLK_T_IN, 0);
+        write_header(&m2, 0x1100, VIRTIO_BLK_T_FLUSH, 0);
+        let used_addr = h2.queue(&[
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 4096, true, Some(2)),
+            desc(0x5000, 1, true, None),
+            desc(0x1100, 16, false, Some(4)),
+            desc(0x5001, 1, true, None),
+        ]);
+        w.set_memory(h2.mem.clone());
+        w.io.hold = true;
+        w.io.cache.l2_hits += 5;
+        w.process_queue(std::slice::from_ref(&h2.vring), 0, true, &device_rw());
+        let snap = export_snapshot(&metrics);
+        assert_eq!(snap.shards[0].in_flight, 2);
+        assert_eq!(snap.shards[0].cache.l2_hits, 12);
+        assert_eq!(
+            op(&snap, Operation::Read).requests(),
+            2,
+            "not counted before it completes"
+        );
+        w.io.hold = false;
+        w.process_completions(std::slice::from_ref(&h2.vring));
+        assert_eq!(h2.used_idx(used_addr), 2);
+        let snap = export_snapshot(&metrics);
+        assert_eq!(snap.shards[0].in_flight, 0);
+        assert_eq!(op(&snap, Operation::Read).requests(), 3);
+        assert_eq!(op(&snap, Operation::Read).bytes, 2048 + 4096);
+        assert_eq!(op(&snap, Operation::Flush).requests(), 2);
+        let [p50, p99, p999] = op(&snap, Operation::Read).quantiles.unwrap();
+        assert!(p50 <= p99 && p99 <= p999);
+
+        // A request still in flight when the connection ends is never returned, never
+        // counted, and no longer in flight.
+        let h3 = Harness::new();
+        let m3 = h3.mem.memory();
+        write_header(&m3, 0x1000, VIRTIO_BLK_T_IN, 0);
+        h3.queue(&[
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 512, true, Some(2)),
+            desc(0x5000, 1, true, None),
+        ]);
+        w.set_memory(h3.mem.clone());
+        w.io.hold = true;
+        w.process_queue(std::slice::from_ref(&h3.vring), 0, true, &device_rw());
+        assert_eq!(export_snapshot(&metrics).shards[0].in_flight, 1);
+        w.finish().unwrap();
+        let snap = export_snapshot(&metrics);
+        assert_eq!(snap.shards[0].in_flight, 0);
+        assert_eq!(op(&snap, Operation::Read).requests(), 3);
+    }
+
+    #[test]
+    fn without_metrics_nothing_is_timed() {
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+        h.queue(&[
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 512, true, Some(2)),
+            desc(0x5000, 1, true, None),
+        ]);
+        let mut w = Worker::new(
+            FakeIo {
+                hold: true,
+                ..FakeIo::default()
+            },
+            h.mem.clone(),
+        );
+        w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device());
+        assert!(w.slots.iter().all(|s| s.started.is_none()));
+        w.stop_queue(0);
     }
 }
