@@ -23,6 +23,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print what an image is made of.
     Info(InfoArgs),
+    /// Check an image's refcounts and metadata like `qemu-img check` (exit status 0: clean,
+    /// 2: corruptions, 3: leaked clusters only, 1: the check could not complete).
+    Check(CheckArgs),
 }
 
 /// `qcow2d serve`.
@@ -93,6 +96,23 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
+/// `qcow2d check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The image.
+    #[arg(value_name = "IMG")]
+    pub image: PathBuf,
+
+    /// Rebuild refcounts, fix COPIED flags, and clear the dirty and corrupt bits when the image
+    /// is consistent afterwards (the image must not be in use).
+    #[arg(long)]
+    pub repair: bool,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,13 +157,24 @@ mod tests {
     }
 
     #[test]
+    fn check_takes_an_image_and_repair() {
+        let cli = Cli::try_parse_from(["qcow2d", "check", "--repair", "x.qcow2"]).unwrap();
+        let Command::Check(args) = cli.command else {
+            panic!("not check");
+        };
+        assert!(args.repair && !args.json);
+        assert_eq!(args.image, PathBuf::from("x.qcow2"));
+        assert!(Cli::try_parse_from(["qcow2d", "check"]).is_err());
+    }
+
+    #[test]
     fn write_options() {
         let base = ["qcow2d", "serve", "--image", "a", "--socket", "s"];
         let parse = |extra: &[&str]| {
             let args: Vec<&str> = base.iter().chain(extra).copied().collect();
             Cli::try_parse_from(args).map(|cli| match cli.command {
                 Command::Serve(args) => args,
-                Command::Info(_) => panic!("not serve"),
+                Command::Info(_) | Command::Check(_) => panic!("not serve"),
             })
         };
         let args = parse(&["--writethrough", "--lazy-refcounts"]).unwrap();

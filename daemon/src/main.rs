@@ -4,7 +4,8 @@
 //! `RUST_LOG`, default `info`) and runs the subcommand; an error ends the process with a
 //! non-zero status after printing its whole cause chain once. Modules:
 //! - [`cli`], [`config`]: what to serve;
-//! - [`serve`](mod@serve), [`export`], [`signals`]: threads, lifecycle, clean shutdown;
+//! - [`serve`](mod@serve), [`export`], [`signals`], [`notify`]: threads, lifecycle, clean
+//!   shutdown, systemd readiness;
 //! - [`metrics`]: per-worker counters and histograms, the Prometheus scrape endpoint;
 //! - [`backend`], [`worker`], [`request`], [`virtio_blk`], [`block_io`], [`exit_events`]: the
 //!   vhost-user-blk device and its data path onto the engine.
@@ -16,6 +17,7 @@ mod config;
 mod exit_events;
 mod export;
 mod metrics;
+mod notify;
 mod request;
 mod serve;
 mod signals;
@@ -30,7 +32,7 @@ use clap::Parser;
 use qcow2d_engine::{Image, OpenOptions};
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command, InfoArgs, ServeArgs};
+use crate::cli::{CheckArgs, Cli, Command, InfoArgs, ServeArgs};
 use crate::config::{ConfigError, RawExport};
 use crate::serve::ServeError;
 
@@ -58,13 +60,22 @@ enum Error {
     /// `qcow2d info --json` could not encode the result.
     #[error("Cannot encode the image information as JSON")]
     Json(#[source] serde_json::Error),
+    /// `qcow2d check` could not complete.
+    #[error("Cannot check image {}", path.display())]
+    Check {
+        /// The image.
+        path: PathBuf,
+        /// The engine's error.
+        #[source]
+        source: qcow2d_engine::Error,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("{}", error_chain(&e));
             ExitCode::FAILURE
@@ -72,11 +83,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Error> {
+/// Runs the subcommand; the exit status on success (`check` reports findings through it).
+fn run(cli: Cli) -> Result<u8, Error> {
     match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Info(args) => info(args),
+        Command::Serve(args) => serve(args).map(|()| 0),
+        Command::Info(args) => info(args).map(|()| 0),
+        Command::Check(args) => check(args),
     }
+}
+
+fn check(args: CheckArgs) -> Result<u8, Error> {
+    let report =
+        qcow2d_engine::check(&args.image, args.repair).map_err(|source| Error::Check {
+            path: args.image.clone(),
+            source,
+        })?;
+    for line in &report.messages {
+        eprintln!("{line}");
+    }
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(Error::Json)?;
+        println!("{text}");
+    } else {
+        println!("{}", report.to_string().trim_end());
+    }
+    // exit_code() is one of 0, 2 and 3.
+    Ok(u8::try_from(report.exit_code()).unwrap_or(1))
 }
 
 fn serve(args: ServeArgs) -> Result<(), Error> {

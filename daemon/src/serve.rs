@@ -213,6 +213,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
             }
         }
     }
+    crate::notify::notify("STOPPING=1");
     stop_all(&controls);
     let stopped = wait_for_exports(&rx, &sockets, &mut running, Instant::now() + STOP_TIMEOUT);
     match first_error {
@@ -277,6 +278,7 @@ fn announce(exports: &[ExportConfig]) {
         );
     }
     let _ = out.flush();
+    crate::notify::notify("READY=1");
 }
 
 fn stop_all(controls: &[Arc<ExportControl>]) {

@@ -69,7 +69,7 @@ const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
 
 /// The result of [`check`]: what is inconsistent, and statistics as `qemu-img check` gives them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CheckReport {
     /// Errors that may corrupt data: clusters whose stored refcount is lower than the number
     /// of references, and invalid metadata (misaligned or reserved bits, wrong COPIED flags,

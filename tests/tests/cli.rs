@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -470,4 +471,39 @@ fn serve_config_unknown_top_level_key() {
         "frobnicate",
         2,
     );
+}
+
+/// `qcow2d check` counts like `qemu-img check`, exits like it, and `--repair` fixes a leak.
+#[test]
+fn check_reports_and_repairs_a_leak() {
+    let s = Scratch::new("check_leak");
+    let img = s.join("c.qcow2");
+    create_qcow2(&img, 16 * MIB, "");
+    qemu_io(&img, "qcow2", &["write -P 0x21 0 1M"]);
+    let check = |repair: bool| {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("check")];
+        if repair {
+            args.push(OsStr::new("--repair"));
+        }
+        args.push(img.as_os_str());
+        run_daemon_cmd(&args)
+    };
+    let out = check(false);
+    assert_eq!(out.status.code(), Some(0), "clean image: {}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("No errors were found"), "{}", out.stdout);
+
+    // One more reference on the refcount of cluster 0 (the header): a leak.
+    let table = be64(&img, 48);
+    let block = be64(&img, table);
+    let v = u16::from_be_bytes(read_bytes(&img, block, 2).try_into().unwrap());
+    write_bytes(&img, block, &(v + 1).to_be_bytes());
+    let out = check(false);
+    assert_eq!(out.status.code(), Some(3), "leak: {}{}", out.stdout, out.stderr);
+    let (code, q) = qemu_img_check(&img, None);
+    assert_eq!(code, 3, "qemu-img agrees: {q}");
+    assert!(out.stdout.contains("1 leaked clusters"), "{}", out.stdout);
+
+    let out = check(true);
+    assert_eq!(out.status.code(), Some(0), "repaired: {}{}", out.stdout, out.stderr);
+    assert_check_clean(&img, "after qcow2d check --repair");
 }
