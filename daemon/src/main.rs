@@ -93,11 +93,10 @@ fn run(cli: Cli) -> Result<u8, Error> {
 }
 
 fn check(args: CheckArgs) -> Result<u8, Error> {
-    let report =
-        qcow2d_engine::check(&args.image, args.repair).map_err(|source| Error::Check {
-            path: args.image.clone(),
-            source,
-        })?;
+    let report = qcow2d_engine::check(&args.image, args.repair).map_err(|source| Error::Check {
+        path: args.image.clone(),
+        source,
+    })?;
     for line in &report.messages {
         eprintln!("{line}");
     }

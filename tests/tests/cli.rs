@@ -489,8 +489,18 @@ fn check_reports_and_repairs_a_leak() {
         run_daemon_cmd(&args)
     };
     let out = check(false);
-    assert_eq!(out.status.code(), Some(0), "clean image: {}{}", out.stdout, out.stderr);
-    assert!(out.stdout.contains("No errors were found"), "{}", out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "clean image: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("No errors were found"),
+        "{}",
+        out.stdout
+    );
 
     // One more reference on the refcount of cluster 0 (the header): a leak.
     let table = be64(&img, 48);
@@ -498,12 +508,24 @@ fn check_reports_and_repairs_a_leak() {
     let v = u16::from_be_bytes(read_bytes(&img, block, 2).try_into().unwrap());
     write_bytes(&img, block, &(v + 1).to_be_bytes());
     let out = check(false);
-    assert_eq!(out.status.code(), Some(3), "leak: {}{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "leak: {}{}",
+        out.stdout,
+        out.stderr
+    );
     let (code, q) = qemu_img_check(&img, None);
     assert_eq!(code, 3, "qemu-img agrees: {q}");
     assert!(out.stdout.contains("1 leaked clusters"), "{}", out.stdout);
 
     let out = check(true);
-    assert_eq!(out.status.code(), Some(0), "repaired: {}{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "repaired: {}{}",
+        out.stdout,
+        out.stderr
+    );
     assert_check_clean(&img, "after qcow2d check --repair");
 }
