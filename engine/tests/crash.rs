@@ -97,10 +97,21 @@ fn crash_child() {
 }
 
 fn check_image(image: &Path) -> serde_json::Value {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json", image.to_str().unwrap()])
-        .output()
-        .expect("qemu-img must be installed");
+    // The killed writer's image locks can outlive it for a moment, while the kernel tears
+    // down its io_uring: retry a lock refusal for a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let out = loop {
+        let out = Command::new("qemu-img")
+            .args(["check", "--output=json", image.to_str().unwrap()])
+            .output()
+            .expect("qemu-img must be installed");
+        let locked = String::from_utf8_lossy(&out.stderr).contains("lock");
+        if out.status.code() == Some(1) && locked && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        break out;
+    };
     // Exit status 3 means leaks only, which a crash may leave.
     let code = out.status.code().unwrap_or(-1);
     assert!(

@@ -2003,7 +2003,18 @@ pub fn qemu_img_check(img: &Path, repair: Option<&str>) -> (i32, serde_json::Val
     }
     c.arg(img);
     let desc = describe_cmd(&c);
-    let out = run_cmd(&mut c, TOOL_TIMEOUT);
+    // A daemon killed a moment ago can still hold its image locks while the kernel tears
+    // down its io_uring (requests in flight keep the file open): give that a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let out = loop {
+        let out = run_cmd(&mut c, TOOL_TIMEOUT);
+        if out.status.code() == Some(1) && out.stderr.contains("lock") && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        break out;
+    };
     let code = out.status.code().unwrap_or(-1);
     let v = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
         panic!(
