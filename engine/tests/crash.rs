@@ -8,6 +8,9 @@
 //! `F k`. The parent replays the same sequence: bytes written by batches up to the last `F` must
 //! match, bytes that later (possibly partly applied) batches touched are not judged.
 
+mod common;
+
+use common::Rng;
 use qcow2d_engine::{Image, OpenOptions, ShardConfig};
 use std::io::Write;
 use std::path::Path;
@@ -16,17 +19,6 @@ use std::time::{Duration, Instant};
 
 const SIZE: u64 = 32 << 20;
 const BATCHES: u64 = 100_000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 /// One write of the sequence: offset, length and fill byte, derived from (seed, batch, i).
 fn batch(seed: u64, k: u64) -> Vec<(u64, u64, u8)> {

@@ -7,6 +7,9 @@
 //! `qemu-img check` must find no errors and no leaks, and `qemu-img compare` must find the
 //! image equal to the model.
 
+mod common;
+
+use common::Rng;
 use qcow2d_engine::{Image, OpenOptions, ShardConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,27 +28,6 @@ fn run(cmd: &mut Command) -> String {
 
 fn qemu_img(args: &[&str]) -> String {
     run(Command::new("qemu-img").args(args))
-}
-
-/// xorshift64*: deterministic, seedable, good enough for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
 }
 
 /// How discard behaves on an image: which aligned granules it zeroes (None: never).

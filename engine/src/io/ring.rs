@@ -189,38 +189,29 @@ impl BlockingReader {
                 chunk as u32,
             )
             .offset(offset + done as u64)
-            .build()
-            .user_data(0);
-            // SAFETY: `buf` outlives the operation: we wait for its completion below before
-            // returning, and nothing else is queued on this private ring.
-            unsafe {
-                self.ring
-                    .submission()
-                    .push(&entry)
-                    .map_err(|_| io::Error::other("submission queue full"))?;
-            }
-            loop {
-                match self.ring.submit_and_wait(1) {
-                    Ok(_) => break,
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            let res = self
-                .ring
-                .completion()
-                .next()
-                .map(|c| c.result())
-                .ok_or_else(|| io::Error::other("io_uring returned no completion"))?;
-            if res < 0 {
-                return Err(io::Error::from_raw_os_error(-res));
-            }
-            if res == 0 {
+            .build();
+            let n = self.run_one(entry)?;
+            if n == 0 {
                 break;
             }
-            done += res as usize;
+            done += n as usize;
         }
         Ok(done)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; end of file first is an error.
+    pub fn read_exact_at(&mut self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let n = self.read_at(fd, buf, offset)?;
+        if n < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "end of file after {n} of {} bytes at offset {offset:#x}",
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn run_one(&mut self, entry: io_uring::squeue::Entry) -> io::Result<i32> {
@@ -280,20 +271,5 @@ impl BlockingReader {
             .flags(io_uring::types::FsyncFlags::DATASYNC)
             .build();
         self.run_one(entry).map(|_| ())
-    }
-
-    /// Reads exactly `buf.len()` bytes at `offset`; end of file first is an error.
-    pub fn read_exact_at(&mut self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let n = self.read_at(fd, buf, offset)?;
-        if n < buf.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "end of file after {n} of {} bytes at offset {offset:#x}",
-                    buf.len()
-                ),
-            ));
-        }
-        Ok(())
     }
 }
