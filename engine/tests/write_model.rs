@@ -581,3 +581,56 @@ fn failed_sync_turns_the_image_read_only() {
     let bad = buf.iter().position(|&b| b != 0x42);
     assert_eq!(bad, None, "the flushed write reads back");
 }
+
+#[test]
+fn unknown_header_extension_survives_header_rewrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let img_path = create(dir.path(), "x.qcow2", "", "16M");
+    // Append an unknown extension (type 0x12345678, 5 bytes) where the end marker was.
+    let mut bytes = std::fs::read(&img_path).unwrap();
+    let hl = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
+    let mut at = hl;
+    loop {
+        let ty = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        if ty == 0 {
+            break;
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+    let ext: Vec<u8> = [
+        0x12u8, 0x34, 0x56, 0x78, 0, 0, 0, 5, b'h', b'e', b'l', b'l', b'o', 0, 0, 0,
+    ]
+    .into_iter()
+    .chain([0u8; 8]) // a new end marker
+    .collect();
+    bytes[at..at + ext.len()].copy_from_slice(&ext);
+    std::fs::write(&img_path, &bytes).unwrap();
+    let before = bytes[..at + ext.len()].to_vec();
+
+    // Lazy refcounts rewrite the header at open (dirty bit) and at close (clean).
+    let img = Image::open(
+        &img_path,
+        &OpenOptions {
+            read_only: false,
+            lazy_refcounts: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    img.write_at(&[7u8; 4096], 0).unwrap();
+    img.close().unwrap();
+    drop(img);
+    let after = std::fs::read(&img_path).unwrap();
+    assert_eq!(
+        after[hl..at + ext.len()],
+        before[hl..],
+        "header extensions changed"
+    );
+    assert!(
+        after[80..88] != [0u8; 8],
+        "lazy refcounts compatible bit is kept"
+    );
+    let json = qemu_img(&["check", "--output=json", img_path.to_str().unwrap()]);
+    assert!(json.contains("\"check-errors\": 0"), "{json}");
+}
