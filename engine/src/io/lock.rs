@@ -79,11 +79,12 @@ pub enum LockError {
     Os(io::Error),
 }
 
-/// How long a conflicting lock is given to go away before it counts. A file description this
-/// process closed can briefly outlive it in a child between `fork` and `exec` (a test spawning
-/// `qemu-img` while another test closes an image), with its locks; a real user of the image
+/// How long a conflicting lock is given to go away before it counts. A file description can
+/// outlive the process that held it for a moment: a daemon killed with requests in flight keeps
+/// it open until the kernel has torn down its io_uring, and a description closed in one thread
+/// lives on in a child forked by another until that child's `exec`. A real user of the image
 /// holds its locks far longer.
-const CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+const CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Takes QEMU-compatible locks on `file`: `held` permissions, and `unshared` permissions that
 /// no one else may hold. Checks for conflicts first, as QEMU does; `needs_shared` are
