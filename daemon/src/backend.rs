@@ -97,6 +97,9 @@ pub struct BlkBackend {
     workers: Vec<Mutex<Worker<EngineIo>>>,
     exit_events: ExitEvents,
     event_idx: AtomicBool,
+    /// Set by [`BlkBackend::quiesce`]: queue kicks are no longer processed, so requests the
+    /// guest adds stay in the available ring for whoever serves it next.
+    quiescing: AtomicBool,
 }
 
 /// The config space of one connection and the write-cache mode behind its `writeback` byte.
@@ -202,6 +205,7 @@ impl BlkBackend {
             workers,
             exit_events,
             event_idx: AtomicBool::new(false),
+            quiescing: AtomicBool::new(false),
         };
         backend.apply_cache_mode();
         Ok(backend)
@@ -259,6 +263,16 @@ impl BlkBackend {
                 .map_err(|source| BackendError::RegisterCompletions { index, source })?;
         }
         Ok(())
+    }
+
+    /// Stops taking requests from the guest and completes every request in flight to the
+    /// used rings, so that a frontend that reconnects (to this daemon or the next one) resumes
+    /// exactly after the last request it got back. Called before a shutdown disconnects.
+    pub fn quiesce(&self) {
+        self.quiescing.store(true, Ordering::SeqCst);
+        for thread in 0..self.workers.len() {
+            self.lock(thread).quiesce();
+        }
     }
 
     fn lock(&self, thread: usize) -> MutexGuard<'_, Worker<EngineIo>> {
@@ -388,7 +402,9 @@ impl VhostUserBackend for BlkBackend {
         }
         let event = usize::from(device_event);
         let mut worker = self.lock(thread_id);
-        if event < vrings.len() {
+        if event < vrings.len() && self.quiescing.load(Ordering::SeqCst) {
+            // Left in the available ring for the next connection.
+        } else if event < vrings.len() {
             let event_idx = self.event_idx.load(Ordering::Relaxed);
             worker.process_queue(vrings, event, event_idx, &self.device);
         } else if event as u64 == self.completion_event(thread_id) {

@@ -132,7 +132,7 @@ pub fn bind_socket(path: &Path) -> Result<Listener, SocketError> {
 #[derive(Default)]
 struct ControlState {
     stopping: bool,
-    connection: Option<ShutdownHandle>,
+    connection: Option<(ShutdownHandle, Arc<BlkBackend>)>,
 }
 
 /// Shared between the main thread and an export's listener thread: the stop request and the
@@ -155,18 +155,23 @@ impl ExportControl {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Asks the export to stop: disconnects its client, or wakes it from accept().
+    /// Asks the export to stop: completes the client's requests in flight and disconnects
+    /// it, or wakes the listener from accept().
     pub fn request_stop(&self) {
-        let waiting_for_client = {
+        let connection = {
             let mut state = self.lock();
             state.stopping = true;
-            match &state.connection {
-                Some(handle) => {
-                    handle.shutdown();
-                    false
-                }
-                None => true,
+            state.connection.clone()
+        };
+        let waiting_for_client = match connection {
+            Some((handle, backend)) => {
+                // Requests the guest sees completed before the disconnect are not resubmitted
+                // after it reconnects; requests left unpopped are.
+                backend.quiesce();
+                handle.shutdown();
+                false
             }
+            None => true,
         };
         if waiting_for_client {
             // The listener thread may be blocked in accept(): give it a connection to return
@@ -181,14 +186,14 @@ impl ExportControl {
     }
 
     /// Records the connection being served; if a stop was requested meanwhile, ends it now.
-    fn connected(&self, handle: Option<ShutdownHandle>) {
+    fn connected(&self, handle: Option<ShutdownHandle>, backend: &Arc<BlkBackend>) {
         let mut state = self.lock();
         if state.stopping {
             if let Some(h) = &handle {
                 h.shutdown();
             }
         }
-        state.connection = handle;
+        state.connection = handle.map(|h| (h, backend.clone()));
     }
 
     fn disconnected(&self) {
@@ -269,7 +274,7 @@ impl Export {
             }
             // If a stop was requested meanwhile (possibly by the wake-up connection of
             // `request_stop`), this ends the connection at once.
-            self.control.connected(daemon.shutdown_handle());
+            self.control.connected(daemon.shutdown_handle(), &backend);
             let stopped_at_once = self.control.is_stopping();
             if !stopped_at_once {
                 info!(

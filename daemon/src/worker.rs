@@ -252,6 +252,16 @@ impl<B: BlockIo> Worker<B> {
         self.publish_metrics();
     }
 
+    /// Completes every request in flight on every queue of this worker to the used rings and
+    /// notifies the guest (see [`crate::backend::BlkBackend::quiesce`]).
+    pub fn quiesce(&mut self) {
+        for index in 0..self.in_flight_per_queue.len() {
+            if self.queue_in_flight(index) > 0 {
+                self.stop_queue(index);
+            }
+        }
+    }
+
     /// Once per turn: publishes the requests in flight and what the engine's caches counted
     /// since the last turn.
     fn publish_metrics(&mut self) {

@@ -1100,17 +1100,11 @@ fn guest_graceful_restart_idle() {
 }
 
 /// Graceful restart (SIGTERM, start again) under load, once during the write run and once
-/// during the verify run. Passes most of the time, but about one run in eight the guest's I/O
-/// hangs after the restart: on SIGTERM the daemon closes the connection first and then waits
-/// for the requests in flight without returning them to the used ring; QEMU, which cannot get
-/// the rings' state from a closed socket ("vhost VQ n ring restore failed"), rewinds each ring
-/// to its used index, which re-submits exactly the unreturned requests only if they were the
-/// last ones popped (no later request completed before them); otherwise some are never redone
-/// and the guest waits for them forever.
+/// during the verify run. On SIGTERM the daemon stops taking requests, returns every request in
+/// flight to the used ring, and only then disconnects: QEMU, which cannot get the rings' state
+/// from a closed socket, rewinds each ring to its used index, which is then exactly where the
+/// new daemon must resume.
 #[test]
-#[ignore = "intermittent (about 1 run in 8): the guest's I/O hangs after the restart; on SIGTERM \
-            the daemon drops the requests in flight instead of returning them to the used ring \
-            before it disconnects (or needs INFLIGHT_SHMFD)"]
 fn guest_graceful_restart_under_load() {
     restart_case(Restart {
         how: Stop::Graceful,
