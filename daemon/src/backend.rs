@@ -308,7 +308,10 @@ impl VhostUserBackend for BlkBackend {
     fn acked_features(&self, features: u64) {
         debug!("Guest acknowledged features {features:#x}");
         self.config.ack_features(features);
-        if features & (1 << VIRTIO_BLK_F_FLUSH) == 0 && !self.device.read_only {
+        // QEMU first acknowledges only the vhost-user protocol bit; a driver's own set always
+        // has VIRTIO_F_VERSION_1 (bit 32), the one feature every modern driver takes.
+        let from_driver = features & (1 << 32) != 0;
+        if from_driver && features & (1 << VIRTIO_BLK_F_FLUSH) == 0 && !self.device.read_only {
             info!("The driver cannot flush: every write is made durable before it completes");
         }
         self.apply_cache_mode();
