@@ -30,6 +30,9 @@ pub struct OpenOptions {
     pub max_backing_depth: usize,
     /// Per-shard L2 cache size in bytes; `None` covers the whole image, up to 1 GiB.
     pub l2_cache_bytes: Option<u64>,
+    /// Threads that inflate compressed clusters off the shard threads; `None`: one per CPU,
+    /// `Some(0)`: shards inflate themselves. Started on the first compressed read.
+    pub inflate_threads: Option<usize>,
 }
 
 impl Default for OpenOptions {
@@ -39,6 +42,7 @@ impl Default for OpenOptions {
             lazy_refcounts: false,
             max_backing_depth: 16,
             l2_cache_bytes: None,
+            inflate_threads: None,
         }
     }
 }
@@ -86,6 +90,17 @@ pub(crate) struct ImageInner {
     pub l2_cache_bytes: u64,
     /// Allocation and header state of a writable image (None when read-only).
     pub writable: Option<crate::write::Writable>,
+    inflate_threads: usize,
+    inflate_pool: std::sync::OnceLock<Option<crate::io::InflatePool>>,
+}
+
+impl ImageInner {
+    /// The inflate workers, started on first use (`None`: shards inflate themselves).
+    pub fn inflate_pool(&self) -> Option<&crate::io::InflatePool> {
+        self.inflate_pool
+            .get_or_init(|| crate::io::InflatePool::new(self.inflate_threads))
+            .as_ref()
+    }
 }
 
 /// An opened image; cheap to clone, shared by every shard.
@@ -470,6 +485,10 @@ impl Image {
                 read_only: opts.read_only,
                 l2_cache_bytes,
                 writable,
+                inflate_threads: opts.inflate_threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                }),
+                inflate_pool: std::sync::OnceLock::new(),
             }),
         })
     }

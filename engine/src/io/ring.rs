@@ -55,6 +55,30 @@ impl Ring {
         self.eventfd.as_raw_fd()
     }
 
+    /// The ring's own descriptor, for others to post completions into it (MSG_RING).
+    pub fn ring_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// Counts a completion that someone else will post into this ring (MSG_RING), so the
+    /// completion queue keeps room for it. Waits for room first when it is full.
+    pub fn expect_external_completion(&mut self) -> io::Result<()> {
+        while self.in_kernel >= self.cq_capacity {
+            self.stash_completions();
+            if self.in_kernel >= self.cq_capacity {
+                self.submit_and_wait()?;
+                self.stash_completions();
+            }
+        }
+        self.in_kernel += 1;
+        Ok(())
+    }
+
+    /// Takes back an [`Ring::expect_external_completion`] that will not come.
+    pub fn cancel_external_completion(&mut self) {
+        self.in_kernel -= 1;
+    }
+
     /// Resets the eventfd counter so level-triggered pollers stop firing until the next
     /// completion. Call it before reaping, so a completion posted meanwhile re-arms it.
     pub fn drain_eventfd(&self) {

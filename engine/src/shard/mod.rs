@@ -155,6 +155,13 @@ enum OpKind {
         want: u64,
         got: u64,
     },
+    /// A compressed extent being inflated by a worker into a decompressed-cache slot; the
+    /// extent is the op's buffer.
+    Inflating {
+        layer: u16,
+        slot: u32,
+        host: u64,
+    },
     /// The write of an allocation's new cluster.
     AllocWrite {
         alloc: u32,
@@ -862,6 +869,7 @@ impl State {
             OpKind::Data { .. } => self.complete_data(ring, op, res),
             OpKind::L2Load { .. } => self.complete_l2_load(ring, img, op, res),
             OpKind::Compressed { .. } => self.complete_compressed(ring, img, op, res),
+            OpKind::Inflating { .. } => self.complete_inflating(ring, img, op, res),
             OpKind::AllocWrite { alloc } => {
                 self.free_op(op);
                 self.alloc_written(img, alloc, res);

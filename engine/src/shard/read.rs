@@ -210,6 +210,32 @@ impl State {
         }
     }
 
+    /// A worker finished inflating a compressed cluster into its cache slot.
+    pub(super) fn complete_inflating(
+        &mut self,
+        ring: &mut Ring,
+        img: &ImageInner,
+        op: u32,
+        res: i32,
+    ) {
+        let OpKind::Inflating { layer, slot, host } = self.ops[op].kind else {
+            unreachable!("complete_inflating on another op");
+        };
+        self.free_op(op);
+        let cache = &mut self.layers[layer as usize].decompressed;
+        if res == 0 {
+            let w = cache.finish_load(slot);
+            self.replan_waiters(ring, img, w);
+        } else {
+            tracing::warn!(
+                "{}: compressed cluster at {host:#x} does not inflate to a full cluster",
+                img.layers[layer as usize].path.display()
+            );
+            let w = cache.fail_load(slot);
+            self.fail_waiters(w, IoError::BadCompressedCluster { host_offset: host });
+        }
+    }
+
     /// Zeroes the part's range of its request and finishes it.
     pub(super) fn zero_part(&mut self, pid: u32) {
         let p = self.parts[pid];
@@ -429,15 +455,36 @@ impl State {
             }
             return;
         }
+        let kind = match &img.layers[layer as usize].kind {
+            LayerKind::Qcow2(q) => q.header.compression_type,
+            LayerKind::Raw(_) => unreachable!("compressed cluster in a raw layer"),
+        };
+        if let Some(pool) = img.inflate_pool() {
+            if ring.expect_external_completion().is_ok() {
+                let input = &self.ops[op]
+                    .buf
+                    .as_ref()
+                    .expect("a compressed op owns its buffer")[..got as usize];
+                let out = self.layers[layer as usize].decompressed.buf_mut(slot);
+                // SAFETY: the extent stays in the op and the output in the slot, which stays
+                // loading (never evicted, read or written) until the worker's completion for
+                // this op is reaped; the ring outlives it (Shard::drop waits for every
+                // operation counted in ops_in_kernel).
+                let queued =
+                    unsafe { pool.submit(kind, input, out, ring.ring_fd(), u64::from(op)) };
+                if queued {
+                    self.ops[op].kind = OpKind::Inflating { layer, slot, host };
+                    self.ops_in_kernel += 1;
+                    return;
+                }
+                ring.cancel_external_completion();
+            }
+        }
         let buf = self.ops[op]
             .buf
             .take()
             .expect("a compressed op owns its buffer");
         self.free_op(op);
-        let kind = match &img.layers[layer as usize].kind {
-            LayerKind::Qcow2(q) => q.header.compression_type,
-            LayerKind::Raw(_) => unreachable!("compressed cluster in a raw layer"),
-        };
         let cache = &mut self.layers[layer as usize].decompressed;
         let result = self
             .inflater
