@@ -485,9 +485,9 @@ impl Image {
                 read_only: opts.read_only,
                 l2_cache_bytes,
                 writable,
-                inflate_threads: opts.inflate_threads.unwrap_or_else(|| {
-                    std::thread::available_parallelism().map_or(1, |n| n.get())
-                }),
+                inflate_threads: opts
+                    .inflate_threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
                 inflate_pool: std::sync::OnceLock::new(),
             }),
         })

@@ -143,8 +143,8 @@ fn worker(rx: crossbeam::channel::Receiver<Job>) {
             Ok(()) => 0,
             Err(_) => INFLATE_FAILED,
         };
-        let entry = opcode::MsgRingData::new(types::Fd(job.ring_fd), result, job.user_data, None)
-            .build();
+        let entry =
+            opcode::MsgRingData::new(types::Fd(job.ring_fd), result, job.user_data, None).build();
         // SAFETY: a MSG_RING entry points at no memory of ours.
         let pushed = unsafe { ring.submission().push(&entry).is_ok() };
         if !pushed {
