@@ -403,34 +403,23 @@ fn read_read_only(socket: &Path) -> Result<Vec<u8>, String> {
     Ok(disk)
 }
 
-/// Repairs leaks with `qcow2d check --repair` if the binary has it, else `qemu-img check -r
-/// leaks`; returns which one ran.
-fn repair_leaks(img: &Path, has_check: bool) -> &'static str {
-    if has_check {
-        let out = run_daemon_cmd(&["check".as_ref(), img.as_os_str(), "--repair".as_ref()]);
-        assert!(
-            out.status.success(),
-            "qcow2d check --repair {} ({}):\n{}{}",
-            img.display(),
-            out.status,
-            out.stdout,
-            out.stderr
-        );
-        "qcow2d check --repair"
-    } else {
-        let (code, v) = qemu_img_check(img, Some("leaks"));
-        assert!(
-            code == 0,
-            "qemu-img check -r leaks {} exit code {code}: {v}",
-            img.display()
-        );
-        "qemu-img check -r leaks"
-    }
+/// Repairs leaks with `qcow2d check --repair`; returns what ran.
+fn repair_leaks(img: &Path) -> &'static str {
+    let out = run_daemon_cmd(&["check".as_ref(), img.as_os_str(), "--repair".as_ref()]);
+    assert!(
+        out.status.success(),
+        "qcow2d check --repair {} ({}):\n{}{}",
+        img.display(),
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    "qcow2d check --repair"
 }
 
 /// One round: returns whether a flush had completed before the kill (so durability was
 /// judged), and the time it took.
-fn one_round(round: u64, has_check: bool) -> bool {
+fn one_round(round: u64) -> bool {
     let started = Instant::now();
     let s = Scratch::new("crash");
     let (img, initial) = make_image(&s, round);
@@ -469,7 +458,7 @@ fn one_round(round: u64, has_check: bool) -> bool {
         panic!("qemu-img reads the crashed image differently from qcow2d: {m}");
     }
 
-    let how = repair_leaks(&img, has_check);
+    let how = repair_leaks(&img);
     assert_check_clean(&img, &format!("{what}, after {how}"));
     let repaired = oracle(&img);
     if let Some(m) = first_difference("after repair", &what, 0, &disk, &repaired) {
@@ -490,11 +479,10 @@ fn kill_9_at_random_moments_keeps_image_consistent_and_flushed_writes() {
     // round's image kind, seed and kill time derive from its number).
     let rounds = env("QCOW2D_CRASH_ROUNDS").unwrap_or(3 * KINDS);
     let first = env("QCOW2D_CRASH_FIRST_ROUND").unwrap_or(0);
-    let has_check = daemon_has_check();
     let started = Instant::now();
     let mut judged = 0;
     for round in first..first + rounds {
-        if one_round(round, has_check) {
+        if one_round(round) {
             judged += 1;
         }
         assert!(

@@ -370,13 +370,8 @@ impl Refcounts {
         (self.table_offset, self.table_clusters)
     }
 
-    /// Whether the table (and so the header) must be written.
-    pub fn table_dirty(&self) -> bool {
-        self.table_dirty
-    }
-
     /// The table encoded for writing (big-endian entries, whole clusters).
-    pub fn encode_table(&self) -> Vec<u8> {
+    fn encode_table(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity((self.table_clusters * self.cluster_size()) as usize);
         for e in &self.table {
             out.extend_from_slice(&e.to_be_bytes());

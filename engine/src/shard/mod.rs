@@ -342,20 +342,6 @@ impl Shard {
         self.st.reqs.live() + self.st.flush.waiting()
     }
 
-    /// A one-line description of the shard's internal queues, for diagnostics.
-    pub fn debug_state(&self) -> String {
-        format!(
-            "reqs {} parts {} ops {} in kernel {} ready {} allocs {} flush waiting {}",
-            self.st.reqs.live(),
-            self.st.parts.live(),
-            self.st.ops.live(),
-            self.st.ops_in_kernel,
-            self.st.ready.len(),
-            self.st.allocs.live(),
-            self.st.flush.waiting()
-        )
-    }
-
     /// L2 cache (hits, misses) summed over the layers.
     pub fn l2_cache_stats(&self) -> (u64, u64) {
         self.st.layers.iter().fold((0, 0), |(h, m), l| {

@@ -2083,15 +2083,6 @@ pub fn corrupt_bit(img: &Path) -> bool {
     incompatible_features(img) & 2 != 0
 }
 
-/// Whether this daemon binary has a `check` subcommand (`qcow2d check --help` succeeds).
-pub fn daemon_has_check() -> bool {
-    let out = run_cmd(
-        Command::new(daemon_bin()).args(["check", "--help"]),
-        TOOL_TIMEOUT,
-    );
-    out.status.success()
-}
-
 /// Runs `qcow2d ARGS` to completion.
 pub fn run_daemon_cmd(args: &[&OsStr]) -> CmdOutput {
     run_cmd(Command::new(daemon_bin()).args(args), TOOL_TIMEOUT)
