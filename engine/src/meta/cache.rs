@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::ops::Range;
 
 /// "No element" in the intrusive lists threaded through the shard's parts.
 pub const NO_ID: u32 = u32::MAX;
@@ -47,8 +48,11 @@ struct Slot {
     key: u64,
     state: State,
     referenced: bool,
-    /// Changed in memory and not yet written: never evicted.
+    /// Changed in memory and not yet written by a flush: never evicted.
     dirty: bool,
+    /// Chunks (see [`SlotCache::chunk_shift`]) changed since the buffer last reached the file
+    /// by any write: a subset of what `dirty` covers.
+    unwritten: u128,
     /// Held by an operation that will change the buffer: never evicted.
     pins: u32,
     buf: Box<[u8]>,
@@ -92,6 +96,11 @@ pub struct SlotCache {
     capacity: usize,
     hand: usize,
     buf_bytes: usize,
+    /// Slots whose `unwritten` is not empty, each once.
+    unwritten: Vec<u32>,
+    /// log2 of the granularity of `unwritten`: a 512-byte sector, or 1/128 of a buffer when
+    /// that is larger.
+    chunk_shift: u32,
     hits: u64,
     misses: u64,
 }
@@ -107,6 +116,10 @@ impl SlotCache {
             capacity: capacity.max(1),
             hand: 0,
             buf_bytes,
+            unwritten: Vec::new(),
+            chunk_shift: (buf_bytes.max(1).next_power_of_two().trailing_zeros())
+                .saturating_sub(7)
+                .max(9),
             hits: 0,
             misses: 0,
         }
@@ -144,6 +157,7 @@ impl SlotCache {
         slot.state = State::Loading(WaitList::EMPTY);
         slot.referenced = true;
         slot.dirty = false;
+        slot.unwritten = 0;
         self.map.insert(key, id);
         id
     }
@@ -182,6 +196,7 @@ impl SlotCache {
             state: State::Free,
             referenced: false,
             dirty: false,
+            unwritten: 0,
             pins: 0,
             buf: vec![0u8; self.buf_bytes].into_boxed_slice(),
         });
@@ -248,25 +263,86 @@ impl SlotCache {
         self.slots[id as usize].pins -= 1;
     }
 
-    /// Marks a ready slot changed in memory.
-    pub fn mark_dirty(&mut self, id: u32) {
-        self.slots[id as usize].dirty = true;
+    /// Marks bytes `range` of a ready slot changed in memory: dirty until the next
+    /// [`SlotCache::take_dirty`], unwritten until the next [`SlotCache::take_unwritten`] or
+    /// `take_dirty`.
+    pub fn mark_dirty(&mut self, id: u32, range: Range<usize>) {
+        let bits = self.chunk_mask(range);
+        let slot = &mut self.slots[id as usize];
+        slot.dirty = true;
+        if slot.unwritten == 0 && bits != 0 {
+            self.unwritten.push(id);
+        }
+        slot.unwritten |= bits;
     }
 
-    /// Appends (key, slot) of every dirty slot to `out` and marks them clean.
+    /// Marks the whole buffer of a ready slot changed (a new or copied table).
+    pub fn mark_all_dirty(&mut self, id: u32) {
+        self.mark_dirty(id, 0..self.buf_bytes);
+    }
+
+    /// The `unwritten` bits covering `range`.
+    fn chunk_mask(&self, range: Range<usize>) -> u128 {
+        if range.is_empty() {
+            return 0;
+        }
+        let first = range.start >> self.chunk_shift;
+        let last = ((range.end - 1) >> self.chunk_shift).min(127);
+        let high = if last == 127 {
+            u128::MAX
+        } else {
+            (1u128 << (last + 1)) - 1
+        };
+        high & !((1u128 << first.min(127)) - 1)
+    }
+
+    /// Appends (key, slot) of every dirty slot to `out` and marks them clean (and written: the
+    /// caller writes their whole buffers).
     pub fn take_dirty(&mut self, out: &mut Vec<(u64, u32)>) {
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if slot.dirty {
                 slot.dirty = false;
+                slot.unwritten = 0;
                 out.push((slot.key, i as u32));
+            }
+        }
+        // Every unwritten slot is dirty.
+        self.unwritten.clear();
+    }
+
+    /// Appends (key, slot, byte offset, length) of every unwritten run of bytes to `out` and
+    /// marks them written; the slots stay dirty for the next [`SlotCache::take_dirty`].
+    pub fn take_unwritten(&mut self, out: &mut Vec<(u64, u32, usize, usize)>) {
+        let chunk = 1usize << self.chunk_shift;
+        for id in self.unwritten.drain(..) {
+            let slot = &mut self.slots[id as usize];
+            let mut bits = std::mem::take(&mut slot.unwritten);
+            while bits != 0 {
+                let start = bits.trailing_zeros() as usize;
+                let run = (bits >> start).trailing_ones() as usize;
+                let offset = start * chunk;
+                let len = (run * chunk).min(slot.buf.len().saturating_sub(offset));
+                if len > 0 {
+                    out.push((slot.key, id, offset, len));
+                }
+                bits &= !(if start + run == 128 {
+                    u128::MAX
+                } else {
+                    (1u128 << (start + run)) - 1
+                });
             }
         }
     }
 
-    /// Marks a slot dirty again after its write failed.
+    /// Whether some slot has changes not written by any write yet.
+    pub fn has_unwritten(&self) -> bool {
+        !self.unwritten.is_empty()
+    }
+
+    /// Marks a slot dirty (and wholly unwritten) again after its write failed.
     pub fn remark_dirty(&mut self, key: u64) {
         if let Some(&id) = self.map.get(&key) {
-            self.slots[id as usize].dirty = true;
+            self.mark_all_dirty(id);
         }
     }
 

@@ -1,8 +1,9 @@
-//! Guest flushes: making every completed write durable, metadata in dependency order.
+//! Guest flushes, and metadata write-back: getting metadata changed in memory into the file.
 //!
-//! At the start of a flush the shard takes a snapshot of what is dirty: refcount blocks (and
-//! the refcount table and header if the table grew or moved), L2 tables and L1 entries. Then,
-//! one batch after the other, each batch's writes all complete before the next starts:
+//! **Flushes** make every completed write durable, metadata in dependency order. At the start
+//! of a flush the shard takes a snapshot of what is dirty: refcount blocks (and the refcount
+//! table and header if the table grew or moved), L2 tables and L1 entries. Then, one batch
+//! after the other, each batch's writes all complete before the next starts:
 //!
 //! 1. refcount blocks, then fdatasync (also of the external data file): every new cluster an
 //!    entry below may point at has a durable refcount, and every guest write that completed
@@ -19,6 +20,25 @@
 //! turns read-only and every waiting flush fails: nothing pretends to be durable.
 //!
 //! With lazy refcounts step 1 writes no blocks (they are written at close) but still syncs.
+//!
+//! **Write-backs** keep a killed process from losing what it acknowledged. In write-back
+//! mode a write that changed metadata completes only once that metadata is in the file (in
+//! the page cache, not necessarily durable), so SIGKILL, an OOM kill or a crash of the daemon
+//! loses no completed write; only a host crash loses what no flush covered, as the guest was
+//! told (a volatile write cache). A write-back writes the same things in the same order as a
+//! flush, but only the L2 bytes that changed (512-byte chunks), and it syncs only where an
+//! ordering needs it, because each of its writes may become durable at any moment after it is
+//! issued and the invariants must hold at every such moment:
+//! - refcount blocks are written with RWF_DSYNC (durable before any entry pointing into a new
+//!   reservation is written, without syncing the guest data that is dirty in the file);
+//! - an fdatasync precedes the L2 entries when one of them points at a cluster whose data must
+//!   not be lost under it (copy-on-write data, a reused cluster; a fresh cluster whose span
+//!   read as zeros still reads as zeros without its data), when the refcount table moved, and
+//!   with lazy refcounts after a reservation (the file's new length);
+//! - an fdatasync separates new L2 tables from the L1 entries that point at them.
+//!
+//! No frees are applied after a write-back: invariant 3 waits for a flush. A failed write-back
+//! fails the image like a failed flush.
 
 use super::{OpKind, PendingFree, State};
 use crate::error::IoError;
@@ -33,6 +53,9 @@ use std::sync::atomic::Ordering;
 enum Batch {
     /// (file, host offset, bytes) to write.
     Writes(Vec<(RawFd, u64, Box<[u8]>)>),
+    /// The same, each write durable when it completes (RWF_DSYNC): durability of a few
+    /// blocks without syncing everything else that is dirty in the file.
+    DurableWrites(Vec<(RawFd, u64, Box<[u8]>)>),
     /// Files to fdatasync.
     Sync(Vec<RawFd>),
 }
@@ -41,9 +64,13 @@ enum Batch {
 pub(super) struct FlushState {
     /// Flushes waiting for the next run.
     queued: Vec<u64>,
-    /// Flushes the run in progress completes.
+    /// Writes waiting for the next metadata write-back.
+    writeback: Vec<u64>,
+    /// Flushes and writes the run in progress completes.
     running: Vec<u64>,
     active: bool,
+    /// The run in progress is a flush (else a write-back: no durability promised).
+    hard: bool,
     batches: VecDeque<Batch>,
     pending_ops: u32,
     error: Option<IoError>,
@@ -61,20 +88,33 @@ impl FlushState {
         self.queued.push(token);
     }
 
-    /// Flush requests not yet completed.
+    /// A write that completes once the metadata it changed has been written back.
+    pub(super) fn enqueue_writeback(&mut self, token: u64) {
+        self.writeback.push(token);
+    }
+
+    /// Flush requests and writes waiting for a run, not yet completed.
     pub(super) fn waiting(&self) -> usize {
-        self.queued.len() + self.running.len()
+        self.queued.len() + self.writeback.len() + self.running.len()
     }
 }
 
 impl State {
-    /// Starts a flush when one is queued and none is running.
+    /// Whether metadata changed in memory has not been written to the file yet (or a run
+    /// that may be writing it has not finished).
+    pub(super) fn metadata_unwritten(&self) -> bool {
+        self.flush.active || self.layers[0].l2.has_unwritten() || !self.unwritten_l1.is_empty()
+    }
+
+    /// Starts a run when none is running: a flush when one is queued, else a write-back when
+    /// writes wait for one.
     pub(super) fn maybe_start_flush(&mut self, ring: &mut Ring, img: &ImageInner) {
-        if self.flush.active || self.flush.queued.is_empty() {
+        if self.flush.active || (self.flush.queued.is_empty() && self.flush.writeback.is_empty()) {
             return;
         }
         let Some(w) = &img.writable else {
-            for token in std::mem::take(&mut self.flush.queued) {
+            let f = &mut self.flush;
+            for token in f.queued.drain(..).chain(f.writeback.drain(..)) {
                 self.finished.push(super::Completion {
                     token,
                     result: Ok(()),
@@ -83,7 +123,8 @@ impl State {
             return;
         };
         if w.failed.load(Ordering::Relaxed) {
-            for token in std::mem::take(&mut self.flush.queued) {
+            let f = &mut self.flush;
+            for token in f.queued.drain(..).chain(f.writeback.drain(..)) {
                 self.finished.push(super::Completion {
                     token,
                     result: Err(IoError::Os { errno: libc::EIO }),
@@ -96,81 +137,91 @@ impl State {
         };
         let fd = q.file.as_raw_fd();
         let cs = q.geom.cluster_size();
-        self.flushes += 1;
+        let hard = !self.flush.queued.is_empty();
+        if hard {
+            self.flushes += 1;
+        }
         let f = &mut self.flush;
         f.active = true;
+        f.hard = hard;
         f.running = std::mem::take(&mut f.queued);
+        f.running.append(&mut f.writeback);
         f.error = None;
 
         // Snapshot: L2 tables and L1 entries first, then refcounts, so that every cluster a
         // snapshotted entry points at was reserved (and counted) before the refcount snapshot.
         f.l2_keys.clear();
-        self.layers[0].l2.take_dirty(&mut f.l2_keys);
-        let mut l2_writes = Vec::with_capacity(f.l2_keys.len());
-        for &(l1_index, slot) in &f.l2_keys {
-            let raw = q.l1[l1_index as usize].load(Ordering::Relaxed);
-            let Ok(Some(host)) = crate::format::decode_l1_entry(raw, cs) else {
-                continue;
-            };
-            let mut buf = self
-                .cluster_bufs
-                .pop()
-                .unwrap_or_else(|| vec![0u8; cs as usize].into_boxed_slice());
-            buf.copy_from_slice(self.layers[0].l2.buf(slot));
-            l2_writes.push((fd, host, buf));
+        let mut l2_writes = Vec::new();
+        if hard {
+            self.layers[0].l2.take_dirty(&mut f.l2_keys);
+            for &(l1_index, slot) in &f.l2_keys {
+                let Some(host) = l2_host(q, l1_index, cs) else {
+                    continue;
+                };
+                let mut buf = self
+                    .cluster_bufs
+                    .pop()
+                    .unwrap_or_else(|| vec![0u8; cs as usize].into_boxed_slice());
+                buf.copy_from_slice(self.layers[0].l2.buf(slot));
+                l2_writes.push((fd, host, buf));
+            }
+        } else {
+            let mut ranges = Vec::new();
+            self.layers[0].l2.take_unwritten(&mut ranges);
+            for (l1_index, slot, offset, len) in ranges {
+                f.l2_keys.push((l1_index, slot));
+                let Some(host) = l2_host(q, l1_index, cs) else {
+                    continue;
+                };
+                let bytes = &self.layers[0].l2.buf(slot)[offset..offset + len];
+                l2_writes.push((fd, host + offset as u64, Box::from(bytes)));
+            }
         }
         f.l1_indices.clear();
-        f.l1_indices.append(&mut self.dirty_l1);
+        if hard {
+            f.l1_indices.append(&mut self.dirty_l1);
+            self.unwritten_l1.clear();
+        } else {
+            f.l1_indices.append(&mut self.unwritten_l1);
+        }
         f.l1_indices.sort_unstable();
         f.l1_indices.dedup();
-        let mut l1_writes = Vec::new();
-        let mut sector = u64::MAX;
-        for &i in &f.l1_indices {
-            if i / 64 == sector {
-                continue;
-            }
-            sector = i / 64;
-            let first = (sector * 64) as usize;
-            let last = (first + 64).min(q.l1.len());
-            let bytes: Vec<u8> = q.l1[first..last]
-                .iter()
-                .flat_map(|e| e.load(Ordering::Relaxed).to_be_bytes())
-                .collect();
-            l1_writes.push((
-                fd,
-                q.header.l1_table_offset + first as u64 * 8,
-                bytes.into_boxed_slice(),
-            ));
+        let l1_writes = l1_sector_writes(q, fd, &f.l1_indices);
+        if hard {
+            f.frees = std::mem::take(&mut self.pending_frees);
         }
-        f.frees = std::mem::take(&mut self.pending_frees);
+        let sync_before_l2 = std::mem::take(&mut self.sync_before_l2);
 
         let (blocks, table) = {
             let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-            let blocks = if w.lazy_refcounts {
-                Vec::new()
+            if w.lazy_refcounts {
+                (Vec::new(), None)
             } else {
-                rc.take_dirty_blocks()
-            };
-            let table = if w.lazy_refcounts {
-                None
-            } else {
-                rc.take_table()
-            };
-            (blocks, table)
+                (rc.take_dirty_blocks(), rc.take_table())
+            }
         };
 
         let mut sync = vec![fd];
         if let Some(df) = &q.data_file {
             sync.push(df.as_raw_fd());
         }
+        // A write-back syncs only where an ordering requires it: before L2 entries that point
+        // at clusters whose refcounts (or data) are not durable yet, and between a new table
+        // and the L1 entry that points at it.
         let b = &mut f.batches;
         b.clear();
+        let sync_first = hard || sync_before_l2 || table.is_some();
         if !blocks.is_empty() {
-            b.push_back(Batch::Writes(
-                blocks.into_iter().map(|(h, buf)| (fd, h, buf)).collect(),
-            ));
+            let writes = blocks.into_iter().map(|(h, buf)| (fd, h, buf)).collect();
+            b.push_back(if sync_first {
+                Batch::Writes(writes)
+            } else {
+                Batch::DurableWrites(writes)
+            });
         }
-        b.push_back(Batch::Sync(sync));
+        if sync_first {
+            b.push_back(Batch::Sync(sync));
+        }
         if let Some(snapshot) = table {
             let (toff, tclusters) = snapshot.location;
             let bytes = snapshot.bytes.clone();
@@ -188,11 +239,15 @@ impl State {
         }
         if !l2_writes.is_empty() {
             b.push_back(Batch::Writes(l2_writes));
-            b.push_back(Batch::Sync(vec![fd]));
+            if hard || !l1_writes.is_empty() {
+                b.push_back(Batch::Sync(vec![fd]));
+            }
         }
         if !l1_writes.is_empty() {
             b.push_back(Batch::Writes(l1_writes));
-            b.push_back(Batch::Sync(vec![fd]));
+            if hard {
+                b.push_back(Batch::Sync(vec![fd]));
+            }
         }
         self.next_flush_batch(ring, img);
     }
@@ -203,11 +258,14 @@ impl State {
             return self.finish_flush(img);
         };
         let mut entries = Vec::new();
+        let durable = matches!(batch, Batch::DurableWrites(_));
         match batch {
-            Batch::Writes(writes) => {
+            Batch::Writes(writes) | Batch::DurableWrites(writes) => {
+                let flags = if durable { libc::RWF_DSYNC } else { 0 };
                 for (fd, host, buf) in writes {
                     let entry = opcode::Write::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
                         .offset(host)
+                        .rw_flags(flags)
                         .build();
                     let op = self.ops.alloc();
                     self.ops[op].kind = OpKind::Flush { injected: false };
@@ -217,7 +275,7 @@ impl State {
             }
             Batch::Sync(fds) => {
                 for fd in fds {
-                    let injected = self.fail_flush_number == Some(self.flushes);
+                    let injected = self.flush.hard && self.fail_flush_number == Some(self.flushes);
                     let entry = if injected {
                         opcode::Nop::new().build()
                     } else {
@@ -308,6 +366,7 @@ impl State {
                     self.layers[0].l2.remark_dirty(key);
                 }
                 self.dirty_l1.extend_from_slice(&f.l1_indices);
+                self.unwritten_l1.extend_from_slice(&f.l1_indices);
                 self.pending_frees.append(&mut f.frees);
                 let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
                 rc.mark_all_dirty();
@@ -321,6 +380,40 @@ impl State {
             self.finished.push(super::Completion { token, result });
         }
     }
+}
+
+/// Host offset of the L2 table of `l1_index`, if the active L1 points at one.
+fn l2_host(q: &crate::image::Qcow2Layer, l1_index: u64, cs: u64) -> Option<u64> {
+    let raw = q.l1[l1_index as usize].load(Ordering::Relaxed);
+    crate::format::decode_l1_entry(raw, cs).ok().flatten()
+}
+
+/// Writes of the 512-byte L1 sectors holding `indices` (sorted, deduplicated).
+fn l1_sector_writes(
+    q: &crate::image::Qcow2Layer,
+    fd: RawFd,
+    indices: &[u64],
+) -> Vec<(RawFd, u64, Box<[u8]>)> {
+    let mut writes = Vec::new();
+    let mut sector = u64::MAX;
+    for &i in indices {
+        if i / 64 == sector {
+            continue;
+        }
+        sector = i / 64;
+        let first = (sector * 64) as usize;
+        let last = (first + 64).min(q.l1.len());
+        let bytes: Vec<u8> = q.l1[first..last]
+            .iter()
+            .flat_map(|e| e.load(Ordering::Relaxed).to_be_bytes())
+            .collect();
+        writes.push((
+            fd,
+            q.header.l1_table_offset + first as u64 * 8,
+            bytes.into_boxed_slice(),
+        ));
+    }
+    writes
 }
 
 fn rc_cluster_bits(img: &ImageInner) -> u32 {

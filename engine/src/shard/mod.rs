@@ -227,6 +227,12 @@ struct State {
     reserved: Reserved,
     pending_frees: Vec<PendingFree>,
     dirty_l1: Vec<u64>,
+    /// L1 entries changed since they were last written (by a flush or a metadata write-back).
+    unwritten_l1: Vec<u64>,
+    /// Something an unwritten L2 entry depends on (new refcounts, the file's length, data that
+    /// must not be lost under the entry) is not durable yet: the next metadata write-back
+    /// syncs before it writes L2 entries.
+    sync_before_l2: bool,
     flush: FlushState,
     writethrough: bool,
     /// Corruption of the top image found during this turn, handled at its end.
@@ -322,6 +328,8 @@ impl Shard {
                 reserved: Reserved::default(),
                 pending_frees: Vec::new(),
                 dirty_l1: Vec::new(),
+                unwritten_l1: Vec::new(),
+                sync_before_l2: false,
                 flush: FlushState::default(),
                 writethrough: false,
                 pending_corrupt: None,
@@ -758,6 +766,10 @@ impl State {
             self.cow_read_done(parent, result);
         } else if kind.is_write() && self.writethrough && result.is_ok() {
             self.flush.enqueue(token);
+        } else if kind.is_write() && result.is_ok() && self.metadata_unwritten() {
+            // Write-back: the write completes once the metadata it changed is in the file
+            // (not yet durable), so that losing this process loses nothing it acknowledged.
+            self.flush.enqueue_writeback(token);
         } else {
             self.finished.push(Completion { token, result });
         }

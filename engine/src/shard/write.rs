@@ -22,8 +22,13 @@ use crate::write::Writable;
 use io_uring::{opcode, types};
 use std::sync::atomic::Ordering;
 
-/// Clusters a shard reserves from the image's allocator at a time.
-const RESERVE_CLUSTERS: u64 = 32;
+/// Bytes a shard reserves from the image's allocator at a time (as clusters, within
+/// [`RESERVE_MIN_CLUSTERS`]..=[`RESERVE_MAX_CLUSTERS`]). Each reservation is made durable
+/// before its first cluster is referenced, so larger ones mean fewer syncs; what a crash
+/// leaves reserved is leaked (harmless, repaired by `qcow2d check --repair`).
+const RESERVE_BYTES: u64 = 32 << 20;
+const RESERVE_MIN_CLUSTERS: u64 = 32;
+const RESERVE_MAX_CLUSTERS: u64 = 1024;
 
 /// An allocating write of one cluster in flight.
 #[derive(Default)]
@@ -48,6 +53,10 @@ pub(super) struct Alloc {
     whole: bool,
     old_raw: u64,
     old_bitmap: Option<u64>,
+    /// The span read as zeros before and the host cluster is fresh: should the entry reach
+    /// the disk without the data, the span still reads as zeros, never as stale host bytes
+    /// or as neither its old nor its new content.
+    survives_loss: bool,
     buf: Option<Box<[u8]>>,
     cow_pending: u32,
     error: Option<IoError>,
@@ -190,9 +199,10 @@ impl State {
                 };
                 let cache = &mut self.layers[0].l2;
                 let slot = cache.insert_new(l1_index);
-                cache.mark_dirty(slot);
+                cache.mark_all_dirty(slot);
                 q.l1[l1_index as usize].store(encode_l1_entry(host), Ordering::Relaxed);
                 self.dirty_l1.push(l1_index);
+                self.unwritten_l1.push(l1_index);
                 Some(slot)
             }
             super::read::Table::Ready { slot, host } => {
@@ -207,7 +217,8 @@ impl State {
                     };
                     q.l1[l1_index as usize].store(encode_l1_entry(new), Ordering::Relaxed);
                     self.dirty_l1.push(l1_index);
-                    self.layers[0].l2.mark_dirty(slot);
+                    self.unwritten_l1.push(l1_index);
+                    self.layers[0].l2.mark_all_dirty(slot);
                     self.pending_frees.push(PendingFree {
                         host,
                         len: cs,
@@ -231,7 +242,8 @@ impl State {
         if self.reserved.remaining == 0 {
             let (off, n, fresh) = {
                 let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-                rc.allocate(RESERVE_CLUSTERS).map_err(refcount_error)?
+                let want = (RESERVE_BYTES / cs).clamp(RESERVE_MIN_CLUSTERS, RESERVE_MAX_CLUSTERS);
+                rc.allocate(want).map_err(refcount_error)?
             };
             // Extend the file over the reservation so that no entry ever points past its end.
             let end = off + n * cs;
@@ -247,6 +259,12 @@ impl State {
                 remaining: n,
                 fresh,
             };
+            // The new refcounts must be durable before any entry pointing into the reservation
+            // is written: metadata write-backs write dirty refcount blocks durably first. With
+            // lazy refcounts they are not written; the file's new length still is.
+            if w.lazy_refcounts {
+                self.sync_before_l2 = true;
+            }
         }
         let host = self.reserved.next;
         self.reserved.next += cs;
@@ -315,6 +333,8 @@ impl State {
         let cow_zero = reads_zero(&entry, ext, sc, span_s, ws, has_backing)
             && reads_zero(&entry, ext, sc, we, span_e, has_backing);
         let need_cow = span_s < ws || we < span_e;
+        let survives_loss =
+            new_cluster && fresh && reads_zero(&entry, ext, sc, span_s, span_e, has_backing);
 
         let a = self.allocs.alloc();
         self.allocs[a] = Alloc {
@@ -331,6 +351,7 @@ impl State {
             whole: ext && !partial_ok,
             old_raw: 0,
             old_bitmap: entry.bitmap,
+            survives_loss,
             buf: None,
             cow_pending: 0,
             error: None,
@@ -510,8 +531,11 @@ impl State {
             };
             table[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
         }
-        cache.mark_dirty(al.slot);
+        cache.mark_dirty(al.slot, at..at + q.geom.l2_entry_bytes() as usize);
         cache.unpin(al.slot);
+        if !al.survives_loss {
+            self.sync_before_l2 = true;
+        }
         if al.new_cluster && !al.identity {
             self.free_old_mapping(q, al.old_raw, al.old_bitmap, cs);
         }
@@ -681,7 +705,7 @@ impl State {
         if let Some(bm) = bitmap {
             table[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
         }
-        cache.mark_dirty(slot);
+        cache.mark_dirty(slot, at..at + q.geom.l2_entry_bytes() as usize);
         let old_host_kept = raw & 0x00ff_ffff_ffff_fe00 != 0;
         if !old_host_kept {
             self.free_old_mapping(q, old_raw, entry.bitmap, cs);
