@@ -83,6 +83,8 @@ pub struct CompareOptions {
     pub queues: usize,
     pub out: PathBuf,
     pub read_only: bool,
+    /// Both servers use direct I/O (O_DIRECT) instead of the host page cache.
+    pub direct: bool,
     pub seed: u64,
     pub keep_images: bool,
 }
@@ -127,6 +129,7 @@ impl Slot {
                     &self.socket,
                     options.queues,
                     options.read_only,
+                    options.direct,
                     &self.log,
                 )
             } else {
@@ -141,6 +144,7 @@ impl Slot {
                 &self.socket,
                 options.queues,
                 options.read_only,
+                options.direct,
                 &self.log,
             )
         };
@@ -256,6 +260,8 @@ pub struct CompareReport {
     pub runtime_s: f64,
     pub warmup_s: f64,
     pub read_only: bool,
+    /// Both servers used direct I/O (qcow2d `--direct`, qemu-storage-daemon `cache.direct=on`).
+    pub direct: bool,
     pub seed: u64,
     pub clock_ticks_per_second: u64,
     /// Why qcow2d could not be started, if it could not.
@@ -425,6 +431,7 @@ pub fn compare(options: &CompareOptions) -> Result<CompareReport> {
         runtime_s: options.runtime.as_secs_f64(),
         warmup_s: options.warmup.as_secs_f64(),
         read_only: options.read_only,
+        direct: options.direct,
         seed: options.seed,
         clock_ticks_per_second: ticks_per_second,
         qcow2d_server: qcow2d_slot.startup_error.clone(),
@@ -553,6 +560,14 @@ fn aggregate(tally: Tally, ticks_per_second: u64) -> Result<Outcome> {
 fn print_table(report: &CompareReport) {
     println!();
     println!(
+        "cache mode: {}",
+        if report.direct {
+            "direct I/O (qcow2d --direct, qemu-storage-daemon cache.direct=on)"
+        } else {
+            "host page cache (qcow2d default, qemu-storage-daemon cache.direct=off)"
+        }
+    );
+    println!(
         "{:<20} {:<7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10}",
         "workload", "server", "IOPS", "MB/s", "p50 us", "p99 us", "p99.9 us", "CPU us/IO"
     );
@@ -595,8 +610,15 @@ fn chart_title(report: &CompareReport) -> String {
         |n| n.to_string_lossy().into_owned(),
     );
     format!(
-        "qcow2d vs qemu-storage-daemon: {image}, {} queue(s), {} round(s) x {} s",
-        report.queues, report.rounds, report.runtime_s
+        "qcow2d vs qemu-storage-daemon: {image}, {} queue(s), {} round(s) x {} s, {}",
+        report.queues,
+        report.rounds,
+        report.runtime_s,
+        if report.direct {
+            "direct I/O"
+        } else {
+            "page cache"
+        }
     )
 }
 

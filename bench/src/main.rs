@@ -113,6 +113,10 @@ struct CompareArgs {
     /// Export read-only from both servers.
     #[arg(long)]
     read_only: bool,
+    /// Both servers bypass the host page cache for guest data: qcow2d with `--direct`,
+    /// qemu-storage-daemon with `cache.direct=on` (default: both use the page cache).
+    #[arg(long)]
+    direct: bool,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Keep the two image copies in OUT/images after the run.
@@ -188,6 +192,7 @@ fn compare_cmd(args: CompareArgs) -> Result<ExitCode> {
         queues: args.queues,
         out: args.out,
         read_only: args.read_only,
+        direct: args.direct,
         seed: args.seed,
         keep_images: args.keep_images,
     };
@@ -306,6 +311,7 @@ mod tests {
             "--runtime",
             "2s",
             "--read-only",
+            "--direct",
         ])
         .unwrap()
         .command
@@ -314,7 +320,7 @@ mod tests {
         };
         assert_eq!(c.workloads.len(), 2);
         assert_eq!(c.workloads[1].pattern, Pattern::Randrw);
-        assert!(c.read_only);
+        assert!(c.read_only && c.direct);
         assert_eq!(c.runtime, Duration::from_secs(2));
     }
 

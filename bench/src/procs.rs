@@ -77,6 +77,7 @@ impl Server {
         socket: &Path,
         queues: usize,
         read_only: bool,
+        direct: bool,
         log_path: &Path,
     ) -> Result<Server> {
         let mut command = Command::new(binary);
@@ -90,6 +91,9 @@ impl Server {
             .arg(queues.to_string());
         if read_only {
             command.arg("--read-only");
+        }
+        if direct {
+            command.arg("--direct");
         }
         let mut child = spawn(command, log_path, true)?;
         let stdout = child.stdout.take();
@@ -144,17 +148,20 @@ impl Server {
     }
 
     /// Starts qemu-storage-daemon exporting `image` (qcow2 over a plain file, io_uring, host
-    /// page cache on) and waits until its socket accepts connections.
+    /// page cache on, or off with `direct`: `cache.direct=on`, QEMU's `cache=none`) and waits
+    /// until its socket accepts connections.
     pub fn start_qsd(
         image: &Path,
         socket: &Path,
         queues: usize,
         read_only: bool,
+        direct: bool,
         log_path: &Path,
     ) -> Result<Server> {
-        let mut file_node = std::ffi::OsString::from(
-            "driver=file,node-name=file0,aio=io_uring,cache.direct=off,filename=",
-        );
+        let mut file_node = std::ffi::OsString::from(format!(
+            "driver=file,node-name=file0,aio=io_uring,cache.direct={},filename=",
+            if direct { "on" } else { "off" }
+        ));
         file_node.push(qsd_escape(image));
         let mut export = std::ffi::OsString::from(format!(
             "type=vhost-user-blk,id=exp0,node-name=fmt0,num-queues={queues},writable={},addr.type=unix,addr.path=",

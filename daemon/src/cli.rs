@@ -32,13 +32,14 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file listing the exports ([[export]] tables with image, socket, read_only,
-    /// writethrough, lazy_refcounts, queues, serial; optional top-level shards and metrics).
+    /// writethrough, lazy_refcounts, direct, queues, serial; optional top-level shards and
+    /// metrics).
     #[arg(
         long,
         value_name = "FILE",
         conflicts_with_all = [
-            "image", "socket", "read_only", "writethrough", "lazy_refcounts", "queues", "shards",
-            "serial",
+            "image", "socket", "read_only", "writethrough", "lazy_refcounts", "direct", "queues",
+            "shards", "serial",
         ]
     )]
     pub config: Option<PathBuf>,
@@ -64,6 +65,12 @@ pub struct ServeArgs {
     /// a crash the image needs `qemu-img check -r all`).
     #[arg(long, conflicts_with = "read_only")]
     pub lazy_refcounts: bool,
+
+    /// Read and write guest data with O_DIRECT, bypassing the host page cache (metadata stays
+    /// cached; unaligned requests go through the page cache). Fails if the image's file
+    /// system does not support O_DIRECT. Flushes still sync.
+    #[arg(long)]
+    pub direct: bool,
 
     /// Number of virtqueues [default: max(16, CPUs), at most 64].
     #[arg(long, value_name = "N")]
@@ -180,7 +187,10 @@ mod tests {
         let args = parse(&["--writethrough", "--lazy-refcounts"]).unwrap();
         assert!(args.writethrough && args.lazy_refcounts && !args.read_only);
         let args = parse(&[]).unwrap();
-        assert!(!args.writethrough && !args.lazy_refcounts && !args.read_only);
+        assert!(!args.writethrough && !args.lazy_refcounts && !args.read_only && !args.direct);
+        assert!(parse(&["--direct"]).unwrap().direct);
+        assert!(parse(&["--direct", "--read-only"]).unwrap().direct);
+        assert!(Cli::try_parse_from(["qcow2d", "serve", "--config", "c", "--direct"]).is_err());
         // Meaningless on a read-only export, and not with a config file.
         assert!(parse(&["--read-only", "--writethrough"]).is_err());
         assert!(parse(&["--read-only", "--lazy-refcounts"]).is_err());

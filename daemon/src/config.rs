@@ -13,6 +13,7 @@
 //! read_only = true        # optional, default false: the image is opened for writing
 //! writethrough = true     # optional, default false: every write durable before it completes
 //! lazy_refcounts = true   # optional, default false: refcounts written at clean close only
+//! direct = true           # optional, default false: guest data with O_DIRECT (no page cache)
 //! queues = 4              # optional, default max(16, CPUs), at most 64
 //! serial = "vm1-disk0"    # optional, at most 20 bytes; default: the image's file name
 //! ```
@@ -135,6 +136,8 @@ pub struct ExportConfig {
     pub writethrough: bool,
     /// Whether to open the image with lazy refcounts.
     pub lazy_refcounts: bool,
+    /// Whether guest data bypasses the page cache (O_DIRECT).
+    pub direct: bool,
     /// Number of virtqueues offered.
     pub queues: u16,
     /// Worker threads (engine shards): never more than `queues`, and 1 for writable exports.
@@ -165,6 +168,8 @@ pub struct RawExport {
     pub writethrough: bool,
     /// `lazy_refcounts` / `--lazy-refcounts`.
     pub lazy_refcounts: bool,
+    /// `direct` / `--direct`.
+    pub direct: bool,
     /// `queues` / `--queues`.
     pub queues: Option<u64>,
     /// `serial` / `--serial`.
@@ -191,6 +196,8 @@ struct FileExport {
     writethrough: bool,
     #[serde(default)]
     lazy_refcounts: bool,
+    #[serde(default)]
+    direct: bool,
     queues: Option<u64>,
     serial: Option<String>,
 }
@@ -266,6 +273,7 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
             read_only: e.read_only,
             writethrough: e.writethrough,
             lazy_refcounts: e.lazy_refcounts,
+            direct: e.direct,
             queues: e.queues,
             serial: e.serial,
         };
@@ -371,6 +379,7 @@ fn validate(
         read_only: raw.read_only,
         writethrough: raw.writethrough,
         lazy_refcounts: raw.lazy_refcounts,
+        direct: raw.direct,
         queues,
         shards,
         serial,
@@ -434,6 +443,7 @@ socket = "sockets/b.sock"
                 read_only: true,
                 writethrough: false,
                 lazy_refcounts: false,
+                direct: false,
                 queues: 4,
                 shards: 2,
                 serial: "disk-a".into(),
@@ -492,6 +502,30 @@ socket = "sockets/b.sock"
             parse_err("writethrough = true\n[[export]]\nimage = \"a\"\nsocket = \"s\"\n"),
             ConfigError::Parse { .. }
         ));
+    }
+
+    #[test]
+    fn direct_option() {
+        let cfg = parse_ok("[[export]]\nimage = \"a\"\nsocket = \"s\"\ndirect = true\n");
+        assert!(cfg.exports[0].direct);
+        // With a read-only export too: reads bypass the page cache as well.
+        let cfg = parse_ok(
+            "[[export]]\nimage = \"a\"\nsocket = \"s\"\nread_only = true\ndirect = true\n",
+        );
+        assert!(cfg.exports[0].direct && cfg.exports[0].read_only);
+        assert!(!parse_ok("[[export]]\nimage = \"a\"\nsocket = \"s\"\n").exports[0].direct);
+        let err = parse_err("[[export]]\nimage = \"a\"\nsocket = \"s\"\ndirect = \"on\"\n");
+        assert!(err.to_string().contains("line 4"), "{err}");
+        // Near misses are unknown keys; the key is per export, not top level.
+        for text in [
+            "[[export]]\nimage = \"a\"\nsocket = \"s\"\no_direct = true\n",
+            "direct = true\n[[export]]\nimage = \"a\"\nsocket = \"s\"\n",
+        ] {
+            assert!(
+                matches!(parse_err(text), ConfigError::Parse { .. }),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -121,6 +121,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
                 read_only: args.read_only,
                 writethrough: args.writethrough,
                 lazy_refcounts: args.lazy_refcounts,
+                direct: args.direct,
                 queues: args.queues,
                 serial: args.serial,
             };

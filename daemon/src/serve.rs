@@ -108,6 +108,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
         let options = OpenOptions {
             read_only: export.read_only,
             lazy_refcounts: export.lazy_refcounts,
+            direct: export.direct,
             ..OpenOptions::default()
         };
         let image =
@@ -121,6 +122,7 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
                 queues = export.queues,
                 writethrough = export.writethrough,
                 lazy_refcounts = export.lazy_refcounts,
+                direct = export.direct,
                 "Writable export: one worker thread (one engine shard) serves all its queues"
             );
         }
@@ -268,6 +270,7 @@ fn announce(exports: &[ExportConfig]) {
             socket = %e.socket.display(),
             queues = e.queues,
             workers = e.shards,
+            direct = e.direct,
             "Export ready"
         );
         let _ = writeln!(

@@ -6,13 +6,13 @@
 
 use crate::error::{Error, ErrorKind};
 use crate::format::{self, incompat, FeatureKind, Header};
-use crate::io::BlockingReader;
+use crate::io::{BlockingReader, DataFd, DioAlign, DirectError};
 use crate::meta::Geometry;
 use crate::shard::{Shard, ShardConfig};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -33,6 +33,12 @@ pub struct OpenOptions {
     /// Threads that inflate compressed clusters off the shard threads; `None`: one per CPU,
     /// `Some(0)`: shards inflate themselves. Started on the first compressed read.
     pub inflate_threads: Option<usize>,
+    /// Read and write guest data of the top image (and of its external data file) with
+    /// O_DIRECT, bypassing the page cache. Metadata, compressed clusters and backing files
+    /// stay buffered, as do data operations that are not aligned for direct I/O. A file
+    /// system that refuses O_DIRECT makes [`Image::open`] fail with
+    /// [`ErrorKind::Unsupported`]. Flushes still fdatasync.
+    pub direct: bool,
 }
 
 impl Default for OpenOptions {
@@ -43,6 +49,7 @@ impl Default for OpenOptions {
             max_backing_depth: 16,
             l2_cache_bytes: None,
             inflate_threads: None,
+            direct: false,
         }
     }
 }
@@ -56,6 +63,9 @@ pub(crate) struct Qcow2Layer {
     pub geom: Geometry,
     pub file: File,
     pub data_file: Option<File>,
+    /// O_DIRECT descriptors (and their alignment) on `file` and `data_file`, guest data only.
+    pub file_direct: Option<(File, DioAlign)>,
+    pub data_file_direct: Option<(File, DioAlign)>,
     /// The active L1 table, raw entries in native byte order. Atomic because the image is
     /// shared by every shard; each entry is only ever changed by the shard that owns it.
     pub l1: Box<[AtomicU64]>,
@@ -65,9 +75,16 @@ pub(crate) struct Qcow2Layer {
 }
 
 impl Qcow2Layer {
-    /// The descriptor guest data is read from.
-    pub fn data_fd(&self) -> RawFd {
-        self.data_file.as_ref().unwrap_or(&self.file).as_raw_fd()
+    /// The descriptors guest data is read from and written to.
+    pub fn data_fd(&self) -> DataFd {
+        let (buffered, direct) = match &self.data_file {
+            Some(f) => (f, &self.data_file_direct),
+            None => (&self.file, &self.file_direct),
+        };
+        DataFd {
+            buffered: buffered.as_raw_fd(),
+            direct: direct.as_ref().map(|(f, a)| (f.as_raw_fd(), *a)),
+        }
     }
 }
 
@@ -265,6 +282,38 @@ fn lock_file(file: &File, path: &Path, writer: bool) -> Result<(), Error> {
     })
 }
 
+/// Opens `path` (already open as `file`) a second time with O_DIRECT, for guest data.
+fn open_direct(path: &Path, file: &File, writable: bool) -> Result<(File, DioAlign), Error> {
+    match crate::io::open_direct(path, file, writable) {
+        Ok((direct, align, source)) => {
+            tracing::info!(
+                "{}: direct I/O, alignment {} bytes in memory, {} bytes in the file ({source})",
+                path.display(),
+                align.mem_bytes,
+                align.offset_bytes
+            );
+            Ok((direct, align))
+        }
+        Err(DirectError::Unsupported(e)) => Err(Error::with_source(
+            ErrorKind::Unsupported,
+            format!(
+                "Cannot open {} with O_DIRECT: its file system does not support direct I/O \
+                 (serve it without direct I/O, or move it)",
+                path.display()
+            ),
+            e,
+        )),
+        Err(DirectError::Os(e)) => Err(Error::io(
+            format!("Cannot open {} with O_DIRECT", path.display()),
+            e,
+        )),
+        Err(DirectError::Replaced) => Err(Error::new(
+            ErrorKind::Io,
+            format!("{} was replaced while it was being opened", path.display()),
+        )),
+    }
+}
+
 /// Resolves a file name stored in an image against the directory of that image.
 fn resolve_relative(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
@@ -280,6 +329,7 @@ fn open_qcow2(
     file: File,
     reader: &mut BlockingReader,
     read_only: bool,
+    direct: bool,
 ) -> Result<Qcow2Layer, Error> {
     let len = file_len(&file, path)?;
     let mut buf = vec![0u8; (Header::PROBE_BYTES as u64).min(len) as usize];
@@ -317,9 +367,32 @@ fn open_qcow2(
             let f = open_file(&dpath, read_only)
                 .map_err(|e| e.context(format!("External data file of {}", path.display())))?;
             lock_file(&f, &dpath, !read_only)?;
-            Some(f)
+            Some((f, dpath))
         }
         _ => None,
+    };
+    // The external data file holds nothing but guest data: direct whatever the cluster size.
+    let data_file_direct = match &data_file {
+        Some((f, dpath)) if direct => Some(
+            open_direct(dpath, f, !read_only)
+                .map_err(|e| e.context(format!("External data file of {}", path.display())))?,
+        ),
+        _ => None,
+    };
+    let data_file = data_file.map(|(f, _)| f);
+    let file_direct = if !direct || data_file.is_some() {
+        None
+    } else if header.cluster_size() < crate::io::min_direct_cluster_bytes(&file) {
+        tracing::warn!(
+            "{}: clusters of {} bytes share pages with metadata, which is cached: guest data \
+             stays in the page cache too (direct I/O needs clusters of at least {} bytes)",
+            path.display(),
+            header.cluster_size(),
+            crate::io::min_direct_cluster_bytes(&file)
+        );
+        None
+    } else {
+        Some(open_direct(path, &file, !read_only)?)
     };
     let geom = Geometry {
         cluster_bits: header.cluster_bits,
@@ -331,6 +404,8 @@ fn open_qcow2(
         geom,
         file,
         data_file,
+        file_direct,
+        data_file_direct,
         l1,
         header_bytes,
     })
@@ -440,7 +515,15 @@ impl Image {
                     .map_err(|e| Error::io(format!("Cannot read {}", p.display()), e))?,
             };
             if is_qcow2 {
-                let q = open_qcow2(&p, file, &mut reader, !writable)?;
+                // Backing files stay buffered: they are only read, and a base image shared
+                // by many overlays is best served from one page cache.
+                let q = open_qcow2(
+                    &p,
+                    file,
+                    &mut reader,
+                    !writable,
+                    opts.direct && layers.is_empty(),
+                )?;
                 if let Some(name) = &q.header.backing_file {
                     next = Some((resolve_relative(&p, name), q.header.backing_format.clone()));
                 }

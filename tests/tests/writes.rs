@@ -326,6 +326,20 @@ fn verify_image(img: &Path, model: &Model, dir: &Path, what: &str) {
 /// The whole model-based run on `img`: serve it writable, two client sessions of `batches / 2`
 /// batches each, read back, SIGTERM, check, compare. Returns the final model.
 fn model_case(s: &Scratch, img: &Path, seed: u64, batches: usize, hot: u64) -> Model {
+    model_case_with(s, img, seed, batches, hot, &[], false)
+}
+
+/// [`model_case`] with more `qcow2d serve` options, and with `odd_iovecs` the second client
+/// sends every other read and write with misaligned memory and odd segment lengths.
+fn model_case_with(
+    s: &Scratch,
+    img: &Path,
+    seed: u64,
+    batches: usize,
+    hot: u64,
+    extra: &[&str],
+    odd_iovecs: bool,
+) -> Model {
     let what = format!("{} (seed {seed})", img.display());
     assert!(batches >= 2, "at least one batch per client session");
     let started = Instant::now();
@@ -337,13 +351,21 @@ fn model_case(s: &Scratch, img: &Path, seed: u64, batches: usize, hot: u64) -> M
         size: model.size(),
     };
     let socket = s.socket("w.sock");
-    let mut d = start_rw(img, &socket, &[]);
+    let mut d = start_rw(img, &socket, extra);
+    if extra.contains(&"--direct") {
+        let files = o_direct_files(d.pid());
+        assert!(
+            !files.is_empty(),
+            "{what}: --direct, but no file is open with O_DIRECT"
+        );
+    }
     let mut rng = Rng::new(seed);
     for session in 0..2 {
         let w = format!("{what}, client {}", session + 1);
         let (m, r) = (model.clone(), rng.clone());
         let result = rw_session(&socket, 2, SESSION_TIMEOUT, move |c| {
             let (mut m, mut r) = (m, r);
+            c.set_odd_iovecs(odd_iovecs && session == 1);
             if c.capacity() != m.size() {
                 return Err(format!(
                     "{w}: device capacity {} bytes, the image has {}",
@@ -1106,4 +1128,59 @@ fn interop_qcow2d_reads_what_qemu_wrote_then_writes_on_top() {
             (0x64, 12 * MIB + 2 * KIB, KIB),
         ],
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct I/O (`--direct`): guest data through O_DIRECT, the second client with odd iovecs
+// (misaligned memory, odd segment lengths: bounced writes, buffered reads) mixed with aligned
+// ones on the same ranges
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn direct_fresh_image_64k_clusters() {
+    let s = Scratch::new("w_dfresh");
+    let img = create(&s, "f.qcow2", "", 64 * MIB);
+    model_case_with(&s, &img, 31, batches(), 24 * MIB, &["--direct"], true);
+}
+
+#[test]
+fn direct_zlib_compressed_image() {
+    let s = Scratch::new("w_dzlib");
+    let img = compressed(&s, "zlib", 24 * MIB);
+    model_case_with(&s, &img, 32, batches(), 24 * MIB, &["--direct"], true);
+}
+
+#[test]
+fn direct_over_backing_with_extended_l2() {
+    let s = Scratch::new("w_dext");
+    let base = create(&s, "base.qcow2", "", 32 * MIB);
+    qemu_io(
+        &base,
+        "qcow2",
+        &["write -P 0x33 0 8M", "write -P 0x44 20M 4M"],
+    );
+    let img = create(
+        &s,
+        "top.qcow2",
+        &format!(
+            "extended_l2=on,cluster_size=128k,backing_file={},backing_fmt=qcow2",
+            base.display()
+        ),
+        32 * MIB,
+    );
+    model_case_with(&s, &img, 33, batches(), 32 * MIB, &["--direct"], true);
+}
+
+#[test]
+fn direct_external_data_file() {
+    let s = Scratch::new("w_ddata");
+    let data = s.join("x.data");
+    let img = create(
+        &s,
+        "x.qcow2",
+        &format!("data_file={},data_file_raw=on", data.display()),
+        16 * MIB,
+    );
+    qemu_io(&img, "qcow2", &["write -P 0x19 1M 1M"]);
+    model_case_with(&s, &img, 34, batches() / 2, 16 * MIB, &["--direct"], true);
 }

@@ -18,6 +18,7 @@
 //! One loop turn ([`Shard::poll`]) reaps completions, plans every ready part, and submits all
 //! the I/O that produced with one `io_uring_enter`.
 
+mod direct;
 mod flush;
 mod read;
 mod slab;
@@ -26,7 +27,7 @@ mod write;
 use crate::error::{Error, ErrorKind, IoError};
 use crate::format::Inflater;
 use crate::image::{Image, LayerKind};
-use crate::io::{iov_total_len, Ring};
+use crate::io::{iov_total_len, AlignedBuf, DataFd, Ring};
 use crate::meta::{SlotCache, WaitList, NO_ID};
 use flush::FlushState;
 use libc::iovec;
@@ -141,7 +142,7 @@ enum OpKind {
     /// Guest data read into, or written from, the request (or zeros) for one part.
     Data {
         part: u32,
-        fd: RawFd,
+        fd: DataFd,
         host: u64,
         done: u64,
         write: bool,
@@ -178,6 +179,8 @@ struct Op {
     kind: OpKind,
     iov: Vec<iovec>,
     buf: Option<Box<[u8]>>,
+    /// Aligned copy of a direct write's misaligned memory (see `direct.rs`).
+    bounce: Option<AlignedBuf>,
 }
 
 struct LayerCaches {
@@ -221,7 +224,8 @@ struct State {
     big_buf_bytes: usize,
     cluster_bufs: Vec<Box<[u8]>>,
     cluster_buf_bytes: usize,
-    zeros: Box<[u8]>,
+    /// One cluster of zeros, aligned for direct writes.
+    zeros: AlignedBuf,
     inflater: Inflater,
     ops_in_kernel: usize,
     reserved: Reserved,
@@ -318,11 +322,10 @@ impl Shard {
                 big_buf_bytes,
                 cluster_bufs: Vec::new(),
                 cluster_buf_bytes: top_cluster,
-                zeros: if writable {
-                    vec![0u8; top_cluster].into_boxed_slice()
-                } else {
-                    Box::default()
-                },
+                zeros: AlignedBuf::zeroed(
+                    if writable { top_cluster } else { 0 },
+                    crate::io::SAFE_DIO_ALIGN as usize,
+                ),
                 inflater: Inflater::new(),
                 ops_in_kernel: 0,
                 reserved: Reserved::default(),
@@ -830,6 +833,7 @@ impl State {
     fn free_op(&mut self, op: u32) {
         let o = &mut self.ops[op];
         o.kind = OpKind::Idle;
+        o.bounce = None;
         if let Some(buf) = o.buf.take() {
             self.recycle(buf);
         }

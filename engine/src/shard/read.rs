@@ -3,10 +3,10 @@
 use super::{Buffer, OpKind, State, NO_ID};
 use crate::error::IoError;
 use crate::image::{ImageInner, LayerKind, Qcow2Layer};
-use crate::io::{iov_copy_from, iov_fill_zero, iov_subrange, Ring};
+use crate::io::{iov_copy_from, iov_fill_zero, iov_subrange, DataFd, Ring};
 use crate::meta::{resolve, Lookup, Step, WaitList};
 use io_uring::{opcode, types};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 /// What [`State::l2_table`] found.
@@ -102,7 +102,7 @@ impl State {
                     return self.start_data(
                         ring,
                         pid,
-                        file.as_raw_fd(),
+                        DataFd::buffered(file.as_raw_fd()),
                         p.guest_off,
                         false,
                         Buffer::Request,
@@ -250,7 +250,7 @@ impl State {
         &mut self,
         ring: &mut Ring,
         pid: u32,
-        fd: RawFd,
+        fd: DataFd,
         host: u64,
         write: bool,
         buffer: Buffer,
@@ -300,10 +300,13 @@ impl State {
             }
         }
         let entry = if write {
+            let fd = self.data_write_fd(op, fd, host + done);
+            let o = &self.ops[op];
             opcode::Writev::new(types::Fd(fd), o.iov.as_ptr(), o.iov.len() as u32)
                 .offset(host + done)
                 .build()
         } else {
+            let fd = fd.read_fd(host + done, &o.iov);
             opcode::Readv::new(types::Fd(fd), o.iov.as_ptr(), o.iov.len() as u32)
                 .offset(host + done)
                 .build()
@@ -311,7 +314,8 @@ impl State {
         // SAFETY: the iovec array lives in the op until its completion; the memory it points
         // to is the request's, valid until the request completes (submit contract), and the
         // request cannot complete before this part does; or it is the shard's zero buffer,
-        // which lives as long as the shard and is never written.
+        // which lives as long as the shard and is never written; or the op's bounce buffer,
+        // freed only with the op after its completion.
         if let Err(e) = unsafe { self.push(ring, op, entry) } {
             self.finish_part(part, Err(e));
         }

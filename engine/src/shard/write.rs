@@ -492,14 +492,18 @@ impl State {
                 );
             }
         }
-        let entry = opcode::Writev::new(types::Fd(q.data_fd()), o.iov.as_ptr(), o.iov.len() as u32)
-            .offset(al.host + s)
+        let host = al.host + s;
+        let fd = self.data_write_fd(op, q.data_fd(), host);
+        let o = &self.ops[op];
+        let entry = opcode::Writev::new(types::Fd(fd), o.iov.as_ptr(), o.iov.len() as u32)
+            .offset(host)
             .build();
         self.allocs[a].expected = e - s;
         // SAFETY: the iovecs point into the allocation's buffer (owned by it until it
         // finishes, after this op completes), the shard's zero buffer (never written, lives as
-        // long as the shard), or the request's memory (valid until the request completes,
-        // which waits for this part); the iovec array lives in the op.
+        // long as the shard), the op's bounce buffer (freed with the op after its completion),
+        // or the request's memory (valid until the request completes, which waits for this
+        // part); the iovec array lives in the op.
         if let Err(err) = unsafe { self.push(ring, op, entry) } {
             self.fail_alloc(a, err);
         }

@@ -1191,9 +1191,20 @@ where
 /// Serves `img` with the daemon, reads a plan through the socket with 2 queues and compares
 /// every read with the oracle.
 pub fn check_daemon(img: &Path, settings: &str, oracle: &[u8], cluster: u64) -> Result<(), String> {
+    check_daemon_with(img, settings, oracle, cluster, &[])
+}
+
+/// [`check_daemon`] with more `qcow2d serve` options.
+pub fn check_daemon_with(
+    img: &Path,
+    settings: &str,
+    oracle: &[u8],
+    cluster: u64,
+    extra: &[&str],
+) -> Result<(), String> {
     let sock_dir = Scratch::new("sock");
     let socket = sock_dir.socket("s");
-    let mut d = Daemon::start_with(img, &socket, &[]).map_err(|f| format!("daemon: {f}"))?;
+    let mut d = Daemon::start_with(img, &socket, extra).map_err(|f| format!("daemon: {f}"))?;
     let size = oracle.len() as u64;
     let plan = read_plan(size, cluster, 2);
     let plan2 = plan.clone();
@@ -1502,6 +1513,27 @@ impl Daemon {
     }
 }
 
+/// Files process `pid` holds open with O_DIRECT (from /proc/PID/fdinfo).
+pub fn o_direct_files(pid: i32) -> Vec<PathBuf> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            info.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| i64::from_str_radix(f.trim(), 8).ok())
+                .is_some_and(|f| f & i64::from(libc::O_DIRECT) != 0)
+        })
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .collect()
+}
+
 /// One request of [`RwClient`].
 #[derive(Clone, Debug)]
 pub enum BlkOp {
@@ -1557,6 +1589,8 @@ struct RwRequest {
     queue: usize,
     slot: Option<usize>,
     read_len: Option<usize>,
+    /// Bytes past the slot's start where the data begins (odd iovecs only).
+    shift: usize,
     // Kept alive until completion: blkio may hold the pointer in its request backlog.
     _iov: Vec<libc::iovec>,
 }
@@ -1582,7 +1616,15 @@ pub struct RwClient {
     next_queue: usize,
     ready: Vec<(usize, OpResult)>,
     completions: Vec<std::mem::MaybeUninit<blkio::Completion>>,
+    /// Every other read and write gets misaligned memory and odd segment lengths.
+    odd_iovecs: bool,
+    data_requests: usize,
 }
+
+/// Segment sizes of [`RwClient`]'s requests: multiples of 512 in uneven sizes.
+const EVEN_SEGMENTS: [usize; 5] = [4096, 512, 65536, 3584, 131072];
+/// Segment sizes of odd requests ([`RwClient::set_odd_iovecs`]): no multiple of 512 but one.
+const ODD_SEGMENTS: [usize; 5] = [1000, 511, 4097, 65536, 3583];
 
 /// Splits `len` bytes at `base` into iovecs of uneven sizes (multiples of 512) within the
 /// device's segment limits.
@@ -1591,8 +1633,8 @@ fn split_iovecs(
     len: usize,
     max_segments: usize,
     max_segment_len: usize,
+    sizes: &[usize],
 ) -> Result<Vec<libc::iovec>, String> {
-    const SIZES: [usize; 5] = [4096, 512, 65536, 3584, 131072];
     let mut seg_sizes = Vec::new();
     let mut done = 0;
     let mut i = 0;
@@ -1600,7 +1642,7 @@ fn split_iovecs(
         let mut n = if max_segments == 1 {
             len - done
         } else {
-            SIZES[i % SIZES.len()].min(len - done)
+            sizes[i % sizes.len()].min(len - done)
         };
         if max_segment_len > 0 {
             n = n.min(max_segment_len);
@@ -1691,7 +1733,35 @@ impl RwClient {
             next_queue: 0,
             ready: Vec::new(),
             completions: (0..128).map(|_| std::mem::MaybeUninit::uninit()).collect(),
+            odd_iovecs: false,
+            data_requests: 0,
         })
+    }
+
+    /// From now on every other read and write puts its data 1 to 7 bytes past a 512-byte
+    /// boundary (when it fits in its slot) in segments of odd lengths: what direct I/O cannot
+    /// take as it is.
+    pub fn set_odd_iovecs(&mut self, on: bool) {
+        self.odd_iovecs = on;
+    }
+
+    /// Where a read or write of `len` bytes in `slot` starts, and how it is split.
+    fn data_iovecs(
+        &mut self,
+        slot: usize,
+        len: usize,
+    ) -> Result<(usize, Vec<libc::iovec>), String> {
+        self.data_requests += 1;
+        let odd = self.odd_iovecs && self.data_requests & 1 == 0;
+        let shift = if odd && len + 8 <= SLOT_BYTES {
+            1 + self.data_requests / 2 % 7
+        } else {
+            0
+        };
+        let sizes: &[usize] = if odd { &ODD_SEGMENTS } else { &EVEN_SEGMENTS };
+        let base = self.region.addr + slot * SLOT_BYTES + shift;
+        let iov = split_iovecs(base, len, self.max_segments, self.max_segment_len, sizes)?;
+        Ok((shift, iov))
     }
 
     /// The disk size the device reports.
@@ -1740,6 +1810,7 @@ impl RwClient {
             queue: q,
             slot: None,
             read_len: None,
+            shift: 0,
             _iov: Vec::new(),
         };
         let bad_len = match op {
@@ -1755,10 +1826,9 @@ impl RwClient {
         match op {
             BlkOp::Read { off, len } => {
                 let slot = self.free_slots.pop().unwrap();
-                let base = self.region.addr + slot * SLOT_BYTES;
                 req.slot = Some(slot);
                 req.read_len = Some(*len);
-                req._iov = match split_iovecs(base, *len, self.max_segments, self.max_segment_len) {
+                (req.shift, req._iov) = match self.data_iovecs(slot, *len) {
                     Ok(v) => v,
                     Err(e) => {
                         self.free_slots.push(slot);
@@ -1776,22 +1846,22 @@ impl RwClient {
             }
             BlkOp::Write { off, data } => {
                 let slot = self.free_slots.pop().unwrap();
-                let base = self.region.addr + slot * SLOT_BYTES;
+                req.slot = Some(slot);
+                (req.shift, req._iov) = match self.data_iovecs(slot, data.len()) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.free_slots.push(slot);
+                        self.free_ids.push(id);
+                        return Err(e);
+                    }
+                };
+                let base = self.region.addr + slot * SLOT_BYTES + req.shift;
                 // SAFETY: the region is mapped for the client's lifetime, this slot is free (no
-                // request of ours uses it), and `data` fits in it (checked above).
+                // request of ours uses it), and `data` fits in it after the shift (checked
+                // above and in data_iovecs).
                 unsafe {
                     std::ptr::copy_nonoverlapping(data.as_ptr(), base as *mut u8, data.len())
                 };
-                req.slot = Some(slot);
-                req._iov =
-                    match split_iovecs(base, data.len(), self.max_segments, self.max_segment_len) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            self.free_slots.push(slot);
-                            self.free_ids.push(id);
-                            return Err(e);
-                        }
-                    };
                 self.queues[q].writev(
                     *off,
                     req._iov.as_ptr(),
@@ -1840,7 +1910,7 @@ impl RwClient {
             let result = if ret == 0 {
                 match (req.slot, req.read_len) {
                     (Some(slot), Some(len)) => {
-                        let base = self.region.addr + slot * SLOT_BYTES;
+                        let base = self.region.addr + slot * SLOT_BYTES + req.shift;
                         // SAFETY: the region is mapped for the client's lifetime and this slot's
                         // request has completed, so nothing writes to these bytes now.
                         let data = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
