@@ -13,6 +13,7 @@
 
 use crate::error::{Context, Error, Result};
 use crate::load::{run_load, LoadSpec, Phase, RunReport};
+use crate::memory::{mib, MemorySummary, Sampler};
 use crate::pattern::Pattern;
 use crate::procs::{clock_ticks_per_second, Server};
 use crate::signals;
@@ -87,6 +88,8 @@ pub struct CompareOptions {
     pub direct: bool,
     pub seed: u64,
     pub keep_images: bool,
+    /// Interval of the servers' memory timelines.
+    pub mem_interval: Duration,
 }
 
 /// Index of each server in the session's arrays, in the order they run.
@@ -224,6 +227,9 @@ pub struct ServerResult {
     pub latency: LatencySummary,
     /// Server CPU (user + system) per I/O in the measured windows, microseconds.
     pub cpu_us_per_io: Option<f64>,
+    /// Server resident memory without the guest memory it maps (each round's timeline is in
+    /// `rounds[].memory`).
+    pub memory: Option<MemorySummary>,
     pub rounds: Vec<RunReport>,
 }
 
@@ -490,16 +496,29 @@ fn run_one(
     };
     let mut start_ticks = None;
     let mut end_ticks = None;
+    // A server whose memory cannot be read is still measured for speed.
+    let mut sampler = Sampler::start(process.pid(), options.mem_interval).ok();
     let result = {
         let process: &Server = process;
         run_load(&spec, &mut |phase| {
             let ticks = process.cpu_ticks().ok();
             match phase {
-                Phase::MeasureStart => start_ticks = ticks,
-                Phase::MeasureEnd => end_ticks = ticks,
+                Phase::MeasureStart => {
+                    start_ticks = ticks;
+                    if let Some(s) = sampler.as_mut() {
+                        s.mark_start();
+                    }
+                }
+                Phase::MeasureEnd => {
+                    end_ticks = ticks;
+                    if let Some(s) = sampler.as_mut() {
+                        s.mark_end();
+                    }
+                }
             }
         })
     };
+    let memory = sampler.map(Sampler::finish);
     // A server that died during the run explains any error better than the client's view.
     if let Err(reason) = process.check_running() {
         slot.needs_reset = true;
@@ -507,7 +526,8 @@ fn run_one(
     }
     // Writes change the image, so whatever runs next gets a fresh copy. (A run that failed to
     // set up submitted nothing.)
-    let report = result.map_err(|e| e.chain())?;
+    let mut report = result.map_err(|e| e.chain())?;
+    report.memory = memory;
     if !workload.pattern.is_read_only() {
         slot.needs_reset = true;
     }
@@ -553,6 +573,7 @@ fn aggregate(tally: Tally, ticks_per_second: u64) -> Result<Outcome> {
         mb_per_s: rate(bytes) / 1e6,
         latency: LatencySummary::of(&histogram),
         cpu_us_per_io,
+        memory: MemorySummary::of(tally.rounds.iter().filter_map(|r| r.report.memory.as_ref())),
         rounds: tally.rounds.into_iter().map(|r| r.report).collect(),
     }))
 }
@@ -599,6 +620,35 @@ fn print_table(report: &CompareReport) {
                 "{:<20} qcow2d/QSD: IOPS x{:.2}, p99 x{:.2}",
                 "", ratio.iops, ratio.p99
             );
+        }
+    }
+    println!();
+    println!("server resident memory, anon+file (guest memory it maps not counted):");
+    println!(
+        "{:<20} {:<7} {:>12} {:>12} {:>12} {:>14}",
+        "workload", "server", "start", "end", "peak", "round growth"
+    );
+    for w in &report.workloads {
+        for (label, outcome) in [(LABELS[QCOW2D], &w.qcow2d), (LABELS[QSD], &w.qsd)] {
+            let name = if label == LABELS[QCOW2D] {
+                w.workload.name.as_str()
+            } else {
+                ""
+            };
+            if let Outcome::Ok(ServerResult {
+                memory: Some(m), ..
+            }) = outcome
+            {
+                println!(
+                    "{name:<20} {label:<7} {:>12} {:>12} {:>12} {:>+10.1} MiB",
+                    mib(m.start_kib),
+                    mib(m.end_kib),
+                    mib(m.peak_kib),
+                    m.max_round_growth_kib as f64 / 1024.0
+                );
+            } else {
+                println!("{name:<20} {label:<7} {:>12}", "-");
+            }
         }
     }
     println!();

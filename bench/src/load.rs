@@ -102,6 +102,8 @@ pub struct RunReport {
     pub errors: u64,
     pub first_error: Option<String>,
     pub fatal_error: Option<String>,
+    /// The server's resident memory over the run, when its PID is known.
+    pub memory: Option<crate::memory::MemoryReport>,
     /// Merged latencies of all requests, kept for merging rounds; not serialized.
     #[serde(skip)]
     pub histogram: LatencyHistogram,
@@ -156,6 +158,10 @@ impl RunReport {
                     s.p50_us, s.p99_us, s.p999_us, s.max_us
                 );
             }
+        }
+        if let Some(memory) = &self.memory {
+            memory.print_human("  ");
+            memory.print_timeline("    ");
         }
         println!("  errors: {}", self.errors);
         if let Some(reason) = self.failure_reason() {
@@ -405,6 +411,7 @@ pub fn run_load(spec: &LoadSpec, on_phase: &mut dyn FnMut(Phase)) -> Result<RunR
         errors: results.iter().map(|r| r.errors).sum(),
         first_error: results.iter().find_map(|r| r.first_error.clone()),
         fatal_error: results.iter().find_map(|r| r.fatal.clone()),
+        memory: None,
         histogram,
     })
 }

@@ -6,6 +6,7 @@ mod compare;
 mod error;
 mod image;
 mod load;
+mod memory;
 mod pattern;
 mod procs;
 mod rng;
@@ -17,7 +18,8 @@ mod units;
 use crate::compare::{CompareOptions, Workload, DEFAULT_WORKLOADS};
 use crate::error::{Context, Error, Result};
 use crate::image::{CompressionType, ImageKind};
-use crate::load::{run_load, LoadSpec};
+use crate::load::{run_load, LoadSpec, Phase};
+use crate::memory::Sampler;
 use crate::pattern::Pattern;
 use crate::units::{parse_duration, parse_size};
 use clap::{Args, Parser, Subcommand};
@@ -86,6 +88,13 @@ struct RunArgs {
     /// Stop at the first failed request instead of running the full time.
     #[arg(long)]
     stop_on_error: bool,
+    /// PID of the server: sample its resident memory (without the guest memory it maps).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Interval of the memory timeline printed with --server-pid (the peak is sampled every
+    /// 200 ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    mem_interval: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -122,6 +131,10 @@ struct CompareArgs {
     /// Keep the two image copies in OUT/images after the run.
     #[arg(long)]
     keep_images: bool,
+    /// Interval of the servers' memory timeline in compare.json (the peak is sampled every
+    /// 200 ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    mem_interval: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -156,7 +169,20 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         rwmix_read_percent: args.rwmix_read,
         stop_on_error: args.stop_on_error,
     };
-    let report = run_load(&spec, &mut |_| {})?;
+    let mut sampler = args
+        .server_pid
+        .map(|pid| Sampler::start(pid, args.mem_interval))
+        .transpose()
+        .context("Sampling the server's memory (--server-pid)")?;
+    let mut report = run_load(&spec, &mut |phase| {
+        if let Some(sampler) = sampler.as_mut() {
+            match phase {
+                Phase::MeasureStart => sampler.mark_start(),
+                Phase::MeasureEnd => sampler.mark_end(),
+            }
+        }
+    })?;
+    report.memory = sampler.map(Sampler::finish);
     report.print_human();
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report).context("Encoding the result as JSON")?;
@@ -195,6 +221,7 @@ fn compare_cmd(args: CompareArgs) -> Result<ExitCode> {
         direct: args.direct,
         seed: args.seed,
         keep_images: args.keep_images,
+        mem_interval: args.mem_interval,
     };
     signals::install().context("Installing signal handlers")?;
     compare::compare(&options)?;
@@ -256,6 +283,10 @@ mod tests {
             "30",
             "--json",
             "/tmp/x.json",
+            "--server-pid",
+            "4242",
+            "--mem-interval",
+            "500ms",
         ])
         .unwrap();
         let Cmd::Run(run) = cli.command else {
@@ -271,6 +302,8 @@ mod tests {
         assert_eq!(run.region_size, Some(1 << 30));
         assert_eq!(run.seed, 9);
         assert_eq!(run.rwmix_read, 30);
+        assert_eq!(run.server_pid, Some(4242));
+        assert_eq!(run.mem_interval, Duration::from_millis(500));
     }
 
     #[test]
@@ -283,6 +316,37 @@ mod tests {
         assert_eq!(run.runtime, Duration::from_secs(10));
         assert_eq!(run.warmup, Duration::from_secs(2));
         assert_eq!((run.region_start, run.region_size), (0, None));
+        assert_eq!(run.server_pid, None);
+        assert_eq!(run.mem_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn memory_run_of_ten_minutes_parses() {
+        let Cmd::Run(run) = parse(&[
+            "run",
+            "--socket",
+            "s",
+            "--pattern",
+            "randrw",
+            "--runtime",
+            "600s",
+            "--server-pid",
+            "1",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(run.runtime, Duration::from_secs(600));
+        assert!(parse(&["run", "--socket", "s", "--server-pid", "x"]).is_err());
+        let Cmd::Compare(c) = parse(&["compare", "--image", "i", "--mem-interval", "30s"])
+            .unwrap()
+            .command
+        else {
+            panic!("not compare")
+        };
+        assert_eq!(c.mem_interval, Duration::from_secs(30));
     }
 
     #[test]

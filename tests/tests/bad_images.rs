@@ -679,6 +679,37 @@ fn corrupt_compressed_case(test: &str, compression: &str, patch: &[u8]) {
         &data[..256 * KIB as usize],
         false,
     );
+    // The whole cluster, which the engine inflates straight into the request's memory when
+    // the request gives it one segment.
+    expect_bad_range(
+        &img,
+        (5 * 65536, 65536),
+        (4 * 65536, 65536),
+        &data[4 * 65536..5 * 65536],
+        false,
+    );
+    let s = Scratch::new(&format!("{test}_one_segment"));
+    let socket = s.socket("s");
+    let mut d = Daemon::start(&img, &socket);
+    let res = blk_session(&socket, 1, READ_TIMEOUT, move |c| {
+        c.set_one_segment(true);
+        c.read_batch(&[(4 * 65536, 65536), (5 * 65536, 65536), (6 * 65536, 65536)])
+    })
+    .unwrap_or_else(|e| panic!("daemon+blkio: {e}\ndaemon stderr:\n{}", d.stderr()));
+    d.assert_alive("after a one-segment read of a damaged cluster");
+    assert!(
+        res[1].is_err(),
+        "daemon: a one-segment read of the damaged cluster SUCCEEDED"
+    );
+    for (i, r) in [(4usize, &res[0]), (6, &res[2])] {
+        let got = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("daemon: cluster {i}: {e}"));
+        assert!(
+            got[..] == data[i * 65536..(i + 1) * 65536],
+            "daemon: cluster {i} next to the damaged one reads wrong"
+        );
+    }
 }
 
 #[test]

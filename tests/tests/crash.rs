@@ -2,13 +2,15 @@
 //! while a vhost-user-blk client (`blkio`, 2 queues) runs a write load with periodic flushes.
 //!
 //! The client logs every write before it submits it, every completion it sees, and for every
-//! flush the writes that had completed when the flush was submitted (what the flush covers);
-//! a flush that completes makes those durable. After the kill:
+//! flush the writes that had completed when the flush was submitted. A killed process (unlike
+//! a host crash) loses no write whose completion the client saw, flushed or not, in write-back
+//! and write-through mode alike: the daemon writes the metadata a write changed into the file
+//! before it completes the write. After the kill:
 //! - `qemu-img check` finds no corruption (leaked clusters are allowed) and no dirty bit is left
 //!   (default settings);
 //! - the daemon opens the image again (writable), and every 512-byte sector read through the
-//!   socket holds either the last durable write to it or a write submitted after that one (or,
-//!   with no durable write, the initial content or any write submitted to it);
+//!   socket holds either the last completed write to it or a write submitted after that one
+//!   (or, with no completed write, the initial content or any write submitted to it);
 //! - `qemu-img convert` reads the same;
 //! - after repairing the leaks (`qcow2d check --repair` when the binary has it, otherwise
 //!   `qemu-img check -r leaks`) the image has no leaks and still reads the same.
@@ -174,13 +176,9 @@ fn write_load(
 
 /// What the disk may hold after the crash, sector by sector: every sector must equal one of
 /// its candidates. Returns a description of the first sector that does not.
-fn judge(initial: &[u8], disk: &[u8], log: &Log, durable: Durable) -> Result<JudgeStats, String> {
-    let durable_count = match durable {
-        Durable::Flushed => log.flushed.iter().copied().max().unwrap_or(0),
-        Durable::Completed => log.completed.len(),
-    };
+fn judge(initial: &[u8], disk: &[u8], log: &Log) -> Result<JudgeStats, String> {
     let mut durable = vec![false; log.writes.len()];
-    for &id in &log.completed[..durable_count] {
+    for &id in &log.completed {
         durable[id] = true;
     }
     let sectors = (SIZE / SECTOR) as usize;
@@ -236,15 +234,6 @@ fn judge(initial: &[u8], disk: &[u8], log: &Log, durable: Durable) -> Result<Jud
         }
     }
     Ok(stats)
-}
-
-/// Which writes must have survived.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Durable {
-    /// Those covered by a completed flush (what write-back promises across a power loss).
-    Flushed,
-    /// Every completed write (write-through, or a clean stop).
-    Completed,
 }
 
 /// How the daemon is stopped.
@@ -453,8 +442,7 @@ fn one_round(round: u64) -> bool {
     let disk = read_back(&img, &socket);
     // A killed process loses no write it completed: the metadata of every completed write was
     // in the file (if not yet durable) before the completion.
-    let stats =
-        judge(&initial, &disk, &log, Durable::Completed).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let stats = judge(&initial, &disk, &log).unwrap_or_else(|e| panic!("{what}: {e}"));
     let qemu_view = oracle(&img);
     if let Some(m) = first_difference("qemu-img convert", &what, 0, &disk, &qemu_view) {
         panic!("qemu-img reads the crashed image differently from qcow2d: {m}");
@@ -540,7 +528,7 @@ fn kill_9_with_lazy_refcounts_leaves_dirty_bit_and_reopen_rebuilds() {
         dirty_bit(&img),
         "a read-only export must not touch the dirty bit"
     );
-    judge(&initial, &disk_ro, &log, Durable::Completed)
+    judge(&initial, &disk_ro, &log)
         .unwrap_or_else(|e| panic!("read-only export of the dirty image: {e}"));
 
     // A writable open rebuilds the refcounts (the image must not stay dirty).
@@ -549,8 +537,7 @@ fn kill_9_with_lazy_refcounts_leaves_dirty_bit_and_reopen_rebuilds() {
         !dirty_bit(&img),
         "reopening writable must clear the dirty bit"
     );
-    judge(&initial, &disk, &log, Durable::Completed)
-        .unwrap_or_else(|e| panic!("after the rebuild: {e}"));
+    judge(&initial, &disk, &log).unwrap_or_else(|e| panic!("after the rebuild: {e}"));
     assert_check_clean(
         &img,
         "lazy refcounts: after the rebuild at open and a clean stop",
@@ -589,7 +576,7 @@ fn kill_9_writethrough_keeps_every_completed_write() {
             "{what}: qemu-img check (exit {code}): {v}"
         );
         let disk = read_back(&img, &socket);
-        judge(&initial, &disk, &log, Durable::Completed).unwrap_or_else(|e| panic!("{what}: {e}"));
+        judge(&initial, &disk, &log).unwrap_or_else(|e| panic!("{what}: {e}"));
     }
 }
 
@@ -620,6 +607,6 @@ fn sigterm_under_write_load_is_clean() {
         assert!(!dirty_bit(&img), "{what}: dirty bit after SIGTERM");
         assert_check_clean(&img, &what);
         let disk = oracle(&img);
-        judge(&initial, &disk, &log, Durable::Completed).unwrap_or_else(|e| panic!("{what}: {e}"));
+        judge(&initial, &disk, &log).unwrap_or_else(|e| panic!("{what}: {e}"));
     }
 }

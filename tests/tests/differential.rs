@@ -195,6 +195,97 @@ fn zlib_cluster_64k() {
     compressed_case("zlib_64k", "compression_type=zlib", 70);
 }
 
+/// Every cluster read whole and cluster-aligned, then cluster-sized reads at unaligned offsets
+/// and reads over cluster boundaries.
+fn whole_cluster_plan(size: u64, cluster: u64, seed: u64) -> Vec<ReadReq> {
+    let mut v: Vec<ReadReq> = (0..size.div_ceil(cluster))
+        .map(|i| (i * cluster, cluster.min(size - i * cluster) as usize))
+        .collect();
+    let mut rng = Rng::new(seed);
+    for _ in 0..24 {
+        let off = rng.below((size - cluster) / 512) * 512;
+        v.push((off, cluster as usize));
+    }
+    for _ in 0..8 {
+        let k = 1 + rng.below(size / cluster - 1);
+        v.push((k * cluster - cluster / 2, (2 * cluster) as usize));
+    }
+    v
+}
+
+/// Compressed clusters read whole: a cluster-aligned, cluster-sized request in one segment is
+/// inflated straight into guest memory, in several segments or at an unaligned offset it goes
+/// through the decompressed-cluster cache. Both through the engine and through the socket, the
+/// same requests sent in one segment each and in uneven segments.
+fn whole_cluster_case(test: &str, opts: &str, cluster: u64, seed: u64) {
+    let s = Scratch::new(test);
+    let img = mixed_image(&s, "w.qcow2", ODD_SIZE, opts, true, seed);
+    assert!(
+        compressed_clusters(&img).len() >= 4,
+        "test setup: too few compressed clusters"
+    );
+    // Partial overwrites: some clusters become plain data next to compressed ones.
+    scatter_writes(&img, "qcow2", seed + 1, ODD_SIZE, cluster, 20);
+    let expected = oracle(&img);
+    let plan = whole_cluster_plan(ODD_SIZE, cluster, seed);
+    let settings = format!("{opts}, whole-cluster reads");
+    let results = engine_read_plan(&img, &plan).unwrap_or_else(|e| panic!("engine: {e}"));
+    for ((off, len), r) in plan.iter().zip(&results) {
+        let data = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("engine: {len} at {off:#x}: {e}"));
+        let want = &expected[*off as usize..*off as usize + len];
+        if let Some(m) = first_difference("engine read_at", &settings, *off, want, data) {
+            panic!("{m}");
+        }
+    }
+    let sock = Scratch::new(&format!("{test}_sock"));
+    let socket = sock.socket("s");
+    let mut d = Daemon::start(&img, &socket);
+    let plan2 = plan.clone();
+    let res = blk_session(&socket, 2, READ_TIMEOUT, move |c| {
+        c.set_one_segment(true);
+        let one = c.read_batch(&plan2)?;
+        c.set_one_segment(false);
+        let uneven = c.read_batch(&plan2)?;
+        Ok((one, uneven))
+    })
+    .unwrap_or_else(|e| panic!("daemon+blkio: {e}\ndaemon stderr:\n{}", d.stderr()));
+    d.assert_alive("after whole-cluster reads");
+    for (what, results) in [("one segment", res.0), ("uneven segments", res.1)] {
+        for ((off, len), r) in plan.iter().zip(&results) {
+            let data = r
+                .as_ref()
+                .unwrap_or_else(|e| panic!("daemon ({what}): {len} at {off:#x}: {e}"));
+            let want = &expected[*off as usize..*off as usize + len];
+            let label = format!("daemon+blkio, {what}");
+            if let Some(m) = first_difference(&label, &settings, *off, want, data) {
+                panic!("{m}");
+            }
+        }
+    }
+}
+
+#[test]
+fn zlib_whole_cluster_reads() {
+    whole_cluster_case("zlib_whole", "compression_type=zlib", 65536, 75);
+}
+
+#[test]
+fn zstd_whole_cluster_reads() {
+    whole_cluster_case("zstd_whole", "compression_type=zstd", 65536, 85);
+}
+
+#[test]
+fn zlib_whole_cluster_reads_4k() {
+    whole_cluster_case(
+        "zlib_whole_4k",
+        "compression_type=zlib,cluster_size=4096",
+        4096,
+        76,
+    );
+}
+
 #[test]
 fn zlib_cluster_512() {
     compressed_case("zlib_512", "compression_type=zlib,cluster_size=512", 71);

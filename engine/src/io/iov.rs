@@ -29,6 +29,20 @@ pub fn iov_subrange(iov: &[iovec], mut skip: usize, mut len: usize, out: &mut Ve
     }
 }
 
+/// The address of bytes `skip..skip + len` of `iov` when they lie within one iovec, else `None`.
+///
+/// Only computes addresses; nothing is dereferenced.
+pub fn iov_contiguous(iov: &[iovec], mut skip: usize, len: usize) -> Option<*mut u8> {
+    for v in iov {
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        return (v.iov_len - skip >= len).then(|| (v.iov_base as usize + skip) as *mut u8);
+    }
+    None
+}
+
 /// Zeroes bytes `skip..skip + len` of the memory described by `iov`.
 ///
 /// # Safety
@@ -120,5 +134,29 @@ mod tests {
         }
         assert_eq!(a, [1, 1, 1, 9, 8]);
         assert_eq!(b, [7, 6, 1, 1, 0, 0, 1]);
+    }
+
+    #[test]
+    fn contiguous_only_within_one_segment() {
+        let iov = [
+            iovec {
+                iov_base: 0x1000 as *mut libc::c_void,
+                iov_len: 5,
+            },
+            iovec {
+                iov_base: 0x8000 as *mut libc::c_void,
+                iov_len: 7,
+            },
+        ];
+        assert_eq!(iov_contiguous(&iov, 0, 5), Some(0x1000 as *mut u8));
+        assert_eq!(iov_contiguous(&iov, 2, 3), Some(0x1002 as *mut u8));
+        assert_eq!(iov_contiguous(&iov, 5, 7), Some(0x8000 as *mut u8));
+        assert_eq!(iov_contiguous(&iov, 6, 6), Some(0x8001 as *mut u8));
+        // Crosses from the first segment into the second.
+        assert_eq!(iov_contiguous(&iov, 3, 4), None);
+        // Longer than what is left.
+        assert_eq!(iov_contiguous(&iov, 6, 7), None);
+        assert_eq!(iov_contiguous(&iov, 12, 1), None);
+        assert_eq!(iov_contiguous(&[], 0, 1), None);
     }
 }

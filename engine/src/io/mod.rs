@@ -18,7 +18,9 @@ pub use direct::{
     min_direct_cluster_bytes, open_direct, AlignedBuf, DataFd, DioAlign, DioAlignSource,
     DirectError, WriteVia, SAFE_DIO_ALIGN,
 };
-pub use inflate::{InflatePool, INFLATE_FAILED};
-pub use iov::{iov_copy_from, iov_copy_to, iov_fill_zero, iov_subrange, iov_total_len};
+pub use inflate::{ClusterInflater, InflatePool, Output, INFLATE_FAILED};
+pub use iov::{
+    iov_contiguous, iov_copy_from, iov_copy_to, iov_fill_zero, iov_subrange, iov_total_len,
+};
 pub use lock::{lock_image, lock_reader, lock_writer, LockError, Perm};
 pub use ring::{BlockingReader, Ring};

@@ -5,10 +5,18 @@
 //! ready. Eviction is CLOCK over ready slots; a loading slot is never evicted, so a buffer the
 //! kernel is writing into is never reused. When every slot is loading, the cache grows past its
 //! capacity rather than stall (bounded by the number of requests in flight).
+//!
+//! A caller that can serve a miss without the cache (a whole compressed cluster inflated
+//! straight into guest memory) asks [`SlotCache::admit_on_repeat`] first: keys are admitted on
+//! their second miss within a recent window, so a stream that reads every key once never goes
+//! through the cache while a key read again soon after is cached from then on.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
+
+/// Ways of each set of [`SlotCache`]'s recent-miss table.
+const RECENT_WAYS: usize = 4;
 
 /// "No element" in the intrusive lists threaded through the shard's parts.
 pub const NO_ID: u32 = u32::MAX;
@@ -103,6 +111,10 @@ pub struct SlotCache {
     chunk_shift: u32,
     hits: u64,
     misses: u64,
+    /// Keys that recently missed and bypassed the cache, in sets of [`RECENT_WAYS`] (0 =
+    /// empty; set-associative, so a few keys that hash alike do not keep pushing each other
+    /// out); about twice the capacity, allocated on first use.
+    recent: Vec<[u64; RECENT_WAYS]>,
 }
 
 impl SlotCache {
@@ -122,7 +134,36 @@ impl SlotCache {
                 .max(9),
             hits: 0,
             misses: 0,
+            recent: Vec::new(),
         }
+    }
+
+    /// For a miss of `key` that the caller could serve without the cache: true when `key`
+    /// already missed that way recently (load it into the cache now), false the first time
+    /// (it is remembered; serve it without the cache).
+    pub fn admit_on_repeat(&mut self, key: u64) -> bool {
+        if key == 0 {
+            // 0 marks an empty entry (and is no valid extent offset anyway): just cache it.
+            return true;
+        }
+        if self.recent.is_empty() {
+            let sets = (2 * self.capacity)
+                .div_ceil(RECENT_WAYS)
+                .next_power_of_two();
+            self.recent = vec![[0; RECENT_WAYS]; sets];
+        }
+        let mut h = U64Hasher::default();
+        h.write_u64(key);
+        let sets = self.recent.len();
+        let set = &mut self.recent[(h.finish() >> 32) as usize & (sets - 1)];
+        if let Some(way) = set.iter().position(|&k| k == key) {
+            set[way] = 0;
+            return true;
+        }
+        // Newest first; the oldest of the set is forgotten.
+        set.rotate_right(1);
+        set[0] = key;
+        false
     }
 
     /// Looks `key` up and marks it recently used.
@@ -381,6 +422,28 @@ mod tests {
         let d = c.start_load(9);
         assert!(d == a || d == b);
         assert_eq!(c.slots.len(), 2);
+    }
+
+    #[test]
+    fn admitted_on_the_second_miss() {
+        let mut c = SlotCache::new(4, 16);
+        // A stream of distinct keys is never admitted.
+        for k in 1..=100u64 {
+            assert!(!c.admit_on_repeat(k * 65536));
+        }
+        assert_eq!(c.recent.len(), 2);
+        // A key seen again soon is admitted, once; then it starts over.
+        assert!(!c.admit_on_repeat(7));
+        assert!(c.admit_on_repeat(7));
+        assert!(!c.admit_on_repeat(7));
+    }
+
+    #[test]
+    fn a_cycle_over_fewer_keys_than_the_cache_is_admitted_in_two_rounds() {
+        let mut c = SlotCache::new(256, 16);
+        let keys: Vec<u64> = (1..=128u64).map(|k| k * 65536 + 77).collect();
+        assert!(keys.iter().all(|&k| !c.admit_on_repeat(k)));
+        assert!(keys.iter().all(|&k| c.admit_on_repeat(k)));
     }
 
     #[test]

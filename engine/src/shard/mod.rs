@@ -25,9 +25,8 @@ mod slab;
 mod write;
 
 use crate::error::{Error, ErrorKind, IoError};
-use crate::format::Inflater;
 use crate::image::{Image, LayerKind};
-use crate::io::{iov_total_len, AlignedBuf, DataFd, Ring};
+use crate::io::{iov_total_len, AlignedBuf, ClusterInflater, DataFd, Ring};
 use crate::meta::{SlotCache, WaitList, NO_ID};
 use flush::FlushState;
 use libc::iovec;
@@ -148,19 +147,19 @@ enum OpKind {
         write: bool,
         buffer: Buffer,
     },
+    /// The read of a compressed extent into the op's buffer.
     Compressed {
         layer: u16,
-        slot: u32,
+        target: InflateTarget,
         fd: RawFd,
         host: u64,
         want: u64,
         got: u64,
     },
-    /// A compressed extent being inflated by a worker into a decompressed-cache slot; the
-    /// extent is the op's buffer.
+    /// A compressed extent (the op's buffer) being inflated by a worker.
     Inflating {
         layer: u16,
-        slot: u32,
+        target: InflateTarget,
         host: u64,
     },
     /// The write of an allocation's new cluster.
@@ -172,6 +171,16 @@ enum OpKind {
     Flush {
         injected: bool,
     },
+}
+
+/// Where a compressed cluster is inflated to.
+#[derive(Clone, Copy)]
+enum InflateTarget {
+    /// A decompressed-cache slot of the op's layer; the parts waiting on it copy from it.
+    Slot(u32),
+    /// Straight into the guest memory of this part, which covers the whole cluster with one
+    /// segment (the op's one iovec); nothing is cached (`read.rs` says why).
+    Part(u32),
 }
 
 #[derive(Default)]
@@ -226,7 +235,7 @@ struct State {
     cluster_buf_bytes: usize,
     /// One cluster of zeros, aligned for direct writes.
     zeros: AlignedBuf,
-    inflater: Inflater,
+    inflater: ClusterInflater,
     ops_in_kernel: usize,
     reserved: Reserved,
     pending_frees: Vec<PendingFree>,
@@ -326,7 +335,7 @@ impl Shard {
                     if writable { top_cluster } else { 0 },
                     crate::io::SAFE_DIO_ALIGN as usize,
                 ),
-                inflater: Inflater::new(),
+                inflater: ClusterInflater::new(),
                 ops_in_kernel: 0,
                 reserved: Reserved::default(),
                 pending_frees: Vec::new(),

@@ -1,9 +1,9 @@
 //! Planning and completing reads; the L2-table loading and data I/O shared with writes.
 
-use super::{Buffer, OpKind, State, NO_ID};
+use super::{Buffer, InflateTarget, OpKind, State, NO_ID};
 use crate::error::IoError;
 use crate::image::{ImageInner, LayerKind, Qcow2Layer};
-use crate::io::{iov_copy_from, iov_fill_zero, iov_subrange, DataFd, Ring};
+use crate::io::{iov_contiguous, iov_copy_from, iov_fill_zero, iov_subrange, DataFd, Output, Ring};
 use crate::meta::{resolve, Lookup, Step, WaitList};
 use io_uring::{opcode, types};
 use std::os::fd::AsRawFd;
@@ -155,6 +155,20 @@ impl State {
         }
     }
 
+    /// Serves part `pid`, which lies in one compressed cluster: from the decompressed-cluster
+    /// cache, or by reading the extent and inflating it.
+    ///
+    /// A part that misses the cache and covers the whole cluster with one segment of its
+    /// request's memory is inflated straight into that memory, and the cluster is not cached.
+    /// Caching it would mean inflating into a slot and copying out (the copy this saves) or
+    /// copying back from guest memory, which the guest may change meanwhile and so cannot be
+    /// trusted. Whole-cluster reads are mostly sequential streams that read each cluster once.
+    /// A cluster read whole again soon after (a hot set read with O_DIRECT) would then cost a
+    /// full inflate each time instead of a copy from the cache, 20 times more: its second miss
+    /// within the cache's recent window ([`crate::meta::SlotCache::admit_on_repeat`]) loads it
+    /// into the cache, and it hits from then on. Partial reads (several 4 KiB reads of one
+    /// cluster) always fill and share the cache; a whole-cluster read that finds the cluster
+    /// cached or loading uses the slot.
     fn read_compressed(
         &mut self,
         ring: &mut Ring,
@@ -165,52 +179,106 @@ impl State {
         let p = self.parts[pid];
         let cs = q.geom.cluster_size();
         let caches = &mut self.layers[p.layer as usize];
-        match caches.decompressed.lookup(desc.host_offset) {
+        let (target, direct) = match caches.decompressed.lookup(desc.host_offset) {
             Lookup::Ready(slot) => {
                 let at = (p.guest_off % cs) as usize;
                 let src = &caches.decompressed.buf(slot)[at..at + p.len as usize];
                 // SAFETY: the request's iovecs are valid for writes until its completion; the
                 // part lies within them; `src` is our own buffer.
                 unsafe { iov_copy_from(&self.reqs[p.req].iov, p.skip as usize, src) };
-                self.finish_part(pid, Ok(()));
+                return self.finish_part(pid, Ok(()));
             }
             Lookup::Loading(slot) => {
                 Self::enqueue_waiter(&mut self.parts, caches.decompressed.waiters_mut(slot), pid);
+                return;
             }
             Lookup::Miss => {
-                let slot = caches.decompressed.start_load(desc.host_offset);
-                Self::enqueue_waiter(&mut self.parts, caches.decompressed.waiters_mut(slot), pid);
-                let bytes = self.big_buf_bytes;
-                let mut buf = self
-                    .big_bufs
-                    .pop()
-                    .unwrap_or_else(|| vec![0u8; bytes].into_boxed_slice());
-                let want = desc.max_len.min(buf.len() as u64);
-                let fd = q.file.as_raw_fd();
-                let entry = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), want as u32)
-                    .offset(desc.host_offset)
-                    .build();
-                let op = self.ops.alloc();
-                self.ops[op].kind = OpKind::Compressed {
-                    layer: p.layer,
-                    slot,
-                    fd,
-                    host: desc.host_offset,
-                    want,
-                    got: 0,
-                };
-                self.ops[op].buf = Some(buf);
-                // SAFETY: the buffer is owned by the op (a heap allocation that does not move)
-                // until the op's completion is handled.
-                if let Err(e) = unsafe { self.push(ring, op, entry) } {
-                    let w = self.layers[p.layer as usize].decompressed.fail_load(slot);
-                    self.fail_waiters(w, e);
+                let whole = p.guest_off.is_multiple_of(cs) && p.len == cs;
+                let req_iov = &self.reqs[p.req].iov;
+                let dest = whole
+                    .then(|| iov_contiguous(req_iov, p.skip as usize, p.len as usize))
+                    .flatten()
+                    .filter(|_| !caches.decompressed.admit_on_repeat(desc.host_offset));
+                match dest {
+                    Some(dest) => {
+                        let seg = libc::iovec {
+                            iov_base: dest.cast(),
+                            iov_len: p.len as usize,
+                        };
+                        (InflateTarget::Part(pid), Some(seg))
+                    }
+                    _ => {
+                        let slot = caches.decompressed.start_load(desc.host_offset);
+                        Self::enqueue_waiter(
+                            &mut self.parts,
+                            caches.decompressed.waiters_mut(slot),
+                            pid,
+                        );
+                        (InflateTarget::Slot(slot), None)
+                    }
                 }
             }
+        };
+        let bytes = self.big_buf_bytes;
+        let mut buf = self
+            .big_bufs
+            .pop()
+            .unwrap_or_else(|| vec![0u8; bytes].into_boxed_slice());
+        let want = desc.max_len.min(buf.len() as u64);
+        let fd = q.file.as_raw_fd();
+        let entry = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), want as u32)
+            .offset(desc.host_offset)
+            .build();
+        let op = self.ops.alloc();
+        let o = &mut self.ops[op];
+        o.kind = OpKind::Compressed {
+            layer: p.layer,
+            target,
+            fd,
+            host: desc.host_offset,
+            want,
+            got: 0,
+        };
+        o.buf = Some(buf);
+        o.iov.clear();
+        o.iov.extend(direct);
+        // SAFETY: the buffer is owned by the op (a heap allocation that does not move) until
+        // the op's completion is handled.
+        if let Err(e) = unsafe { self.push(ring, op, entry) } {
+            self.fail_inflate(p.layer, target, e);
         }
     }
 
-    /// A worker finished inflating a compressed cluster into its cache slot.
+    /// Fails the parts waiting for a compressed cluster that could not be read or inflated.
+    fn fail_inflate(&mut self, layer: u16, target: InflateTarget, err: IoError) {
+        match target {
+            InflateTarget::Slot(slot) => {
+                let w = self.layers[layer as usize].decompressed.fail_load(slot);
+                self.fail_waiters(w, err);
+            }
+            InflateTarget::Part(pid) => self.finish_part(pid, Err(err)),
+        }
+    }
+
+    /// A compressed cluster was inflated: its waiting parts copy it out, or the part it was
+    /// inflated into is done.
+    fn finish_inflate(
+        &mut self,
+        ring: &mut Ring,
+        img: &ImageInner,
+        layer: u16,
+        target: InflateTarget,
+    ) {
+        match target {
+            InflateTarget::Slot(slot) => {
+                let w = self.layers[layer as usize].decompressed.finish_load(slot);
+                self.replan_waiters(ring, img, w);
+            }
+            InflateTarget::Part(pid) => self.finish_part(pid, Ok(())),
+        }
+    }
+
+    /// A worker finished inflating a compressed cluster.
     pub(super) fn complete_inflating(
         &mut self,
         ring: &mut Ring,
@@ -218,21 +286,27 @@ impl State {
         op: u32,
         res: i32,
     ) {
-        let OpKind::Inflating { layer, slot, host } = self.ops[op].kind else {
+        let OpKind::Inflating {
+            layer,
+            target,
+            host,
+        } = self.ops[op].kind
+        else {
             unreachable!("complete_inflating on another op");
         };
         self.free_op(op);
-        let cache = &mut self.layers[layer as usize].decompressed;
         if res == 0 {
-            let w = cache.finish_load(slot);
-            self.replan_waiters(ring, img, w);
+            self.finish_inflate(ring, img, layer, target);
         } else {
             tracing::warn!(
                 "{}: compressed cluster at {host:#x} does not inflate to a full cluster",
                 img.layers[layer as usize].path.display()
             );
-            let w = cache.fail_load(slot);
-            self.fail_waiters(w, IoError::BadCompressedCluster { host_offset: host });
+            self.fail_inflate(
+                layer,
+                target,
+                IoError::BadCompressedCluster { host_offset: host },
+            );
         }
     }
 
@@ -419,7 +493,7 @@ impl State {
     ) {
         let OpKind::Compressed {
             layer,
-            slot,
+            target,
             fd,
             host,
             want,
@@ -430,15 +504,14 @@ impl State {
         };
         if res < 0 {
             self.free_op(op);
-            let w = self.layers[layer as usize].decompressed.fail_load(slot);
-            return self.fail_waiters(w, IoError::Os { errno: -res });
+            return self.fail_inflate(layer, target, IoError::Os { errno: -res });
         }
         let got = got + res as u64;
         if res > 0 && got < want {
             let o = &mut self.ops[op];
             o.kind = OpKind::Compressed {
                 layer,
-                slot,
+                target,
                 fd,
                 host,
                 want,
@@ -454,14 +527,30 @@ impl State {
             .build();
             // SAFETY: the buffer stays owned by the op until its completion.
             if let Err(e) = unsafe { self.push(ring, op, entry) } {
-                let w = self.layers[layer as usize].decompressed.fail_load(slot);
-                self.fail_waiters(w, e);
+                self.fail_inflate(layer, target, e);
             }
             return;
         }
+        // A short read at the end of the file is fine: the length is an upper bound.
         let kind = match &img.layers[layer as usize].kind {
             LayerKind::Qcow2(q) => q.header.compression_type,
             LayerKind::Raw(_) => unreachable!("compressed cluster in a raw layer"),
+        };
+        let out = match target {
+            InflateTarget::Slot(slot) => {
+                let buf = self.layers[layer as usize].decompressed.buf_mut(slot);
+                Output::Engine {
+                    ptr: buf.as_mut_ptr(),
+                    len: buf.len(),
+                }
+            }
+            InflateTarget::Part(_) => {
+                let seg = self.ops[op].iov[0];
+                Output::Guest {
+                    ptr: seg.iov_base.cast(),
+                    len: seg.iov_len,
+                }
+            }
         };
         if let Some(pool) = img.inflate_pool() {
             if ring.expect_external_completion().is_ok() {
@@ -469,15 +558,19 @@ impl State {
                     .buf
                     .as_ref()
                     .expect("a compressed op owns its buffer")[..got as usize];
-                let out = self.layers[layer as usize].decompressed.buf_mut(slot);
-                // SAFETY: the extent stays in the op and the output in the slot, which stays
-                // loading (never evicted, read or written) until the worker's completion for
-                // this op is reaped; the ring outlives it (Shard::drop waits for every
-                // operation counted in ops_in_kernel).
+                // SAFETY: the extent stays in the op until the worker's completion for this op
+                // is reaped. A slot stays loading (never evicted, read or written) until then;
+                // a part's guest memory stays valid for writes until the part, and so this op,
+                // completes (submit_read contract). The ring outlives the completion
+                // (Shard::drop waits for every operation counted in ops_in_kernel).
                 let queued =
                     unsafe { pool.submit(kind, input, out, ring.ring_fd(), u64::from(op)) };
                 if queued {
-                    self.ops[op].kind = OpKind::Inflating { layer, slot, host };
+                    self.ops[op].kind = OpKind::Inflating {
+                        layer,
+                        target,
+                        host,
+                    };
                     self.ops_in_kernel += 1;
                     return;
                 }
@@ -489,23 +582,22 @@ impl State {
             .take()
             .expect("a compressed op owns its buffer");
         self.free_op(op);
-        let cache = &mut self.layers[layer as usize].decompressed;
-        let result = self
-            .inflater
-            .inflate(kind, &buf[..got as usize], cache.buf_mut(slot));
+        // SAFETY: a slot is ours alone while it is loading; a part's guest memory is valid for
+        // writes until the part completes (submit_read contract), which is not before this.
+        let result = unsafe { self.inflater.inflate(kind, &buf[..got as usize], out) };
         self.recycle(buf);
         match result {
-            Ok(()) => {
-                let w = self.layers[layer as usize].decompressed.finish_load(slot);
-                self.replan_waiters(ring, img, w);
-            }
+            Ok(()) => self.finish_inflate(ring, img, layer, target),
             Err(e) => {
                 tracing::warn!(
                     "{}: compressed cluster at {host:#x}: {e}",
                     img.layers[layer as usize].path.display()
                 );
-                let w = self.layers[layer as usize].decompressed.fail_load(slot);
-                self.fail_waiters(w, IoError::BadCompressedCluster { host_offset: host });
+                self.fail_inflate(
+                    layer,
+                    target,
+                    IoError::BadCompressedCluster { host_offset: host },
+                );
             }
         }
     }

@@ -927,6 +927,8 @@ pub struct BlkClient {
     capacity: u64,
     max_segment_len: usize,
     max_segments: usize,
+    /// Each request in as few segments as the device allows, instead of uneven ones.
+    one_segment: bool,
 }
 
 fn blkio_err(what: &str, e: blkio::Error) -> String {
@@ -970,7 +972,15 @@ impl BlkClient {
             capacity,
             max_segment_len,
             max_segments,
+            one_segment: false,
         })
+    }
+
+    /// Sends each request in one segment (within the device's segment size limit) instead of
+    /// the default uneven ones: a whole-cluster read then reaches the server as one contiguous
+    /// buffer.
+    pub fn set_one_segment(&mut self, on: bool) {
+        self.one_segment = on;
     }
 
     /// The disk size the device reports.
@@ -986,7 +996,7 @@ impl BlkClient {
         let mut done = 0;
         let mut i = 0;
         while done < len {
-            let mut n = if self.max_segments == 1 {
+            let mut n = if self.max_segments == 1 || self.one_segment {
                 len - done
             } else {
                 SIZES[i % SIZES.len()].min(len - done)

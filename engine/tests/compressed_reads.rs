@@ -1,0 +1,287 @@
+//! Reads of compressed clusters through the shard API, with every iovec layout that decides
+//! between the two read paths: a whole cluster in one segment is inflated straight into the
+//! caller's memory and not cached (unless it is read whole again soon); anything else (part of a cluster, a cluster split over
+//! segments) goes through the decompressed-cluster cache. Both paths must return the same
+//! bytes, fail the same way on bad streams, and never write outside the request's memory.
+//! Images are made by the real `qemu-img`; bad streams are patched into their extents.
+
+mod common;
+
+use common::Rng;
+use qcow2d_engine::{Image, OpenOptions, Shard, ShardConfig};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const CLUSTER: usize = 65536;
+/// 64 whole clusters and a 12 KiB partial one at the end.
+const SIZE: usize = 64 * CLUSTER + 12288;
+/// Bytes around each request's memory that must never be written.
+const GUARD: usize = 4096;
+
+/// Text-like lines: every cluster compresses, each one differently.
+fn text(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = Rng(seed);
+    let mut v = Vec::with_capacity(len + 64);
+    let mut i = 0;
+    while v.len() < len {
+        v.extend_from_slice(format!("{i}: compressed read {}\n", rng.below(100_000)).as_bytes());
+        i += 1;
+    }
+    v.truncate(len);
+    v
+}
+
+fn make_image(dir: &Path, compression: &str, data: &[u8]) -> PathBuf {
+    let raw = dir.join("src.raw");
+    std::fs::write(&raw, data).unwrap();
+    let img = dir.join(format!("{compression}.qcow2"));
+    let out = Command::new("qemu-img")
+        .args(["convert", "-c", "-f", "raw", "-O", "qcow2", "-o"])
+        .arg(format!("compression_type={compression}"))
+        .arg(&raw)
+        .arg(&img)
+        .output()
+        .expect("cannot run qemu-img (is qemu-utils installed?)");
+    assert!(out.status.success(), "qemu-img convert: {out:?}");
+    img
+}
+
+/// (host offset, length upper bound) of the compressed extent of guest cluster `index`.
+fn extent(img: &Path, index: u64) -> (u64, usize) {
+    let f = std::fs::File::open(img).unwrap();
+    let be64 = |off: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, off).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let l1 = be64(40);
+    let l2 = be64(l1) & 0x00ff_ffff_ffff_fe00;
+    let entry = be64(l2 + 8 * index);
+    assert!(entry & (1 << 62) != 0, "cluster {index} is not compressed");
+    let offset_bits = 62 - (16 - 8);
+    let host = entry & ((1 << offset_bits) - 1);
+    let sectors = ((entry >> offset_bits) & 0xff) + 1;
+    (host, (sectors * 512 - (host % 512)) as usize)
+}
+
+fn patch(img: &Path, index: u64, stream: &[u8]) {
+    let (host, len) = extent(img, index);
+    assert!(
+        stream.len() <= len,
+        "test setup: stream of {} > extent {len}",
+        stream.len()
+    );
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(stream, host).unwrap();
+}
+
+/// A raw deflate stream of `data` that ends with a sync flush: no final block.
+fn deflate_without_final_block(data: &[u8]) -> Vec<u8> {
+    use miniz_oxide::deflate::core::{
+        compress, create_comp_flags_from_zip_params, CompressorOxide, TDEFLFlush, TDEFLStatus,
+    };
+    let mut c = CompressorOxide::new(create_comp_flags_from_zip_params(6, 0, 0));
+    let mut out = vec![0u8; data.len() + 1024];
+    let (status, used_in, used_out) = compress(&mut c, data, &mut out, TDEFLFlush::Sync);
+    assert_eq!((status, used_in), (TDEFLStatus::Okay, data.len()));
+    out.truncate(used_out);
+    out
+}
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut c = libdeflater::Compressor::new(libdeflater::CompressionLvl::default());
+    let mut out = vec![0u8; c.deflate_compress_bound(data.len())];
+    let n = c.deflate_compress(data, &mut out).unwrap();
+    out.truncate(n);
+    out
+}
+
+/// Reads `offset..offset + sum(segments)` into one buffer split into `segments`, with guard
+/// bytes before, between and after them. Returns the data read, or the error.
+fn read(shard: &mut Shard, offset: u64, segments: &[usize]) -> Result<Vec<u8>, String> {
+    let total: usize = segments.iter().sum();
+    let mut mem = vec![0xA5u8; GUARD + total + GUARD * segments.len()];
+    let mut iov = Vec::new();
+    let mut at = GUARD;
+    for &n in segments {
+        iov.push(libc::iovec {
+            // SAFETY: at + n + GUARD <= mem.len() by construction.
+            iov_base: unsafe { mem.as_mut_ptr().add(at) }.cast(),
+            iov_len: n,
+        });
+        at += n + GUARD;
+    }
+    // SAFETY: `mem` is neither moved nor touched until the completion is back (wait below
+    // returns it; the shard is drained before we look).
+    unsafe { shard.submit_read(1, offset, &iov) }.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    while out.is_empty() {
+        shard.wait(&mut out);
+    }
+    assert_eq!(shard.in_flight(), 0);
+    let mut data = Vec::with_capacity(total);
+    let mut at = GUARD;
+    assert!(
+        mem[..GUARD].iter().all(|&b| b == 0xA5),
+        "wrote before the request"
+    );
+    for &n in segments {
+        data.extend_from_slice(&mem[at..at + n]);
+        at += n;
+        assert!(
+            mem[at..at + GUARD].iter().all(|&b| b == 0xA5),
+            "wrote past a segment of {segments:?} at {offset:#x}"
+        );
+        at += GUARD;
+    }
+    out[0].result.map(|()| data).map_err(|e| e.to_string())
+}
+
+fn shard_of(img: &Path, inflate_threads: Option<usize>) -> Shard {
+    let opts = OpenOptions {
+        inflate_threads,
+        ..OpenOptions::default()
+    };
+    Image::open(img, &opts)
+        .unwrap()
+        .new_shard(&ShardConfig::default())
+        .unwrap()
+}
+
+/// Every layout, on a worker pool and inline, checked against the data and the cache counters.
+fn layouts(compression: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = text(7, SIZE);
+    let img = make_image(dir.path(), compression, &data);
+    let want = |off: usize, len: usize| data[off..off + len].to_vec();
+    let c = CLUSTER;
+    for threads in [None, Some(0)] {
+        let mut shard = shard_of(&img, threads);
+        // Every whole cluster, one segment each: inflated in place, never cached. The last
+        // whole cluster's extent runs to the end of the file.
+        for i in 0..64 {
+            assert_eq!(
+                read(&mut shard, (i * c) as u64, &[c]).unwrap(),
+                want(i * c, c)
+            );
+        }
+        assert_eq!(shard.decompressed_cache_stats(), (0, 64), "{threads:?}");
+        // Read whole again soon after: now loaded into the cache (a part woken when its slot
+        // is loaded counts a miss, then a hit), and a hit from then on.
+        for hits in [1, 2] {
+            let got = read(&mut shard, 3 * c as u64, &[c]).unwrap();
+            assert_eq!(got, want(3 * c, c));
+            assert_eq!(shard.decompressed_cache_stats(), (hits, 65));
+        }
+        // Partial reads fill the cache and share it; a whole-cluster read then copies from it.
+        let at = 7 * c + 8192;
+        assert_eq!(
+            read(&mut shard, at as u64, &[4096]).unwrap(),
+            want(at, 4096)
+        );
+        assert_eq!(
+            read(&mut shard, at as u64 + 4096, &[4096]).unwrap(),
+            want(at + 4096, 4096)
+        );
+        assert_eq!(
+            read(&mut shard, 7 * c as u64, &[c]).unwrap(),
+            want(7 * c, c)
+        );
+        assert_eq!(shard.decompressed_cache_stats(), (5, 66));
+        // A whole cluster over two segments goes through the cache.
+        let split = [1000, c - 1000];
+        assert_eq!(
+            read(&mut shard, 9 * c as u64, &split).unwrap(),
+            want(9 * c, c)
+        );
+        assert_eq!(
+            read(&mut shard, 9 * c as u64, &[512]).unwrap(),
+            want(9 * c, 512)
+        );
+        assert_eq!(shard.decompressed_cache_stats(), (7, 67));
+        // Unaligned 64 KiB: two partial clusters.
+        let at = 20 * c + 32768;
+        assert_eq!(read(&mut shard, at as u64, &[c]).unwrap(), want(at, c));
+        // 1 MiB in one segment: sixteen whole clusters in place. Then the same range over
+        // segments that split some clusters and keep others whole.
+        assert_eq!(
+            read(&mut shard, 32 * c as u64, &[16 * c]).unwrap(),
+            want(32 * c, 16 * c)
+        );
+        let mixed = [3584, 61440, 131072, 512, 262144, 589824];
+        assert_eq!(
+            read(&mut shard, 48 * c as u64, &mixed).unwrap(),
+            want(48 * c, 16 * c)
+        );
+        // The partial cluster at the end of the disk, alone and with the cluster before it.
+        assert_eq!(
+            read(&mut shard, 64 * c as u64, &[12288]).unwrap(),
+            want(64 * c, 12288)
+        );
+        let at = 63 * c;
+        assert_eq!(
+            read(&mut shard, at as u64, &[c + 12288]).unwrap(),
+            want(at, c + 12288)
+        );
+    }
+}
+
+#[test]
+fn zlib_layouts() {
+    layouts("zlib");
+}
+
+#[test]
+fn zstd_layouts() {
+    layouts("zstd");
+}
+
+/// Streams qemu-img does not write but QEMU reads (no final block, longer than a cluster),
+/// and streams it refuses (too short, corrupt): each path gives the same answer.
+#[test]
+fn patched_streams_read_alike_on_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = text(9, 16 * CLUSTER);
+    let img = make_image(dir.path(), "zlib", &data);
+    let no_final: Vec<u8> = (0..CLUSTER).map(|i| b"no final block "[i % 15]).collect();
+    patch(&img, 5, &deflate_without_final_block(&no_final));
+    let long: Vec<u8> = (0..CLUSTER + 8192).map(|i| (i % 13) as u8 + b'a').collect();
+    patch(&img, 6, &deflate(&long));
+    let short: Vec<u8> = vec![b's'; CLUSTER - 512];
+    patch(&img, 7, &deflate(&short));
+    patch(&img, 8, &[0x07, 0xff, 0xff, 0xff]);
+    let c = CLUSTER as u64;
+    for threads in [None, Some(0)] {
+        // Whole cluster first (in place), then a partial read (through the cache), on a fresh
+        // shard so the first read cannot be a cache hit.
+        for (whole_first, label) in [(true, "whole first"), (false, "partial first")] {
+            let mut shard = shard_of(&img, threads);
+            let mut check = |index: u64, want: Option<&[u8]>| {
+                let (whole, part) = if whole_first {
+                    let whole = read(&mut shard, index * c, &[CLUSTER]);
+                    (whole, read(&mut shard, index * c + 4096, &[8192]))
+                } else {
+                    let part = read(&mut shard, index * c + 4096, &[8192]);
+                    (read(&mut shard, index * c, &[CLUSTER]), part)
+                };
+                match want {
+                    Some(w) => {
+                        assert_eq!(whole.unwrap(), w, "cluster {index}, {label}, {threads:?}");
+                        assert_eq!(part.unwrap(), w[4096..12288], "cluster {index}, {label}");
+                    }
+                    None => {
+                        assert!(whole.is_err(), "cluster {index}, {label}, {threads:?}");
+                        assert!(part.is_err(), "cluster {index}, {label}, {threads:?}");
+                    }
+                }
+            };
+            check(4, Some(&data[4 * CLUSTER..5 * CLUSTER]));
+            check(5, Some(&no_final));
+            check(6, Some(&long[..CLUSTER]));
+            check(7, None);
+            check(8, None);
+            check(9, Some(&data[9 * CLUSTER..10 * CLUSTER]));
+        }
+    }
+}
