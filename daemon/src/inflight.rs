@@ -434,18 +434,13 @@ impl QueueTracker {
         let Some(part) = self.area.queue(self.queue) else {
             return Recovery::Fresh;
         };
-        self.counter = 0;
         if part.version() != VERSION {
             // Version 0: unused. Another version: a layout this daemon cannot read, so start
-            // over (the caller logs it).
-            part.store16(LAST_BATCH_HEAD_AT, 0);
-            part.store16(USED_IDX_AT, used_idx);
-            for head in 0..part.size {
-                part.set_inflight(head, false);
-            }
-            part.set_version(VERSION);
+            // over.
+            self.reset(used_idx);
             return Recovery::Fresh;
         }
+        self.counter = 0;
         // The previous backend wrote the used index but died before clearing the returned
         // chain's flag (or recording the new index): that chain is done.
         let fixed_last_batch = part.used_idx() != used_idx;
@@ -466,6 +461,20 @@ impl QueueTracker {
             resubmit: taken.into_iter().map(|(_, head)| head).collect(),
             fixed_last_batch,
         }
+    }
+
+    /// Starts the queue's part over: nothing in flight, the used ring at `used_idx`.
+    pub fn reset(&mut self, used_idx: u16) {
+        self.counter = 0;
+        let Some(part) = self.area.queue(self.queue) else {
+            return;
+        };
+        part.store16(LAST_BATCH_HEAD_AT, 0);
+        part.store16(USED_IDX_AT, used_idx);
+        for head in 0..part.size {
+            part.set_inflight(head, false);
+        }
+        part.set_version(VERSION);
     }
 
     /// Records chain `head` as taken, before anything is done for it. The fence orders the

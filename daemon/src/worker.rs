@@ -533,16 +533,34 @@ impl<B: BlockIo> Worker<B> {
                 return;
             }
         };
+        let avail = queue
+            .avail_idx(&**mem, std::sync::atomic::Ordering::Acquire)
+            .map_or(used, |a| a.0);
         let recovery = tracker.recover(used, queue.size());
-        self.tracked[index].tracker = Some(tracker);
         let Recovery::Resume {
             next_avail,
             resubmit,
             fixed_last_batch,
         } = recovery
         else {
+            self.tracked[index].tracker = Some(tracker);
             return;
         };
+        // The chains in flight are among those the driver made available and the device has
+        // not returned: more than that, and the area does not describe this ring.
+        let available = avail.wrapping_sub(used);
+        if resubmit.len() > usize::from(available) {
+            error!(
+                queue = global,
+                in_flight = resubmit.len(),
+                available,
+                "The in-flight area does not match the ring: its requests are not resubmitted"
+            );
+            tracker.reset(used);
+            self.tracked[index].tracker = Some(tracker);
+            return;
+        }
+        self.tracked[index].tracker = Some(tracker);
         let set_base = state.get_queue().next_avail();
         if !resubmit.is_empty() || next_avail != set_base || fixed_last_batch {
             info!(
@@ -1665,5 +1683,38 @@ mod tests {
         assert_eq!(h.used(used_at, 0), (0, 1));
         assert_eq!(h.byte(0x5000), STATUS_IOERR);
         assert!(!area.queue(0).unwrap().is_inflight(0));
+    }
+
+    #[test]
+    fn an_area_that_does_not_match_the_ring_is_started_over() {
+        use crate::inflight::{create_area, InflightArea, InflightShared, QueueTracker};
+
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+        let used_at = h.queue(&[
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 512, true, Some(2)),
+            desc(0x5000, 1, true, None),
+        ]);
+        let (file, size) = create_area(1, QSIZE).unwrap();
+        let area =
+            Arc::new(InflightArea::map(file.try_clone().unwrap(), 0, size, 1, QSIZE).unwrap());
+        // The area claims two chains in flight; the driver made one available.
+        let mut t = QueueTracker::new(area.clone(), 0).unwrap();
+        t.recover(0, QSIZE);
+        t.taken(4);
+        t.taken(7);
+        let shared = Arc::new(InflightShared::default());
+        shared.set(InflightArea::map(file, 0, size, 1, QSIZE).unwrap());
+        let mut w = Worker::new(FakeIo::default(), h.mem.clone()).with_inflight(shared, 0, 1);
+        w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
+        // Only the available chain was read, once.
+        assert_eq!(w.io().log.len(), 1);
+        assert_eq!(h.used_idx(used_at), 1);
+        assert_eq!(h.used(used_at, 0), (0, 513));
+        let part = area.queue(0).unwrap();
+        assert!((0..QSIZE).all(|head| !part.is_inflight(head)));
+        assert_eq!(part.used_idx(), 1);
     }
 }
