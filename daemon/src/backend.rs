@@ -13,6 +13,9 @@
 //! - the export's listener thread, which calls [`BlkBackend::finish`] once the connection's
 //!   other threads are gone.
 //!
+//! The connection's relay thread ([`crate::relay`]) publishes the frontend's in-flight area in
+//! [`BlkBackend::inflight`], where the workers pick it up.
+//!
 //! Per-thread state ([`Worker`]) sits in a `Mutex` per worker thread, indexed by thread id; only
 //! its own thread takes it on the data path, so it is uncontended. The frontend thread takes
 //! one worker's mutex at a time (GET_VRING_BASE, a write-cache change) and never while holding
@@ -37,6 +40,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::block_io::EngineIo;
 use crate::exit_events::ExitEvents;
+use crate::inflight::InflightShared;
 use crate::metrics::ExportMetrics;
 use crate::request::DeviceInfo;
 use crate::virtio_blk::{
@@ -100,6 +104,9 @@ pub struct BlkBackend {
     /// Set by [`BlkBackend::quiesce`]: queue kicks are no longer processed, so requests the
     /// guest adds stay in the available ring for whoever serves it next.
     quiescing: AtomicBool,
+    /// The connection's in-flight area, once the frontend shares one (through the relay,
+    /// [`crate::relay`]).
+    inflight: Arc<InflightShared>,
 }
 
 /// The config space of one connection and the write-cache mode behind its `writeback` byte.
@@ -179,11 +186,18 @@ impl BlkBackend {
     ) -> Result<Self, BackendError> {
         let num_queues = usize::from(params.num_queues.clamp(1, MAX_QUEUES));
         let shards = params.shards.clamp(1, num_queues);
+        let inflight = Arc::new(InflightShared::default());
         let workers = (0..shards)
             .map(|index| {
                 let metrics = params.metrics.as_ref().and_then(|m| m.shard(index));
                 EngineIo::new(image, index, shards)
-                    .map(|io| Mutex::new(Worker::new(io, mem.clone()).with_metrics(metrics)))
+                    .map(|io| {
+                        Mutex::new(
+                            Worker::new(io, mem.clone())
+                                .with_metrics(metrics)
+                                .with_inflight(Arc::clone(&inflight), index, shards),
+                        )
+                    })
                     .map_err(|source| BackendError::Shard { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -206,6 +220,7 @@ impl BlkBackend {
             exit_events,
             event_idx: AtomicBool::new(false),
             quiescing: AtomicBool::new(false),
+            inflight,
         };
         backend.apply_cache_mode();
         Ok(backend)
@@ -238,6 +253,11 @@ impl BlkBackend {
             }
         }
         result
+    }
+
+    /// Where the relay publishes the in-flight area the frontend shares.
+    pub fn inflight(&self) -> Arc<InflightShared> {
+        Arc::clone(&self.inflight)
     }
 
     /// Number of worker threads (and shards).
@@ -322,6 +342,8 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // Answered by the relay in front of vhost-user-backend (see crate::relay).
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {

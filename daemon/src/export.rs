@@ -23,6 +23,7 @@ use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{BackendError, BlkBackend, DeviceParams};
+use crate::relay::Relay;
 
 /// Failures to create an export's socket.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,9 @@ pub enum ExportError {
     /// Accepting a connection failed.
     #[error("Cannot accept a connection: {0}")]
     Accept(String),
+    /// The connection between the frontend and the device could not be set up.
+    #[error("Cannot connect the frontend to the device")]
+    Relay(#[source] std::io::Error),
     /// The export thread panicked.
     #[error("The export thread panicked")]
     Panicked,
@@ -251,6 +255,15 @@ impl Export {
         }
     }
 
+    /// Waits for the next frontend on the export's socket.
+    fn accept(&self) -> Result<UnixStream, VhostUserError> {
+        loop {
+            if let Some(stream) = self.listener.accept()? {
+                return Ok(stream);
+            }
+        }
+    }
+
     /// The connection loop of [`Export::run`]. The first failure to make a connection's writes
     /// durable is stored in `flush_error`; the export goes on serving (the engine refuses
     /// writes from then on) until it is stopped.
@@ -266,12 +279,24 @@ impl Export {
                 .map_err(|e| ExportError::Daemon(e.to_string()))?;
             backend.register_completions(&daemon.get_epoll_handlers())?;
 
-            if let Err(e) = daemon.start(&mut self.listener) {
-                if self.control.is_stopping() {
-                    return Ok(());
-                }
-                return Err(ExportError::Accept(e.to_string()));
+            let frontend = match self.accept() {
+                Ok(frontend) => frontend,
+                Err(_) if self.control.is_stopping() => return Ok(()),
+                Err(e) => return Err(ExportError::Accept(e.to_string())),
+            };
+            if self.control.is_stopping() {
+                return Ok(());
             }
+            // vhost-user-backend serves the private end; the relay sits between it and the
+            // frontend.
+            let (mut private, device_end) =
+                crate::relay::private_connection().map_err(ExportError::Relay)?;
+            daemon
+                .start(&mut private)
+                .map_err(|e| ExportError::Daemon(e.to_string()))?;
+            drop(private);
+            let relay = Relay::start(frontend, device_end, backend.inflight(), &self.thread_name)
+                .map_err(ExportError::Relay)?;
             // If a stop was requested meanwhile (possibly by the wake-up connection of
             // `request_stop`), this ends the connection at once.
             self.control.connected(daemon.shutdown_handle(), &backend);
@@ -286,6 +311,7 @@ impl Export {
             }
 
             let result = daemon.wait();
+            relay.stop();
             self.control.disconnected();
             match result {
                 _ if stopped_at_once => {}
@@ -310,5 +336,170 @@ impl Export {
             }
             drop(backend);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::sync::atomic::AtomicBool;
+
+    use vhost::vhost_user::message::{
+        VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    };
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+
+    use super::*;
+    use crate::request::DeviceInfo;
+    use crate::virtio_blk::ID_BYTES;
+
+    /// A fresh qcow2 image made by qemu-img, or None (test skipped) without it.
+    fn qemu_img_create(dir: &Path) -> Option<PathBuf> {
+        let path = dir.join("disk.qcow2");
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg("16M")
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(path),
+            _ => {
+                eprintln!("qemu-img not available: skipped");
+                None
+            }
+        }
+    }
+
+    fn memfd(size: u64) -> std::fs::File {
+        // SAFETY: memfd_create with a C string literal and flags; returns a new descriptor.
+        let fd = unsafe { libc::memfd_create(c"test-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(size).unwrap();
+        file
+    }
+
+    /// The export through its relay, driven by vhost's own frontend: messages and file
+    /// descriptors reach vhost-user-backend and its replies come back; GET_INFLIGHT_FD and
+    /// SET_INFLIGHT_FD are answered by the relay (with REPLY_ACK); malformed requests get an
+    /// error answer or end the connection, and the export goes on serving.
+    #[test]
+    fn the_relay_passes_messages_and_answers_the_inflight_ones() {
+        let dir = std::env::temp_dir().join(format!("qcow2d-relay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let Some(path) = qemu_img_create(&dir) else {
+            return;
+        };
+        let options = qcow2d_engine::OpenOptions {
+            read_only: false,
+            ..qcow2d_engine::OpenOptions::default()
+        };
+        let image = Image::open(&path, &options).unwrap();
+        let socket = dir.join("vhost.sock");
+        let params = DeviceParams {
+            num_queues: 2,
+            shards: 1,
+            device: DeviceInfo {
+                capacity: image.virtual_size(),
+                read_only: false,
+                serial: [0; ID_BYTES],
+            },
+            cluster_size: image.cluster_size(),
+            writeback: Arc::new(AtomicBool::new(true)),
+            metrics: None,
+        };
+        let control = Arc::new(ExportControl::new(socket.clone()));
+        let export = Export {
+            image,
+            image_path: path.clone(),
+            params,
+            listener: bind_socket(&socket).unwrap(),
+            control: Arc::clone(&control),
+            thread_name: "test-vu".into(),
+        };
+        let thread = std::thread::spawn(move || export.run());
+
+        let mut frontend = Frontend::connect(&socket, 2).unwrap();
+        frontend.set_owner().unwrap();
+        let features = frontend.get_features().unwrap();
+        frontend.set_features(features).unwrap();
+        let protocol = frontend.get_protocol_features().unwrap();
+        assert!(protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        assert!(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+        frontend.set_protocol_features(protocol).unwrap();
+        // Every request from now on asks for an answer (REPLY_ACK), relayed or not.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        assert_eq!(frontend.get_queue_num().unwrap(), 2);
+        // A memory table with its file descriptor reaches vhost-user-backend (acknowledged).
+        let ram = memfd(1 << 20);
+        frontend
+            .set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0,
+                memory_size: 1 << 20,
+                userspace_addr: 0x7f00_0000_0000,
+                mmap_offset: 0,
+                mmap_handle: ram.as_raw_fd(),
+            }])
+            .unwrap();
+
+        // GET_INFLIGHT_FD: a zeroed, usable area of the spec's size.
+        let ask = VhostUserInflight::new(0, 0, 2, 128);
+        let (info, mut area) = frontend.get_inflight_fd(&ask).unwrap();
+        assert_eq!(
+            (
+                info.mmap_size,
+                info.mmap_offset,
+                info.num_queues,
+                info.queue_size
+            ),
+            (2 * 2112, 0, 2, 128)
+        );
+        assert_eq!(area.metadata().unwrap().len(), 2 * 2112);
+        let mut bytes = Vec::new();
+        area.read_to_end(&mut bytes).unwrap();
+        assert!(bytes.iter().all(|&b| b == 0));
+        // SET_INFLIGHT_FD, acknowledged (REPLY_ACK is on).
+        frontend.set_inflight_fd(&info, area.as_raw_fd()).unwrap();
+        // The area the relay mapped: desc_num was written for each queue.
+        let mut header = [0u8; 16];
+        std::os::unix::fs::FileExt::read_exact_at(&area, &mut header, 2112).unwrap();
+        assert_eq!(u16::from_ne_bytes([header[10], header[11]]), 128);
+        // An area the frontend claims is larger than its file: refused with an error answer.
+        let short = memfd(4096);
+        let lie = VhostUserInflight::new(2 * 2112, 0, 2, 128);
+        assert!(frontend.set_inflight_fd(&lie, short.as_raw_fd()).is_err());
+        // An impossible geometry: the answer has no file descriptor.
+        assert!(frontend
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, 0, 128))
+            .is_err());
+        // The connection is still good.
+        assert_eq!(frontend.get_features().unwrap(), features);
+        drop(frontend);
+
+        // A message above the 4 KiB limit ends that connection, not the export.
+        let mut raw = UnixStream::connect(&socket).unwrap();
+        let mut header = Vec::new();
+        for v in [1u32, 1, 0x10000] {
+            header.extend_from_slice(&v.to_ne_bytes());
+        }
+        raw.write_all(&header).unwrap();
+        let mut rest = Vec::new();
+        raw.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "closed without an answer");
+        // A truncated message, then the peer goes away.
+        let mut raw = UnixStream::connect(&socket).unwrap();
+        raw.write_all(&header[..5]).unwrap();
+        drop(raw);
+
+        let frontend = Frontend::connect(&socket, 2).unwrap();
+        assert_eq!(frontend.get_features().unwrap(), features);
+        drop(frontend);
+
+        control.request_stop();
+        thread.join().unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -12,12 +12,15 @@
 
 mod backend;
 mod block_io;
+mod chain;
 mod cli;
 mod config;
 mod exit_events;
 mod export;
+mod inflight;
 mod metrics;
 mod notify;
+mod relay;
 mod request;
 mod serve;
 mod signals;

@@ -155,6 +155,9 @@ pub enum Malformed {
     /// Reserved flag bits in a discard/write-zeroes segment, or unmap on a discard (answered
     /// with VIRTIO_BLK_S_UNSUPP).
     UnsupportedFlags,
+    /// The descriptor chain itself is malformed (a loop, an index out of range, a bad
+    /// indirect table: see [`crate::chain::ChainError`]).
+    Chain,
 }
 
 impl Prepared {
@@ -162,6 +165,26 @@ impl Prepared {
         Prepared::Done {
             status: Some((status, code)),
             used_len: 1,
+        }
+    }
+
+    /// The same request failed at once with VIRTIO_BLK_S_IOERR, for a chain found malformed
+    /// after `prepare` looked at the part of it that could be read: nothing is submitted.
+    pub fn into_ioerr(self) -> Self {
+        match self {
+            Prepared::Done {
+                status: Some((status, _)),
+                ..
+            }
+            | Prepared::Read { status, .. }
+            | Prepared::Write { status, .. }
+            | Prepared::Flush { status }
+            | Prepared::Discard { status }
+            | Prepared::WriteZeroes { status } => Prepared::status(status, STATUS_IOERR),
+            Prepared::Done { status: None, .. } => Prepared::Done {
+                status: None,
+                used_len: 0,
+            },
         }
     }
 }

@@ -29,18 +29,22 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tracing::{debug, error, warn};
-use vhost_user_backend::{VringRwLock, VringT};
+use tracing::{debug, error, info, warn};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::block_io::{BlockIo, CacheStats, Done};
+use crate::chain::ChainWalker;
+use crate::inflight::{InflightShared, QueueTracker, Recovery};
 use crate::metrics::{Operation, ShardMetrics};
-use crate::request::{prepare, DeviceInfo, Prepared, Scratch};
+use crate::request::{prepare, DeviceInfo, Malformed, Prepared, Scratch};
 use crate::virtio_blk::{MAX_QUEUES, STATUS_IOERR, STATUS_OK};
 
 /// The vring type the backend uses.
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+/// The state behind a [`Vring`]'s lock.
+type RingState = VringState<GuestMemoryAtomic<GuestMemoryMmap>>;
 
 /// How many request failures a worker logs before it only logs every power of two.
 const LOUD_ERRORS: u64 = 16;
@@ -127,6 +131,25 @@ pub struct Worker<B: BlockIo> {
     cache_published: CacheStats,
     /// Whether [`Worker::finish`] ran.
     finished: bool,
+    /// Where the connection's in-flight area is published, with this worker's place among the
+    /// connection's workers (to turn its local queue indexes into global ones).
+    inflight: Option<InflightLink>,
+    /// Per local queue: the in-flight bookkeeping and the area generation it was set up for.
+    tracked: Vec<TrackedQueue>,
+}
+
+struct InflightLink {
+    shared: Arc<InflightShared>,
+    thread: usize,
+    threads: usize,
+}
+
+#[derive(Default)]
+struct TrackedQueue {
+    /// The [`InflightShared`] generation this queue was last set up for (0: not yet, or the
+    /// queue was stopped since).
+    generation: u64,
+    tracker: Option<QueueTracker>,
 }
 
 impl<B: BlockIo> Worker<B> {
@@ -146,7 +169,25 @@ impl<B: BlockIo> Worker<B> {
             metrics: None,
             cache_published: CacheStats::default(),
             finished: false,
+            inflight: None,
+            tracked: Vec::new(),
         }
+    }
+
+    /// Records the chains it takes in the area published in `shared` (when the frontend shares
+    /// one), as worker `thread` of `threads`: local queue `i` is queue `i * threads + thread`.
+    pub fn with_inflight(
+        mut self,
+        shared: Arc<InflightShared>,
+        thread: usize,
+        threads: usize,
+    ) -> Self {
+        self.inflight = Some(InflightLink {
+            shared,
+            thread,
+            threads: threads.max(1),
+        });
+        self
     }
 
     /// Records requests into `metrics` (nothing is measured without).
@@ -197,6 +238,7 @@ impl<B: BlockIo> Worker<B> {
             return;
         };
         let mem = self.mem.memory().into_inner();
+        self.sync_inflight(vring, index, &mem, dev);
         loop {
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
@@ -250,6 +292,11 @@ impl<B: BlockIo> Worker<B> {
         self.notify(&vrings);
         self.vrings = vrings;
         self.publish_metrics();
+        // Whenever the queue starts again it is set up afresh (the frontend may reset it, or
+        // share another area, in between).
+        if let Some(t) = self.tracked.get_mut(index) {
+            *t = TrackedQueue::default();
+        }
     }
 
     /// Completes every request in flight on every queue of this worker to the used rings and
@@ -293,93 +340,245 @@ impl<B: BlockIo> Worker<B> {
     ) {
         let mut state = vring.get_mut();
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) {
-            let started = self.metrics.is_some().then(Instant::now);
             let head = chain.head_index();
-            let descriptors = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
-            let (prepared, malformed) = prepare(descriptors, mem, dev, &mut self.scratch);
-            if let Some(why) = malformed {
-                debug!(index, head, ?why, "Malformed request");
+            // Recorded before the request has any effect, so that if this process dies from
+            // here on, the next one resubmits the chain.
+            if let Some(tracker) = self.tracker_mut(index) {
+                tracker.taken(head);
             }
-            let (op, ok_len, status, bytes) = match prepared {
-                Prepared::Done { status, used_len } => {
-                    if let Some((addr, code)) = status {
-                        write_status(mem, addr, code);
-                    }
-                    if let Err(e) = state.add_used(head, used_len) {
-                        warn!(index, head, "Cannot return a request to the guest: {e}");
-                    }
-                    self.dirty |= 1 << index;
-                    let ok = matches!(status, Some((_, STATUS_OK)));
-                    // On success everything written but the status byte is payload (GET_ID).
-                    let bytes = u64::from(used_len.saturating_sub(1));
-                    let op = Operation::of(self.scratch.request_type);
-                    self.record(started, op, ok, bytes);
-                    continue;
-                }
-                Prepared::Read {
-                    offset,
-                    len,
-                    status,
-                } => (Op::Read(offset), len + 1, status, u64::from(len)),
-                Prepared::Write {
-                    offset,
-                    len,
-                    status,
-                } => (Op::Write(offset), 1, status, u64::from(len)),
-                Prepared::Flush { status } => (Op::Flush, 1, status, 0),
-                Prepared::Discard { status } => (Op::Discard, 1, status, self.ranges_bytes()),
-                Prepared::WriteZeroes { status } => {
-                    (Op::WriteZeroes, 1, status, self.ranges_bytes())
-                }
-            };
+            self.start_chain(&mut state, index, head, mem, dev);
+        }
+    }
 
-            let slot = match self.free.pop() {
-                Some(slot) => slot,
-                None => {
-                    // Bounded by the sum of this thread's queue sizes (each chain is in
-                    // flight at most once), far below u32::MAX.
-                    self.slots.push(Slot::FREE);
-                    (self.slots.len() - 1) as u32
+    /// Prepares the chain of `head` on local queue `index` and submits it, or answers it at
+    /// once. For chains just taken from the available ring and for chains resubmitted after a
+    /// reconnect alike.
+    fn start_chain(
+        &mut self,
+        state: &mut RingState,
+        index: usize,
+        head: u16,
+        mem: &Arc<GuestMemoryMmap>,
+        dev: &DeviceInfo,
+    ) {
+        let started = self.metrics.is_some().then(Instant::now);
+        let queue = state.get_queue();
+        let mut walker =
+            ChainWalker::new(mem, GuestAddress(queue.desc_table()), queue.size(), head);
+        let (mut prepared, mut malformed) = prepare(&mut walker, mem, dev, &mut self.scratch);
+        if let Some(why) = walker.error() {
+            debug!(index, head, ?why, "Malformed descriptor chain");
+            prepared = prepared.into_ioerr();
+            malformed = Some(Malformed::Chain);
+        }
+        if let Some(why) = malformed {
+            debug!(index, head, ?why, "Malformed request");
+        }
+        let (op, ok_len, status, bytes) = match prepared {
+            Prepared::Done { status, used_len } => {
+                if let Some((addr, code)) = status {
+                    write_status(mem, addr, code);
                 }
-            };
-            let token = u64::from(slot);
-            self.slots[slot as usize] = Slot {
-                head,
-                // Local queue indexes are below MAX_QUEUES (64).
-                queue: index as u8,
+                self.return_chain(state, index, head, used_len);
+                let ok = matches!(status, Some((_, STATUS_OK)));
+                // On success everything written but the status byte is payload (GET_ID).
+                let bytes = u64::from(used_len.saturating_sub(1));
+                let op = Operation::of(self.scratch.request_type);
+                self.record(started, op, ok, bytes);
+                return;
+            }
+            Prepared::Read {
+                offset,
+                len,
                 status,
-                ok_len,
-                pending: 0,
-                failed: false,
-                mem: Some(Arc::clone(mem)),
-                op: op.operation(),
-                bytes,
-                started,
-            };
-            let (submitted, refused) = self.submit(op, token);
-            if let Some(e) = &refused {
-                // Refusals are the guest's doing (or a read-only export) and can come at
-                // request rate: not worth more than a debug line each.
-                debug!(index, head, "Request refused by the engine: {e}");
+            } => (Op::Read(offset), len + 1, status, u64::from(len)),
+            Prepared::Write {
+                offset,
+                len,
+                status,
+            } => (Op::Write(offset), 1, status, u64::from(len)),
+            Prepared::Flush { status } => (Op::Flush, 1, status, 0),
+            Prepared::Discard { status } => (Op::Discard, 1, status, self.ranges_bytes()),
+            Prepared::WriteZeroes { status } => (Op::WriteZeroes, 1, status, self.ranges_bytes()),
+        };
+
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                // Bounded by the sum of this thread's queue sizes (each chain is in flight at
+                // most once), far below u32::MAX.
+                self.slots.push(Slot::FREE);
+                (self.slots.len() - 1) as u32
             }
-            let slot_state = &mut self.slots[slot as usize];
-            slot_state.pending = submitted;
-            slot_state.failed = refused.is_some();
-            if submitted > 0 {
-                if let Some(n) = self.in_flight_per_queue.get_mut(index) {
-                    *n += 1;
+        };
+        let token = u64::from(slot);
+        self.slots[slot as usize] = Slot {
+            head,
+            // Local queue indexes are below MAX_QUEUES (64).
+            queue: index as u8,
+            status,
+            ok_len,
+            pending: 0,
+            failed: false,
+            mem: Some(Arc::clone(mem)),
+            op: op.operation(),
+            bytes,
+            started,
+        };
+        let (submitted, refused) = self.submit(op, token);
+        if let Some(e) = &refused {
+            // Refusals are the guest's doing (or a read-only export) and can come at request
+            // rate: not worth more than a debug line each.
+            debug!(index, head, "Request refused by the engine: {e}");
+        }
+        let slot_state = &mut self.slots[slot as usize];
+        slot_state.pending = submitted;
+        slot_state.failed = refused.is_some();
+        if submitted > 0 {
+            if let Some(n) = self.in_flight_per_queue.get_mut(index) {
+                *n += 1;
+            }
+            return;
+        }
+        // Nothing reached the engine: answer now.
+        slot_state.mem = None;
+        self.free.push(slot);
+        write_status(mem, status, STATUS_IOERR);
+        self.return_chain(state, index, head, 1);
+        self.record(started, op.operation(), false, bytes);
+    }
+
+    /// Adds chain `head` of local queue `index` to its used ring, recording it in the
+    /// in-flight area in libvhost-user's order: the head about to be returned, the used
+    /// element and index (virtio-queue stores the index with release ordering), then the
+    /// chain's flag cleared and the new index copied.
+    fn return_chain(&mut self, state: &mut RingState, index: usize, head: u16, len: u32) {
+        let tracker = self.tracked.get(index).and_then(|t| t.tracker.as_ref());
+        if let Some(t) = tracker {
+            t.returning(head);
+        }
+        match state.add_used(head, len) {
+            Ok(()) => {
+                if let Some(t) = tracker {
+                    t.returned(head, state.get_queue().next_used());
                 }
-                continue;
             }
-            // Nothing reached the engine: answer now.
-            slot_state.mem = None;
-            self.free.push(slot);
-            write_status(mem, status, STATUS_IOERR);
-            if let Err(e) = state.add_used(head, 1) {
-                warn!(index, head, "Cannot return a request to the guest: {e}");
+            Err(e) => warn!(index, head, "Cannot return a request to the guest: {e}"),
+        }
+        self.dirty |= 1 << index;
+    }
+
+    fn tracker_mut(&mut self, index: usize) -> Option<&mut QueueTracker> {
+        self.tracked.get_mut(index).and_then(|t| t.tracker.as_mut())
+    }
+
+    /// Before local queue `index` is processed: when the connection's in-flight area is new
+    /// to this queue, sets the queue up with it. A new area is initialised; one a previous
+    /// backend used is recovered from (libvhost-user's `vu_check_queue_inflights`): the queue
+    /// resumes taking chains after the ones that backend had taken (whatever SET_VRING_BASE
+    /// said), and the chains it left in flight are resubmitted, oldest first.
+    fn sync_inflight(
+        &mut self,
+        vring: &Vring,
+        index: usize,
+        mem: &Arc<GuestMemoryMmap>,
+        dev: &DeviceInfo,
+    ) {
+        let Some(link) = &self.inflight else {
+            return;
+        };
+        let generation = link.shared.generation();
+        if self.tracked.get(index).map_or(0, |t| t.generation) == generation {
+            return;
+        }
+        let (generation, area) = link.shared.current();
+        let global = index * link.threads + link.thread;
+        if self.tracked.len() <= index {
+            self.tracked.resize_with(index + 1, TrackedQueue::default);
+        }
+        self.tracked[index] = TrackedQueue {
+            generation,
+            tracker: None,
+        };
+        let Some(area) = area else {
+            return;
+        };
+        let Some(mut tracker) = QueueTracker::new(area, global) else {
+            warn!(
+                queue = global,
+                "The in-flight area has no room for this queue: its requests are not tracked"
+            );
+            return;
+        };
+        if self.queue_in_flight(index) > 0 {
+            // Not something QEMU does (it shares the area before it starts the queues): the
+            // requests in flight are not in the new area, which cannot describe the queue
+            // until it is stopped and started again.
+            warn!(
+                queue = global,
+                "In-flight area shared while requests are in flight: not tracked until the \
+                 queue restarts"
+            );
+            return;
+        }
+        let mut state = vring.get_mut();
+        let queue = state.get_queue();
+        let used = match queue.used_idx(&**mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(used) => used.0,
+            Err(e) => {
+                warn!(
+                    queue = global,
+                    "Cannot read the used index: requests not tracked: {e}"
+                );
+                return;
             }
-            self.dirty |= 1 << index;
-            self.record(started, op.operation(), false, bytes);
+        };
+        let avail = queue
+            .avail_idx(&**mem, std::sync::atomic::Ordering::Acquire)
+            .map_or(used, |a| a.0);
+        let recovery = tracker.recover(used, queue.size());
+        let Recovery::Resume {
+            next_avail,
+            resubmit,
+            fixed_last_batch,
+        } = recovery
+        else {
+            self.tracked[index].tracker = Some(tracker);
+            return;
+        };
+        // The chains in flight are among those the driver made available and the device has
+        // not returned: more than that, and the area does not describe this ring.
+        let available = avail.wrapping_sub(used);
+        if resubmit.len() > usize::from(available) {
+            error!(
+                queue = global,
+                in_flight = resubmit.len(),
+                available,
+                "The in-flight area does not match the ring: its requests are not resubmitted"
+            );
+            tracker.reset(used);
+            self.tracked[index].tracker = Some(tracker);
+            return;
+        }
+        self.tracked[index].tracker = Some(tracker);
+        let set_base = state.get_queue().next_avail();
+        if !resubmit.is_empty() || next_avail != set_base || fixed_last_batch {
+            info!(
+                queue = global,
+                used,
+                resubmitted = resubmit.len(),
+                next_avail,
+                "Resuming the requests a previous daemon left in flight"
+            );
+        }
+        state.get_queue_mut().set_next_avail(next_avail);
+        for head in resubmit {
+            self.start_chain(&mut state, index, head, mem, dev);
+        }
+        drop(state);
+        // In case the previous daemon died between returning a chain and notifying the guest.
+        if let Err(e) = vring.signal_used_queue() {
+            warn!(queue = global, "Cannot notify the guest: {e}");
         }
     }
 
@@ -491,10 +690,7 @@ impl<B: BlockIo> Worker<B> {
         }
         match vrings.get(queue) {
             Some(vring) => {
-                if let Err(e) = vring.add_used(head, len) {
-                    warn!(queue, head, "Cannot return a request to the guest: {e}");
-                }
-                self.dirty |= 1 << queue;
+                self.return_chain(&mut vring.get_mut(), queue, head, len);
                 self.record(started, op, ok, bytes);
             }
             None => error!(queue, "Completion for a queue this worker does not know"),
@@ -1349,5 +1545,176 @@ mod tests {
         w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device());
         assert!(w.slots.iter().all(|s| s.started.is_none()));
         w.stop_queue(0);
+    }
+
+    /// A vring of a new connection over the rings of `vq`, as vhost-user-backend sets it up:
+    /// SET_VRING_BASE to `base` and the used index read from guest memory.
+    fn reconnected_vring(
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+        base: u16,
+    ) -> Vring {
+        let vring = <Vring as VringT<_>>::new(mem.clone(), QSIZE).unwrap();
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_size(QSIZE);
+        vring.set_queue_next_avail(base);
+        let used = vring.queue_used_idx().unwrap();
+        vring.set_queue_next_used(used);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        vring
+    }
+
+    #[test]
+    fn chains_left_in_flight_by_a_killed_worker_are_resubmitted_in_order() {
+        use crate::inflight::{create_area, InflightArea, InflightShared};
+
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+        );
+        let m = mem.memory();
+        let vq = MockSplitQueue::new(&*m, QSIZE);
+        // Four reads of one sector each (sectors 1..=4), heads 0, 3, 6, 9.
+        let mut descs = Vec::new();
+        for i in 0..4u64 {
+            write_header(&m, 0x1000 + 0x100 * i, VIRTIO_BLK_T_IN, 1 + i);
+            let next = 3 * i as u16;
+            descs.push(desc(0x1000 + 0x100 * i, 16, false, Some(next + 1)));
+            descs.push(desc(0x8000 + 0x1000 * i, 512, true, Some(next + 2)));
+            descs.push(desc(0x5000 + i, 1, true, None));
+        }
+        vq.add_desc_chains(&descs, 0).unwrap();
+        // The driver has made only the first three available so far.
+        let avail_idx = vq.avail_addr().unchecked_add(2);
+        m.write_obj(3u16, avail_idx).unwrap();
+
+        let (file, size) = create_area(1, QSIZE).unwrap();
+        let area = || InflightArea::map(file.try_clone().unwrap(), 0, size, 1, QSIZE).unwrap();
+
+        // First daemon: takes the three chains, completes the second, and is killed.
+        let shared = Arc::new(InflightShared::default());
+        shared.set(area());
+        let vring = reconnected_vring(&mem, &vq, 0);
+        let io = FakeIo {
+            hold: true,
+            ..FakeIo::default()
+        };
+        let mut w = Worker::new(io, mem.clone()).with_inflight(shared, 0, 1);
+        w.process_queue(std::slice::from_ref(&vring), 0, false, &device());
+        assert_eq!(w.io().log.len(), 3);
+        let token_of_head_3 = w.slots.iter().position(|s| s.head == 3).unwrap() as u64;
+        w.io.pending.retain(|(t, _)| *t != token_of_head_3);
+        w.complete(std::slice::from_ref(&vring), token_of_head_3, true);
+        let used_at = vq.used_addr().0;
+        let used_idx = |m: &GuestMemoryMmap| m.read_obj::<u16>(GuestAddress(used_at + 2)).unwrap();
+        assert_eq!(used_idx(&m), 1);
+        // Killed: what is still in flight never reaches the used ring.
+        w.finish().unwrap();
+        drop(w);
+        assert_eq!(used_idx(&m), 1);
+
+        // Meanwhile the driver adds the fourth chain; QEMU reconnects and sets the ring base to
+        // the used index (it could not get the avail index from the dead daemon).
+        m.write_obj(4u16, avail_idx).unwrap();
+        let shared = Arc::new(InflightShared::default());
+        shared.set(area());
+        let vring = reconnected_vring(&mem, &vq, 1);
+        let mut w = Worker::new(FakeIo::default(), mem.clone()).with_inflight(shared.clone(), 0, 1);
+        w.process_queue(std::slice::from_ref(&vring), 0, false, &device());
+
+        // Heads 0 and 6 resubmitted, oldest first, then head 9 taken; head 3 not redone.
+        let offsets: Vec<Option<u64>> = w.io().log.iter().map(|(_, op)| op.offset()).collect();
+        assert_eq!(offsets, vec![Some(512), Some(3 * 512), Some(4 * 512)]);
+        assert_eq!(used_idx(&m), 4);
+        let used: Vec<u32> = (1..4)
+            .map(|i| {
+                m.read_obj::<u32>(GuestAddress(used_at + 4 + 8 * i))
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(used, vec![0, 6, 9]);
+        for (i, sector) in [(0u64, 1u64), (2, 3), (3, 4)] {
+            let at = GuestAddress(0x8000 + 0x1000 * i);
+            assert_eq!(m.read_obj::<u8>(at).unwrap(), pattern(sector * 512));
+            assert_eq!(
+                m.read_obj::<u8>(GuestAddress(0x5000 + i)).unwrap(),
+                STATUS_OK
+            );
+        }
+        // The area is clean again, and records the used index.
+        let (_, area) = shared.current();
+        let area = area.unwrap();
+        let part = area.queue(0).unwrap();
+        assert!((0..QSIZE).all(|h| !part.is_inflight(h)));
+        assert_eq!(part.used_idx(), 4);
+        assert_eq!(part.last_batch_head(), 9);
+        assert_eq!(vring.queue_next_avail(), 4);
+    }
+
+    #[test]
+    fn a_malformed_chain_from_the_area_fails_with_ioerr_and_is_returned() {
+        use crate::inflight::{create_area, InflightArea, InflightShared, QueueTracker};
+
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+        // Head 0 loops back to itself through its status descriptor (the walk stops on the
+        // status descriptor, so there is a status byte to fail).
+        let used_at = h.queue(&[
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x5000, 1, true, Some(0)),
+        ]);
+        m.write_obj(0xeeu8, GuestAddress(0x5000)).unwrap();
+        let (file, size) = create_area(1, QSIZE).unwrap();
+        let area =
+            Arc::new(InflightArea::map(file.try_clone().unwrap(), 0, size, 1, QSIZE).unwrap());
+        // A previous daemon took head 0.
+        let mut t = QueueTracker::new(area.clone(), 0).unwrap();
+        t.recover(0, QSIZE);
+        t.taken(0);
+        let shared = Arc::new(InflightShared::default());
+        shared.set(InflightArea::map(file, 0, size, 1, QSIZE).unwrap());
+        let mut w = Worker::new(FakeIo::default(), h.mem.clone()).with_inflight(shared, 0, 1);
+        w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
+        assert!(w.io().log.is_empty(), "nothing submitted");
+        assert_eq!(h.used_idx(used_at), 1);
+        assert_eq!(h.used(used_at, 0), (0, 1));
+        assert_eq!(h.byte(0x5000), STATUS_IOERR);
+        assert!(!area.queue(0).unwrap().is_inflight(0));
+    }
+
+    #[test]
+    fn an_area_that_does_not_match_the_ring_is_started_over() {
+        use crate::inflight::{create_area, InflightArea, InflightShared, QueueTracker};
+
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+        let used_at = h.queue(&[
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 512, true, Some(2)),
+            desc(0x5000, 1, true, None),
+        ]);
+        let (file, size) = create_area(1, QSIZE).unwrap();
+        let area =
+            Arc::new(InflightArea::map(file.try_clone().unwrap(), 0, size, 1, QSIZE).unwrap());
+        // The area claims two chains in flight; the driver made one available.
+        let mut t = QueueTracker::new(area.clone(), 0).unwrap();
+        t.recover(0, QSIZE);
+        t.taken(4);
+        t.taken(7);
+        let shared = Arc::new(InflightShared::default());
+        shared.set(InflightArea::map(file, 0, size, 1, QSIZE).unwrap());
+        let mut w = Worker::new(FakeIo::default(), h.mem.clone()).with_inflight(shared, 0, 1);
+        w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
+        // Only the available chain was read, once.
+        assert_eq!(w.io().log.len(), 1);
+        assert_eq!(h.used_idx(used_at), 1);
+        assert_eq!(h.used(used_at, 0), (0, 513));
+        let part = area.queue(0).unwrap();
+        assert!((0..QSIZE).all(|head| !part.is_inflight(head)));
+        assert_eq!(part.used_idx(), 1);
     }
 }

@@ -1,0 +1,495 @@
+//! The vhost-user relay: sits between the frontend (QEMU) and vhost-user-backend's request
+//! handler, answers the two in-flight-area messages itself and passes everything else through.
+//!
+//! vhost-user-backend 0.24 answers GET_INFLIGHT_FD and SET_INFLIGHT_FD with an error and takes
+//! no other handler, so the export accepts the frontend's connection itself and gives
+//! vhost-user-backend's daemon the other end of a private connection ([`private_connection`]).
+//! [`Relay`] then runs two threads per connection:
+//! - frontend → backend: reads each message (header, body and attached file descriptors),
+//!   answers GET_INFLIGHT_FD (a new area: [`crate::inflight::create_area`]) and
+//!   SET_INFLIGHT_FD (maps the area and publishes it to the workers through the connection's
+//!   [`InflightShared`]) itself, with a REPLY_ACK answer when the frontend asks for one, and
+//!   forwards every other message unchanged. After forwarding SET_VRING_KICK it writes to the
+//!   kick eventfd, so that a queue is processed (and what a previous daemon left in flight is
+//!   resumed) even if the guest never kicks again;
+//! - backend → frontend: forwards every reply unchanged.
+//!
+//! Writes to the frontend's socket are serialised by a mutex, so a reply is never interleaved
+//! with another. A message that cannot be framed (a truncated header or body, a size above
+//! vhost-user's 4 KiB limit, too many file descriptors) ends the connection with a log line;
+//! the content of relayed messages is left to vhost-user-backend to judge. When either side
+//! closes, both sockets are shut down, so both threads end and the export sees the connection
+//! end.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use tracing::{debug, error, info, warn};
+use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
+use vhost::vhost_user::Listener;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::inflight::{create_area, InflightArea, InflightShared};
+
+/// Bytes of a vhost-user message header: request, flags, size (native-endian u32 each).
+const HEADER_BYTES: usize = 12;
+/// Header flags: protocol version 1, and the reply bit.
+const VERSION_1: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+/// Bytes of the in-flight description (`VhostUserInflight`: u64, u64, u16, u16, padded to 8).
+const INFLIGHT_BYTES: usize = 24;
+/// SET_VRING_KICK payload: queue index bits, and the "no file descriptor" bit.
+const VRING_INDEX_MASK: u64 = 0xff;
+const VRING_NOFD: u64 = 0x100;
+
+const GET_INFLIGHT_FD: u32 = FrontendReq::GET_INFLIGHT_FD as u32;
+const SET_INFLIGHT_FD: u32 = FrontendReq::SET_INFLIGHT_FD as u32;
+const SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
+
+/// Why a message could not be read.
+#[derive(Debug, thiserror::Error)]
+enum FrameError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the peer closed the connection in the middle of a message")]
+    Truncated,
+    #[error("message {request} has a {size}-byte body, above the {MAX_MSG_SIZE}-byte limit")]
+    TooLarge { request: u32, size: u32 },
+    #[error("more than {MAX_ATTACHED_FD_ENTRIES} file descriptors attached to a message")]
+    TooManyFds,
+}
+
+/// One vhost-user message and the file descriptors that came with it.
+struct Message {
+    header: [u8; HEADER_BYTES],
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    fn field(&self, i: usize) -> u32 {
+        let b = &self.header[4 * i..4 * i + 4];
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    fn request(&self) -> u32 {
+        self.field(0)
+    }
+
+    fn flags(&self) -> u32 {
+        self.field(1)
+    }
+
+    fn need_reply(&self) -> bool {
+        self.flags() & FLAG_NEED_REPLY != 0
+    }
+
+    /// A reply to this message with `body` and `fds`.
+    fn reply(&self, body: Vec<u8>, fds: Vec<OwnedFd>) -> Message {
+        let mut header = [0u8; HEADER_BYTES];
+        header[0..4].copy_from_slice(&self.request().to_ne_bytes());
+        header[4..8].copy_from_slice(&(VERSION_1 | FLAG_REPLY).to_ne_bytes());
+        // Bodies we build are at most 24 bytes.
+        header[8..12].copy_from_slice(&(body.len() as u32).to_ne_bytes());
+        Message { header, body, fds }
+    }
+
+    fn u64_at(&self, at: usize) -> Option<u64> {
+        let b = self.body.get(at..at + 8)?;
+        Some(u64::from_ne_bytes(b.try_into().ok()?))
+    }
+
+    fn u16_at(&self, at: usize) -> Option<u16> {
+        let b = self.body.get(at..at + 2)?;
+        Some(u16::from_ne_bytes(b.try_into().ok()?))
+    }
+}
+
+/// Receives into `buf` (all of it, unless the peer closes first), taking any file descriptors
+/// that come with the bytes. Returns the bytes received.
+fn recv_exact(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<usize, FrameError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let rest = &mut buf[got..];
+        let mut iov = [libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        }];
+        let mut raw = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
+        // SAFETY: the iovec covers `rest`, a live, exclusively borrowed byte slice, which may
+        // hold any bytes; `raw` is a local array the call fills with received descriptors.
+        let received = unsafe { sock.recv_with_fds(&mut iov, &mut raw) };
+        let (n, nfds) = match received {
+            Ok(v) => v,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            // Too many descriptors: the library closed them all.
+            Err(e) if e.errno() == libc::ENOBUFS => return Err(FrameError::TooManyFds),
+            Err(e) => return Err(FrameError::Io(io::Error::from_raw_os_error(e.errno()))),
+        };
+        for &fd in &raw[..nfds.min(raw.len())] {
+            // SAFETY: recvmsg just created this descriptor in our table for us; nothing else
+            // owns it.
+            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        if fds.len() > MAX_ATTACHED_FD_ENTRIES {
+            return Err(FrameError::TooManyFds);
+        }
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    Ok(got)
+}
+
+/// Reads one message; `None` when the peer closed the connection between messages.
+fn read_message(sock: &UnixStream) -> Result<Option<Message>, FrameError> {
+    let mut fds = Vec::new();
+    let mut header = [0u8; HEADER_BYTES];
+    match recv_exact(sock, &mut header, &mut fds)? {
+        0 => return Ok(None),
+        HEADER_BYTES => {}
+        _ => return Err(FrameError::Truncated),
+    }
+    let mut msg = Message {
+        header,
+        body: Vec::new(),
+        fds,
+    };
+    let size = msg.field(2);
+    if size as usize > MAX_MSG_SIZE {
+        return Err(FrameError::TooLarge {
+            request: msg.request(),
+            size,
+        });
+    }
+    msg.body = vec![0u8; size as usize];
+    if recv_exact(sock, &mut msg.body, &mut msg.fds)? != msg.body.len() {
+        return Err(FrameError::Truncated);
+    }
+    Ok(Some(msg))
+}
+
+/// Sends `msg` whole, its descriptors with its first byte.
+fn write_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
+    let fds: Vec<RawFd> = msg.fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut bytes = Vec::with_capacity(HEADER_BYTES + msg.body.len());
+    bytes.extend_from_slice(&msg.header);
+    bytes.extend_from_slice(&msg.body);
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let attach: &[RawFd] = if sent == 0 { &fds } else { &[] };
+        match sock.send_with_fds(&[&bytes[sent..]], attach) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent += n,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+        }
+    }
+    Ok(())
+}
+
+/// A listener with one connection already waiting to be accepted, and that connection's other
+/// end. The listening socket lives in a new directory only this user can enter, and both are
+/// removed as soon as the connection exists, so nobody else can connect to it.
+pub fn private_connection() -> io::Result<(Listener, UnixStream)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let (dir, path) = loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir: PathBuf = std::env::temp_dir().join(format!("qcow2d-{}-{n}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {
+                let path = dir.join("s");
+                break (dir, path);
+            }
+            // Left over by a process that had our pid before: try the next name.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let connected = UnixListener::bind(&path)
+        .and_then(|listener| UnixStream::connect(&path).map(|stream| (listener, stream)));
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
+    let (listener, stream) = connected?;
+    Ok((Listener::from(listener), stream))
+}
+
+/// The two relay threads of one connection.
+pub struct Relay {
+    frontend: UnixStream,
+    backend: UnixStream,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Relays between `frontend` (the accepted frontend connection) and `backend` (the end of
+    /// the private connection whose other end vhost-user-backend's daemon accepted). `name`
+    /// prefixes the thread names.
+    pub fn start(
+        frontend: UnixStream,
+        backend: UnixStream,
+        inflight: Arc<InflightShared>,
+        name: &str,
+    ) -> io::Result<Relay> {
+        let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
+        let inbound = Inbound {
+            frontend: frontend.try_clone()?,
+            backend: backend.try_clone()?,
+            to_frontend: Arc::clone(&to_frontend),
+            inflight,
+        };
+        let outbound = Outbound {
+            backend: backend.try_clone()?,
+            to_frontend,
+        };
+        let mut threads = Vec::with_capacity(2);
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("{name}-in"))
+                .spawn(move || inbound.run())?,
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-out"))
+            .spawn(move || outbound.run());
+        let relay = Relay {
+            frontend,
+            backend,
+            threads,
+        };
+        match spawned {
+            Ok(t) => {
+                let mut relay = relay;
+                relay.threads.push(t);
+                Ok(relay)
+            }
+            Err(e) => {
+                relay.stop();
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes both connections and waits for the threads.
+    pub fn stop(mut self) {
+        shut(&self.frontend);
+        shut(&self.backend);
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                error!("A vhost-user relay thread panicked");
+            }
+        }
+    }
+}
+
+fn shut(sock: &UnixStream) {
+    // Fails only if it is shut down already (or no longer connected), which is as good.
+    let _ = sock.shutdown(Shutdown::Both);
+}
+
+fn send_to_frontend(to_frontend: &Mutex<UnixStream>, msg: &Message) -> io::Result<()> {
+    let sock = to_frontend.lock().unwrap_or_else(PoisonError::into_inner);
+    write_message(&sock, msg)
+}
+
+/// Frontend → backend.
+struct Inbound {
+    frontend: UnixStream,
+    backend: UnixStream,
+    to_frontend: Arc<Mutex<UnixStream>>,
+    inflight: Arc<InflightShared>,
+}
+
+impl Inbound {
+    fn run(self) {
+        loop {
+            let msg = match read_message(&self.frontend) {
+                Ok(Some(msg)) => msg,
+                Ok(None) => {
+                    debug!("The frontend closed the connection");
+                    break;
+                }
+                Err(e) => {
+                    warn!("Closing the connection: cannot read the frontend's message: {e}");
+                    break;
+                }
+            };
+            let mut msg = msg;
+            let result = match msg.request() {
+                GET_INFLIGHT_FD => {
+                    let reply = self.get_inflight_fd(&msg);
+                    send_to_frontend(&self.to_frontend, &reply)
+                }
+                SET_INFLIGHT_FD => {
+                    let ok = self.set_inflight_fd(&mut msg);
+                    if msg.need_reply() {
+                        let status = u64::from(!ok).to_ne_bytes().to_vec();
+                        send_to_frontend(&self.to_frontend, &msg.reply(status, Vec::new()))
+                    } else {
+                        Ok(())
+                    }
+                }
+                SET_VRING_KICK => {
+                    let sent = write_message(&self.backend, &msg);
+                    if sent.is_ok() {
+                        kick(&msg);
+                    }
+                    sent
+                }
+                _ => write_message(&self.backend, &msg),
+            };
+            if let Err(e) = result {
+                // The other side is gone (or going): the connection is over.
+                debug!("Relay to the device ended: {e}");
+                break;
+            }
+        }
+        shut(&self.backend);
+        shut(&self.frontend);
+    }
+
+    /// GET_INFLIGHT_FD: a new zeroed area sized for the frontend's queues. On failure the
+    /// reply has size 0 and no file descriptor, which QEMU takes as "no in-flight tracking".
+    fn get_inflight_fd(&self, msg: &Message) -> Message {
+        let geometry = (msg.body.len() == INFLIGHT_BYTES)
+            .then(|| msg.u16_at(16).zip(msg.u16_at(18)))
+            .flatten();
+        let created = match geometry {
+            Some((num_queues, queue_size)) => create_area(num_queues, queue_size)
+                .map(|(file, size)| (file, size, num_queues, queue_size))
+                .map_err(|e| e.to_string()),
+            None => Err(format!("malformed request of {} bytes", msg.body.len())),
+        };
+        let mut body = vec![0u8; INFLIGHT_BYTES];
+        match created {
+            Ok((file, size, num_queues, queue_size)) => {
+                debug!(num_queues, queue_size, size, "New in-flight area");
+                body[0..8].copy_from_slice(&size.to_ne_bytes());
+                body[16..18].copy_from_slice(&num_queues.to_ne_bytes());
+                body[18..20].copy_from_slice(&queue_size.to_ne_bytes());
+                msg.reply(body, vec![OwnedFd::from(file)])
+            }
+            Err(e) => {
+                error!("Cannot give the frontend an in-flight area: {e}");
+                msg.reply(body, Vec::new())
+            }
+        }
+    }
+
+    /// SET_INFLIGHT_FD: maps the frontend's area and hands it to the workers. Returns whether
+    /// it worked; when it did not, requests are not tracked on this connection.
+    fn set_inflight_fd(&self, msg: &mut Message) -> bool {
+        let fields = (msg.body.len() == INFLIGHT_BYTES)
+            .then(|| {
+                Some((
+                    msg.u64_at(0)?,
+                    msg.u64_at(8)?,
+                    msg.u16_at(16)?,
+                    msg.u16_at(18)?,
+                ))
+            })
+            .flatten();
+        let Some((size, offset, num_queues, queue_size)) = fields else {
+            error!(
+                len = msg.body.len(),
+                "Malformed SET_INFLIGHT_FD: requests in flight are not tracked"
+            );
+            return false;
+        };
+        let fds = std::mem::take(&mut msg.fds);
+        let count = fds.len();
+        let Ok([fd]) = <[OwnedFd; 1]>::try_from(fds) else {
+            error!(
+                fds = count,
+                "SET_INFLIGHT_FD without exactly one file descriptor: requests in flight are \
+                 not tracked"
+            );
+            return false;
+        };
+        match InflightArea::map(File::from(fd), offset, size, num_queues, queue_size) {
+            Ok(area) => {
+                info!(
+                    num_queues,
+                    queue_size, "The frontend shared its in-flight area"
+                );
+                self.inflight.set(area);
+                true
+            }
+            Err(e) => {
+                error!(
+                    "Cannot use the frontend's in-flight area ({e}): requests in flight are not \
+                     tracked"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// Writes to the kick eventfd of a SET_VRING_KICK message (after it was forwarded): the worker
+/// then processes the queue once it is started and enabled, whether or not the guest kicks.
+fn kick(msg: &Message) {
+    let Some(payload) = msg.u64_at(0) else {
+        return;
+    };
+    if payload & VRING_NOFD != 0 {
+        return;
+    }
+    let Some(fd) = msg.fds.first() else {
+        return;
+    };
+    let queue = payload & VRING_INDEX_MASK;
+    match fd.try_clone().map(File::from) {
+        Ok(mut eventfd) => {
+            if let Err(e) = eventfd.write_all(&1u64.to_ne_bytes()) {
+                debug!(queue, "Cannot kick the queue: {e}");
+            }
+        }
+        Err(e) => debug!(queue, "Cannot kick the queue: {e}"),
+    }
+}
+
+/// Backend → frontend.
+struct Outbound {
+    backend: UnixStream,
+    to_frontend: Arc<Mutex<UnixStream>>,
+}
+
+impl Outbound {
+    fn run(self) {
+        loop {
+            match read_message(&self.backend) {
+                Ok(Some(msg)) => {
+                    if let Err(e) = send_to_frontend(&self.to_frontend, &msg) {
+                        debug!("Cannot pass a reply to the frontend: {e}");
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("Closing the connection: cannot read the device's reply: {e}");
+                    break;
+                }
+            }
+        }
+        let frontend = self
+            .to_frontend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        shut(&frontend);
+        shut(&self.backend);
+    }
+}
