@@ -96,6 +96,24 @@ impl Hasher for U64Hasher {
     }
 }
 
+/// Unwritten runs closer than this are written as one range (see
+/// [`SlotCache::take_unwritten`]).
+const MERGE_GAP_BYTES: usize = 16384;
+
+/// Appends the byte range of chunks `first..end` of slot `id` to `out`.
+fn push_range(
+    out: &mut Vec<(u64, u32, usize, usize)>,
+    (id, slot): (u32, &Slot),
+    chunk: usize,
+    (first, end): (usize, usize),
+) {
+    let offset = first * chunk;
+    let len = ((end - first) * chunk).min(slot.buf.len().saturating_sub(offset));
+    if len > 0 {
+        out.push((slot.key, id, offset, len));
+    }
+}
+
 /// See the module documentation.
 pub struct SlotCache {
     map: HashMap<u64, u32, BuildHasherDefault<U64Hasher>>,
@@ -351,26 +369,37 @@ impl SlotCache {
         self.unwritten.clear();
     }
 
-    /// Appends (key, slot, byte offset, length) of every unwritten run of bytes to `out` and
-    /// marks them written; the slots stay dirty for the next [`SlotCache::take_dirty`].
+    /// Appends (key, slot, byte offset, length) of the unwritten bytes to `out` and marks them
+    /// written; the slots stay dirty for the next [`SlotCache::take_dirty`]. Runs separated
+    /// by less than [`MERGE_GAP_BYTES`] go out as one range: copying a few clean bytes costs
+    /// less than another write.
     pub fn take_unwritten(&mut self, out: &mut Vec<(u64, u32, usize, usize)>) {
         let chunk = 1usize << self.chunk_shift;
+        let gap = (MERGE_GAP_BYTES / chunk).max(1) as u32;
         for id in self.unwritten.drain(..) {
             let slot = &mut self.slots[id as usize];
             let mut bits = std::mem::take(&mut slot.unwritten);
+            let mut range: Option<(usize, usize)> = None;
             while bits != 0 {
-                let start = bits.trailing_zeros() as usize;
-                let run = (bits >> start).trailing_ones() as usize;
-                let offset = start * chunk;
-                let len = (run * chunk).min(slot.buf.len().saturating_sub(offset));
-                if len > 0 {
-                    out.push((slot.key, id, offset, len));
-                }
-                bits &= !(if start + run == 128 {
-                    u128::MAX
+                let start = bits.trailing_zeros();
+                let run = (bits >> start).trailing_ones();
+                let end = start + run;
+                bits = if end == 128 {
+                    0
                 } else {
-                    (1u128 << (start + run)) - 1
-                });
+                    bits & (u128::MAX << end)
+                };
+                range = match range {
+                    Some((s, e)) if start as usize - e < gap as usize => Some((s, end as usize)),
+                    Some((s, e)) => {
+                        push_range(out, (id, slot), chunk, (s, e));
+                        Some((start as usize, end as usize))
+                    }
+                    None => Some((start as usize, end as usize)),
+                };
+            }
+            if let Some((s, e)) = range {
+                push_range(out, (id, slot), chunk, (s, e));
             }
         }
     }
@@ -406,6 +435,56 @@ impl SlotCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unwritten_chunks_and_merged_ranges() {
+        // 64 KiB buffers: 512-byte chunks.
+        let mut c = SlotCache::new(4, 65536);
+        let a = c.insert_new(3);
+        assert!(!c.has_unwritten());
+        c.mark_dirty(a, 8..16);
+        c.mark_dirty(a, 600..616);
+        // More than 4 KiB further on: a range of its own.
+        c.mark_dirty(a, 20000..20008);
+        // The last chunk.
+        c.mark_dirty(a, 65528..65536);
+        assert!(c.has_unwritten());
+        let mut out = Vec::new();
+        c.take_unwritten(&mut out);
+        assert_eq!(
+            out,
+            vec![(3, a, 0, 1024), (3, a, 19968, 512), (3, a, 65024, 512)]
+        );
+        assert!(!c.has_unwritten());
+        // Still dirty for the next flush, which takes everything.
+        let mut dirty = Vec::new();
+        c.take_dirty(&mut dirty);
+        assert_eq!(dirty, vec![(3, a)]);
+        // A whole-table change; a flush's take_dirty also clears what is unwritten.
+        c.mark_all_dirty(a);
+        out.clear();
+        c.take_unwritten(&mut out);
+        assert_eq!(out, vec![(3, a, 0, 65536)]);
+        c.mark_dirty(a, 0..8);
+        dirty.clear();
+        c.take_dirty(&mut dirty);
+        assert!(!c.has_unwritten());
+        out.clear();
+        c.take_unwritten(&mut out);
+        assert!(out.is_empty());
+        // A failed write marks the whole slot again.
+        c.remark_dirty(3);
+        c.take_unwritten(&mut out);
+        assert_eq!(out, vec![(3, a, 0, 65536)]);
+
+        // 2 MiB buffers: 16 KiB chunks, so 128 of them.
+        let mut big = SlotCache::new(1, 2 << 20);
+        let b = big.insert_new(9);
+        big.mark_dirty(b, (2 << 20) - 8..2 << 20);
+        out.clear();
+        big.take_unwritten(&mut out);
+        assert_eq!(out, vec![(9, b, (2 << 20) - 16384, 16384)]);
+    }
 
     #[test]
     fn load_hit_evict() {

@@ -407,6 +407,11 @@ impl Refcounts {
         })
     }
 
+    /// Whether the refcount table grew or moved since it was last taken.
+    pub fn table_changed(&self) -> bool {
+        self.table_dirty
+    }
+
     /// The write of a [`TableSnapshot`] failed: the table stays dirty and the table it would
     /// have retired stays in place.
     pub fn table_write_failed(&mut self, snapshot: TableSnapshot) {

@@ -56,8 +56,14 @@ enum Batch {
     /// The same, each write durable when it completes (RWF_DSYNC): durability of a few
     /// blocks without syncing everything else that is dirty in the file.
     DurableWrites(Vec<(RawFd, u64, Box<[u8]>)>),
+    /// Small writes into the page cache done at once on the shard thread (pwrite): cheaper
+    /// than a trip through the kernel's io_uring workers, which buffered writes take.
+    InlineWrites(Vec<(RawFd, u64, Box<[u8]>)>),
     /// Files to fdatasync.
     Sync(Vec<RawFd>),
+    /// The writes waiting for this write-back have what they need: complete them (the rest
+    /// of the run goes on without holding them).
+    Complete,
 }
 
 #[derive(Default)]
@@ -78,6 +84,9 @@ pub(super) struct FlushState {
     l2_keys: Vec<(u64, u32)>,
     l1_indices: Vec<u64>,
     frees: Vec<PendingFree>,
+    /// The last reservation taken when the run started: on success every reservation up to
+    /// it has durable refcounts.
+    snap_seq: u64,
     /// The refcount table this flush writes (kept to undo on failure and to free the table
     /// it retires on success).
     table: Option<crate::meta::TableSnapshot>,
@@ -138,6 +147,10 @@ impl State {
         let fd = q.file.as_raw_fd();
         let cs = q.geom.cluster_size();
         let hard = !self.flush.queued.is_empty();
+        if self.refcount_writes > 0 && (hard || self.newest_referenced > self.durable_seq) {
+            // Started again at the end of the turn that completes them.
+            return;
+        }
         if hard {
             self.flushes += 1;
         }
@@ -191,65 +204,166 @@ impl State {
             f.frees = std::mem::take(&mut self.pending_frees);
         }
         let sync_before_l2 = std::mem::take(&mut self.sync_before_l2);
+        let waits_for_refcounts = std::mem::take(&mut self.newest_referenced) > self.durable_seq;
+        f.snap_seq = self.reserve_seq;
 
+        // A write-back takes refcount blocks only when an entry it writes needs them durable
+        // first, or the table moved; otherwise they are left to the durable refcount writes
+        // that follow each reservation (`start_refcount_writes`), or to the next flush.
         let (blocks, table) = {
             let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-            if w.lazy_refcounts {
-                (Vec::new(), None)
+            let table = if w.lazy_refcounts {
+                None
             } else {
-                (rc.take_dirty_blocks(), rc.take_table())
+                rc.take_table()
+            };
+            let need_blocks = hard || waits_for_refcounts || table.is_some();
+            if w.lazy_refcounts || !need_blocks {
+                (Vec::new(), table)
+            } else {
+                (rc.take_dirty_blocks(), table)
             }
         };
+        if !hard && (self.refcount_writes > 0 || (blocks.is_empty() && table.is_none())) {
+            // This run does not prove every reservation's refcounts durable: it writes none,
+            // or some are still being written apart from it.
+            f.snap_seq = 0;
+        }
 
         let mut sync = vec![fd];
         if let Some(df) = &q.data_file {
             sync.push(df.as_raw_fd());
         }
-        // A write-back syncs only where an ordering requires it: before L2 entries that point
-        // at clusters whose refcounts (or data) are not durable yet, and between a new table
-        // and the L1 entry that points at it.
         let b = &mut f.batches;
         b.clear();
-        let sync_first = hard || sync_before_l2 || table.is_some();
-        if !blocks.is_empty() {
-            let writes = blocks.into_iter().map(|(h, buf)| (fd, h, buf)).collect();
-            b.push_back(if sync_first {
-                Batch::Writes(writes)
-            } else {
-                Batch::DurableWrites(writes)
-            });
-        }
-        if sync_first {
+        if hard {
+            if !blocks.is_empty() {
+                b.push_back(Batch::Writes(
+                    blocks.into_iter().map(|(h, buf)| (fd, h, buf)).collect(),
+                ));
+            }
             b.push_back(Batch::Sync(sync));
-        }
-        if let Some(snapshot) = table {
-            let (toff, tclusters) = snapshot.location;
-            let bytes = snapshot.bytes.clone();
-            f.table = Some(snapshot);
-            b.push_back(Batch::Writes(vec![(fd, toff, bytes.into_boxed_slice())]));
-            b.push_back(Batch::Sync(vec![fd]));
-            let header = {
-                let mut h = w.header.lock().unwrap_or_else(|p| p.into_inner());
-                h.put64(field::REFCOUNT_TABLE_OFFSET, toff);
-                h.put32(field::REFCOUNT_TABLE_CLUSTERS, tclusters as u32);
-                h.bytes.clone()
-            };
-            b.push_back(Batch::Writes(vec![(fd, 0, header.into_boxed_slice())]));
-            b.push_back(Batch::Sync(vec![fd]));
-        }
-        if !l2_writes.is_empty() {
-            b.push_back(Batch::Writes(l2_writes));
-            if hard || !l1_writes.is_empty() {
+            if let Some(snapshot) = table {
+                f.table = Some(table_batches(b, w, fd, snapshot));
+            }
+            if !l2_writes.is_empty() {
+                b.push_back(Batch::Writes(l2_writes));
                 b.push_back(Batch::Sync(vec![fd]));
             }
-        }
-        if !l1_writes.is_empty() {
-            b.push_back(Batch::Writes(l1_writes));
-            if hard {
+            if !l1_writes.is_empty() {
+                b.push_back(Batch::Writes(l1_writes));
                 b.push_back(Batch::Sync(vec![fd]));
             }
+        } else {
+            // A write-back syncs only where an ordering requires it (see the module
+            // documentation).
+            let sync_first = sync_before_l2 || table.is_some();
+            let blocks: Vec<_> = blocks.into_iter().map(|(h, buf)| (fd, h, buf)).collect();
+            if !blocks.is_empty() && sync_first {
+                b.push_back(Batch::Writes(blocks));
+            } else if !blocks.is_empty() {
+                b.push_back(Batch::DurableWrites(blocks));
+            }
+            if sync_first {
+                b.push_back(Batch::Sync(sync));
+            }
+            if let Some(snapshot) = table {
+                f.table = Some(table_batches(b, w, fd, snapshot));
+            }
+            if !l2_writes.is_empty() {
+                b.push_back(Batch::InlineWrites(l2_writes));
+            }
+            if !l1_writes.is_empty() {
+                b.push_back(Batch::Sync(vec![fd]));
+                b.push_back(Batch::InlineWrites(l1_writes));
+            }
+            b.push_back(Batch::Complete);
         }
         self.next_flush_batch(ring, img);
+    }
+
+    /// After a reservation (outside lazy refcounts): writes the dirty refcount blocks with
+    /// RWF_DSYNC at once, apart from any run, so that they are durable before the
+    /// reservation's clusters are referenced and no write waits for them. One batch at a
+    /// time; a table that grew or moved is left to the next run (which then writes the blocks
+    /// too, in order).
+    pub(super) fn start_refcount_writes(&mut self, ring: &mut Ring, img: &ImageInner) {
+        if !self.refcounts_to_write || self.refcount_writes > 0 || self.flush.active {
+            return;
+        }
+        let Some(w) = &img.writable else {
+            return;
+        };
+        if w.failed.load(Ordering::Relaxed) {
+            return;
+        }
+        let LayerKind::Qcow2(q) = &img.layers[0].kind else {
+            unreachable!("the top layer is always qcow2");
+        };
+        let fd = q.file.as_raw_fd();
+        let blocks = {
+            let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+            if rc.table_changed() {
+                return;
+            }
+            rc.take_dirty_blocks()
+        };
+        self.refcounts_to_write = false;
+        self.refcount_writes_seq = self.reserve_seq;
+        self.refcount_writes_failed = None;
+        for (host, buf) in blocks {
+            let entry = opcode::Write::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
+                .offset(host)
+                .rw_flags(libc::RWF_DSYNC)
+                .build();
+            let op = self.ops.alloc();
+            self.ops[op].kind = OpKind::RefcountWrite;
+            self.ops[op].buf = Some(buf);
+            // SAFETY: the buffer is owned by the op (a heap allocation that does not move)
+            // until its completion.
+            match unsafe { self.push(ring, op, entry) } {
+                Ok(()) => self.refcount_writes += 1,
+                Err(e) => {
+                    self.refcount_writes_failed.get_or_insert(e);
+                }
+            }
+        }
+        if self.refcount_writes == 0 {
+            self.refcount_writes_finished(img);
+        }
+    }
+
+    /// One durable refcount-block write completed.
+    pub(super) fn refcount_write_done(&mut self, img: &ImageInner, res: i32) {
+        if res < 0 {
+            self.refcount_writes_failed
+                .get_or_insert(IoError::Os { errno: -res });
+        }
+        self.refcount_writes -= 1;
+        if self.refcount_writes == 0 {
+            self.refcount_writes_finished(img);
+        }
+    }
+
+    fn refcount_writes_finished(&mut self, img: &ImageInner) {
+        match self.refcount_writes_failed.take() {
+            None => self.durable_seq = self.durable_seq.max(self.refcount_writes_seq),
+            Some(e) => {
+                let w = img
+                    .writable
+                    .as_ref()
+                    .expect("only writable images write refcounts");
+                tracing::error!(
+                    "{}: writing refcount blocks failed ({e}); the image takes no more writes",
+                    img.layers[0].path.display()
+                );
+                w.failed.store(true, Ordering::Relaxed);
+                w.refcounts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .mark_all_dirty();
+            }
+        }
     }
 
     /// Submits the next batch, or finishes the flush when none is left.
@@ -260,6 +374,22 @@ impl State {
         let mut entries = Vec::new();
         let durable = matches!(batch, Batch::DurableWrites(_));
         match batch {
+            Batch::Complete => {
+                for token in std::mem::take(&mut self.flush.running) {
+                    self.finished.push(super::Completion {
+                        token,
+                        result: Ok(()),
+                    });
+                }
+            }
+            Batch::InlineWrites(writes) => {
+                for (fd, host, buf) in writes {
+                    if let Err(e) = pwrite_all(fd, &buf, host) {
+                        self.flush.error.get_or_insert(e);
+                    }
+                    self.recycle(buf);
+                }
+            }
             Batch::Writes(writes) | Batch::DurableWrites(writes) => {
                 let flags = if durable { libc::RWF_DSYNC } else { 0 };
                 for (fd, host, buf) in writes {
@@ -334,6 +464,7 @@ impl State {
         f.active = false;
         let result = match f.error {
             None => {
+                self.durable_seq = self.durable_seq.max(f.snap_seq);
                 let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some((off, n)) = f.table.take().and_then(|t| t.retired) {
                     let cluster = 1u64 << rc_cluster_bits(img);
@@ -380,6 +511,56 @@ impl State {
             self.finished.push(super::Completion { token, result });
         }
     }
+}
+
+/// Appends the batches that write a grown or moved refcount table, then the header that
+/// points at it, each made durable; returns the snapshot to keep until the run ends.
+fn table_batches(
+    b: &mut VecDeque<Batch>,
+    w: &crate::write::Writable,
+    fd: RawFd,
+    snapshot: crate::meta::TableSnapshot,
+) -> crate::meta::TableSnapshot {
+    let (toff, tclusters) = snapshot.location;
+    b.push_back(Batch::Writes(vec![(
+        fd,
+        toff,
+        snapshot.bytes.clone().into_boxed_slice(),
+    )]));
+    b.push_back(Batch::Sync(vec![fd]));
+    let header = {
+        let mut h = w.header.lock().unwrap_or_else(|p| p.into_inner());
+        h.put64(field::REFCOUNT_TABLE_OFFSET, toff);
+        h.put32(field::REFCOUNT_TABLE_CLUSTERS, tclusters as u32);
+        h.bytes.clone()
+    };
+    b.push_back(Batch::Writes(vec![(fd, 0, header.into_boxed_slice())]));
+    b.push_back(Batch::Sync(vec![fd]));
+    snapshot
+}
+
+/// Writes all of `buf` at `offset` of `fd`.
+fn pwrite_all(fd: RawFd, mut buf: &[u8], mut offset: u64) -> Result<(), IoError> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a live byte slice for the duration of the call; `fd` is an open
+        // file of the image, which outlives the shard.
+        let n = unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), offset as libc::off_t) };
+        if n < 0 {
+            let errno = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if errno == libc::EINTR {
+                continue;
+            }
+            return Err(IoError::Os { errno });
+        }
+        if n == 0 {
+            return Err(IoError::Os { errno: libc::EIO });
+        }
+        buf = &buf[n as usize..];
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 /// Host offset of the L2 table of `l1_index`, if the active L1 points at one.

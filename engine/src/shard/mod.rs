@@ -171,6 +171,8 @@ enum OpKind {
     Flush {
         injected: bool,
     },
+    /// A durable (RWF_DSYNC) write of refcount blocks of new reservations.
+    RefcountWrite,
 }
 
 /// Where a compressed cluster is inflated to.
@@ -202,7 +204,11 @@ struct LayerCaches {
 struct Reserved {
     next: u64,
     remaining: u64,
+    /// Clusters reserved in all.
+    size: u64,
     fresh: bool,
+    /// Numbered from 1 in the order this shard reserved them.
+    seq: u64,
 }
 
 /// A host range whose reference was dropped; freed after the next flush makes that durable.
@@ -238,6 +244,20 @@ struct State {
     inflater: ClusterInflater,
     ops_in_kernel: usize,
     reserved: Reserved,
+    /// The next reservation, taken once half of `reserved` is used.
+    spare: Reserved,
+    /// Number of the last reservation taken.
+    reserve_seq: u64,
+    /// Reservations up to this number have durable refcounts.
+    durable_seq: u64,
+    /// The newest reservation an unwritten entry points into (0: none that is not durable).
+    newest_referenced: u64,
+    /// A reservation was taken whose refcount blocks have not been submitted for writing.
+    refcounts_to_write: bool,
+    /// Durable refcount-block writes in flight, and the last reservation they cover.
+    refcount_writes: u32,
+    refcount_writes_seq: u64,
+    refcount_writes_failed: Option<IoError>,
     pending_frees: Vec<PendingFree>,
     dirty_l1: Vec<u64>,
     /// L1 entries changed since they were last written (by a flush or a metadata write-back).
@@ -338,6 +358,14 @@ impl Shard {
                 inflater: ClusterInflater::new(),
                 ops_in_kernel: 0,
                 reserved: Reserved::default(),
+                spare: Reserved::default(),
+                reserve_seq: 0,
+                durable_seq: 0,
+                newest_referenced: 0,
+                refcounts_to_write: false,
+                refcount_writes: 0,
+                refcount_writes_seq: 0,
+                refcount_writes_failed: None,
                 pending_frees: Vec::new(),
                 dirty_l1: Vec::new(),
                 unwritten_l1: Vec::new(),
@@ -598,18 +626,20 @@ impl Shard {
     /// Gives the clusters this shard reserved but did not use back to the image (for a clean
     /// close, after [`Shard::flush_blocking`]).
     pub fn release_reserved(&mut self) {
-        let (Some(w), r) = (&self.image.inner.writable, &mut self.st.reserved) else {
+        let Some(w) = &self.image.inner.writable else {
             return;
         };
-        if r.remaining == 0 {
-            return;
-        }
         let cs = self.image.cluster_size();
-        let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = rc.adjust_range(r.next, r.remaining * cs, -1) {
-            tracing::warn!("Cannot release reserved clusters: {e}");
+        for r in [&mut self.st.reserved, &mut self.st.spare] {
+            if r.remaining == 0 {
+                continue;
+            }
+            let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = rc.adjust_range(r.next, r.remaining * cs, -1) {
+                tracing::warn!("Cannot release reserved clusters: {e}");
+            }
+            r.remaining = 0;
         }
-        r.remaining = 0;
     }
 
     /// Writes `buf` at `offset` and waits for it.
@@ -697,6 +727,7 @@ impl Shard {
         if let (Some(why), Some(w)) = (st.pending_corrupt.take(), &img.writable) {
             w.mark_corrupt(&img.layers[0], why);
         }
+        st.start_refcount_writes(ring, img);
         st.maybe_start_flush(ring, img);
     }
 }
@@ -717,6 +748,7 @@ impl Drop for Shard {
             && (!self.st.pending_frees.is_empty()
                 || !self.st.dirty_l1.is_empty()
                 || self.st.reserved.remaining > 0
+                || self.st.spare.remaining > 0
                 || self.st.reqs.live() > 0)
         {
             tracing::warn!(
@@ -884,6 +916,10 @@ impl State {
             OpKind::AllocWrite { alloc } => {
                 self.free_op(op);
                 self.alloc_written(img, alloc, res);
+            }
+            OpKind::RefcountWrite => {
+                self.free_op(op);
+                self.refcount_write_done(img, res);
             }
             OpKind::Flush { injected } => {
                 self.free_op(op);

@@ -57,6 +57,8 @@ pub(super) struct Alloc {
     /// the disk without the data, the span still reads as zeros, never as stale host bytes
     /// or as neither its old nor its new content.
     survives_loss: bool,
+    /// Number of the reservation `host` came from (0: not newly allocated).
+    reservation: u64,
     buf: Option<Box<[u8]>>,
     cow_pending: u32,
     error: Option<IoError>,
@@ -191,7 +193,10 @@ impl State {
                     return None;
                 }
                 let host = match self.alloc_cluster(img, w) {
-                    Ok((h, _)) => h,
+                    Ok((h, _, seq)) => {
+                        self.note_reference(img, seq);
+                        h
+                    }
                     Err(e) => {
                         self.finish_part(pid, Err(e));
                         return None;
@@ -209,7 +214,10 @@ impl State {
                 if !l1_entry_copied(raw_l1) {
                     // Shared with an internal snapshot: the active L1 gets its own copy.
                     let new = match self.alloc_cluster(img, w) {
-                        Ok((h, _)) => h,
+                        Ok((h, _, seq)) => {
+                            self.note_reference(img, seq);
+                            h
+                        }
                         Err(e) => {
                             self.finish_part(pid, Err(e));
                             return None;
@@ -231,45 +239,88 @@ impl State {
     }
 
     /// Takes one cluster from this shard's reservation, reserving more when it is empty.
-    /// Returns (host offset, fresh): a fresh cluster has never held data and reads as zeros.
+    /// Returns (host offset, fresh, reservation): a fresh cluster has never held data and
+    /// reads as zeros; the reservation's number tells whether its refcounts are durable yet
+    /// (see [`State::note_reference`]).
+    ///
+    /// Once half of a reservation is handed out the next one is taken, so that the write-back
+    /// that makes its refcounts durable runs while the current one is still in use and no
+    /// write has to wait for it.
     pub(super) fn alloc_cluster(
         &mut self,
         img: &ImageInner,
         w: &Writable,
-    ) -> Result<(u64, bool), IoError> {
+    ) -> Result<(u64, bool, u64), IoError> {
         let (q, _) = top(img);
         let cs = q.geom.cluster_size();
         if self.reserved.remaining == 0 {
-            let (off, n, fresh) = {
-                let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-                let want = (RESERVE_BYTES / cs).clamp(RESERVE_MIN_CLUSTERS, RESERVE_MAX_CLUSTERS);
-                rc.allocate(want).map_err(refcount_error)?
+            self.reserved = if self.spare.remaining > 0 {
+                std::mem::take(&mut self.spare)
+            } else {
+                self.reserve(img, w)?
             };
-            // Extend the file over the reservation so that no entry ever points past its end.
-            let end = off + n * cs;
-            if end > w.file_len.load(Ordering::Relaxed) {
-                q.file.set_len(end).map_err(|e| {
-                    tracing::error!("Cannot extend {}: {e}", img.layers[0].path.display());
-                    super::os_error(&e)
-                })?;
-                w.file_len.store(end, Ordering::Relaxed);
-            }
-            self.reserved = super::Reserved {
-                next: off,
-                remaining: n,
-                fresh,
-            };
-            // The new refcounts must be durable before any entry pointing into the reservation
-            // is written: metadata write-backs write dirty refcount blocks durably first. With
-            // lazy refcounts they are not written; the file's new length still is.
-            if w.lazy_refcounts {
-                self.sync_before_l2 = true;
+        }
+        let r = &mut self.reserved;
+        let (host, fresh, seq) = (r.next, r.fresh, r.seq);
+        r.next += cs;
+        r.remaining -= 1;
+        if r.remaining <= r.size / 2 && self.spare.remaining == 0 {
+            // Failing early is harmless: the next reservation reports the error.
+            match self.reserve(img, w) {
+                Ok(spare) => self.spare = spare,
+                Err(e) => tracing::debug!("Cannot reserve clusters ahead: {e}"),
             }
         }
-        let host = self.reserved.next;
-        self.reserved.next += cs;
-        self.reserved.remaining -= 1;
-        Ok((host, self.reserved.fresh))
+        Ok((host, fresh, seq))
+    }
+
+    /// Reserves a run of clusters from the image's allocator and extends the file over it.
+    fn reserve(&mut self, img: &ImageInner, w: &Writable) -> Result<super::Reserved, IoError> {
+        let (q, _) = top(img);
+        let cs = q.geom.cluster_size();
+        let (off, n, fresh) = {
+            let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+            let want = (RESERVE_BYTES / cs).clamp(RESERVE_MIN_CLUSTERS, RESERVE_MAX_CLUSTERS);
+            rc.allocate(want).map_err(refcount_error)?
+        };
+        // Extend the file over the reservation so that no entry ever points past its end.
+        let end = off + n * cs;
+        if end > w.file_len.load(Ordering::Relaxed) {
+            if let Err(e) = q.file.set_len(end) {
+                tracing::error!("Cannot extend {}: {e}", img.layers[0].path.display());
+                let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = rc.adjust_range(off, n * cs, -1) {
+                    tracing::warn!("Cannot give back the clusters just reserved: {e}");
+                }
+                return Err(super::os_error(&e));
+            }
+            w.file_len.store(end, Ordering::Relaxed);
+        }
+        // With lazy refcounts the new refcounts are not written, but the file's new length
+        // must be durable before an entry points into it.
+        if w.lazy_refcounts {
+            self.sync_before_l2 = true;
+        } else {
+            self.refcounts_to_write = true;
+        }
+        self.reserve_seq += 1;
+        Ok(super::Reserved {
+            next: off,
+            remaining: n,
+            size: n,
+            fresh,
+            seq: self.reserve_seq,
+        })
+    }
+
+    /// An entry now in memory (L2, or L1 for a new table) points at a cluster of reservation
+    /// `seq`: the write-back that writes the entry must first make that reservation's
+    /// refcounts durable unless an earlier one already did (invariant 1).
+    pub(super) fn note_reference(&mut self, img: &ImageInner, seq: u64) {
+        let lazy = img.writable.as_ref().is_some_and(|w| w.lazy_refcounts);
+        if !lazy && seq > self.durable_seq {
+            self.newest_referenced = self.newest_referenced.max(seq);
+        }
     }
 
     /// Writes (or, with `zeros`, writes zeros over) part `pid` within one cluster.
@@ -321,11 +372,11 @@ impl State {
         } else {
             (0, cs)
         };
-        let (host, new_cluster, fresh) = match copied_normal {
-            Some(h) if ext => (h, false, false),
-            _ if q.data_file.is_some() => (cluster, true, false),
+        let (host, new_cluster, fresh, seq) = match copied_normal {
+            Some(h) if ext => (h, false, false, 0),
+            _ if q.data_file.is_some() => (cluster, true, false, 0),
             _ => match self.alloc_cluster(img, w) {
-                Ok((h, fresh)) => (h, true, fresh),
+                Ok((h, fresh, seq)) => (h, true, fresh, seq),
                 Err(e) => return self.finish_part(pid, Err(e)),
             },
         };
@@ -352,6 +403,7 @@ impl State {
             old_raw: 0,
             old_bitmap: entry.bitmap,
             survives_loss,
+            reservation: seq,
             buf: None,
             cow_pending: 0,
             error: None,
@@ -540,6 +592,7 @@ impl State {
         if !al.survives_loss {
             self.sync_before_l2 = true;
         }
+        self.note_reference(img, al.reservation);
         if al.new_cluster && !al.identity {
             self.free_old_mapping(q, al.old_raw, al.old_bitmap, cs);
         }
