@@ -463,7 +463,7 @@ fn one_round(round: u64) -> bool {
 }
 
 #[test]
-fn kill_9_at_random_moments_keeps_image_consistent_and_flushed_writes() {
+fn kill_9_at_random_moments_keeps_image_consistent_and_completed_writes() {
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
     // QCOW2D_CRASH_ROUNDS=N runs N rounds; QCOW2D_CRASH_FIRST_ROUND=K starts at round K (each
     // round's image kind, seed and kill time derive from its number).

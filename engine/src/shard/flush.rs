@@ -283,12 +283,13 @@ impl State {
     }
 
     /// After a reservation (outside lazy refcounts): writes the dirty refcount blocks with
-    /// RWF_DSYNC at once, apart from any run, so that they are durable before the
-    /// reservation's clusters are referenced and no write waits for them. One batch at a
-    /// time; a table that grew or moved is left to the next run (which then writes the blocks
-    /// too, in order).
+    /// RWF_DSYNC at once, apart from any run (a run in progress only writes entries whose
+    /// reservations it made durable itself or that were durable when it started), so that
+    /// they are durable before the reservation's clusters are referenced and no write waits
+    /// for them. One batch at a time; a table that grew or moved is left to the next run
+    /// (which then writes the blocks too, in order).
     pub(super) fn start_refcount_writes(&mut self, ring: &mut Ring, img: &ImageInner) {
-        if !self.refcounts_to_write || self.refcount_writes > 0 || self.flush.active {
+        if !self.refcounts_to_write || self.refcount_writes > 0 {
             return;
         }
         let Some(w) = &img.writable else {

@@ -727,8 +727,10 @@ impl Shard {
         if let (Some(why), Some(w)) = (st.pending_corrupt.take(), &img.writable) {
             w.mark_corrupt(&img.layers[0], why);
         }
-        st.start_refcount_writes(ring, img);
+        // A flush first: it waits for refcount writes in flight, and starting new ones first
+        // could keep it waiting for as long as clusters are being allocated.
         st.maybe_start_flush(ring, img);
+        st.start_refcount_writes(ring, img);
     }
 }
 
