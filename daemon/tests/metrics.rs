@@ -655,8 +655,9 @@ fn metrics_add_up_to_what_the_client_did() {
         "later accesses hit ({hits} hits, {misses} misses)"
     );
     // 160 reads of 4 KiB over 10 compressed clusters of 64 KiB: the first read of each
-    // cluster misses, later ones hit (a read that waited for the cluster to load looks it up
-    // again), so hits and misses depend on timing but stay within these bounds.
+    // cluster misses and inflates only what it needs, the second misses and loads the
+    // cluster, later ones hit (a read that waited for the cluster to load looks it up again),
+    // so hits and misses depend on timing but stay within these bounds.
     let reads = (4 * COMPRESSED_READS) as f64;
     let clusters = reads * 4096.0 / 65536.0;
     let hits = s.get(
@@ -668,7 +669,9 @@ fn metrics_add_up_to_what_the_client_did() {
         &[("export", &export)],
     );
     assert!(
-        (1.0..=clusters).contains(&misses) && hits >= reads - clusters && hits <= 2.0 * reads,
+        (1.0..=2.0 * clusters).contains(&misses)
+            && hits >= reads - 2.0 * clusters
+            && hits <= 2.0 * reads,
         "decompressed cache: {hits} hits, {misses} misses"
     );
     assert_eq!(

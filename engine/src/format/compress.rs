@@ -64,6 +64,39 @@ impl Inflater {
         }
     }
 
+    /// Decodes only the first `out.len()` bytes of a deflate cluster (at most one cluster),
+    /// stopping there: a read of the start of a cluster needs no more, and inflation costs in
+    /// proportion to the output. Streaming (miniz_oxide), so it stops at the exact byte. What a
+    /// stream holds past the prefix is not looked at: damage there is not reported.
+    pub fn inflate_deflate_prefix(
+        &mut self,
+        input: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), InflateError> {
+        use miniz_oxide::inflate::core::{decompress, inflate_flags};
+        use miniz_oxide::inflate::TINFLStatus;
+        self.fallback.init();
+        let (status, _consumed, produced) = decompress(
+            &mut self.fallback,
+            input,
+            out,
+            0,
+            inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
+        );
+        if produced == out.len() {
+            return Ok(());
+        }
+        match status {
+            TINFLStatus::Done | TINFLStatus::NeedsMoreInput | TINFLStatus::HasMoreOutput => {
+                Err(InflateError::Short {
+                    produced,
+                    expected: out.len(),
+                })
+            }
+            _ => Err(InflateError::BadDeflate),
+        }
+    }
+
     fn inflate_deflate(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), InflateError> {
         match self.deflate.deflate_decompress(input, out) {
             Ok(n) if n == out.len() => return Ok(()),
@@ -192,6 +225,30 @@ mod tests {
         let mut out = vec![0u8; 4096];
         inflate_cluster(CompressionType::Zlib, &s, &mut out).unwrap();
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn prefix_of_a_deflate_cluster() {
+        // Compresses to about two thirds, so half the stream holds well over 1 KiB of output.
+        let data: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ (i / 7) as u8)
+            .collect();
+        let comp = miniz_oxide::deflate::compress_to_vec(&data, 6);
+        let mut inf = Inflater::new();
+        for n in [1usize, 511, 4096, 30000, 65536] {
+            let mut out = vec![0u8; n];
+            inf.inflate_deflate_prefix(&comp, &mut out).unwrap();
+            assert_eq!(out, data[..n], "prefix of {n} bytes");
+        }
+        // Cut in the middle: a prefix before the cut inflates, one past it does not.
+        let cut = &comp[..comp.len() / 2];
+        let mut small = vec![0u8; 1024];
+        inf.inflate_deflate_prefix(cut, &mut small).unwrap();
+        assert_eq!(small, data[..1024]);
+        let mut big = vec![0u8; 65536];
+        assert!(inf.inflate_deflate_prefix(cut, &mut big).is_err());
+        // Garbage is an error, not a panic.
+        assert!(inf.inflate_deflate_prefix(&[0xff; 64], &mut small).is_err());
     }
 
     #[test]

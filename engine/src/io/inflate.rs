@@ -44,6 +44,14 @@ pub enum Output {
         /// Bytes: one cluster.
         len: usize,
     },
+    /// Engine memory that nobody else reads or writes meanwhile, for only the first `len`
+    /// bytes of a deflate cluster ([`Inflater::inflate_deflate_prefix`]).
+    Prefix {
+        /// First byte.
+        ptr: *mut u8,
+        /// Bytes: at most one cluster.
+        len: usize,
+    },
 }
 
 /// One cluster to inflate.
@@ -243,7 +251,8 @@ impl ClusterInflater {
     }
 
     /// Decodes `input` into exactly one cluster at `out`, with the same acceptance rules as
-    /// [`Inflater::inflate`] (the result is identical for engine and guest memory).
+    /// [`Inflater::inflate`] (the result is identical for engine and guest memory), or, for
+    /// [`Output::Prefix`], only the first bytes of the cluster.
     ///
     /// On error the bytes at `out` are unspecified (never outside it).
     ///
@@ -266,6 +275,15 @@ impl ClusterInflater {
             }
             // SAFETY: forwarded from the caller.
             Output::Guest { ptr, len } => unsafe { self.inflate_guest(kind, input, ptr, len) },
+            Output::Prefix { ptr, len } => {
+                // SAFETY: as for engine memory.
+                let out = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+                match kind {
+                    CompressionType::Zlib => self.inflater.inflate_deflate_prefix(input, out),
+                    // Not used for zstd (the shard inflates whole zstd clusters).
+                    CompressionType::Zstd => Err(InflateError::BadDeflate),
+                }
+            }
         }
     }
 

@@ -183,6 +183,9 @@ enum InflateTarget {
     /// Straight into the guest memory of this part, which covers the whole cluster with one
     /// segment (the op's one iovec); nothing is cached (`read.rs` says why).
     Part(u32),
+    /// Only the start of the cluster up to the end of this part, into the op's `scratch`,
+    /// from which the part is copied; nothing is cached (`read.rs` says why).
+    Prefix(u32),
 }
 
 #[derive(Default)]
@@ -192,6 +195,8 @@ struct Op {
     buf: Option<Box<[u8]>>,
     /// Aligned copy of a direct write's misaligned memory (see `direct.rs`).
     bounce: Option<AlignedBuf>,
+    /// Where a cluster prefix is inflated ([`InflateTarget::Prefix`]): a cluster buffer.
+    scratch: Option<Box<[u8]>>,
 }
 
 struct LayerCaches {
@@ -877,7 +882,11 @@ impl State {
         let o = &mut self.ops[op];
         o.kind = OpKind::Idle;
         o.bounce = None;
+        let scratch = o.scratch.take();
         if let Some(buf) = o.buf.take() {
+            self.recycle(buf);
+        }
+        if let Some(buf) = scratch {
             self.recycle(buf);
         }
         self.ops.free(op);
