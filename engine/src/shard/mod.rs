@@ -248,6 +248,9 @@ struct State {
     zeros: AlignedBuf,
     inflater: ClusterInflater,
     ops_in_kernel: usize,
+    /// Guest offsets just past the last few compressed parts read (sequential streams).
+    compressed_ends: [u64; 8],
+    compressed_end_next: usize,
     reserved: Reserved,
     /// The next reservation, taken once half of `reserved` is used.
     spare: Reserved,
@@ -362,6 +365,8 @@ impl Shard {
                 ),
                 inflater: ClusterInflater::new(),
                 ops_in_kernel: 0,
+                compressed_ends: [u64::MAX; 8],
+                compressed_end_next: 0,
                 reserved: Reserved::default(),
                 spare: Reserved::default(),
                 reserve_seq: 0,

@@ -171,7 +171,8 @@ impl State {
     /// cached or loading uses the slot.
     ///
     /// A partial read (a 4 KiB random read) of a deflate cluster that misses, ends in the
-    /// first three quarters of the cluster, and did not miss within that window before,
+    /// first three quarters of the cluster, does not continue one of the last few compressed
+    /// reads (a sequential stream), and did not miss within that window before,
     /// inflates only the cluster's start up to the end of the part (a streaming inflater that
     /// stops at that byte; miniz_oxide costs about 1.3 times libdeflate per byte, so this
     /// saves work up to three quarters) and copies the part out; nothing is cached. A
@@ -188,6 +189,10 @@ impl State {
     ) {
         let p = self.parts[pid];
         let cs = q.geom.cluster_size();
+        let sequential = self.compressed_ends.contains(&p.guest_off);
+        let slot_of_end = self.compressed_end_next % self.compressed_ends.len();
+        self.compressed_ends[slot_of_end] = p.guest_off + p.len;
+        self.compressed_end_next = self.compressed_end_next.wrapping_add(1);
         let caches = &mut self.layers[p.layer as usize];
         let (target, direct) = match caches.decompressed.lookup(desc.host_offset) {
             Lookup::Ready(slot) => {
@@ -212,7 +217,10 @@ impl State {
                 // Past three quarters of the cluster, libdeflate's whole-cluster inflation
                 // costs no more than the streaming inflater's prefix.
                 let end = p.guest_off % cs + p.len;
+                // A part that continues one of the last few compressed reads is a sequential
+                // stream, which reads the whole cluster soon: load it whole right away.
                 let prefix = !whole
+                    && !sequential
                     && q.header.compression_type == CompressionType::Zlib
                     && end * 4 <= cs * 3
                     && !caches.decompressed.admit_on_repeat(desc.host_offset);
