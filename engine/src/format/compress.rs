@@ -73,6 +73,12 @@ impl Inflater {
         input: &[u8],
         out: &mut [u8],
     ) -> Result<(), InflateError> {
+        self.stream_deflate(input, out)
+    }
+
+    /// Streams `input` through miniz_oxide until `out` is full: the exact number of bytes,
+    /// whether or not the stream has a final block or goes on.
+    fn stream_deflate(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), InflateError> {
         use miniz_oxide::inflate::core::{decompress, inflate_flags};
         use miniz_oxide::inflate::TINFLStatus;
         self.fallback.init();
@@ -110,28 +116,7 @@ impl Inflater {
             // the streaming inflater decide.
             Err(_) => {}
         }
-        use miniz_oxide::inflate::core::{decompress, inflate_flags};
-        use miniz_oxide::inflate::TINFLStatus;
-        self.fallback.init();
-        let (status, _consumed, produced) = decompress(
-            &mut self.fallback,
-            input,
-            out,
-            0,
-            inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
-        );
-        if produced == out.len() {
-            return Ok(());
-        }
-        match status {
-            TINFLStatus::Done | TINFLStatus::NeedsMoreInput | TINFLStatus::HasMoreOutput => {
-                Err(InflateError::Short {
-                    produced,
-                    expected: out.len(),
-                })
-            }
-            _ => Err(InflateError::BadDeflate),
-        }
+        self.stream_deflate(input, out)
     }
 
     fn inflate_zstd(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), InflateError> {
