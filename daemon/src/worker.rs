@@ -1172,9 +1172,10 @@ mod tests {
         16 * segs.len() as u32
     }
 
-    #[test]
-    fn writes_discards_write_zeroes_and_flushes_reach_the_engine() {
-        let h = Harness::new();
+    /// Queues five requests on the harness's ring: a write of 1024 bytes (0xab), a discard of
+    /// three 4 KiB ranges, a write-zeroes of 4 KiB, a flush, and a discard with the unmap flag
+    /// (UNSUPP); status bytes at 0x5000..0x5005 start as 0xee. Returns the used ring's address.
+    fn queue_mixed_requests(h: &Harness) -> u64 {
         let m = h.mem.memory();
         write_header(&m, 0x1000, VIRTIO_BLK_T_OUT, 2);
         m.write_slice(&[0xab; 1024], GuestAddress(0x8000)).unwrap();
@@ -1189,23 +1190,33 @@ mod tests {
             m.write_obj(0xeeu8, GuestAddress(status)).unwrap();
         }
         let descs = [
+            // 0..2: write of 1024 bytes: OK.
             desc(0x1000, 16, false, Some(1)),
             desc(0x8000, 1024, false, Some(2)),
             desc(0x5000, 1, true, None),
+            // 3..5: discard of three 4 KiB ranges: OK.
             desc(0x1100, 16, false, Some(4)),
             desc(0x6000, d, false, Some(5)),
             desc(0x5001, 1, true, None),
+            // 6..8: write zeroes, 4 KiB: OK.
             desc(0x1200, 16, false, Some(7)),
             desc(0x6100, z, false, Some(8)),
             desc(0x5002, 1, true, None),
+            // 9..10: flush: OK.
             desc(0x1300, 16, false, Some(10)),
             desc(0x5003, 1, true, None),
-            // Unmap on a discard: UNSUPP, never submitted.
+            // 11..13: discard with unmap: UNSUPP, an error.
             desc(0x1400, 16, false, Some(12)),
             desc(0x6200, bad, false, Some(13)),
             desc(0x5004, 1, true, None),
         ];
-        let used_addr = h.queue(&descs);
+        h.queue(&descs)
+    }
+
+    #[test]
+    fn writes_discards_write_zeroes_and_flushes_reach_the_engine() {
+        let h = Harness::new();
+        let used_addr = queue_mixed_requests(&h);
         let mut w = Worker::new(FakeIo::default(), h.mem.clone());
         w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device_rw());
 
@@ -1370,37 +1381,7 @@ mod tests {
     #[test]
     fn metrics_count_every_request_returned_to_the_guest() {
         let h = Harness::new();
-        let m = h.mem.memory();
-        write_header(&m, 0x1000, VIRTIO_BLK_T_OUT, 2);
-        write_header(&m, 0x1100, VIRTIO_BLK_T_DISCARD, 0);
-        let d = write_segments(&m, 0x6000, &[(0, 8, 0), (16, 8, 0), (64, 8, 0)]);
-        write_header(&m, 0x1200, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-        let z = write_segments(&m, 0x6100, &[(8, 8, 1)]);
-        write_header(&m, 0x1300, VIRTIO_BLK_T_FLUSH, 0);
-        write_header(&m, 0x1400, VIRTIO_BLK_T_DISCARD, 0);
-        let bad = write_segments(&m, 0x6200, &[(8, 8, 1)]);
-        let descs = [
-            // 0..2: write of 1024 bytes: OK.
-            desc(0x1000, 16, false, Some(1)),
-            desc(0x8000, 1024, false, Some(2)),
-            desc(0x5000, 1, true, None),
-            // 3..5: discard of three 4 KiB ranges: OK.
-            desc(0x1100, 16, false, Some(4)),
-            desc(0x6000, d, false, Some(5)),
-            desc(0x5001, 1, true, None),
-            // 6..8: write zeroes, 4 KiB: OK.
-            desc(0x1200, 16, false, Some(7)),
-            desc(0x6100, z, false, Some(8)),
-            desc(0x5002, 1, true, None),
-            // 9..10: flush: OK.
-            desc(0x1300, 16, false, Some(10)),
-            desc(0x5003, 1, true, None),
-            // 11..13: discard with unmap: UNSUPP, an error.
-            desc(0x1400, 16, false, Some(12)),
-            desc(0x6200, bad, false, Some(13)),
-            desc(0x5004, 1, true, None),
-        ];
-        let used_addr = h.queue(&descs);
+        let used_addr = queue_mixed_requests(&h);
         let (metrics, shard) = metrics();
         let io = FakeIo {
             cache: CacheStats {

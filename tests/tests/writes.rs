@@ -582,13 +582,9 @@ fn cluster_size_2m() {
 }
 
 /// Compressed clusters with extended L2 entries (QEMU allows them; a write must replace the
-/// whole cluster).
-///
-/// Ignored: product bug. A discard that covers whole subclusters but not the whole cluster is
-/// dropped when the cluster is compressed (or shared with a snapshot), so those subclusters
-/// keep their data, against the documented contract (docs/engine-api.md: fully covered
-/// subclusters read as zeros). Minimal reproduction:
-/// `discard_whole_subclusters_of_compressed_and_shared_clusters`.
+/// whole cluster). A discard that covers whole subclusters but not the whole cluster must make
+/// them read as zeros, through a copy of the cluster (see
+/// `discard_whole_subclusters_of_compressed_and_shared_clusters`).
 #[test]
 fn extended_l2_compressed() {
     let s = Scratch::new("w_extc");
@@ -599,10 +595,9 @@ fn extended_l2_compressed() {
     model_case(&s, &img, 15, batches(), 16 * MIB);
 }
 
-/// Minimal reproduction of the bug that `extended_l2_compressed` finds: with extended L2
-/// entries, discarding the first 16 subclusters of a compressed cluster, or of a cluster
-/// shared with an internal snapshot, must make them read as zeros (docs/engine-api.md); the
-/// engine drops the discard instead.
+/// With extended L2 entries, discarding the first 16 subclusters of a compressed cluster, or of
+/// a cluster shared with an internal snapshot, makes them read as zeros (docs/engine-api.md),
+/// although such a cluster has no per-subcluster state: the engine writes a copy.
 #[test]
 fn discard_whole_subclusters_of_compressed_and_shared_clusters() {
     let s = Scratch::new("w_extd");

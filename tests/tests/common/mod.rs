@@ -935,43 +935,87 @@ fn blkio_err(what: &str, e: blkio::Error) -> String {
     format!("blkio {what}: {} (errno {})", e.message(), e.errno())
 }
 
-impl BlkClient {
-    /// Connects to `socket`, read-only, with `num_queues` queues of 128 descriptors.
-    pub fn connect(socket: &Path, num_queues: i32) -> Result<BlkClient, String> {
+/// A started `virtio-blk-vhost-user` connection with `slots` request slots of memory mapped,
+/// and the device's limits: what both test clients are built from.
+struct Connection {
+    queues: Vec<Blkioq>,
+    blkio: Blkio,
+    region: MemoryRegion,
+    capacity: u64,
+    max_segment_len: usize,
+    max_segments: usize,
+    max_write_zeroes_len: u64,
+    max_discard_len: u64,
+    flush_needed: bool,
+}
+
+impl Connection {
+    /// Connects to `socket` with `num_queues` queues of 128 descriptors.
+    fn open(
+        socket: &Path,
+        num_queues: i32,
+        read_only: bool,
+        slots: usize,
+    ) -> Result<Connection, String> {
         let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| blkio_err("new", e))?;
         b.set_str("path", &socket.display().to_string())
             .map_err(|e| blkio_err("set path", e))?;
-        b.set_bool("read-only", true)
-            .map_err(|e| blkio_err("set read-only", e))?;
+        if read_only {
+            b.set_bool("read-only", true)
+                .map_err(|e| blkio_err("set read-only", e))?;
+        }
         b.connect().map_err(|e| blkio_err("connect", e))?;
         b.set_i32("num-queues", num_queues)
             .map_err(|e| blkio_err("set num-queues", e))?;
         b.set_i32("queue-size", 128)
             .map_err(|e| blkio_err("set queue-size", e))?;
-        let capacity = b
-            .get_u64("capacity")
-            .map_err(|e| blkio_err("get capacity", e))?;
-        let max_segment_len = b
-            .get_i32("max-segment-len")
-            .map_err(|e| blkio_err("get max-segment-len", e))?
-            .max(0) as usize;
-        let max_segments = b
-            .get_i32("max-segments")
-            .map_err(|e| blkio_err("get max-segments", e))?
-            .max(1) as usize;
+        let get_u64 = |b: &Blkio, name: &str| {
+            b.get_u64(name)
+                .map_err(|e| blkio_err(&format!("get {name}"), e))
+        };
+        let get_i32 = |b: &Blkio, name: &str| {
+            b.get_i32(name)
+                .map_err(|e| blkio_err(&format!("get {name}"), e))
+        };
+        let capacity = get_u64(&b, "capacity")?;
+        let max_segment_len = get_i32(&b, "max-segment-len")?.max(0) as usize;
+        let max_segments = get_i32(&b, "max-segments")?.max(1) as usize;
+        let max_write_zeroes_len = get_u64(&b, "max-write-zeroes-len")?;
+        let max_discard_len = get_u64(&b, "max-discard-len")?;
+        let flush_needed = b
+            .get_bool("flush-needed")
+            .map_err(|e| blkio_err("get flush-needed", e))?;
         let outcome = b.start().map_err(|e| blkio_err("start", e))?;
         let region = b
-            .alloc_mem_region(SLOT_BYTES * SLOTS)
+            .alloc_mem_region(SLOT_BYTES * slots)
             .map_err(|e| blkio_err("alloc_mem_region", e))?;
         b.map_mem_region(&region)
             .map_err(|e| blkio_err("map_mem_region", e))?;
-        Ok(BlkClient {
+        Ok(Connection {
             queues: outcome.queues,
             blkio: b,
             region,
             capacity,
             max_segment_len,
             max_segments,
+            max_write_zeroes_len,
+            max_discard_len,
+            flush_needed,
+        })
+    }
+}
+
+impl BlkClient {
+    /// Connects to `socket`, read-only, with `num_queues` queues of 128 descriptors.
+    pub fn connect(socket: &Path, num_queues: i32) -> Result<BlkClient, String> {
+        let c = Connection::open(socket, num_queues, true, SLOTS)?;
+        Ok(BlkClient {
+            queues: c.queues,
+            blkio: c.blkio,
+            region: c.region,
+            capacity: c.capacity,
+            max_segment_len: c.max_segment_len,
+            max_segments: c.max_segments,
             one_segment: false,
         })
     }
@@ -988,56 +1032,12 @@ impl BlkClient {
         self.capacity
     }
 
-    /// Splits `len` bytes at `base` into iovecs of uneven sizes (multiples of 512), within the
-    /// device's segment limits.
+    /// Splits `len` bytes at `base` into iovecs of uneven sizes (multiples of 512), or as few
+    /// as the device allows with [`BlkClient::set_one_segment`].
     fn iovecs(&self, base: usize, len: usize) -> Result<Vec<libc::iovec>, String> {
         const SIZES: [usize; 5] = [3584, 61440, 131072, 512, 262144];
-        let mut v = Vec::new();
-        let mut done = 0;
-        let mut i = 0;
-        while done < len {
-            let mut n = if self.max_segments == 1 || self.one_segment {
-                len - done
-            } else {
-                SIZES[i % SIZES.len()].min(len - done)
-            };
-            if self.max_segment_len > 0 {
-                n = n.min(self.max_segment_len);
-            }
-            v.push(libc::iovec {
-                iov_base: (base + done) as *mut libc::c_void,
-                iov_len: n,
-            });
-            done += n;
-            i += 1;
-        }
-        if v.len() > self.max_segments {
-            // Fall back to the biggest segments the device allows.
-            let seg = if self.max_segment_len > 0 {
-                self.max_segment_len
-            } else {
-                len
-            };
-            v.clear();
-            let mut done = 0;
-            while done < len {
-                let n = seg.min(len - done);
-                v.push(libc::iovec {
-                    iov_base: (base + done) as *mut libc::c_void,
-                    iov_len: n,
-                });
-                done += n;
-            }
-            if v.len() > self.max_segments {
-                return Err(format!(
-                    "a {len}-byte read needs {} segments, device allows {} of at most {} bytes",
-                    v.len(),
-                    self.max_segments,
-                    self.max_segment_len
-                ));
-            }
-        }
-        Ok(v)
+        let sizes: &[usize] = if self.one_segment { &[] } else { &SIZES };
+        split_iovecs(base, len, self.max_segments, self.max_segment_len, sizes)
     }
 
     /// Reads every request of `reqs` (each at most [`SLOT_BYTES`]) with up to [`SLOTS`] in flight
@@ -1636,8 +1636,8 @@ const EVEN_SEGMENTS: [usize; 5] = [4096, 512, 65536, 3584, 131072];
 /// Segment sizes of odd requests ([`RwClient::set_odd_iovecs`]): no multiple of 512 but one.
 const ODD_SEGMENTS: [usize; 5] = [1000, 511, 4097, 65536, 3583];
 
-/// Splits `len` bytes at `base` into iovecs of uneven sizes (multiples of 512) within the
-/// device's segment limits.
+/// Splits `len` bytes at `base` into iovecs of the sizes `sizes` in turn (none: as large as the
+/// device allows) within the device's segment limits; too many falls back to the largest.
 fn split_iovecs(
     base: usize,
     len: usize,
@@ -1649,7 +1649,7 @@ fn split_iovecs(
     let mut done = 0;
     let mut i = 0;
     while done < len {
-        let mut n = if max_segments == 1 {
+        let mut n = if max_segments == 1 || sizes.is_empty() {
             len - done
         } else {
             sizes[i % sizes.len()].min(len - done)
@@ -1695,47 +1695,18 @@ fn split_iovecs(
 impl RwClient {
     /// Connects to `socket` read-write with `num_queues` queues of 128 descriptors.
     pub fn connect(socket: &Path, num_queues: i32) -> Result<RwClient, String> {
-        let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| blkio_err("new", e))?;
-        b.set_str("path", &socket.display().to_string())
-            .map_err(|e| blkio_err("set path", e))?;
-        b.connect().map_err(|e| blkio_err("connect", e))?;
-        b.set_i32("num-queues", num_queues)
-            .map_err(|e| blkio_err("set num-queues", e))?;
-        b.set_i32("queue-size", 128)
-            .map_err(|e| blkio_err("set queue-size", e))?;
-        let get_u64 = |b: &Blkio, name: &str| {
-            b.get_u64(name)
-                .map_err(|e| blkio_err(&format!("get {name}"), e))
-        };
-        let get_i32 = |b: &Blkio, name: &str| {
-            b.get_i32(name)
-                .map_err(|e| blkio_err(&format!("get {name}"), e))
-        };
-        let capacity = get_u64(&b, "capacity")?;
-        let max_segment_len = get_i32(&b, "max-segment-len")?.max(0) as usize;
-        let max_segments = get_i32(&b, "max-segments")?.max(1) as usize;
-        let max_write_zeroes_len = get_u64(&b, "max-write-zeroes-len")?;
-        let max_discard_len = get_u64(&b, "max-discard-len")?;
-        let flush_needed = b
-            .get_bool("flush-needed")
-            .map_err(|e| blkio_err("get flush-needed", e))?;
-        let outcome = b.start().map_err(|e| blkio_err("start", e))?;
-        let region = b
-            .alloc_mem_region(SLOT_BYTES * RW_SLOTS)
-            .map_err(|e| blkio_err("alloc_mem_region", e))?;
-        b.map_mem_region(&region)
-            .map_err(|e| blkio_err("map_mem_region", e))?;
-        let nq = outcome.queues.len();
+        let c = Connection::open(socket, num_queues, false, RW_SLOTS)?;
+        let nq = c.queues.len();
         Ok(RwClient {
-            queues: outcome.queues,
-            blkio: b,
-            region,
-            capacity,
-            max_segment_len,
-            max_segments,
-            max_write_zeroes_len,
-            max_discard_len,
-            flush_needed,
+            queues: c.queues,
+            blkio: c.blkio,
+            region: c.region,
+            capacity: c.capacity,
+            max_segment_len: c.max_segment_len,
+            max_segments: c.max_segments,
+            max_write_zeroes_len: c.max_write_zeroes_len,
+            max_discard_len: c.max_discard_len,
+            flush_needed: c.flush_needed,
             free_slots: (0..RW_SLOTS).rev().collect(),
             free_ids: (0..RW_MAX_IN_FLIGHT).rev().collect(),
             requests: (0..RW_MAX_IN_FLIGHT).map(|_| None).collect(),
