@@ -245,11 +245,6 @@ impl ClusterInflater {
         }
     }
 
-    /// The format layer's inflater, for engine memory given as a slice.
-    pub fn engine(&mut self) -> &mut Inflater {
-        &mut self.inflater
-    }
-
     /// Decodes `input` into exactly one cluster at `out`, with the same acceptance rules as
     /// [`Inflater::inflate`] (the result is identical for engine and guest memory), or, for
     /// [`Output::Prefix`], only the first bytes of the cluster.

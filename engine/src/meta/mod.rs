@@ -9,6 +9,6 @@ mod cache;
 mod plan;
 mod refcount;
 
-pub use cache::{Lookup, SlotCache, WaitList, NO_ID};
+pub use cache::{Lookup, SlotCache, U64Hasher, WaitList, NO_ID};
 pub use plan::{resolve, Geometry, Step};
 pub use refcount::{RefcountError, Refcounts, TableLocation, TableSnapshot};

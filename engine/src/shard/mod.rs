@@ -27,11 +27,12 @@ mod write;
 use crate::error::{Error, ErrorKind, IoError};
 use crate::image::{Image, LayerKind};
 use crate::io::{iov_total_len, AlignedBuf, ClusterInflater, DataFd, Ring};
-use crate::meta::{SlotCache, WaitList, NO_ID};
+use crate::meta::{SlotCache, U64Hasher, WaitList, NO_ID};
 use flush::FlushState;
 use libc::iovec;
 use slab::Slab;
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::os::fd::RawFd;
 
 /// How a shard is set up.
@@ -233,7 +234,7 @@ struct State {
     ops: Slab<Op>,
     allocs: Slab<write::Alloc>,
     /// Guest cluster offset -> allocation in flight on it.
-    allocating: HashMap<u64, u32>,
+    allocating: HashMap<u64, u32, BuildHasherDefault<U64Hasher>>,
     /// Allocations whose copy-on-write reads have all completed.
     cow_ready: Vec<u32>,
     ready: VecDeque<u32>,
@@ -350,7 +351,7 @@ impl Shard {
                 parts: Slab::with_capacity(512),
                 ops: Slab::with_capacity(512),
                 allocs: Slab::with_capacity(64),
-                allocating: HashMap::with_capacity(64),
+                allocating: HashMap::with_capacity_and_hasher(64, BuildHasherDefault::default()),
                 cow_ready: Vec::with_capacity(64),
                 ready: VecDeque::with_capacity(512),
                 finished: Vec::with_capacity(256),
@@ -452,34 +453,14 @@ impl Shard {
     /// Creates a request with one part covering it (or completes it at once when empty).
     fn start_request(&mut self, token: u64, kind: ReqKind, offset: u64, len: u64, iov: &[iovec]) {
         let st = &mut self.st;
-        let r = st.reqs.alloc();
-        let req = &mut st.reqs[r];
-        req.token = token;
-        req.kind = kind;
-        req.iov.clear();
-        req.iov.extend_from_slice(iov);
-        req.error = None;
-        req.parent = NO_ID;
         if len == 0 {
-            req.pending = 0;
             st.finished.push(Completion {
                 token,
                 result: Ok(()),
             });
-            st.reqs.free(r);
             return;
         }
-        req.pending = 1;
-        let p = st.parts.alloc();
-        st.parts[p] = Part {
-            req: r,
-            layer: 0,
-            guest_off: offset,
-            len,
-            skip: 0,
-            next: NO_ID,
-        };
-        st.ready.push_back(p);
+        st.start_request(token, kind, NO_ID, offset, len, iov);
     }
 
     /// Queues a read of the guest range `offset..offset + total iov length` into `iov`.
@@ -787,6 +768,38 @@ impl Drop for Shard {
 }
 
 impl State {
+    /// Starts a request of `len` (> 0) bytes at `offset` as one ready part; `parent` is the
+    /// allocation an internal copy-on-write read belongs to, or `NO_ID`.
+    fn start_request(
+        &mut self,
+        token: u64,
+        kind: ReqKind,
+        parent: u32,
+        offset: u64,
+        len: u64,
+        iov: &[iovec],
+    ) {
+        let r = self.reqs.alloc();
+        let req = &mut self.reqs[r];
+        req.token = token;
+        req.kind = kind;
+        req.iov.clear();
+        req.iov.extend_from_slice(iov);
+        req.error = None;
+        req.parent = parent;
+        req.pending = 1;
+        let p = self.parts.alloc();
+        self.parts[p] = Part {
+            req: r,
+            layer: 0,
+            guest_off: offset,
+            len,
+            skip: 0,
+            next: NO_ID,
+        };
+        self.ready.push_back(p);
+    }
+
     /// Splits part `pid` at `at` bytes; the tail becomes a new ready part.
     fn split(&mut self, pid: u32, at: u64) {
         let p = self.parts[pid];

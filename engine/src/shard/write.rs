@@ -9,7 +9,7 @@
 //! durable. While an allocation is in flight on a cluster, other writes to it wait; reads see
 //! the old mapping until the entry changes, so they get old or new data, never garbage.
 
-use super::{Buffer, OpKind, PendingFree, ReqKind, State, NO_ID};
+use super::{Buffer, OpKind, PendingFree, ReqKind, State};
 use crate::error::IoError;
 use crate::format::{
     be64_at, encode_l1_entry, encode_l2_entry, l1_entry_copied, ClusterMapping, L2Entry,
@@ -452,25 +452,8 @@ impl State {
 
     /// Starts a read of the current content of a range into an allocation's buffer.
     fn start_internal_read(&mut self, alloc: u32, offset: u64, iov: &[libc::iovec]) {
-        let r = self.reqs.alloc();
-        let req = &mut self.reqs[r];
-        req.token = 0;
-        req.kind = ReqKind::Read;
-        req.iov.clear();
-        req.iov.extend_from_slice(iov);
-        req.error = None;
-        req.parent = alloc;
-        req.pending = 1;
-        let p = self.parts.alloc();
-        self.parts[p] = super::Part {
-            req: r,
-            layer: 0,
-            guest_off: offset,
-            len: iov[0].iov_len as u64,
-            skip: 0,
-            next: NO_ID,
-        };
-        self.ready.push_back(p);
+        let len = iov[0].iov_len as u64;
+        self.start_request(0, ReqKind::Read, alloc, offset, len, iov);
     }
 
     /// A copy-on-write read of allocation `a` finished.
@@ -609,10 +592,11 @@ impl State {
         let al = std::mem::take(&mut self.allocs[a]);
         self.layers[0].l2.unpin(al.slot);
         if al.new_cluster && !al.identity {
-            // Never referenced: free it once the next flush has passed.
+            // Never referenced: free it once the next flush has passed. (Cluster buffers are
+            // one cluster of the top image.)
             self.pending_frees.push(PendingFree {
                 host: al.host,
-                len: self.zeros.len() as u64,
+                len: self.cluster_buf_bytes as u64,
                 compressed: None,
             });
         }
