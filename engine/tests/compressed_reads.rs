@@ -306,3 +306,76 @@ fn patched_streams_read_alike_on_both_paths() {
         }
     }
 }
+
+/// A backing file with larger compressed clusters than the top image: a partial read of one of
+/// its clusters inflates a prefix longer than a top-image cluster, after a partial read of the
+/// top image's own compressed cluster has left a top-sized buffer in the shard's pool. Both
+/// read what qemu-img wrote (the prefix buffer is one cluster of the layer it is for).
+#[test]
+fn backing_with_larger_compressed_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base_data = text(21, 4 * 131072);
+    std::fs::write(d.join("base.raw"), &base_data).unwrap();
+    let qemu = |args: &[&str]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(d)
+            .output()
+            .expect("cannot run qemu-img/qemu-io (is qemu-utils installed?)");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    qemu(&[
+        "qemu-img",
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=128k",
+        "base.raw",
+        "base.qcow2",
+    ]);
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "top.qcow2",
+    ]);
+    // One compressed 64 KiB cluster at guest offset 0 of the top image.
+    qemu(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -c -P 0x5a 0 64k",
+        "top.qcow2",
+    ]);
+    for threads in [None, Some(0)] {
+        let opts = OpenOptions {
+            read_only: true,
+            inflate_threads: threads,
+            ..OpenOptions::default()
+        };
+        let mut shard = Image::open(d.join("top.qcow2"), &opts)
+            .unwrap()
+            .new_shard(&ShardConfig::default())
+            .unwrap();
+        assert_eq!(read(&mut shard, 0x1000, &[4096]).unwrap(), vec![0x5a; 4096]);
+        // 64 KiB into the base's second 128 KiB cluster: a prefix of 68 KiB.
+        let at = 0x20000 + 0x10000;
+        assert_eq!(
+            read(&mut shard, at as u64, &[4096]).unwrap(),
+            base_data[at..at + 4096],
+            "{threads:?}"
+        );
+    }
+}

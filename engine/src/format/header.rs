@@ -486,13 +486,13 @@ impl Header {
             ));
         }
         let start = self.backing_file_offset;
-        let end = start + u64::from(self.backing_file_size);
-        if end > self.cluster_size() || end > buf.len() as u64 {
+        let end = start.checked_add(u64::from(self.backing_file_size));
+        let Some(end) = end.filter(|&e| e <= self.cluster_size() && e <= buf.len() as u64) else {
             return Err(invalid(
                 "backing_file_offset",
                 "the backing file name lies outside the first cluster",
             ));
-        }
+        };
         let name = std::str::from_utf8(&buf[start as usize..end as usize])
             .map_err(|_| invalid("backing_file_offset", "backing file name is not UTF-8"))?;
         self.backing_file = Some(name.to_owned());
@@ -661,6 +661,25 @@ mod tests {
         put64(&mut b, 72, 1 << 40);
         let err = Header::parse(&b, b.len() as u64).unwrap_err().to_string();
         assert!(err.contains("unknown bit 40"), "{err}");
+    }
+
+    #[test]
+    fn backing_name_offset_that_overflows_is_an_error() {
+        for offset in [u64::MAX - 0xff, u64::MAX, 0x10000 - 4] {
+            let mut b = v3_header();
+            put64(&mut b, 8, offset);
+            put32(&mut b, 16, 0x100);
+            assert!(
+                matches!(
+                    Header::parse(&b, b.len() as u64),
+                    Err(FormatError::InvalidField {
+                        field: "backing_file_offset",
+                        ..
+                    })
+                ),
+                "offset {offset:#x}"
+            );
+        }
     }
 
     #[test]

@@ -269,13 +269,12 @@ impl State {
         o.iov.clear();
         o.iov.extend(direct);
         if let InflateTarget::Prefix(_) = target {
-            let end = (p.guest_off % cs + p.len) as usize;
-            let scratch = self
-                .cluster_bufs
-                .pop()
-                .unwrap_or_else(|| vec![0u8; cs as usize].into_boxed_slice());
-            // Only `..end` is inflated; the buffer keeps its cluster size for the pool.
-            debug_assert!(end <= scratch.len());
+            // One cluster of this layer (a backing file's clusters may be larger than the top
+            // image's, which is what the pool holds). Only the prefix is inflated into it.
+            let pooled = (cs as usize == self.cluster_buf_bytes)
+                .then(|| self.cluster_bufs.pop())
+                .flatten();
+            let scratch = pooled.unwrap_or_else(|| vec![0u8; cs as usize].into_boxed_slice());
             self.ops[op].scratch = Some(scratch);
         }
         // SAFETY: the buffer is owned by the op (a heap allocation that does not move) until
@@ -618,9 +617,11 @@ impl State {
                     .scratch
                     .as_mut()
                     .expect("a prefix target has its scratch buffer");
+                // A checked slice: the inflater writes exactly this range and nothing past it.
+                let prefix = &mut scratch[..(p.guest_off % cs + p.len) as usize];
                 Output::Prefix {
-                    ptr: scratch.as_mut_ptr(),
-                    len: (p.guest_off % cs + p.len) as usize,
+                    ptr: prefix.as_mut_ptr(),
+                    len: prefix.len(),
                 }
             }
         };
