@@ -90,6 +90,10 @@ pub(super) struct FlushState {
     /// The refcount table this flush writes (kept to undo on failure and to free the table
     /// it retires on success).
     table: Option<crate::meta::TableSnapshot>,
+    /// The run's first batch writes refcount blocks and has not completed. Two writes of one
+    /// block must never be in flight together: the kernel may apply them in either order, and
+    /// an older copy landing last would undo newer refcounts in the file.
+    writing_blocks: bool,
 }
 
 impl FlushState {
@@ -147,8 +151,17 @@ impl State {
         let fd = q.file.as_raw_fd();
         let cs = q.geom.cluster_size();
         let hard = !self.flush.queued.is_empty();
-        if self.refcount_writes > 0 && (hard || self.newest_referenced > self.durable_seq) {
-            // Started again at the end of the turn that completes them.
+        if self.refcount_writes > 0
+            && (hard
+                || self.newest_referenced > self.durable_seq
+                || (!w.lazy_refcounts
+                    && w.refcounts
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .table_changed()))
+        {
+            // This run would write refcount blocks while reservation writes of them are in
+            // flight. Started again at the end of the turn that completes them.
             return;
         }
         if hard {
@@ -234,6 +247,11 @@ impl State {
         if let Some(df) = &q.data_file {
             sync.push(df.as_raw_fd());
         }
+        debug_assert!(
+            blocks.is_empty() || self.refcount_writes == 0,
+            "refcount blocks written by a run while reservation writes are in flight"
+        );
+        f.writing_blocks = !blocks.is_empty();
         let b = &mut f.batches;
         b.clear();
         if hard {
@@ -286,10 +304,13 @@ impl State {
     /// RWF_DSYNC at once, apart from any run (a run in progress only writes entries whose
     /// reservations it made durable itself or that were durable when it started), so that
     /// they are durable before the reservation's clusters are referenced and no write waits
-    /// for them. One batch at a time; a table that grew or moved is left to the next run
-    /// (which then writes the blocks too, in order).
+    /// for them. One batch at a time, and never while a run writes refcount blocks (nor does a
+    /// run write them while these are in flight): two writes of one block in flight together
+    /// may land in either order. A table that grew or moved is left to the next run (which
+    /// then writes the blocks too, in order).
     pub(super) fn start_refcount_writes(&mut self, ring: &mut Ring, img: &ImageInner) {
-        if !self.refcounts_to_write || self.refcount_writes > 0 {
+        if !self.refcounts_to_write || self.refcount_writes > 0 || self.flush.writing_blocks {
+            // Started again at the end of the turn that completes what is in flight.
             return;
         }
         let Some(w) = &img.writable else {
@@ -309,6 +330,10 @@ impl State {
             }
             rc.take_dirty_blocks()
         };
+        debug_assert!(
+            blocks.is_empty() || !self.flush.writing_blocks,
+            "reservation refcount writes while a run writes refcount blocks"
+        );
         self.refcounts_to_write = false;
         self.refcount_writes_seq = self.reserve_seq;
         self.refcount_writes_failed = None;
@@ -449,6 +474,8 @@ impl State {
         if self.flush.pending_ops > 0 {
             return;
         }
+        // Refcount blocks are only ever the first batch of a run.
+        self.flush.writing_blocks = false;
         if self.flush.error.is_some() {
             self.flush.batches.clear();
             return self.finish_flush(img);
@@ -463,6 +490,7 @@ impl State {
             .expect("only writable images run flushes");
         let f = &mut self.flush;
         f.active = false;
+        f.writing_blocks = false;
         let result = match f.error {
             None => {
                 self.durable_seq = self.durable_seq.max(f.snap_seq);
