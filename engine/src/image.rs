@@ -618,9 +618,52 @@ impl Image {
         Ok(())
     }
 
-    /// Creates a shard: an io_uring and caches for one thread.
+    /// Creates a shard: an io_uring and caches for one thread. Several shards of a writable
+    /// image must be made together, by [`Image::new_shards`].
     pub fn new_shard(&self, config: &ShardConfig) -> Result<Shard, Error> {
-        Shard::new(self.clone(), config)
+        Shard::new(self.clone(), config, false)
+    }
+
+    /// Creates `count` shards (`config.index` is ignored), one per thread. A read-only image's
+    /// shards are independent. A writable image's share out its L2 tables: each request may
+    /// be submitted to any of them, and the pieces another shard owns are passed to it (see
+    /// the `shard` module), so every shard must be polled (on its completion eventfd, which
+    /// other shards also write to) for any of them to make progress.
+    pub fn new_shards(&self, config: &ShardConfig, count: usize) -> Result<Vec<Shard>, Error> {
+        if count == 0 || count > 64 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{count} shards: between 1 and 64 are supported"),
+            ));
+        }
+        let grouped = self.inner.writable.is_some() && count > 1;
+        let mut shards = (0..count)
+            .map(|index| {
+                let c = ShardConfig {
+                    index,
+                    count,
+                    ..config.clone()
+                };
+                Shard::new(self.clone(), &c, grouped)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if grouped {
+            let wakes = shards
+                .iter()
+                .map(|s| {
+                    // SAFETY: the shard's eventfd is open for as long as the shard, which
+                    // outlives this borrow.
+                    unsafe { std::os::fd::BorrowedFd::borrow_raw(s.completion_fd()) }
+                        .try_clone_to_owned()
+                        .map_err(|e| Error::io("Cannot duplicate a shard's eventfd", e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let group = std::sync::Arc::new(crate::shard::Group::new(wakes));
+            for s in &mut shards {
+                s.join(std::sync::Arc::clone(&group));
+            }
+        }
+        Ok(shards)
     }
 
     /// Reads `buf.len()` bytes at `offset` through a private shard, waiting for the result.

@@ -12,7 +12,7 @@ use crate::image::{Layer, LayerKind};
 use crate::io::BlockingReader;
 use crate::meta::Refcounts;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Largest amount of refcount metadata loaded into memory.
@@ -43,6 +43,15 @@ impl HeaderState {
     }
 }
 
+/// Who holds the right to write refcount blocks, when a shard could not take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockWriter {
+    /// The asking shard itself (its writes are in flight).
+    Me,
+    /// Another shard.
+    Other,
+}
+
 /// See the module documentation.
 pub(crate) struct Writable {
     pub refcounts: Mutex<Refcounts>,
@@ -55,6 +64,13 @@ pub(crate) struct Writable {
     pub file_len: AtomicU64,
     /// Version 3: zero flags exist.
     pub zero_flag: bool,
+    /// The shard (index + 1; 0: none) whose refcount-block writes are in flight. One shard at
+    /// a time writes refcount blocks: two writes of one block in flight together may land in
+    /// either order, and an older copy landing last would undo newer refcounts in the file.
+    /// The holder keeps it until what it wrote is durable (and, when it moved the refcount
+    /// table, until the header points at the new one), so a shard that takes it knows that
+    /// every block written before is durable.
+    block_writer: AtomicU32,
 }
 
 fn corrupt(path: &std::path::Path, what: String) -> Error {
@@ -207,10 +223,40 @@ pub(crate) fn open_writable(
         failed: AtomicBool::new(false),
         file_len: AtomicU64::new(file_len),
         zero_flag: h.version >= 3,
+        block_writer: AtomicU32::new(0),
     })
 }
 
 impl Writable {
+    /// Takes the right to write refcount blocks for shard `shard` (see `block_writer`).
+    pub(crate) fn take_block_writes(&self, shard: usize) -> Result<(), BlockWriter> {
+        match self.block_writer.compare_exchange(
+            0,
+            shard as u32 + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => Ok(()),
+            Err(holder) if holder == shard as u32 + 1 => Err(BlockWriter::Me),
+            Err(_) => Err(BlockWriter::Other),
+        }
+    }
+
+    /// Gives back what [`Writable::take_block_writes`] took.
+    pub(crate) fn end_block_writes(&self, shard: usize) {
+        let was = self.block_writer.swap(0, Ordering::AcqRel);
+        debug_assert_eq!(
+            was,
+            shard as u32 + 1,
+            "refcount block writes ended by another"
+        );
+    }
+
+    /// Whether shard `shard` holds the right to write refcount blocks.
+    pub(crate) fn writes_blocks(&self, shard: usize) -> bool {
+        self.block_writer.load(Ordering::Acquire) == shard as u32 + 1
+    }
+
     /// Records that the image's metadata is corrupt: sets the corrupt bit on disk (so neither
     /// qcow2d nor QEMU writes it again before a repair) and refuses further writes.
     pub(crate) fn mark_corrupt(&self, layer: &Layer, why: &str) {

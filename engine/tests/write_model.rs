@@ -10,7 +10,7 @@
 mod common;
 
 use common::Rng;
-use qcow2d_engine::{Image, OpenOptions, ShardConfig};
+use qcow2d_engine::{Image, OpenOptions, Shard, ShardConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -50,7 +50,33 @@ enum Op {
 }
 
 /// Runs `batches` random batches against `path` and its raw model `model`.
-fn exercise(path: &Path, model: &mut [u8], seed: u64, batches: usize, hot_fraction: u64) {
+/// Waits until every shard of `shards` is idle, polling all of them (a shard of a writable
+/// image served by several passes pieces of requests to the others).
+fn drain_all(shards: &mut [Shard], out: &mut Vec<qcow2d_engine::Completion>) {
+    if let [one] = shards {
+        return one.drain(out);
+    }
+    let started = std::time::Instant::now();
+    while shards.iter().any(|s| s.in_flight() > 0) {
+        for s in shards.iter_mut() {
+            s.poll(out);
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "shards made no progress for a minute"
+        );
+        std::thread::yield_now();
+    }
+}
+
+fn exercise(
+    path: &Path,
+    model: &mut [u8],
+    seed: u64,
+    batches: usize,
+    hot_fraction: u64,
+    count: usize,
+) {
     let img = Image::open(
         path,
         &OpenOptions {
@@ -63,7 +89,7 @@ fn exercise(path: &Path, model: &mut [u8], seed: u64, batches: usize, hot_fracti
     let granule = discard_granule(&info, !info.backing_chain.is_empty());
     let size = img.virtual_size();
     let hot = (size / hot_fraction).max(1 << 20).min(size);
-    let mut shard = img.new_shard(&ShardConfig::default()).unwrap();
+    let mut shards = img.new_shards(&ShardConfig::default(), count).unwrap();
     let mut rng = Rng(seed | 1);
     let mut out = Vec::new();
     for b in 0..batches {
@@ -90,6 +116,11 @@ fn exercise(path: &Path, model: &mut [u8], seed: u64, batches: usize, hot_fracti
         }
         for (i, op) in ops.iter_mut().enumerate() {
             let token = (b * 1000 + i) as u64;
+            let shard = if count == 1 {
+                &mut shards[0]
+            } else {
+                &mut shards[rng.below(count as u64) as usize]
+            };
             let r = match op {
                 Op::Read(off, buf) => {
                     let iov = [libc::iovec {
@@ -113,9 +144,14 @@ fn exercise(path: &Path, model: &mut [u8], seed: u64, batches: usize, hot_fracti
             r.unwrap();
         }
         if rng.below(5) == 0 {
-            shard.submit_flush(u64::MAX).unwrap();
+            let at = if count == 1 {
+                0
+            } else {
+                rng.below(count as u64) as usize
+            };
+            shards[at].submit_flush(u64::MAX).unwrap();
         }
-        shard.drain(&mut out);
+        drain_all(&mut shards, &mut out);
         for c in out.drain(..) {
             assert!(
                 c.result.is_ok(),
@@ -153,9 +189,11 @@ fn exercise(path: &Path, model: &mut [u8], seed: u64, batches: usize, hot_fracti
             }
         }
     }
-    shard.flush_blocking().unwrap();
-    shard.release_reserved();
-    drop(shard);
+    for shard in &mut shards {
+        shard.flush_blocking().unwrap();
+        shard.release_reserved();
+    }
+    drop(shards);
     img.close().unwrap();
 }
 
@@ -228,9 +266,14 @@ fn random_raw(dir: &Path, name: &str, size: usize, seed: u64) -> PathBuf {
 }
 
 fn run_case(c: &Case, seed: u64, batches: usize) {
+    run_sharded(c, seed, batches, 1);
+}
+
+/// `run_case` with requests submitted to any of `count` shards.
+fn run_sharded(c: &Case, seed: u64, batches: usize, count: usize) {
     let raw_path = c.dir.path().join("before.raw");
     let mut model = raw_of(&c.image, &raw_path);
-    exercise(&c.image, &mut model, seed, batches, 4);
+    exercise(&c.image, &mut model, seed, batches, 4, count);
     verify(&c.image, &model, c.dir.path());
 }
 
@@ -633,4 +676,85 @@ fn unknown_header_extension_survives_header_rewrites() {
     );
     let json = qemu_img(&["check", "--output=json", img_path.to_str().unwrap()]);
     assert!(json.contains("\"check-errors\": 0"), "{json}");
+}
+
+/// Several shards on one writable image: requests go to any shard and cross L2 tables (small
+/// clusters: a 4 KiB-cluster table maps 2 MiB, a 512-byte one 32 KiB), so pieces pass
+/// between shards.
+#[test]
+fn several_shards_fresh_small_clusters() {
+    for (count, opts, seed) in [
+        (2, "cluster_size=4k", 61),
+        (3, "cluster_size=4k", 62),
+        (2, "cluster_size=512", 63),
+    ] {
+        run_sharded(
+            &case(|d| create(d, "m.qcow2", opts, "48M")),
+            seed,
+            120,
+            count,
+        );
+    }
+}
+
+#[test]
+fn several_shards_compressed_backing_and_snapshot() {
+    // Compressed clusters replaced by writes.
+    let c = case(|d| {
+        let raw = random_raw(d, "src.raw", 24 << 20, 71);
+        let p = d.join("c.qcow2");
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            raw.to_str().unwrap(),
+            p.to_str().unwrap(),
+        ]);
+        p
+    });
+    run_sharded(&c, 72, 120, 3);
+    // Extended L2 entries over a backing file.
+    let c = case(|d| {
+        random_raw(d, "base.raw", 24 << 20, 73);
+        let p = d.join("e.qcow2");
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=16k",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            p.to_str().unwrap(),
+            "24M",
+        ]);
+        p
+    });
+    run_sharded(&c, 74, 120, 2);
+    // Tables shared with an internal snapshot are copied by their owner.
+    let c = case(|d| {
+        let raw = random_raw(d, "src.raw", 16 << 20, 75);
+        let p = d.join("s.qcow2");
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            raw.to_str().unwrap(),
+            p.to_str().unwrap(),
+        ]);
+        qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
+        p
+    });
+    run_sharded(&c, 76, 120, 2);
 }

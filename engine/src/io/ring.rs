@@ -168,6 +168,27 @@ impl Ring {
         }
     }
 
+    /// Blocks until the eventfd is readable: a completion was posted, or someone else (another
+    /// shard with messages) wrote to it since it was last drained.
+    pub fn wait_eventfd(&self) -> io::Result<()> {
+        let mut pfd = libc::pollfd {
+            fd: self.eventfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one pollfd on the stack, valid for the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if n >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
+    }
+
     /// Whether completions are waiting to be reaped.
     pub fn has_completions(&mut self) -> bool {
         !self.stash.is_empty() || !self.ring.completion().is_empty()

@@ -44,7 +44,7 @@ use super::{OpKind, PendingFree, State};
 use crate::error::IoError;
 use crate::image::{ImageInner, LayerKind};
 use crate::io::Ring;
-use crate::write::field;
+use crate::write::{field, BlockWriter};
 use io_uring::{opcode, types};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
@@ -64,6 +64,9 @@ enum Batch {
     /// The writes waiting for this write-back have what they need: complete them (the rest
     /// of the run goes on without holding them).
     Complete,
+    /// The refcount blocks (and table) this run wrote are durable: other shards may write
+    /// refcount blocks again (`Writable::take_block_writes`).
+    EndBlockWrites,
 }
 
 #[derive(Default)]
@@ -90,10 +93,8 @@ pub(super) struct FlushState {
     /// The refcount table this flush writes (kept to undo on failure and to free the table
     /// it retires on success).
     table: Option<crate::meta::TableSnapshot>,
-    /// The run's first batch writes refcount blocks and has not completed. Two writes of one
-    /// block must never be in flight together: the kernel may apply them in either order, and
-    /// an older copy landing last would undo newer refcounts in the file.
-    writing_blocks: bool,
+    /// The run holds the right to write refcount blocks (until its `EndBlockWrites` batch).
+    holds_blocks: bool,
 }
 
 impl FlushState {
@@ -151,18 +152,24 @@ impl State {
         let fd = q.file.as_raw_fd();
         let cs = q.geom.cluster_size();
         let hard = !self.flush.queued.is_empty();
-        if self.refcount_writes > 0
+        // A run that writes refcount blocks (or the table) must hold the right to (see
+        // `Writable::take_block_writes`): a flush always, a write-back when an entry it
+        // writes needs its reservation's refcounts durable first, or the table changed.
+        let writes_blocks = !w.lazy_refcounts
             && (hard
                 || self.newest_referenced > self.durable_seq
-                || (!w.lazy_refcounts
-                    && w.refcounts
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .table_changed()))
-        {
-            // This run would write refcount blocks while reservation writes of them are in
-            // flight. Started again at the end of the turn that completes them.
-            return;
+                || w.refcounts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .table_changed());
+        if writes_blocks {
+            match w.take_block_writes(self.index) {
+                Ok(()) => {}
+                // This shard's reservation writes are in flight: started again at the end
+                // of the turn that completes them.
+                Err(BlockWriter::Me) => return,
+                Err(BlockWriter::Other) => return self.retry_later(ring),
+            }
         }
         if hard {
             self.flushes += 1;
@@ -212,34 +219,33 @@ impl State {
         }
         f.l1_indices.sort_unstable();
         f.l1_indices.dedup();
-        let l1_writes = l1_sector_writes(q, fd, &f.l1_indices);
         if hard {
             f.frees = std::mem::take(&mut self.pending_frees);
         }
         let sync_before_l2 = std::mem::take(&mut self.sync_before_l2);
-        let waits_for_refcounts = std::mem::take(&mut self.newest_referenced) > self.durable_seq;
+        self.newest_referenced = 0;
         f.snap_seq = self.reserve_seq;
 
         // A write-back takes refcount blocks only when an entry it writes needs them durable
         // first, or the table moved; otherwise they are left to the durable refcount writes
         // that follow each reservation (`start_refcount_writes`), or to the next flush.
-        let (blocks, table) = {
+        let (blocks, table) = if writes_blocks {
             let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-            let table = if w.lazy_refcounts {
-                None
-            } else {
-                rc.take_table()
-            };
-            let need_blocks = hard || waits_for_refcounts || table.is_some();
-            if w.lazy_refcounts || !need_blocks {
-                (Vec::new(), table)
-            } else {
-                (rc.take_dirty_blocks(), table)
-            }
+            let table = rc.take_table();
+            (rc.take_dirty_blocks(), table)
+        } else {
+            (Vec::new(), None)
         };
-        if !hard && (self.refcount_writes > 0 || (blocks.is_empty() && table.is_none())) {
-            // This run does not prove every reservation's refcounts durable: it writes none,
-            // or some are still being written apart from it.
+        f.holds_blocks = writes_blocks;
+        if writes_blocks && blocks.is_empty() && table.is_none() {
+            // Nothing to write; whatever was written before is durable (the holder keeps
+            // the right until it is), so the run still proves every reservation so far.
+            w.end_block_writes(self.index);
+            f.holds_blocks = false;
+        }
+        if !hard && !writes_blocks {
+            // This run does not prove every reservation's refcounts durable: it writes none
+            // (some may be being written apart from it).
             f.snap_seq = 0;
         }
 
@@ -248,10 +254,10 @@ impl State {
             sync.push(df.as_raw_fd());
         }
         debug_assert!(
-            blocks.is_empty() || self.refcount_writes == 0,
-            "refcount blocks written by a run while reservation writes are in flight"
+            blocks.is_empty() || (f.holds_blocks && self.refcount_writes == 0),
+            "refcount blocks written by a run without the right to"
         );
-        f.writing_blocks = !blocks.is_empty();
+        let l1_writes = l1_writes(q, fd, &f.l1_indices, self.group.is_some());
         let b = &mut f.batches;
         b.clear();
         if hard {
@@ -263,6 +269,9 @@ impl State {
             b.push_back(Batch::Sync(sync));
             if let Some(snapshot) = table {
                 f.table = Some(table_batches(b, w, fd, snapshot));
+            }
+            if f.holds_blocks {
+                b.push_back(Batch::EndBlockWrites);
             }
             if !l2_writes.is_empty() {
                 b.push_back(Batch::Writes(l2_writes));
@@ -288,6 +297,9 @@ impl State {
             if let Some(snapshot) = table {
                 f.table = Some(table_batches(b, w, fd, snapshot));
             }
+            if f.holds_blocks {
+                b.push_back(Batch::EndBlockWrites);
+            }
             if !l2_writes.is_empty() {
                 b.push_back(Batch::InlineWrites(l2_writes));
             }
@@ -309,8 +321,7 @@ impl State {
     /// may land in either order. A table that grew or moved is left to the next run (which
     /// then writes the blocks too, in order).
     pub(super) fn start_refcount_writes(&mut self, ring: &mut Ring, img: &ImageInner) {
-        if !self.refcounts_to_write || self.refcount_writes > 0 || self.flush.writing_blocks {
-            // Started again at the end of the turn that completes what is in flight.
+        if !self.refcounts_to_write || self.refcount_writes > 0 {
             return;
         }
         let Some(w) = &img.writable else {
@@ -319,6 +330,13 @@ impl State {
         if w.failed.load(Ordering::Relaxed) {
             return;
         }
+        match w.take_block_writes(self.index) {
+            Ok(()) => {}
+            // A run of this shard writes blocks: started again at the end of the turn that
+            // completes them.
+            Err(BlockWriter::Me) => return,
+            Err(BlockWriter::Other) => return self.retry_later(ring),
+        }
         let LayerKind::Qcow2(q) = &img.layers[0].kind else {
             unreachable!("the top layer is always qcow2");
         };
@@ -326,14 +344,12 @@ impl State {
         let blocks = {
             let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
             if rc.table_changed() {
+                drop(rc);
+                w.end_block_writes(self.index);
                 return;
             }
             rc.take_dirty_blocks()
         };
-        debug_assert!(
-            blocks.is_empty() || !self.flush.writing_blocks,
-            "reservation refcount writes while a run writes refcount blocks"
-        );
         self.refcounts_to_write = false;
         self.refcount_writes_seq = self.reserve_seq;
         self.refcount_writes_failed = None;
@@ -372,6 +388,9 @@ impl State {
     }
 
     fn refcount_writes_finished(&mut self, img: &ImageInner) {
+        if let Some(w) = &img.writable {
+            w.end_block_writes(self.index);
+        }
         match self.refcount_writes_failed.take() {
             None => self.durable_seq = self.durable_seq.max(self.refcount_writes_seq),
             Some(e) => {
@@ -407,6 +426,9 @@ impl State {
                         result: Ok(()),
                     });
                 }
+            }
+            Batch::EndBlockWrites => {
+                self.end_run_block_writes(img);
             }
             Batch::InlineWrites(writes) => {
                 for (fd, host, buf) in writes {
@@ -474,8 +496,6 @@ impl State {
         if self.flush.pending_ops > 0 {
             return;
         }
-        // Refcount blocks are only ever the first batch of a run.
-        self.flush.writing_blocks = false;
         if self.flush.error.is_some() {
             self.flush.batches.clear();
             return self.finish_flush(img);
@@ -488,9 +508,9 @@ impl State {
             .writable
             .as_ref()
             .expect("only writable images run flushes");
+        self.end_run_block_writes(img);
         let f = &mut self.flush;
         f.active = false;
-        f.writing_blocks = false;
         let result = match f.error {
             None => {
                 self.durable_seq = self.durable_seq.max(f.snap_seq);
@@ -538,6 +558,17 @@ impl State {
         };
         for token in std::mem::take(&mut self.flush.running) {
             self.finished.push(super::Completion { token, result });
+        }
+    }
+}
+
+impl State {
+    /// Gives back the right to write refcount blocks if the running run holds it.
+    fn end_run_block_writes(&mut self, img: &ImageInner) {
+        if std::mem::take(&mut self.flush.holds_blocks) {
+            if let Some(w) = &img.writable {
+                w.end_block_writes(self.index);
+            }
         }
     }
 }
@@ -598,21 +629,35 @@ fn l2_host(q: &crate::image::Qcow2Layer, l1_index: u64, cs: u64) -> Option<u64> 
     crate::format::decode_l1_entry(raw, cs).ok().flatten()
 }
 
-/// Writes of the 512-byte L1 sectors holding `indices` (sorted, deduplicated).
-fn l1_sector_writes(
+/// Writes of the L1 entries `indices` (sorted, deduplicated). One shard writes the 512-byte
+/// sectors that hold them; with several shards each writes only its own entries (8 bytes
+/// each, runs of neighbours together), never another shard's entry, which may point at a
+/// table that shard has not written yet.
+fn l1_writes(
     q: &crate::image::Qcow2Layer,
     fd: RawFd,
     indices: &[u64],
+    shared: bool,
 ) -> Vec<(RawFd, u64, Box<[u8]>)> {
     let mut writes = Vec::new();
-    let mut sector = u64::MAX;
-    for &i in indices {
-        if i / 64 == sector {
-            continue;
-        }
-        sector = i / 64;
-        let first = (sector * 64) as usize;
-        let last = (first + 64).min(q.l1.len());
+    let mut i = 0;
+    while i < indices.len() {
+        let (first, last) = if shared {
+            let mut j = i + 1;
+            while j < indices.len() && indices[j] == indices[j - 1] + 1 {
+                j += 1;
+            }
+            let run = (indices[i] as usize, indices[j - 1] as usize + 1);
+            i = j;
+            run
+        } else {
+            let sector = indices[i] / 64;
+            while i < indices.len() && indices[i] / 64 == sector {
+                i += 1;
+            }
+            let first = (sector * 64) as usize;
+            (first, (first + 64).min(q.l1.len()))
+        };
         let bytes: Vec<u8> = q.l1[first..last]
             .iter()
             .flat_map(|e| e.load(Ordering::Relaxed).to_be_bytes())

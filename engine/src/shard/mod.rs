@@ -20,6 +20,7 @@
 
 mod direct;
 mod flush;
+mod group;
 mod read;
 mod slab;
 mod write;
@@ -29,18 +30,22 @@ use crate::image::{Image, LayerKind};
 use crate::io::{iov_total_len, AlignedBuf, ClusterInflater, DataFd, Ring};
 use crate::meta::{SlotCache, U64Hasher, WaitList, NO_ID};
 use flush::FlushState;
+pub(crate) use group::Group;
+use group::{forwarded_parts, forwarded_token, Msg};
 use libc::iovec;
 use slab::Slab;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 /// How a shard is set up.
 #[derive(Clone, Debug)]
 pub struct ShardConfig {
     /// This shard's index, `0..count`.
     pub index: usize,
-    /// How many shards serve the image. Writable images are served by one shard.
+    /// How many shards serve the image. Several shards of a writable image are made together
+    /// by [`Image::new_shards`].
     pub count: usize,
     /// Submission queue entries of the shard's io_uring.
     pub ring_entries: u32,
@@ -88,11 +93,16 @@ enum ReqKind {
         unmap: bool,
     },
     Discard,
+    /// A flush sent to every shard of a group.
+    Flush,
 }
 
 impl ReqKind {
     fn is_write(self) -> bool {
-        !matches!(self, ReqKind::Read)
+        matches!(
+            self,
+            ReqKind::Write | ReqKind::WriteZeroes { .. } | ReqKind::Discard
+        )
     }
 }
 
@@ -106,6 +116,9 @@ struct Req {
     error: Option<IoError>,
     /// For a read issued by an allocation (copy on write): that allocation, else NO_ID.
     parent: u32,
+    /// Some of it is served by this shard (else every piece went to other shards, which
+    /// completed them the way writes complete, and nothing is left to do here).
+    has_local: bool,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -174,7 +187,13 @@ enum OpKind {
     },
     /// A durable (RWF_DSYNC) write of refcount blocks of new reservations.
     RefcountWrite,
+    /// A short timeout: another shard holds the right to write refcount blocks; try again.
+    Retry,
 }
+
+/// How long a shard waits before trying again to write refcount blocks that another shard
+/// is writing.
+static RETRY_AFTER: io_uring::types::Timespec = io_uring::types::Timespec::new().nsec(50_000);
 
 /// Where a compressed cluster is inflated to.
 #[derive(Clone, Copy)]
@@ -228,6 +247,21 @@ struct PendingFree {
 
 /// Everything a shard mutates, apart from the ring.
 struct State {
+    /// This shard's index in its group (0 without one).
+    index: usize,
+    /// The other shards of a writable image served by several (`group.rs`).
+    group: Option<Arc<Group>>,
+    /// Guest bytes one L2 table of the top image maps (the unit of ownership in a group).
+    l2_cover: u64,
+    /// Requests and flushes served for other shards (and this shard's own piece of a group
+    /// flush), not yet answered.
+    forwarded_in: usize,
+    /// Pieces of this shard's requests (and flushes) sent to other shards, not yet answered.
+    remote_pieces: usize,
+    /// Shards to wake at the end of this poll (bit per shard).
+    to_wake: u64,
+    /// A `Retry` timeout is in flight.
+    retry_armed: bool,
     layers: Vec<LayerCaches>,
     reqs: Slab<Req>,
     parts: Slab<Part>,
@@ -305,12 +339,12 @@ fn os_error(e: &std::io::Error) -> IoError {
 }
 
 impl Shard {
-    pub(crate) fn new(image: Image, config: &ShardConfig) -> Result<Shard, Error> {
+    pub(crate) fn new(image: Image, config: &ShardConfig, grouped: bool) -> Result<Shard, Error> {
         let inner = &image.inner;
-        if inner.writable.is_some() && config.count > 1 {
+        if inner.writable.is_some() && config.count > 1 && !grouped {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                "A writable image is served by one shard",
+                "Several shards of a writable image are made together, by Image::new_shards",
             ));
         }
         let ring = Ring::new(config.ring_entries)
@@ -343,9 +377,20 @@ impl Shard {
             layers.push(caches);
         }
         let writable = inner.writable.is_some();
+        let l2_cover = match &inner.layers[0].kind {
+            LayerKind::Qcow2(q) => q.geom.l2_coverage(),
+            LayerKind::Raw(_) => u64::MAX,
+        };
         Ok(Shard {
             ring,
             st: State {
+                index: if grouped { config.index } else { 0 },
+                group: None,
+                l2_cover,
+                forwarded_in: 0,
+                remote_pieces: 0,
+                to_wake: 0,
+                retry_armed: false,
                 layers,
                 reqs: Slab::with_capacity(256),
                 parts: Slab::with_capacity(512),
@@ -398,7 +443,12 @@ impl Shard {
 
     /// Requests submitted and not yet returned as completions.
     pub fn in_flight(&self) -> usize {
-        self.st.reqs.live() + self.st.flush.waiting()
+        self.st.reqs.live() + self.st.flush.waiting() - self.st.forwarded_in
+    }
+
+    /// Joins the group of shards serving one writable image (`Image::new_shards`).
+    pub(crate) fn join(&mut self, group: Arc<Group>) {
+        self.st.group = Some(group);
     }
 
     /// L2 cache (hits, misses) summed over the layers.
@@ -450,7 +500,8 @@ impl Shard {
         }
     }
 
-    /// Creates a request with one part covering it (or completes it at once when empty).
+    /// Creates a request with one part covering it (or completes it at once when empty); in a
+    /// group, one piece per L2 table, the pieces other shards own sent to them.
     fn start_request(&mut self, token: u64, kind: ReqKind, offset: u64, len: u64, iov: &[iovec]) {
         let st = &mut self.st;
         if len == 0 {
@@ -460,7 +511,24 @@ impl Shard {
             });
             return;
         }
-        st.start_request(token, kind, NO_ID, offset, len, iov);
+        match st.group.take() {
+            None => st.start_request(token, kind, NO_ID, offset, len, iov),
+            Some(group) => {
+                st.start_split_request(&group, token, kind, offset, len, iov);
+                st.group = Some(group);
+            }
+        }
+    }
+
+    /// Refuses tokens the engine keeps for itself.
+    fn check_token(&self, token: u64) -> Result<(), Error> {
+        if forwarded_parts(token).is_some() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Token {token:#x} is in the range the engine keeps for itself"),
+            ));
+        }
+        Ok(())
     }
 
     /// Queues a read of the guest range `offset..offset + total iov length` into `iov`.
@@ -479,6 +547,7 @@ impl Shard {
         iov: &[iovec],
     ) -> Result<(), Error> {
         let len = iov_total_len(iov);
+        self.check_token(token)?;
         self.check_range("Read", offset, len)?;
         check_iov_count(iov)?;
         self.start_request(token, ReqKind::Read, offset, len, iov);
@@ -498,6 +567,7 @@ impl Shard {
         iov: &[iovec],
     ) -> Result<(), Error> {
         let len = iov_total_len(iov);
+        self.check_token(token)?;
         self.check_writable("Write")?;
         self.check_range("Write", offset, len)?;
         check_iov_count(iov)?;
@@ -514,6 +584,7 @@ impl Shard {
         len: u64,
         unmap: bool,
     ) -> Result<(), Error> {
+        self.check_token(token)?;
         self.check_writable("Write zeroes")?;
         self.check_range("Write zeroes", offset, len)?;
         self.start_request(token, ReqKind::WriteZeroes { unmap }, offset, len, &[]);
@@ -523,6 +594,7 @@ impl Shard {
     /// Queues a discard: the range's clusters may be deallocated (without exposing backing
     /// data); partly covered clusters are left as they are.
     pub fn submit_discard(&mut self, token: u64, offset: u64, len: u64) -> Result<(), Error> {
+        self.check_token(token)?;
         self.check_writable("Discard")?;
         self.check_range("Discard", offset, len)?;
         self.start_request(token, ReqKind::Discard, offset, len, &[]);
@@ -531,6 +603,17 @@ impl Shard {
 
     /// Queues a flush: completes when every write completed before it is durable.
     pub fn submit_flush(&mut self, token: u64) -> Result<(), Error> {
+        self.check_token(token)?;
+        if let Some(group) = self.st.group.take() {
+            self.st.start_group_flush(&group, token);
+            self.st.group = Some(group);
+            return Ok(());
+        }
+        self.local_flush(token)
+    }
+
+    /// Queues a flush of what this shard alone holds.
+    fn local_flush(&mut self, token: u64) -> Result<(), Error> {
         if self.image.inner.writable.is_none() {
             // Nothing is ever written: nothing to make durable.
             self.st.finished.push(Completion {
@@ -558,8 +641,18 @@ impl Shard {
             if !self.ring.has_completions()
                 && self.st.ready.is_empty()
                 && !self.ring.has_unsubmitted()
+                && !self.st.has_mail()
             {
                 break;
+            }
+        }
+        if self.st.to_wake != 0 {
+            if let Some(group) = &self.st.group {
+                let mut bits = std::mem::take(&mut self.st.to_wake);
+                while bits != 0 {
+                    group.wake(bits.trailing_zeros() as usize);
+                    bits &= bits - 1;
+                }
             }
         }
         out.append(&mut self.st.finished);
@@ -574,7 +667,13 @@ impl Shard {
             if out.len() > before || (self.in_flight() == 0 && self.st.ops_in_kernel == 0) {
                 return;
             }
-            if let Err(e) = self.ring.submit_and_wait() {
+            if self.st.group.is_some() {
+                // Other shards answer through the eventfd, not through this ring.
+                if let Err(e) = self.ring.submit().and_then(|()| self.ring.wait_eventfd()) {
+                    tracing::error!("io_uring wait failed: {e}");
+                    return;
+                }
+            } else if let Err(e) = self.ring.submit_and_wait() {
                 tracing::error!("io_uring wait failed: {e}");
                 return;
             }
@@ -598,7 +697,8 @@ impl Shard {
         const TOKEN: u64 = u64::MAX - 1;
         let mut out = Vec::new();
         self.drain(&mut out);
-        self.submit_flush(TOKEN)?;
+        // Only this shard's metadata: at shutdown every shard of a group flushes itself.
+        self.local_flush(TOKEN)?;
         let mut result = Ok(());
         loop {
             let before = out.len();
@@ -706,6 +806,7 @@ impl Shard {
             st.ops_in_kernel -= 1;
             st.complete_op(ring, img, op as u32, res);
         }
+        st.receive();
         loop {
             while let Some(p) = st.ready.pop_front() {
                 st.plan(ring, img, p);
@@ -722,6 +823,7 @@ impl Shard {
         // could keep it waiting for as long as clusters are being allocated.
         st.maybe_start_flush(ring, img);
         st.start_refcount_writes(ring, img);
+        st.route_finished();
     }
 }
 
@@ -764,6 +866,36 @@ impl Drop for Shard {
             self.ring.reap_into(&mut self.st.cqes);
             self.st.ops_in_kernel -= self.st.cqes.len();
         }
+        if let Some(w) = &self.image.inner.writable {
+            if w.writes_blocks(self.st.index) {
+                w.end_block_writes(self.st.index);
+            }
+        }
+        // Other shards may still be serving pieces of our requests, in the caller's memory:
+        // wait for their answers (the daemon drives every shard until idle before dropping
+        // any, so this only waits when something went wrong).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.st.remote_pieces > 0 {
+            if std::time::Instant::now() > deadline {
+                tracing::error!(
+                    "A shard is dropped while {} pieces of its requests are still served by \
+                     other shards",
+                    self.st.remote_pieces
+                );
+                break;
+            }
+            let Some(group) = self.st.group.take() else {
+                break;
+            };
+            group.looking(self.st.index);
+            while let Some(msg) = group.receive(self.st.index) {
+                if let Msg::Done { .. } = msg {
+                    self.st.remote_pieces -= 1;
+                }
+            }
+            self.st.group = Some(group);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
 
@@ -787,6 +919,7 @@ impl State {
         req.iov.extend_from_slice(iov);
         req.error = None;
         req.parent = parent;
+        req.has_local = true;
         req.pending = 1;
         let p = self.parts.alloc();
         self.parts[p] = Part {
@@ -820,6 +953,12 @@ impl State {
     fn finish_part(&mut self, pid: u32, result: Result<(), IoError>) {
         let req_id = self.parts[pid].req;
         self.parts.free(pid);
+        self.piece_done(req_id, result);
+    }
+
+    /// One piece (a part of this shard, or a piece another shard served) of request `req_id`
+    /// is done; completes the request after its last.
+    fn piece_done(&mut self, req_id: u32, result: Result<(), IoError>) {
         let req = &mut self.reqs[req_id];
         if let Err(e) = result {
             req.error.get_or_insert(e);
@@ -829,10 +968,12 @@ impl State {
             return;
         }
         let result = req.error.map_or(Ok(()), Err);
-        let (token, kind, parent) = (req.token, req.kind, req.parent);
+        let (token, kind, parent, has_local) = (req.token, req.kind, req.parent, req.has_local);
         self.reqs.free(req_id);
         if parent != NO_ID {
             self.cow_read_done(parent, result);
+        } else if !has_local {
+            self.finished.push(Completion { token, result });
         } else if kind.is_write() && self.writethrough && result.is_ok() {
             self.flush.enqueue(token);
         } else if kind.is_write() && result.is_ok() && self.metadata_unwritten() {
@@ -954,6 +1095,208 @@ impl State {
                 self.free_op(op);
                 self.flush_op_done(ring, img, if injected { -libc::EIO } else { res });
             }
+            OpKind::Retry => {
+                self.free_op(op);
+                self.retry_armed = false;
+            }
         }
+    }
+
+    /// Wakes this shard again shortly (another shard holds something this one waits for).
+    fn retry_later(&mut self, ring: &mut Ring) {
+        if self.retry_armed {
+            return;
+        }
+        let entry = io_uring::opcode::Timeout::new(&RETRY_AFTER).build();
+        let op = self.ops.alloc();
+        self.ops[op].kind = OpKind::Retry;
+        // SAFETY: the timeout points at a static.
+        match unsafe { self.push(ring, op, entry) } {
+            Ok(()) => self.retry_armed = true,
+            Err(e) => tracing::error!("Cannot arm a retry timeout: {e}"),
+        }
+    }
+
+    /// Whether other shards sent messages not yet taken.
+    fn has_mail(&self) -> bool {
+        self.group.as_ref().is_some_and(|g| g.has_mail(self.index))
+    }
+
+    /// Cuts a request of the caller at L2-table boundaries: the pieces this shard owns become
+    /// its parts, the others are sent to their owners (`group.rs`).
+    fn start_split_request(
+        &mut self,
+        group: &Group,
+        token: u64,
+        kind: ReqKind,
+        offset: u64,
+        len: u64,
+        iov: &[iovec],
+    ) {
+        let count = group.count() as u64;
+        let r = self.reqs.alloc();
+        let req = &mut self.reqs[r];
+        req.token = token;
+        req.kind = kind;
+        req.iov.clear();
+        req.iov.extend_from_slice(iov);
+        req.error = None;
+        req.parent = NO_ID;
+        req.has_local = false;
+        req.pending = 0;
+        let (iov_ptr, iov_len) = (req.iov.as_ptr(), req.iov.len());
+        let end = offset + len;
+        let mut off = offset;
+        while off < end {
+            let table = off / self.l2_cover;
+            let piece_end = end.min((table + 1).saturating_mul(self.l2_cover));
+            let owner = (table % count) as usize;
+            let (piece, skip) = (piece_end - off, off - offset);
+            self.reqs[r].pending += 1;
+            if owner == self.index {
+                self.reqs[r].has_local = true;
+                let p = self.parts.alloc();
+                self.parts[p] = Part {
+                    req: r,
+                    layer: 0,
+                    guest_off: off,
+                    len: piece,
+                    skip,
+                    next: NO_ID,
+                };
+                self.ready.push_back(p);
+            } else {
+                group.send(
+                    owner,
+                    Msg::Part {
+                        from: self.index as u16,
+                        req: r,
+                        kind,
+                        guest_off: off,
+                        len: piece,
+                        skip,
+                        iov: iov_ptr,
+                        iov_len,
+                    },
+                );
+                self.remote_pieces += 1;
+                self.to_wake |= 1 << owner;
+            }
+            off = piece_end;
+        }
+    }
+
+    /// A flush of the caller: every shard of the group flushes, this one included.
+    fn start_group_flush(&mut self, group: &Group, token: u64) {
+        let r = self.reqs.alloc();
+        let req = &mut self.reqs[r];
+        req.token = token;
+        req.kind = ReqKind::Flush;
+        req.iov.clear();
+        req.error = None;
+        req.parent = NO_ID;
+        req.has_local = false;
+        req.pending = group.count() as u32;
+        self.forwarded_in += 1;
+        self.flush.enqueue(forwarded_token(self.index as u16, r));
+        for other in (0..group.count()).filter(|&i| i != self.index) {
+            group.send(
+                other,
+                Msg::Flush {
+                    from: self.index as u16,
+                    req: r,
+                },
+            );
+            self.remote_pieces += 1;
+            self.to_wake |= 1 << other;
+        }
+    }
+
+    /// Takes the messages other shards sent.
+    fn receive(&mut self) {
+        let Some(group) = self.group.take() else {
+            return;
+        };
+        group.looking(self.index);
+        while let Some(msg) = group.receive(self.index) {
+            match msg {
+                Msg::Part {
+                    from,
+                    req,
+                    kind,
+                    guest_off,
+                    len,
+                    skip,
+                    iov,
+                    iov_len,
+                } => {
+                    self.forwarded_in += 1;
+                    let r = self.reqs.alloc();
+                    let q = &mut self.reqs[r];
+                    q.token = forwarded_token(from, req);
+                    q.kind = kind;
+                    q.iov.clear();
+                    if iov_len > 0 {
+                        // SAFETY: the array lives in the sender's request until this piece is
+                        // answered (see `Msg`).
+                        q.iov
+                            .extend_from_slice(unsafe { std::slice::from_raw_parts(iov, iov_len) });
+                    }
+                    q.error = None;
+                    q.parent = NO_ID;
+                    q.has_local = true;
+                    q.pending = 1;
+                    let p = self.parts.alloc();
+                    self.parts[p] = Part {
+                        req: r,
+                        layer: 0,
+                        guest_off,
+                        len,
+                        skip,
+                        next: NO_ID,
+                    };
+                    self.ready.push_back(p);
+                }
+                Msg::Flush { from, req } => {
+                    self.forwarded_in += 1;
+                    self.flush.enqueue(forwarded_token(from, req));
+                }
+                Msg::Done { req, result } => {
+                    self.remote_pieces -= 1;
+                    self.piece_done(req, result);
+                }
+            }
+        }
+        self.group = Some(group);
+    }
+
+    /// Answers the pieces served for other shards (and this shard's own piece of a group
+    /// flush) among the finished requests; the caller's stay.
+    fn route_finished(&mut self) {
+        let Some(group) = self.group.take() else {
+            return;
+        };
+        let mut i = 0;
+        while i < self.finished.len() {
+            let Some((from, req)) = forwarded_parts(self.finished[i].token) else {
+                i += 1;
+                continue;
+            };
+            let c = self.finished.swap_remove(i);
+            self.forwarded_in -= 1;
+            if usize::from(from) == self.index {
+                self.piece_done(req, c.result);
+            } else {
+                group.send(
+                    usize::from(from),
+                    Msg::Done {
+                        req,
+                        result: c.result,
+                    },
+                );
+                self.to_wake |= 1 << from;
+            }
+        }
+        self.group = Some(group);
     }
 }

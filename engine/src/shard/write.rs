@@ -166,7 +166,7 @@ impl State {
                 self.zero_cluster(ring, img, pid, slot, index, entry, unmap, false)
             }
             ReqKind::Discard => self.zero_cluster(ring, img, pid, slot, index, entry, true, true),
-            ReqKind::Read => unreachable!("reads are planned by plan_read"),
+            ReqKind::Read | ReqKind::Flush => unreachable!("only writes have parts planned here"),
         }
     }
 
@@ -181,6 +181,12 @@ impl State {
         kind: ReqKind,
     ) -> Option<u32> {
         let (q, w) = top(img);
+        debug_assert!(
+            self.group
+                .as_ref()
+                .is_none_or(|g| l1_index as usize % g.count() == self.index),
+            "L2 table {l1_index} changed by a shard that does not own it"
+        );
         let cs = q.geom.cluster_size();
         let raw_l1 = q.l1[l1_index as usize].load(Ordering::Relaxed);
         match self.l2_table(ring, 0, q, &img.layers[0].path, l1_index, pid) {
@@ -281,21 +287,23 @@ impl State {
         let (off, n, fresh) = {
             let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
             let want = (RESERVE_BYTES / cs).clamp(RESERVE_MIN_CLUSTERS, RESERVE_MAX_CLUSTERS);
-            rc.allocate(want).map_err(refcount_error)?
-        };
-        // Extend the file over the reservation so that no entry ever points past its end.
-        let end = off + n * cs;
-        if end > w.file_len.load(Ordering::Relaxed) {
-            if let Err(e) = q.file.set_len(end) {
-                tracing::error!("Cannot extend {}: {e}", img.layers[0].path.display());
-                let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = rc.adjust_range(off, n * cs, -1) {
-                    tracing::warn!("Cannot give back the clusters just reserved: {e}");
+            let (off, n, fresh) = rc.allocate(want).map_err(refcount_error)?;
+            // Extend the file over the reservation so that no entry ever points past its end
+            // (under the lock: another shard's reservation may end further out, and the file
+            // must never be cut back under it).
+            let end = off + n * cs;
+            if end > w.file_len.load(Ordering::Relaxed) {
+                if let Err(e) = q.file.set_len(end) {
+                    tracing::error!("Cannot extend {}: {e}", img.layers[0].path.display());
+                    if let Err(e) = rc.adjust_range(off, n * cs, -1) {
+                        tracing::warn!("Cannot give back the clusters just reserved: {e}");
+                    }
+                    return Err(super::os_error(&e));
                 }
-                return Err(super::os_error(&e));
+                w.file_len.store(end, Ordering::Relaxed);
             }
-            w.file_len.store(end, Ordering::Relaxed);
-        }
+            (off, n, fresh)
+        };
         // With lazy refcounts the new refcounts are not written, but the file's new length
         // must be durable before an entry points into it.
         if w.lazy_refcounts {

@@ -1,0 +1,152 @@
+//! Several shards serving one writable image: who owns what, and the messages between them.
+//!
+//! Each L2 table of the top image belongs to one shard: table `i` (the L1 index) to shard
+//! `i % count`. Only the owner caches the table, changes its entries, allocates for the guest
+//! clusters it maps and writes it back, so every table and every allocation in flight still has
+//! exactly one owner and the data path takes no lock. A request submitted to a shard is cut at
+//! L2-table boundaries; the pieces it owns become its own parts, every other piece is sent to its
+//! owner as a [`Msg::Part`]. The owner serves it like a request of its own (reading into or
+//! writing from the submitter's memory directly) and answers with [`Msg::Done`]; the submitter
+//! completes the request when its last piece is done. A flush is sent to every shard and
+//! completes when all of them have flushed.
+//!
+//! Messages go through one lock-free queue per shard. A sender wakes the receiver by writing
+//! to the receiver's completion eventfd (a duplicate owned here, so it stays valid whatever
+//! happens to the receiver), at most once until the receiver next looks at its queue.
+
+use super::ReqKind;
+use crate::error::IoError;
+use crossbeam::queue::SegQueue;
+use libc::iovec;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A message from one shard of a group to another.
+pub(super) enum Msg {
+    /// Serve `len` bytes at `guest_off` of request `req` of shard `from`; the bytes are at
+    /// `skip` within the request's iovecs.
+    Part {
+        from: u16,
+        req: u32,
+        kind: ReqKind,
+        guest_off: u64,
+        len: u64,
+        skip: u64,
+        iov: *const iovec,
+        iov_len: usize,
+    },
+    /// Flush, for request `req` of shard `from`.
+    Flush { from: u16, req: u32 },
+    /// A piece of request `req` of the receiver is done.
+    Done {
+        req: u32,
+        result: Result<(), IoError>,
+    },
+}
+
+// SAFETY: the only pointer a message carries is a request's iovec array, which lives in the
+// sending shard's request (a vector that is neither changed nor freed until the request
+// completes, which waits for this piece's `Done`), pointing at caller memory that the submit
+// contract keeps valid until then. The receiving shard reads the array once, when it takes the
+// message, and the memory it describes is only read or written by the kernel on its behalf.
+unsafe impl Send for Msg {}
+
+struct Mailbox {
+    inbox: SegQueue<Msg>,
+    /// The receiver's completion eventfd (a duplicate).
+    wake: OwnedFd,
+    /// A wake-up was sent and the receiver has not looked at its queue since.
+    woken: AtomicBool,
+}
+
+/// The shards of one writable image; see the module documentation.
+pub(crate) struct Group {
+    boxes: Box<[Mailbox]>,
+}
+
+impl Group {
+    /// A group over shards whose completion eventfds are `wakes`, in shard order.
+    pub(crate) fn new(wakes: Vec<OwnedFd>) -> Group {
+        Group {
+            boxes: wakes
+                .into_iter()
+                .map(|wake| Mailbox {
+                    inbox: SegQueue::new(),
+                    wake,
+                    woken: AtomicBool::new(false),
+                })
+                .collect(),
+        }
+    }
+
+    /// Number of shards.
+    pub(super) fn count(&self) -> usize {
+        self.boxes.len()
+    }
+
+    /// Queues `msg` for shard `to`; the caller wakes it later with [`Group::wake`].
+    pub(super) fn send(&self, to: usize, msg: Msg) {
+        self.boxes[to].inbox.push(msg);
+    }
+
+    /// Wakes shard `to` unless a wake-up is already on its way.
+    pub(super) fn wake(&self, to: usize) {
+        let b = &self.boxes[to];
+        if b.woken.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local to an eventfd this group owns; an error (the
+        // counter is full, which cannot happen with wake-ups of 1) is harmless.
+        unsafe {
+            libc::write(
+                b.wake.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+
+    /// The next message for shard `me`. Call [`Group::looking`] first.
+    pub(super) fn receive(&self, me: usize) -> Option<Msg> {
+        self.boxes[me].inbox.pop()
+    }
+
+    /// Shard `me` is about to empty its queue: a message sent from now on wakes it again.
+    pub(super) fn looking(&self, me: usize) {
+        self.boxes[me].woken.store(false, Ordering::Release);
+    }
+
+    /// Whether messages wait for shard `me`.
+    pub(super) fn has_mail(&self, me: usize) -> bool {
+        !self.boxes[me].inbox.is_empty()
+    }
+}
+
+/// Tokens of requests served for another shard (and of each shard's own piece of a group
+/// flush): `FORWARDED | from << 32 | request id`. Callers may not use this range.
+pub(super) const FORWARDED: u64 = 0xC000_0000_0000_0000;
+const FORWARDED_MASK: u64 = 0xFFFF_0000_0000_0000;
+
+pub(super) fn forwarded_token(from: u16, req: u32) -> u64 {
+    FORWARDED | u64::from(from) << 32 | u64::from(req)
+}
+
+/// `(from, request id)` of a forwarded token, or `None` for a caller's token.
+pub(super) fn forwarded_parts(token: u64) -> Option<(u16, u32)> {
+    (token & FORWARDED_MASK == FORWARDED).then_some(((token >> 32) as u16, token as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_tokens_round_trip_and_callers_tokens_are_not_taken_for_them() {
+        let t = forwarded_token(3, 0xdead_beef);
+        assert_eq!(forwarded_parts(t), Some((3, 0xdead_beef)));
+        for caller in [0, 1, 1 << 40, u64::MAX, u64::MAX - 1, u64::MAX - 2, 1 << 63] {
+            assert_eq!(forwarded_parts(caller), None, "{caller:#x}");
+        }
+    }
+}
