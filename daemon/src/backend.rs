@@ -187,20 +187,19 @@ impl BlkBackend {
         let num_queues = usize::from(params.num_queues.clamp(1, MAX_QUEUES));
         let shards = params.shards.clamp(1, num_queues);
         let inflight = Arc::new(InflightShared::default());
-        let workers = (0..shards)
-            .map(|index| {
+        let workers = EngineIo::for_workers(image, shards)
+            .map_err(|source| BackendError::Shard { index: 0, source })?
+            .into_iter()
+            .enumerate()
+            .map(|(index, io)| {
                 let metrics = params.metrics.as_ref().and_then(|m| m.shard(index));
-                EngineIo::new(image, index, shards)
-                    .map(|io| {
-                        Mutex::new(
-                            Worker::new(io, mem.clone())
-                                .with_metrics(metrics)
-                                .with_inflight(Arc::clone(&inflight), index, shards),
-                        )
-                    })
-                    .map_err(|source| BackendError::Shard { index, source })
+                Mutex::new(
+                    Worker::new(io, mem.clone())
+                        .with_metrics(metrics)
+                        .with_inflight(Arc::clone(&inflight), index, shards),
+                )
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Vec<_>>();
         let exit_events = ExitEvents::new(shards).map_err(BackendError::ExitEvents)?;
         let backend = BlkBackend {
             num_queues,
@@ -242,6 +241,7 @@ impl BlkBackend {
     /// worker is finished even if one fails; the first error is returned (for the caller to
     /// report), later ones are logged here.
     pub fn finish(&self) -> Result<(), qcow2d_engine::Error> {
+        self.settle();
         let mut result = Ok(());
         for thread in 0..self.workers.len() {
             if let Err(e) = self.lock(thread).finish() {
@@ -253,6 +253,35 @@ impl BlkBackend {
             }
         }
         result
+    }
+
+    /// Polls every shard until none has requests in flight. The shards of a writable image
+    /// serve pieces of each other's requests, so with the worker threads gone one thread must
+    /// drive them all: a shard waiting on its own could wait for a shard nobody polls.
+    fn settle(&self) {
+        let mut last_progress = std::time::Instant::now();
+        loop {
+            let mut in_flight = 0;
+            let mut progressed = false;
+            for thread in 0..self.workers.len() {
+                let (left, moved) = self.lock(thread).pump();
+                in_flight += left;
+                progressed |= moved;
+            }
+            if in_flight == 0 {
+                return;
+            }
+            if progressed {
+                last_progress = std::time::Instant::now();
+            } else if last_progress.elapsed() > std::time::Duration::from_secs(30) {
+                error!(
+                    in_flight,
+                    "The engine stopped completing requests; flushing what completed"
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
     }
 
     /// Where the relay publishes the in-flight area the frontend shares.

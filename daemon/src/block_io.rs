@@ -135,17 +135,18 @@ pub struct EngineIo {
 }
 
 impl EngineIo {
-    /// Creates shard `index` of `count` for `image`.
-    pub fn new(image: &Image, index: usize, count: usize) -> Result<Self, qcow2d_engine::Error> {
-        let config = ShardConfig {
-            index,
-            count,
-            ..ShardConfig::default()
-        };
-        Ok(EngineIo {
-            shard: image.new_shard(&config)?,
-            completions: Vec::with_capacity(256),
-        })
+    /// Creates the `count` shards of one connection to `image`, one per worker thread. The
+    /// shards of a writable image pass each other pieces of requests, so every one of them
+    /// must be polled (on its completion eventfd) for any of them to make progress.
+    pub fn for_workers(image: &Image, count: usize) -> Result<Vec<Self>, qcow2d_engine::Error> {
+        Ok(image
+            .new_shards(&ShardConfig::default(), count)?
+            .into_iter()
+            .map(|shard| EngineIo {
+                shard,
+                completions: Vec::with_capacity(256),
+            })
+            .collect())
     }
 
     /// The eventfd that becomes readable when the shard has completions to reap.

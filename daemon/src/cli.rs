@@ -76,8 +76,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub queues: Option<u64>,
 
-    /// Worker threads, each with its own engine shard, for read-only exports [default: CPUs,
-    /// at most --queues]. Writable exports always have one.
+    /// Worker threads, each with its own engine shard [default: CPUs, at most --queues]
     #[arg(long, value_name = "N")]
     pub shards: Option<u64>,
 

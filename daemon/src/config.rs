@@ -4,7 +4,7 @@
 //! Runs on the main thread at start-up. A config file looks like:
 //!
 //! ```toml
-//! shards = 4              # optional: worker threads (engine shards) per read-only export
+//! shards = 4              # optional: worker threads (engine shards) per export
 //! metrics = "127.0.0.1:9187"  # optional: serve Prometheus metrics on http://ADDR/metrics
 //!
 //! [[export]]
@@ -18,8 +18,9 @@
 //! serial = "vm1-disk0"    # optional, at most 20 bytes; default: the image's file name
 //! ```
 //!
-//! A writable image is served by one engine shard, so a writable export has one worker thread
-//! for all its queues whatever `shards` says; `shards` applies to read-only exports.
+//! Each worker thread owns one engine shard. The shards of a writable image share out its L2
+//! tables and pass each other the pieces of requests they do not own (see the engine's
+//! `shard` module); those of a read-only image are independent.
 //!
 //! Relative paths in a config file are relative to the directory of that file. Unknown keys
 //! are errors, reported with their line and column.
@@ -140,7 +141,7 @@ pub struct ExportConfig {
     pub direct: bool,
     /// Number of virtqueues offered.
     pub queues: u16,
-    /// Worker threads (engine shards): never more than `queues`, and 1 for writable exports.
+    /// Worker threads (engine shards): never more than `queues`.
     pub shards: usize,
     /// GET_ID answer, at most 20 bytes.
     pub serial: String,
@@ -352,12 +353,8 @@ fn validate(
             )))
         }
     };
-    // A worker without a queue would have nothing to do; a writable image has one shard.
-    let shards = if raw.read_only {
-        shards.clamp(1, usize::from(queues))
-    } else {
-        1
-    };
+    // A worker without a queue would have nothing to do.
+    let shards = shards.clamp(1, usize::from(queues));
     let serial = match raw.serial {
         Some(s) => {
             if s.len() > ID_BYTES {
@@ -456,7 +453,10 @@ socket = "sockets/b.sock"
         assert!(!b.writethrough);
         assert!(!b.lazy_refcounts);
         assert_eq!(b.queues, 16);
-        assert_eq!(b.shards, 1, "a writable export has one shard");
+        assert_eq!(
+            b.shards, 2,
+            "the file's shard count applies to writable exports too"
+        );
         assert_eq!(b.serial, "b");
     }
 
@@ -467,7 +467,7 @@ socket = "sockets/b.sock"
         );
         let e = &cfg.exports[0];
         assert!(e.writethrough && e.lazy_refcounts && !e.read_only);
-        assert_eq!(e.shards, 1);
+        assert_eq!(e.shards, 4);
         let cfg = parse_ok(
             "[[export]]\nimage = \"a\"\nsocket = \"s\"\nwritethrough = false\nlazy_refcounts = false\n",
         );
@@ -599,9 +599,9 @@ socket = "sockets/b.sock"
         // Default shards: one per CPU (8 here).
         let cfg = parse_ok(&format!("[[export]]\nimage = \"a\"\nsocket = \"s\"\n{ro}"));
         assert_eq!(cfg.exports[0].shards, 8);
-        // Writable: always one.
-        let cfg = parse_ok("shards = 32\n[[export]]\nimage = \"a\"\nsocket = \"s\"\n");
-        assert_eq!(cfg.exports[0].shards, 1);
+        // Writable: the same.
+        let cfg = parse_ok("shards = 32\n[[export]]\nimage = \"a\"\nsocket = \"s\"\nqueues = 4\n");
+        assert_eq!(cfg.exports[0].shards, 4);
     }
 
     #[test]
@@ -687,7 +687,7 @@ socket = "sockets/b.sock"
         .unwrap();
         let e = &cfg.exports[0];
         assert!(!e.read_only && e.writethrough && e.lazy_refcounts);
-        assert_eq!(e.shards, 1);
+        assert_eq!(e.shards, 8);
         let err = from_command_line(
             RawExport {
                 image: "img.qcow2".into(),

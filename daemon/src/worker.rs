@@ -715,6 +715,16 @@ impl<B: BlockIo> Worker<B> {
         }
     }
 
+    /// For a connection whose threads are gone: polls the engine once, dropping what completed
+    /// (nobody reads the rings any more; see [`Worker::finish`]). Returns the requests still in
+    /// flight and whether any completed.
+    pub fn pump(&mut self) -> (usize, bool) {
+        self.io.poll(&mut self.done);
+        let moved = !self.done.is_empty();
+        self.done.clear();
+        (self.io.in_flight(), moved)
+    }
+
     /// Ends this worker's part of a connection whose threads are gone: waits for every request
     /// still in flight (their chains are not returned: nobody reads the rings any more), then
     /// makes every completed write durable and gives back the engine's reservations

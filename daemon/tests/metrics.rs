@@ -279,14 +279,24 @@ impl Scrape {
                 other => panic!("{op}: some quantiles missing: {other:?}"),
             }
         }
-        let depth = self.get(
-            "qcow2d_shard_queue_depth",
-            &[("export", export), ("shard", "0")],
-        );
+        // Every request is counted by the shard it was submitted to, whichever shards serve
+        // its pieces: the depths add up to the export's in-flight requests.
+        let depths: Vec<f64> = (0..64)
+            .map_while(|shard| {
+                let shard = shard.to_string();
+                self.0
+                    .get(&key(
+                        "qcow2d_shard_queue_depth",
+                        &[("export", export), ("shard", &shard)],
+                    ))
+                    .copied()
+            })
+            .collect();
+        assert!(!depths.is_empty(), "no shard queue depth for {export}");
         assert_eq!(
-            depth as u64,
+            depths.iter().sum::<f64>() as u64,
             self.in_flight(export),
-            "one shard: its depth is the export's"
+            "the shards' depths add up to the export's in-flight requests"
         );
         assert!(self.in_flight(export) <= SLOTS as u64);
     }
