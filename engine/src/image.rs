@@ -658,7 +658,11 @@ impl Image {
                         .map_err(|e| Error::io("Cannot duplicate a shard's eventfd", e))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let group = std::sync::Arc::new(crate::shard::Group::new(wakes));
+            let tables = match &self.inner.layers[0].kind {
+                LayerKind::Qcow2(q) => q.l1.len(),
+                LayerKind::Raw(_) => 0,
+            };
+            let group = std::sync::Arc::new(crate::shard::Group::new(wakes, tables));
             for s in &mut shards {
                 s.join(std::sync::Arc::clone(&group));
             }

@@ -409,6 +409,13 @@ impl SlotCache {
         !self.unwritten.is_empty()
     }
 
+    /// Whether the slot of `key` has bytes changed in memory and not written since.
+    pub fn is_unwritten(&self, key: u64) -> bool {
+        self.map
+            .get(&key)
+            .is_some_and(|&id| self.slots[id as usize].unwritten != 0)
+    }
+
     /// Marks a slot dirty (and wholly unwritten) again after its write failed.
     pub fn remark_dirty(&mut self, key: u64) {
         if let Some(&id) = self.map.get(&key) {

@@ -154,14 +154,11 @@ impl State {
         let hard = !self.flush.queued.is_empty();
         // A run that writes refcount blocks (or the table) must hold the right to (see
         // `Writable::take_block_writes`): a flush always, a write-back when an entry it
-        // writes needs its reservation's refcounts durable first, or the table changed.
-        let writes_blocks = !w.lazy_refcounts
-            && (hard
-                || self.newest_referenced > self.durable_seq
-                || w.refcounts
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .table_changed());
+        // writes needs its reservation's refcounts durable first. (A grown table is written
+        // by such a run: until then reservation writes leave it alone, so an entry pointing
+        // into a reservation it describes makes the next write-back wait and write it.)
+        let writes_blocks =
+            !w.lazy_refcounts && (hard || self.newest_referenced > self.durable_seq);
         if writes_blocks {
             match w.take_block_writes(self.index) {
                 Ok(()) => {}
@@ -509,6 +506,9 @@ impl State {
             .as_ref()
             .expect("only writable images run flushes");
         self.end_run_block_writes(img);
+        if self.flush.error.is_none() {
+            self.tables_written();
+        }
         let f = &mut self.flush;
         f.active = false;
         let result = match f.error {

@@ -19,7 +19,11 @@ use crate::error::IoError;
 use crossbeam::queue::SegQueue;
 use libc::iovec;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Every table's version at the start: even (nothing unwritten) and never 0, which marks a
+/// part or a cached copy that no version vouches for.
+const FIRST_VERSION: u64 = 2;
 
 /// A message from one shard of a group to another.
 pub(super) enum Msg {
@@ -62,12 +66,18 @@ struct Mailbox {
 /// The shards of one writable image; see the module documentation.
 pub(crate) struct Group {
     boxes: Box<[Mailbox]>,
+    /// Per L2 table of the top image (by L1 index): its version. Odd while the owner has
+    /// changes to the table (or to its L1 entry) that are not in the file yet; bumped by the
+    /// owner on every change of parity. See "Reads of tables owned by another shard".
+    versions: Box<[AtomicU64]>,
 }
 
 impl Group {
-    /// A group over shards whose completion eventfds are `wakes`, in shard order.
-    pub(crate) fn new(wakes: Vec<OwnedFd>) -> Group {
+    /// A group over shards whose completion eventfds are `wakes`, in shard order, for a top
+    /// image with `tables` L1 entries.
+    pub(crate) fn new(wakes: Vec<OwnedFd>, tables: usize) -> Group {
         Group {
+            versions: (0..tables).map(|_| AtomicU64::new(FIRST_VERSION)).collect(),
             boxes: wakes
                 .into_iter()
                 .map(|wake| Mailbox {
@@ -82,6 +92,21 @@ impl Group {
     /// Number of shards.
     pub(super) fn count(&self) -> usize {
         self.boxes.len()
+    }
+
+    /// Version of table `l1_index` (see `versions`).
+    pub(super) fn version(&self, l1_index: u64) -> u64 {
+        self.versions
+            .get(l1_index as usize)
+            .map_or(1, |v| v.load(Ordering::SeqCst))
+    }
+
+    /// The owner of table `l1_index` starts (to odd) or ends (to even) having changes that
+    /// are not in the file. Only the owner calls it.
+    pub(super) fn bump_version(&self, l1_index: u64) {
+        if let Some(v) = self.versions.get(l1_index as usize) {
+            v.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     /// Queues `msg` for shard `to`; the caller wakes it later with [`Group::wake`].

@@ -131,6 +131,10 @@ struct Part {
     skip: u64,
     /// Next part in the wait list this part is on.
     next: u32,
+    /// A read planned with this shard's copy of another shard's table: the table's version
+    /// the copy was read at (0: none). The part is redone by the owner if the version has
+    /// changed when it finishes (`group.rs`).
+    tag: u64,
 }
 
 /// Where the bytes of a data operation come from or go to.
@@ -151,6 +155,8 @@ enum OpKind {
         layer: u16,
         slot: u32,
         host: u64,
+        /// The table's L1 index.
+        key: u64,
     },
     /// Guest data read into, or written from, the request (or zeros) for one part.
     Data {
@@ -177,14 +183,10 @@ enum OpKind {
         host: u64,
     },
     /// The write of an allocation's new cluster.
-    AllocWrite {
-        alloc: u32,
-    },
+    AllocWrite { alloc: u32 },
     /// A metadata write or sync of the flush in progress (`injected`: a sync replaced by a
     /// no-op that must be reported as failed).
-    Flush {
-        injected: bool,
-    },
+    Flush { injected: bool },
     /// A durable (RWF_DSYNC) write of refcount blocks of new reservations.
     RefcountWrite,
     /// A short timeout: another shard holds the right to write refcount blocks; try again.
@@ -262,6 +264,11 @@ struct State {
     to_wake: u64,
     /// A `Retry` timeout is in flight.
     retry_armed: bool,
+    /// Per top-layer L2 cache slot holding a copy of another shard's table: the table's
+    /// version the copy was read at (0: none vouches for it).
+    foreign_tags: Vec<u64>,
+    /// Tables of this shard whose version is odd (changes not in the file yet).
+    odd_tables: Vec<u64>,
     layers: Vec<LayerCaches>,
     reqs: Slab<Req>,
     parts: Slab<Part>,
@@ -391,6 +398,8 @@ impl Shard {
                 remote_pieces: 0,
                 to_wake: 0,
                 retry_armed: false,
+                foreign_tags: Vec::new(),
+                odd_tables: Vec::new(),
                 layers,
                 reqs: Slab::with_capacity(256),
                 parts: Slab::with_capacity(512),
@@ -929,6 +938,7 @@ impl State {
             len,
             skip: 0,
             next: NO_ID,
+            tag: 0,
         };
         self.ready.push_back(p);
     }
@@ -951,6 +961,18 @@ impl State {
     }
 
     fn finish_part(&mut self, pid: u32, result: Result<(), IoError>) {
+        let p = self.parts[pid];
+        if p.tag != 0
+            && self
+                .group
+                .as_ref()
+                .is_some_and(|g| g.version(p.guest_off / self.l2_cover) != p.tag)
+        {
+            // Planned with a copy of another shard's table that changed meanwhile: what it
+            // read may be stale (even from a cluster freed and reused since). Its owner
+            // serves it again.
+            return self.forward_part(pid);
+        }
         let req_id = self.parts[pid].req;
         self.parts.free(pid);
         self.piece_done(req_id, result);
@@ -1117,6 +1139,82 @@ impl State {
         }
     }
 
+    /// Whether table `l1_index` of layer `layer` belongs to another shard of the group.
+    fn is_foreign(&self, layer: u16, l1_index: u64) -> bool {
+        layer == 0
+            && self
+                .group
+                .as_ref()
+                .is_some_and(|g| l1_index as usize % g.count() != self.index)
+    }
+
+    /// Sends part `pid` (a read of this shard's request) to the owner of its table, which
+    /// serves it from its own table and answers with `Done`.
+    fn forward_part(&mut self, pid: u32) {
+        let p = self.parts[pid];
+        self.parts.free(pid);
+        let group = self.group.as_ref().expect("only a group forwards parts");
+        let owner = (p.guest_off / self.l2_cover) as usize % group.count();
+        let req = &self.reqs[p.req];
+        group.send(
+            owner,
+            Msg::Part {
+                from: self.index as u16,
+                req: p.req,
+                kind: req.kind,
+                guest_off: p.guest_off,
+                len: p.len,
+                skip: p.skip,
+                iov: req.iov.as_ptr(),
+                iov_len: req.iov.len(),
+            },
+        );
+        self.remote_pieces += 1;
+        self.to_wake |= 1 << owner;
+    }
+
+    /// The version of another shard's table that the copy in top-layer L2 slot `slot` was
+    /// read at (0: none).
+    fn foreign_tag(&self, slot: u32) -> u64 {
+        self.foreign_tags.get(slot as usize).copied().unwrap_or(0)
+    }
+
+    fn set_foreign_tag(&mut self, slot: u32, tag: u64) {
+        let i = slot as usize;
+        if i >= self.foreign_tags.len() {
+            self.foreign_tags.resize(i + 1, 0);
+        }
+        self.foreign_tags[i] = tag;
+    }
+
+    /// This shard changed table `l1_index` (or its L1 entry) in memory: other shards stop
+    /// trusting their copies until it is in the file.
+    fn table_changed(&mut self, l1_index: u64) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        if group.version(l1_index) % 2 == 0 {
+            group.bump_version(l1_index);
+            self.odd_tables.push(l1_index);
+        }
+    }
+
+    /// A run (flush or write-back) succeeded: tables with nothing left unwritten, their L1
+    /// entry included, are whole in the file again.
+    fn tables_written(&mut self) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        let (l2, unwritten_l1) = (&self.layers[0].l2, &self.unwritten_l1);
+        self.odd_tables.retain(|&t| {
+            if l2.is_unwritten(t) || unwritten_l1.contains(&t) {
+                return true;
+            }
+            group.bump_version(t);
+            false
+        });
+    }
+
     /// Whether other shards sent messages not yet taken.
     fn has_mail(&self) -> bool {
         self.group.as_ref().is_some_and(|g| g.has_mail(self.index))
@@ -1153,7 +1251,8 @@ impl State {
             let owner = (table % count) as usize;
             let (piece, skip) = (piece_end - off, off - offset);
             self.reqs[r].pending += 1;
-            if owner == self.index {
+            // Reads of another shard's table are tried here first (see `plan_read`).
+            if owner == self.index || kind == ReqKind::Read {
                 self.reqs[r].has_local = true;
                 let p = self.parts.alloc();
                 self.parts[p] = Part {
@@ -1163,6 +1262,7 @@ impl State {
                     len: piece,
                     skip,
                     next: NO_ID,
+                    tag: 0,
                 };
                 self.ready.push_back(p);
             } else {
@@ -1254,6 +1354,7 @@ impl State {
                         len,
                         skip,
                         next: NO_ID,
+                        tag: 0,
                     };
                     self.ready.push_back(p);
                 }

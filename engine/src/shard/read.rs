@@ -43,6 +43,11 @@ impl State {
             q.l1.get(l1_index as usize)
                 .map_or(0, |e| e.load(Ordering::Relaxed));
         let host = match crate::format::decode_l1_entry(raw_l1, q.geom.cluster_size()) {
+            Err(_) if self.is_foreign(layer, l1_index) => {
+                // Another shard's entry, perhaps changing: its owner judges it.
+                self.forward_part(pid);
+                return Table::Pending;
+            }
             Err(why) => {
                 let at = q.header.l1_table_offset + 8 * l1_index;
                 tracing::warn!("{}: L1 entry at {at:#x}: {why}", path.display());
@@ -63,6 +68,12 @@ impl State {
             Lookup::Miss => {
                 let slot = caches.l2.start_load(l1_index);
                 Self::enqueue_waiter(&mut self.parts, caches.l2.waiters_mut(slot), pid);
+                if self.is_foreign(layer, l1_index) {
+                    // The version the copy is read at; checked again when the read is done.
+                    let v = self.group.as_ref().map_or(0, |g| g.version(l1_index));
+                    self.set_foreign_tag(slot, if v.is_multiple_of(2) { v } else { 0 });
+                }
+                let caches = &mut self.layers[layer as usize];
                 let buf = caches.l2.buf_mut(slot);
                 let entry = opcode::Read::new(
                     types::Fd(q.file.as_raw_fd()),
@@ -72,7 +83,12 @@ impl State {
                 .offset(host)
                 .build();
                 let op = self.ops.alloc();
-                self.ops[op].kind = OpKind::L2Load { layer, slot, host };
+                self.ops[op].kind = OpKind::L2Load {
+                    layer,
+                    slot,
+                    host,
+                    key: l1_index,
+                };
                 // SAFETY: the slot's buffer is not freed, moved or reused while the slot is
                 // loading; it stays loading until this op completes.
                 if let Err(e) = unsafe { self.push(ring, op, entry) } {
@@ -119,13 +135,41 @@ impl State {
                 continue;
             }
             let cs = q.geom.cluster_size();
+            // Another shard's table is read from this shard's own copy while the owner has
+            // nothing unwritten in it (`group.rs`), else the part goes to the owner.
+            let foreign = self.is_foreign(p.layer, l1_index);
+            let version = match &self.group {
+                Some(g) if foreign => g.version(l1_index),
+                _ => 0,
+            };
+            if version % 2 == 1 {
+                return self.forward_part(pid);
+            }
             let (step, run) = match self.l2_table(ring, p.layer, q, &layer.path, l1_index, pid) {
                 Table::Pending => return,
-                Table::Unallocated => (Step::Backing, p.len),
+                Table::Unallocated => {
+                    if foreign {
+                        self.parts[pid].tag = version;
+                    }
+                    (Step::Backing, p.len)
+                }
+                Table::Ready { slot, .. } if foreign && self.foreign_tag(slot) != version => {
+                    // A copy read at another version (or torn by the owner's writes): read
+                    // the table again.
+                    self.layers[0].l2.invalidate(l1_index);
+                    if matches!(self.layers[0].l2.lookup(l1_index), Lookup::Ready(_)) {
+                        return self.forward_part(pid);
+                    }
+                    continue;
+                }
                 Table::Ready { slot, host } => {
+                    if foreign {
+                        self.parts[pid].tag = version;
+                    }
                     let table = self.layers[p.layer as usize].l2.buf(slot);
                     match resolve(&q.geom, table, p.guest_off, p.len) {
                         Ok(r) => r,
+                        Err(_) if foreign => return self.forward_part(pid),
                         Err(why) => {
                             let at = host + (p.guest_off % cover) / cs * q.geom.l2_entry_bytes();
                             tracing::warn!("{}: L2 entry at {at:#x}: {why}", layer.path.display());
@@ -507,10 +551,24 @@ impl State {
         op: u32,
         res: i32,
     ) {
-        let OpKind::L2Load { layer, slot, host } = self.ops[op].kind else {
+        let OpKind::L2Load {
+            layer,
+            slot,
+            host,
+            key,
+        } = self.ops[op].kind
+        else {
             unreachable!("complete_l2_load on another op");
         };
         self.free_op(op);
+        if self.is_foreign(layer, key) {
+            let tag = self.foreign_tag(slot);
+            if self.group.as_ref().is_none_or(|g| g.version(key) != tag) {
+                // The owner changed the table meanwhile: the copy may be torn. Its waiters
+                // see the mismatch and read it again or go to the owner.
+                self.set_foreign_tag(slot, 0);
+            }
+        }
         let cache = &mut self.layers[layer as usize].l2;
         let expected = cache.buf(slot).len();
         if res >= 0 && res as usize == expected {

@@ -211,6 +211,7 @@ impl State {
                 let cache = &mut self.layers[0].l2;
                 let slot = cache.insert_new(l1_index);
                 cache.mark_all_dirty(slot);
+                self.table_changed(l1_index);
                 q.l1[l1_index as usize].store(encode_l1_entry(host), Ordering::Relaxed);
                 self.dirty_l1.push(l1_index);
                 self.unwritten_l1.push(l1_index);
@@ -229,6 +230,7 @@ impl State {
                             return None;
                         }
                     };
+                    self.table_changed(l1_index);
                     q.l1[l1_index as usize].store(encode_l1_entry(new), Ordering::Relaxed);
                     self.dirty_l1.push(l1_index);
                     self.unwritten_l1.push(l1_index);
@@ -580,6 +582,7 @@ impl State {
         }
         cache.mark_dirty(al.slot, at..at + q.geom.l2_entry_bytes() as usize);
         cache.unpin(al.slot);
+        self.table_changed(al.cluster / self.l2_cover);
         if !al.survives_loss {
             self.sync_before_l2 = true;
         }
@@ -755,6 +758,7 @@ impl State {
             table[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
         }
         cache.mark_dirty(slot, at..at + q.geom.l2_entry_bytes() as usize);
+        self.table_changed(self.parts[pid].guest_off / self.l2_cover);
         let old_host_kept = raw & 0x00ff_ffff_ffff_fe00 != 0;
         if !old_host_kept {
             self.free_old_mapping(q, old_raw, entry.bitmap, cs);
