@@ -758,3 +758,133 @@ fn several_shards_compressed_backing_and_snapshot() {
     });
     run_sharded(&c, 76, 120, 2);
 }
+
+/// Several shards on their own threads, as the daemon runs them: each thread owns one shard
+/// and a set of 16 KiB stripes spread over every L2 table (4 KiB clusters: a table maps 2 MiB),
+/// and keeps writing, discarding and reading its stripes while the others change theirs in the
+/// same tables. Reads of a thread's own stripes have no concurrent writer, so they must match
+/// its model exactly, whichever shard owns the table and however often its version changes
+/// meanwhile. Then the image is checked and compared with the union of the models.
+#[test]
+fn several_shards_on_their_own_threads() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    const THREADS: usize = 3;
+    const STRIPE: u64 = 16 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let raw = random_raw(dir.path(), "src.raw", 24 << 20, 81);
+    let path = dir.path().join("t.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        raw.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
+    let model = Arc::new(Mutex::new(std::fs::read(&raw).unwrap()));
+    let img = Image::open(
+        &path,
+        &OpenOptions {
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let size = img.virtual_size();
+    let shards = img.new_shards(&ShardConfig::default(), THREADS).unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = shards
+        .into_iter()
+        .enumerate()
+        .map(|(me, mut shard)| {
+            let (model, done) = (Arc::clone(&model), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let mut own = model.lock().unwrap().clone();
+                let stripes: Vec<u64> = (0..size / STRIPE)
+                    .filter(|s| *s as usize % THREADS == me)
+                    .collect();
+                let mut rng = Rng(0x5eed + me as u64);
+                let mut out = Vec::new();
+                for round in 0..1000u64 {
+                    // A few requests in flight at once, each inside one of our stripes.
+                    let mut bufs: Vec<(u64, Vec<u8>, u8)> = Vec::new();
+                    for i in 0..8u64 {
+                        let stripe = stripes[rng.below(stripes.len() as u64) as usize];
+                        let len = (rng.below(8) + 1) * 2048;
+                        let off = stripe * STRIPE + rng.below((STRIPE - len) / 512 + 1) * 512;
+                        if bufs
+                            .iter()
+                            .any(|(o, b, _)| off < o + b.len() as u64 && *o < off + len)
+                        {
+                            continue;
+                        }
+                        let kind = rng.below(10) as u8;
+                        let mut buf = vec![0u8; len as usize];
+                        if kind < 4 {
+                            rng.fill(&mut buf);
+                        }
+                        let token = round * 100 + i;
+                        let iov = [libc::iovec {
+                            iov_base: buf.as_mut_ptr().cast(),
+                            iov_len: buf.len(),
+                        }];
+                        // SAFETY: each buffer lives in `bufs` until every request of this
+                        // round has completed below.
+                        match kind {
+                            0..=3 => unsafe { shard.submit_write(token, off, &iov) }.unwrap(),
+                            4 => shard.submit_write_zeroes(token, off, len, true).unwrap(),
+                            _ => unsafe { shard.submit_read(token, off, &iov) }.unwrap(),
+                        }
+                        bufs.push((off, buf, kind));
+                    }
+                    if rng.below(10) == 0 {
+                        shard.submit_flush(round * 100 + 99).unwrap();
+                    }
+                    while shard.in_flight() > 0 {
+                        shard.wait(&mut out);
+                    }
+                    for c in out.drain(..) {
+                        assert!(c.result.is_ok(), "thread {me}: {c:?}");
+                    }
+                    for (off, buf, kind) in &bufs {
+                        let range = *off as usize..*off as usize + buf.len();
+                        match kind {
+                            0..=3 => own[range].copy_from_slice(buf),
+                            4 => own[range].fill(0),
+                            _ => assert!(
+                                own[range.clone()] == buf[..],
+                                "thread {me} round {round}: read at {off:#x} differs"
+                            ),
+                        }
+                    }
+                }
+                // Keep serving the others' pieces until every thread is done.
+                done.fetch_add(1, Ordering::SeqCst);
+                while done.load(Ordering::SeqCst) < THREADS {
+                    shard.poll(&mut out);
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+                shard.flush_blocking().unwrap();
+                shard.release_reserved();
+                let mut m = model.lock().unwrap();
+                for s in stripes {
+                    let r = (s * STRIPE) as usize..((s + 1) * STRIPE) as usize;
+                    m[r.clone()].copy_from_slice(&own[r]);
+                }
+                // Dropping needs nothing from the others any more.
+                drop(shard);
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    img.close().unwrap();
+    drop(img);
+    let model = model.lock().unwrap();
+    verify(&path, &model, dir.path());
+}
