@@ -832,13 +832,19 @@ fn several_shards_on_their_own_threads() {
                             iov_base: buf.as_mut_ptr().cast(),
                             iov_len: buf.len(),
                         }];
-                        // SAFETY: each buffer lives in `bufs` until every request of this
-                        // round has completed below.
-                        match kind {
-                            0..=3 => unsafe { shard.submit_write(token, off, &iov) }.unwrap(),
-                            4 => shard.submit_write_zeroes(token, off, len, true).unwrap(),
-                            _ => unsafe { shard.submit_read(token, off, &iov) }.unwrap(),
-                        }
+                        let submitted = match kind {
+                            0..=3 => {
+                                // SAFETY: each buffer lives in `bufs` until every request of
+                                // this round has completed below.
+                                unsafe { shard.submit_write(token, off, &iov) }
+                            }
+                            4 => shard.submit_write_zeroes(token, off, len, true),
+                            _ => {
+                                // SAFETY: as above.
+                                unsafe { shard.submit_read(token, off, &iov) }
+                            }
+                        };
+                        submitted.unwrap();
                         bufs.push((off, buf, kind));
                     }
                     if rng.below(10) == 0 {

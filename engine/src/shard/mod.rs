@@ -689,12 +689,17 @@ impl Shard {
         }
     }
 
-    /// Waits until every request submitted so far has completed, appending them to `out`.
+    /// Waits until every request submitted so far has completed, appending them to `out`. In
+    /// a group, pieces served by other shards only complete while those shards are polled.
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         while self.in_flight() > 0 || self.st.ops_in_kernel > 0 {
             let before = out.len();
             self.wait(out);
-            if out.len() == before && self.st.ops_in_kernel == 0 && self.st.ready.is_empty() {
+            if out.len() == before
+                && self.st.ops_in_kernel == 0
+                && self.st.ready.is_empty()
+                && self.st.remote_pieces == 0
+            {
                 break;
             }
         }

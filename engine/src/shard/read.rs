@@ -569,11 +569,20 @@ impl State {
                 self.set_foreign_tag(slot, 0);
             }
         }
+        let foreign = self.is_foreign(layer, key);
         let cache = &mut self.layers[layer as usize].l2;
         let expected = cache.buf(slot).len();
         if res >= 0 && res as usize == expected {
             let w = cache.finish_load(slot);
             self.replan_waiters(ring, img, w);
+        } else if foreign {
+            // Another shard's table: its owner serves the parts (and judges the failure).
+            let mut w = cache.fail_load(slot);
+            while w.head != NO_ID {
+                let next = self.parts[w.head].next;
+                self.forward_part(w.head);
+                w.head = next;
+            }
         } else {
             let w = cache.fail_load(slot);
             let err = if res < 0 {
