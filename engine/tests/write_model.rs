@@ -288,6 +288,18 @@ fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// `qemu-img convert` of `raw` into a qcow2 image `out` with options `opts`, compressed or not.
+fn qcow2_of_raw(raw: &Path, out: &Path, opts: &str, compress: bool) -> PathBuf {
+    let mut args = vec!["convert"];
+    if compress {
+        args.push("-c");
+    }
+    args.extend(["-f", "raw", "-O", "qcow2", "-o", opts]);
+    args.extend([raw.to_str().unwrap(), out.to_str().unwrap()]);
+    qemu_img(&args);
+    out.to_path_buf()
+}
+
 fn dirty_bit(image: &Path) -> bool {
     let b = std::fs::read(image).unwrap();
     b[79] & 1 != 0
@@ -303,20 +315,8 @@ fn compressed_zlib_and_zstd() {
     for (i, ty) in ["zlib", "zstd"].into_iter().enumerate() {
         let c = case(|d| {
             let raw = random_raw(d, "src.raw", 32 << 20, 11);
-            let p = d.join("c.qcow2");
-            qemu_img(&[
-                "convert",
-                "-c",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                &format!("compression_type={ty}"),
-                raw.to_str().unwrap(),
-                p.to_str().unwrap(),
-            ]);
-            p
+            let opts = format!("compression_type={ty}");
+            qcow2_of_raw(&raw, &d.join("c.qcow2"), &opts, true)
         });
         run_case(&c, 2 + i as u64, 120);
     }
@@ -362,16 +362,7 @@ fn internal_snapshot_survives_writes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let raw = random_raw(d, "src.raw", 32 << 20, 31);
-    let img = d.join("s.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    let img = qcow2_of_raw(&raw, &d.join("s.qcow2"), "cluster_size=64k", false);
     qemu_img(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
     run(Command::new("qemu-io").args(["-c", "write -P 0x44 5M 2M", img.to_str().unwrap()]));
     let c = Case {
@@ -702,20 +693,7 @@ fn several_shards_compressed_backing_and_snapshot() {
     // Compressed clusters replaced by writes.
     let c = case(|d| {
         let raw = random_raw(d, "src.raw", 24 << 20, 71);
-        let p = d.join("c.qcow2");
-        qemu_img(&[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            raw.to_str().unwrap(),
-            p.to_str().unwrap(),
-        ]);
-        p
+        qcow2_of_raw(&raw, &d.join("c.qcow2"), "cluster_size=4k", true)
     });
     run_sharded(&c, 72, 120, 3);
     // Extended L2 entries over a backing file.
@@ -741,18 +719,7 @@ fn several_shards_compressed_backing_and_snapshot() {
     // Tables shared with an internal snapshot are copied by their owner.
     let c = case(|d| {
         let raw = random_raw(d, "src.raw", 16 << 20, 75);
-        let p = d.join("s.qcow2");
-        qemu_img(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            raw.to_str().unwrap(),
-            p.to_str().unwrap(),
-        ]);
+        let p = qcow2_of_raw(&raw, &d.join("s.qcow2"), "cluster_size=4k", false);
         qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
         p
     });
@@ -773,18 +740,7 @@ fn several_shards_on_their_own_threads() {
     const STRIPE: u64 = 16 << 10;
     let dir = tempfile::tempdir().unwrap();
     let raw = random_raw(dir.path(), "src.raw", 24 << 20, 81);
-    let path = dir.path().join("t.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        raw.to_str().unwrap(),
-        path.to_str().unwrap(),
-    ]);
+    let path = qcow2_of_raw(&raw, &dir.path().join("t.qcow2"), "cluster_size=4k", false);
     let model = Arc::new(Mutex::new(std::fs::read(&raw).unwrap()));
     let img = Image::open(
         &path,

@@ -925,6 +925,19 @@ impl State {
         len: u64,
         iov: &[iovec],
     ) {
+        let r = self.new_req(token, kind, parent, iov, true);
+        self.new_part(r, offset, len, 0);
+    }
+
+    /// Takes a request entry and sets it up, with no pieces yet.
+    fn new_req(
+        &mut self,
+        token: u64,
+        kind: ReqKind,
+        parent: u32,
+        iov: &[iovec],
+        has_local: bool,
+    ) -> u32 {
         let r = self.reqs.alloc();
         let req = &mut self.reqs[r];
         req.token = token;
@@ -933,15 +946,22 @@ impl State {
         req.iov.extend_from_slice(iov);
         req.error = None;
         req.parent = parent;
-        req.has_local = true;
-        req.pending = 1;
+        req.has_local = has_local;
+        req.pending = 0;
+        r
+    }
+
+    /// Adds a ready part of request `req` at layer 0: `len` bytes at `guest_off`, at `skip`
+    /// within the request's iovecs.
+    fn new_part(&mut self, req: u32, guest_off: u64, len: u64, skip: u64) {
+        self.reqs[req].pending += 1;
         let p = self.parts.alloc();
         self.parts[p] = Part {
-            req: r,
+            req,
             layer: 0,
-            guest_off: offset,
+            guest_off,
             len,
-            skip: 0,
+            skip,
             next: NO_ID,
             tag: 0,
         };
@@ -1237,17 +1257,8 @@ impl State {
         iov: &[iovec],
     ) {
         let count = group.count() as u64;
-        let r = self.reqs.alloc();
-        let req = &mut self.reqs[r];
-        req.token = token;
-        req.kind = kind;
-        req.iov.clear();
-        req.iov.extend_from_slice(iov);
-        req.error = None;
-        req.parent = NO_ID;
-        req.has_local = false;
-        req.pending = 0;
-        let (iov_ptr, iov_len) = (req.iov.as_ptr(), req.iov.len());
+        let r = self.new_req(token, kind, NO_ID, iov, false);
+        let (iov_ptr, iov_len) = (self.reqs[r].iov.as_ptr(), self.reqs[r].iov.len());
         let end = offset + len;
         let mut off = offset;
         while off < end {
@@ -1255,22 +1266,12 @@ impl State {
             let piece_end = end.min((table + 1).saturating_mul(self.l2_cover));
             let owner = (table % count) as usize;
             let (piece, skip) = (piece_end - off, off - offset);
-            self.reqs[r].pending += 1;
             // Reads of another shard's table are tried here first (see `plan_read`).
             if owner == self.index || kind == ReqKind::Read {
                 self.reqs[r].has_local = true;
-                let p = self.parts.alloc();
-                self.parts[p] = Part {
-                    req: r,
-                    layer: 0,
-                    guest_off: off,
-                    len: piece,
-                    skip,
-                    next: NO_ID,
-                    tag: 0,
-                };
-                self.ready.push_back(p);
+                self.new_part(r, off, piece, skip);
             } else {
+                self.reqs[r].pending += 1;
                 group.send(
                     owner,
                     Msg::Part {
@@ -1293,15 +1294,8 @@ impl State {
 
     /// A flush of the caller: every shard of the group flushes, this one included.
     fn start_group_flush(&mut self, group: &Group, token: u64) {
-        let r = self.reqs.alloc();
-        let req = &mut self.reqs[r];
-        req.token = token;
-        req.kind = ReqKind::Flush;
-        req.iov.clear();
-        req.error = None;
-        req.parent = NO_ID;
-        req.has_local = false;
-        req.pending = group.count() as u32;
+        let r = self.new_req(token, ReqKind::Flush, NO_ID, &[], false);
+        self.reqs[r].pending = group.count() as u32;
         self.forwarded_in += 1;
         self.flush.enqueue(forwarded_token(self.index as u16, r));
         for other in (0..group.count()).filter(|&i| i != self.index) {
@@ -1336,32 +1330,15 @@ impl State {
                     iov_len,
                 } => {
                     self.forwarded_in += 1;
-                    let r = self.reqs.alloc();
-                    let q = &mut self.reqs[r];
-                    q.token = forwarded_token(from, req);
-                    q.kind = kind;
-                    q.iov.clear();
-                    if iov_len > 0 {
+                    let iov: &[iovec] = if iov_len == 0 {
+                        &[]
+                    } else {
                         // SAFETY: the array lives in the sender's request until this piece is
-                        // answered (see `Msg`).
-                        q.iov
-                            .extend_from_slice(unsafe { std::slice::from_raw_parts(iov, iov_len) });
-                    }
-                    q.error = None;
-                    q.parent = NO_ID;
-                    q.has_local = true;
-                    q.pending = 1;
-                    let p = self.parts.alloc();
-                    self.parts[p] = Part {
-                        req: r,
-                        layer: 0,
-                        guest_off,
-                        len,
-                        skip,
-                        next: NO_ID,
-                        tag: 0,
+                        // answered (see `Msg`); it is copied here, before that.
+                        unsafe { std::slice::from_raw_parts(iov, iov_len) }
                     };
-                    self.ready.push_back(p);
+                    let r = self.new_req(forwarded_token(from, req), kind, NO_ID, iov, true);
+                    self.new_part(r, guest_off, len, skip);
                 }
                 Msg::Flush { from, req } => {
                     self.forwarded_in += 1;
