@@ -300,6 +300,29 @@ fn qcow2_of_raw(raw: &Path, out: &Path, opts: &str, compress: bool) -> PathBuf {
     out.to_path_buf()
 }
 
+/// An image with extended L2 entries and clusters of `cluster_size` over a raw base of
+/// random data, both `mib` MiB, in `d`.
+fn extended_l2_over_raw_base(d: &Path, cluster_size: &str, mib: usize, seed: u64) -> PathBuf {
+    random_raw(d, "base.raw", mib << 20, seed);
+    let p = d.join("e.qcow2");
+    let opts = format!("extended_l2=on,cluster_size={cluster_size}");
+    let size = format!("{mib}M");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        &opts,
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p.to_str().unwrap(),
+        &size,
+    ]);
+    p
+}
+
 fn dirty_bit(image: &Path) -> bool {
     let b = std::fs::read(image).unwrap();
     b[79] & 1 != 0
@@ -384,24 +407,7 @@ fn internal_snapshot_survives_writes() {
 
 #[test]
 fn extended_l2_over_backing() {
-    let c = case(|d| {
-        random_raw(d, "base.raw", 32 << 20, 41);
-        let p = d.join("e.qcow2");
-        qemu_img(&[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on,cluster_size=64k",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p.to_str().unwrap(),
-            "32M",
-        ]);
-        p
-    });
+    let c = case(|d| extended_l2_over_raw_base(d, "64k", 32, 41));
     run_case(&c, 5, 150);
 }
 
@@ -697,24 +703,7 @@ fn several_shards_compressed_backing_and_snapshot() {
     });
     run_sharded(&c, 72, 120, 3);
     // Extended L2 entries over a backing file.
-    let c = case(|d| {
-        random_raw(d, "base.raw", 24 << 20, 73);
-        let p = d.join("e.qcow2");
-        qemu_img(&[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on,cluster_size=16k",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p.to_str().unwrap(),
-            "24M",
-        ]);
-        p
-    });
+    let c = case(|d| extended_l2_over_raw_base(d, "16k", 24, 73));
     run_sharded(&c, 74, 120, 2);
     // Tables shared with an internal snapshot are copied by their owner.
     let c = case(|d| {
