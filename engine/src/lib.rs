@@ -7,7 +7,7 @@
 //! - [`shard`]: the per-core executor that drives requests from submission to completion.
 //!
 //! [`Image`] is the opened image (header, backing chain, files), shared read-only by all shards.
-//! Each thread that serves requests owns one [`Shard`] made by [`Image::new_shard`]; the
+//! Each thread that serves requests owns one [`Shard`] made by [`Image::new_shards`]; the
 //! frontend (the daemon's vhost-user-blk code, or a test) submits requests to it and polls it
 //! for completions. Nothing here knows about virtio.
 

@@ -2,7 +2,9 @@
 //!
 //! A [`Shard`] is owned by one thread. It owns an io_uring, per-layer caches of L2 tables and
 //! decompressed clusters, and arenas of requests, parts and operations; nothing in it is shared
-//! with other shards, so the data path takes no locks.
+//! with other shards, so the data path takes no locks. The shards of a writable image share
+//! out its L2 tables and pass each other pieces of requests through lock-free queues
+//! (`group.rs`).
 //!
 //! A request becomes one or more *parts*: a guest range at one layer of the backing chain. The
 //! planner ([`crate::meta::resolve`]) maps the start of a part to a step (zeros, data at a host
