@@ -34,8 +34,9 @@ use serde::Deserialize;
 
 use crate::virtio_blk::{ID_BYTES, MAX_QUEUES};
 
-/// Most worker threads (shards) an export may ask for.
-const MAX_SHARDS: u64 = 256;
+/// Most worker threads (shards) an export may ask for: one per queue at most, and the engine
+/// groups up to 64 shards.
+const MAX_SHARDS: u64 = MAX_QUEUES as u64;
 
 /// Errors in the configuration.
 #[derive(Debug, thiserror::Error)]
