@@ -553,19 +553,7 @@ mod tests {
     fn qemu_img_create(name: &str, size: &str) -> Option<std::path::PathBuf> {
         let dir = std::env::temp_dir().join(format!("qcow2d-backend-{}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
-        let path = dir.join(name);
-        let status = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&path)
-            .arg(size)
-            .status();
-        match status {
-            Ok(s) if s.success() => Some(path),
-            _ => {
-                eprintln!("qemu-img not available: skipped");
-                None
-            }
-        }
+        crate::test_support::qemu_img_create(&dir.join(name), size)
     }
 
     fn params(image: &Image, queues: u16, shards: usize) -> DeviceParams {

@@ -355,23 +355,6 @@ mod tests {
     use crate::request::DeviceInfo;
     use crate::virtio_blk::ID_BYTES;
 
-    /// A fresh qcow2 image made by qemu-img, or None (test skipped) without it.
-    fn qemu_img_create(dir: &Path) -> Option<PathBuf> {
-        let path = dir.join("disk.qcow2");
-        let status = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&path)
-            .arg("16M")
-            .status();
-        match status {
-            Ok(s) if s.success() => Some(path),
-            _ => {
-                eprintln!("qemu-img not available: skipped");
-                None
-            }
-        }
-    }
-
     fn memfd(size: u64) -> std::fs::File {
         // SAFETY: memfd_create with a C string literal and flags; returns a new descriptor.
         let fd = unsafe { libc::memfd_create(c"test-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
@@ -390,7 +373,8 @@ mod tests {
     fn the_relay_passes_messages_and_answers_the_inflight_ones() {
         let dir = std::env::temp_dir().join(format!("qcow2d-relay-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let Some(path) = qemu_img_create(&dir) else {
+        let Some(path) = crate::test_support::qemu_img_create(&dir.join("disk.qcow2"), "16M")
+        else {
             return;
         };
         let options = qcow2d_engine::OpenOptions {

@@ -24,6 +24,8 @@ mod relay;
 mod request;
 mod serve;
 mod signals;
+#[cfg(test)]
+mod test_support;
 mod virtio_blk;
 mod worker;
 

@@ -15,35 +15,12 @@
 
 mod common;
 
-use common::Rng;
+use common::{create, raw_of, run, verify, Rng};
 use qcow2d_engine::io::AlignedBuf;
 use qcow2d_engine::{ErrorKind, Image, OpenOptions, ShardConfig};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is qemu-utils installed?): {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `qemu-img create` run inside `dir`, so relative names (data files) land there.
-fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    args.extend([name, size]);
-    run(Command::new("qemu-img").current_dir(dir).args(&args));
-    dir.join(name)
-}
 
 fn direct_writable() -> OpenOptions {
     OpenOptions {
@@ -207,48 +184,6 @@ fn exercise(path: &Path, model: &mut [u8], seed: u64, batches: usize) {
     shard.release_reserved();
     drop(shard);
     img.close().unwrap();
-}
-
-fn raw_of(image: &Path, out: &Path) -> Vec<u8> {
-    run(Command::new("qemu-img").args([
-        "convert".as_ref(),
-        "-O".as_ref(),
-        "raw".as_ref(),
-        image.as_os_str(),
-        out.as_os_str(),
-    ]));
-    std::fs::read(out).unwrap()
-}
-
-/// `qemu-img check` clean, and `qemu-img compare` equal to the model.
-fn verify(image: &Path, model: &[u8], dir: &Path) {
-    let json = run(Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(image));
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    for key in ["corruptions", "leaks", "check-errors"] {
-        let n = v.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
-        assert_eq!(
-            n,
-            0,
-            "{}: qemu-img check reports {key}: {json}",
-            image.display()
-        );
-    }
-    let model_path = dir.join("model.raw");
-    std::fs::write(&model_path, model).unwrap();
-    let out = Command::new("qemu-img")
-        .args(["compare", "-F", "raw"])
-        .arg(image)
-        .arg(&model_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}: image differs from the model: {}",
-        image.display(),
-        String::from_utf8_lossy(&out.stdout)
-    );
 }
 
 fn model_case(dir: &Path, image: &Path, seed: u64, batches: usize) {

@@ -9,26 +9,10 @@
 
 mod common;
 
-use common::Rng;
+use common::{create, qemu_img, raw_of, run, verify, Rng};
 use qcow2d_engine::{Image, OpenOptions, Shard, ShardConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is qemu-utils installed?): {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    run(Command::new("qemu-img").args(args))
-}
 
 /// How discard behaves on an image: which aligned granules it zeroes (None: never).
 fn discard_granule(info: &qcow2d_engine::ImageInfo, has_backing: bool) -> Option<u64> {
@@ -197,50 +181,6 @@ fn exercise(
     img.close().unwrap();
 }
 
-fn raw_of(image: &Path, out: &Path) -> Vec<u8> {
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        image.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
-    std::fs::read(out).unwrap()
-}
-
-/// Checks the image with qemu-img (no corruption, no leak) and compares it with the model.
-fn verify(image: &Path, model: &[u8], dir: &Path) {
-    let json = qemu_img(&["check", "--output=json", image.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    for key in ["corruptions", "leaks", "check-errors"] {
-        let n = v.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
-        assert_eq!(
-            n,
-            0,
-            "{}: qemu-img check reports {key}: {json}",
-            image.display()
-        );
-    }
-    let model_path = dir.join("model.raw");
-    std::fs::write(&model_path, model).unwrap();
-    let out = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-F",
-            "raw",
-            image.to_str().unwrap(),
-            model_path.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}: image differs from the model: {}",
-        image.display(),
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
 struct Case {
     dir: tempfile::TempDir,
     image: PathBuf,
@@ -275,17 +215,6 @@ fn run_sharded(c: &Case, seed: u64, batches: usize, count: usize) {
     let mut model = raw_of(&c.image, &raw_path);
     exercise(&c.image, &mut model, seed, batches, 4, count);
     verify(&c.image, &model, c.dir.path());
-}
-
-/// `qemu-img create` run inside `dir`, so relative names (data files) land there.
-fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
-    let mut args = vec!["create", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    args.extend([name, size]);
-    run(Command::new("qemu-img").current_dir(dir).args(&args));
-    dir.join(name)
 }
 
 /// `qemu-img convert` of `raw` into a qcow2 image `out` with options `opts`, compressed or not.

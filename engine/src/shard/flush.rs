@@ -257,19 +257,28 @@ impl State {
         let l1_writes = l1_writes(q, fd, &f.l1_indices, self.group.is_some());
         let b = &mut f.batches;
         b.clear();
-        if hard {
-            if !blocks.is_empty() {
-                b.push_back(Batch::Writes(
-                    blocks.into_iter().map(|(h, buf)| (fd, h, buf)).collect(),
-                ));
-            }
+        // Refcounts first. A flush syncs after them; a write-back only where an ordering
+        // requires it (see the module documentation), else its blocks are made durable one
+        // by one.
+        let sync_first = hard || sync_before_l2 || table.is_some();
+        if !blocks.is_empty() {
+            let blocks = blocks.into_iter().map(|(h, buf)| (fd, h, buf)).collect();
+            b.push_back(if sync_first {
+                Batch::Writes(blocks)
+            } else {
+                Batch::DurableWrites(blocks)
+            });
+        }
+        if sync_first {
             b.push_back(Batch::Sync(sync));
-            if let Some(snapshot) = table {
-                f.table = Some(table_batches(b, w, fd, snapshot));
-            }
-            if f.holds_blocks {
-                b.push_back(Batch::EndBlockWrites);
-            }
+        }
+        if let Some(snapshot) = table {
+            f.table = Some(table_batches(b, w, fd, snapshot));
+        }
+        if f.holds_blocks {
+            b.push_back(Batch::EndBlockWrites);
+        }
+        if hard {
             if !l2_writes.is_empty() {
                 b.push_back(Batch::Writes(l2_writes));
                 b.push_back(Batch::Sync(vec![fd]));
@@ -279,24 +288,6 @@ impl State {
                 b.push_back(Batch::Sync(vec![fd]));
             }
         } else {
-            // A write-back syncs only where an ordering requires it (see the module
-            // documentation).
-            let sync_first = sync_before_l2 || table.is_some();
-            let blocks: Vec<_> = blocks.into_iter().map(|(h, buf)| (fd, h, buf)).collect();
-            if !blocks.is_empty() && sync_first {
-                b.push_back(Batch::Writes(blocks));
-            } else if !blocks.is_empty() {
-                b.push_back(Batch::DurableWrites(blocks));
-            }
-            if sync_first {
-                b.push_back(Batch::Sync(sync));
-            }
-            if let Some(snapshot) = table {
-                f.table = Some(table_batches(b, w, fd, snapshot));
-            }
-            if f.holds_blocks {
-                b.push_back(Batch::EndBlockWrites);
-            }
             if !l2_writes.is_empty() {
                 b.push_back(Batch::InlineWrites(l2_writes));
             }

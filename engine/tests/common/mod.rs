@@ -1,6 +1,79 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Runs `cmd` and returns its standard output; panics, with its error output, if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is qemu-utils installed?): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn qemu_img(args: &[&str]) -> String {
+    run(Command::new("qemu-img").args(args))
+}
+
+/// `qemu-img create` run inside `dir`, so relative names (data files) land there.
+pub fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([name, size]);
+    run(Command::new("qemu-img").current_dir(dir).args(&args));
+    dir.join(name)
+}
+
+/// The image's guest-visible bytes, through `qemu-img convert` into `out`.
+pub fn raw_of(image: &Path, out: &Path) -> Vec<u8> {
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    std::fs::read(out).unwrap()
+}
+
+/// `qemu-img check` finds no corruption and no leak, and `qemu-img compare` finds the image
+/// equal to `model` (written into `dir`).
+pub fn verify(image: &Path, model: &[u8], dir: &Path) {
+    let json = qemu_img(&["check", "--output=json", image.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for key in ["corruptions", "leaks", "check-errors"] {
+        let n = v.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
+        assert_eq!(
+            n,
+            0,
+            "{}: qemu-img check reports {key}: {json}",
+            image.display()
+        );
+    }
+    let model_path = dir.join("model.raw");
+    std::fs::write(&model_path, model).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["compare", "-F", "raw"])
+        .arg(image)
+        .arg(&model_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: image differs from the model: {}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// xorshift64*: deterministic, seedable, good enough for test data.
 pub struct Rng(pub u64);
 
