@@ -382,17 +382,21 @@ fn open_qcow2(
     let data_file = data_file.map(|(f, _)| f);
     let file_direct = if !direct || data_file.is_some() {
         None
-    } else if header.cluster_size() < crate::io::min_direct_cluster_bytes(&file) {
-        tracing::warn!(
-            "{}: clusters of {} bytes share pages with metadata, which is cached: guest data \
-             stays in the page cache too (direct I/O needs clusters of at least {} bytes)",
-            path.display(),
-            header.cluster_size(),
-            crate::io::min_direct_cluster_bytes(&file)
-        );
-        None
     } else {
-        Some(open_direct(path, &file, !read_only)?)
+        let min_cluster = crate::io::min_direct_cluster_bytes(&file);
+        if header.cluster_size() < min_cluster {
+            tracing::warn!(
+                "{}: clusters of {} bytes share pages with metadata, which is cached: guest \
+                 data stays in the page cache too (direct I/O needs clusters of at least {} \
+                 bytes)",
+                path.display(),
+                header.cluster_size(),
+                min_cluster
+            );
+            None
+        } else {
+            Some(open_direct(path, &file, !read_only)?)
+        }
     };
     let geom = Geometry {
         cluster_bits: header.cluster_bits,

@@ -242,14 +242,16 @@ impl Writable {
         }
     }
 
-    /// Gives back what [`Writable::take_block_writes`] took.
+    /// Gives back what [`Writable::take_block_writes`] took; a no-op for a shard that does
+    /// not hold it.
     pub(crate) fn end_block_writes(&self, shard: usize) {
-        let was = self.block_writer.swap(0, Ordering::AcqRel);
-        debug_assert_eq!(
-            was,
+        let held = self.block_writer.compare_exchange(
             shard as u32 + 1,
-            "refcount block writes ended by another"
+            0,
+            Ordering::AcqRel,
+            Ordering::Acquire,
         );
+        debug_assert!(held.is_ok(), "refcount block writes ended by another shard");
     }
 
     /// Whether shard `shard` holds the right to write refcount blocks.

@@ -64,21 +64,17 @@ impl Inflater {
         }
     }
 
-    /// Decodes only the first `out.len()` bytes of a deflate cluster (at most one cluster),
-    /// stopping there: a read of the start of a cluster needs no more, and inflation costs in
-    /// proportion to the output. Streaming (miniz_oxide), so it stops at the exact byte. What a
-    /// stream holds past the prefix is not looked at: damage there is not reported.
+    /// Decodes the first `out.len()` bytes of a deflate cluster (at most one cluster) and
+    /// stops there, with miniz_oxide's streaming inflater: the exact number of bytes, whether
+    /// or not the stream has a final block or goes on. A read of the start of a cluster needs
+    /// no more, and inflation costs in proportion to the output. What a stream holds past the
+    /// prefix is not looked at: damage there is not reported. Also the fallback for streams
+    /// libdeflate refuses.
     pub fn inflate_deflate_prefix(
         &mut self,
         input: &[u8],
         out: &mut [u8],
     ) -> Result<(), InflateError> {
-        self.stream_deflate(input, out)
-    }
-
-    /// Streams `input` through miniz_oxide until `out` is full: the exact number of bytes,
-    /// whether or not the stream has a final block or goes on.
-    fn stream_deflate(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), InflateError> {
         use miniz_oxide::inflate::core::{decompress, inflate_flags};
         use miniz_oxide::inflate::TINFLStatus;
         self.fallback.init();
@@ -116,7 +112,7 @@ impl Inflater {
             // the streaming inflater decide.
             Err(_) => {}
         }
-        self.stream_deflate(input, out)
+        self.inflate_deflate_prefix(input, out)
     }
 
     fn inflate_zstd(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), InflateError> {

@@ -64,8 +64,9 @@ struct Job {
     user_data: u64,
 }
 
-// SAFETY: a job's pointers refer to buffers its submitter keeps alive and untouched until the
-// completion for `user_data` arrives on `ring_fd` (the `InflatePool::submit` contract), so the
+// SAFETY: a job's pointers refer to buffers its submitter keeps valid until the completion
+// for `user_data` arrives on `ring_fd`: the input unchanged, engine and prefix output untouched
+// by anyone else, guest output valid for writes (the `InflatePool::submit` contract), so the
 // worker thread may use them meanwhile.
 unsafe impl Send for Job {}
 
@@ -116,8 +117,8 @@ impl InflatePool {
     ///
     /// # Safety
     /// `input` must stay valid and unchanged, and `out` valid for writes (and, for
-    /// [`Output::Engine`], untouched by anyone else), until that completion has been reaped
-    /// from `ring_fd`, which must stay open until then.
+    /// [`Output::Engine`] and [`Output::Prefix`], untouched by anyone else), until that
+    /// completion has been reaped from `ring_fd`, which must stay open until then.
     pub unsafe fn submit(
         &self,
         kind: CompressionType,
@@ -253,8 +254,8 @@ impl ClusterInflater {
     ///
     /// # Safety
     /// `out` must be valid for writes of its length until this returns; [`Output::Engine`]
-    /// memory must not be accessed by anyone else meanwhile. [`Output::Guest`] memory may be
-    /// changed by others meanwhile: it is only written.
+    /// and [`Output::Prefix`] memory must not be accessed by anyone else meanwhile.
+    /// [`Output::Guest`] memory may be changed by others meanwhile: it is only written.
     pub unsafe fn inflate(
         &mut self,
         kind: CompressionType,

@@ -17,6 +17,8 @@ use std::ops::Range;
 
 /// Ways of each set of [`SlotCache`]'s recent-miss table.
 const RECENT_WAYS: usize = 4;
+/// Most sets of the recent-miss table (128 KiB).
+const MAX_RECENT_SETS: usize = 4096;
 
 /// "No element" in the intrusive lists threaded through the shard's parts.
 pub const NO_ID: u32 = u32::MAX;
@@ -165,8 +167,11 @@ impl SlotCache {
             return true;
         }
         if self.recent.is_empty() {
+            // Twice the cache's capacity in keys, but bounded: the capacity comes from an
+            // option divided by the image's cluster size.
             let sets = (2 * self.capacity)
                 .div_ceil(RECENT_WAYS)
+                .clamp(1, MAX_RECENT_SETS)
                 .next_power_of_two();
             self.recent = vec![[0; RECENT_WAYS]; sets];
         }

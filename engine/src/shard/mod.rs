@@ -883,6 +883,8 @@ impl Drop for Shard {
             self.st.ops_in_kernel -= self.st.cqes.len();
         }
         if let Some(w) = &self.image.inner.writable {
+            // A shard dropped with its refcount writes in flight (their completions are not
+            // handled here) still gives the right back.
             if w.writes_blocks(self.st.index) {
                 w.end_block_writes(self.st.index);
             }

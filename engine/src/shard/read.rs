@@ -253,6 +253,7 @@ impl State {
             }
             Lookup::Miss => {
                 let whole = p.guest_off.is_multiple_of(cs) && p.len == cs;
+                let zlib = q.header.compression_type == CompressionType::Zlib;
                 let req_iov = &self.reqs[p.req].iov;
                 let dest = whole
                     .then(|| iov_contiguous(req_iov, p.skip as usize, p.len as usize))
@@ -265,7 +266,7 @@ impl State {
                 // stream, which reads the whole cluster soon: load it whole right away.
                 let prefix = !whole
                     && !sequential
-                    && q.header.compression_type == CompressionType::Zlib
+                    && zlib
                     && end * 4 <= cs * 3
                     && !caches.decompressed.admit_on_repeat(desc.host_offset);
                 match dest {
@@ -313,12 +314,14 @@ impl State {
         o.iov.clear();
         o.iov.extend(direct);
         if let InflateTarget::Prefix(_) = target {
-            // One cluster of this layer (a backing file's clusters may be larger than the top
-            // image's, which is what the pool holds). Only the prefix is inflated into it.
+            // The prefix: a pooled cluster buffer when this layer's clusters are the pool's
+            // size (a backing file's clusters may be larger than the top image's), else just
+            // the bytes inflated.
             let pooled = (cs as usize == self.cluster_buf_bytes)
                 .then(|| self.cluster_bufs.pop())
                 .flatten();
-            let scratch = pooled.unwrap_or_else(|| vec![0u8; cs as usize].into_boxed_slice());
+            let prefix_len = (p.guest_off % cs + p.len) as usize;
+            let scratch = pooled.unwrap_or_else(|| vec![0u8; prefix_len].into_boxed_slice());
             self.ops[op].scratch = Some(scratch);
         }
         // SAFETY: the buffer is owned by the op (a heap allocation that does not move) until
@@ -700,8 +703,9 @@ impl State {
                     .expect("a compressed op owns its buffer")[..got as usize];
                 // SAFETY: the extent stays in the op until the worker's completion for this op
                 // is reaped. A slot stays loading (never evicted, read or written) until then,
-                // and a prefix's scratch buffer stays in the op untouched; a part's guest memory stays valid for writes until the part, and so this op,
-                // completes (submit_read contract). The ring outlives the completion
+                // and a prefix's scratch buffer stays in the op untouched; a part's guest
+                // memory stays valid for writes until the part, and so this op, completes
+                // (submit_read contract). The ring outlives the completion
                 // (Shard::drop waits for every operation counted in ops_in_kernel).
                 let queued =
                     unsafe { pool.submit(kind, input, out, ring.ring_fd(), u64::from(op)) };
