@@ -38,7 +38,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::block_io::EngineIo;
+use crate::block_io::{BlockIo, EngineIo};
 use crate::exit_events::ExitEvents;
 use crate::inflight::InflightShared;
 use crate::metrics::ExportMetrics;
@@ -244,7 +244,20 @@ impl BlkBackend {
         self.settle();
         let mut result = Ok(());
         for thread in 0..self.workers.len() {
-            if let Err(e) = self.lock(thread).finish() {
+            let mut worker = self.lock(thread);
+            // A shard still waiting for the engine after `settle` gave up would wait for it
+            // again in its flush, perhaps for a piece another shard holds: left unflushed.
+            let finished = match worker.io().in_flight() {
+                0 => worker.finish(),
+                stuck => {
+                    worker.abandon();
+                    Err(qcow2d_engine::Error::new(
+                        qcow2d_engine::ErrorKind::Io,
+                        format!("{stuck} requests never completed: shard {thread} not flushed"),
+                    ))
+                }
+            };
+            if let Err(e) = finished {
                 if result.is_ok() {
                     result = Err(e);
                 } else {
@@ -255,9 +268,10 @@ impl BlkBackend {
         result
     }
 
-    /// Polls every shard until none has requests in flight. The shards of a writable image
-    /// serve pieces of each other's requests, so with the worker threads gone one thread must
-    /// drive them all: a shard waiting on its own could wait for a shard nobody polls.
+    /// Polls every shard until none has requests in flight (or none completed one for 30 s).
+    /// The shards of a writable image serve pieces of each other's requests, so with the
+    /// worker threads gone one thread must drive them all: a shard waiting on its own could
+    /// wait for a shard nobody polls.
     fn settle(&self) {
         let mut last_progress = std::time::Instant::now();
         loop {
@@ -276,7 +290,7 @@ impl BlkBackend {
             } else if last_progress.elapsed() > std::time::Duration::from_secs(30) {
                 error!(
                     in_flight,
-                    "The engine stopped completing requests; flushing what completed"
+                    "The engine stopped completing requests; flushing the shards that are idle"
                 );
                 return;
             }

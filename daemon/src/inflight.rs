@@ -23,7 +23,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vm_memory::mmap::MmapRegionError;
@@ -90,6 +90,10 @@ pub enum InflightError {
         /// Length of the file.
         file_len: u64,
     },
+    /// The file may still shrink under the mapping (no F_SEAL_SHRINK): touching the area
+    /// after the frontend shrank it would raise SIGBUS.
+    #[error("The in-flight area's file is not sealed against shrinking")]
+    NotSealed,
     /// The file could not be created, sized, sealed or examined.
     #[error("Cannot create or examine the in-flight area file")]
     File(#[source] io::Error),
@@ -113,7 +117,17 @@ fn check_geometry(num_queues: u16, queue_size: u16) -> Result<u64, InflightError
         });
     }
     // At most 1024 × (16 + 16 × 32768 + 63): no overflow.
-    Ok(queue_bytes(queue_size) * u64::from(num_queues))
+    let needed = queue_bytes(queue_size) * u64::from(num_queues);
+    if needed > MAX_AREA_BYTES {
+        // An area this daemon would not map: neither hand one out nor take one.
+        return Err(InflightError::Size {
+            size: needed,
+            needed,
+            num_queues,
+            queue_size,
+        });
+    }
+    Ok(needed)
 }
 
 /// GET_INFLIGHT_FD: a new, zeroed area for `num_queues` queues of `queue_size` descriptors, as a
@@ -204,6 +218,12 @@ impl InflightArea {
                 num_queues,
                 queue_size,
             });
+        }
+        // SAFETY: fcntl(F_GET_SEALS) on a file descriptor we own, with no argument.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            // Areas from this daemon, QEMU and libvhost-user are sealed memfds.
+            return Err(InflightError::NotSealed);
         }
         let file_len = file.metadata().map_err(InflightError::File)?.len();
         let beyond = InflightError::BeyondFile {
@@ -477,9 +497,11 @@ impl QueueTracker {
         part.set_version(VERSION);
     }
 
-    /// Records chain `head` as taken, before anything is done for it. The fence orders the
-    /// record before every later memory access of this thread (the request's submission among
-    /// them).
+    /// Records chain `head` as taken, before anything is done for it. Only a later daemon
+    /// reads the record, after this process is gone, and a dead process's stores are never
+    /// lost (its store buffer still drains), so program order is all that matters: a compiler
+    /// fence keeps the record before the request's submission, without a CPU fence per
+    /// request.
     pub fn taken(&mut self, head: u16) {
         let Some(part) = self.area.queue(self.queue) else {
             return;
@@ -487,7 +509,7 @@ impl QueueTracker {
         part.set_counter(head, self.counter);
         self.counter = self.counter.wrapping_add(1);
         part.set_inflight(head, true);
-        fence(Ordering::SeqCst);
+        compiler_fence(Ordering::SeqCst);
     }
 
     /// Just before chain `head` is written to the used ring.
@@ -573,6 +595,22 @@ mod tests {
         assert!(matches!(
             InflightArea::map(file, 0, MAX_AREA_BYTES + 1, 2, 128),
             Err(InflightError::Size { .. })
+        ));
+        // Queues that would need more than the daemon maps: not handed out either.
+        assert!(matches!(
+            create_area(MAX_QUEUES, MAX_QUEUE_SIZE),
+            Err(InflightError::Size { .. })
+        ));
+        // A file the frontend could shrink under the mapping.
+        // SAFETY: memfd_create takes a C string and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+        let unsealed = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        unsealed.set_len(size).unwrap();
+        assert!(matches!(
+            InflightArea::map(unsealed, 0, size, 2, 128),
+            Err(InflightError::NotSealed)
         ));
     }
 

@@ -753,6 +753,15 @@ impl<B: BlockIo> Worker<B> {
         finished
     }
 
+    /// Gives this worker's part of a connection up without waiting or flushing (its engine
+    /// stopped completing requests): dropping it then does not wait either.
+    pub fn abandon(&mut self) {
+        self.finished = true;
+        if let Some(metrics) = &self.metrics {
+            metrics.set_in_flight(0);
+        }
+    }
+
     /// Signals every queue that got used entries, when the driver asked for it.
     fn notify(&mut self, vrings: &[Vring]) {
         while self.dirty != 0 {
@@ -1651,11 +1660,13 @@ mod tests {
         let h = Harness::new();
         let m = h.mem.memory();
         write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
-        // Head 0 loops back to itself through its status descriptor (the walk stops on the
-        // status descriptor, so there is a status byte to fail).
+        // A read that would be well formed but for its status descriptor's `next`, which
+        // points outside the table: only the walker's error keeps it from being served (the
+        // walk stops on the status descriptor, so there is a status byte to fail).
         let used_at = h.queue(&[
             desc(0x1000, 16, false, Some(1)),
-            desc(0x5000, 1, true, Some(0)),
+            desc(0x8000, 512, true, Some(2)),
+            desc(0x5000, 1, true, Some(QSIZE)),
         ]);
         m.write_obj(0xeeu8, GuestAddress(0x5000)).unwrap();
         let (file, size) = create_area(1, QSIZE).unwrap();
