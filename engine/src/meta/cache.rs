@@ -296,16 +296,20 @@ impl SlotCache {
         w
     }
 
-    /// Drops `key` if it is cached and ready (a cached extent was freed or rewritten).
-    pub fn invalidate(&mut self, key: u64) {
-        if let Some(&id) = self.map.get(&key) {
-            let slot = &self.slots[id as usize];
-            if matches!(slot.state, State::Ready) && !slot.dirty && slot.pins == 0 {
-                self.map.remove(&key);
-                self.slots[id as usize].state = State::Free;
-                self.free.push(id);
-            }
+    /// Drops `key` if it is cached, ready, clean and unpinned (a cached extent was freed or
+    /// rewritten, a copy went stale); returns whether it did.
+    pub fn invalidate(&mut self, key: u64) -> bool {
+        let Some(&id) = self.map.get(&key) else {
+            return false;
+        };
+        let slot = &self.slots[id as usize];
+        if !matches!(slot.state, State::Ready) || slot.dirty || slot.pins > 0 {
+            return false;
         }
+        self.map.remove(&key);
+        self.slots[id as usize].state = State::Free;
+        self.free.push(id);
+        true
     }
 
     /// Inserts `key` as a ready slot without loading it (a newly allocated table); the caller

@@ -522,7 +522,7 @@ impl State {
                         );
                     }
                     if let Some(key) = free.compressed {
-                        self.layers[0].decompressed.invalidate(key);
+                        let _ = self.layers[0].decompressed.invalidate(key);
                     }
                 }
                 Ok(())

@@ -38,6 +38,8 @@ pub(super) enum Msg {
         skip: u64,
         iov: *const iovec,
         iov_len: usize,
+        /// The submitter's write cache mode when the request was submitted.
+        writethrough: bool,
     },
     /// Flush, for request `req` of shard `from`.
     Flush { from: u16, req: u32 },

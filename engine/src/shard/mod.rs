@@ -82,7 +82,7 @@ pub struct Completion {
 
 /// Most iovecs one request may carry (the kernel's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
-/// Compressed-extent and bounce buffers kept for reuse; more are freed after use.
+/// Compressed-extent and cluster buffers kept for reuse (per kind); more are freed after use.
 const MAX_POOLED_BUFFERS: usize = 16;
 
 /// What a request does.
@@ -121,6 +121,9 @@ struct Req {
     /// Some of it is served by this shard (else every piece went to other shards, which
     /// completed them the way writes complete, and nothing is left to do here).
     has_local: bool,
+    /// Write-through when it was submitted (a piece served for another shard: the
+    /// submitter's mode, whatever this shard's is while the modes are being switched).
+    writethrough: bool,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -891,9 +894,29 @@ impl Drop for Shard {
         }
         // Other shards may still be serving pieces of our requests, in the caller's memory:
         // wait for their answers (the daemon drives every shard until idle before dropping
-        // any, so this only waits when something went wrong).
+        // any, so this only waits when something went wrong). Pieces they send meanwhile are
+        // answered with an error, so that they do not wait for this shard either.
+        let Some(group) = self.st.group.take() else {
+            return;
+        };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.st.remote_pieces > 0 {
+        loop {
+            group.looking(self.st.index);
+            while let Some(msg) = group.receive(self.st.index) {
+                let (from, req) = match msg {
+                    Msg::Done { .. } => {
+                        self.st.remote_pieces -= 1;
+                        continue;
+                    }
+                    Msg::Part { from, req, .. } | Msg::Flush { from, req } => (from, req),
+                };
+                let result = Err(IoError::Os { errno: libc::EIO });
+                group.send(usize::from(from), Msg::Done { req, result });
+                group.wake(usize::from(from));
+            }
+            if self.st.remote_pieces == 0 {
+                break;
+            }
             if std::time::Instant::now() > deadline {
                 tracing::error!(
                     "A shard is dropped while {} pieces of its requests are still served by \
@@ -902,16 +925,6 @@ impl Drop for Shard {
                 );
                 break;
             }
-            let Some(group) = self.st.group.take() else {
-                break;
-            };
-            group.looking(self.st.index);
-            while let Some(msg) = group.receive(self.st.index) {
-                if let Msg::Done { .. } = msg {
-                    self.st.remote_pieces -= 1;
-                }
-            }
-            self.st.group = Some(group);
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
@@ -951,6 +964,7 @@ impl State {
         req.error = None;
         req.parent = parent;
         req.has_local = has_local;
+        req.writethrough = self.writethrough;
         req.pending = 0;
         r
     }
@@ -1019,13 +1033,14 @@ impl State {
             return;
         }
         let result = req.error.map_or(Ok(()), Err);
-        let (token, kind, parent, has_local) = (req.token, req.kind, req.parent, req.has_local);
+        let (token, kind, parent) = (req.token, req.kind, req.parent);
+        let (has_local, writethrough) = (req.has_local, req.writethrough);
         self.reqs.free(req_id);
         if parent != NO_ID {
             self.cow_read_done(parent, result);
         } else if !has_local {
             self.finished.push(Completion { token, result });
-        } else if kind.is_write() && self.writethrough && result.is_ok() {
+        } else if kind.is_write() && writethrough && result.is_ok() {
             self.flush.enqueue(token);
         } else if kind.is_write() && result.is_ok() && self.metadata_unwritten() {
             // Write-back: the write completes once the metadata it changed is in the file
@@ -1196,6 +1211,7 @@ impl State {
                 skip: p.skip,
                 iov: req.iov.as_ptr(),
                 iov_len: req.iov.len(),
+                writethrough: req.writethrough,
             },
         );
         self.remote_pieces += 1;
@@ -1287,6 +1303,7 @@ impl State {
                         skip,
                         iov: iov_ptr,
                         iov_len,
+                        writethrough: self.writethrough,
                     },
                 );
                 self.remote_pieces += 1;
@@ -1332,6 +1349,7 @@ impl State {
                     skip,
                     iov,
                     iov_len,
+                    writethrough,
                 } => {
                     self.forwarded_in += 1;
                     let iov: &[iovec] = if iov_len == 0 {
@@ -1342,6 +1360,7 @@ impl State {
                         unsafe { std::slice::from_raw_parts(iov, iov_len) }
                     };
                     let r = self.new_req(forwarded_token(from, req), kind, NO_ID, iov, true);
+                    self.reqs[r].writethrough = writethrough;
                     self.new_part(r, guest_off, len, skip);
                 }
                 Msg::Flush { from, req } => {

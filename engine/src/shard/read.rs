@@ -155,9 +155,8 @@ impl State {
                 }
                 Table::Ready { slot, .. } if foreign && self.foreign_tag(slot) != version => {
                     // A copy read at another version (or torn by the owner's writes): read
-                    // the table again.
-                    self.layers[0].l2.invalidate(l1_index);
-                    if matches!(self.layers[0].l2.lookup(l1_index), Lookup::Ready(_)) {
+                    // the table again (copies are never dirty or pinned, so it goes).
+                    if !self.layers[0].l2.invalidate(l1_index) {
                         return self.forward_part(pid);
                     }
                     continue;

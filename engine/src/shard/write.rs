@@ -208,13 +208,8 @@ impl State {
                         return None;
                     }
                 };
-                let cache = &mut self.layers[0].l2;
-                let slot = cache.insert_new(l1_index);
-                cache.mark_all_dirty(slot);
-                self.table_changed(l1_index);
-                q.l1[l1_index as usize].store(encode_l1_entry(host), Ordering::Relaxed);
-                self.dirty_l1.push(l1_index);
-                self.unwritten_l1.push(l1_index);
+                let slot = self.layers[0].l2.insert_new(l1_index);
+                self.move_table(q, l1_index, slot, host);
                 Some(slot)
             }
             super::read::Table::Ready { slot, host } => {
@@ -230,11 +225,7 @@ impl State {
                             return None;
                         }
                     };
-                    self.table_changed(l1_index);
-                    q.l1[l1_index as usize].store(encode_l1_entry(new), Ordering::Relaxed);
-                    self.dirty_l1.push(l1_index);
-                    self.unwritten_l1.push(l1_index);
-                    self.layers[0].l2.mark_all_dirty(slot);
+                    self.move_table(q, l1_index, slot, new);
                     self.pending_frees.push(PendingFree {
                         host,
                         len: cs,
@@ -280,6 +271,39 @@ impl State {
             }
         }
         Ok((host, fresh, seq))
+    }
+
+    /// Points the L1 entry of table `l1_index` (cached in `slot`) at `host`, a new or copied
+    /// table: the whole table and the entry are to be written, and other shards stop trusting
+    /// their copies of it.
+    fn move_table(&mut self, q: &Qcow2Layer, l1_index: u64, slot: u32, host: u64) {
+        self.layers[0].l2.mark_all_dirty(slot);
+        self.table_changed(l1_index);
+        q.l1[l1_index as usize].store(encode_l1_entry(host), Ordering::Relaxed);
+        self.dirty_l1.push(l1_index);
+        self.unwritten_l1.push(l1_index);
+    }
+
+    /// Stores L2 entry `raw` (and, with extended L2, its subcluster `bitmap`) at byte `at` of
+    /// table `l1_index`, cached in `slot`: the bytes are to be written, and other shards stop
+    /// trusting their copies of the table.
+    fn set_entry(
+        &mut self,
+        q: &Qcow2Layer,
+        l1_index: u64,
+        slot: u32,
+        at: usize,
+        raw: u64,
+        bitmap: Option<u64>,
+    ) {
+        let cache = &mut self.layers[0].l2;
+        let table = cache.buf_mut(slot);
+        table[at..at + 8].copy_from_slice(&raw.to_be_bytes());
+        if let Some(bm) = bitmap {
+            table[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
+        }
+        cache.mark_dirty(slot, at..at + q.geom.l2_entry_bytes() as usize);
+        self.table_changed(l1_index);
     }
 
     /// Reserves a run of clusters from the image's allocator and extends the file over it.
@@ -568,21 +592,16 @@ impl State {
         let al = std::mem::take(&mut self.allocs[a]);
         let at = al.index * q.geom.l2_entry_bytes() as usize;
         let raw = encode_l2_entry(Some(al.host), false, true);
-        let cache = &mut self.layers[0].l2;
-        let table = cache.buf_mut(al.slot);
-        table[at..at + 8].copy_from_slice(&raw.to_be_bytes());
-        if let Some(old_bm) = al.old_bitmap {
-            let bm = if al.whole {
+        let bitmap = al.old_bitmap.map(|old_bm| {
+            if al.whole {
                 0xffff_ffff
             } else {
                 let m = subcluster_mask(al.span.0, al.span.1, sc);
                 (old_bm | m) & !(m << 32)
-            };
-            table[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
-        }
-        cache.mark_dirty(al.slot, at..at + q.geom.l2_entry_bytes() as usize);
-        cache.unpin(al.slot);
-        self.table_changed(al.cluster / self.l2_cover);
+            }
+        });
+        self.set_entry(q, al.cluster / self.l2_cover, al.slot, at, raw, bitmap);
+        self.layers[0].l2.unpin(al.slot);
         if !al.survives_loss {
             self.sync_before_l2 = true;
         }
@@ -751,14 +770,14 @@ impl State {
             }
         };
 
-        let cache = &mut self.layers[0].l2;
-        let table = cache.buf_mut(slot);
-        table[at..at + 8].copy_from_slice(&raw.to_be_bytes());
-        if let Some(bm) = bitmap {
-            table[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
-        }
-        cache.mark_dirty(slot, at..at + q.geom.l2_entry_bytes() as usize);
-        self.table_changed(self.parts[pid].guest_off / self.l2_cover);
+        self.set_entry(
+            q,
+            self.parts[pid].guest_off / self.l2_cover,
+            slot,
+            at,
+            raw,
+            bitmap,
+        );
         let old_host_kept = raw & 0x00ff_ffff_ffff_fe00 != 0;
         if !old_host_kept {
             self.free_old_mapping(q, old_raw, entry.bitmap, cs);
