@@ -26,7 +26,7 @@ use crate::format::{
     autoclear, incompat, refcount_get, refcount_max, refcount_set, CompressedDescriptor,
     FormatError, Header, L2Entry, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES,
 };
-use crate::io::{lock_reader, lock_writer, BlockingReader, LockError};
+use crate::io::{lock_file, BlockingReader, LockError, Role};
 
 /// Most memory the expected-refcount array of one check may take (8 bytes per host cluster).
 pub const MAX_CHECK_MEMORY: u64 = 1 << 30;
@@ -270,12 +270,12 @@ impl Target {
             .write(write)
             .open(path)
             .map_err(|e| Error::io(format!("Cannot open {name}"), e))?;
-        let locked = if write {
-            lock_writer(&file)
+        let role = if write {
+            Role::Qcow2Writer
         } else {
-            lock_reader(&file)
+            Role::Qcow2Reader
         };
-        locked.map_err(|e| match e {
+        lock_file(&file, role).map_err(|e| match e {
             LockError::Conflict(why) => Error::new(
                 ErrorKind::Locked,
                 format!("{name}: {why}; is another process using the image?"),

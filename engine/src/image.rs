@@ -6,7 +6,7 @@
 
 use crate::error::{Error, ErrorKind};
 use crate::format::{self, incompat, FeatureKind, Header};
-use crate::io::{BlockingReader, DataFd, DioAlign, DirectError};
+use crate::io::{BlockingReader, DataFd, DioAlign, DirectError, Role};
 use crate::meta::Geometry;
 use crate::shard::{Shard, ShardConfig};
 use serde::Serialize;
@@ -261,16 +261,11 @@ fn file_len(file: &File, path: &Path) -> Result<u64, Error> {
         .map_err(|e| Error::io(format!("Cannot stat {}", path.display()), e))
 }
 
-/// Takes the locks QEMU takes for a reader, so that QEMU cannot write an image while it is
-/// served, and refuses an image QEMU is writing. A writer also refuses an image whose readers
-/// do not share writes (a running QEMU holding it read-only).
-fn lock_file(file: &File, path: &Path, writer: bool) -> Result<(), Error> {
-    let result = if writer {
-        crate::io::lock_writer(file)
-    } else {
-        crate::io::lock_reader(file)
-    };
-    result.map_err(|e| match e {
+/// Takes the locks a QEMU process takes on a file in `role` (see [`crate::io::Role`]), so
+/// that QEMU and qcow2d never both write an image, and refuses a file whose other users
+/// conflict.
+fn lock_file(file: &File, path: &Path, role: Role) -> Result<(), Error> {
+    crate::io::lock_file(file, role).map_err(|e| match e {
         crate::io::LockError::Conflict(why) => Error::new(
             ErrorKind::Locked,
             format!(
@@ -366,7 +361,12 @@ fn open_qcow2(
             }
             let f = open_file(&dpath, read_only)
                 .map_err(|e| e.context(format!("External data file of {}", path.display())))?;
-            lock_file(&f, &dpath, !read_only)?;
+            let role = if read_only {
+                Role::DataReader
+            } else {
+                Role::DataWriter
+            };
+            lock_file(&f, &dpath, role)?;
             Some((f, dpath))
         }
         _ => None,
@@ -502,7 +502,6 @@ impl Image {
             }
             let writable = layers.is_empty() && !opts.read_only;
             let file = open_file(&p, !writable)?;
-            lock_file(&file, &p, writable)?;
             let is_qcow2 = match format.as_deref() {
                 Some("qcow2") => true,
                 Some("raw") => false,
@@ -518,6 +517,12 @@ impl Image {
                 None => probe_is_qcow2(&file, &mut reader)
                     .map_err(|e| Error::io(format!("Cannot read {}", p.display()), e))?,
             };
+            let role = match (is_qcow2, writable) {
+                (true, true) => Role::Qcow2Writer,
+                (true, false) => Role::Qcow2Reader,
+                (false, _) => Role::RawBacking,
+            };
+            lock_file(&file, &p, role)?;
             if is_qcow2 {
                 // Backing files stay buffered: they are only read, and a base image shared
                 // by many overlays is best served from one page cache.

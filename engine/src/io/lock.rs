@@ -1,12 +1,17 @@
-//! Image locking compatible with QEMU's file-posix driver.
+//! Image locking compatible with QEMU's file-posix driver; called at open time on the thread
+//! that opens an image.
 //!
-//! QEMU takes open-file-description (OFD) byte-range read locks on each image file: byte
+//! QEMU takes open-file-description (OFD) byte-range read locks on each file it opens: byte
 //! `100 + bit` for each permission it holds, and byte `200 + bit` for each permission it does
 //! not let others hold (bits: 0 consistent read, 1 write, 2 write-unchanged, 3 resize). Before
 //! locking it checks that no other file description holds a conflicting byte: holding a
 //! permission conflicts with someone else's "unshared" byte for it, and unsharing a permission
 //! conflicts with someone else's "held" byte. Locks vanish when the file is closed, so they
 //! live exactly as long as the `File` that took them.
+//!
+//! Which bytes a QEMU process takes depends on the file's role under the qcow2 driver; the
+//! [`Role`]s below are those qemu-storage-daemon takes (QEMU 10, read from /proc/locks while it
+//! exports an image over vhost-user-blk writable, and read-only with `read-only=on` nodes).
 
 use std::fs::File;
 use std::io;
@@ -35,6 +40,42 @@ impl Perm {
             Perm::Write => "write",
             Perm::WriteUnchanged => "write unchanged",
             Perm::Resize => "resize",
+        }
+    }
+}
+
+/// What a file is to the image that opens it, which decides the bytes locked on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A qcow2 file opened for writing (a writable export's image, `check --repair`): holds
+    /// consistent read, write and resize (bytes 100, 101, 103) and unshares write and resize
+    /// (201, 203). Readers that share writes (`qemu-img ... -U`, `qemu-io -r -U`) may open it;
+    /// every writer, and every reader that does not share writes, is kept out.
+    Qcow2Writer,
+    /// A qcow2 file opened read-only (a read-only export, a qcow2 backing file, `check`):
+    /// holds consistent read (100) and unshares write and resize (201, 203), as a qcow2 node
+    /// unshares them on its metadata file even when it only reads.
+    Qcow2Reader,
+    /// An external data file written through its image: holds consistent read, write and
+    /// resize (100, 101, 103) and unshares only resize (203); QEMU shares writes of guest data.
+    DataWriter,
+    /// An external data file of a read-only image: holds consistent read (100), unshares
+    /// resize (203).
+    DataReader,
+    /// A raw backing file: holds consistent read (100) and shares everything.
+    RawBacking,
+}
+
+impl Role {
+    /// The permissions held, and those not shared with others.
+    fn perms(self) -> (&'static [Perm], &'static [Perm]) {
+        use Perm::*;
+        match self {
+            Role::Qcow2Writer => (&[ConsistentRead, Write, Resize], &[Write, Resize]),
+            Role::Qcow2Reader => (&[ConsistentRead], &[Write, Resize]),
+            Role::DataWriter => (&[ConsistentRead, Write, Resize], &[Resize]),
+            Role::DataReader => (&[ConsistentRead], &[Resize]),
+            Role::RawBacking => (&[ConsistentRead], &[]),
         }
     }
 }
@@ -86,18 +127,19 @@ pub enum LockError {
 /// holds its locks far longer.
 const CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// Takes the locks of `role` on `file`, after checking for conflicts as QEMU does. A conflict
+/// is checked again until [`CONFLICT_GRACE`] has passed before it is reported.
+pub fn lock_file(file: &File, role: Role) -> Result<(), LockError> {
+    let (held, unshared) = role.perms();
+    lock_image(file, held, unshared)
+}
+
 /// Takes QEMU-compatible locks on `file`: `held` permissions, and `unshared` permissions that
-/// no one else may hold. Checks for conflicts first, as QEMU does; `needs_shared` are
-/// permissions that others must share although we do not take them.
-pub fn lock_image(
-    file: &File,
-    held: &[Perm],
-    unshared: &[Perm],
-    needs_shared: &[Perm],
-) -> Result<(), LockError> {
+/// no one else may hold.
+pub fn lock_image(file: &File, held: &[Perm], unshared: &[Perm]) -> Result<(), LockError> {
     let start = std::time::Instant::now();
     loop {
-        match check_conflicts(file, held, unshared, needs_shared) {
+        match check_conflicts(file, held, unshared) {
             Err(LockError::Conflict(_)) if start.elapsed() < CONFLICT_GRACE => {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
@@ -114,13 +156,10 @@ pub fn lock_image(
     Ok(())
 }
 
-fn check_conflicts(
-    file: &File,
-    held: &[Perm],
-    unshared: &[Perm],
-    needs_shared: &[Perm],
-) -> Result<(), LockError> {
-    for &p in held.iter().chain(needs_shared) {
+/// QEMU's check, with its messages: a held permission someone does not share, then an
+/// unshared permission someone holds.
+fn check_conflicts(file: &File, held: &[Perm], unshared: &[Perm]) -> Result<(), LockError> {
+    for &p in held {
         if held_by_others(file, SHARED_BASE + p as i64).map_err(LockError::Os)? {
             return Err(LockError::Conflict(format!(
                 "Failed to get \"{}\" lock: another process does not share it",
@@ -139,27 +178,34 @@ fn check_conflicts(
     Ok(())
 }
 
-/// The locks for a writer. It holds consistent reads and unshares consistent reads, write and
-/// resize: QEMU cannot open the image for writing, nor for reading with I/O (it would see
-/// metadata in the middle of changing), while `qemu-img info`, which opens without I/O
-/// permissions, still works. It does not hold the write byte itself (QEMU's `qemu-img info`
-/// checks it), and refuses an image whose users do not share writes.
-pub fn lock_writer(file: &File) -> Result<(), LockError> {
-    lock_image(
-        file,
-        &[Perm::ConsistentRead],
-        &[Perm::ConsistentRead, Perm::Write, Perm::Resize],
-        &[Perm::Write],
-    )
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The locks QEMU takes for a read-only user: consistent reads, and no writer or resizer
-/// elsewhere.
-pub fn lock_reader(file: &File) -> Result<(), LockError> {
-    lock_image(
-        file,
-        &[Perm::ConsistentRead],
-        &[Perm::Write, Perm::Resize],
-        &[],
-    )
+    /// The bytes another description of the same file sees locked, among 100..=104, 200..=204.
+    fn locked_bytes(path: &std::path::Path) -> Vec<i64> {
+        let probe = File::open(path).unwrap();
+        (PERM_BASE..PERM_BASE + 5)
+            .chain(SHARED_BASE..SHARED_BASE + 5)
+            .filter(|&b| held_by_others(&probe, b).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn each_role_locks_the_bytes_qemu_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"x").unwrap();
+        for (role, bytes) in [
+            (Role::Qcow2Writer, vec![100, 101, 103, 201, 203]),
+            (Role::Qcow2Reader, vec![100, 201, 203]),
+            (Role::DataWriter, vec![100, 101, 103, 203]),
+            (Role::DataReader, vec![100, 203]),
+            (Role::RawBacking, vec![100]),
+        ] {
+            let f = File::open(&path).unwrap();
+            lock_file(&f, role).unwrap();
+            assert_eq!(locked_bytes(&path), bytes, "{role:?}");
+        }
+    }
 }

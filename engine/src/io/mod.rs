@@ -22,5 +22,5 @@ pub use inflate::{ClusterInflater, InflatePool, Output, INFLATE_FAILED};
 pub use iov::{
     iov_contiguous, iov_copy_from, iov_copy_to, iov_fill_zero, iov_subrange, iov_total_len,
 };
-pub use lock::{lock_image, lock_reader, lock_writer, LockError, Perm};
+pub use lock::{lock_file, lock_image, LockError, Perm, Role};
 pub use ring::{BlockingReader, Ring};
