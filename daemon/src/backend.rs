@@ -43,6 +43,8 @@ use crate::exit_events::ExitEvents;
 use crate::inflight::InflightShared;
 use crate::metrics::ExportMetrics;
 use crate::request::DeviceInfo;
+use crate::throttle::{ExportThrottle, WorkerThrottle};
+use crate::timer::Timer;
 use crate::virtio_blk::{
     device_features, writeback_written, BlkConfig, MAX_QUEUES, MAX_QUEUE_SIZE,
 };
@@ -59,6 +61,15 @@ pub enum BackendError {
         /// The engine's error.
         #[source]
         source: qcow2d_engine::Error,
+    },
+    /// A worker's throttle timer could not be created.
+    #[error("Cannot create the throttle timer of worker {index}")]
+    Timer {
+        /// Index of the worker.
+        index: usize,
+        /// The OS error.
+        #[source]
+        source: io::Error,
     },
     /// The workers' exit eventfds could not be created.
     #[error("Cannot create the exit events of the worker threads")]
@@ -91,6 +102,9 @@ pub struct DeviceParams {
     /// Where the workers count requests (`--metrics`), kept across the export's connections:
     /// worker `i` of every connection records into shard metrics `i`.
     pub metrics: Option<Arc<ExportMetrics>>,
+    /// The export's I/O limits (its throttle group), kept across connections and changed at
+    /// run time by the supervisor.
+    pub throttle: Arc<ExportThrottle>,
 }
 
 /// The vhost-user-blk backend of one connection.
@@ -193,13 +207,15 @@ impl BlkBackend {
             .enumerate()
             .map(|(index, io)| {
                 let metrics = params.metrics.as_ref().and_then(|m| m.shard(index));
-                Mutex::new(
+                let timer = Timer::new().map_err(|source| BackendError::Timer { index, source })?;
+                Ok(Mutex::new(
                     Worker::new(io, mem.clone())
                         .with_metrics(metrics)
-                        .with_inflight(Arc::clone(&inflight), index, shards),
-                )
+                        .with_inflight(Arc::clone(&inflight), index, shards)
+                        .with_throttle(WorkerThrottle::new(Arc::clone(&params.throttle)), timer),
+                ))
             })
-            .collect::<Vec<_>>();
+            .collect::<Result<Vec<_>, BackendError>>()?;
         let exit_events = ExitEvents::new(shards).map_err(BackendError::ExitEvents)?;
         let backend = BlkBackend {
             num_queues,
@@ -314,16 +330,30 @@ impl BlkBackend {
         (self.num_queues + 1 + thread) as u64
     }
 
-    /// Adds each worker's shard completion eventfd to that worker's epoll loop.
+    /// The epoll data of worker `thread`'s throttle timer: after the completion events.
+    fn timer_event(&self, thread: usize) -> u64 {
+        (self.num_queues + 1 + self.workers.len() + thread) as u64
+    }
+
+    /// Adds each worker's shard completion eventfd and throttle timer to that worker's epoll
+    /// loop.
     pub fn register_completions(
         &self,
         handlers: &[std::sync::Arc<VringEpollHandler<std::sync::Arc<BlkBackend>>>],
     ) -> Result<(), BackendError> {
         for (index, handler) in handlers.iter().enumerate() {
-            let fd: RawFd = self.lock(index).io().completion_fd();
+            let (fd, timer): (RawFd, Option<RawFd>) = {
+                let worker = self.lock(index);
+                (worker.io().completion_fd(), worker.timer_fd())
+            };
             handler
                 .register_listener(fd, EventSet::IN, self.completion_event(index))
                 .map_err(|source| BackendError::RegisterCompletions { index, source })?;
+            if let Some(timer) = timer {
+                handler
+                    .register_listener(timer, EventSet::IN, self.timer_event(index))
+                    .map_err(|source| BackendError::RegisterCompletions { index, source })?;
+            }
         }
         Ok(())
     }
@@ -477,6 +507,14 @@ impl VhostUserBackend for BlkBackend {
             worker.process_queue(vrings, event, event_idx, &self.device);
         } else if event as u64 == self.completion_event(thread_id) {
             worker.process_completions(vrings);
+        } else if event as u64 == self.timer_event(thread_id) {
+            if self.quiescing.load(Ordering::SeqCst) {
+                // The held chain was submitted by the quiesce; nothing more is taken.
+                worker.clear_timer();
+            } else {
+                let event_idx = self.event_idx.load(Ordering::Relaxed);
+                worker.process_timer(vrings, event_idx, &self.device);
+            }
         } else {
             warn!(thread_id, device_event, "Unexpected event");
         }
@@ -582,6 +620,7 @@ mod tests {
             cluster_size: image.cluster_size(),
             writeback: Arc::new(AtomicBool::new(true)),
             metrics: None,
+            throttle: Arc::new(ExportThrottle::default()),
         }
     }
 

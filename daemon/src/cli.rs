@@ -26,6 +26,195 @@ pub enum Command {
     /// Check an image's refcounts and metadata like `qemu-img check` (exit status 0: clean,
     /// 2: corruptions, 3: leaked clusters only, 1: the check could not complete).
     Check(CheckArgs),
+    /// Talk to a running daemon through its control socket (`serve --control SOCK`).
+    Ctl(CtlArgs),
+}
+
+/// I/O limits (QEMU throttle group semantics): rates per second, each with an optional burst
+/// rate (`-max`) and burst length in seconds (`-max-length`).
+#[derive(Debug, Default, Args)]
+pub struct LimitArgs {
+    /// Operations per second, reads and writes together.
+    #[arg(long, value_name = "N")]
+    pub iops_total: Option<u64>,
+    /// Burst rate of --iops-total.
+    #[arg(long, value_name = "N")]
+    pub iops_total_max: Option<u64>,
+    /// Seconds a burst of --iops-total-max may last [default: 1].
+    #[arg(long, value_name = "SECONDS")]
+    pub iops_total_max_length: Option<u64>,
+    /// Read operations per second.
+    #[arg(long, value_name = "N")]
+    pub iops_read: Option<u64>,
+    /// Burst rate of --iops-read.
+    #[arg(long, value_name = "N")]
+    pub iops_read_max: Option<u64>,
+    /// Seconds a burst of --iops-read-max may last [default: 1].
+    #[arg(long, value_name = "SECONDS")]
+    pub iops_read_max_length: Option<u64>,
+    /// Write operations per second.
+    #[arg(long, value_name = "N")]
+    pub iops_write: Option<u64>,
+    /// Burst rate of --iops-write.
+    #[arg(long, value_name = "N")]
+    pub iops_write_max: Option<u64>,
+    /// Seconds a burst of --iops-write-max may last [default: 1].
+    #[arg(long, value_name = "SECONDS")]
+    pub iops_write_max_length: Option<u64>,
+    /// Bytes per second, reads and writes together.
+    #[arg(long, value_name = "N")]
+    pub bps_total: Option<u64>,
+    /// Burst rate of --bps-total.
+    #[arg(long, value_name = "N")]
+    pub bps_total_max: Option<u64>,
+    /// Seconds a burst of --bps-total-max may last [default: 1].
+    #[arg(long, value_name = "SECONDS")]
+    pub bps_total_max_length: Option<u64>,
+    /// Bytes read per second.
+    #[arg(long, value_name = "N")]
+    pub bps_read: Option<u64>,
+    /// Burst rate of --bps-read.
+    #[arg(long, value_name = "N")]
+    pub bps_read_max: Option<u64>,
+    /// Seconds a burst of --bps-read-max may last [default: 1].
+    #[arg(long, value_name = "SECONDS")]
+    pub bps_read_max_length: Option<u64>,
+    /// Bytes written per second.
+    #[arg(long, value_name = "N")]
+    pub bps_write: Option<u64>,
+    /// Burst rate of --bps-write.
+    #[arg(long, value_name = "N")]
+    pub bps_write_max: Option<u64>,
+    /// Seconds a burst of --bps-write-max may last [default: 1].
+    #[arg(long, value_name = "SECONDS")]
+    pub bps_write_max_length: Option<u64>,
+    /// Share the limits with every export of this throttle group (the group's limits are the
+    /// ones given last).
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+}
+
+impl LimitArgs {
+    /// The values given, by config key (`iops_total_max`, ...).
+    pub fn entries(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("iops_total", self.iops_total),
+            ("iops_total_max", self.iops_total_max),
+            ("iops_total_max_length", self.iops_total_max_length),
+            ("iops_read", self.iops_read),
+            ("iops_read_max", self.iops_read_max),
+            ("iops_read_max_length", self.iops_read_max_length),
+            ("iops_write", self.iops_write),
+            ("iops_write_max", self.iops_write_max),
+            ("iops_write_max_length", self.iops_write_max_length),
+            ("bps_total", self.bps_total),
+            ("bps_total_max", self.bps_total_max),
+            ("bps_total_max_length", self.bps_total_max_length),
+            ("bps_read", self.bps_read),
+            ("bps_read_max", self.bps_read_max),
+            ("bps_read_max_length", self.bps_read_max_length),
+            ("bps_write", self.bps_write),
+            ("bps_write_max", self.bps_write_max),
+            ("bps_write_max_length", self.bps_write_max_length),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
+
+    /// Whether any limit or a group was given.
+    pub fn any(&self) -> bool {
+        self.group.is_some() || !self.entries().is_empty()
+    }
+}
+
+/// `qcow2d ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "SOCK")]
+    pub control: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// `qcow2d ctl` commands.
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// List the exports, their settings, clients, counters and limits.
+    List {
+        /// Print the daemon's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open an image and serve it on a new socket, beside the running exports.
+    Add(CtlAddArgs),
+    /// Stop serving an export: requests in flight complete, the image is flushed and closed.
+    Remove {
+        /// The export's socket.
+        #[arg(value_name = "SOCK")]
+        socket: PathBuf,
+        /// Remove it even with a client connected (the client is disconnected).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Set (or with --none, lift) an export's I/O limits.
+    Limit {
+        /// The export's socket.
+        #[arg(value_name = "SOCK")]
+        socket: PathBuf,
+        /// Lift every limit (and leave the group).
+        #[arg(long, conflicts_with = "group")]
+        none: bool,
+        /// The limits.
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Grow (or with --shrink, shrink) an export's image; a connected guest is told.
+    Resize {
+        /// The export's socket.
+        #[arg(value_name = "SOCK")]
+        socket: PathBuf,
+        /// The new virtual size: bytes, or with a suffix K, M, G, T (powers of 1024).
+        #[arg(value_name = "SIZE")]
+        size: String,
+        /// Allow a smaller size (refused if anything is allocated past it).
+        #[arg(long)]
+        shrink: bool,
+    },
+}
+
+/// `qcow2d ctl add`.
+#[derive(Debug, Args)]
+pub struct CtlAddArgs {
+    /// QCOW2 image to serve.
+    #[arg(long, value_name = "IMG")]
+    pub image: PathBuf,
+    /// vhost-user unix socket to listen on.
+    #[arg(long, value_name = "SOCK")]
+    pub socket: PathBuf,
+    /// Export the image read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Make every write durable before it completes.
+    #[arg(long, conflicts_with = "read_only")]
+    pub writethrough: bool,
+    /// Keep refcount updates in memory until a clean shutdown.
+    #[arg(long, conflicts_with = "read_only")]
+    pub lazy_refcounts: bool,
+    /// Read and write guest data with O_DIRECT.
+    #[arg(long)]
+    pub direct: bool,
+    /// Number of virtqueues [default: max(16, CPUs), at most 64].
+    #[arg(long, value_name = "N")]
+    pub queues: Option<u64>,
+    /// Serial number reported to the guest (at most 20 bytes) [default: image file name].
+    #[arg(long, value_name = "STR")]
+    pub serial: Option<String>,
+    /// I/O limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// `qcow2d serve`.
@@ -45,11 +234,21 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
 
     /// QCOW2 image to serve.
-    #[arg(long, value_name = "IMG", required_unless_present = "config")]
+    #[arg(
+        long,
+        value_name = "IMG",
+        required_unless_present_any = ["config", "control"],
+        requires = "socket"
+    )]
     pub image: Option<PathBuf>,
 
     /// vhost-user unix socket to listen on.
-    #[arg(long, value_name = "SOCK", required_unless_present = "config")]
+    #[arg(
+        long,
+        value_name = "SOCK",
+        required_unless_present_any = ["config", "control"],
+        requires = "image"
+    )]
     pub socket: Option<PathBuf>,
 
     /// Export the image read-only (without it the image is opened for writing).
@@ -88,6 +287,15 @@ pub struct ServeArgs {
     /// port 0 picks a free port). Overrides a config file's `metrics`.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+
+    /// Listen for `qcow2d ctl` on this unix socket (mode 0600). Overrides a config file's
+    /// `control`.
+    #[arg(long, value_name = "SOCK")]
+    pub control: Option<PathBuf>,
+
+    /// I/O limits of the export given with --image (in a config file: per export keys).
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// `qcow2d info`.
@@ -180,7 +388,7 @@ mod tests {
             let args: Vec<&str> = base.iter().chain(extra).copied().collect();
             Cli::try_parse_from(args).map(|cli| match cli.command {
                 Command::Serve(args) => args,
-                Command::Info(_) | Command::Check(_) => panic!("not serve"),
+                Command::Info(_) | Command::Check(_) | Command::Ctl(_) => panic!("not serve"),
             })
         };
         let args = parse(&["--writethrough", "--lazy-refcounts"]).unwrap();
@@ -229,6 +437,54 @@ mod tests {
             };
             assert_eq!(args.metrics.as_deref(), Some("127.0.0.1:9187"));
         }
+    }
+
+    #[test]
+    fn ctl_commands() {
+        let parse = |args: &[&str]| {
+            let all: Vec<&str> = ["qcow2d", "ctl", "--control", "c.sock"]
+                .iter()
+                .chain(args)
+                .copied()
+                .collect();
+            Cli::try_parse_from(all).map(|cli| match cli.command {
+                Command::Ctl(args) => args.command,
+                _ => panic!("not ctl"),
+            })
+        };
+        assert!(matches!(
+            parse(&["list", "--json"]).unwrap(),
+            CtlCommand::List { json: true }
+        ));
+        let CtlCommand::Add(add) = parse(&[
+            "add",
+            "--image",
+            "a.qcow2",
+            "--socket",
+            "a.sock",
+            "--queues",
+            "2",
+            "--iops-total",
+            "500",
+            "--iops-total-max",
+            "1000",
+            "--group",
+            "g",
+        ])
+        .unwrap() else {
+            panic!("not add")
+        };
+        assert_eq!(
+            add.limits.entries(),
+            vec![("iops_total", 500), ("iops_total_max", 1000)]
+        );
+        assert_eq!(add.limits.group.as_deref(), Some("g"));
+        assert!(parse(&["remove", "a.sock", "--force"]).is_ok());
+        assert!(parse(&["limit", "a.sock", "--none"]).is_ok());
+        assert!(parse(&["limit", "a.sock", "--none", "--group", "g"]).is_err());
+        assert!(parse(&["resize", "a.sock", "2G", "--shrink"]).is_ok());
+        assert!(parse(&["add", "--image", "a"]).is_err());
+        assert!(Cli::try_parse_from(["qcow2d", "ctl", "list"]).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! ```toml
 //! shards = 4              # optional: worker threads (engine shards) per export
 //! metrics = "127.0.0.1:9187"  # optional: serve Prometheus metrics on http://ADDR/metrics
+//! control = "/run/qcow2d/control.sock"  # optional: the control socket (`qcow2d ctl`)
 //!
 //! [[export]]
 //! image = "/var/lib/images/vm1.qcow2"
@@ -16,6 +17,10 @@
 //! direct = true           # optional, default false: guest data with O_DIRECT (no page cache)
 //! queues = 4              # optional, default max(16, CPUs), at most 64
 //! serial = "vm1-disk0"    # optional, at most 20 bytes; default: the image's file name
+//! iops_total = 500        # optional I/O limits (see crate::throttle): iops_total, iops_read,
+//! iops_total_max = 2000   #   iops_write, bps_total, bps_read, bps_write, each with _max
+//! iops_total_max_length = 5  # (burst rate) and _max_length (burst seconds)
+//! group = "tenant1"       # optional: share the limits with the group's other exports
 //! ```
 //!
 //! Each worker thread owns one engine shard. The shards of a writable image share out its L2
@@ -32,6 +37,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::throttle::Limits;
 use crate::virtio_blk::{ID_BYTES, MAX_QUEUES};
 
 /// Most worker threads (shards) an export may ask for: one per queue at most, and the engine
@@ -60,8 +66,8 @@ pub enum ConfigError {
         /// What is wrong there.
         message: String,
     },
-    /// The config file has no `[[export]]`.
-    #[error("Config file {} defines no [[export]]", path.display())]
+    /// The config file has no `[[export]]` (and no control socket to add one later).
+    #[error("Config file {} defines no [[export]] and no control socket", path.display())]
     NoExports {
         /// The config file.
         path: PathBuf,
@@ -111,12 +117,15 @@ pub enum Origin {
         /// 1-based index of the export.
         index: usize,
     },
+    /// An `add` request on the control socket.
+    Control,
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::CommandLine => f.write_str("Command line"),
+            Origin::Control => f.write_str("Export"),
             Origin::File { path, index } => {
                 write!(f, "Export {index} in config file {}", path.display())
             }
@@ -146,6 +155,10 @@ pub struct ExportConfig {
     pub shards: usize,
     /// GET_ID answer, at most 20 bytes.
     pub serial: String,
+    /// I/O limits (of the group, when `group` is set; all zero: none given here).
+    pub limits: Limits,
+    /// The throttle group whose limits the export shares.
+    pub group: Option<String>,
 }
 
 /// Everything `qcow2d serve` needs.
@@ -155,6 +168,10 @@ pub struct ServeConfig {
     pub exports: Vec<ExportConfig>,
     /// Where to serve metrics over HTTP, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Where to listen for `qcow2d ctl`, if anywhere.
+    pub control: Option<PathBuf>,
+    /// The `shards` setting, for exports added at run time.
+    pub shards: Option<u64>,
 }
 
 /// Export settings as given, before validation.
@@ -176,6 +193,10 @@ pub struct RawExport {
     pub queues: Option<u64>,
     /// `serial` / `--serial`.
     pub serial: Option<String>,
+    /// The limit keys / flags.
+    pub limits: Limits,
+    /// `group` / `--group`.
+    pub group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +204,7 @@ pub struct RawExport {
 struct FileConfig {
     shards: Option<u64>,
     metrics: Option<String>,
+    control: Option<PathBuf>,
     #[serde(default)]
     export: Vec<FileExport>,
 }
@@ -202,6 +224,73 @@ struct FileExport {
     direct: bool,
     queues: Option<u64>,
     serial: Option<String>,
+    group: Option<String>,
+    #[serde(default)]
+    iops_total: u64,
+    #[serde(default)]
+    iops_total_max: u64,
+    #[serde(default)]
+    iops_total_max_length: u64,
+    #[serde(default)]
+    iops_read: u64,
+    #[serde(default)]
+    iops_read_max: u64,
+    #[serde(default)]
+    iops_read_max_length: u64,
+    #[serde(default)]
+    iops_write: u64,
+    #[serde(default)]
+    iops_write_max: u64,
+    #[serde(default)]
+    iops_write_max_length: u64,
+    #[serde(default)]
+    bps_total: u64,
+    #[serde(default)]
+    bps_total_max: u64,
+    #[serde(default)]
+    bps_total_max_length: u64,
+    #[serde(default)]
+    bps_read: u64,
+    #[serde(default)]
+    bps_read_max: u64,
+    #[serde(default)]
+    bps_read_max_length: u64,
+    #[serde(default)]
+    bps_write: u64,
+    #[serde(default)]
+    bps_write_max: u64,
+    #[serde(default)]
+    bps_write_max_length: u64,
+}
+
+impl FileExport {
+    fn limits(&self) -> Limits {
+        let mut limits = Limits::default();
+        for (key, value) in [
+            ("iops_total", self.iops_total),
+            ("iops_total_max", self.iops_total_max),
+            ("iops_total_max_length", self.iops_total_max_length),
+            ("iops_read", self.iops_read),
+            ("iops_read_max", self.iops_read_max),
+            ("iops_read_max_length", self.iops_read_max_length),
+            ("iops_write", self.iops_write),
+            ("iops_write_max", self.iops_write_max),
+            ("iops_write_max_length", self.iops_write_max_length),
+            ("bps_total", self.bps_total),
+            ("bps_total_max", self.bps_total_max),
+            ("bps_total_max_length", self.bps_total_max_length),
+            ("bps_read", self.bps_read),
+            ("bps_read_max", self.bps_read_max),
+            ("bps_read_max_length", self.bps_read_max_length),
+            ("bps_write", self.bps_write),
+            ("bps_write_max", self.bps_write_max),
+            ("bps_write_max_length", self.bps_write_max_length),
+        ] {
+            // Every key above is one of Limits' keys.
+            let _ = limits.set(key, value);
+        }
+        limits
+    }
 }
 
 /// The machine's CPU count (at least 1).
@@ -222,6 +311,8 @@ pub fn from_command_line(raw: RawExport, shards: Option<u64>) -> Result<ServeCon
     Ok(ServeConfig {
         exports: vec![export],
         metrics: None,
+        control: None,
+        shards,
     })
 }
 
@@ -256,20 +347,24 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
         location: Location(e.span().map(|span| line_column(text, span.start))),
         message: e.message().trim_end().to_owned(),
     })?;
-    if file.export.is_empty() {
+    // With a control socket, exports may all come later from `qcow2d ctl add`.
+    if file.export.is_empty() && file.control.is_none() {
         return Err(ConfigError::NoExports {
             path: path.to_owned(),
         });
     }
     let base = path.parent().unwrap_or(Path::new(""));
-    let mut exports = Vec::with_capacity(file.export.len());
+    let mut exports: Vec<ExportConfig> = Vec::with_capacity(file.export.len());
     let mut sockets = HashSet::new();
     for (i, e) in file.export.into_iter().enumerate() {
         let origin = Origin::File {
             path: path.to_owned(),
             index: i + 1,
         };
+        let limits = e.limits();
         let raw = RawExport {
+            limits,
+            group: e.group,
             image: base.join(e.image),
             socket: base.join(e.socket),
             read_only: e.read_only,
@@ -289,13 +384,47 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
                 ),
             });
         }
+        if let Some(group) = &export.group {
+            let other = exports
+                .iter()
+                .find(|o| o.group.as_ref() == Some(group) && !o.limits.is_none());
+            if let Some(other) = other {
+                if !export.limits.is_none() && other.limits != export.limits {
+                    return Err(ConfigError::Invalid {
+                        origin,
+                        problem: format!(
+                            "Group {group:?} has other limits in the export of {}",
+                            other.socket.display()
+                        ),
+                    });
+                }
+            }
+        }
         exports.push(export);
     }
     let metrics = file
         .metrics
         .map(|value| metrics_address(&value, Some(path)))
         .transpose()?;
-    Ok(ServeConfig { exports, metrics })
+    let control = file.control.map(|c| base.join(c));
+    if let Some(control) = &control {
+        if sockets.contains(control) {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                location: Location(None),
+                message: format!(
+                    "the control socket {} is also an export's socket",
+                    control.display()
+                ),
+            });
+        }
+    }
+    Ok(ServeConfig {
+        exports,
+        metrics,
+        control,
+        shards: file.shards,
+    })
 }
 
 /// 1-based line and column (in characters) of byte `offset` of `text`.
@@ -308,7 +437,8 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-fn validate(
+/// Checks one export's settings (`shards`: the top-level setting) into an [`ExportConfig`].
+pub fn validate(
     raw: RawExport,
     shards: Option<u64>,
     cpus: usize,
@@ -371,7 +501,17 @@ fn validate(
         }
         None => default_serial(&raw.image),
     };
+    raw.limits.validate().map_err(invalid)?;
+    if let Some(group) = &raw.group {
+        if group.is_empty() || group.len() > 64 || group.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "Group name {group:?} must be 1 to 64 bytes without control characters"
+            )));
+        }
+    }
     Ok(ExportConfig {
+        limits: raw.limits,
+        group: raw.group,
         image: raw.image,
         socket: raw.socket,
         read_only: raw.read_only,
@@ -445,6 +585,8 @@ socket = "sockets/b.sock"
                 queues: 4,
                 shards: 2,
                 serial: "disk-a".into(),
+                limits: Limits::default(),
+                group: None,
             }
         );
         let b = &cfg.exports[1];
@@ -656,6 +798,68 @@ socket = "sockets/b.sock"
             "abcdefghijklmnopqrs"
         );
         assert_eq!(default_serial(Path::new("/")), "qcow2d");
+    }
+
+    #[test]
+    fn limits_groups_and_the_control_socket() {
+        let cfg = parse_ok(
+            r#"
+control = "ctl.sock"
+[[export]]
+image = "a.qcow2"
+socket = "a.sock"
+iops_total = 500
+iops_total_max = 1000
+iops_total_max_length = 2
+bps_read = 1048576
+group = "g"
+[[export]]
+image = "b.qcow2"
+socket = "b.sock"
+group = "g"
+"#,
+        );
+        assert_eq!(cfg.control, Some(PathBuf::from("/etc/qcow2d/ctl.sock")));
+        let a = &cfg.exports[0];
+        assert_eq!(a.group.as_deref(), Some("g"));
+        assert_eq!(
+            a.limits.entries(),
+            vec![
+                ("bps_read".to_owned(), 1048576),
+                ("iops_total".to_owned(), 500),
+                ("iops_total_max".to_owned(), 1000),
+                ("iops_total_max_length".to_owned(), 2),
+            ]
+        );
+        assert!(cfg.exports[1].limits.is_none());
+        // Only a control socket: exports come later.
+        assert!(parse_ok("control = \"/run/c.sock\"\n").exports.is_empty());
+        for (bad, want) in [
+            (
+                "[[export]]\nimage = \"a\"\nsocket = \"a.sock\"\niops_total = 5\niops_read = 5\n",
+                "cannot be used together",
+            ),
+            (
+                "[[export]]\nimage = \"a\"\nsocket = \"a.sock\"\niops_totl = 5\n",
+                "unknown field",
+            ),
+            (
+                "[[export]]\nimage = \"a\"\nsocket = \"a.sock\"\ngroup = \"g\"\niops_total = 5\n\
+                 [[export]]\nimage = \"b\"\nsocket = \"b.sock\"\ngroup = \"g\"\niops_total = 6\n",
+                "Group \"g\" has other limits",
+            ),
+            (
+                "control = \"a.sock\"\n[[export]]\nimage = \"a\"\nsocket = \"a.sock\"\n",
+                "also an export's socket",
+            ),
+            (
+                "[[export]]\nimage = \"a\"\nsocket = \"a.sock\"\ngroup = \"\"\n",
+                "Group name",
+            ),
+        ] {
+            let e = parse_err(bad).to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

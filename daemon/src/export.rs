@@ -49,6 +49,15 @@ pub enum SocketError {
         #[source]
         source: std::io::Error,
     },
+    /// The control socket cannot be created.
+    #[error("Cannot listen on the control socket {}", path.display())]
+    Control {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// bind() or listen() failed.
     #[error("Cannot listen on {}", path.display())]
     Bind {
@@ -91,6 +100,17 @@ pub enum ExportError {
 /// Creates the listening socket at `path`. A stale socket left by a previous run (nobody
 /// listening) is replaced; a live one, or anything that is not a socket, is an error.
 pub fn bind_socket(path: &Path) -> Result<Listener, SocketError> {
+    clear_stale_socket(path)?;
+    // The listener removes the socket file when it is dropped.
+    Listener::new(path, false).map_err(|source| SocketError::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Makes room for a socket at `path`: nothing there is fine, a stale socket (nobody listening)
+/// is removed, a live one or anything that is not a socket is an error.
+pub fn clear_stale_socket(path: &Path) -> Result<(), SocketError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             if !meta.file_type().is_socket() {
@@ -126,17 +146,38 @@ pub fn bind_socket(path: &Path) -> Result<Listener, SocketError> {
             })
         }
     }
-    // The listener removes the socket file when it is dropped.
-    Listener::new(path, false).map_err(|source| SocketError::Bind {
-        path: path.to_owned(),
-        source,
-    })
+    Ok(())
+}
+
+/// The process id of the peer of a unix socket (SO_PEERCRED), if the kernel tells.
+pub fn peer_pid(stream: &UnixStream) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given; the descriptor is
+    // borrowed from a live stream.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid)
 }
 
 #[derive(Default)]
 struct ControlState {
     stopping: bool,
     connection: Option<(ShutdownHandle, Arc<BlkBackend>)>,
+    /// The process id of the frontend connected now, if any and known.
+    client: Option<Option<i32>>,
 }
 
 /// Shared between the main thread and an export's listener thread: the stop request and the
@@ -189,9 +230,20 @@ impl ExportControl {
         self.lock().stopping
     }
 
+    /// The frontend connected now: `Some(pid)` (the pid if the kernel told it), or `None`.
+    pub fn client(&self) -> Option<Option<i32>> {
+        self.lock().client
+    }
+
     /// Records the connection being served; if a stop was requested meanwhile, ends it now.
-    fn connected(&self, handle: Option<ShutdownHandle>, backend: &Arc<BlkBackend>) {
+    fn connected(
+        &self,
+        handle: Option<ShutdownHandle>,
+        backend: &Arc<BlkBackend>,
+        pid: Option<i32>,
+    ) {
         let mut state = self.lock();
+        state.client = Some(pid);
         if state.stopping {
             if let Some(h) = &handle {
                 h.shutdown();
@@ -201,7 +253,9 @@ impl ExportControl {
     }
 
     fn disconnected(&self) {
-        self.lock().connection = None;
+        let mut state = self.lock();
+        state.connection = None;
+        state.client = None;
     }
 }
 
@@ -295,11 +349,13 @@ impl Export {
                 .start(&mut private)
                 .map_err(|e| ExportError::Daemon(e.to_string()))?;
             drop(private);
+            let pid = peer_pid(&frontend);
             let relay = Relay::start(frontend, device_end, backend.inflight(), &self.thread_name)
                 .map_err(ExportError::Relay)?;
             // If a stop was requested meanwhile (possibly by the wake-up connection of
             // `request_stop`), this ends the connection at once.
-            self.control.connected(daemon.shutdown_handle(), &backend);
+            self.control
+                .connected(daemon.shutdown_handle(), &backend, pid);
             let stopped_at_once = self.control.is_stopping();
             if !stopped_at_once {
                 info!(
@@ -394,6 +450,7 @@ mod tests {
             cluster_size: image.cluster_size(),
             writeback: Arc::new(AtomicBool::new(true)),
             metrics: None,
+            throttle: Arc::new(crate::throttle::ExportThrottle::default()),
         };
         let control = Arc::new(ExportControl::new(socket.clone()));
         let export = Export {

@@ -5,7 +5,9 @@
 //! non-zero status after printing its whole cause chain once. Modules:
 //! - [`cli`], [`config`]: what to serve;
 //! - [`serve`](mod@serve), [`export`], [`signals`], [`notify`]: threads, lifecycle, clean
-//!   shutdown, systemd readiness;
+//!   shutdown, systemd readiness, reload;
+//! - [`control`], [`ctl`]: the control socket and its client (`qcow2d ctl`);
+//! - [`throttle`], [`timer`]: I/O limits (throttle groups) and the workers' timers;
 //! - [`metrics`]: per-worker counters and histograms, the Prometheus scrape endpoint;
 //! - [`backend`], [`worker`], [`request`], [`virtio_blk`], [`block_io`], [`exit_events`]: the
 //!   vhost-user-blk device and its data path onto the engine.
@@ -15,6 +17,8 @@ mod block_io;
 mod chain;
 mod cli;
 mod config;
+mod control;
+mod ctl;
 mod exit_events;
 mod export;
 mod inflight;
@@ -26,6 +30,8 @@ mod serve;
 mod signals;
 #[cfg(test)]
 mod test_support;
+mod throttle;
+mod timer;
 mod virtio_blk;
 mod worker;
 
@@ -40,6 +46,7 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::{CheckArgs, Cli, Command, InfoArgs, ServeArgs};
 use crate::config::{ConfigError, RawExport};
 use crate::serve::ServeError;
+use crate::throttle::Limits;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -65,6 +72,9 @@ enum Error {
     /// `qcow2d info --json` could not encode the result.
     #[error("Cannot encode the image information as JSON")]
     Json(#[source] serde_json::Error),
+    /// `qcow2d ctl` failed.
+    #[error(transparent)]
+    Ctl(#[from] ctl::CtlError),
     /// `qcow2d check` could not complete.
     #[error("Cannot check image {}", path.display())]
     Check {
@@ -94,6 +104,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
         Command::Serve(args) => serve(args).map(|()| 0),
         Command::Info(args) => info(args).map(|()| 0),
         Command::Check(args) => check(args),
+        Command::Ctl(args) => ctl::run(args).map(|()| 0).map_err(Error::from),
     }
 }
 
@@ -116,10 +127,43 @@ fn check(args: CheckArgs) -> Result<u8, Error> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), Error> {
-    let mut config = match args.config {
-        Some(path) => config::from_file(&path)?,
+    let mut limits = Limits::default();
+    for (key, value) in args.limits.entries() {
+        limits
+            .set(key, value)
+            .map_err(|problem| ConfigError::Invalid {
+                origin: config::Origin::CommandLine,
+                problem,
+            })?;
+    }
+    if args.config.is_some() && args.limits.any() {
+        return Err(ConfigError::Invalid {
+            origin: config::Origin::CommandLine,
+            problem: "Limits and --group go with --image; in a config file they are keys of \
+                      each [[export]]"
+                .into(),
+        }
+        .into());
+    }
+    let config_path = args
+        .config
+        .as_deref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()));
+    let mut config = match &config_path {
+        Some(path) => config::from_file(path)?,
+        None if args.image.is_none() && args.socket.is_none() => {
+            // Only a control socket (clap requires one): exports come from `qcow2d ctl add`.
+            config::ServeConfig {
+                exports: Vec::new(),
+                metrics: None,
+                control: None,
+                shards: args.shards,
+            }
+        }
         None => {
             let raw = RawExport {
+                limits,
+                group: args.limits.group.clone(),
                 // clap requires both unless --config is given.
                 image: args.image.unwrap_or_default(),
                 socket: args.socket.unwrap_or_default(),
@@ -136,7 +180,10 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
     if let Some(value) = &args.metrics {
         config.metrics = Some(config::metrics_address(value, None)?);
     }
-    serve::serve(config)?;
+    if let Some(control) = args.control {
+        config.control = Some(control);
+    }
+    serve::serve(config, config_path)?;
     Ok(())
 }
 
@@ -178,6 +225,17 @@ fn init_logging() {
     if let Some((value, e)) = bad_filter {
         tracing::warn!("Ignoring RUST_LOG={value:?} ({e}); logging at info level");
     }
+}
+
+/// Every message of the chain on one line, separated by `: ` (for control answers).
+fn error_chain_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// `Error: <message>` then one `  caused by: <message>` line per source.

@@ -1,32 +1,41 @@
-//! `qcow2d serve`: opens the images, creates the sockets, runs one listener thread per export
-//! and stops them all on SIGINT/SIGTERM or when one fails.
+//! `qcow2d serve`: opens the images, creates the sockets, runs one listener thread per export,
+//! changes the set of exports at run time (control requests, SIGHUP) and stops them all on
+//! SIGINT/SIGTERM or when one fails.
 //!
-//! Everything here runs on the main thread. Start-up is all-or-nothing: every image is opened
-//! (for writing unless the export is read-only), every socket bound and the metrics endpoint
-//! (`--metrics`) listening before the first "serving" line is printed. Then the main thread
-//! only waits for messages: a stop signal (from the signal thread) or the end of an export
-//! thread. Stopping asks every export to stop; each export thread disconnects its client,
-//! drains and flushes its shards and closes its image ([`Export::run`]). An export that fails
-//! to do so, or that does not finish within [`STOP_TIMEOUT`] (a stuck disk), makes `serve`
-//! fail, so the process exits non-zero.
+//! Everything here runs on the main thread, the supervisor. Start-up is all-or-nothing: every
+//! image is opened (for writing unless the export is read-only), every socket bound, the
+//! metrics endpoint (`--metrics`) and the control socket (`--control`) listening before the
+//! first "serving" line is printed. Then the main thread only waits for messages: a signal
+//! (from the signal thread), the end of an export thread, or a control request (from the
+//! control socket's threads, [`crate::control`]), and handles them one at a time. Exports are
+//! started and stopped individually ([`Supervisor::add`], [`Supervisor::remove`]); the others
+//! keep serving on their own threads meanwhile. SIGHUP re-reads the config file and applies
+//! the difference ([`Supervisor::reload`]). Stopping asks every export to stop; each export
+//! thread disconnects its client, drains and flushes its shards and closes its image
+//! ([`Export::run`]). An export that fails to do so, or that does not finish within
+//! [`STOP_TIMEOUT`] (a stuck disk), makes `serve` fail, so the process exits non-zero; so does
+//! an export that fails while serving.
 
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qcow2d_engine::{Image, OpenOptions};
 use tracing::{error, info, warn};
 
 use crate::backend::DeviceParams;
-use crate::config::{ExportConfig, ServeConfig};
+use crate::config::{ExportConfig, Origin, RawExport, ServeConfig};
+use crate::control::{self, Call, Request, Response};
 use crate::export::{bind_socket, Export, ExportControl, ExportError, SocketError};
-use crate::metrics::{ExportLabels, Metrics};
+use crate::metrics::{ExportLabels, ExportMetrics, Metrics, Operation};
 use crate::request::DeviceInfo;
 use crate::signals;
+use crate::throttle::{ExportThrottle, Limits, ThrottleGroup};
 use crate::virtio_blk::ID_BYTES;
 
 /// How long exports get to stop after a signal before the daemon gives up on them.
@@ -87,138 +96,717 @@ pub enum ServeError {
 
 enum Event {
     Signal(libc::c_int),
-    ExportFinished {
-        index: usize,
-        result: Result<(), ExportError>,
-    },
+    ExportFinished { id: u64 },
+    Control(Call),
 }
 
 fn signal_event(signal: libc::c_int) -> Event {
     Event::Signal(signal)
 }
 
+fn control_event(call: Call) -> Event {
+    Event::Control(call)
+}
+
 /// Runs `qcow2d serve` until stopped. Returns `Ok` after a clean stop on SIGINT/SIGTERM.
-pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
+/// `config_path` is the config file the configuration came from, re-read on SIGHUP.
+pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), ServeError> {
     // Before any other thread exists, so that they all inherit the mask.
     let stop_signals = signals::block_stop_signals().map_err(ServeError::Signals)?;
 
     // Open every image first: nothing is listening if one of them is bad.
     let mut opened = Vec::with_capacity(config.exports.len());
     for export in &config.exports {
-        let options = OpenOptions {
-            read_only: export.read_only,
-            lazy_refcounts: export.lazy_refcounts,
-            direct: export.direct,
-            // Inflate workers take the CPUs the shards leave; with a shard per CPU each shard
-            // inflates its own clusters, which measured faster (no hand-off to another
-            // thread, no more threads than CPUs).
-            inflate_threads: Some(crate::config::cpu_count().saturating_sub(export.shards)),
-            ..OpenOptions::default()
-        };
-        let image =
-            Image::open(&export.image, &options).map_err(|source| ServeError::OpenImage {
-                path: export.image.clone(),
-                source,
-            })?;
+        let image = open_image(export).map_err(|source| ServeError::OpenImage {
+            path: export.image.clone(),
+            source,
+        })?;
         opened.push(image);
     }
-
-    let mut metrics = config.metrics.map(|_| Metrics::new());
-    let mut exports = Vec::with_capacity(opened.len());
-    for (index, (cfg, image)) in config.exports.iter().zip(opened).enumerate() {
+    let mut bound = Vec::with_capacity(opened.len());
+    for (cfg, image) in config.exports.iter().zip(opened) {
         let listener = bind_socket(&cfg.socket)?;
-        let mut params = device_params(cfg, &image);
-        if let Some(metrics) = &mut metrics {
-            let labels = ExportLabels {
-                export: cfg.socket.display().to_string(),
-                image: cfg.image.display().to_string(),
-                serial: cfg.serial.clone(),
-                read_only: image.is_read_only(),
-            };
-            params.metrics = Some(metrics.add_export(labels, params.shards));
-        }
-        exports.push(Export {
-            params,
-            image,
-            image_path: cfg.image.clone(),
-            listener,
-            control: Arc::new(ExportControl::new(cfg.socket.clone())),
-            thread_name: format!("qcow2d-vu{index}"),
-        });
+        bound.push((cfg.clone(), image, listener));
     }
-    if let (Some(addr), Some(metrics)) = (config.metrics, metrics) {
-        serve_metrics(addr, metrics)?;
-    }
-    announce(&config.exports);
+    // The control socket needs the counters too (`ctl list`).
+    let metrics =
+        (config.metrics.is_some() || config.control.is_some()).then(|| Arc::new(Metrics::new()));
+    let control = config.control.as_deref().map(control::bind).transpose()?;
 
     let (tx, rx) = mpsc::channel();
-    signals::spawn_signal_thread(stop_signals, tx.clone(), signal_event)
-        .map_err(ServeError::Thread)?;
-
-    let controls: Vec<_> = exports.iter().map(|e| Arc::clone(&e.control)).collect();
-    let sockets: Vec<PathBuf> = config.exports.iter().map(|e| e.socket.clone()).collect();
-    let mut running = vec![false; exports.len()];
-    for (index, export) in exports.into_iter().enumerate() {
-        let tx = tx.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("qcow2d-export{index}"))
-            .spawn(move || {
-                let result =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| export.run()))
-                        .unwrap_or(Err(ExportError::Panicked));
-                let _ = tx.send(Event::ExportFinished { index, result });
-            });
-        match spawned {
-            Ok(_) => running[index] = true,
-            Err(e) => {
-                stop_all(&controls);
-                return wait_for_exports(
-                    &rx,
-                    &sockets,
-                    &mut running,
-                    Instant::now() + STOP_TIMEOUT,
-                )
-                .and(Err(ServeError::Thread(e)));
-            }
+    let mut sup = Supervisor {
+        exports: Vec::new(),
+        next_id: 0,
+        metrics,
+        groups: HashMap::new(),
+        shards: config.shards,
+        config_path,
+        control_path: config.control.clone(),
+        tx: tx.clone(),
+        rx,
+        deferred: VecDeque::new(),
+    };
+    for (cfg, image, listener) in bound {
+        if let Err(e) = sup.start(cfg, image, listener, true) {
+            let _ = sup.stop_all();
+            return Err(e);
         }
     }
+    if let (Some(addr), Some(metrics)) = (config.metrics, &sup.metrics) {
+        if let Err(e) = serve_metrics(addr, Arc::clone(metrics)) {
+            let _ = sup.stop_all();
+            return Err(e);
+        }
+    }
+    signals::spawn_signal_thread(stop_signals, tx.clone(), signal_event)
+        .map_err(ServeError::Thread)?;
+    if let Some(socket) = control {
+        info!(socket = %socket_display(&config.control), "Listening for control requests");
+        control::spawn(socket, tx.clone(), control_event).map_err(ServeError::Thread)?;
+    }
     drop(tx);
+    announce(&config.exports);
 
     // Serve until a signal, or until an export fails.
     let mut first_error = None;
-    while running.iter().any(|&r| r) {
-        let Ok(event) = rx.recv() else { break };
+    while sup.keep_running() {
+        let event = sup.next_event();
         match event {
-            Event::Signal(signal) => {
+            None => break,
+            Some(Event::Signal(libc::SIGHUP)) => sup.reload(),
+            Some(Event::Signal(signal)) => {
                 info!("Received {}, stopping", signals::signal_name(signal));
                 break;
             }
-            Event::ExportFinished { index, result } => {
-                running[index] = false;
-                match result {
-                    Ok(()) => warn!(socket = %sockets[index].display(), "Export stopped"),
-                    Err(source) => {
-                        error!(socket = %sockets[index].display(), "Export failed: {source}");
-                        first_error = Some(ServeError::Export {
-                            socket: sockets[index].clone(),
-                            source,
-                        });
-                        break;
-                    }
+            Some(Event::ExportFinished { id }) => {
+                if let Err(e) = sup.finished(id) {
+                    first_error = Some(e);
+                    break;
                 }
+            }
+            Some(Event::Control(call)) => {
+                let answer = sup.handle(call.request);
+                let _ = call.reply.send(answer);
             }
         }
     }
     crate::notify::notify("STOPPING=1");
-    stop_all(&controls);
-    let stopped = wait_for_exports(&rx, &sockets, &mut running, Instant::now() + STOP_TIMEOUT);
+    let stopped = sup.stop_all();
+    // The control thread keeps its socket until the process exits: the file goes now.
+    if let Some(path) = &config.control {
+        let _ = std::fs::remove_file(path);
+    }
     match first_error {
         Some(e) => Err(e),
         None => stopped,
     }
 }
 
-fn device_params(cfg: &ExportConfig, image: &Image) -> DeviceParams {
+fn socket_display(path: &Option<PathBuf>) -> String {
+    path.as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// Opens an export's image as its configuration says.
+fn open_image(export: &ExportConfig) -> Result<Image, qcow2d_engine::Error> {
+    let options = OpenOptions {
+        read_only: export.read_only,
+        lazy_refcounts: export.lazy_refcounts,
+        direct: export.direct,
+        // Inflate workers take the CPUs the shards leave; with a shard per CPU each shard
+        // inflates its own clusters, which measured faster (no hand-off to another
+        // thread, no more threads than CPUs).
+        inflate_threads: Some(crate::config::cpu_count().saturating_sub(export.shards)),
+        ..OpenOptions::default()
+    };
+    Image::open(&export.image, &options)
+}
+
+/// One export being served.
+struct Running {
+    id: u64,
+    config: ExportConfig,
+    /// Its configuration as the config file last gave it (`None`: added at run time and not
+    /// in the file), which reloads compare with.
+    file_config: Option<ExportConfig>,
+    control: Arc<ExportControl>,
+    thread: Option<JoinHandle<Result<(), ExportError>>>,
+    metrics: Option<Arc<ExportMetrics>>,
+    throttle: Arc<ExportThrottle>,
+    size: u64,
+    read_only: bool,
+}
+
+/// The main thread's state: the exports, their throttle groups and metrics. Every change to the
+/// set of exports happens here, one at a time: at start-up, on a control request, on SIGHUP.
+struct Supervisor {
+    exports: Vec<Running>,
+    next_id: u64,
+    metrics: Option<Arc<Metrics>>,
+    /// Named throttle groups that still have an export.
+    groups: HashMap<String, Weak<ThrottleGroup>>,
+    /// The `shards` setting, for exports added later.
+    shards: Option<u64>,
+    config_path: Option<PathBuf>,
+    control_path: Option<PathBuf>,
+    tx: mpsc::Sender<Event>,
+    rx: mpsc::Receiver<Event>,
+    /// Events that arrived while waiting for a particular one.
+    deferred: VecDeque<Event>,
+}
+
+/// The same path, whether given relative to the daemon's directory or absolute.
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (std::path::absolute(a), std::path::absolute(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+impl Supervisor {
+    fn keep_running(&self) -> bool {
+        !self.exports.is_empty() || self.control_path.is_some()
+    }
+
+    fn next_event(&mut self) -> Option<Event> {
+        match self.deferred.pop_front() {
+            Some(e) => Some(e),
+            None => self.rx.recv().ok(),
+        }
+    }
+
+    fn find(&self, socket: &Path) -> Option<usize> {
+        self.exports
+            .iter()
+            .position(|e| same_path(&e.config.socket, socket))
+    }
+
+    /// The group an export with `group` and `limits` belongs in; sets a named group's limits
+    /// when `limits` gives some.
+    fn group_for(&mut self, group: Option<&str>, limits: Limits) -> Option<Arc<ThrottleGroup>> {
+        match group {
+            Some(name) => {
+                if let Some(g) = self.groups.get(name).and_then(Weak::upgrade) {
+                    if !limits.is_none() && g.limits() != limits {
+                        g.set_limits(limits);
+                    }
+                    return Some(g);
+                }
+                let g = Arc::new(ThrottleGroup::new(Some(name.to_owned()), limits));
+                self.groups.retain(|_, w| w.strong_count() > 0);
+                self.groups.insert(name.to_owned(), Arc::downgrade(&g));
+                Some(g)
+            }
+            None if limits.is_none() => None,
+            None => Some(Arc::new(ThrottleGroup::new(None, limits))),
+        }
+    }
+
+    /// Starts serving an opened image on a bound socket.
+    fn start(
+        &mut self,
+        cfg: ExportConfig,
+        image: Image,
+        listener: vhost::vhost_user::Listener,
+        from_file: bool,
+    ) -> Result<(), ServeError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let group = self.group_for(cfg.group.as_deref(), cfg.limits);
+        let throttle = Arc::new(ExportThrottle::new(group));
+        let mut params = device_params(&cfg, &image, Arc::clone(&throttle));
+        let metrics = self.metrics.as_ref().map(|metrics| {
+            let labels = ExportLabels {
+                export: cfg.socket.display().to_string(),
+                image: cfg.image.display().to_string(),
+                serial: cfg.serial.clone(),
+                read_only: image.is_read_only(),
+            };
+            metrics.add_export(labels, params.shards)
+        });
+        params.metrics = metrics.clone();
+        let control = Arc::new(ExportControl::new(cfg.socket.clone()));
+        let size = image.virtual_size();
+        let read_only = image.is_read_only();
+        let export = Export {
+            params,
+            image,
+            image_path: cfg.image.clone(),
+            listener,
+            control: Arc::clone(&control),
+            thread_name: format!("qcow2d-vu{id}"),
+        };
+        let tx = self.tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("qcow2d-export{id}"))
+            .spawn(move || {
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| export.run()))
+                        .unwrap_or(Err(ExportError::Panicked));
+                let _ = tx.send(Event::ExportFinished { id });
+                result
+            });
+        let thread = match spawned {
+            Ok(t) => t,
+            Err(e) => {
+                if let (Some(all), Some(m)) = (&self.metrics, &metrics) {
+                    all.remove_export(m);
+                }
+                return Err(ServeError::Thread(e));
+            }
+        };
+        self.exports.push(Running {
+            id,
+            file_config: from_file.then(|| cfg.clone()),
+            config: cfg,
+            control,
+            thread: Some(thread),
+            metrics,
+            throttle,
+            size,
+            read_only,
+        });
+        Ok(())
+    }
+
+    /// Takes an export that finished out of the list; its result.
+    fn reap(&mut self, id: u64) -> Option<(Running, Result<(), ExportError>)> {
+        let index = self.exports.iter().position(|e| e.id == id)?;
+        let mut running = self.exports.remove(index);
+        let result = match running.thread.take() {
+            Some(t) => t.join().unwrap_or(Err(ExportError::Panicked)),
+            None => Ok(()),
+        };
+        if let (Some(all), Some(m)) = (&self.metrics, &running.metrics) {
+            all.remove_export(m);
+        }
+        Some((running, result))
+    }
+
+    /// An export thread ended without being asked to: an error ends `serve`.
+    fn finished(&mut self, id: u64) -> Result<(), ServeError> {
+        let Some((running, result)) = self.reap(id) else {
+            return Ok(());
+        };
+        let socket = running.config.socket;
+        match result {
+            Ok(()) => {
+                warn!(socket = %socket.display(), "Export stopped");
+                Ok(())
+            }
+            Err(source) => {
+                error!(socket = %socket.display(), "Export failed: {source}");
+                Err(ServeError::Export { socket, source })
+            }
+        }
+    }
+
+    /// Waits up to `deadline` for export `id` to finish, keeping other events for later.
+    fn wait_finished(&mut self, id: u64, deadline: Instant) -> bool {
+        loop {
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(timeout) {
+                Ok(Event::ExportFinished { id: done }) if done == id => return true,
+                Ok(other) => self.deferred.push_back(other),
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Asks every export to stop and waits for them (see [`STOP_TIMEOUT`]). A second stop
+    /// signal ends the wait at once; control requests meanwhile are refused. Sockets of
+    /// exports that did not finish are removed here (those that did removed their own).
+    fn stop_all(&mut self) -> Result<(), ServeError> {
+        for e in &self.exports {
+            e.control.request_stop();
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut outcome = Ok(());
+        let mut pending: VecDeque<Event> = std::mem::take(&mut self.deferred);
+        while !self.exports.is_empty() {
+            let event = match pending.pop_front() {
+                Some(e) => Ok(e),
+                None => self
+                    .rx
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now())),
+            };
+            match event {
+                Ok(Event::ExportFinished { id }) => {
+                    let Some((running, result)) = self.reap(id) else {
+                        continue;
+                    };
+                    if let Err(source) = result {
+                        let socket = running.config.socket;
+                        error!(
+                            socket = %socket.display(),
+                            "Export failed while stopping: {}",
+                            crate::error_chain(&source)
+                        );
+                        if outcome.is_ok() {
+                            outcome = Err(ServeError::Export { socket, source });
+                        }
+                    }
+                }
+                Ok(Event::Signal(libc::SIGHUP)) => {}
+                Ok(Event::Signal(signal)) => {
+                    outcome = Err(ServeError::Forced {
+                        signal: signals::signal_name(signal),
+                    });
+                    break;
+                }
+                Ok(Event::Control(call)) => {
+                    let _ = call.reply.send(Err("The daemon is stopping".into()));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    outcome = Err(ServeError::StopTimeout {
+                        count: self.exports.len(),
+                    });
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        for e in self.exports.drain(..) {
+            let _ = std::fs::remove_file(&e.config.socket);
+        }
+        outcome
+    }
+
+    /// Answers a control request.
+    fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::List {} => Ok(self.list()),
+            Request::Add {
+                image,
+                socket,
+                read_only,
+                writethrough,
+                lazy_refcounts,
+                direct,
+                queues,
+                serial,
+                limits,
+                group,
+            } => {
+                let limits = match &limits {
+                    Some(v) => Limits::from_json(v)?,
+                    None => Limits::default(),
+                };
+                let raw = RawExport {
+                    image,
+                    socket,
+                    read_only,
+                    writethrough,
+                    lazy_refcounts,
+                    direct,
+                    queues,
+                    serial,
+                    limits,
+                    group,
+                };
+                let cfg = crate::config::validate(
+                    raw,
+                    self.shards,
+                    crate::config::cpu_count(),
+                    &Origin::Control,
+                )
+                .map_err(|e| e.to_string())?;
+                self.add(cfg, false)?;
+                Ok(serde_json::json!({}))
+            }
+            Request::Remove { socket, force } => {
+                self.remove(&socket, force)?;
+                Ok(serde_json::json!({}))
+            }
+            Request::Limit {
+                socket,
+                limits,
+                group,
+                none,
+            } => {
+                let index = self.find(&socket).ok_or_else(|| no_export(&socket))?;
+                if none {
+                    if limits.is_some() || group.is_some() {
+                        return Err("\"none\" lifts every limit: give no limits or group".into());
+                    }
+                    self.exports[index].throttle.set(None);
+                    info!(socket = %socket.display(), "Limits lifted");
+                    return Ok(serde_json::json!({}));
+                }
+                let limits = match &limits {
+                    Some(v) => Limits::from_json(v)?,
+                    None => Limits::default(),
+                };
+                if let Some(g) = &group {
+                    if g.is_empty() || g.len() > 64 || g.chars().any(char::is_control) {
+                        return Err(format!(
+                            "Group name {g:?} must be 1 to 64 bytes without control characters"
+                        ));
+                    }
+                }
+                self.set_limits(index, group.as_deref(), limits)?;
+                Ok(serde_json::json!({}))
+            }
+            Request::Resize { socket, .. } => Err(format!(
+                "Cannot resize {}: online resize is not supported",
+                socket.display()
+            )),
+        }
+    }
+
+    /// Applies `limits` (and `group`) to export `index` as `ctl limit` does.
+    fn set_limits(
+        &mut self,
+        index: usize,
+        group: Option<&str>,
+        limits: Limits,
+    ) -> Result<(), String> {
+        let current = self.exports[index].throttle.group();
+        let new_group = match (group, current) {
+            (Some(name), _) => self.group_for(Some(name), limits),
+            (None, Some(g)) => {
+                if limits.is_none() {
+                    return Err("No limits given (lift them with \"none\")".into());
+                }
+                g.set_limits(limits);
+                Some(g)
+            }
+            (None, None) => {
+                if limits.is_none() {
+                    return Err("No limits given".into());
+                }
+                self.group_for(None, limits)
+            }
+        };
+        let e = &self.exports[index];
+        info!(
+            socket = %e.config.socket.display(),
+            group = new_group.as_ref().and_then(|g| g.name()).unwrap_or(""),
+            limits = %new_group.as_ref().map(|g| g.limits().to_json()).unwrap_or_default(),
+            "Limits set"
+        );
+        e.throttle.set(new_group);
+        Ok(())
+    }
+
+    /// Opens, binds and starts a new export; on failure nothing is left behind.
+    fn add(&mut self, cfg: ExportConfig, from_file: bool) -> Result<(), String> {
+        if let Some(i) = self.find(&cfg.socket) {
+            return Err(format!(
+                "{} is already the socket of the export of {}",
+                cfg.socket.display(),
+                self.exports[i].config.image.display()
+            ));
+        }
+        if self
+            .control_path
+            .as_deref()
+            .is_some_and(|c| same_path(c, &cfg.socket))
+        {
+            return Err(format!("{} is the control socket", cfg.socket.display()));
+        }
+        let image = open_image(&cfg).map_err(|source| {
+            crate::error_chain_text(&ServeError::OpenImage {
+                path: cfg.image.clone(),
+                source,
+            })
+        })?;
+        let listener = bind_socket(&cfg.socket)
+            .map_err(|e| crate::error_chain_text(&ServeError::Socket(e)))?;
+        self.start(cfg.clone(), image, listener, from_file)
+            .map_err(|e| crate::error_chain_text(&e))?;
+        announce(std::slice::from_ref(&cfg));
+        Ok(())
+    }
+
+    /// Stops export `socket`: it stops taking requests, completes those in flight, flushes and
+    /// closes its image and removes its socket. Refused with a client connected unless
+    /// `force`.
+    fn remove(&mut self, socket: &Path, force: bool) -> Result<(), String> {
+        let index = self.find(socket).ok_or_else(|| no_export(socket))?;
+        let running = &self.exports[index];
+        if let Some(pid) = running.control.client() {
+            if !force {
+                let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                return Err(format!(
+                    "{} has a client connected{who}; use --force to disconnect it",
+                    running.config.socket.display()
+                ));
+            }
+        }
+        let id = running.id;
+        running.control.request_stop();
+        if !self.wait_finished(id, Instant::now() + STOP_TIMEOUT) {
+            return Err(format!(
+                "{} did not stop within {} s; it will be removed when it does",
+                socket.display(),
+                STOP_TIMEOUT.as_secs()
+            ));
+        }
+        let Some((running, result)) = self.reap(id) else {
+            return Ok(());
+        };
+        match result {
+            Ok(()) => {
+                info!(socket = %running.config.socket.display(), "Export removed");
+                Ok(())
+            }
+            Err(e) => {
+                let text = crate::error_chain_text(&e);
+                error!(socket = %running.config.socket.display(), "Export removed: {text}");
+                Err(format!("Export removed, but: {text}"))
+            }
+        }
+    }
+
+    /// `ctl list`.
+    fn list(&self) -> serde_json::Value {
+        let exports: Vec<_> = self.exports.iter().map(describe).collect();
+        serde_json::json!({ "exports": exports })
+    }
+
+    /// SIGHUP: re-reads the config file and applies the difference (see README.md).
+    fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            warn!("SIGHUP: no config file to reload (started without --config)");
+            return;
+        };
+        info!(config = %path.display(), "Reloading the configuration");
+        let new = match crate::config::from_file(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(
+                    "Not reloading: {}; the exports are unchanged",
+                    crate::error_chain_text(&e)
+                );
+                return;
+            }
+        };
+        if new.control != self.control_path {
+            warn!("A change of the control socket takes a restart; not applied");
+        }
+        if new.shards != self.shards {
+            self.shards = new.shards;
+        }
+        // Removed from the file: stopped, even with a client connected.
+        let gone: Vec<PathBuf> = self
+            .exports
+            .iter()
+            .filter(|e| e.file_config.is_some())
+            .filter(|e| {
+                !new.exports
+                    .iter()
+                    .any(|n| same_path(&n.socket, &e.config.socket))
+            })
+            .map(|e| e.config.socket.clone())
+            .collect();
+        for socket in gone {
+            match self.remove(&socket, true) {
+                Ok(()) => info!(socket = %socket.display(), "Reload: export removed"),
+                Err(e) => error!(socket = %socket.display(), "Reload: {e}"),
+            }
+        }
+        for cfg in new.exports {
+            let Some(index) = self.find(&cfg.socket) else {
+                let socket = cfg.socket.clone();
+                match self.add(cfg, true) {
+                    Ok(()) => info!(socket = %socket.display(), "Reload: export added"),
+                    Err(e) => error!(socket = %socket.display(), "Reload: cannot add: {e}"),
+                }
+                continue;
+            };
+            let old = self.exports[index]
+                .file_config
+                .clone()
+                .unwrap_or_else(|| self.exports[index].config.clone());
+            let settings_changed = ExportConfig {
+                limits: old.limits,
+                group: old.group.clone(),
+                ..cfg.clone()
+            } != old;
+            if settings_changed {
+                warn!(
+                    socket = %cfg.socket.display(),
+                    "Reload: settings other than limits changed; remove and add the export \
+                     to apply them"
+                );
+            }
+            if old.limits != cfg.limits || old.group != cfg.group {
+                let result = if cfg.limits.is_none() && cfg.group.is_none() {
+                    self.exports[index].throttle.set(None);
+                    Ok(())
+                } else if cfg.limits.is_none() {
+                    let g = self.group_for(cfg.group.as_deref(), cfg.limits);
+                    self.exports[index].throttle.set(g);
+                    Ok(())
+                } else {
+                    self.set_limits(index, cfg.group.as_deref(), cfg.limits)
+                };
+                if let Err(e) = result {
+                    error!(socket = %cfg.socket.display(), "Reload: {e}");
+                }
+            }
+            self.exports[index].file_config = Some(cfg);
+        }
+    }
+}
+
+fn no_export(socket: &Path) -> String {
+    format!("No export on {}", socket.display())
+}
+
+/// One export as `ctl list` shows it.
+fn describe(e: &Running) -> serde_json::Value {
+    let snapshot = e.metrics.as_ref().map(|m| m.snapshot());
+    let mut ops = serde_json::Map::new();
+    let mut in_flight = 0;
+    let mut throttled_seconds = 0.0;
+    let mut throttled = 0;
+    if let Some(snap) = &snapshot {
+        for op in Operation::ALL {
+            let o = &snap.ops[op as usize];
+            ops.insert(
+                op.label().to_owned(),
+                serde_json::json!({
+                    "requests": o.requests(),
+                    "bytes": o.bytes,
+                    "errors": o.errors,
+                }),
+            );
+        }
+        for s in &snap.shards {
+            in_flight += s.in_flight;
+            throttled_seconds += s.throttled_seconds;
+            throttled += s.throttled;
+        }
+    }
+    let group = e.throttle.group();
+    let client = match e.control.client() {
+        None => serde_json::Value::Null,
+        Some(pid) => serde_json::json!({ "pid": pid }),
+    };
+    serde_json::json!({
+        "socket": e.config.socket,
+        "image": e.config.image,
+        "read_only": e.read_only,
+        "writethrough": e.config.writethrough,
+        "direct": e.config.direct,
+        "size": e.size,
+        "queues": e.config.queues,
+        "workers": e.config.shards,
+        "serial": e.config.serial,
+        "client": client,
+        "in_flight": in_flight,
+        "ops": ops,
+        "throttled_seconds": throttled_seconds,
+        "throttled_requests": throttled,
+        "group": group.as_ref().and_then(|g| g.name()),
+        "limits": group.map(|g| g.limits().to_json()).unwrap_or_else(|| serde_json::json!({})),
+    })
+}
+
+fn device_params(cfg: &ExportConfig, image: &Image, throttle: Arc<ExportThrottle>) -> DeviceParams {
     let mut serial = [0u8; ID_BYTES];
     let bytes = cfg.serial.as_bytes();
     let n = bytes.len().min(ID_BYTES);
@@ -234,18 +822,19 @@ fn device_params(cfg: &ExportConfig, image: &Image) -> DeviceParams {
         cluster_size: image.cluster_size(),
         writeback: Arc::new(AtomicBool::new(!cfg.writethrough)),
         metrics: None,
+        throttle,
     }
 }
 
 /// Starts the metrics endpoint on `addr` and prints `qcow2d: metrics on http://ADDR/metrics`
 /// with the address it listens on (which tells the port when `addr` asked for port 0).
-fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> Result<(), ServeError> {
+fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), ServeError> {
     let listener =
         TcpListener::bind(addr).map_err(|source| ServeError::Metrics { addr, source })?;
     let local = listener
         .local_addr()
         .map_err(|source| ServeError::Metrics { addr, source })?;
-    crate::metrics::http::spawn(listener, Arc::new(metrics)).map_err(ServeError::Thread)?;
+    crate::metrics::http::spawn(listener, metrics).map_err(ServeError::Thread)?;
     info!(address = %local, "Serving metrics on /metrics");
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -276,60 +865,4 @@ fn announce(exports: &[ExportConfig]) {
     }
     let _ = out.flush();
     crate::notify::notify("READY=1");
-}
-
-fn stop_all(controls: &[Arc<ExportControl>]) {
-    for c in controls {
-        c.request_stop();
-    }
-}
-
-/// Waits until every running export thread has finished, or the deadline passes. A second
-/// stop signal ends the wait at once. Sockets of exports that did not finish are removed here
-/// (those that did removed their own).
-fn wait_for_exports(
-    rx: &mpsc::Receiver<Event>,
-    sockets: &[PathBuf],
-    running: &mut [bool],
-    deadline: Instant,
-) -> Result<(), ServeError> {
-    let mut outcome = Ok(());
-    while running.iter().any(|&r| r) {
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(timeout) {
-            Ok(Event::ExportFinished { index, result }) => {
-                running[index] = false;
-                if let Err(source) = result {
-                    error!(
-                        socket = %sockets[index].display(),
-                        "Export failed while stopping: {}",
-                        crate::error_chain(&source)
-                    );
-                    if outcome.is_ok() {
-                        outcome = Err(ServeError::Export {
-                            socket: sockets[index].clone(),
-                            source,
-                        });
-                    }
-                }
-            }
-            Ok(Event::Signal(signal)) => {
-                outcome = Err(ServeError::Forced {
-                    signal: signals::signal_name(signal),
-                });
-                break;
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                outcome = Err(ServeError::StopTimeout {
-                    count: running.iter().filter(|&&r| r).count(),
-                });
-                break;
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    for (socket, _) in sockets.iter().zip(running.iter()).filter(|(_, &r)| r) {
-        let _ = std::fs::remove_file(socket);
-    }
-    outcome
 }

@@ -1,6 +1,6 @@
-//! SIGINT and SIGTERM, turned into messages.
+//! SIGINT, SIGTERM (stop) and SIGHUP (reload), turned into messages.
 //!
-//! The main thread blocks both signals before it starts any other thread (so every thread
+//! The main thread blocks these signals before it starts any other thread (so every thread
 //! inherits the mask and none is interrupted by them), then starts one signal thread that waits
 //! for them with `sigwait` and forwards each as a message to the main thread, which stops the
 //! exports in an orderly way.
@@ -9,15 +9,15 @@ use std::io;
 use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 
-/// The signals that stop the daemon.
-const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
+/// The signals that stop the daemon, and SIGHUP, which reloads its config file.
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 /// A set of blocked signals to wait for.
 pub struct StopSignals {
     set: libc::sigset_t,
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread (and so in every thread it starts later).
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and so in every thread it starts later).
 pub fn block_stop_signals() -> io::Result<StopSignals> {
     // SAFETY: sigset_t is a plain C struct for which all-zero bytes are a valid (if unspecified)
     // value; sigemptyset below initialises it properly before any other use.
@@ -45,6 +45,7 @@ pub fn signal_name(signal: libc::c_int) -> &'static str {
     match signal {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
         _ => "signal",
     }
 }

@@ -21,6 +21,17 @@
 //! publishes the number of requests in flight and the shard's cache statistics there. Requests
 //! still in flight when a connection ends are never returned to the guest, so never counted.
 //!
+//! Gate. The worker takes chains from its queues only while its gate is open
+//! ([`Worker::gate_open`]). Today one thing closes it: a read or write of a limited export
+//! (see [`crate::throttle`]) that must wait. That chain is held (taken from the ring and
+//! accounted, not submitted) and the worker's timer is armed for the moment it may start;
+//! meanwhile kicks are left alone (the chains stay in the available ring, unread). When the
+//! timer fires ([`Worker::process_timer`]) the held chain is prepared again and submitted,
+//! and the worker goes round its queues taking chains until the gate closes again. A queue
+//! being stopped (GET_VRING_BASE) or quiesced submits its held chain at once. Anything else
+//! that must stop the worker from taking chains (an in-flight budget) belongs in
+//! `gate_open`, reopening through the same resume path.
+//!
 //! When the connection is gone, the export's listener thread calls [`Worker::finish`] (after
 //! vhost-user-backend has joined the worker thread): it waits for what is still in flight and
 //! makes every write durable before the shard is dropped. `Drop` does the same if that was
@@ -39,6 +50,8 @@ use crate::chain::ChainWalker;
 use crate::inflight::{InflightShared, QueueTracker, Recovery};
 use crate::metrics::{Operation, ShardMetrics};
 use crate::request::{prepare, DeviceInfo, Malformed, Prepared, Scratch};
+use crate::throttle::WorkerThrottle;
+use crate::timer::Timer;
 use crate::virtio_blk::{MAX_QUEUES, STATUS_IOERR, STATUS_OK};
 
 /// The vring type the backend uses.
@@ -136,6 +149,22 @@ pub struct Worker<B: BlockIo> {
     inflight: Option<InflightLink>,
     /// Per local queue: the in-flight bookkeeping and the area generation it was set up for.
     tracked: Vec<TrackedQueue>,
+    /// The export's I/O limits and the timer that ends a wait (`None`: never limited).
+    throttle: Option<(WorkerThrottle, Timer)>,
+    /// The chain waiting for its turn under the limits; while there is one the gate is closed.
+    held: Option<Held>,
+}
+
+/// A chain taken from its queue and accounted against the limits, waiting to start.
+struct Held {
+    /// Local queue index.
+    queue: usize,
+    head: u16,
+    /// What it is checked against when it is prepared again.
+    dev: DeviceInfo,
+    /// When it was taken and when it may start.
+    taken: Instant,
+    until: Instant,
 }
 
 struct InflightLink {
@@ -171,7 +200,28 @@ impl<B: BlockIo> Worker<B> {
             finished: false,
             inflight: None,
             tracked: Vec::new(),
+            throttle: None,
+            held: None,
         }
+    }
+
+    /// Limits reads and writes as the export's group says (see [`crate::throttle`]), waiting
+    /// with `timer`, whose descriptor the caller watches and answers with
+    /// [`Worker::process_timer`].
+    pub fn with_throttle(mut self, throttle: WorkerThrottle, timer: Timer) -> Self {
+        self.throttle = Some((throttle, timer));
+        self
+    }
+
+    /// The descriptor of the throttle timer, if any.
+    pub fn timer_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.throttle.as_ref().map(|(_, t)| t.as_raw_fd())
+    }
+
+    /// Whether the worker may take chains from its queues now (see the module docs).
+    #[inline]
+    fn gate_open(&self) -> bool {
+        self.held.is_none()
     }
 
     /// Records the chains it takes in the area published in `shared` (when the frontend shares
@@ -246,7 +296,9 @@ impl<B: BlockIo> Worker<B> {
                 }
             }
             self.pop_requests(vring, index, &mem, dev);
-            if !event_idx {
+            if !event_idx || !self.gate_open() {
+                // With the gate closed, chains stay in the ring (and notifications off, with
+                // EVENT_IDX) until the gate reopens and the worker comes back for them.
                 break;
             }
             // Re-enable notifications; if the driver added chains meanwhile, go round again
@@ -277,6 +329,9 @@ impl<B: BlockIo> Worker<B> {
     /// ring (GET_VRING_BASE). Requests of this thread's other queues that finish meanwhile are
     /// completed too.
     pub fn stop_queue(&mut self, index: usize) {
+        if self.held.as_ref().is_some_and(|h| h.queue == index) {
+            self.release_held();
+        }
         let vrings = std::mem::take(&mut self.vrings);
         while self.queue_in_flight(index) > 0 {
             if self.io.in_flight() == 0 {
@@ -299,9 +354,75 @@ impl<B: BlockIo> Worker<B> {
         }
     }
 
+    /// Handles the throttle timer: submits the held chain once its time has come, then takes
+    /// chains from every ready queue again until the gate closes.
+    pub fn process_timer(&mut self, vrings: &[Vring], event_idx: bool, dev: &DeviceInfo) {
+        self.remember_vrings(vrings);
+        if let Some((_, timer)) = &mut self.throttle {
+            timer.clear();
+        }
+        let Some(held) = &self.held else {
+            return;
+        };
+        let now = Instant::now();
+        if now < held.until {
+            // Early (a timer armed for an older wait): wait for the rest.
+            let rest = held.until - now;
+            if let Some((_, timer)) = &mut self.throttle {
+                if timer.arm(rest).is_ok() {
+                    return;
+                }
+            }
+        }
+        self.release_held();
+        for index in 0..vrings.len() {
+            if !self.gate_open() {
+                break;
+            }
+            let ready = {
+                let state = vrings[index].get_ref();
+                state.is_enabled() && state.get_queue().ready()
+            };
+            if ready {
+                self.process_queue(vrings, index, event_idx, dev);
+            }
+        }
+        self.reap(vrings, false);
+        self.notify(vrings);
+        self.publish_metrics();
+    }
+
+    /// Reads the throttle timer's expiry, so that its descriptor stops firing.
+    pub fn clear_timer(&mut self) {
+        if let Some((_, timer)) = &mut self.throttle {
+            timer.clear();
+        }
+    }
+
+    /// Submits the held chain now and counts the time it waited.
+    fn release_held(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        let waited = held.taken.elapsed();
+        if let Some(metrics) = &self.metrics {
+            metrics.add_throttled(waited);
+        }
+        let Some(vring) = self.vrings.get(held.queue).cloned() else {
+            warn!(queue = held.queue, "A held request's queue is gone");
+            return;
+        };
+        let mem = self.mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        self.start_chain(&mut state, held.queue, held.head, &mem, &held.dev, true);
+    }
+
     /// Completes every request in flight on every queue of this worker to the used rings and
     /// notifies the guest (see [`crate::backend::BlkBackend::quiesce`]).
     pub fn quiesce(&mut self) {
+        if let Some(queue) = self.held.as_ref().map(|h| h.queue) {
+            self.stop_queue(queue);
+        }
         for index in 0..self.in_flight_per_queue.len() {
             if self.queue_in_flight(index) > 0 {
                 self.stop_queue(index);
@@ -315,7 +436,8 @@ impl<B: BlockIo> Worker<B> {
         let Some(metrics) = &self.metrics else {
             return;
         };
-        let in_flight: u32 = self.in_flight_per_queue.iter().sum();
+        let in_flight =
+            self.in_flight_per_queue.iter().sum::<u32>() + u32::from(self.held.is_some());
         metrics.set_in_flight(u64::from(in_flight));
         let stats = self.io.cache_stats();
         if stats != self.cache_published {
@@ -339,20 +461,24 @@ impl<B: BlockIo> Worker<B> {
         dev: &DeviceInfo,
     ) {
         let mut state = vring.get_mut();
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) {
+        while self.gate_open() {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else {
+                break;
+            };
             let head = chain.head_index();
             // Recorded before the request has any effect, so that if this process dies from
             // here on, the next one resubmits the chain.
             if let Some(tracker) = self.tracker_mut(index) {
                 tracker.taken(head);
             }
-            self.start_chain(&mut state, index, head, mem, dev);
+            self.start_chain(&mut state, index, head, mem, dev, false);
         }
     }
 
     /// Prepares the chain of `head` on local queue `index` and submits it, or answers it at
-    /// once. For chains just taken from the available ring and for chains resubmitted after a
-    /// reconnect alike.
+    /// once, or holds it when the export's limits say it must wait (unless `admitted`: it
+    /// waited already, or is resubmitted after a reconnect). For chains just taken from the
+    /// available ring and for chains resubmitted after a reconnect alike.
     fn start_chain(
         &mut self,
         state: &mut RingState,
@@ -360,6 +486,7 @@ impl<B: BlockIo> Worker<B> {
         head: u16,
         mem: &Arc<GuestMemoryMmap>,
         dev: &DeviceInfo,
+        admitted: bool,
     ) {
         let started = self.metrics.is_some().then(Instant::now);
         let queue = state.get_queue();
@@ -401,6 +528,33 @@ impl<B: BlockIo> Worker<B> {
             Prepared::Discard { status } => (Op::Discard, 1, status, self.ranges_bytes()),
             Prepared::WriteZeroes { status } => (Op::WriteZeroes, 1, status, self.ranges_bytes()),
         };
+        if !admitted {
+            if let Some((throttle, timer)) = &mut self.throttle {
+                let wait_ns = match op {
+                    Op::Read(_) => throttle.admit(false, bytes),
+                    Op::Write(_) | Op::WriteZeroes => throttle.admit(true, bytes),
+                    Op::Flush | Op::Discard => 0,
+                };
+                if wait_ns > 0 {
+                    let now = Instant::now();
+                    let wait = std::time::Duration::from_nanos(wait_ns);
+                    match timer.arm(wait) {
+                        Ok(()) => {
+                            self.held = Some(Held {
+                                queue: index,
+                                head,
+                                dev: dev.clone(),
+                                taken: now,
+                                until: now + wait,
+                            });
+                            return;
+                        }
+                        // Without a timer the request cannot wait: it goes now.
+                        Err(e) => warn!("Cannot arm the throttle timer: {e}"),
+                    }
+                }
+            }
+        }
 
         let slot = match self.free.pop() {
             Some(slot) => slot,
@@ -573,7 +727,7 @@ impl<B: BlockIo> Worker<B> {
         }
         state.get_queue_mut().set_next_avail(next_avail);
         for head in resubmit {
-            self.start_chain(&mut state, index, head, mem, dev);
+            self.start_chain(&mut state, index, head, mem, dev, true);
         }
         drop(state);
         // In case the previous daemon died between returning a chain and notifying the guest.
@@ -1375,7 +1529,7 @@ mod tests {
     }
 
     fn metrics() -> (Metrics, Arc<ShardMetrics>) {
-        let mut metrics = Metrics::new();
+        let metrics = Metrics::new();
         let export = metrics.add_export(
             ExportLabels {
                 export: "/run/test.sock".into(),

@@ -53,6 +53,10 @@ pub struct ShardSnapshot {
     pub in_flight: u64,
     /// Cache lookups so far.
     pub cache: CacheStats,
+    /// Time requests waited under the I/O limits.
+    pub throttled_seconds: f64,
+    /// Requests that waited under the I/O limits.
+    pub throttled: u64,
 }
 
 /// One export.
@@ -260,6 +264,25 @@ impl Collector for Snapshot {
             }
         }
 
+        let mut family = encoder.encode_descriptor(
+            "qcow2d_throttled",
+            "Time requests waited under the export's I/O limits before they started",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+        )?;
+        for export in exports {
+            let labels = [("export", export.labels.export.as_str())];
+            let seconds: f64 = export.shards.iter().map(|s| s.throttled_seconds).sum();
+            ConstCounter::new(seconds).encode(family.encode_family(&labels)?)?;
+        }
+        export_counter(
+            &mut encoder,
+            "qcow2d_throttled_requests",
+            "Requests that waited under the export's I/O limits",
+            exports,
+            |e| e.shards.iter().map(|s| s.throttled).sum(),
+        )?;
+
         export_counter(
             &mut encoder,
             "qcow2d_l2_cache_hits",
@@ -386,6 +409,8 @@ mod tests {
             ("qcow2d_request_duration_quantile_seconds", "gauge"),
             ("qcow2d_requests_in_flight", "gauge"),
             ("qcow2d_shard_queue_depth", "gauge"),
+            ("qcow2d_throttled_seconds_total", "counter"),
+            ("qcow2d_throttled_requests_total", "counter"),
             ("qcow2d_l2_cache_hits_total", "counter"),
             ("qcow2d_l2_cache_misses_total", "counter"),
             ("qcow2d_decompressed_cache_hits_total", "counter"),

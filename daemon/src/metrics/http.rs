@@ -258,7 +258,7 @@ mod tests {
     }
 
     fn server() -> (std::net::SocketAddr, Arc<Metrics>) {
-        let mut metrics = Metrics::new();
+        let metrics = Metrics::new();
         let export = metrics.add_export(
             ExportLabels {
                 export: "/run/t.sock".into(),

@@ -25,7 +25,7 @@ pub mod hdr;
 pub mod http;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::block_io::CacheStats;
@@ -165,6 +165,9 @@ pub struct ShardMetrics {
     l2_misses: AtomicU64,
     decompressed_hits: AtomicU64,
     decompressed_misses: AtomicU64,
+    /// Time requests waited under the export's I/O limits, and how many waited.
+    throttled_ns: AtomicU64,
+    throttled: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -177,7 +180,16 @@ impl ShardMetrics {
             l2_misses: AtomicU64::new(0),
             decompressed_hits: AtomicU64::new(0),
             decompressed_misses: AtomicU64::new(0),
+            throttled_ns: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
         }
+    }
+
+    /// Counts a request that waited `waited` under the I/O limits before it started.
+    pub fn add_throttled(&self, waited: Duration) {
+        let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.throttled_ns.fetch_add(ns, Ordering::Relaxed);
+        self.throttled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one request returned to the guest: its operation, whether it succeeded, its
@@ -264,12 +276,19 @@ impl ExportMetrics {
     pub fn shard(&self, index: usize) -> Option<Arc<ShardMetrics>> {
         self.shards.get(index).cloned()
     }
+
+    /// Reads every counter of this export now.
+    pub fn snapshot(&self) -> exposition::ExportSnapshot {
+        snapshot_export(self)
+    }
 }
 
-/// Every export's metrics: what a scrape reads.
+/// Every export's metrics: what a scrape reads. Exports come and go at run time (the control
+/// socket, a reload); the list is behind a mutex that only the supervisor (adding, removing)
+/// and the scraper take, never a worker.
 #[derive(Default)]
 pub struct Metrics {
-    exports: Vec<Arc<ExportMetrics>>,
+    exports: Mutex<Vec<Arc<ExportMetrics>>>,
 }
 
 impl Metrics {
@@ -278,17 +297,27 @@ impl Metrics {
         Self::default()
     }
 
+    fn list(&self) -> MutexGuard<'_, Vec<Arc<ExportMetrics>>> {
+        self.exports.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Adds an export; returns its metrics for its workers.
-    pub fn add_export(&mut self, labels: ExportLabels, shards: usize) -> Arc<ExportMetrics> {
+    pub fn add_export(&self, labels: ExportLabels, shards: usize) -> Arc<ExportMetrics> {
         let export = Arc::new(ExportMetrics::new(labels, shards));
-        self.exports.push(Arc::clone(&export));
+        self.list().push(Arc::clone(&export));
         export
+    }
+
+    /// Removes an export's metrics (it stopped).
+    pub fn remove_export(&self, export: &Arc<ExportMetrics>) {
+        self.list().retain(|e| !Arc::ptr_eq(e, export));
     }
 
     /// Reads every counter now.
     pub fn snapshot(&self) -> exposition::Snapshot {
+        let exports = self.list().clone();
         exposition::Snapshot {
-            exports: self.exports.iter().map(|e| snapshot_export(e)).collect(),
+            exports: exports.iter().map(|e| snapshot_export(e)).collect(),
         }
     }
 
@@ -333,6 +362,8 @@ fn snapshot_export(export: &ExportMetrics) -> exposition::ExportSnapshot {
                 decompressed_hits: s.decompressed_hits.load(Ordering::Relaxed),
                 decompressed_misses: s.decompressed_misses.load(Ordering::Relaxed),
             },
+            throttled_seconds: s.throttled_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            throttled: s.throttled.load(Ordering::Relaxed),
         })
         .collect();
     exposition::ExportSnapshot {
@@ -373,7 +404,7 @@ mod tests {
 
     #[test]
     fn records_merge_over_workers() {
-        let mut metrics = Metrics::new();
+        let metrics = Metrics::new();
         let export = metrics.add_export(
             ExportLabels {
                 export: "/run/a.sock".into(),

@@ -1,0 +1,533 @@
+//! The control socket through the real daemon and `qcow2d ctl`: list, add, remove (with and
+//! without a client), I/O limits measured against their settings (one export, a group of two),
+//! and SIGHUP reloads of the config file.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a rate is measured.
+const MEASURE: Duration = Duration::from_secs(10);
+
+fn ctl(control: &Path, args: &[&str]) -> CmdOutput {
+    let mut cmd = Command::new(daemon_bin());
+    cmd.arg("ctl").arg("--control").arg(control).args(args);
+    run_cmd(&mut cmd, Duration::from_secs(60))
+}
+
+fn ctl_ok(control: &Path, args: &[&str]) -> String {
+    let out = ctl(control, args);
+    assert!(
+        out.status.success(),
+        "qcow2d ctl {args:?} failed ({}):\n{}{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    out.stdout
+}
+
+/// `ctl ARGS` must fail; returns its stderr.
+fn ctl_err(control: &Path, args: &[&str]) -> String {
+    let out = ctl(control, args);
+    assert!(
+        !out.status.success(),
+        "qcow2d ctl {args:?} succeeded:\n{}",
+        out.stdout
+    );
+    out.stderr
+}
+
+fn list(control: &Path) -> Vec<Value> {
+    let text = ctl_ok(control, &["list", "--json"]);
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    v["exports"].as_array().cloned().unwrap_or_default()
+}
+
+fn export_of(exports: &[Value], socket: &Path) -> Option<Value> {
+    exports
+        .iter()
+        .find(|e| e["socket"].as_str() == Some(&socket.display().to_string()))
+        .cloned()
+}
+
+/// One raw request line on a fresh connection; the answer line.
+fn raw_request(control: &Path, line: &[u8]) -> Value {
+    let stream = UnixStream::connect(control).expect("connect to the control socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let _ = w.write_all(line);
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+}
+
+fn image_with(s: &Scratch, name: &str, byte: u8) -> PathBuf {
+    let img = s.join(name);
+    create_qcow2(&img, 64 * MIB, "");
+    write_pattern(&img, "qcow2", byte, 0, 4 * MIB);
+    img
+}
+
+/// Reads 4 KiB (or `len` bytes) requests through `socket` for [`MEASURE`] with 8 in flight;
+/// returns the requests completed per second.
+fn measure_rate(socket: &Path, len: usize) -> Result<f64, String> {
+    blk_session(socket, 1, Duration::from_secs(120), move |c| {
+        let start = Instant::now();
+        let mut done = 0u64;
+        let mut at = 0u64;
+        while start.elapsed() < MEASURE {
+            let reqs: Vec<ReadReq> = (0..16)
+                .map(|_| {
+                    at = (at + len as u64) % (4 * MIB);
+                    (at, len)
+                })
+                .collect();
+            for r in c.read_batch(&reqs)? {
+                r?;
+            }
+            done += reqs.len() as u64;
+        }
+        Ok(done as f64 / start.elapsed().as_secs_f64())
+    })
+}
+
+fn assert_near(what: &str, measured: f64, limit: f64) {
+    let ratio = measured / limit;
+    eprintln!("{what}: limit {limit:.0}/s, measured {measured:.1}/s ({ratio:.3} of the limit)");
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "{what}: measured {measured:.1}/s against a limit of {limit:.0}/s"
+    );
+}
+
+/// Holds a read-write client connected to `socket` (after writing 4 KiB of 0x5a at 1 MiB)
+/// until the sender is dropped.
+fn hold_client(socket: &Path) -> (mpsc::Sender<()>, thread::JoinHandle<Result<(), String>>) {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let socket = socket.to_path_buf();
+    let handle = thread::spawn(move || {
+        let mut c = RwClient::connect(&socket, 1)?;
+        c.run_ok(&[
+            BlkOp::Write {
+                off: MIB,
+                data: vec![0x5a; 4096],
+            },
+            BlkOp::Flush,
+        ])?;
+        let _ = ready_tx.send(());
+        let _ = release_rx.recv();
+        drop(c);
+        Ok(())
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the client connects and writes");
+    (release_tx, handle)
+}
+
+#[test]
+fn add_list_remove_through_the_daemon() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-add");
+    let a = image_with(&s, "a.qcow2", 0xa1);
+    let b = image_with(&s, "b.qcow2", 0xb2);
+    let (a_sock, b_sock, c_sock) = (s.socket("a.sock"), s.socket("b.sock"), s.socket("c.sock"));
+    let control = s.socket("ctl.sock");
+    let control_arg = control.display().to_string();
+    let mut d = Daemon::start_writable(&a, &a_sock, &["--control", &control_arg, "--queues", "2"])
+        .unwrap_or_else(|f| panic!("{f}"));
+
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode");
+
+    let exports = list(&control);
+    assert_eq!(exports.len(), 1, "{exports:?}");
+    let e = &exports[0];
+    assert_eq!(e["image"], a.display().to_string());
+    assert_eq!(e["read_only"], false);
+    assert_eq!(e["size"], 64 * MIB);
+    assert_eq!(e["queues"], 2);
+    assert_eq!(e["client"], Value::Null);
+    assert_eq!(e["in_flight"], 0);
+    assert_eq!(e["limits"], serde_json::json!({}));
+    assert!(e["ops"]["read"]["requests"].is_u64(), "{e}");
+
+    // Bad requests get an error answer and change nothing.
+    for (line, want) in [
+        (&b"not json\n"[..], "Malformed request"),
+        (b"{\"command\":\"format\"}\n", "Unknown command"),
+        (b"{\"command\":\"remove\"}\n", "Invalid request"),
+        (
+            b"{\"command\":\"remove\",\"socket\":\"/nope\"}\n",
+            "No export on /nope",
+        ),
+    ] {
+        let answer = raw_request(&control, line);
+        assert_eq!(answer["ok"], false, "{answer}");
+        assert!(answer["error"].as_str().unwrap().contains(want), "{answer}");
+    }
+    let mut big = vec![b' '; 70 * 1024];
+    big.push(b'\n');
+    let answer = raw_request(&control, &big);
+    assert!(
+        answer["error"].as_str().unwrap().contains("longer than"),
+        "{answer}"
+    );
+    d.assert_alive("after bad control requests");
+    assert_eq!(list(&control).len(), 1);
+
+    // Add a second export while the first serves a client.
+    let (release, holder) = hold_client(&a_sock);
+    ctl_ok(
+        &control,
+        &[
+            "add",
+            "--image",
+            &b.display().to_string(),
+            "--socket",
+            &b_sock.display().to_string(),
+            "--read-only",
+            "--serial",
+            "bee",
+            "--queues",
+            "1",
+        ],
+    );
+    let data = blk_session(&b_sock, 1, READ_TIMEOUT, |c| {
+        c.read_batch(&[(0, 65536)])?.remove(0)
+    })
+    .unwrap();
+    assert!(
+        data.iter().all(|&x| x == 0xb2),
+        "the added export serves its image"
+    );
+    let exports = list(&control);
+    assert_eq!(exports.len(), 2);
+    let eb = export_of(&exports, &b_sock).expect("b is listed");
+    assert_eq!(eb["read_only"], true);
+    assert_eq!(eb["serial"], "bee");
+    assert_eq!(eb["ops"]["read"]["requests"], 1);
+    assert_eq!(eb["ops"]["read"]["bytes"], 65536);
+    let ea = export_of(&exports, &a_sock).unwrap();
+    assert_eq!(ea["client"]["pid"], std::process::id(), "{ea}");
+    assert_eq!(ea["ops"]["write"]["requests"], 1);
+
+    // Failures name the cause and leave nothing behind.
+    let missing = s.join("missing.qcow2");
+    let err = ctl_err(
+        &control,
+        &[
+            "add",
+            "--image",
+            &missing.display().to_string(),
+            "--socket",
+            &c_sock.display().to_string(),
+        ],
+    );
+    assert!(err.contains("missing.qcow2"), "{err}");
+    assert!(!c_sock.exists(), "no socket left behind");
+    let err = ctl_err(
+        &control,
+        &[
+            "add",
+            "--image",
+            &a.display().to_string(),
+            "--socket",
+            &c_sock.display().to_string(),
+        ],
+    );
+    assert!(
+        err.to_lowercase().contains("lock"),
+        "the image is in use: {err}"
+    );
+    assert!(!c_sock.exists(), "no socket left behind");
+    let err = ctl_err(
+        &control,
+        &[
+            "add",
+            "--image",
+            &b.display().to_string(),
+            "--socket",
+            &a_sock.display().to_string(),
+            "--read-only",
+        ],
+    );
+    assert!(err.contains("already"), "{err}");
+    let err = ctl_err(
+        &control,
+        &[
+            "add",
+            "--image",
+            &b.display().to_string(),
+            "--socket",
+            &c_sock.display().to_string(),
+            "--queues",
+            "0",
+        ],
+    );
+    assert!(err.contains("Queue count"), "{err}");
+    assert_eq!(list(&control).len(), 2);
+
+    // Remove refuses while a client is connected, unless forced.
+    let err = ctl_err(&control, &["remove", &a_sock.display().to_string()]);
+    assert!(err.contains("client connected"), "{err}");
+    assert!(a_sock.exists());
+    ctl_ok(
+        &control,
+        &["remove", &a_sock.display().to_string(), "--force"],
+    );
+    assert!(!a_sock.exists(), "the socket is removed");
+    drop(release);
+    let _ = holder.join();
+    // Closed cleanly: no lock held, dirty bit clear, the write is there.
+    assert!(!dirty_bit(&a));
+    assert_check_clean(&a, "after remove --force");
+    let raw = oracle(&a);
+    assert!(raw[MIB as usize..MIB as usize + 4096]
+        .iter()
+        .all(|&x| x == 0x5a));
+
+    ctl_ok(&control, &["remove", &b_sock.display().to_string()]);
+    assert!(!b_sock.exists());
+    assert!(list(&control).is_empty());
+    let text = ctl_ok(&control, &["list"]);
+    assert!(text.contains("No exports"), "{text}");
+    d.assert_alive("with no exports left (the control socket keeps it running)");
+
+    // The image is free again: added back, served, and closed cleanly at exit.
+    ctl_ok(
+        &control,
+        &[
+            "add",
+            "--image",
+            &a.display().to_string(),
+            "--socket",
+            &a_sock.display().to_string(),
+        ],
+    );
+    let data = blk_session(&a_sock, 1, READ_TIMEOUT, |c| {
+        c.read_batch(&[(MIB, 4096)])?.remove(0)
+    })
+    .unwrap();
+    assert!(data.iter().all(|&x| x == 0x5a));
+    let status = d.terminate();
+    assert!(status.success(), "{status}");
+    assert!(!control.exists(), "the control socket is removed at exit");
+    assert_check_clean(&a, "after exit");
+}
+
+#[test]
+fn an_iops_limit_and_a_bps_limit_hold_their_rates() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-limit");
+    let a = image_with(&s, "a.qcow2", 0xa1);
+    let sock = s.socket("a.sock");
+    let control = s.socket("ctl.sock");
+    let control_arg = control.display().to_string();
+    let _d = Daemon::start_with(
+        &a,
+        &sock,
+        &["--control", &control_arg, "--iops-total", "500"],
+    )
+    .unwrap_or_else(|f| panic!("{f}"));
+    let e = export_of(&list(&control), &sock).unwrap();
+    assert_eq!(e["limits"], serde_json::json!({"iops_total": 500}));
+
+    let rate = measure_rate(&sock, 4096).unwrap();
+    assert_near("iops_total 500, 4 KiB reads", rate, 500.0);
+    let e = export_of(&list(&control), &sock).unwrap();
+    assert!(e["throttled_seconds"].as_f64().unwrap() > 1.0, "{e}");
+    assert!(e["throttled_requests"].as_u64().unwrap() > 1000, "{e}");
+
+    // At run time: 2 MiB/s of 64 KiB reads is 32 requests per second.
+    ctl_ok(
+        &control,
+        &[
+            "limit",
+            &sock.display().to_string(),
+            "--bps-read",
+            "2097152",
+        ],
+    );
+    let e = export_of(&list(&control), &sock).unwrap();
+    assert_eq!(e["limits"], serde_json::json!({"bps_read": 2097152}));
+    let rate = measure_rate(&sock, 65536).unwrap();
+    assert_near("bps_read 2 MiB/s, 64 KiB reads", rate * 65536.0, 2097152.0);
+
+    let err = ctl_err(
+        &control,
+        &[
+            "limit",
+            &sock.display().to_string(),
+            "--iops-total",
+            "5",
+            "--iops-read",
+            "5",
+        ],
+    );
+    assert!(err.contains("cannot be used together"), "{err}");
+    ctl_ok(&control, &["limit", &sock.display().to_string(), "--none"]);
+    let e = export_of(&list(&control), &sock).unwrap();
+    assert_eq!(e["limits"], serde_json::json!({}));
+    assert_eq!(e["group"], Value::Null);
+}
+
+#[test]
+fn a_group_shares_its_limit_fairly() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-group");
+    let a = image_with(&s, "a.qcow2", 0xa1);
+    let b = image_with(&s, "b.qcow2", 0xb2);
+    let (a_sock, b_sock) = (s.socket("a.sock"), s.socket("b.sock"));
+    let control = s.socket("ctl.sock");
+    let config = s.join("q.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control = \"{}\"\n\
+             [[export]]\nimage = \"{}\"\nsocket = \"{}\"\nread_only = true\n\
+             group = \"tenant\"\niops_total = 400\n\
+             [[export]]\nimage = \"{}\"\nsocket = \"{}\"\nread_only = true\ngroup = \"tenant\"\n",
+            control.display(),
+            a.display(),
+            a_sock.display(),
+            b.display(),
+            b_sock.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(daemon_bin());
+    cmd.arg("serve").arg("--config").arg(&config);
+    let _d = Daemon::spawn(cmd, &a, &a_sock).unwrap_or_else(|f| panic!("{f}"));
+    let exports = list(&control);
+    for sock in [&a_sock, &b_sock] {
+        let e = export_of(&exports, sock).unwrap();
+        assert_eq!(e["group"], "tenant");
+        assert_eq!(e["limits"], serde_json::json!({"iops_total": 400}));
+    }
+    let (sa, sb) = (a_sock.clone(), b_sock.clone());
+    let ta = thread::spawn(move || measure_rate(&sa, 4096));
+    let tb = thread::spawn(move || measure_rate(&sb, 4096));
+    let ra = ta.join().unwrap().unwrap();
+    let rb = tb.join().unwrap().unwrap();
+    eprintln!("group tenant, iops_total 400: export a {ra:.1}/s, export b {rb:.1}/s");
+    assert_near("group of two, together", ra + rb, 400.0);
+    let share = ra / (ra + rb);
+    assert!((0.4..=0.6).contains(&share), "a's share {share:.3}");
+
+    // Setting the group's limits through one export changes them for both.
+    ctl_ok(
+        &control,
+        &[
+            "limit",
+            &b_sock.display().to_string(),
+            "--iops-total",
+            "100",
+        ],
+    );
+    let exports = list(&control);
+    for sock in [&a_sock, &b_sock] {
+        assert_eq!(
+            export_of(&exports, sock).unwrap()["limits"],
+            serde_json::json!({"iops_total": 100})
+        );
+    }
+}
+
+fn write_config(path: &Path, control: &Path, exports: &[(&Path, &Path, &str)]) {
+    let mut text = format!("control = \"{}\"\n", control.display());
+    for (image, socket, extra) in exports {
+        text.push_str(&format!(
+            "[[export]]\nimage = \"{}\"\nsocket = \"{}\"\nread_only = true\n{extra}",
+            image.display(),
+            socket.display()
+        ));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// Polls `ctl list` until `done` holds (at most 30 s).
+fn wait_for_list(control: &Path, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let exports = list(control);
+        if done(&exports) {
+            return exports;
+        }
+        assert!(Instant::now() < deadline, "{what}: {exports:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sighup_applies_the_config_difference() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-hup");
+    let a = image_with(&s, "a.qcow2", 0xa1);
+    let b = image_with(&s, "b.qcow2", 0xb2);
+    let (a_sock, b_sock) = (s.socket("a.sock"), s.socket("b.sock"));
+    let control = s.socket("ctl.sock");
+    let config = s.join("q.toml");
+    write_config(&config, &control, &[(&a, &a_sock, "iops_total = 1000\n")]);
+    let mut cmd = Command::new(daemon_bin());
+    cmd.arg("serve").arg("--config").arg(&config);
+    let mut d = Daemon::spawn(cmd, &a, &a_sock).unwrap_or_else(|f| panic!("{f}"));
+    let hup = |d: &Daemon| {
+        // SAFETY: kill(2) on our own child's pid; no memory involved.
+        assert_eq!(unsafe { libc::kill(d.pid(), libc::SIGHUP) }, 0);
+    };
+
+    // An export added to the file, another's limits changed.
+    write_config(
+        &config,
+        &control,
+        &[
+            (&a, &a_sock, "iops_total = 200\niops_total_max = 400\n"),
+            (&b, &b_sock, ""),
+        ],
+    );
+    hup(&d);
+    let exports = wait_for_list(&control, "b added", |e| e.len() == 2);
+    assert_eq!(
+        export_of(&exports, &a_sock).unwrap()["limits"],
+        serde_json::json!({"iops_total": 200, "iops_total_max": 400})
+    );
+    let data = blk_session(&b_sock, 1, READ_TIMEOUT, |c| {
+        c.read_batch(&[(0, 4096)])?.remove(0)
+    })
+    .unwrap();
+    assert!(data.iter().all(|&x| x == 0xb2));
+
+    // A broken file changes nothing.
+    std::fs::write(&config, "[[export]]\nimage = 3\n").unwrap();
+    hup(&d);
+    thread::sleep(Duration::from_millis(300));
+    d.assert_alive("after reloading a broken config file");
+    assert_eq!(list(&control).len(), 2);
+
+    // An export removed from the file, limits removed.
+    write_config(&config, &control, &[(&a, &a_sock, "")]);
+    hup(&d);
+    let exports = wait_for_list(&control, "b removed", |e| e.len() == 1);
+    assert!(!b_sock.exists());
+    assert_eq!(
+        export_of(&exports, &a_sock).unwrap()["limits"],
+        serde_json::json!({})
+    );
+    d.assert_alive("after the reloads");
+    let status = d.terminate();
+    assert!(status.success(), "{status}");
+}
