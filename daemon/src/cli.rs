@@ -221,14 +221,14 @@ pub struct CtlAddArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file listing the exports ([[export]] tables with image, socket, read_only,
-    /// writethrough, lazy_refcounts, direct, queues, serial; optional top-level shards and
-    /// metrics).
+    /// writethrough, lazy_refcounts, direct, queues, serial, overlap_check; optional top-level
+    /// shards, metrics and overlap_check).
     #[arg(
         long,
         value_name = "FILE",
         conflicts_with_all = [
             "image", "socket", "read_only", "writethrough", "lazy_refcounts", "direct", "queues",
-            "shards", "serial",
+            "shards", "serial", "overlap_check",
         ]
     )]
     pub config: Option<PathBuf>,
@@ -282,6 +282,14 @@ pub struct ServeArgs {
     /// Serial number reported to the guest (at most 20 bytes) [default: image file name].
     #[arg(long, value_name = "STR")]
     pub serial: Option<String>,
+
+    /// Which metadata every write is checked against before it reaches the image (QEMU's
+    /// overlap-check): none, constant (header, L1 and refcount tables, snapshot table, bitmap
+    /// directory), cached (also L2 tables, refcount blocks, snapshot L1 and bitmap tables)
+    /// or all (also snapshot L2 tables, read at open). A write that would land on metadata
+    /// fails and the image is marked corrupt [default: cached].
+    #[arg(long, value_name = "MODE")]
+    pub overlap_check: Option<qcow2d_engine::OverlapCheck>,
 
     /// Serve Prometheus metrics on http://ADDR/metrics (ADDR is IP:PORT, e.g. 127.0.0.1:9187;
     /// port 0 picks a free port). Overrides a config file's `metrics`.
@@ -398,6 +406,21 @@ mod tests {
         assert!(parse(&["--direct"]).unwrap().direct);
         assert!(parse(&["--direct", "--read-only"]).unwrap().direct);
         assert!(Cli::try_parse_from(["qcow2d", "serve", "--config", "c", "--direct"]).is_err());
+        assert_eq!(parse(&[]).unwrap().overlap_check, None);
+        assert_eq!(
+            parse(&["--overlap-check", "all"]).unwrap().overlap_check,
+            Some(qcow2d_engine::OverlapCheck::All)
+        );
+        assert!(parse(&["--overlap-check", "some"]).is_err());
+        assert!(Cli::try_parse_from([
+            "qcow2d",
+            "serve",
+            "--config",
+            "c",
+            "--overlap-check",
+            "none"
+        ])
+        .is_err());
         // Meaningless on a read-only export, and not with a config file.
         assert!(parse(&["--read-only", "--writethrough"]).is_err());
         assert!(parse(&["--read-only", "--lazy-refcounts"]).is_err());

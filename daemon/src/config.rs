@@ -7,6 +7,7 @@
 //! shards = 4              # optional: worker threads (engine shards) per export
 //! metrics = "127.0.0.1:9187"  # optional: serve Prometheus metrics on http://ADDR/metrics
 //! control = "/run/qcow2d/control.sock"  # optional: the control socket (`qcow2d ctl`)
+//! overlap_check = "cached"    # optional: default of every export (see below)
 //!
 //! [[export]]
 //! image = "/var/lib/images/vm1.qcow2"
@@ -21,6 +22,7 @@
 //! iops_total_max = 2000   #   iops_write, bps_total, bps_read, bps_write, each with _max
 //! iops_total_max_length = 5  # (burst rate) and _max_length (burst seconds)
 //! group = "tenant1"       # optional: share the limits with the group's other exports
+//! overlap_check = "all"   # optional: none | constant | cached | all, default "cached"
 //! ```
 //!
 //! Each worker thread owns one engine shard. The shards of a writable image share out its L2
@@ -35,6 +37,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use qcow2d_engine::OverlapCheck;
 use serde::Deserialize;
 
 use crate::throttle::Limits;
@@ -159,6 +162,8 @@ pub struct ExportConfig {
     pub limits: Limits,
     /// The throttle group whose limits the export shares.
     pub group: Option<String>,
+    /// Which metadata every write is checked against.
+    pub overlap_check: OverlapCheck,
 }
 
 /// Everything `qcow2d serve` needs.
@@ -197,6 +202,8 @@ pub struct RawExport {
     pub limits: Limits,
     /// `group` / `--group`.
     pub group: Option<String>,
+    /// `overlap_check` / `--overlap-check`.
+    pub overlap_check: Option<OverlapCheck>,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +212,7 @@ struct FileConfig {
     shards: Option<u64>,
     metrics: Option<String>,
     control: Option<PathBuf>,
+    overlap_check: Option<OverlapCheck>,
     #[serde(default)]
     export: Vec<FileExport>,
 }
@@ -224,6 +232,7 @@ struct FileExport {
     direct: bool,
     queues: Option<u64>,
     serial: Option<String>,
+    overlap_check: Option<OverlapCheck>,
     group: Option<String>,
     #[serde(default)]
     iops_total: u64,
@@ -373,6 +382,7 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
             direct: e.direct,
             queues: e.queues,
             serial: e.serial,
+            overlap_check: e.overlap_check.or(file.overlap_check),
         };
         let export = validate(raw, file.shards, cpus, &origin)?;
         if !sockets.insert(export.socket.clone()) {
@@ -521,6 +531,8 @@ pub fn validate(
         queues,
         shards,
         serial,
+        // QEMU's default: what is known without reading tables from the disk.
+        overlap_check: raw.overlap_check.unwrap_or_default(),
     })
 }
 
@@ -587,6 +599,7 @@ socket = "sockets/b.sock"
                 serial: "disk-a".into(),
                 limits: Limits::default(),
                 group: None,
+                overlap_check: OverlapCheck::Cached,
             }
         );
         let b = &cfg.exports[1];
@@ -669,6 +682,35 @@ socket = "sockets/b.sock"
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn overlap_check_option() {
+        let cfg = parse_ok("[[export]]\nimage = \"a\"\nsocket = \"s\"\n");
+        assert_eq!(
+            cfg.exports[0].overlap_check,
+            OverlapCheck::Cached,
+            "QEMU's default"
+        );
+        // Top level: the default of every export; an export's own key wins.
+        let cfg = parse_ok(
+            "overlap_check = \"all\"\n[[export]]\nimage = \"a\"\nsocket = \"s\"\n\
+             [[export]]\nimage = \"b\"\nsocket = \"t\"\noverlap_check = \"none\"\n\
+             [[export]]\nimage = \"c\"\nsocket = \"u\"\noverlap_check = \"constant\"\n",
+        );
+        let modes: Vec<OverlapCheck> = cfg.exports.iter().map(|e| e.overlap_check).collect();
+        assert_eq!(
+            modes,
+            [
+                OverlapCheck::All,
+                OverlapCheck::None,
+                OverlapCheck::Constant
+            ]
+        );
+        let err =
+            parse_err("[[export]]\nimage = \"a\"\nsocket = \"s\"\noverlap_check = \"some\"\n");
+        assert!(err.to_string().contains("line 4"), "{err}");
+        assert!(err.to_string().contains("cached"), "{err}");
     }
 
     #[test]

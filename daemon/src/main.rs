@@ -173,6 +173,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
                 direct: args.direct,
                 queues: args.queues,
                 serial: args.serial,
+                overlap_check: args.overlap_check,
             };
             config::from_command_line(raw, args.shards)?
         }

@@ -214,6 +214,7 @@ fn open_image(export: &ExportConfig) -> Result<Image, qcow2d_engine::Error> {
         read_only: export.read_only,
         lazy_refcounts: export.lazy_refcounts,
         direct: export.direct,
+        overlap_check: export.overlap_check,
         // Inflate workers take the CPUs the shards leave; with a shard per CPU each shard
         // inflates its own clusters, which measured faster (no hand-off to another
         // thread, no more threads than CPUs).
@@ -504,6 +505,8 @@ impl Supervisor {
                     serial,
                     limits,
                     group,
+                    // The default: a config file's top-level key applies to its exports.
+                    overlap_check: None,
                 };
                 let cfg = crate::config::validate(
                     raw,
@@ -854,6 +857,7 @@ fn announce(exports: &[ExportConfig]) {
             queues = e.queues,
             workers = e.shards,
             direct = e.direct,
+            overlap_check = %e.overlap_check,
             "Export ready"
         );
         let _ = writeln!(

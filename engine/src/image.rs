@@ -39,6 +39,10 @@ pub struct OpenOptions {
     /// system that refuses O_DIRECT makes [`Image::open`] fail with
     /// [`ErrorKind::Unsupported`]. Flushes still fdatasync.
     pub direct: bool,
+    /// Which metadata every write to a writable image is checked against (QEMU's
+    /// `overlap-check`); a write that would land on it fails, and the image is marked
+    /// corrupt. The allocator never hands out a cluster of that metadata either.
+    pub overlap_check: crate::OverlapCheck,
 }
 
 impl Default for OpenOptions {
@@ -50,6 +54,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: None,
             inflate_threads: None,
             direct: false,
+            overlap_check: crate::OverlapCheck::default(),
         }
     }
 }
@@ -569,6 +574,7 @@ impl Image {
                 &mut layers[0],
                 &mut reader,
                 opts.lazy_refcounts,
+                opts.overlap_check,
             )?)
         };
         Ok(Image {

@@ -17,12 +17,14 @@ pub mod format;
 pub mod image;
 pub mod io;
 pub mod meta;
+pub mod overlap;
 pub mod shard;
 mod write;
 
 pub use check::{check, CheckReport};
 pub use error::{Error, ErrorKind, IoError};
 pub use image::{Image, ImageInfo, OpenOptions};
+pub use overlap::OverlapCheck;
 pub use shard::{Completion, Shard, ShardConfig};
 
 /// Guest-visible sector size used for alignment checks.

@@ -10,10 +10,11 @@ use crate::error::{Error, ErrorKind};
 use crate::format::{autoclear, compat, incompat, Header};
 use crate::image::{Layer, LayerKind};
 use crate::io::BlockingReader;
-use crate::meta::Refcounts;
+use crate::meta::{class, MetaMap, Refcounts};
+use crate::overlap::{FixedRanges, Hit, OverlapCheck};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Largest amount of refcount metadata loaded into memory.
 const MAX_REFCOUNT_MEMORY_BYTES: u64 = 1 << 30;
@@ -58,8 +59,17 @@ pub(crate) struct Writable {
     pub header: Mutex<HeaderState>,
     /// Refcounts are written only at clean close; the dirty bit is set on disk meanwhile.
     pub lazy_refcounts: bool,
-    /// Set when a flush failed: the image takes no more writes.
+    /// Set when a flush failed or corruption was found: the image takes no more writes.
     pub failed: AtomicBool,
+    /// Set when corruption was found (the corrupt bit is set on disk): writes already
+    /// submitted stop too.
+    pub corrupt: AtomicBool,
+    /// The host clusters that hold metadata, tested before every write (see `overlap`).
+    pub meta: Arc<MetaMap>,
+    /// The fixed structures of the map, to name them in messages.
+    fixed: FixedRanges,
+    /// The image's cluster size in bytes.
+    cluster_size: u64,
     /// Length of the image file: clusters reserved past the old end extend it.
     pub file_len: AtomicU64,
     /// Version 3: zero flags exist.
@@ -82,6 +92,7 @@ pub(crate) fn open_writable(
     layer: &mut Layer,
     reader: &mut BlockingReader,
     lazy_refcounts: bool,
+    overlap: OverlapCheck,
 ) -> Result<Writable, Error> {
     let path = layer.path.clone();
     let LayerKind::Qcow2(q) = &mut layer.kind else {
@@ -166,6 +177,8 @@ pub(crate) fn open_writable(
         })?;
         blocks.push(Some(block));
     }
+    let (meta, fixed) = crate::overlap::load(&path, q, &table, file_len, reader, overlap)?;
+    let meta = Arc::new(meta);
     let refcounts = Refcounts::new(
         h.refcount_order,
         h.cluster_bits,
@@ -176,6 +189,7 @@ pub(crate) fn open_writable(
         ),
         blocks,
         file_len,
+        Arc::clone(&meta),
     );
 
     // Header: drop autoclear bits qcow2d does not maintain; set the dirty bit for lazy
@@ -221,6 +235,10 @@ pub(crate) fn open_writable(
         header: Mutex::new(header),
         lazy_refcounts,
         failed: AtomicBool::new(false),
+        corrupt: AtomicBool::new(false),
+        meta,
+        fixed,
+        cluster_size: cs,
         file_len: AtomicU64::new(file_len),
         zero_flag: h.version >= 3,
         block_writer: AtomicU32::new(0),
@@ -259,12 +277,51 @@ impl Writable {
         self.block_writer.load(Ordering::Acquire) == shard as u32 + 1
     }
 
+    /// A write would have landed on metadata (and was refused): marks the image corrupt,
+    /// logging which structure and where.
+    pub(crate) fn overlap_found(&self, layer: &Layer, hit: &Hit) {
+        if self.corrupt.load(Ordering::Relaxed) {
+            return;
+        }
+        self.mark_corrupt(layer, &hit.describe(&self.fixed, self.cluster_size));
+    }
+
+    /// Like [`Writable::overlap`], for the blocking writes of a clean close: an overlap marks
+    /// the image corrupt and is an error.
+    fn refuse_overlap(
+        &self,
+        layer: &Layer,
+        what: &'static str,
+        host: u64,
+        len: u64,
+        own: u8,
+    ) -> Result<(), Error> {
+        match self.overlap(what, host, len, own) {
+            None => Ok(()),
+            Some(hit) => {
+                self.overlap_found(layer, &hit);
+                Err(corrupt(
+                    &layer.path,
+                    hit.describe(&self.fixed, self.cluster_size),
+                ))
+            }
+        }
+    }
+
+    /// Tests a write of `what` (a structure of class `own`, or 0 for guest data) to
+    /// `host..host + len` of the image file against the metadata map.
+    #[inline]
+    pub(crate) fn overlap(&self, what: &'static str, host: u64, len: u64, own: u8) -> Option<Hit> {
+        crate::overlap::check(&self.meta, what, host, len, own)
+    }
+
     /// Records that the image's metadata is corrupt: sets the corrupt bit on disk (so neither
     /// qcow2d nor QEMU writes it again before a repair) and refuses further writes.
     pub(crate) fn mark_corrupt(&self, layer: &Layer, why: &str) {
-        if self.failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        if self.corrupt.swap(true, Ordering::Relaxed) {
             return;
         }
+        self.failed.store(true, Ordering::Relaxed);
         tracing::error!(
             "{}: corrupt metadata ({why}); marking the image corrupt, it takes no more writes",
             layer.path.display()
@@ -320,6 +377,13 @@ pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
     for _ in 0..4 {
         let blocks = rc.take_dirty_blocks();
         for (host, buf) in &blocks {
+            w.refuse_overlap(
+                layer,
+                "a refcount block",
+                *host,
+                buf.len() as u64,
+                class::REFCOUNT_BLOCK,
+            )?;
             io.write_all_at(fd, buf, *host)
                 .map_err(|e| io_err("write refcount blocks", e))?;
         }
@@ -331,6 +395,13 @@ pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
             continue;
         };
         let (toff, tclusters) = table.location;
+        w.refuse_overlap(
+            layer,
+            "the refcount table",
+            toff,
+            table.bytes.len() as u64,
+            class::REFCOUNT_TABLE,
+        )?;
         io.write_all_at(fd, &table.bytes, toff)
             .and_then(|()| io.fdatasync(fd))
             .map_err(|e| io_err("write the refcount table", e))?;
@@ -344,9 +415,10 @@ pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
             .and_then(|()| io.fdatasync(fd))
             .map_err(|e| io_err("write the header", e))?;
         if let Some((off, n)) = table.retired {
-            rc.adjust_range(off, n * cs, -1).map_err(|e| {
-                Error::with_source(ErrorKind::Corrupt, "Cannot free the old refcount table", e)
-            })?;
+            rc.release(off, n * cs, class::REFCOUNT_TABLE)
+                .map_err(|e| {
+                    Error::with_source(ErrorKind::Corrupt, "Cannot free the old refcount table", e)
+                })?;
         }
     }
     if w.lazy_refcounts {

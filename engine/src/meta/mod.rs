@@ -6,9 +6,11 @@
 #![forbid(unsafe_code)]
 
 mod cache;
+pub mod overlap;
 mod plan;
 mod refcount;
 
 pub use cache::{Lookup, SlotCache, U64Hasher, WaitList, NO_ID};
+pub use overlap::{class, MetaMap};
 pub use plan::{resolve, Geometry, Step};
 pub use refcount::{RefcountError, Refcounts, TableLocation, TableSnapshot};

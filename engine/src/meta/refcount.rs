@@ -14,8 +14,10 @@
 //! of clusters, when deferred frees are applied after a flush, and by the flush itself.
 #![allow(clippy::len_without_is_empty)]
 
-use crate::format::{refcount_get, refcount_max, refcount_set};
+use super::overlap::{class, MetaMap};
+use crate::format::{refcount_get, refcount_max, refcount_set, MAX_REFCOUNT_TABLE_BYTES};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// Why a refcount change was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +37,14 @@ pub enum RefcountError {
     /// The image would grow past what the format can address.
     #[error("Image file would grow past the largest supported size")]
     TooLarge,
+    /// A cluster the refcounts call free holds metadata: the refcounts are damaged.
+    #[error("Cluster {cluster} holds {} but its refcount is 0", class::names(*.classes))]
+    FreeMetadata {
+        /// Cluster index.
+        cluster: u64,
+        /// What it holds ([`class`] bits).
+        classes: u8,
+    },
 }
 
 /// In-memory refcounts of every host cluster; see the module documentation.
@@ -58,6 +68,8 @@ pub struct Refcounts {
     fresh_from: u64,
     /// Lowest cluster index that may be free.
     hint: u64,
+    /// The metadata clusters: never handed out, whatever their refcount says.
+    meta: Arc<MetaMap>,
 }
 
 /// A table location: (host offset, clusters).
@@ -78,7 +90,8 @@ impl Refcounts {
     /// Builds the in-memory refcounts from the loaded table and blocks.
     ///
     /// `blocks[i]` is the content of the block at `table[i]` (None where the entry is 0);
-    /// `file_len` is the image file's length.
+    /// `file_len` is the image file's length; `meta` the image's metadata clusters, which
+    /// the allocator keeps up to date for the refcount table and blocks it places.
     pub fn new(
         order: u32,
         cluster_bits: u32,
@@ -86,6 +99,7 @@ impl Refcounts {
         table_location: TableLocation,
         blocks: Vec<Option<Box<[u8]>>>,
         file_len: u64,
+        meta: Arc<MetaMap>,
     ) -> Refcounts {
         let cs = 1u64 << cluster_bits;
         let entries_per_block = (cs * 8) >> order;
@@ -103,6 +117,7 @@ impl Refcounts {
             end_cluster: file_len.div_ceil(cs),
             fresh_from: file_len.div_ceil(cs),
             hint: 0,
+            meta,
         };
         // The highest allocated cluster may lie past the end of the file (sparse images).
         for (b, block) in r.blocks.iter().enumerate() {
@@ -182,13 +197,24 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Drops one reference on every cluster overlapping `host..host + len`, which held a
+    /// structure of class `classes` (0: guest data): those clusters stop being that
+    /// metadata, whatever their refcount becomes.
+    pub fn release(&mut self, host: u64, len: u64, classes: u8) -> Result<(), RefcountError> {
+        if classes != 0 {
+            self.meta.clear(host, len, classes);
+        }
+        self.adjust_range(host, len, -1)
+    }
+
     /// Allocates up to `want` contiguous clusters (at least one), each with refcount 1.
     /// Returns (host offset, clusters, fresh): `fresh` when they never held data since open
-    /// and so read as zeros.
+    /// and so read as zeros. A cluster the refcounts call free that holds metadata is
+    /// [`RefcountError::FreeMetadata`]: the refcounts are damaged and nothing is handed out.
     pub fn allocate(&mut self, want: u64) -> Result<(u64, u64, bool), RefcountError> {
         let want = want.max(1);
         loop {
-            let (start, n) = self.find_free(want);
+            let (start, n) = self.find_free(want)?;
             // Make sure every cluster of the run has a block; creating a block may take the
             // first cluster of the run, so search again after any growth.
             let mut grew = false;
@@ -222,9 +248,21 @@ impl Refcounts {
         !matches!(self.blocks.get(b), Some(Some(_)))
     }
 
+    /// Whether cluster `c`, whose refcount is 0, may be handed out: an error when it holds
+    /// metadata (see [`Refcounts::allocate`]).
+    fn free_to_use(&self, c: u64) -> Result<(), RefcountError> {
+        match self.meta.get(c) {
+            0 => Ok(()),
+            classes => Err(RefcountError::FreeMetadata {
+                cluster: c,
+                classes,
+            }),
+        }
+    }
+
     /// First run of free clusters at or after the hint: up to `want` long, shorter only when
     /// a used cluster follows. Past the end every cluster is free.
-    fn find_free(&self, want: u64) -> (u64, u64) {
+    fn find_free(&self, want: u64) -> Result<(u64, u64), RefcountError> {
         let mut c = self.hint;
         while c < self.end_cluster {
             if self.get(c) == 0 && !self.is_metadata_in_flux(c) {
@@ -235,11 +273,11 @@ impl Refcounts {
                 if c + n == self.end_cluster {
                     n = want;
                 }
-                return (c, n);
+                return self.checked_run(c, n);
             }
             c += 1;
         }
-        (c.max(self.end_cluster), want)
+        self.checked_run(c.max(self.end_cluster), want)
     }
 
     /// Clusters of a retired table are not reused until it is freed explicitly.
@@ -251,6 +289,14 @@ impl Refcounts {
             }
             None => false,
         }
+    }
+
+    /// Run `start..start + n` after checking that none of its clusters holds metadata.
+    fn checked_run(&self, start: u64, n: u64) -> Result<(u64, u64), RefcountError> {
+        for c in start..start + n {
+            self.free_to_use(c)?;
+        }
+        Ok((start, n))
     }
 
     /// Creates the refcount block describing cluster `c` if it does not exist.
@@ -267,13 +313,41 @@ impl Refcounts {
         }
         // The first cluster of the range the block describes is free (no block, so nothing
         // in the range is in use): the block goes there and describes itself.
+        // Unless that cluster holds metadata: then the refcounts are damaged.
         let at = b * self.entries_per_block;
         let cs = self.cluster_size();
-        self.table[b as usize] = at.checked_mul(cs).ok_or(RefcountError::TooLarge)?;
+        let host = at.checked_mul(cs).ok_or(RefcountError::TooLarge)?;
+        self.free_to_use(at)?;
+        self.table[b as usize] = host;
         self.blocks[b as usize] = Some(vec![0u8; cs as usize].into_boxed_slice());
         self.table_dirty = true;
         self.set(at, 1)?;
+        self.meta.set(host, cs, class::REFCOUNT_BLOCK);
         Ok(())
+    }
+
+    /// Places a new, empty refcount block `b` at the first cluster of the range it
+    /// describes (known to be free).
+    fn place_block(&mut self, b: usize) -> Result<(), RefcountError> {
+        let cs = self.cluster_size();
+        let at = b as u64 * self.entries_per_block;
+        self.table[b] = at * cs;
+        self.blocks[b] = Some(vec![0u8; cs as usize].into_boxed_slice());
+        self.set(at, 1)?;
+        self.meta.set(at * cs, cs, class::REFCOUNT_BLOCK);
+        Ok(())
+    }
+
+    /// Most entries a refcount table may have: QEMU (and qcow2d) refuse to open an image
+    /// whose table is larger.
+    pub fn max_table_entries() -> u64 {
+        MAX_REFCOUNT_TABLE_BYTES / 8
+    }
+
+    /// Most clusters the refcounts of an image with these parameters can ever describe.
+    pub fn max_clusters(order: u32, cluster_bits: u32) -> u64 {
+        let entries_per_block = ((1u64 << cluster_bits) * 8) >> order;
+        Self::max_table_entries() * entries_per_block
     }
 
     /// Moves the refcount table to a new location at the end of the file with room for at
@@ -299,13 +373,17 @@ impl Refcounts {
             }
             new_entries = (last_block as usize + 1).next_multiple_of(per_cluster);
         };
+        let needed_blocks = (table_clusters + 1).div_ceil(epb - 1).max(1);
+        let span = table_clusters + needed_blocks + 2;
         if start
-            .checked_add(table_clusters + 1)
+            .checked_add(span)
             .and_then(|c| c.checked_mul(cs))
             .is_none_or(|end| end > crate::format::MAX_VIRTUAL_SIZE)
         {
             return Err(RefcountError::TooLarge);
         }
+        // Past everything in use: metadata there means damaged refcounts.
+        self.checked_run(start, span)?;
         self.table.resize(new_entries, 0);
         self.blocks.resize_with(new_entries, || None);
         let old = (self.table_offset, self.table_clusters);
@@ -317,10 +395,7 @@ impl Refcounts {
         while c < table_end {
             let b = (c / epb) as usize;
             if self.blocks[b].is_none() {
-                let at = b as u64 * epb;
-                self.table[b] = at * cs;
-                self.blocks[b] = Some(vec![0u8; cs as usize].into_boxed_slice());
-                self.set(at, 1)?;
+                self.place_block(b)?;
             }
             c += 1;
         }
@@ -331,10 +406,7 @@ impl Refcounts {
         while placed < table_clusters {
             let b = (t / epb) as usize;
             if self.blocks[b].is_none() {
-                let at = b as u64 * epb;
-                self.table[b] = at * cs;
-                self.blocks[b] = Some(vec![0u8; cs as usize].into_boxed_slice());
-                self.set(at, 1)?;
+                self.place_block(b)?;
             }
             if self.get(t) == 0 {
                 if placed == 0 {
@@ -355,10 +427,12 @@ impl Refcounts {
         self.table_offset = table_offset;
         self.table_clusters = table_clusters;
         self.table_dirty = true;
+        self.meta
+            .set(table_offset, table_clusters * cs, class::REFCOUNT_TABLE);
         if self.retired_table.is_some() {
             // The table being replaced was never pointed at by a durable header (the table
             // the header points at is still waiting to be retired): nothing refers to it.
-            self.adjust_range(old.0, old.1 * cs, -1)?;
+            self.release(old.0, old.1 * cs, class::REFCOUNT_TABLE)?;
         } else {
             self.retired_table = Some(old);
         }
@@ -445,10 +519,10 @@ impl Refcounts {
 mod tests {
     use super::*;
 
-    /// A fresh image like qemu-img makes with 512-byte clusters: header, table, one block.
-    fn small_image() -> Refcounts {
+    /// A fresh image like qemu-img makes with 512-byte clusters: header, table, one block,
+    /// L1 table, with refcount width `order` and the image file `file_len` bytes long.
+    fn image_with(order: u32, file_len: u64) -> Refcounts {
         let cs = 512u64;
-        let order = 4;
         let mut block = vec![0u8; cs as usize].into_boxed_slice();
         for c in 0..4 {
             refcount_set(&mut block, order, c, 1).unwrap();
@@ -457,7 +531,83 @@ mod tests {
         table[0] = 2 * cs; // block at cluster 2
         let mut blocks: Vec<Option<Box<[u8]>>> = vec![None; 64];
         blocks[0] = Some(block);
-        Refcounts::new(order, 9, table, (cs, 1), blocks, 4 * cs)
+        let meta = Arc::new(MetaMap::new(
+            9,
+            Refcounts::max_clusters(order, 9),
+            class::ALL,
+        ));
+        meta.set(0, cs, class::FIXED);
+        meta.set(cs, cs, class::REFCOUNT_TABLE);
+        meta.set(2 * cs, cs, class::REFCOUNT_BLOCK);
+        meta.set(3 * cs, cs, class::ACTIVE_L1);
+        Refcounts::new(order, 9, table, (cs, 1), blocks, file_len, meta)
+    }
+
+    fn small_image() -> Refcounts {
+        image_with(4, 4 * 512)
+    }
+
+    #[test]
+    fn damaged_refcounts_never_hand_out_metadata() {
+        // The header's refcount dropped to 0.
+        let mut r = small_image();
+        r.adjust_range(0, 512, -1).unwrap();
+        assert_eq!(
+            r.allocate(8),
+            Err(RefcountError::FreeMetadata {
+                cluster: 0,
+                classes: class::FIXED
+            })
+        );
+        // The refcount table lost its only block: every cluster looks free.
+        let mut r = small_image();
+        r.table[0] = 0;
+        r.blocks[0] = None;
+        assert!(matches!(
+            r.allocate(8),
+            Err(RefcountError::FreeMetadata { cluster: 0, .. })
+        ));
+        // A block whose range starts on metadata is not placed there.
+        let mut r = small_image();
+        r.meta.set(256 * 512, 512, class::ACTIVE_L2);
+        let mut result = Ok((0, 0, false));
+        while result.is_ok() {
+            result = r.allocate(64);
+        }
+        assert_eq!(
+            result,
+            Err(RefcountError::FreeMetadata {
+                cluster: 256,
+                classes: class::ACTIVE_L2
+            })
+        );
+        assert!(r.block_missing(256));
+    }
+
+    #[test]
+    fn new_refcount_structures_are_recorded_as_metadata() {
+        let mut r = small_image();
+        let epb = r.entries_per_block();
+        let target = 64 * epb + 10;
+        let mut end = 0;
+        while end < target {
+            let (off, n, _) = r.allocate(4096).unwrap();
+            end = (off >> 9) + n;
+        }
+        let (toff, tcl) = r.table_location();
+        for k in 0..tcl {
+            assert_eq!(r.meta.get((toff >> 9) + k), class::REFCOUNT_TABLE);
+        }
+        for off in r.table.iter().filter(|&&o| o != 0) {
+            assert_eq!(
+                r.meta.get(off >> 9) & class::REFCOUNT_BLOCK,
+                class::REFCOUNT_BLOCK
+            );
+        }
+        // The retired table stays metadata until it is released.
+        assert_eq!(r.meta.get(1), class::REFCOUNT_TABLE);
+        r.release(512, 512, class::REFCOUNT_TABLE).unwrap();
+        assert_eq!((r.meta.get(1), r.get(1)), (0, 0));
     }
 
     #[test]

@@ -44,21 +44,26 @@ use super::{OpKind, PendingFree, State};
 use crate::error::IoError;
 use crate::image::{ImageInner, LayerKind};
 use crate::io::Ring;
+use crate::meta::class;
 use crate::write::{field, BlockWriter};
 use io_uring::{opcode, types};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
+/// One metadata write: (file, host offset, bytes, the [`class`] of what is written), checked
+/// against the other metadata of the image before it is submitted.
+type MetaWrite = (RawFd, u64, Box<[u8]>, u8);
+
 enum Batch {
-    /// (file, host offset, bytes) to write.
-    Writes(Vec<(RawFd, u64, Box<[u8]>)>),
+    /// Writes to submit together.
+    Writes(Vec<MetaWrite>),
     /// The same, each write durable when it completes (RWF_DSYNC): durability of a few
     /// blocks without syncing everything else that is dirty in the file.
-    DurableWrites(Vec<(RawFd, u64, Box<[u8]>)>),
+    DurableWrites(Vec<MetaWrite>),
     /// Small writes into the page cache done at once on the shard thread (pwrite): cheaper
     /// than a trip through the kernel's io_uring workers, which buffered writes take.
-    InlineWrites(Vec<(RawFd, u64, Box<[u8]>)>),
+    InlineWrites(Vec<MetaWrite>),
     /// Files to fdatasync.
     Sync(Vec<RawFd>),
     /// The writes waiting for this write-back have what they need: complete them (the rest
@@ -193,7 +198,7 @@ impl State {
                     .pop()
                     .unwrap_or_else(|| vec![0u8; cs as usize].into_boxed_slice());
                 buf.copy_from_slice(self.layers[0].l2.buf(slot));
-                l2_writes.push((fd, host, buf));
+                l2_writes.push((fd, host, buf, class::ACTIVE_L2));
             }
         } else {
             let mut ranges = Vec::new();
@@ -204,7 +209,7 @@ impl State {
                     continue;
                 };
                 let bytes = &self.layers[0].l2.buf(slot)[offset..offset + len];
-                l2_writes.push((fd, host + offset as u64, Box::from(bytes)));
+                l2_writes.push((fd, host + offset as u64, Box::from(bytes), class::ACTIVE_L2));
             }
         }
         f.l1_indices.clear();
@@ -262,7 +267,10 @@ impl State {
         // by one.
         let sync_first = hard || sync_before_l2 || table.is_some();
         if !blocks.is_empty() {
-            let blocks = blocks.into_iter().map(|(h, buf)| (fd, h, buf)).collect();
+            let blocks = blocks
+                .into_iter()
+                .map(|(h, buf)| (fd, h, buf, class::REFCOUNT_BLOCK))
+                .collect();
             b.push_back(if sync_first {
                 Batch::Writes(blocks)
             } else {
@@ -341,7 +349,18 @@ impl State {
         self.refcounts_to_write = false;
         self.refcount_writes_seq = self.reserve_seq;
         self.refcount_writes_failed = None;
-        for (host, buf) in blocks {
+        let blocks: Vec<MetaWrite> = blocks
+            .into_iter()
+            .map(|(host, buf)| (fd, host, buf, class::REFCOUNT_BLOCK))
+            .collect();
+        if let Some(hit) = first_overlap(img, &blocks) {
+            self.pending_overlap.get_or_insert(hit);
+            self.refcount_writes_failed = Some(IoError::Corrupt {
+                host_offset: hit.at,
+            });
+            return self.refcount_writes_finished(img);
+        }
+        for (_, host, buf, _) in blocks {
             let entry = opcode::Write::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
                 .offset(host)
                 .rw_flags(libc::RWF_DSYNC)
@@ -404,6 +423,20 @@ impl State {
         let Some(batch) = self.flush.batches.pop_front() else {
             return self.finish_flush(img);
         };
+        if let Batch::Writes(writes) | Batch::DurableWrites(writes) | Batch::InlineWrites(writes) =
+            &batch
+        {
+            if let Some(hit) = first_overlap(img, writes) {
+                // A table would land on other metadata: nothing of this batch is written,
+                // the run fails and the image is marked corrupt.
+                self.pending_overlap.get_or_insert(hit);
+                self.flush.error.get_or_insert(IoError::Corrupt {
+                    host_offset: hit.at,
+                });
+                self.flush.batches.clear();
+                return self.finish_flush(img);
+            }
+        }
         let mut entries = Vec::new();
         let durable = matches!(batch, Batch::DurableWrites(_));
         match batch {
@@ -419,7 +452,7 @@ impl State {
                 self.end_run_block_writes(img);
             }
             Batch::InlineWrites(writes) => {
-                for (fd, host, buf) in writes {
+                for (fd, host, buf, _) in writes {
                     if let Err(e) = pwrite_all(fd, &buf, host) {
                         self.flush.error.get_or_insert(e);
                     }
@@ -428,7 +461,7 @@ impl State {
             }
             Batch::Writes(writes) | Batch::DurableWrites(writes) => {
                 let flags = if durable { libc::RWF_DSYNC } else { 0 };
-                for (fd, host, buf) in writes {
+                for (fd, host, buf, _) in writes {
                     let entry = opcode::Write::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
                         .offset(host)
                         .rw_flags(flags)
@@ -508,12 +541,12 @@ impl State {
                 let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some((off, n)) = f.table.take().and_then(|t| t.retired) {
                     let cluster = 1u64 << rc_cluster_bits(img);
-                    if let Err(e) = rc.adjust_range(off, n * cluster, -1) {
+                    if let Err(e) = rc.release(off, n * cluster, class::REFCOUNT_TABLE) {
                         tracing::warn!("Cannot free the old refcount table: {e}");
                     }
                 }
                 for free in f.frees.drain(..) {
-                    if let Err(e) = rc.adjust_range(free.host, free.len, -1) {
+                    if let Err(e) = rc.release(free.host, free.len, free.meta) {
                         tracing::warn!(
                             "{}: cannot free {} bytes at {:#x}: {e}",
                             img.layers[0].path.display(),
@@ -577,6 +610,7 @@ fn table_batches(
         fd,
         toff,
         snapshot.bytes.clone().into_boxed_slice(),
+        class::REFCOUNT_TABLE,
     )]));
     b.push_back(Batch::Sync(vec![fd]));
     let header = {
@@ -585,9 +619,29 @@ fn table_batches(
         h.put32(field::REFCOUNT_TABLE_CLUSTERS, tclusters as u32);
         h.bytes.clone()
     };
-    b.push_back(Batch::Writes(vec![(fd, 0, header.into_boxed_slice())]));
+    b.push_back(Batch::Writes(vec![(
+        fd,
+        0,
+        header.into_boxed_slice(),
+        class::FIXED,
+    )]));
     b.push_back(Batch::Sync(vec![fd]));
     snapshot
+}
+
+/// The first of `writes` that would land on metadata other than what it writes.
+fn first_overlap(img: &ImageInner, writes: &[MetaWrite]) -> Option<crate::overlap::Hit> {
+    let w = img.writable.as_ref()?;
+    writes.iter().find_map(|(_, host, buf, own)| {
+        let what = match *own {
+            class::ACTIVE_L2 => "an L2 table",
+            class::ACTIVE_L1 => "L1 table entries",
+            class::REFCOUNT_BLOCK => "a refcount block",
+            class::REFCOUNT_TABLE => "the refcount table",
+            _ => "the header",
+        };
+        w.overlap(what, *host, buf.len() as u64, *own)
+    })
 }
 
 /// Writes all of `buf` at `offset` of `fd`.
@@ -629,7 +683,7 @@ fn l1_writes(
     fd: RawFd,
     indices: &[u64],
     shared: bool,
-) -> Vec<(RawFd, u64, Box<[u8]>)> {
+) -> Vec<MetaWrite> {
     let mut writes = Vec::new();
     let mut i = 0;
     while i < indices.len() {
@@ -657,6 +711,7 @@ fn l1_writes(
             fd,
             q.header.l1_table_offset + first as u64 * 8,
             bytes.into_boxed_slice(),
+            class::ACTIVE_L1,
         ));
     }
     writes

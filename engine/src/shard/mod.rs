@@ -250,6 +250,8 @@ struct PendingFree {
     len: u64,
     /// Key of the decompressed-cluster cache entry to drop (compressed extents).
     compressed: Option<u64>,
+    /// The metadata class the range stops holding (an L2 table replaced by a copy), or 0.
+    meta: u8,
 }
 
 /// Everything a shard mutates, apart from the ring.
@@ -325,6 +327,9 @@ struct State {
     writethrough: bool,
     /// Corruption of the top image found during this turn, handled at its end.
     pending_corrupt: Option<&'static str>,
+    /// A write refused because it would have landed on metadata (or a cluster the
+    /// allocator found free that holds metadata) during this turn, handled at its end.
+    pending_overlap: Option<crate::overlap::Hit>,
     /// Flushes started so far, and the one whose syncs fail (fault injection for tests).
     flushes: u64,
     fail_flush_number: Option<u64>,
@@ -443,6 +448,7 @@ impl Shard {
                 flush: FlushState::default(),
                 writethrough: false,
                 pending_corrupt: None,
+                pending_overlap: None,
                 flushes: 0,
                 fail_flush_number: config.fail_flush_number,
             },
@@ -835,13 +841,12 @@ impl Shard {
             }
             st.run_cow_ready(ring, img);
         }
-        if let (Some(why), Some(w)) = (st.pending_corrupt.take(), &img.writable) {
-            w.mark_corrupt(&img.layers[0], why);
-        }
+        st.report_corruption(img);
         // A flush first: it waits for refcount writes in flight, and starting new ones first
         // could keep it waiting for as long as clusters are being allocated.
         st.maybe_start_flush(ring, img);
         st.start_refcount_writes(ring, img);
+        st.report_corruption(img);
         st.route_finished();
     }
 }
@@ -931,6 +936,20 @@ impl Drop for Shard {
 }
 
 impl State {
+    /// Marks the image corrupt for what this turn found (a write refused by the overlap
+    /// checks, metadata that does not decode).
+    fn report_corruption(&mut self, img: &crate::image::ImageInner) {
+        let Some(w) = &img.writable else {
+            return;
+        };
+        if let Some(why) = self.pending_corrupt.take() {
+            w.mark_corrupt(&img.layers[0], why);
+        }
+        if let Some(hit) = self.pending_overlap.take() {
+            w.overlap_found(&img.layers[0], &hit);
+        }
+    }
+
     /// Starts a request of `len` (> 0) bytes at `offset` as one ready part; `parent` is the
     /// allocation an internal copy-on-write read belongs to, or `NO_ID`.
     fn start_request(

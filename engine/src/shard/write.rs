@@ -66,17 +66,16 @@ pub(super) struct Alloc {
     waiters: WaitList,
 }
 
-fn refcount_error(e: RefcountError) -> IoError {
-    tracing::error!("Cluster allocation failed: {e}");
-    match e {
+fn refcount_error(e: &RefcountError, cluster_bits: u32) -> IoError {
+    match *e {
         RefcountError::TooLarge => IoError::Os {
             errno: libc::ENOSPC,
         },
-        RefcountError::Overflow { cluster } | RefcountError::Underflow { cluster } => {
-            IoError::Corrupt {
-                host_offset: cluster,
-            }
-        }
+        RefcountError::Overflow { cluster }
+        | RefcountError::Underflow { cluster }
+        | RefcountError::FreeMetadata { cluster, .. } => IoError::Corrupt {
+            host_offset: cluster << cluster_bits,
+        },
     }
 }
 
@@ -131,7 +130,12 @@ impl State {
         pid: u32,
         kind: ReqKind,
     ) {
-        let (q, _) = top(img);
+        let (q, w) = top(img);
+        if self.pending_overlap.is_some() || w.corrupt.load(Ordering::Relaxed) {
+            // Corruption was found: the image takes no more writes, even those already
+            // submitted.
+            return self.finish_part(pid, Err(IoError::Os { errno: libc::EIO }));
+        }
         let cs = q.geom.cluster_size();
         let p = self.parts[pid];
         let cluster = p.guest_off & !(cs - 1);
@@ -209,7 +213,7 @@ impl State {
                     }
                 };
                 let slot = self.layers[0].l2.insert_new(l1_index);
-                self.move_table(q, l1_index, slot, host);
+                self.move_table(q, w, l1_index, slot, host);
                 Some(slot)
             }
             super::read::Table::Ready { slot, host } => {
@@ -225,16 +229,29 @@ impl State {
                             return None;
                         }
                     };
-                    self.move_table(q, l1_index, slot, new);
+                    self.move_table(q, w, l1_index, slot, new);
                     self.pending_frees.push(PendingFree {
                         host,
                         len: cs,
                         compressed: None,
+                        meta: crate::meta::class::ACTIVE_L2,
                     });
                 }
                 Some(slot)
             }
         }
+    }
+
+    /// Fails part `pid`, whose write would have landed on metadata: the image is marked
+    /// corrupt at the end of the turn.
+    fn overlap_refused(&mut self, pid: u32, hit: crate::overlap::Hit) {
+        self.pending_overlap.get_or_insert(hit);
+        self.finish_part(
+            pid,
+            Err(IoError::Corrupt {
+                host_offset: hit.at,
+            }),
+        );
     }
 
     /// Takes one cluster from this shard's reservation, reserving more when it is empty.
@@ -274,9 +291,11 @@ impl State {
     }
 
     /// Points the L1 entry of table `l1_index` (cached in `slot`) at `host`, a new or copied
-    /// table: the whole table and the entry are to be written, and other shards stop trusting
-    /// their copies of it.
-    fn move_table(&mut self, q: &Qcow2Layer, l1_index: u64, slot: u32, host: u64) {
+    /// table: the whole table and the entry are to be written, other shards stop trusting
+    /// their copies of it, and the cluster is metadata from now on.
+    fn move_table(&mut self, q: &Qcow2Layer, w: &Writable, l1_index: u64, slot: u32, host: u64) {
+        w.meta
+            .set(host, q.geom.cluster_size(), crate::meta::class::ACTIVE_L2);
         self.layers[0].l2.mark_all_dirty(slot);
         self.table_changed(l1_index);
         q.l1[l1_index as usize].store(encode_l1_entry(host), Ordering::Relaxed);
@@ -313,7 +332,28 @@ impl State {
         let (off, n, fresh) = {
             let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
             let want = (RESERVE_BYTES / cs).clamp(RESERVE_MIN_CLUSTERS, RESERVE_MAX_CLUSTERS);
-            let (off, n, fresh) = rc.allocate(want).map_err(refcount_error)?;
+            let (off, n, fresh) = match rc.allocate(want) {
+                Ok(run) => run,
+                Err(e) => {
+                    if let RefcountError::FreeMetadata { cluster, classes } = e {
+                        // The refcounts call a metadata cluster free: they are damaged.
+                        let host = cluster << q.geom.cluster_bits;
+                        self.pending_overlap.get_or_insert(crate::overlap::Hit {
+                            what: "clusters the refcounts call free",
+                            host,
+                            len: cs,
+                            at: host,
+                            classes,
+                        });
+                    } else {
+                        tracing::error!(
+                            "{}: cluster allocation failed: {e}",
+                            img.layers[0].path.display()
+                        );
+                    }
+                    return Err(refcount_error(&e, q.geom.cluster_bits));
+                }
+            };
             // Extend the file over the reservation so that no entry ever points past its end
             // (under the lock: another shard's reservation may end further out, and the file
             // must never be cut back under it).
@@ -395,6 +435,11 @@ impl State {
                 }
             };
             if all_allocated {
+                if q.data_file.is_none() {
+                    if let Some(hit) = w.overlap("guest data", host + ws, we - ws, 0) {
+                        return self.overlap_refused(pid, hit);
+                    }
+                }
                 return self.start_data(ring, pid, q.data_fd(), host + ws, true, buffer);
             }
         }
@@ -535,7 +580,7 @@ impl State {
     /// Writes the allocation's span to its host cluster, from its buffer or straight from the
     /// request (or the zero buffer) when no copy was needed.
     fn submit_alloc_write(&mut self, ring: &mut Ring, img: &ImageInner, a: u32) {
-        let (q, _) = top(img);
+        let (q, w) = top(img);
         let op = self.ops.alloc();
         self.ops[op].kind = OpKind::AllocWrite { alloc: a };
         let al = &self.allocs[a];
@@ -562,6 +607,18 @@ impl State {
             }
         }
         let host = al.host + s;
+        if !al.identity {
+            if let Some(hit) = w.overlap("guest data", host, e - s, 0) {
+                self.free_op(op);
+                self.pending_overlap.get_or_insert(hit);
+                return self.fail_alloc(
+                    a,
+                    IoError::Corrupt {
+                        host_offset: hit.at,
+                    },
+                );
+            }
+        }
         let fd = self.data_write_fd(op, q.data_fd(), host);
         let o = &self.ops[op];
         let entry = opcode::Writev::new(types::Fd(fd), o.iov.as_ptr(), o.iov.len() as u32)
@@ -628,6 +685,7 @@ impl State {
                 host: al.host,
                 len: self.cluster_buf_bytes as u64,
                 compressed: None,
+                meta: 0,
             });
         }
         self.allocating.remove(&al.cluster);
@@ -651,6 +709,7 @@ impl State {
                     host,
                     len: cs,
                     compressed: None,
+                    meta: 0,
                 })
             }
             ClusterMapping::Compressed(d) => {
@@ -659,6 +718,7 @@ impl State {
                     host,
                     len,
                     compressed: Some(d.host_offset),
+                    meta: 0,
                 });
             }
             ClusterMapping::Zero { host: None } | ClusterMapping::Unallocated => {}

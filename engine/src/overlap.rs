@@ -1,0 +1,292 @@
+//! Metadata overlap checks of a writable image (DESIGN.md invariant 9): the modes, and the
+//! map of metadata clusters built when the image is opened for writing.
+//!
+//! [`OverlapCheck`] is QEMU's `overlap-check` option: which structures a write is checked
+//! against. At writable open ([`load`], on the opening thread) every structure of the mode's
+//! classes is recorded in the image's [`MetaMap`]: the header cluster, the backing file name,
+//! the active L1 table, the refcount table and blocks, the L2 tables the active L1 points at,
+//! the snapshot table and each snapshot's L1 table (and, in mode `all`, the L2 tables those
+//! point at, which costs a read of every snapshot's L1 table), the bitmap directory and the
+//! bitmap tables. While the image is served the shards and the allocator keep the map up to
+//! date (new and moved L2 tables, refcount blocks and tables) and test it before every write
+//! (`shard::write`, `shard::flush`, `write::close`).
+
+use crate::error::Error;
+use crate::format::{self, MAX_L1_BYTES};
+use crate::image::Qcow2Layer;
+use crate::io::BlockingReader;
+use crate::meta::{class, MetaMap, Refcounts};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// Which metadata every write to the image file is checked against (QEMU's `overlap-check`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverlapCheck {
+    /// No checks.
+    None,
+    /// The structures whose place is known without reading tables: header, active L1 table,
+    /// refcount table, snapshot table, bitmap directory.
+    Constant,
+    /// Those, and what is known from memory: active L2 tables, refcount blocks, snapshot L1
+    /// tables, bitmap tables. QEMU's default, and qcow2d's.
+    #[default]
+    Cached,
+    /// Those, and the L2 tables of internal snapshots (read at open).
+    All,
+}
+
+impl OverlapCheck {
+    /// The [`class`] bits this mode checks.
+    pub fn classes(self) -> u8 {
+        match self {
+            OverlapCheck::None => 0,
+            OverlapCheck::Constant => class::CONSTANT,
+            OverlapCheck::Cached => class::CACHED,
+            OverlapCheck::All => class::ALL,
+        }
+    }
+
+    /// The mode's name, as the config file and the command line spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OverlapCheck::None => "none",
+            OverlapCheck::Constant => "constant",
+            OverlapCheck::Cached => "cached",
+            OverlapCheck::All => "all",
+        }
+    }
+}
+
+impl std::str::FromStr for OverlapCheck {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(OverlapCheck::None),
+            "constant" => Ok(OverlapCheck::Constant),
+            "cached" => Ok(OverlapCheck::Cached),
+            "all" => Ok(OverlapCheck::All),
+            other => Err(format!(
+                "unknown overlap check {other:?}: expected none, constant, cached or all"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for OverlapCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A snapshot table entry's fixed part, in bytes.
+const SNAPSHOT_ENTRY_BYTES: u64 = 40;
+/// Largest snapshot table QEMU reads, in bytes.
+const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
+/// A bitmap directory entry's fixed part, in bytes.
+const BITMAP_ENTRY_BYTES: u64 = 24;
+/// Largest bitmap directory QEMU reads, in bytes.
+const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 << 20;
+
+/// What an image holds of the structures recorded in [`class::FIXED`], to name them in
+/// messages: (start, end, name).
+pub(crate) type FixedRanges = Vec<(u64, u64, &'static str)>;
+
+/// A write that would land on metadata.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Hit {
+    /// What was to be written ("guest data", "an L2 table", ...).
+    pub what: &'static str,
+    /// The write's host range.
+    pub host: u64,
+    pub len: u64,
+    /// The first cluster of metadata it overlaps, and what lives there.
+    pub at: u64,
+    pub classes: u8,
+}
+
+impl Hit {
+    /// The message logged once when the image is marked corrupt (`cs`: the cluster size).
+    pub fn describe(&self, fixed: &FixedRanges, cs: u64) -> String {
+        let mut names = class::names(self.classes);
+        if self.classes & class::FIXED != 0 {
+            let at = self.at;
+            let named: Vec<&str> = fixed
+                .iter()
+                .filter(|(s, e, _)| *s < at.saturating_add(cs) && *e > at)
+                .map(|(_, _, n)| *n)
+                .collect();
+            if !named.is_empty() {
+                names = format!("{names} ({})", named.join(", "));
+            }
+        }
+        format!(
+            "a write of {} ({} bytes at host offset {:#x}) would overlap {names} in the cluster at {:#x}; the write was refused",
+            self.what, self.len, self.host, self.at
+        )
+    }
+}
+
+/// Tests a write of `what` to `host..host + len` of the image file, holding a structure of
+/// class `own` (0 for guest data), against `map`.
+#[inline]
+pub(crate) fn check(
+    map: &MetaMap,
+    what: &'static str,
+    host: u64,
+    len: u64,
+    own: u8,
+) -> Option<Hit> {
+    map.conflict(host, len, own).map(|(at, classes)| Hit {
+        what,
+        host,
+        len,
+        at,
+        classes,
+    })
+}
+
+/// Builds the map of metadata clusters of an image opened for writing; see the module
+/// documentation. `refcount_table` holds the refcount table's entries (already read).
+pub(crate) fn load(
+    path: &Path,
+    q: &Qcow2Layer,
+    refcount_table: &[u64],
+    file_len: u64,
+    reader: &mut BlockingReader,
+    mode: OverlapCheck,
+) -> Result<(MetaMap, FixedRanges), Error> {
+    let h = &q.header;
+    let l1 = &q.l1;
+    let fd = q.file.as_raw_fd();
+    let cs = h.cluster_size();
+    let bits = h.cluster_bits;
+    let capacity = file_len
+        .div_ceil(cs)
+        .max(Refcounts::max_clusters(h.refcount_order, bits))
+        .min(format::MAX_VIRTUAL_SIZE >> bits);
+    let map = MetaMap::new(bits, capacity, mode.classes());
+    let mut fixed = FixedRanges::new();
+    if map.mask() == 0 {
+        return Ok((map, fixed));
+    }
+    let io_err = |what: &str, e: std::io::Error| {
+        Error::io(format!("Cannot read {what} of {}", path.display()), e)
+    };
+
+    let mut mark_fixed = |start: u64, len: u64, name: &'static str| {
+        if len > 0 {
+            map.set(start, len, class::FIXED);
+            fixed.push((start, start.saturating_add(len), name));
+        }
+    };
+    mark_fixed(0, cs, "the main header");
+    if let Some(name) = &h.backing_file {
+        mark_fixed(
+            h.backing_file_offset,
+            name.len() as u64,
+            "the backing file name",
+        );
+    }
+    map.set(
+        h.l1_table_offset,
+        u64::from(h.l1_size) * 8,
+        class::ACTIVE_L1,
+    );
+    map.set(
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+        class::REFCOUNT_TABLE,
+    );
+    for &block in refcount_table.iter().filter(|&&b| b != 0) {
+        map.set(block, cs, class::REFCOUNT_BLOCK);
+    }
+    if map.mask() & class::ACTIVE_L2 != 0 {
+        for e in l1.iter() {
+            let raw = e.load(std::sync::atomic::Ordering::Relaxed);
+            if let Ok(Some(table)) = format::decode_l1_entry(raw, cs) {
+                map.set(table, cs, class::ACTIVE_L2);
+            }
+        }
+    }
+
+    // Snapshots: the table, each L1 table, and in mode `all` each L2 table.
+    if h.nb_snapshots > 0 {
+        let start = h.snapshots_offset;
+        let mut pos = start;
+        let mut snapshot_l1s = Vec::new();
+        for _ in 0..h.nb_snapshots {
+            pos = pos.next_multiple_of(8);
+            let mut e = [0u8; SNAPSHOT_ENTRY_BYTES as usize];
+            if pos + SNAPSHOT_ENTRY_BYTES > file_len
+                || pos + SNAPSHOT_ENTRY_BYTES - start > MAX_SNAPSHOT_TABLE_BYTES
+            {
+                break;
+            }
+            reader
+                .read_exact_at(fd, &mut e, pos)
+                .map_err(|e| io_err("the snapshot table", e))?;
+            let l1_off = format::be64_at(&e, 0);
+            let l1_size = u64::from(format::be32(&e, 8));
+            let id = u64::from(u16::from_be_bytes([e[12], e[13]]));
+            let name = u64::from(u16::from_be_bytes([e[14], e[15]]));
+            let extra = u64::from(format::be32(&e, 36));
+            pos += SNAPSHOT_ENTRY_BYTES + extra + id + name;
+            if l1_size * 8 <= MAX_L1_BYTES {
+                map.set(l1_off, l1_size * 8, class::INACTIVE_L1);
+                snapshot_l1s.push((l1_off, l1_size));
+            }
+        }
+        mark_fixed(
+            start,
+            pos.min(file_len).saturating_sub(start),
+            "the snapshot table",
+        );
+        if map.mask() & class::INACTIVE_L2 != 0 {
+            let mut buf = Vec::new();
+            for (l1_off, l1_size) in snapshot_l1s {
+                if !l1_off.is_multiple_of(cs) || l1_off.saturating_add(l1_size * 8) > file_len {
+                    continue;
+                }
+                buf.resize((l1_size * 8) as usize, 0);
+                reader
+                    .read_exact_at(fd, &mut buf, l1_off)
+                    .map_err(|e| io_err("a snapshot's L1 table", e))?;
+                for raw in buf.chunks_exact(8).map(|c| format::be64_at(c, 0)) {
+                    if let Ok(Some(table)) = format::decode_l1_entry(raw, cs) {
+                        map.set(table, cs, class::INACTIVE_L2);
+                    }
+                }
+            }
+        }
+    }
+
+    // Persistent bitmaps: the directory and each bitmap's table.
+    if let Some((_, dir_size, dir_off)) = h.bitmaps {
+        if dir_size > 0 && dir_size <= MAX_BITMAP_DIRECTORY_BYTES {
+            mark_fixed(dir_off, dir_size, "the bitmap directory");
+            if map.mask() & class::BITMAP_TABLE != 0
+                && dir_off
+                    .checked_add(dir_size)
+                    .is_some_and(|end| end <= file_len)
+            {
+                let mut dir = vec![0u8; dir_size as usize];
+                reader
+                    .read_exact_at(fd, &mut dir, dir_off)
+                    .map_err(|e| io_err("the bitmap directory", e))?;
+                let mut p = 0u64;
+                while p + BITMAP_ENTRY_BYTES <= dir_size {
+                    let at = p as usize;
+                    let table_off = format::be64_at(&dir, at);
+                    let table_entries = u64::from(format::be32(&dir, at + 8));
+                    let name = u64::from(u16::from_be_bytes([dir[at + 18], dir[at + 19]]));
+                    let extra = u64::from(format::be32(&dir, at + 20));
+                    map.set(table_off, table_entries * 8, class::BITMAP_TABLE);
+                    p += (BITMAP_ENTRY_BYTES + name + extra).next_multiple_of(8);
+                }
+            }
+        }
+    }
+    Ok((map, fixed))
+}
