@@ -7,8 +7,10 @@
 //!
 //! Growth: a cluster whose refcount block does not exist gets one, placed at the first cluster
 //! of the range it describes (so it describes itself); when the refcount table is full it is
-//! moved to a larger one at the end of the file, with blocks covering itself. The old table is
-//! freed after the header that points to the new one is durable.
+//! moved to a larger one at the end of the file, after the blocks that describe it. The old
+//! table is freed after the header that points to the new one is durable. The table never
+//! grows past the 8 MiB an image may have (QEMU and qcow2d refuse to open a larger one): an
+//! allocation that would need more fails and changes nothing.
 //!
 //! Owned behind a mutex in the image and taken only on slow paths: when a shard reserves a run
 //! of clusters, when deferred frees are applied after a flush, and by the flush itself.
@@ -34,7 +36,8 @@ pub enum RefcountError {
         /// Cluster index.
         cluster: u64,
     },
-    /// The image would grow past what the format can address.
+    /// The image would grow past what the format can address, or its refcount table past
+    /// the largest one an image may have (QEMU and qcow2d refuse to open such an image).
     #[error("Image file would grow past the largest supported size")]
     TooLarge,
     /// A cluster the refcounts call free holds metadata: the refcounts are damaged.
@@ -326,18 +329,6 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Places a new, empty refcount block `b` at the first cluster of the range it
-    /// describes (known to be free).
-    fn place_block(&mut self, b: usize) -> Result<(), RefcountError> {
-        let cs = self.cluster_size();
-        let at = b as u64 * self.entries_per_block;
-        self.table[b] = at * cs;
-        self.blocks[b] = Some(vec![0u8; cs as usize].into_boxed_slice());
-        self.set(at, 1)?;
-        self.meta.set(at * cs, cs, class::REFCOUNT_BLOCK);
-        Ok(())
-    }
-
     /// Most entries a refcount table may have: QEMU (and qcow2d) refuse to open an image
     /// whose table is larger.
     pub fn max_table_entries() -> u64 {
@@ -351,30 +342,40 @@ impl Refcounts {
     }
 
     /// Moves the refcount table to a new location at the end of the file with room for at
-    /// least `entries` blocks, and blocks describing the new table.
+    /// least `entries` blocks, and blocks describing the new table. A table larger than
+    /// [`Refcounts::max_table_entries`] would leave an image nobody can open:
+    /// [`RefcountError::TooLarge`], with nothing changed.
     fn grow_table(&mut self, entries: usize) -> Result<(), RefcountError> {
         let cs = self.cluster_size();
         let per_cluster = (cs / 8) as usize;
+        let max_entries = Self::max_table_entries() as usize;
+        if entries > max_entries {
+            return Err(RefcountError::TooLarge);
+        }
         let mut new_entries = entries
             .max(self.table.len() * 2)
-            .next_multiple_of(per_cluster);
+            .next_multiple_of(per_cluster)
+            .min(max_entries);
         // The new table and the blocks for its own range are placed from `start`, past
-        // everything in use and at the start of a block range, so that range is empty.
+        // everything in use and at the start of a block range, so those ranges are empty:
+        // first the blocks (one per range the area touches), then the table.
         let epb = self.entries_per_block;
         let start_block = self.end_cluster.div_ceil(epb);
         let start = start_block * epb;
+        // Blocks for an area of `tc` table clusters and the blocks themselves.
+        let blocks_for = |tc: u64| tc.div_ceil(epb - 1).max(1);
         let table_clusters = loop {
             let tc = (new_entries / per_cluster) as u64;
-            // Blocks needed: one per block range touched by [start, start + tc + blocks).
-            let needed_blocks = (tc + 1).div_ceil(epb - 1).max(1);
-            let last_block = start_block + needed_blocks;
-            if (last_block as usize) < new_entries {
+            if start_block + blocks_for(tc) <= new_entries as u64 {
                 break tc;
             }
-            new_entries = (last_block as usize + 1).next_multiple_of(per_cluster);
+            new_entries = ((start_block + blocks_for(tc)) as usize).next_multiple_of(per_cluster);
+            if new_entries > max_entries {
+                return Err(RefcountError::TooLarge);
+            }
         };
-        let needed_blocks = (table_clusters + 1).div_ceil(epb - 1).max(1);
-        let span = table_clusters + needed_blocks + 2;
+        let nb = blocks_for(table_clusters);
+        let span = nb + table_clusters;
         if start
             .checked_add(span)
             .and_then(|c| c.checked_mul(cs))
@@ -384,45 +385,35 @@ impl Refcounts {
         }
         // Past everything in use: metadata there means damaged refcounts.
         self.checked_run(start, span)?;
+        if (0..nb).any(|k| {
+            self.blocks
+                .get((start_block + k) as usize)
+                .is_some_and(Option::is_some)
+        }) {
+            // A block for an empty range past the end (damaged or left by another tool):
+            // the area is not known to be free.
+            return Err(RefcountError::FreeMetadata {
+                cluster: start,
+                classes: class::REFCOUNT_BLOCK,
+            });
+        }
         self.table.resize(new_entries, 0);
         self.blocks.resize_with(new_entries, || None);
         let old = (self.table_offset, self.table_clusters);
-        // Place each block at the first cluster of its range, then the table after the first
-        // block; every cluster used lies in ranges starting at start_block.
-        let mut c = start;
-        let table_start = start + 1;
-        let table_end = table_start + table_clusters;
-        while c < table_end {
-            let b = (c / epb) as usize;
-            if self.blocks[b].is_none() {
-                self.place_block(b)?;
-            }
-            c += 1;
+        // Block `start_block + k` at cluster `start + k`: it lies in the range of block
+        // `start_block + k / epb`, placed before it. nb * epb >= span: every cluster of the
+        // area is described.
+        for k in 0..nb {
+            let b = (start_block + k) as usize;
+            let at = start + k;
+            self.table[b] = at * cs;
+            self.blocks[b] = Some(vec![0u8; cs as usize].into_boxed_slice());
+            self.set(at, 1)?;
+            self.meta.set(at * cs, cs, class::REFCOUNT_BLOCK);
         }
-        // The table's own clusters; a cluster that is the first of a range is a block.
-        let mut placed = 0;
-        let mut t = table_start;
-        let mut table_offset = 0;
-        while placed < table_clusters {
-            let b = (t / epb) as usize;
-            if self.blocks[b].is_none() {
-                self.place_block(b)?;
-            }
-            if self.get(t) == 0 {
-                if placed == 0 {
-                    table_offset = t * cs;
-                } else if table_offset + placed * cs != t * cs {
-                    // Not contiguous (a block sits in the middle): start over after it.
-                    for k in 0..placed {
-                        self.set((table_offset >> self.cluster_bits) + k, 0)?;
-                    }
-                    placed = 0;
-                    continue;
-                }
-                self.set(t, 1)?;
-                placed += 1;
-            }
-            t += 1;
+        let table_offset = (start + nb) * cs;
+        for t in start + nb..start + span {
+            self.set(t, 1)?;
         }
         self.table_offset = table_offset;
         self.table_clusters = table_clusters;
@@ -608,6 +599,57 @@ mod tests {
         assert_eq!(r.meta.get(1), class::REFCOUNT_TABLE);
         r.release(512, 512, class::REFCOUNT_TABLE).unwrap();
         assert_eq!((r.meta.get(1), r.get(1)), (0, 0));
+    }
+
+    #[test]
+    fn table_growth_stops_where_an_image_could_no_longer_be_opened() {
+        // 512-byte clusters, 64-bit refcounts: 64 clusters per block, so the largest table
+        // (1 Mi entries) describes 32 GiB. A sparse file of almost that much leaves no room
+        // to place a larger table past its end.
+        let cs = 512u64;
+        let limit = Refcounts::max_clusters(6, 9);
+        assert_eq!(limit, (1 << 20) * 64);
+        let mut r = image_with(6, (limit - 100) * cs);
+        let mut last = Ok((0, 0, false));
+        let mut handed_out = Vec::new();
+        while let Ok(run) = last {
+            handed_out.push(run);
+            last = r.allocate(64);
+        }
+        assert_eq!(last, Err(RefcountError::TooLarge));
+        // Nothing changed: the table keeps its place and size, what was handed out stays.
+        assert_eq!(r.table_location(), (cs, 1));
+        assert_eq!(r.table.len(), 64);
+        for &(off, n, _) in &handed_out[1..] {
+            assert!((0..n).all(|k| r.get((off >> 9) + k) == 1));
+        }
+        // Freed clusters can still be handed out.
+        let (off, _, _) = handed_out[1];
+        r.adjust_range(off, cs, -1).unwrap();
+        assert_eq!(r.allocate(1).unwrap(), (off, 1, false));
+    }
+
+    #[test]
+    fn a_table_larger_than_a_block_range_still_finds_its_place() {
+        // 512-byte clusters, 64-bit refcounts: a block describes 64 clusters, fewer than the
+        // table of a 140 MiB file has; the table and its blocks go one after the other.
+        let mut r = image_with(6, 4 * 512);
+        let mut end = 0;
+        while end < 280_000 {
+            let (off, n, _) = r.allocate(4096).unwrap();
+            end = (off >> 9) + n;
+        }
+        let (toff, tcl) = r.table_location();
+        assert!(tcl > 64, "{tcl} table clusters");
+        assert!(r.table.len() as u64 * 64 > end);
+        for k in 0..tcl {
+            assert_eq!(r.get((toff >> 9) + k), 1);
+        }
+        for (b, off) in r.table.iter().enumerate() {
+            if *off != 0 {
+                assert_eq!(r.get(off >> 9), 1, "block {b}");
+            }
+        }
     }
 
     #[test]
