@@ -346,10 +346,49 @@ fn open_qcow2(
         Error::with_source(kind, format!("Cannot open {}", path.display()), e)
     })?;
 
+    header.l1_in_file(len).map_err(|e| {
+        Error::with_source(
+            ErrorKind::InvalidImage,
+            format!("Cannot open {}", path.display()),
+            e,
+        )
+    })?;
+    if !read_only {
+        // QEMU opens such an image and reads zeros past the end of the file; qcow2d reads it
+        // too, but does not write where the tables it would update are missing.
+        header.tables_in_file(len).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Corrupt,
+                format!(
+                    "Cannot open {} for writing (serve it read-only, or repair it with qcow2d check --repair)",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+    }
     let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
-    reader
-        .read_exact_at(file.as_raw_fd(), &mut l1_bytes, header.l1_table_offset)
+    read_zero_filled(reader, &file, &mut l1_bytes, header.l1_table_offset)
         .map_err(|e| Error::io(format!("Cannot read the L1 table of {}", path.display()), e))?;
+    // QEMU reads the snapshot table at open and refuses one it cannot use.
+    format::read_snapshot_table(
+        header.snapshots_offset,
+        header.nb_snapshots,
+        false,
+        false,
+        &mut |off, buf| read_zero_filled(reader, &file, buf, off),
+    )
+    .map_err(|e| match e {
+        format::SnapshotReadError::Io(e) => Error::io(
+            format!("Cannot read the snapshot table of {}", path.display()),
+            e,
+        ),
+        format::SnapshotReadError::Format(e) => Error::with_source(
+            ErrorKind::InvalidImage,
+            format!("Cannot open {}", path.display()),
+            e,
+        ),
+    })?;
     let l1: Box<[AtomicU64]> = l1_bytes
         .chunks_exact(8)
         .map(|c| AtomicU64::new(format::be64_at(c, 0)))
@@ -449,6 +488,25 @@ fn repair_if_dirty(path: &Path, reader: &mut BlockingReader) -> Result<(), Error
                 report.corruptions
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Fills `buf` from `offset`; what lies past the end of the file reads as zeros.
+fn read_zero_filled(
+    reader: &mut BlockingReader,
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), std::io::Error> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let n = reader.read_at(file.as_raw_fd(), &mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
     }
     Ok(())
 }

@@ -139,11 +139,25 @@ impl Header {
     /// possible first cluster.
     pub const PROBE_BYTES: usize = 1 << MAX_CLUSTER_BITS;
 
-    /// Parses and validates the header from the first bytes of the file.
+    /// Parses and validates the header from the first bytes of the file, refusing what QEMU
+    /// refuses when it opens an image.
     ///
     /// `buf` holds the start of the file (at least the first cluster, or the whole file when it
-    /// is shorter); `file_len` is the file's length, used to bound table offsets.
+    /// is shorter); `file_len` is the file's length. Tables may lie past the end of the file
+    /// (QEMU reads zeros there); their offsets must be cluster aligned and their ends
+    /// addressable, and their sizes within QEMU's limits.
     pub fn parse(buf: &[u8], file_len: u64) -> Result<Header, FormatError> {
+        Self::parse_mode(buf, file_len, false)
+    }
+
+    /// Like [`Header::parse`], with the leniency QEMU has when it opens an image to check or
+    /// repair it: no refcount table at all (`refcount_table_clusters` = 0) is accepted, and
+    /// the snapshot table is not validated here (the check reports and repairs it).
+    pub fn parse_for_check(buf: &[u8], file_len: u64) -> Result<Header, FormatError> {
+        Self::parse_mode(buf, file_len, true)
+    }
+
+    fn parse_mode(buf: &[u8], file_len: u64, check: bool) -> Result<Header, FormatError> {
         if buf.len() < 8 {
             return Err(FormatError::Truncated { len: buf.len() });
         }
@@ -210,12 +224,10 @@ impl Header {
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
             let hl = u64::from(h.header_length);
-            if hl < V3_MIN_HEADER_BYTES as u64 || hl % 8 != 0 || hl > cluster_size {
+            if hl < V3_MIN_HEADER_BYTES as u64 || hl > cluster_size {
                 return Err(invalid(
                     "header_length",
-                    format!(
-                        "{hl} (must be a multiple of 8, at least 104, within the first cluster)"
-                    ),
+                    format!("{hl} (must be at least 104 and within the first cluster)"),
                 ));
             }
             if hl as usize > buf.len() {
@@ -261,7 +273,7 @@ impl Header {
             return Err(FormatError::Encrypted(h.crypt_method));
         }
 
-        h.validate_tables(file_len)?;
+        h.validate_tables(check)?;
         h.parse_extensions(buf)?;
         h.parse_backing_name(buf)?;
         h.validate_features()?;
@@ -317,9 +329,12 @@ impl Header {
         self.size.div_ceil(self.l2_coverage_bytes())
     }
 
-    fn validate_tables(&self, file_len: u64) -> Result<(), FormatError> {
+    /// Validates table offsets and sizes as QEMU's `qcow2_validate_table` does: a size within
+    /// the limit, an aligned offset, and an end that fits in a signed 64-bit offset. Tables
+    /// may lie past the end of the file: reads there return zeros, as in QEMU.
+    fn validate_tables(&self, check: bool) -> Result<(), FormatError> {
         let cs = self.cluster_size();
-        let in_file = |field: &'static str, off: u64, len: u64| -> Result<(), FormatError> {
+        let table = |field: &'static str, off: u64, len: u64| -> Result<(), FormatError> {
             if !off.is_multiple_of(cs) {
                 return Err(invalid(
                     field,
@@ -327,34 +342,20 @@ impl Header {
                 ));
             }
             match off.checked_add(len) {
-                Some(end) if end <= file_len => Ok(()),
+                Some(end) if end <= i64::MAX as u64 => Ok(()),
                 _ => Err(invalid(
                     field,
-                    format!("table at {off:#x} of {len} bytes lies past the end of the file ({file_len} bytes)"),
+                    format!("table at {off:#x} of {len} bytes ends past the largest file offset"),
                 )),
             }
         };
 
-        let l1_bytes = u64::from(self.l1_size) * 8;
-        if l1_bytes > MAX_L1_BYTES {
+        if self.refcount_table_clusters == 0 && !check {
             return Err(invalid(
-                "l1_size",
-                format!("{} entries exceeds the 32 MiB limit", self.l1_size),
+                "refcount_table_clusters",
+                "0: the image has no refcount table (qcow2d check --repair rebuilds it)",
             ));
         }
-        if u64::from(self.l1_size) < self.l1_entries_needed() {
-            return Err(invalid(
-                "l1_size",
-                format!(
-                    "{} entries cannot cover the virtual size of {} bytes",
-                    self.l1_size, self.size
-                ),
-            ));
-        }
-        if self.l1_size > 0 {
-            in_file("l1_table_offset", self.l1_table_offset, l1_bytes)?;
-        }
-
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
             return Err(invalid(
@@ -365,30 +366,93 @@ impl Header {
                 ),
             ));
         }
-        if rt_bytes == 0 {
-            return Err(invalid("refcount_table_clusters", "must not be 0"));
-        }
-        in_file(
+        table(
             "refcount_table_offset",
             self.refcount_table_offset,
             rt_bytes,
         )?;
 
-        if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(invalid(
-                "nb_snapshots",
-                format!("{} exceeds the limit of {MAX_SNAPSHOTS}", self.nb_snapshots),
-            ));
-        }
-        if self.nb_snapshots > 0 {
-            // Each snapshot entry is at least 40 bytes.
-            in_file(
+        if !check {
+            // Each snapshot entry is at least 40 bytes; the whole table is checked when it
+            // is read.
+            if self.nb_snapshots > MAX_SNAPSHOTS {
+                return Err(invalid(
+                    "nb_snapshots",
+                    format!(
+                        "{} exceeds the limit of {MAX_SNAPSHOTS} (qcow2d check --repair drops the snapshots past it)",
+                        self.nb_snapshots
+                    ),
+                ));
+            }
+            table(
                 "snapshots_offset",
                 self.snapshots_offset,
                 u64::from(self.nb_snapshots) * 40,
             )?;
         }
+
+        let l1_bytes = u64::from(self.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(invalid(
+                "l1_size",
+                format!("{} entries exceeds the 32 MiB limit", self.l1_size),
+            ));
+        }
+        table("l1_table_offset", self.l1_table_offset, l1_bytes)?;
+        if u64::from(self.l1_size) < self.l1_entries_needed() {
+            return Err(invalid(
+                "l1_size",
+                format!(
+                    "{} entries cannot cover the virtual size of {} bytes",
+                    self.l1_size, self.size
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether the active L1 table lies inside a file of `file_len` bytes. QEMU opens an
+    /// image whose L1 table does not, and reads zeros for the guest data it lost; qcow2d
+    /// refuses it rather than answer reads with zeros the image never held.
+    pub fn l1_in_file(&self, file_len: u64) -> Result<(), FormatError> {
+        let (off, len) = (self.l1_table_offset, u64::from(self.l1_size) * 8);
+        match off.checked_add(len) {
+            Some(end) if end <= file_len => Ok(()),
+            _ => Err(invalid(
+                "l1_table_offset",
+                format!(
+                    "the L1 table at {off:#x} of {len} bytes lies past the end of the file ({file_len} bytes)"
+                ),
+            )),
+        }
+    }
+
+    /// Whether the L1 and refcount tables lie inside a file of `file_len` bytes. QEMU opens
+    /// an image whose refcount table does not (reading zeros past the end); qcow2d reads it
+    /// too, but refuses to write it.
+    pub fn tables_in_file(&self, file_len: u64) -> Result<(), FormatError> {
+        let cs = self.cluster_size();
+        let inside = |field: &'static str, off: u64, len: u64| -> Result<(), FormatError> {
+            match off.checked_add(len) {
+                Some(end) if end <= file_len => Ok(()),
+                _ => Err(invalid(
+                    field,
+                    format!(
+                        "table at {off:#x} of {len} bytes lies past the end of the file ({file_len} bytes)"
+                    ),
+                )),
+            }
+        };
+        inside(
+            "l1_table_offset",
+            self.l1_table_offset,
+            u64::from(self.l1_size) * 8,
+        )?;
+        inside(
+            "refcount_table_offset",
+            self.refcount_table_offset,
+            u64::from(self.refcount_table_clusters) * cs,
+        )
     }
 
     fn parse_extensions(&mut self, buf: &[u8]) -> Result<(), FormatError> {
@@ -479,11 +543,24 @@ impl Header {
         if self.backing_file_offset == 0 {
             return Ok(());
         }
-        if self.backing_file_size == 0 || self.backing_file_size > MAX_BACKING_NAME_BYTES {
+        if self.backing_file_offset > self.cluster_size() {
+            return Err(invalid(
+                "backing_file_offset",
+                format!(
+                    "{:#x} lies outside the first cluster",
+                    self.backing_file_offset
+                ),
+            ));
+        }
+        if self.backing_file_size > MAX_BACKING_NAME_BYTES {
             return Err(invalid(
                 "backing_file_size",
-                format!("{} (must be 1..=1023)", self.backing_file_size),
+                format!("{} (at most 1023)", self.backing_file_size),
             ));
+        }
+        if self.backing_file_size == 0 {
+            // An empty name: no backing file, as QEMU reads it.
+            return Ok(());
         }
         let start = self.backing_file_offset;
         let end = start.checked_add(u64::from(self.backing_file_size));
@@ -693,13 +770,29 @@ mod tests {
     }
 
     #[test]
-    fn refuses_tables_past_eof_or_unaligned() {
+    fn refuses_tables_unaligned_or_unaddressable() {
         let mut b = v3_header();
         put64(&mut b, 40, 0x30200);
         assert!(Header::parse(&b, b.len() as u64).is_err());
+        // Past the end of the file: QEMU opens it (reading zeros); qcow2d refuses it.
         let mut b = v3_header();
         put64(&mut b, 40, 0x1_0000_0000);
+        let h = Header::parse(&b, b.len() as u64).unwrap();
+        assert!(h.tables_in_file(b.len() as u64).is_err());
+        assert!(h.l1_in_file(b.len() as u64).is_err());
+        let mut b = v3_header();
+        put64(&mut b, 40, 0xffff_ffff_ffff_0000);
         assert!(Header::parse(&b, b.len() as u64).is_err());
+        // A misaligned snapshot table is refused even when it has no entries, as in QEMU.
+        let mut b = v3_header();
+        put64(&mut b, 64, 0x1234);
+        assert!(Header::parse(&b, b.len() as u64).is_err());
+        assert!(Header::parse_for_check(&b, b.len() as u64).is_ok());
+        // No refcount table: only a check opens it.
+        let mut b = v3_header();
+        put32(&mut b, 56, 0);
+        assert!(Header::parse(&b, b.len() as u64).is_err());
+        assert!(Header::parse_for_check(&b, b.len() as u64).is_ok());
         let mut b = v3_header();
         put32(&mut b, 36, u32::MAX);
         assert!(Header::parse(&b, b.len() as u64).is_err());

@@ -1,5 +1,5 @@
 //! Pure parsing and encoding of QCOW2 on-disk structures: header, header extensions, L1/L2
-//! entries, compressed-cluster descriptors and their decompression.
+//! entries, compressed-cluster descriptors and their decompression, the snapshot table.
 //!
 //! Nothing here performs I/O or holds state; every function takes bytes and returns values or a
 //! [`FormatError`]. Callers on any thread may use it. All integers on disk are big endian.
@@ -9,6 +9,7 @@ mod compress;
 mod entry;
 mod header;
 mod refcount;
+mod snapshot;
 
 pub use compress::{inflate_cluster, InflateError, Inflater};
 pub use entry::{
@@ -20,6 +21,11 @@ pub use header::{
     CRYPTO_EXT, DATA_FILE_EXT, FEATURE_NAME_TABLE_EXT,
 };
 pub use refcount::{refcount_get, refcount_max, refcount_set};
+pub use snapshot::{
+    encode_table as encode_snapshot_table, read_table as read_snapshot_table, SnapshotEntry,
+    SnapshotReadError, SnapshotTable, MAX_SNAPSHOT_EXTRA_BYTES, MAX_SNAPSHOT_TABLE_BYTES,
+    SNAPSHOT_HEADER_BYTES, SNAPSHOT_KNOWN_EXTRA_BYTES,
+};
 
 use thiserror::Error;
 
