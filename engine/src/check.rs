@@ -24,12 +24,17 @@ use std::path::Path;
 use crate::error::{Error, ErrorKind};
 use crate::format::{
     autoclear, incompat, refcount_get, refcount_max, refcount_set, CompressedDescriptor,
-    FormatError, Header, L2Entry, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES,
+    FormatError, Header, L2Entry, SnapshotReadError, SnapshotTable, MAX_L1_BYTES,
+    MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOTS, SNAPSHOT_HEADER_BYTES, SNAPSHOT_KNOWN_EXTRA_BYTES,
 };
 use crate::io::{lock_file, BlockingReader, LockError, Role};
 
-/// Most memory the expected-refcount array of one check may take (8 bytes per host cluster).
-pub const MAX_CHECK_MEMORY: u64 = 1 << 30;
+/// Most memory the expected-refcount array of one check may take. The array holds one entry
+/// of the image's refcount width per host cluster, up to the highest cluster that metadata
+/// references (not the file's length: a huge sparse file costs only what it uses), as QEMU's
+/// in-memory refcount table does; a check that would need more fails ("check not
+/// completed").
+pub const MAX_CHECK_MEMORY: u64 = 256 << 20;
 /// How many mismatching clusters a report lists; the counts cover all of them.
 pub const MAX_LISTED_CLUSTERS: usize = 100;
 /// How many messages a report keeps; the rest are counted in one final message.
@@ -57,10 +62,6 @@ const BME_ALL_ONES: u64 = 1;
 const BME_MAX_TABLE_ENTRIES: u64 = 0x800_0000;
 /// Largest bitmap directory, in bytes.
 const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 << 20;
-/// Largest snapshot table, in bytes (QEMU's limit).
-const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
-/// Fixed part of a snapshot table entry.
-const SNAPSHOT_ENTRY_BYTES: u64 = 40;
 /// Fixed part of a bitmap directory entry.
 const BITMAP_ENTRY_BYTES: u64 = 24;
 
@@ -99,6 +100,9 @@ pub struct CheckReport {
     /// Allocated guest clusters that do not follow the previous one in the file (per L2
     /// table, as QEMU counts them; compressed clusters always count).
     pub fragmented_clusters: u64,
+    /// Stored refcounts that could not be read (a misaligned refcount block), as QEMU
+    /// counts them: the check is not complete (exit status 1).
+    pub check_errors: u64,
     /// Whether the image was opened for repair (the counts describe the state after it).
     pub repaired: bool,
     /// What was found and done, one line each, worded like `qemu-img check`'s messages.
@@ -106,10 +110,13 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
-    /// The exit status `qemu-img check` would give: 0 when consistent, 2 when corruptions
-    /// remain, 3 when only leaks remain. (1, "check not completed", is an `Err` of [`check`].)
+    /// The exit status `qemu-img check` would give: 1 when refcounts could not be read
+    /// (check errors), else 0 when consistent, 2 when corruptions remain, 3 when only leaks
+    /// remain. (A check that cannot run at all is an `Err` of [`check`], also status 1.)
     pub fn exit_code(&self) -> i32 {
-        if self.corruptions > 0 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
             2
         } else if self.leaks > 0 {
             3
@@ -130,7 +137,14 @@ impl fmt::Display for CheckReport {
                 self.leaks_fixed, self.corruptions_fixed
             )?;
         }
-        if self.corruptions == 0 && self.leaks == 0 {
+        if self.check_errors > 0 {
+            write!(
+                f,
+                "\n{} internal errors have occurred during the check.\n",
+                self.check_errors
+            )?;
+        }
+        if self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0 {
             writeln!(f, "No errors were found on the image.")?;
         } else {
             if self.corruptions > 0 {
@@ -178,8 +192,20 @@ impl fmt::Display for CheckReport {
 /// more than [`MAX_CHECK_MEMORY`] bytes.
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
     let mut t = Target::open(path, repair)?;
-    let mut first = analyze(&mut t)?;
     let mut log = Log::default();
+    let header = read_header(&mut t)?;
+    let (snapshots, cut) = read_snapshots(&mut t, &header, repair, &mut log)?;
+    if cut > 0 {
+        // As QEMU does: lower the count at once (what was dropped leaks, and is freed by
+        // the refcount repair below).
+        t.write(
+            60,
+            &(snapshots.entries.len() as u32).to_be_bytes(),
+            "the snapshot count",
+        )?;
+        t.sync()?;
+    }
+    let mut first = analyze(&mut t, &snapshots)?;
     header_notes(&first.header, &mut log);
     log.append(&first.log);
     if !repair {
@@ -188,7 +214,17 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
         return Ok(report);
     }
 
-    let (first_corruptions, first_leaks) = (first.corruptions, first.leaks);
+    let (first_corruptions, first_leaks) = (first.corruptions + cut, first.leaks);
+    let mut snapshots = snapshots;
+    if fix_zero_entries(&mut t, &first, &mut log)? > 0 {
+        first = analyze(&mut t, &snapshots)?;
+    }
+    let rewrite =
+        snapshots.extra_truncated > 0 || (first.header.version >= 3 && snapshots.incomplete() > 0);
+    if rewrite {
+        snapshots = rewrite_snapshots(&mut t, &first, snapshots, &mut log)?;
+        first = analyze(&mut t, &snapshots)?;
+    }
     if first.mismatches > 0 || first.rebuild {
         // Clearing COPIED is always safe, setting it only once the refcount is right.
         fix_copied_flags(&mut t, &mut first, FlagMode::ClearUnsafe, &mut log)?;
@@ -197,7 +233,7 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
         drop(first);
     }
 
-    let mut second = analyze(&mut t)?;
+    let mut second = analyze(&mut t, &snapshots)?;
     if second.corruptions > 0 {
         if second.mismatches == 0 && !second.rebuild {
             fix_copied_flags(&mut t, &mut second, FlagMode::Fix, &mut log)?;
@@ -207,8 +243,8 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
     }
     drop(second);
 
-    let fin = analyze(&mut t)?;
-    if fin.corruptions == 0 && fin.header.version >= 3 {
+    let fin = analyze(&mut t, &snapshots)?;
+    if fin.corruptions == 0 && fin.check_errors == 0 && fin.header.version >= 3 {
         let flags = incompat::DIRTY | incompat::CORRUPT;
         let old = fin.header.incompatible_features;
         if old & flags != 0 {
@@ -241,6 +277,100 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
     }
     report.messages = messages;
     Ok(report)
+}
+
+/// Turns entries that reference a preallocated zero cluster at a misaligned offset (and hold
+/// no data) into plain zero entries, as QEMU's repair does; an entry whose L2 table shares
+/// its cluster with other metadata is left alone. Returns how many entries changed.
+fn fix_zero_entries(t: &mut Target, a: &Analysis, log: &mut Log) -> Result<u64, Error> {
+    let g = a.g;
+    let mut fixed = 0u64;
+    for &(l2_off, j) in &a.zero_fixes {
+        let refs = a.l2_tables.get(&l2_off).map_or(0, |u| u.refs);
+        if refs == 0 || a.expected_at(l2_off >> g.cb) != Some(refs) {
+            log.push(format!(
+                "Not repairing L2 table {l2_off:#x} entry {j}: the table overlaps other metadata"
+            ));
+            continue;
+        }
+        let at = l2_off + (j * g.esz) as u64;
+        let mut e = [0u8; 16];
+        let e = &mut e[..g.esz];
+        t.read(at, e, "an L2 entry")?;
+        let new = if g.extended {
+            // Allocated subclusters read as zeros now; the entry holds no host cluster.
+            let bitmap = be64(e, 8);
+            let bitmap = (bitmap | (bitmap << 32)) & 0xffff_ffff_0000_0000;
+            let mut n = [0u8; 16];
+            n[8..].copy_from_slice(&bitmap.to_be_bytes());
+            n.to_vec()
+        } else {
+            ZERO.to_be_bytes().to_vec()
+        };
+        log.push(format!(
+            "Repairing offset={:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
+            be64(e, 0) & L2E_OFFSET_MASK
+        ));
+        t.write(at, &new, "an L2 entry")?;
+        fixed += 1;
+    }
+    if fixed > 0 {
+        t.sync()?;
+    }
+    Ok(fixed)
+}
+
+/// Writes the snapshot table again with every entry complete (at least the 16 bytes of
+/// extra data version 3 requires; extra data QEMU would refuse truncated), at a cluster
+/// past everything the image references or counts, then points the header at it. The old
+/// table leaks and the new one has no refcount yet: the refcount repair that follows fixes
+/// both.
+fn rewrite_snapshots(
+    t: &mut Target,
+    a: &Analysis,
+    table: SnapshotTable,
+    log: &mut Log,
+) -> Result<SnapshotTable, Error> {
+    let g = a.g;
+    let bytes = crate::format::encode_snapshot_table(&table.entries, a.header.size);
+    let mut stored = Stored::new(a);
+    let mut end = a.g.file_clusters.max(a.counts.len);
+    // Past every cluster a stored refcount claims, too.
+    for b in 0..stored.table.len() as u64 {
+        if let Block::At(_) = stored.read_block_of(b) {
+            for c in (b * g.epb..(b + 1) * g.epb).rev() {
+                if stored.get(t, c)?.unwrap_or(0) > 0 {
+                    end = end.max(c + 1);
+                    break;
+                }
+            }
+        }
+    }
+    let at = end << g.cb;
+    let mut padded = bytes.clone();
+    padded.resize((bytes.len() as u64).next_multiple_of(g.cs) as usize, 0);
+    t.write(at, &padded, "the new snapshot table")?;
+    t.sync()?;
+    let mut h = [0u8; 12];
+    h[..4].copy_from_slice(&(table.entries.len() as u32).to_be_bytes());
+    h[4..].copy_from_slice(&at.to_be_bytes());
+    t.write(60, &h, "the header")?;
+    t.sync()?;
+    log.push(format!(
+        "Repairing: wrote the snapshot table again at {at:#x} ({} entries)",
+        table.entries.len()
+    ));
+    let entries = table.entries;
+    let mut reread = SnapshotTable {
+        entries,
+        size_bytes: bytes.len() as u64,
+        extra_truncated: 0,
+        dropped: 0,
+    };
+    for e in &mut reread.entries {
+        e.extra_data_size = e.extra_data_size.max(SNAPSHOT_KNOWN_EXTRA_BYTES);
+    }
+    Ok(reread)
 }
 
 /// Notes on the header's dirty and corrupt bits (not counted as errors, as in QEMU).
@@ -347,7 +477,7 @@ impl Geo {
     fn new(h: &Header, file_len: u64, path: &str) -> Result<Geo, Error> {
         let cs = h.cluster_size();
         let file_clusters = file_len.div_ceil(cs);
-        check_memory(file_clusters + 1, path)?;
+        let _ = path;
         Ok(Geo {
             cb: h.cluster_bits,
             cs,
@@ -368,19 +498,92 @@ impl Geo {
     }
 }
 
-fn check_memory(clusters: u64, path: &str) -> Result<(), Error> {
-    let bytes = clusters.saturating_mul(8);
-    if bytes > MAX_CHECK_MEMORY {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "{path}: checking {clusters} host clusters needs {} MiB for reference counts, more than the limit of {} MiB",
-                bytes >> 20,
-                MAX_CHECK_MEMORY >> 20
-            ),
-        ));
+fn memory_error(path: &str, clusters: u64, order: u32) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!(
+            "{path}: checking references to {clusters} host clusters needs {} MiB for reference counts, more than the limit of {} MiB",
+            (clusters << order >> 3) >> 20,
+            MAX_CHECK_MEMORY >> 20
+        ),
+    )
+}
+
+/// Expected refcounts, packed at the image's refcount width exactly like a refcount block
+/// (so a block can be written straight from it), growing to the highest cluster referenced.
+#[derive(Clone, Debug)]
+struct Counts {
+    order: u32,
+    bytes: Vec<u8>,
+    /// Clusters the array covers.
+    len: u64,
+}
+
+impl Counts {
+    fn new(order: u32) -> Counts {
+        Counts {
+            order,
+            bytes: Vec::new(),
+            len: 0,
+        }
     }
-    Ok(())
+
+    fn get(&self, c: u64) -> u64 {
+        if c >= self.len {
+            return 0;
+        }
+        // c < len, and `bytes` holds `len` entries.
+        refcount_get(&self.bytes, self.order, c as usize)
+    }
+
+    /// Makes the array cover clusters `0..clusters`; false when that needs more than
+    /// [`MAX_CHECK_MEMORY`] or the allocation fails.
+    fn grow(&mut self, clusters: u64) -> bool {
+        if clusters <= self.len {
+            return true;
+        }
+        let Some(bytes) = clusters
+            .checked_mul(1 << self.order)
+            .map(|bits| bits.div_ceil(8).next_multiple_of(8))
+        else {
+            return false;
+        };
+        if bytes > MAX_CHECK_MEMORY {
+            return false;
+        }
+        let Ok(n) = usize::try_from(bytes) else {
+            return false;
+        };
+        if n > self.bytes.len() {
+            // Grow geometrically (bounded by the limit) so that references found in
+            // increasing order cost few reallocations.
+            let want = n
+                .max(self.bytes.len().saturating_mul(2))
+                .min(MAX_CHECK_MEMORY as usize);
+            if self
+                .bytes
+                .try_reserve_exact(want - self.bytes.len())
+                .is_err()
+                && self.bytes.try_reserve_exact(n - self.bytes.len()).is_err()
+            {
+                return false;
+            }
+            self.bytes.resize(n, 0);
+        }
+        self.len = clusters;
+        true
+    }
+
+    /// Sets entry `c`, which the array covers, to `v`, which fits the width.
+    fn set(&mut self, c: u64, v: u64) {
+        debug_assert!(c < self.len);
+        let _ = refcount_set(&mut self.bytes, self.order, c as usize, v);
+    }
+
+    /// Whether every entry of `first..end` is zero.
+    fn zero_range(&self, first: u64, end: u64) -> bool {
+        (first..end.min(self.len)).all(|c| self.get(c) == 0)
+    }
 }
 
 fn to_usize(v: u64, path: &str) -> Result<usize, Error> {
@@ -528,8 +731,18 @@ enum FlagMode {
 struct Analysis {
     header: Header,
     g: Geo,
-    /// Expected refcount of every host cluster of the file.
-    expected: Vec<u64>,
+    /// Expected refcount of every host cluster referenced.
+    counts: Counts,
+    /// The referenced clusters needed more than [`MAX_CHECK_MEMORY`] (the check fails).
+    too_big: Option<u64>,
+    /// Stored refcounts that could not be read (a misaligned refcount block): QEMU's
+    /// "check errors", which make the check incomplete.
+    check_errors: u64,
+    /// The snapshot table as read (the header's count may have been lowered by a repair).
+    snapshots: SnapshotTable,
+    /// Entries that reference a preallocated zero cluster at a misaligned offset and no
+    /// data: (L2 table offset, entry index), which a repair turns into plain zero entries.
+    zero_fixes: Vec<(u64, usize)>,
     /// Raw refcount table entries.
     reftable: Vec<u64>,
     /// Clusters counted for the refcount table and blocks (dropped when rebuilding).
@@ -552,28 +765,100 @@ struct Analysis {
     image_end_offset: u64,
 }
 
-fn analyze(t: &mut Target) -> Result<Analysis, Error> {
+/// Reads and parses the header as QEMU does when it opens an image for checking.
+fn read_header(t: &mut Target) -> Result<Header, Error> {
     let file_len = t.len()?;
     let probe = (Header::PROBE_BYTES as u64).min(file_len);
     let mut buf = zeroed(probe, &t.path)?;
     t.read(0, &mut buf, "the header")?;
-    let header = Header::parse(&buf, file_len).map_err(|e| format_error(&t.path, e))?;
-    drop(buf);
-    let g = Geo::new(&header, file_len, &t.path)?;
-    let n = to_usize(g.file_clusters + 1, &t.path)?;
-    let mut expected = Vec::new();
-    expected.try_reserve_exact(n).map_err(|_| {
-        Error::new(
-            ErrorKind::Io,
-            format!("{}: cannot allocate the reference counts", t.path),
-        )
+    Header::parse_for_check(&buf, file_len).map_err(|e| format_error(&t.path, e))
+}
+
+/// Reads the snapshot table as QEMU's check does: with `repair`, too many snapshots, too
+/// much extra data and a table too big are cut back (the header's count is lowered at once,
+/// which leaks what was dropped; the rest is rewritten later); without it they make the
+/// check fail, as a misaligned table does.
+fn read_snapshots(
+    t: &mut Target,
+    h: &Header,
+    repair: bool,
+    log: &mut Log,
+) -> Result<(SnapshotTable, u64), Error> {
+    let mut nb = h.nb_snapshots;
+    let mut cut = 0u64;
+    if nb > MAX_SNAPSHOTS && repair {
+        log.push(format!(
+            "Discarding {} overhanging snapshots",
+            nb - MAX_SNAPSHOTS
+        ));
+        cut += u64::from(nb - MAX_SNAPSHOTS);
+        nb = MAX_SNAPSHOTS;
+    }
+    let cs = h.cluster_size();
+    if nb > MAX_SNAPSHOTS
+        || !h.snapshots_offset.is_multiple_of(cs)
+        || h.snapshots_offset
+            .checked_add(u64::from(nb) * SNAPSHOT_HEADER_BYTES)
+            .is_none_or(|end| end > i64::MAX as u64)
+    {
+        let why = if nb > MAX_SNAPSHOTS {
+            format!(
+                "the snapshot table is too large ({nb} snapshots; qcow2d check --repair drops the {} overhanging ones)",
+                nb - MAX_SNAPSHOTS
+            )
+        } else {
+            format!(
+                "the snapshot table offset {:#x} is invalid",
+                h.snapshots_offset
+            )
+        };
+        return Err(Error::new(ErrorKind::Corrupt, format!("{}: {why}", t.path)));
+    }
+    let path = t.path.clone();
+    let table = crate::format::read_snapshot_table(
+        h.snapshots_offset,
+        nb,
+        repair,
+        repair,
+        &mut |off, buf| t.read(off, buf, "the snapshot table"),
+    )
+    .map_err(|e| match e {
+        SnapshotReadError::Io(e) => e,
+        SnapshotReadError::Format(e) => Error::with_source(
+            ErrorKind::Corrupt,
+            format!("{path}: cannot read the snapshot table"),
+            e,
+        ),
     })?;
-    expected.resize(n, 0u64);
+    if table.extra_truncated > 0 {
+        log.push(format!(
+            "Discarding too much extra metadata in {} snapshot table entries",
+            table.extra_truncated
+        ));
+    }
+    if table.dropped > 0 {
+        log.push(format!(
+            "Discarding {} overhanging snapshots (snapshot table is too big)",
+            table.dropped
+        ));
+        cut += u64::from(table.dropped);
+    }
+    Ok((table, cut))
+}
+
+fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysis, Error> {
+    let header = read_header(t)?;
+    let file_len = t.len()?;
+    let g = Geo::new(&header, file_len, &t.path)?;
 
     let mut a = Analysis {
         header,
         g,
-        expected,
+        counts: Counts::new(g.order),
+        too_big: None,
+        check_errors: 0,
+        snapshots: snapshots.clone(),
+        zero_fixes: Vec::new(),
         reftable: Vec::new(),
         refstruct: Vec::new(),
         l2_tables: HashMap::new(),
@@ -596,6 +881,9 @@ fn analyze(t: &mut Target) -> Result<Analysis, Error> {
     a.inc(0, g.cs, "header", false);
     a.walk_l1(t, h.l1_table_offset, h.l1_size, true, "active")?;
     a.walk_snapshots(t)?;
+    if let Some(clusters) = a.too_big {
+        return Err(memory_error(&t.path, clusters, g.order));
+    }
     let rt_bytes = u64::from(h.refcount_table_clusters) * g.cs;
     a.inc(h.refcount_table_offset, rt_bytes, "refcount table", true);
     if let Some((off, len)) = h.crypto_header {
@@ -609,6 +897,9 @@ fn analyze(t: &mut Target) -> Result<Analysis, Error> {
     drop(rt);
     a.check_refblocks();
 
+    if let Some(clusters) = a.too_big {
+        return Err(memory_error(&t.path, clusters, g.order));
+    }
     let mut stored = Stored::new(&a);
     a.compare(t, &mut stored)?;
     let mut unused = Log::default();
@@ -633,7 +924,10 @@ impl Analysis {
         let end = match off.checked_add(len) {
             Some(end) if end < limit => end,
             _ => {
-                self.past_eof += 1;
+                // The refcount structure itself is replaced by a rebuild: it does not stop one.
+                if !refstruct {
+                    self.past_eof += 1;
+                }
                 self.corrupt(format!(
                     "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x} ({what})"
                 ));
@@ -641,19 +935,14 @@ impl Analysis {
             }
         };
         let (first, last) = (off >> self.g.cb, (end - 1) >> self.g.cb);
+        // `end < file_len + cluster size`, so `last <= file_clusters`.
+        if !self.counts.grow(last + 1) {
+            self.too_big = Some(last + 1);
+            return false;
+        }
         for c in first..=last {
-            // `end < file_len + cluster size`, so `c <= file_clusters`: inside the array.
-            let Some(e) = usize::try_from(c)
-                .ok()
-                .and_then(|i| self.expected.get_mut(i))
-            else {
-                self.past_eof += 1;
-                self.corrupt(format!(
-                    "ERROR {what} at {off:#x}: cluster {c} is out of range"
-                ));
-                return false;
-            };
-            if *e >= self.g.rc_max {
+            let e = self.counts.get(c);
+            if e >= self.g.rc_max {
                 self.corrupt(format!(
                     "ERROR: overflow cluster offset={:#x}: more references than {}-bit refcounts hold",
                     c << self.g.cb,
@@ -661,7 +950,7 @@ impl Analysis {
                 ));
                 continue;
             }
-            *e += 1;
+            self.counts.set(c, e + 1);
             if refstruct {
                 self.refstruct.push(c);
             }
@@ -676,11 +965,10 @@ impl Analysis {
         self.g.file_clusters + u64::from(extra)
     }
 
+    /// The expected refcount of a cluster of the file (or of the one after it); `None`
+    /// past that.
     fn expected_at(&self, c: u64) -> Option<u64> {
-        usize::try_from(c)
-            .ok()
-            .and_then(|i| self.expected.get(i))
-            .copied()
+        (c <= self.g.file_clusters).then(|| self.counts.get(c))
     }
 
     /// Counts an L1 table, its L2 tables and their clusters.
@@ -790,9 +1078,25 @@ impl Analysis {
                         ));
                     }
                     if !off.is_multiple_of(g.cs) {
-                        self.corrupt(format!(
-                            "ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."
-                        ));
+                        // Without data (a preallocated zero cluster, or no allocated
+                        // subcluster) a repair can make it a plain zero entry, as QEMU does.
+                        let data = if g.extended {
+                            bitmap & 0xffff_ffff != 0
+                        } else {
+                            raw & ZERO == 0
+                        };
+                        if data {
+                            self.corrupt(format!(
+                                "ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                            ));
+                        } else {
+                            self.corrupt(format!(
+                                "ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                            ));
+                            if l2_off.is_multiple_of(g.cs) {
+                                self.zero_fixes.push((l2_off, j));
+                            }
+                        }
                     }
                     if active {
                         self.allocated += 1;
@@ -826,55 +1130,26 @@ impl Analysis {
         }
     }
 
-    /// Counts every snapshot's L1 table (and what it points at) and the snapshot table.
+    /// Counts every snapshot's L1 table (and what it points at) and the snapshot table, from
+    /// the table [`read_snapshots`] read; in a version 3 image an entry without the 16 bytes
+    /// of extra data is a corruption (a repair rewrites the table).
     fn walk_snapshots(&mut self, t: &mut Target) -> Result<(), Error> {
         let g = self.g;
-        let nb = self.header.nb_snapshots;
-        if nb == 0 {
-            return Ok(());
-        }
-        if g.data_file {
+        let entries = std::mem::take(&mut self.snapshots.entries);
+        let nb = entries.len();
+        if nb > 0 && g.data_file {
             self.corrupt(format!("ERROR {nb} snapshots in image with data file"));
         }
-        let start = self.header.snapshots_offset;
-        let mut pos = start;
-        for k in 0..nb {
-            let Some(at) = pos.checked_next_multiple_of(8) else {
-                break;
-            };
-            pos = at;
-            if !g.in_file(pos, SNAPSHOT_ENTRY_BYTES) {
-                self.corrupt(format!(
-                    "ERROR snapshot table entry {k} at {pos:#x} lies past the end of the file"
-                ));
-                break;
-            }
-            let mut e = [0u8; SNAPSHOT_ENTRY_BYTES as usize];
-            t.read(pos, &mut e, "the snapshot table")?;
-            let l1_off = be64(&e, 0);
-            let l1_size = be32(&e, 8);
-            let id_size = u64::from(be16(&e, 12));
-            let name_size = u64::from(be16(&e, 14));
-            let extra = u64::from(be32(&e, 36));
-            let var = extra + id_size + name_size;
-            let names_off = pos + SNAPSHOT_ENTRY_BYTES + extra;
-            let end = pos + SNAPSHOT_ENTRY_BYTES + var;
-            if end - start > MAX_SNAPSHOT_TABLE_BYTES || end > g.file_len {
-                self.corrupt(format!(
-                    "ERROR snapshot table entry {k} at {pos:#x} lies past the end of the file or the 64 MiB limit"
-                ));
-                break;
-            }
-            let mut names = vec![0u8; (id_size + name_size) as usize];
-            t.read(names_off, &mut names, "the snapshot table")?;
-            let (id, name) = names.split_at(id_size as usize);
+        for (k, e) in entries.iter().enumerate() {
             let label = format!(
                 "snapshot {} ({})",
-                String::from_utf8_lossy(id),
-                String::from_utf8_lossy(name)
+                String::from_utf8_lossy(&e.id),
+                String::from_utf8_lossy(&e.name)
             );
-            pos = end;
-
+            if self.header.version >= 3 && e.extra_data_size < SNAPSHOT_KNOWN_EXTRA_BYTES {
+                self.corrupt(format!("ERROR snapshot table entry {k} is incomplete"));
+            }
+            let (l1_off, l1_size) = (e.l1_table_offset, e.l1_size);
             if !l1_off.is_multiple_of(g.cs) {
                 self.corrupt(format!(
                     "ERROR {label} l1_offset={l1_off:#x}: L1 table is not cluster aligned; snapshot table entry corrupted"
@@ -888,16 +1163,13 @@ impl Analysis {
                 ));
                 continue;
             }
-            if !g.in_file(l1_off, l1_bytes) {
-                self.past_eof += 1;
-                self.corrupt(format!(
-                    "ERROR {label} l1_offset={l1_off:#x}: L1 table lies past the end of the file; snapshot table entry corrupted"
-                ));
-                continue;
-            }
+            // Past the end of the file the table reads as zeros (and walk_l1 reports a
+            // table that lies a cluster or more past it).
             self.walk_l1(t, l1_off, l1_size, false, &label)?;
         }
-        self.inc(start, pos - start, "snapshot table", false);
+        self.snapshots.entries = entries;
+        let (start, size) = (self.header.snapshots_offset, self.snapshots.size_bytes);
+        self.inc(start, size, "snapshot table", false);
         Ok(())
     }
 
@@ -1033,13 +1305,46 @@ impl Analysis {
         }
     }
 
-    /// Compares stored and expected refcounts of every host cluster of the file.
+    /// Compares stored and expected refcounts of every host cluster of the file. A stored
+    /// refcount that cannot be read is a check error, as in QEMU. Ranges with neither a
+    /// refcount block nor a reference are skipped whole, so a huge sparse file costs time
+    /// only where it has refcounts or references.
     fn compare(&mut self, t: &mut Target, stored: &mut Stored) -> Result<(), Error> {
         let g = self.g;
         let mut highest = 0u64;
-        for c in 0..self.compare_len() {
-            let s = stored.get(t, c)?.unwrap_or(0);
+        let len = self.compare_len();
+        let mut c = 0u64;
+        while c < len {
+            let block_end = (c / g.epb + 1).saturating_mul(g.epb).min(len);
+            let state = stored.read_block_of(c / g.epb);
+            if matches!(state, Block::Missing | Block::Invalid)
+                && self.counts.zero_range(c, block_end)
+            {
+                c = block_end;
+                continue;
+            }
+            if state == Block::Invalid {
+                // QEMU cannot read these refcounts and counts an error for each cluster.
+                self.check_errors += block_end - c;
+                self.log.push(format!(
+                    "Can't get refcount for clusters {c}..{block_end}: refcount block is not cluster aligned"
+                ));
+                for k in c..block_end {
+                    if self.counts.get(k) > 0 {
+                        highest = k;
+                    }
+                }
+                c = block_end;
+                continue;
+            }
+            let Some(s) = stored.get(t, c)? else {
+                c += 1;
+                continue;
+            };
             let e = self.expected_at(c).unwrap_or(0);
+            let cur = c;
+            c += 1;
+            let c = cur;
             if s > 0 || e > 0 {
                 highest = c;
             }
@@ -1246,6 +1551,7 @@ impl Analysis {
             allocated_clusters: self.allocated,
             compressed_clusters: self.compressed,
             fragmented_clusters: self.fragmented,
+            check_errors: self.check_errors,
             repaired,
             messages: self.log.clone().into_vec(),
         }
@@ -1299,11 +1605,29 @@ impl Stored {
         }
     }
 
-    /// The stored refcount of host cluster `c`; `None` when its refcount block is invalid.
+    /// Where the stored refcounts of block `b` are read from, as QEMU reads them: the
+    /// reserved bits of the entry are ignored, a block past the end of the file reads as
+    /// zeros, and only a misaligned block cannot be read.
+    fn read_block_of(&self, b: u64) -> Block {
+        let Some(&raw) = usize::try_from(b).ok().and_then(|i| self.table.get(i)) else {
+            return Block::Missing;
+        };
+        let off = raw & REFT_OFFSET_MASK;
+        if !off.is_multiple_of(self.g.cs) {
+            Block::Invalid
+        } else if off == 0 {
+            Block::Missing
+        } else {
+            Block::At(off)
+        }
+    }
+
+    /// The stored refcount of host cluster `c`; `None` when its refcount block cannot be
+    /// read (it is misaligned).
     fn get(&mut self, t: &mut Target, c: u64) -> Result<Option<u64>, Error> {
         let (b, i) = (c / self.g.epb, c % self.g.epb);
         if self.cached != Some(b) {
-            self.state = self.block_of(b);
+            self.state = self.read_block_of(b);
             if let Block::At(off) = self.state {
                 if self.block.is_empty() {
                     self.block = zeroed(self.g.cs, &t.path)?;
@@ -1329,9 +1653,8 @@ fn fix_refcounts(t: &mut Target, a: Analysis, log: &mut Log) -> Result<(), Error
     let mut rebuild = a.rebuild;
     if !rebuild {
         // Every cluster with references needs a valid block to hold its refcount.
-        rebuild = (0u64..)
-            .zip(a.expected.iter())
-            .any(|(c, &e)| e != 0 && !matches!(stored.block_of(c / g.epb), Block::At(_)));
+        rebuild = (0..a.counts.len)
+            .any(|c| a.counts.get(c) != 0 && !matches!(stored.block_of(c / g.epb), Block::At(_)));
     }
     if rebuild {
         return rebuild_refcounts(t, a, log);
@@ -1377,7 +1700,9 @@ fn fix_refcounts(t: &mut Target, a: Analysis, log: &mut Log) -> Result<(), Error
 }
 
 /// Writes a new refcount table and blocks after the end of the file, counting themselves,
-/// then points the header at them. The old structure's clusters become free.
+/// then points the header at them. The old structure's clusters become free. Only blocks
+/// that hold a non-zero refcount are written (as QEMU does), so a huge sparse file gets a
+/// small structure.
 fn rebuild_refcounts(t: &mut Target, mut a: Analysis, log: &mut Log) -> Result<(), Error> {
     let g = a.g;
     if a.past_eof > 0 {
@@ -1389,23 +1714,37 @@ fn rebuild_refcounts(t: &mut Target, mut a: Analysis, log: &mut Log) -> Result<(
     }
     log.push("Rebuilding refcount structure".to_owned());
     for c in std::mem::take(&mut a.refstruct) {
-        if let Some(e) = usize::try_from(c).ok().and_then(|i| a.expected.get_mut(i)) {
-            *e = e.saturating_sub(1);
-        }
+        let e = a.counts.get(c);
+        a.counts.set(c, e.saturating_sub(1));
     }
     let start = a.compare_len();
+    // Blocks with references among the clusters counted so far.
+    let used: Vec<u64> = (0..a.counts.len.div_ceil(g.epb))
+        .filter(|&b| !a.counts.zero_range(b * g.epb, (b + 1) * g.epb))
+        .collect();
+    // The new blocks at `start..start + nb`, the table after them; the blocks that describe
+    // those clusters are part of the structure too.
     let (mut nb, mut nt) = (0u64, 0u64);
+    let mut blocks = used.clone();
     for _ in 0..64 {
-        let total = start + nb + nt;
-        let nb2 = total.div_ceil(g.epb);
-        let nt2 = (nb2 * 8).div_ceil(g.cs);
+        let end = start + nb + nt;
+        let mut all = used.clone();
+        all.extend((start / g.epb)..end.div_ceil(g.epb));
+        all.sort_unstable();
+        all.dedup();
+        let nb2 = all.len() as u64;
+        let top = all.last().map_or(0, |&b| b + 1);
+        let nt2 = (top * 8).div_ceil(g.cs).max(1);
+        blocks = all;
         if (nb2, nt2) == (nb, nt) {
             break;
         }
         (nb, nt) = (nb2, nt2);
     }
-    let total = start + nb + nt;
-    if total.div_ceil(g.epb) != nb || (nb * 8).div_ceil(g.cs) != nt {
+    let end = start + nb + nt;
+    if blocks.len() as u64 != nb
+        || (start / g.epb..end.div_ceil(g.epb)).any(|b| blocks.binary_search(&b).is_err())
+    {
         return Err(Error::new(
             ErrorKind::Corrupt,
             format!("{}: cannot lay out a new refcount structure", t.path),
@@ -1420,18 +1759,19 @@ fn rebuild_refcounts(t: &mut Target, mut a: Analysis, log: &mut Log) -> Result<(
             ),
         ));
     }
-    check_memory(total, &t.path)?;
-    a.expected.resize(to_usize(total, &t.path)?, 0);
-    for e in a.expected.iter_mut().skip(start as usize) {
-        *e = 1;
-    }
 
+    // Block i of the new structure describes `blocks[i]` and lives at cluster start + i.
     let mut block = zeroed(g.cs, &t.path)?;
-    for b in 0..nb {
+    let mut table = zeroed(nt * g.cs, &t.path)?;
+    for (i, &b) in (0u64..).zip(blocks.iter()) {
         block.fill(0);
         for k in 0..g.epb {
             let c = b * g.epb + k;
-            let v = a.expected_at(c).unwrap_or(0);
+            let v = if (start..end).contains(&c) {
+                1
+            } else {
+                a.counts.get(c)
+            };
             if v != 0 {
                 refcount_set(&mut block, g.order, k as usize, v).map_err(|v| {
                     Error::new(
@@ -1441,15 +1781,16 @@ fn rebuild_refcounts(t: &mut Target, mut a: Analysis, log: &mut Log) -> Result<(
                 })?;
             }
         }
-        t.write((start + b) * g.cs, &block, "a new refcount block")?;
+        let at = (start + i) * g.cs;
+        t.write(at, &block, "a new refcount block")?;
+        let slot = (b * 8) as usize;
+        if let Some(entry) = table.get_mut(slot..slot + 8) {
+            entry.copy_from_slice(&at.to_be_bytes());
+        }
     }
     t.sync()?;
 
     let table_off = (start + nb) * g.cs;
-    let mut table = zeroed(nt * g.cs, &t.path)?;
-    for (b, slot) in (0..nb).zip(table.chunks_exact_mut(8)) {
-        slot.copy_from_slice(&((start + b) * g.cs).to_be_bytes());
-    }
     t.write(table_off, &table, "the new refcount table")?;
     t.sync()?;
 
