@@ -122,7 +122,7 @@ fn check(args: CheckArgs) -> Result<u8, Error> {
     } else {
         println!("{}", report.to_string().trim_end());
     }
-    // exit_code() is one of 0, 2 and 3.
+    // exit_code() is one of 0, 1, 2 and 3.
     Ok(u8::try_from(report.exit_code()).unwrap_or(1))
 }
 
