@@ -215,20 +215,22 @@ pub struct CtlAddArgs {
     /// I/O limits.
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub allow: AllowArgs,
 }
 
 /// `qcow2d serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file listing the exports ([[export]] tables with image, socket, read_only,
-    /// writethrough, lazy_refcounts, direct, queues, serial, overlap_check; optional top-level
-    /// shards, metrics and overlap_check).
+    /// writethrough, lazy_refcounts, direct, queues, serial, overlap_check, allow_paths;
+    /// optional top-level shards, metrics, overlap_check and allow_paths).
     #[arg(
         long,
         value_name = "FILE",
         conflicts_with_all = [
             "image", "socket", "read_only", "writethrough", "lazy_refcounts", "direct", "queues",
-            "shards", "serial", "overlap_check",
+            "shards", "serial", "overlap_check", "allow_path",
         ]
     )]
     pub config: Option<PathBuf>,
@@ -291,6 +293,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODE")]
     pub overlap_check: Option<qcow2d_engine::OverlapCheck>,
 
+    #[command(flatten)]
+    pub allow: AllowArgs,
+
     /// Serve Prometheus metrics on http://ADDR/metrics (ADDR is IP:PORT, e.g. 127.0.0.1:9187;
     /// port 0 picks a free port). Overrides a config file's `metrics`.
     #[arg(long, value_name = "ADDR")]
@@ -306,6 +311,15 @@ pub struct ServeArgs {
     pub limits: LimitArgs,
 }
 
+/// Where files named by an image may lie, for every subcommand that opens one.
+#[derive(Debug, Args)]
+pub struct AllowArgs {
+    /// Also allow backing files and external data files under DIR (repeatable). By default
+    /// the files an image names must be regular files under the image's own directory.
+    #[arg(long = "allow-path", value_name = "DIR", requires = "image")]
+    pub allow_path: Vec<PathBuf>,
+}
+
 /// `qcow2d info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
@@ -316,6 +330,9 @@ pub struct InfoArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub allow: AllowArgs,
 }
 
 /// `qcow2d check`.
@@ -333,6 +350,9 @@ pub struct CheckArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub allow: AllowArgs,
 }
 
 #[cfg(test)]
@@ -508,6 +528,66 @@ mod tests {
         assert!(parse(&["resize", "a.sock", "2G", "--shrink"]).is_ok());
         assert!(parse(&["add", "--image", "a"]).is_err());
         assert!(Cli::try_parse_from(["qcow2d", "ctl", "list"]).is_err());
+    }
+
+    #[test]
+    fn allow_path_repeats_and_not_with_a_config_file() {
+        let cli = Cli::try_parse_from([
+            "qcow2d",
+            "serve",
+            "--image",
+            "a",
+            "--socket",
+            "s",
+            "--allow-path",
+            "/x",
+            "--allow-path",
+            "y",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            args.allow.allow_path,
+            [PathBuf::from("/x"), PathBuf::from("y")]
+        );
+        for other in [["--config", "c.toml"], ["--control", "c.sock"]] {
+            let mut args = vec!["qcow2d", "serve", "--allow-path", "/x"];
+            args.extend(other);
+            assert!(Cli::try_parse_from(args).is_err(), "{other:?}");
+        }
+        for sub in ["info", "check"] {
+            let cli =
+                Cli::try_parse_from(["qcow2d", sub, "i.qcow2", "--allow-path", "/a"]).unwrap();
+            let allow = match cli.command {
+                Command::Info(a) => a.allow,
+                Command::Check(a) => a.allow,
+                _ => panic!("not {sub}"),
+            };
+            assert_eq!(allow.allow_path, [PathBuf::from("/a")]);
+        }
+        let cli = Cli::try_parse_from([
+            "qcow2d",
+            "ctl",
+            "--control",
+            "c.sock",
+            "add",
+            "--image",
+            "a",
+            "--socket",
+            "s",
+            "--allow-path",
+            "/b",
+        ])
+        .unwrap();
+        let Command::Ctl(ctl) = cli.command else {
+            panic!("not ctl")
+        };
+        let CtlCommand::Add(add) = ctl.command else {
+            panic!("not add")
+        };
+        assert_eq!(add.allow.allow_path, [PathBuf::from("/b")]);
     }
 
     #[test]

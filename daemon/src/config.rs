@@ -8,6 +8,7 @@
 //! metrics = "127.0.0.1:9187"  # optional: serve Prometheus metrics on http://ADDR/metrics
 //! control = "/run/qcow2d/control.sock"  # optional: the control socket (`qcow2d ctl`)
 //! overlap_check = "cached"    # optional: default of every export (see below)
+//! allow_paths = ["/var/lib/images/base"]  # optional: for every export (see below)
 //!
 //! [[export]]
 //! image = "/var/lib/images/vm1.qcow2"
@@ -23,7 +24,13 @@
 //! iops_total_max_length = 5  # (burst rate) and _max_length (burst seconds)
 //! group = "tenant1"       # optional: share the limits with the group's other exports
 //! overlap_check = "all"   # optional: none | constant | cached | all, default "cached"
+//! allow_paths = ["/srv/templates"]  # optional, added to the top-level list
 //! ```
+//!
+//! Files an image names (backing files at any depth, external data files) must be regular
+//! files under the image's own directory or under a directory of `allow_paths`: the top-level
+//! list applies to every export, an export's own list to that export in addition.
+//! [`ExportConfig::allowed_roots`] holds the result for each export.
 //!
 //! Each worker thread owns one engine shard. The shards of a writable image share out its L2
 //! tables and pass each other the pieces of requests they do not own (see the engine's
@@ -164,6 +171,11 @@ pub struct ExportConfig {
     pub group: Option<String>,
     /// Which metadata every write is checked against.
     pub overlap_check: OverlapCheck,
+    /// The directories the image and the files it names may lie under: the image's own
+    /// directory first, then the export's `allow_paths` (or `--allow-path`) after the
+    /// config file's top-level ones. Absolute, not yet resolved (the engine resolves symlinks
+    /// and `..` when it opens the image).
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 /// Everything `qcow2d serve` needs.
@@ -204,6 +216,8 @@ pub struct RawExport {
     pub group: Option<String>,
     /// `overlap_check` / `--overlap-check`.
     pub overlap_check: Option<OverlapCheck>,
+    /// `allow_paths` (top level, then the export's) / `--allow-path`, as given.
+    pub allow_paths: Vec<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -213,6 +227,8 @@ struct FileConfig {
     metrics: Option<String>,
     control: Option<PathBuf>,
     overlap_check: Option<OverlapCheck>,
+    #[serde(default)]
+    allow_paths: Vec<PathBuf>,
     #[serde(default)]
     export: Vec<FileExport>,
 }
@@ -234,6 +250,8 @@ struct FileExport {
     serial: Option<String>,
     overlap_check: Option<OverlapCheck>,
     group: Option<String>,
+    #[serde(default)]
+    allow_paths: Vec<PathBuf>,
     #[serde(default)]
     iops_total: u64,
     #[serde(default)]
@@ -383,6 +401,19 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
             queues: e.queues,
             serial: e.serial,
             overlap_check: e.overlap_check.or(file.overlap_check),
+            allow_paths: file
+                .allow_paths
+                .iter()
+                .chain(&e.allow_paths)
+                // An empty path stays empty, for validation to refuse.
+                .map(|p| {
+                    if p.as_os_str().is_empty() {
+                        PathBuf::new()
+                    } else {
+                        base.join(p)
+                    }
+                })
+                .collect(),
         };
         let export = validate(raw, file.shards, cpus, &origin)?;
         if !sockets.insert(export.socket.clone()) {
@@ -519,6 +550,7 @@ pub fn validate(
             )));
         }
     }
+    let allowed_roots = allowed_roots(&raw.image, &raw.allow_paths).map_err(invalid)?;
     Ok(ExportConfig {
         limits: raw.limits,
         group: raw.group,
@@ -533,7 +565,28 @@ pub fn validate(
         serial,
         // QEMU's default: what is known without reading tables from the disk.
         overlap_check: raw.overlap_check.unwrap_or_default(),
+        allowed_roots,
     })
+}
+
+/// The image's directory and `allow_paths`, made absolute (relative paths are relative to the
+/// working directory; a config file's were already joined to its directory).
+fn allowed_roots(image: &Path, allow_paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let absolute = |p: &Path| {
+        std::path::absolute(p).map_err(|e| format!("Cannot make {} absolute: {e}", p.display()))
+    };
+    let image = absolute(image)?;
+    let mut roots = vec![image.parent().unwrap_or(Path::new("/")).to_path_buf()];
+    for p in allow_paths {
+        if p.as_os_str().is_empty() {
+            return Err("An allowed path is empty".into());
+        }
+        let p = absolute(p)?;
+        if !roots.contains(&p) {
+            roots.push(p);
+        }
+    }
+    Ok(roots)
 }
 
 /// The image's file name without its extension, cut to 20 bytes on a character boundary.
@@ -600,6 +653,7 @@ socket = "sockets/b.sock"
                 limits: Limits::default(),
                 group: None,
                 overlap_check: OverlapCheck::Cached,
+                allowed_roots: vec!["/images".into()],
             }
         );
         let b = &cfg.exports[1];
@@ -614,6 +668,47 @@ socket = "sockets/b.sock"
             "the file's shard count applies to writable exports too"
         );
         assert_eq!(b.serial, "b");
+        assert_eq!(b.allowed_roots, [PathBuf::from("/etc/qcow2d")]);
+    }
+
+    #[test]
+    fn allow_paths_top_level_and_per_export() {
+        let cfg = parse_ok(
+            r#"
+allow_paths = ["/base", "templates"]
+
+[[export]]
+image = "/images/a.qcow2"
+socket = "/run/a.sock"
+allow_paths = ["/srv/a"]
+
+[[export]]
+image = "/images/b.qcow2"
+socket = "/run/b.sock"
+"#,
+        );
+        let roots = |i: usize| cfg.exports[i].allowed_roots.clone();
+        assert_eq!(
+            roots(0),
+            ["/images", "/base", "/etc/qcow2d/templates", "/srv/a"].map(PathBuf::from)
+        );
+        assert_eq!(
+            roots(1),
+            ["/images", "/base", "/etc/qcow2d/templates"].map(PathBuf::from)
+        );
+        // A list of strings, nothing else.
+        for text in [
+            "allow_paths = \"/x\"\n[[export]]\nimage = \"a\"\nsocket = \"s\"\n",
+            "[[export]]\nimage = \"a\"\nsocket = \"s\"\nallow_paths = [1]\n",
+            "[[export]]\nimage = \"a\"\nsocket = \"s\"\nallow_path = [\"/x\"]\n",
+        ] {
+            assert!(
+                matches!(parse_err(text), ConfigError::Parse { .. }),
+                "{text}"
+            );
+        }
+        let err = parse_err("[[export]]\nimage = \"a\"\nsocket = \"s\"\nallow_paths = [\"\"]\n");
+        assert!(err.to_string().contains("empty"), "{err}");
     }
 
     #[test]
@@ -921,17 +1016,24 @@ group = "g"
         assert_eq!(cfg.exports[0].queues, 2);
         assert_eq!(cfg.exports[0].shards, 2);
         assert_eq!(cfg.exports[0].serial, "img");
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(cfg.exports[0].allowed_roots, std::slice::from_ref(&cwd));
         let cfg = from_command_line(
             RawExport {
                 image: "img.qcow2".into(),
                 socket: "s.sock".into(),
                 writethrough: true,
                 lazy_refcounts: true,
+                allow_paths: vec!["/a".into(), "b".into(), "/a".into()],
                 ..RawExport::default()
             },
             Some(8),
         )
         .unwrap();
+        assert_eq!(
+            cfg.exports[0].allowed_roots,
+            [cwd.clone(), "/a".into(), cwd.join("b")]
+        );
         let e = &cfg.exports[0];
         assert!(!e.read_only && e.writethrough && e.lazy_refcounts);
         assert_eq!(e.shards, 8);

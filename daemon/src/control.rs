@@ -79,6 +79,9 @@ pub enum Request {
         limits: Option<Value>,
         /// Throttle group.
         group: Option<String>,
+        /// Directories besides the image's own where files it names may lie.
+        #[serde(default)]
+        allow_paths: Vec<PathBuf>,
     },
     /// Stop an export.
     Remove {
@@ -356,6 +359,13 @@ mod tests {
                 ..
             }
         ));
+        let add =
+            parse_request(br#"{"command":"add","image":"/a","socket":"/s","allow_paths":["/b"]}"#)
+                .unwrap();
+        let Request::Add { allow_paths, .. } = add else {
+            panic!("not add")
+        };
+        assert_eq!(allow_paths, [PathBuf::from("/b")]);
         for (bad, why) in [
             (&b"not json"[..], "Malformed request"),
             (b"[1,2]", "expected a JSON object"),

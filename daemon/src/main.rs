@@ -109,10 +109,18 @@ fn run(cli: Cli) -> Result<u8, Error> {
 }
 
 fn check(args: CheckArgs) -> Result<u8, Error> {
-    let report = qcow2d_engine::check(&args.image, args.repair).map_err(|source| Error::Check {
+    let failed = |source| Error::Check {
         path: args.image.clone(),
         source,
-    })?;
+    };
+    // The check reads the image alone, but its backing chain and data file must be files the
+    // image may name, as for `serve` and `info`.
+    let options = OpenOptions {
+        allowed_roots: args.allow.allow_path.clone(),
+        ..OpenOptions::default()
+    };
+    qcow2d_engine::verify_named_files(&args.image, &options).map_err(failed)?;
+    let report = qcow2d_engine::check(&args.image, args.repair).map_err(failed)?;
     for line in &report.messages {
         eprintln!("{line}");
     }
@@ -174,6 +182,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
                 queues: args.queues,
                 serial: args.serial,
                 overlap_check: args.overlap_check,
+                allow_paths: args.allow.allow_path,
             };
             config::from_command_line(raw, args.shards)?
         }
@@ -191,6 +200,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
 fn info(args: InfoArgs) -> Result<(), Error> {
     let options = OpenOptions {
         read_only: true,
+        allowed_roots: args.allow.allow_path,
         ..OpenOptions::default()
     };
     let image = Image::open(&args.image, &options).map_err(|source| Error::Info {

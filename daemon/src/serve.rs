@@ -219,6 +219,7 @@ fn open_image(export: &ExportConfig) -> Result<Image, qcow2d_engine::Error> {
         // inflates its own clusters, which measured faster (no hand-off to another
         // thread, no more threads than CPUs).
         inflate_threads: Some(crate::config::cpu_count().saturating_sub(export.shards)),
+        allowed_roots: export.allowed_roots.clone(),
         ..OpenOptions::default()
     };
     Image::open(&export.image, &options)
@@ -489,6 +490,7 @@ impl Supervisor {
                 serial,
                 limits,
                 group,
+                allow_paths,
             } => {
                 let limits = match &limits {
                     Some(v) => Limits::from_json(v)?,
@@ -507,6 +509,7 @@ impl Supervisor {
                     group,
                     // The default: a config file's top-level key applies to its exports.
                     overlap_check: None,
+                    allow_paths,
                 };
                 let cfg = crate::config::validate(
                     raw,

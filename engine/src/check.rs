@@ -395,11 +395,7 @@ struct Target {
 impl Target {
     fn open(path: &Path, write: bool) -> Result<Target, Error> {
         let name = path.display().to_string();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(path)
-            .map_err(|e| Error::io(format!("Cannot open {name}"), e))?;
+        let file = crate::paths::open_image(path, write)?;
         let role = if write {
             Role::Qcow2Writer
         } else {

@@ -27,6 +27,9 @@ pub enum ErrorKind {
     BackingChain,
     /// Another process holds the image.
     Locked,
+    /// An image names a file it may not use: outside the allowed directories, or not a
+    /// regular file.
+    NotAllowed,
     /// A caller passed an invalid argument or configuration.
     InvalidArgument,
 }

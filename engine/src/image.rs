@@ -8,6 +8,7 @@ use crate::error::{Error, ErrorKind};
 use crate::format::{self, incompat, FeatureKind, Header};
 use crate::io::{BlockingReader, DataFd, DioAlign, DirectError, Role};
 use crate::meta::Geometry;
+use crate::paths::{AllowedRoots, NamedKind};
 use crate::shard::{Shard, ShardConfig};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -43,6 +44,11 @@ pub struct OpenOptions {
     /// `overlap-check`); a write that would land on it fails, and the image is marked
     /// corrupt. The allocator never hands out a cluster of that metadata either.
     pub overlap_check: crate::OverlapCheck,
+    /// Directories, besides the top image's own, under which the files an image names
+    /// (backing files at any depth, external data files) may lie. Every named file must be a
+    /// regular file under one of them, after symlinks and `..` are resolved; see the
+    /// `paths` module.
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 impl Default for OpenOptions {
@@ -55,6 +61,7 @@ impl Default for OpenOptions {
             inflate_threads: None,
             direct: false,
             overlap_check: crate::OverlapCheck::default(),
+            allowed_roots: Vec::new(),
         }
     }
 }
@@ -252,14 +259,6 @@ impl std::fmt::Display for ImageInfo {
     }
 }
 
-fn open_file(path: &Path, read_only: bool) -> Result<File, Error> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|e| Error::io(format!("Cannot open {}", path.display()), e))
-}
-
 fn file_len(file: &File, path: &Path) -> Result<u64, Error> {
     file.metadata()
         .map(|m| m.len())
@@ -282,13 +281,19 @@ fn lock_file(file: &File, path: &Path, role: Role) -> Result<(), Error> {
     })
 }
 
-/// Opens `path` (already open as `file`) a second time with O_DIRECT, for guest data.
-fn open_direct(path: &Path, file: &File, writable: bool) -> Result<(File, DioAlign), Error> {
+/// Opens `path` (already open as `file`) a second time with O_DIRECT, for guest data; `name`
+/// is the file's name in messages.
+fn open_direct(
+    path: &Path,
+    name: &Path,
+    file: &File,
+    writable: bool,
+) -> Result<(File, DioAlign), Error> {
     match crate::io::open_direct(path, file, writable) {
         Ok((direct, align, source)) => {
             tracing::info!(
                 "{}: direct I/O, alignment {} bytes in memory, {} bytes in the file ({source})",
-                path.display(),
+                name.display(),
                 align.mem_bytes,
                 align.offset_bytes
             );
@@ -299,17 +304,17 @@ fn open_direct(path: &Path, file: &File, writable: bool) -> Result<(File, DioAli
             format!(
                 "Cannot open {} with O_DIRECT: its file system does not support direct I/O \
                  (serve it without direct I/O, or move it)",
-                path.display()
+                name.display()
             ),
             e,
         )),
         Err(DirectError::Os(e)) => Err(Error::io(
-            format!("Cannot open {} with O_DIRECT", path.display()),
+            format!("Cannot open {} with O_DIRECT", name.display()),
             e,
         )),
         Err(DirectError::Replaced) => Err(Error::new(
             ErrorKind::Io,
-            format!("{} was replaced while it was being opened", path.display()),
+            format!("{} was replaced while it was being opened", name.display()),
         )),
     }
 }
@@ -324,14 +329,13 @@ fn resolve_relative(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-fn open_qcow2(
+/// Reads and parses the header of the qcow2 file `file`; also returns the bytes read.
+fn read_header(
+    file: &File,
     path: &Path,
-    file: File,
     reader: &mut BlockingReader,
-    read_only: bool,
-    direct: bool,
-) -> Result<Qcow2Layer, Error> {
-    let len = file_len(&file, path)?;
+) -> Result<(Header, Vec<u8>), Error> {
+    let len = file_len(file, path)?;
     let mut buf = vec![0u8; (Header::PROBE_BYTES as u64).min(len) as usize];
     reader
         .read_exact_at(file.as_raw_fd(), &mut buf, 0)
@@ -345,6 +349,79 @@ fn open_qcow2(
         };
         Error::with_source(kind, format!("Cannot open {}", path.display()), e)
     })?;
+    Ok((header, buf))
+}
+
+/// Where the external data file `name` of image `image` is: relative to the image's
+/// directory; QEMU opens it relative to its working directory, so that when only it exists.
+fn data_file_path(image: &Path, name: &str) -> PathBuf {
+    let path = resolve_relative(image, name);
+    if !path.exists() && Path::new(name).exists() {
+        PathBuf::from(name)
+    } else {
+        path
+    }
+}
+
+/// Checks that every file the chain of `path` names (backing files at any depth, external
+/// data files) is a regular file under the allowed roots of `opts` (the top image's directory
+/// and `opts.allowed_roots`), as [`Image::open`] would, opening each without blocking and
+/// reading no more than headers; nothing is locked. The walk stops at a header that does not
+/// parse (the image's own check reports it). For tools that read the top image only, such as
+/// `check`.
+pub fn verify_named_files(path: &Path, opts: &OpenOptions) -> Result<(), Error> {
+    let roots = AllowedRoots::new(path, &opts.allowed_roots)?;
+    let mut reader = BlockingReader::new()
+        .map_err(|e| Error::io("Cannot create an io_uring (is io_uring enabled?)", e))?;
+    let mut file = crate::paths::open_image(path, false)?;
+    let mut p = path.to_path_buf();
+    let mut seen = HashSet::new();
+    seen.insert(
+        std::fs::canonicalize(path)
+            .map_err(|e| Error::io(format!("Cannot open {}", path.display()), e))?,
+    );
+    for _ in 0..=opts.max_backing_depth {
+        let Ok((header, _)) = read_header(&file, &p, &mut reader) else {
+            return Ok(());
+        };
+        if let Some(name) = header
+            .data_file
+            .as_deref()
+            .filter(|_| header.has_data_file())
+        {
+            roots.open_named(NamedKind::DataFile, &data_file_path(&p, name), &p, false)?;
+        }
+        let Some(name) = &header.backing_file else {
+            return Ok(());
+        };
+        let next = resolve_relative(&p, name);
+        let (f, canonical) = roots.open_named(NamedKind::Backing, &next, &p, false)?;
+        if !seen.insert(canonical) {
+            return Ok(()); // A loop: opening the image reports it.
+        }
+        let is_qcow2 = match header.backing_format.as_deref() {
+            Some("raw") => false,
+            _ => probe_is_qcow2(&f, &mut reader)
+                .map_err(|e| Error::io(format!("Cannot read {}", next.display()), e))?,
+        };
+        if !is_qcow2 {
+            return Ok(());
+        }
+        (file, p) = (f, next);
+    }
+    Ok(())
+}
+
+fn open_qcow2(
+    path: &Path,
+    file: File,
+    reader: &mut BlockingReader,
+    roots: &AllowedRoots,
+    read_only: bool,
+    direct: bool,
+) -> Result<Qcow2Layer, Error> {
+    let (header, buf) = read_header(&file, path, reader)?;
+    let len = file_len(&file, path)?;
 
     header.l1_in_file(len).map_err(|e| {
         Error::with_source(
@@ -397,33 +474,27 @@ fn open_qcow2(
 
     let data_file = match &header.data_file {
         Some(name) if header.has_data_file() => {
-            // Relative to the image's directory; QEMU opens it relative to its working
-            // directory, so fall back to that when only it exists.
-            let mut dpath = resolve_relative(path, name);
-            if !dpath.exists() && Path::new(name).exists() {
-                dpath = PathBuf::from(name);
-            }
-            let f = open_file(&dpath, read_only)
-                .map_err(|e| e.context(format!("External data file of {}", path.display())))?;
+            let dpath = data_file_path(path, name);
+            let (f, real) = roots.open_named(NamedKind::DataFile, &dpath, path, !read_only)?;
             let role = if read_only {
                 Role::DataReader
             } else {
                 Role::DataWriter
             };
             lock_file(&f, &dpath, role)?;
-            Some((f, dpath))
+            Some((f, dpath, real))
         }
         _ => None,
     };
     // The external data file holds nothing but guest data: direct whatever the cluster size.
     let data_file_direct = match &data_file {
-        Some((f, dpath)) if direct => Some(
-            open_direct(dpath, f, !read_only)
+        Some((f, dpath, real)) if direct => Some(
+            open_direct(real, dpath, f, !read_only)
                 .map_err(|e| e.context(format!("External data file of {}", path.display())))?,
         ),
         _ => None,
     };
-    let data_file = data_file.map(|(f, _)| f);
+    let data_file = data_file.map(|(f, _, _)| f);
     let file_direct = if !direct || data_file.is_some() {
         None
     } else {
@@ -439,7 +510,7 @@ fn open_qcow2(
             );
             None
         } else {
-            Some(open_direct(path, &file, !read_only)?)
+            Some(open_direct(path, path, &file, !read_only)?)
         }
     };
     let geom = Geometry {
@@ -462,7 +533,7 @@ fn open_qcow2(
 /// An image left with the dirty bit (lazy refcounts, not closed cleanly) has stale refcounts:
 /// rebuild them before writing, as QEMU does.
 fn repair_if_dirty(path: &Path, reader: &mut BlockingReader) -> Result<(), Error> {
-    let file = open_file(path, true)?;
+    let file = crate::paths::open_image(path, false)?;
     let mut head = [0u8; 80];
     let n = reader
         .read_at(file.as_raw_fd(), &mut head, 0)
@@ -524,25 +595,27 @@ impl Image {
         let path = path.as_ref();
         let mut reader = BlockingReader::new()
             .map_err(|e| Error::io("Cannot create an io_uring (is io_uring enabled?)", e))?;
+        let roots = AllowedRoots::new(path, &opts.allowed_roots)?;
         if !opts.read_only {
             repair_if_dirty(path, &mut reader)?;
         }
         let mut layers = Vec::new();
         let mut seen = HashSet::new();
-        let mut next: Option<(PathBuf, Option<String>)> =
-            Some((path.to_path_buf(), Some("qcow2".into())));
-        while let Some((p, format)) = next.take() {
-            let canonical = std::fs::canonicalize(&p).map_err(|e| {
-                let err = Error::io(format!("Cannot open {}", p.display()), e);
-                if layers.is_empty() {
-                    err
-                } else {
-                    Error::new(
-                        ErrorKind::BackingChain,
-                        format!("Backing file {} cannot be opened: {err}", p.display()),
-                    )
+        // The next file of the chain: its path (resolved against the image that names it),
+        // that image, and its format.
+        let mut next: Option<(PathBuf, Option<PathBuf>, Option<String>)> =
+            Some((path.to_path_buf(), None, Some("qcow2".into())));
+        while let Some((p, named_by, format)) = next.take() {
+            let writable = layers.is_empty() && !opts.read_only;
+            let (file, canonical) = match &named_by {
+                None => {
+                    let file = crate::paths::open_image(&p, writable)?;
+                    let canonical = std::fs::canonicalize(&p)
+                        .map_err(|e| Error::io(format!("Cannot open {}", p.display()), e))?;
+                    (file, canonical)
                 }
-            })?;
+                Some(by) => roots.open_named(NamedKind::Backing, &p, by, false)?,
+            };
             if !seen.insert(canonical) {
                 return Err(Error::new(
                     ErrorKind::BackingChain,
@@ -563,8 +636,6 @@ impl Image {
                     ),
                 ));
             }
-            let writable = layers.is_empty() && !opts.read_only;
-            let file = open_file(&p, !writable)?;
             let is_qcow2 = match format.as_deref() {
                 Some("qcow2") => true,
                 Some("raw") => false,
@@ -593,11 +664,16 @@ impl Image {
                     &p,
                     file,
                     &mut reader,
+                    &roots,
                     !writable,
                     opts.direct && layers.is_empty(),
                 )?;
                 if let Some(name) = &q.header.backing_file {
-                    next = Some((resolve_relative(&p, name), q.header.backing_format.clone()));
+                    next = Some((
+                        resolve_relative(&p, name),
+                        Some(p.clone()),
+                        q.header.backing_format.clone(),
+                    ));
                 }
                 layers.push(Layer {
                     path: p,

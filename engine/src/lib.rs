@@ -18,12 +18,13 @@ pub mod image;
 pub mod io;
 pub mod meta;
 pub mod overlap;
+mod paths;
 pub mod shard;
 mod write;
 
 pub use check::{check, CheckReport};
 pub use error::{Error, ErrorKind, IoError};
-pub use image::{Image, ImageInfo, OpenOptions};
+pub use image::{verify_named_files, Image, ImageInfo, OpenOptions};
 pub use overlap::OverlapCheck;
 pub use shard::{Completion, Shard, ShardConfig};
 

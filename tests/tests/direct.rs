@@ -31,8 +31,9 @@ fn assert_refused(f: StartFailure, file: &str) {
     );
 }
 
-/// procfs refuses O_DIRECT: an image whose external data file is /proc/self/status is
-/// served without --direct and refused with it, the error naming the data file.
+/// procfs refuses O_DIRECT: an image whose external data file is /proc/self/status (allowed
+/// with --allow-path /proc) is served without --direct and refused with it, the error naming
+/// the data file.
 #[test]
 fn o_direct_refused_for_a_data_file_is_an_error_naming_it() {
     const NAME: &str = "/proc/self/status";
@@ -54,9 +55,11 @@ fn o_direct_refused_for_a_data_file_is_an_error_naming_it() {
     );
     point_data_file_at(&img, &placeholder, NAME);
     let socket = s.socket("d.sock");
-    let d = Daemon::start_with(&img, &socket, &[]).unwrap_or_else(|f| panic!("{f}"));
+    // The data file lies outside the image's directory: allowed explicitly.
+    let allow = ["--allow-path", "/proc"];
+    let d = Daemon::start_with(&img, &socket, &allow).unwrap_or_else(|f| panic!("{f}"));
     d.terminate();
-    let f = match Daemon::start_with(&img, &socket, &["--direct"]) {
+    let f = match Daemon::start_with(&img, &socket, &[&allow[..], &["--direct"]].concat()) {
         Ok(_) => panic!("--direct served a data file on procfs"),
         Err(f) => f,
     };

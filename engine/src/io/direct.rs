@@ -16,7 +16,7 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::ptr::NonNull;
 
@@ -162,15 +162,13 @@ pub fn open_direct(
     buffered: &File,
     writable: bool,
 ) -> Result<(File, DioAlign, DioAlignSource), DirectError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
+    // Without blocking: the path may have been replaced by a FIFO since `buffered` was opened.
+    let file = super::open_nonblocking(path, writable, libc::O_DIRECT).map_err(|e| {
+        match e.raw_os_error() {
             Some(libc::EINVAL) => DirectError::Unsupported(e),
             _ => DirectError::Os(e),
-        })?;
+        }
+    })?;
     let (a, b) = (
         file.metadata().map_err(DirectError::Os)?,
         buffered.metadata().map_err(DirectError::Os)?,
@@ -178,6 +176,7 @@ pub fn open_direct(
     if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
         return Err(DirectError::Replaced);
     }
+    super::clear_nonblocking(&file).map_err(DirectError::Os)?;
     let (align, source) = match statx_dio_align(&file) {
         Ok(Some(Some(align))) => (align, DioAlignSource::Statx),
         Ok(Some(None)) => {

@@ -12,6 +12,7 @@ mod direct;
 mod inflate;
 mod iov;
 mod lock;
+mod open;
 mod ring;
 
 pub use direct::{
@@ -23,4 +24,5 @@ pub use iov::{
     iov_contiguous, iov_copy_from, iov_copy_to, iov_fill_zero, iov_subrange, iov_total_len,
 };
 pub use lock::{lock_file, lock_image, LockError, Perm, Role};
+pub use open::{clear_nonblocking, open_nonblocking};
 pub use ring::{BlockingReader, Ring};
