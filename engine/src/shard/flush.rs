@@ -15,7 +15,8 @@
 //!
 //! Then the references dropped before the snapshot are freed in memory (invariant 3: an L2
 //! entry stops pointing at a cluster durably before its refcount drops, and the cluster is not
-//! reused before). Whatever changes while a flush runs belongs to the next one; flushes that
+//! reused before), once the data operations in flight at that moment have completed
+//! (invariant 10, `apply_frees`). Whatever changes while a flush runs belongs to the next one; flushes that
 //! arrive meanwhile are served together by the next one. If a write or sync fails, the image
 //! turns read-only and every waiting flush fails: nothing pretends to be durable.
 //!
@@ -538,26 +539,17 @@ impl State {
         let result = match f.error {
             None => {
                 self.durable_seq = self.durable_seq.max(f.snap_seq);
-                let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some((off, n)) = f.table.take().and_then(|t| t.retired) {
                     let cluster = 1u64 << rc_cluster_bits(img);
+                    let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
                     if let Err(e) = rc.release(off, n * cluster, class::REFCOUNT_TABLE) {
                         tracing::warn!("Cannot free the old refcount table: {e}");
                     }
                 }
-                for free in f.frees.drain(..) {
-                    if let Err(e) = rc.release(free.host, free.len, free.meta) {
-                        tracing::warn!(
-                            "{}: cannot free {} bytes at {:#x}: {e}",
-                            img.layers[0].path.display(),
-                            free.len,
-                            free.host
-                        );
-                    }
-                    if let Some(key) = free.compressed {
-                        let _ = self.layers[0].decompressed.invalidate(key);
-                    }
-                }
+                // The dropped references are durable: the clusters are freed once no data
+                // operation in flight targets them (invariant 10).
+                self.frees.due.append(&mut f.frees);
+                self.apply_frees(img);
                 Ok(())
             }
             Some(e) => {
@@ -587,6 +579,51 @@ impl State {
 }
 
 impl State {
+    /// A data operation on a host cluster starts: it holds the current epoch until it is
+    /// freed (see `Frees`).
+    pub(super) fn hold_epoch(&mut self, op: u32) {
+        let e = self.frees.current;
+        self.frees.live[e] += 1;
+        self.ops[op].epoch = e as u8 + 1;
+    }
+
+    /// Applies the frees whose data operations have all completed, and starts the wait of
+    /// those due since (see `Frees`).
+    pub(super) fn apply_frees(&mut self, img: &ImageInner) {
+        let Some(w) = &img.writable else {
+            return;
+        };
+        loop {
+            let f = &mut self.frees;
+            if !f.draining.is_empty() {
+                if f.live[1 - f.current] > 0 {
+                    return;
+                }
+                let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+                for free in f.draining.drain(..) {
+                    if let Err(e) = rc.release(free.host, free.len, free.meta) {
+                        tracing::warn!(
+                            "{}: cannot free {} bytes at {:#x}: {e}",
+                            img.layers[0].path.display(),
+                            free.len,
+                            free.host
+                        );
+                    }
+                    if let Some(key) = free.compressed {
+                        let _ = self.layers[0].decompressed.invalidate(key);
+                    }
+                }
+            }
+            let f = &mut self.frees;
+            if f.due.is_empty() {
+                return;
+            }
+            // The old epoch is empty: every operation in flight counts in the current one.
+            f.current = 1 - f.current;
+            std::mem::swap(&mut f.draining, &mut f.due);
+        }
+    }
+
     /// Gives back the right to write refcount blocks if the running run holds it.
     fn end_run_block_writes(&mut self, img: &ImageInner) {
         if std::mem::take(&mut self.flush.holds_blocks) {

@@ -57,6 +57,11 @@ pub struct ShardConfig {
     /// from 1) fails with EIO instead of reaching the kernel. `None` in production.
     #[doc(hidden)]
     pub fail_flush_number: Option<u64>,
+    /// Fault injection for tests: in-place writes of guest data are held back, as if the
+    /// kernel were slow to do them, until [`Shard::release_held_writes`]. `false` in
+    /// production.
+    #[doc(hidden)]
+    pub hold_data_writes: bool,
 }
 
 impl Default for ShardConfig {
@@ -67,6 +72,7 @@ impl Default for ShardConfig {
             ring_entries: 256,
             decompressed_cache_bytes: 16 << 20,
             fail_flush_number: None,
+            hold_data_writes: false,
         }
     }
 }
@@ -224,6 +230,33 @@ struct Op {
     bounce: Option<AlignedBuf>,
     /// Where a cluster prefix is inflated ([`InflateTarget::Prefix`]): a cluster buffer.
     scratch: Option<Box<[u8]>>,
+    /// A data operation on a host cluster holds its epoch (1 or 2; 0: none) until it is
+    /// freed, so that no cluster is freed under it (see [`Frees`]).
+    epoch: u8,
+}
+
+/// Frees that wait for the data operations in flight when they became due (DESIGN.md
+/// invariant 10: a host cluster is freed only when no operation in flight still reads or
+/// writes it). A reference dropped by a discard, write-zeroes or copy on write is due once
+/// the flush that made the new entry durable completes; a read or in-place write planned
+/// from the old entry may still be in the kernel then (slow with O_DIRECT), and the cluster,
+/// once free, may become a new L2 table or another guest's data.
+///
+/// Two epochs, counted without allocation: each data operation counts in the current epoch
+/// while it lives. Frees that become due wait in `due`; when no batch is draining, the
+/// epochs switch and `due` becomes `draining`, which is applied once the old epoch's count
+/// reaches zero: every operation in flight at the switch, and so every one that could
+/// target those clusters, has completed by then.
+#[derive(Default)]
+struct Frees {
+    /// Data operations alive per epoch.
+    live: [u32; 2],
+    /// The epoch new operations count in.
+    current: usize,
+    /// Frees due, waiting for the next switch.
+    due: Vec<PendingFree>,
+    /// Frees waiting for the old epoch (`1 - current`) to drain.
+    draining: Vec<PendingFree>,
 }
 
 struct LayerCaches {
@@ -316,6 +349,12 @@ struct State {
     refcount_writes_seq: u64,
     refcount_writes_failed: Option<IoError>,
     pending_frees: Vec<PendingFree>,
+    /// Frees made due by flushes, waiting for data operations in flight.
+    frees: Frees,
+    /// Test hook: hold in-place writes back ([`ShardConfig::hold_data_writes`]) and the
+    /// writes held (operation, entry).
+    hold_data_writes: bool,
+    held: Vec<(u32, io_uring::squeue::Entry)>,
     dirty_l1: Vec<u64>,
     /// L1 entries changed since they were last written (by a flush or a metadata write-back).
     unwritten_l1: Vec<u64>,
@@ -442,6 +481,9 @@ impl Shard {
                 refcount_writes_seq: 0,
                 refcount_writes_failed: None,
                 pending_frees: Vec::new(),
+                frees: Frees::default(),
+                hold_data_writes: config.hold_data_writes,
+                held: Vec::new(),
                 dirty_l1: Vec::new(),
                 unwritten_l1: Vec::new(),
                 sync_before_l2: false,
@@ -758,6 +800,13 @@ impl Shard {
         }
     }
 
+    /// Test hook: submits the in-place writes held back by
+    /// [`ShardConfig::hold_data_writes`] (call [`Shard::poll`] afterwards).
+    #[doc(hidden)]
+    pub fn release_held_writes(&mut self) {
+        self.st.release_held_writes(&mut self.ring);
+    }
+
     /// Writes `buf` at `offset` and waits for it.
     pub(crate) fn write_blocking(&mut self, buf: &[u8], offset: u64) -> Result<(), Error> {
         let iov = [iovec {
@@ -831,6 +880,9 @@ impl Shard {
             st.ops_in_kernel -= 1;
             st.complete_op(ring, img, op as u32, res);
         }
+        if !st.frees.draining.is_empty() && st.frees.live[1 - st.frees.current] == 0 {
+            st.apply_frees(img);
+        }
         st.receive();
         loop {
             while let Some(p) = st.ready.pop_front() {
@@ -865,6 +917,8 @@ impl Drop for Shard {
     fn drop(&mut self) {
         if self.image.inner.writable.is_some()
             && (!self.st.pending_frees.is_empty()
+                || !self.st.frees.due.is_empty()
+                || !self.st.frees.draining.is_empty()
                 || !self.st.dirty_l1.is_empty()
                 || self.st.reserved.remaining > 0
                 || self.st.spare.remaining > 0
@@ -1126,6 +1180,10 @@ impl State {
         let o = &mut self.ops[op];
         o.kind = OpKind::Idle;
         o.bounce = None;
+        if o.epoch != 0 {
+            self.frees.live[usize::from(o.epoch - 1)] -= 1;
+            o.epoch = 0;
+        }
         let scratch = o.scratch.take();
         if let Some(buf) = o.buf.take() {
             self.recycle(buf);

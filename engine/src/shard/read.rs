@@ -312,6 +312,7 @@ impl State {
         o.buf = Some(buf);
         o.iov.clear();
         o.iov.extend(direct);
+        self.hold_epoch(op);
         if let InflateTarget::Prefix(_) = target {
             // The prefix: a pooled cluster buffer when this layer's clusters are the pool's
             // size (a backing file's clusters may be larger than the top image's), else just
@@ -440,6 +441,7 @@ impl State {
             write,
             buffer,
         };
+        self.hold_epoch(op);
         self.submit_data(ring, op);
     }
 
@@ -487,6 +489,11 @@ impl State {
                 .offset(host + done)
                 .build()
         };
+        if write && self.hold_data_writes {
+            // Test hook: the write stays here until `release_held_writes`.
+            self.held.push((op, entry));
+            return;
+        }
         // SAFETY: the iovec array lives in the op until its completion; the memory it points
         // to is the request's, valid until the request completes (submit contract), and the
         // request cannot complete before this part does; or it is the shard's zero buffer,
@@ -494,6 +501,20 @@ impl State {
         // freed only with the op after its completion.
         if let Err(e) = unsafe { self.push(ring, op, entry) } {
             self.finish_part(part, Err(e));
+        }
+    }
+
+    /// Test hook: submits the writes [`super::ShardConfig::hold_data_writes`] held back.
+    pub(super) fn release_held_writes(&mut self, ring: &mut Ring) {
+        for (op, entry) in std::mem::take(&mut self.held) {
+            let OpKind::Data { part, .. } = self.ops[op].kind else {
+                unreachable!("only data writes are held");
+            };
+            // SAFETY: as in `submit_data`, which built the entry: its memory lives until the
+            // op completes, and the op has not been submitted yet.
+            if let Err(e) = unsafe { self.push(ring, op, entry) } {
+                self.finish_part(part, Err(e));
+            }
         }
     }
 
