@@ -329,6 +329,22 @@ fn run_and_stop(
         ),
     }
     std::thread::sleep(run_for);
+    // On a loaded machine the first writes may not have completed yet: the stop comes once
+    // the client has seen at least one, so every round judges some completed writes.
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let started_writing = || {
+        let l = log.lock().unwrap();
+        !l.completed.is_empty() || l.error.is_some()
+    };
+    while !started_writing() {
+        assert!(
+            Instant::now() < deadline,
+            "no write completed within {} s\nqcow2d stderr:\n{}",
+            CLIENT_TIMEOUT.as_secs(),
+            d.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // A request that failed while the daemon was alive is a bug; look before the kill.
     let early_error = log.lock().unwrap().error.clone();
     let stderr = d.stderr();
