@@ -244,6 +244,19 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
     drop(second);
 
     let fin = analyze(&mut t, &snapshots)?;
+    let unknown_autoclear = fin.header.autoclear_features & !autoclear::KNOWN;
+    if unknown_autoclear != 0 {
+        // As QEMU does when it opens an image for writing: nothing maintains these bits.
+        t.write(
+            88,
+            &(fin.header.autoclear_features & autoclear::KNOWN).to_be_bytes(),
+            "the autoclear features",
+        )?;
+        t.sync()?;
+        log.push(format!(
+            "Cleared the unknown autoclear feature bits {unknown_autoclear:#x}"
+        ));
+    }
     if fin.corruptions == 0 && fin.check_errors == 0 && fin.header.version >= 3 {
         let flags = incompat::DIRTY | incompat::CORRUPT;
         let old = fin.header.incompatible_features;
@@ -287,7 +300,7 @@ fn fix_zero_entries(t: &mut Target, a: &Analysis, log: &mut Log) -> Result<u64, 
     let mut fixed = 0u64;
     for &(l2_off, j) in &a.zero_fixes {
         let refs = a.l2_tables.get(&l2_off).map_or(0, |u| u.refs);
-        if refs == 0 || a.expected_at(l2_off >> g.cb) != Some(refs) {
+        if refs == 0 || l2_off == 0 || a.expected_at(l2_off >> g.cb) != Some(refs) {
             log.push(format!(
                 "Not repairing L2 table {l2_off:#x} entry {j}: the table overlaps other metadata"
             ));
@@ -427,6 +440,11 @@ impl Target {
     /// Reads `buf.len()` bytes at `off`; what lies past the end of the file reads as zeros
     /// (as QEMU's reads do).
     fn read(&mut self, off: u64, buf: &mut [u8], what: &str) -> Result<(), Error> {
+        if off > i64::MAX as u64 {
+            // No file reaches there.
+            buf.fill(0);
+            return Ok(());
+        }
         let n = self
             .io
             .read_at(self.file.as_raw_fd(), buf, off)
@@ -995,10 +1013,9 @@ impl Analysis {
                     "ERROR found L1 entry with reserved bits set: {raw:x}"
                 ));
             }
+            // An entry with flags but no offset names the first cluster, which QEMU then
+            // counts and checks as an L2 table (its reads treat the entry as unallocated).
             let l2_off = raw & L1E_OFFSET_MASK;
-            if l2_off == 0 {
-                continue;
-            }
             // Like QEMU, an unaligned table is reported, then counted and read where it
             // points (it is never written back).
             let counted = self.inc(l2_off, g.cs, "L2 table", false);
@@ -1490,7 +1507,7 @@ impl Analysis {
         let mut others: Vec<u64> = self
             .l2_tables
             .iter()
-            .filter(|(_, u)| !u.active)
+            .filter(|(&off, u)| !u.active && off != 0)
             .map(|(&off, _)| off)
             .collect();
         others.sort_unstable();
@@ -1609,7 +1626,7 @@ impl Stored {
             return Block::Missing;
         };
         let off = raw & REFT_OFFSET_MASK;
-        if !off.is_multiple_of(self.g.cs) {
+        if !off.is_multiple_of(self.g.cs) || off > i64::MAX as u64 - self.g.cs {
             Block::Invalid
         } else if off == 0 {
             Block::Missing

@@ -497,9 +497,7 @@ impl Header {
                     );
                 }
                 FEATURE_NAME_TABLE_EXT => {
-                    if !len.is_multiple_of(48) {
-                        return Err(bad("length is not a multiple of 48"));
-                    }
+                    // Whole entries only; QEMU ignores a partial one at the end.
                     for e in data.chunks_exact(48) {
                         let kind = match e[0] {
                             0 => FeatureKind::Incompatible,

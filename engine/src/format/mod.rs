@@ -72,6 +72,8 @@ pub mod autoclear {
     pub const BITMAPS: u64 = 1 << 0;
     /// The external data file is a consistent raw image.
     pub const DATA_FILE_RAW: u64 = 1 << 1;
+    /// Every bit the format defines.
+    pub const KNOWN: u64 = BITMAPS | DATA_FILE_RAW;
 }
 
 /// A structure on disk that cannot be accepted.
