@@ -1111,3 +1111,344 @@ fn iotest_261_snapshot_tables() {
 fn iotest_271_extended_l2() {
     run_families("271");
 }
+
+// ---- random damage --------------------------------------------------------------------------
+
+/// The metadata regions of an image: (what, offset, length).
+fn regions(img: &Path) -> Vec<(&'static str, u64, u64)> {
+    let cs = 1u64 << be32(img, 20);
+    let hl = if be32(img, 4) >= 3 {
+        u64::from(be32(img, 100))
+    } else {
+        72
+    };
+    let mut v = vec![("header", 0, hl + 64)];
+    let l1 = be64(img, 40);
+    let l1_len = u64::from(be32(img, 36)) * 8;
+    v.push(("L1 table", l1, l1_len.min(512)));
+    let l2 = be64(img, l1) & 0x00ff_ffff_ffff_fe00;
+    if l2 != 0 {
+        v.push(("L2 table", l2, 512));
+    }
+    let rt = be64(img, 48);
+    v.push(("refcount table", rt, 64));
+    let rb = be64(img, rt);
+    if rb != 0 {
+        v.push(("refcount block", rb, 256));
+    }
+    if be32(img, 60) > 0 {
+        v.push(("snapshot table", be64(img, 64), 256));
+    }
+    let _ = cs;
+    v
+}
+
+/// Damages `img` from `rng`; returns what was done.
+fn damage(img: &Path, rng: &mut Rng) -> String {
+    let regions = regions(img);
+    let (what, start, len) = regions[rng.below(regions.len() as u64) as usize];
+    let mut done = Vec::new();
+    for _ in 0..=rng.below(2) {
+        if what == "header" {
+            // A field of the fixed header (or the first extension).
+            const FIELDS: &[(u64, usize)] = &[
+                (4, 4),
+                (8, 8),
+                (16, 4),
+                (20, 4),
+                (24, 8),
+                (32, 4),
+                (36, 4),
+                (40, 8),
+                (48, 8),
+                (56, 4),
+                (60, 4),
+                (64, 8),
+                (72, 8),
+                (80, 8),
+                (88, 8),
+                (96, 4),
+                (100, 4),
+                (104, 8),
+                (112, 8),
+            ];
+            let (off, width) = FIELDS[rng.below(FIELDS.len() as u64) as usize];
+            let mut b = read_bytes(img, off, width);
+            match rng.below(3) {
+                0 => {
+                    let bit = rng.below(width as u64 * 8) as usize;
+                    b[bit / 8] ^= 1 << (bit % 8);
+                }
+                1 => rng.fill(&mut b),
+                _ => {
+                    let last = b.len() - 1;
+                    b[last] = b[last].wrapping_add(rng.below(16) as u8 + 1);
+                }
+            }
+            poke(img, off, &b);
+            done.push(format!("header field at {off}: {b:02x?}"));
+        } else {
+            let entry = start + rng.below(len / 8) * 8;
+            let mut b = read_bytes(img, entry, 8);
+            match rng.below(4) {
+                0 => {
+                    let bit = rng.below(64) as usize;
+                    b[bit / 8] ^= 1 << (bit % 8);
+                }
+                1 => rng.fill(&mut b),
+                2 => b = vec![0; 8],
+                _ => {
+                    let i = rng.below(8) as usize;
+                    b[i] = rng.next_u64() as u8;
+                }
+            }
+            poke(img, entry, &b);
+            done.push(format!("{what} at {entry:#x}: {b:02x?}"));
+        }
+    }
+    done.join("; ")
+}
+
+/// The images random damage starts from: a v3 image with data, a snapshot and a compressed
+/// cluster; a v2 image with a snapshot; an extended L2 image; 1-bit refcounts.
+fn random_bases(s: &Scratch) -> Vec<PathBuf> {
+    let a = s.join("base-v3.qcow2");
+    create(&a, "64M", "");
+    io(&a, &["write -P 1 0 192k", "write -P 2 5M 64k"]);
+    snapshot(&a, "one");
+    io(&a, &["write -P 3 64k 64k", "write -c -P 4 1M 64k"]);
+    let b = s.join("base-v2.qcow2");
+    create_v2(&b, "32M");
+    io(&b, &["write -P 5 0 128k"]);
+    snapshot(&b, "two");
+    io(&b, &["write -P 6 0 64k"]);
+    let c = s.join("base-ext.qcow2");
+    create(&c, "16M", "extended_l2=on");
+    io(
+        &c,
+        &["write -P 7 4k 8k", "write -z 64k 32k", "write -P 8 1M 64k"],
+    );
+    let d = s.join("base-rc1.qcow2");
+    create(&d, "16M", "refcount_bits=1");
+    io(&d, &["write -P 9 0 256k"]);
+    vec![a, b, c, d]
+}
+
+fn random_damage(seeds: std::ops::Range<u64>) {
+    require_qemu_tools();
+    let s = Scratch::new("damaged-random");
+    let bases = random_bases(&s);
+    let mut fails = Vec::new();
+    for seed in seeds {
+        let mut rng = Rng::new(seed);
+        let base = &bases[rng.below(bases.len() as u64) as usize];
+        let img = s.join(&format!("r{seed}.qcow2"));
+        fs::copy(base, &img).unwrap();
+        let what = damage(&img, &mut rng);
+        let label = format!(
+            "seed {seed} ({}: {what})",
+            base.file_name().unwrap().to_string_lossy()
+        );
+
+        let stem = format!("r{seed}");
+        let da = copy_to(&img, &format!("{stem}.d"));
+        let before = file_state(&da);
+        let d_info = qcow2d(&["info"], &da);
+        let d_check = qcow2d(&["check"], &da);
+        if file_state(&da) != before {
+            fails.push(format!("{label}: qcow2d info or check MODIFIED the file"));
+        }
+        let qa = copy_to(&img, &format!("{stem}.q"));
+        let q_check = qemu(&["check"], &qa);
+        let q_opened = !q_check.stderr.contains("Could not open");
+        let (q, d) = (exit_code(&q_check), exit_code(&d_check));
+        if q_opened && q != d {
+            fails.push(format!(
+                "{label}: check exit class differs: qemu-img {q} ({}), qcow2d {d} ({})",
+                q_check.stderr.lines().next().unwrap_or(""),
+                d_check.stderr.lines().last().unwrap_or("")
+            ));
+        }
+        let qb = copy_to(&img, &format!("{stem}.qr"));
+        let db = copy_to(&img, &format!("{stem}.dr"));
+        let _ = qemu(&["check", "-r", "all"], &qb);
+        let q_after = exit_code(&qemu(&["check"], &qb));
+        let d_repair = qcow2d(&["check", "--repair"], &db);
+        let d_after = exit_code(&qemu(&["check"], &db));
+        for (cmd, out) in [
+            ("info", &d_info),
+            ("check", &d_check),
+            ("check --repair", &d_repair),
+        ] {
+            if out.stderr.contains("panicked") {
+                fails.push(format!("{label}: qcow2d {cmd} PANICKED: {}", out.stderr));
+            }
+        }
+        eprintln!(
+            "{label}: check qemu={q} qcow2d={d} | after repair qemu={q_after} qcow2d={d_after}"
+        );
+        // QEMU opens an image to repair it without reading its snapshots; when unknown
+        // autoclear bits make it rewrite the header, it writes no snapshot table at all. Its
+        // copy is then clean because every snapshot is gone, which qcow2d does not do.
+        let q_dropped_snapshots = be32(&img, 60) != 0
+            && be32(&qb, 60) == 0
+            && be32(&img, 4) >= 3
+            && be64(&img, 88) & !3 != 0;
+        if q_after == 0 && d_after != 0 && !q_dropped_snapshots {
+            fails.push(format!(
+                "{label}: qemu-img check -r all made QEMU's copy clean, qcow2d check --repair \
+                 did not (qemu-img check exits {d_after}); qcow2d said: {}",
+                d_repair
+                    .stderr
+                    .lines()
+                    .rev()
+                    .take(4)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            ));
+        }
+        for p in [&img, &da, &qa, &qb, &db] {
+            let _ = fs::remove_file(p);
+        }
+    }
+    assert!(
+        fails.is_empty(),
+        "{} failure(s):\n{}",
+        fails.len(),
+        fails.join("\n")
+    );
+}
+
+/// Seeds from `QCOW2D_DAMAGE_SEEDS` (`FIRST..END`), else the given range.
+fn seeds(default: std::ops::Range<u64>) -> std::ops::Range<u64> {
+    std::env::var("QCOW2D_DAMAGE_SEEDS")
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once("..")?;
+            Some(a.parse().ok()?..b.parse().ok()?)
+        })
+        .unwrap_or(default)
+}
+
+#[test]
+fn random_metadata_damage_a() {
+    random_damage(seeds(0..60));
+}
+
+#[test]
+fn random_metadata_damage_b() {
+    random_damage(seeds(1000..1060));
+}
+
+// ---- a huge sparse image ---------------------------------------------------------------------
+
+/// Runs `qcow2d ARGS IMG` to completion; returns its exit code, stderr and peak resident
+/// memory in bytes (from wait4's rusage of that one process).
+// The child is reaped by wait4, which Child::wait cannot do with its rusage.
+#[allow(clippy::zombie_processes)]
+fn qcow2d_peak_rss(args: &[&str], img: &Path) -> (i32, String, u64) {
+    use std::io::Read;
+    let mut child = Command::new(daemon_bin())
+        .args(args)
+        .arg(img)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn qcow2d");
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child, not yet waited for (Child::wait is never called for it);
+    // `status` and `usage` are valid for writes for the duration of the call.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    // ru_maxrss is in KiB on Linux.
+    (
+        code,
+        reader.join().unwrap_or_default(),
+        usage.ru_maxrss as u64 * 1024,
+    )
+}
+
+/// The peak resident memory of a running process.
+fn vm_hwm(pid: i32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM in /proc/PID/status")
+        * 1024
+}
+
+/// A dirty image whose file was extended to 4 TiB (sparse), with stale refcounts: the repair
+/// (`check --repair`, and the one a writable open runs) costs memory for what the metadata
+/// references, not for the 64 Mi clusters the file spans (8 bytes each, 512 MiB, before).
+#[test]
+fn huge_sparse_image_repairs_in_bounded_memory() {
+    require_qemu_tools();
+    const LIMIT: u64 = 64 * MIB;
+    let s = Scratch::new("damaged-sparse");
+    let img = s.join("sparse.qcow2");
+    create(&img, "1T", "lazy_refcounts=on");
+    io(&img, &["write -P 7 0 1M", "write -P 8 100G 1M"]);
+    let make_dirty = |img: &Path| {
+        // Stale refcounts (clusters 4..7 say free) and the dirty bit, as after a crash.
+        poke(img, RB + 8, &[0; 8]);
+        poke(img, 72, &1u64.to_be_bytes());
+        truncate(img, 4 << 40);
+    };
+    make_dirty(&img);
+    let (code, err, peak) = qcow2d_peak_rss(&["check", "--repair"], &img);
+    assert_eq!(code, 0, "qcow2d check --repair exited {code}: {err}");
+    eprintln!(
+        "check --repair of a 4 TiB sparse file: peak RSS {} KiB",
+        peak / 1024
+    );
+    assert!(
+        peak < LIMIT,
+        "check --repair of a 4 TiB sparse image peaked at {} MiB",
+        peak >> 20
+    );
+    assert_check_clean(&img, "after qcow2d check --repair");
+    qemu_io(&img, "qcow2", &["read -P 7 0 1M", "read -P 8 100G 1M"]);
+
+    // The repair a writable open runs on a dirty image.
+    make_dirty(&img);
+    let sock = s.socket("s");
+    let mut cmd = Command::new(daemon_bin());
+    cmd.arg("serve")
+        .arg("--image")
+        .arg(&img)
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--shards", "1", "--queues", "1"]);
+    let d = Daemon::spawn(cmd, &img, &sock).unwrap_or_else(|f| panic!("serve: {f}"));
+    let peak = vm_hwm(d.pid());
+    eprintln!(
+        "serve of a dirty 4 TiB sparse file: peak RSS {} KiB",
+        peak / 1024
+    );
+    assert!(
+        peak < LIMIT,
+        "serve of a dirty 4 TiB sparse image peaked at {} MiB",
+        peak >> 20
+    );
+    let st = d.terminate();
+    assert!(st.success(), "qcow2d serve exited {st}");
+    assert_check_clean(&img, "after the repair at open");
+    qemu_io(&img, "qcow2", &["read -P 7 0 1M", "read -P 8 100G 1M"]);
+}
