@@ -42,6 +42,7 @@ use crate::block_io::{BlockIo, EngineIo};
 use crate::exit_events::ExitEvents;
 use crate::inflight::InflightShared;
 use crate::metrics::ExportMetrics;
+use crate::relay::BackendChannel;
 use crate::request::DeviceInfo;
 use crate::throttle::{ExportThrottle, WorkerThrottle};
 use crate::timer::Timer;
@@ -107,10 +108,19 @@ pub struct DeviceParams {
     pub throttle: Arc<ExportThrottle>,
 }
 
+/// The handlers of a connection's worker threads (their epoll loops), in worker order.
+pub type Handlers = Vec<Arc<VringEpollHandler<Arc<BlkBackend>>>>;
+
+/// How long a resize waits for the requests in flight to complete.
+const SUSPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The vhost-user-blk backend of one connection.
 pub struct BlkBackend {
     num_queues: usize,
+    /// What requests are checked against; its capacity is `capacity`'s.
     device: DeviceInfo,
+    /// The disk size in bytes now (changed by an online resize).
+    capacity: std::sync::atomic::AtomicU64,
     config: ConfigSpace,
     workers: Vec<Mutex<Worker<EngineIo>>>,
     exit_events: ExitEvents,
@@ -121,12 +131,16 @@ pub struct BlkBackend {
     /// The connection's in-flight area, once the frontend shares one (through the relay,
     /// [`crate::relay`]).
     inflight: Arc<InflightShared>,
+    /// The frontend's backend request channel, once it shares one (through the relay).
+    channel: Arc<BackendChannel>,
 }
 
 /// The config space of one connection and the write-cache mode behind its `writeback` byte.
 struct ConfigSpace {
-    /// Everything but `writeback`, fixed for the connection.
+    /// Everything but `writeback` and the capacity, fixed for the connection.
     base: BlkConfig,
+    /// The capacity in 512-byte sectors (changed by an online resize).
+    sectors: std::sync::atomic::AtomicU64,
     read_only: bool,
     /// The export's write-cache mode (see [`DeviceParams::writeback`]).
     writeback: Arc<AtomicBool>,
@@ -138,6 +152,7 @@ struct ConfigSpace {
 impl ConfigSpace {
     fn new(base: BlkConfig, read_only: bool, writeback: Arc<AtomicBool>) -> Self {
         ConfigSpace {
+            sectors: std::sync::atomic::AtomicU64::new(u64::from_le(base.capacity)),
             base,
             read_only,
             writeback,
@@ -155,6 +170,7 @@ impl ConfigSpace {
     /// GET_CONFIG.
     fn read(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut config = self.base;
+        config.capacity = self.sectors.load(Ordering::Relaxed).to_le();
         config.writeback = u8::from(self.writeback());
         config.read(offset, size)
     }
@@ -217,12 +233,18 @@ impl BlkBackend {
             })
             .collect::<Result<Vec<_>, BackendError>>()?;
         let exit_events = ExitEvents::new(shards).map_err(BackendError::ExitEvents)?;
+        // The image's size now: an online resize may have changed it since the export began.
+        let capacity = image.virtual_size();
         let backend = BlkBackend {
             num_queues,
-            device: params.device.clone(),
+            device: DeviceInfo {
+                capacity,
+                ..params.device.clone()
+            },
+            capacity: std::sync::atomic::AtomicU64::new(capacity),
             config: ConfigSpace::new(
                 BlkConfig::new(
-                    params.device.capacity,
+                    capacity,
                     num_queues as u16,
                     params.cluster_size,
                     params.device.read_only,
@@ -236,6 +258,7 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             quiescing: AtomicBool::new(false),
             inflight,
+            channel: Arc::new(BackendChannel::default()),
         };
         backend.apply_cache_mode();
         Ok(backend)
@@ -319,6 +342,94 @@ impl BlkBackend {
         Arc::clone(&self.inflight)
     }
 
+    /// Where the relay keeps the frontend's backend request channel.
+    pub fn channel(&self) -> Arc<BackendChannel> {
+        Arc::clone(&self.channel)
+    }
+
+    /// For an online resize: stops taking requests, waits for those in flight (the worker
+    /// threads complete them as usual), flushes every shard, gives back its reservation and
+    /// drops it, so that nothing holds the image. Chains the guest adds meanwhile wait in the
+    /// rings. On failure the workers take requests again and the shards stay.
+    pub fn suspend(&self, handlers: &Handlers) -> Result<(), String> {
+        for thread in 0..self.workers.len() {
+            self.lock(thread).pause();
+        }
+        let deadline = std::time::Instant::now() + SUSPEND_TIMEOUT;
+        loop {
+            let busy = (0..self.workers.len()).any(|t| {
+                let w = self.lock(t);
+                w.chains_in_flight() > 0 || w.io().in_flight() > 0
+            });
+            if !busy {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                self.unpause();
+                return Err(format!(
+                    "requests in flight did not complete within {} s",
+                    SUSPEND_TIMEOUT.as_secs()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        for thread in 0..self.workers.len() {
+            if let Err(e) = self.lock(thread).io_mut().finish() {
+                self.unpause();
+                return Err(format!("cannot flush the export's writes: {e}"));
+            }
+        }
+        let mut detached = Vec::with_capacity(self.workers.len());
+        for (thread, handler) in handlers.iter().enumerate().take(self.workers.len()) {
+            let mut worker = self.lock(thread);
+            if let Some(fd) = worker.io().completion_fd() {
+                if let Err(e) =
+                    handler.unregister_listener(fd, EventSet::IN, self.completion_event(thread))
+                {
+                    warn!(thread, "Cannot stop watching a shard's completions: {e}");
+                }
+            }
+            detached.push(worker.io_mut().detach());
+        }
+        // Every shard of the group goes at once, with nothing in flight.
+        drop(detached);
+        Ok(())
+    }
+
+    /// After [`BlkBackend::suspend`]: new shards of `image` (whose size is now `capacity`
+    /// bytes) for the workers, watched by their epoll loops, and requests are taken again.
+    pub fn resume(&self, image: &Image, handlers: &Handlers) -> Result<(), BackendError> {
+        let capacity = image.virtual_size();
+        self.capacity.store(capacity, Ordering::Relaxed);
+        self.config.sectors.store(
+            capacity >> crate::virtio_blk::SECTOR_SHIFT,
+            Ordering::Relaxed,
+        );
+        let ios = EngineIo::for_workers(image, self.workers.len())
+            .map_err(|source| BackendError::Shard { index: 0, source })?;
+        for (thread, io) in ios.into_iter().enumerate() {
+            let mut worker = self.lock(thread);
+            worker.io_mut().attach(io);
+            if let (Some(fd), Some(handler)) = (worker.io().completion_fd(), handlers.get(thread)) {
+                handler
+                    .register_listener(fd, EventSet::IN, self.completion_event(thread))
+                    .map_err(|source| BackendError::RegisterCompletions {
+                        index: thread,
+                        source,
+                    })?;
+            }
+        }
+        self.apply_cache_mode();
+        self.unpause();
+        Ok(())
+    }
+
+    fn unpause(&self) {
+        for thread in 0..self.workers.len() {
+            self.lock(thread).unpause();
+        }
+    }
+
     /// Number of worker threads (and shards).
     pub fn threads(&self) -> usize {
         self.workers.len()
@@ -342,13 +453,15 @@ impl BlkBackend {
         handlers: &[std::sync::Arc<VringEpollHandler<std::sync::Arc<BlkBackend>>>],
     ) -> Result<(), BackendError> {
         for (index, handler) in handlers.iter().enumerate() {
-            let (fd, timer): (RawFd, Option<RawFd>) = {
+            let (fd, timer): (Option<RawFd>, Option<RawFd>) = {
                 let worker = self.lock(index);
                 (worker.io().completion_fd(), worker.timer_fd())
             };
-            handler
-                .register_listener(fd, EventSet::IN, self.completion_event(index))
-                .map_err(|source| BackendError::RegisterCompletions { index, source })?;
+            if let Some(fd) = fd {
+                handler
+                    .register_listener(fd, EventSet::IN, self.completion_event(index))
+                    .map_err(|source| BackendError::RegisterCompletions { index, source })?;
+            }
             if let Some(timer) = timer {
                 handler
                     .register_listener(timer, EventSet::IN, self.timer_event(index))
@@ -417,6 +530,8 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             // Answered by the relay in front of vhost-user-backend (see crate::relay).
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            // The channel the daemon tells the frontend of a resize on.
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -500,11 +615,16 @@ impl VhostUserBackend for BlkBackend {
         }
         let event = usize::from(device_event);
         let mut worker = self.lock(thread_id);
+        // The size may change at run time (an online resize); the rest is fixed.
+        let device = DeviceInfo {
+            capacity: self.capacity.load(Ordering::Relaxed),
+            ..self.device.clone()
+        };
         if event < vrings.len() && self.quiescing.load(Ordering::SeqCst) {
             // Left in the available ring for the next connection.
         } else if event < vrings.len() {
             let event_idx = self.event_idx.load(Ordering::Relaxed);
-            worker.process_queue(vrings, event, event_idx, &self.device);
+            worker.process_queue(vrings, event, event_idx, &device);
         } else if event as u64 == self.completion_event(thread_id) {
             worker.process_completions(vrings);
         } else if event as u64 == self.timer_event(thread_id) {
@@ -513,7 +633,7 @@ impl VhostUserBackend for BlkBackend {
                 worker.clear_timer();
             } else {
                 let event_idx = self.event_idx.load(Ordering::Relaxed);
-                worker.process_timer(vrings, event_idx, &self.device);
+                worker.process_timer(vrings, event_idx, &device);
             }
         } else {
             warn!(thread_id, device_event, "Unexpected event");

@@ -130,7 +130,8 @@ pub trait BlockIo {
 
 /// [`BlockIo`] over one engine shard.
 pub struct EngineIo {
-    shard: Shard,
+    /// `None` only while the export is being resized: the worker takes no requests then.
+    shard: Option<Shard>,
     completions: Vec<Completion>,
 }
 
@@ -143,15 +144,35 @@ impl EngineIo {
             .new_shards(&ShardConfig::default(), count)?
             .into_iter()
             .map(|shard| EngineIo {
-                shard,
+                shard: Some(shard),
                 completions: Vec::with_capacity(256),
             })
             .collect())
     }
 
     /// The eventfd that becomes readable when the shard has completions to reap.
-    pub fn completion_fd(&self) -> RawFd {
-        self.shard.completion_fd()
+    pub fn completion_fd(&self) -> Option<RawFd> {
+        self.shard.as_ref().map(Shard::completion_fd)
+    }
+
+    /// Gives up the shard (to drop it: the image is to be resized). Requests submitted until
+    /// [`EngineIo::attach`] fail; nothing completes.
+    pub fn detach(&mut self) -> Option<Shard> {
+        self.shard.take()
+    }
+
+    /// Takes the shard of `other` (made from the resized image).
+    pub fn attach(&mut self, other: EngineIo) {
+        self.shard = other.shard;
+    }
+
+    fn shard(&mut self) -> Result<&mut Shard, qcow2d_engine::Error> {
+        self.shard.as_mut().ok_or_else(|| {
+            qcow2d_engine::Error::new(
+                qcow2d_engine::ErrorKind::Io,
+                "The export is being resized: no request is taken now",
+            )
+        })
     }
 
     fn move_completions(&mut self, out: &mut Vec<Done<IoError>>) {
@@ -171,7 +192,7 @@ impl BlockIo for EngineIo {
     ) -> Result<(), Self::SubmitError> {
         // SAFETY: the caller guarantees the buffers stay valid for writes until the completion
         // (or until the shard, owned by `self`, is dropped), which is the shard's contract.
-        unsafe { self.shard.submit_read(token, offset, iov) }
+        unsafe { self.shard()?.submit_read(token, offset, iov) }
     }
 
     unsafe fn submit_write(
@@ -182,7 +203,7 @@ impl BlockIo for EngineIo {
     ) -> Result<(), Self::SubmitError> {
         // SAFETY: the caller guarantees the buffers stay valid for reads until the completion
         // (or until the shard, owned by `self`, is dropped), which is the shard's contract.
-        unsafe { self.shard.submit_write(token, offset, iov) }
+        unsafe { self.shard()?.submit_write(token, offset, iov) }
     }
 
     fn submit_write_zeroes(
@@ -192,7 +213,7 @@ impl BlockIo for EngineIo {
         len: u64,
         unmap: bool,
     ) -> Result<(), Self::SubmitError> {
-        self.shard.submit_write_zeroes(token, offset, len, unmap)
+        self.shard()?.submit_write_zeroes(token, offset, len, unmap)
     }
 
     fn submit_discard(
@@ -201,43 +222,55 @@ impl BlockIo for EngineIo {
         offset: u64,
         len: u64,
     ) -> Result<(), Self::SubmitError> {
-        self.shard.submit_discard(token, offset, len)
+        self.shard()?.submit_discard(token, offset, len)
     }
 
     fn submit_flush(&mut self, token: u64) -> Result<(), Self::SubmitError> {
-        self.shard.submit_flush(token)
+        self.shard()?.submit_flush(token)
     }
 
     fn set_writethrough(&mut self, on: bool) {
-        self.shard.set_writethrough(on);
+        if let Some(shard) = &mut self.shard {
+            shard.set_writethrough(on);
+        }
     }
 
     fn finish(&mut self) -> Result<(), Self::SubmitError> {
         // flush_blocking drains whatever is still queued first. The reservation goes back even
         // if the flush failed: it only changes in-memory refcounts, and a failed image is never
         // closed (see `Export::run`).
-        let flushed = self.shard.flush_blocking();
-        self.shard.release_reserved();
+        let Some(shard) = &mut self.shard else {
+            return Ok(());
+        };
+        let flushed = shard.flush_blocking();
+        shard.release_reserved();
         flushed
     }
 
     fn poll(&mut self, out: &mut Vec<Done<IoError>>) {
-        self.shard.poll(&mut self.completions);
-        self.move_completions(out);
+        if let Some(shard) = &mut self.shard {
+            shard.poll(&mut self.completions);
+            self.move_completions(out);
+        }
     }
 
     fn wait(&mut self, out: &mut Vec<Done<IoError>>) {
-        self.shard.wait(&mut self.completions);
-        self.move_completions(out);
+        if let Some(shard) = &mut self.shard {
+            shard.wait(&mut self.completions);
+            self.move_completions(out);
+        }
     }
 
     fn in_flight(&self) -> usize {
-        self.shard.in_flight()
+        self.shard.as_ref().map_or(0, Shard::in_flight)
     }
 
     fn cache_stats(&self) -> CacheStats {
-        let (l2_hits, l2_misses) = self.shard.l2_cache_stats();
-        let (decompressed_hits, decompressed_misses) = self.shard.decompressed_cache_stats();
+        let Some(shard) = &self.shard else {
+            return CacheStats::default();
+        };
+        let (l2_hits, l2_misses) = shard.l2_cache_stats();
+        let (decompressed_hits, decompressed_misses) = shard.decompressed_cache_stats();
         CacheStats {
             l2_hits,
             l2_misses,

@@ -22,7 +22,7 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::{BackendError, BlkBackend, DeviceParams};
+use crate::backend::{BackendError, BlkBackend, DeviceParams, Handlers};
 use crate::relay::Relay;
 
 /// Failures to create an export's socket.
@@ -180,20 +180,84 @@ struct ControlState {
     client: Option<Option<i32>>,
 }
 
-/// Shared between the main thread and an export's listener thread: the stop request and the
-/// handle of the connection being served.
+/// The export's image and the backend built on it (for the next or the current connection),
+/// with its workers' epoll handlers. Whoever changes the image (a resize) or the backend (the
+/// listener thread, between connections) holds this lock.
+#[derive(Default)]
+struct ImageState {
+    image: Option<Image>,
+    backend: Option<(Arc<BlkBackend>, Handlers)>,
+}
+
+/// Shared between the main thread and an export's listener thread: the stop request, the
+/// handle of the connection being served, and the image with the backend that uses it.
 pub struct ExportControl {
     socket: PathBuf,
     state: Mutex<ControlState>,
+    image: Mutex<ImageState>,
 }
 
 impl ExportControl {
-    /// Control for the export listening on `socket`.
-    pub fn new(socket: PathBuf) -> Self {
+    /// Control for the export of `image` listening on `socket`.
+    pub fn new(socket: PathBuf, image: Image) -> Self {
         ExportControl {
             socket,
             state: Mutex::new(ControlState::default()),
+            image: Mutex::new(ImageState {
+                image: Some(image),
+                backend: None,
+            }),
         }
+    }
+
+    fn image_state(&self) -> MutexGuard<'_, ImageState> {
+        self.image.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the image's virtual size to `new_size` bytes (see `Image::resize`): the
+    /// backend's workers stop taking requests, those in flight complete, the shards are
+    /// flushed and dropped, the image is resized, new shards are made and requests are taken
+    /// again; then a connected frontend is told (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG).
+    /// Returns the old size, and whether the frontend was told.
+    pub fn resize(&self, new_size: u64, shrink: bool) -> Result<(u64, bool), String> {
+        let mut st = self.image_state();
+        let ImageState { image, backend } = &mut *st;
+        let Some(image) = image.as_mut() else {
+            return Err("The export is stopping".into());
+        };
+        if image.is_read_only() {
+            return Err("The export is read-only: its image cannot be resized".into());
+        }
+        let old = image.virtual_size();
+        if let Some((b, handlers)) = backend.as_ref() {
+            b.suspend(handlers)
+                .map_err(|e| format!("Cannot pause the export: {e}"))?;
+        }
+        let resized = image
+            .resize(new_size, shrink)
+            .map_err(|e| crate::error_chain_text(&e));
+        let mut told = false;
+        if let Some((b, handlers)) = backend.as_ref() {
+            if let Err(e) = b.resume(image, handlers) {
+                let text = crate::error_chain_text(&e);
+                error!(socket = %self.socket.display(), "Cannot resume the export: {text}");
+                // The connection cannot go on without shards: end it.
+                if let Some((handle, _)) = &self.lock().connection {
+                    handle.shutdown();
+                }
+                return Err(format!("Cannot resume the export after the resize: {text}"));
+            }
+            if resized.is_ok() {
+                match b.channel().config_changed() {
+                    Ok(sent) => told = sent,
+                    Err(e) => warn!(
+                        socket = %self.socket.display(),
+                        "Cannot tell the frontend of the new size: {e}"
+                    ),
+                }
+            }
+        }
+        resized.map(|()| (old, told))
     }
 
     fn lock(&self) -> MutexGuard<'_, ControlState> {
@@ -259,10 +323,9 @@ impl ExportControl {
     }
 }
 
-/// An export ready to serve: its image, device parameters and bound socket.
+/// An export ready to serve: its device parameters and bound socket (its image is in
+/// `control`).
 pub struct Export {
-    /// The opened image.
-    pub image: Image,
     /// Image path (for logs).
     pub image_path: PathBuf,
     /// The device the guest sees.
@@ -289,7 +352,18 @@ impl Export {
     /// one of those flushes failed: then nothing more is written (the engine has turned the
     /// image read-only) and that failure is the result.
     fn close(&self, flush_error: Option<qcow2d_engine::Error>) -> Result<(), ExportError> {
-        if self.image.is_read_only() {
+        // The backend still built for a next connection goes first (its shards flush and give
+        // back their reservations as they are dropped); the image goes with this function:
+        // its locks are released when it is dropped.
+        let img = {
+            let mut st = self.control.image_state();
+            st.backend = None;
+            st.image.take()
+        };
+        let Some(img) = img else {
+            return Ok(());
+        };
+        if img.is_read_only() {
             return Ok(());
         }
         let image = self.image_path.display();
@@ -297,7 +371,7 @@ impl Export {
             error!(%image, "Not closing the image cleanly: a flush failed ({e})");
             return Err(ExportError::Flush(e));
         }
-        match self.image.close() {
+        match img.close() {
             Ok(()) => {
                 info!(%image, "Image closed cleanly");
                 Ok(())
@@ -328,10 +402,19 @@ impl Export {
                 return Ok(());
             }
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let backend = Arc::new(BlkBackend::new(&self.image, &self.params, &mem)?);
-            let mut daemon = VhostUserDaemon::new(self.thread_name.clone(), backend.clone(), mem)
-                .map_err(|e| ExportError::Daemon(e.to_string()))?;
-            backend.register_completions(&daemon.get_epoll_handlers())?;
+            let (backend, mut daemon) = {
+                let mut st = self.control.image_state();
+                let Some(image) = st.image.as_ref() else {
+                    return Ok(());
+                };
+                let backend = Arc::new(BlkBackend::new(image, &self.params, &mem)?);
+                let daemon = VhostUserDaemon::new(self.thread_name.clone(), backend.clone(), mem)
+                    .map_err(|e| ExportError::Daemon(e.to_string()))?;
+                let handlers = daemon.get_epoll_handlers();
+                backend.register_completions(&handlers)?;
+                st.backend = Some((Arc::clone(&backend), handlers));
+                (backend, daemon)
+            };
 
             let frontend = match self.accept() {
                 Ok(frontend) => frontend,
@@ -350,8 +433,14 @@ impl Export {
                 .map_err(|e| ExportError::Daemon(e.to_string()))?;
             drop(private);
             let pid = peer_pid(&frontend);
-            let relay = Relay::start(frontend, device_end, backend.inflight(), &self.thread_name)
-                .map_err(ExportError::Relay)?;
+            let relay = Relay::start(
+                frontend,
+                device_end,
+                backend.inflight(),
+                backend.channel(),
+                &self.thread_name,
+            )
+            .map_err(ExportError::Relay)?;
             // If a stop was requested meanwhile (possibly by the wake-up connection of
             // `request_stop`), this ends the connection at once.
             self.control
@@ -385,12 +474,16 @@ impl Export {
             // Dropping the daemon stops and joins the worker threads (and the frontend thread
             // is gone already): nothing else touches the shards. Finishing them waits for the
             // requests still in flight and makes every write durable before they are dropped.
+            // Under the image lock: a resize does not change the shards meanwhile.
             drop(daemon);
+            let mut st = self.control.image_state();
+            st.backend = None;
             if let Err(e) = backend.finish() {
                 error!(socket, "The client's writes could not be made durable: {e}");
                 flush_error.get_or_insert(e);
             }
             drop(backend);
+            drop(st);
         }
     }
 }
@@ -452,9 +545,8 @@ mod tests {
             metrics: None,
             throttle: Arc::new(crate::throttle::ExportThrottle::default()),
         };
-        let control = Arc::new(ExportControl::new(socket.clone()));
+        let control = Arc::new(ExportControl::new(socket.clone(), image));
         let export = Export {
-            image,
             image_path: path.clone(),
             params,
             listener: bind_socket(&socket).unwrap(),

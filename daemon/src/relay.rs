@@ -11,7 +11,8 @@
 //!   [`InflightShared`]) itself, with a REPLY_ACK answer when the frontend asks for one, and
 //!   forwards every other message unchanged. After forwarding SET_VRING_KICK it writes to the
 //!   kick eventfd, so that a queue is processed (and what a previous daemon left in flight is
-//!   resumed) even if the guest never kicks again;
+//!   resumed) even if the guest never kicks again. It keeps a copy of the socket that
+//!   SET_BACKEND_REQ_FD shares ([`BackendChannel`]), to tell the frontend of a resize;
 //! - backend → frontend: forwards every reply unchanged.
 //!
 //! Writes to the frontend's socket are serialised by a mutex, so a reply is never interleaved
@@ -54,6 +55,42 @@ const VRING_NOFD: u64 = 0x100;
 const GET_INFLIGHT_FD: u32 = FrontendReq::GET_INFLIGHT_FD as u32;
 const SET_INFLIGHT_FD: u32 = FrontendReq::SET_INFLIGHT_FD as u32;
 const SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
+const SET_BACKEND_REQ_FD: u32 = FrontendReq::SET_BACKEND_REQ_FD as u32;
+/// How long a config-change message may take to reach the frontend.
+const CHANNEL_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The frontend's backend request channel (the socket SET_BACKEND_REQ_FD shares), kept by the
+/// relay so the daemon can tell the frontend that the config space changed (an online resize).
+/// vhost-user-backend gets the message too, unchanged; it never writes to the channel.
+#[derive(Default)]
+pub struct BackendChannel {
+    sock: Mutex<Option<UnixStream>>,
+}
+
+impl BackendChannel {
+    fn set(&self, fd: OwnedFd) {
+        let sock = UnixStream::from(fd);
+        if let Err(e) = sock.set_write_timeout(Some(CHANNEL_WRITE_TIMEOUT)) {
+            warn!("Cannot bound writes to the backend request channel: {e}");
+        }
+        *self.sock.lock().unwrap_or_else(PoisonError::into_inner) = Some(sock);
+    }
+
+    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (no reply asked for: QEMU then reads the
+    /// config space again). `Ok(false)`: the frontend shared no channel.
+    pub fn config_changed(&self) -> io::Result<bool> {
+        let guard = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(mut sock) = guard.as_ref() else {
+            return Ok(false);
+        };
+        let request: u32 = vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG.into();
+        let mut header = [0u8; HEADER_BYTES];
+        header[0..4].copy_from_slice(&request.to_ne_bytes());
+        header[4..8].copy_from_slice(&VERSION_1.to_ne_bytes());
+        sock.write_all(&header)?;
+        Ok(true)
+    }
+}
 
 /// Why a message could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +280,7 @@ impl Relay {
         frontend: UnixStream,
         backend: UnixStream,
         inflight: Arc<InflightShared>,
+        channel: Arc<BackendChannel>,
         name: &str,
     ) -> io::Result<Relay> {
         let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
@@ -251,6 +289,7 @@ impl Relay {
             backend: backend.try_clone()?,
             to_frontend: Arc::clone(&to_frontend),
             inflight,
+            channel,
         };
         let outbound = Outbound {
             backend: backend.try_clone()?,
@@ -311,6 +350,7 @@ struct Inbound {
     backend: UnixStream,
     to_frontend: Arc<Mutex<UnixStream>>,
     inflight: Arc<InflightShared>,
+    channel: Arc<BackendChannel>,
 }
 
 impl Inbound {
@@ -341,6 +381,14 @@ impl Inbound {
                     } else {
                         Ok(())
                     }
+                }
+                SET_BACKEND_REQ_FD => {
+                    match msg.fds.first().map(|fd| fd.try_clone()) {
+                        Some(Ok(fd)) => self.channel.set(fd),
+                        Some(Err(e)) => warn!("Cannot keep the backend request channel: {e}"),
+                        None => debug!("SET_BACKEND_REQ_FD without a file descriptor"),
+                    }
+                    write_message(&self.backend, &msg)
                 }
                 SET_VRING_KICK => {
                     let sent = write_message(&self.backend, &msg);

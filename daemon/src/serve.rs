@@ -328,12 +328,11 @@ impl Supervisor {
             metrics.add_export(labels, params.shards)
         });
         params.metrics = metrics.clone();
-        let control = Arc::new(ExportControl::new(cfg.socket.clone()));
         let size = image.virtual_size();
         let read_only = image.is_read_only();
+        let control = Arc::new(ExportControl::new(cfg.socket.clone(), image));
         let export = Export {
             params,
-            image,
             image_path: cfg.image.clone(),
             listener,
             control: Arc::clone(&control),
@@ -554,10 +553,27 @@ impl Supervisor {
                 self.set_limits(index, group.as_deref(), limits)?;
                 Ok(serde_json::json!({}))
             }
-            Request::Resize { socket, .. } => Err(format!(
-                "Cannot resize {}: online resize is not supported",
-                socket.display()
-            )),
+            Request::Resize {
+                socket,
+                size,
+                shrink,
+            } => {
+                let index = self.find(&socket).ok_or_else(|| no_export(&socket))?;
+                let e = &mut self.exports[index];
+                let (old, told) = e
+                    .control
+                    .resize(size, shrink)
+                    .map_err(|why| format!("Cannot resize {}: {why}", e.config.socket.display()))?;
+                e.size = size;
+                info!(
+                    socket = %e.config.socket.display(),
+                    old_size = old,
+                    new_size = size,
+                    frontend_told = told,
+                    "Export resized"
+                );
+                Ok(serde_json::json!({"old_size": old, "size": size, "frontend_notified": told}))
+            }
         }
     }
 

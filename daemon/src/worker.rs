@@ -153,6 +153,8 @@ pub struct Worker<B: BlockIo> {
     throttle: Option<(WorkerThrottle, Timer)>,
     /// The chain waiting for its turn under the limits; while there is one the gate is closed.
     held: Option<Held>,
+    /// Set while the export is being resized: the gate is closed.
+    paused: bool,
 }
 
 /// A chain taken from its queue and accounted against the limits, waiting to start.
@@ -202,6 +204,7 @@ impl<B: BlockIo> Worker<B> {
             tracked: Vec::new(),
             throttle: None,
             held: None,
+            paused: false,
         }
     }
 
@@ -221,7 +224,36 @@ impl<B: BlockIo> Worker<B> {
     /// Whether the worker may take chains from its queues now (see the module docs).
     #[inline]
     fn gate_open(&self) -> bool {
-        self.held.is_none()
+        self.held.is_none() && !self.paused
+    }
+
+    /// Closes the gate: no more chains are taken (a held one stays held) until
+    /// [`Worker::unpause`]. Requests already taken complete as usual.
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Reopens the gate closed by [`Worker::pause`] and has the worker thread go round its
+    /// queues (through its timer, since kicks that came meanwhile were taken and left).
+    pub fn unpause(&mut self) {
+        self.paused = false;
+        if let Some((_, timer)) = &mut self.throttle {
+            if let Err(e) = timer.arm(std::time::Duration::from_nanos(1)) {
+                warn!("Cannot wake the worker after a pause: {e}");
+            }
+        }
+    }
+
+    /// Chains taken and not yet returned, held ones excepted.
+    pub fn chains_in_flight(&self) -> u32 {
+        self.in_flight_per_queue.iter().sum()
+    }
+
+    /// The I/O engine, to swap its shard (see [`crate::block_io::EngineIo::detach`]). The
+    /// cache statistics start again from the new shard's.
+    pub fn io_mut(&mut self) -> &mut B {
+        self.cache_published = CacheStats::default();
+        &mut self.io
     }
 
     /// Records the chains it takes in the area published in `shared` (when the frontend shares
@@ -361,20 +393,22 @@ impl<B: BlockIo> Worker<B> {
         if let Some((_, timer)) = &mut self.throttle {
             timer.clear();
         }
-        let Some(held) = &self.held else {
+        if self.paused {
             return;
-        };
-        let now = Instant::now();
-        if now < held.until {
-            // Early (a timer armed for an older wait): wait for the rest.
-            let rest = held.until - now;
-            if let Some((_, timer)) = &mut self.throttle {
-                if timer.arm(rest).is_ok() {
-                    return;
+        }
+        if let Some(held) = &self.held {
+            let now = Instant::now();
+            if now < held.until {
+                // Early (a timer armed for an older wait): wait for the rest.
+                let rest = held.until - now;
+                if let Some((_, timer)) = &mut self.throttle {
+                    if timer.arm(rest).is_ok() {
+                        return;
+                    }
                 }
             }
+            self.release_held();
         }
-        self.release_held();
         for index in 0..vrings.len() {
             if !self.gate_open() {
                 break;

@@ -19,6 +19,7 @@ pub mod io;
 pub mod meta;
 pub mod overlap;
 mod paths;
+mod resize;
 pub mod shard;
 mod write;
 

@@ -21,6 +21,9 @@ const MAX_REFCOUNT_MEMORY_BYTES: u64 = 1 << 30;
 
 /// Byte offsets of header fields that qcow2d rewrites.
 pub(crate) mod field {
+    pub const SIZE: usize = 24;
+    pub const L1_SIZE: usize = 36;
+    pub const L1_TABLE_OFFSET: usize = 40;
     pub const REFCOUNT_TABLE_OFFSET: usize = 48;
     pub const REFCOUNT_TABLE_CLUSTERS: usize = 56;
     pub const INCOMPATIBLE: usize = 72;
@@ -288,7 +291,7 @@ impl Writable {
 
     /// Like [`Writable::overlap`], for the blocking writes of a clean close: an overlap marks
     /// the image corrupt and is an error.
-    fn refuse_overlap(
+    pub(crate) fn refuse_overlap(
         &self,
         layer: &Layer,
         what: &'static str,
@@ -363,7 +366,6 @@ pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
         ));
     }
     let fd = q.file.as_raw_fd();
-    let cs = q.geom.cluster_size();
     let io_err = |what: &str, e: std::io::Error| {
         w.failed.store(true, std::sync::atomic::Ordering::Relaxed);
         Error::io(
@@ -372,6 +374,38 @@ pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
         )
     };
     let mut io = BlockingReader::new().map_err(|e| io_err("create an io_uring", e))?;
+    write_refcounts(layer, w, &mut io, "at close")?;
+    if w.lazy_refcounts {
+        let mut h = w.header.lock().unwrap_or_else(|p| p.into_inner());
+        let incompat_bits = crate::format::be64_at(&h.bytes, field::INCOMPATIBLE);
+        h.put64(field::INCOMPATIBLE, incompat_bits & !incompat::DIRTY);
+        io.write_all_at(fd, &h.bytes, 0)
+            .and_then(|()| io.fdatasync(fd))
+            .map_err(|e| io_err("clear the dirty bit", e))?;
+    }
+    Ok(())
+}
+
+/// Writes every refcount block changed in memory and a moved refcount table (then the header
+/// fields that point at it, then frees the old table), each step durable before the next. The
+/// caller makes sure no shard writes refcount blocks meanwhile (at close, or while the image is
+/// held alone). `when` names the occasion in errors.
+pub(crate) fn write_refcounts(
+    layer: &Layer,
+    w: &Writable,
+    io: &mut BlockingReader,
+    when: &str,
+) -> Result<(), Error> {
+    let LayerKind::Qcow2(q) = &layer.kind else {
+        unreachable!("the top layer is always qcow2");
+    };
+    let path = &layer.path;
+    let fd = q.file.as_raw_fd();
+    let cs = q.geom.cluster_size();
+    let io_err = |what: &str, e: std::io::Error| {
+        w.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+        Error::io(format!("Cannot {what} of {} {when}", path.display()), e)
+    };
     let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
     // Freeing a retired table dirties blocks again: at most a few rounds.
     for _ in 0..4 {
@@ -420,14 +454,6 @@ pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
                     Error::with_source(ErrorKind::Corrupt, "Cannot free the old refcount table", e)
                 })?;
         }
-    }
-    if w.lazy_refcounts {
-        let mut h = w.header.lock().unwrap_or_else(|p| p.into_inner());
-        let incompat_bits = crate::format::be64_at(&h.bytes, field::INCOMPATIBLE);
-        h.put64(field::INCOMPATIBLE, incompat_bits & !incompat::DIRTY);
-        io.write_all_at(fd, &h.bytes, 0)
-            .and_then(|()| io.fdatasync(fd))
-            .map_err(|e| io_err("clear the dirty bit", e))?;
     }
     Ok(())
 }

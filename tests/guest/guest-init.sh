@@ -15,6 +15,10 @@
 #                       e2fsck -fn, mount again and check the content, umount, e2fsck -fn
 #       sha256          sha256 of the whole disk (page cache dropped first)
 #       read-only       checks that the disk is read-only and that a write fails
+#       resize          prints QCOW2D-PHASE name=resize phase=wait, waits (60 s at most) for
+#                       /sys/block/vda/size to change (the host resizes the image meanwhile),
+#                       then writes 1 MiB of random data at the old end, reads it back with
+#                       the page cache dropped, and reports its sha256 and the new size
 #       debug-info      prints /proc/interrupts (for debugging by hand)
 #   qcow2d.fio_mb=N         MiB written by each of the two fio jobs (default 32)
 #   qcow2d.fio_rate=N       IOPS limit of each fio job in the write run of restart-verify
@@ -275,6 +279,45 @@ run_read_only() {
     result read-only ok "disk is read-only and refuses writes"
 }
 
+run_resize() {
+    before=$(cat /sys/block/vda/size)
+    echo "QCOW2D-PHASE name=resize phase=wait sectors=$before"
+    i=0
+    while [ "$(cat /sys/block/vda/size)" = "$before" ] && [ $i -lt 600 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    after=$(cat /sys/block/vda/size)
+    if [ "$after" = "$before" ]; then
+        result resize fail "/sys/block/vda/size stayed at $before sectors for 60 s"
+        return
+    fi
+    # Whole MiBs: the old size is a multiple of 1 MiB in the tests.
+    at=$((before / 2048))
+    dd if=/dev/urandom of=/tmp/new bs=1M count=1 2>/dev/null
+    if ! out=$(dd if=/tmp/new of=/dev/vda bs=1M seek=$at count=1 oflag=direct conv=notrunc 2>&1); then
+        result resize fail "writing at the old end ($at MiB) failed: $out"
+        return
+    fi
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    if ! out=$(dd if=/dev/vda of=/tmp/back bs=1M skip=$at count=1 iflag=direct 2>&1); then
+        result resize fail "reading at the old end ($at MiB) failed: $out"
+        return
+    fi
+    want=$(sha256sum </tmp/new | cut -d' ' -f1)
+    got=$(sha256sum </tmp/back | cut -d' ' -f1)
+    errs=$(io_errors)
+    if [ "$want" != "$got" ]; then
+        result resize fail "1 MiB written at $at MiB read back differently"
+    elif [ -n "$errs" ]; then
+        result resize fail "kernel logged errors: $(echo "$errs" | tr '\n' ' ')"
+    else
+        result resize ok "size $before -> $after sectors; 1 MiB written at the old end and read back" \
+            "sha256=$want sectors=$after"
+    fi
+}
+
 [ -n "$TESTS" ] || {
     result setup fail "no qcow2d.test= on the kernel command line"
     finish
@@ -288,6 +331,7 @@ for t in $(echo "$TESTS" | tr ',' ' '); do
     fs) run_fs ;;
     sha256) run_sha256 ;;
     read-only) run_read_only ;;
+    resize) run_resize ;;
     debug-info)
         cat /proc/interrupts
         result debug-info ok "printed"

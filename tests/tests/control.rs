@@ -531,3 +531,109 @@ fn sighup_applies_the_config_difference() {
     let status = d.terminate();
     assert!(status.success(), "{status}");
 }
+
+fn qemu_img_virtual_size(img: &Path) -> u64 {
+    let out = run_ok(
+        Command::new("qemu-img")
+            .args(["info", "--output=json", "-U"])
+            .arg(img),
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+#[test]
+fn resize_grows_the_l1_table_and_new_connections_see_it() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-resize");
+    // 64 KiB clusters: one L1 entry covers 512 MiB, so 1.5 GiB needs a larger L1 table.
+    let a = image_with(&s, "a.qcow2", 0xa1);
+    let sock = s.socket("a.sock");
+    let control = s.socket("ctl.sock");
+    let control_arg = control.display().to_string();
+    let sock_arg = sock.display().to_string();
+    let d = Daemon::start_writable(&a, &sock, &["--control", &control_arg, "--queues", "2"])
+        .unwrap_or_else(|f| panic!("{f}"));
+
+    // A client connected during the resize goes on working.
+    let (release, holder) = hold_client(&sock);
+    ctl_ok(&control, &["resize", &sock_arg, "1536M"]);
+    drop(release);
+    holder.join().unwrap().unwrap();
+    assert_eq!(
+        export_of(&list(&control), &sock).unwrap()["size"],
+        1536 * MIB
+    );
+
+    // A new connection sees the new size and can write past the old end.
+    let data = rw_session(&sock, 2, READ_TIMEOUT, |c| {
+        assert_eq!(c.capacity(), 1536 * MIB);
+        c.run_ok(&[
+            BlkOp::Write {
+                off: GIB_1 + 4096,
+                data: vec![0xc3; 65536],
+            },
+            BlkOp::Flush,
+        ])?;
+        let tail = c.read_range(GIB_1 + 4096, 65536)?;
+        let head = c.read_range(0, 65536)?;
+        Ok((tail, head))
+    })
+    .unwrap();
+    assert!(data.0.iter().all(|&x| x == 0xc3), "the new area reads back");
+    assert!(
+        data.1.iter().all(|&x| x == 0xa1),
+        "the old data is still there"
+    );
+
+    // Shrinking: refused without --shrink, refused over allocated data, and allowed when
+    // nothing is allocated past the new end.
+    let err = ctl_err(&control, &["resize", &sock_arg, "64M"]);
+    assert!(err.contains("shrink"), "{err}");
+    let err = ctl_err(&control, &["resize", &sock_arg, "64M", "--shrink"]);
+    assert!(err.contains("is allocated"), "{err}");
+    ctl_ok(&control, &["resize", &sock_arg, "1280M", "--shrink"]);
+    let err = ctl_err(&control, &["resize", &sock_arg, "1000000001"]);
+    assert!(err.contains("multiple of 512"), "{err}");
+    assert_eq!(
+        export_of(&list(&control), &sock).unwrap()["size"],
+        1280 * MIB
+    );
+
+    ctl_ok(&control, &["remove", &sock_arg]);
+    assert_eq!(qemu_img_virtual_size(&a), 1280 * MIB);
+    assert_check_clean(&a, "after online resizes");
+    let raw = oracle(&a);
+    assert_eq!(raw.len() as u64, 1280 * MIB);
+    let at = (GIB_1 + 4096) as usize;
+    assert!(raw[at..at + 65536].iter().all(|&x| x == 0xc3));
+    assert!(raw[..MIB as usize].iter().all(|&x| x == 0xa1));
+    let held = MIB as usize;
+    assert!(
+        raw[held..held + 4096].iter().all(|&x| x == 0x5a),
+        "the write of the client connected during the resize is there"
+    );
+    drop(d);
+}
+
+const GIB_1: u64 = 1024 * MIB;
+
+#[test]
+fn resize_of_a_read_only_export_is_refused() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-resize-ro");
+    let a = image_with(&s, "a.qcow2", 0xa1);
+    let sock = s.socket("a.sock");
+    let control = s.socket("ctl.sock");
+    let control_arg = control.display().to_string();
+    let _d = Daemon::start_with(&a, &sock, &["--control", &control_arg])
+        .unwrap_or_else(|f| panic!("{f}"));
+    let err = ctl_err(&control, &["resize", &sock.display().to_string(), "128M"]);
+    assert!(err.contains("read-only"), "{err}");
+    let err = ctl_err(
+        &control,
+        &["resize", &s.join("nope.sock").display().to_string(), "128M"],
+    );
+    assert!(err.contains("No export"), "{err}");
+    assert_eq!(qemu_img_virtual_size(&a), 64 * MIB);
+}

@@ -1168,3 +1168,73 @@ fn guest_sigkill_idle_writethrough() {
         idle: true,
     });
 }
+
+/// Online resize seen by a running guest: the guest waits for its disk to grow, the host runs
+/// `qcow2d ctl resize` (128 MiB to 1 GiB, past what the L1 table covered), the guest's
+/// `/sys/block/vda/size` changes (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, QEMU re-reads the
+/// config space), and it writes and reads back 1 MiB in the new area. Afterwards qemu-img sees
+/// the new size, the image checks clean and holds what the guest wrote.
+#[test]
+fn guest_online_resize() {
+    require_qemu_tools();
+    let scratch = Scratch::new("guest-resize");
+    let img = scratch.join("grow.qcow2");
+    create_qcow2(&img, DISK, "");
+    let socket = scratch.socket("vhost.sock");
+    let control = scratch.socket("ctl.sock");
+    let _lock = guest_lock();
+    guest_env();
+    let daemon = serve_with(
+        &img,
+        &socket,
+        &["--control", &control.display().to_string()],
+    );
+    let mut guest = Guest::boot(&scratch, &socket, false, "resize", "", GUEST_BUDGET);
+    guest.wait_marker("QCOW2D-PHASE name=resize phase=wait", &|| daemon.stderr());
+    let new_size = 1024 * MIB;
+    let out = run_cmd(
+        Command::new(daemon_bin())
+            .arg("ctl")
+            .arg("--control")
+            .arg(&control)
+            .arg("resize")
+            .arg(&socket)
+            .arg(new_size.to_string()),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "qcow2d ctl resize failed: {}{}\n--- qcow2d stderr ---\n{}",
+        out.stdout,
+        out.stderr,
+        daemon.stderr()
+    );
+    let outcome = guest.finish(&|| daemon.stderr());
+    let r = &outcome.named("resize")[0];
+    assert_eq!(r.fields["sectors"], (new_size / 512).to_string());
+    stop(daemon, "after the guest powered off");
+    check_image(&img, false);
+    let info = qemu_img_info_text(&img);
+    assert!(
+        info.contains(&format!("({new_size} bytes)")),
+        "qemu-img info does not show the new size:\n{info}"
+    );
+    let raw = scratch.join("content.raw");
+    qemu_img_in(
+        image_dir(&img),
+        &[
+            OsStr::new("convert"),
+            OsStr::new("-O"),
+            OsStr::new("raw"),
+            img.as_os_str(),
+            raw.as_os_str(),
+        ],
+    );
+    let part = scratch.join("part.raw");
+    write_file(&part, &read_bytes(&raw, DISK, MIB as usize));
+    assert_eq!(
+        file_sha256(&part),
+        r.fields["sha256"],
+        "the 1 MiB the guest wrote at the old end is not in the image"
+    );
+}
