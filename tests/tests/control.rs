@@ -80,27 +80,66 @@ fn image_with(s: &Scratch, name: &str, byte: u8) -> PathBuf {
     img
 }
 
-/// Reads 4 KiB (or `len` bytes) requests through `socket` for [`MEASURE`] with 8 in flight;
-/// returns the requests completed per second.
-fn measure_rate(socket: &Path, len: usize) -> Result<f64, String> {
-    blk_session(socket, 1, Duration::from_secs(120), move |c| {
-        let start = Instant::now();
-        let mut done = 0u64;
-        let mut at = 0u64;
-        while start.elapsed() < MEASURE {
-            let reqs: Vec<ReadReq> = (0..16)
-                .map(|_| {
-                    at = (at + len as u64) % (4 * MIB);
-                    (at, len)
-                })
-                .collect();
-            for r in c.read_batch(&reqs)? {
-                r?;
-            }
-            done += reqs.len() as u64;
-        }
-        Ok(done as f64 / start.elapsed().as_secs_f64())
-    })
+/// `qcow2d-bench`, built beside the daemon.
+fn bench_bin() -> PathBuf {
+    let p = daemon_bin().with_file_name("qcow2d-bench");
+    assert!(
+        p.is_file(),
+        "MISSING BENCH BINARY: {} does not exist; build the workspace (cargo build)",
+        p.display()
+    );
+    p
+}
+
+/// Starts `qcow2d-bench run`: random reads of `bs` through `socket`, 64 in flight on one
+/// queue (so the daemon always has requests waiting, however the machine schedules the
+/// client), 2 s of warm-up (the bucket's initial burst) then [`MEASURE`] measured.
+fn start_bench(socket: &Path, bs: &str, json: &Path) -> std::process::Child {
+    Command::new(bench_bin())
+        .arg("run")
+        .arg("--socket")
+        .arg(socket)
+        .args([
+            "--pattern",
+            "randread",
+            "--bs",
+            bs,
+            "--iodepth",
+            "64",
+            "--queues",
+            "1",
+        ])
+        .args(["--warmup", "2s", "--runtime"])
+        .arg(format!("{}s", MEASURE.as_secs()))
+        .args(["--region-size", "4m", "--json"])
+        .arg(json)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run qcow2d-bench: {e}"))
+}
+
+/// Waits for a bench started by [`start_bench`]; its measured requests per second.
+fn bench_iops(child: std::process::Child, json: &Path) -> f64 {
+    let out = child.wait_with_output().expect("wait for qcow2d-bench");
+    assert!(
+        out.status.success(),
+        "qcow2d-bench failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(json).expect("the bench's JSON result");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["errors"], 0, "{text}");
+    v["iops"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no iops in {text}"))
+}
+
+/// Requests per second of `bs` reads through `socket` (see [`start_bench`]).
+fn measure_rate(s: &Scratch, socket: &Path, bs: &str) -> f64 {
+    let json = s.join(&format!("bench-{bs}.json"));
+    bench_iops(start_bench(socket, bs, &json), &json)
 }
 
 fn assert_near(what: &str, measured: f64, limit: f64) {
@@ -337,7 +376,7 @@ fn an_iops_limit_and_a_bps_limit_hold_their_rates() {
     let sock = s.socket("a.sock");
     let control = s.socket("ctl.sock");
     let control_arg = control.display().to_string();
-    let _d = Daemon::start_with(
+    let _d = Daemon::start_writable(
         &a,
         &sock,
         &["--control", &control_arg, "--iops-total", "500"],
@@ -346,7 +385,7 @@ fn an_iops_limit_and_a_bps_limit_hold_their_rates() {
     let e = export_of(&list(&control), &sock).unwrap();
     assert_eq!(e["limits"], serde_json::json!({"iops_total": 500}));
 
-    let rate = measure_rate(&sock, 4096).unwrap();
+    let rate = measure_rate(&s, &sock, "4k");
     assert_near("iops_total 500, 4 KiB reads", rate, 500.0);
     let e = export_of(&list(&control), &sock).unwrap();
     assert!(e["throttled_seconds"].as_f64().unwrap() > 1.0, "{e}");
@@ -364,7 +403,7 @@ fn an_iops_limit_and_a_bps_limit_hold_their_rates() {
     );
     let e = export_of(&list(&control), &sock).unwrap();
     assert_eq!(e["limits"], serde_json::json!({"bps_read": 2097152}));
-    let rate = measure_rate(&sock, 65536).unwrap();
+    let rate = measure_rate(&s, &sock, "64k");
     assert_near("bps_read 2 MiB/s, 64 KiB reads", rate * 65536.0, 2097152.0);
 
     let err = ctl_err(
@@ -398,9 +437,9 @@ fn a_group_shares_its_limit_fairly() {
         &config,
         format!(
             "control = \"{}\"\n\
-             [[export]]\nimage = \"{}\"\nsocket = \"{}\"\nread_only = true\n\
+             [[export]]\nimage = \"{}\"\nsocket = \"{}\"\n\
              group = \"tenant\"\niops_total = 400\n\
-             [[export]]\nimage = \"{}\"\nsocket = \"{}\"\nread_only = true\ngroup = \"tenant\"\n",
+             [[export]]\nimage = \"{}\"\nsocket = \"{}\"\ngroup = \"tenant\"\n",
             control.display(),
             a.display(),
             a_sock.display(),
@@ -418,11 +457,13 @@ fn a_group_shares_its_limit_fairly() {
         assert_eq!(e["group"], "tenant");
         assert_eq!(e["limits"], serde_json::json!({"iops_total": 400}));
     }
-    let (sa, sb) = (a_sock.clone(), b_sock.clone());
-    let ta = thread::spawn(move || measure_rate(&sa, 4096));
-    let tb = thread::spawn(move || measure_rate(&sb, 4096));
-    let ra = ta.join().unwrap().unwrap();
-    let rb = tb.join().unwrap().unwrap();
+    // Both clients run side by side over the same window.
+    let (ja, jb) = (s.join("a.json"), s.join("b.json"));
+    let (ca, cb) = (
+        start_bench(&a_sock, "4k", &ja),
+        start_bench(&b_sock, "4k", &jb),
+    );
+    let (ra, rb) = (bench_iops(ca, &ja), bench_iops(cb, &jb));
     eprintln!("group tenant, iops_total 400: export a {ra:.1}/s, export b {rb:.1}/s");
     assert_near("group of two, together", ra + rb, 400.0);
     let share = ra / (ra + rb);
