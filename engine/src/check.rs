@@ -191,6 +191,17 @@ impl fmt::Display for CheckReport {
 /// written, its header is invalid or uses an unsupported feature, or checking it would need
 /// more than [`MAX_CHECK_MEMORY`] bytes.
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
+    run(path, repair, false)
+}
+
+/// The repair a writable open runs on an image left dirty (lazy refcounts): [`check`] with
+/// `repair`, except that, as QEMU refuses to open such an image when its refcounts cannot
+/// all be read (check errors), it fails then, before writing anything.
+pub(crate) fn repair_dirty(path: &Path) -> Result<CheckReport, Error> {
+    run(path, true, true)
+}
+
+fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckReport, Error> {
     let mut t = Target::open(path, repair)?;
     let mut log = Log::default();
     let header = read_header(&mut t)?;
@@ -206,6 +217,15 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
         t.sync()?;
     }
     let mut first = analyze(&mut t, &snapshots)?;
+    if refuse_check_errors && first.check_errors > 0 {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "{}: cannot repair the dirty image: {} refcounts cannot be read (a refcount block is misaligned); qcow2d check --repair rebuilds them",
+                t.path, first.check_errors
+            ),
+        ));
+    }
     header_notes(&first.header, &mut log);
     log.append(&first.log);
     if !repair {

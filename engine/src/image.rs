@@ -549,7 +549,7 @@ fn repair_if_dirty(path: &Path, reader: &mut BlockingReader) -> Result<(), Error
         "{} was not closed cleanly while lazy refcounts were in use; rebuilding its refcounts",
         path.display()
     );
-    let report = crate::check::check(path, true)?;
+    let report = crate::check::repair_dirty(path)?;
     if report.corruptions > 0 {
         return Err(Error::new(
             ErrorKind::Corrupt,
