@@ -41,6 +41,9 @@ enum Deviation {
     RefusesOpen,
     /// Reads QEMU answers fail in qcow2d (open, check and repair are compared).
     StricterReads,
+    /// qcow2d refuses to open for writing what QEMU opens read-write (everything else is
+    /// compared).
+    RefusesWrites,
 }
 
 /// One corruption family.
@@ -569,6 +572,32 @@ const fn row(iotest: &'static str, name: &'static str, build: fn(&Path)) -> Fami
     }
 }
 
+/// A row where qcow2d refuses to open for writing what QEMU opens read-write.
+const fn refuses_writes(
+    iotest: &'static str,
+    name: &'static str,
+    build: fn(&Path),
+    why: &'static str,
+) -> Family {
+    Family {
+        iotest,
+        name,
+        build,
+        deviation: Deviation::RefusesWrites,
+        why,
+    }
+}
+
+/// Why qcow2d refuses to write an image with an unusable refcount block.
+const BAD_REFBLOCK: &str = "qcow2d loads every refcount block when it opens an image for \
+     writing and refuses one whose refcount table names a block it cannot use (misaligned, or \
+     past the end of the file), pointing at qcow2d check --repair; QEMU opens it and fails or \
+     marks it corrupt at the first allocation that needs the block";
+/// Why qcow2d refuses to write an image whose refcount table is not in the file.
+const REFTABLE_PAST_EOF: &str = "QEMU opens an image whose refcount table lies past the end of \
+     the file and reads zeros for it; qcow2d serves it read-only and refuses to write it, \
+     pointing at qcow2d check --repair, rather than allocate without knowing what is free";
+
 const FAMILIES: &[Family] = &[
     // 060: overlapping metadata, unaligned entries, broken refcount structures.
     Family {
@@ -599,24 +628,46 @@ const FAMILIES: &[Family] = &[
         "preallocated_zero_in_header",
         prealloc_zero_in_header,
     ),
-    row("060", "unaligned_reftable_entry", unaligned_reftable_entry),
+    refuses_writes(
+        "060",
+        "unaligned_reftable_entry",
+        unaligned_reftable_entry,
+        BAD_REFBLOCK,
+    ),
     row("060", "empty_reftable", empty_reftable),
     row("060", "empty_reftable_with_data", empty_reftable_with_data),
     row("060", "empty_refblock", empty_refblock),
     row("060", "zero_reftable_clusters", zero_reftable_clusters),
-    row("060", "reftable_offset_zero", reftable_offset_zero),
+    refuses_writes(
+        "060",
+        "reftable_offset_zero",
+        reftable_offset_zero,
+        BAD_REFBLOCK,
+    ),
     row("060", "dirty_unaligned_refblock", dirty_unaligned_refblock),
-    row(
+    refuses_writes(
         "060",
         "unaligned_refblock_with_data",
         unaligned_refblock_with_data,
+        BAD_REFBLOCK,
     ),
-    row("060", "refblock_out_of_bounds", refblock_out_of_bounds),
-    row("060", "refblock_not_covered", refblock_not_covered),
-    row(
+    refuses_writes(
+        "060",
+        "refblock_out_of_bounds",
+        refblock_out_of_bounds,
+        BAD_REFBLOCK,
+    ),
+    refuses_writes(
+        "060",
+        "refblock_not_covered",
+        refblock_not_covered,
+        BAD_REFBLOCK,
+    ),
+    refuses_writes(
         "060",
         "refblock_covered_by_unaligned",
         refblock_covered_by_unaligned,
+        BAD_REFBLOCK,
     ),
     // 061: the dirty and corrupt bits.
     row("061", "dirty_lazy_refcounts", dirty_lazy_refcounts),
@@ -659,7 +710,12 @@ const FAMILIES: &[Family] = &[
         why: "QEMU answers every read of a disk whose L1 table is missing with zeros; qcow2d \
               refuses the image rather than return zeros for data the file lost",
     },
-    row("080", "reftable_past_eof", reftable_past_eof),
+    refuses_writes(
+        "080",
+        "reftable_past_eof",
+        reftable_past_eof,
+        REFTABLE_PAST_EOF,
+    ),
     // 108: repairs that need a new refcount structure.
     row("108", "no_reftable_at_all", no_reftable_at_all),
     row(
@@ -667,17 +723,29 @@ const FAMILIES: &[Family] = &[
         "unreferenced_cluster_in_new_refblock_area",
         unreferenced_cluster_in_new_refblock_area,
     ),
-    row(
+    refuses_writes(
         "108",
         "refblock_beyond_end_counted",
         refblock_beyond_end_counted,
+        BAD_REFBLOCK,
     ),
-    row("108", "refblock_beyond_end", refblock_beyond_end),
-    row("108", "refblock_signed_overflow", refblock_signed_overflow),
-    row(
+    refuses_writes(
+        "108",
+        "refblock_beyond_end",
+        refblock_beyond_end,
+        BAD_REFBLOCK,
+    ),
+    refuses_writes(
+        "108",
+        "refblock_signed_overflow",
+        refblock_signed_overflow,
+        BAD_REFBLOCK,
+    ),
+    refuses_writes(
         "108",
         "refblock_unsigned_overflow",
         refblock_unsigned_overflow,
+        BAD_REFBLOCK,
     ),
     // 138: a data cluster 32 PiB into the file.
     row("138", "cluster_at_32_pib", refcount_overflow_cluster_2_32),
@@ -910,6 +978,50 @@ fn run_case(img: &Path, label: &str, deviation: Deviation) -> (Outcome, Vec<Stri
             if d { "opens" } else { "refuses" },
             d_info.stderr.trim()
         )),
+        _ => {}
+    }
+
+    // A writable open (what `qcow2d serve` does without --read-only) against QEMU's
+    // read-write open; both may change the file (a dirty image is repaired).
+    let qw = copy_to(img, &format!("{stem}.qw"));
+    let dw = copy_to(img, &format!("{stem}.dw"));
+    let q_rw = run_cmd(
+        Command::new("qemu-io")
+            .current_dir(image_dir(img))
+            .args(["-f", "qcow2", "-c", "read 0 512"])
+            .arg(&qw),
+        TOOL_TIMEOUT,
+    );
+    let q_rw_open = !q_rw.stderr.contains("can't open device");
+    let d_rw = {
+        let p = dw.clone();
+        try_with_timeout("writable Image::open", OPEN_TIMEOUT, move || {
+            qcow2d_engine::Image::open(
+                &p,
+                &qcow2d_engine::OpenOptions {
+                    read_only: false,
+                    ..qcow2d_engine::OpenOptions::default()
+                },
+            )
+            .map(|img| {
+                let _ = img.close();
+            })
+            .map_err(|e| error_chain(&e))
+        })
+    };
+    match (&d_rw, q_rw_open) {
+        (Err(e), _) => fails.push(format!("{label}: writable open: {e}")),
+        (Ok(Ok(())), false) => fails.push(format!(
+            "{label}: QEMU refuses a read-write open ({}), qcow2d opens it for writing",
+            q_rw.stderr.trim()
+        )),
+        (Ok(Err(e)), true)
+            if !matches!(deviation, Deviation::RefusesWrites | Deviation::RefusesOpen) =>
+        {
+            fails.push(format!(
+                "{label}: QEMU opens it read-write, qcow2d refuses a writable open: {e}"
+            ))
+        }
         _ => {}
     }
 
@@ -1259,6 +1371,20 @@ fn random_damage(seeds: std::ops::Range<u64>) {
             fails.push(format!("{label}: qcow2d info or check MODIFIED the file"));
         }
         let qa = copy_to(&img, &format!("{stem}.q"));
+        let q_info = qemu(&["info"], &qa);
+        // The one documented difference: an L1 table past the end of the file.
+        let l1_past_eof = d_info.stderr.contains("the L1 table at");
+        if q_info.status.success() != d_info.status.success()
+            && !(q_info.status.success() && l1_past_eof)
+        {
+            fails.push(format!(
+                "{label}: open differs: qemu-img info {} ({}), qcow2d info {} ({})",
+                q_info.status,
+                q_info.stderr.trim(),
+                d_info.status,
+                d_info.stderr.lines().last().unwrap_or("")
+            ));
+        }
         let q_check = qemu(&["check"], &qa);
         let q_opened = !q_check.stderr.contains("Could not open");
         let (q, d) = (exit_code(&q_check), exit_code(&d_check));
