@@ -276,6 +276,8 @@ pub fn spawn<T: Send + 'static>(
 /// Answers the requests of one connection until it closes.
 fn serve_connection<T>(stream: UnixStream, tx: &mpsc::Sender<T>, wrap: fn(Call) -> T) {
     let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    // A client that does not read its answers does not keep this thread forever.
+    let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };

@@ -577,3 +577,24 @@ mod tests {
         assert_eq!(w.admit(false, 512), 0);
     }
 }
+
+/// How the cost per request quoted in README.md was measured:
+/// `cargo test --release -p qcow2d --lib -- --ignored --nocapture throttle_cost`.
+#[cfg(test)]
+mod cost {
+    use super::*;
+    use std::hint::black_box;
+
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn throttle_cost() {
+        let mut w = WorkerThrottle::new(Arc::new(ExportThrottle::new(None)));
+        let n = 100_000_000u64;
+        let t = Instant::now();
+        for _ in 0..n {
+            black_box(w.admit(black_box(false), black_box(4096)));
+        }
+        let ns = t.elapsed().as_nanos() as f64 / n as f64;
+        eprintln!("an export without limits: {ns:.2} ns per request");
+    }
+}
