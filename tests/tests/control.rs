@@ -243,6 +243,10 @@ fn add_list_remove_through_the_daemon() {
             "bee",
             "--queues",
             "1",
+            "--iops-read",
+            "100000",
+            "--group",
+            "gb",
         ],
     );
     let data = blk_session(&b_sock, 1, READ_TIMEOUT, |c| {
@@ -258,6 +262,8 @@ fn add_list_remove_through_the_daemon() {
     let eb = export_of(&exports, &b_sock).expect("b is listed");
     assert_eq!(eb["read_only"], true);
     assert_eq!(eb["serial"], "bee");
+    assert_eq!(eb["group"], "gb");
+    assert_eq!(eb["limits"], serde_json::json!({"iops_read": 100000}));
     assert_eq!(eb["ops"]["read"]["requests"], 1);
     assert_eq!(eb["ops"]["read"]["bytes"], 65536);
     let ea = export_of(&exports, &a_sock).unwrap();
