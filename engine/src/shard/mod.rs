@@ -351,6 +351,8 @@ struct State {
     pending_frees: Vec<PendingFree>,
     /// Frees made due by flushes, waiting for data operations in flight.
     frees: Frees,
+    /// The last reservation failed (and was logged).
+    allocation_failed: bool,
     /// Test hook: hold in-place writes back ([`ShardConfig::hold_data_writes`]) and the
     /// writes held (operation, entry).
     hold_data_writes: bool,
@@ -482,6 +484,7 @@ impl Shard {
                 refcount_writes_failed: None,
                 pending_frees: Vec::new(),
                 frees: Frees::default(),
+                allocation_failed: false,
                 hold_data_writes: config.hold_data_writes,
                 held: Vec::new(),
                 dirty_l1: Vec::new(),

@@ -345,15 +345,19 @@ impl State {
                             at: host,
                             classes,
                         });
-                    } else {
+                    } else if !self.allocation_failed {
+                        // Once until an allocation succeeds again: every write that needs a
+                        // cluster fails the same way meanwhile.
                         tracing::error!(
                             "{}: cluster allocation failed: {e}",
                             img.layers[0].path.display()
                         );
                     }
+                    self.allocation_failed = true;
                     return Err(refcount_error(&e, q.geom.cluster_bits));
                 }
             };
+            self.allocation_failed = false;
             // Extend the file over the reservation so that no entry ever points past its end
             // (under the lock: another shard's reservation may end further out, and the file
             // must never be cut back under it).
