@@ -163,6 +163,15 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
     if let Some(socket) = control {
         info!(socket = %socket_display(&config.control), "Listening for control requests");
         control::spawn(socket, tx.clone(), control_event).map_err(ServeError::Thread)?;
+        // For scripts, as the metrics line: printed once the socket accepts requests.
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let _ = writeln!(
+            out,
+            "qcow2d: control on {}",
+            socket_display(&config.control)
+        );
+        let _ = out.flush();
     }
     drop(tx);
     announce(&config.exports);

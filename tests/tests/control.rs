@@ -684,3 +684,53 @@ fn resize_of_a_read_only_export_is_refused() {
     assert!(err.contains("No export"), "{err}");
     assert_eq!(qemu_img_virtual_size(&a), 64 * MIB);
 }
+
+/// `serve --control SOCK` alone: no export until `ctl add`, and the daemon says when its
+/// control socket takes requests.
+#[test]
+fn a_daemon_with_only_a_control_socket_takes_exports_later() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-empty");
+    let a = image_with(&s, "a.qcow2", 0xa1);
+    let sock = s.socket("a.sock");
+    let control = s.socket("ctl.sock");
+    let mut child = Command::new(daemon_bin())
+        .arg("serve")
+        .arg("--control")
+        .arg(&control)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start qcow2d serve --control");
+    let stdout = child.stdout.take().unwrap();
+    let want = format!("qcow2d: control on {}", control.display());
+    let line = with_timeout("the control line", READY_TIMEOUT, move || {
+        let mut first = String::new();
+        BufReader::new(stdout).read_line(&mut first).map(|_| first)
+    });
+    let line = line.expect("read the daemon's stdout");
+    assert_eq!(line.trim_end(), want);
+    assert!(list(&control).is_empty());
+    ctl_ok(
+        &control,
+        &[
+            "add",
+            "--image",
+            &a.display().to_string(),
+            "--socket",
+            &sock.display().to_string(),
+        ],
+    );
+    let data = blk_session(&sock, 1, READ_TIMEOUT, |c| {
+        c.read_batch(&[(0, 4096)])?.remove(0)
+    })
+    .unwrap();
+    assert!(data.iter().all(|&x| x == 0xa1));
+    // SAFETY: kill(2) on our own child's pid; no memory involved.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = with_timeout("the daemon's exit", EXIT_TIMEOUT, move || child.wait());
+    assert!(status.unwrap().success());
+    assert!(!sock.exists() && !control.exists());
+    assert_check_clean(&a, "after exit");
+}
