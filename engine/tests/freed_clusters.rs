@@ -84,6 +84,19 @@ fn discard_under_a_slow_write(next_at: u64) {
     // The slow write lands now.
     shard.release_held_writes();
     poll_until(&mut shard, &mut out, 1);
+    // What the file holds now, before a flush could write a reused table again: QEMU (not
+    // taking the image's locks) reads the new data where it belongs.
+    let read = Command::new("qemu-io")
+        .args(["-U", "-r", "-c", &format!("read -P 0x22 {next_at} 4k")])
+        .arg(&p)
+        .output()
+        .expect("cannot run qemu-io (is qemu-utils installed?)");
+    let text =
+        String::from_utf8_lossy(&read.stdout).into_owned() + &String::from_utf8_lossy(&read.stderr);
+    assert!(
+        read.status.success() && !text.contains("verification failed") && !text.contains("error"),
+        "next_at {next_at:#x}: {text}"
+    );
     shard.submit_flush(5).unwrap();
     poll_until(&mut shard, &mut out, 5);
     shard.release_reserved();
