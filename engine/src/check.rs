@@ -1092,11 +1092,10 @@ impl Analysis {
                         ));
                         continue;
                     }
+                    // Counted wherever it points, the first cluster too, as QEMU counts it.
                     let d = CompressedDescriptor::decode(raw & !(COPIED | COMPRESSED), g.cb);
-                    if d.host_offset != 0 {
-                        let (start, len) = d.host_range();
-                        self.inc(start, len, "compressed cluster", false);
-                    }
+                    let (start, len) = d.host_range();
+                    self.inc(start, len, "compressed cluster", false);
                     if active {
                         self.allocated += 1;
                         self.compressed += 1;
@@ -1152,7 +1151,8 @@ impl Analysis {
                     }
                 }
             }
-            if self.corruptions == before {
+            // QEMU's check judges a compressed descriptor only by the flags above.
+            if self.corruptions == before && kind != Kind::Compressed {
                 let bm = g.extended.then_some(bitmap);
                 if let Err(why) = L2Entry::decode(raw, bm, g.cb, g.data_file) {
                     self.corrupt(format!(

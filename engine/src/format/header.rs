@@ -568,7 +568,13 @@ impl Header {
                 "the backing file name lies outside the first cluster",
             ));
         };
-        let name = std::str::from_utf8(&buf[start as usize..end as usize])
+        // A C string, as QEMU reads it: it ends at the first NUL; an empty one names nothing.
+        let bytes = &buf[start as usize..end as usize];
+        let bytes = &bytes[..bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len())];
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let name = std::str::from_utf8(bytes)
             .map_err(|_| invalid("backing_file_offset", "backing file name is not UTF-8"))?;
         self.backing_file = Some(name.to_owned());
         Ok(())
