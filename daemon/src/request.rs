@@ -16,8 +16,8 @@ use vm_memory::{
 
 use crate::virtio_blk::{
     DwzSegment, RequestHeader, RequestType, DWZ_SEGMENT_SIZE, ID_BYTES, MAX_DWZ_SECTORS,
-    MAX_DWZ_SEGMENTS, OUTHDR_SIZE, SECTOR_SHIFT, SECTOR_SIZE, STATUS_IOERR, STATUS_OK,
-    STATUS_UNSUPP,
+    MAX_DWZ_SEGMENTS, MAX_REQUEST_BYTES, OUTHDR_SIZE, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX,
+    STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 
 /// Most iovecs one request may have (the kernel's IOV_MAX).
@@ -146,11 +146,15 @@ pub enum Malformed {
     WrongDirection,
     /// A data buffer lies (partly) outside guest memory.
     OutsideMemory,
-    /// Data length not a multiple of 512 or larger than 4 GiB.
+    /// Data length not a multiple of 512, or larger than the most one request may carry
+    /// ([`MAX_REQUEST_BYTES`]).
     BadLength,
+    /// A data segment larger than the SIZE_MAX the device advertises.
+    SegmentTooLarge,
     /// The request reaches past the end of the disk.
     OutOfRange,
-    /// Too many descriptors or buffers, or more discard/write-zeroes segments than offered.
+    /// More data segments than the SEG_MAX the device advertises, too many descriptors or
+    /// buffers, or more discard/write-zeroes segments than offered.
     TooManySegments,
     /// Reserved flag bits in a discard/write-zeroes segment, or unmap on a discard (answered
     /// with VIRTIO_BLK_S_UNSUPP).
@@ -317,6 +321,9 @@ pub fn prepare(
             if readable_len != 0 {
                 return fail(Malformed::WrongDirection);
             }
+            if let Err(why) = check_segments(&scratch.writable, writable_len) {
+                return fail(why);
+            }
             let (offset, len) = match check_range(header.sector, writable_len, dev.capacity) {
                 Ok(v) => v,
                 Err(why) => return fail(why),
@@ -342,6 +349,9 @@ pub fn prepare(
             }
             if writable_len != 0 {
                 return fail(Malformed::WrongDirection);
+            }
+            if let Err(why) = check_segments(&scratch.readable, readable_len) {
+                return fail(why);
             }
             let (offset, len) = match check_range(header.sector, readable_len, dev.capacity) {
                 Ok(v) => v,
@@ -477,6 +487,23 @@ fn parse_ranges(
             len: u64::from(len),
             unmap: seg.unmap(),
         });
+    }
+    Ok(())
+}
+
+/// Checks the data segments of a read or write against what the device advertises: at most
+/// [`SEG_MAX`] of them, none longer than [`SIZE_MAX`]. Together they are then at most
+/// [`MAX_REQUEST_BYTES`], whatever memory they overlap: a request is bounded by the bytes it
+/// asks for, not by the guest memory behind them.
+fn check_segments(segments: &[Segment], total: u64) -> Result<(), Malformed> {
+    if segments.len() > SEG_MAX as usize {
+        return Err(Malformed::TooManySegments);
+    }
+    if segments.iter().any(|s| s.len > u64::from(SIZE_MAX)) {
+        return Err(Malformed::SegmentTooLarge);
+    }
+    if total > MAX_REQUEST_BYTES {
+        return Err(Malformed::BadLength);
     }
     Ok(())
 }
@@ -813,6 +840,51 @@ mod tests {
             &[(0x1000, 16, false), (0x2000, 100, true), (0x3000, 1, true)],
         );
         assert_eq!((p, m), (ioerr, Some(Malformed::BadLength)));
+    }
+
+    #[test]
+    fn segment_limits_are_enforced_as_advertised() {
+        let mem = memory();
+        let ioerr = Prepared::status(GuestAddress(0x3000), STATUS_IOERR);
+        header(&mem, 0x1000, VIRTIO_BLK_T_IN, 0);
+        let chain = |segs: usize, len: u32, writable: bool| {
+            let mut d = vec![(0x1000u64, 16u32, false)];
+            d.extend(std::iter::repeat_n((0x10_0000u64, len, writable), segs));
+            d.push((0x3000, 1, true));
+            d
+        };
+        // SEG_MAX segments of SIZE_MAX bytes, all over the same megabyte: served (a request is
+        // bounded by the bytes it asks for, overlapping or not).
+        let (p, m, s) = run(&mem, &chain(SEG_MAX as usize, SIZE_MAX, true));
+        assert_eq!(m, None);
+        assert_eq!(
+            p,
+            Prepared::Read {
+                offset: 0,
+                len: MAX_REQUEST_BYTES as u32,
+                status: GuestAddress(0x3000)
+            }
+        );
+        assert_eq!(s.iov.len(), SEG_MAX as usize);
+        // One segment more, or one segment larger: VIRTIO_BLK_S_IOERR.
+        let (p, m, _) = run(&mem, &chain(SEG_MAX as usize + 1, 4096, true));
+        assert_eq!((p, m), (ioerr, Some(Malformed::TooManySegments)));
+        let (p, m, _) = run(&mem, &chain(1, SIZE_MAX + 512, true));
+        assert_eq!((p, m), (ioerr, Some(Malformed::SegmentTooLarge)));
+        // 512 segments of 2 MiB over the same memory (a 1 GiB read): refused before anything
+        // is translated.
+        let (p, m, _) = run(&mem, &chain(512, 2 << 20, true));
+        assert_eq!((p, m), (ioerr, Some(Malformed::TooManySegments)));
+        // Writes alike.
+        let dev = dev_rw();
+        header(&mem, 0x1000, VIRTIO_BLK_T_OUT, 0);
+        let (p, m, _) = run_on(&dev, &mem, &chain(SEG_MAX as usize + 1, 512, false));
+        assert_eq!((p, m), (ioerr, Some(Malformed::TooManySegments)));
+        let (p, m, _) = run_on(&dev, &mem, &chain(2, SIZE_MAX + 512, false));
+        assert_eq!((p, m), (ioerr, Some(Malformed::SegmentTooLarge)));
+        let (p, m, _) = run_on(&dev, &mem, &chain(SEG_MAX as usize, 4096, false));
+        assert_eq!(m, None);
+        assert!(matches!(p, Prepared::Write { len, .. } if len == SEG_MAX * 4096));
     }
 
     #[test]

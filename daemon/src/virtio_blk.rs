@@ -29,6 +29,10 @@ pub const BLK_SIZE: u32 = 512;
 pub const SEG_MAX: u32 = 126;
 /// Maximum size of one data segment reported to the guest.
 pub const SIZE_MAX: u32 = 1 << 20;
+/// Most data bytes one read or write may carry: SEG_MAX segments of SIZE_MAX bytes (126 MiB).
+/// A request with more segments, a larger segment or more bytes fails with
+/// VIRTIO_BLK_S_IOERR (Linux never builds one: it honours both limits).
+pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 /// Largest virtqueue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Most queues an export offers (one bit per queue in the worker masks).
