@@ -39,6 +39,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::block_io::{BlockIo, EngineIo};
+use crate::budget::{Budgets, ConnectionBudget, Gate};
 use crate::exit_events::ExitEvents;
 use crate::inflight::InflightShared;
 use crate::metrics::ExportMetrics;
@@ -75,6 +76,9 @@ pub enum BackendError {
     /// The workers' exit eventfds could not be created.
     #[error("Cannot create the exit events of the worker threads")]
     ExitEvents(#[source] io::Error),
+    /// A worker's timer could not be duplicated to wake it.
+    #[error("Cannot duplicate the timer of a worker")]
+    Wakers(#[source] io::Error),
     /// A worker's completion eventfd could not be added to its epoll loop.
     #[error("Cannot watch the completions of shard {index}")]
     RegisterCompletions {
@@ -106,6 +110,8 @@ pub struct DeviceParams {
     /// The export's I/O limits (its throttle group), kept across connections and changed at
     /// run time by the supervisor.
     pub throttle: Arc<ExportThrottle>,
+    /// What one connection, and each of its workers, may have in flight.
+    pub budgets: Budgets,
 }
 
 /// The handlers of a connection's worker threads (their epoll loops), in worker order.
@@ -217,6 +223,7 @@ impl BlkBackend {
         let num_queues = usize::from(params.num_queues.clamp(1, MAX_QUEUES));
         let shards = params.shards.clamp(1, num_queues);
         let inflight = Arc::new(InflightShared::default());
+        let budget = Arc::new(ConnectionBudget::new(params.budgets.connection));
         let workers = EngineIo::for_workers(image, shards)
             .map_err(|source| BackendError::Shard { index: 0, source })?
             .into_iter()
@@ -228,10 +235,24 @@ impl BlkBackend {
                     Worker::new(io, mem.clone())
                         .with_metrics(metrics)
                         .with_inflight(Arc::clone(&inflight), index, shards)
-                        .with_throttle(WorkerThrottle::new(Arc::clone(&params.throttle)), timer),
+                        .with_throttle(WorkerThrottle::new(Arc::clone(&params.throttle)), timer)
+                        .with_budget(Gate::new(params.budgets.shard, Arc::clone(&budget), index)),
                 ))
             })
             .collect::<Result<Vec<_>, BackendError>>()?;
+        // A worker stopped by the connection's budget is woken through its timer (on its
+        // epoll loop, and the same whatever shard it serves, unlike the completion eventfd).
+        let wakers = workers
+            .iter()
+            .filter_map(|w| w.lock().unwrap_or_else(PoisonError::into_inner).timer_fd())
+            .map(|fd| {
+                // SAFETY: the worker's timer owns this descriptor and keeps it open while the
+                // worker lives, which is for the length of this borrow; it is only duplicated.
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
+            })
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(BackendError::Wakers)?;
+        budget.set_wakers(wakers);
         let exit_events = ExitEvents::new(shards).map_err(BackendError::ExitEvents)?;
         // The image's size now: an online resize may have changed it since the export began.
         let capacity = image.virtual_size();
@@ -626,7 +647,8 @@ impl VhostUserBackend for BlkBackend {
             let event_idx = self.event_idx.load(Ordering::Relaxed);
             worker.process_queue(vrings, event, event_idx, &device);
         } else if event as u64 == self.completion_event(thread_id) {
-            worker.process_completions(vrings);
+            let event_idx = self.event_idx.load(Ordering::Relaxed);
+            worker.process_completions(vrings, event_idx, &self.device);
         } else if event as u64 == self.timer_event(thread_id) {
             if self.quiescing.load(Ordering::SeqCst) {
                 // The held chain was submitted by the quiesce; nothing more is taken.
@@ -741,6 +763,7 @@ mod tests {
             writeback: Arc::new(AtomicBool::new(true)),
             metrics: None,
             throttle: Arc::new(ExportThrottle::default()),
+            budgets: Budgets::default(),
         }
     }
 

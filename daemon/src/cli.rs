@@ -223,14 +223,16 @@ pub struct CtlAddArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file listing the exports ([[export]] tables with image, socket, read_only,
-    /// writethrough, lazy_refcounts, direct, queues, serial, overlap_check, allow_paths;
+    /// writethrough, lazy_refcounts, direct, queues, serial, overlap_check, allow_paths,
+    /// inflight_bytes, inflight_requests, shard_inflight_bytes, shard_inflight_requests;
     /// optional top-level shards, metrics, overlap_check and allow_paths).
     #[arg(
         long,
         value_name = "FILE",
         conflicts_with_all = [
             "image", "socket", "read_only", "writethrough", "lazy_refcounts", "direct", "queues",
-            "shards", "serial", "overlap_check", "allow_path",
+            "shards", "serial", "overlap_check", "allow_path", "inflight_bytes",
+            "inflight_requests", "shard_inflight_bytes", "shard_inflight_requests",
         ]
     )]
     pub config: Option<PathBuf>,
@@ -292,6 +294,23 @@ pub struct ServeArgs {
     /// fails and the image is marked corrupt [default: cached].
     #[arg(long, value_name = "MODE")]
     pub overlap_check: Option<qcow2d_engine::OverlapCheck>,
+    /// Data in flight per connection: no more requests are taken from the guest's queues
+    /// while its requests in flight ask for this many bytes (a number, or with K, M or G;
+    /// at least 1M) [default: 256M].
+    #[arg(long, value_name = "SIZE")]
+    pub inflight_bytes: Option<String>,
+
+    /// Requests in flight per connection [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub inflight_requests: Option<u64>,
+
+    /// Data in flight per worker thread (shard) [default: 64M].
+    #[arg(long, value_name = "SIZE")]
+    pub shard_inflight_bytes: Option<String>,
+
+    /// Requests in flight per worker thread (shard) [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub shard_inflight_requests: Option<u64>,
 
     #[command(flatten)]
     pub allow: AllowArgs,

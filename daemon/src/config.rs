@@ -25,12 +25,20 @@
 //! group = "tenant1"       # optional: share the limits with the group's other exports
 //! overlap_check = "all"   # optional: none | constant | cached | all, default "cached"
 //! allow_paths = ["/srv/templates"]  # optional, added to the top-level list
+//! inflight_bytes = "256M"       # optional: data in flight per connection (bytes, or K/M/G)
+//! inflight_requests = 4096      # optional: requests in flight per connection
+//! shard_inflight_bytes = "64M"  # optional: data in flight per worker thread (shard)
+//! shard_inflight_requests = 1024  # optional: requests in flight per worker thread
 //! ```
 //!
 //! Files an image names (backing files at any depth, external data files) must be regular
 //! files under the image's own directory or under a directory of `allow_paths`: the top-level
 //! list applies to every export, an export's own list to that export in addition.
 //! [`ExportConfig::allowed_roots`] holds the result for each export.
+//!
+//! The in-flight budgets bound what one guest can make the daemon hold: while a connection or
+//! one of its workers is at its limit, no more chains are taken from the guest's queues until
+//! requests complete (see `crate::budget`).
 //!
 //! Each worker thread owns one engine shard. The shards of a writable image share out its L2
 //! tables and pass each other the pieces of requests they do not own (see the engine's
@@ -47,8 +55,12 @@ use std::path::{Path, PathBuf};
 use qcow2d_engine::OverlapCheck;
 use serde::Deserialize;
 
+use crate::budget::{Budgets, Limits as BudgetLimits};
 use crate::throttle::Limits;
 use crate::virtio_blk::{ID_BYTES, MAX_QUEUES};
+
+/// Smallest byte budget accepted.
+const MIN_BUDGET_BYTES: u64 = 1 << 20;
 
 /// Most worker threads (shards) an export may ask for: one per queue at most, and the engine
 /// groups up to 64 shards.
@@ -176,6 +188,8 @@ pub struct ExportConfig {
     /// config file's top-level ones. Absolute, not yet resolved (the engine resolves symlinks
     /// and `..` when it opens the image).
     pub allowed_roots: Vec<PathBuf>,
+    /// What one connection, and each of its worker threads, may have in flight.
+    pub budgets: Budgets,
 }
 
 /// Everything `qcow2d serve` needs.
@@ -218,6 +232,49 @@ pub struct RawExport {
     pub overlap_check: Option<OverlapCheck>,
     /// `allow_paths` (top level, then the export's) / `--allow-path`, as given.
     pub allow_paths: Vec<PathBuf>,
+    /// `inflight_bytes` / `--inflight-bytes`, as given (bytes, or with a K/M/G suffix).
+    pub inflight_bytes: Option<String>,
+    /// `inflight_requests` / `--inflight-requests`.
+    pub inflight_requests: Option<u64>,
+    /// `shard_inflight_bytes` / `--shard-inflight-bytes`.
+    pub shard_inflight_bytes: Option<String>,
+    /// `shard_inflight_requests` / `--shard-inflight-requests`.
+    pub shard_inflight_requests: Option<u64>,
+}
+
+/// A size in a config file: a number of bytes, or a string with a K, M or G suffix.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl FileSize {
+    fn into_text(self) -> String {
+        match self {
+            FileSize::Bytes(n) => n.to_string(),
+            FileSize::Text(t) => t,
+        }
+    }
+}
+
+/// Parses a size: a number of bytes, optionally followed by K, M, G or T (powers of 1024,
+/// with an optional `iB` or `B`). `None` when malformed or too large.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return None,
+    };
+    number.checked_mul(1 << shift)
 }
 
 #[derive(Deserialize)]
@@ -288,6 +345,10 @@ struct FileExport {
     bps_write_max: u64,
     #[serde(default)]
     bps_write_max_length: u64,
+    inflight_bytes: Option<FileSize>,
+    inflight_requests: Option<u64>,
+    shard_inflight_bytes: Option<FileSize>,
+    shard_inflight_requests: Option<u64>,
 }
 
 impl FileExport {
@@ -414,6 +475,10 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
                     }
                 })
                 .collect(),
+            inflight_bytes: e.inflight_bytes.map(FileSize::into_text),
+            inflight_requests: e.inflight_requests,
+            shard_inflight_bytes: e.shard_inflight_bytes.map(FileSize::into_text),
+            shard_inflight_requests: e.shard_inflight_requests,
         };
         let export = validate(raw, file.shards, cpus, &origin)?;
         if !sockets.insert(export.socket.clone()) {
@@ -527,6 +592,7 @@ pub fn validate(
     };
     // A worker without a queue would have nothing to do.
     let shards = shards.clamp(1, usize::from(queues));
+    let budgets = validate_budgets(&raw, &invalid)?;
     let serial = match raw.serial {
         Some(s) => {
             if s.len() > ID_BYTES {
@@ -566,6 +632,62 @@ pub fn validate(
         // QEMU's default: what is known without reading tables from the disk.
         overlap_check: raw.overlap_check.unwrap_or_default(),
         allowed_roots,
+        budgets,
+    })
+}
+
+/// The in-flight budgets of an export: the defaults, or what was given (a byte budget of at
+/// least 1 MiB; a request larger than the budget is still served, alone).
+fn validate_budgets(
+    raw: &RawExport,
+    invalid: &dyn Fn(String) -> ConfigError,
+) -> Result<Budgets, ConfigError> {
+    let defaults = Budgets::default();
+    let bytes = |value: &Option<String>, name: &str, default: u64| match value {
+        None => Ok(default),
+        Some(text) => match parse_size(text) {
+            Some(n) if n >= MIN_BUDGET_BYTES => Ok(n),
+            Some(n) => Err(invalid(format!(
+                "{name} must be at least 1M, not {n} bytes"
+            ))),
+            None => Err(invalid(format!(
+                "{name} {text:?} is not a size (bytes, or a number with K, M or G)"
+            ))),
+        },
+    };
+    let requests = |value: Option<u64>, name: &str, default: u32| match value {
+        None => Ok(default),
+        Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => Ok(n as u32),
+        Some(n) => Err(invalid(format!(
+            "{name} must be between 1 and {}, not {n}",
+            u32::MAX
+        ))),
+    };
+    Ok(Budgets {
+        connection: BudgetLimits {
+            bytes: bytes(
+                &raw.inflight_bytes,
+                "inflight_bytes",
+                defaults.connection.bytes,
+            )?,
+            requests: requests(
+                raw.inflight_requests,
+                "inflight_requests",
+                defaults.connection.requests,
+            )?,
+        },
+        shard: BudgetLimits {
+            bytes: bytes(
+                &raw.shard_inflight_bytes,
+                "shard_inflight_bytes",
+                defaults.shard.bytes,
+            )?,
+            requests: requests(
+                raw.shard_inflight_requests,
+                "shard_inflight_requests",
+                defaults.shard.requests,
+            )?,
+        },
     })
 }
 
@@ -654,6 +776,7 @@ socket = "sockets/b.sock"
                 group: None,
                 overlap_check: OverlapCheck::Cached,
                 allowed_roots: vec!["/images".into()],
+                budgets: Budgets::default(),
             }
         );
         let b = &cfg.exports[1];
@@ -753,6 +876,40 @@ socket = "/run/b.sock"
             parse_err("writethrough = true\n[[export]]\nimage = \"a\"\nsocket = \"s\"\n"),
             ConfigError::Parse { .. }
         ));
+    }
+
+    #[test]
+    fn inflight_budgets() {
+        let e = &parse_ok("[[export]]\nimage = \"a\"\nsocket = \"s\"\n").exports[0];
+        assert_eq!(e.budgets, Budgets::default());
+        let cfg = parse_ok(
+            "[[export]]\nimage = \"a\"\nsocket = \"s\"\ninflight_bytes = \"512M\"\n\
+             inflight_requests = 100\nshard_inflight_bytes = 4194304\n\
+             shard_inflight_requests = 10\n",
+        );
+        let b = cfg.exports[0].budgets;
+        assert_eq!(b.connection.bytes, 512 << 20);
+        assert_eq!(b.connection.requests, 100);
+        assert_eq!(b.shard.bytes, 4 << 20);
+        assert_eq!(b.shard.requests, 10);
+        for (key, value) in [
+            ("inflight_bytes", "\"12 parsecs\""),
+            ("inflight_bytes", "\"512\""),
+            ("shard_inflight_bytes", "0"),
+            ("inflight_requests", "0"),
+            ("shard_inflight_requests", "5000000000"),
+        ] {
+            let err = parse_err(&format!(
+                "[[export]]\nimage = \"a\"\nsocket = \"s\"\n{key} = {value}\n"
+            ));
+            assert!(matches!(err, ConfigError::Invalid { .. }), "{key}: {err}");
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("1k"), Some(1024));
+        assert_eq!(parse_size("99999999999T"), None);
+        assert_eq!(parse_size("M"), None);
     }
 
     #[test]

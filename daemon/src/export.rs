@@ -544,6 +544,7 @@ mod tests {
             writeback: Arc::new(AtomicBool::new(true)),
             metrics: None,
             throttle: Arc::new(crate::throttle::ExportThrottle::default()),
+            budgets: crate::budget::Budgets::default(),
         };
         let control = Arc::new(ExportControl::new(socket.clone(), image));
         let export = Export {

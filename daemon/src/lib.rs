@@ -17,6 +17,7 @@
 
 mod backend;
 mod block_io;
+mod budget;
 pub mod chain;
 mod cli;
 pub mod config;
@@ -185,6 +186,10 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
                 serial: args.serial,
                 overlap_check: args.overlap_check,
                 allow_paths: args.allow.allow_path,
+                inflight_bytes: args.inflight_bytes,
+                inflight_requests: args.inflight_requests,
+                shard_inflight_bytes: args.shard_inflight_bytes,
+                shard_inflight_requests: args.shard_inflight_requests,
             };
             config::from_command_line(raw, args.shards)?
         }

@@ -518,6 +518,8 @@ impl Supervisor {
                     // The default: a config file's top-level key applies to its exports.
                     overlap_check: None,
                     allow_paths,
+                    // Added at run time: the default budgets.
+                    ..RawExport::default()
                 };
                 let cfg = crate::config::validate(
                     raw,
@@ -854,6 +856,7 @@ fn device_params(cfg: &ExportConfig, image: &Image, throttle: Arc<ExportThrottle
         writeback: Arc::new(AtomicBool::new(!cfg.writethrough)),
         metrics: None,
         throttle,
+        budgets: cfg.budgets,
     }
 }
 

@@ -28,9 +28,16 @@
 //! meanwhile kicks are left alone (the chains stay in the available ring, unread). When the
 //! timer fires ([`Worker::process_timer`]) the held chain is prepared again and submitted,
 //! and the worker goes round its queues taking chains until the gate closes again. A queue
-//! being stopped (GET_VRING_BASE) or quiesced submits its held chain at once. Anything else
-//! that must stop the worker from taking chains (an in-flight budget) belongs in
-//! `gate_open`, reopening through the same resume path.
+//! being stopped (GET_VRING_BASE) or quiesced submits its held chain at once.
+//!
+//! The in-flight budget ([`Gate`], `crate::budget`: bytes and requests per worker and per
+//! connection) closes it too, while the worker is at its limits. Chains then stay in the
+//! available ring (with EVENT_IDX, notifications stay off), the worker remembers that it left
+//! chains behind (`starved`), and when its own completions give budget back
+//! ([`Worker::process_completions`]) it goes round its ready queues again through the same
+//! resume path as the timer ([`Worker::resume_queues`]), whether or not the guest kicks
+//! again. Budget of the connection given back by another worker wakes it through its timer
+//! ([`Worker::process_timer`]).
 //!
 //! When the connection is gone, the export's listener thread calls [`Worker::finish`] (after
 //! vhost-user-backend has joined the worker thread): it waits for what is still in flight and
@@ -46,6 +53,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::block_io::{BlockIo, CacheStats, Done};
+use crate::budget::{ConnectionBudget, Gate, Limits};
 use crate::chain::ChainWalker;
 use crate::inflight::{InflightShared, QueueTracker, Recovery};
 use crate::metrics::{Operation, ShardMetrics};
@@ -83,6 +91,8 @@ struct Slot {
     op: Operation,
     bytes: u64,
     started: Option<Instant>,
+    /// Bytes counted against the in-flight budget.
+    budget_bytes: u64,
 }
 
 impl Slot {
@@ -97,6 +107,7 @@ impl Slot {
         op: Operation::Other,
         bytes: 0,
         started: None,
+        budget_bytes: 0,
     };
 }
 
@@ -155,6 +166,12 @@ pub struct Worker<B: BlockIo> {
     held: Option<Held>,
     /// Set while the export is being resized: the gate is closed.
     paused: bool,
+    /// What may be in flight; while it does not admit another chain the gate is closed.
+    budget: Gate,
+    /// Chains were left in a queue because the in-flight budget closed the gate.
+    starved: bool,
+    /// Set while the connection quiesces: no chain is taken any more.
+    quiescing: bool,
 }
 
 /// A chain taken from its queue and accounted against the limits, waiting to start.
@@ -205,7 +222,27 @@ impl<B: BlockIo> Worker<B> {
             throttle: None,
             held: None,
             paused: false,
+            budget: Gate::new(
+                Limits {
+                    bytes: u64::MAX,
+                    requests: u32::MAX,
+                },
+                Arc::new(ConnectionBudget::new(Limits {
+                    bytes: u64::MAX,
+                    requests: u32::MAX,
+                })),
+                0,
+            ),
+            starved: false,
+            quiescing: false,
         }
+    }
+
+    /// Takes chains only while `budget` admits them (without, nothing limits what is in
+    /// flight).
+    pub fn with_budget(mut self, budget: Gate) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// Limits reads and writes as the export's group says (see [`crate::throttle`]), waiting
@@ -224,7 +261,7 @@ impl<B: BlockIo> Worker<B> {
     /// Whether the worker may take chains from its queues now (see the module docs).
     #[inline]
     fn gate_open(&self) -> bool {
-        self.held.is_none() && !self.paused
+        self.held.is_none() && !self.paused && self.budget.admits()
     }
 
     /// Closes the gate: no more chains are taken (a held one stays held) until
@@ -328,9 +365,13 @@ impl<B: BlockIo> Worker<B> {
                 }
             }
             self.pop_requests(vring, index, &mem, dev);
-            if !event_idx || !self.gate_open() {
+            if !self.gate_open() {
                 // With the gate closed, chains stay in the ring (and notifications off, with
                 // EVENT_IDX) until the gate reopens and the worker comes back for them.
+                self.starved |= self.held.is_none();
+                break;
+            }
+            if !event_idx {
                 break;
             }
             // Re-enable notifications; if the driver added chains meanwhile, go round again
@@ -349,12 +390,34 @@ impl<B: BlockIo> Worker<B> {
         self.publish_metrics();
     }
 
-    /// Handles the engine's completion eventfd.
-    pub fn process_completions(&mut self, vrings: &[Vring]) {
+    /// Handles the engine's completion eventfd: returns finished requests, then, if chains
+    /// were left in the rings for want of budget and the gate is open again, takes them up.
+    pub fn process_completions(&mut self, vrings: &[Vring], event_idx: bool, dev: &DeviceInfo) {
         self.remember_vrings(vrings);
         self.reap(vrings, false);
+        if self.starved && !self.quiescing && self.gate_open() {
+            self.starved = false;
+            self.resume_queues(vrings, event_idx, dev);
+        }
         self.notify(vrings);
         self.publish_metrics();
+    }
+
+    /// Goes round every ready queue taking chains until the gate closes (after a wait under
+    /// the limits or for budget).
+    fn resume_queues(&mut self, vrings: &[Vring], event_idx: bool, dev: &DeviceInfo) {
+        for index in 0..vrings.len() {
+            if !self.gate_open() {
+                break;
+            }
+            let ready = {
+                let state = vrings[index].get_ref();
+                state.is_enabled() && state.get_queue().ready()
+            };
+            if ready {
+                self.process_queue(vrings, index, event_idx, dev);
+            }
+        }
     }
 
     /// Blocks until every request in flight on local queue `index` has completed to the used
@@ -409,18 +472,7 @@ impl<B: BlockIo> Worker<B> {
             }
             self.release_held();
         }
-        for index in 0..vrings.len() {
-            if !self.gate_open() {
-                break;
-            }
-            let ready = {
-                let state = vrings[index].get_ref();
-                state.is_enabled() && state.get_queue().ready()
-            };
-            if ready {
-                self.process_queue(vrings, index, event_idx, dev);
-            }
-        }
+        self.resume_queues(vrings, event_idx, dev);
         self.reap(vrings, false);
         self.notify(vrings);
         self.publish_metrics();
@@ -454,6 +506,7 @@ impl<B: BlockIo> Worker<B> {
     /// Completes every request in flight on every queue of this worker to the used rings and
     /// notifies the guest (see [`crate::backend::BlkBackend::quiesce`]).
     pub fn quiesce(&mut self) {
+        self.quiescing = true;
         if let Some(queue) = self.held.as_ref().map(|h| h.queue) {
             self.stop_queue(queue);
         }
@@ -612,6 +665,11 @@ impl<B: BlockIo> Worker<B> {
             op: op.operation(),
             bytes,
             started,
+            // The data a read or write asks for; the others carry none.
+            budget_bytes: match op {
+                Op::Read(_) | Op::Write(_) => bytes,
+                _ => 0,
+            },
         };
         let (submitted, refused) = self.submit(op, token);
         if let Some(e) = &refused {
@@ -626,6 +684,8 @@ impl<B: BlockIo> Worker<B> {
             if let Some(n) = self.in_flight_per_queue.get_mut(index) {
                 *n += 1;
             }
+            let budget_bytes = slot_state.budget_bytes;
+            self.budget.take(budget_bytes);
             return;
         }
         // Nothing reached the engine: answer now.
@@ -870,7 +930,9 @@ impl<B: BlockIo> Worker<B> {
         write_status(&mem, slot.status, code);
         let (queue, head) = (usize::from(slot.queue), slot.head);
         let (op, bytes, started, ok) = (slot.op, slot.bytes, slot.started, !slot.failed);
+        let budget_bytes = slot.budget_bytes;
         drop(mem);
+        self.budget.give(budget_bytes);
         // In range: `token` indexed `slots`, whose length fits u32 (see `pop_requests`).
         self.free.push(token as u32);
         if let Some(n) = self.in_flight_per_queue.get_mut(queue) {
@@ -1306,6 +1368,75 @@ mod tests {
     }
 
     #[test]
+    fn chains_wait_in_the_ring_while_over_budget_and_are_taken_as_requests_complete() {
+        let h = Harness::new();
+        let m = h.mem.memory();
+        // Five reads of 4 KiB, all into the same guest buffer (the budget counts bytes asked
+        // for, not distinct memory).
+        let mut descs = Vec::new();
+        for i in 0..5u16 {
+            write_header(
+                &m,
+                0x1000 + 0x100 * u64::from(i),
+                VIRTIO_BLK_T_IN,
+                u64::from(i),
+            );
+            descs.push(desc(
+                0x1000 + 0x100 * u64::from(i),
+                16,
+                false,
+                Some(3 * i + 1),
+            ));
+            descs.push(desc(0x8000, 4096, true, Some(3 * i + 2)));
+            descs.push(desc(0x5000 + u64::from(i), 1, true, None));
+        }
+        let used_addr = h.queue(&descs);
+        let io = FakeIo {
+            hold: true,
+            ..FakeIo::default()
+        };
+        let unlimited = Limits {
+            bytes: u64::MAX,
+            requests: u32::MAX,
+        };
+        let gate = Gate::new(
+            Limits {
+                bytes: 8192,
+                requests: 100,
+            },
+            Arc::new(ConnectionBudget::new(unlimited)),
+            0,
+        );
+        let mut w = Worker::new(io, h.mem.clone()).with_budget(gate);
+        let vrings = std::slice::from_ref(&h.vring);
+        w.process_queue(vrings, 0, true, &device());
+        assert_eq!(w.io().pending.len(), 2, "8 KiB in flight");
+        assert!(w.starved);
+        // Nothing kicks again: completions alone bring the rest in, two at a time.
+        w.io.hold = false;
+        let mut turns = 0;
+        while h.used_idx(used_addr) < 5 {
+            turns += 1;
+            assert!(turns <= 4, "stuck at {} used", h.used_idx(used_addr));
+            w.process_completions(vrings, true, &device());
+            assert!(w.io().pending.len() <= 2);
+            assert!(w.budget.in_flight().0 <= 8192);
+        }
+        assert_eq!(w.io().log.len(), 5);
+        let offsets: Vec<Option<u64>> = w.io().log.iter().map(|(_, op)| op.offset()).collect();
+        assert_eq!(
+            offsets,
+            (0..5u64).map(|i| Some(i * 512)).collect::<Vec<_>>(),
+            "in ring order"
+        );
+        for i in 0..5 {
+            assert_eq!(h.byte(0x5000 + i), STATUS_OK);
+        }
+        assert!(!w.starved);
+        assert_eq!(w.budget.in_flight(), (0, 0));
+    }
+
+    #[test]
     fn engine_failure_becomes_ioerr() {
         let h = Harness::new();
         let m = h.mem.memory();
@@ -1683,7 +1814,7 @@ mod tests {
             "not counted before it completes"
         );
         w.io.hold = false;
-        w.process_completions(std::slice::from_ref(&h2.vring));
+        w.process_completions(std::slice::from_ref(&h2.vring), true, &device_rw());
         assert_eq!(h2.used_idx(used_addr), 2);
         let snap = export_snapshot(&metrics);
         assert_eq!(snap.shards[0].in_flight, 0);
