@@ -5,6 +5,10 @@
 //! accepts; those fall back to miniz_oxide's streaming inflater. zstd clusters may hold
 //! several frames; decoding stops once the cluster is full. The compressed extent read from
 //! disk is only an upper bound, so input past the end of the stream is ignored.
+//!
+//! A zstd frame names the window its decoder must keep. A cluster is at most 2 MiB, so no
+//! frame of a cluster needs more than [`ZSTD_WINDOW_LOG_MAX`]; a frame that asks for a larger
+//! window (up to 2 GiB by the format) is refused rather than allocated for.
 
 use super::CompressionType;
 use thiserror::Error;
@@ -27,6 +31,9 @@ pub enum InflateError {
         expected: usize,
     },
 }
+
+/// log2 of the largest zstd window a cluster's frame may ask for: 2 MiB, the largest cluster.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 21;
 
 /// Reusable decompression state; one per shard (not shared between threads).
 pub struct Inflater {
@@ -119,9 +126,16 @@ impl Inflater {
         use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
         let decoder = match &mut self.zstd {
             Some(d) => d,
-            None => self.zstd.insert(
-                Decoder::new().map_err(|_| InflateError::BadZstd("cannot create a context"))?,
-            ),
+            None => {
+                let mut d =
+                    Decoder::new().map_err(|_| InflateError::BadZstd("cannot create a context"))?;
+                // Kept across the session resets below.
+                d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(
+                    ZSTD_WINDOW_LOG_MAX,
+                ))
+                .map_err(|_| InflateError::BadZstd("cannot limit the window"))?;
+                self.zstd.insert(d)
+            }
         };
         decoder
             .reinit()
@@ -260,5 +274,44 @@ mod tests {
         let comp = zstd::bulk::compress(&data[..30000], 3).unwrap();
         assert!(inflate_cluster(CompressionType::Zstd, &comp, &mut out).is_err());
         assert!(inflate_cluster(CompressionType::Zstd, &[0x55; 100], &mut out).is_err());
+    }
+
+    /// Compresses `data` as one zstd frame without a content size, whose header asks for a
+    /// window of 2^`window_log` bytes.
+    fn zstd_frame_with_window(data: &[u8], window_log: u32) -> Vec<u8> {
+        use zstd::stream::raw::{CParameter, Encoder, InBuffer, Operation, OutBuffer};
+        let mut enc = Encoder::new(3).unwrap();
+        enc.set_parameter(CParameter::WindowLog(window_log))
+            .unwrap();
+        enc.set_parameter(CParameter::ContentSizeFlag(false))
+            .unwrap();
+        let mut out = vec![0u8; data.len() + 1024];
+        let mut dst = OutBuffer::around(&mut out[..]);
+        let mut src = InBuffer::around(data);
+        while src.pos < data.len() {
+            enc.run(&mut src, &mut dst).unwrap();
+        }
+        while enc.finish(&mut dst, true).unwrap() > 0 {}
+        let n = dst.pos();
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn a_zstd_frame_asking_for_a_window_larger_than_a_cluster_is_refused() {
+        let data = pattern(65536);
+        let mut out = vec![0u8; 65536];
+        let fits = zstd_frame_with_window(&data, ZSTD_WINDOW_LOG_MAX);
+        inflate_cluster(CompressionType::Zstd, &fits, &mut out).unwrap();
+        assert_eq!(out, data);
+        // The same data in a frame that asks for a 1 GiB window: no decoder that large.
+        let huge = zstd_frame_with_window(&data, 30);
+        assert_eq!(
+            inflate_cluster(CompressionType::Zstd, &huge, &mut out),
+            Err(InflateError::BadZstd("corrupt frame"))
+        );
+        // The decoder is still good for the next cluster.
+        inflate_cluster(CompressionType::Zstd, &fits, &mut out).unwrap();
+        assert_eq!(out, data);
     }
 }
