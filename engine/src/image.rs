@@ -29,7 +29,8 @@ pub struct OpenOptions {
     pub lazy_refcounts: bool,
     /// Deepest backing chain accepted (the top image is not counted).
     pub max_backing_depth: usize,
-    /// Per-shard L2 cache size in bytes; `None` covers the whole image, up to 1 GiB.
+    /// Per-shard L2 cache size in bytes, shared by every layer of the backing chain; `None`
+    /// covers the whole chain, up to 1 GiB.
     pub l2_cache_bytes: Option<u64>,
     /// Threads that inflate compressed clusters off the shard threads; `None`: one per CPU,
     /// `Some(0)`: shards inflate themselves. Started on the first compressed read.

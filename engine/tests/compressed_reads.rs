@@ -379,3 +379,99 @@ fn backing_with_larger_compressed_clusters() {
         );
     }
 }
+
+/// Reads of the whole disk in one request hold scratch buffers for at most a few compressed
+/// clusters at a time when the shard's scratch limit is small: the clusters that would take the
+/// shard past it wait for the reads before them, and every byte still reads right. Through the
+/// cache (8 KiB segments) and in place (a segment per cluster).
+#[test]
+fn compressed_reads_wait_for_scratch_rather_than_allocate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = text(11, SIZE);
+    for compression in ["zlib", "zstd"] {
+        let img = make_image(dir.path(), compression, &data);
+        let limit = 4 * CLUSTER as u64;
+        for threads in [None, Some(0)] {
+            let opts = OpenOptions {
+                inflate_threads: threads,
+                ..OpenOptions::default()
+            };
+            let config = ShardConfig {
+                scratch_bytes: limit,
+                // No cache to serve clusters from: every cluster is a miss.
+                decompressed_cache_bytes: 0,
+                ..ShardConfig::default()
+            };
+            let mut shard = Image::open(&img, &opts)
+                .unwrap()
+                .new_shard(&config)
+                .unwrap();
+            let small: Vec<usize> = (0..SIZE / 8192).map(|_| 8192).chain([4096]).collect();
+            assert_eq!(read(&mut shard, 0, &small).unwrap(), data);
+            let whole: Vec<usize> = (0..64).map(|_| CLUSTER).chain([12288]).collect();
+            assert_eq!(read(&mut shard, 0, &whole).unwrap(), data);
+            let peak = shard.scratch_peak_bytes();
+            // One read alone may need 3 clusters (extent buffer and prefix): the limit admits
+            // one, then more only while they fit.
+            assert!(
+                peak > 0 && peak <= limit,
+                "{compression}: peak {peak} > {limit}"
+            );
+        }
+        // The default limit lets them all go at once (what the small limit prevented).
+        let mut shard = shard_of(&img, Some(0));
+        let small: Vec<usize> = (0..SIZE / 8192).map(|_| 8192).chain([4096]).collect();
+        assert_eq!(read(&mut shard, 0, &small).unwrap(), data);
+        assert!(shard.scratch_peak_bytes() > limit);
+    }
+}
+
+/// The L2 and decompressed-cluster cache budgets are the shard's, shared by the layers of a
+/// backing chain rather than given to each layer.
+#[test]
+fn cache_budgets_are_per_shard_across_the_backing_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let qemu_img = |args: &[&str]| {
+        let out = Command::new("qemu-img")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("cannot run qemu-img (is qemu-utils installed?)");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    // 64 GiB of 64 KiB clusters: 128 L2 tables (8 MiB of them) per layer, three layers.
+    qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "64G"]);
+    for (below, above) in [("base.qcow2", "mid.qcow2"), ("mid.qcow2", "top.qcow2")] {
+        qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", below, above, "64G",
+        ]);
+    }
+    let top = d.join("top.qcow2");
+    let shard = |l2: Option<u64>, decompressed: u64| {
+        let opts = OpenOptions {
+            l2_cache_bytes: l2,
+            ..OpenOptions::default()
+        };
+        let config = ShardConfig {
+            decompressed_cache_bytes: decompressed,
+            ..ShardConfig::default()
+        };
+        Image::open(&top, &opts)
+            .unwrap()
+            .new_shard(&config)
+            .unwrap()
+            .cache_capacity_bytes()
+    };
+    // By default the L2 cache covers the whole chain.
+    let (l2, decompressed) = shard(None, 16 << 20);
+    assert_eq!(l2, 3 * (8 << 20));
+    // 85 clusters per layer: what fits in a third of 16 MiB.
+    assert_eq!(decompressed, 3 * 85 * 65536);
+    // A smaller budget is shared out, not given to each layer.
+    let (l2, decompressed) = shard(Some(6 << 20), 3 << 20);
+    assert_eq!(l2, 6 << 20);
+    assert_eq!(decompressed, 3 << 20);
+    // Down to a floor of 4 tables and 2 clusters per layer.
+    assert_eq!(shard(Some(0), 0), (3 * 4 * 65536, 3 * 2 * 65536));
+}

@@ -158,6 +158,12 @@ impl SlotCache {
         }
     }
 
+    /// Bytes of the buffers this cache holds when full (it may grow past that only while every
+    /// slot is loading).
+    pub fn capacity_bytes(&self) -> u64 {
+        (self.capacity as u64).saturating_mul(self.buf_bytes as u64)
+    }
+
     /// For a miss of `key` that the caller could serve without the cache: true when `key`
     /// already missed that way recently (load it into the cache now), false the first time
     /// (it is remembered; serve it without the cache).

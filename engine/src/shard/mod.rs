@@ -51,8 +51,12 @@ pub struct ShardConfig {
     pub count: usize,
     /// Submission queue entries of the shard's io_uring.
     pub ring_entries: u32,
-    /// Bytes of decompressed clusters cached per layer.
+    /// Bytes of decompressed clusters cached, shared by the image's qcow2 layers.
     pub decompressed_cache_bytes: u64,
+    /// Most bytes of scratch buffers that compressed reads in flight may hold together (a
+    /// compressed extent's buffer, and a cluster prefix's); a read that would need more waits
+    /// for another to give its buffers back. At least what one read needs.
+    pub scratch_bytes: u64,
     /// Fault injection for tests: every fdatasync of the n-th flush of this shard (counting
     /// from 1) fails with EIO instead of reaching the kernel. `None` in production.
     #[doc(hidden)]
@@ -71,6 +75,7 @@ impl Default for ShardConfig {
             count: 1,
             ring_entries: 256,
             decompressed_cache_bytes: 16 << 20,
+            scratch_bytes: DEFAULT_SCRATCH_BYTES,
             fail_flush_number: None,
             hold_data_writes: false,
         }
@@ -88,8 +93,12 @@ pub struct Completion {
 
 /// Most iovecs one request may carry (the kernel's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
-/// Compressed-extent and cluster buffers kept for reuse (per kind); more are freed after use.
-const MAX_POOLED_BUFFERS: usize = 16;
+/// Bytes of compressed-extent and of cluster buffers kept for reuse (per kind, at least one
+/// buffer); more are freed after use.
+const MAX_POOLED_BYTES: usize = 4 << 20;
+/// Default [`ShardConfig::scratch_bytes`]: 85 compressed reads of 64 KiB clusters in flight,
+/// 5 of 2 MiB clusters.
+pub const DEFAULT_SCRATCH_BYTES: u64 = 16 << 20;
 
 /// What a request does.
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +242,8 @@ struct Op {
     /// A data operation on a host cluster holds its epoch (1 or 2; 0: none) until it is
     /// freed, so that no cluster is freed under it (see [`Frees`]).
     epoch: u8,
+    /// Bytes of `buf` and `scratch` counted in the shard's scratch in use.
+    scratch_charge: usize,
 }
 
 /// Frees that wait for the data operations in flight when they became due (DESIGN.md
@@ -326,6 +337,13 @@ struct State {
     big_buf_bytes: usize,
     cluster_bufs: Vec<Box<[u8]>>,
     cluster_buf_bytes: usize,
+    /// Scratch held by compressed reads in flight, its limit, the most one read takes, the
+    /// highest it has been, and the parts waiting for some to be given back.
+    scratch_bytes: usize,
+    scratch_limit: usize,
+    scratch_need: usize,
+    scratch_peak: usize,
+    scratch_waiters: WaitList,
     /// One cluster of zeros, aligned for direct writes.
     zeros: AlignedBuf,
     inflater: ClusterInflater,
@@ -390,6 +408,35 @@ pub struct Shard {
 // its ring with it; it is never shared (`Shard` is not `Sync`).
 unsafe impl Send for Shard {}
 
+/// L2 cache slots of each layer of `inner` (0 for raw layers) within the shard's one L2
+/// cache budget: every layer gets a slot per L2 table when that fits; otherwise the budget is
+/// shared in proportion to what would cover each layer, with at least 4 slots per layer.
+fn l2_slots_per_layer(inner: &crate::image::ImageInner) -> Vec<usize> {
+    let need = |l: &crate::image::Layer| match &l.kind {
+        LayerKind::Qcow2(q) => (q.l1.len() as u64).max(4) * q.geom.cluster_size(),
+        LayerKind::Raw(_) => 0,
+    };
+    let total: u64 = inner.layers.iter().map(need).sum();
+    let budget = inner.l2_cache_bytes;
+    inner
+        .layers
+        .iter()
+        .map(|l| match &l.kind {
+            LayerKind::Qcow2(q) => {
+                let cs = q.geom.cluster_size();
+                let share = if total <= budget {
+                    need(l)
+                } else {
+                    // At most `budget`: fits u64.
+                    (u128::from(budget) * u128::from(need(l)) / u128::from(total)) as u64
+                };
+                (share / cs).clamp(4, (q.l1.len() as u64).max(4)) as usize
+            }
+            LayerKind::Raw(_) => 1,
+        })
+        .collect()
+}
+
 fn os_error(e: &std::io::Error) -> IoError {
     IoError::Os {
         errno: e.raw_os_error().unwrap_or(libc::EIO),
@@ -410,6 +457,13 @@ impl Shard {
         let mut layers = Vec::with_capacity(inner.layers.len());
         let mut big_buf_bytes = 0usize;
         let mut top_cluster = 512usize;
+        let qcow2_layers = inner
+            .layers
+            .iter()
+            .filter(|l| matches!(l.kind, LayerKind::Qcow2(_)))
+            .count()
+            .max(1) as u64;
+        let l2_slots = l2_slots_per_layer(inner);
         for (i, layer) in inner.layers.iter().enumerate() {
             let caches = match &layer.kind {
                 LayerKind::Qcow2(q) => {
@@ -418,13 +472,11 @@ impl Shard {
                         top_cluster = cs as usize;
                     }
                     big_buf_bytes = big_buf_bytes.max(2 * cs as usize);
-                    let l2_slots = (inner.l2_cache_bytes / cs).clamp(4, q.l1.len().max(4) as u64);
+                    // The shard's decompressed-cluster budget, shared by its qcow2 layers.
+                    let decompressed = config.decompressed_cache_bytes / qcow2_layers / cs;
                     LayerCaches {
-                        l2: SlotCache::new(l2_slots as usize, cs as usize),
-                        decompressed: SlotCache::new(
-                            (config.decompressed_cache_bytes / cs).max(2) as usize,
-                            cs as usize,
-                        ),
+                        l2: SlotCache::new(l2_slots[i], cs as usize),
+                        decompressed: SlotCache::new(decompressed.max(2) as usize, cs as usize),
                     }
                 }
                 LayerKind::Raw(_) => LayerCaches {
@@ -465,6 +517,12 @@ impl Shard {
                 big_buf_bytes,
                 cluster_bufs: Vec::new(),
                 cluster_buf_bytes: top_cluster,
+                scratch_bytes: 0,
+                scratch_limit: usize::try_from(config.scratch_bytes).unwrap_or(usize::MAX),
+                // An extent buffer and a prefix of the largest cluster.
+                scratch_need: big_buf_bytes + big_buf_bytes / 2,
+                scratch_peak: 0,
+                scratch_waiters: WaitList::EMPTY,
                 zeros: AlignedBuf::zeroed(
                     if writable { top_cluster } else { 0 },
                     crate::io::SAFE_DIO_ALIGN as usize,
@@ -522,6 +580,27 @@ impl Shard {
             let (a, b) = l.l2.stats();
             (h + a, m + b)
         })
+    }
+
+    /// Bytes the shard's caches hold when full, summed over the layers: (L2 tables,
+    /// decompressed clusters). Each is within its one budget for the shard (the image's L2
+    /// cache size, [`ShardConfig::decompressed_cache_bytes`]), but for a floor of a few slots
+    /// per layer.
+    pub fn cache_capacity_bytes(&self) -> (u64, u64) {
+        self.st.layers.iter().fold((0, 0), |(l2, d), l| {
+            (
+                l2 + l.l2.capacity_bytes(),
+                d + l.decompressed.capacity_bytes(),
+            )
+        })
+    }
+
+    /// The most scratch (compressed-extent and prefix buffers) that this shard's compressed
+    /// reads have held at once; at most [`ShardConfig::scratch_bytes`], or what one read needs
+    /// when that is more. A compressed read may take its buffers while no other holds any, or
+    /// while they fit under the limit; otherwise it waits for a read to give some back.
+    pub fn scratch_peak_bytes(&self) -> u64 {
+        self.st.scratch_peak as u64
     }
 
     /// Decompressed-cluster cache (hits, misses) summed over the layers.
@@ -1187,6 +1266,7 @@ impl State {
             self.frees.live[usize::from(o.epoch - 1)] -= 1;
             o.epoch = 0;
         }
+        let charge = std::mem::take(&mut o.scratch_charge);
         let scratch = o.scratch.take();
         if let Some(buf) = o.buf.take() {
             self.recycle(buf);
@@ -1195,6 +1275,34 @@ impl State {
             self.recycle(buf);
         }
         self.ops.free(op);
+        if charge > 0 {
+            self.scratch_bytes -= charge;
+            self.wake_scratch_waiters();
+        }
+    }
+
+    /// Takes `charge` bytes of scratch for operation `op`.
+    fn charge_scratch(&mut self, op: u32, charge: usize) {
+        self.ops[op].scratch_charge += charge;
+        self.scratch_bytes += charge;
+        self.scratch_peak = self.scratch_peak.max(self.scratch_bytes);
+    }
+
+    /// Makes ready as many of the parts waiting for scratch, oldest first, as the scratch
+    /// given back can serve.
+    fn wake_scratch_waiters(&mut self) {
+        let mut room = self.scratch_limit.saturating_sub(self.scratch_bytes);
+        let mut first = self.scratch_bytes == 0;
+        while self.scratch_waiters.head != NO_ID && (first || room >= self.scratch_need) {
+            first = false;
+            room = room.saturating_sub(self.scratch_need);
+            let pid = self.scratch_waiters.head;
+            self.scratch_waiters.head = self.parts[pid].next;
+            if self.scratch_waiters.head == NO_ID {
+                self.scratch_waiters.tail = NO_ID;
+            }
+            self.ready.push_back(pid);
+        }
     }
 
     /// Returns a compressed-extent or cluster buffer to its pool (other sizes are dropped).
@@ -1206,7 +1314,7 @@ impl State {
         } else {
             return;
         };
-        if pool.len() < MAX_POOLED_BUFFERS {
+        if pool.is_empty() || (pool.len() + 1) * buf.len() <= MAX_POOLED_BYTES {
             pool.push(buf);
         }
     }

@@ -250,6 +250,15 @@ impl State {
                 Self::enqueue_waiter(&mut self.parts, caches.decompressed.waiters_mut(slot), pid);
                 return;
             }
+            Lookup::Miss
+                if self.scratch_bytes > 0
+                    && self.scratch_bytes + self.scratch_need > self.scratch_limit =>
+            {
+                // Its buffers would take the shard past its scratch limit: wait for a read
+                // in flight to give some back rather than allocate.
+                Self::enqueue_waiter(&mut self.parts, &mut self.scratch_waiters, pid);
+                return;
+            }
             Lookup::Miss => {
                 let whole = p.guest_off.is_multiple_of(cs) && p.len == cs;
                 let zlib = q.header.compression_type == CompressionType::Zlib;
@@ -295,6 +304,7 @@ impl State {
             .pop()
             .unwrap_or_else(|| vec![0u8; bytes].into_boxed_slice());
         let want = desc.max_len.min(buf.len() as u64);
+        let charge = buf.len();
         let fd = q.file.as_raw_fd();
         let entry = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), want as u32)
             .offset(desc.host_offset)
@@ -322,8 +332,11 @@ impl State {
                 .flatten();
             let prefix_len = (p.guest_off % cs + p.len) as usize;
             let scratch = pooled.unwrap_or_else(|| vec![0u8; prefix_len].into_boxed_slice());
+            let prefix_charge = scratch.len();
             self.ops[op].scratch = Some(scratch);
+            self.charge_scratch(op, prefix_charge);
         }
+        self.charge_scratch(op, charge);
         // SAFETY: the buffer is owned by the op (a heap allocation that does not move) until
         // the op's completion is handled.
         if let Err(e) = unsafe { self.push(ring, op, entry) } {
