@@ -484,6 +484,7 @@ impl Export {
             }
             drop(backend);
             drop(st);
+            crate::release_freed_memory();
         }
     }
 }

@@ -219,9 +219,7 @@ impl InflightArea {
                 queue_size,
             });
         }
-        // SAFETY: fcntl(F_GET_SEALS) on a file descriptor we own, with no argument.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        if !crate::fdcheck::is_shrink_sealed(&file) {
             // Areas from this daemon, QEMU and libvhost-user are sealed memfds.
             return Err(InflightError::NotSealed);
         }

@@ -13,7 +13,9 @@
 //! - [`throttle`], [`timer`]: I/O limits (throttle groups) and the workers' timers;
 //! - [`metrics`]: per-worker counters and histograms, the Prometheus scrape endpoint;
 //! - [`backend`], [`worker`], [`request`], [`virtio_blk`], [`block_io`], [`exit_events`]: the
-//!   vhost-user-blk device and its data path onto the engine.
+//!   vhost-user-blk device and its data path onto the engine;
+//! - [`budget`], [`fdcheck`]: what a guest may have in flight, and the checks of the
+//!   descriptors a frontend hands over.
 
 mod backend;
 mod block_io;
@@ -25,6 +27,7 @@ mod control;
 mod ctl;
 mod exit_events;
 mod export;
+mod fdcheck;
 mod inflight;
 mod metrics;
 mod notify;
@@ -51,6 +54,23 @@ use crate::cli::{CheckArgs, Cli, Command, InfoArgs, ServeArgs};
 use crate::config::{ConfigError, RawExport};
 use crate::serve::ServeError;
 use crate::throttle::Limits;
+
+// The allocator the binary runs on; linked here for `mi_collect`.
+extern crate mimalloc;
+
+extern "C" {
+    /// mimalloc's `mi_collect` (part of the library the allocator links).
+    fn mi_collect(force: bool);
+}
+
+/// Gives the memory of freed allocations back to the system. A connection's shards (caches,
+/// pools, arenas) are allocated by its worker threads, which have exited by the time the
+/// shards are dropped: mimalloc keeps such pages in abandoned segments until it is told to
+/// collect them. Called once a connection is over.
+pub fn release_freed_memory() {
+    // SAFETY: mi_collect takes no pointers and may be called from any thread at any time.
+    unsafe { mi_collect(true) };
+}
 
 /// Why `qcow2d` failed.
 #[derive(Debug, thiserror::Error)]

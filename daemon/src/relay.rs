@@ -15,6 +15,17 @@
 //!   SET_BACKEND_REQ_FD shares ([`BackendChannel`]), to tell the frontend of a resize;
 //! - backend → frontend: forwards every reply unchanged.
 //!
+//! Before a message with file descriptors reaches vhost-user-backend (which maps and uses them
+//! as they are), the relay checks them ([`crate::fdcheck`]): each memory region of SET_MEM_TABLE
+//! and ADD_MEM_REG must lie inside its file (`mmap_offset + memory_size` at most the file's
+//! size) and the file must be sealed against shrinking where it can be (a memfd not sealed yet
+//! is sealed here; a file that cannot be sealed, such as a memfd made without sealing, as
+//! libblkio makes them, or a hugetlbfs file, is accepted with a warning); the descriptor of
+//! SET_VRING_KICK, SET_VRING_CALL and SET_VRING_ERR must be an eventfd, and is made
+//! non-blocking. A message that fails these checks is not forwarded: the connection ends with
+//! a log line (and an error answer when the frontend asked for one), and the export goes on
+//! serving other connections.
+//!
 //! Writes to the frontend's socket are serialised by a mutex, so a reply is never interleaved
 //! with another. A message that cannot be framed (a truncated header or body, a size above
 //! vhost-user's 4 KiB limit, too many file descriptors) ends the connection with a log line;
@@ -25,7 +36,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -38,6 +49,7 @@ use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_S
 use vhost::vhost_user::Listener;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::fdcheck::{self, Sealing};
 use crate::inflight::{create_area, InflightArea, InflightShared};
 
 /// Bytes of a vhost-user message header: request, flags, size (native-endian u32 each).
@@ -91,6 +103,12 @@ impl BackendChannel {
         Ok(true)
     }
 }
+const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
+const SET_VRING_ERR: u32 = FrontendReq::SET_VRING_ERR as u32;
+const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
+/// Bytes of one memory region description (guest address, size, user address, mmap offset).
+const REGION_BYTES: usize = 32;
 
 /// Why a message could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -368,6 +386,17 @@ impl Inbound {
                 }
             };
             let mut msg = msg;
+            if let Err(why) = check_fds(&msg) {
+                error!(
+                    request = msg.request(),
+                    "Closing the connection: the frontend's message is refused: {why}"
+                );
+                if msg.need_reply() {
+                    let status = 1u64.to_ne_bytes().to_vec();
+                    let _ = send_to_frontend(&self.to_frontend, &msg.reply(status, Vec::new()));
+                }
+                break;
+            }
             let result = match msg.request() {
                 GET_INFLIGHT_FD => {
                     let reply = self.get_inflight_fd(&msg);
@@ -485,6 +514,107 @@ impl Inbound {
             }
         }
     }
+}
+
+/// Checks the file descriptors of a message before it is forwarded (see the module
+/// documentation); the error says why it is refused.
+fn check_fds(msg: &Message) -> Result<(), String> {
+    match msg.request() {
+        SET_MEM_TABLE => {
+            let count = msg.body.get(0..4).map_or(0, |b| {
+                u32::from_ne_bytes(b.try_into().unwrap_or([0; 4])) as usize
+            });
+            check_regions(msg, 8, count)
+        }
+        ADD_MEM_REG => check_regions(msg, 8, 1),
+        SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR => check_vring_fd(msg),
+        _ => Ok(()),
+    }
+}
+
+/// Checks the `count` memory regions described from byte `at` of the body, each against its
+/// file descriptor: the file covers the region and cannot shrink.
+fn check_regions(msg: &Message, at: usize, count: usize) -> Result<(), String> {
+    if msg.body.len() != at + count * REGION_BYTES {
+        return Err(format!(
+            "{count} memory regions in a {}-byte message",
+            msg.body.len()
+        ));
+    }
+    if msg.fds.len() != count {
+        return Err(format!(
+            "{count} memory regions with {} file descriptors",
+            msg.fds.len()
+        ));
+    }
+    for (i, fd) in msg.fds.iter().enumerate() {
+        let base = at + i * REGION_BYTES;
+        let (Some(guest), Some(size), Some(offset)) = (
+            msg.u64_at(base),
+            msg.u64_at(base + 8),
+            msg.u64_at(base + 24),
+        ) else {
+            return Err(format!("memory region {i} is cut short"));
+        };
+        let file = fd
+            .try_clone()
+            .map(File::from)
+            .map_err(|e| format!("cannot examine the file of memory region {i}: {e}"))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| format!("cannot examine the file of memory region {i}: {e}"))?
+            .len();
+        let inside = matches!(offset.checked_add(size), Some(end) if end <= file_len);
+        if !inside {
+            return Err(format!(
+                "memory region {i} (guest address {guest:#x}) maps {size} bytes at offset \
+                 {offset} of a file of {file_len} bytes"
+            ));
+        }
+        match fdcheck::seal_against_shrinking(&file) {
+            Sealing::Sealed => {}
+            Sealing::SealedNow => debug!(region = i, "Sealed guest memory against shrinking"),
+            Sealing::Unsealable => warn!(
+                region = i,
+                file = fdcheck::describe(fd.as_fd()).unwrap_or_default(),
+                "Guest memory in a file that cannot be sealed against shrinking (a memfd made \
+                 without MFD_ALLOW_SEALING, as libblkio makes them, or a file system without \
+                 seals): if the frontend truncates it, the daemon dies of SIGBUS"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Checks the descriptor of SET_VRING_KICK, SET_VRING_CALL or SET_VRING_ERR: none when the
+/// payload says so, else one eventfd, made non-blocking.
+fn check_vring_fd(msg: &Message) -> Result<(), String> {
+    let Some(payload) = msg.u64_at(0) else {
+        return Err(format!("a {}-byte vring message", msg.body.len()));
+    };
+    let queue = payload & VRING_INDEX_MASK;
+    if payload & VRING_NOFD != 0 {
+        return match msg.fds.len() {
+            0 => Ok(()),
+            n => Err(format!(
+                "queue {queue}: {n} file descriptors with the no-fd flag"
+            )),
+        };
+    }
+    let [fd] = msg.fds.as_slice() else {
+        return Err(format!(
+            "queue {queue}: {} file descriptors instead of one eventfd",
+            msg.fds.len()
+        ));
+    };
+    if !fdcheck::is_eventfd(fd.as_fd()) {
+        return Err(format!(
+            "queue {queue}: the descriptor is not an eventfd but {}",
+            fdcheck::describe(fd.as_fd()).unwrap_or_else(|| "unknown".into())
+        ));
+    }
+    fdcheck::set_nonblocking(fd.as_fd())
+        .map_err(|e| format!("queue {queue}: cannot make the eventfd non-blocking: {e}"))
 }
 
 /// Writes to the kick eventfd of a SET_VRING_KICK message (after it was forwarded): the worker

@@ -1,0 +1,157 @@
+//! Checks of the file descriptors a frontend hands over, before anything of ours maps, reads
+//! or writes them.
+//!
+//! A frontend is not trusted (a compromised QEMU is a process of another VM). A file mapped
+//! as guest memory or as the in-flight area that is shorter than the mapping, or that the
+//! frontend shrinks later, makes the first access past its end raise SIGBUS, which kills the
+//! whole daemon. So a mapped file must cover what is mapped, and must be sealed against
+//! shrinking ([`seal_against_shrinking`]): a memfd that is not sealed yet is sealed here
+//! (F_SEAL_SHRINK; QEMU's memory-backend-memfd seals it itself). A file that cannot be
+//! sealed (a hugetlbfs or tmpfs file of memory-backend-file, a memfd created without
+//! MFD_ALLOW_SEALING, as libblkio creates them) is for the caller to refuse or accept.
+//!
+//! Queue kick and call descriptors must be eventfds ([`is_eventfd`]), and are made
+//! non-blocking ([`set_nonblocking`]): a pipe, or an eventfd whose counter the frontend filled,
+//! could otherwise block the thread that writes to it forever.
+//!
+//! Pure functions over descriptors, called by the relay threads (`crate::relay`) and by
+//! `crate::inflight` when it maps an area.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// What [`seal_against_shrinking`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sealing {
+    /// The file was sealed against shrinking already.
+    Sealed,
+    /// The file was not, and now is (F_SEAL_SHRINK added here).
+    SealedNow,
+    /// The file cannot be sealed: its file system has no seals (a regular or hugetlbfs file),
+    /// or its seals are sealed (F_SEAL_SEAL) without F_SEAL_SHRINK.
+    Unsealable,
+}
+
+/// Whether `file` is sealed against shrinking.
+pub fn is_shrink_sealed(file: &File) -> bool {
+    // SAFETY: fcntl(F_GET_SEALS) on a descriptor we own, with no argument.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+}
+
+/// Makes sure `file` cannot shrink: already sealed, sealed now, or [`Sealing::Unsealable`].
+pub fn seal_against_shrinking(file: &File) -> Sealing {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl(F_GET_SEALS) on a descriptor we own, with no argument.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals < 0 {
+        // EINVAL: a file system without seals.
+        return Sealing::Unsealable;
+    }
+    if seals & libc::F_SEAL_SHRINK != 0 {
+        return Sealing::Sealed;
+    }
+    if seals & libc::F_SEAL_SEAL != 0 {
+        return Sealing::Unsealable;
+    }
+    // SAFETY: fcntl(F_ADD_SEALS) on a descriptor we own, with an integer argument.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } != 0 {
+        return Sealing::Unsealable;
+    }
+    if is_shrink_sealed(file) {
+        Sealing::SealedNow
+    } else {
+        Sealing::Unsealable
+    }
+}
+
+/// What `/proc/self/fd/N` says `fd` is (`anon_inode:[eventfd]`, `/memfd:name (deleted)`, a
+/// path), or `None` when it cannot be read.
+pub fn describe(fd: BorrowedFd<'_>) -> Option<String> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Whether `fd` is an eventfd.
+pub fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
+    describe(fd).as_deref() == Some("anon_inode:[eventfd]")
+}
+
+/// Sets O_NONBLOCK on `fd`'s open file description (shared with the frontend, which uses its
+/// kick and call eventfds non-blocking anyway).
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl(F_GETFL) on a valid descriptor, with no argument.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK != 0 {
+        return Ok(());
+    }
+    // SAFETY: fcntl(F_SETFL) on a valid descriptor, with an integer argument.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, FromRawFd};
+
+    fn memfd(flags: libc::c_uint) -> File {
+        // SAFETY: memfd_create with a C string literal and flags; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"fdcheck-test".as_ptr(), flags) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(1 << 20).unwrap();
+        file
+    }
+
+    #[test]
+    fn memfds_are_sealed_against_shrinking_when_they_can_be() {
+        let open = memfd(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        assert!(describe(open.as_fd())
+            .unwrap()
+            .starts_with("/memfd:fdcheck-test"));
+        assert!(!is_shrink_sealed(&open));
+        assert_eq!(seal_against_shrinking(&open), Sealing::SealedNow);
+        assert!(is_shrink_sealed(&open));
+        assert!(open.set_len(4096).is_err(), "cannot shrink any more");
+        assert_eq!(seal_against_shrinking(&open), Sealing::Sealed);
+        // Without MFD_ALLOW_SEALING the seals are sealed from the start.
+        let closed = memfd(libc::MFD_CLOEXEC);
+        assert_eq!(seal_against_shrinking(&closed), Sealing::Unsealable);
+        // A regular file has no seals.
+        let dir = std::env::temp_dir().join(format!("qcow2d-fdcheck-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = File::create(dir.join("ram")).unwrap();
+        assert_eq!(seal_against_shrinking(&file), Sealing::Unsealable);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_eventfds_are_eventfds() {
+        // SAFETY: eventfd takes no pointers; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nothing else owns.
+        let event = unsafe { File::from_raw_fd(fd) };
+        assert!(is_eventfd(event.as_fd()));
+        set_nonblocking(event.as_fd()).unwrap();
+        // SAFETY: F_GETFL on a valid descriptor.
+        let flags = unsafe { libc::fcntl(event.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(flags & libc::O_NONBLOCK, 0);
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two-element array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh descriptors nothing else owns.
+        let (r, w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        assert!(!is_eventfd(r.as_fd()) && !is_eventfd(w.as_fd()));
+        assert!(!is_eventfd(memfd(libc::MFD_CLOEXEC).as_fd()));
+    }
+}
