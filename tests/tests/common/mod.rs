@@ -5,10 +5,14 @@
 //! - the oracle (`qemu-img convert -O raw`) and byte-for-byte comparison;
 //! - reading through the engine (`Image::read_at`) and through the daemon's socket with a
 //!   vhost-user-blk client (`blkio`), every wait bounded by a timeout;
-//! - big-endian header parsing and patching for the bad-image tests.
+//! - big-endian header parsing and patching for the bad-image tests;
+//! - a raw vhost-user-blk frontend with its own guest memory, for hostile-frontend tests
+//!   (`frontend`).
 //!
 //! Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
+
+pub mod frontend;
 
 use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
 use std::collections::VecDeque;

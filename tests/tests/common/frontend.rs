@@ -1,0 +1,368 @@
+//! A raw vhost-user-blk frontend with its own guest memory, for tests that play a hostile
+//! frontend or guest: memory tables that lie about their files, rings anywhere, descriptor
+//! chains of any shape (indirect tables, overlapping buffers), eventfds that are not eventfds.
+//!
+//! Messages go through vhost's own frontend (`vhost::vhost_user::Frontend`, with REPLY_ACK, so
+//! a refused message is an error here); the guest memory is a memfd mapped here and written
+//! with plain copies; split rings are laid out and driven by hand. Every wait is bounded.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Descriptor flags.
+pub const F_NEXT: u16 = 1;
+pub const F_WRITE: u16 = 2;
+pub const F_INDIRECT: u16 = 4;
+/// virtio-blk request types.
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+
+/// Feature bits the frontend accepts when the device offers them: VERSION_1, INDIRECT_DESC,
+/// EVENT_IDX, vhost-user protocol features, SIZE_MAX, SEG_MAX, RO, BLK_SIZE, FLUSH, MQ.
+const WANTED_FEATURES: u64 = (1 << 32)
+    | (1 << 28)
+    | (1 << 29)
+    | (1 << 30)
+    | (1 << 1)
+    | (1 << 2)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 9)
+    | (1 << 12);
+
+/// Guest memory: a memfd mapped shared into this process.
+pub struct GuestRam {
+    pub file: File,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory, only accessed through copies.
+unsafe impl Send for GuestRam {}
+
+impl GuestRam {
+    /// `len` bytes of zeroed guest memory in a new memfd, sealable (`MFD_ALLOW_SEALING`) or not.
+    pub fn new(len: usize, sealable: bool) -> GuestRam {
+        let mut flags = libc::MFD_CLOEXEC;
+        if sealable {
+            flags |= libc::MFD_ALLOW_SEALING;
+        }
+        // SAFETY: memfd_create with a C string literal and flags; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"hostile-guest-ram".as_ptr(), flags) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64).expect("size the guest memory");
+        // SAFETY: maps `len` bytes of a file of that size, shared; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap guest memory");
+        GuestRam {
+            file,
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    /// Where the memory is mapped here (the region's `userspace_addr`).
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn write(&self, at: u64, bytes: &[u8]) {
+        let at = at as usize;
+        assert!(
+            at + bytes.len() <= self.len,
+            "test setup: write past guest memory"
+        );
+        // SAFETY: in bounds of our own mapping (checked); the device may access it at the same
+        // time, which only races on bytes, as a real guest's memory does.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(at), bytes.len()) };
+    }
+
+    pub fn read(&self, at: u64, out: &mut [u8]) {
+        let at = at as usize;
+        assert!(
+            at + out.len() <= self.len,
+            "test setup: read past guest memory"
+        );
+        // SAFETY: as for `write`.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(at), out.as_mut_ptr(), out.len()) };
+    }
+
+    pub fn read_u16(&self, at: u64) -> u16 {
+        let mut b = [0u8; 2];
+        self.read(at, &mut b);
+        u16::from_le_bytes(b)
+    }
+
+    /// Writes one split-ring descriptor at `at`.
+    pub fn write_desc(&self, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        self.write(at, &d);
+    }
+
+    /// Writes a `virtio_blk_outhdr` at `at`.
+    pub fn write_header(&self, at: u64, request_type: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&request_type.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.write(at, &h);
+    }
+
+    /// Writes an indirect table at `at`: a header descriptor (16 bytes at `header`), the
+    /// `data` buffers (address, length), all device-writable when `write` (a read), and a
+    /// one-byte status at `status`. Returns the table's length in bytes.
+    pub fn write_request_table(
+        &self,
+        at: u64,
+        header: u64,
+        data: &[(u64, u32)],
+        writable: bool,
+        status: u64,
+    ) -> u32 {
+        let n = data.len() + 2;
+        let mut table = Vec::with_capacity(16 * n);
+        let mut push = |addr: u64, len: u32, flags: u16, next: u16| {
+            table.extend_from_slice(&addr.to_le_bytes());
+            table.extend_from_slice(&len.to_le_bytes());
+            table.extend_from_slice(&flags.to_le_bytes());
+            table.extend_from_slice(&next.to_le_bytes());
+        };
+        push(header, 16, F_NEXT, 1);
+        let data_flags = F_NEXT | if writable { F_WRITE } else { 0 };
+        for (i, &(addr, len)) in data.iter().enumerate() {
+            push(addr, len, data_flags, (i + 2) as u16);
+        }
+        push(status, 1, F_WRITE, 0);
+        self.write(at, &table);
+        table.len() as u32
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; nothing uses the pointer afterwards.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// One split virtqueue this frontend drives: its rings live in guest memory at `base`
+/// (descriptor table, then the available ring at +0x800, the used ring at +0x1000).
+pub struct RawQueue {
+    pub base: u64,
+    pub size: u16,
+    next_desc: u16,
+    avail_idx: u16,
+    pub kick: EventFd,
+    pub call: EventFd,
+}
+
+impl RawQueue {
+    pub fn desc_addr(&self) -> u64 {
+        self.base
+    }
+    pub fn avail_addr(&self) -> u64 {
+        self.base + 0x800
+    }
+    pub fn used_addr(&self) -> u64 {
+        self.base + 0x1000
+    }
+}
+
+/// A vhost-user-blk frontend speaking the protocol itself.
+pub struct RawFrontend {
+    pub fe: Frontend,
+    pub queues: Vec<Option<RawQueue>>,
+}
+
+fn err(what: &str, e: impl std::fmt::Debug) -> String {
+    format!("{what}: {e:?}")
+}
+
+impl RawFrontend {
+    /// Connects and negotiates features (every later request asks for an answer).
+    pub fn connect(socket: &Path, num_queues: usize) -> Result<RawFrontend, String> {
+        let mut fe = Frontend::connect(socket, num_queues as u64).map_err(|e| err("connect", e))?;
+        fe.set_owner().map_err(|e| err("SET_OWNER", e))?;
+        let offered = fe.get_features().map_err(|e| err("GET_FEATURES", e))?;
+        fe.set_features(offered & WANTED_FEATURES)
+            .map_err(|e| err("SET_FEATURES", e))?;
+        let protocol = fe
+            .get_protocol_features()
+            .map_err(|e| err("GET_PROTOCOL_FEATURES", e))?;
+        let wanted = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG;
+        fe.set_protocol_features(protocol & wanted)
+            .map_err(|e| err("SET_PROTOCOL_FEATURES", e))?;
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        Ok(RawFrontend {
+            fe,
+            queues: (0..num_queues).map(|_| None).collect(),
+        })
+    }
+
+    /// SET_MEM_TABLE: one region at guest address 0 of `declared` bytes over `ram`'s file.
+    pub fn set_memory(&mut self, ram: &GuestRam, declared: u64) -> Result<(), String> {
+        self.fe
+            .set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0,
+                memory_size: declared,
+                userspace_addr: ram.addr(),
+                mmap_offset: 0,
+                mmap_handle: ram.file.as_raw_fd(),
+            }])
+            .map(|_| ())
+            .map_err(|e| err("SET_MEM_TABLE", e))
+    }
+
+    /// Sets up and enables queue `q` of `size` entries with its rings at guest address
+    /// `base` of `ram` (whose region starts at guest address 0), with the given call and kick
+    /// descriptors (normally fresh eventfds: [`RawFrontend::start_queue`]).
+    pub fn start_queue_with(
+        &mut self,
+        ram: &GuestRam,
+        q: usize,
+        size: u16,
+        base: u64,
+        call: EventFd,
+        kick: EventFd,
+    ) -> Result<(), String> {
+        let queue = RawQueue {
+            base,
+            size,
+            next_desc: 0,
+            avail_idx: 0,
+            kick,
+            call,
+        };
+        let hva = |gpa: u64| ram.addr() + gpa;
+        self.fe
+            .set_vring_num(q, size)
+            .map_err(|e| err("SET_VRING_NUM", e))?;
+        self.fe
+            .set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: size,
+                    queue_size: size,
+                    flags: 0,
+                    desc_table_addr: hva(queue.desc_addr()),
+                    used_ring_addr: hva(queue.used_addr()),
+                    avail_ring_addr: hva(queue.avail_addr()),
+                    log_addr: None,
+                },
+            )
+            .map_err(|e| err("SET_VRING_ADDR", e))?;
+        self.fe
+            .set_vring_base(q, 0)
+            .map_err(|e| err("SET_VRING_BASE", e))?;
+        self.fe
+            .set_vring_call(q, &queue.call)
+            .map_err(|e| err("SET_VRING_CALL", e))?;
+        self.fe
+            .set_vring_kick(q, &queue.kick)
+            .map_err(|e| err("SET_VRING_KICK", e))?;
+        self.fe
+            .set_vring_enable(q, true)
+            .map_err(|e| err("SET_VRING_ENABLE", e))?;
+        self.queues[q] = Some(queue);
+        Ok(())
+    }
+
+    /// Queue `q` with fresh eventfds and its rings at `q * 0x2000` of `ram`.
+    pub fn start_queue(&mut self, ram: &GuestRam, q: usize, size: u16) -> Result<(), String> {
+        let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err("eventfd", e))?;
+        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err("eventfd", e))?;
+        self.start_queue_with(ram, q, size, q as u64 * 0x2000, call, kick)
+    }
+
+    /// Makes available on queue `q` a chain of one indirect descriptor pointing at the table
+    /// of `table_len` bytes at `table` (see [`GuestRam::write_request_table`]), and kicks.
+    pub fn push_indirect(&mut self, ram: &GuestRam, q: usize, table: u64, table_len: u32) {
+        let queue = self.queues[q].as_mut().expect("queue started");
+        let head = queue.next_desc;
+        queue.next_desc = (queue.next_desc + 1) % queue.size;
+        ram.write_desc(
+            queue.desc_addr() + 16 * u64::from(head),
+            table,
+            table_len,
+            F_INDIRECT,
+            0,
+        );
+        let slot = queue.avail_addr() + 4 + 2 * u64::from(queue.avail_idx % queue.size);
+        ram.write(slot, &head.to_le_bytes());
+        queue.avail_idx = queue.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        ram.write(queue.avail_addr() + 2, &queue.avail_idx.to_le_bytes());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let _ = queue.kick.write(1);
+    }
+
+    /// The used index of queue `q`.
+    pub fn used_idx(&self, ram: &GuestRam, q: usize) -> u16 {
+        let queue = self.queues[q].as_ref().expect("queue started");
+        ram.read_u16(queue.used_addr() + 2)
+    }
+
+    /// Waits until queue `q` has returned `n` chains in all.
+    pub fn wait_used(
+        &self,
+        ram: &GuestRam,
+        q: usize,
+        n: u16,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let used = self.used_idx(ram, q);
+            if used == n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "queue {q}: {used} of {n} chains returned after {timeout:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// The daemon's memory as `/proc/PID/status` reports it, in KiB: (VmRSS, RssAnon).
+pub fn rss_kib(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
