@@ -139,6 +139,11 @@ pub struct BlkBackend {
     inflight: Arc<InflightShared>,
     /// The frontend's backend request channel, once it shares one (through the relay).
     channel: Arc<BackendChannel>,
+    /// The regions of every memory table of this connection, guarded against truncation
+    /// (`crate::sigbus`) until the connection's backend is dropped, and the pages the handler
+    /// had replaced when the connection began.
+    guards: Mutex<Vec<crate::sigbus::Guard>>,
+    replaced_before: u64,
 }
 
 /// The config space of one connection and the write-cache mode behind its `writeback` byte.
@@ -280,6 +285,8 @@ impl BlkBackend {
             quiescing: AtomicBool::new(false),
             inflight,
             channel: Arc::new(BackendChannel::default()),
+            guards: Mutex::new(Vec::new()),
+            replaced_before: crate::sigbus::replaced_pages(),
         };
         backend.apply_cache_mode();
         Ok(backend)
@@ -516,6 +523,19 @@ impl BlkBackend {
     }
 }
 
+impl Drop for BlkBackend {
+    fn drop(&mut self) {
+        let replaced = crate::sigbus::replaced_pages().saturating_sub(self.replaced_before);
+        if replaced > 0 {
+            warn!(
+                pages = replaced,
+                "The frontend cut guest memory short under the daemon: those pages read as \
+                 zeros (its memory could not be sealed)"
+            );
+        }
+    }
+}
+
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
     type Vring = Vring;
@@ -582,6 +602,22 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        {
+            use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+            let snapshot = mem.memory();
+            let ranges = snapshot
+                .iter()
+                .filter_map(|r| {
+                    let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
+                    Some((host as usize, usize::try_from(r.len()).ok()?))
+                })
+                .collect::<Vec<_>>();
+            // Kept with the old ones: requests in flight may still use older tables.
+            self.guards
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(crate::sigbus::guard(ranges));
+        }
         for thread in 0..self.workers.len() {
             self.lock(thread).set_memory(mem.clone());
         }

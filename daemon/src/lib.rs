@@ -14,8 +14,8 @@
 //! - [`metrics`]: per-worker counters and histograms, the Prometheus scrape endpoint;
 //! - [`backend`], [`worker`], [`request`], [`virtio_blk`], [`block_io`], [`exit_events`]: the
 //!   vhost-user-blk device and its data path onto the engine;
-//! - [`budget`], [`fdcheck`]: what a guest may have in flight, and the checks of the
-//!   descriptors a frontend hands over.
+//! - [`budget`], [`fdcheck`], [`sigbus`]: what a guest may have in flight, the checks of the
+//!   descriptors a frontend hands over, and the SIGBUS handler for guest memory cut short.
 
 mod backend;
 mod block_io;
@@ -34,6 +34,7 @@ mod notify;
 pub mod relay;
 pub mod request;
 mod serve;
+mod sigbus;
 mod signals;
 #[cfg(test)]
 mod test_support;

@@ -579,7 +579,7 @@ fn check_regions(msg: &Message, at: usize, count: usize) -> Result<(), String> {
                 file = fdcheck::describe(fd.as_fd()).unwrap_or_default(),
                 "Guest memory in a file that cannot be sealed against shrinking (a memfd made \
                  without MFD_ALLOW_SEALING, as libblkio makes them, or a file system without \
-                 seals): if the frontend truncates it, the daemon dies of SIGBUS"
+                 seals): if the frontend truncates it, the pages cut off read as zeros"
             ),
         }
     }

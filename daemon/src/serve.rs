@@ -113,6 +113,9 @@ fn control_event(call: Call) -> Event {
 pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), ServeError> {
     // Before any other thread exists, so that they all inherit the mask.
     let stop_signals = signals::block_stop_signals().map_err(ServeError::Signals)?;
+    if let Err(e) = crate::sigbus::install() {
+        warn!("Cannot handle SIGBUS: a frontend that truncates unsealed guest memory would crash the daemon: {e}");
+    }
 
     // Open every image first: nothing is listening if one of them is bad.
     let mut opened = Vec::with_capacity(config.exports.len());

@@ -7,9 +7,9 @@
 //!   daemon's own memory stays within its budget and falls back once the guest leaves, and
 //!   the other export answers meanwhile.
 //! - A frontend whose memory table lies about its file, whose rings lie outside its memory,
-//!   that truncates its memory with requests in flight, or whose call or kick descriptor is
-//!   a pipe: the daemon survives, the attacked connection fails cleanly, both exports keep
-//!   answering.
+//!   that truncates its memory with requests in flight (sealed: it cannot; unsealable: the
+//!   daemon reads zeros there), or whose call or kick descriptor is a pipe: the daemon
+//!   survives, the attacked connection fails cleanly, both exports keep answering.
 //!
 //! The daemon is the real binary (`QCOW2D_BIN` or target/debug/qcow2d); the frontend is
 //! `common::frontend`.
@@ -347,6 +347,35 @@ fn frontends_that_would_crash_or_block_the_daemon_fail_alone() {
     fe.wait_used(&ram, 0, 8, Duration::from_secs(300)).unwrap();
     drop(fe);
     still_serving(&mut s, "after an attempt to truncate guest memory");
+
+    // Guest memory that cannot be sealed (a memfd made without MFD_ALLOW_SEALING, as libblkio
+    // makes them), truncated under the daemon with a request waiting: the pages cut off read
+    // as zeros on the daemon's side instead of killing it.
+    let ram = GuestRam::new(RAM_BYTES, false);
+    let mut fe = RawFrontend::connect(&s.socket, QUEUES).unwrap();
+    fe.set_memory(&ram, RAM_BYTES as u64).unwrap();
+    fe.start_queue(&ram, 0, 128).unwrap();
+    ram.write_header(0x10000, T_IN, 0);
+    let len = ram.write_request_table(0x30000, 0x10000, &legal, true, 0x10100);
+    fe.add_indirect(&ram, 0, 0x30000, len);
+    ram.file.set_len(0).unwrap();
+    fe.kick(0);
+    // Nothing of guest memory is readable here any more either: the daemon must go on alone.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(fe);
+    drop(ram);
+    still_serving(&mut s, "after guest memory was truncated under the daemon");
+    assert!(
+        s.daemon.stderr().contains("cannot be sealed"),
+        "no warning about unsealable guest memory:\n{}",
+        s.daemon.stderr()
+    );
+    // The daemon did touch the pages cut off (and survived it).
+    assert!(
+        s.daemon.stderr().contains("cut guest memory short"),
+        "the daemon never touched the truncated memory:\n{}",
+        s.daemon.stderr()
+    );
 
     // A full pipe as the call descriptor, then a pipe as the kick descriptor.
     let (_read_end, mut write_end) = pipe();

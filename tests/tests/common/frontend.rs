@@ -304,6 +304,18 @@ impl RawFrontend {
     /// Makes available on queue `q` a chain of one indirect descriptor pointing at the table
     /// of `table_len` bytes at `table` (see [`GuestRam::write_request_table`]), and kicks.
     pub fn push_indirect(&mut self, ram: &GuestRam, q: usize, table: u64, table_len: u32) {
+        self.add_indirect(ram, q, table, table_len);
+        self.kick(q);
+    }
+
+    /// Kicks queue `q`.
+    pub fn kick(&self, q: usize) {
+        let queue = self.queues[q].as_ref().expect("queue started");
+        let _ = queue.kick.write(1);
+    }
+
+    /// As [`RawFrontend::push_indirect`], without the kick.
+    pub fn add_indirect(&mut self, ram: &GuestRam, q: usize, table: u64, table_len: u32) {
         let queue = self.queues[q].as_mut().expect("queue started");
         let head = queue.next_desc;
         queue.next_desc = (queue.next_desc + 1) % queue.size;
@@ -320,7 +332,6 @@ impl RawFrontend {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         ram.write(queue.avail_addr() + 2, &queue.avail_idx.to_le_bytes());
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let _ = queue.kick.write(1);
     }
 
     /// The used index of queue `q`.
