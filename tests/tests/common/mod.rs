@@ -703,6 +703,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub image: PathBuf,
     stderr: Arc<Mutex<String>>,
+    /// Says (by closing) that the stderr reader has read the pipe to its end.
+    stderr_done: mpsc::Receiver<()>,
     stdout_lines: mpsc::Receiver<String>,
 }
 
@@ -763,6 +765,7 @@ impl Daemon {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run `{desc}`: {e}"));
         let stderr = Arc::new(Mutex::new(String::new()));
+        let (stderr_done_tx, stderr_done) = mpsc::channel::<()>();
         {
             let stderr = stderr.clone();
             let r = child.stderr.take().unwrap();
@@ -773,6 +776,7 @@ impl Daemon {
                     s.push_str(&line);
                     s.push('\n');
                 }
+                drop(stderr_done_tx);
             });
         }
         let (tx, rx) = mpsc::channel();
@@ -792,6 +796,7 @@ impl Daemon {
             socket: socket.to_path_buf(),
             image: image.to_path_buf(),
             stderr,
+            stderr_done,
             stdout_lines: rx,
         };
         let want = ready_line(image, socket);
@@ -831,8 +836,9 @@ impl Daemon {
         if status.is_none() {
             self.kill();
         }
-        // Give the stderr reader a moment to collect the last lines.
-        thread::sleep(Duration::from_millis(50));
+        // The process is gone: its stderr ends once every line is read (a busy machine may
+        // take a while to schedule the reader).
+        let _ = self.stderr_done.recv_timeout(EXIT_TIMEOUT);
         StartFailure {
             status,
             stdout,
