@@ -518,6 +518,7 @@ fn open_qcow2(
         cluster_bits: header.cluster_bits,
         extended_l2: header.extended_l2(),
         has_data_file: header.has_data_file(),
+        version2: header.version < 3,
     };
     Ok(Qcow2Layer {
         header,

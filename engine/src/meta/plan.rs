@@ -4,7 +4,7 @@
 //! for the longest prefix that reads the same way: zeros, the next layer down, contiguous host
 //! data, or one compressed cluster. The shard splits the range there and plans the rest later.
 
-use crate::format::{be64_at, CompressedDescriptor, L2Entry, SubclusterState};
+use crate::format::{be64_at, ClusterMapping, CompressedDescriptor, L2Entry, SubclusterState};
 
 /// Layout facts of one qcow2 layer the planner needs.
 #[derive(Clone, Copy, Debug)]
@@ -15,6 +15,8 @@ pub struct Geometry {
     pub extended_l2: bool,
     /// Guest data lives in an external data file (no compression allowed there).
     pub has_data_file: bool,
+    /// A version 2 image, where an L2 entry with the zero flag is corruption (as in QEMU).
+    pub version2: bool,
 }
 
 impl Geometry {
@@ -68,7 +70,11 @@ fn entry(geom: &Geometry, table: &[u8], index: usize) -> Result<L2Entry, &'stati
     let at = index * geom.l2_entry_bytes() as usize;
     let raw = be64_at(table, at);
     let bitmap = geom.extended_l2.then(|| be64_at(table, at + 8));
-    L2Entry::decode(raw, bitmap, geom.cluster_bits, geom.has_data_file)
+    let e = L2Entry::decode(raw, bitmap, geom.cluster_bits, geom.has_data_file)?;
+    if geom.version2 && matches!(e.mapping, ClusterMapping::Zero { .. }) {
+        return Err("zero cluster entry in a version 2 image");
+    }
+    Ok(e)
 }
 
 /// What the byte at `guest_off` reads as, as a step starting there.
@@ -146,7 +152,19 @@ mod tests {
         cluster_bits: 16,
         extended_l2: false,
         has_data_file: false,
+        version2: false,
     };
+
+    #[test]
+    fn zero_entries_are_corrupt_in_version_2() {
+        let t = table(&[(1, 0)], false);
+        assert_eq!(resolve(&STD, &t, 0, 4096).map(|r| r.0), Ok(Step::Zero));
+        let v2 = Geometry {
+            version2: true,
+            ..STD
+        };
+        assert!(resolve(&v2, &t, 0, 4096).is_err());
+    }
 
     #[test]
     fn merges_contiguous_data_and_stops_at_a_gap() {
