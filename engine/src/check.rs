@@ -1407,7 +1407,10 @@ impl Analysis {
     }
 
     /// The refcount a COPIED flag is judged by: the stored one when checking (as QEMU's
-    /// `check_oflag_copied` does), the expected one when repairing. `None`: not judged.
+    /// `check_oflag_copied` does), the expected one when repairing a cluster whose refcount
+    /// the repair compares (and so makes the stored one), the stored one past those (a
+    /// reference past the end of the file is not counted, and its stored refcount stays).
+    /// `None`: not judged.
     fn flag_refcount(
         &self,
         t: &mut Target,
@@ -1417,7 +1420,10 @@ impl Analysis {
     ) -> Result<Option<u64>, Error> {
         match mode {
             FlagMode::Check => stored.get(t, c),
-            FlagMode::ClearUnsafe | FlagMode::Fix => Ok(self.expected_at(c)),
+            FlagMode::ClearUnsafe | FlagMode::Fix if c < self.compare_len() => {
+                Ok(self.expected_at(c))
+            }
+            FlagMode::ClearUnsafe | FlagMode::Fix => stored.get(t, c),
         }
     }
 
