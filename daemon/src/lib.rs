@@ -28,7 +28,7 @@ mod ctl;
 mod exit_events;
 mod export;
 mod fdcheck;
-mod inflight;
+pub mod inflight;
 mod metrics;
 mod notify;
 pub mod relay;
