@@ -1,5 +1,5 @@
 //! vhost-user messages through the daemon's relay: a fuzzer-made sequence of messages (with
-//! memfds, eventfds or pipes attached), then raw bytes, is written to the frontend side of a
+//! memfds, eventfds, pipes or sockets attached), then raw bytes, is written to the frontend side of a
 //! running [`Relay`]. The relay must pass every message but GET_INFLIGHT_FD and
 //! SET_INFLIGHT_FD through unchanged and in order, answer those two itself (one answer per
 //! GET, one per SET that asks for a reply, each well formed, with a file descriptor exactly
@@ -15,12 +15,13 @@ use std::sync::Arc;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use qcow2d::inflight::InflightShared;
-use qcow2d::relay::Relay;
+use qcow2d::relay::{BackendChannel, Relay};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const GET_INFLIGHT_FD: u32 = 31;
 const SET_INFLIGHT_FD: u32 = 32;
 const SET_VRING_KICK: u32 = 12;
+const SET_BACKEND_REQ_FD: u32 = 21;
 const FLAG_NEED_REPLY: u32 = 0x8;
 const MAX_MSG_SIZE: usize = 4096;
 
@@ -29,6 +30,7 @@ enum Request {
     GetInflight,
     SetInflight,
     SetVringKick,
+    SetBackendReqFd,
     Other(u32),
 }
 
@@ -56,6 +58,8 @@ enum Fd {
     },
     Eventfd,
     Pipe,
+    /// One end of a socket pair (a backend request channel).
+    Socket,
     Two,
 }
 
@@ -116,6 +120,7 @@ fn encode(m: &Message) -> (u32, u32, Vec<u8>, Vec<OwnedFd>) {
         Request::GetInflight => GET_INFLIGHT_FD,
         Request::SetInflight => SET_INFLIGHT_FD,
         Request::SetVringKick => SET_VRING_KICK,
+        Request::SetBackendReqFd => SET_BACKEND_REQ_FD,
         Request::Other(r) => r,
     };
     let flags = 0x1 | u32::from(m.flags & 0xf8);
@@ -141,6 +146,7 @@ fn encode(m: &Message) -> (u32, u32, Vec<u8>, Vec<OwnedFd>) {
         Fd::Memfd { pages, seal } => vec![memfd(pages, seal)],
         Fd::Eventfd => vec![eventfd()],
         Fd::Pipe => vec![pipe()],
+        Fd::Socket => vec![OwnedFd::from(UnixStream::pair().unwrap().0)],
         Fd::Two => vec![eventfd(), memfd(1, true)],
     };
     (request, flags, body, fds)
@@ -182,6 +188,7 @@ fn run(input: Input) {
         relay_frontend,
         relay_backend,
         Arc::new(InflightShared::default()),
+        Arc::new(BackendChannel::default()),
         "fuzz",
     )
     .unwrap();
