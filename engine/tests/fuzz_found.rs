@@ -79,3 +79,71 @@ fn repair_keeps_copied_on_a_cluster_past_the_end_of_the_file() {
 fn repair_leaves_l2_entries_with_reserved_bits_as_qemu_does() {
     repair_like_qemu(include_bytes!("data/fuzz/repair-reserved-bits.img"));
 }
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// Signals arriving while a blocking operation waits (libFuzzer's timer found it; in the
+/// daemon SIGHUP, SIGTERM or a profiler's signals do the same): io_uring_enter returns the
+/// count it submitted when a signal ends the wait, before the completion is there. A wait
+/// taken as done then failed a clean close ("io_uring returned no completion").
+#[test]
+fn blocking_io_survives_signals_during_the_wait() {
+    use qcow2d_engine::io::BlockingReader;
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    // SAFETY: a handler that does nothing, installed without SA_RESTART so that waits are
+    // interrupted; SIGUSR2 is not used by anything else in this test binary.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = ignore_signal as *const () as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        assert_eq!(
+            libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
+            0
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(dir.path().join("f"))
+        .unwrap();
+    let fd = file.as_raw_fd();
+    // SAFETY: pthread_self has no preconditions.
+    let target = unsafe { libc::pthread_self() };
+    let stop = Arc::new(AtomicBool::new(false));
+    let signaller = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: `target` is the test thread, alive until it sets `stop` and joins
+                // this thread.
+                unsafe { libc::pthread_kill(target, libc::SIGUSR2) };
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        })
+    };
+    let mut reader = BlockingReader::new().unwrap();
+    let block = vec![0x5au8; 64 << 10];
+    let mut back = vec![0u8; 64 << 10];
+    let mut failure = None;
+    for i in 0..2000u64 {
+        let offset = (i % 64) * (64 << 10);
+        let done = reader
+            .write_all_at(fd, &block, offset)
+            .and_then(|()| reader.fdatasync(fd))
+            .and_then(|()| reader.read_exact_at(fd, &mut back, offset));
+        if let Err(e) = done {
+            failure = Some(format!("operation {i}: {e}"));
+            break;
+        }
+        assert!(back == block, "operation {i}: read back other bytes");
+    }
+    stop.store(true, Ordering::Relaxed);
+    signaller.join().unwrap();
+    assert_eq!(failure, None, "a signal broke a blocking operation");
+}

@@ -270,19 +270,19 @@ impl BlockingReader {
                 .push(&entry)
                 .map_err(|_| io::Error::other("submission queue full"))?;
         }
-        loop {
+        // A signal may end the wait after the entry was submitted but before it completed:
+        // io_uring_enter then returns the count submitted, not EINTR. Wait again until the
+        // completion is there.
+        let res = loop {
+            if let Some(c) = self.ring.completion().next() {
+                break c.result();
+            }
             match self.ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => return Err(e),
             }
-        }
-        let res = self
-            .ring
-            .completion()
-            .next()
-            .map(|c| c.result())
-            .ok_or_else(|| io::Error::other("io_uring returned no completion"))?;
+        };
         if res < 0 {
             return Err(io::Error::from_raw_os_error(-res));
         }
