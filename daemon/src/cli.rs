@@ -97,29 +97,10 @@ pub struct LimitArgs {
 impl LimitArgs {
     /// The values given, by config key (`iops_total_max`, ...).
     pub fn entries(&self) -> Vec<(&'static str, u64)> {
-        [
-            ("iops_total", self.iops_total),
-            ("iops_total_max", self.iops_total_max),
-            ("iops_total_max_length", self.iops_total_max_length),
-            ("iops_read", self.iops_read),
-            ("iops_read_max", self.iops_read_max),
-            ("iops_read_max_length", self.iops_read_max_length),
-            ("iops_write", self.iops_write),
-            ("iops_write_max", self.iops_write_max),
-            ("iops_write_max_length", self.iops_write_max_length),
-            ("bps_total", self.bps_total),
-            ("bps_total_max", self.bps_total_max),
-            ("bps_total_max_length", self.bps_total_max_length),
-            ("bps_read", self.bps_read),
-            ("bps_read_max", self.bps_read_max),
-            ("bps_read_max_length", self.bps_read_max_length),
-            ("bps_write", self.bps_write),
-            ("bps_write_max", self.bps_write_max),
-            ("bps_write_max_length", self.bps_write_max_length),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k, v)))
-        .collect()
+        crate::throttle::limit_fields!(self)
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect()
     }
 
     /// Whether any limit or a group was given.
@@ -194,24 +175,9 @@ pub struct CtlAddArgs {
     /// vhost-user unix socket to listen on.
     #[arg(long, value_name = "SOCK")]
     pub socket: PathBuf,
-    /// Export the image read-only.
-    #[arg(long)]
-    pub read_only: bool,
-    /// Make every write durable before it completes.
-    #[arg(long, conflicts_with = "read_only")]
-    pub writethrough: bool,
-    /// Keep refcount updates in memory until a clean shutdown.
-    #[arg(long, conflicts_with = "read_only")]
-    pub lazy_refcounts: bool,
-    /// Read and write guest data with O_DIRECT.
-    #[arg(long)]
-    pub direct: bool,
-    /// Number of virtqueues [default: max(16, CPUs), at most 64].
-    #[arg(long, value_name = "N")]
-    pub queues: Option<u64>,
-    /// Serial number reported to the guest (at most 20 bytes) [default: image file name].
-    #[arg(long, value_name = "STR")]
-    pub serial: Option<String>,
+    /// How it is served.
+    #[command(flatten)]
+    pub export: ExportArgs,
     /// I/O limits.
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -255,37 +221,13 @@ pub struct ServeArgs {
     )]
     pub socket: Option<PathBuf>,
 
-    /// Export the image read-only (without it the image is opened for writing).
-    #[arg(long)]
-    pub read_only: bool,
-
-    /// Make every write durable before it completes (reports the write cache off; the guest
-    /// may turn it on). Default: write-back, writes durable at the guest's flushes.
-    #[arg(long, conflicts_with = "read_only")]
-    pub writethrough: bool,
-
-    /// Keep refcount updates in memory until a clean shutdown (faster allocating writes; after
-    /// a crash the image needs `qemu-img check -r all`).
-    #[arg(long, conflicts_with = "read_only")]
-    pub lazy_refcounts: bool,
-
-    /// Read and write guest data with O_DIRECT, bypassing the host page cache (metadata stays
-    /// cached; unaligned requests go through the page cache). Fails if the image's file
-    /// system does not support O_DIRECT. Flushes still sync.
-    #[arg(long)]
-    pub direct: bool,
-
-    /// Number of virtqueues [default: max(16, CPUs), at most 64].
-    #[arg(long, value_name = "N")]
-    pub queues: Option<u64>,
+    /// How the export given with --image is served.
+    #[command(flatten)]
+    pub export: ExportArgs,
 
     /// Worker threads, each with its own engine shard [default: CPUs, at most --queues]
     #[arg(long, value_name = "N")]
     pub shards: Option<u64>,
-
-    /// Serial number reported to the guest (at most 20 bytes) [default: image file name].
-    #[arg(long, value_name = "STR")]
-    pub serial: Option<String>,
 
     /// Which metadata every write is checked against before it reaches the image (QEMU's
     /// overlap-check): none, constant (header, L1 and refcount tables, snapshot table, bitmap
@@ -328,6 +270,38 @@ pub struct ServeArgs {
     /// I/O limits of the export given with --image (in a config file: per export keys).
     #[command(flatten)]
     pub limits: LimitArgs,
+}
+
+/// How one export is served: `serve --image` and `ctl add`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Export the image read-only (without it the image is opened for writing).
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Make every write durable before it completes (reports the write cache off; the guest
+    /// may turn it on). Default: write-back, writes durable at the guest's flushes.
+    #[arg(long, conflicts_with = "read_only")]
+    pub writethrough: bool,
+
+    /// Keep refcount updates in memory until a clean shutdown (faster allocating writes; after
+    /// a crash the image needs `qemu-img check -r all`).
+    #[arg(long, conflicts_with = "read_only")]
+    pub lazy_refcounts: bool,
+
+    /// Read and write guest data with O_DIRECT, bypassing the host page cache (metadata stays
+    /// cached; unaligned requests go through the page cache). Fails if the image's file
+    /// system does not support O_DIRECT. Flushes still sync.
+    #[arg(long)]
+    pub direct: bool,
+
+    /// Number of virtqueues [default: max(16, CPUs), at most 64].
+    #[arg(long, value_name = "N")]
+    pub queues: Option<u64>,
+
+    /// Serial number reported to the guest (at most 20 bytes) [default: image file name].
+    #[arg(long, value_name = "STR")]
+    pub serial: Option<String>,
 }
 
 /// Where files named by an image may lie, for every subcommand that opens one.
@@ -379,6 +353,37 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
+    /// `qcow2d serve ARGS`, parsed.
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let all = ["qcow2d", "serve"].iter().chain(args).copied();
+        Cli::try_parse_from(all).map(|cli| match cli.command {
+            Command::Serve(args) => args,
+            Command::Info(_) | Command::Check(_) | Command::Ctl(_) => panic!("not serve"),
+        })
+    }
+
+    /// `qcow2d serve --image a --socket s ARGS`, parsed.
+    fn serve_image(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let all: Vec<&str> = ["--image", "a", "--socket", "s"]
+            .iter()
+            .chain(args)
+            .copied()
+            .collect();
+        serve(&all)
+    }
+
+    /// `qcow2d ctl --control c.sock ARGS`, parsed.
+    fn ctl(args: &[&str]) -> Result<CtlCommand, clap::Error> {
+        let all = ["qcow2d", "ctl", "--control", "c.sock"]
+            .iter()
+            .chain(args)
+            .copied();
+        Cli::try_parse_from(all).map(|cli| match cli.command {
+            Command::Ctl(args) => args.command,
+            _ => panic!("not ctl"),
+        })
+    }
+
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
@@ -386,17 +391,11 @@ mod tests {
 
     #[test]
     fn serve_needs_image_and_socket_or_config() {
-        assert!(Cli::try_parse_from(["qcow2d", "serve", "--image", "a"]).is_err());
-        assert!(Cli::try_parse_from(["qcow2d", "serve", "--image", "a", "--socket", "s"]).is_ok());
-        assert!(Cli::try_parse_from(["qcow2d", "serve", "--config", "c.toml"]).is_ok());
-        assert!(Cli::try_parse_from(["qcow2d", "serve", "--config", "c", "--image", "a"]).is_err());
-        let cli = Cli::try_parse_from([
-            "qcow2d",
-            "serve",
-            "--image",
-            "a",
-            "--socket",
-            "s",
+        assert!(serve(&["--image", "a"]).is_err());
+        assert!(serve_image(&[]).is_ok());
+        assert!(serve(&["--config", "c.toml"]).is_ok());
+        assert!(serve(&["--config", "c", "--image", "a"]).is_err());
+        let args = serve_image(&[
             "--read-only",
             "--queues",
             "4",
@@ -406,15 +405,12 @@ mod tests {
             "x",
         ])
         .unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!("not serve")
-        };
-        assert!(args.read_only);
-        assert!(!args.writethrough && !args.lazy_refcounts);
+        assert!(args.export.read_only);
+        assert!(!args.export.writethrough && !args.export.lazy_refcounts);
         assert_eq!(args.metrics, None);
-        assert_eq!(args.queues, Some(4));
+        assert_eq!(args.export.queues, Some(4));
         assert_eq!(args.shards, Some(2));
-        assert_eq!(args.serial.as_deref(), Some("x"));
+        assert_eq!(args.export.serial.as_deref(), Some("x"));
     }
 
     #[test]
@@ -430,95 +426,53 @@ mod tests {
 
     #[test]
     fn write_options() {
-        let base = ["qcow2d", "serve", "--image", "a", "--socket", "s"];
-        let parse = |extra: &[&str]| {
-            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-            Cli::try_parse_from(args).map(|cli| match cli.command {
-                Command::Serve(args) => args,
-                Command::Info(_) | Command::Check(_) | Command::Ctl(_) => panic!("not serve"),
-            })
-        };
-        let args = parse(&["--writethrough", "--lazy-refcounts"]).unwrap();
-        assert!(args.writethrough && args.lazy_refcounts && !args.read_only);
-        let args = parse(&[]).unwrap();
-        assert!(!args.writethrough && !args.lazy_refcounts && !args.read_only && !args.direct);
-        assert!(parse(&["--direct"]).unwrap().direct);
-        assert!(parse(&["--direct", "--read-only"]).unwrap().direct);
-        assert!(Cli::try_parse_from(["qcow2d", "serve", "--config", "c", "--direct"]).is_err());
-        assert_eq!(parse(&[]).unwrap().overlap_check, None);
+        let args = serve_image(&["--writethrough", "--lazy-refcounts"]).unwrap();
+        let e = &args.export;
+        assert!(e.writethrough && e.lazy_refcounts && !e.read_only);
+        let args = serve_image(&[]).unwrap();
+        let e = &args.export;
+        assert!(!e.writethrough && !e.lazy_refcounts && !e.read_only && !e.direct);
+        assert!(serve_image(&["--direct"]).unwrap().export.direct);
+        assert!(
+            serve_image(&["--direct", "--read-only"])
+                .unwrap()
+                .export
+                .direct
+        );
+        assert!(serve(&["--config", "c", "--direct"]).is_err());
+        assert_eq!(serve_image(&[]).unwrap().overlap_check, None);
         assert_eq!(
-            parse(&["--overlap-check", "all"]).unwrap().overlap_check,
+            serve_image(&["--overlap-check", "all"])
+                .unwrap()
+                .overlap_check,
             Some(qcow2d_engine::OverlapCheck::All)
         );
-        assert!(parse(&["--overlap-check", "some"]).is_err());
-        assert!(Cli::try_parse_from([
-            "qcow2d",
-            "serve",
-            "--config",
-            "c",
-            "--overlap-check",
-            "none"
-        ])
-        .is_err());
+        assert!(serve_image(&["--overlap-check", "some"]).is_err());
+        assert!(serve(&["--config", "c", "--overlap-check", "none"]).is_err());
         // Meaningless on a read-only export, and not with a config file.
-        assert!(parse(&["--read-only", "--writethrough"]).is_err());
-        assert!(parse(&["--read-only", "--lazy-refcounts"]).is_err());
-        assert!(
-            Cli::try_parse_from(["qcow2d", "serve", "--config", "c", "--writethrough"]).is_err()
-        );
-        assert!(
-            Cli::try_parse_from(["qcow2d", "serve", "--config", "c", "--lazy-refcounts"]).is_err()
-        );
+        assert!(serve_image(&["--read-only", "--writethrough"]).is_err());
+        assert!(serve_image(&["--read-only", "--lazy-refcounts"]).is_err());
+        assert!(serve(&["--config", "c", "--writethrough"]).is_err());
+        assert!(serve(&["--config", "c", "--lazy-refcounts"]).is_err());
     }
 
     #[test]
     fn metrics_goes_with_either_form() {
         for args in [
-            &[
-                "qcow2d",
-                "serve",
-                "--image",
-                "a",
-                "--socket",
-                "s",
-                "--metrics",
-                "127.0.0.1:9187",
-            ][..],
-            &[
-                "qcow2d",
-                "serve",
-                "--config",
-                "c.toml",
-                "--metrics",
-                "127.0.0.1:9187",
-            ],
+            serve_image(&["--metrics", "127.0.0.1:9187"]),
+            serve(&["--config", "c.toml", "--metrics", "127.0.0.1:9187"]),
         ] {
-            let cli = Cli::try_parse_from(args).unwrap();
-            let Command::Serve(args) = cli.command else {
-                panic!("not serve")
-            };
-            assert_eq!(args.metrics.as_deref(), Some("127.0.0.1:9187"));
+            assert_eq!(args.unwrap().metrics.as_deref(), Some("127.0.0.1:9187"));
         }
     }
 
     #[test]
     fn ctl_commands() {
-        let parse = |args: &[&str]| {
-            let all: Vec<&str> = ["qcow2d", "ctl", "--control", "c.sock"]
-                .iter()
-                .chain(args)
-                .copied()
-                .collect();
-            Cli::try_parse_from(all).map(|cli| match cli.command {
-                Command::Ctl(args) => args.command,
-                _ => panic!("not ctl"),
-            })
-        };
         assert!(matches!(
-            parse(&["list", "--json"]).unwrap(),
+            ctl(&["list", "--json"]).unwrap(),
             CtlCommand::List { json: true }
         ));
-        let CtlCommand::Add(add) = parse(&[
+        let CtlCommand::Add(add) = ctl(&[
             "add",
             "--image",
             "a.qcow2",
@@ -536,45 +490,31 @@ mod tests {
         .unwrap() else {
             panic!("not add")
         };
+        assert_eq!(add.export.queues, Some(2));
         assert_eq!(
             add.limits.entries(),
             vec![("iops_total", 500), ("iops_total_max", 1000)]
         );
         assert_eq!(add.limits.group.as_deref(), Some("g"));
-        assert!(parse(&["remove", "a.sock", "--force"]).is_ok());
-        assert!(parse(&["limit", "a.sock", "--none"]).is_ok());
-        assert!(parse(&["limit", "a.sock", "--none", "--group", "g"]).is_err());
-        assert!(parse(&["resize", "a.sock", "2G", "--shrink"]).is_ok());
-        assert!(parse(&["add", "--image", "a"]).is_err());
+        assert!(ctl(&["remove", "a.sock", "--force"]).is_ok());
+        assert!(ctl(&["limit", "a.sock", "--none"]).is_ok());
+        assert!(ctl(&["limit", "a.sock", "--none", "--group", "g"]).is_err());
+        assert!(ctl(&["resize", "a.sock", "2G", "--shrink"]).is_ok());
+        assert!(ctl(&["add", "--image", "a"]).is_err());
         assert!(Cli::try_parse_from(["qcow2d", "ctl", "list"]).is_err());
     }
 
     #[test]
     fn allow_path_repeats_and_not_with_a_config_file() {
-        let cli = Cli::try_parse_from([
-            "qcow2d",
-            "serve",
-            "--image",
-            "a",
-            "--socket",
-            "s",
-            "--allow-path",
-            "/x",
-            "--allow-path",
-            "y",
-        ])
-        .unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!("not serve")
-        };
+        let args = serve_image(&["--allow-path", "/x", "--allow-path", "y"]).unwrap();
         assert_eq!(
             args.allow.allow_path,
             [PathBuf::from("/x"), PathBuf::from("y")]
         );
         for other in [["--config", "c.toml"], ["--control", "c.sock"]] {
-            let mut args = vec!["qcow2d", "serve", "--allow-path", "/x"];
+            let mut args = vec!["--allow-path", "/x"];
             args.extend(other);
-            assert!(Cli::try_parse_from(args).is_err(), "{other:?}");
+            assert!(serve(&args).is_err(), "{other:?}");
         }
         for sub in ["info", "check"] {
             let cli =
@@ -586,24 +526,9 @@ mod tests {
             };
             assert_eq!(allow.allow_path, [PathBuf::from("/a")]);
         }
-        let cli = Cli::try_parse_from([
-            "qcow2d",
-            "ctl",
-            "--control",
-            "c.sock",
-            "add",
-            "--image",
-            "a",
-            "--socket",
-            "s",
-            "--allow-path",
-            "/b",
-        ])
-        .unwrap();
-        let Command::Ctl(ctl) = cli.command else {
-            panic!("not ctl")
-        };
-        let CtlCommand::Add(add) = ctl.command else {
+        let CtlCommand::Add(add) =
+            ctl(&["add", "--image", "a", "--socket", "s", "--allow-path", "/b"]).unwrap()
+        else {
             panic!("not add")
         };
         assert_eq!(add.allow.allow_path, [PathBuf::from("/b")]);

@@ -354,27 +354,8 @@ struct FileExport {
 impl FileExport {
     fn limits(&self) -> Limits {
         let mut limits = Limits::default();
-        for (key, value) in [
-            ("iops_total", self.iops_total),
-            ("iops_total_max", self.iops_total_max),
-            ("iops_total_max_length", self.iops_total_max_length),
-            ("iops_read", self.iops_read),
-            ("iops_read_max", self.iops_read_max),
-            ("iops_read_max_length", self.iops_read_max_length),
-            ("iops_write", self.iops_write),
-            ("iops_write_max", self.iops_write_max),
-            ("iops_write_max_length", self.iops_write_max_length),
-            ("bps_total", self.bps_total),
-            ("bps_total_max", self.bps_total_max),
-            ("bps_total_max_length", self.bps_total_max_length),
-            ("bps_read", self.bps_read),
-            ("bps_read_max", self.bps_read_max),
-            ("bps_read_max_length", self.bps_read_max_length),
-            ("bps_write", self.bps_write),
-            ("bps_write_max", self.bps_write_max),
-            ("bps_write_max_length", self.bps_write_max_length),
-        ] {
-            // Every key above is one of Limits' keys.
+        for (key, value) in crate::throttle::limit_fields!(self) {
+            // Every key of the list is one of Limits' keys.
             let _ = limits.set(key, value);
         }
         limits

@@ -38,7 +38,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use tracing::{debug, warn};
 
+use crate::config::RawExport;
 use crate::export::{clear_stale_socket, SocketError};
+use crate::throttle::Limits;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -54,35 +56,7 @@ pub enum Request {
     /// Every export.
     List {},
     /// A new export.
-    Add {
-        /// The image.
-        image: PathBuf,
-        /// Its socket.
-        socket: PathBuf,
-        /// Read-only.
-        #[serde(default)]
-        read_only: bool,
-        /// Write-through.
-        #[serde(default)]
-        writethrough: bool,
-        /// Lazy refcounts.
-        #[serde(default)]
-        lazy_refcounts: bool,
-        /// O_DIRECT.
-        #[serde(default)]
-        direct: bool,
-        /// Queue count.
-        queues: Option<u64>,
-        /// Serial.
-        serial: Option<String>,
-        /// Limits (an object of limit keys).
-        limits: Option<Value>,
-        /// Throttle group.
-        group: Option<String>,
-        /// Directories besides the image's own where files it names may lie.
-        #[serde(default)]
-        allow_paths: Vec<PathBuf>,
-    },
+    Add(AddRequest),
     /// Stop an export.
     Remove {
         /// Its socket.
@@ -113,6 +87,67 @@ pub enum Request {
         #[serde(default)]
         shrink: bool,
     },
+}
+
+/// The members of an `add` request.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AddRequest {
+    /// The image.
+    pub image: PathBuf,
+    /// Its socket.
+    pub socket: PathBuf,
+    /// Read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Write-through.
+    #[serde(default)]
+    pub writethrough: bool,
+    /// Lazy refcounts.
+    #[serde(default)]
+    pub lazy_refcounts: bool,
+    /// O_DIRECT.
+    #[serde(default)]
+    pub direct: bool,
+    /// Queue count.
+    pub queues: Option<u64>,
+    /// Serial.
+    pub serial: Option<String>,
+    /// Limits (an object of limit keys).
+    pub limits: Option<Value>,
+    /// Throttle group.
+    pub group: Option<String>,
+    /// Directories besides the image's own where files it names may lie.
+    #[serde(default)]
+    pub allow_paths: Vec<PathBuf>,
+}
+
+impl AddRequest {
+    /// The export's settings as given, for validation (the overlap check is left to the
+    /// default).
+    pub fn into_raw(self) -> Result<RawExport, String> {
+        let limits = match &self.limits {
+            Some(v) => Limits::from_json(v)?,
+            None => Limits::default(),
+        };
+        Ok(RawExport {
+            image: self.image,
+            socket: self.socket,
+            read_only: self.read_only,
+            writethrough: self.writethrough,
+            lazy_refcounts: self.lazy_refcounts,
+            direct: self.direct,
+            queues: self.queues,
+            serial: self.serial,
+            limits,
+            group: self.group,
+            // The default: a config file's top-level key applies to its exports.
+            overlap_check: None,
+            allow_paths: self.allow_paths,
+            // Added at run time: the default budgets.
+            ..RawExport::default()
+        })
+    }
 }
 
 /// The answer to a request: a result, or why there is none.
@@ -354,20 +389,21 @@ mod tests {
             br#"{"command":"add","image":"/a","socket":"/s","queues":2,"limits":{"iops_total":5}}"#,
         )
         .unwrap();
-        assert!(matches!(
-            add,
-            Request::Add {
-                queues: Some(2),
-                ..
-            }
-        ));
+        let Request::Add(add) = add else {
+            panic!("not add")
+        };
+        assert_eq!(add.queues, Some(2));
+        assert_eq!(
+            add.into_raw().unwrap().limits.entries(),
+            [("iops_total".to_owned(), 5)]
+        );
         let add =
             parse_request(br#"{"command":"add","image":"/a","socket":"/s","allow_paths":["/b"]}"#)
                 .unwrap();
-        let Request::Add { allow_paths, .. } = add else {
+        let Request::Add(add) = add else {
             panic!("not add")
         };
-        assert_eq!(allow_paths, [PathBuf::from("/b")]);
+        assert_eq!(add.allow_paths, [PathBuf::from("/b")]);
         for (bad, why) in [
             (&b"not json"[..], "Malformed request"),
             (b"[1,2]", "expected a JSON object"),
@@ -375,6 +411,10 @@ mod tests {
             (br#"{"command":"format"}"#, "Unknown command \"format\""),
             (br#"{"command":7}"#, "must be a string"),
             (br#"{"command":"list","extra":1}"#, "Invalid request"),
+            (
+                br#"{"command":"add","image":"/a","socket":"/s","cache":1}"#,
+                "Invalid request",
+            ),
             (br#"{"command":"remove"}"#, "Invalid request"),
             (
                 br#"{"command":"resize","socket":"/s","size":-1}"#,

@@ -29,7 +29,7 @@ use qcow2d_engine::{Image, OpenOptions};
 use tracing::{error, info, warn};
 
 use crate::backend::DeviceParams;
-use crate::config::{ExportConfig, Origin, RawExport, ServeConfig};
+use crate::config::{ExportConfig, Origin, ServeConfig};
 use crate::control::{self, Call, Request, Response};
 use crate::export::{bind_socket, Export, ExportControl, ExportError, SocketError};
 use crate::metrics::{ExportLabels, ExportMetrics, Metrics, Operation};
@@ -490,40 +490,8 @@ impl Supervisor {
     fn handle(&mut self, request: Request) -> Response {
         match request {
             Request::List {} => Ok(self.list()),
-            Request::Add {
-                image,
-                socket,
-                read_only,
-                writethrough,
-                lazy_refcounts,
-                direct,
-                queues,
-                serial,
-                limits,
-                group,
-                allow_paths,
-            } => {
-                let limits = match &limits {
-                    Some(v) => Limits::from_json(v)?,
-                    None => Limits::default(),
-                };
-                let raw = RawExport {
-                    image,
-                    socket,
-                    read_only,
-                    writethrough,
-                    lazy_refcounts,
-                    direct,
-                    queues,
-                    serial,
-                    limits,
-                    group,
-                    // The default: a config file's top-level key applies to its exports.
-                    overlap_check: None,
-                    allow_paths,
-                    // Added at run time: the default budgets.
-                    ..RawExport::default()
-                };
+            Request::Add(add) => {
+                let raw = add.into_raw()?;
                 let cfg = crate::config::validate(
                     raw,
                     self.shards,

@@ -88,6 +88,25 @@ impl Bucket {
     }
 }
 
+/// The `(key, value)` pairs of `$source`, a value with one field per limit key named as the key
+/// (`iops_total`, `iops_total_max`, `iops_total_max_length`, ...): the command line's limit
+/// flags and a config file's limit keys are read through this one list.
+macro_rules! limit_fields {
+    ($source:expr) => {
+        $crate::throttle::limit_fields!(@ $source;
+            iops_total iops_total_max iops_total_max_length
+            iops_read iops_read_max iops_read_max_length
+            iops_write iops_write_max iops_write_max_length
+            bps_total bps_total_max bps_total_max_length
+            bps_read bps_read_max bps_read_max_length
+            bps_write bps_write_max bps_write_max_length)
+    };
+    (@ $source:expr; $($key:ident)*) => {
+        [$((stringify!($key), $source.$key)),*]
+    };
+}
+pub(crate) use limit_fields;
+
 /// The limit of one bucket: 0 means none.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BucketLimit {
