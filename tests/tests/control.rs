@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -18,26 +19,23 @@ use std::time::{Duration, Instant};
 /// How long a rate is measured.
 const MEASURE: Duration = Duration::from_secs(10);
 
-fn ctl(control: &Path, args: &[&str]) -> CmdOutput {
+fn ctl_cmd<S: AsRef<OsStr>>(control: &Path, args: &[S]) -> Command {
     let mut cmd = Command::new(daemon_bin());
     cmd.arg("ctl").arg("--control").arg(control).args(args);
-    run_cmd(&mut cmd, Duration::from_secs(60))
+    cmd
 }
 
-fn ctl_ok(control: &Path, args: &[&str]) -> String {
-    let out = ctl(control, args);
-    assert!(
-        out.status.success(),
-        "qcow2d ctl {args:?} failed ({}):\n{}{}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
-    out.stdout
+fn ctl<S: AsRef<OsStr>>(control: &Path, args: &[S]) -> CmdOutput {
+    run_cmd(&mut ctl_cmd(control, args), Duration::from_secs(60))
+}
+
+/// `ctl ARGS` must succeed; returns its stdout.
+fn ctl_ok<S: AsRef<OsStr>>(control: &Path, args: &[S]) -> String {
+    run_ok(&mut ctl_cmd(control, args))
 }
 
 /// `ctl ARGS` must fail; returns its stderr.
-fn ctl_err(control: &Path, args: &[&str]) -> String {
+fn ctl_err<S: AsRef<OsStr> + std::fmt::Debug>(control: &Path, args: &[S]) -> String {
     let out = ctl(control, args);
     assert!(
         !out.status.success(),
@@ -71,6 +69,27 @@ fn raw_request(control: &Path, line: &[u8]) -> Value {
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).unwrap();
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+}
+
+/// The arguments of `ctl add --image IMAGE --socket SOCKET EXTRA...`.
+fn add_args(image: &Path, socket: &Path, extra: &[&str]) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "add".into(),
+        "--image".into(),
+        image.into(),
+        "--socket".into(),
+        socket.into(),
+    ];
+    args.extend(extra.iter().map(OsString::from));
+    args
+}
+
+/// `len` bytes at `off` read through `socket` on one queue.
+fn read_through(socket: &Path, off: u64, len: usize) -> Vec<u8> {
+    blk_session(socket, 1, READ_TIMEOUT, move |c| {
+        c.read_batch(&[(off, len)])?.remove(0)
+    })
+    .unwrap()
 }
 
 fn image_with(s: &Scratch, name: &str, byte: u8) -> PathBuf {
@@ -232,27 +251,23 @@ fn add_list_remove_through_the_daemon() {
     let (release, holder) = hold_client(&a_sock);
     ctl_ok(
         &control,
-        &[
-            "add",
-            "--image",
-            &b.display().to_string(),
-            "--socket",
-            &b_sock.display().to_string(),
-            "--read-only",
-            "--serial",
-            "bee",
-            "--queues",
-            "1",
-            "--iops-read",
-            "100000",
-            "--group",
-            "gb",
-        ],
+        &add_args(
+            &b,
+            &b_sock,
+            &[
+                "--read-only",
+                "--serial",
+                "bee",
+                "--queues",
+                "1",
+                "--iops-read",
+                "100000",
+                "--group",
+                "gb",
+            ],
+        ),
     );
-    let data = blk_session(&b_sock, 1, READ_TIMEOUT, |c| {
-        c.read_batch(&[(0, 65536)])?.remove(0)
-    })
-    .unwrap();
+    let data = read_through(&b_sock, 0, 65536);
     assert!(
         data.iter().all(|&x| x == 0xb2),
         "the added export serves its image"
@@ -272,57 +287,18 @@ fn add_list_remove_through_the_daemon() {
 
     // Failures name the cause and leave nothing behind.
     let missing = s.join("missing.qcow2");
-    let err = ctl_err(
-        &control,
-        &[
-            "add",
-            "--image",
-            &missing.display().to_string(),
-            "--socket",
-            &c_sock.display().to_string(),
-        ],
-    );
+    let err = ctl_err(&control, &add_args(&missing, &c_sock, &[]));
     assert!(err.contains("missing.qcow2"), "{err}");
     assert!(!c_sock.exists(), "no socket left behind");
-    let err = ctl_err(
-        &control,
-        &[
-            "add",
-            "--image",
-            &a.display().to_string(),
-            "--socket",
-            &c_sock.display().to_string(),
-        ],
-    );
+    let err = ctl_err(&control, &add_args(&a, &c_sock, &[]));
     assert!(
         err.to_lowercase().contains("lock"),
         "the image is in use: {err}"
     );
     assert!(!c_sock.exists(), "no socket left behind");
-    let err = ctl_err(
-        &control,
-        &[
-            "add",
-            "--image",
-            &b.display().to_string(),
-            "--socket",
-            &a_sock.display().to_string(),
-            "--read-only",
-        ],
-    );
+    let err = ctl_err(&control, &add_args(&b, &a_sock, &["--read-only"]));
     assert!(err.contains("already"), "{err}");
-    let err = ctl_err(
-        &control,
-        &[
-            "add",
-            "--image",
-            &b.display().to_string(),
-            "--socket",
-            &c_sock.display().to_string(),
-            "--queues",
-            "0",
-        ],
-    );
+    let err = ctl_err(&control, &add_args(&b, &c_sock, &["--queues", "0"]));
     assert!(err.contains("Queue count"), "{err}");
     assert_eq!(list(&control).len(), 2);
 
@@ -353,20 +329,8 @@ fn add_list_remove_through_the_daemon() {
     d.assert_alive("with no exports left (the control socket keeps it running)");
 
     // The image is free again: added back, served, and closed cleanly at exit.
-    ctl_ok(
-        &control,
-        &[
-            "add",
-            "--image",
-            &a.display().to_string(),
-            "--socket",
-            &a_sock.display().to_string(),
-        ],
-    );
-    let data = blk_session(&a_sock, 1, READ_TIMEOUT, |c| {
-        c.read_batch(&[(MIB, 4096)])?.remove(0)
-    })
-    .unwrap();
+    ctl_ok(&control, &add_args(&a, &a_sock, &[]));
+    let data = read_through(&a_sock, MIB, 4096);
     assert!(data.iter().all(|&x| x == 0x5a));
     let status = d.terminate();
     assert!(status.success(), "{status}");
@@ -552,10 +516,7 @@ fn sighup_applies_the_config_difference() {
         export_of(&exports, &a_sock).unwrap()["limits"],
         serde_json::json!({"iops_total": 200, "iops_total_max": 400})
     );
-    let data = blk_session(&b_sock, 1, READ_TIMEOUT, |c| {
-        c.read_batch(&[(0, 4096)])?.remove(0)
-    })
-    .unwrap();
+    let data = read_through(&b_sock, 0, 4096);
     assert!(data.iter().all(|&x| x == 0xb2));
 
     // A broken file changes nothing.
@@ -712,20 +673,8 @@ fn a_daemon_with_only_a_control_socket_takes_exports_later() {
     let line = line.expect("read the daemon's stdout");
     assert_eq!(line.trim_end(), want);
     assert!(list(&control).is_empty());
-    ctl_ok(
-        &control,
-        &[
-            "add",
-            "--image",
-            &a.display().to_string(),
-            "--socket",
-            &sock.display().to_string(),
-        ],
-    );
-    let data = blk_session(&sock, 1, READ_TIMEOUT, |c| {
-        c.read_batch(&[(0, 4096)])?.remove(0)
-    })
-    .unwrap();
+    ctl_ok(&control, &add_args(&a, &sock, &[]));
+    let data = read_through(&sock, 0, 4096);
     assert!(data.iter().all(|&x| x == 0xa1));
     // SAFETY: kill(2) on our own child's pid; no memory involved.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);

@@ -191,19 +191,7 @@ fn make_tree(dir: &Path, kind: &str) -> Tree {
     match kind {
         "plain" => create_qcow2(&top, 16 * MIB, ""),
         "data-file" => {
-            qemu_img_in(
-                dir,
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-o",
-                    "data_file=top.data,data_file_raw=on",
-                    "top.qcow2",
-                    &size,
-                ],
-            );
+            data_file_image_in(dir, "top.data");
             files.push(("data file", dir.join("top.data")));
         }
         "qcow2-backing" | "raw-backing" => {
@@ -213,20 +201,7 @@ fn make_tree(dir: &Path, kind: &str) -> Tree {
                 ("base.qcow2", "qcow2")
             };
             qemu_img_in(dir, &["create", "-q", "-f", fmt, base, &size]);
-            qemu_img_in(
-                dir,
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-b",
-                    base,
-                    "-F",
-                    fmt,
-                    "top.qcow2",
-                ],
-            );
+            overlay_in(dir, "top.qcow2", base, fmt);
             files.push(("backing file", dir.join(base)));
         }
         other => panic!("unknown image kind {other}"),

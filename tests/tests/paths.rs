@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -21,17 +21,6 @@ fn qcow2d(args: &[&str]) -> CmdOutput {
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
-}
-
-/// `qemu-img create -f qcow2 -u -b BACKING -F FMT IMG 16M` in `dir` (the backing file is not
-/// opened, so it may be anything).
-fn overlay(dir: &Path, img: &str, backing: &str, fmt: &str) {
-    qemu_img_in(
-        dir,
-        &[
-            "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt, img, "16M",
-        ],
-    );
 }
 
 /// A qcow2 base image at `path` whose first 64 KiB hold `byte`.
@@ -104,7 +93,7 @@ fn a_backing_file_outside_the_image_directory_needs_allow_path() {
     std::fs::create_dir_all(&b).unwrap();
     let base_path = b.join("base.qcow2");
     base(&base_path, 0x42);
-    overlay(&a, "top.qcow2", s(&base_path), "qcow2");
+    overlay_in(&a, "top.qcow2", s(&base_path), "qcow2");
     let top = a.join("top.qcow2");
     let socket = sc.socket("s.sock");
 
@@ -119,7 +108,7 @@ fn a_backing_file_outside_the_image_directory_needs_allow_path() {
     );
     assert_tools_refuse(&top, &[], base_name, "--allow-path");
     // Written as a name with `..` from inside the image's directory: the same refusal.
-    overlay(&a, "dots.qcow2", "../b/base.qcow2", "qcow2");
+    overlay_in(&a, "dots.qcow2", "../b/base.qcow2", "qcow2");
     assert_serve_refused(
         &a.join("dots.qcow2"),
         &socket,
@@ -145,8 +134,8 @@ fn a_backing_file_outside_at_any_depth_is_refused() {
     let base_path = b.join("base.qcow2");
     base(&base_path, 0x17);
     // top -> mid (same directory) -> base (elsewhere).
-    overlay(&a, "mid.qcow2", s(&base_path), "qcow2");
-    overlay(&a, "top.qcow2", "mid.qcow2", "qcow2");
+    overlay_in(&a, "mid.qcow2", s(&base_path), "qcow2");
+    overlay_in(&a, "top.qcow2", "mid.qcow2", "qcow2");
     let top = a.join("top.qcow2");
     let socket = sc.socket("s.sock");
     assert_serve_refused(&top, &socket, &[], s(&base_path), "--allow-path");
@@ -163,7 +152,7 @@ fn a_symlink_inside_pointing_outside_is_refused() {
     let base_path = b.join("base.qcow2");
     base(&base_path, 0x33);
     std::os::unix::fs::symlink(&base_path, a.join("link.qcow2")).unwrap();
-    overlay(&a, "top.qcow2", "link.qcow2", "qcow2");
+    overlay_in(&a, "top.qcow2", "link.qcow2", "qcow2");
     let top = a.join("top.qcow2");
     let socket = sc.socket("s.sock");
     assert_serve_refused(&top, &socket, &[], "link.qcow2", "resolves to");
@@ -173,7 +162,7 @@ fn a_symlink_inside_pointing_outside_is_refused() {
 
     // A symlinked directory inside the root that leads outside: the same.
     std::os::unix::fs::symlink(&b, a.join("dirlink")).unwrap();
-    overlay(&a, "top2.qcow2", "dirlink/base.qcow2", "qcow2");
+    overlay_in(&a, "top2.qcow2", "dirlink/base.qcow2", "qcow2");
     assert_serve_refused(
         &a.join("top2.qcow2"),
         &socket,
@@ -190,24 +179,6 @@ fn mkfifo(path: &Path) {
     assert_eq!(rc, 0, "mkfifo: {}", std::io::Error::last_os_error());
 }
 
-/// An image with an external data file `dir/top.data`, which the test then replaces.
-fn data_file_image(dir: &Path) -> PathBuf {
-    qemu_img_in(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("data_file={},data_file_raw=on", s(&dir.join("top.data"))),
-            "top.qcow2",
-            "16M",
-        ],
-    );
-    dir.join("top.qcow2")
-}
-
 #[test]
 fn fifos_and_device_nodes_are_refused_without_blocking() {
     let sc = Scratch::new("paths_fifo");
@@ -218,7 +189,7 @@ fn fifos_and_device_nodes_are_refused_without_blocking() {
     let d = sc.join("fifo-backing");
     std::fs::create_dir_all(&d).unwrap();
     mkfifo(&d.join("base.raw"));
-    overlay(&d, "top.qcow2", "base.raw", "raw");
+    overlay_in(&d, "top.qcow2", "base.raw", "raw");
     let top = d.join("top.qcow2");
     assert_serve_refused(
         &top,
@@ -232,7 +203,7 @@ fn fifos_and_device_nodes_are_refused_without_blocking() {
     // A FIFO as external data file (opened read-write by a writable export).
     let d = sc.join("fifo-data");
     std::fs::create_dir_all(&d).unwrap();
-    let top = data_file_image(&d);
+    let top = data_file_image_in(&d, s(&d.join("top.data")));
     std::fs::remove_file(d.join("top.data")).unwrap();
     mkfifo(&d.join("top.data"));
     assert_serve_refused(&top, &socket, &[], "top.data", "is a FIFO");
@@ -246,7 +217,7 @@ fn fifos_and_device_nodes_are_refused_without_blocking() {
     // still not a regular file.
     let d = sc.join("dev");
     std::fs::create_dir_all(&d).unwrap();
-    overlay(&d, "top.qcow2", "/dev/zero", "raw");
+    overlay_in(&d, "top.qcow2", "/dev/zero", "raw");
     let top = d.join("top.qcow2");
     assert_serve_refused(&top, &socket, &[], "/dev/zero", "--allow-path");
     let allow_dev = ["--allow-path", "/dev"];
@@ -255,7 +226,7 @@ fn fifos_and_device_nodes_are_refused_without_blocking() {
 
     let d = sc.join("dev-data");
     std::fs::create_dir_all(&d).unwrap();
-    let top = data_file_image(&d);
+    let top = data_file_image_in(&d, s(&d.join("top.data")));
     std::fs::remove_file(d.join("top.data")).unwrap();
     std::os::unix::fs::symlink("/dev/zero", d.join("top.data")).unwrap();
     assert_serve_refused(&top, &socket, &[], "top.data", "--allow-path");
@@ -264,7 +235,7 @@ fn fifos_and_device_nodes_are_refused_without_blocking() {
     // A directory as backing file.
     let d = sc.join("dir");
     std::fs::create_dir_all(d.join("sub")).unwrap();
-    overlay(&d, "top.qcow2", "sub", "raw");
+    overlay_in(&d, "top.qcow2", "sub", "raw");
     assert_serve_refused(&d.join("top.qcow2"), &socket, &[], "sub", "is a directory");
 }
 
@@ -275,8 +246,8 @@ fn relative_names_resolve_against_the_naming_image() {
     let a = sc.join("a");
     std::fs::create_dir_all(a.join("sub")).unwrap();
     base(&a.join("sub/base.qcow2"), 0x5a);
-    overlay(&a.join("sub"), "mid.qcow2", "base.qcow2", "qcow2");
-    overlay(&a, "top.qcow2", "sub/mid.qcow2", "qcow2");
+    overlay_in(&a.join("sub"), "mid.qcow2", "base.qcow2", "qcow2");
+    overlay_in(&a, "top.qcow2", "sub/mid.qcow2", "qcow2");
     // A decoy where a working-directory resolution would look.
     base(&sc.join("base.qcow2"), 0x01);
     let top = a.join("top.qcow2");
@@ -314,8 +285,8 @@ fn config_file_allow_paths_top_level_and_per_export() {
     }
     base(&b.join("base.qcow2"), 0x61);
     base(&c.join("base.qcow2"), 0x62);
-    overlay(&a, "one.qcow2", s(&b.join("base.qcow2")), "qcow2");
-    overlay(&a, "two.qcow2", s(&c.join("base.qcow2")), "qcow2");
+    overlay_in(&a, "one.qcow2", s(&b.join("base.qcow2")), "qcow2");
+    overlay_in(&a, "two.qcow2", s(&c.join("base.qcow2")), "qcow2");
     let (s1, s2) = (sc.socket("1.sock"), sc.socket("2.sock"));
     let config = sc.join("q.toml");
     let serve_config = |text: &str| {
@@ -378,7 +349,7 @@ fn ctl_add_takes_allow_path() {
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
     base(&b.join("base.qcow2"), 0x77);
-    overlay(&a, "top.qcow2", s(&b.join("base.qcow2")), "qcow2");
+    overlay_in(&a, "top.qcow2", s(&b.join("base.qcow2")), "qcow2");
     let top = a.join("top.qcow2");
     let control = sc.socket("ctl.sock");
     // A daemon serving another image, with a control socket.

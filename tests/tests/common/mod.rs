@@ -213,6 +213,36 @@ pub fn qemu_img_in<S: AsRef<OsStr>>(cwd: &Path, args: &[S]) -> String {
     run_ok(Command::new("qemu-img").current_dir(cwd).args(args))
 }
 
+/// `qemu-img create -f qcow2 -u -b BACKING -F FMT IMG 16M` in `dir` (the backing file is not
+/// opened, so it may be anything).
+pub fn overlay_in(dir: &Path, img: &str, backing: &str, fmt: &str) {
+    qemu_img_in(
+        dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt, img, "16M",
+        ],
+    );
+}
+
+/// A 16 MiB image `dir/top.qcow2` whose guest data lies raw in the external data file
+/// `data_file` (as the image names it: relative to `dir`, or absolute). Returns its path.
+pub fn data_file_image_in(dir: &Path, data_file: &str) -> PathBuf {
+    qemu_img_in(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={data_file},data_file_raw=on"),
+            "top.qcow2",
+            "16M",
+        ],
+    );
+    dir.join("top.qcow2")
+}
+
 /// `qemu-io -f FMT -c CMD... IMG`, must succeed. qemu-io reports some failures only on stdout
 /// and still exits 0, so its output is checked as well.
 pub fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) {
