@@ -151,8 +151,16 @@ impl Drop for InflatePool {
     }
 }
 
+/// `io_uring_register` operation that fills a probe (uapi value, the same on every
+/// architecture).
+const IORING_REGISTER_PROBE: u8 = 8;
+
 fn msg_ring_supported() -> bool {
-    let Ok(ring) = IoUring::new(2) else {
+    // A ring that can only be probed.
+    let probe_op = [IORING_REGISTER_PROBE];
+    let Ok(ring) =
+        super::ring::build_restricted(&mut IoUring::builder(), 2, &[], &probe_op, |_| Ok(()))
+    else {
         return false;
     };
     let mut probe = io_uring::Probe::new();
@@ -164,7 +172,14 @@ fn msg_ring_supported() -> bool {
 
 fn worker(rx: crossbeam::channel::Receiver<Job>) {
     let mut inflater = ClusterInflater::new();
-    let mut ring = match IoUring::new(8) {
+    let ring = super::ring::build_restricted(
+        &mut IoUring::builder(),
+        8,
+        &super::ring::MSG_RING_OPS,
+        &[],
+        |_| Ok(()),
+    );
+    let mut ring = match ring {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("Inflate worker cannot create an io_uring: {e}");

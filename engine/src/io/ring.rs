@@ -1,8 +1,84 @@
-//! One io_uring with an eventfd that the kernel signals on every completion.
+//! One io_uring with an eventfd that the kernel signals on every completion, and the
+//! restricted construction every ring of the engine goes through.
+//!
+//! Seccomp sees `io_uring_enter`, never the operations it carries, so each ring is confined
+//! itself: it is created disabled (`IORING_SETUP_R_DISABLED`), told which submission opcodes
+//! and which later `io_uring_register` operations it accepts (`IORING_REGISTER_RESTRICTIONS`:
+//! only those its owner uses, no SQE flags), and only then enabled. An entry with any other
+//! opcode completes with `-EACCES` without being performed. A kernel without restrictions
+//! (before Linux 5.10) gets an unrestricted ring and one warning.
 
-use io_uring::{squeue, IoUring};
+use io_uring::{opcode, register, squeue, IoUring};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Submission opcodes of a shard's ring: data and metadata reads and writes, syncs, the
+/// retry timeout and the no-op that stands in for an elided sync.
+const SHARD_OPS: [u8; 7] = [
+    opcode::Read::CODE,
+    opcode::Readv::CODE,
+    opcode::Write::CODE,
+    opcode::Writev::CODE,
+    opcode::Fsync::CODE,
+    opcode::Timeout::CODE,
+    opcode::Nop::CODE,
+];
+
+/// Submission opcodes of a [`BlockingReader`]'s ring.
+const BLOCKING_OPS: [u8; 3] = [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE];
+
+/// Submission opcodes of an inflate worker's ring: posting results into shards' rings.
+pub(crate) const MSG_RING_OPS: [u8; 1] = [opcode::MsgRingData::CODE];
+
+/// Whether the kernel refused a disabled ring once (then rings are made unrestricted).
+static UNRESTRICTED: AtomicBool = AtomicBool::new(false);
+
+/// Builds a ring of `entries` slots with `builder`, runs `setup` on it while it is still
+/// disabled (registrations it needs, such as its eventfd), restricts it to the submission
+/// opcodes `sqe_ops` and the `io_uring_register` operations `register_ops`, then enables it.
+pub(crate) fn build_restricted(
+    builder: &mut io_uring::Builder,
+    entries: u32,
+    sqe_ops: &[u8],
+    register_ops: &[u8],
+    setup: impl FnOnce(&IoUring) -> io::Result<()>,
+) -> io::Result<IoUring> {
+    if UNRESTRICTED.load(Ordering::Relaxed) {
+        let ring = builder.build(entries)?;
+        setup(&ring)?;
+        return Ok(ring);
+    }
+    let ring = match builder.clone().setup_r_disabled().build(entries) {
+        Ok(ring) => ring,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            if !UNRESTRICTED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "This kernel cannot create disabled io_urings (Linux 5.10+): rings are not \
+                     restricted to the operations they use"
+                );
+            }
+            let ring = builder.build(entries)?;
+            setup(&ring)?;
+            return Ok(ring);
+        }
+        Err(e) => return Err(e),
+    };
+    setup(&ring)?;
+    let mut restrictions: Vec<register::Restriction> = sqe_ops
+        .iter()
+        .map(|&op| register::Restriction::sqe_op(op))
+        .chain(
+            register_ops
+                .iter()
+                .map(|&op| register::Restriction::register_op(op)),
+        )
+        .collect();
+    let submitter = ring.submitter();
+    submitter.register_restrictions(&mut restrictions)?;
+    submitter.register_enable_rings()?;
+    Ok(ring)
+}
 
 /// An io_uring owned by one shard, with its completion eventfd.
 ///
@@ -28,9 +104,6 @@ impl Ring {
         let entries = entries.max(8);
         // A completion queue well larger than the submission queue: a shard may have many
         // operations in flight, and a full queue makes the kernel refuse submissions.
-        let ring = IoUring::builder()
-            .setup_cqsize(entries * 8)
-            .build(entries)?;
         // SAFETY: eventfd takes no pointers; the result is checked before use.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -38,7 +111,13 @@ impl Ring {
         }
         // SAFETY: fd is a freshly created descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let ring = build_restricted(
+            IoUring::builder().setup_cqsize(entries * 8),
+            entries,
+            &SHARD_OPS,
+            &[],
+            |ring| ring.submitter().register_eventfd(eventfd.as_raw_fd()),
+        )?;
         let cq_capacity = ring.params().cq_entries() as usize;
         Ok(Ring {
             ring,
@@ -218,7 +297,7 @@ impl BlockingReader {
     /// Creates a small ring.
     pub fn new() -> io::Result<BlockingReader> {
         Ok(BlockingReader {
-            ring: IoUring::new(4)?,
+            ring: build_restricted(&mut IoUring::builder(), 4, &BLOCKING_OPS, &[], |_| Ok(()))?,
         })
     }
 
@@ -316,5 +395,56 @@ impl BlockingReader {
             .flags(io_uring::types::FsyncFlags::DATASYNC)
             .build();
         self.run_one(entry).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::types;
+
+    /// Pushes `entry` into the shard ring, submits it and returns its result.
+    fn run(ring: &mut Ring, entry: squeue::Entry) -> i32 {
+        // SAFETY: the entries used here point at a C string literal (static) or at nothing.
+        unsafe { ring.push(&entry.user_data(7)).unwrap() };
+        ring.submit_and_wait().unwrap();
+        let mut out = Vec::new();
+        ring.reap_into(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, 7);
+        out[0].1
+    }
+
+    /// A shard's ring performs the operations it was allowed and refuses, with EACCES and
+    /// without performing it, one it was not: an `openat` of a file that exists.
+    #[test]
+    fn a_shard_ring_refuses_opcodes_it_was_not_allowed() {
+        let mut ring = Ring::new(8).unwrap();
+        assert_eq!(run(&mut ring, opcode::Nop::new().build()), 0);
+        let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), c"/proc/self/status".as_ptr())
+            .flags(libc::O_RDONLY | libc::O_CLOEXEC)
+            .build();
+        assert_eq!(run(&mut ring, open), -libc::EACCES);
+        let socket = opcode::Socket::new(libc::AF_UNIX, libc::SOCK_STREAM, 0).build();
+        assert_eq!(run(&mut ring, socket), -libc::EACCES);
+        // Registering anything once the ring is enabled is refused too.
+        let err = ring
+            .ring
+            .submitter()
+            .register_files(&[libc::STDERR_FILENO])
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+    }
+
+    /// The blocking reader's ring reads, writes and syncs, and nothing else.
+    #[test]
+    fn a_blocking_ring_refuses_other_opcodes() {
+        let mut reader = BlockingReader::new().unwrap();
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let mut buf = [0u8; 5];
+        reader.read_exact_at(file.as_raw_fd(), &mut buf, 0).unwrap();
+        assert_eq!(&buf, b"Name:");
+        let err = reader.run_one(opcode::Nop::new().build()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
     }
 }
