@@ -50,6 +50,9 @@ pub struct OpenOptions {
     /// regular file under one of them, after symlinks and `..` are resolved; see the
     /// `paths` module.
     pub allowed_roots: Vec<PathBuf>,
+    /// Called first thing on each inflate worker thread, once its io_uring exists (a caller
+    /// that confines its threads installs the worker's filter here).
+    pub inflate_thread_start: Option<fn()>,
 }
 
 impl Default for OpenOptions {
@@ -63,6 +66,7 @@ impl Default for OpenOptions {
             direct: false,
             overlap_check: crate::OverlapCheck::default(),
             allowed_roots: Vec::new(),
+            inflate_thread_start: None,
         }
     }
 }
@@ -76,6 +80,8 @@ pub(crate) struct Qcow2Layer {
     pub geom: Geometry,
     pub file: File,
     pub data_file: Option<File>,
+    /// Where `data_file` was opened from.
+    pub data_file_path: Option<PathBuf>,
     /// O_DIRECT descriptors (and their alignment) on `file` and `data_file`, guest data only.
     pub file_direct: Option<(File, DioAlign)>,
     pub data_file_direct: Option<(File, DioAlign)>,
@@ -121,6 +127,7 @@ pub(crate) struct ImageInner {
     /// Allocation and header state of a writable image (None when read-only).
     pub writable: Option<crate::write::Writable>,
     inflate_threads: usize,
+    inflate_thread_start: Option<fn()>,
     inflate_pool: std::sync::OnceLock<Option<crate::io::InflatePool>>,
 }
 
@@ -128,7 +135,9 @@ impl ImageInner {
     /// The inflate workers, started on first use (`None`: shards inflate themselves).
     pub fn inflate_pool(&self) -> Option<&crate::io::InflatePool> {
         self.inflate_pool
-            .get_or_init(|| crate::io::InflatePool::new(self.inflate_threads))
+            .get_or_init(|| {
+                crate::io::InflatePool::new(self.inflate_threads, self.inflate_thread_start)
+            })
             .as_ref()
     }
 }
@@ -495,7 +504,10 @@ fn open_qcow2(
         ),
         _ => None,
     };
-    let data_file = data_file.map(|(f, _, _)| f);
+    let (data_file, data_path) = match data_file {
+        Some((f, _, real)) => (Some(f), Some(real)),
+        None => (None, None),
+    };
     let file_direct = if !direct || data_file.is_some() {
         None
     } else {
@@ -525,6 +537,7 @@ fn open_qcow2(
         geom,
         file,
         data_file,
+        data_file_path: data_path,
         file_direct,
         data_file_direct,
         l1,
@@ -722,9 +735,34 @@ impl Image {
                 inflate_threads: opts
                     .inflate_threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                inflate_thread_start: opts.inflate_thread_start,
                 inflate_pool: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Every file the image was opened from: the top image and its backing files (in chain
+    /// order), then external data files. Only the top image and its data file are written.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let layers = &self.inner.layers;
+        let mut files: Vec<PathBuf> = layers.iter().map(|l| l.path.clone()).collect();
+        files.extend(layers.iter().filter_map(|l| match &l.kind {
+            LayerKind::Qcow2(q) => q.data_file_path.clone(),
+            LayerKind::Raw(_) => None,
+        }));
+        files
+    }
+
+    /// The top image's external data file, if it has one.
+    pub fn data_file_path(&self) -> Option<&Path> {
+        self.top().data_file_path.as_deref()
+    }
+
+    /// Starts the inflate workers now rather than on the first compressed read, so that the
+    /// thread that starts them is the caller (a caller that confines its threads starts them
+    /// during set-up).
+    pub fn start_inflate_workers(&self) {
+        let _ = self.inner.inflate_pool();
     }
 
     fn top(&self) -> &Qcow2Layer {

@@ -338,11 +338,14 @@ impl Writable {
         let mut h = self.header.lock().unwrap_or_else(|p| p.into_inner());
         let bits = crate::format::be64_at(&h.bytes, field::INCOMPATIBLE);
         h.put64(field::INCOMPATIBLE, bits | incompat::CORRUPT);
-        let fd = q.file.as_raw_fd();
-        let result = BlockingReader::new().and_then(|mut io| {
-            io.write_all_at(fd, &h.bytes[..field::INCOMPATIBLE + 8], 0)?;
-            io.fdatasync(fd)
-        });
+        // Plain pwrite and fdatasync on the calling shard thread: rare, and a shard thread
+        // may not create an io_uring (a confined daemon keeps that to set-up).
+        let result = std::os::unix::fs::FileExt::write_all_at(
+            &q.file,
+            &h.bytes[..field::INCOMPATIBLE + 8],
+            0,
+        )
+        .and_then(|()| q.file.sync_data());
         if let Err(e) = result {
             tracing::error!("{}: cannot set the corrupt bit: {e}", layer.path.display());
         }

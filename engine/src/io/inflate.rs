@@ -83,7 +83,8 @@ pub const INFLATE_FAILED: i32 = -libc::EBADMSG;
 impl InflatePool {
     /// Starts `threads` workers, or returns `None` when `threads` is 0 or the kernel cannot
     /// post completions into another ring (`IORING_OP_MSG_RING`, Linux 5.18).
-    pub fn new(threads: usize) -> Option<InflatePool> {
+    /// `on_start` runs first on each worker, once its io_uring exists.
+    pub fn new(threads: usize, on_start: Option<fn()>) -> Option<InflatePool> {
         if threads == 0 || !msg_ring_supported() {
             return None;
         }
@@ -93,7 +94,7 @@ impl InflatePool {
             let rx = rx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("qcow2d-inflate-{i}"))
-                .spawn(move || worker(rx));
+                .spawn(move || worker(rx, on_start));
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -170,7 +171,7 @@ fn msg_ring_supported() -> bool {
     probe.is_supported(opcode::MsgRingData::CODE)
 }
 
-fn worker(rx: crossbeam::channel::Receiver<Job>) {
+fn worker(rx: crossbeam::channel::Receiver<Job>, on_start: Option<fn()>) {
     let mut inflater = ClusterInflater::new();
     let ring = super::ring::build_restricted(
         &mut IoUring::builder(),
@@ -186,6 +187,9 @@ fn worker(rx: crossbeam::channel::Receiver<Job>) {
             return;
         }
     };
+    if let Some(on_start) = on_start {
+        on_start();
+    }
     for job in rx {
         // SAFETY: the submitter keeps the input alive and unchanged until the completion posted
         // below has been reaped (InflatePool::submit contract).
