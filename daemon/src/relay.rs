@@ -3,7 +3,8 @@
 //!
 //! vhost-user-backend 0.24 answers GET_INFLIGHT_FD and SET_INFLIGHT_FD with an error and takes
 //! no other handler, so the export accepts the frontend's connection itself and gives
-//! vhost-user-backend's daemon the other end of a private connection ([`private_connection`]).
+//! vhost-user-backend's daemon the other end of a private connection ([`private_connection`],
+//! through a socket in the daemon's private directory, [`make_private_dir`]).
 //! [`Relay`] then runs two threads per connection:
 //! - frontend → backend: reads each message (header, body and attached file descriptors),
 //!   answers GET_INFLIGHT_FD (a new area: [`crate::inflight::create_area`]) and
@@ -39,9 +40,9 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 
 use tracing::{debug, error, info, warn};
@@ -257,28 +258,56 @@ fn write_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
     Ok(())
 }
 
-/// A listener with one connection already waiting to be accepted, and that connection's other
-/// end. The listening socket lives in a new directory only this user can enter, and both are
-/// removed as soon as the connection exists, so nobody else can connect to it.
-pub fn private_connection() -> io::Result<(Listener, UnixStream)> {
+/// The directory `qcow2d serve` makes at start-up for the private sockets
+/// ([`make_private_dir`]); without one (unit tests), each connection makes its own.
+static PRIVATE_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes a new directory only the daemon's user can enter, under `parent`, for the private
+/// sockets of every connection from now on, and returns it (to be removed at exit). Made
+/// once at start-up, so that serving a connection creates no directory.
+pub fn make_private_dir(parent: &Path) -> io::Result<PathBuf> {
+    let dir = new_private_dir(parent)?;
+    // A second call (tests) keeps the first directory.
+    let _ = PRIVATE_DIR.set(dir.clone());
+    Ok(dir)
+}
+
+fn new_private_dir(parent: &Path) -> io::Result<PathBuf> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let (dir, path) = loop {
+    loop {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir: PathBuf = std::env::temp_dir().join(format!("qcow2d-{}-{n}", std::process::id()));
+        let dir = parent.join(format!("qcow2d-{}-{n}", std::process::id()));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {
-                let path = dir.join("s");
-                break (dir, path);
-            }
+            Ok(()) => return Ok(dir),
             // Left over by a process that had our pid before: try the next name.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A listener with one connection already waiting to be accepted, and that connection's other
+/// end. The listening socket lives in a directory only this user can enter and is removed as
+/// soon as the connection exists, so nobody else can connect to it.
+pub fn private_connection() -> io::Result<(Listener, UnixStream)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let (own_dir, path) = match PRIVATE_DIR.get() {
+        Some(dir) => {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            (None, dir.join(format!("c{n}")))
+        }
+        None => {
+            let dir = new_private_dir(&std::env::temp_dir())?;
+            let path = dir.join("s");
+            (Some(dir), path)
         }
     };
     let connected = UnixListener::bind(&path)
         .and_then(|listener| UnixStream::connect(&path).map(|stream| (listener, stream)));
     let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_dir(&dir);
+    if let Some(dir) = own_dir {
+        let _ = std::fs::remove_dir(&dir);
+    }
     let (listener, stream) = connected?;
     Ok((Listener::from(listener), stream))
 }
@@ -317,11 +346,17 @@ impl Relay {
         threads.push(
             std::thread::Builder::new()
                 .name(format!("{name}-in"))
-                .spawn(move || inbound.run())?,
+                .spawn(move || {
+                    crate::sandbox::seccomp::enter_or_abort(crate::sandbox::Role::Relay);
+                    inbound.run()
+                })?,
         );
         let spawned = std::thread::Builder::new()
             .name(format!("{name}-out"))
-            .spawn(move || outbound.run());
+            .spawn(move || {
+                crate::sandbox::seccomp::enter_or_abort(crate::sandbox::Role::Relay);
+                outbound.run()
+            });
         let relay = Relay {
             frontend,
             backend,
