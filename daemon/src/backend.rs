@@ -45,6 +45,7 @@ use crate::inflight::InflightShared;
 use crate::metrics::ExportMetrics;
 use crate::relay::BackendChannel;
 use crate::request::DeviceInfo;
+use crate::sandbox::{seccomp, Role};
 use crate::throttle::{ExportThrottle, WorkerThrottle};
 use crate::timer::Timer;
 use crate::virtio_blk::{
@@ -489,6 +490,12 @@ impl BlkBackend {
                 handler
                     .register_listener(fd, EventSet::IN, self.completion_event(index))
                     .map_err(|source| BackendError::RegisterCompletions { index, source })?;
+                // Wakes the worker at once, so that it installs its seccomp filter before any
+                // client reaches it (the spurious completion event finds nothing to do).
+                let one = 1u64;
+                // SAFETY: writes the 8 bytes of a local u64 to an eventfd the shard owns;
+                // failure (a saturated counter) means the worker has an event pending anyway.
+                unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
             }
             if let Some(timer) = timer {
                 handler
@@ -536,6 +543,13 @@ impl Drop for BlkBackend {
     }
 }
 
+/// vhost-user-backend's request thread reaches the backend only through these callbacks: the
+/// first one installs its filter. The export thread, which calls some of them while it builds
+/// the connection, already has its own role, so they leave it alone.
+fn frontend_thread() {
+    seccomp::enter_unless_set(Role::Frontend);
+}
+
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
     type Vring = Vring;
@@ -549,10 +563,12 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
+        frontend_thread();
         device_features(self.device.read_only) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn acked_features(&self, features: u64) {
+        frontend_thread();
         debug!("Guest acknowledged features {features:#x}");
         self.config.ack_features(features);
         // QEMU first acknowledges only the vhost-user protocol bit; a driver's own set always
@@ -565,6 +581,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        frontend_thread();
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
@@ -576,14 +593,17 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
+        frontend_thread();
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        frontend_thread();
         self.config.read(offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        frontend_thread();
         match self.config.write(offset, buf) {
             Some(writeback) => {
                 self.apply_cache_mode();
@@ -602,6 +622,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        frontend_thread();
         {
             use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
             let snapshot = mem.memory();
@@ -639,6 +660,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        frontend_thread();
         let queue = queue_index as usize;
         if queue >= self.num_queues {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
@@ -664,6 +686,9 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // The first event of a worker thread (provoked by `register_completions`) installs
+        // its filter.
+        seccomp::enter_unless_set(Role::Worker);
         // Errors returned from here stop the worker's event loop for good, so everything is
         // handled (and logged) inside.
         if thread_id >= self.workers.len() {

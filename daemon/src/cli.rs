@@ -270,6 +270,18 @@ pub struct ServeArgs {
     /// I/O limits of the export given with --image (in a config file: per export keys).
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    /// What a system call outside a thread's seccomp filter does: kill the process, trap
+    /// (print the thread and the call to stderr, then kill), log (let it through; the kernel
+    /// logs it) or none (no filters). Overrides a config file's `seccomp` [default: kill]
+    #[arg(long, value_name = "MODE")]
+    pub seccomp: Option<String>,
+
+    /// Once the images are open and the sockets listen (made with this owner, mode 0660),
+    /// serve as USER (and GROUP, default the user's) with no capabilities left. Needs root.
+    /// Overrides a config file's `user`.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
 }
 
 /// How one export is served: `serve --image` and `ctl add`.
@@ -532,6 +544,26 @@ mod tests {
             panic!("not add")
         };
         assert_eq!(add.allow.allow_path, [PathBuf::from("/b")]);
+    }
+
+    #[test]
+    fn sandbox_options_go_with_either_form() {
+        for form in [
+            &["--image", "a", "--socket", "s"][..],
+            &["--config", "c.toml"],
+        ] {
+            let args: Vec<&str> = ["qcow2d", "serve"]
+                .iter()
+                .chain(form)
+                .chain(&["--seccomp", "trap", "--user", "qcow2d:kvm"])
+                .copied()
+                .collect();
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("not serve")
+            };
+            assert_eq!(args.seccomp.as_deref(), Some("trap"));
+            assert_eq!(args.user.as_deref(), Some("qcow2d:kvm"));
+        }
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! control = "/run/qcow2d/control.sock"  # optional: the control socket (`qcow2d ctl`)
 //! overlap_check = "cached"    # optional: default of every export (see below)
 //! allow_paths = ["/var/lib/images/base"]  # optional: for every export (see below)
+//! seccomp = "kill"        # optional: kill (default), trap, log or none (see crate::sandbox)
+//! user = "qcow2d:kvm"     # optional: serve as this USER[:GROUP] once set up (start as root)
 //!
 //! [[export]]
 //! image = "/var/lib/images/vm1.qcow2"
@@ -56,6 +58,7 @@ use qcow2d_engine::OverlapCheck;
 use serde::Deserialize;
 
 use crate::budget::{Budgets, Limits as BudgetLimits};
+use crate::sandbox::SeccompMode;
 use crate::throttle::Limits;
 use crate::virtio_blk::{ID_BYTES, MAX_QUEUES};
 
@@ -99,6 +102,14 @@ pub enum ConfigError {
         "{place}: invalid metrics address {value:?}: expected IP:PORT, such as 127.0.0.1:9187"
     )]
     MetricsAddress {
+        /// `Command line` or `Config file <path>`.
+        place: String,
+        /// The value given.
+        value: String,
+    },
+    /// The seccomp mode is not one of the known ones.
+    #[error("{place}: invalid seccomp mode {value:?}: expected kill, trap, log or none")]
+    SeccompMode {
         /// `Command line` or `Config file <path>`.
         place: String,
         /// The value given.
@@ -203,6 +214,10 @@ pub struct ServeConfig {
     pub control: Option<PathBuf>,
     /// The `shards` setting, for exports added at run time.
     pub shards: Option<u64>,
+    /// What a system call outside a thread's seccomp filter does.
+    pub seccomp: SeccompMode,
+    /// `USER[:GROUP]` to serve as once set up.
+    pub user: Option<String>,
 }
 
 /// Export settings as given, before validation.
@@ -284,6 +299,8 @@ struct FileConfig {
     metrics: Option<String>,
     control: Option<PathBuf>,
     overlap_check: Option<OverlapCheck>,
+    seccomp: Option<String>,
+    user: Option<String>,
     #[serde(default)]
     allow_paths: Vec<PathBuf>,
     #[serde(default)]
@@ -382,6 +399,8 @@ pub fn from_command_line(raw: RawExport, shards: Option<u64>) -> Result<ServeCon
         metrics: None,
         control: None,
         shards,
+        seccomp: SeccompMode::default(),
+        user: None,
     })
 }
 
@@ -398,6 +417,18 @@ pub fn metrics_address(value: &str, file: Option<&Path>) -> Result<SocketAddr, C
             },
             value: value.to_owned(),
         })
+}
+
+/// Parses the seccomp mode of `--seccomp` (`file`: `None`) or of a config file's `seccomp`
+/// key.
+pub fn seccomp_mode(value: &str, file: Option<&Path>) -> Result<SeccompMode, ConfigError> {
+    SeccompMode::parse(value.trim()).ok_or_else(|| ConfigError::SeccompMode {
+        place: match file {
+            Some(path) => format!("Config file {}", path.display()),
+            None => "Command line".to_owned(),
+        },
+        value: value.to_owned(),
+    })
 }
 
 /// Reads and validates a config file.
@@ -493,6 +524,10 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
         .metrics
         .map(|value| metrics_address(&value, Some(path)))
         .transpose()?;
+    let seccomp = match file.seccomp {
+        Some(value) => seccomp_mode(&value, Some(path))?,
+        None => SeccompMode::default(),
+    };
     let control = file.control.map(|c| base.join(c));
     if let Some(control) = &control {
         if sockets.contains(control) {
@@ -511,6 +546,8 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
         metrics,
         control,
         shards: file.shards,
+        seccomp,
+        user: file.user,
     })
 }
 
@@ -1020,6 +1057,33 @@ socket = "/run/b.sock"
         // Writable: the same.
         let cfg = parse_ok("shards = 32\n[[export]]\nimage = \"a\"\nsocket = \"s\"\nqueues = 4\n");
         assert_eq!(cfg.exports[0].shards, 4);
+    }
+
+    #[test]
+    fn seccomp_and_user() {
+        const EXPORT: &str = "[[export]]\nimage = \"a\"\nsocket = \"s\"\n";
+        let cfg = parse_ok(EXPORT);
+        assert_eq!((cfg.seccomp, cfg.user), (SeccompMode::Kill, None));
+        let cfg = parse_ok(&format!(
+            "seccomp = \"trap\"\nuser = \"qcow2d:kvm\"\n{EXPORT}"
+        ));
+        assert_eq!(cfg.seccomp, SeccompMode::Trap);
+        assert_eq!(cfg.user.as_deref(), Some("qcow2d:kvm"));
+        assert_eq!(
+            parse_ok(&format!("seccomp = \"none\"\n{EXPORT}")).seccomp,
+            SeccompMode::None
+        );
+        let err = parse_err(&format!("seccomp = \"off\"\n{EXPORT}"));
+        assert_eq!(
+            err.to_string(),
+            "Config file /etc/qcow2d/test.toml: invalid seccomp mode \"off\": expected kill, \
+             trap, log or none"
+        );
+        assert_eq!(seccomp_mode("log", None).unwrap(), SeccompMode::Log);
+        assert!(seccomp_mode("KILL", None)
+            .unwrap_err()
+            .to_string()
+            .starts_with("Command line: invalid seccomp mode"));
     }
 
     #[test]

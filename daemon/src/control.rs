@@ -271,6 +271,8 @@ pub fn spawn<T: Send + 'static>(
     std::thread::Builder::new()
         .name("qcow2d-control".into())
         .spawn(move || {
+            // The connection threads inherit this filter.
+            crate::sandbox::seccomp::enter_or_abort(crate::sandbox::Role::Control);
             let active = Arc::new(AtomicUsize::new(0));
             for stream in socket.listener.incoming() {
                 let mut stream = match stream {

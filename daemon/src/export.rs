@@ -342,6 +342,7 @@ impl Export {
     /// Serves connections one after the other until stopped, then closes the image. Runs on
     /// the export's own thread.
     pub fn run(mut self) -> Result<(), ExportError> {
+        crate::sandbox::seccomp::enter_or_abort(crate::sandbox::Role::Export);
         let mut flush_error = None;
         let served = self.serve(&mut flush_error);
         let closed = self.close(flush_error);

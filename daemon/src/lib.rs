@@ -12,6 +12,7 @@
 //! - [`control`], [`ctl`]: the control socket and its client (`qcow2d ctl`);
 //! - [`throttle`], [`timer`]: I/O limits (throttle groups) and the workers' timers;
 //! - [`metrics`]: per-worker counters and histograms, the Prometheus scrape endpoint;
+//! - [`sandbox`]: seccomp filters per thread, file system confinement, dropping privileges;
 //! - [`backend`], [`worker`], [`request`], [`virtio_blk`], [`block_io`], [`exit_events`]: the
 //!   vhost-user-blk device and its data path onto the engine;
 //! - [`budget`], [`fdcheck`], [`sigbus`]: what a guest may have in flight, the checks of the
@@ -33,6 +34,7 @@ mod metrics;
 mod notify;
 pub mod relay;
 pub mod request;
+mod sandbox;
 mod serve;
 mod sigbus;
 mod signals;
@@ -190,6 +192,8 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
                 metrics: None,
                 control: None,
                 shards: args.shards,
+                seccomp: Default::default(),
+                user: None,
             }
         }
         None => {
@@ -220,6 +224,12 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
     }
     if let Some(control) = args.control {
         config.control = Some(control);
+    }
+    if let Some(value) = &args.seccomp {
+        config.seccomp = config::seccomp_mode(value, None)?;
+    }
+    if let Some(user) = args.user {
+        config.user = Some(user);
     }
     serve::serve(config, config_path)?;
     Ok(())

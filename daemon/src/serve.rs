@@ -34,6 +34,9 @@ use crate::control::{self, Call, Request, Response};
 use crate::export::{bind_socket, Export, ExportControl, ExportError, SocketError};
 use crate::metrics::{ExportLabels, ExportMetrics, Metrics, Operation};
 use crate::request::DeviceInfo;
+use crate::sandbox::landlock::{self, FsPolicy};
+use crate::sandbox::user::{self, User};
+use crate::sandbox::{seccomp, Role};
 use crate::signals;
 use crate::throttle::{ExportThrottle, Limits, ThrottleGroup};
 use crate::virtio_blk::ID_BYTES;
@@ -68,6 +71,30 @@ pub enum ServeError {
     /// Signal handling cannot be set up.
     #[error("Cannot set up signal handling")]
     Signals(#[source] std::io::Error),
+    /// The private directory of the relay's sockets cannot be made.
+    #[error("Cannot make a private directory in {}", parent.display())]
+    PrivateDir {
+        /// Where it was to be made.
+        parent: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--user` cannot be honoured.
+    #[error("Cannot serve as user {spec:?}")]
+    User {
+        /// `USER[:GROUP]` as given.
+        spec: String,
+        /// What failed.
+        #[source]
+        source: user::UserError,
+    },
+    /// The file system cannot be confined.
+    #[error(transparent)]
+    Landlock(#[from] landlock::LandlockError),
+    /// The seccomp filters cannot be built.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     /// A thread cannot be started.
     #[error("Cannot start a thread")]
     Thread(#[source] std::io::Error),
@@ -117,6 +144,19 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
         warn!("Cannot handle SIGBUS: a frontend that truncates unsealed guest memory would crash the daemon: {e}");
     }
 
+    let user = match &config.user {
+        Some(spec) => {
+            let found = user::check_root()
+                .and_then(|()| user::lookup(spec))
+                .map_err(|source| ServeError::User {
+                    spec: spec.clone(),
+                    source,
+                })?;
+            Some(found)
+        }
+        None => None,
+    };
+
     // Open every image first: nothing is listening if one of them is bad.
     let mut opened = Vec::with_capacity(config.exports.len());
     for export in &config.exports {
@@ -129,12 +169,56 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
     let mut bound = Vec::with_capacity(opened.len());
     for (cfg, image) in config.exports.iter().zip(opened) {
         let listener = bind_socket(&cfg.socket)?;
+        if let Some(user) = &user {
+            give(&cfg.socket, user, 0o660)?;
+        }
         bound.push((cfg.clone(), image, listener));
     }
     // The control socket needs the counters too (`ctl list`).
     let metrics =
         (config.metrics.is_some() || config.control.is_some()).then(|| Arc::new(Metrics::new()));
     let control = config.control.as_deref().map(control::bind).transpose()?;
+    if let (Some(user), Some(path)) = (&user, &config.control) {
+        give(path, user, 0o600)?;
+    }
+    let metrics_listener = config.metrics.map(bind_metrics).transpose()?;
+    let parent = std::env::temp_dir();
+    let private_dir = crate::relay::make_private_dir(&parent)
+        .map(RemoveOnDrop)
+        .map_err(|source| ServeError::PrivateDir {
+            parent: parent.clone(),
+            source,
+        })?;
+    if let Some(user) = &user {
+        give(&private_dir.0, user, 0o700)?;
+    }
+
+    // Set-up is done: give up what serving does not need, before any other thread exists.
+    let policy = fs_policy(
+        &config,
+        config_path.as_deref(),
+        &bound,
+        &private_dir.0,
+        &parent,
+    );
+    let confinement = landlock::prepare(&policy)?;
+    if let Some(user) = &user {
+        user::drop_to(user).map_err(|source| ServeError::User {
+            spec: user.spec.clone(),
+            source,
+        })?;
+        info!(
+            user = user.spec,
+            uid = user.uid,
+            gid = user.gid,
+            "Serving as an unprivileged user, no capabilities left"
+        );
+    }
+    confinement.enforce()?;
+    debug_open_hook();
+    // From here on each thread keeps only the system calls it needs.
+    seccomp::configure(config.seccomp)?;
+    info!(seccomp = config.seccomp.name(), "Sandbox set up");
 
     let (tx, rx) = mpsc::channel();
     let mut sup = Supervisor {
@@ -155,8 +239,8 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
             return Err(e);
         }
     }
-    if let (Some(addr), Some(metrics)) = (config.metrics, &sup.metrics) {
-        if let Err(e) = serve_metrics(addr, Arc::clone(metrics)) {
+    if let (Some(listener), Some(metrics)) = (metrics_listener, &sup.metrics) {
+        if let Err(e) = serve_metrics(listener, Arc::clone(metrics)) {
             let _ = sup.stop_all();
             return Err(e);
         }
@@ -177,6 +261,7 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
         let _ = out.flush();
     }
     drop(tx);
+    seccomp::enter_or_abort(Role::Main);
     announce(&config.exports);
 
     // Serve until a signal, or until an export fails.
@@ -232,9 +317,15 @@ fn open_image(export: &ExportConfig) -> Result<Image, qcow2d_engine::Error> {
         // thread, no more threads than CPUs).
         inflate_threads: Some(crate::config::cpu_count().saturating_sub(export.shards)),
         allowed_roots: export.allowed_roots.clone(),
+        inflate_thread_start: Some(inflate_thread_start),
         ..OpenOptions::default()
     };
     Image::open(&export.image, &options)
+}
+
+/// The engine's inflate workers take their filter as they start.
+fn inflate_thread_start() {
+    seccomp::enter_or_abort(Role::Inflate);
 }
 
 /// One export being served.
@@ -340,6 +431,9 @@ impl Supervisor {
             metrics.add_export(labels, params.shards)
         });
         params.metrics = metrics.clone();
+        // Started here, not at open: at start-up the sandbox is set up in between, and no
+        // worker thread may start threads.
+        image.start_inflate_workers();
         let size = image.virtual_size();
         let read_only = image.is_read_only();
         let control = Arc::new(ExportControl::new(cfg.socket.clone(), image));
@@ -810,6 +904,100 @@ fn describe(e: &Running) -> serde_json::Value {
     })
 }
 
+/// What the file system sandbox leaves reachable: the files of every export, the socket
+/// directories, the private directory (and removing it from its parent), systemd's socket.
+/// When exports can be added at run time (a control socket, or a config file that SIGHUP
+/// re-reads), the config file is readable and the allowed roots of every export (its
+/// image's directory and `allow_paths`) and the socket directories are roots: files in them
+/// can be read and written, sockets made.
+fn fs_policy(
+    config: &ServeConfig,
+    config_path: Option<&Path>,
+    exports: &[(ExportConfig, Image, vhost::vhost_user::Listener)],
+    private_dir: &Path,
+    parent: &Path,
+) -> FsPolicy {
+    let dir_of = |path: &Path| match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut policy = FsPolicy::default();
+    for (cfg, image, _) in exports {
+        let data_file = image.data_file_path().map(Path::to_path_buf);
+        for (index, file) in image.files().into_iter().enumerate() {
+            let written =
+                !image.is_read_only() && (index == 0 || Some(&file) == data_file.as_ref());
+            if written {
+                policy.write_files.push(file);
+            } else {
+                policy.read_files.push(file);
+            }
+        }
+        policy.socket_dirs.push(dir_of(&cfg.socket));
+    }
+    if let Some(control) = &config.control {
+        policy.socket_dirs.push(dir_of(control));
+    }
+    policy.socket_dirs.push(private_dir.to_path_buf());
+    policy.remove_dir_in.push(parent.to_path_buf());
+    if let Some(notify) = std::env::var_os("NOTIFY_SOCKET") {
+        if notify.as_encoded_bytes().starts_with(b"@") {
+            policy.abstract_unix = true;
+        } else {
+            policy.connect_sockets.push(PathBuf::from(notify));
+        }
+    }
+    if config.control.is_some() || config_path.is_some() {
+        if let Some(path) = config_path {
+            policy.read_files.push(path.to_path_buf());
+        }
+        let mut roots: Vec<PathBuf> = exports
+            .iter()
+            .flat_map(|(cfg, _, _)| cfg.allowed_roots.iter().cloned())
+            .chain(policy.socket_dirs.iter().cloned())
+            .filter(|d| d != private_dir)
+            .collect();
+        roots.sort();
+        roots.dedup();
+        policy.roots = roots;
+    }
+    policy
+}
+
+fn give(path: &Path, user: &User, mode: libc::mode_t) -> Result<(), ServeError> {
+    user::give(path, user, mode).map_err(|source| ServeError::User {
+        spec: user.spec.clone(),
+        source,
+    })
+}
+
+/// Debug builds only: `QCOW2D_DEBUG_OPEN_IMAGE=PATH` opens PATH with the engine (as an export
+/// added at run time would, without any path check) once the sandbox is set up, and logs
+/// what happened, so tests can see the file system sandbox refuse what it must.
+fn debug_open_hook() {
+    #[cfg(debug_assertions)]
+    if let Some(path) = std::env::var_os("QCOW2D_DEBUG_OPEN_IMAGE") {
+        let path = PathBuf::from(path);
+        match Image::open(&path, &OpenOptions::default()) {
+            Ok(_) => warn!(path = %path.display(), "Debug hook: opened the image"),
+            Err(e) => warn!(
+                path = %path.display(),
+                "Debug hook: cannot open the image: {}",
+                crate::error_chain(&e)
+            ),
+        }
+    }
+}
+
+/// A directory removed when `serve` returns (it is empty by then).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 fn device_params(cfg: &ExportConfig, image: &Image, throttle: Arc<ExportThrottle>) -> DeviceParams {
     let mut serial = [0u8; ID_BYTES];
     let bytes = cfg.serial.as_bytes();
@@ -831,14 +1019,22 @@ fn device_params(cfg: &ExportConfig, image: &Image, throttle: Arc<ExportThrottle
     }
 }
 
-/// Starts the metrics endpoint on `addr` and prints `qcow2d: metrics on http://ADDR/metrics`
-/// with the address it listens on (which tells the port when `addr` asked for port 0).
-fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), ServeError> {
+/// Binds the metrics endpoint's socket (before the sandbox refuses TCP binds).
+fn bind_metrics(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
     let listener =
         TcpListener::bind(addr).map_err(|source| ServeError::Metrics { addr, source })?;
     let local = listener
         .local_addr()
         .map_err(|source| ServeError::Metrics { addr, source })?;
+    Ok((listener, local))
+}
+
+/// Starts the metrics endpoint and prints `qcow2d: metrics on http://ADDR/metrics` with the
+/// address it listens on (which tells the port when the configured address asked for port 0).
+fn serve_metrics(
+    (listener, local): (TcpListener, SocketAddr),
+    metrics: Arc<Metrics>,
+) -> Result<(), ServeError> {
     crate::metrics::http::spawn(listener, metrics).map_err(ServeError::Thread)?;
     info!(address = %local, "Serving metrics on /metrics");
     let stdout = std::io::stdout();

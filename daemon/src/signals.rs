@@ -59,21 +59,24 @@ pub fn spawn_signal_thread<T: Send + 'static>(
 ) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("qcow2d-signals".into())
-        .spawn(move || loop {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: `signals.set` is an initialised sigset_t whose signals are blocked in
-            // this thread (inherited mask); `signal` is a valid place to store the result.
-            let rc = unsafe { libc::sigwait(&signals.set, &mut signal) };
-            if rc != 0 {
-                // Only EINVAL is documented, for an invalid set: nothing to retry.
-                tracing::error!(
-                    "Cannot wait for signals: {}",
-                    io::Error::from_raw_os_error(rc)
-                );
-                return;
-            }
-            if tx.send(wrap(signal)).is_err() {
-                return;
+        .spawn(move || {
+            crate::sandbox::seccomp::enter_or_abort(crate::sandbox::Role::Signals);
+            loop {
+                let mut signal: libc::c_int = 0;
+                // SAFETY: `signals.set` is an initialised sigset_t whose signals are blocked in
+                // this thread (inherited mask); `signal` is a valid place to store the result.
+                let rc = unsafe { libc::sigwait(&signals.set, &mut signal) };
+                if rc != 0 {
+                    // Only EINVAL is documented, for an invalid set: nothing to retry.
+                    tracing::error!(
+                        "Cannot wait for signals: {}",
+                        io::Error::from_raw_os_error(rc)
+                    );
+                    return;
+                }
+                if tx.send(wrap(signal)).is_err() {
+                    return;
+                }
             }
         })
 }

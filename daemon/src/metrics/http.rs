@@ -35,7 +35,10 @@ const LOUD_ERRORS: u64 = 8;
 pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("qcow2d-metrics".into())
-        .spawn(move || run(&listener, &metrics))?;
+        .spawn(move || {
+            crate::sandbox::seccomp::enter_or_abort(crate::sandbox::Role::Metrics);
+            run(&listener, &metrics)
+        })?;
     Ok(())
 }
 

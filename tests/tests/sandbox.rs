@@ -1,0 +1,366 @@
+//! The daemon's sandbox, seen from outside: every thread of a serving daemon runs under a
+//! seccomp filter with NO_NEW_PRIVS (threads made for a client included); a forbidden call
+//! does what `--seccomp` says; Landlock refuses a file outside what the daemon serves even
+//! when the engine is asked to open it directly; `--user` leaves no capability.
+//!
+//! The forbidden-call and open hooks (`QCOW2D_DEBUG_FORBIDDEN_SYSCALL`,
+//! `QCOW2D_DEBUG_OPEN_IMAGE`) exist in debug builds only, which is what these tests run.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+/// `getppid`, the call the forbidden-call hook makes.
+const GETPPID: &str = "110";
+
+/// A writable 16 MiB image with known content in `s`.
+fn image(s: &Scratch, name: &str) -> PathBuf {
+    let img = s.join(name);
+    create_qcow2(&img, 16 * MIB, "cluster_size=65536");
+    write_pattern(&img, "qcow2", 0x5a, 0, MIB);
+    img
+}
+
+/// `serve --image IMG --socket SOCK` (writable) with `extra` arguments and `env`.
+fn serve_cmd(img: &Path, socket: &Path, extra: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(daemon_bin());
+    cmd.arg("serve")
+        .arg("--image")
+        .arg(img)
+        .arg("--socket")
+        .arg(socket)
+        .args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// `(thread name, Seccomp, NoNewPrivs, Seccomp_filters, CapEff, CapPrm, CapBnd, Uid)` of every
+/// thread of `pid`.
+#[derive(Debug)]
+struct ThreadStatus {
+    name: String,
+    seccomp: String,
+    no_new_privs: String,
+    filters: u32,
+    caps: Vec<(String, u64)>,
+    uid: String,
+}
+
+fn threads(pid: i32) -> Vec<ThreadStatus> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = entry.unwrap().path().join("status");
+        // A thread may end meanwhile.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_else(|| panic!("no {name} in {}", path.display()))
+        };
+        let caps = ["CapEff", "CapPrm", "CapBnd"]
+            .iter()
+            .map(|c| (c.to_string(), u64::from_str_radix(&field(c), 16).unwrap()))
+            .collect();
+        out.push(ThreadStatus {
+            name: field("Name"),
+            seccomp: field("Seccomp"),
+            no_new_privs: field("NoNewPrivs"),
+            filters: field("Seccomp_filters").parse().unwrap(),
+            caps,
+            uid: field("Uid"),
+        });
+    }
+    out
+}
+
+fn assert_all_filtered(pid: i32, when: &str) -> Vec<ThreadStatus> {
+    let all = threads(pid);
+    assert!(!all.is_empty());
+    for t in &all {
+        assert!(
+            t.seccomp == "2" && t.no_new_privs == "1" && t.filters >= 1,
+            "{when}: thread {:?} is not filtered: {t:?}\nall: {all:#?}",
+            t.name
+        );
+    }
+    all
+}
+
+/// Every thread of a serving daemon has a seccomp filter and NO_NEW_PRIVS, before a client
+/// connects and once one is served (vhost-user-backend's workers and request thread and the
+/// relay threads are made per connection); the workers, the request thread and the relay
+/// threads each added their own filter on top of the listener's.
+#[test]
+fn every_thread_is_filtered_before_and_after_a_client_connects() {
+    let s = Scratch::new("sbx_threads");
+    let img = image(&s, "a.qcow2");
+    let socket = s.socket("a.sock");
+    let cmd = serve_cmd(&img, &socket, &["--shards", "2", "--queues", "2"], &[]);
+    let mut d = Daemon::spawn(cmd, &img, &socket).unwrap_or_else(|f| panic!("{f}"));
+    let pid = d.pid();
+    // The workers of the first connection exist (and have their filter) before any client.
+    // The ready line comes once the main thread is filtered; the workers of the first
+    // connection exist before any client and take their own filter at once.
+    let main = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        main.contains("\nSeccomp:\t2\n"),
+        "main thread once ready:\n{main}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = threads(pid);
+        let workers = all.iter().filter(|t| t.name == "vring_worker");
+        let ready = all
+            .iter()
+            .all(|t| t.seccomp == "2" && t.no_new_privs == "1")
+            && workers.clone().count() == 2
+            && workers.clone().all(|t| t.filters == 2);
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "threads without their filters: {all:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let names = blk_session(&socket, 2, SESSION_TIMEOUT, move |c| {
+        let data = c.read_batch(&[(0, 65536)])?.remove(0)?;
+        assert!(data.iter().all(|&b| b == 0x5a));
+        let all = assert_all_filtered(pid, "serving a client");
+        Ok(all
+            .into_iter()
+            .map(|t| (t.name, t.filters))
+            .collect::<Vec<_>>())
+    })
+    .unwrap_or_else(|e| panic!("client: {e}\n{}", d.stderr()));
+    // Listener, request thread, two relay threads, two workers; main, signals.
+    let count = |name: &str| names.iter().filter(|(n, _)| n == name).count();
+    let filters = |name: &str| names.iter().find(|(n, _)| n == name).map(|(_, f)| *f);
+    assert_eq!(count("qcow2d-export0"), 1, "{names:?}");
+    assert_eq!(count("qcow2d-vu0"), 1, "{names:?}");
+    assert_eq!(count("qcow2d-vu0-in"), 1, "{names:?}");
+    assert_eq!(count("qcow2d-vu0-out"), 1, "{names:?}");
+    assert_eq!(count("qcow2d-signals"), 1, "{names:?}");
+    assert_eq!(filters("qcow2d-export0"), Some(1), "{names:?}");
+    assert_eq!(filters("qcow2d-vu0"), Some(2), "{names:?}");
+    assert_eq!(filters("qcow2d-vu0-in"), Some(2), "{names:?}");
+    assert_eq!(filters("vring_worker"), Some(2), "{names:?}");
+    d.assert_alive("after the client");
+    let st = d.terminate();
+    assert!(st.success(), "qcow2d exited with {st}\n");
+}
+
+/// The daemon's stderr once it contains `what` (its reader may lag behind the ready line).
+fn wait_for_stderr(d: &Daemon, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stderr = d.stderr();
+        if stderr.contains(what) {
+            // The rest of the line.
+            std::thread::sleep(Duration::from_millis(50));
+            return d.stderr();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} in stderr:\n{stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a daemon whose worker threads make a forbidden call once filtered, with `mode`;
+/// returns the daemon (or its failure to start, with its exit status and stderr).
+fn forbidden_call(s: &Scratch, mode: &str) -> (PathBuf, Result<Daemon, StartFailure>) {
+    let img = image(s, "f.qcow2");
+    let socket = s.socket("f.sock");
+    let cmd = serve_cmd(
+        &img,
+        &socket,
+        &["--seccomp", mode, "--shards", "1"],
+        &[("QCOW2D_DEBUG_FORBIDDEN_SYSCALL", "worker")],
+    );
+    let started = Daemon::spawn(cmd, &img, &socket);
+    (socket, started)
+}
+
+/// The exit status and stderr of a daemon that is expected to die.
+fn death(started: Result<Daemon, StartFailure>) -> (std::process::ExitStatus, String) {
+    match started {
+        Ok(mut d) => {
+            let st = d
+                .wait_exit(Duration::from_secs(20))
+                .unwrap_or_else(|| panic!("the daemon survived a forbidden call:\n{}", d.stderr()));
+            // Let the stderr reader finish.
+            std::thread::sleep(Duration::from_millis(200));
+            (st, d.stderr())
+        }
+        Err(f) => (f.status.expect("exit status"), f.stderr),
+    }
+}
+
+#[test]
+fn kill_mode_kills_the_process_on_a_forbidden_call() {
+    let s = Scratch::new("sbx_kill");
+    let (_, started) = forbidden_call(&s, "kill");
+    let (st, stderr) = death(started);
+    assert_eq!(st.signal(), Some(libc::SIGSYS), "{st}\n{stderr}");
+    assert!(
+        stderr.contains("Debug hook: making a forbidden system call"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("the process goes on"), "{stderr}");
+}
+
+#[test]
+fn trap_mode_names_the_thread_and_call_then_kills() {
+    let s = Scratch::new("sbx_trap");
+    let (_, started) = forbidden_call(&s, "trap");
+    let (st, stderr) = death(started);
+    assert_eq!(st.signal(), Some(libc::SIGSYS), "{st}\n{stderr}");
+    let line = format!(
+        "qcow2d: seccomp: thread \"vring_worker\" made the forbidden system call {GETPPID}; killing \
+         the process"
+    );
+    assert!(stderr.contains(&line), "{stderr}");
+    assert!(!stderr.contains("the process goes on"), "{stderr}");
+}
+
+/// `log`: the call goes through, the daemon keeps serving, and the kernel logs the call
+/// (audit record of type 1326 with the process id and the call number).
+#[test]
+fn log_mode_lets_the_call_through_and_the_kernel_logs_it() {
+    let s = Scratch::new("sbx_log");
+    let (socket, started) = forbidden_call(&s, "log");
+    let mut d = started.unwrap_or_else(|f| panic!("{f}"));
+    let pid = d.pid();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.stderr().contains("the process goes on") {
+        assert!(Instant::now() < deadline, "no hook output:\n{}", d.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let data = blk_session(&socket, 1, SESSION_TIMEOUT, |c| c.read_batch(&[(0, 4096)]))
+        .and_then(|mut r| r.remove(0))
+        .unwrap_or_else(|e| panic!("client after the forbidden call: {e}\n{}", d.stderr()));
+    assert!(data.iter().all(|&b| b == 0x5a));
+    d.assert_alive("after the forbidden call");
+    let wanted = format!("pid={pid} ");
+    let syscall = format!("syscall={GETPPID} ");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("dmesg")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run dmesg (util-linux) to read the kernel log: {e}")
+            });
+        assert!(
+            out.status.success(),
+            "dmesg cannot read the kernel log: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = String::from_utf8_lossy(&out.stdout);
+        if log
+            .lines()
+            .any(|l| l.contains("type=1326") && l.contains(&wanted) && l.contains(&syscall))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the kernel log has no seccomp record of {wanted}{syscall}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(d.terminate().success());
+}
+
+/// An image outside what the daemon serves is refused by Landlock even when the engine is
+/// asked to open it directly (no path check in the way); an image the daemon serves can be.
+#[test]
+fn landlock_refuses_an_image_outside_the_sandbox() {
+    let s = Scratch::new("sbx_landlock");
+    let img = image(&s, "served.qcow2");
+    let socket = s.socket("l.sock");
+    let outside_dir = Scratch::new("sbx_landlock_out");
+    let outside = image(&outside_dir, "outside.qcow2");
+    assert!(std::fs::File::open(&outside).is_ok());
+
+    for (target, refused) in [(&outside, true), (&img, false)] {
+        let cmd = serve_cmd(
+            &img,
+            &socket,
+            &["--read-only"],
+            &[("QCOW2D_DEBUG_OPEN_IMAGE", target.to_str().unwrap())],
+        );
+        let mut d = Daemon::spawn(cmd, &img, &socket).unwrap_or_else(|f| panic!("{f}"));
+        let stderr = wait_for_stderr(&d, "Debug hook: ");
+        if refused {
+            assert!(
+                stderr.contains("Debug hook: cannot open the image")
+                    && stderr.contains("Permission denied"),
+                "{stderr}"
+            );
+        } else {
+            assert!(stderr.contains("Debug hook: opened the image"), "{stderr}");
+        }
+        d.assert_alive("after the open hook");
+        assert!(d.terminate().success());
+    }
+}
+
+/// `--user`: the socket belongs to the user (mode 0660), every thread runs as that user with
+/// no capability (bounding set included), and the export still reads and writes.
+#[test]
+fn user_drops_every_privilege() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test starts the daemon as root (run the tests as root)"
+    );
+    let nobody = run_ok(Command::new("id").args(["-u", "nobody"]));
+    let nobody = nobody.trim().to_owned();
+    let s = Scratch::new("sbx_user");
+    // The user must be able to reach the socket's directory.
+    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let img = image(&s, "u.qcow2");
+    let socket = s.socket("u.sock");
+    let cmd = serve_cmd(&img, &socket, &["--user", "nobody"], &[]);
+    let d = Daemon::spawn(cmd, &img, &socket).unwrap_or_else(|f| panic!("{f}"));
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.uid().to_string(), nobody);
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    let pid = d.pid();
+    let data = rw_session(&socket, 1, SESSION_TIMEOUT, move |c| {
+        c.run_ok(&[BlkOp::Write {
+            off: 65536,
+            data: vec![0x33; 4096],
+        }])?;
+        let data = c.read_range(65536, 4096)?;
+        let all = assert_all_filtered(pid, "serving as nobody");
+        for t in &all {
+            assert!(t.uid.split_whitespace().all(|u| u == nobody), "{t:?}");
+            assert!(t.caps.iter().all(|(_, v)| *v == 0), "{t:?}");
+        }
+        Ok(data)
+    })
+    .unwrap_or_else(|e| panic!("client: {e}\n{}", d.stderr()));
+    assert!(data.iter().all(|&b| b == 0x33));
+    let st = d.terminate();
+    assert!(st.success(), "{st}");
+    let (code, report) = qemu_img_check(&img, None);
+    assert_eq!(code, 0, "{report}");
+}
