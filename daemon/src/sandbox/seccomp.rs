@@ -163,6 +163,9 @@ pub enum SeccompError {
 struct Filters {
     mode: SeccompMode,
     programs: Vec<BpfProgram>,
+    /// Installed over every role's filter but the main thread's: opening a file fails with
+    /// EACCES instead of reaching the role filter (see [`no_open_filter`]).
+    no_open: BpfProgram,
 }
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
@@ -179,17 +182,64 @@ thread_local! {
 /// until then [`enter`] does nothing (unit tests run without filters).
 pub fn configure(mode: SeccompMode) -> Result<(), SeccompError> {
     let mut programs = Vec::with_capacity(ROLES.len());
+    let mut no_open = BpfProgram::new();
     if mode != SeccompMode::None {
         for role in ROLES {
             programs.push(compile(role, mode)?);
         }
+        no_open = no_open_filter()?;
         if mode == SeccompMode::Trap {
             install_sigsys_handler().map_err(SeccompError::Handler)?;
         }
+        fix_malloc_arena_limit();
     }
     // A second configure (tests) keeps the first: threads may already run under it.
-    let _ = FILTERS.set(Filters { mode, programs });
+    let _ = FILTERS.set(Filters {
+        mode,
+        programs,
+        no_open,
+    });
     Ok(())
+}
+
+/// glibc's malloc (used by C libraries and by glibc itself, e.g. for a new thread's CPU set)
+/// computes its arena limit the first time it needs it, in whatever thread, by reading
+/// `/sys/devices/system/cpu/online`: setting the limit now (glibc's own default, 8 per CPU)
+/// keeps filtered threads from opening files behind the code's back.
+fn fix_malloc_arena_limit() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let arenas = i32::try_from(8 * cpus).unwrap_or(i32::MAX);
+    // SAFETY: mallopt takes two integers; it fails harmlessly if the value is refused.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+}
+
+/// The calls that open files by name.
+fn open_calls() -> Vec<libc::c_long> {
+    let mut calls = vec![libc::SYS_openat, libc::SYS_openat2];
+    #[cfg(target_arch = "x86_64")]
+    calls.push(libc::SYS_open);
+    calls
+}
+
+/// A filter that makes opening a file by name fail with EACCES, for the threads that never
+/// open one: a library probing a file (glibc reads `/proc` and `/sys` for a few answers)
+/// gets an error it handles instead of a violation, and nothing is opened. Stacked over the
+/// role's filter, which lets these calls through to it (the kernel takes the stricter answer).
+fn no_open_filter() -> Result<BpfProgram, SeccompError> {
+    let build = |e: seccompiler::BackendError| SeccompError::Build {
+        role: "no-open",
+        source: seccompiler::Error::Backend(e),
+    };
+    let rules: Rules = open_calls().into_iter().map(|c| (c, Vec::new())).collect();
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(build)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch,
+    )
+    .map_err(build)?;
+    filter.try_into().map_err(build)
 }
 
 /// Installs `role`'s filter in the calling thread (and sets NO_NEW_PRIVS); returns whether
@@ -204,12 +254,18 @@ pub fn enter(role: Role) -> Result<bool, SeccompError> {
     }
     if filters.mode != SeccompMode::None {
         remember_thread_name();
-        seccompiler::apply_filter(&filters.programs[role.index()]).map_err(|source| {
-            SeccompError::Install {
+        let install = |program: &BpfProgram| {
+            seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
                 role: role.name(),
                 source,
-            }
-        })?;
+            })
+        };
+        // The no-open filter first: it lets the role filter's own installation through,
+        // which the role filter itself may not.
+        if role != Role::Main {
+            install(&filters.no_open)?;
+        }
+        install(&filters.programs[role.index()])?;
     }
     ROLE.with(|r| r.set(Some(role)));
     if filters.mode != SeccompMode::None {
@@ -470,6 +526,9 @@ fn ioctl_fionbio(rules: &mut Rules) -> Result<(), seccompiler::BackendError> {
 fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
     let mut rules = Rules::new();
     base(&mut rules)?;
+    // Answered with EACCES by the no-open filter stacked over this one (every role but the
+    // main thread's, which opens images; see `no_open_filter`).
+    allow(&mut rules, &open_calls());
     match role {
         Role::Main => {
             // The supervisor: adds exports at run time (control requests, SIGHUP), so it opens
