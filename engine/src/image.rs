@@ -33,7 +33,8 @@ pub struct OpenOptions {
     /// covers the whole chain, up to 1 GiB.
     pub l2_cache_bytes: Option<u64>,
     /// Threads that inflate compressed clusters off the shard threads; `None`: one per CPU,
-    /// `Some(0)`: shards inflate themselves. Started on the first compressed read.
+    /// `Some(0)`: shards inflate themselves. Started on the first compressed read, or by
+    /// [`Image::start_inflate_workers`].
     pub inflate_threads: Option<usize>,
     /// Read and write guest data of the top image (and of its external data file) with
     /// O_DIRECT, bypassing the page cache. Metadata, compressed clusters and backing files
