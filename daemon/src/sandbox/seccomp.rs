@@ -418,6 +418,8 @@ fn base(rules: &mut Rules) -> Result<(), seccompiler::BackendError> {
             libc::SYS_restart_syscall,
             libc::SYS_getpid,
             libc::SYS_gettid,
+            // The standard library asks for it to print paths (a panic's backtrace).
+            libc::SYS_getcwd,
         ],
     );
     // Descriptor flags (std checks a descriptor is open before closing it in debug builds;
