@@ -436,6 +436,8 @@ fn base(rules: &mut Rules) -> Result<(), seccompiler::BackendError> {
             libc::F_DUPFD_CLOEXEC as u64,
         ],
     )?;
+    // The SIGBUS handler gives faults outside guest memory the default action.
+    allow_arg_in(rules, libc::SYS_rt_sigaction, 0, &[libc::SIGBUS as u64])?;
     let no_exec = libc::PROT_EXEC as u64;
     allow_without_bits(rules, libc::SYS_mmap, 2, no_exec)?;
     allow_without_bits(rules, libc::SYS_mprotect, 2, no_exec)?;
@@ -641,6 +643,10 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
                 &mut rules,
                 &[libc::SYS_read, libc::SYS_memfd_create, libc::SYS_ftruncate],
             );
+            // What kind of file a descriptor is (/proc/self/fd/N).
+            allow(&mut rules, &[libc::SYS_readlinkat]);
+            #[cfg(target_arch = "x86_64")]
+            allow(&mut rules, &[libc::SYS_readlink]);
             // Sealing a new in-flight area, checking the seals of one handed in.
             allow_arg_in(
                 &mut rules,
