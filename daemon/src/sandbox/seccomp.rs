@@ -655,6 +655,13 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
                 &[libc::F_ADD_SEALS as u64, libc::F_GET_SEALS as u64],
             )?;
             ioctl_fionbio(&mut rules)?;
+            // A timeout on writes to the frontend's backend request channel (SO_SNDTIMEO).
+            allow_arg_in(
+                &mut rules,
+                libc::SYS_setsockopt,
+                2,
+                &[libc::SO_SNDTIMEO as u64],
+            )?;
         }
         Role::Frontend => {
             // Messages and the descriptors they carry, guest memory, kick and call eventfds
@@ -665,6 +672,8 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
                 &mut rules,
                 &[libc::SYS_epoll_ctl, libc::SYS_eventfd2, libc::SYS_lseek],
             );
+            // Reading a socket's options (the backend request channel QEMU shares).
+            allow(&mut rules, &[libc::SYS_getsockopt]);
             ioctl_fionbio(&mut rules)?;
         }
         Role::Export => {
