@@ -23,7 +23,7 @@ use std::path::Path;
 
 use crate::error::{Error, ErrorKind};
 use crate::format::{
-    autoclear, incompat, refcount_get, refcount_max, refcount_set, CompressedDescriptor,
+    autoclear, field, incompat, refcount_get, refcount_max, refcount_set, CompressedDescriptor,
     FormatError, Header, L2Entry, SnapshotReadError, SnapshotTable, MAX_L1_BYTES,
     MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOTS, SNAPSHOT_HEADER_BYTES, SNAPSHOT_KNOWN_EXTRA_BYTES,
 };
@@ -210,7 +210,7 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         // As QEMU does: lower the count at once (what was dropped leaks, and is freed by
         // the refcount repair below).
         t.write(
-            60,
+            field::NB_SNAPSHOTS as u64,
             &(snapshots.entries.len() as u32).to_be_bytes(),
             "the snapshot count",
         )?;
@@ -268,7 +268,7 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
     if unknown_autoclear != 0 {
         // As QEMU does when it opens an image for writing: nothing maintains these bits.
         t.write(
-            88,
+            field::AUTOCLEAR as u64,
             &(fin.header.autoclear_features & autoclear::KNOWN).to_be_bytes(),
             "the autoclear features",
         )?;
@@ -282,7 +282,7 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         let old = fin.header.incompatible_features;
         if old & flags != 0 {
             t.write(
-                72,
+                field::INCOMPATIBLE as u64,
                 &(old & !flags).to_be_bytes(),
                 "the incompatible features",
             )?;
@@ -387,7 +387,7 @@ fn rewrite_snapshots(
     let mut h = [0u8; 12];
     h[..4].copy_from_slice(&(table.entries.len() as u32).to_be_bytes());
     h[4..].copy_from_slice(&at.to_be_bytes());
-    t.write(60, &h, "the header")?;
+    t.write(field::NB_SNAPSHOTS as u64, &h, "the header")?;
     t.sync()?;
     log.push(format!(
         "Repairing: wrote the snapshot table again at {at:#x} ({} entries)",
@@ -1836,7 +1836,7 @@ fn rebuild_refcounts(t: &mut Target, mut a: Analysis, log: &mut Log) -> Result<(
     let mut h = [0u8; 12];
     h[..8].copy_from_slice(&table_off.to_be_bytes());
     h[8..].copy_from_slice(&(nt as u32).to_be_bytes());
-    t.write(48, &h, "the header")?;
+    t.write(field::REFCOUNT_TABLE_OFFSET as u64, &h, "the header")?;
     t.sync()?;
     log.push(format!(
         "Wrote a new refcount table at {table_off:#x} ({nt} clusters) and {nb} refcount blocks"

@@ -5,7 +5,7 @@
 //! is immutable and shared by all shards through an `Arc`.
 
 use crate::error::{Error, ErrorKind};
-use crate::format::{self, incompat, FeatureKind, Header};
+use crate::format::{self, field, incompat, FeatureKind, Header};
 use crate::io::{BlockingReader, DataFd, DioAlign, DirectError, Role};
 use crate::meta::Geometry;
 use crate::paths::{AllowedRoots, NamedKind};
@@ -550,15 +550,18 @@ fn open_qcow2(
 /// rebuild them before writing, as QEMU does.
 fn repair_if_dirty(path: &Path, reader: &mut BlockingReader) -> Result<(), Error> {
     let file = crate::paths::open_image(path, false)?;
-    let mut head = [0u8; 80];
+    let mut head = [0u8; field::INCOMPATIBLE + 8];
     let n = reader
         .read_at(file.as_raw_fd(), &mut head, 0)
         .map_err(|e| Error::io(format!("Cannot read {}", path.display()), e))?;
     drop(file);
-    if n < 80 || format::be32(&head, 0) != 0x5146_49fb || format::be32(&head, 4) < 3 {
+    if n < head.len()
+        || format::be32(&head, field::MAGIC) != format::MAGIC
+        || format::be32(&head, field::VERSION) < 3
+    {
         return Ok(()); // Not a v3 image: Header::parse reports what is wrong.
     }
-    if format::be64_at(&head, 72) & incompat::DIRTY == 0 {
+    if format::be64_at(&head, field::INCOMPATIBLE) & incompat::DIRTY == 0 {
         return Ok(());
     }
     tracing::warn!(
@@ -602,7 +605,7 @@ fn read_zero_filled(
 fn probe_is_qcow2(file: &File, reader: &mut BlockingReader) -> Result<bool, std::io::Error> {
     let mut magic = [0u8; 4];
     let n = reader.read_at(file.as_raw_fd(), &mut magic, 0)?;
-    Ok(n == 4 && u32::from_be_bytes(magic) == 0x5146_49fb)
+    Ok(n == 4 && u32::from_be_bytes(magic) == format::MAGIC)
 }
 
 impl Image {

@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind};
-use crate::format::{MAX_L1_BYTES, MAX_VIRTUAL_SIZE};
+use crate::format::{field, MAX_L1_BYTES, MAX_VIRTUAL_SIZE};
 use crate::image::{Image, Layer, LayerKind, Qcow2Layer};
 use crate::io::BlockingReader;
 use crate::meta::class;
-use crate::write::{field, write_refcounts, Writable};
+use crate::write::{write_refcounts, Writable};
 
 /// The bits of a standard L2 entry that say it maps something (host offset, compressed flag;
 /// bit 0, the zero flag, and bit 63, COPIED, do not on their own).

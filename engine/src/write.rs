@@ -7,7 +7,7 @@
 //! slow paths (reserving a run of clusters, flushing, closing), never per request.
 
 use crate::error::{Error, ErrorKind};
-use crate::format::{autoclear, compat, incompat, Header};
+use crate::format::{autoclear, compat, field, incompat, Header};
 use crate::image::{Layer, LayerKind};
 use crate::io::BlockingReader;
 use crate::meta::{class, MetaMap, Refcounts};
@@ -18,18 +18,6 @@ use std::sync::{Arc, Mutex};
 
 /// Largest amount of refcount metadata loaded into memory.
 const MAX_REFCOUNT_MEMORY_BYTES: u64 = 1 << 30;
-
-/// Byte offsets of header fields that qcow2d rewrites.
-pub(crate) mod field {
-    pub const SIZE: usize = 24;
-    pub const L1_SIZE: usize = 36;
-    pub const L1_TABLE_OFFSET: usize = 40;
-    pub const REFCOUNT_TABLE_OFFSET: usize = 48;
-    pub const REFCOUNT_TABLE_CLUSTERS: usize = 56;
-    pub const INCOMPATIBLE: usize = 72;
-    pub const COMPATIBLE: usize = 80;
-    pub const AUTOCLEAR: usize = 88;
-}
 
 /// The raw header and the feature bits as they are on disk now.
 pub(crate) struct HeaderState {

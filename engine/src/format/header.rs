@@ -11,6 +11,49 @@ use super::{
 
 /// `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
+
+/// Byte offsets of the header's fields: where [`Header::parse`] reads them, and where the
+/// writers of a header (opening for writing, flush, resize, repair) patch them.
+pub mod field {
+    /// `u32`: [`super::MAGIC`].
+    pub const MAGIC: usize = 0;
+    /// `u32`: 2 or 3.
+    pub const VERSION: usize = 4;
+    /// `u64`: where the backing file name is.
+    pub const BACKING_FILE_OFFSET: usize = 8;
+    /// `u32`: length of the backing file name.
+    pub const BACKING_FILE_SIZE: usize = 16;
+    /// `u32`: log2 of the cluster size.
+    pub const CLUSTER_BITS: usize = 20;
+    /// `u64`: virtual disk size in bytes.
+    pub const SIZE: usize = 24;
+    /// `u32`: encryption method.
+    pub const CRYPT_METHOD: usize = 32;
+    /// `u32`: entries of the active L1 table.
+    pub const L1_SIZE: usize = 36;
+    /// `u64`: where the active L1 table is.
+    pub const L1_TABLE_OFFSET: usize = 40;
+    /// `u64`: where the refcount table is.
+    pub const REFCOUNT_TABLE_OFFSET: usize = 48;
+    /// `u32`: clusters of the refcount table.
+    pub const REFCOUNT_TABLE_CLUSTERS: usize = 56;
+    /// `u32`: internal snapshots.
+    pub const NB_SNAPSHOTS: usize = 60;
+    /// `u64`: where the snapshot table is.
+    pub const SNAPSHOTS_OFFSET: usize = 64;
+    /// `u64` (v3): incompatible feature bits.
+    pub const INCOMPATIBLE: usize = 72;
+    /// `u64` (v3): compatible feature bits.
+    pub const COMPATIBLE: usize = 80;
+    /// `u64` (v3): autoclear feature bits.
+    pub const AUTOCLEAR: usize = 88;
+    /// `u32` (v3): log2 of the refcount width.
+    pub const REFCOUNT_ORDER: usize = 96;
+    /// `u32` (v3): length of the header.
+    pub const HEADER_LENGTH: usize = 100;
+    /// `u8` (v3, when the header is longer than 104 bytes): compression type.
+    pub const COMPRESSION_TYPE: usize = 104;
+}
 /// Size of the fixed v2 header.
 pub const V2_HEADER_BYTES: usize = 72;
 /// Smallest v3 header.
@@ -161,11 +204,11 @@ impl Header {
         if buf.len() < 8 {
             return Err(FormatError::Truncated { len: buf.len() });
         }
-        let magic = be32(buf, 0);
+        let magic = be32(buf, field::MAGIC);
         if magic != MAGIC {
             return Err(FormatError::BadMagic { magic });
         }
-        let version = be32(buf, 4);
+        let version = be32(buf, field::VERSION);
         if version != 2 && version != 3 {
             return Err(FormatError::UnsupportedVersion(version));
         }
@@ -174,7 +217,7 @@ impl Header {
         }
 
         // Cluster size first: every other limit derives from it.
-        let cluster_bits = be32(buf, 20);
+        let cluster_bits = be32(buf, field::CLUSTER_BITS);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(invalid(
                 "cluster_bits",
@@ -188,17 +231,17 @@ impl Header {
 
         let mut h = Header {
             version,
-            backing_file_offset: be64_at(buf, 8),
-            backing_file_size: be32(buf, 16),
+            backing_file_offset: be64_at(buf, field::BACKING_FILE_OFFSET),
+            backing_file_size: be32(buf, field::BACKING_FILE_SIZE),
             cluster_bits,
-            size: be64_at(buf, 24),
-            crypt_method: be32(buf, 32),
-            l1_size: be32(buf, 36),
-            l1_table_offset: be64_at(buf, 40),
-            refcount_table_offset: be64_at(buf, 48),
-            refcount_table_clusters: be32(buf, 56),
-            nb_snapshots: be32(buf, 60),
-            snapshots_offset: be64_at(buf, 64),
+            size: be64_at(buf, field::SIZE),
+            crypt_method: be32(buf, field::CRYPT_METHOD),
+            l1_size: be32(buf, field::L1_SIZE),
+            l1_table_offset: be64_at(buf, field::L1_TABLE_OFFSET),
+            refcount_table_offset: be64_at(buf, field::REFCOUNT_TABLE_OFFSET),
+            refcount_table_clusters: be32(buf, field::REFCOUNT_TABLE_CLUSTERS),
+            nb_snapshots: be32(buf, field::NB_SNAPSHOTS),
+            snapshots_offset: be64_at(buf, field::SNAPSHOTS_OFFSET),
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
@@ -218,11 +261,11 @@ impl Header {
             if buf.len() < V3_MIN_HEADER_BYTES {
                 return Err(FormatError::Truncated { len: buf.len() });
             }
-            h.incompatible_features = be64_at(buf, 72);
-            h.compatible_features = be64_at(buf, 80);
-            h.autoclear_features = be64_at(buf, 88);
-            h.refcount_order = be32(buf, 96);
-            h.header_length = be32(buf, 100);
+            h.incompatible_features = be64_at(buf, field::INCOMPATIBLE);
+            h.compatible_features = be64_at(buf, field::COMPATIBLE);
+            h.autoclear_features = be64_at(buf, field::AUTOCLEAR);
+            h.refcount_order = be32(buf, field::REFCOUNT_ORDER);
+            h.header_length = be32(buf, field::HEADER_LENGTH);
             let hl = u64::from(h.header_length);
             if hl < V3_MIN_HEADER_BYTES as u64 || hl > cluster_size {
                 return Err(invalid(
@@ -234,7 +277,7 @@ impl Header {
                 return Err(FormatError::Truncated { len: buf.len() });
             }
             if h.header_length > 104 {
-                h.compression_type = match buf[104] {
+                h.compression_type = match buf[field::COMPRESSION_TYPE] {
                     0 => CompressionType::Zlib,
                     1 => CompressionType::Zstd,
                     other => {

@@ -17,8 +17,8 @@ pub use entry::{
     CompressedDescriptor, L2Entry, SubclusterState,
 };
 pub use header::{
-    CompressionType, Extension, FeatureKind, FeatureName, Header, BACKING_FORMAT_EXT, BITMAPS_EXT,
-    CRYPTO_EXT, DATA_FILE_EXT, FEATURE_NAME_TABLE_EXT,
+    field, CompressionType, Extension, FeatureKind, FeatureName, Header, BACKING_FORMAT_EXT,
+    BITMAPS_EXT, CRYPTO_EXT, DATA_FILE_EXT, FEATURE_NAME_TABLE_EXT, MAGIC,
 };
 pub use refcount::{refcount_get, refcount_max, refcount_set};
 pub use snapshot::{

@@ -43,10 +43,11 @@
 
 use super::{OpKind, PendingFree, State};
 use crate::error::IoError;
+use crate::format::field;
 use crate::image::{ImageInner, LayerKind};
 use crate::io::Ring;
 use crate::meta::class;
-use crate::write::{field, BlockWriter};
+use crate::write::BlockWriter;
 use io_uring::{opcode, types};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
