@@ -149,11 +149,13 @@ fn blocking_io_survives_signals_during_the_wait() {
 }
 
 /// Two shards of a 512-byte-cluster image: writes, then a discard and a flush in one batch,
-/// then writes; the final `flush_blocking` of the first shard never returns (most runs).
-/// Found by `fuzz/image_ops` (its input, decoded: layout 0, two shards, three batches).
-/// Run with `--ignored`; it fails after a minute instead of hanging.
+/// then writes; the final `flush_blocking` of the first shard never returned (most runs).
+/// The second shard's durable refcount writes, started after its last reservation, held the
+/// right to write refcount blocks once its requests were done; `in_flight()` said 0, nobody
+/// polled it any more, and the first shard's flush waited for the right forever. Found by
+/// `fuzz/image_ops` (its input, decoded: layout 0, two shards, three batches). Fails after a
+/// minute instead of hanging.
 #[test]
-#[ignore = "known hang of a flush with two shards, not fixed yet"]
 fn two_shards_flush_after_discard_and_flush() {
     use qcow2d_engine::{Image, OpenOptions, ShardConfig};
     let dir = tempfile::tempdir().unwrap();

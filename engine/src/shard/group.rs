@@ -13,13 +13,17 @@
 //! Messages go through one lock-free queue per shard. A sender wakes the receiver by writing
 //! to the receiver's completion eventfd (a duplicate owned here, so it stays valid whatever
 //! happens to the receiver), at most once until the receiver next looks at its queue.
+//!
+//! A shard that is dropped closes its mailbox: a piece or a flush sent to it afterwards (or
+//! left in its queue) is answered at once with an error on its behalf, so that no request of
+//! another shard waits for a shard that is gone.
 
 use super::ReqKind;
 use crate::error::IoError;
 use crossbeam::queue::SegQueue;
 use libc::iovec;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
 /// Every table's version at the start: even (nothing unwritten) and never 0, which marks a
 /// part or a cached copy that no version vouches for.
@@ -63,6 +67,8 @@ struct Mailbox {
     wake: OwnedFd,
     /// A wake-up was sent and the receiver has not looked at its queue since.
     woken: AtomicBool,
+    /// The receiver is gone (see [`Group::close`]).
+    closed: AtomicBool,
 }
 
 /// The shards of one writable image; see the module documentation.
@@ -86,6 +92,7 @@ impl Group {
                     inbox: SegQueue::new(),
                     wake,
                     woken: AtomicBool::new(false),
+                    closed: AtomicBool::new(false),
                 })
                 .collect(),
         }
@@ -111,9 +118,44 @@ impl Group {
         }
     }
 
-    /// Queues `msg` for shard `to`; the caller wakes it later with [`Group::wake`].
+    /// Queues `msg` for shard `to`; the caller wakes it later with [`Group::wake`]. If `to`
+    /// is gone, the message is answered at once instead (see [`Group::close`]).
     pub(super) fn send(&self, to: usize, msg: Msg) {
-        self.boxes[to].inbox.push(msg);
+        let b = &self.boxes[to];
+        b.inbox.push(msg);
+        // Pairs with the fence in `close`: either the closing shard's last look at its queue
+        // finds this message, or this load sees the mailbox closed.
+        fence(Ordering::SeqCst);
+        if b.closed.load(Ordering::Relaxed) {
+            self.answer_for(to);
+        }
+    }
+
+    /// Shard `me` is gone (dropped, having answered what it found): from now on whatever is
+    /// sent to it is answered with an error on its behalf, so no other shard waits for it.
+    pub(super) fn close(&self, me: usize) {
+        self.boxes[me].closed.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        self.answer_for(me);
+    }
+
+    /// Answers every piece and flush in the queue of the closed shard `gone` with EIO (its
+    /// answers to requests of its own are dropped: nobody waits for them). Several threads
+    /// may do this at once; each message is taken by one of them.
+    fn answer_for(&self, gone: usize) {
+        while let Some(msg) = self.boxes[gone].inbox.pop() {
+            let (from, req) = match msg {
+                Msg::Part { from, req, .. } | Msg::Flush { from, req } => (from, req),
+                Msg::Done { .. } => continue,
+            };
+            let from = usize::from(from);
+            if from == gone {
+                continue;
+            }
+            let result = Err(IoError::Os { errno: libc::EIO });
+            self.send(from, Msg::Done { req, result });
+            self.wake(from);
+        }
     }
 
     /// Wakes shard `to` unless a wake-up is already on its way.

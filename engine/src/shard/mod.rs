@@ -564,9 +564,20 @@ impl Shard {
         self.ring.event_fd()
     }
 
-    /// Requests submitted and not yet returned as completions.
+    /// Requests submitted and not yet returned as completions, plus one while this shard
+    /// holds the right to write refcount blocks (`Writable::take_block_writes`): its durable
+    /// refcount writes may outlive every request, and another shard's flush waits for the
+    /// right until this shard, polled, sees them complete. A caller that drives several
+    /// shards polls each until this is 0 before it blocks on any one of them.
     pub fn in_flight(&self) -> usize {
-        self.st.reqs.live() + self.st.flush.waiting() - self.st.forwarded_in
+        let requests = self.st.reqs.live() + self.st.flush.waiting() - self.st.forwarded_in;
+        let holds_blocks = self
+            .image
+            .inner
+            .writable
+            .as_ref()
+            .is_some_and(|w| w.writes_blocks(self.st.index));
+        requests + usize::from(holds_blocks)
     }
 
     /// Joins the group of shards serving one writable image (`Image::new_shards`).
@@ -1068,6 +1079,7 @@ impl Drop for Shard {
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        group.close(self.st.index);
     }
 }
 
