@@ -16,11 +16,13 @@ pub mod error;
 pub mod format;
 pub mod image;
 pub mod io;
+mod layer;
 pub mod meta;
 pub mod overlap;
 mod paths;
 mod resize;
 pub mod shard;
+mod shared;
 mod write;
 
 pub use check::{check, CheckReport};

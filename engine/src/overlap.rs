@@ -13,8 +13,8 @@
 
 use crate::error::Error;
 use crate::format::{self, MAX_L1_BYTES};
-use crate::image::Qcow2Layer;
 use crate::io::BlockingReader;
+use crate::layer::Qcow2Layer;
 use crate::meta::{class, MetaMap, Refcounts};
 use std::os::fd::AsRawFd;
 use std::path::Path;

@@ -16,8 +16,9 @@ use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind};
 use crate::format::{field, MAX_L1_BYTES, MAX_VIRTUAL_SIZE};
-use crate::image::{Image, Layer, LayerKind, Qcow2Layer};
+use crate::image::Image;
 use crate::io::BlockingReader;
+use crate::layer::{Qcow2Layer, TopLayer};
 use crate::meta::class;
 use crate::write::{write_refcounts, Writable};
 
@@ -38,7 +39,7 @@ impl Image {
                 "The image is in use by shards; resize it with none left",
             ));
         };
-        let path = inner.layers[0].path.clone();
+        let path = inner.top.path.clone();
         let Some(w) = &inner.writable else {
             return Err(invalid(format!(
                 "{} is read-only: it cannot be resized",
@@ -60,11 +61,11 @@ impl Image {
                  not {new_size}"
             )));
         }
-        let old_size = inner.layers[0].virtual_size;
-        let backing_size = inner.layers.get(1).map(|l| l.virtual_size);
-        let layer = &mut inner.layers[0];
+        let old_size = inner.virtual_size();
+        let backing_size = inner.backing.first().map(|l| l.virtual_size);
+        let layer = &mut inner.top;
         {
-            let q = qcow2(layer);
+            let q = &layer.q;
             if q.header.nb_snapshots > 0 {
                 return Err(invalid(format!(
                     "{} has internal snapshots: it cannot be resized (as with qemu-img)",
@@ -104,12 +105,12 @@ impl Image {
                     path.display()
                 )));
             }
-            check_nothing_allocated_past(&path, qcow2(layer), &mut io, new_size)?;
+            check_nothing_allocated_past(&path, &layer.q, &mut io, new_size)?;
         } else {
             grow_l1(layer, w, &mut io, new_size)?;
         }
         // The size itself, last.
-        let fd = qcow2(layer).file.as_raw_fd();
+        let fd = layer.q.file.as_raw_fd();
         let size_bytes = {
             let mut h = w.header.lock().unwrap_or_else(|p| p.into_inner());
             h.put64(field::SIZE, new_size);
@@ -124,27 +125,12 @@ impl Image {
                     e,
                 )
             })?;
-        qcow2_mut(layer).header.size = new_size;
-        layer.virtual_size = new_size;
+        layer.q.header.size = new_size;
         tracing::info!(
             "{}: resized from {old_size} to {new_size} bytes",
             path.display()
         );
         Ok(())
-    }
-}
-
-fn qcow2(layer: &Layer) -> &Qcow2Layer {
-    match &layer.kind {
-        LayerKind::Qcow2(q) => q,
-        LayerKind::Raw(_) => unreachable!("the top layer is always qcow2"),
-    }
-}
-
-fn qcow2_mut(layer: &mut Layer) -> &mut Qcow2Layer {
-    match &mut layer.kind {
-        LayerKind::Qcow2(q) => q,
-        LayerKind::Raw(_) => unreachable!("the top layer is always qcow2"),
     }
 }
 
@@ -201,13 +187,13 @@ fn check_nothing_allocated_past(
 /// Makes the L1 table cover `new_size`: a larger table, written and durable, then the header
 /// pointing at it, then the old one freed (see the module docs).
 fn grow_l1(
-    layer: &mut Layer,
+    layer: &mut TopLayer,
     w: &Writable,
     io: &mut BlockingReader,
     new_size: u64,
 ) -> Result<(), Error> {
     let path = layer.path.clone();
-    let q = qcow2(layer);
+    let q = &layer.q;
     let cs = q.geom.cluster_size();
     let coverage = cs / q.geom.l2_entry_bytes() * cs;
     let needed = new_size.div_ceil(coverage);
@@ -267,7 +253,7 @@ fn grow_l1(
     // The refcounts of the new table durable before anything points at it.
     write_refcounts(layer, w, io, "while resizing")?;
 
-    let q = qcow2(layer);
+    let q = &layer.q;
     let mut table = vec![0u8; (clusters * cs) as usize];
     for (i, e) in q.l1.iter().enumerate() {
         table[i * 8..i * 8 + 8].copy_from_slice(&e.load(Ordering::Relaxed).to_be_bytes());
@@ -294,7 +280,7 @@ fn grow_l1(
     io.write_all_at(fd, &fields, field::L1_SIZE as u64)
         .and_then(|()| io.fdatasync(fd))
         .map_err(|e| fail("point the header at the new L1 table", e))?;
-    let q = qcow2_mut(layer);
+    let q = &mut layer.q;
     q.header.l1_size = needed as u32;
     q.header.l1_table_offset = new_off;
     let mut l1: Vec<AtomicU64> =

@@ -8,8 +8,8 @@
 
 use crate::error::{Error, ErrorKind};
 use crate::format::{autoclear, compat, field, incompat, Header};
-use crate::image::{Layer, LayerKind};
 use crate::io::BlockingReader;
+use crate::layer::TopLayer;
 use crate::meta::{class, MetaMap, Refcounts};
 use crate::overlap::{FixedRanges, Hit, OverlapCheck};
 use std::os::fd::AsRawFd;
@@ -80,15 +80,13 @@ fn corrupt(path: &std::path::Path, what: String) -> Error {
 
 /// Loads what writing needs and updates the header for writing; see the module documentation.
 pub(crate) fn open_writable(
-    layer: &mut Layer,
+    layer: &mut TopLayer,
     reader: &mut BlockingReader,
     lazy_refcounts: bool,
     overlap: OverlapCheck,
 ) -> Result<Writable, Error> {
     let path = layer.path.clone();
-    let LayerKind::Qcow2(q) = &mut layer.kind else {
-        unreachable!("the top layer is always qcow2");
-    };
+    let q = &mut layer.q;
     let h: &Header = &q.header;
     if h.incompatible_features & incompat::CORRUPT != 0 {
         return Err(corrupt(
@@ -270,7 +268,7 @@ impl Writable {
 
     /// A write would have landed on metadata (and was refused): marks the image corrupt,
     /// logging which structure and where.
-    pub(crate) fn overlap_found(&self, layer: &Layer, hit: &Hit) {
+    pub(crate) fn overlap_found(&self, layer: &TopLayer, hit: &Hit) {
         if self.corrupt.load(Ordering::Relaxed) {
             return;
         }
@@ -281,7 +279,7 @@ impl Writable {
     /// the image corrupt and is an error.
     pub(crate) fn refuse_overlap(
         &self,
-        layer: &Layer,
+        layer: &TopLayer,
         what: &'static str,
         host: u64,
         len: u64,
@@ -308,7 +306,7 @@ impl Writable {
 
     /// Records that the image's metadata is corrupt: sets the corrupt bit on disk (so neither
     /// qcow2d nor QEMU writes it again before a repair) and refuses further writes.
-    pub(crate) fn mark_corrupt(&self, layer: &Layer, why: &str) {
+    pub(crate) fn mark_corrupt(&self, layer: &TopLayer, why: &str) {
         if self.corrupt.swap(true, Ordering::Relaxed) {
             return;
         }
@@ -317,9 +315,7 @@ impl Writable {
             "{}: corrupt metadata ({why}); marking the image corrupt, it takes no more writes",
             layer.path.display()
         );
-        let LayerKind::Qcow2(q) = &layer.kind else {
-            return;
-        };
+        let q = &layer.q;
         if q.header.version < 3 {
             return;
         }
@@ -343,10 +339,8 @@ impl Writable {
 /// Writes what a clean close needs: refcount blocks still in memory (all of them with lazy
 /// refcounts), a grown refcount table and its header fields, then clears the dirty bit. Every
 /// shard must have flushed and released its reservation first.
-pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
-    let LayerKind::Qcow2(q) = &layer.kind else {
-        unreachable!("the top layer is always qcow2");
-    };
+pub(crate) fn close(layer: &TopLayer, w: &Writable) -> Result<(), Error> {
+    let q = &layer.q;
     if w.failed.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(Error::new(
             ErrorKind::Io,
@@ -382,14 +376,12 @@ pub(crate) fn close(layer: &Layer, w: &Writable) -> Result<(), Error> {
 /// caller makes sure no shard writes refcount blocks meanwhile (at close, or while the image is
 /// held alone). `when` names the occasion in errors.
 pub(crate) fn write_refcounts(
-    layer: &Layer,
+    layer: &TopLayer,
     w: &Writable,
     io: &mut BlockingReader,
     when: &str,
 ) -> Result<(), Error> {
-    let LayerKind::Qcow2(q) = &layer.kind else {
-        unreachable!("the top layer is always qcow2");
-    };
+    let q = &layer.q;
     let path = &layer.path;
     let fd = q.file.as_raw_fd();
     let cs = q.geom.cluster_size();

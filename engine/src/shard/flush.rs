@@ -44,9 +44,9 @@
 use super::{OpKind, PendingFree, State};
 use crate::error::IoError;
 use crate::format::field;
-use crate::image::{ImageInner, LayerKind};
 use crate::io::Ring;
 use crate::meta::class;
+use crate::shared::ImageInner;
 use crate::write::BlockWriter;
 use io_uring::{opcode, types};
 use std::collections::VecDeque;
@@ -153,9 +153,7 @@ impl State {
             }
             return;
         }
-        let LayerKind::Qcow2(q) = &img.layers[0].kind else {
-            unreachable!("the top layer is always qcow2");
-        };
+        let q = &img.top.q;
         let fd = q.file.as_raw_fd();
         let cs = q.geom.cluster_size();
         let hard = !self.flush.queued.is_empty();
@@ -335,9 +333,7 @@ impl State {
             Err(BlockWriter::Me) => return,
             Err(BlockWriter::Other) => return self.retry_later(ring),
         }
-        let LayerKind::Qcow2(q) = &img.layers[0].kind else {
-            unreachable!("the top layer is always qcow2");
-        };
+        let q = &img.top.q;
         let fd = q.file.as_raw_fd();
         let blocks = {
             let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
@@ -409,7 +405,7 @@ impl State {
                     .expect("only writable images write refcounts");
                 tracing::error!(
                     "{}: writing refcount blocks failed ({e}); the image takes no more writes",
-                    img.layers[0].path.display()
+                    img.top.path.display()
                 );
                 w.failed.store(true, Ordering::Relaxed);
                 w.refcounts
@@ -556,7 +552,7 @@ impl State {
             Some(e) => {
                 tracing::error!(
                     "{}: flush failed ({e}); the image takes no more writes",
-                    img.layers[0].path.display()
+                    img.top.path.display()
                 );
                 w.failed.store(true, Ordering::Relaxed);
                 for &(key, _) in &f.l2_keys {
@@ -605,7 +601,7 @@ impl State {
                     if let Err(e) = rc.release(free.host, free.len, free.meta) {
                         tracing::warn!(
                             "{}: cannot free {} bytes at {:#x}: {e}",
-                            img.layers[0].path.display(),
+                            img.top.path.display(),
                             free.len,
                             free.host
                         );
@@ -707,7 +703,7 @@ fn pwrite_all(fd: RawFd, mut buf: &[u8], mut offset: u64) -> Result<(), IoError>
 }
 
 /// Host offset of the L2 table of `l1_index`, if the active L1 points at one.
-fn l2_host(q: &crate::image::Qcow2Layer, l1_index: u64, cs: u64) -> Option<u64> {
+fn l2_host(q: &crate::layer::Qcow2Layer, l1_index: u64, cs: u64) -> Option<u64> {
     let raw = q.l1[l1_index as usize].load(Ordering::Relaxed);
     crate::format::decode_l1_entry(raw, cs).ok().flatten()
 }
@@ -717,7 +713,7 @@ fn l2_host(q: &crate::image::Qcow2Layer, l1_index: u64, cs: u64) -> Option<u64> 
 /// each, runs of neighbours together), never another shard's entry, which may point at a
 /// table that shard has not written yet.
 fn l1_writes(
-    q: &crate::image::Qcow2Layer,
+    q: &crate::layer::Qcow2Layer,
     fd: RawFd,
     indices: &[u64],
     shared: bool,
@@ -756,8 +752,5 @@ fn l1_writes(
 }
 
 fn rc_cluster_bits(img: &ImageInner) -> u32 {
-    match &img.layers[0].kind {
-        LayerKind::Qcow2(q) => q.geom.cluster_bits,
-        LayerKind::Raw(_) => unreachable!("the top layer is always qcow2"),
-    }
+    img.top.q.geom.cluster_bits
 }

@@ -28,11 +28,12 @@ mod slab;
 mod write;
 
 use crate::error::{Error, ErrorKind, IoError};
-use crate::image::{Image, LayerKind};
 use crate::io::{iov_total_len, AlignedBuf, ClusterInflater, DataFd, Ring};
+use crate::layer::KindRef;
 use crate::meta::{SlotCache, U64Hasher, WaitList, NO_ID};
+use crate::shared::ImageInner;
 use flush::FlushState;
-pub(crate) use group::Group;
+use group::Group;
 use group::{forwarded_parts, forwarded_token, Msg};
 use libc::iovec;
 use slab::Slab;
@@ -399,7 +400,7 @@ pub struct Shard {
     // Field order is drop order; Drop waits for the kernel first anyway.
     ring: Ring,
     st: State,
-    image: Image,
+    image: Arc<ImageInner>,
 }
 
 // SAFETY: the raw pointers a shard holds (iovecs into caller memory) are only dereferenced by
@@ -411,18 +412,17 @@ unsafe impl Send for Shard {}
 /// L2 cache slots of each layer of `inner` (0 for raw layers) within the shard's one L2
 /// cache budget: every layer gets a slot per L2 table when that fits; otherwise the budget is
 /// shared in proportion to what would cover each layer, with at least 4 slots per layer.
-fn l2_slots_per_layer(inner: &crate::image::ImageInner) -> Vec<usize> {
-    let need = |l: &crate::image::Layer| match &l.kind {
-        LayerKind::Qcow2(q) => (q.l1.len() as u64).max(4) * q.geom.cluster_size(),
-        LayerKind::Raw(_) => 0,
+fn l2_slots_per_layer(inner: &ImageInner) -> Vec<usize> {
+    let need = |l: crate::layer::LayerRef| match l.kind {
+        KindRef::Qcow2(q) => (q.l1.len() as u64).max(4) * q.geom.cluster_size(),
+        KindRef::Raw(_) => 0,
     };
-    let total: u64 = inner.layers.iter().map(need).sum();
+    let total: u64 = inner.layers().map(need).sum();
     let budget = inner.l2_cache_bytes;
     inner
-        .layers
-        .iter()
-        .map(|l| match &l.kind {
-            LayerKind::Qcow2(q) => {
+        .layers()
+        .map(|l| match l.kind {
+            KindRef::Qcow2(q) => {
                 let cs = q.geom.cluster_size();
                 let share = if total <= budget {
                     need(l)
@@ -432,9 +432,46 @@ fn l2_slots_per_layer(inner: &crate::image::ImageInner) -> Vec<usize> {
                 };
                 (share / cs).clamp(4, (q.l1.len() as u64).max(4)) as usize
             }
-            LayerKind::Raw(_) => 1,
+            KindRef::Raw(_) => 1,
         })
         .collect()
+}
+
+/// Makes `count` shards of `image` (see [`Image::new_shards`](crate::Image::new_shards)); the
+/// shards of a writable image served by several form a group.
+pub(crate) fn new_shards(
+    image: &Arc<ImageInner>,
+    config: &ShardConfig,
+    count: usize,
+) -> Result<Vec<Shard>, Error> {
+    let grouped = image.writable.is_some() && count > 1;
+    let mut shards = (0..count)
+        .map(|index| {
+            let c = ShardConfig {
+                index,
+                count,
+                ..config.clone()
+            };
+            Shard::new(Arc::clone(image), &c, grouped)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if grouped {
+        let wakes = shards
+            .iter()
+            .map(|s| {
+                // SAFETY: the shard's eventfd is open for as long as the shard, which
+                // outlives this borrow.
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(s.completion_fd()) }
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::io("Cannot duplicate a shard's eventfd", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let group = Arc::new(Group::new(wakes, image.top.q.l1.len()));
+        for s in &mut shards {
+            s.join(Arc::clone(&group));
+        }
+    }
+    Ok(shards)
 }
 
 fn os_error(e: &std::io::Error) -> IoError {
@@ -444,8 +481,12 @@ fn os_error(e: &std::io::Error) -> IoError {
 }
 
 impl Shard {
-    pub(crate) fn new(image: Image, config: &ShardConfig, grouped: bool) -> Result<Shard, Error> {
-        let inner = &image.inner;
+    pub(crate) fn new(
+        image: Arc<ImageInner>,
+        config: &ShardConfig,
+        grouped: bool,
+    ) -> Result<Shard, Error> {
+        let inner = &image;
         if inner.writable.is_some() && config.count > 1 && !grouped {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -454,19 +495,18 @@ impl Shard {
         }
         let ring = Ring::new(config.ring_entries)
             .map_err(|e| Error::io("Cannot create an io_uring (is io_uring enabled?)", e))?;
-        let mut layers = Vec::with_capacity(inner.layers.len());
+        let mut layers = Vec::with_capacity(inner.layer_count());
         let mut big_buf_bytes = 0usize;
         let mut top_cluster = 512usize;
         let qcow2_layers = inner
-            .layers
-            .iter()
-            .filter(|l| matches!(l.kind, LayerKind::Qcow2(_)))
+            .layers()
+            .filter(|l| matches!(l.kind, KindRef::Qcow2(_)))
             .count()
             .max(1) as u64;
         let l2_slots = l2_slots_per_layer(inner);
-        for (i, layer) in inner.layers.iter().enumerate() {
-            let caches = match &layer.kind {
-                LayerKind::Qcow2(q) => {
+        for (i, layer) in inner.layers().enumerate() {
+            let caches = match layer.kind {
+                KindRef::Qcow2(q) => {
                     let cs = q.geom.cluster_size();
                     if i == 0 {
                         top_cluster = cs as usize;
@@ -479,7 +519,7 @@ impl Shard {
                         decompressed: SlotCache::new(decompressed.max(2) as usize, cs as usize),
                     }
                 }
-                LayerKind::Raw(_) => LayerCaches {
+                KindRef::Raw(_) => LayerCaches {
                     l2: SlotCache::new(1, 0),
                     decompressed: SlotCache::new(1, 0),
                 },
@@ -487,10 +527,7 @@ impl Shard {
             layers.push(caches);
         }
         let writable = inner.writable.is_some();
-        let l2_cover = match &inner.layers[0].kind {
-            LayerKind::Qcow2(q) => q.geom.l2_coverage(),
-            LayerKind::Raw(_) => u64::MAX,
-        };
+        let l2_cover = inner.top.q.geom.l2_coverage();
         Ok(Shard {
             ring,
             st: State {
@@ -642,7 +679,7 @@ impl Shard {
     }
 
     fn check_writable(&self, what: &str) -> Result<(), Error> {
-        match &self.image.inner.writable {
+        match &self.image.writable {
             None => Err(Error::new(
                 ErrorKind::ReadOnly,
                 format!("{what} to a read-only image"),
@@ -769,7 +806,7 @@ impl Shard {
 
     /// Queues a flush of what this shard alone holds.
     fn local_flush(&mut self, token: u64) -> Result<(), Error> {
-        if self.image.inner.writable.is_none() {
+        if self.image.writable.is_none() {
             // Nothing is ever written: nothing to make durable.
             self.st.finished.push(Completion {
                 token,
@@ -877,7 +914,7 @@ impl Shard {
     /// Gives the clusters this shard reserved but did not use back to the image (for a clean
     /// close, after [`Shard::flush_blocking`]).
     pub fn release_reserved(&mut self) {
-        let Some(w) = &self.image.inner.writable else {
+        let Some(w) = &self.image.writable else {
             return;
         };
         let cs = self.image.cluster_size();
@@ -965,7 +1002,7 @@ impl Shard {
     /// flush if one is due.
     fn turn(&mut self) {
         let Shard { ring, st, image } = self;
-        let img = &*image.inner;
+        let img = &**image;
         st.cqes.clear();
         ring.reap_into(&mut st.cqes);
         for i in 0..st.cqes.len() {
@@ -1008,7 +1045,7 @@ fn check_iov_count(iov: &[iovec]) -> Result<(), Error> {
 
 impl Drop for Shard {
     fn drop(&mut self) {
-        if self.image.inner.writable.is_some()
+        if self.image.writable.is_some()
             && (!self.st.pending_frees.is_empty()
                 || !self.st.frees.due.is_empty()
                 || !self.st.frees.draining.is_empty()
@@ -1037,7 +1074,7 @@ impl Drop for Shard {
             self.ring.reap_into(&mut self.st.cqes);
             self.st.ops_in_kernel -= self.st.cqes.len();
         }
-        if let Some(w) = &self.image.inner.writable {
+        if let Some(w) = &self.image.writable {
             // A shard dropped with its refcount writes in flight (their completions are not
             // handled here) still gives the right back.
             if w.writes_blocks(self.st.index) {
@@ -1086,15 +1123,15 @@ impl Drop for Shard {
 impl State {
     /// Marks the image corrupt for what this turn found (a write refused by the overlap
     /// checks, metadata that does not decode).
-    fn report_corruption(&mut self, img: &crate::image::ImageInner) {
+    fn report_corruption(&mut self, img: &ImageInner) {
         let Some(w) = &img.writable else {
             return;
         };
         if let Some(why) = self.pending_corrupt.take() {
-            w.mark_corrupt(&img.layers[0], why);
+            w.mark_corrupt(&img.top, why);
         }
         if let Some(hit) = self.pending_overlap.take() {
-            w.overlap_found(&img.layers[0], &hit);
+            w.overlap_found(&img.top, &hit);
         }
     }
 
@@ -1332,7 +1369,7 @@ impl State {
     }
 
     /// Plans part `pid`: reads by the read planner, the rest by the write planner.
-    fn plan(&mut self, ring: &mut Ring, img: &crate::image::ImageInner, pid: u32) {
+    fn plan(&mut self, ring: &mut Ring, img: &ImageInner, pid: u32) {
         let kind = self.reqs[self.parts[pid].req].kind;
         if kind.is_write() {
             self.plan_write(ring, img, pid, kind);
@@ -1342,7 +1379,7 @@ impl State {
     }
 
     /// Handles the completion of operation `op` with result `res`.
-    fn complete_op(&mut self, ring: &mut Ring, img: &crate::image::ImageInner, op: u32, res: i32) {
+    fn complete_op(&mut self, ring: &mut Ring, img: &ImageInner, op: u32, res: i32) {
         match self.ops[op].kind {
             OpKind::Idle => unreachable!("completion for idle op {op}"),
             OpKind::Data { .. } => self.complete_data(ring, op, res),

@@ -3,9 +3,10 @@
 use super::{Buffer, InflateTarget, OpKind, State, NO_ID};
 use crate::error::IoError;
 use crate::format::CompressionType;
-use crate::image::{ImageInner, LayerKind, Qcow2Layer};
 use crate::io::{iov_contiguous, iov_copy_from, iov_fill_zero, iov_subrange, DataFd, Output, Ring};
+use crate::layer::{KindRef, Qcow2Layer};
 use crate::meta::{resolve, Lookup, Step, WaitList};
+use crate::shared::ImageInner;
 use io_uring::{opcode, types};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -104,7 +105,7 @@ impl State {
     pub(super) fn plan_read(&mut self, ring: &mut Ring, img: &ImageInner, pid: u32) {
         loop {
             let p = self.parts[pid];
-            let Some(layer) = img.layers.get(p.layer as usize) else {
+            let Some(layer) = img.get_layer(p.layer) else {
                 return self.zero_part(pid);
             };
             if p.guest_off >= layer.virtual_size {
@@ -114,8 +115,8 @@ impl State {
                 self.split(pid, layer.virtual_size - p.guest_off);
                 continue;
             }
-            let q = match &layer.kind {
-                LayerKind::Raw(file) => {
+            let q = match layer.kind {
+                KindRef::Raw(file) => {
                     return self.start_data(
                         ring,
                         pid,
@@ -125,7 +126,7 @@ impl State {
                         Buffer::Request,
                     );
                 }
-                LayerKind::Qcow2(q) => q,
+                KindRef::Qcow2(q) => q,
             };
             let cover = q.geom.l2_coverage();
             let l1_index = p.guest_off / cover;
@@ -145,7 +146,7 @@ impl State {
             if version % 2 == 1 {
                 return self.forward_part(pid);
             }
-            let (step, run) = match self.l2_table(ring, p.layer, q, &layer.path, l1_index, pid) {
+            let (step, run) = match self.l2_table(ring, p.layer, q, layer.path, l1_index, pid) {
                 Table::Pending => return,
                 Table::Unallocated => {
                     if foreign {
@@ -185,7 +186,7 @@ impl State {
             match step {
                 Step::Zero => return self.zero_part(pid),
                 Step::Backing => {
-                    if p.layer as usize + 1 < img.layers.len() {
+                    if usize::from(p.layer) + 1 < img.layer_count() {
                         self.parts[pid].layer += 1;
                         continue;
                     }
@@ -377,9 +378,9 @@ impl State {
             InflateTarget::Part(pid) => self.finish_part(pid, Ok(())),
             InflateTarget::Prefix(pid) => {
                 let p = self.parts[pid];
-                let cs = match &img.layers[layer as usize].kind {
-                    LayerKind::Qcow2(q) => q.geom.cluster_size(),
-                    LayerKind::Raw(_) => unreachable!("compressed cluster in a raw layer"),
+                let cs = match img.layer(layer).kind {
+                    KindRef::Qcow2(q) => q.geom.cluster_size(),
+                    KindRef::Raw(_) => unreachable!("compressed cluster in a raw layer"),
                 };
                 let at = (p.guest_off % cs) as usize;
                 let scratch = scratch.expect("a prefix target has its scratch buffer");
@@ -416,7 +417,7 @@ impl State {
         } else {
             tracing::warn!(
                 "{}: compressed cluster at {host:#x} does not inflate to a full cluster",
-                img.layers[layer as usize].path.display()
+                img.layer(layer).path.display()
             );
             self.fail_inflate(
                 layer,
@@ -626,7 +627,7 @@ impl State {
             } else {
                 tracing::warn!(
                     "{}: L2 table at {host:#x} lies past the end of the file",
-                    img.layers[layer as usize].path.display()
+                    img.layer(layer).path.display()
                 );
                 IoError::Corrupt { host_offset: host }
             };
@@ -691,9 +692,9 @@ impl State {
             return;
         }
         // A short read at the end of the file is fine: the length is an upper bound.
-        let kind = match &img.layers[layer as usize].kind {
-            LayerKind::Qcow2(q) => q.header.compression_type,
-            LayerKind::Raw(_) => unreachable!("compressed cluster in a raw layer"),
+        let kind = match img.layer(layer).kind {
+            KindRef::Qcow2(q) => q.header.compression_type,
+            KindRef::Raw(_) => unreachable!("compressed cluster in a raw layer"),
         };
         let out = match target {
             InflateTarget::Slot(slot) => {
@@ -712,9 +713,9 @@ impl State {
             }
             InflateTarget::Prefix(pid) => {
                 let p = self.parts[pid];
-                let cs = match &img.layers[layer as usize].kind {
-                    LayerKind::Qcow2(q) => q.geom.cluster_size(),
-                    LayerKind::Raw(_) => unreachable!("compressed cluster in a raw layer"),
+                let cs = match img.layer(layer).kind {
+                    KindRef::Qcow2(q) => q.geom.cluster_size(),
+                    KindRef::Raw(_) => unreachable!("compressed cluster in a raw layer"),
                 };
                 let scratch = self.ops[op]
                     .scratch
@@ -771,7 +772,7 @@ impl State {
             Err(e) => {
                 tracing::warn!(
                     "{}: compressed cluster at {host:#x}: {e}",
-                    img.layers[layer as usize].path.display()
+                    img.layer(layer).path.display()
                 );
                 self.fail_inflate(
                     layer,

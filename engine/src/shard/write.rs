@@ -15,9 +15,10 @@ use crate::format::{
     be64_at, encode_l1_entry, encode_l2_entry, l1_entry_copied, ClusterMapping, L2Entry,
     SubclusterState,
 };
-use crate::image::{ImageInner, LayerKind, Qcow2Layer};
 use crate::io::{iov_copy_to, iov_subrange, Ring};
+use crate::layer::Qcow2Layer;
 use crate::meta::{RefcountError, WaitList};
+use crate::shared::ImageInner;
 use crate::write::Writable;
 use io_uring::{opcode, types};
 use std::sync::atomic::Ordering;
@@ -111,9 +112,7 @@ fn reads_zero(entry: &L2Entry, ext: bool, sc: u64, a: u64, b: u64, has_backing: 
 }
 
 fn top(img: &ImageInner) -> (&Qcow2Layer, &Writable) {
-    let LayerKind::Qcow2(q) = &img.layers[0].kind else {
-        unreachable!("the top layer is always qcow2");
-    };
+    let q = &img.top.q;
     let w = img
         .writable
         .as_ref()
@@ -159,7 +158,7 @@ impl State {
         let entry = match L2Entry::decode(raw, bitmap, q.geom.cluster_bits, q.geom.has_data_file) {
             Ok(e) => e,
             Err(why) => {
-                tracing::warn!("{}: L2 entry {index}: {why}", img.layers[0].path.display());
+                tracing::warn!("{}: L2 entry {index}: {why}", img.top.path.display());
                 self.corrupt_detected(0, why);
                 return self.finish_part(pid, Err(IoError::Corrupt { host_offset: 0 }));
             }
@@ -193,10 +192,10 @@ impl State {
         );
         let cs = q.geom.cluster_size();
         let raw_l1 = q.l1[l1_index as usize].load(Ordering::Relaxed);
-        match self.l2_table(ring, 0, q, &img.layers[0].path, l1_index, pid) {
+        match self.l2_table(ring, 0, q, &img.top.path, l1_index, pid) {
             super::read::Table::Pending => None,
             super::read::Table::Unallocated => {
-                let has_backing = img.layers.len() > 1;
+                let has_backing = !img.backing.is_empty();
                 if !has_backing && !matches!(kind, ReqKind::Write) {
                     // Nothing allocated and nothing below: the range already reads as zeros.
                     self.finish_part(pid, Ok(()));
@@ -350,7 +349,7 @@ impl State {
                         // cluster fails the same way meanwhile.
                         tracing::error!(
                             "{}: cluster allocation failed: {e}",
-                            img.layers[0].path.display()
+                            img.top.path.display()
                         );
                     }
                     self.allocation_failed = true;
@@ -364,7 +363,7 @@ impl State {
             let end = off + n * cs;
             if end > w.file_len.load(Ordering::Relaxed) {
                 if let Err(e) = q.file.set_len(end) {
-                    tracing::error!("Cannot extend {}: {e}", img.layers[0].path.display());
+                    tracing::error!("Cannot extend {}: {e}", img.top.path.display());
                     if let Err(e) = rc.adjust_range(off, n * cs, -1) {
                         tracing::warn!("Cannot give back the clusters just reserved: {e}");
                     }
@@ -463,7 +462,7 @@ impl State {
                 Err(e) => return self.finish_part(pid, Err(e)),
             },
         };
-        let has_backing = img.layers.len() > 1;
+        let has_backing = !img.backing.is_empty();
         let cow_zero = reads_zero(&entry, ext, sc, span_s, ws, has_backing)
             && reads_zero(&entry, ext, sc, we, span_e, has_backing);
         let need_cow = span_s < ws || we < span_e;
@@ -747,7 +746,7 @@ impl State {
         let cs = q.geom.cluster_size();
         let sc = q.geom.subcluster_size();
         let ext = q.geom.extended_l2;
-        let has_backing = img.layers.len() > 1;
+        let has_backing = !img.backing.is_empty();
         let p = self.parts[pid];
         let cluster = p.guest_off & !(cs - 1);
         let (ws, we) = (p.guest_off - cluster, p.guest_off - cluster + p.len);
