@@ -610,7 +610,6 @@ impl Shard {
         let requests = self.st.reqs.live() + self.st.flush.waiting() - self.st.forwarded_in;
         let holds_blocks = self
             .image
-            .inner
             .writable
             .as_ref()
             .is_some_and(|w| w.writes_blocks(self.st.index));
