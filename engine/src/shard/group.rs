@@ -1,4 +1,6 @@
-//! Several shards serving one writable image: who owns what, and the messages between them.
+//! Several shards serving one writable image: who owns what, the messages between them, and
+//! each shard's side of the coordination (an `impl State` block: cutting requests, forwarding
+//! and answering pieces, table versions), run on that shard's thread.
 //!
 //! Each L2 table of the top image belongs to one shard: table `i` (the L1 index) to shard
 //! `i % count`. Only the owner caches the table, changes its entries, allocates for the guest
@@ -18,8 +20,9 @@
 //! left in its queue) is answered at once with an error on its behalf, so that no request of
 //! another shard waits for a shard that is gone.
 
-use super::ReqKind;
+use super::{ReqKind, State};
 use crate::error::IoError;
+use crate::meta::NO_ID;
 use crossbeam::queue::SegQueue;
 use libc::iovec;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -204,6 +207,233 @@ pub(super) fn forwarded_token(from: u16, req: u32) -> u64 {
 /// `(from, request id)` of a forwarded token, or `None` for a caller's token.
 pub(super) fn forwarded_parts(token: u64) -> Option<(u16, u32)> {
     (token & FORWARDED_MASK == FORWARDED).then_some(((token >> 32) as u16, token as u32))
+}
+
+/// The group's side of a shard: cutting requests into pieces, serving and answering other
+/// shards' pieces, and the versions of the tables this shard owns.
+impl State {
+    /// Whether table `l1_index` of layer `layer` belongs to another shard of the group.
+    pub(super) fn is_foreign(&self, layer: u16, l1_index: u64) -> bool {
+        layer == 0
+            && self
+                .group
+                .as_ref()
+                .is_some_and(|g| l1_index as usize % g.count() != self.index)
+    }
+
+    /// Sends part `pid` (a read of this shard's request) to the owner of its table, which
+    /// serves it from its own table and answers with `Done`.
+    pub(super) fn forward_part(&mut self, pid: u32) {
+        let p = self.parts[pid];
+        self.parts.free(pid);
+        let group = self.group.as_ref().expect("only a group forwards parts");
+        let owner = (p.guest_off / self.l2_cover) as usize % group.count();
+        let req = &self.reqs[p.req];
+        group.send(
+            owner,
+            Msg::Part {
+                from: self.index as u16,
+                req: p.req,
+                kind: req.kind,
+                guest_off: p.guest_off,
+                len: p.len,
+                skip: p.skip,
+                iov: req.iov.as_ptr(),
+                iov_len: req.iov.len(),
+                writethrough: req.writethrough,
+            },
+        );
+        self.remote_pieces += 1;
+        self.to_wake |= 1 << owner;
+    }
+
+    /// The version of another shard's table that the copy in top-layer L2 slot `slot` was
+    /// read at (0: none).
+    pub(super) fn foreign_tag(&self, slot: u32) -> u64 {
+        self.foreign_tags.get(slot as usize).copied().unwrap_or(0)
+    }
+
+    pub(super) fn set_foreign_tag(&mut self, slot: u32, tag: u64) {
+        let i = slot as usize;
+        if i >= self.foreign_tags.len() {
+            self.foreign_tags.resize(i + 1, 0);
+        }
+        self.foreign_tags[i] = tag;
+    }
+
+    /// This shard changed table `l1_index` (or its L1 entry) in memory: other shards stop
+    /// trusting their copies until it is in the file.
+    pub(super) fn table_changed(&mut self, l1_index: u64) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        if group.version(l1_index) % 2 == 0 {
+            group.bump_version(l1_index);
+            self.odd_tables.push(l1_index);
+        }
+    }
+
+    /// A run (flush or write-back) succeeded: tables with nothing left unwritten, their L1
+    /// entry included, are whole in the file again.
+    pub(super) fn tables_written(&mut self) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        let (l2, unwritten_l1) = (&self.layers[0].l2, &self.unwritten_l1);
+        self.odd_tables.retain(|&t| {
+            if l2.is_unwritten(t) || unwritten_l1.contains(&t) {
+                return true;
+            }
+            group.bump_version(t);
+            false
+        });
+    }
+
+    /// Whether other shards sent messages not yet taken.
+    pub(super) fn has_mail(&self) -> bool {
+        self.group.as_ref().is_some_and(|g| g.has_mail(self.index))
+    }
+
+    /// Cuts a request of the caller at L2-table boundaries: the pieces this shard owns become
+    /// its parts, the others are sent to their owners (`group.rs`).
+    pub(super) fn start_split_request(
+        &mut self,
+        group: &Group,
+        token: u64,
+        kind: ReqKind,
+        offset: u64,
+        len: u64,
+        iov: &[iovec],
+    ) {
+        let count = group.count() as u64;
+        let r = self.new_req(token, kind, NO_ID, iov, false);
+        let (iov_ptr, iov_len) = (self.reqs[r].iov.as_ptr(), self.reqs[r].iov.len());
+        let end = offset + len;
+        let mut off = offset;
+        while off < end {
+            let table = off / self.l2_cover;
+            let piece_end = end.min((table + 1).saturating_mul(self.l2_cover));
+            let owner = (table % count) as usize;
+            let (piece, skip) = (piece_end - off, off - offset);
+            // Reads of another shard's table are tried here first (see `plan_read`).
+            if owner == self.index || kind == ReqKind::Read {
+                self.reqs[r].has_local = true;
+                self.new_part(r, off, piece, skip);
+            } else {
+                self.reqs[r].pending += 1;
+                group.send(
+                    owner,
+                    Msg::Part {
+                        from: self.index as u16,
+                        req: r,
+                        kind,
+                        guest_off: off,
+                        len: piece,
+                        skip,
+                        iov: iov_ptr,
+                        iov_len,
+                        writethrough: self.writethrough,
+                    },
+                );
+                self.remote_pieces += 1;
+                self.to_wake |= 1 << owner;
+            }
+            off = piece_end;
+        }
+    }
+
+    /// A flush of the caller: every shard of the group flushes, this one included.
+    pub(super) fn start_group_flush(&mut self, group: &Group, token: u64) {
+        let r = self.new_req(token, ReqKind::Flush, NO_ID, &[], false);
+        self.reqs[r].pending = group.count() as u32;
+        self.forwarded_in += 1;
+        self.flush.enqueue(forwarded_token(self.index as u16, r));
+        for other in (0..group.count()).filter(|&i| i != self.index) {
+            group.send(
+                other,
+                Msg::Flush {
+                    from: self.index as u16,
+                    req: r,
+                },
+            );
+            self.remote_pieces += 1;
+            self.to_wake |= 1 << other;
+        }
+    }
+
+    /// Takes the messages other shards sent.
+    pub(super) fn receive(&mut self) {
+        let Some(group) = self.group.take() else {
+            return;
+        };
+        group.looking(self.index);
+        while let Some(msg) = group.receive(self.index) {
+            match msg {
+                Msg::Part {
+                    from,
+                    req,
+                    kind,
+                    guest_off,
+                    len,
+                    skip,
+                    iov,
+                    iov_len,
+                    writethrough,
+                } => {
+                    self.forwarded_in += 1;
+                    let iov: &[iovec] = if iov_len == 0 {
+                        &[]
+                    } else {
+                        // SAFETY: the array lives in the sender's request until this piece is
+                        // answered (see `Msg`); it is copied here, before that.
+                        unsafe { std::slice::from_raw_parts(iov, iov_len) }
+                    };
+                    let r = self.new_req(forwarded_token(from, req), kind, NO_ID, iov, true);
+                    self.reqs[r].writethrough = writethrough;
+                    self.new_part(r, guest_off, len, skip);
+                }
+                Msg::Flush { from, req } => {
+                    self.forwarded_in += 1;
+                    self.flush.enqueue(forwarded_token(from, req));
+                }
+                Msg::Done { req, result } => {
+                    self.remote_pieces -= 1;
+                    self.piece_done(req, result);
+                }
+            }
+        }
+        self.group = Some(group);
+    }
+
+    /// Answers the pieces served for other shards (and this shard's own piece of a group
+    /// flush) among the finished requests; the caller's stay.
+    pub(super) fn route_finished(&mut self) {
+        let Some(group) = self.group.take() else {
+            return;
+        };
+        let mut i = 0;
+        while i < self.finished.len() {
+            let Some((from, req)) = forwarded_parts(self.finished[i].token) else {
+                i += 1;
+                continue;
+            };
+            let c = self.finished.swap_remove(i);
+            self.forwarded_in -= 1;
+            if usize::from(from) == self.index {
+                self.piece_done(req, c.result);
+            } else {
+                group.send(
+                    usize::from(from),
+                    Msg::Done {
+                        req,
+                        result: c.result,
+                    },
+                );
+                self.to_wake |= 1 << from;
+            }
+        }
+        self.group = Some(group);
+    }
 }
 
 #[cfg(test)]
