@@ -1,17 +1,12 @@
 //! Guest flushes, and metadata write-back: getting metadata changed in memory into the file.
 //!
 //! **Flushes** make every completed write durable, metadata in dependency order. At the start
-//! of a flush the shard takes a snapshot of what is dirty: refcount blocks (and the refcount
-//! table and header if the table grew or moved), L2 tables and L1 entries. Then, one batch
-//! after the other, each batch's writes all complete before the next starts:
-//!
-//! 1. refcount blocks, then fdatasync (also of the external data file): every new cluster an
-//!    entry below may point at has a durable refcount, and every guest write that completed
-//!    before the flush is durable (invariants 1 and 2);
-//! 2. the refcount table, then fdatasync; the header if the table moved, then fdatasync;
-//! 3. L2 tables, then fdatasync;
-//! 4. L1 entries (new or copied L2 tables), then fdatasync: a table is durable before the
-//!    entry that points at it.
+//! of a run (a flush or a write-back) the shard takes a snapshot of what is dirty: refcount
+//! blocks (and the refcount table and header if the table grew or moved), L2 tables and L1
+//! entries ([`State::snapshot_dirty`]). The planner (`flush_plan.rs`) turns it into ordered
+//! steps (refcounts durable, then L2 tables, then L1 entries, with the syncs between), and this
+//! file executes them one after the other: each step's writes all complete before the next
+//! starts.
 //!
 //! Then the references dropped before the snapshot are freed in memory (invariant 3: an L2
 //! entry stops pointing at a cluster durably before its refcount drops, and the cluster is not
@@ -20,16 +15,14 @@
 //! arrive meanwhile are served together by the next one. If a write or sync fails, the image
 //! turns read-only and every waiting flush fails: nothing pretends to be durable.
 //!
-//! With lazy refcounts step 1 writes no blocks (they are written at close) but still syncs.
-//!
 //! **Write-backs** keep a killed process from losing what it acknowledged. In write-back
 //! mode a write that changed metadata completes only once that metadata is in the file (in
 //! the page cache, not necessarily durable), so SIGKILL, an OOM kill or a crash of the daemon
 //! loses no completed write; only a host crash loses what no flush covered, as the guest was
 //! told (a volatile write cache). A write-back writes the same things in the same order as a
-//! flush, but only the L2 bytes that changed (512-byte chunks), and it syncs only where an
-//! ordering needs it, because each of its writes may become durable at any moment after it is
-//! issued and the invariants must hold at every such moment:
+//! flush, but only the L2 bytes that changed (512-byte chunks), and its plan syncs only where
+//! an ordering needs it, because each of its writes may become durable at any moment after it
+//! is issued and the invariants must hold at every such moment:
 //! - refcount blocks are written with RWF_DSYNC (durable before any entry pointing into a new
 //!   reservation is written, without syncing the guest data that is dirty in the file);
 //! - an fdatasync precedes the L2 entries when one of them points at a cluster whose data must
@@ -41,6 +34,7 @@
 //! No frees are applied after a write-back: invariant 3 waits for a flush. A failed write-back
 //! fails the image like a failed flush.
 
+use super::flush_plan::{self, Dirty, MovedTable, PlannedWrite, Step, WriteMode};
 use super::{OpKind, PendingFree, State};
 use crate::error::IoError;
 use crate::format::field;
@@ -53,29 +47,6 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
-/// One metadata write: (file, host offset, bytes, the [`class`] of what is written), checked
-/// against the other metadata of the image before it is submitted.
-type MetaWrite = (RawFd, u64, Box<[u8]>, u8);
-
-enum Batch {
-    /// Writes to submit together.
-    Writes(Vec<MetaWrite>),
-    /// The same, each write durable when it completes (RWF_DSYNC): durability of a few
-    /// blocks without syncing everything else that is dirty in the file.
-    DurableWrites(Vec<MetaWrite>),
-    /// Small writes into the page cache done at once on the shard thread (pwrite): cheaper
-    /// than a trip through the kernel's io_uring workers, which buffered writes take.
-    InlineWrites(Vec<MetaWrite>),
-    /// Files to fdatasync.
-    Sync(Vec<RawFd>),
-    /// The writes waiting for this write-back have what they need: complete them (the rest
-    /// of the run goes on without holding them).
-    Complete,
-    /// The refcount blocks (and table) this run wrote are durable: other shards may write
-    /// refcount blocks again (`Writable::take_block_writes`).
-    EndBlockWrites,
-}
-
 #[derive(Default)]
 pub(super) struct FlushState {
     /// Flushes waiting for the next run.
@@ -87,7 +58,8 @@ pub(super) struct FlushState {
     active: bool,
     /// The run in progress is a flush (else a write-back: no durability promised).
     hard: bool,
-    batches: VecDeque<Batch>,
+    /// The steps of the run in progress still to start (`flush_plan`).
+    steps: VecDeque<Step>,
     pending_ops: u32,
     error: Option<IoError>,
     /// Snapshot bookkeeping, to undo on failure and finish on success.
@@ -153,17 +125,16 @@ impl State {
             }
             return;
         }
-        let q = &img.top.q;
-        let fd = q.file.as_raw_fd();
-        let cs = q.geom.cluster_size();
         let hard = !self.flush.queued.is_empty();
         // A run that writes refcount blocks (or the table) must hold the right to (see
-        // `Writable::take_block_writes`): a flush always, a write-back when an entry it
-        // writes needs its reservation's refcounts durable first. (A grown table is written
-        // by such a run: until then reservation writes leave it alone, so an entry pointing
-        // into a reservation it describes makes the next write-back wait and write it.)
-        let writes_blocks =
-            !w.lazy_refcounts && (hard || self.newest_referenced > self.durable_seq);
+        // `Writable::take_block_writes`). (A grown table is written by such a run: until then
+        // reservation writes leave it alone, so an entry pointing into a reservation it
+        // describes makes the next write-back wait and write it.)
+        let writes_blocks = flush_plan::takes_block_right(
+            hard,
+            w.lazy_refcounts,
+            self.newest_referenced > self.durable_seq,
+        );
         if writes_blocks {
             match w.take_block_writes(self.index) {
                 Ok(()) => {}
@@ -182,11 +153,26 @@ impl State {
         f.running = std::mem::take(&mut f.queued);
         f.running.append(&mut f.writeback);
         f.error = None;
+        let dirty = self.snapshot_dirty(img, hard, writes_blocks);
+        let steps = flush_plan::plan(dirty);
+        self.flush.steps = steps.into();
+        self.next_flush_batch(ring, img);
+    }
 
-        // Snapshot: L2 tables and L1 entries first, then refcounts, so that every cluster a
-        // snapshotted entry points at was reserved (and counted) before the refcount snapshot.
+    /// Takes what a run starting now writes (see `flush_plan::Dirty`), and the bookkeeping to
+    /// finish or undo it. L2 tables and L1 entries first, then refcounts, so that every
+    /// cluster a snapshotted entry points at was reserved (and counted) before the refcount
+    /// snapshot.
+    fn snapshot_dirty(&mut self, img: &ImageInner, hard: bool, writes_blocks: bool) -> Dirty {
+        let q = &img.top.q;
+        let w = img
+            .writable
+            .as_ref()
+            .expect("only writable images run flushes");
+        let cs = q.geom.cluster_size();
+        let f = &mut self.flush;
         f.l2_keys.clear();
-        let mut l2_writes = Vec::new();
+        let mut l2 = Vec::new();
         if hard {
             self.layers[0].l2.take_dirty(&mut f.l2_keys);
             for &(l1_index, slot) in &f.l2_keys {
@@ -198,7 +184,7 @@ impl State {
                     .pop()
                     .unwrap_or_else(|| vec![0u8; cs as usize].into_boxed_slice());
                 buf.copy_from_slice(self.layers[0].l2.buf(slot));
-                l2_writes.push((fd, host, buf, class::ACTIVE_L2));
+                l2.push(planned(host, buf, class::ACTIVE_L2));
             }
         } else {
             let mut ranges = Vec::new();
@@ -209,7 +195,11 @@ impl State {
                     continue;
                 };
                 let bytes = &self.layers[0].l2.buf(slot)[offset..offset + len];
-                l2_writes.push((fd, host + offset as u64, Box::from(bytes), class::ACTIVE_L2));
+                l2.push(planned(
+                    host + offset as u64,
+                    Box::from(bytes),
+                    class::ACTIVE_L2,
+                ));
             }
         }
         f.l1_indices.clear();
@@ -224,7 +214,7 @@ impl State {
         if hard {
             f.frees = std::mem::take(&mut self.pending_frees);
         }
-        let sync_before_l2 = std::mem::take(&mut self.sync_before_l2);
+        let sync_data_first = std::mem::take(&mut self.sync_before_l2);
         self.newest_referenced = 0;
         f.snap_seq = self.reserve_seq;
 
@@ -250,62 +240,29 @@ impl State {
             // (some may be being written apart from it).
             f.snap_seq = 0;
         }
-
-        let mut sync = vec![fd];
-        if let Some(df) = &q.data_file {
-            sync.push(df.as_raw_fd());
-        }
         debug_assert!(
             blocks.is_empty() || (f.holds_blocks && self.refcount_writes == 0),
             "refcount blocks written by a run without the right to"
         );
-        let l1_writes = l1_writes(q, fd, &f.l1_indices, self.group.is_some());
-        let b = &mut f.batches;
-        b.clear();
-        // Refcounts first. A flush syncs after them; a write-back only where an ordering
-        // requires it (see the module documentation), else its blocks are made durable one
-        // by one.
-        let sync_first = hard || sync_before_l2 || table.is_some();
-        if !blocks.is_empty() {
-            let blocks = blocks
+        let moved_table = table.map(|snapshot| {
+            let moved = moved_table(w, &snapshot);
+            f.table = Some(snapshot);
+            moved
+        });
+        Dirty {
+            hard,
+            lazy_refcounts: w.lazy_refcounts,
+            holds_block_right: f.holds_blocks,
+            refcount_blocks: blocks
                 .into_iter()
-                .map(|(h, buf)| (fd, h, buf, class::REFCOUNT_BLOCK))
-                .collect();
-            b.push_back(if sync_first {
-                Batch::Writes(blocks)
-            } else {
-                Batch::DurableWrites(blocks)
-            });
+                .map(|(host, buf)| planned(host, buf, class::REFCOUNT_BLOCK))
+                .collect(),
+            moved_table,
+            l2,
+            l1: l1_writes(q, &f.l1_indices, self.group.is_some()),
+            sync_data_first,
+            data_file: q.data_file.is_some(),
         }
-        if sync_first {
-            b.push_back(Batch::Sync(sync));
-        }
-        if let Some(snapshot) = table {
-            f.table = Some(table_batches(b, w, fd, snapshot));
-        }
-        if f.holds_blocks {
-            b.push_back(Batch::EndBlockWrites);
-        }
-        if hard {
-            if !l2_writes.is_empty() {
-                b.push_back(Batch::Writes(l2_writes));
-                b.push_back(Batch::Sync(vec![fd]));
-            }
-            if !l1_writes.is_empty() {
-                b.push_back(Batch::Writes(l1_writes));
-                b.push_back(Batch::Sync(vec![fd]));
-            }
-        } else {
-            if !l2_writes.is_empty() {
-                b.push_back(Batch::InlineWrites(l2_writes));
-            }
-            if !l1_writes.is_empty() {
-                b.push_back(Batch::Sync(vec![fd]));
-                b.push_back(Batch::InlineWrites(l1_writes));
-            }
-            b.push_back(Batch::Complete);
-        }
-        self.next_flush_batch(ring, img);
     }
 
     /// After a reservation (outside lazy refcounts): writes the dirty refcount blocks with
@@ -347,9 +304,9 @@ impl State {
         self.refcounts_to_write = false;
         self.refcount_writes_seq = self.reserve_seq;
         self.refcount_writes_failed = None;
-        let blocks: Vec<MetaWrite> = blocks
+        let blocks: Vec<PlannedWrite> = blocks
             .into_iter()
-            .map(|(host, buf)| (fd, host, buf, class::REFCOUNT_BLOCK))
+            .map(|(host, buf)| planned(host, buf, class::REFCOUNT_BLOCK))
             .collect();
         if let Some(hit) = first_overlap(img, &blocks) {
             self.pending_overlap.get_or_insert(hit);
@@ -358,7 +315,10 @@ impl State {
             });
             return self.refcount_writes_finished(img);
         }
-        for (_, host, buf, _) in blocks {
+        for PlannedWrite {
+            host, bytes: buf, ..
+        } in blocks
+        {
             let entry = opcode::Write::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
                 .offset(host)
                 .rw_flags(libc::RWF_DSYNC)
@@ -416,29 +376,28 @@ impl State {
         }
     }
 
-    /// Submits the next batch, or finishes the flush when none is left.
+    /// Starts the next step of the run, or finishes it when none is left.
     fn next_flush_batch(&mut self, ring: &mut Ring, img: &ImageInner) {
-        let Some(batch) = self.flush.batches.pop_front() else {
+        let Some(step) = self.flush.steps.pop_front() else {
             return self.finish_flush(img);
         };
-        if let Batch::Writes(writes) | Batch::DurableWrites(writes) | Batch::InlineWrites(writes) =
-            &batch
-        {
+        let q = &img.top.q;
+        let fd = q.file.as_raw_fd();
+        if let Step::Write { writes, .. } = &step {
             if let Some(hit) = first_overlap(img, writes) {
-                // A table would land on other metadata: nothing of this batch is written,
+                // A table would land on other metadata: nothing of this step is written,
                 // the run fails and the image is marked corrupt.
                 self.pending_overlap.get_or_insert(hit);
                 self.flush.error.get_or_insert(IoError::Corrupt {
                     host_offset: hit.at,
                 });
-                self.flush.batches.clear();
+                self.flush.steps.clear();
                 return self.finish_flush(img);
             }
         }
         let mut entries = Vec::new();
-        let durable = matches!(batch, Batch::DurableWrites(_));
-        match batch {
-            Batch::Complete => {
+        match step {
+            Step::Complete => {
                 for token in std::mem::take(&mut self.flush.running) {
                     self.finished.push(super::Completion {
                         token,
@@ -446,31 +405,41 @@ impl State {
                     });
                 }
             }
-            Batch::EndBlockWrites => {
+            Step::EndBlockWrites => {
                 self.end_run_block_writes(img);
             }
-            Batch::InlineWrites(writes) => {
-                for (fd, host, buf, _) in writes {
-                    if let Err(e) = pwrite_all(fd, &buf, host) {
+            Step::Write {
+                mode: WriteMode::Inline,
+                writes,
+            } => {
+                for PlannedWrite { host, bytes, .. } in writes {
+                    if let Err(e) = pwrite_all(fd, &bytes, host) {
                         self.flush.error.get_or_insert(e);
                     }
-                    self.recycle(buf);
+                    self.recycle(bytes);
                 }
             }
-            Batch::Writes(writes) | Batch::DurableWrites(writes) => {
-                let flags = if durable { libc::RWF_DSYNC } else { 0 };
-                for (fd, host, buf, _) in writes {
-                    let entry = opcode::Write::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
-                        .offset(host)
-                        .rw_flags(flags)
-                        .build();
+            Step::Write { mode, writes } => {
+                let flags = if mode == WriteMode::Durable {
+                    libc::RWF_DSYNC
+                } else {
+                    0
+                };
+                for PlannedWrite { host, bytes, .. } in writes {
+                    let entry =
+                        opcode::Write::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32)
+                            .offset(host)
+                            .rw_flags(flags)
+                            .build();
                     let op = self.ops.alloc();
                     self.ops[op].kind = OpKind::Flush { injected: false };
-                    self.ops[op].buf = Some(buf);
+                    self.ops[op].buf = Some(bytes);
                     entries.push((op, entry));
                 }
             }
-            Batch::Sync(fds) => {
+            Step::Sync { data_file } => {
+                let data_fd = q.data_file.as_ref().filter(|_| data_file);
+                let fds = std::iter::once(fd).chain(data_fd.map(|f| f.as_raw_fd()));
                 for fd in fds {
                     let injected = self.flush.hard && self.fail_flush_number == Some(self.flushes);
                     let entry = if injected {
@@ -516,7 +485,7 @@ impl State {
             return;
         }
         if self.flush.error.is_some() {
-            self.flush.batches.clear();
+            self.flush.steps.clear();
             return self.finish_flush(img);
         }
         self.next_flush_batch(ring, img);
@@ -631,42 +600,35 @@ impl State {
     }
 }
 
-/// Appends the batches that write a grown or moved refcount table, then the header that
-/// points at it, each made durable; returns the snapshot to keep until the run ends.
-fn table_batches(
-    b: &mut VecDeque<Batch>,
-    w: &crate::write::Writable,
-    fd: RawFd,
-    snapshot: crate::meta::TableSnapshot,
-) -> crate::meta::TableSnapshot {
+/// The writes of a grown or moved refcount table and of the header that points at it (the
+/// shared header state updated to it).
+fn moved_table(w: &crate::write::Writable, snapshot: &crate::meta::TableSnapshot) -> MovedTable {
     let (toff, tclusters) = snapshot.location;
-    b.push_back(Batch::Writes(vec![(
-        fd,
-        toff,
-        snapshot.bytes.clone().into_boxed_slice(),
-        class::REFCOUNT_TABLE,
-    )]));
-    b.push_back(Batch::Sync(vec![fd]));
     let header = {
         let mut h = w.header.lock().unwrap_or_else(|p| p.into_inner());
         h.put64(field::REFCOUNT_TABLE_OFFSET, toff);
         h.put32(field::REFCOUNT_TABLE_CLUSTERS, tclusters as u32);
         h.bytes.clone()
     };
-    b.push_back(Batch::Writes(vec![(
-        fd,
-        0,
-        header.into_boxed_slice(),
-        class::FIXED,
-    )]));
-    b.push_back(Batch::Sync(vec![fd]));
-    snapshot
+    MovedTable {
+        table: planned(
+            toff,
+            snapshot.bytes.clone().into_boxed_slice(),
+            class::REFCOUNT_TABLE,
+        ),
+        header: planned(0, header.into_boxed_slice(), class::FIXED),
+    }
+}
+
+fn planned(host: u64, bytes: Box<[u8]>, class: u8) -> PlannedWrite {
+    PlannedWrite { host, bytes, class }
 }
 
 /// The first of `writes` that would land on metadata other than what it writes.
-fn first_overlap(img: &ImageInner, writes: &[MetaWrite]) -> Option<crate::overlap::Hit> {
+fn first_overlap(img: &ImageInner, writes: &[PlannedWrite]) -> Option<crate::overlap::Hit> {
     let w = img.writable.as_ref()?;
-    writes.iter().find_map(|(_, host, buf, own)| {
+    writes.iter().find_map(|pw| {
+        let (host, buf, own) = (&pw.host, &pw.bytes, &pw.class);
         let what = match *own {
             class::ACTIVE_L2 => "an L2 table",
             class::ACTIVE_L1 => "L1 table entries",
@@ -712,12 +674,7 @@ fn l2_host(q: &crate::layer::Qcow2Layer, l1_index: u64, cs: u64) -> Option<u64> 
 /// sectors that hold them; with several shards each writes only its own entries (8 bytes
 /// each, runs of neighbours together), never another shard's entry, which may point at a
 /// table that shard has not written yet.
-fn l1_writes(
-    q: &crate::layer::Qcow2Layer,
-    fd: RawFd,
-    indices: &[u64],
-    shared: bool,
-) -> Vec<MetaWrite> {
+fn l1_writes(q: &crate::layer::Qcow2Layer, indices: &[u64], shared: bool) -> Vec<PlannedWrite> {
     let mut writes = Vec::new();
     let mut i = 0;
     while i < indices.len() {
@@ -741,8 +698,7 @@ fn l1_writes(
             .iter()
             .flat_map(|e| e.load(Ordering::Relaxed).to_be_bytes())
             .collect();
-        writes.push((
-            fd,
+        writes.push(planned(
             q.header.l1_table_offset + first as u64 * 8,
             bytes.into_boxed_slice(),
             class::ACTIVE_L1,

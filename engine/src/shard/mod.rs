@@ -22,6 +22,7 @@
 
 mod direct;
 mod flush;
+mod flush_plan;
 mod group;
 mod read;
 mod slab;
