@@ -24,6 +24,7 @@ mod direct;
 mod flush;
 mod flush_plan;
 mod group;
+mod l2;
 mod read;
 mod slab;
 mod write;

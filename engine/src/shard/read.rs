@@ -1,5 +1,7 @@
-//! Planning and completing reads; the L2-table loading and data I/O shared with writes.
+//! Planning and completing reads (compressed clusters included), and the data I/O shared with
+//! writes.
 
+use super::l2::Table;
 use super::{Buffer, InflateTarget, OpKind, State, NO_ID};
 use crate::error::IoError;
 use crate::format::CompressionType;
@@ -9,95 +11,12 @@ use crate::meta::{resolve, Lookup, Step, WaitList};
 use crate::shared::ImageInner;
 use io_uring::{opcode, types};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
-
-/// What [`State::l2_table`] found.
-pub(super) enum Table {
-    /// The table is cached in this slot; its host offset.
-    Ready { slot: u32, host: u64 },
-    /// The layer has no L2 table for this range.
-    Unallocated,
-    /// The part now waits for the table, or has failed.
-    Pending,
-}
 
 impl State {
     /// Corruption found in layer `layer`: a writable top image is marked corrupt.
     pub(super) fn corrupt_detected(&mut self, layer: u16, why: &'static str) {
         if layer == 0 {
             self.pending_corrupt.get_or_insert(why);
-        }
-    }
-
-    /// Finds the L2 table of `l1_index` in layer `layer` for part `pid`, starting its load on a
-    /// miss (the part then waits on it).
-    pub(super) fn l2_table(
-        &mut self,
-        ring: &mut Ring,
-        layer: u16,
-        q: &Qcow2Layer,
-        path: &std::path::Path,
-        l1_index: u64,
-        pid: u32,
-    ) -> Table {
-        let raw_l1 =
-            q.l1.get(l1_index as usize)
-                .map_or(0, |e| e.load(Ordering::Relaxed));
-        let host = match crate::format::decode_l1_entry(raw_l1, q.geom.cluster_size()) {
-            Err(_) if self.is_foreign(layer, l1_index) => {
-                // Another shard's entry, perhaps changing: its owner judges it.
-                self.forward_part(pid);
-                return Table::Pending;
-            }
-            Err(why) => {
-                let at = q.header.l1_table_offset + 8 * l1_index;
-                tracing::warn!("{}: L1 entry at {at:#x}: {why}", path.display());
-                self.corrupt_detected(layer, why);
-                self.finish_part(pid, Err(IoError::Corrupt { host_offset: at }));
-                return Table::Pending;
-            }
-            Ok(None) => return Table::Unallocated,
-            Ok(Some(h)) => h,
-        };
-        let caches = &mut self.layers[layer as usize];
-        match caches.l2.lookup(l1_index) {
-            Lookup::Ready(slot) => Table::Ready { slot, host },
-            Lookup::Loading(slot) => {
-                Self::enqueue_waiter(&mut self.parts, caches.l2.waiters_mut(slot), pid);
-                Table::Pending
-            }
-            Lookup::Miss => {
-                let slot = caches.l2.start_load(l1_index);
-                Self::enqueue_waiter(&mut self.parts, caches.l2.waiters_mut(slot), pid);
-                if self.is_foreign(layer, l1_index) {
-                    // The version the copy is read at; checked again when the read is done.
-                    let v = self.group.as_ref().map_or(0, |g| g.version(l1_index));
-                    self.set_foreign_tag(slot, if v.is_multiple_of(2) { v } else { 0 });
-                }
-                let caches = &mut self.layers[layer as usize];
-                let buf = caches.l2.buf_mut(slot);
-                let entry = opcode::Read::new(
-                    types::Fd(q.file.as_raw_fd()),
-                    buf.as_mut_ptr(),
-                    buf.len() as u32,
-                )
-                .offset(host)
-                .build();
-                let op = self.ops.alloc();
-                self.ops[op].kind = OpKind::L2Load {
-                    layer,
-                    slot,
-                    host,
-                    key: l1_index,
-                };
-                // SAFETY: the slot's buffer is not freed, moved or reused while the slot is
-                // loading; it stays loading until this op completes.
-                if let Err(e) = unsafe { self.push(ring, op, entry) } {
-                    let w = self.layers[layer as usize].l2.fail_load(slot);
-                    self.fail_waiters(w, e);
-                }
-                Table::Pending
-            }
         }
     }
 
@@ -581,62 +500,7 @@ impl State {
         self.finish_part(part, Ok(()));
     }
 
-    pub(super) fn complete_l2_load(
-        &mut self,
-        ring: &mut Ring,
-        img: &ImageInner,
-        op: u32,
-        res: i32,
-    ) {
-        let OpKind::L2Load {
-            layer,
-            slot,
-            host,
-            key,
-        } = self.ops[op].kind
-        else {
-            unreachable!("complete_l2_load on another op");
-        };
-        self.free_op(op);
-        if self.is_foreign(layer, key) {
-            let tag = self.foreign_tag(slot);
-            if self.group.as_ref().is_none_or(|g| g.version(key) != tag) {
-                // The owner changed the table meanwhile: the copy may be torn. Its waiters
-                // see the mismatch and read it again or go to the owner.
-                self.set_foreign_tag(slot, 0);
-            }
-        }
-        let foreign = self.is_foreign(layer, key);
-        let cache = &mut self.layers[layer as usize].l2;
-        let expected = cache.buf(slot).len();
-        if res >= 0 && res as usize == expected {
-            let w = cache.finish_load(slot);
-            self.replan_waiters(ring, img, w);
-        } else if foreign {
-            // Another shard's table: its owner serves the parts (and judges the failure).
-            let mut w = cache.fail_load(slot);
-            while w.head != NO_ID {
-                let next = self.parts[w.head].next;
-                self.forward_part(w.head);
-                w.head = next;
-            }
-        } else {
-            let w = cache.fail_load(slot);
-            let err = if res < 0 {
-                IoError::Os { errno: -res }
-            } else {
-                tracing::warn!(
-                    "{}: L2 table at {host:#x} lies past the end of the file",
-                    img.layer(layer).path.display()
-                );
-                IoError::Corrupt { host_offset: host }
-            };
-            self.fail_waiters(w, err);
-        }
-    }
-
-    /// Plans every part of `list` now: a slot just loaded cannot be evicted before they use it.
-    fn replan_waiters(&mut self, ring: &mut Ring, img: &ImageInner, mut list: WaitList) {
+    pub(super) fn replan_waiters(&mut self, ring: &mut Ring, img: &ImageInner, mut list: WaitList) {
         while list.head != NO_ID {
             let next = self.parts[list.head].next;
             self.plan(ring, img, list.head);

@@ -11,10 +11,7 @@
 
 use super::{Buffer, OpKind, PendingFree, ReqKind, State};
 use crate::error::IoError;
-use crate::format::{
-    be64_at, encode_l1_entry, encode_l2_entry, l1_entry_copied, ClusterMapping, L2Entry,
-    SubclusterState,
-};
+use crate::format::{be64_at, encode_l2_entry, ClusterMapping, L2Entry, SubclusterState};
 use crate::io::{iov_copy_to, iov_subrange, Ring};
 use crate::layer::Qcow2Layer;
 use crate::meta::{RefcountError, WaitList};
@@ -111,7 +108,7 @@ fn reads_zero(entry: &L2Entry, ext: bool, sc: u64, a: u64, b: u64, has_backing: 
     })
 }
 
-fn top(img: &ImageInner) -> (&Qcow2Layer, &Writable) {
+pub(super) fn top(img: &ImageInner) -> (&Qcow2Layer, &Writable) {
     let q = &img.top.q;
     let w = img
         .writable
@@ -173,74 +170,6 @@ impl State {
         }
     }
 
-    /// The L2 table of `l1_index`, owned by the active L1 only (copied if a snapshot shares
-    /// it, created if missing). `None` when the part waits, has failed, or needs nothing.
-    fn writable_l2_table(
-        &mut self,
-        ring: &mut Ring,
-        img: &ImageInner,
-        l1_index: u64,
-        pid: u32,
-        kind: ReqKind,
-    ) -> Option<u32> {
-        let (q, w) = top(img);
-        debug_assert!(
-            self.group
-                .as_ref()
-                .is_none_or(|g| l1_index as usize % g.count() == self.index),
-            "L2 table {l1_index} changed by a shard that does not own it"
-        );
-        let cs = q.geom.cluster_size();
-        let raw_l1 = q.l1[l1_index as usize].load(Ordering::Relaxed);
-        match self.l2_table(ring, 0, q, &img.top.path, l1_index, pid) {
-            super::read::Table::Pending => None,
-            super::read::Table::Unallocated => {
-                let has_backing = !img.backing.is_empty();
-                if !has_backing && !matches!(kind, ReqKind::Write) {
-                    // Nothing allocated and nothing below: the range already reads as zeros.
-                    self.finish_part(pid, Ok(()));
-                    return None;
-                }
-                let host = match self.alloc_cluster(img, w) {
-                    Ok((h, _, seq)) => {
-                        self.note_reference(img, seq);
-                        h
-                    }
-                    Err(e) => {
-                        self.finish_part(pid, Err(e));
-                        return None;
-                    }
-                };
-                let slot = self.layers[0].l2.insert_new(l1_index);
-                self.move_table(q, w, l1_index, slot, host);
-                Some(slot)
-            }
-            super::read::Table::Ready { slot, host } => {
-                if !l1_entry_copied(raw_l1) {
-                    // Shared with an internal snapshot: the active L1 gets its own copy.
-                    let new = match self.alloc_cluster(img, w) {
-                        Ok((h, _, seq)) => {
-                            self.note_reference(img, seq);
-                            h
-                        }
-                        Err(e) => {
-                            self.finish_part(pid, Err(e));
-                            return None;
-                        }
-                    };
-                    self.move_table(q, w, l1_index, slot, new);
-                    self.pending_frees.push(PendingFree {
-                        host,
-                        len: cs,
-                        compressed: None,
-                        meta: crate::meta::class::ACTIVE_L2,
-                    });
-                }
-                Some(slot)
-            }
-        }
-    }
-
     /// Fails part `pid`, whose write would have landed on metadata: the image is marked
     /// corrupt at the end of the turn.
     fn overlap_refused(&mut self, pid: u32, hit: crate::overlap::Hit) {
@@ -287,41 +216,6 @@ impl State {
             }
         }
         Ok((host, fresh, seq))
-    }
-
-    /// Points the L1 entry of table `l1_index` (cached in `slot`) at `host`, a new or copied
-    /// table: the whole table and the entry are to be written, other shards stop trusting
-    /// their copies of it, and the cluster is metadata from now on.
-    fn move_table(&mut self, q: &Qcow2Layer, w: &Writable, l1_index: u64, slot: u32, host: u64) {
-        w.meta
-            .set(host, q.geom.cluster_size(), crate::meta::class::ACTIVE_L2);
-        self.layers[0].l2.mark_all_dirty(slot);
-        self.table_changed(l1_index);
-        q.l1[l1_index as usize].store(encode_l1_entry(host), Ordering::Relaxed);
-        self.dirty_l1.push(l1_index);
-        self.unwritten_l1.push(l1_index);
-    }
-
-    /// Stores L2 entry `raw` (and, with extended L2, its subcluster `bitmap`) at byte `at` of
-    /// table `l1_index`, cached in `slot`: the bytes are to be written, and other shards stop
-    /// trusting their copies of the table.
-    fn set_entry(
-        &mut self,
-        q: &Qcow2Layer,
-        l1_index: u64,
-        slot: u32,
-        at: usize,
-        raw: u64,
-        bitmap: Option<u64>,
-    ) {
-        let cache = &mut self.layers[0].l2;
-        let table = cache.buf_mut(slot);
-        table[at..at + 8].copy_from_slice(&raw.to_be_bytes());
-        if let Some(bm) = bitmap {
-            table[at + 8..at + 16].copy_from_slice(&bm.to_be_bytes());
-        }
-        cache.mark_dirty(slot, at..at + q.geom.l2_entry_bytes() as usize);
-        self.table_changed(l1_index);
     }
 
     /// Reserves a run of clusters from the image's allocator and extends the file over it.
