@@ -1,0 +1,233 @@
+//! Operations: one io_uring submission each (an L2-table load, guest data, a compressed extent,
+//! an allocation's write, a flush's write or sync, a refcount-block write, a retry timeout),
+//! the buffers it holds until its completion, and the dispatch of completions.
+//!
+//! Runs on the shard's thread. Every buffer an operation hands the kernel lives in its arena
+//! entry, which is freed only once the completion is reaped.
+
+use super::{os_error, State, MAX_POOLED_BYTES};
+use crate::error::IoError;
+use crate::io::{AlignedBuf, DataFd, Ring};
+use crate::meta::NO_ID;
+use crate::shared::ImageInner;
+use libc::iovec;
+use std::os::fd::RawFd;
+
+/// Where the bytes of a data operation come from or go to.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Buffer {
+    /// The part's range of its request's iovecs.
+    #[default]
+    Request,
+    /// The shard's zero buffer (writes of zeros).
+    Zeros,
+}
+
+#[derive(Default, Clone, Copy)]
+pub(super) enum OpKind {
+    #[default]
+    Idle,
+    L2Load {
+        layer: u16,
+        slot: u32,
+        host: u64,
+        /// The table's L1 index.
+        key: u64,
+    },
+    /// Guest data read into, or written from, the request (or zeros) for one part.
+    Data {
+        part: u32,
+        fd: DataFd,
+        host: u64,
+        done: u64,
+        write: bool,
+        buffer: Buffer,
+    },
+    /// The read of a compressed extent into the op's buffer.
+    Compressed {
+        layer: u16,
+        target: InflateTarget,
+        fd: RawFd,
+        host: u64,
+        want: u64,
+        got: u64,
+    },
+    /// A compressed extent (the op's buffer) being inflated by a worker.
+    Inflating {
+        layer: u16,
+        target: InflateTarget,
+        host: u64,
+    },
+    /// The write of an allocation's new cluster.
+    AllocWrite { alloc: u32 },
+    /// A metadata write or sync of the flush in progress (`injected`: a sync replaced by a
+    /// no-op that must be reported as failed).
+    Flush { injected: bool },
+    /// A durable (RWF_DSYNC) write of refcount blocks of new reservations.
+    RefcountWrite,
+    /// A short timeout: another shard holds the right to write refcount blocks; try again.
+    Retry,
+}
+
+/// How long a shard waits before trying again to write refcount blocks that another shard
+/// is writing.
+pub(super) static RETRY_AFTER: io_uring::types::Timespec =
+    io_uring::types::Timespec::new().nsec(50_000);
+
+/// Where a compressed cluster is inflated to.
+#[derive(Clone, Copy)]
+pub(super) enum InflateTarget {
+    /// A decompressed-cache slot of the op's layer; the parts waiting on it copy from it.
+    Slot(u32),
+    /// Straight into the guest memory of this part, which covers the whole cluster with one
+    /// segment (the op's one iovec); nothing is cached (`read.rs` says why).
+    Part(u32),
+    /// Only the start of the cluster up to the end of this part, into the op's `scratch`,
+    /// from which the part is copied; nothing is cached (`read.rs` says why).
+    Prefix(u32),
+}
+
+#[derive(Default)]
+pub(super) struct Op {
+    pub(super) kind: OpKind,
+    pub(super) iov: Vec<iovec>,
+    pub(super) buf: Option<Box<[u8]>>,
+    /// Aligned copy of a direct write's misaligned memory (see `direct.rs`).
+    pub(super) bounce: Option<AlignedBuf>,
+    /// Where a cluster prefix is inflated ([`InflateTarget::Prefix`]): a cluster buffer.
+    pub(super) scratch: Option<Box<[u8]>>,
+    /// A data operation on a host cluster holds its epoch (1 or 2; 0: none) until it is
+    /// freed, so that no cluster is freed under it (see [`Frees`]).
+    pub(super) epoch: u8,
+    /// Bytes of `buf` and `scratch` counted in the shard's scratch in use.
+    pub(super) scratch_charge: usize,
+}
+
+impl State {
+    /// Pushes `entry` for operation `op`; on failure the operation is freed and its error
+    /// returned.
+    ///
+    /// # Safety
+    /// The buffers `entry` points to must stay valid until the operation's completion.
+    pub(super) unsafe fn push(
+        &mut self,
+        ring: &mut Ring,
+        op: u32,
+        entry: io_uring::squeue::Entry,
+    ) -> Result<(), IoError> {
+        // SAFETY: forwarded from the caller.
+        match unsafe { ring.push(&entry.user_data(u64::from(op))) } {
+            Ok(()) => {
+                self.ops_in_kernel += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.free_op(op);
+                Err(os_error(&e))
+            }
+        }
+    }
+
+    pub(super) fn free_op(&mut self, op: u32) {
+        let o = &mut self.ops[op];
+        o.kind = OpKind::Idle;
+        o.bounce = None;
+        if o.epoch != 0 {
+            self.frees.live[usize::from(o.epoch - 1)] -= 1;
+            o.epoch = 0;
+        }
+        let charge = std::mem::take(&mut o.scratch_charge);
+        let scratch = o.scratch.take();
+        if let Some(buf) = o.buf.take() {
+            self.recycle(buf);
+        }
+        if let Some(buf) = scratch {
+            self.recycle(buf);
+        }
+        self.ops.free(op);
+        if charge > 0 {
+            self.scratch_bytes -= charge;
+            self.wake_scratch_waiters();
+        }
+    }
+
+    /// Takes `charge` bytes of scratch for operation `op`.
+    pub(super) fn charge_scratch(&mut self, op: u32, charge: usize) {
+        self.ops[op].scratch_charge += charge;
+        self.scratch_bytes += charge;
+        self.scratch_peak = self.scratch_peak.max(self.scratch_bytes);
+    }
+
+    /// Makes ready as many of the parts waiting for scratch, oldest first, as the scratch
+    /// given back can serve.
+    pub(super) fn wake_scratch_waiters(&mut self) {
+        let mut room = self.scratch_limit.saturating_sub(self.scratch_bytes);
+        let mut first = self.scratch_bytes == 0;
+        while self.scratch_waiters.head != NO_ID && (first || room >= self.scratch_need) {
+            first = false;
+            room = room.saturating_sub(self.scratch_need);
+            let pid = self.scratch_waiters.head;
+            self.scratch_waiters.head = self.parts[pid].next;
+            if self.scratch_waiters.head == NO_ID {
+                self.scratch_waiters.tail = NO_ID;
+            }
+            self.ready.push_back(pid);
+        }
+    }
+
+    /// Returns a compressed-extent or cluster buffer to its pool (other sizes are dropped).
+    pub(super) fn recycle(&mut self, buf: Box<[u8]>) {
+        let pool = if buf.len() == self.big_buf_bytes {
+            &mut self.big_bufs
+        } else if buf.len() == self.cluster_buf_bytes {
+            &mut self.cluster_bufs
+        } else {
+            return;
+        };
+        if pool.is_empty() || (pool.len() + 1) * buf.len() <= MAX_POOLED_BYTES {
+            pool.push(buf);
+        }
+    }
+
+    /// Handles the completion of operation `op` with result `res`.
+    pub(super) fn complete_op(&mut self, ring: &mut Ring, img: &ImageInner, op: u32, res: i32) {
+        match self.ops[op].kind {
+            OpKind::Idle => unreachable!("completion for idle op {op}"),
+            OpKind::Data { .. } => self.complete_data(ring, op, res),
+            OpKind::L2Load { .. } => self.complete_l2_load(ring, img, op, res),
+            OpKind::Compressed { .. } => self.complete_compressed(ring, img, op, res),
+            OpKind::Inflating { .. } => self.complete_inflating(ring, img, op, res),
+            OpKind::AllocWrite { alloc } => {
+                self.free_op(op);
+                self.alloc_written(img, alloc, res);
+            }
+            OpKind::RefcountWrite => {
+                self.free_op(op);
+                self.refcount_write_done(img, res);
+            }
+            OpKind::Flush { injected } => {
+                self.free_op(op);
+                self.flush_op_done(ring, img, if injected { -libc::EIO } else { res });
+            }
+            OpKind::Retry => {
+                self.free_op(op);
+                self.retry_armed = false;
+            }
+        }
+    }
+
+    /// Wakes this shard again shortly (another shard holds something this one waits for).
+    pub(super) fn retry_later(&mut self, ring: &mut Ring) {
+        if self.retry_armed {
+            return;
+        }
+        let entry = io_uring::opcode::Timeout::new(&RETRY_AFTER).build();
+        let op = self.ops.alloc();
+        self.ops[op].kind = OpKind::Retry;
+        // SAFETY: the timeout points at a static.
+        match unsafe { self.push(ring, op, entry) } {
+            Ok(()) => self.retry_armed = true,
+            Err(e) => tracing::error!("Cannot arm a retry timeout: {e}"),
+        }
+    }
+}

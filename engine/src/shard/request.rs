@@ -1,0 +1,230 @@
+//! Requests and their parts: a request as submitted (its kind, iovecs, pieces pending), the
+//! parts it is cut into (a guest range at one layer of the chain), their wait lists, and how a
+//! part is planned, split, finished and its request completed.
+//!
+//! Runs on the shard's thread, on the shard's own arenas.
+
+use super::slab::Slab;
+use super::{Completion, State};
+use crate::error::IoError;
+use crate::io::Ring;
+use crate::meta::{WaitList, NO_ID};
+use crate::shared::ImageInner;
+use libc::iovec;
+
+/// What a request does.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ReqKind {
+    #[default]
+    Read,
+    Write,
+    WriteZeroes {
+        unmap: bool,
+    },
+    Discard,
+    /// A flush sent to every shard of a group.
+    Flush,
+}
+
+impl ReqKind {
+    pub(super) fn is_write(self) -> bool {
+        matches!(
+            self,
+            ReqKind::Write | ReqKind::WriteZeroes { .. } | ReqKind::Discard
+        )
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Req {
+    pub(super) token: u64,
+    pub(super) kind: ReqKind,
+    pub(super) iov: Vec<iovec>,
+    /// Parts not yet finished.
+    pub(super) pending: u32,
+    pub(super) error: Option<IoError>,
+    /// For a read issued by an allocation (copy on write): that allocation, else NO_ID.
+    pub(super) parent: u32,
+    /// Some of it is served by this shard (else every piece went to other shards, which
+    /// completed them the way writes complete, and nothing is left to do here).
+    pub(super) has_local: bool,
+    /// Write-through when it was submitted (a piece served for another shard: the
+    /// submitter's mode, whatever this shard's is while the modes are being switched).
+    pub(super) writethrough: bool,
+}
+
+#[derive(Default, Clone, Copy)]
+pub(super) struct Part {
+    pub(super) req: u32,
+    pub(super) layer: u16,
+    pub(super) guest_off: u64,
+    pub(super) len: u64,
+    /// Byte offset of this part within the request's iovecs.
+    pub(super) skip: u64,
+    /// Next part in the wait list this part is on.
+    pub(super) next: u32,
+    /// A read planned with this shard's copy of another shard's table: the table's version
+    /// the copy was read at (0: none). The part is redone by the owner if the version has
+    /// changed when it finishes (`group.rs`).
+    pub(super) tag: u64,
+}
+
+impl State {
+    /// Starts a request of `len` (> 0) bytes at `offset` as one ready part; `parent` is the
+    /// allocation an internal copy-on-write read belongs to, or `NO_ID`.
+    pub(super) fn start_request(
+        &mut self,
+        token: u64,
+        kind: ReqKind,
+        parent: u32,
+        offset: u64,
+        len: u64,
+        iov: &[iovec],
+    ) {
+        let r = self.new_req(token, kind, parent, iov, true);
+        self.new_part(r, offset, len, 0);
+    }
+
+    /// Takes a request entry and sets it up, with no pieces yet.
+    pub(super) fn new_req(
+        &mut self,
+        token: u64,
+        kind: ReqKind,
+        parent: u32,
+        iov: &[iovec],
+        has_local: bool,
+    ) -> u32 {
+        let r = self.reqs.alloc();
+        let req = &mut self.reqs[r];
+        req.token = token;
+        req.kind = kind;
+        req.iov.clear();
+        req.iov.extend_from_slice(iov);
+        req.error = None;
+        req.parent = parent;
+        req.has_local = has_local;
+        req.writethrough = self.writethrough;
+        req.pending = 0;
+        r
+    }
+
+    /// Adds a ready part of request `req` at layer 0: `len` bytes at `guest_off`, at `skip`
+    /// within the request's iovecs.
+    pub(super) fn new_part(&mut self, req: u32, guest_off: u64, len: u64, skip: u64) {
+        self.reqs[req].pending += 1;
+        let p = self.parts.alloc();
+        self.parts[p] = Part {
+            req,
+            layer: 0,
+            guest_off,
+            len,
+            skip,
+            next: NO_ID,
+            tag: 0,
+        };
+        self.ready.push_back(p);
+    }
+
+    /// Splits part `pid` at `at` bytes; the tail becomes a new ready part.
+    pub(super) fn split(&mut self, pid: u32, at: u64) {
+        let p = self.parts[pid];
+        debug_assert!(at > 0 && at < p.len);
+        let t = self.parts.alloc();
+        self.parts[t] = Part {
+            guest_off: p.guest_off + at,
+            len: p.len - at,
+            skip: p.skip + at,
+            next: NO_ID,
+            ..p
+        };
+        self.parts[pid].len = at;
+        self.reqs[p.req].pending += 1;
+        self.ready.push_back(t);
+    }
+
+    pub(super) fn finish_part(&mut self, pid: u32, result: Result<(), IoError>) {
+        let p = self.parts[pid];
+        if p.tag != 0
+            && self
+                .group
+                .as_ref()
+                .is_some_and(|g| g.version(p.guest_off / self.l2_cover) != p.tag)
+        {
+            // Planned with a copy of another shard's table that changed meanwhile: what it
+            // read may be stale (even from a cluster freed and reused since). Its owner
+            // serves it again.
+            return self.forward_part(pid);
+        }
+        let req_id = self.parts[pid].req;
+        self.parts.free(pid);
+        self.piece_done(req_id, result);
+    }
+
+    /// One piece (a part of this shard, or a piece another shard served) of request `req_id`
+    /// is done; completes the request after its last.
+    pub(super) fn piece_done(&mut self, req_id: u32, result: Result<(), IoError>) {
+        let req = &mut self.reqs[req_id];
+        if let Err(e) = result {
+            req.error.get_or_insert(e);
+        }
+        req.pending -= 1;
+        if req.pending > 0 {
+            return;
+        }
+        let result = req.error.map_or(Ok(()), Err);
+        let (token, kind, parent) = (req.token, req.kind, req.parent);
+        let (has_local, writethrough) = (req.has_local, req.writethrough);
+        self.reqs.free(req_id);
+        if parent != NO_ID {
+            self.cow_read_done(parent, result);
+        } else if !has_local {
+            self.finished.push(Completion { token, result });
+        } else if kind.is_write() && writethrough && result.is_ok() {
+            self.flush.enqueue(token);
+        } else if kind.is_write() && result.is_ok() && self.metadata_unwritten() {
+            // Write-back: the write completes once the metadata it changed is in the file
+            // (not yet durable), so that losing this process loses nothing it acknowledged.
+            self.flush.enqueue_writeback(token);
+        } else {
+            self.finished.push(Completion { token, result });
+        }
+    }
+
+    pub(super) fn fail_waiters(&mut self, mut list: WaitList, err: IoError) {
+        while list.head != NO_ID {
+            let next = self.parts[list.head].next;
+            self.finish_part(list.head, Err(err));
+            list.head = next;
+        }
+    }
+
+    /// Makes every part of `list` ready to be planned again.
+    pub(super) fn wake_waiters(&mut self, mut list: WaitList) {
+        while list.head != NO_ID {
+            let next = self.parts[list.head].next;
+            self.ready.push_back(list.head);
+            list.head = next;
+        }
+    }
+
+    /// Appends part `pid` to a wait list.
+    pub(super) fn enqueue_waiter(parts: &mut Slab<Part>, list: &mut WaitList, pid: u32) {
+        parts[pid].next = NO_ID;
+        if list.tail == NO_ID {
+            list.head = pid;
+        } else {
+            parts[list.tail].next = pid;
+        }
+        list.tail = pid;
+    }
+
+    /// Plans part `pid`: reads by the read planner, the rest by the write planner.
+    pub(super) fn plan(&mut self, ring: &mut Ring, img: &ImageInner, pid: u32) {
+        let kind = self.reqs[self.parts[pid].req].kind;
+        if kind.is_write() {
+            self.plan_write(ring, img, pid, kind);
+        } else {
+            self.plan_read(ring, img, pid);
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Everything a shard mutates apart from its ring ([`State`]), the per-layer caches, and how a
+//! new shard's state is sized from the image (the L2 cache budget shared out among layers).
+//! Each concern's methods are in their own file (`request.rs`, `op.rs`, `reserve.rs`,
+//! `l2.rs`, `read.rs`, `write.rs`, `flush.rs`, `group.rs`).
+//!
+//! Owned by one shard and used only on its thread.
+
+use super::flush::FlushState;
+use super::group::Group;
+use super::op::Op;
+use super::request::{Part, Req};
+use super::reserve::{Frees, PendingFree, Reserved};
+use super::slab::Slab;
+use super::write::Alloc;
+use super::{Completion, ShardConfig};
+use crate::error::IoError;
+use crate::io::{AlignedBuf, ClusterInflater};
+use crate::layer::KindRef;
+use crate::meta::{SlotCache, U64Hasher, WaitList};
+use crate::shared::ImageInner;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
+
+pub(super) struct LayerCaches {
+    pub(super) l2: SlotCache,
+    pub(super) decompressed: SlotCache,
+}
+
+/// Everything a shard mutates, apart from the ring.
+pub(super) struct State {
+    /// This shard's index in its group (0 without one).
+    pub(super) index: usize,
+    /// The other shards of a writable image served by several (`group.rs`).
+    pub(super) group: Option<Arc<Group>>,
+    /// Guest bytes one L2 table of the top image maps (the unit of ownership in a group).
+    pub(super) l2_cover: u64,
+    /// Requests and flushes served for other shards (and this shard's own piece of a group
+    /// flush), not yet answered.
+    pub(super) forwarded_in: usize,
+    /// Pieces of this shard's requests (and flushes) sent to other shards, not yet answered.
+    pub(super) remote_pieces: usize,
+    /// Shards to wake at the end of this poll (bit per shard).
+    pub(super) to_wake: u64,
+    /// A `Retry` timeout is in flight.
+    pub(super) retry_armed: bool,
+    /// Per top-layer L2 cache slot holding a copy of another shard's table: the table's
+    /// version the copy was read at (0: none vouches for it).
+    pub(super) foreign_tags: Vec<u64>,
+    /// Tables of this shard whose version is odd (changes not in the file yet).
+    pub(super) odd_tables: Vec<u64>,
+    pub(super) layers: Vec<LayerCaches>,
+    pub(super) reqs: Slab<Req>,
+    pub(super) parts: Slab<Part>,
+    pub(super) ops: Slab<Op>,
+    pub(super) allocs: Slab<Alloc>,
+    /// Guest cluster offset -> allocation in flight on it.
+    pub(super) allocating: HashMap<u64, u32, BuildHasherDefault<U64Hasher>>,
+    /// Allocations whose copy-on-write reads have all completed.
+    pub(super) cow_ready: Vec<u32>,
+    pub(super) ready: VecDeque<u32>,
+    pub(super) finished: Vec<Completion>,
+    pub(super) cqes: Vec<(u64, i32)>,
+    /// Buffers for compressed extents (2 clusters) and allocations (1 cluster).
+    pub(super) big_bufs: Vec<Box<[u8]>>,
+    pub(super) big_buf_bytes: usize,
+    pub(super) cluster_bufs: Vec<Box<[u8]>>,
+    pub(super) cluster_buf_bytes: usize,
+    /// Scratch held by compressed reads in flight, its limit, the most one read takes, the
+    /// highest it has been, and the parts waiting for some to be given back.
+    pub(super) scratch_bytes: usize,
+    pub(super) scratch_limit: usize,
+    pub(super) scratch_need: usize,
+    pub(super) scratch_peak: usize,
+    pub(super) scratch_waiters: WaitList,
+    /// One cluster of zeros, aligned for direct writes.
+    pub(super) zeros: AlignedBuf,
+    pub(super) inflater: ClusterInflater,
+    pub(super) ops_in_kernel: usize,
+    /// Guest offsets just past the last few compressed parts read (sequential streams).
+    pub(super) compressed_ends: [u64; 8],
+    pub(super) compressed_end_next: usize,
+    pub(super) reserved: Reserved,
+    /// The next reservation, taken once half of `reserved` is used.
+    pub(super) spare: Reserved,
+    /// Number of the last reservation taken.
+    pub(super) reserve_seq: u64,
+    /// Reservations up to this number have durable refcounts.
+    pub(super) durable_seq: u64,
+    /// The newest reservation an unwritten entry points into (0: none that is not durable).
+    pub(super) newest_referenced: u64,
+    /// A reservation was taken whose refcount blocks have not been submitted for writing.
+    pub(super) refcounts_to_write: bool,
+    /// Durable refcount-block writes in flight, and the last reservation they cover.
+    pub(super) refcount_writes: u32,
+    pub(super) refcount_writes_seq: u64,
+    pub(super) refcount_writes_failed: Option<IoError>,
+    pub(super) pending_frees: Vec<PendingFree>,
+    /// Frees made due by flushes, waiting for data operations in flight.
+    pub(super) frees: Frees,
+    /// The last reservation failed (and was logged).
+    pub(super) allocation_failed: bool,
+    /// Test hook: hold in-place writes back ([`ShardConfig::hold_data_writes`]) and the
+    /// writes held (operation, entry).
+    pub(super) hold_data_writes: bool,
+    pub(super) held: Vec<(u32, io_uring::squeue::Entry)>,
+    pub(super) dirty_l1: Vec<u64>,
+    /// L1 entries changed since they were last written (by a flush or a metadata write-back).
+    pub(super) unwritten_l1: Vec<u64>,
+    /// Something an unwritten L2 entry depends on (new refcounts, the file's length, data that
+    /// must not be lost under the entry) is not durable yet: the next metadata write-back
+    /// syncs before it writes L2 entries.
+    pub(super) sync_before_l2: bool,
+    pub(super) flush: FlushState,
+    pub(super) writethrough: bool,
+    /// Corruption of the top image found during this turn, handled at its end.
+    pub(super) pending_corrupt: Option<&'static str>,
+    /// A write refused because it would have landed on metadata (or a cluster the
+    /// allocator found free that holds metadata) during this turn, handled at its end.
+    pub(super) pending_overlap: Option<crate::overlap::Hit>,
+    /// Flushes started so far, and the one whose syncs fail (fault injection for tests).
+    pub(super) flushes: u64,
+    pub(super) fail_flush_number: Option<u64>,
+}
+
+/// L2 cache slots of each layer of `inner` (0 for raw layers) within the shard's one L2
+/// cache budget: every layer gets a slot per L2 table when that fits; otherwise the budget is
+/// shared in proportion to what would cover each layer, with at least 4 slots per layer.
+pub(super) fn l2_slots_per_layer(inner: &ImageInner) -> Vec<usize> {
+    let need = |l: crate::layer::LayerRef| match l.kind {
+        KindRef::Qcow2(q) => (q.l1.len() as u64).max(4) * q.geom.cluster_size(),
+        KindRef::Raw(_) => 0,
+    };
+    let total: u64 = inner.layers().map(need).sum();
+    let budget = inner.l2_cache_bytes;
+    inner
+        .layers()
+        .map(|l| match l.kind {
+            KindRef::Qcow2(q) => {
+                let cs = q.geom.cluster_size();
+                let share = if total <= budget {
+                    need(l)
+                } else {
+                    // At most `budget`: fits u64.
+                    (u128::from(budget) * u128::from(need(l)) / u128::from(total)) as u64
+                };
+                (share / cs).clamp(4, (q.l1.len() as u64).max(4)) as usize
+            }
+            KindRef::Raw(_) => 1,
+        })
+        .collect()
+}
+
+impl State {
+    /// A shard's state for `image`: per-layer caches within the shard's budgets, empty arenas.
+    pub(super) fn new(image: &ImageInner, config: &ShardConfig, grouped: bool) -> State {
+        let inner = image;
+        let mut layers = Vec::with_capacity(inner.layer_count());
+        let mut big_buf_bytes = 0usize;
+        let mut top_cluster = 512usize;
+        let qcow2_layers = inner
+            .layers()
+            .filter(|l| matches!(l.kind, KindRef::Qcow2(_)))
+            .count()
+            .max(1) as u64;
+        let l2_slots = l2_slots_per_layer(inner);
+        for (i, layer) in inner.layers().enumerate() {
+            let caches = match layer.kind {
+                KindRef::Qcow2(q) => {
+                    let cs = q.geom.cluster_size();
+                    if i == 0 {
+                        top_cluster = cs as usize;
+                    }
+                    big_buf_bytes = big_buf_bytes.max(2 * cs as usize);
+                    // The shard's decompressed-cluster budget, shared by its qcow2 layers.
+                    let decompressed = config.decompressed_cache_bytes / qcow2_layers / cs;
+                    LayerCaches {
+                        l2: SlotCache::new(l2_slots[i], cs as usize),
+                        decompressed: SlotCache::new(decompressed.max(2) as usize, cs as usize),
+                    }
+                }
+                KindRef::Raw(_) => LayerCaches {
+                    l2: SlotCache::new(1, 0),
+                    decompressed: SlotCache::new(1, 0),
+                },
+            };
+            layers.push(caches);
+        }
+        let writable = inner.writable.is_some();
+        let l2_cover = inner.top.q.geom.l2_coverage();
+        State {
+            index: if grouped { config.index } else { 0 },
+            group: None,
+            l2_cover,
+            forwarded_in: 0,
+            remote_pieces: 0,
+            to_wake: 0,
+            retry_armed: false,
+            foreign_tags: Vec::new(),
+            odd_tables: Vec::new(),
+            layers,
+            reqs: Slab::with_capacity(256),
+            parts: Slab::with_capacity(512),
+            ops: Slab::with_capacity(512),
+            allocs: Slab::with_capacity(64),
+            allocating: HashMap::with_capacity_and_hasher(64, BuildHasherDefault::default()),
+            cow_ready: Vec::with_capacity(64),
+            ready: VecDeque::with_capacity(512),
+            finished: Vec::with_capacity(256),
+            cqes: Vec::with_capacity(512),
+            big_bufs: Vec::new(),
+            big_buf_bytes,
+            cluster_bufs: Vec::new(),
+            cluster_buf_bytes: top_cluster,
+            scratch_bytes: 0,
+            scratch_limit: usize::try_from(config.scratch_bytes).unwrap_or(usize::MAX),
+            // An extent buffer and a prefix of the largest cluster.
+            scratch_need: big_buf_bytes + big_buf_bytes / 2,
+            scratch_peak: 0,
+            scratch_waiters: WaitList::EMPTY,
+            zeros: AlignedBuf::zeroed(
+                if writable { top_cluster } else { 0 },
+                crate::io::SAFE_DIO_ALIGN as usize,
+            ),
+            inflater: ClusterInflater::new(),
+            ops_in_kernel: 0,
+            compressed_ends: [u64::MAX; 8],
+            compressed_end_next: 0,
+            reserved: Reserved::default(),
+            spare: Reserved::default(),
+            reserve_seq: 0,
+            durable_seq: 0,
+            newest_referenced: 0,
+            refcounts_to_write: false,
+            refcount_writes: 0,
+            refcount_writes_seq: 0,
+            refcount_writes_failed: None,
+            pending_frees: Vec::new(),
+            frees: Frees::default(),
+            allocation_failed: false,
+            hold_data_writes: config.hold_data_writes,
+            held: Vec::new(),
+            dirty_l1: Vec::new(),
+            unwritten_l1: Vec::new(),
+            sync_before_l2: false,
+            flush: FlushState::default(),
+            writethrough: false,
+            pending_corrupt: None,
+            pending_overlap: None,
+            flushes: 0,
+            fail_flush_number: config.fail_flush_number,
+        }
+    }
+}
