@@ -6,6 +6,7 @@
 //! write dirties the page cache of a range other direct writes may have in flight. See
 //! `io/direct.rs` for the alignment rules.
 
+use super::slab::OpId;
 use super::State;
 use crate::io::{iov_copy_to, iov_total_len, AlignedBuf, DataFd, WriteVia};
 use std::os::fd::RawFd;
@@ -14,7 +15,7 @@ impl State {
     /// The descriptor to write operation `op`'s iovecs at `offset` through. When the write
     /// is bounced, the op's iovecs are replaced by one iovec over its bounce buffer, which
     /// holds a copy of the bytes they described.
-    pub(super) fn data_write_fd(&mut self, op: u32, fd: DataFd, offset: u64) -> RawFd {
+    pub(super) fn data_write_fd(&mut self, op: OpId, fd: DataFd, offset: u64) -> RawFd {
         let o = &mut self.ops[op];
         match fd.write_via(offset, &o.iov) {
             WriteVia::Fd(fd) => fd,

@@ -35,6 +35,7 @@
 //! fails the image like a failed flush.
 
 use super::flush_plan::{self, Dirty, MovedTable, PlannedWrite, Step, WriteMode};
+use super::slab::OpId;
 use super::{OpKind, PendingFree, State};
 use crate::error::IoError;
 use crate::format::field;
@@ -547,7 +548,7 @@ impl State {
 impl State {
     /// A data operation on a host cluster starts: it holds the current epoch until it is
     /// freed (see `Frees`).
-    pub(super) fn hold_epoch(&mut self, op: u32) {
+    pub(super) fn hold_epoch(&mut self, op: OpId) {
         let e = self.frees.current;
         self.frees.live[e] += 1;
         self.ops[op].epoch = e as u8 + 1;

@@ -20,9 +20,9 @@
 //! left in its queue) is answered at once with an error on its behalf, so that no request of
 //! another shard waits for a shard that is gone.
 
+use super::slab::{PartId, ReqId, SlabId};
 use super::{ReqKind, State};
 use crate::error::IoError;
-use crate::meta::NO_ID;
 use crossbeam::queue::SegQueue;
 use libc::iovec;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -38,7 +38,7 @@ pub(super) enum Msg {
     /// `skip` within the request's iovecs.
     Part {
         from: u16,
-        req: u32,
+        req: ReqId,
         kind: ReqKind,
         guest_off: u64,
         len: u64,
@@ -49,10 +49,10 @@ pub(super) enum Msg {
         writethrough: bool,
     },
     /// Flush, for request `req` of shard `from`.
-    Flush { from: u16, req: u32 },
+    Flush { from: u16, req: ReqId },
     /// A piece of request `req` of the receiver is done.
     Done {
-        req: u32,
+        req: ReqId,
         result: Result<(), IoError>,
     },
 }
@@ -200,13 +200,14 @@ impl Group {
 pub(super) const FORWARDED: u64 = 0xC000_0000_0000_0000;
 const FORWARDED_MASK: u64 = 0xFFFF_0000_0000_0000;
 
-pub(super) fn forwarded_token(from: u16, req: u32) -> u64 {
+pub(super) fn forwarded_token(from: u16, req: ReqId) -> u64 {
     FORWARDED | u64::from(from) << 32 | u64::from(req)
 }
 
 /// `(from, request id)` of a forwarded token, or `None` for a caller's token.
-pub(super) fn forwarded_parts(token: u64) -> Option<(u16, u32)> {
-    (token & FORWARDED_MASK == FORWARDED).then_some(((token >> 32) as u16, token as u32))
+pub(super) fn forwarded_parts(token: u64) -> Option<(u16, ReqId)> {
+    (token & FORWARDED_MASK == FORWARDED)
+        .then_some(((token >> 32) as u16, ReqId::from_index(token as u32)))
 }
 
 /// The group's side of a shard: cutting requests into pieces, serving and answering other
@@ -223,7 +224,7 @@ impl State {
 
     /// Sends part `pid` (a read of this shard's request) to the owner of its table, which
     /// serves it from its own table and answers with `Done`.
-    pub(super) fn forward_part(&mut self, pid: u32) {
+    pub(super) fn forward_part(&mut self, pid: PartId) {
         let p = self.parts[pid];
         self.parts.free(pid);
         let group = self.group.as_ref().expect("only a group forwards parts");
@@ -306,7 +307,7 @@ impl State {
         iov: &[iovec],
     ) {
         let count = group.count() as u64;
-        let r = self.new_req(token, kind, NO_ID, iov, false);
+        let r = self.new_req(token, kind, None, iov, false);
         let (iov_ptr, iov_len) = (self.reqs[r].iov.as_ptr(), self.reqs[r].iov.len());
         let end = offset + len;
         let mut off = offset;
@@ -344,7 +345,7 @@ impl State {
 
     /// A flush of the caller: every shard of the group flushes, this one included.
     pub(super) fn start_group_flush(&mut self, group: &Group, token: u64) {
-        let r = self.new_req(token, ReqKind::Flush, NO_ID, &[], false);
+        let r = self.new_req(token, ReqKind::Flush, None, &[], false);
         self.reqs[r].pending = group.count() as u32;
         self.forwarded_in += 1;
         self.flush.enqueue(forwarded_token(self.index as u16, r));
@@ -388,7 +389,7 @@ impl State {
                         // answered (see `Msg`); it is copied here, before that.
                         unsafe { std::slice::from_raw_parts(iov, iov_len) }
                     };
-                    let r = self.new_req(forwarded_token(from, req), kind, NO_ID, iov, true);
+                    let r = self.new_req(forwarded_token(from, req), kind, None, iov, true);
                     self.reqs[r].writethrough = writethrough;
                     self.new_part(r, guest_off, len, skip);
                 }
@@ -442,8 +443,11 @@ mod tests {
 
     #[test]
     fn forwarded_tokens_round_trip_and_callers_tokens_are_not_taken_for_them() {
-        let t = forwarded_token(3, 0xdead_beef);
-        assert_eq!(forwarded_parts(t), Some((3, 0xdead_beef)));
+        let t = forwarded_token(3, ReqId::from_index(0xdead_beef));
+        assert_eq!(
+            forwarded_parts(t),
+            Some((3, ReqId::from_index(0xdead_beef)))
+        );
         for caller in [0, 1, 1 << 40, u64::MAX, u64::MAX - 1, u64::MAX - 2, 1 << 63] {
             assert_eq!(forwarded_parts(caller), None, "{caller:#x}");
         }

@@ -5,8 +5,9 @@
 //!
 //! Runs on the shard's thread, on the shard's own caches.
 
+use super::slab::{OpId, PartId};
 use super::write::top;
-use super::{OpKind, PendingFree, ReqKind, State, NO_ID};
+use super::{OpKind, PendingFree, ReqKind, State};
 use crate::error::IoError;
 use crate::format::{encode_l1_entry, l1_entry_copied};
 use crate::io::Ring;
@@ -38,7 +39,7 @@ impl State {
         q: &Qcow2Layer,
         path: &std::path::Path,
         l1_index: u64,
-        pid: u32,
+        pid: PartId,
     ) -> Table {
         let raw_l1 =
             q.l1.get(l1_index as usize)
@@ -105,7 +106,7 @@ impl State {
         &mut self,
         ring: &mut Ring,
         img: &ImageInner,
-        op: u32,
+        op: OpId,
         res: i32,
     ) {
         let OpKind::L2Load {
@@ -135,10 +136,8 @@ impl State {
         } else if foreign {
             // Another shard's table: its owner serves the parts (and judges the failure).
             let mut w = cache.fail_load(slot);
-            while w.head != NO_ID {
-                let next = self.parts[w.head].next;
-                self.forward_part(w.head);
-                w.head = next;
+            while let Some(pid) = Self::pop_waiter(&self.parts, &mut w) {
+                self.forward_part(pid);
             }
         } else {
             let w = cache.fail_load(slot);
@@ -163,7 +162,7 @@ impl State {
         ring: &mut Ring,
         img: &ImageInner,
         l1_index: u64,
-        pid: u32,
+        pid: PartId,
         kind: ReqKind,
     ) -> Option<u32> {
         let (q, w) = top(img);

@@ -35,7 +35,7 @@ mod write;
 
 use crate::error::{Error, ErrorKind, IoError};
 use crate::io::{iov_total_len, Ring};
-use crate::meta::NO_ID;
+
 use crate::shared::ImageInner;
 use group::Group;
 use group::{forwarded_parts, Msg};
@@ -43,7 +43,7 @@ use libc::iovec;
 use op::{Buffer, InflateTarget, OpKind};
 use request::ReqKind;
 use reserve::PendingFree;
-use slab::Slab;
+use slab::{OpId, Slab, SlabId};
 use state::State;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -290,7 +290,7 @@ impl Shard {
             return;
         }
         match st.group.take() {
-            None => st.start_request(token, kind, NO_ID, offset, len, iov),
+            None => st.start_request(token, kind, None, offset, len, iov),
             Some(group) => {
                 st.start_split_request(&group, token, kind, offset, len, iov);
                 st.group = Some(group);
@@ -594,7 +594,7 @@ impl Shard {
         for i in 0..st.cqes.len() {
             let (op, res) = st.cqes[i];
             st.ops_in_kernel -= 1;
-            st.complete_op(ring, img, op as u32, res);
+            st.complete_op(ring, img, OpId::from_index(op as u32), res);
         }
         if !st.frees.draining.is_empty() && st.frees.live[1 - st.frees.current] == 0 {
             st.apply_frees(img);

@@ -5,6 +5,7 @@
 //! Runs on the shard's thread. Every buffer an operation hands the kernel lives in its arena
 //! entry, which is freed only once the completion is reaped.
 
+use super::slab::{AllocId, OpId, PartId};
 use super::{os_error, State, MAX_POOLED_BYTES};
 use crate::error::IoError;
 use crate::io::{AlignedBuf, DataFd, Ring};
@@ -36,7 +37,7 @@ pub(super) enum OpKind {
     },
     /// Guest data read into, or written from, the request (or zeros) for one part.
     Data {
-        part: u32,
+        part: PartId,
         fd: DataFd,
         host: u64,
         done: u64,
@@ -59,7 +60,7 @@ pub(super) enum OpKind {
         host: u64,
     },
     /// The write of an allocation's new cluster.
-    AllocWrite { alloc: u32 },
+    AllocWrite { alloc: AllocId },
     /// A metadata write or sync of the flush in progress (`injected`: a sync replaced by a
     /// no-op that must be reported as failed).
     Flush { injected: bool },
@@ -81,10 +82,10 @@ pub(super) enum InflateTarget {
     Slot(u32),
     /// Straight into the guest memory of this part, which covers the whole cluster with one
     /// segment (the op's one iovec); nothing is cached (`read.rs` says why).
-    Part(u32),
+    Part(PartId),
     /// Only the start of the cluster up to the end of this part, into the op's `scratch`,
     /// from which the part is copied; nothing is cached (`read.rs` says why).
-    Prefix(u32),
+    Prefix(PartId),
 }
 
 #[derive(Default)]
@@ -112,7 +113,7 @@ impl State {
     pub(super) unsafe fn push(
         &mut self,
         ring: &mut Ring,
-        op: u32,
+        op: OpId,
         entry: io_uring::squeue::Entry,
     ) -> Result<(), IoError> {
         // SAFETY: forwarded from the caller.
@@ -128,7 +129,7 @@ impl State {
         }
     }
 
-    pub(super) fn free_op(&mut self, op: u32) {
+    pub(super) fn free_op(&mut self, op: OpId) {
         let o = &mut self.ops[op];
         o.kind = OpKind::Idle;
         o.bounce = None;
@@ -152,7 +153,7 @@ impl State {
     }
 
     /// Takes `charge` bytes of scratch for operation `op`.
-    pub(super) fn charge_scratch(&mut self, op: u32, charge: usize) {
+    pub(super) fn charge_scratch(&mut self, op: OpId, charge: usize) {
         self.ops[op].scratch_charge += charge;
         self.scratch_bytes += charge;
         self.scratch_peak = self.scratch_peak.max(self.scratch_bytes);
@@ -166,12 +167,9 @@ impl State {
         while self.scratch_waiters.head != NO_ID && (first || room >= self.scratch_need) {
             first = false;
             room = room.saturating_sub(self.scratch_need);
-            let pid = self.scratch_waiters.head;
-            self.scratch_waiters.head = self.parts[pid].next;
-            if self.scratch_waiters.head == NO_ID {
-                self.scratch_waiters.tail = NO_ID;
+            if let Some(pid) = Self::pop_waiter(&self.parts, &mut self.scratch_waiters) {
+                self.ready.push_back(pid);
             }
-            self.ready.push_back(pid);
         }
     }
 
@@ -190,7 +188,7 @@ impl State {
     }
 
     /// Handles the completion of operation `op` with result `res`.
-    pub(super) fn complete_op(&mut self, ring: &mut Ring, img: &ImageInner, op: u32, res: i32) {
+    pub(super) fn complete_op(&mut self, ring: &mut Ring, img: &ImageInner, op: OpId, res: i32) {
         match self.ops[op].kind {
             OpKind::Idle => unreachable!("completion for idle op {op}"),
             OpKind::Data { .. } => self.complete_data(ring, op, res),

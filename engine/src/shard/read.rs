@@ -2,7 +2,8 @@
 //! writes.
 
 use super::l2::Table;
-use super::{Buffer, InflateTarget, OpKind, State, NO_ID};
+use super::slab::{OpId, PartId};
+use super::{Buffer, InflateTarget, OpKind, State};
 use crate::error::IoError;
 use crate::format::CompressionType;
 use crate::io::{iov_contiguous, iov_copy_from, iov_fill_zero, iov_subrange, DataFd, Output, Ring};
@@ -21,7 +22,7 @@ impl State {
     }
 
     /// Plans read part `pid` until it is served, split, or waiting on a cache slot.
-    pub(super) fn plan_read(&mut self, ring: &mut Ring, img: &ImageInner, pid: u32) {
+    pub(super) fn plan_read(&mut self, ring: &mut Ring, img: &ImageInner, pid: PartId) {
         loop {
             let p = self.parts[pid];
             let Some(layer) = img.get_layer(p.layer) else {
@@ -147,7 +148,7 @@ impl State {
         &mut self,
         ring: &mut Ring,
         q: &Qcow2Layer,
-        pid: u32,
+        pid: PartId,
         desc: crate::format::CompressedDescriptor,
     ) {
         let p = self.parts[pid];
@@ -318,7 +319,7 @@ impl State {
         &mut self,
         ring: &mut Ring,
         img: &ImageInner,
-        op: u32,
+        op: OpId,
         res: i32,
     ) {
         let OpKind::Inflating {
@@ -347,7 +348,7 @@ impl State {
     }
 
     /// Zeroes the part's range of its request and finishes it.
-    pub(super) fn zero_part(&mut self, pid: u32) {
+    pub(super) fn zero_part(&mut self, pid: PartId) {
         let p = self.parts[pid];
         // SAFETY: the request's iovecs are valid for writes until its completion (the
         // submit_read contract), and the part lies within them.
@@ -359,7 +360,7 @@ impl State {
     pub(super) fn start_data(
         &mut self,
         ring: &mut Ring,
-        pid: u32,
+        pid: PartId,
         fd: DataFd,
         host: u64,
         write: bool,
@@ -379,7 +380,7 @@ impl State {
     }
 
     /// Submits (the rest of) a data operation.
-    fn submit_data(&mut self, ring: &mut Ring, op: u32) {
+    fn submit_data(&mut self, ring: &mut Ring, op: OpId) {
         let OpKind::Data {
             part,
             fd,
@@ -451,7 +452,7 @@ impl State {
         }
     }
 
-    pub(super) fn complete_data(&mut self, ring: &mut Ring, op: u32, res: i32) {
+    pub(super) fn complete_data(&mut self, ring: &mut Ring, op: OpId, res: i32) {
         let OpKind::Data {
             part,
             fd,
@@ -501,10 +502,8 @@ impl State {
     }
 
     pub(super) fn replan_waiters(&mut self, ring: &mut Ring, img: &ImageInner, mut list: WaitList) {
-        while list.head != NO_ID {
-            let next = self.parts[list.head].next;
-            self.plan(ring, img, list.head);
-            list.head = next;
+        while let Some(pid) = Self::pop_waiter(&self.parts, &mut list) {
+            self.plan(ring, img, pid);
         }
     }
 
@@ -512,7 +511,7 @@ impl State {
         &mut self,
         ring: &mut Ring,
         img: &ImageInner,
-        op: u32,
+        op: OpId,
         res: i32,
     ) {
         let OpKind::Compressed {

@@ -5,6 +5,7 @@
 //! Runs on the shard's thread, on the shard's own arenas.
 
 use super::slab::Slab;
+use super::slab::{AllocId, PartId, ReqId, SlabId};
 use super::{Completion, State};
 use crate::error::IoError;
 use crate::io::Ring;
@@ -43,8 +44,8 @@ pub(super) struct Req {
     /// Parts not yet finished.
     pub(super) pending: u32,
     pub(super) error: Option<IoError>,
-    /// For a read issued by an allocation (copy on write): that allocation, else NO_ID.
-    pub(super) parent: u32,
+    /// For a read issued by an allocation (copy on write): that allocation.
+    pub(super) parent: Option<AllocId>,
     /// Some of it is served by this shard (else every piece went to other shards, which
     /// completed them the way writes complete, and nothing is left to do here).
     pub(super) has_local: bool,
@@ -55,13 +56,14 @@ pub(super) struct Req {
 
 #[derive(Default, Clone, Copy)]
 pub(super) struct Part {
-    pub(super) req: u32,
+    pub(super) req: ReqId,
     pub(super) layer: u16,
     pub(super) guest_off: u64,
     pub(super) len: u64,
     /// Byte offset of this part within the request's iovecs.
     pub(super) skip: u64,
     /// Next part in the wait list this part is on.
+    /// (The wait list's raw link: [`WaitList`] is the caches' and knows no part type.)
     pub(super) next: u32,
     /// A read planned with this shard's copy of another shard's table: the table's version
     /// the copy was read at (0: none). The part is redone by the owner if the version has
@@ -71,12 +73,12 @@ pub(super) struct Part {
 
 impl State {
     /// Starts a request of `len` (> 0) bytes at `offset` as one ready part; `parent` is the
-    /// allocation an internal copy-on-write read belongs to, or `NO_ID`.
+    /// allocation an internal copy-on-write read belongs to, if any.
     pub(super) fn start_request(
         &mut self,
         token: u64,
         kind: ReqKind,
-        parent: u32,
+        parent: Option<AllocId>,
         offset: u64,
         len: u64,
         iov: &[iovec],
@@ -90,10 +92,10 @@ impl State {
         &mut self,
         token: u64,
         kind: ReqKind,
-        parent: u32,
+        parent: Option<AllocId>,
         iov: &[iovec],
         has_local: bool,
-    ) -> u32 {
+    ) -> ReqId {
         let r = self.reqs.alloc();
         let req = &mut self.reqs[r];
         req.token = token;
@@ -110,7 +112,7 @@ impl State {
 
     /// Adds a ready part of request `req` at layer 0: `len` bytes at `guest_off`, at `skip`
     /// within the request's iovecs.
-    pub(super) fn new_part(&mut self, req: u32, guest_off: u64, len: u64, skip: u64) {
+    pub(super) fn new_part(&mut self, req: ReqId, guest_off: u64, len: u64, skip: u64) {
         self.reqs[req].pending += 1;
         let p = self.parts.alloc();
         self.parts[p] = Part {
@@ -126,7 +128,7 @@ impl State {
     }
 
     /// Splits part `pid` at `at` bytes; the tail becomes a new ready part.
-    pub(super) fn split(&mut self, pid: u32, at: u64) {
+    pub(super) fn split(&mut self, pid: PartId, at: u64) {
         let p = self.parts[pid];
         debug_assert!(at > 0 && at < p.len);
         let t = self.parts.alloc();
@@ -142,7 +144,7 @@ impl State {
         self.ready.push_back(t);
     }
 
-    pub(super) fn finish_part(&mut self, pid: u32, result: Result<(), IoError>) {
+    pub(super) fn finish_part(&mut self, pid: PartId, result: Result<(), IoError>) {
         let p = self.parts[pid];
         if p.tag != 0
             && self
@@ -162,7 +164,7 @@ impl State {
 
     /// One piece (a part of this shard, or a piece another shard served) of request `req_id`
     /// is done; completes the request after its last.
-    pub(super) fn piece_done(&mut self, req_id: u32, result: Result<(), IoError>) {
+    pub(super) fn piece_done(&mut self, req_id: ReqId, result: Result<(), IoError>) {
         let req = &mut self.reqs[req_id];
         if let Err(e) = result {
             req.error.get_or_insert(e);
@@ -175,7 +177,7 @@ impl State {
         let (token, kind, parent) = (req.token, req.kind, req.parent);
         let (has_local, writethrough) = (req.has_local, req.writethrough);
         self.reqs.free(req_id);
-        if parent != NO_ID {
+        if let Some(parent) = parent {
             self.cow_read_done(parent, result);
         } else if !has_local {
             self.finished.push(Completion { token, result });
@@ -191,35 +193,44 @@ impl State {
     }
 
     pub(super) fn fail_waiters(&mut self, mut list: WaitList, err: IoError) {
-        while list.head != NO_ID {
-            let next = self.parts[list.head].next;
-            self.finish_part(list.head, Err(err));
-            list.head = next;
+        while let Some(pid) = Self::pop_waiter(&self.parts, &mut list) {
+            self.finish_part(pid, Err(err));
         }
     }
 
     /// Makes every part of `list` ready to be planned again.
     pub(super) fn wake_waiters(&mut self, mut list: WaitList) {
-        while list.head != NO_ID {
-            let next = self.parts[list.head].next;
-            self.ready.push_back(list.head);
-            list.head = next;
+        while let Some(pid) = Self::pop_waiter(&self.parts, &mut list) {
+            self.ready.push_back(pid);
         }
     }
 
     /// Appends part `pid` to a wait list.
-    pub(super) fn enqueue_waiter(parts: &mut Slab<Part>, list: &mut WaitList, pid: u32) {
+    pub(super) fn enqueue_waiter(parts: &mut Slab<PartId, Part>, list: &mut WaitList, pid: PartId) {
         parts[pid].next = NO_ID;
         if list.tail == NO_ID {
-            list.head = pid;
+            list.head = pid.index();
         } else {
-            parts[list.tail].next = pid;
+            parts[PartId::from_index(list.tail)].next = pid.index();
         }
-        list.tail = pid;
+        list.tail = pid.index();
+    }
+
+    /// Takes the first part off a wait list.
+    pub(super) fn pop_waiter(parts: &Slab<PartId, Part>, list: &mut WaitList) -> Option<PartId> {
+        if list.head == NO_ID {
+            return None;
+        }
+        let pid = PartId::from_index(list.head);
+        list.head = parts[pid].next;
+        if list.head == NO_ID {
+            list.tail = NO_ID;
+        }
+        Some(pid)
     }
 
     /// Plans part `pid`: reads by the read planner, the rest by the write planner.
-    pub(super) fn plan(&mut self, ring: &mut Ring, img: &ImageInner, pid: u32) {
+    pub(super) fn plan(&mut self, ring: &mut Ring, img: &ImageInner, pid: PartId) {
         let kind = self.reqs[self.parts[pid].req].kind;
         if kind.is_write() {
             self.plan_write(ring, img, pid, kind);

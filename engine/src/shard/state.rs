@@ -10,7 +10,7 @@ use super::group::Group;
 use super::op::Op;
 use super::request::{Part, Req};
 use super::reserve::{Frees, PendingFree, Reserved};
-use super::slab::Slab;
+use super::slab::{AllocId, OpId, PartId, ReqId, Slab};
 use super::write::Alloc;
 use super::{Completion, ShardConfig};
 use crate::error::IoError;
@@ -50,15 +50,15 @@ pub(super) struct State {
     /// Tables of this shard whose version is odd (changes not in the file yet).
     pub(super) odd_tables: Vec<u64>,
     pub(super) layers: Vec<LayerCaches>,
-    pub(super) reqs: Slab<Req>,
-    pub(super) parts: Slab<Part>,
-    pub(super) ops: Slab<Op>,
-    pub(super) allocs: Slab<Alloc>,
+    pub(super) reqs: Slab<ReqId, Req>,
+    pub(super) parts: Slab<PartId, Part>,
+    pub(super) ops: Slab<OpId, Op>,
+    pub(super) allocs: Slab<AllocId, Alloc>,
     /// Guest cluster offset -> allocation in flight on it.
-    pub(super) allocating: HashMap<u64, u32, BuildHasherDefault<U64Hasher>>,
+    pub(super) allocating: HashMap<u64, AllocId, BuildHasherDefault<U64Hasher>>,
     /// Allocations whose copy-on-write reads have all completed.
-    pub(super) cow_ready: Vec<u32>,
-    pub(super) ready: VecDeque<u32>,
+    pub(super) cow_ready: Vec<AllocId>,
+    pub(super) ready: VecDeque<PartId>,
     pub(super) finished: Vec<Completion>,
     pub(super) cqes: Vec<(u64, i32)>,
     /// Buffers for compressed extents (2 clusters) and allocations (1 cluster).
@@ -103,7 +103,7 @@ pub(super) struct State {
     /// Test hook: hold in-place writes back ([`ShardConfig::hold_data_writes`]) and the
     /// writes held (operation, entry).
     pub(super) hold_data_writes: bool,
-    pub(super) held: Vec<(u32, io_uring::squeue::Entry)>,
+    pub(super) held: Vec<(OpId, io_uring::squeue::Entry)>,
     pub(super) dirty_l1: Vec<u64>,
     /// L1 entries changed since they were last written (by a flush or a metadata write-back).
     pub(super) unwritten_l1: Vec<u64>,

@@ -9,6 +9,7 @@
 //! durable. While an allocation is in flight on a cluster, other writes to it wait; reads see
 //! the old mapping until the entry changes, so they get old or new data, never garbage.
 
+use super::slab::{AllocId, PartId};
 use super::{Buffer, OpKind, PendingFree, ReqKind, State};
 use crate::error::IoError;
 use crate::format::{be64_at, encode_l2_entry, ClusterMapping, L2Entry, SubclusterState};
@@ -23,7 +24,7 @@ use std::sync::atomic::Ordering;
 /// An allocating write of one cluster in flight.
 #[derive(Default)]
 pub(super) struct Alloc {
-    part: u32,
+    part: PartId,
     /// Guest offset of the cluster.
     cluster: u64,
     /// L2 slot (pinned) and entry index of the cluster.
@@ -102,7 +103,7 @@ impl State {
         &mut self,
         ring: &mut Ring,
         img: &ImageInner,
-        pid: u32,
+        pid: PartId,
         kind: ReqKind,
     ) {
         let (q, w) = top(img);
@@ -151,7 +152,7 @@ impl State {
 
     /// Fails part `pid`, whose write would have landed on metadata: the image is marked
     /// corrupt at the end of the turn.
-    fn overlap_refused(&mut self, pid: u32, hit: crate::overlap::Hit) {
+    fn overlap_refused(&mut self, pid: PartId, hit: crate::overlap::Hit) {
         self.pending_overlap.get_or_insert(hit);
         self.finish_part(
             pid,
@@ -167,7 +168,7 @@ impl State {
         &mut self,
         ring: &mut Ring,
         img: &ImageInner,
-        pid: u32,
+        pid: PartId,
         slot: u32,
         index: usize,
         entry: L2Entry,
@@ -294,13 +295,13 @@ impl State {
     }
 
     /// Starts a read of the current content of a range into an allocation's buffer.
-    fn start_internal_read(&mut self, alloc: u32, offset: u64, iov: &[libc::iovec]) {
+    fn start_internal_read(&mut self, alloc: AllocId, offset: u64, iov: &[libc::iovec]) {
         let len = iov[0].iov_len as u64;
-        self.start_request(0, ReqKind::Read, alloc, offset, len, iov);
+        self.start_request(0, ReqKind::Read, Some(alloc), offset, len, iov);
     }
 
     /// A copy-on-write read of allocation `a` finished.
-    pub(super) fn cow_read_done(&mut self, a: u32, result: Result<(), IoError>) {
+    pub(super) fn cow_read_done(&mut self, a: AllocId, result: Result<(), IoError>) {
         let al = &mut self.allocs[a];
         al.cow_pending -= 1;
         if let Err(e) = result {
@@ -325,7 +326,7 @@ impl State {
     }
 
     /// Copies the guest's bytes (or zeros) into the allocation's buffer and writes its span.
-    fn fill_and_write(&mut self, ring: &mut Ring, img: &ImageInner, a: u32) {
+    fn fill_and_write(&mut self, ring: &mut Ring, img: &ImageInner, a: AllocId) {
         let al = &mut self.allocs[a];
         let (ws, we) = al.write;
         let buf = al.buf.as_mut().expect("a copying allocation owns a buffer");
@@ -343,7 +344,7 @@ impl State {
 
     /// Writes the allocation's span to its host cluster, from its buffer or straight from the
     /// request (or the zero buffer) when no copy was needed.
-    fn submit_alloc_write(&mut self, ring: &mut Ring, img: &ImageInner, a: u32) {
+    fn submit_alloc_write(&mut self, ring: &mut Ring, img: &ImageInner, a: AllocId) {
         let (q, w) = top(img);
         let op = self.ops.alloc();
         self.ops[op].kind = OpKind::AllocWrite { alloc: a };
@@ -400,7 +401,7 @@ impl State {
     }
 
     /// The new cluster of allocation `a` is written: point the L2 entry at it.
-    pub(super) fn alloc_written(&mut self, img: &ImageInner, a: u32, res: i32) {
+    pub(super) fn alloc_written(&mut self, img: &ImageInner, a: AllocId, res: i32) {
         if res < 0 {
             return self.fail_alloc(a, IoError::Os { errno: -res });
         }
@@ -439,7 +440,7 @@ impl State {
         self.finish_part(al.part, Ok(()));
     }
 
-    fn fail_alloc(&mut self, a: u32, err: IoError) {
+    fn fail_alloc(&mut self, a: AllocId, err: IoError) {
         let al = std::mem::take(&mut self.allocs[a]);
         self.layers[0].l2.unpin(al.slot);
         if al.new_cluster && !al.identity {
@@ -496,7 +497,7 @@ impl State {
         &mut self,
         ring: &mut Ring,
         img: &ImageInner,
-        pid: u32,
+        pid: PartId,
         slot: u32,
         index: usize,
         entry: L2Entry,
