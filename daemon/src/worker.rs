@@ -49,7 +49,7 @@ use std::time::Instant;
 
 use tracing::{debug, error, info, warn};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::block_io::{BlockIo, CacheStats, Done};
@@ -172,6 +172,19 @@ pub struct Worker<B: BlockIo> {
     starved: bool,
     /// Set while the connection quiesces: no chain is taken any more.
     quiescing: bool,
+    /// Local queues whose available ring the driver broke (see [`Worker::pop_requests`]): no
+    /// chain is taken from them until the frontend stops the queue and sets it up again.
+    broken: u64,
+}
+
+/// What the available ring of a queue offers.
+enum Avail {
+    /// The head index of the next chain (taken from the ring).
+    Chain(u16),
+    Empty,
+    /// The ring cannot be right: its index is more than the queue size ahead of the device's
+    /// (or not readable), or an entry it offers cannot be read.
+    Broken(String),
 }
 
 /// A chain taken from its queue and accounted against the limits, waiting to start.
@@ -235,6 +248,7 @@ impl<B: BlockIo> Worker<B> {
             ),
             starved: false,
             quiescing: false,
+            broken: 0,
         }
     }
 
@@ -335,6 +349,13 @@ impl<B: BlockIo> Worker<B> {
         self.in_flight_per_queue.get(index).copied().unwrap_or(0)
     }
 
+    /// The device's index of local queue `index` (for logs).
+    fn global_queue(&self, index: usize) -> usize {
+        self.inflight
+            .as_ref()
+            .map_or(index, |link| index * link.threads + link.thread)
+    }
+
     fn remember_vrings(&mut self, vrings: &[Vring]) {
         if self.vrings.len() != vrings.len() {
             self.vrings = vrings.to_vec();
@@ -356,6 +377,12 @@ impl<B: BlockIo> Worker<B> {
             warn!(index, "Event for a queue this worker does not own");
             return;
         };
+        if self.broken & (1 << index) != 0 {
+            // Its kicks are left alone (see `pop_requests`); completions are still returned.
+            self.reap(vrings, false);
+            self.notify(vrings);
+            return;
+        }
         let mem = self.mem.memory().into_inner();
         self.sync_inflight(vring, index, &mem, dev);
         loop {
@@ -365,6 +392,9 @@ impl<B: BlockIo> Worker<B> {
                 }
             }
             self.pop_requests(vring, index, &mem, dev);
+            if self.broken & (1 << index) != 0 {
+                break;
+            }
             if !self.gate_open() {
                 // With the gate closed, chains stay in the ring (and notifications off, with
                 // EVENT_IDX) until the gate reopens and the worker comes back for them.
@@ -410,7 +440,7 @@ impl<B: BlockIo> Worker<B> {
             if !self.gate_open() {
                 break;
             }
-            let ready = {
+            let ready = self.broken & (1 << index) == 0 && {
                 let state = vrings[index].get_ref();
                 state.is_enabled() && state.get_queue().ready()
             };
@@ -446,6 +476,9 @@ impl<B: BlockIo> Worker<B> {
         // share another area, in between).
         if let Some(t) = self.tracked.get_mut(index) {
             *t = TrackedQueue::default();
+        }
+        if index < 64 {
+            self.broken &= !(1 << index);
         }
     }
 
@@ -548,11 +581,22 @@ impl<B: BlockIo> Worker<B> {
         dev: &DeviceInfo,
     ) {
         let mut state = vring.get_mut();
-        while self.gate_open() {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else {
-                break;
+        while self.gate_open() && self.broken & (1 << index) == 0 {
+            let head = match next_avail(&mut state, mem) {
+                Avail::Chain(head) => head,
+                Avail::Empty => break,
+                Avail::Broken(why) => {
+                    // Taking nothing more from this ring is the only way not to spin on it:
+                    // the ring keeps saying it has chains, and none can be taken.
+                    self.broken |= 1 << index;
+                    error!(
+                        queue = self.global_queue(index),
+                        "The driver broke the available ring ({why}): the queue takes no more \
+                         requests until the frontend sets it up again"
+                    );
+                    break;
+                }
             };
-            let head = chain.head_index();
             // Recorded before the request has any effect, so that if this process dies from
             // here on, the next one resubmits the chain.
             if let Some(tracker) = self.tracker_mut(index) {
@@ -1053,6 +1097,39 @@ impl<B: BlockIo> Drop for Worker<B> {
     }
 }
 
+/// Takes the next chain from the available ring of `state`'s queue, unless the ring is empty
+/// or broken. virtio-queue's own `pop_descriptor_chain` answers `None` for both (logging an
+/// error each time), while its `enable_notification` goes on reporting chains to take: a
+/// worker that trusted the two would spin on a broken ring forever, never back in its event
+/// loop, and the connection could never end. A driver (or a frontend that truncated the
+/// memory the ring lies in, which then reads as zeros) controls the ring, so this is the
+/// guest's to break, and the queue's alone to suffer.
+fn next_avail(state: &mut RingState, mem: &GuestMemoryMmap) -> Avail {
+    let queue = state.get_queue_mut();
+    let size = queue.size();
+    let next = std::num::Wrapping(queue.next_avail());
+    let idx = match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(idx) => idx,
+        Err(e) => return Avail::Broken(format!("its index cannot be read: {e}")),
+    };
+    if idx == next {
+        return Avail::Empty;
+    }
+    if (idx - next).0 > size {
+        return Avail::Broken(format!(
+            "its index {} is more than the queue size {size} ahead of the device's {}",
+            idx.0, next.0
+        ));
+    }
+    match queue.iter(mem) {
+        Ok(mut chains) => match chains.next() {
+            Some(chain) => Avail::Chain(chain.head_index()),
+            None => Avail::Broken(format!("its entry {} cannot be read", next.0)),
+        },
+        Err(e) => Avail::Broken(e.to_string()),
+    }
+}
+
 fn write_status(mem: &GuestMemoryMmap, addr: GuestAddress, code: u8) {
     // `prepare` checked that the status byte is inside guest memory.
     if let Err(e) = mem.write_obj(code, addr) {
@@ -1456,6 +1533,41 @@ mod tests {
         assert_eq!(h.used_idx(used_addr), 1);
         assert_eq!(h.used(used_addr, 0), (0, 1));
         assert_eq!(h.byte(0x5000), STATUS_IOERR);
+    }
+
+    /// A driver's available index more than the queue size ahead of the device's: with
+    /// EVENT_IDX the ring would go on saying it has chains that cannot be taken. The worker
+    /// returns to its loop (instead of spinning), takes nothing more from that ring, and
+    /// takes chains again once the queue was stopped and set up anew.
+    #[test]
+    fn a_broken_available_index_stops_the_queue_instead_of_spinning() {
+        let h = Harness::new();
+        let m = h.mem.memory();
+        write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 1);
+        let descs = [
+            desc(0x1000, 16, false, Some(1)),
+            desc(0x8000, 512, true, Some(2)),
+            desc(0x5000, 1, true, None),
+        ];
+        let used_addr = h.queue(&descs);
+        let vrings = std::slice::from_ref(&h.vring);
+        let mut w = Worker::new(FakeIo::default(), h.mem.clone());
+        w.process_queue(vrings, 0, true, &device());
+        assert_eq!(h.used_idx(used_addr), 1);
+        let avail_idx = GuestAddress(h.vring.get_ref().get_queue().avail_ring() + 2);
+        // One chain taken; the index now says QSIZE + 1 more.
+        m.write_obj(2 + QSIZE, avail_idx).unwrap();
+        w.process_queue(vrings, 0, true, &device());
+        assert_ne!(w.broken & 1, 0);
+        assert_eq!(h.used_idx(used_addr), 1);
+        // A plausible index again: the queue still takes nothing until it is set up anew.
+        m.write_obj(2u16, avail_idx).unwrap();
+        w.process_queue(vrings, 0, true, &device());
+        assert_eq!(h.used_idx(used_addr), 1);
+        w.stop_queue(0);
+        assert_eq!(w.broken, 0);
+        w.process_queue(vrings, 0, true, &device());
+        assert_eq!(h.used_idx(used_addr), 2);
     }
 
     #[test]
