@@ -203,6 +203,9 @@ fn list_text(result: &Value) -> String {
         let s = |k: &str| e[k].as_str().unwrap_or("").to_owned();
         let n = |k: &str| e[k].as_u64().unwrap_or(0);
         out.push_str(&format!("{}\n", s("socket")));
+        if s("state") == "failed" {
+            out.push_str(&format!("  state:      failed: {}\n", s("error")));
+        }
         out.push_str(&format!("  image:      {}\n", s("image")));
         let mode = if e["read_only"].as_bool() == Some(true) {
             "read-only".to_owned()

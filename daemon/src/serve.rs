@@ -13,8 +13,14 @@
 //! the difference ([`Supervisor::reload`]). Stopping asks every export to stop; each export
 //! thread disconnects its client, drains and flushes its shards and closes its image
 //! ([`Export::run`]). An export that fails to do so, or that does not finish within
-//! [`STOP_TIMEOUT`] (a stuck disk), makes `serve` fail, so the process exits non-zero; so does
-//! an export that fails while serving.
+//! [`STOP_TIMEOUT`] (a stuck disk), makes `serve` fail, so the process exits non-zero.
+//!
+//! An export that fails while serving (its thread returns an error or panics) ends alone: one
+//! error line names it, it stays in the list as failed (`ctl list`), and every other export
+//! keeps serving. `ctl remove` forgets it, `ctl add` (or a SIGHUP reload that still lists it)
+//! replaces it. The daemon ends only when nothing is left that could serve: no export
+//! serving and no control socket. One that still has a failed export when it stops exits
+//! non-zero.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -106,6 +112,12 @@ pub enum ServeError {
         /// What went wrong.
         #[source]
         source: ExportError,
+    },
+    /// Exports had failed while serving and were never removed.
+    #[error("{count} export(s) failed while serving")]
+    Failed {
+        /// How many.
+        count: usize,
     },
     /// Exports did not stop in time after a stop request.
     #[error("{count} export(s) did not stop within {} s", STOP_TIMEOUT.as_secs())]
@@ -264,8 +276,7 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
     seccomp::enter_or_abort(Role::Main);
     announce(&config.exports);
 
-    // Serve until a signal, or until an export fails.
-    let mut first_error = None;
+    // Serve until a signal, or until nothing is left to serve.
     while sup.keep_running() {
         let event = sup.next_event();
         match event {
@@ -275,12 +286,7 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
                 info!("Received {}, stopping", signals::signal_name(signal));
                 break;
             }
-            Some(Event::ExportFinished { id }) => {
-                if let Err(e) = sup.finished(id) {
-                    first_error = Some(e);
-                    break;
-                }
-            }
+            Some(Event::ExportFinished { id }) => sup.finished(id),
             Some(Event::Control(call)) => {
                 let answer = sup.handle(call.request);
                 let _ = call.reply.send(answer);
@@ -293,9 +299,10 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
     if let Some(path) = &config.control {
         let _ = std::fs::remove_file(path);
     }
-    match first_error {
-        Some(e) => Err(e),
-        None => stopped,
+    let failed = sup.exports.iter().filter(|e| e.failed.is_some()).count();
+    match stopped {
+        Ok(()) if failed > 0 => Err(ServeError::Failed { count: failed }),
+        other => other,
     }
 }
 
@@ -341,6 +348,9 @@ struct Running {
     throttle: Arc<ExportThrottle>,
     size: u64,
     read_only: bool,
+    /// Why the export failed while serving (its thread is gone, its socket too); `None` while
+    /// it serves.
+    failed: Option<String>,
 }
 
 /// The main thread's state: the exports, their throttle groups and metrics. Every change to the
@@ -371,7 +381,7 @@ fn same_path(a: &Path, b: &Path) -> bool {
 
 impl Supervisor {
     fn keep_running(&self) -> bool {
-        !self.exports.is_empty() || self.control_path.is_some()
+        self.exports.iter().any(|e| e.failed.is_none()) || self.control_path.is_some()
     }
 
     fn next_event(&mut self) -> Option<Event> {
@@ -473,6 +483,7 @@ impl Supervisor {
             throttle,
             size,
             read_only,
+            failed: None,
         });
         Ok(())
     }
@@ -485,28 +496,40 @@ impl Supervisor {
             Some(t) => t.join().unwrap_or(Err(ExportError::Panicked)),
             None => Ok(()),
         };
-        if let (Some(all), Some(m)) = (&self.metrics, &running.metrics) {
+        if let (Some(all), Some(m)) = (&self.metrics, &running.metrics.take()) {
             all.remove_export(m);
         }
         Some((running, result))
     }
 
-    /// An export thread ended without being asked to: an error ends `serve`.
-    fn finished(&mut self, id: u64) -> Result<(), ServeError> {
-        let Some((running, result)) = self.reap(id) else {
-            return Ok(());
+    /// An export thread ended without being asked to. Without an error it is gone; with one
+    /// it stays in the list as failed, and only it: the other exports are not touched.
+    fn finished(&mut self, id: u64) {
+        let Some((mut running, result)) = self.reap(id) else {
+            return;
         };
-        let socket = running.config.socket;
+        let socket = running.config.socket.display().to_string();
         match result {
-            Ok(()) => {
-                warn!(socket = %socket.display(), "Export stopped");
-                Ok(())
-            }
+            Ok(()) => warn!(socket, "Export stopped"),
             Err(source) => {
-                error!(socket = %socket.display(), "Export failed: {source}");
-                Err(ServeError::Export { socket, source })
+                let text = crate::error_chain_text(&source);
+                error!(
+                    socket,
+                    image = %running.config.image.display(),
+                    "Export failed, the other exports go on serving: {text}"
+                );
+                // Its socket went with its thread; a stale file would only be in the way.
+                let _ = std::fs::remove_file(&running.config.socket);
+                running.failed = Some(text);
+                self.exports.push(running);
             }
         }
+    }
+
+    /// Forgets a failed export `index`, so that its socket can be used again.
+    fn forget_failed(&mut self, index: usize) {
+        let e = self.exports.remove(index);
+        info!(socket = %e.config.socket.display(), "Failed export removed");
     }
 
     /// Waits up to `deadline` for export `id` to finish, keeping other events for later.
@@ -525,13 +548,13 @@ impl Supervisor {
     /// signal ends the wait at once; control requests meanwhile are refused. Sockets of
     /// exports that did not finish are removed here (those that did removed their own).
     fn stop_all(&mut self) -> Result<(), ServeError> {
-        for e in &self.exports {
+        for e in self.exports.iter().filter(|e| e.failed.is_none()) {
             e.control.request_stop();
         }
         let deadline = Instant::now() + STOP_TIMEOUT;
         let mut outcome = Ok(());
         let mut pending: VecDeque<Event> = std::mem::take(&mut self.deferred);
-        while !self.exports.is_empty() {
+        while self.exports.iter().any(|e| e.failed.is_none()) {
             let event = match pending.pop_front() {
                 Some(e) => Ok(e),
                 None => self
@@ -567,16 +590,20 @@ impl Supervisor {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     outcome = Err(ServeError::StopTimeout {
-                        count: self.exports.len(),
+                        count: self.exports.iter().filter(|e| e.failed.is_none()).count(),
                     });
                     break;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        for e in self.exports.drain(..) {
-            let _ = std::fs::remove_file(&e.config.socket);
-        }
+        // Failed exports stay listed, for the exit status; their sockets are gone already.
+        self.exports.retain(|e| {
+            if e.failed.is_none() {
+                let _ = std::fs::remove_file(&e.config.socket);
+            }
+            e.failed.is_some()
+        });
         outcome
     }
 
@@ -636,6 +663,9 @@ impl Supervisor {
             } => {
                 let index = self.find(&socket).ok_or_else(|| no_export(&socket))?;
                 let e = &mut self.exports[index];
+                if let Some(why) = &e.failed {
+                    return Err(failed_export(&socket, why));
+                }
                 let (old, told) = e
                     .control
                     .resize(size, shrink)
@@ -691,6 +721,10 @@ impl Supervisor {
     /// Opens, binds and starts a new export; on failure nothing is left behind.
     fn add(&mut self, cfg: ExportConfig, from_file: bool) -> Result<(), String> {
         if let Some(i) = self.find(&cfg.socket) {
+            if self.exports[i].failed.is_some() {
+                // Replaced: the failed one is forgotten only once the new one serves.
+                return self.replace_failed(i, cfg, from_file);
+            }
             return Err(format!(
                 "{} is already the socket of the export of {}",
                 cfg.socket.display(),
@@ -718,11 +752,36 @@ impl Supervisor {
         Ok(())
     }
 
+    /// `ctl add` (or a reload) on the socket of failed export `index`: the new export is
+    /// started in its place; if it cannot be, the failed one stays listed.
+    fn replace_failed(
+        &mut self,
+        index: usize,
+        cfg: ExportConfig,
+        from_file: bool,
+    ) -> Result<(), String> {
+        let failed = self.exports.remove(index);
+        match self.add(cfg, from_file) {
+            Ok(()) => {
+                info!(socket = %failed.config.socket.display(), "Failed export replaced");
+                Ok(())
+            }
+            Err(e) => {
+                self.exports.insert(index, failed);
+                Err(e)
+            }
+        }
+    }
+
     /// Stops export `socket`: it stops taking requests, completes those in flight, flushes and
     /// closes its image and removes its socket. Refused with a client connected unless
-    /// `force`.
+    /// `force`. A failed export is only forgotten.
     fn remove(&mut self, socket: &Path, force: bool) -> Result<(), String> {
         let index = self.find(socket).ok_or_else(|| no_export(socket))?;
+        if self.exports[index].failed.is_some() {
+            self.forget_failed(index);
+            return Ok(());
+        }
         let running = &self.exports[index];
         if let Some(pid) = running.control.client() {
             if !force {
@@ -814,6 +873,18 @@ impl Supervisor {
                 }
                 continue;
             };
+            if self.exports[index].failed.is_some() {
+                let socket = cfg.socket.clone();
+                match self.replace_failed(index, cfg, true) {
+                    Ok(()) => {
+                        info!(socket = %socket.display(), "Reload: failed export started again")
+                    }
+                    Err(e) => {
+                        error!(socket = %socket.display(), "Reload: cannot start the failed export again: {e}")
+                    }
+                }
+                continue;
+            }
             let old = self.exports[index]
                 .file_config
                 .clone()
@@ -854,6 +925,13 @@ fn no_export(socket: &Path) -> String {
     format!("No export on {}", socket.display())
 }
 
+fn failed_export(socket: &Path, why: &str) -> String {
+    format!(
+        "The export on {} failed ({why}); remove it, or add it again",
+        socket.display()
+    )
+}
+
 /// One export as `ctl list` shows it.
 fn describe(e: &Running) -> serde_json::Value {
     let snapshot = e.metrics.as_ref().map(|m| m.snapshot());
@@ -886,6 +964,8 @@ fn describe(e: &Running) -> serde_json::Value {
     };
     serde_json::json!({
         "socket": e.config.socket,
+        "state": if e.failed.is_some() { "failed" } else { "serving" },
+        "error": e.failed,
         "image": e.config.image,
         "read_only": e.read_only,
         "writethrough": e.config.writethrough,

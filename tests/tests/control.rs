@@ -683,3 +683,165 @@ fn a_daemon_with_only_a_control_socket_takes_exports_later() {
     assert!(!sock.exists() && !control.exists());
     assert_check_clean(&a, "after exit");
 }
+
+/// Sets the soft limit of open files of process `pid`; returns the old limits.
+fn set_open_files(pid: i32, soft: u64) -> libc::rlimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads the limits into a local struct.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: sets the limits from a local struct; `old` is not written again.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old
+}
+
+/// The lowest descriptor number process `pid` does not use: with the limit of open files
+/// there, its next open, socket or accept fails with EMFILE.
+fn lowest_free_fd(pid: i32) -> u64 {
+    let used: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap()
+}
+
+/// One export that fails while serving (here the process is out of file descriptors when its
+/// next client connects: its accept fails, which ends the export) stops only itself: one log
+/// line names it, `ctl list` shows it failed, the other export goes on serving its client
+/// and new ones, the daemon lives, and `ctl remove` / `ctl add` replace it.
+#[test]
+fn an_export_that_fails_while_serving_stops_only_itself() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-fail");
+    let a = image_with(&s, "a.qcow2", 0xa1);
+    let b = image_with(&s, "b.qcow2", 0xb2);
+    let (a_sock, b_sock) = (s.socket("a.sock"), s.socket("b.sock"));
+    let control = s.socket("ctl.sock");
+    let config = s.join("q.toml");
+    write_config(&config, &control, &[(&a, &a_sock, ""), (&b, &b_sock, "")]);
+    let mut cmd = Command::new(daemon_bin());
+    cmd.arg("serve").arg("--config").arg(&config);
+    let mut d = Daemon::spawn(cmd, &b, &b_sock).unwrap_or_else(|f| panic!("{f}"));
+    wait_for_list(&control, "both exports", |e| e.len() == 2);
+
+    // A client of b, connected before the failure and reading after it.
+    let mut b_client = BlkClient::connect(&b_sock, 1).unwrap_or_else(|e| panic!("{e}"));
+    let read_b = |c: &mut BlkClient| {
+        let got = c.read_batch(&[(0, 4096)]).unwrap().remove(0).unwrap();
+        assert!(got.iter().all(|&x| x == 0xb2), "wrong data from b");
+    };
+    read_b(&mut b_client);
+
+    let old = set_open_files(d.pid(), lowest_free_fd(d.pid()));
+    let attempt = UnixStream::connect(&a_sock);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.stderr().contains("Export failed") {
+        assert!(Instant::now() < deadline, "a did not fail:\n{}", d.stderr());
+        thread::sleep(Duration::from_millis(20));
+    }
+    set_open_files(d.pid(), old.rlim_cur);
+    drop(attempt);
+    d.assert_alive("after an export failed");
+    let log = d.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("Export failed"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        line.contains(&a_sock.display().to_string()) && line.contains("Too many open files"),
+        "the failure line names neither the export nor the cause: {line}"
+    );
+
+    // b serves its client and new ones.
+    read_b(&mut b_client);
+    drop(b_client);
+    let data = read_through(&b_sock, 0, 4096);
+    assert!(data.iter().all(|&x| x == 0xb2));
+
+    let exports = list(&control);
+    let failed = export_of(&exports, &a_sock).unwrap();
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("Too many open files"),
+        "{failed}"
+    );
+    assert_eq!(export_of(&exports, &b_sock).unwrap()["state"], "serving");
+    let text = ctl_ok(&control, &["list"]);
+    assert!(text.contains("failed:"), "{text}");
+    assert!(
+        !a_sock.exists(),
+        "the failed export's socket is left behind"
+    );
+    let refused = ctl_err(&control, &["resize", &a_sock.display().to_string(), "128M"]);
+    assert!(refused.contains("failed"), "{refused}");
+
+    // Replaced by `ctl add` on its socket; then removed and added again.
+    ctl_ok(&control, &add_args(&a, &a_sock, &["--read-only"]));
+    let data = read_through(&a_sock, 0, 4096);
+    assert!(data.iter().all(|&x| x == 0xa1));
+    let exports = list(&control);
+    assert_eq!(exports.len(), 2, "{exports:?}");
+    assert_eq!(export_of(&exports, &a_sock).unwrap()["state"], "serving");
+
+    d.assert_alive("at the end");
+    let status = d.terminate();
+    assert!(status.success(), "{status}");
+}
+
+/// A failed export that nobody removed makes the daemon's exit status non-zero when it
+/// stops; `ctl remove` forgets one.
+#[test]
+fn a_failed_export_is_forgotten_by_remove_and_reported_at_exit() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-fail-exit");
+    let a = image_with(&s, "a.qcow2", 0xa1);
+    let b = image_with(&s, "b.qcow2", 0xb2);
+    let c = image_with(&s, "c.qcow2", 0xc3);
+    let (a_sock, b_sock, c_sock) = (s.socket("a.sock"), s.socket("b.sock"), s.socket("c.sock"));
+    let control = s.socket("ctl.sock");
+    let config = s.join("q.toml");
+    write_config(
+        &config,
+        &control,
+        &[(&a, &a_sock, ""), (&b, &b_sock, ""), (&c, &c_sock, "")],
+    );
+    let mut cmd = Command::new(daemon_bin());
+    cmd.arg("serve").arg("--config").arg(&config);
+    let mut d = Daemon::spawn(cmd, &c, &c_sock).unwrap_or_else(|f| panic!("{f}"));
+    wait_for_list(&control, "three exports", |e| e.len() == 3);
+    for sock in [&a_sock, &b_sock] {
+        let old = set_open_files(d.pid(), lowest_free_fd(d.pid()));
+        let attempt = UnixStream::connect(sock);
+        let failures = if sock == &a_sock { 1 } else { 2 };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while d.stderr().matches("Export failed").count() < failures {
+            assert!(Instant::now() < deadline, "no failure:\n{}", d.stderr());
+            thread::sleep(Duration::from_millis(20));
+        }
+        set_open_files(d.pid(), old.rlim_cur);
+        drop(attempt);
+    }
+    d.assert_alive("after two exports failed");
+    ctl_ok(&control, &["remove", &a_sock.display().to_string()]);
+    let exports = wait_for_list(&control, "a forgotten", |e| e.len() == 2);
+    assert_eq!(export_of(&exports, &b_sock).unwrap()["state"], "failed");
+    let data = read_through(&c_sock, 0, 4096);
+    assert!(data.iter().all(|&x| x == 0xc3));
+    let status = d.terminate();
+    assert!(
+        !status.success(),
+        "a daemon with a failed export exited with {status}"
+    );
+}
