@@ -14,6 +14,8 @@ mod iov;
 mod lock;
 mod open;
 mod ring;
+pub mod sqe;
+mod sys;
 
 pub use direct::{
     min_direct_cluster_bytes, open_direct, AlignedBuf, DataFd, DioAlign, DioAlignSource,
@@ -26,3 +28,4 @@ pub use iov::{
 pub use lock::{lock_file, lock_image, LockError, Perm, Role};
 pub use open::{clear_nonblocking, open_nonblocking};
 pub use ring::{BlockingReader, Ring};
+pub use sys::pwrite_all;

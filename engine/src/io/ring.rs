@@ -134,6 +134,12 @@ impl Ring {
         self.eventfd.as_raw_fd()
     }
 
+    /// A duplicate of [`Ring::event_fd`], valid whatever happens to the ring (writing to it
+    /// wakes whoever waits on the ring's completions).
+    pub fn dup_event_fd(&self) -> io::Result<OwnedFd> {
+        self.eventfd.try_clone()
+    }
+
     /// The ring's own descriptor, for others to post completions into it (MSG_RING).
     pub fn ring_fd(&self) -> RawFd {
         self.ring.as_raw_fd()

@@ -36,16 +36,16 @@
 
 use super::flush_plan::{self, Dirty, MovedTable, PlannedWrite, Step, WriteMode};
 use super::slab::OpId;
-use super::{OpKind, PendingFree, State};
+use super::{os_error, OpKind, PendingFree, State};
 use crate::error::IoError;
 use crate::format::field;
+use crate::io::sqe;
 use crate::io::Ring;
 use crate::meta::class;
 use crate::shared::ImageInner;
 use crate::write::BlockWriter;
-use io_uring::{opcode, types};
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 #[derive(Default)]
@@ -320,10 +320,7 @@ impl State {
             host, bytes: buf, ..
         } in blocks
         {
-            let entry = opcode::Write::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
-                .offset(host)
-                .rw_flags(libc::RWF_DSYNC)
-                .build();
+            let entry = sqe::write(fd, &buf, host, libc::RWF_DSYNC);
             let op = self.ops.alloc();
             self.ops[op].kind = OpKind::RefcountWrite;
             self.ops[op].buf = Some(buf);
@@ -414,8 +411,8 @@ impl State {
                 writes,
             } => {
                 for PlannedWrite { host, bytes, .. } in writes {
-                    if let Err(e) = pwrite_all(fd, &bytes, host) {
-                        self.flush.error.get_or_insert(e);
+                    if let Err(e) = crate::io::pwrite_all(fd, &bytes, host) {
+                        self.flush.error.get_or_insert(os_error(&e));
                     }
                     self.recycle(bytes);
                 }
@@ -427,11 +424,7 @@ impl State {
                     0
                 };
                 for PlannedWrite { host, bytes, .. } in writes {
-                    let entry =
-                        opcode::Write::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32)
-                            .offset(host)
-                            .rw_flags(flags)
-                            .build();
+                    let entry = sqe::write(fd, &bytes, host, flags);
                     let op = self.ops.alloc();
                     self.ops[op].kind = OpKind::Flush { injected: false };
                     self.ops[op].buf = Some(bytes);
@@ -444,11 +437,9 @@ impl State {
                 for fd in fds {
                     let injected = self.flush.hard && self.fail_flush_number == Some(self.flushes);
                     let entry = if injected {
-                        opcode::Nop::new().build()
+                        sqe::nop()
                     } else {
-                        opcode::Fsync::new(types::Fd(fd))
-                            .flags(types::FsyncFlags::DATASYNC)
-                            .build()
+                        sqe::fdatasync(fd)
                     };
                     let op = self.ops.alloc();
                     self.ops[op].kind = OpKind::Flush { injected };
@@ -639,30 +630,6 @@ fn first_overlap(img: &ImageInner, writes: &[PlannedWrite]) -> Option<crate::ove
         };
         w.overlap(what, *host, buf.len() as u64, *own)
     })
-}
-
-/// Writes all of `buf` at `offset` of `fd`.
-fn pwrite_all(fd: RawFd, mut buf: &[u8], mut offset: u64) -> Result<(), IoError> {
-    while !buf.is_empty() {
-        // SAFETY: `buf` is a live byte slice for the duration of the call; `fd` is an open
-        // file of the image, which outlives the shard.
-        let n = unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), offset as libc::off_t) };
-        if n < 0 {
-            let errno = std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO);
-            if errno == libc::EINTR {
-                continue;
-            }
-            return Err(IoError::Os { errno });
-        }
-        if n == 0 {
-            return Err(IoError::Os { errno: libc::EIO });
-        }
-        buf = &buf[n as usize..];
-        offset += n as u64;
-    }
-    Ok(())
 }
 
 /// Host offset of the L2 table of `l1_index`, if the active L1 points at one.

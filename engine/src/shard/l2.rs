@@ -10,12 +10,12 @@ use super::write::top;
 use super::{OpKind, PendingFree, ReqKind, State};
 use crate::error::IoError;
 use crate::format::{encode_l1_entry, l1_entry_copied};
+use crate::io::sqe;
 use crate::io::Ring;
 use crate::layer::Qcow2Layer;
 use crate::meta::Lookup;
 use crate::shared::ImageInner;
 use crate::write::Writable;
-use io_uring::{opcode, types};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
@@ -77,13 +77,7 @@ impl State {
                 }
                 let caches = &mut self.layers[layer as usize];
                 let buf = caches.l2.buf_mut(slot);
-                let entry = opcode::Read::new(
-                    types::Fd(q.file.as_raw_fd()),
-                    buf.as_mut_ptr(),
-                    buf.len() as u32,
-                )
-                .offset(host)
-                .build();
+                let entry = sqe::read(q.file.as_raw_fd(), buf, host);
                 let op = self.ops.alloc();
                 self.ops[op].kind = OpKind::L2Load {
                     layer,

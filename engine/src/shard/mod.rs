@@ -143,10 +143,8 @@ pub(crate) fn new_shards(
         let wakes = shards
             .iter()
             .map(|s| {
-                // SAFETY: the shard's eventfd is open for as long as the shard, which
-                // outlives this borrow.
-                unsafe { std::os::fd::BorrowedFd::borrow_raw(s.completion_fd()) }
-                    .try_clone_to_owned()
+                s.ring
+                    .dup_event_fd()
                     .map_err(|e| Error::io("Cannot duplicate a shard's eventfd", e))
             })
             .collect::<Result<Vec<_>, _>>()?;

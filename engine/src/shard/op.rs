@@ -8,6 +8,7 @@
 use super::slab::{AllocId, OpId, PartId};
 use super::{os_error, State, MAX_POOLED_BYTES};
 use crate::error::IoError;
+use crate::io::sqe::{self, Sqe, Timespec};
 use crate::io::{AlignedBuf, DataFd, Ring};
 use crate::meta::NO_ID;
 use crate::shared::ImageInner;
@@ -72,8 +73,7 @@ pub(super) enum OpKind {
 
 /// How long a shard waits before trying again to write refcount blocks that another shard
 /// is writing.
-pub(super) static RETRY_AFTER: io_uring::types::Timespec =
-    io_uring::types::Timespec::new().nsec(50_000);
+pub(super) static RETRY_AFTER: Timespec = Timespec::new().nsec(50_000);
 
 /// Where a compressed cluster is inflated to.
 #[derive(Clone, Copy)]
@@ -114,7 +114,7 @@ impl State {
         &mut self,
         ring: &mut Ring,
         op: OpId,
-        entry: io_uring::squeue::Entry,
+        entry: Sqe,
     ) -> Result<(), IoError> {
         // SAFETY: forwarded from the caller.
         match unsafe { ring.push(&entry.user_data(u64::from(op))) } {
@@ -219,7 +219,7 @@ impl State {
         if self.retry_armed {
             return;
         }
-        let entry = io_uring::opcode::Timeout::new(&RETRY_AFTER).build();
+        let entry = sqe::timeout(&RETRY_AFTER);
         let op = self.ops.alloc();
         self.ops[op].kind = OpKind::Retry;
         // SAFETY: the timeout points at a static.

@@ -6,11 +6,11 @@ use super::slab::{OpId, PartId};
 use super::{Buffer, InflateTarget, OpKind, State};
 use crate::error::IoError;
 use crate::format::CompressionType;
+use crate::io::sqe;
 use crate::io::{iov_contiguous, iov_copy_from, iov_fill_zero, iov_subrange, DataFd, Output, Ring};
 use crate::layer::{KindRef, Qcow2Layer};
 use crate::meta::{resolve, Lookup, Step, WaitList};
 use crate::shared::ImageInner;
-use io_uring::{opcode, types};
 use std::os::fd::AsRawFd;
 
 impl State {
@@ -227,9 +227,7 @@ impl State {
         let want = desc.max_len.min(buf.len() as u64);
         let charge = buf.len();
         let fd = q.file.as_raw_fd();
-        let entry = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), want as u32)
-            .offset(desc.host_offset)
-            .build();
+        let entry = sqe::read(fd, &mut buf[..want as usize], desc.host_offset);
         let op = self.ops.alloc();
         let o = &mut self.ops[op];
         o.kind = OpKind::Compressed {
@@ -414,14 +412,10 @@ impl State {
         let entry = if write {
             let fd = self.data_write_fd(op, fd, host + done);
             let o = &self.ops[op];
-            opcode::Writev::new(types::Fd(fd), o.iov.as_ptr(), o.iov.len() as u32)
-                .offset(host + done)
-                .build()
+            sqe::writev(fd, &o.iov, host + done)
         } else {
             let fd = fd.read_fd(host + done, &o.iov);
-            opcode::Readv::new(types::Fd(fd), o.iov.as_ptr(), o.iov.len() as u32)
-                .offset(host + done)
-                .build()
+            sqe::readv(fd, &o.iov, host + done)
         };
         if write && self.hold_data_writes {
             // Test hook: the write stays here until `release_held_writes`.
@@ -541,13 +535,7 @@ impl State {
                 got,
             };
             let buf = o.buf.as_mut().expect("a compressed op owns its buffer");
-            let entry = opcode::Read::new(
-                types::Fd(fd),
-                buf[got as usize..].as_mut_ptr(),
-                (want - got) as u32,
-            )
-            .offset(host + got)
-            .build();
+            let entry = sqe::read(fd, &mut buf[got as usize..want as usize], host + got);
             // SAFETY: the buffer stays owned by the op until its completion.
             if let Err(e) = unsafe { self.push(ring, op, entry) } {
                 self.fail_inflate(layer, target, e);

@@ -103,7 +103,7 @@ pub(super) struct State {
     /// Test hook: hold in-place writes back ([`ShardConfig::hold_data_writes`]) and the
     /// writes held (operation, entry).
     pub(super) hold_data_writes: bool,
-    pub(super) held: Vec<(OpId, io_uring::squeue::Entry)>,
+    pub(super) held: Vec<(OpId, crate::io::sqe::Sqe)>,
     pub(super) dirty_l1: Vec<u64>,
     /// L1 entries changed since they were last written (by a flush or a metadata write-back).
     pub(super) unwritten_l1: Vec<u64>,

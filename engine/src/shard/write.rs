@@ -13,12 +13,12 @@ use super::slab::{AllocId, PartId};
 use super::{Buffer, OpKind, PendingFree, ReqKind, State};
 use crate::error::IoError;
 use crate::format::{be64_at, encode_l2_entry, ClusterMapping, L2Entry, SubclusterState};
+use crate::io::sqe;
 use crate::io::{iov_copy_to, iov_subrange, Ring};
 use crate::layer::Qcow2Layer;
 use crate::meta::WaitList;
 use crate::shared::ImageInner;
 use crate::write::Writable;
-use io_uring::{opcode, types};
 use std::sync::atomic::Ordering;
 
 /// An allocating write of one cluster in flight.
@@ -386,9 +386,7 @@ impl State {
         }
         let fd = self.data_write_fd(op, q.data_fd(), host);
         let o = &self.ops[op];
-        let entry = opcode::Writev::new(types::Fd(fd), o.iov.as_ptr(), o.iov.len() as u32)
-            .offset(host)
-            .build();
+        let entry = sqe::writev(fd, &o.iov, host);
         self.allocs[a].expected = e - s;
         // SAFETY: the iovecs point into the allocation's buffer (owned by it until it
         // finishes, after this op completes), the shard's zero buffer (never written, lives as
