@@ -241,14 +241,43 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
     }
     let rewrite =
         snapshots.extra_truncated > 0 || (first.header.version >= 3 && snapshots.incomplete() > 0);
-    if rewrite {
+    if rewrite && first.past_eof > 0 {
+        // The new table would need refcounts only a rebuild can give it, and a rebuild is
+        // refused: it would stay a corruption of its own.
+        log.push(format!(
+            "Not writing the snapshot table again: {} reference(s) point past the end of the file",
+            first.past_eof
+        ));
+    } else if rewrite {
         snapshots = rewrite_snapshots(&mut t, &first, snapshots, &mut log)?;
         first = analyze(&mut t, &snapshots)?;
     }
     if first.mismatches > 0 || first.rebuild {
-        // Clearing COPIED is always safe, setting it only once the refcount is right.
-        fix_copied_flags(&mut t, &mut first, FlagMode::ClearUnsafe, &mut log)?;
-        fix_refcounts(&mut t, first, &mut log)?;
+        // Whether the refcounts can be made right is decided before anything is written:
+        // the COPIED flags are judged by the refcounts, so they change only with them.
+        let layout = if needs_rebuild(&first) {
+            Some(plan_rebuild(&first, &t.path)?)
+        } else {
+            None
+        };
+        let blocked = layout
+            .as_ref()
+            .is_some_and(|l| first.past_eof_from < (l.end() + 1).saturating_mul(first.g.cs));
+        if blocked {
+            // The new structure, appended to the file, would land where a reference past
+            // the end of the file points (or bring it within a cluster of the end).
+            log.push(format!(
+                "Not rebuilding the refcount structure: a reference past the end of the file points at {:#x}, where the new one would go",
+                first.past_eof_from
+            ));
+        } else {
+            // Clearing COPIED is always safe, setting it only once the refcount is right.
+            fix_copied_flags(&mut t, &mut first, FlagMode::ClearUnsafe, &mut log)?;
+            match layout {
+                Some(layout) => rebuild_refcounts(&mut t, first, &layout, &mut log)?,
+                None => fix_refcounts(&mut t, first, &mut log)?,
+            }
+        }
     } else {
         drop(first);
     }
@@ -263,13 +292,15 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
     }
     drop(second);
 
-    let fin = analyze(&mut t, &snapshots)?;
-    let unknown_autoclear = fin.header.autoclear_features & !autoclear::KNOWN;
+    // Header writes come before the final analysis, which must see the file as a fresh
+    // check will (an L2 table may share the header's cluster).
+    let header = read_header(&mut t)?;
+    let unknown_autoclear = header.autoclear_features & !autoclear::KNOWN;
     if unknown_autoclear != 0 {
         // As QEMU does when it opens an image for writing: nothing maintains these bits.
         t.write(
             field::AUTOCLEAR as u64,
-            &(fin.header.autoclear_features & autoclear::KNOWN).to_be_bytes(),
+            &(header.autoclear_features & autoclear::KNOWN).to_be_bytes(),
             "the autoclear features",
         )?;
         t.sync()?;
@@ -277,6 +308,7 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
             "Cleared the unknown autoclear feature bits {unknown_autoclear:#x}"
         ));
     }
+    let mut fin = analyze(&mut t, &snapshots)?;
     if fin.corruptions == 0 && fin.check_errors == 0 && fin.header.version >= 3 {
         let flags = incompat::DIRTY | incompat::CORRUPT;
         let old = fin.header.incompatible_features;
@@ -292,6 +324,7 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
                 fin.header
                     .feature_list(crate::format::FeatureKind::Incompatible, old & flags)
             ));
+            fin = analyze(&mut t, &snapshots)?;
         }
     }
     let mut report = fin.report(true);
@@ -784,6 +817,8 @@ struct Analysis {
     l2_tables: HashMap<u64, L2Use>,
     /// References to clusters past the end of the file (reported, not counted).
     past_eof: u64,
+    /// Where the lowest of them starts (`u64::MAX` without any).
+    past_eof_from: u64,
     /// The refcount structure itself is broken and must be rebuilt.
     rebuild: bool,
     corruptions: u64,
@@ -897,6 +932,7 @@ fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysis, Error>
         refstruct: Vec::new(),
         l2_tables: HashMap::new(),
         past_eof: 0,
+        past_eof_from: u64::MAX,
         rebuild: false,
         corruptions: 0,
         leaks: 0,
@@ -961,6 +997,7 @@ impl Analysis {
                 // The refcount structure itself is replaced by a rebuild: it does not stop one.
                 if !refstruct {
                     self.past_eof += 1;
+                    self.past_eof_from = self.past_eof_from.min(off);
                 }
                 self.corrupt(format!(
                     "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x} ({what})"
@@ -1684,20 +1721,20 @@ impl Stored {
     }
 }
 
-/// Makes the stored refcounts equal to the expected ones: in place when every refcount that
-/// must change has a valid block, otherwise by writing a new refcount structure.
+/// Whether making the stored refcounts right needs a new refcount structure: the existing
+/// one is broken, or a cluster with references has no valid block to hold its refcount.
+fn needs_rebuild(a: &Analysis) -> bool {
+    let stored = Stored::new(a);
+    a.rebuild
+        || (0..a.counts.len)
+            .any(|c| a.counts.get(c) != 0 && !matches!(stored.block_of(c / a.g.epb), Block::At(_)))
+}
+
+/// Makes the stored refcounts equal to the expected ones in place, when every refcount that
+/// must change has a valid block (not [`needs_rebuild`]).
 fn fix_refcounts(t: &mut Target, a: Analysis, log: &mut Log) -> Result<(), Error> {
     let g = a.g;
     let stored = Stored::new(&a);
-    let mut rebuild = a.rebuild;
-    if !rebuild {
-        // Every cluster with references needs a valid block to hold its refcount.
-        rebuild = (0..a.counts.len)
-            .any(|c| a.counts.get(c) != 0 && !matches!(stored.block_of(c / g.epb), Block::At(_)));
-    }
-    if rebuild {
-        return rebuild_refcounts(t, a, log);
-    }
 
     let compare_len = a.compare_len();
     let mut block = zeroed(g.cs, &t.path)?;
@@ -1738,28 +1775,40 @@ fn fix_refcounts(t: &mut Target, a: Analysis, log: &mut Log) -> Result<(), Error
     Ok(())
 }
 
-/// Writes a new refcount table and blocks after the end of the file, counting themselves,
-/// then points the header at them. The old structure's clusters become free. Only blocks
-/// that hold a non-zero refcount are written (as QEMU does), so a huge sparse file gets a
-/// small structure.
-fn rebuild_refcounts(t: &mut Target, mut a: Analysis, log: &mut Log) -> Result<(), Error> {
+/// Where a rebuild puts the new refcount structure, after the end of the file: `nb` blocks
+/// at clusters `start..start + nb` (block i describes the clusters of refcount block number
+/// `blocks[i]`), then `nt` clusters of refcount table.
+struct Layout {
+    start: u64,
+    nb: u64,
+    nt: u64,
+    blocks: Vec<u64>,
+}
+
+impl Layout {
+    /// One past the last cluster of the new structure.
+    fn end(&self) -> u64 {
+        self.start + self.nb + self.nt
+    }
+}
+
+/// Lays out a new refcount structure for the expected refcounts without the old structure's
+/// own clusters. Only blocks that hold a non-zero refcount are written (as QEMU does), so a
+/// huge sparse file gets a small structure. Nothing is written.
+fn plan_rebuild(a: &Analysis, path: &str) -> Result<Layout, Error> {
     let g = a.g;
-    if a.past_eof > 0 {
-        log.push(format!(
-            "Not rebuilding the refcount structure: {} reference(s) point past the end of the file",
-            a.past_eof
-        ));
-        return Ok(());
+    let mut old: HashMap<u64, u64> = HashMap::new();
+    for &c in &a.refstruct {
+        *old.entry(c).or_default() += 1;
     }
-    log.push("Rebuilding refcount structure".to_owned());
-    for c in std::mem::take(&mut a.refstruct) {
-        let e = a.counts.get(c);
-        a.counts.set(c, e.saturating_sub(1));
-    }
-    let start = a.compare_len();
+    let expected = |c: u64| match a.counts.get(c) {
+        0 => 0,
+        e => e.saturating_sub(old.get(&c).copied().unwrap_or(0)),
+    };
+    let start = g.file_clusters + u64::from(expected(g.file_clusters) > 0);
     // Blocks with references among the clusters counted so far.
     let used: Vec<u64> = (0..a.counts.len.div_ceil(g.epb))
-        .filter(|&b| !a.counts.zero_range(b * g.epb, (b + 1) * g.epb))
+        .filter(|&b| (b * g.epb..((b + 1) * g.epb).min(a.counts.len)).any(|c| expected(c) != 0))
         .collect();
     // The new blocks at `start..start + nb`, the table after them; the blocks that describe
     // those clusters are part of the structure too.
@@ -1786,18 +1835,41 @@ fn rebuild_refcounts(t: &mut Target, mut a: Analysis, log: &mut Log) -> Result<(
     {
         return Err(Error::new(
             ErrorKind::Corrupt,
-            format!("{}: cannot lay out a new refcount structure", t.path),
+            format!("{path}: cannot lay out a new refcount structure"),
         ));
     }
     if nt * g.cs > MAX_REFCOUNT_TABLE_BYTES {
         return Err(Error::new(
             ErrorKind::Unsupported,
             format!(
-                "{}: a new refcount table would need {nt} clusters, more than the 8 MiB limit",
-                t.path
+                "{path}: a new refcount table would need {nt} clusters, more than the 8 MiB limit"
             ),
         ));
     }
+    Ok(Layout {
+        start,
+        nb,
+        nt,
+        blocks,
+    })
+}
+
+/// Writes the new refcount table and blocks [`plan_rebuild`] laid out, counting themselves,
+/// then points the header at them. The old structure's clusters become free.
+fn rebuild_refcounts(
+    t: &mut Target,
+    mut a: Analysis,
+    layout: &Layout,
+    log: &mut Log,
+) -> Result<(), Error> {
+    let g = a.g;
+    log.push("Rebuilding refcount structure".to_owned());
+    for c in std::mem::take(&mut a.refstruct) {
+        let e = a.counts.get(c);
+        a.counts.set(c, e.saturating_sub(1));
+    }
+    let (start, nb, nt, end) = (layout.start, layout.nb, layout.nt, layout.end());
+    let blocks = &layout.blocks;
 
     // Block i of the new structure describes `blocks[i]` and lives at cluster start + i.
     let mut block = zeroed(g.cs, &t.path)?;
