@@ -9,10 +9,11 @@
 use crate::error::{Error, ErrorKind};
 use crate::format::{autoclear, compat, field, incompat, Header};
 use crate::io::BlockingReader;
-use crate::layer::TopLayer;
+use crate::layer::{Qcow2Layer, TopLayer};
 use crate::meta::{class, MetaMap, Refcounts};
 use crate::overlap::{FixedRanges, Hit, OverlapCheck};
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -88,9 +89,51 @@ pub(crate) fn open_writable(
     let path = layer.path.clone();
     let q = &mut layer.q;
     let h: &Header = &q.header;
+    refuse_unwritable(&path, h, lazy_refcounts)?;
+    let file_len = q
+        .file
+        .metadata()
+        .map_err(|e| Error::io(format!("Cannot stat {}", path.display()), e))?
+        .len();
+    let cs = h.cluster_size();
+    let (table, blocks) = load_refcount_blocks(&path, q, reader, file_len)?;
+    let (meta, fixed) = crate::overlap::load(&path, q, &table, file_len, reader, overlap)?;
+    let meta = Arc::new(meta);
+    let h: &Header = &q.header;
+    let refcounts = Refcounts::new(
+        h.refcount_order,
+        h.cluster_bits,
+        table,
+        (
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters),
+        ),
+        blocks,
+        file_len,
+        Arc::clone(&meta),
+    );
+    let header = header_for_writing(&path, q, reader, lazy_refcounts)?;
+    Ok(Writable {
+        refcounts: Mutex::new(refcounts),
+        header: Mutex::new(header),
+        lazy_refcounts,
+        failed: AtomicBool::new(false),
+        corrupt: AtomicBool::new(false),
+        meta,
+        fixed,
+        cluster_size: cs,
+        file_len: AtomicU64::new(file_len),
+        zero_flag: q.header.version >= 3,
+        block_writer: AtomicU32::new(0),
+    })
+}
+
+/// Refuses to write an image marked corrupt or still dirty, and lazy refcounts on a version 2
+/// image.
+fn refuse_unwritable(path: &Path, h: &Header, lazy_refcounts: bool) -> Result<(), Error> {
     if h.incompatible_features & incompat::CORRUPT != 0 {
         return Err(corrupt(
-            &path,
+            path,
             "the image is marked corrupt; it can only be served read-only (qemu-img check -r all repairs it)"
                 .into(),
         ));
@@ -99,7 +142,7 @@ pub(crate) fn open_writable(
         // Image::open repairs a dirty image before it gets here; a dirty bit now means the
         // repair could not clear it.
         return Err(corrupt(
-            &path,
+            path,
             "the image is still marked dirty after rebuilding its refcounts".into(),
         ));
     }
@@ -112,14 +155,22 @@ pub(crate) fn open_writable(
             ),
         ));
     }
-    let fd = q.file.as_raw_fd();
-    let file_len = q
-        .file
-        .metadata()
-        .map_err(|e| Error::io(format!("Cannot stat {}", path.display()), e))?
-        .len();
-    let cs = h.cluster_size();
+    Ok(())
+}
 
+/// A refcount table's entries and the blocks they point to (`None`: no block).
+type RefcountBlocks = (Vec<u64>, Vec<Option<Box<[u8]>>>);
+
+/// Reads the refcount table and every block it points to.
+fn load_refcount_blocks(
+    path: &Path,
+    q: &Qcow2Layer,
+    reader: &mut BlockingReader,
+    file_len: u64,
+) -> Result<RefcountBlocks, Error> {
+    let h = &q.header;
+    let fd = q.file.as_raw_fd();
+    let cs = h.cluster_size();
     // The refcount table and every block it points to.
     let mut table_bytes = vec![0u8; (u64::from(h.refcount_table_clusters) * cs) as usize];
     reader
@@ -153,7 +204,7 @@ pub(crate) fn open_writable(
         }
         if off % cs != 0 || off.checked_add(cs).is_none_or(|end| end > file_len) {
             return Err(corrupt(
-                &path,
+                path,
                 format!("refcount block {i} at {off:#x} is unaligned or past the end of the file"),
             ));
         }
@@ -166,21 +217,20 @@ pub(crate) fn open_writable(
         })?;
         blocks.push(Some(block));
     }
-    let (meta, fixed) = crate::overlap::load(&path, q, &table, file_len, reader, overlap)?;
-    let meta = Arc::new(meta);
-    let refcounts = Refcounts::new(
-        h.refcount_order,
-        h.cluster_bits,
-        table,
-        (
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters),
-        ),
-        blocks,
-        file_len,
-        Arc::clone(&meta),
-    );
+    Ok((table, blocks))
+}
 
+/// The header as it is to be on disk while the image is written: autoclear bits qcow2d does
+/// not maintain dropped, and with lazy refcounts the dirty bit set; written and made durable
+/// before the first write when it changed.
+fn header_for_writing(
+    path: &Path,
+    q: &Qcow2Layer,
+    reader: &mut BlockingReader,
+    lazy_refcounts: bool,
+) -> Result<HeaderState, Error> {
+    let h = &q.header;
+    let fd = q.file.as_raw_fd();
     // Header: drop autoclear bits qcow2d does not maintain; set the dirty bit for lazy
     // refcounts. Both durable before the first write.
     let mut header = HeaderState {
@@ -219,19 +269,7 @@ pub(crate) fn open_writable(
         }
     }
 
-    Ok(Writable {
-        refcounts: Mutex::new(refcounts),
-        header: Mutex::new(header),
-        lazy_refcounts,
-        failed: AtomicBool::new(false),
-        corrupt: AtomicBool::new(false),
-        meta,
-        fixed,
-        cluster_size: cs,
-        file_len: AtomicU64::new(file_len),
-        zero_flag: h.version >= 3,
-        block_writer: AtomicU32::new(0),
-    })
+    Ok(header)
 }
 
 impl Writable {
