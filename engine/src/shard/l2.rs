@@ -6,7 +6,7 @@
 //! Runs on the shard's thread, on the shard's own caches.
 
 use super::slab::{OpId, PartId};
-use super::write::top;
+use super::state::top;
 use super::{OpKind, PendingFree, ReqKind, State};
 use crate::error::IoError;
 use crate::format::{encode_l1_entry, l1_entry_copied};

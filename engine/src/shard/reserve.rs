@@ -6,7 +6,7 @@
 //!
 //! Runs on the shard's thread; only `State::reserve` takes the image's refcount mutex.
 
-use super::write::top;
+use super::state::top;
 use super::{os_error, State};
 use crate::error::IoError;
 use crate::meta::RefcountError;

@@ -16,8 +16,10 @@ use super::{Completion, ShardConfig};
 use crate::error::IoError;
 use crate::io::{AlignedBuf, ClusterInflater};
 use crate::layer::KindRef;
+use crate::layer::Qcow2Layer;
 use crate::meta::{SlotCache, U64Hasher, WaitList};
 use crate::shared::ImageInner;
+use crate::write::Writable;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
@@ -251,4 +253,15 @@ impl State {
             fail_flush_number: config.fail_flush_number,
         }
     }
+}
+
+/// The top image and its writable state, for the write paths (writes are refused before
+/// they reach a read-only image).
+pub(super) fn top(img: &ImageInner) -> (&Qcow2Layer, &Writable) {
+    let q = &img.top.q;
+    let w = img
+        .writable
+        .as_ref()
+        .expect("writes are refused before they reach a read-only image");
+    (q, w)
 }

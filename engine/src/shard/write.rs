@@ -10,6 +10,7 @@
 //! the old mapping until the entry changes, so they get old or new data, never garbage.
 
 use super::slab::{AllocId, PartId};
+use super::state::top;
 use super::{Buffer, OpKind, PendingFree, ReqKind, State};
 use crate::error::IoError;
 use crate::format::{be64_at, encode_l2_entry, ClusterMapping, L2Entry, SubclusterState};
@@ -18,7 +19,6 @@ use crate::io::{iov_copy_to, iov_subrange, Ring};
 use crate::layer::Qcow2Layer;
 use crate::meta::WaitList;
 use crate::shared::ImageInner;
-use crate::write::Writable;
 use std::sync::atomic::Ordering;
 
 /// An allocating write of one cluster in flight.
@@ -86,15 +86,6 @@ fn reads_zero(entry: &L2Entry, ext: bool, sc: u64, a: u64, b: u64, has_backing: 
         SubclusterState::Unallocated => !has_backing,
         _ => false,
     })
-}
-
-pub(super) fn top(img: &ImageInner) -> (&Qcow2Layer, &Writable) {
-    let q = &img.top.q;
-    let w = img
-        .writable
-        .as_ref()
-        .expect("writes are refused before they reach a read-only image");
-    (q, w)
 }
 
 impl State {
