@@ -4,10 +4,8 @@
 //! timeout. Where qemu-img refuses the image too, the test checks that first, which proves the
 //! patch really broke what it meant to break.
 
-mod common;
-
-use common::*;
 use qcow2d_engine::{ErrorKind, Image, OpenOptions};
+use qcow2d_tests::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

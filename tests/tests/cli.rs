@@ -1,9 +1,7 @@
 //! The `qcow2d` command line: `info` (text and JSON, checked against `qemu-img info`), `serve`
 //! (ready line, config files, SIGTERM, clients coming and going).
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use serde_json::Value;
 use std::ffi::OsStr;
 use std::path::Path;

@@ -2,9 +2,7 @@
 //! without a client), I/O limits measured against their settings (one export, a group of two),
 //! and SIGHUP reloads of the config file.
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use serde_json::Value;
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Write};

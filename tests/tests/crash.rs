@@ -18,9 +18,7 @@
 //! With `--lazy-refcounts` the kill leaves the dirty bit set: the test records what reopening
 //! does (the engine rebuilds the refcounts of a dirty image before it opens it writable).
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -18,9 +18,7 @@
 //! Adding a family is one row of the table. A row may name a documented deviation where
 //! qcow2d is stricter than QEMU for a reason the row states.
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;

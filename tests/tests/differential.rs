@@ -2,9 +2,7 @@
 //! `qemu-img convert -O raw` reads it, both through `Image::read_at` and through the daemon's
 //! vhost-user-blk socket (blkio client, two queues, several requests in flight).
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use std::path::{Path, PathBuf};
 
 /// An odd virtual size: not a multiple of any cluster size above 512.

@@ -3,9 +3,7 @@
 //! `direct = true` reaches the engine. Reads and writes through direct exports are tested in
 //! `differential.rs` (`direct_reads`) and `writes.rs` (`direct_*`).
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use std::path::Path;
 use std::process::Command;
 

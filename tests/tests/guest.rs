@@ -20,9 +20,7 @@
 //!
 //! Guests run one at a time (a static mutex): each takes both cores of a small machine.
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;

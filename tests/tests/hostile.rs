@@ -13,12 +13,10 @@
 //!   both exports keep answering and the attacked one takes the next connection.
 //!
 //! The daemon is the real binary (`QCOW2D_BIN` or target/debug/qcow2d); the frontend is
-//! `common::frontend`.
+//! `qcow2d_tests::frontend`.
 
-mod common;
-
-use common::frontend::{rss_kib, GuestRam, RawFrontend, T_IN};
-use common::*;
+use qcow2d_tests::frontend::{rss_kib, GuestRam, RawFrontend, T_IN};
+use qcow2d_tests::*;
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};

@@ -13,9 +13,7 @@
 //!   writer, and of a second `qcow2d serve` and a second qemu-storage-daemon, writable and
 //!   read-only.
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;

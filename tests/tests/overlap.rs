@@ -4,9 +4,7 @@
 //! on, the header keeps its content with the corrupt bit set, `qemu-img check` still reads
 //! the image (and reports the damage), and what was written before reads back.
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -4,9 +4,7 @@
 //! option, for `serve`, `info` and `check`; FIFOs and device nodes are refused without
 //! blocking; relative names still resolve against the directory of the image naming them.
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;

@@ -6,9 +6,7 @@
 //! The forbidden-call and open hooks (`QCOW2D_DEBUG_FORBIDDEN_SYSCALL`,
 //! `QCOW2D_DEBUG_OPEN_IMAGE`) exist in debug builds only, which is what these tests run.
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};

@@ -19,9 +19,7 @@
 //! `--lazy-refcounts` (dirty bit while serving, clean after SIGTERM), and interoperability
 //! with QEMU in both directions.
 
-mod common;
-
-use common::*;
+use qcow2d_tests::*;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};

@@ -84,8 +84,14 @@ impl GuestRam {
         self.ptr as u64
     }
 
+    /// The size of the guest memory in bytes.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Never true for a mapping made by [`GuestRam::new`]; here for the `len` convention.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     pub fn write(&self, at: u64, bytes: &[u8]) {
