@@ -4,14 +4,25 @@
 //! planner then asks it what one subcluster maps to ([`SubclusterState`]). Invalid combinations
 //! of bits are reported as corruption, never guessed at.
 
-/// Mask of the host offset in L1 entries and standard-cluster L2 entries (bits 9..=55).
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Bit 63: refcount is exactly one (COPIED).
-const COPIED: u64 = 1 << 63;
-/// Bit 62: the cluster is compressed.
-const COMPRESSED: u64 = 1 << 62;
-/// Bit 0: the cluster reads as zeros (standard L2 entries only).
-const ZERO: u64 = 1;
+/// The bits of L1 and L2 entries, for code that inspects raw entries (the checker, which
+/// reports what the decoders below ignore).
+pub mod mask {
+    /// Host offset in L1 entries and in L2 entries of standard clusters (bits 9..=55).
+    pub const OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
+    /// Bit 63: the refcount is exactly one (COPIED), in L1 and L2 entries.
+    pub const COPIED: u64 = 1 << 63;
+    /// Bit 62 of an L2 entry: the cluster is compressed.
+    pub const COMPRESSED: u64 = 1 << 62;
+    /// Bit 0 of a standard L2 entry: the cluster reads as zeros.
+    pub const ZERO: u64 = 1;
+    /// Bits of an L1 entry that must be zero.
+    pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+    /// Bits of a standard (not compressed) L2 entry that must be zero, bit 0 aside (the zero
+    /// flag; reserved with extended L2 entries, where QEMU's check does not report it).
+    pub const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+}
+
+use mask::{COMPRESSED, COPIED, OFFSET as OFFSET_MASK, ZERO};
 
 /// Decodes an L1 entry into the host offset of its L2 table (`None` when unallocated).
 ///

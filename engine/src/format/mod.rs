@@ -1,26 +1,34 @@
 //! Pure parsing and encoding of QCOW2 on-disk structures: header, header extensions, L1/L2
-//! entries, compressed-cluster descriptors and their decompression, the snapshot table.
+//! entries, compressed-cluster descriptors and their decompression, refcount blocks and table
+//! entries, the snapshot table, the bitmap directory and bitmap tables.
 //!
 //! Nothing here performs I/O or holds state; every function takes bytes and returns values or a
 //! [`FormatError`]. Callers on any thread may use it. All integers on disk are big endian.
 #![forbid(unsafe_code)]
 
+mod bitmap;
 mod compress;
 mod entry;
 mod header;
 mod refcount;
 mod snapshot;
 
+pub use bitmap::{
+    bitmap_directory, decode_bitmap_table_entry, BitmapDirEntry, BITMAP_DIR_ENTRY_BYTES,
+    MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAP_TABLE_ENTRIES,
+};
 pub use compress::{inflate_cluster, InflateError, Inflater};
 pub use entry::{
-    decode_l1_entry, encode_l1_entry, encode_l2_entry, l1_entry_copied, ClusterMapping,
+    decode_l1_entry, encode_l1_entry, encode_l2_entry, l1_entry_copied, mask, ClusterMapping,
     CompressedDescriptor, L2Entry, SubclusterState,
 };
 pub use header::{
     field, CompressionType, Extension, FeatureKind, FeatureName, Header, BACKING_FORMAT_EXT,
     BITMAPS_EXT, CRYPTO_EXT, DATA_FILE_EXT, FEATURE_NAME_TABLE_EXT, MAGIC,
 };
-pub use refcount::{refcount_get, refcount_max, refcount_set};
+pub use refcount::{
+    refcount_get, refcount_max, refcount_set, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
+};
 pub use snapshot::{
     encode_table as encode_snapshot_table, read_table as read_snapshot_table, SnapshotEntry,
     SnapshotReadError, SnapshotTable, MAX_SNAPSHOT_EXTRA_BYTES, MAX_SNAPSHOT_TABLE_BYTES,

@@ -1,5 +1,10 @@
 //! Refcount blocks: entries of 1 to 64 bits, packed big endian; sub-byte widths are packed
-//! starting from the least significant bit of each byte.
+//! starting from the least significant bit of each byte. Refcount table entries.
+
+/// Refcount table entry: offset of the refcount block.
+pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Refcount table entry: bits that must be zero.
+pub const REFT_RESERVED_MASK: u64 = 0x1ff;
 
 /// Reads entry `index` of a refcount block with entries of `1 << order` bits.
 ///
