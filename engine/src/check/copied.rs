@@ -1,0 +1,215 @@
+//! The COPIED flags of the active L1 table and of the L2 tables it points at: checked
+//! against the stored refcounts as QEMU's `check_oflag_copied` does, or, in a repair, cleared
+//! where unsafe before the refcounts change and set to match once they are right. Runs on
+//! the thread that called [`super::check`].
+#![forbid(unsafe_code)]
+
+use std::collections::HashSet;
+
+use super::stored::Stored;
+use super::walk::{classify, Analysis, Kind};
+use super::{zeroed, Log, Target};
+use crate::error::Error;
+use crate::format::be64_at;
+use crate::format::mask::{self, COMPRESSED, COPIED};
+
+/// What a pass over the COPIED flags does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FlagMode {
+    /// Count flags that disagree with the stored refcounts, as QEMU does.
+    Check,
+    /// Before refcounts change: clear COPIED wherever the expected refcount is not 1, so
+    /// that a crash in the middle of the repair never leaves a shared cluster marked as
+    /// writable in place.
+    ClearUnsafe,
+    /// Once the refcounts are right: make every flag match the expected refcount.
+    Fix,
+}
+
+impl Analysis {
+    /// The refcount a COPIED flag is judged by: the stored one when checking (as QEMU's
+    /// `check_oflag_copied` does), the expected one when repairing a cluster whose refcount
+    /// the repair compares (and so makes the stored one), the stored one past those (a
+    /// reference past the end of the file is not counted, and its stored refcount stays).
+    /// `None`: not judged.
+    pub(super) fn flag_refcount(
+        &self,
+        t: &mut Target,
+        stored: &mut Stored,
+        mode: FlagMode,
+        c: u64,
+    ) -> Result<Option<u64>, Error> {
+        match mode {
+            FlagMode::Check => stored.get(t, c),
+            FlagMode::ClearUnsafe | FlagMode::Fix if c < self.compare_len() => {
+                Ok(self.expected_at(c))
+            }
+            FlagMode::ClearUnsafe | FlagMode::Fix => stored.get(t, c),
+        }
+    }
+
+    /// Checks or fixes the COPIED flags of the active L1 table and of the L2 tables it points
+    /// at, as QEMU's `check_oflag_copied` does; fixing also clears COPIED on compressed
+    /// clusters of every L2 table. `log` receives what was repaired (unused when checking,
+    /// where mismatches are counted as corruptions). Returns how many entries changed.
+    pub(super) fn copied_pass(
+        &mut self,
+        t: &mut Target,
+        stored: &mut Stored,
+        mode: FlagMode,
+        log: &mut Log,
+    ) -> Result<u64, Error> {
+        let g = self.g;
+        let fixing = mode != FlagMode::Check;
+        let verb = if fixing { "Repairing" } else { "ERROR" };
+        let (l1_off, l1_size) = (self.header.l1_table_offset, self.header.l1_size);
+        let mut l1 = zeroed(u64::from(l1_size) * 8, &t.path)?;
+        t.read(l1_off, &mut l1, "the active L1 table")?;
+        let mut l2 = zeroed(g.cs, &t.path)?;
+        let mut fixed = 0u64;
+        let mut done_tables = HashSet::new();
+        for (i, chunk) in l1.chunks_exact(8).enumerate() {
+            let raw = be64_at(chunk, 0);
+            let l2_off = raw & mask::OFFSET;
+            if l2_off == 0 {
+                continue;
+            }
+            // Invalid tables were reported by the counting pass; QEMU still checks their
+            // flags (reading zeros past the end of the file), but they are never rewritten.
+            let valid = l2_off.is_multiple_of(g.cs) && l2_off >> g.cb < g.file_clusters;
+            if fixing && !valid {
+                continue;
+            }
+            let Some(rc) = self.flag_refcount(t, stored, mode, l2_off >> g.cb)? else {
+                continue;
+            };
+            let copied = raw & COPIED != 0;
+            if (rc == 1) != copied && (mode != FlagMode::ClearUnsafe || copied) {
+                let msg = format!(
+                    "{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={raw:x} refcount={rc}"
+                );
+                let entry_off = l1_off + (i as u64) * 8;
+                if !fixing {
+                    self.corrupt(msg);
+                } else if self.expected_at(entry_off >> g.cb) != Some(1) {
+                    log.push(format!(
+                        "Not repairing L1 entry {i}: the L1 table overlaps other metadata"
+                    ));
+                } else {
+                    log.push(msg);
+                    let new = if rc == 1 { raw | COPIED } else { raw & !COPIED };
+                    t.write(entry_off, &new.to_be_bytes(), "an L1 entry")?;
+                    fixed += 1;
+                }
+            }
+            if !done_tables.insert(l2_off) {
+                continue;
+            }
+            t.read(l2_off, &mut l2, "an L2 table")?;
+            let mut dirty = false;
+            for j in 0..l2.len() / g.esz {
+                let at = j * g.esz;
+                let e = be64_at(&l2, at);
+                let copied = e & COPIED != 0;
+                let want = match classify(e, &g) {
+                    Kind::Alloc(off) => {
+                        let rc = if g.data_file {
+                            1
+                        } else {
+                            match self.flag_refcount(t, stored, mode, off >> g.cb)? {
+                                Some(rc) => rc,
+                                None => continue,
+                            }
+                        };
+                        if (rc == 1) == copied || (mode == FlagMode::ClearUnsafe && !copied) {
+                            continue;
+                        }
+                        let msg = format!(
+                            "{verb} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
+                        );
+                        if !fixing {
+                            self.corrupt(msg);
+                            continue;
+                        }
+                        log.push(msg);
+                        e ^ COPIED
+                    }
+                    Kind::Compressed if copied && fixing => e & !COPIED,
+                    _ => continue,
+                };
+                if let Some(slot) = l2.get_mut(at..at + 8) {
+                    slot.copy_from_slice(&want.to_be_bytes());
+                    dirty = true;
+                    fixed += 1;
+                }
+            }
+            if dirty {
+                self.write_l2(t, l2_off, &l2, log)?;
+            }
+        }
+        if !fixing {
+            return Ok(fixed);
+        }
+        // Compressed clusters with COPIED in L2 tables only snapshots point at.
+        let mut others: Vec<u64> = self
+            .l2_tables
+            .iter()
+            .filter(|(&off, u)| !u.active && off != 0)
+            .map(|(&off, _)| off)
+            .collect();
+        others.sort_unstable();
+        for l2_off in others {
+            t.read(l2_off, &mut l2, "an L2 table")?;
+            let mut dirty = false;
+            for j in 0..l2.len() / g.esz {
+                let at = j * g.esz;
+                let e = be64_at(&l2, at);
+                if e & COMPRESSED != 0 && e & COPIED != 0 {
+                    if let Some(slot) = l2.get_mut(at..at + 8) {
+                        slot.copy_from_slice(&(e & !COPIED).to_be_bytes());
+                        dirty = true;
+                        fixed += 1;
+                    }
+                }
+            }
+            if dirty {
+                self.write_l2(t, l2_off, &l2, log)?;
+            }
+        }
+        Ok(fixed)
+    }
+
+    /// Writes back an L2 table whose flags were fixed, unless its cluster is also used as
+    /// something other than an L2 table.
+    pub(super) fn write_l2(
+        &self,
+        t: &mut Target,
+        l2_off: u64,
+        table: &[u8],
+        log: &mut Log,
+    ) -> Result<(), Error> {
+        let refs = self.l2_tables.get(&l2_off).map_or(0, |u| u.refs);
+        if self.expected_at(l2_off >> self.g.cb) != Some(refs) {
+            log.push(format!(
+                "Not rewriting the L2 table at {l2_off:#x}: its cluster is also used by other metadata"
+            ));
+            return Ok(());
+        }
+        t.write(l2_off, table, "an L2 table")
+    }
+}
+
+/// Rewrites COPIED flags according to the expected refcounts (see [`FlagMode`]).
+pub(super) fn fix_copied_flags(
+    t: &mut Target,
+    a: &mut Analysis,
+    mode: FlagMode,
+    log: &mut Log,
+) -> Result<(), Error> {
+    let mut stored = Stored::new(a);
+    let fixed = a.copied_pass(t, &mut stored, mode, log)?;
+    if fixed > 0 {
+        t.sync()?;
+    }
+    Ok(())
+}

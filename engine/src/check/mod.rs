@@ -1,0 +1,498 @@
+//! Consistency check and repair of a QCOW2 image's reference counts, like `qemu-img check`.
+//!
+//! [`check`] recomputes the reference count every host cluster of the image file should have,
+//! from everything that points at it (header, L1 tables of the active state and of every
+//! internal snapshot, L2 tables, data and preallocated clusters, the host clusters a compressed
+//! cluster's sectors touch, the snapshot table, the refcount table and blocks, the bitmap
+//! directory, tables and data, the encryption header), counting the way QEMU's
+//! `qcow2_check_refcounts` does, and compares it with the stored refcounts. It also checks what
+//! QEMU checks along the way: alignment and reserved bits of table entries, subcluster bitmaps,
+//! compressed clusters where they are not allowed, and the COPIED flags of the active L1 and L2
+//! tables against the stored refcounts. With `repair` it rewrites the refcounts (in place when
+//! the existing refcount blocks can hold them, otherwise as a new refcount structure appended
+//! to the file), fixes COPIED flags, clears the dirty and corrupt bits once nothing is
+//! corrupt, and checks again. Every value read from the file is validated before it is used as
+//! an offset, a size or an index; I/O errors end the check with an [`Error`].
+#![forbid(unsafe_code)]
+
+mod copied;
+mod repair;
+mod stored;
+mod walk;
+
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use crate::error::{Error, ErrorKind};
+use crate::format::{autoclear, field, incompat, FormatError, Header};
+use crate::io::{BlockingReader, Role};
+use copied::{fix_copied_flags, FlagMode};
+use repair::{
+    fix_refcounts, fix_zero_entries, needs_rebuild, plan_rebuild, rebuild_refcounts,
+    rewrite_snapshots,
+};
+use walk::{analyze, read_header, read_snapshots};
+
+/// Most memory the expected-refcount array of one check may take. The array holds one entry
+/// of the image's refcount width per host cluster, up to the highest cluster that metadata
+/// references (not the file's length: a huge sparse file costs only what it uses), as QEMU's
+/// in-memory refcount table does; a check that would need more fails ("check not
+/// completed").
+pub const MAX_CHECK_MEMORY: u64 = 256 << 20;
+/// How many mismatching clusters a report lists; the counts cover all of them.
+pub const MAX_LISTED_CLUSTERS: usize = 100;
+/// How many messages a report keeps; the rest are counted in one final message.
+const MAX_MESSAGES: usize = 1000;
+
+/// The result of [`check`]: what is inconsistent, and statistics as `qemu-img check` gives them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CheckReport {
+    /// Errors that may corrupt data: clusters whose stored refcount is lower than the number
+    /// of references, and invalid metadata (misaligned or reserved bits, wrong COPIED flags,
+    /// references past the end of the file, ...).
+    pub corruptions: u64,
+    /// Clusters whose stored refcount is higher than the number of references.
+    pub leaks: u64,
+    /// The first [`MAX_LISTED_CLUSTERS`] clusters with too low a refcount, as
+    /// (host offset, stored refcount, expected refcount).
+    pub corrupt_clusters: Vec<(u64, u64, u64)>,
+    /// The first [`MAX_LISTED_CLUSTERS`] leaked clusters, as
+    /// (host offset, stored refcount, expected refcount).
+    pub leaked_clusters: Vec<(u64, u64, u64)>,
+    /// Corruptions the repair fixed (0 without repair).
+    pub corruptions_fixed: u64,
+    /// Leaks the repair fixed (0 without repair).
+    pub leaks_fixed: u64,
+    /// One past the last byte of the highest host cluster that is referenced or has a
+    /// non-zero refcount.
+    pub image_end_offset: u64,
+    /// Guest clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Guest clusters allocated in the active L2 tables (data, preallocated zero, compressed).
+    pub allocated_clusters: u64,
+    /// Compressed guest clusters in the active L2 tables.
+    pub compressed_clusters: u64,
+    /// Allocated guest clusters that do not follow the previous one in the file (per L2
+    /// table, as QEMU counts them; compressed clusters always count).
+    pub fragmented_clusters: u64,
+    /// Stored refcounts that could not be read (a misaligned refcount block), as QEMU
+    /// counts them: the check is not complete (exit status 1).
+    pub check_errors: u64,
+    /// Whether the image was opened for repair (the counts describe the state after it).
+    pub repaired: bool,
+    /// What was found and done, one line each, worded like `qemu-img check`'s messages.
+    pub messages: Vec<String>,
+}
+
+impl CheckReport {
+    /// The exit status `qemu-img check` would give: 1 when refcounts could not be read
+    /// (check errors), else 0 when consistent, 2 when corruptions remain, 3 when only leaks
+    /// remain. (A check that cannot run at all is an `Err` of [`check`], also status 1.)
+    pub fn exit_code(&self) -> i32 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+/// Prints the summary `qemu-img check` prints on stdout; [`CheckReport::messages`] are the
+/// lines it prints on stderr and are not included.
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.corruptions_fixed > 0 || self.leaks_fixed > 0 {
+            write!(
+                f,
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+                self.leaks_fixed, self.corruptions_fixed
+            )?;
+        }
+        if self.check_errors > 0 {
+            write!(
+                f,
+                "\n{} internal errors have occurred during the check.\n",
+                self.check_errors
+            )?;
+        }
+        if self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0 {
+            writeln!(f, "No errors were found on the image.")?;
+        } else {
+            if self.corruptions > 0 {
+                write!(
+                    f,
+                    "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
+                    self.corruptions
+                )?;
+            }
+            if self.leaks > 0 {
+                write!(
+                    f,
+                    "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n",
+                    self.leaks
+                )?;
+            }
+        }
+        if self.total_clusters > 0 && self.allocated_clusters > 0 {
+            let alloc = self.allocated_clusters as f64;
+            writeln!(
+                f,
+                "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+                self.allocated_clusters,
+                self.total_clusters,
+                alloc * 100.0 / self.total_clusters as f64,
+                self.fragmented_clusters as f64 * 100.0 / alloc,
+                self.compressed_clusters as f64 * 100.0 / alloc,
+            )?;
+        }
+        writeln!(f, "Image end offset: {}", self.image_end_offset)
+    }
+}
+
+/// Checks the image at `path` and, with `repair`, repairs it.
+///
+/// Without `repair` the file is opened read-only with QEMU-compatible reader locks and nothing
+/// is written. With `repair` it is opened read-write with writer locks; leaks and refcount
+/// corruptions are fixed by rewriting refcounts, wrong COPIED flags are fixed, the dirty and
+/// corrupt bits are cleared when no corruption remains, and the returned report describes the
+/// image after the repair (`repaired` is set). Errors the repair cannot fix (such as
+/// references past the end of the file) stay in the report's counts and messages.
+///
+/// `Err` means the check could not be completed: the file cannot be opened, locked, read or
+/// written, its header is invalid or uses an unsupported feature, or checking it would need
+/// more than [`MAX_CHECK_MEMORY`] bytes.
+pub fn check(path: &Path, repair: bool) -> Result<CheckReport, Error> {
+    run(path, repair, false)
+}
+
+/// The repair a writable open runs on an image left dirty (lazy refcounts): [`check`] with
+/// `repair`, except that, as QEMU refuses to open such an image when its refcounts cannot
+/// all be read (check errors), it fails then, before writing anything.
+pub(crate) fn repair_dirty(path: &Path) -> Result<CheckReport, Error> {
+    run(path, true, true)
+}
+
+fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckReport, Error> {
+    let mut t = Target::open(path, repair)?;
+    let mut log = Log::default();
+    let header = read_header(&mut t)?;
+    let (snapshots, cut) = read_snapshots(&mut t, &header, repair, &mut log)?;
+    if cut > 0 {
+        // As QEMU does: lower the count at once (what was dropped leaks, and is freed by
+        // the refcount repair below).
+        t.write(
+            field::NB_SNAPSHOTS as u64,
+            &(snapshots.entries.len() as u32).to_be_bytes(),
+            "the snapshot count",
+        )?;
+        t.sync()?;
+    }
+    let mut first = analyze(&mut t, &snapshots)?;
+    if refuse_check_errors && first.check_errors > 0 {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "{}: cannot repair the dirty image: {} refcounts cannot be read (a refcount block is misaligned); qcow2d check --repair rebuilds them",
+                t.path, first.check_errors
+            ),
+        ));
+    }
+    header_notes(&first.header, &mut log);
+    log.append(&first.log);
+    if !repair {
+        let mut report = first.report(false);
+        report.messages = log.into_vec();
+        return Ok(report);
+    }
+
+    let (first_corruptions, first_leaks) = (first.corruptions + cut, first.leaks);
+    let mut snapshots = snapshots;
+    if fix_zero_entries(&mut t, &first, &mut log)? > 0 {
+        first = analyze(&mut t, &snapshots)?;
+    }
+    let rewrite =
+        snapshots.extra_truncated > 0 || (first.header.version >= 3 && snapshots.incomplete() > 0);
+    if rewrite && first.past_eof > 0 {
+        // The new table would need refcounts only a rebuild can give it, and a rebuild is
+        // refused: it would stay a corruption of its own.
+        log.push(format!(
+            "Not writing the snapshot table again: {} reference(s) point past the end of the file",
+            first.past_eof
+        ));
+    } else if rewrite {
+        snapshots = rewrite_snapshots(&mut t, &first, snapshots, &mut log)?;
+        first = analyze(&mut t, &snapshots)?;
+    }
+    if first.mismatches > 0 || first.rebuild {
+        // Whether the refcounts can be made right is decided before anything is written:
+        // the COPIED flags are judged by the refcounts, so they change only with them.
+        let layout = if needs_rebuild(&first) {
+            Some(plan_rebuild(&first, &t.path)?)
+        } else {
+            None
+        };
+        let blocked = layout
+            .as_ref()
+            .is_some_and(|l| first.past_eof_from < (l.end() + 1).saturating_mul(first.g.cs));
+        if blocked {
+            // The new structure, appended to the file, would land where a reference past
+            // the end of the file points (or bring it within a cluster of the end).
+            log.push(format!(
+                "Not rebuilding the refcount structure: a reference past the end of the file points at {:#x}, where the new one would go",
+                first.past_eof_from
+            ));
+        } else {
+            // Clearing COPIED is always safe, setting it only once the refcount is right.
+            fix_copied_flags(&mut t, &mut first, FlagMode::ClearUnsafe, &mut log)?;
+            match layout {
+                Some(layout) => rebuild_refcounts(&mut t, first, &layout, &mut log)?,
+                None => fix_refcounts(&mut t, first, &mut log)?,
+            }
+        }
+    } else {
+        drop(first);
+    }
+
+    let mut second = analyze(&mut t, &snapshots)?;
+    if second.corruptions > 0 {
+        if second.mismatches == 0 && !second.rebuild {
+            fix_copied_flags(&mut t, &mut second, FlagMode::Fix, &mut log)?;
+        } else {
+            log.push("Not fixing COPIED flags: the refcounts are still inconsistent".to_owned());
+        }
+    }
+    drop(second);
+
+    // Header writes come before the final analysis, which must see the file as a fresh
+    // check will (an L2 table may share the header's cluster).
+    let header = read_header(&mut t)?;
+    let unknown_autoclear = header.autoclear_features & !autoclear::KNOWN;
+    if unknown_autoclear != 0 {
+        // As QEMU does when it opens an image for writing: nothing maintains these bits.
+        t.write(
+            field::AUTOCLEAR as u64,
+            &(header.autoclear_features & autoclear::KNOWN).to_be_bytes(),
+            "the autoclear features",
+        )?;
+        t.sync()?;
+        log.push(format!(
+            "Cleared the unknown autoclear feature bits {unknown_autoclear:#x}"
+        ));
+    }
+    let mut fin = analyze(&mut t, &snapshots)?;
+    if fin.corruptions == 0 && fin.check_errors == 0 && fin.header.version >= 3 {
+        let flags = incompat::DIRTY | incompat::CORRUPT;
+        let old = fin.header.incompatible_features;
+        if old & flags != 0 {
+            t.write(
+                field::INCOMPATIBLE as u64,
+                &(old & !flags).to_be_bytes(),
+                "the incompatible features",
+            )?;
+            t.sync()?;
+            log.push(format!(
+                "Cleared the {} in the header",
+                fin.header
+                    .feature_list(crate::format::FeatureKind::Incompatible, old & flags)
+            ));
+            fin = analyze(&mut t, &snapshots)?;
+        }
+    }
+    let mut report = fin.report(true);
+    let mut still = Log::default();
+    if fin.corruptions > 0 {
+        header_notes(&fin.header, &mut still);
+    }
+    still.append(&fin.log);
+    report.messages = still.into_vec();
+    report.corruptions_fixed = first_corruptions.saturating_sub(report.corruptions);
+    report.leaks_fixed = first_leaks.saturating_sub(report.leaks);
+    let mut messages = log.into_vec();
+    if !report.messages.is_empty() {
+        messages.push("Double checking the fixed image now...".to_owned());
+        messages.append(&mut report.messages);
+    }
+    report.messages = messages;
+    Ok(report)
+}
+
+/// Notes on the header's dirty and corrupt bits (not counted as errors, as in QEMU).
+fn header_notes(h: &Header, log: &mut Log) {
+    if h.incompatible_features & incompat::DIRTY != 0 {
+        log.push(
+            "The image is marked dirty: its refcounts may be stale (lazy refcounts)".to_owned(),
+        );
+    }
+    if h.incompatible_features & incompat::CORRUPT != 0 {
+        log.push("The image is marked corrupt".to_owned());
+    }
+}
+
+/// The opened image file.
+struct Target {
+    path: String,
+    file: File,
+    io: BlockingReader,
+}
+
+impl Target {
+    /// Opens and locks the image as an open of the engine does (the same checks of the
+    /// path, the same QEMU-compatible locks for readers or writers, the same errors).
+    fn open(path: &Path, write: bool) -> Result<Target, Error> {
+        let name = path.display().to_string();
+        let file = crate::paths::open_image(path, write)?;
+        let role = if write {
+            Role::Qcow2Writer
+        } else {
+            Role::Qcow2Reader
+        };
+        crate::layer::lock_file(&file, path, role)?;
+        let io = BlockingReader::new()
+            .map_err(|e| Error::io(format!("{name}: cannot create an io_uring"), e))?;
+        Ok(Target {
+            path: name,
+            file,
+            io,
+        })
+    }
+
+    fn len(&self) -> Result<u64, Error> {
+        crate::layer::file_len(&self.file, Path::new(&self.path))
+    }
+
+    /// Reads `buf.len()` bytes at `off`; what lies past the end of the file reads as zeros
+    /// (as QEMU's reads do).
+    fn read(&mut self, off: u64, buf: &mut [u8], what: &str) -> Result<(), Error> {
+        if off > i64::MAX as u64 {
+            // No file reaches there.
+            buf.fill(0);
+            return Ok(());
+        }
+        let n = self
+            .io
+            .read_at(self.file.as_raw_fd(), buf, off)
+            .map_err(|e| Error::io(format!("{}: cannot read {what} at {off:#x}", self.path), e))?;
+        if let Some(rest) = buf.get_mut(n..) {
+            rest.fill(0);
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, off: u64, buf: &[u8], what: &str) -> Result<(), Error> {
+        self.io
+            .write_all_at(self.file.as_raw_fd(), buf, off)
+            .map_err(|e| Error::io(format!("{}: cannot write {what} at {off:#x}", self.path), e))
+    }
+
+    fn sync(&mut self) -> Result<(), Error> {
+        self.io
+            .fdatasync(self.file.as_raw_fd())
+            .map_err(|e| Error::io(format!("{}: fdatasync failed", self.path), e))
+    }
+}
+
+fn to_usize(v: u64, path: &str) -> Result<usize, Error> {
+    usize::try_from(v).map_err(|_| {
+        Error::new(
+            ErrorKind::Unsupported,
+            format!("{path}: {v} does not fit in memory"),
+        )
+    })
+}
+
+fn zeroed(len: u64, path: &str) -> Result<Vec<u8>, Error> {
+    let n = to_usize(len, path)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::new(
+            ErrorKind::Io,
+            format!("{path}: cannot allocate {len} bytes for the check"),
+        )
+    })?;
+    v.resize(n, 0);
+    Ok(v)
+}
+
+fn format_error(path: &str, e: FormatError) -> Error {
+    let kind = match e {
+        FormatError::UnsupportedFeature { .. }
+        | FormatError::Encrypted(_)
+        | FormatError::UnsupportedVersion(_) => ErrorKind::Unsupported,
+        _ => ErrorKind::InvalidImage,
+    };
+    Error::with_source(kind, format!("Cannot check {path}"), e)
+}
+
+/// Messages, bounded so that a garbage image cannot make the report unbounded.
+#[derive(Clone, Debug, Default)]
+struct Log {
+    lines: Vec<String>,
+    dropped: u64,
+}
+
+impl Log {
+    fn push(&mut self, line: String) {
+        if self.lines.len() < MAX_MESSAGES {
+            self.lines.push(line);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    fn append(&mut self, other: &Log) {
+        for line in &other.lines {
+            self.push(line.clone());
+        }
+        self.dropped += other.dropped;
+    }
+
+    fn into_vec(mut self) -> Vec<String> {
+        if self.dropped > 0 {
+            self.lines
+                .push(format!("... and {} more messages", self.dropped));
+        }
+        self.lines
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(corruptions: u64, leaks: u64) -> CheckReport {
+        CheckReport {
+            corruptions,
+            leaks,
+            image_end_offset: 327680,
+            total_clusters: 64,
+            allocated_clusters: 2,
+            ..CheckReport::default()
+        }
+    }
+
+    #[test]
+    fn display_and_exit_code_follow_qemu_img() {
+        let r = report(0, 0);
+        assert_eq!(r.exit_code(), 0);
+        assert_eq!(
+            r.to_string(),
+            "No errors were found on the image.\n2/64 = 3.12% allocated, 0.00% fragmented, 0.00% compressed clusters\nImage end offset: 327680\n"
+        );
+        let r = report(0, 3);
+        assert_eq!(r.exit_code(), 3);
+        assert!(r
+            .to_string()
+            .contains("\n3 leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n"));
+        let r = report(2, 3);
+        assert_eq!(r.exit_code(), 2);
+        let s = r.to_string();
+        assert!(s.contains("\n2 errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n"), "{s}");
+        assert!(s.ends_with("Image end offset: 327680\n"));
+    }
+}

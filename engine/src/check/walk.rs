@@ -1,0 +1,827 @@
+//! The counting walk of a check: everything that points at a host cluster (the header, the
+//! L1 tables of the active state and of every internal snapshot, their L2 tables, data and
+//! preallocated clusters, the host clusters a compressed cluster's sectors touch, the snapshot
+//! table, the refcount table and blocks, the bitmap directory, tables and data, the
+//! encryption header) is counted into an array of expected refcounts, with the errors QEMU's
+//! `qcow2_check_refcounts` reports along the way (alignment and reserved bits of entries,
+//! subcluster bitmaps, compressed clusters where they are not allowed, references past the
+//! end of the file).
+//!
+//! This is the check's own implementation of the counting, independent of the refcount
+//! bookkeeping of the allocator (`meta/`) whose results it judges: it shares only the format
+//! layer's parsers. It runs on the thread that called [`super::check`].
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+
+use super::copied::FlagMode;
+use super::stored::Stored;
+use super::{format_error, zeroed, CheckReport, Log, Target, MAX_CHECK_MEMORY};
+use crate::error::{Error, ErrorKind};
+use crate::format::mask::{self, COMPRESSED, COPIED, ZERO};
+use crate::format::{
+    autoclear, be64_at, bitmap_directory, decode_bitmap_table_entry, refcount_get, refcount_max,
+    refcount_set, BitmapDirEntry, CompressedDescriptor, Header, L2Entry, SnapshotReadError,
+    SnapshotTable, MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAP_TABLE_ENTRIES, MAX_L1_BYTES,
+    MAX_SNAPSHOTS, REFT_OFFSET_MASK, REFT_RESERVED_MASK, SNAPSHOT_HEADER_BYTES,
+    SNAPSHOT_KNOWN_EXTRA_BYTES,
+};
+
+/// Sizes derived from the header and the file.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Geo {
+    pub(super) cb: u32,
+    pub(super) cs: u64,
+    pub(super) order: u32,
+    pub(super) rc_max: u64,
+    pub(super) extended: bool,
+    pub(super) data_file: bool,
+    /// Bytes per L2 entry.
+    pub(super) esz: usize,
+    pub(super) file_len: u64,
+    /// Host clusters the file (partly) covers. References may reach one cluster further
+    /// (QEMU counts a region that ends less than a cluster past the end of the file).
+    pub(super) file_clusters: u64,
+    /// Refcount entries per refcount block.
+    pub(super) epb: u64,
+}
+
+impl Geo {
+    pub(super) fn new(h: &Header, file_len: u64, path: &str) -> Result<Geo, Error> {
+        let cs = h.cluster_size();
+        let file_clusters = file_len.div_ceil(cs);
+        let _ = path;
+        Ok(Geo {
+            cb: h.cluster_bits,
+            cs,
+            order: h.refcount_order,
+            rc_max: refcount_max(h.refcount_order),
+            extended: h.extended_l2(),
+            data_file: h.has_data_file(),
+            esz: if h.extended_l2() { 16 } else { 8 },
+            file_len,
+            file_clusters,
+            epb: (cs * 8) >> h.refcount_order,
+        })
+    }
+
+    /// Whether `len` bytes at `off` lie inside the file.
+    pub(super) fn in_file(&self, off: u64, len: u64) -> bool {
+        off.checked_add(len).is_some_and(|end| end <= self.file_len)
+    }
+}
+
+pub(super) fn memory_error(path: &str, clusters: u64, order: u32) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!(
+            "{path}: checking references to {clusters} host clusters needs {} MiB for reference counts, more than the limit of {} MiB",
+            (clusters << order >> 3) >> 20,
+            MAX_CHECK_MEMORY >> 20
+        ),
+    )
+}
+
+/// Expected refcounts, packed at the image's refcount width exactly like a refcount block
+/// (so a block can be written straight from it), growing to the highest cluster referenced.
+#[derive(Clone, Debug)]
+pub(super) struct Counts {
+    pub(super) order: u32,
+    pub(super) bytes: Vec<u8>,
+    /// Clusters the array covers.
+    pub(super) len: u64,
+}
+
+impl Counts {
+    pub(super) fn new(order: u32) -> Counts {
+        Counts {
+            order,
+            bytes: Vec::new(),
+            len: 0,
+        }
+    }
+
+    pub(super) fn get(&self, c: u64) -> u64 {
+        if c >= self.len {
+            return 0;
+        }
+        // c < len, and `bytes` holds `len` entries.
+        refcount_get(&self.bytes, self.order, c as usize)
+    }
+
+    /// Makes the array cover clusters `0..clusters`; false when that needs more than
+    /// [`MAX_CHECK_MEMORY`] or the allocation fails.
+    pub(super) fn grow(&mut self, clusters: u64) -> bool {
+        if clusters <= self.len {
+            return true;
+        }
+        let Some(bytes) = clusters
+            .checked_mul(1 << self.order)
+            .map(|bits| bits.div_ceil(8).next_multiple_of(8))
+        else {
+            return false;
+        };
+        if bytes > MAX_CHECK_MEMORY {
+            return false;
+        }
+        let Ok(n) = usize::try_from(bytes) else {
+            return false;
+        };
+        if n > self.bytes.len() {
+            // Grow geometrically (bounded by the limit) so that references found in
+            // increasing order cost few reallocations.
+            let want = n
+                .max(self.bytes.len().saturating_mul(2))
+                .min(MAX_CHECK_MEMORY as usize);
+            if self
+                .bytes
+                .try_reserve_exact(want - self.bytes.len())
+                .is_err()
+                && self.bytes.try_reserve_exact(n - self.bytes.len()).is_err()
+            {
+                return false;
+            }
+            self.bytes.resize(n, 0);
+        }
+        self.len = clusters;
+        true
+    }
+
+    /// Sets entry `c`, which the array covers, to `v`, which fits the width.
+    pub(super) fn set(&mut self, c: u64, v: u64) {
+        debug_assert!(c < self.len);
+        let _ = refcount_set(&mut self.bytes, self.order, c as usize, v);
+    }
+
+    /// Whether every entry of `first..end` is zero.
+    pub(super) fn zero_range(&self, first: u64, end: u64) -> bool {
+        (first..end.min(self.len)).all(|c| self.get(c) == 0)
+    }
+}
+
+/// How the L2 tables at one host offset are referenced.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct L2Use {
+    /// L1 entries (active and snapshots) pointing at it.
+    pub(super) refs: u64,
+    /// Whether the active L1 table points at it.
+    pub(super) active: bool,
+}
+
+/// What an L2 entry is, classified as QEMU's `qcow2_get_cluster_type` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Compressed,
+    /// Reads as zeros, no host cluster.
+    ZeroPlain,
+    Unallocated,
+    /// A host cluster (data, or preallocated zeros) at this offset; 0 only in the external
+    /// data file.
+    Alloc(u64),
+}
+
+pub(super) fn classify(raw: u64, g: &Geo) -> Kind {
+    if raw & COMPRESSED != 0 {
+        return Kind::Compressed;
+    }
+    let off = raw & mask::OFFSET;
+    if !g.extended && raw & ZERO != 0 {
+        if off != 0 {
+            Kind::Alloc(off)
+        } else {
+            Kind::ZeroPlain
+        }
+    } else if off == 0 {
+        if g.data_file && raw & COPIED != 0 {
+            Kind::Alloc(0)
+        } else {
+            Kind::Unallocated
+        }
+    } else {
+        Kind::Alloc(off)
+    }
+}
+
+/// Everything one pass over the image found.
+pub(super) struct Analysis {
+    pub(super) header: Header,
+    pub(super) g: Geo,
+    /// Expected refcount of every host cluster referenced.
+    pub(super) counts: Counts,
+    /// The referenced clusters needed more than [`MAX_CHECK_MEMORY`] (the check fails).
+    pub(super) too_big: Option<u64>,
+    /// Stored refcounts that could not be read (a misaligned refcount block): QEMU's
+    /// "check errors", which make the check incomplete.
+    pub(super) check_errors: u64,
+    /// The snapshot table as read (the header's count may have been lowered by a repair).
+    pub(super) snapshots: SnapshotTable,
+    /// Entries that reference a preallocated zero cluster at a misaligned offset and no
+    /// data: (L2 table offset, entry index), which a repair turns into plain zero entries.
+    pub(super) zero_fixes: Vec<(u64, usize)>,
+    /// Raw refcount table entries.
+    pub(super) reftable: Vec<u64>,
+    /// Clusters counted for the refcount table and blocks (dropped when rebuilding).
+    pub(super) refstruct: Vec<u64>,
+    pub(super) l2_tables: HashMap<u64, L2Use>,
+    /// References to clusters past the end of the file (reported, not counted).
+    pub(super) past_eof: u64,
+    /// Where the lowest of them starts (`u64::MAX` without any).
+    pub(super) past_eof_from: u64,
+    /// The refcount structure itself is broken and must be rebuilt.
+    pub(super) rebuild: bool,
+    pub(super) corruptions: u64,
+    pub(super) leaks: u64,
+    /// Clusters whose stored refcount differs from the expected one.
+    pub(super) mismatches: u64,
+    pub(super) corrupt_clusters: Vec<(u64, u64, u64)>,
+    pub(super) leaked_clusters: Vec<(u64, u64, u64)>,
+    pub(super) log: Log,
+    pub(super) allocated: u64,
+    pub(super) compressed: u64,
+    pub(super) fragmented: u64,
+    pub(super) image_end_offset: u64,
+}
+
+/// Reads and parses the header as QEMU does when it opens an image for checking.
+pub(super) fn read_header(t: &mut Target) -> Result<Header, Error> {
+    let file_len = t.len()?;
+    let probe = (Header::PROBE_BYTES as u64).min(file_len);
+    let mut buf = zeroed(probe, &t.path)?;
+    t.read(0, &mut buf, "the header")?;
+    Header::parse_for_check(&buf, file_len).map_err(|e| format_error(&t.path, e))
+}
+
+/// Reads the snapshot table as QEMU's check does: with `repair`, too many snapshots, too
+/// much extra data and a table too big are cut back (the header's count is lowered at once,
+/// which leaks what was dropped; the rest is rewritten later); without it they make the
+/// check fail, as a misaligned table does.
+pub(super) fn read_snapshots(
+    t: &mut Target,
+    h: &Header,
+    repair: bool,
+    log: &mut Log,
+) -> Result<(SnapshotTable, u64), Error> {
+    let mut nb = h.nb_snapshots;
+    let mut cut = 0u64;
+    if nb > MAX_SNAPSHOTS && repair {
+        log.push(format!(
+            "Discarding {} overhanging snapshots",
+            nb - MAX_SNAPSHOTS
+        ));
+        cut += u64::from(nb - MAX_SNAPSHOTS);
+        nb = MAX_SNAPSHOTS;
+    }
+    let cs = h.cluster_size();
+    if nb > MAX_SNAPSHOTS
+        || !h.snapshots_offset.is_multiple_of(cs)
+        || h.snapshots_offset
+            .checked_add(u64::from(nb) * SNAPSHOT_HEADER_BYTES)
+            .is_none_or(|end| end > i64::MAX as u64)
+    {
+        let why = if nb > MAX_SNAPSHOTS {
+            format!(
+                "the snapshot table is too large ({nb} snapshots; qcow2d check --repair drops the {} overhanging ones)",
+                nb - MAX_SNAPSHOTS
+            )
+        } else {
+            format!(
+                "the snapshot table offset {:#x} is invalid",
+                h.snapshots_offset
+            )
+        };
+        return Err(Error::new(ErrorKind::Corrupt, format!("{}: {why}", t.path)));
+    }
+    let path = t.path.clone();
+    let table = crate::format::read_snapshot_table(
+        h.snapshots_offset,
+        nb,
+        repair,
+        repair,
+        &mut |off, buf| t.read(off, buf, "the snapshot table"),
+    )
+    .map_err(|e| match e {
+        SnapshotReadError::Io(e) => e,
+        SnapshotReadError::Format(e) => Error::with_source(
+            ErrorKind::Corrupt,
+            format!("{path}: cannot read the snapshot table"),
+            e,
+        ),
+    })?;
+    if table.extra_truncated > 0 {
+        log.push(format!(
+            "Discarding too much extra metadata in {} snapshot table entries",
+            table.extra_truncated
+        ));
+    }
+    if table.dropped > 0 {
+        log.push(format!(
+            "Discarding {} overhanging snapshots (snapshot table is too big)",
+            table.dropped
+        ));
+        cut += u64::from(table.dropped);
+    }
+    Ok((table, cut))
+}
+
+pub(super) fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysis, Error> {
+    let header = read_header(t)?;
+    let file_len = t.len()?;
+    let g = Geo::new(&header, file_len, &t.path)?;
+
+    let mut a = Analysis {
+        header,
+        g,
+        counts: Counts::new(g.order),
+        too_big: None,
+        check_errors: 0,
+        snapshots: snapshots.clone(),
+        zero_fixes: Vec::new(),
+        reftable: Vec::new(),
+        refstruct: Vec::new(),
+        l2_tables: HashMap::new(),
+        past_eof: 0,
+        past_eof_from: u64::MAX,
+        rebuild: false,
+        corruptions: 0,
+        leaks: 0,
+        mismatches: 0,
+        corrupt_clusters: Vec::new(),
+        leaked_clusters: Vec::new(),
+        log: Log::default(),
+        allocated: 0,
+        compressed: 0,
+        fragmented: 0,
+        image_end_offset: 0,
+    };
+    let h = a.header.clone();
+
+    // QEMU counts the first cluster for the header, its extensions and the backing file name.
+    a.inc(0, g.cs, "header", false);
+    a.walk_l1(t, h.l1_table_offset, h.l1_size, true, "active")?;
+    a.walk_snapshots(t)?;
+    if let Some(clusters) = a.too_big {
+        return Err(memory_error(&t.path, clusters, g.order));
+    }
+    let rt_bytes = u64::from(h.refcount_table_clusters) * g.cs;
+    a.inc(h.refcount_table_offset, rt_bytes, "refcount table", true);
+    if let Some((off, len)) = h.crypto_header {
+        a.inc(off, len, "encryption header", false);
+    }
+    a.count_bitmaps(t)?;
+
+    let mut rt = zeroed(rt_bytes, &t.path)?;
+    t.read(h.refcount_table_offset, &mut rt, "the refcount table")?;
+    a.reftable = rt.chunks_exact(8).map(|c| be64_at(c, 0)).collect();
+    drop(rt);
+    a.check_refblocks();
+
+    if let Some(clusters) = a.too_big {
+        return Err(memory_error(&t.path, clusters, g.order));
+    }
+    let mut stored = Stored::new(&a);
+    a.compare(t, &mut stored)?;
+    let mut unused = Log::default();
+    a.copied_pass(t, &mut stored, FlagMode::Check, &mut unused)?;
+    Ok(a)
+}
+
+impl Analysis {
+    pub(super) fn corrupt(&mut self, msg: String) {
+        self.corruptions += 1;
+        self.log.push(msg);
+    }
+
+    /// Adds one reference to every host cluster that `len` bytes at `off` touch. As in QEMU,
+    /// a region ending a cluster or more past the end of the file is a corruption and is not
+    /// counted; returns whether it was counted.
+    pub(super) fn inc(&mut self, off: u64, len: u64, what: &str, refstruct: bool) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let limit = self.g.file_len.saturating_add(self.g.cs);
+        let end = match off.checked_add(len) {
+            Some(end) if end < limit => end,
+            _ => {
+                // The refcount structure itself is replaced by a rebuild: it does not stop one.
+                if !refstruct {
+                    self.past_eof += 1;
+                    self.past_eof_from = self.past_eof_from.min(off);
+                }
+                self.corrupt(format!(
+                    "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x} ({what})"
+                ));
+                return false;
+            }
+        };
+        let (first, last) = (off >> self.g.cb, (end - 1) >> self.g.cb);
+        // `end < file_len + cluster size`, so `last <= file_clusters`.
+        if !self.counts.grow(last + 1) {
+            self.too_big = Some(last + 1);
+            return false;
+        }
+        for c in first..=last {
+            let e = self.counts.get(c);
+            if e >= self.g.rc_max {
+                self.corrupt(format!(
+                    "ERROR: overflow cluster offset={:#x}: more references than {}-bit refcounts hold",
+                    c << self.g.cb,
+                    self.header.refcount_bits()
+                ));
+                continue;
+            }
+            self.counts.set(c, e + 1);
+            if refstruct {
+                self.refstruct.push(c);
+            }
+        }
+        true
+    }
+
+    /// Clusters whose refcounts are compared: those of the file, and the one after it when a
+    /// region reaching into it is referenced (as QEMU's array grows to hold it).
+    pub(super) fn compare_len(&self) -> u64 {
+        let extra = self.expected_at(self.g.file_clusters).unwrap_or(0) > 0;
+        self.g.file_clusters + u64::from(extra)
+    }
+
+    /// The expected refcount of a cluster of the file (or of the one after it); `None`
+    /// past that.
+    pub(super) fn expected_at(&self, c: u64) -> Option<u64> {
+        (c <= self.g.file_clusters).then(|| self.counts.get(c))
+    }
+
+    /// Counts an L1 table, its L2 tables and their clusters.
+    pub(super) fn walk_l1(
+        &mut self,
+        t: &mut Target,
+        l1_off: u64,
+        l1_size: u32,
+        active: bool,
+        label: &str,
+    ) -> Result<(), Error> {
+        let g = self.g;
+        let bytes = u64::from(l1_size) * 8;
+        self.inc(l1_off, bytes, &format!("{label} L1 table"), false);
+        if bytes == 0 {
+            return Ok(());
+        }
+        let mut l1 = zeroed(bytes, &t.path)?;
+        t.read(l1_off, &mut l1, &format!("the {label} L1 table"))?;
+        let mut l2 = zeroed(g.cs, &t.path)?;
+        for chunk in l1.chunks_exact(8) {
+            let raw = be64_at(chunk, 0);
+            if raw == 0 {
+                continue;
+            }
+            if raw & mask::L1_RESERVED != 0 {
+                self.corrupt(format!(
+                    "ERROR found L1 entry with reserved bits set: {raw:x}"
+                ));
+            }
+            // An entry with flags but no offset names the first cluster, which QEMU then
+            // counts and checks as an L2 table (its reads treat the entry as unallocated).
+            let l2_off = raw & mask::OFFSET;
+            // Like QEMU, an unaligned table is reported, then counted and read where it
+            // points (it is never written back).
+            let counted = self.inc(l2_off, g.cs, "L2 table", false);
+            let aligned = l2_off.is_multiple_of(g.cs);
+            if !aligned {
+                self.corrupt(format!(
+                    "ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+            }
+            if !counted {
+                continue; // Past the end of the file: it would read as zeros.
+            }
+            if aligned {
+                let u = self.l2_tables.entry(l2_off).or_default();
+                u.refs += 1;
+                u.active |= active;
+            }
+            t.read(l2_off, &mut l2, "an L2 table")?;
+            self.walk_l2(&l2, l2_off, active);
+        }
+        Ok(())
+    }
+
+    /// Counts the clusters one L2 table points at.
+    pub(super) fn walk_l2(&mut self, table: &[u8], l2_off: u64, active: bool) {
+        let g = self.g;
+        let mut next_contiguous = 0u64;
+        for (j, e) in table.chunks_exact(g.esz).enumerate() {
+            let raw = be64_at(e, 0);
+            let bitmap = if g.extended { be64_at(e, 8) } else { 0 };
+            let before = self.corruptions;
+            let kind = classify(raw, &g);
+            if kind != Kind::Compressed && raw & mask::L2_STD_RESERVED != 0 {
+                self.corrupt(format!(
+                    "ERROR found l2 entry with reserved bits set: {raw:x}"
+                ));
+            }
+            match kind {
+                Kind::Compressed => {
+                    if raw & COPIED != 0 {
+                        self.corrupt(format!(
+                            "ERROR: L2 table {l2_off:#x} entry {j}: copied flag must never be set for compressed clusters (entry {raw:#x})"
+                        ));
+                    }
+                    if g.data_file {
+                        self.corrupt(format!(
+                            "ERROR compressed cluster {j} with data file, entry=0x{raw:x}"
+                        ));
+                        continue;
+                    }
+                    if bitmap != 0 {
+                        self.corrupt(format!(
+                            "ERROR compressed cluster {j} with non-zero subcluster allocation bitmap, entry=0x{raw:x}"
+                        ));
+                        continue;
+                    }
+                    // Counted wherever it points, the first cluster too, as QEMU counts it.
+                    let d = CompressedDescriptor::decode(raw & !(COPIED | COMPRESSED), g.cb);
+                    let (start, len) = d.host_range();
+                    self.inc(start, len, "compressed cluster", false);
+                    if active {
+                        self.allocated += 1;
+                        self.compressed += 1;
+                        // Neighbouring compressed clusters share sectors: always fragmented.
+                        self.fragmented += 1;
+                    }
+                }
+                Kind::Alloc(off) => {
+                    if g.extended && (bitmap >> 32) & bitmap & 0xffff_ffff != 0 {
+                        self.corrupt(format!(
+                            "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                        ));
+                    }
+                    if !off.is_multiple_of(g.cs) {
+                        // Without data (a preallocated zero cluster, or no allocated
+                        // subcluster) a repair can make it a plain zero entry, as QEMU does.
+                        let data = if g.extended {
+                            bitmap & 0xffff_ffff != 0
+                        } else {
+                            raw & ZERO == 0
+                        };
+                        if data {
+                            self.corrupt(format!(
+                                "ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                            ));
+                        } else {
+                            self.corrupt(format!(
+                                "ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                            ));
+                            if l2_off.is_multiple_of(g.cs) {
+                                self.zero_fixes.push((l2_off, j));
+                            }
+                        }
+                    }
+                    if active {
+                        self.allocated += 1;
+                        if next_contiguous != 0 && off != next_contiguous {
+                            self.fragmented += 1;
+                        }
+                        next_contiguous = off.saturating_add(g.cs);
+                    }
+                    if !g.data_file {
+                        // Unaligned offsets touch two clusters, as QEMU counts them.
+                        self.inc(off, g.cs, "data cluster", false);
+                    }
+                }
+                Kind::ZeroPlain => {}
+                Kind::Unallocated => {
+                    if g.extended && bitmap & 0xffff_ffff != 0 {
+                        self.corrupt(format!(
+                            "ERROR: L2 table {l2_off:#x} entry {j}: Unallocated cluster has non-zero subcluster allocation map"
+                        ));
+                    }
+                }
+            }
+            // QEMU's check judges a compressed descriptor only by the flags above.
+            if self.corruptions == before && kind != Kind::Compressed {
+                let bm = g.extended.then_some(bitmap);
+                if let Err(why) = L2Entry::decode(raw, bm, g.cb, g.data_file) {
+                    self.corrupt(format!(
+                        "ERROR L2 table {l2_off:#x} entry {j} ({raw:#x}): {why}"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Counts every snapshot's L1 table (and what it points at) and the snapshot table, from
+    /// the table [`read_snapshots`] read; in a version 3 image an entry without the 16 bytes
+    /// of extra data is a corruption (a repair rewrites the table).
+    pub(super) fn walk_snapshots(&mut self, t: &mut Target) -> Result<(), Error> {
+        let g = self.g;
+        let entries = std::mem::take(&mut self.snapshots.entries);
+        let nb = entries.len();
+        if nb > 0 && g.data_file {
+            self.corrupt(format!("ERROR {nb} snapshots in image with data file"));
+        }
+        for (k, e) in entries.iter().enumerate() {
+            let label = format!(
+                "snapshot {} ({})",
+                String::from_utf8_lossy(&e.id),
+                String::from_utf8_lossy(&e.name)
+            );
+            if self.header.version >= 3 && e.extra_data_size < SNAPSHOT_KNOWN_EXTRA_BYTES {
+                self.corrupt(format!("ERROR snapshot table entry {k} is incomplete"));
+            }
+            let (l1_off, l1_size) = (e.l1_table_offset, e.l1_size);
+            if !l1_off.is_multiple_of(g.cs) {
+                self.corrupt(format!(
+                    "ERROR {label} l1_offset={l1_off:#x}: L1 table is not cluster aligned; snapshot table entry corrupted"
+                ));
+                continue;
+            }
+            let l1_bytes = u64::from(l1_size) * 8;
+            if l1_bytes > MAX_L1_BYTES {
+                self.corrupt(format!(
+                    "ERROR {label} l1_size={l1_size:#x}: L1 table is too large; snapshot table entry corrupted"
+                ));
+                continue;
+            }
+            // Past the end of the file the table reads as zeros (and walk_l1 reports a
+            // table that lies a cluster or more past it).
+            self.walk_l1(t, l1_off, l1_size, false, &label)?;
+        }
+        self.snapshots.entries = entries;
+        let (start, size) = (self.header.snapshots_offset, self.snapshots.size_bytes);
+        self.inc(start, size, "snapshot table", false);
+        Ok(())
+    }
+
+    /// Counts the bitmap directory, bitmap tables and bitmap data clusters, when the bitmaps
+    /// extension is consistent (autoclear bit 0 set), as QEMU does.
+    pub(super) fn count_bitmaps(&mut self, t: &mut Target) -> Result<(), Error> {
+        let g = self.g;
+        let Some((nb, dir_size, dir_off)) = self.header.bitmaps else {
+            return Ok(());
+        };
+        if self.header.autoclear_features & autoclear::BITMAPS == 0 {
+            self.log.push(
+                "The bitmaps extension is inconsistent (autoclear bit 0 is clear): its clusters are not counted, as QEMU ignores them"
+                    .to_owned(),
+            );
+            return Ok(());
+        }
+        if nb == 0 {
+            return Ok(());
+        }
+        self.inc(dir_off, dir_size, "bitmap directory", false);
+        if dir_size == 0
+            || dir_size > MAX_BITMAP_DIRECTORY_BYTES
+            || !dir_off.is_multiple_of(g.cs)
+            || !g.in_file(dir_off, dir_size)
+        {
+            self.corrupt(format!(
+                "ERROR bitmap directory at {dir_off:#x} of {dir_size} bytes is invalid"
+            ));
+            return Ok(());
+        }
+        let mut dir = zeroed(dir_size, &t.path)?;
+        t.read(dir_off, &mut dir, "the bitmap directory")?;
+        let mut count = 0u32;
+        let mut table = zeroed(g.cs, &t.path)?;
+        for entry in bitmap_directory(&dir) {
+            let Ok(BitmapDirEntry {
+                table_offset: table_off,
+                table_size,
+            }) = entry
+            else {
+                self.corrupt("ERROR broken bitmap directory".to_owned());
+                return Ok(());
+            };
+            count += 1;
+            if table_off == 0
+                || !table_off.is_multiple_of(g.cs)
+                || table_size == 0
+                || table_size > MAX_BITMAP_TABLE_ENTRIES
+            {
+                self.corrupt(format!(
+                    "ERROR bitmap {count}: invalid bitmap table at {table_off:#x} of {table_size} entries"
+                ));
+                continue;
+            }
+            let table_bytes = table_size * 8;
+            self.inc(table_off, table_bytes, "bitmap table", false);
+            if !g.in_file(table_off, table_bytes) {
+                continue; // Reported by inc() as past the end of the file.
+            }
+            let mut done = 0u64;
+            while done < table_bytes {
+                let chunk = (table_bytes - done).min(g.cs);
+                let buf = &mut table[..chunk as usize];
+                t.read(table_off + done, buf, "a bitmap table")?;
+                for raw in buf.chunks_exact(8).map(|c| be64_at(c, 0)) {
+                    match decode_bitmap_table_entry(raw, g.cs) {
+                        Err(_) => self.corrupt(format!(
+                            "ERROR bitmap {count}: invalid bitmap table entry {raw:#x}"
+                        )),
+                        Ok(Some(off)) => {
+                            self.inc(off, g.cs, "bitmap data cluster", false);
+                        }
+                        Ok(None) => {}
+                    }
+                }
+                done += chunk;
+            }
+        }
+        if count != nb {
+            self.corrupt(format!(
+                "ERROR the bitmap directory holds {count} bitmaps, the header extension says {nb}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts the refcount blocks; each must be referenced exactly once (by the table).
+    pub(super) fn check_refblocks(&mut self) {
+        let g = self.g;
+        for i in 0..self.reftable.len() {
+            let raw = self.reftable[i];
+            if raw & REFT_RESERVED_MASK != 0 {
+                self.corrupt(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
+                self.rebuild = true;
+                continue;
+            }
+            let off = raw & REFT_OFFSET_MASK;
+            if !off.is_multiple_of(g.cs) {
+                self.corrupt(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                self.rebuild = true;
+                continue;
+            }
+            if off == 0 {
+                continue;
+            }
+            if off >> g.cb >= g.file_clusters {
+                self.corrupt(format!("ERROR refcount block {i} is outside image"));
+                self.rebuild = true;
+                continue;
+            }
+            self.inc(off, g.cs, "refcount block", true);
+            let refs = self.expected_at(off >> g.cb).unwrap_or(0);
+            if refs != 1 {
+                self.corrupt(format!("ERROR refcount block {i} refcount={refs}"));
+                self.rebuild = true;
+            }
+        }
+    }
+
+    pub(super) fn report(&self, repaired: bool) -> CheckReport {
+        CheckReport {
+            corruptions: self.corruptions,
+            leaks: self.leaks,
+            corrupt_clusters: self.corrupt_clusters.clone(),
+            leaked_clusters: self.leaked_clusters.clone(),
+            corruptions_fixed: 0,
+            leaks_fixed: 0,
+            image_end_offset: self.image_end_offset,
+            total_clusters: self.header.size.div_ceil(self.g.cs),
+            allocated_clusters: self.allocated,
+            compressed_clusters: self.compressed,
+            fragmented_clusters: self.fragmented,
+            check_errors: self.check_errors,
+            repaired,
+            messages: self.log.clone().into_vec(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_matches_qemu() {
+        let g = Geo {
+            cb: 16,
+            cs: 65536,
+            order: 4,
+            rc_max: 65535,
+            extended: false,
+            data_file: false,
+            esz: 8,
+            file_len: 1 << 20,
+            file_clusters: 16,
+            epb: 32768,
+        };
+        assert_eq!(classify(0, &g), Kind::Unallocated);
+        assert_eq!(classify(1, &g), Kind::ZeroPlain);
+        assert_eq!(classify(0x50000 | 1, &g), Kind::Alloc(0x50000));
+        assert_eq!(classify(COPIED | 0x50000, &g), Kind::Alloc(0x50000));
+        assert_eq!(classify(COMPRESSED | 0x1234, &g), Kind::Compressed);
+        assert_eq!(classify(COPIED, &g), Kind::Unallocated);
+        let ext = Geo {
+            extended: true,
+            data_file: true,
+            ..g
+        };
+        assert_eq!(classify(1, &ext), Kind::Unallocated);
+        assert_eq!(classify(COPIED, &ext), Kind::Alloc(0));
+    }
+}
