@@ -8,8 +8,9 @@
 //!   byte, memory table, GET_VRING_BASE via [`BlkBackend::stop_vring`]);
 //! - the worker threads, one per engine shard, each running vhost-user-backend's epoll loop and
 //!   calling [`BlkBackend::handle_event`] for kicks of the queues it owns and for its shard's
-//!   completion eventfd. A writable image has exactly one shard, so one worker serves all the
-//!   queues of a writable export;
+//!   completion eventfd. Queue `q` is served by worker `q % shards`; the shards of a writable
+//!   image form a group and pass each other the pieces of requests whose L2 tables another
+//!   shard owns (see the engine's `shard/group.rs`);
 //! - the export's listener thread, which calls [`BlkBackend::finish`] once the connection's
 //!   other threads are gone.
 //!

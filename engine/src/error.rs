@@ -2,8 +2,11 @@
 //!
 //! [`Error`] carries a matchable [`ErrorKind`], a message that names what failed (path, offset,
 //! field) and an optional source. Per-layer error enums (such as
-//! [`crate::format::FormatError`]) convert into it. [`IoError`] is the cheap, `Copy` cause
-//! attached to a failed request on the data path, where nothing may allocate.
+//! [`crate::format::FormatError`]) become its source where a caller knows what failed
+//! ([`Error::with_source`], [`Error::io`] for an OS error); there are no blanket `From`
+//! conversions, so every error says which file or structure it is about. [`IoError`] is the
+//! cheap, `Copy` cause attached to a failed request on the data path, where nothing may
+//! allocate.
 
 use std::fmt;
 

@@ -1,12 +1,22 @@
-//! io_uring submission and completion, and the raw memory the kernel reads into.
+//! io_uring submission and completion, the raw memory the kernel reads into, and the other
+//! system calls the engine makes (locks, opens, direct I/O, inflate workers).
 //!
-//! All of the engine's unsafe code lives here: pushing entries whose buffers the kernel will
-//! write, copying or zeroing caller memory described by iovecs, and the aligned buffers and
-//! statx call of direct I/O. Callers above this layer
-//! (meta, shard) handle only safe values; the one contract they carry is that a buffer passed
-//! to [`Ring::push`] outlives its completion, which the shard guarantees by keeping every
-//! buffer in a slot that is freed only after its completion is reaped (and by draining the
-//! ring before it is dropped).
+//! Most of the engine's unsafe code lives here: the rings (`ring.rs`), copying or zeroing
+//! caller memory described by iovecs (`iov.rs`), the aligned buffers and statx call of direct
+//! I/O (`direct.rs`), locks and non-blocking opens (`lock.rs`, `open.rs`), the inflate
+//! workers' rings and output pointers (`inflate.rs`), a plain `pwrite` (`sys.rs`). Building a
+//! submission entry (`sqe.rs`) is safe; pushing one ([`Ring::push`]) is not.
+//!
+//! Outside io/, unsafe code is confined to the shard (`shard/`), at the points where its
+//! contract with the kernel and its callers is kept: pushing entries (`op.rs`, callers in
+//! `l2.rs`, `read.rs`, `write.rs`, `flush.rs`; the buffer named lives in the operation's arena
+//! entry, freed only after its completion is reaped, and the ring is drained before it is
+//! dropped), copying between requests' iovecs and the shard's buffers (`read.rs`,
+//! `write.rs`, `direct.rs`), handing a compressed cluster to an inflate worker (`read.rs`),
+//! the public `submit_read`/`submit_write` (whose callers keep their memory valid until the
+//! completion), `Send` for `Shard`, and in `group.rs` the iovec pointer a piece sent to
+//! another shard carries and the eventfd write that wakes it. format/, meta/, paths.rs,
+//! check/ and `shard/flush_plan.rs` forbid unsafe code.
 
 mod direct;
 mod inflate;

@@ -1,8 +1,11 @@
-//! Metadata: per-shard caches of L2 tables and decompressed clusters, and the planner that
-//! maps a guest range to what it reads as.
+//! Metadata: per-shard caches of L2 tables and decompressed clusters, the planner that maps a
+//! guest range to what it reads as, a writable image's refcounts and its metadata map.
 //!
-//! Runs on a shard thread; every structure here is owned by exactly one shard. Nothing here
-//! does I/O: the shard asks the planner what a range maps to and submits the I/O itself.
+//! The caches and the planner run on a shard thread, each cache owned by one shard. The
+//! refcounts ([`Refcounts`]) and the metadata map ([`MetaMap`]) belong to a writable image and
+//! are shared by its shards: the refcounts behind the image's mutex (`write.rs`, slow paths
+//! only), the map through an `Arc` of atomics. Nothing here does I/O: the shard asks the
+//! planner what a range maps to and submits the I/O itself.
 #![forbid(unsafe_code)]
 
 mod cache;

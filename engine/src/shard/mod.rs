@@ -19,6 +19,19 @@
 //!
 //! One loop turn ([`Shard::poll`]) reaps completions, plans every ready part, and submits all
 //! the I/O that produced with one `io_uring_enter`.
+//!
+//! The shard holds the image's shared state (`crate::shared`), never the front
+//! ([`crate::Image`]). Its files, each a part of its `State` or the behaviour of one:
+//! - `mod.rs`: [`Shard`], its public API (submission, polling, blocking helpers), its
+//!   creation (`new_shards`) and its drop (waiting for the kernel first);
+//! - `slab.rs`: the arenas and their typed ids; `request.rs`: requests and parts;
+//!   `op.rs`: operations, the buffers they own, completion dispatch; `state.rs`: the
+//!   `State` that gathers them and its sizing; `reserve.rs`: reservations, allocation and
+//!   frees;
+//! - `l2.rs`: L2 tables (lookup, load, copy, create, entries); `read.rs`: reads and the data
+//!   I/O; `write.rs`: writes, write-zeroes and discards; `direct.rs`: O_DIRECT bounce
+//!   buffers; `flush_plan.rs` and `flush.rs`: the flush as planned steps and their execution;
+//!   `group.rs`: several shards of a writable image.
 
 mod direct;
 mod flush;
@@ -54,7 +67,7 @@ pub struct ShardConfig {
     /// This shard's index, `0..count`.
     pub index: usize,
     /// How many shards serve the image. Several shards of a writable image are made together
-    /// by [`Image::new_shards`].
+    /// by [`Image::new_shards`](crate::Image::new_shards).
     pub count: usize,
     /// Submission queue entries of the shard's io_uring.
     pub ring_entries: u32,
