@@ -39,6 +39,13 @@
 //! again. Budget of the connection given back by another worker wakes it through its timer
 //! ([`Worker::process_timer`]).
 //!
+//! A broken available ring (an index more than the queue size ahead of the device's, or an
+//! entry that cannot be read: a hostile driver, or a frontend that truncated the memory the
+//! ring lies in) stops its queue: no chain is taken from it until the frontend stops it
+//! (GET_VRING_BASE) and sets it up again, with one error line. The worker must not spin on
+//! it: a worker that never returns to its event loop never sees its exit event, and the
+//! export could never take its next connection.
+//!
 //! When the connection is gone, the export's listener thread calls [`Worker::finish`] (after
 //! vhost-user-backend has joined the worker thread): it waits for what is still in flight and
 //! makes every write durable before the shard is dropped. `Drop` does the same if that was
