@@ -1,9 +1,10 @@
 //! One export: its listening socket and the loop that serves its frontend connections.
 //!
 //! The socket is created on the main thread ([`bind_socket`]); then the export's own listener
-//! thread runs [`Export::run`]: for each connection it builds a fresh [`BlkBackend`] (with new
-//! engine shards) and a fresh `VhostUserDaemon`, whose worker threads are spawned by
-//! vhost-user-backend, accepts one frontend, waits until it goes away, then tears everything
+//! thread runs [`Export::run`]: it accepts one frontend, then builds a fresh [`BlkBackend`]
+//! (with new engine shards) and a fresh `VhostUserDaemon` for it, whose worker threads are
+//! spawned by vhost-user-backend (so an export waiting for a client holds no shard, cache or
+//! worker thread), waits until the frontend goes away, then tears everything
 //! down (worker threads joined through their exit events; shards drained, flushed and their
 //! reserved clusters given back, so the next client sees every write of this one) and accepts
 //! the next one. When asked to stop it closes the image cleanly (refcounts written, dirty bit
@@ -402,6 +403,16 @@ impl Export {
             if self.control.is_stopping() {
                 return Ok(());
             }
+            let frontend = match self.accept() {
+                Ok(frontend) => frontend,
+                Err(_) if self.control.is_stopping() => return Ok(()),
+                Err(e) => return Err(ExportError::Accept(e.to_string())),
+            };
+            if self.control.is_stopping() {
+                return Ok(());
+            }
+            // Built for this client only: an export waiting for one holds no shard, cache or
+            // worker thread.
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let (backend, mut daemon) = {
                 let mut st = self.control.image_state();
@@ -416,15 +427,6 @@ impl Export {
                 st.backend = Some((Arc::clone(&backend), handlers));
                 (backend, daemon)
             };
-
-            let frontend = match self.accept() {
-                Ok(frontend) => frontend,
-                Err(_) if self.control.is_stopping() => return Ok(()),
-                Err(e) => return Err(ExportError::Accept(e.to_string())),
-            };
-            if self.control.is_stopping() {
-                return Ok(());
-            }
             // vhost-user-backend serves the private end; the relay sits between it and the
             // frontend.
             let (mut private, device_end) =

@@ -107,9 +107,9 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
     let cmd = serve_cmd(&img, &socket, &["--shards", "2", "--queues", "2"], &[]);
     let mut d = Daemon::spawn(cmd, &img, &socket).unwrap_or_else(|f| panic!("{f}"));
     let pid = d.pid();
-    // The workers of the first connection exist (and have their filter) before any client.
-    // The ready line comes once the main thread is filtered; the workers of the first
-    // connection exist before any client and take their own filter at once.
+    // The ready line comes once the main thread is filtered; an export waiting for its first
+    // client has no worker yet (they are made for each connection and take their own filter
+    // at once, before the client's first message reaches them).
     let main = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(
         main.contains("\nSeccomp:\t2\n"),
@@ -118,12 +118,11 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let all = threads(pid);
-        let workers = all.iter().filter(|t| t.name == "vring_worker");
         let ready = all
             .iter()
             .all(|t| t.seccomp == "2" && t.no_new_privs == "1")
-            && workers.clone().count() == 2
-            && workers.clone().all(|t| t.filters == 4);
+            && all.iter().any(|t| t.name == "qcow2d-export0")
+            && !all.iter().any(|t| t.name == "vring_worker");
         if ready {
             break;
         }
@@ -194,10 +193,15 @@ fn forbidden_call(s: &Scratch, mode: &str) -> (PathBuf, Result<Daemon, StartFail
     (socket, started)
 }
 
-/// The exit status and stderr of a daemon that is expected to die.
-fn death(started: Result<Daemon, StartFailure>) -> (std::process::ExitStatus, String) {
+/// The exit status and stderr of a daemon that is expected to die once a client connects
+/// (its workers exist, and take their filter, only then).
+fn death(
+    socket: &Path,
+    started: Result<Daemon, StartFailure>,
+) -> (std::process::ExitStatus, String) {
     match started {
         Ok(mut d) => {
+            let _client = std::os::unix::net::UnixStream::connect(socket);
             let st = d
                 .wait_exit(Duration::from_secs(20))
                 .unwrap_or_else(|| panic!("the daemon survived a forbidden call:\n{}", d.stderr()));
@@ -212,8 +216,8 @@ fn death(started: Result<Daemon, StartFailure>) -> (std::process::ExitStatus, St
 #[test]
 fn kill_mode_kills_the_process_on_a_forbidden_call() {
     let s = Scratch::new("sbx_kill");
-    let (_, started) = forbidden_call(&s, "kill");
-    let (st, stderr) = death(started);
+    let (socket, started) = forbidden_call(&s, "kill");
+    let (st, stderr) = death(&socket, started);
     assert_eq!(st.signal(), Some(libc::SIGSYS), "{st}\n{stderr}");
     assert!(
         stderr.contains("Debug hook: making a forbidden system call"),
@@ -225,8 +229,8 @@ fn kill_mode_kills_the_process_on_a_forbidden_call() {
 #[test]
 fn trap_mode_names_the_thread_and_call_then_kills() {
     let s = Scratch::new("sbx_trap");
-    let (_, started) = forbidden_call(&s, "trap");
-    let (st, stderr) = death(started);
+    let (socket, started) = forbidden_call(&s, "trap");
+    let (st, stderr) = death(&socket, started);
     assert_eq!(st.signal(), Some(libc::SIGSYS), "{st}\n{stderr}");
     let line = format!(
         "qcow2d: seccomp: thread \"vring_worker\" made the forbidden system call {GETPPID}; killing \
@@ -244,11 +248,14 @@ fn log_mode_lets_the_call_through_and_the_kernel_logs_it() {
     let (socket, started) = forbidden_call(&s, "log");
     let mut d = started.unwrap_or_else(|f| panic!("{f}"));
     let pid = d.pid();
+    // The workers, and so the forbidden call, come with a client.
+    let probe = std::os::unix::net::UnixStream::connect(&socket);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !d.stderr().contains("the process goes on") {
         assert!(Instant::now() < deadline, "no hook output:\n{}", d.stderr());
         std::thread::sleep(Duration::from_millis(20));
     }
+    drop(probe);
     let data = blk_session(&socket, 1, SESSION_TIMEOUT, |c| c.read_batch(&[(0, 4096)]))
         .and_then(|mut r| r.remove(0))
         .unwrap_or_else(|e| panic!("client after the forbidden call: {e}\n{}", d.stderr()));
