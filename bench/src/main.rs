@@ -3,6 +3,7 @@
 //! both are benchmarked on. See `qcow2d-bench --help`.
 
 mod compare;
+mod density;
 mod error;
 mod image;
 mod load;
@@ -46,6 +47,36 @@ enum Cmd {
     Compare(CompareArgs),
     /// Make a benchmark image with qemu-img (64 KiB clusters).
     MakeImage(MakeImageArgs),
+    /// Many exports in one server, one client each: qcow2d, then qemu-storage-daemon.
+    Density(DensityArgs),
+}
+
+#[derive(Args, Debug)]
+struct DensityArgs {
+    /// The QCOW2 image every export serves, read-only.
+    #[arg(long)]
+    image: PathBuf,
+    /// The qcow2d binary; default: `qcow2d` next to this executable.
+    #[arg(long)]
+    qcow2d: Option<PathBuf>,
+    /// Exports in each server, and clients (one per export).
+    #[arg(long, default_value_t = 16)]
+    exports: usize,
+    /// Requests in flight per client (one queue each).
+    #[arg(long, default_value_t = 8)]
+    iodepth: usize,
+    /// Block size of the random reads (suffixes k, m, g).
+    #[arg(long, default_value = "4k", value_parser = parse_size)]
+    bs: u64,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    runtime: Duration,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Where density.json, the config file, the sockets and the server logs go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -203,6 +234,35 @@ fn default_qcow2d() -> Result<PathBuf> {
     Ok(dir.join("qcow2d"))
 }
 
+fn density_cmd(args: DensityArgs) -> Result<ExitCode> {
+    let qcow2d = match args.qcow2d {
+        Some(path) => path,
+        None => default_qcow2d()?,
+    };
+    let options = density::DensityOptions {
+        image: args.image,
+        qcow2d,
+        exports: args.exports,
+        iodepth: args.iodepth,
+        block_size_bytes: args.bs,
+        runtime: args.runtime,
+        warmup: args.warmup,
+        out: args.out,
+        seed: args.seed,
+    };
+    signals::install().context("Installing signal handlers")?;
+    let report = density::density(&options)?;
+    let clean = report
+        .results
+        .iter()
+        .all(|r| r.failure.is_none() && r.errors == 0);
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn compare_cmd(args: CompareArgs) -> Result<ExitCode> {
     let qcow2d = match args.qcow2d {
         Some(path) => path,
@@ -233,6 +293,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run(args) => run(args),
         Cmd::Compare(args) => compare_cmd(args),
+        Cmd::Density(args) => density_cmd(args),
         Cmd::MakeImage(args) => {
             image::make_image(&args.out, args.size, args.kind, args.compression, args.seed)
                 .map(|()| ExitCode::SUCCESS)

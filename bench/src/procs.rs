@@ -209,6 +209,92 @@ impl Server {
         }
     }
 
+    /// Starts `qcow2d serve --config CONFIG` and waits until every socket of `sockets`
+    /// accepts connections.
+    pub fn start_qcow2d_config(
+        binary: &Path,
+        config: &Path,
+        sockets: &[PathBuf],
+        log_path: &Path,
+    ) -> Result<Server> {
+        let mut command = Command::new(binary);
+        command.arg("serve").arg("--config").arg(config);
+        let child = spawn(command, log_path, false)?;
+        let mut server = Server {
+            name: "qcow2d",
+            child,
+            log_path: log_path.to_path_buf(),
+            exited: None,
+        };
+        server.wait_for_sockets(sockets)?;
+        Ok(server)
+    }
+
+    /// Starts qemu-storage-daemon serving `image` read-only on every socket of `sockets`
+    /// (one file node, qcow2 node and vhost-user-blk export of one queue per socket; page
+    /// cache on, io_uring) and waits until every socket accepts connections.
+    pub fn start_qsd_exports(image: &Path, sockets: &[PathBuf], log_path: &Path) -> Result<Server> {
+        let mut command = Command::new("qemu-storage-daemon");
+        for (i, socket) in sockets.iter().enumerate() {
+            let mut file_node = std::ffi::OsString::from(format!(
+                "driver=file,node-name=file{i},aio=io_uring,read-only=on,filename="
+            ));
+            file_node.push(qsd_escape(image));
+            let mut export = std::ffi::OsString::from(format!(
+                "type=vhost-user-blk,id=exp{i},node-name=fmt{i},num-queues=1,writable=off,addr.type=unix,addr.path="
+            ));
+            export.push(qsd_escape(socket));
+            command
+                .arg("--blockdev")
+                .arg(file_node)
+                .arg("--blockdev")
+                .arg(format!(
+                    "driver=qcow2,node-name=fmt{i},file=file{i},read-only=on"
+                ))
+                .arg("--export")
+                .arg(export);
+        }
+        let child = spawn(command, log_path, false)?;
+        let mut server = Server {
+            name: "qemu-storage-daemon",
+            child,
+            log_path: log_path.to_path_buf(),
+            exited: None,
+        };
+        server.wait_for_sockets(sockets)?;
+        Ok(server)
+    }
+
+    /// Waits until every socket of `sockets` accepts a (probe) connection.
+    fn wait_for_sockets(&mut self, sockets: &[PathBuf]) -> Result<()> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let mut ready = 0;
+        while ready < sockets.len() {
+            if let Err(reason) = self.check_running() {
+                return Err(Error::msg(format!("{} did not start: {reason}", self.name)));
+            }
+            if signals::interrupted() {
+                return Err(Error::msg("Interrupted"));
+            }
+            let socket = &sockets[ready];
+            if socket.exists() && UnixStream::connect(socket).is_ok() {
+                ready += 1;
+                continue;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::msg(format!(
+                    "{}'s socket {} did not accept within {} s (log: {})",
+                    self.name,
+                    socket.display(),
+                    STARTUP_TIMEOUT.as_secs(),
+                    self.log_path.display()
+                )));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        Ok(())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
