@@ -36,7 +36,7 @@ pub use check::{check, CheckReport};
 pub use error::{Error, ErrorKind, IoError};
 pub use image::{verify_named_files, Image, ImageInfo, OpenOptions};
 pub use overlap::OverlapCheck;
-pub use shard::{Completion, Shard, ShardConfig};
+pub use shard::{Completion, LoggedStep, Shard, ShardConfig, WriteLog};
 
 /// Guest-visible sector size used for alignment checks.
 pub const SECTOR_SIZE: u64 = 512;

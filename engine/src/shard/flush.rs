@@ -48,6 +48,48 @@ use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
+/// Test hook ([`super::ShardConfig::write_log`]): what a shard's runs and durable refcount
+/// writes submitted to the image file, in order, so that a test can rebuild every file a
+/// crash could leave (`engine/tests/crash_states.rs`).
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct WriteLog {
+    steps: std::sync::Mutex<Vec<LoggedStep>>,
+}
+
+/// One entry of a [`WriteLog`].
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoggedStep {
+    /// A run starts: a flush (`hard`) or a write-back.
+    RunStart { hard: bool },
+    /// Writes submitted together into the image file, (host offset, bytes); the next step
+    /// starts only once all completed. With `durable`, each is durable when it completes
+    /// (RWF_DSYNC), else only after a later sync.
+    Writes {
+        durable: bool,
+        writes: Vec<(u64, Vec<u8>)>,
+    },
+    /// fdatasync of the image file (and of the external data file with it).
+    Sync,
+    /// The run ended, successfully or not.
+    RunEnd { ok: bool },
+}
+
+impl WriteLog {
+    fn push(&self, step: LoggedStep) {
+        self.steps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(step);
+    }
+
+    /// Takes what was recorded so far.
+    pub fn take(&self) -> Vec<LoggedStep> {
+        std::mem::take(&mut *self.steps.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 #[derive(Default)]
 pub(super) struct FlushState {
     /// Flushes waiting for the next run.
@@ -75,9 +117,24 @@ pub(super) struct FlushState {
     table: Option<crate::meta::TableSnapshot>,
     /// The run holds the right to write refcount blocks (until its `EndBlockWrites` batch).
     holds_blocks: bool,
+    /// Test hook: where submitted writes and syncs are recorded.
+    log: Option<std::sync::Arc<WriteLog>>,
 }
 
 impl FlushState {
+    pub(super) fn with_log(log: Option<std::sync::Arc<WriteLog>>) -> FlushState {
+        FlushState {
+            log,
+            ..FlushState::default()
+        }
+    }
+
+    fn record(&self, step: impl FnOnce() -> LoggedStep) {
+        if let Some(log) = &self.log {
+            log.push(step());
+        }
+    }
+
     pub(super) fn enqueue(&mut self, token: u64) {
         self.queued.push(token);
     }
@@ -154,6 +211,7 @@ impl State {
         f.running = std::mem::take(&mut f.queued);
         f.running.append(&mut f.writeback);
         f.error = None;
+        self.flush.record(|| LoggedStep::RunStart { hard });
         let dirty = self.snapshot_dirty(img, hard, writes_blocks);
         let steps = flush_plan::plan(dirty);
         self.flush.steps = steps.into();
@@ -316,6 +374,7 @@ impl State {
             });
             return self.refcount_writes_finished(img);
         }
+        self.flush.record(|| logged(true, &blocks));
         for PlannedWrite {
             host, bytes: buf, ..
         } in blocks
@@ -392,6 +451,13 @@ impl State {
                 self.flush.steps.clear();
                 return self.finish_flush(img);
             }
+        }
+        match &step {
+            Step::Write { mode, writes } => self
+                .flush
+                .record(|| logged(*mode == WriteMode::Durable, writes)),
+            Step::Sync { .. } => self.flush.record(|| LoggedStep::Sync),
+            Step::Complete | Step::EndBlockWrites => {}
         }
         let mut entries = Vec::new();
         match step {
@@ -489,7 +555,9 @@ impl State {
             .as_ref()
             .expect("only writable images run flushes");
         self.end_run_block_writes(img);
-        if self.flush.error.is_none() {
+        let ok = self.flush.error.is_none();
+        self.flush.record(|| LoggedStep::RunEnd { ok });
+        if ok {
             self.tables_written();
         }
         let f = &mut self.flush;
@@ -609,6 +677,13 @@ fn moved_table(w: &crate::write::Writable, snapshot: &crate::meta::TableSnapshot
             class::REFCOUNT_TABLE,
         ),
         header: planned(0, header.into_boxed_slice(), class::FIXED),
+    }
+}
+
+fn logged(durable: bool, writes: &[PlannedWrite]) -> LoggedStep {
+    LoggedStep::Writes {
+        durable,
+        writes: writes.iter().map(|w| (w.host, w.bytes.to_vec())).collect(),
     }
 }
 

@@ -50,6 +50,7 @@ use crate::error::{Error, ErrorKind, IoError};
 use crate::io::{iov_total_len, Ring};
 
 use crate::shared::ImageInner;
+pub use flush::{LoggedStep, WriteLog};
 use group::Group;
 use group::{forwarded_parts, Msg};
 use libc::iovec;
@@ -86,6 +87,11 @@ pub struct ShardConfig {
     /// production.
     #[doc(hidden)]
     pub hold_data_writes: bool,
+    /// Test hook: every metadata write of a flush or write-back (and every durable refcount
+    /// write) is recorded here with its bytes, and every sync, in the order submitted (see
+    /// [`WriteLog`]). `None` in production.
+    #[doc(hidden)]
+    pub write_log: Option<Arc<WriteLog>>,
 }
 
 impl Default for ShardConfig {
@@ -98,6 +104,7 @@ impl Default for ShardConfig {
             scratch_bytes: DEFAULT_SCRATCH_BYTES,
             fail_flush_number: None,
             hold_data_writes: false,
+            write_log: None,
         }
     }
 }

@@ -245,7 +245,7 @@ impl State {
             dirty_l1: Vec::new(),
             unwritten_l1: Vec::new(),
             sync_before_l2: false,
-            flush: FlushState::default(),
+            flush: FlushState::with_log(config.write_log.clone()),
             writethrough: false,
             pending_corrupt: None,
             pending_overlap: None,
