@@ -133,6 +133,17 @@ fn rebuild_despite_references_far_past_the_end_of_the_file() {
     ));
 }
 
+/// Snapshot table entries without their extra data, and references past the end of the
+/// file far beyond the file: the table was left as it was whenever any reference pointed past
+/// the end of the file; it is written again now when neither it nor a new refcount structure
+/// after it can reach them, and the repair ends where QEMU's does.
+#[test]
+fn rewrite_the_snapshot_table_despite_references_far_past_the_end_of_the_file() {
+    repair_like_qemu(include_bytes!(
+        "data/fuzz/repair-snapshot-table-past-eof-reference.img"
+    ));
+}
+
 extern "C" fn ignore_signal(_: libc::c_int) {}
 
 /// Signals arriving while a blocking operation waits (libFuzzer's timer found it; in the

@@ -218,16 +218,11 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
     }
     let rewrite =
         snapshots.extra_truncated > 0 || (first.header.version >= 3 && snapshots.incomplete() > 0);
-    if rewrite && first.past_eof > 0 {
-        // The new table would need refcounts only a rebuild can give it, and a rebuild is
-        // refused: it would stay a corruption of its own.
-        log.push(format!(
-            "Not writing the snapshot table again: {} reference(s) point past the end of the file",
-            first.past_eof
-        ));
-    } else if rewrite {
-        snapshots = rewrite_snapshots(&mut t, &first, snapshots, &mut log)?;
-        first = analyze(&mut t, &snapshots)?;
+    if rewrite {
+        if let Some(table) = rewrite_snapshots(&mut t, &first, &snapshots, &mut log)? {
+            snapshots = table;
+            first = analyze(&mut t, &snapshots)?;
+        }
     }
     if first.mismatches > 0 || first.rebuild {
         // Whether the refcounts can be made right is decided before anything is written:

@@ -63,13 +63,14 @@ pub(super) fn fix_zero_entries(t: &mut Target, a: &Analysis, log: &mut Log) -> R
 /// extra data version 3 requires; extra data QEMU would refuse truncated), at a cluster
 /// past everything the image references or counts, then points the header at it. The old
 /// table leaks and the new one has no refcount yet: the refcount repair that follows fixes
-/// both.
+/// both. `None` (nothing written) when a reference past the end of the file starts too
+/// close to where the table and a new refcount structure after it would go.
 pub(super) fn rewrite_snapshots(
     t: &mut Target,
     a: &Analysis,
-    table: SnapshotTable,
+    table: &SnapshotTable,
     log: &mut Log,
-) -> Result<SnapshotTable, Error> {
+) -> Result<Option<SnapshotTable>, Error> {
     let g = a.g;
     let bytes = crate::format::encode_snapshot_table(&table.entries, a.header.size);
     let mut stored = Stored::new(a);
@@ -88,6 +89,22 @@ pub(super) fn rewrite_snapshots(
     let at = end << g.cb;
     let mut padded = bytes.clone();
     padded.resize((bytes.len() as u64).next_multiple_of(g.cs) as usize, 0);
+    // The table, then the refcount structure a rebuild may append after it (less than as
+    // many clusters again, plus a few), must stay clear of the references past the end of
+    // the file, or they would count: the table would then have no refcounts.
+    let grown = end + padded.len() as u64 / g.cs;
+    if a.past_eof_from
+        < grown
+            .saturating_mul(2)
+            .saturating_add(5)
+            .saturating_mul(g.cs)
+    {
+        log.push(format!(
+            "Not writing the snapshot table again: a reference past the end of the file points at {:#x}, where the repair would write",
+            a.past_eof_from
+        ));
+        return Ok(None);
+    }
     t.write(at, &padded, "the new snapshot table")?;
     t.sync()?;
     let mut h = [0u8; 12];
@@ -99,7 +116,7 @@ pub(super) fn rewrite_snapshots(
         "Repairing: wrote the snapshot table again at {at:#x} ({} entries)",
         table.entries.len()
     ));
-    let entries = table.entries;
+    let entries = table.entries.clone();
     let mut reread = SnapshotTable {
         entries,
         size_bytes: bytes.len() as u64,
@@ -109,7 +126,7 @@ pub(super) fn rewrite_snapshots(
     for e in &mut reread.entries {
         e.extra_data_size = e.extra_data_size.max(SNAPSHOT_KNOWN_EXTRA_BYTES);
     }
-    Ok(reread)
+    Ok(Some(reread))
 }
 
 /// Whether making the stored refcounts right needs a new refcount structure: the existing
