@@ -218,16 +218,9 @@ impl State {
         self.next_flush_batch(ring, img);
     }
 
-    /// Takes what a run starting now writes (see `flush_plan::Dirty`), and the bookkeeping to
-    /// finish or undo it. L2 tables and L1 entries first, then refcounts, so that every
-    /// cluster a snapshotted entry points at was reserved (and counted) before the refcount
-    /// snapshot.
-    fn snapshot_dirty(&mut self, img: &ImageInner, hard: bool, writes_blocks: bool) -> Dirty {
-        let q = &img.top.q;
-        let w = img
-            .writable
-            .as_ref()
-            .expect("only writable images run flushes");
+    /// Takes the L2 writes of a run: whole dirty tables for a flush, the changed 512-byte
+    /// chunks for a write-back (their keys kept in `l2_keys`, to finish or undo the run).
+    fn snapshot_l2(&mut self, q: &crate::layer::Qcow2Layer, hard: bool) -> Vec<PlannedWrite> {
         let cs = q.geom.cluster_size();
         let f = &mut self.flush;
         f.l2_keys.clear();
@@ -261,6 +254,21 @@ impl State {
                 ));
             }
         }
+        l2
+    }
+
+    /// Takes what a run starting now writes (see `flush_plan::Dirty`), and the bookkeeping to
+    /// finish or undo it. L2 tables and L1 entries first, then refcounts, so that every
+    /// cluster a snapshotted entry points at was reserved (and counted) before the refcount
+    /// snapshot.
+    fn snapshot_dirty(&mut self, img: &ImageInner, hard: bool, writes_blocks: bool) -> Dirty {
+        let q = &img.top.q;
+        let w = img
+            .writable
+            .as_ref()
+            .expect("only writable images run flushes");
+        let l2 = self.snapshot_l2(q, hard);
+        let f = &mut self.flush;
         f.l1_indices.clear();
         if hard {
             f.l1_indices.append(&mut self.dirty_l1);
