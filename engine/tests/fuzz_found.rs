@@ -144,6 +144,17 @@ fn rewrite_the_snapshot_table_despite_references_far_past_the_end_of_the_file() 
     ));
 }
 
+/// A snapshot table that itself runs past the end of the file: its own region counted as a
+/// reference past the end of the file, so the repair would neither write the table again
+/// (which stops referencing that region) nor rebuild the refcounts. The new table now goes
+/// past the old one, and the repair ends where QEMU's does.
+#[test]
+fn rewrite_a_snapshot_table_that_runs_past_the_end_of_the_file() {
+    repair_like_qemu(include_bytes!(
+        "data/fuzz/repair-snapshot-table-past-eof.img"
+    ));
+}
+
 extern "C" fn ignore_signal(_: libc::c_int) {}
 
 /// Signals arriving while a blocking operation waits (libFuzzer's timer found it; in the

@@ -86,14 +86,27 @@ pub(super) fn rewrite_snapshots(
             }
         }
     }
-    let at = end << g.cb;
     let mut padded = bytes.clone();
     padded.resize((bytes.len() as u64).next_multiple_of(g.cs) as usize, 0);
+    let table_clusters = padded.len() as u64 / g.cs;
+    // Never over the old table, which the header names until the new one is durable.
+    let (old_start, old_end) = (
+        a.header.snapshots_offset,
+        a.header
+            .snapshots_offset
+            .saturating_add(table.size_bytes)
+            .div_ceil(g.cs),
+    );
+    if old_start < (end + table_clusters).saturating_mul(g.cs) && old_end > end {
+        end = old_end;
+    }
+    let at = end << g.cb;
     // The table, then the refcount structure a rebuild may append after it (less than as
     // many clusters again, plus a few), must stay clear of the references past the end of
-    // the file, or they would count: the table would then have no refcounts.
-    let grown = end + padded.len() as u64 / g.cs;
-    if a.past_eof_from
+    // the file other than the old table, or they would count: the table would then have no
+    // refcounts.
+    let grown = end + table_clusters;
+    if a.past_eof_from_but_table
         < grown
             .saturating_mul(2)
             .saturating_add(5)
@@ -101,7 +114,7 @@ pub(super) fn rewrite_snapshots(
     {
         log.push(format!(
             "Not writing the snapshot table again: a reference past the end of the file points at {:#x}, where the repair would write",
-            a.past_eof_from
+            a.past_eof_from_but_table
         ));
         return Ok(None);
     }

@@ -27,6 +27,9 @@ use crate::format::{
     SNAPSHOT_KNOWN_EXTRA_BYTES,
 };
 
+/// What [`Analysis::inc`] calls the snapshot table's region.
+const SNAPSHOT_TABLE: &str = "snapshot table";
+
 /// Sizes derived from the header and the file.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Geo {
@@ -227,6 +230,9 @@ pub(super) struct Analysis {
     pub(super) past_eof: u64,
     /// Where the lowest of them starts (`u64::MAX` without any).
     pub(super) past_eof_from: u64,
+    /// Where the lowest of them starts, the snapshot table's own region aside (a repair that
+    /// writes the table again stops referencing that region).
+    pub(super) past_eof_from_but_table: u64,
     /// The refcount structure itself is broken and must be rebuilt.
     pub(super) rebuild: bool,
     pub(super) corruptions: u64,
@@ -341,6 +347,7 @@ pub(super) fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analy
         l2_tables: HashMap::new(),
         past_eof: 0,
         past_eof_from: u64::MAX,
+        past_eof_from_but_table: u64::MAX,
         rebuild: false,
         corruptions: 0,
         leaks: 0,
@@ -406,6 +413,9 @@ impl Analysis {
                 if !refstruct {
                     self.past_eof += 1;
                     self.past_eof_from = self.past_eof_from.min(off);
+                    if what != SNAPSHOT_TABLE {
+                        self.past_eof_from_but_table = self.past_eof_from_but_table.min(off);
+                    }
                 }
                 self.corrupt(format!(
                     "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x} ({what})"
@@ -647,7 +657,7 @@ impl Analysis {
         }
         self.snapshots.entries = entries;
         let (start, size) = (self.header.snapshots_offset, self.snapshots.size_bytes);
-        self.inc(start, size, "snapshot table", false);
+        self.inc(start, size, SNAPSHOT_TABLE, false);
         Ok(())
     }
 
