@@ -261,6 +261,15 @@ impl ExportControl {
         resized.map(|()| (old, told))
     }
 
+    /// Drops what the export still holds of its image (after its thread ended with an error
+    /// or a panic): its locks are released, so the image can be served again. Nothing is
+    /// written: an export whose thread ended normally has closed its image already.
+    pub fn release_image(&self) {
+        let mut st = self.image_state();
+        st.backend = None;
+        st.image = None;
+    }
+
     fn lock(&self) -> MutexGuard<'_, ControlState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -518,8 +518,11 @@ impl Supervisor {
                     image = %running.config.image.display(),
                     "Export failed, the other exports go on serving: {text}"
                 );
-                // Its socket went with its thread; a stale file would only be in the way.
+                // Its socket went with its thread; a stale file would only be in the way. A
+                // thread that panicked left the image open: its locks would keep `ctl add`
+                // from serving it again.
                 let _ = std::fs::remove_file(&running.config.socket);
+                running.control.release_image();
                 running.failed = Some(text);
                 self.exports.push(running);
             }
