@@ -183,6 +183,10 @@ pub struct CtlAddArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub allow: AllowArgs,
+    /// Which metadata every write is checked against, as `serve --overlap-check` (none,
+    /// constant, cached, all) [default: cached].
+    #[arg(long, value_name = "MODE")]
+    pub overlap_check: Option<qcow2d_engine::OverlapCheck>,
 }
 
 /// `qcow2d serve`.

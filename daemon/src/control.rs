@@ -120,11 +120,12 @@ pub struct AddRequest {
     /// Directories besides the image's own where files it names may lie.
     #[serde(default)]
     pub allow_paths: Vec<PathBuf>,
+    /// The overlap-check mode (default: cached).
+    pub overlap_check: Option<qcow2d_engine::OverlapCheck>,
 }
 
 impl AddRequest {
-    /// The export's settings as given, for validation (the overlap check is left to the
-    /// default).
+    /// The export's settings as given, for validation.
     pub fn into_raw(self) -> Result<RawExport, String> {
         let limits = match &self.limits {
             Some(v) => Limits::from_json(v)?,
@@ -141,8 +142,7 @@ impl AddRequest {
             serial: self.serial,
             limits,
             group: self.group,
-            // The default: a config file's top-level key applies to its exports.
-            overlap_check: None,
+            overlap_check: self.overlap_check,
             allow_paths: self.allow_paths,
             // Added at run time: the default budgets.
             ..RawExport::default()

@@ -90,6 +90,7 @@ fn build_request(command: CtlCommand) -> Result<(Value, bool), CtlError> {
                 "limits": limits_json(&a.limits),
                 "group": a.limits.group,
                 "allow_paths": a.allow.allow_path.iter().map(|p| absolute(p)).collect::<Vec<_>>(),
+                "overlap_check": a.overlap_check,
             }),
             false,
         ),

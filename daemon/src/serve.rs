@@ -973,6 +973,7 @@ fn describe(e: &Running) -> serde_json::Value {
         "read_only": e.read_only,
         "writethrough": e.config.writethrough,
         "direct": e.config.direct,
+        "overlap_check": e.config.overlap_check,
         "size": e.size,
         "queues": e.config.queues,
         "workers": e.config.shards,

@@ -843,3 +843,46 @@ fn a_failed_export_is_forgotten_by_remove_and_reported_at_exit() {
         "a daemon with a failed export exited with {status}"
     );
 }
+
+/// `ctl add --overlap-check MODE` serves the export in that mode (as `overlap_check` in the
+/// config file does); without it, the default (`cached`).
+#[test]
+fn ctl_add_takes_the_overlap_check_mode() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-overlap");
+    let a = image_with(&s, "a.qcow2", 0xa1);
+    let b = image_with(&s, "b.qcow2", 0xb2);
+    let (a_sock, b_sock) = (s.socket("a.sock"), s.socket("b.sock"));
+    let control = s.socket("ctl.sock");
+    let control_arg = control.display().to_string();
+    let mut d = Daemon::start_writable(&a, &a_sock, &["--control", &control_arg])
+        .unwrap_or_else(|f| panic!("{f}"));
+    ctl_ok(
+        &control,
+        &add_args(&b, &b_sock, &["--overlap-check", "all"]),
+    );
+    let exports = list(&control);
+    assert_eq!(
+        export_of(&exports, &b_sock).unwrap()["overlap_check"],
+        "all"
+    );
+    assert_eq!(
+        export_of(&exports, &a_sock).unwrap()["overlap_check"],
+        "cached"
+    );
+    assert!(
+        d.stderr().lines().any(|l| l.contains("Export ready")
+            && l.contains("b.sock")
+            && l.contains("overlap_check=all")),
+        "{}",
+        d.stderr()
+    );
+    let refused = ctl_err(
+        &control,
+        &add_args(&b, &s.socket("c.sock"), &["--overlap-check", "some"]),
+    );
+    assert!(refused.contains("some"), "{refused}");
+    d.assert_alive("after the adds");
+    let st = d.terminate();
+    assert!(st.success(), "{st}");
+}
