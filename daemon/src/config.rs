@@ -218,6 +218,10 @@ pub struct ServeConfig {
     pub seccomp: SeccompMode,
     /// `USER[:GROUP]` to serve as once set up.
     pub user: Option<String>,
+    /// The config file's top-level `allow_paths` (or `--allow-path` of a daemon started with
+    /// only a control socket), absolute: they apply to exports added at run time too, and
+    /// are roots of the file system sandbox even when no export is configured.
+    pub allow_paths: Vec<PathBuf>,
 }
 
 /// Export settings as given, before validation.
@@ -401,6 +405,7 @@ pub fn from_command_line(raw: RawExport, shards: Option<u64>) -> Result<ServeCon
         shards,
         seccomp: SeccompMode::default(),
         user: None,
+        allow_paths: Vec::new(),
     })
 }
 
@@ -541,6 +546,12 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
             });
         }
     }
+    let allow_paths = file
+        .allow_paths
+        .iter()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| base.join(p))
+        .collect();
     Ok(ServeConfig {
         exports,
         metrics,
@@ -548,6 +559,7 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
         shards: file.shards,
         seccomp,
         user: file.user,
+        allow_paths,
     })
 }
 

@@ -194,6 +194,12 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
                 shards: args.shards,
                 seccomp: Default::default(),
                 user: None,
+                allow_paths: args
+                    .allow
+                    .allow_path
+                    .iter()
+                    .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+                    .collect(),
             }
         }
         None => {

@@ -239,6 +239,7 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
         metrics,
         groups: HashMap::new(),
         shards: config.shards,
+        allow_paths: config.allow_paths.clone(),
         config_path,
         control_path: config.control.clone(),
         tx: tx.clone(),
@@ -363,6 +364,8 @@ struct Supervisor {
     groups: HashMap<String, Weak<ThrottleGroup>>,
     /// The `shards` setting, for exports added later.
     shards: Option<u64>,
+    /// The top-level `allow_paths`, for exports added later.
+    allow_paths: Vec<PathBuf>,
     config_path: Option<PathBuf>,
     control_path: Option<PathBuf>,
     tx: mpsc::Sender<Event>,
@@ -615,7 +618,14 @@ impl Supervisor {
         match request {
             Request::List {} => Ok(self.list()),
             Request::Add(add) => {
-                let raw = add.into_raw()?;
+                let mut raw = add.into_raw()?;
+                // The top-level directories first, as for the config file's exports.
+                raw.allow_paths = self
+                    .allow_paths
+                    .iter()
+                    .cloned()
+                    .chain(std::mem::take(&mut raw.allow_paths))
+                    .collect();
                 let cfg = crate::config::validate(
                     raw,
                     self.shards,
@@ -1038,6 +1048,7 @@ fn fs_policy(
         let mut roots: Vec<PathBuf> = exports
             .iter()
             .flat_map(|(cfg, _, _)| cfg.allowed_roots.iter().cloned())
+            .chain(config.allow_paths.iter().cloned())
             .chain(policy.socket_dirs.iter().cloned())
             .filter(|d| d != private_dir)
             .collect();

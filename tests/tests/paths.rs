@@ -388,3 +388,67 @@ fn ctl_add_takes_allow_path() {
     assert!(data.iter().all(|&x| x == 0x77));
     assert!(daemon.terminate().success());
 }
+
+/// A config file with a control socket, a top-level `allow_paths` and no export: the
+/// directories apply to exports added later (path check and file system sandbox alike).
+#[test]
+fn top_level_allow_paths_apply_to_exports_added_to_a_daemon_without_exports() {
+    use std::io::BufRead;
+    let sc = Scratch::new("paths_ctl_top");
+    let (a, b) = (sc.join("a"), sc.join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    base(&b.join("base.qcow2"), 0x77);
+    overlay_in(&a, "top.qcow2", s(&b.join("base.qcow2")), "qcow2");
+    let top = a.join("top.qcow2");
+    let control = sc.socket("ctl.sock");
+    let config = sc.join("q.toml");
+    std::fs::write(
+        &config,
+        format!("control = {:?}\nallow_paths = [{:?}]\n", s(&control), s(&b)),
+    )
+    .unwrap();
+    let mut child = Command::new(daemon_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start qcow2d serve --config");
+    let stdout = child.stdout.take().unwrap();
+    let line = with_timeout("the control line", READY_TIMEOUT, move || {
+        let mut first = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .map(|_| first)
+    })
+    .expect("read the daemon's stdout");
+    assert!(line.starts_with("qcow2d: control on"), "{line}");
+    let socket = sc.socket("t.sock");
+    let out = run_cmd(
+        Command::new(daemon_bin()).args([
+            "ctl",
+            "--control",
+            s(&control),
+            "add",
+            "--read-only",
+            "--image",
+            s(&top),
+            "--socket",
+            s(&socket),
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let data = blk_session(&socket, 1, READ_TIMEOUT, |c| {
+        c.read_batch(&[(0, 512)])?.remove(0)
+    })
+    .unwrap_or_else(|e| panic!("reading: {e}"));
+    assert!(data.iter().all(|&x| x == 0x77));
+    // SAFETY: kill(2) on our own child's pid; no memory involved.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = with_timeout("the daemon's exit", EXIT_TIMEOUT, move || child.wait());
+    assert!(status.unwrap().success());
+}
