@@ -1,41 +1,24 @@
-//! The vhost-user-blk client on blkio's `virtio-blk-vhost-user` driver: a read client
-//! ([`BlkClient`]) and a read-write client ([`RwClient`]), each used inside a session on its own
-//! thread with every wait bounded, and checking a whole image read through the daemon against
-//! the oracle.
+//! The vhost-user-blk client on blkio's `virtio-blk-vhost-user` driver ([`BlkClient`]),
+//! connected read-only ([`blk_session`]) or read-write ([`rw_session`]) and used on the
+//! session's own thread with every wait bounded; and checking a whole image read through the
+//! daemon against the oracle.
 
 use crate::*;
 use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
-use std::collections::VecDeque;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Largest request the client submits.
 pub const SLOT_BYTES: usize = MIB as usize;
-/// Requests in flight at once (spread over the queues).
+/// Data buffers (so reads and writes in flight at once) of a read-only client.
 pub const SLOTS: usize = 8;
-/// Limit for one `do_io` wait.
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A vhost-user-blk client on blkio's `virtio-blk-vhost-user` driver. Not `Send`: use it inside
-/// [`blk_session`].
-pub struct BlkClient {
-    // Field order matters: queues go before the Blkio that owns the memory region.
-    queues: Vec<Blkioq>,
-    blkio: Blkio,
-    region: MemoryRegion,
-    capacity: u64,
-    max_segment_len: usize,
-    max_segments: usize,
-    /// Each request in as few segments as the device allows, instead of uneven ones.
-    one_segment: bool,
-}
 
 fn blkio_err(what: &str, e: blkio::Error) -> String {
     format!("blkio {what}: {} (errno {})", e.message(), e.errno())
 }
 
 /// A started `virtio-blk-vhost-user` connection with `slots` request slots of memory mapped,
-/// and the device's limits: what both test clients are built from.
+/// and the device's limits.
 struct Connection {
     queues: Vec<Blkioq>,
     blkio: Blkio,
@@ -104,182 +87,8 @@ impl Connection {
     }
 }
 
-impl BlkClient {
-    /// Connects to `socket`, read-only, with `num_queues` queues of 128 descriptors.
-    pub fn connect(socket: &Path, num_queues: i32) -> Result<BlkClient, String> {
-        let c = Connection::open(socket, num_queues, true, SLOTS)?;
-        Ok(BlkClient {
-            queues: c.queues,
-            blkio: c.blkio,
-            region: c.region,
-            capacity: c.capacity,
-            max_segment_len: c.max_segment_len,
-            max_segments: c.max_segments,
-            one_segment: false,
-        })
-    }
-
-    /// Sends each request in one segment (within the device's segment size limit) instead of
-    /// the default uneven ones: a whole-cluster read then reaches the server as one contiguous
-    /// buffer.
-    pub fn set_one_segment(&mut self, on: bool) {
-        self.one_segment = on;
-    }
-
-    /// The disk size the device reports.
-    pub fn capacity(&self) -> u64 {
-        self.capacity
-    }
-
-    /// Splits `len` bytes at `base` into iovecs of uneven sizes (multiples of 512), or as few
-    /// as the device allows with [`BlkClient::set_one_segment`].
-    fn iovecs(&self, base: usize, len: usize) -> Result<Vec<libc::iovec>, String> {
-        const SIZES: [usize; 5] = [3584, 61440, 131072, 512, 262144];
-        let sizes: &[usize] = if self.one_segment { &[] } else { &SIZES };
-        split_iovecs(base, len, self.max_segments, self.max_segment_len, sizes)
-    }
-
-    /// Reads every request of `reqs` (each at most [`SLOT_BYTES`]) with up to [`SLOTS`] in flight
-    /// over all queues. Per-request result; `Err` for the whole batch on a transport failure
-    /// or timeout.
-    pub fn read_batch(&mut self, reqs: &[ReadReq]) -> Result<Vec<Result<Vec<u8>, String>>, String> {
-        let mut results: Vec<Option<Result<Vec<u8>, String>>> = vec![None; reqs.len()];
-        let mut pending: VecDeque<usize> = (0..reqs.len()).collect();
-        let mut free: Vec<usize> = (0..SLOTS).rev().collect();
-        // slot -> (request index, queue); iovec arrays stay alive while a request is in flight.
-        let mut slot_req: Vec<Option<(usize, usize)>> = vec![None; SLOTS];
-        let mut slot_iov: Vec<Vec<libc::iovec>> = vec![Vec::new(); SLOTS];
-        let mut in_flight = vec![0usize; self.queues.len()];
-        let mut next_queue = 0;
-        let mut completions: Vec<std::mem::MaybeUninit<blkio::Completion>> = (0..SLOTS)
-            .map(|_| std::mem::MaybeUninit::uninit())
-            .collect();
-        loop {
-            while let (Some(&slot), Some(&idx)) = (free.last(), pending.front()) {
-                free.pop();
-                pending.pop_front();
-                let (off, len) = reqs[idx];
-                assert!(len <= SLOT_BYTES && len > 0, "bad request length {len}");
-                let base = self.region.addr + slot * SLOT_BYTES;
-                slot_iov[slot] = self.iovecs(base, len)?;
-                let q = next_queue % self.queues.len();
-                next_queue += 1;
-                let iov = &slot_iov[slot];
-                self.queues[q].readv(off, iov.as_ptr(), iov.len() as u32, slot, ReqFlags::empty());
-                slot_req[slot] = Some((idx, q));
-                in_flight[q] += 1;
-            }
-            if in_flight.iter().all(|&n| n == 0) {
-                break;
-            }
-            // Kick every queue, then wait on one that has work.
-            for q in 0..self.queues.len() {
-                if in_flight[q] > 0 {
-                    let n = self.queues[q]
-                        .do_io(&mut completions, 0, None, None)
-                        .map_err(|e| blkio_err("do_io", e))?;
-                    self.complete(
-                        &completions[..n],
-                        reqs,
-                        &mut results,
-                        &mut slot_req,
-                        &mut free,
-                        &mut in_flight,
-                    );
-                }
-            }
-            if let Some(q) = (0..self.queues.len()).find(|&q| in_flight[q] > 0) {
-                let mut t = IO_TIMEOUT;
-                let n = self.queues[q]
-                    .do_io(&mut completions, 1, Some(&mut t), None)
-                    .map_err(|e| {
-                        let stuck: Vec<String> = slot_req
-                            .iter()
-                            .flatten()
-                            .map(|&(idx, q)| {
-                                let (off, len) = reqs[idx];
-                                format!("{len} bytes at {off:#x} on queue {q}")
-                            })
-                            .collect();
-                        blkio_err(
-                            &format!(
-                                "do_io (waiting up to {} s for a completion; in flight: {})",
-                                IO_TIMEOUT.as_secs(),
-                                stuck.join(", ")
-                            ),
-                            e,
-                        )
-                    })?;
-                self.complete(
-                    &completions[..n],
-                    reqs,
-                    &mut results,
-                    &mut slot_req,
-                    &mut free,
-                    &mut in_flight,
-                );
-            }
-        }
-        Ok(results.into_iter().map(|r| r.unwrap()).collect())
-    }
-
-    fn complete(
-        &self,
-        done: &[std::mem::MaybeUninit<blkio::Completion>],
-        reqs: &[ReadReq],
-        results: &mut [Option<Result<Vec<u8>, String>>],
-        slot_req: &mut [Option<(usize, usize)>],
-        free: &mut Vec<usize>,
-        in_flight: &mut [usize],
-    ) {
-        for c in done {
-            // SAFETY: do_io() initialised the first n entries, and only those are passed here.
-            let c = unsafe { c.assume_init_ref() };
-            let slot = c.user_data;
-            let (idx, q) = slot_req[slot].take().expect("completion for an idle slot");
-            in_flight[q] -= 1;
-            free.push(slot);
-            let len = reqs[idx].1;
-            results[idx] = Some(if c.ret == 0 {
-                let base = self.region.addr + slot * SLOT_BYTES;
-                // SAFETY: the region is mapped for the client's lifetime and this slot's
-                // request has completed, so nothing writes to these bytes now.
-                let data = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
-                Ok(data.to_vec())
-            } else {
-                Err(format!(
-                    "request failed: {}",
-                    std::io::Error::from_raw_os_error(-c.ret)
-                ))
-            });
-        }
-    }
-
-    /// Submits up to [`SLOTS`] reads (one segment each) and returns without waiting for them:
-    /// dropping the client next leaves them in flight.
-    pub fn abandon_with_requests_in_flight(&mut self, reqs: &[ReadReq]) {
-        for (slot, &(off, len)) in reqs.iter().take(SLOTS).enumerate() {
-            let base = self.region.addr + slot * SLOT_BYTES;
-            let q = slot % self.queues.len();
-            self.queues[q].read(off, base as *mut u8, len, slot, ReqFlags::empty());
-        }
-        let mut completions: Vec<std::mem::MaybeUninit<blkio::Completion>> = (0..SLOTS)
-            .map(|_| std::mem::MaybeUninit::uninit())
-            .collect();
-        for q in &mut self.queues {
-            let _ = q.do_io(&mut completions, 0, None, None);
-        }
-    }
-}
-
-impl Drop for BlkClient {
-    fn drop(&mut self) {
-        self.queues.clear();
-        self.blkio.unmap_mem_region(&self.region);
-    }
-}
-
-/// Runs `f` with a client connected to `socket`, on its own thread, within `timeout`.
+/// Runs `f` with a read-only client connected to `socket`, on its own thread, within
+/// `timeout`.
 pub fn blk_session<T, F>(
     socket: &Path,
     num_queues: i32,
@@ -372,7 +181,7 @@ pub fn check_image(img: &Path, settings: &str) {
     }
 }
 
-/// One request of [`RwClient`].
+/// One request of [`BlkClient`].
 #[derive(Clone, Debug)]
 pub enum BlkOp {
     /// Read `len` bytes (at most [`SLOT_BYTES`]).
@@ -415,11 +224,12 @@ impl BlkOp {
 /// What a finished [`BlkOp`] returned: the data of a read (empty for the others) or the error.
 pub type OpResult = Result<Vec<u8>, String>;
 
-/// Data buffers of [`RwClient`] (of [`SLOT_BYTES`] each).
+/// Data buffers of a read-write client (of [`SLOT_BYTES`] each).
 pub const RW_SLOTS: usize = 16;
-/// Requests of [`RwClient`] in flight at once over all queues (each queue has 128 descriptors).
+/// Requests of a [`BlkClient`] in flight at once over all queues (each queue has 128
+/// descriptors).
 pub const RW_MAX_IN_FLIGHT: usize = 48;
-/// Limit for [`RwClient::run_batch`] to make progress (one completion).
+/// Limit for [`BlkClient::run_batch`] to make progress (one completion).
 pub const RW_PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
 
 struct RwRequest {
@@ -433,10 +243,10 @@ struct RwRequest {
     _iov: Vec<libc::iovec>,
 }
 
-/// A read-write vhost-user-blk client on blkio's `virtio-blk-vhost-user` driver: reads, writes
+/// A vhost-user-blk client on blkio's `virtio-blk-vhost-user` driver: reads, writes
 /// (scatter-gather, uneven segments), write zeroes, discards and flushes, several in flight over
-/// all queues. Not `Send`: use it on one thread (see [`rw_session`]).
-pub struct RwClient {
+/// all queues. Not `Send`: use it on one thread (see [`blk_session`] and [`rw_session`]).
+pub struct BlkClient {
     // Field order matters: queues go before the Blkio that owns the memory region.
     queues: Vec<Blkioq>,
     blkio: Blkio,
@@ -454,14 +264,20 @@ pub struct RwClient {
     next_queue: usize,
     ready: Vec<(usize, OpResult)>,
     completions: Vec<std::mem::MaybeUninit<blkio::Completion>>,
+    /// Segment sizes of a request, in turn (see [`split_iovecs`]).
+    segments: &'static [usize],
+    /// Each request in as few segments as the device allows, instead of `segments`.
+    one_segment: bool,
     /// Every other read and write gets misaligned memory and odd segment lengths.
     odd_iovecs: bool,
     data_requests: usize,
 }
 
-/// Segment sizes of [`RwClient`]'s requests: multiples of 512 in uneven sizes.
+/// Segment sizes of a read-write client's requests: multiples of 512 in uneven sizes.
 const EVEN_SEGMENTS: [usize; 5] = [4096, 512, 65536, 3584, 131072];
-/// Segment sizes of odd requests ([`RwClient::set_odd_iovecs`]): no multiple of 512 but one.
+/// Segment sizes of a read-only client's requests: multiples of 512 in uneven sizes, larger.
+const READ_SEGMENTS: [usize; 5] = [3584, 61440, 131072, 512, 262144];
+/// Segment sizes of odd requests ([`BlkClient::set_odd_iovecs`]): no multiple of 512 but one.
 const ODD_SEGMENTS: [usize; 5] = [1000, 511, 4097, 65536, 3583];
 
 /// Splits `len` bytes at `base` into iovecs of the sizes `sizes` in turn (none: as large as the
@@ -520,12 +336,28 @@ fn split_iovecs(
         .collect())
 }
 
-impl RwClient {
-    /// Connects to `socket` read-write with `num_queues` queues of 128 descriptors.
-    pub fn connect(socket: &Path, num_queues: i32) -> Result<RwClient, String> {
-        let c = Connection::open(socket, num_queues, false, RW_SLOTS)?;
+impl BlkClient {
+    /// Connects to `socket` read-only with `num_queues` queues of 128 descriptors and
+    /// [`SLOTS`] data buffers.
+    pub fn connect(socket: &Path, num_queues: i32) -> Result<BlkClient, String> {
+        Self::open(socket, num_queues, true)
+    }
+
+    /// Connects to `socket` read-write with `num_queues` queues of 128 descriptors and
+    /// [`RW_SLOTS`] data buffers.
+    pub fn connect_rw(socket: &Path, num_queues: i32) -> Result<BlkClient, String> {
+        Self::open(socket, num_queues, false)
+    }
+
+    fn open(socket: &Path, num_queues: i32, read_only: bool) -> Result<BlkClient, String> {
+        let (slots, segments) = if read_only {
+            (SLOTS, &READ_SEGMENTS)
+        } else {
+            (RW_SLOTS, &EVEN_SEGMENTS)
+        };
+        let c = Connection::open(socket, num_queues, read_only, slots)?;
         let nq = c.queues.len();
-        Ok(RwClient {
+        Ok(BlkClient {
             queues: c.queues,
             blkio: c.blkio,
             region: c.region,
@@ -535,16 +367,25 @@ impl RwClient {
             max_write_zeroes_len: c.max_write_zeroes_len,
             max_discard_len: c.max_discard_len,
             flush_needed: c.flush_needed,
-            free_slots: (0..RW_SLOTS).rev().collect(),
+            free_slots: (0..slots).rev().collect(),
             free_ids: (0..RW_MAX_IN_FLIGHT).rev().collect(),
             requests: (0..RW_MAX_IN_FLIGHT).map(|_| None).collect(),
             queue_load: vec![0; nq],
             next_queue: 0,
             ready: Vec::new(),
             completions: (0..128).map(|_| std::mem::MaybeUninit::uninit()).collect(),
+            segments,
+            one_segment: false,
             odd_iovecs: false,
             data_requests: 0,
         })
+    }
+
+    /// Sends each request in one segment (within the device's segment size limit) instead of
+    /// the default uneven ones: a whole-cluster read then reaches the server as one contiguous
+    /// buffer.
+    pub fn set_one_segment(&mut self, on: bool) {
+        self.one_segment = on;
     }
 
     /// From now on every other read and write puts its data 1 to 7 bytes past a 512-byte
@@ -567,7 +408,13 @@ impl RwClient {
         } else {
             0
         };
-        let sizes: &[usize] = if odd { &ODD_SEGMENTS } else { &EVEN_SEGMENTS };
+        let sizes: &[usize] = if odd {
+            &ODD_SEGMENTS
+        } else if self.one_segment {
+            &[]
+        } else {
+            self.segments
+        };
         let base = self.region.addr + slot * SLOT_BYTES + shift;
         let iov = split_iovecs(base, len, self.max_segments, self.max_segment_len, sizes)?;
         Ok((shift, iov))
@@ -593,19 +440,19 @@ impl RwClient {
         self.flush_needed
     }
 
-    /// Requests submitted and not yet returned by [`RwClient::poll`].
+    /// Requests submitted and not yet returned by [`BlkClient::poll`].
     pub fn in_flight(&self) -> usize {
         RW_MAX_IN_FLIGHT - self.free_ids.len() + self.ready.len()
     }
 
-    /// Whether [`RwClient::submit`] would accept `op` now.
+    /// Whether [`BlkClient::submit`] would accept `op` now.
     pub fn can_submit(&self, op: &BlkOp) -> bool {
         let needs_slot = matches!(op, BlkOp::Read { .. } | BlkOp::Write { .. });
         !self.free_ids.is_empty() && (!needs_slot || !self.free_slots.is_empty())
     }
 
     /// Queues `op` (tagged `tag` in its completion) and kicks the device. Fails when
-    /// [`RwClient::can_submit`] is false, the request is too large, or on a transport error.
+    /// [`BlkClient::can_submit`] is false, the request is too large, or on a transport error.
     pub fn submit(&mut self, op: &BlkOp, tag: usize) -> Result<(), String> {
         if !self.can_submit(op) {
             return Err(format!("no room to submit {}", op.describe()));
@@ -819,13 +666,37 @@ impl RwClient {
         Ok(results.into_iter().map(Option::unwrap).collect())
     }
 
-    /// Like [`RwClient::run_batch`], failing on the first request that failed.
+    /// Like [`BlkClient::run_batch`], failing on the first request that failed.
     pub fn run_ok(&mut self, ops: &[BlkOp]) -> Result<Vec<Vec<u8>>, String> {
         let results = self.run_batch(ops)?;
         ops.iter()
             .zip(results)
             .map(|(op, r)| r.map_err(|e| format!("{}: {e}", op.describe())))
             .collect()
+    }
+
+    /// Reads every request of `reqs` (each at most [`SLOT_BYTES`]) with as many in flight as
+    /// the client has data buffers. Per-request result; `Err` for the whole batch on a
+    /// transport failure or when nothing completes for [`RW_PROGRESS_TIMEOUT`].
+    pub fn read_batch(&mut self, reqs: &[ReadReq]) -> Result<Vec<OpResult>, String> {
+        let ops: Vec<BlkOp> = reqs
+            .iter()
+            .map(|&(off, len)| BlkOp::Read { off, len })
+            .collect();
+        self.run_batch(&ops)
+    }
+
+    /// Submits reads of `reqs` (as many as there are free data buffers) and returns without
+    /// waiting for them: dropping the client next leaves them in flight.
+    pub fn abandon_with_requests_in_flight(&mut self, reqs: &[ReadReq]) -> Result<(), String> {
+        for (tag, &(off, len)) in reqs.iter().enumerate() {
+            let op = BlkOp::Read { off, len };
+            if !self.can_submit(&op) {
+                break;
+            }
+            self.submit(&op, tag)?;
+        }
+        Ok(())
     }
 
     /// Reads `len` bytes at `off` in requests of at most 1 MiB.
@@ -844,7 +715,7 @@ impl RwClient {
     }
 }
 
-impl Drop for RwClient {
+impl Drop for BlkClient {
     fn drop(&mut self) {
         self.queues.clear();
         self.blkio.unmap_mem_region(&self.region);
@@ -861,11 +732,11 @@ pub fn rw_session<T, F>(
 ) -> Result<T, String>
 where
     T: Send + 'static,
-    F: FnOnce(&mut RwClient) -> Result<T, String> + Send + 'static,
+    F: FnOnce(&mut BlkClient) -> Result<T, String> + Send + 'static,
 {
     let socket = socket.to_path_buf();
     try_with_timeout("vhost-user-blk read-write client", timeout, move || {
-        let mut c = RwClient::connect(&socket, num_queues)?;
+        let mut c = BlkClient::connect_rw(&socket, num_queues)?;
         f(&mut c)
     })?
 }

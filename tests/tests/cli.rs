@@ -348,8 +348,7 @@ fn clients_come_and_go() {
     d.assert_alive("after the first client disconnected");
     // A client that leaves with requests in flight.
     blk_session(&socket, 2, READ_TIMEOUT, |c| {
-        c.abandon_with_requests_in_flight(&[(0, 1 << 20), (1 << 20, 1 << 20), (4096, 512)]);
-        Ok(())
+        c.abandon_with_requests_in_flight(&[(0, 1 << 20), (1 << 20, 1 << 20), (4096, 512)])
     })
     .unwrap_or_else(|e| panic!("second client: {e}"));
     std::thread::sleep(Duration::from_millis(200));

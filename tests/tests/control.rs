@@ -175,7 +175,7 @@ fn hold_client(socket: &Path) -> (mpsc::Sender<()>, thread::JoinHandle<Result<()
     let (release_tx, release_rx) = mpsc::channel::<()>();
     let socket = socket.to_path_buf();
     let handle = thread::spawn(move || {
-        let mut c = RwClient::connect(&socket, 1)?;
+        let mut c = BlkClient::connect_rw(&socket, 1)?;
         c.run_ok(&[
             BlkOp::Write {
                 off: MIB,

@@ -77,7 +77,7 @@ fn write_load(
     stop: Arc<AtomicBool>,
     connected: mpsc::Sender<Result<(), String>>,
 ) {
-    let mut c = match RwClient::connect(socket, 2) {
+    let mut c = match BlkClient::connect_rw(socket, 2) {
         Ok(c) => c,
         Err(e) => {
             let _ = connected.send(Err(e));

@@ -230,7 +230,7 @@ fn random_batch(rng: &mut Rng, s: Shape) -> Vec<BlkOp> {
 
 /// Runs `batches` random batches (seeded) with a client, checking and updating the model.
 fn run_batches(
-    c: &mut RwClient,
+    c: &mut BlkClient,
     model: &mut Model,
     s: Shape,
     rng: &mut Rng,
@@ -276,7 +276,7 @@ fn trace_offset() -> Option<u64> {
 }
 
 /// Reads the whole disk through the client and compares it with the model.
-fn check_whole_disk(c: &mut RwClient, model: &Model, what: &str) -> Result<(), String> {
+fn check_whole_disk(c: &mut BlkClient, model: &Model, what: &str) -> Result<(), String> {
     let data = c.read_range(0, model.size())?;
     match first_difference(what, "whole disk", 0, &model.data, &data) {
         None => Ok(()),
@@ -788,7 +788,7 @@ fn writethrough_writes_survive_kill_9_without_flush() {
     let sock = socket.clone();
     let client = std::thread::spawn(move || {
         let r = (|| {
-            let mut c = RwClient::connect(&sock, 2)?;
+            let mut c = BlkClient::connect_rw(&sock, 2)?;
             if c.flush_needed() {
                 return Err(
                     "a --writethrough export must not report a volatile write cache".into(),
