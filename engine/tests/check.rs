@@ -8,6 +8,9 @@
 //! that both checks find clean and that `qemu-img compare` finds identical to a copy taken
 //! before the damage. A missing tool fails the test loudly.
 
+mod common;
+
+use common::{qemu_img, run};
 use qcow2d_engine::check::{check, CheckReport};
 use qcow2d_engine::format::{refcount_get, refcount_set};
 use qcow2d_engine::{Image, OpenOptions};
@@ -20,23 +23,8 @@ fn output(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is qemu-utils installed?): {e}"))
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = output(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    run(Command::new("qemu-img").args(args))
-}
-
 fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
+    let mut c = common::qemu_io_cmd();
     c.arg("-f").arg(fmt);
     for cmd in cmds {
         c.arg("-c").arg(cmd);
@@ -67,7 +55,7 @@ struct QemuCheck {
 
 fn qemu_check(path: &Path) -> QemuCheck {
     let out = output(
-        Command::new("qemu-img")
+        common::qemu_img_cmd()
             .args(["check", "--output=json", "-f", "qcow2"])
             .arg(path),
     );
@@ -157,7 +145,7 @@ fn repair_and_verify(path: &Path, reference: &Path) -> CheckReport {
         q.json, q.stderr
     );
     let out = output(
-        Command::new("qemu-img")
+        common::qemu_img_cmd()
             .args(["compare", "-f", "qcow2", "-F", "qcow2"])
             .arg(reference)
             .arg(path),
@@ -867,7 +855,7 @@ fn engine_killed_with_lazy_refcounts_is_repaired() {
     assert_eq!(read_file(&p)[79] & 3, 0, "dirty bit still set");
 
     let q = output(
-        Command::new("qemu-img")
+        common::qemu_img_cmd()
             .args(["check", "-q", "-r", "all", "-f", "qcow2"])
             .arg(&by_qemu),
     );

@@ -36,7 +36,7 @@ fn make_image(dir: &Path, compression: &str, data: &[u8]) -> PathBuf {
     let raw = dir.join("src.raw");
     std::fs::write(&raw, data).unwrap();
     let img = dir.join(format!("{compression}.qcow2"));
-    let out = Command::new("qemu-img")
+    let out = common::qemu_img_cmd()
         .args(["convert", "-c", "-f", "raw", "-O", "qcow2", "-o"])
         .arg(format!("compression_type={compression}"))
         .arg(&raw)
@@ -433,7 +433,7 @@ fn cache_budgets_are_per_shard_across_the_backing_chain() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let qemu_img = |args: &[&str]| {
-        let out = Command::new("qemu-img")
+        let out = common::qemu_img_cmd()
             .args(args)
             .current_dir(d)
             .output()

@@ -93,7 +93,7 @@ fn check_image(image: &Path) -> serde_json::Value {
     // down its io_uring: retry a lock refusal for a few seconds.
     let deadline = Instant::now() + Duration::from_secs(5);
     let out = loop {
-        let out = Command::new("qemu-img")
+        let out = common::qemu_img_cmd()
             .args(["check", "--output=json", image.to_str().unwrap()])
             .output()
             .expect("qemu-img must be installed");
@@ -118,7 +118,7 @@ fn check_image(image: &Path) -> serde_json::Value {
 fn one_crash(dir: &Path, round: u64) {
     let image = dir.join(format!("crash{round}.qcow2"));
     let log = dir.join(format!("crash{round}.log"));
-    let st = Command::new("qemu-img")
+    let st = common::qemu_img_cmd()
         .args([
             "create",
             "-f",

@@ -20,7 +20,6 @@ use qcow2d_engine::io::AlignedBuf;
 use qcow2d_engine::{ErrorKind, Image, OpenOptions, ShardConfig};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Command;
 
 fn direct_writable() -> OpenOptions {
     OpenOptions {
@@ -196,7 +195,7 @@ fn model_case(dir: &Path, image: &Path, seed: u64, batches: usize) {
 fn misaligned_requests_on_a_direct_image() {
     let dir = tempfile::tempdir().unwrap();
     let img = create(dir.path(), "a.qcow2", "", "32M");
-    run(Command::new("qemu-io")
+    run(common::qemu_io_cmd()
         .args(["-f", "qcow2", "-c", "write -P 0x5a 1M 3M"])
         .arg(&img));
     {
@@ -222,7 +221,7 @@ fn compressed_image_and_backing_file_with_direct_top() {
     }
     std::fs::write(&raw, &data).unwrap();
     let base = dir.path().join("base.qcow2");
-    run(Command::new("qemu-img")
+    run(common::qemu_img_cmd()
         .args(["convert", "-q", "-c", "-O", "qcow2"])
         .arg(&raw)
         .arg(&base));

@@ -7,7 +7,6 @@ mod common;
 
 use common::{create, raw_of, run, verify};
 use qcow2d_engine::{Completion, Image, OpenOptions, Shard, ShardConfig};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Polls `shard` until the request `token` has completed, collecting completions in `out`.
@@ -44,7 +43,7 @@ fn a_cluster_discarded_under_a_write_in_flight_is_not_reused_before_the_write_co
 fn discard_under_a_slow_write(next_at: u64) {
     let dir = tempfile::tempdir().unwrap();
     let p = create(dir.path(), "f.qcow2", "cluster_size=4096", "64M");
-    run(Command::new("qemu-io")
+    run(common::qemu_io_cmd()
         .args(["-c", "write -P 0xa5 0 4k"])
         .arg(&p));
     let mut model = raw_of(&p, &dir.path().join("before.raw"));
@@ -86,7 +85,7 @@ fn discard_under_a_slow_write(next_at: u64) {
     poll_until(&mut shard, &mut out, 1);
     // What the file holds now, before a flush could write a reused table again: QEMU (not
     // taking the image's locks) reads the new data where it belongs.
-    let read = Command::new("qemu-io")
+    let read = common::qemu_io_cmd()
         .args(["-U", "-r", "-c", &format!("read -P 0x22 {next_at} 4k")])
         .arg(&p)
         .output()

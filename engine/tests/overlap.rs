@@ -8,7 +8,6 @@ mod common;
 use common::{create, qemu_img, run};
 use qcow2d_engine::{ErrorKind, Image, OpenOptions, OverlapCheck};
 use std::path::Path;
-use std::process::Command;
 
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
@@ -34,7 +33,7 @@ fn open_rw(path: &Path, mode: OverlapCheck) -> Image {
 }
 
 fn qemu_io(path: &Path, cmd: &str) {
-    run(Command::new("qemu-io").args(["-c", cmd]).arg(path));
+    run(common::qemu_io_cmd().args(["-c", cmd]).arg(path));
 }
 
 /// A 64 MiB image (64 KiB clusters) with 64 KiB of 0xa5 at 0 and at 4 MiB.
@@ -61,7 +60,7 @@ fn assert_refused_and_intact(path: &Path, header: &[u8], result: Result<(), qcow
         &expected[..],
         "only the corrupt bit changed in the header"
     );
-    let out = Command::new("qemu-img")
+    let out = common::qemu_img_cmd()
         .args(["check", "--output=json"])
         .arg(path)
         .output()

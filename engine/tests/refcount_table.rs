@@ -7,7 +7,6 @@ mod common;
 
 use common::{create, qemu_img, run};
 use qcow2d_engine::{Image, OpenOptions, ShardConfig};
-use std::process::Command;
 
 #[test]
 fn refcount_table_growth_stops_at_the_size_an_image_may_have() {
@@ -20,7 +19,7 @@ fn refcount_table_growth_stops_at_the_size_an_image_may_have() {
         "cluster_size=512,refcount_bits=64",
         "64M",
     );
-    run(Command::new("qemu-io")
+    run(common::qemu_io_cmd()
         .args(["-c", "write -P 0xa5 0 64k"])
         .arg(&p));
     // A file (sparse) that reaches almost that far: a grown table would have to be placed
@@ -98,7 +97,7 @@ fn refcount_table_growth_stops_at_the_size_an_image_may_have() {
         buf.iter().all(|&b| b == 0x3c),
         "the write in place reads back"
     );
-    let out = run(Command::new("qemu-io")
+    let out = run(common::qemu_io_cmd()
         .args(["-r", "-c", "read -P 0x3c 0 64k"])
         .arg(&p));
     assert!(!out.contains("Pattern verification failed"), "{out}");

@@ -12,7 +12,6 @@ mod common;
 use common::{create, qemu_img, raw_of, run, verify, Rng};
 use qcow2d_engine::{Image, OpenOptions, Shard, ShardConfig};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// How discard behaves on an image: which aligned granules it zeroes (None: never).
 fn discard_granule(info: &qcow2d_engine::ImageInfo, has_backing: bool) -> Option<u64> {
@@ -291,7 +290,7 @@ fn backing_chain_three_deep() {
             mid.to_str().unwrap(),
             "40M",
         ]);
-        run(Command::new("qemu-io").args(["-c", "write -P 0x5a 1M 3M", mid.to_str().unwrap()]));
+        run(common::qemu_io_cmd().args(["-c", "write -P 0x5a 1M 3M", mid.to_str().unwrap()]));
         let top = d.join("top.qcow2");
         qemu_img(&[
             "create",
@@ -316,7 +315,7 @@ fn internal_snapshot_survives_writes() {
     let raw = random_raw(d, "src.raw", 32 << 20, 31);
     let img = qcow2_of_raw(&raw, &d.join("s.qcow2"), "cluster_size=64k", false);
     qemu_img(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
-    run(Command::new("qemu-io").args(["-c", "write -P 0x44 5M 2M", img.to_str().unwrap()]));
+    run(common::qemu_io_cmd().args(["-c", "write -P 0x44 5M 2M", img.to_str().unwrap()]));
     let c = Case {
         dir,
         image: img.clone(),
@@ -457,7 +456,7 @@ fn exercise_lazy(path: &Path, model: &mut [u8], close: bool) {
 fn corruption_found_while_writable_sets_the_corrupt_bit() {
     let dir = tempfile::tempdir().unwrap();
     let img_path = create(dir.path(), "c.qcow2", "", "16M");
-    run(Command::new("qemu-io").args(["-c", "write -P 0x11 0 64k", img_path.to_str().unwrap()]));
+    run(common::qemu_io_cmd().args(["-c", "write -P 0x11 0 64k", img_path.to_str().unwrap()]));
     // Make the first L2 entry point at an unaligned host offset.
     let mut bytes = std::fs::read(&img_path).unwrap();
     let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
@@ -489,7 +488,7 @@ fn corruption_found_while_writable_sets_the_corrupt_bit() {
     drop(img);
     let bytes = std::fs::read(&img_path).unwrap();
     assert!(bytes[79] & 2 != 0, "the corrupt bit is set on disk");
-    let info = run(Command::new("qemu-img").args(["info", img_path.to_str().unwrap()]));
+    let info = run(common::qemu_img_cmd().args(["info", img_path.to_str().unwrap()]));
     assert!(info.contains("corrupt: true"), "{info}");
 }
 

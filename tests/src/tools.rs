@@ -36,16 +36,35 @@ pub fn require_qemu_tools() {
     require_tool("qemu-io", "qemu-utils");
 }
 
+/// A `qemu-img` command, the one place that names the binary: checks the tool is there first.
+pub fn qemu_img_cmd() -> Command {
+    require_tool("qemu-img", "qemu-utils");
+    Command::new("qemu-img")
+}
+
+/// A `qemu-io` command, the one place that names the binary: checks the tool is there first.
+pub fn qemu_io_cmd() -> Command {
+    require_tool("qemu-io", "qemu-utils");
+    Command::new("qemu-io")
+}
+
+/// A `qemu-storage-daemon` command, the one place that names the binary: checks the tool is
+/// there first.
+pub fn qemu_storage_daemon_cmd() -> Command {
+    require_tool("qemu-storage-daemon", "qemu-utils");
+    Command::new("qemu-storage-daemon")
+}
+
 /// `qemu-img ARGS`, must succeed; returns stdout.
 pub fn qemu_img<S: AsRef<OsStr>>(args: &[S]) -> String {
     require_qemu_tools();
-    run_ok(Command::new("qemu-img").args(args))
+    run_ok(qemu_img_cmd().args(args))
 }
 
 /// `qemu-img ARGS` run in directory `cwd`, must succeed.
 pub fn qemu_img_in<S: AsRef<OsStr>>(cwd: &Path, args: &[S]) -> String {
     require_qemu_tools();
-    run_ok(Command::new("qemu-img").current_dir(cwd).args(args))
+    run_ok(qemu_img_cmd().current_dir(cwd).args(args))
 }
 
 /// `qemu-img create -f qcow2 -u -b BACKING -F FMT IMG 16M` in `dir` (the backing file is not
@@ -82,7 +101,7 @@ pub fn data_file_image_in(dir: &Path, data_file: &str) -> PathBuf {
 /// and still exits 0, so its output is checked as well.
 pub fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) {
     require_qemu_tools();
-    let mut c = Command::new("qemu-io");
+    let mut c = qemu_io_cmd();
     c.current_dir(image_dir(img));
     c.arg("-f").arg(fmt);
     for cmd in cmds {
@@ -111,7 +130,7 @@ pub fn image_dir(img: &Path) -> &Path {
 /// `qemu-img info` of an image, for failure messages (never fails).
 pub fn qemu_img_info_text(img: &Path) -> String {
     let out = run_cmd(
-        Command::new("qemu-img")
+        qemu_img_cmd()
             .current_dir(image_dir(img))
             .arg("info")
             .arg("-U")
@@ -182,7 +201,7 @@ pub fn qemu_rejects(img: &Path) -> (bool, String) {
     require_qemu_tools();
     let out_path = img.with_extension("qemu-reject-check.raw");
     let out = run_cmd(
-        Command::new("qemu-img")
+        qemu_img_cmd()
             .current_dir(image_dir(img))
             .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
             .arg(img)
@@ -207,7 +226,7 @@ pub fn assert_qemu_rejects(img: &Path) {
 /// 1 check could not run, 2 corruptions, 3 leaks only.
 pub fn qemu_img_check(img: &Path, repair: Option<&str>) -> (i32, serde_json::Value) {
     require_qemu_tools();
-    let mut c = Command::new("qemu-img");
+    let mut c = qemu_img_cmd();
     c.current_dir(image_dir(img))
         .args(["check", "--output=json"]);
     if let Some(r) = repair {
@@ -259,7 +278,7 @@ pub fn assert_check_clean(img: &Path, what: &str) {
 /// `qemu-img compare -f qcow2 -F raw IMG RAW`: `Err` with qemu-img's output when they differ.
 pub fn qemu_img_compare_raw(img: &Path, raw: &Path) -> Result<(), String> {
     require_qemu_tools();
-    let mut c = Command::new("qemu-img");
+    let mut c = qemu_img_cmd();
     c.current_dir(image_dir(img))
         .args(["compare", "-f", "qcow2", "-F", "raw"])
         .arg(img)
@@ -290,7 +309,7 @@ impl QemuIoHolder {
     pub fn open(img: &Path, read_only: bool) -> Result<QemuIoHolder, String> {
         use std::io::Write;
         require_qemu_tools();
-        let mut c = Command::new("qemu-io");
+        let mut c = qemu_io_cmd();
         c.current_dir(image_dir(img));
         if read_only {
             c.arg("-r");

@@ -540,7 +540,7 @@ fn sighup_applies_the_config_difference() {
 
 fn qemu_img_virtual_size(img: &Path) -> u64 {
     let out = run_ok(
-        Command::new("qemu-img")
+        qemu_img_cmd()
             .args(["info", "--output=json", "-U"])
             .arg(img),
     );

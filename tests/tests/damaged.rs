@@ -428,7 +428,7 @@ fn leak_after_snapshot_delete(img: &Path) {
     .unwrap();
     // The deletion fails to free the clusters (leaks), as the iotest injects.
     let _ = run_cmd(
-        Command::new("qemu-img")
+        qemu_img_cmd()
             .current_dir(image_dir(img))
             .args(["snapshot", "-d", "foo"])
             .arg(format!("blkdebug:{}:{}", conf.display(), img.display())),
@@ -834,7 +834,7 @@ fn exit_code(out: &CmdOutput) -> i32 {
 fn qemu(args: &[&str], img: &Path) -> CmdOutput {
     require_qemu_tools();
     run_cmd(
-        Command::new("qemu-img")
+        qemu_img_cmd()
             .current_dir(image_dir(img))
             .args(args)
             .arg(img),
@@ -873,7 +873,7 @@ fn qemu_reads(img: &Path, plan: &[ReadReq]) -> Option<Vec<Option<Vec<u8>>>> {
     let mut ok = vec![false; plan.len()];
     let mut from = 0;
     while from < plan.len() {
-        let mut c = Command::new("qemu-io");
+        let mut c = qemu_io_cmd();
         c.current_dir(image_dir(img)).args(["-r", "-f", "qcow2"]);
         for (off, len) in &plan[from..] {
             c.arg("-c").arg(format!("read {off} {len}"));
@@ -922,7 +922,7 @@ fn qemu_reads(img: &Path, plan: &[ReadReq]) -> Option<Vec<Option<Vec<u8>>>> {
             }
             let _ = fs::remove_file(&raw);
             let out = run_cmd(
-                Command::new("qemu-img")
+                qemu_img_cmd()
                     .current_dir(image_dir(img))
                     .args(["dd", "-f", "qcow2", "-O", "raw", "bs=65536"])
                     .arg(format!("skip={}", off / 65536))
@@ -992,7 +992,7 @@ fn run_case(img: &Path, label: &str, deviation: Deviation) -> (Outcome, Vec<Stri
     let qw = copy_to(img, &format!("{stem}.qw"));
     let dw = copy_to(img, &format!("{stem}.dw"));
     let q_rw = run_cmd(
-        Command::new("qemu-io")
+        qemu_io_cmd()
             .current_dir(image_dir(img))
             .args(["-f", "qcow2", "-c", "read 0 512"])
             .arg(&qw),
@@ -1143,7 +1143,7 @@ fn run_case(img: &Path, label: &str, deviation: Deviation) -> (Outcome, Vec<Stri
     }
     if o.q_repaired == 0 && o.d_repaired == 0 {
         let out = run_cmd(
-            Command::new("qemu-img")
+            qemu_img_cmd()
                 .current_dir(image_dir(img))
                 .args(["compare", "-f", "qcow2", "-F", "qcow2"])
                 .arg(&qb)
@@ -1387,7 +1387,7 @@ fn random_damage(seeds: std::ops::Range<u64>) {
         // external data file; qcow2d info judges as a real open (qemu-io) does.
         let q_real_open_refuses = || {
             let out = run_cmd(
-                Command::new("qemu-io")
+                qemu_io_cmd()
                     .current_dir(image_dir(&qa))
                     .args(["-r", "-f", "qcow2", "-c", "read 0 512"])
                     .arg(&qa),

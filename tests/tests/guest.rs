@@ -727,7 +727,7 @@ fn kill9(mut daemon: Daemon) {
 /// SIGKILL, clusters allocated but not yet referenced are leaks, which the format allows).
 fn check_image(img: &Path, allow_leaks: bool) -> String {
     let out = run_cmd(
-        Command::new("qemu-img")
+        qemu_img_cmd()
             .current_dir(image_dir(img))
             .arg("check")
             .arg(img),

@@ -49,7 +49,7 @@ impl Qsd {
             Mode::Writable => ("off", "on"),
             Mode::ReadOnly => ("on", "off"),
         };
-        let mut c = Command::new("qemu-storage-daemon");
+        let mut c = qemu_storage_daemon_cmd();
         c.current_dir(image_dir(img))
             .arg("--blockdev")
             .arg(format!(

@@ -914,7 +914,7 @@ fn qemu_reads_patterns(img: &Path, regions: &[(u8, u64, u64)]) {
     }
     require_qemu_tools();
     let out = run_cmd(
-        std::process::Command::new("qemu-io")
+        qemu_io_cmd()
             .current_dir(image_dir(img))
             .args(&args)
             .arg(img),

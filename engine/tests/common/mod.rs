@@ -1,8 +1,38 @@
-//! Helpers shared by the engine's integration tests.
+//! Helpers shared by the engine's integration tests (engine/tests/), run on the test's thread:
+//! the one place that names `qemu-img` and `qemu-io` (a missing tool fails the test, naming it
+//! and its package), images made and checked with them, and the one seeded [`Rng`].
+//!
+//! The integration tests of the whole product have a library of helpers, the `qcow2d-tests`
+//! crate (tests/src/); the engine's tests cannot use it, because that crate depends on the
+//! engine: depending on it here would make a cycle. So this small module is compiled into each
+//! engine test binary, each using a part of it (hence `allow(dead_code)`).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Fails the test (never skips it) when `tool` is not in PATH.
+pub fn require_tool(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()));
+    assert!(
+        found,
+        "MISSING TOOL: `{tool}` is not in PATH; these tests need it. Install the Debian package \
+         `qemu-utils` (.ci/run does)."
+    );
+}
+
+/// A `qemu-img` command; the tool is checked first.
+pub fn qemu_img_cmd() -> Command {
+    require_tool("qemu-img");
+    Command::new("qemu-img")
+}
+
+/// A `qemu-io` command; the tool is checked first.
+pub fn qemu_io_cmd() -> Command {
+    require_tool("qemu-io");
+    Command::new("qemu-io")
+}
 
 /// Runs `cmd` and returns its standard output; panics, with its error output, if it fails.
 pub fn run(cmd: &mut Command) -> String {
@@ -11,14 +41,16 @@ pub fn run(cmd: &mut Command) -> String {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is qemu-utils installed?): {e}"));
     assert!(
         out.status.success(),
-        "{cmd:?} failed: {}",
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img ARGS`, must succeed; returns stdout.
 pub fn qemu_img(args: &[&str]) -> String {
-    run(Command::new("qemu-img").args(args))
+    run(qemu_img_cmd().args(args))
 }
 
 /// `qemu-img create` run inside `dir`, so relative names (data files) land there.
@@ -28,7 +60,7 @@ pub fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
         args.extend(["-o", opts]);
     }
     args.extend([name, size]);
-    run(Command::new("qemu-img").current_dir(dir).args(&args));
+    run(qemu_img_cmd().current_dir(dir).args(&args));
     dir.join(name)
 }
 
@@ -60,7 +92,7 @@ pub fn verify(image: &Path, model: &[u8], dir: &Path) {
     }
     let model_path = dir.join("model.raw");
     std::fs::write(&model_path, model).unwrap();
-    let out = Command::new("qemu-img")
+    let out = qemu_img_cmd()
         .args(["compare", "-F", "raw"])
         .arg(image)
         .arg(&model_path)
