@@ -24,6 +24,24 @@ pub(super) enum FlagMode {
     ClearUnsafe,
     /// Once the refcounts are right: make every flag match the expected refcount.
     Fix,
+    /// When some refcounts stay wrong after the repair: make flags match the stored
+    /// refcounts (which the double check judges them by, as QEMU's repair does), except that
+    /// COPIED is set only where the expected refcount is 1 too, never on a cluster that may
+    /// be shared.
+    FixStored,
+}
+
+impl FlagMode {
+    /// Whether a flag that is `copied` is left as it is, with `rc` the refcount it is judged
+    /// by and `sure` whether the expected refcount is 1 as well.
+    fn keeps(self, rc: u64, copied: bool, sure: bool) -> bool {
+        (rc == 1) == copied
+            || match self {
+                FlagMode::Check | FlagMode::Fix => false,
+                FlagMode::ClearUnsafe => !copied,
+                FlagMode::FixStored => !copied && !sure,
+            }
+    }
 }
 
 impl Analysis {
@@ -40,7 +58,7 @@ impl Analysis {
         c: u64,
     ) -> Result<Option<u64>, Error> {
         match mode {
-            FlagMode::Check => stored.get(t, c),
+            FlagMode::Check | FlagMode::FixStored => stored.get(t, c),
             FlagMode::ClearUnsafe | FlagMode::Fix if c < self.compare_len() => {
                 Ok(self.expected_at(c))
             }
@@ -84,7 +102,8 @@ impl Analysis {
                 continue;
             };
             let copied = raw & COPIED != 0;
-            if (rc == 1) != copied && (mode != FlagMode::ClearUnsafe || copied) {
+            let sure = self.expected_at(l2_off >> g.cb) == Some(1);
+            if !mode.keeps(rc, copied, sure) {
                 let msg = format!(
                     "{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={raw:x} refcount={rc}"
                 );
@@ -121,7 +140,8 @@ impl Analysis {
                                 None => continue,
                             }
                         };
-                        if (rc == 1) == copied || (mode == FlagMode::ClearUnsafe && !copied) {
+                        let sure = g.data_file || self.expected_at(off >> g.cb) == Some(1);
+                        if mode.keeps(rc, copied, sure) {
                             continue;
                         }
                         let msg = format!(

@@ -259,7 +259,11 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         if second.mismatches == 0 && !second.rebuild {
             fix_copied_flags(&mut t, &mut second, FlagMode::Fix, &mut log)?;
         } else {
-            log.push("Not fixing COPIED flags: the refcounts are still inconsistent".to_owned());
+            log.push(
+                "Fixing COPIED flags by the stored refcounts, never setting one on a cluster that may be shared: the refcounts are still inconsistent"
+                    .to_owned(),
+            );
+            fix_copied_flags(&mut t, &mut second, FlagMode::FixStored, &mut log)?;
         }
     }
     drop(second);
