@@ -88,6 +88,128 @@ fn reads_zero(entry: &L2Entry, ext: bool, sc: u64, a: u64, b: u64, has_backing: 
     })
 }
 
+/// Whether a write of in-cluster bytes `ws..we` may go in place into the cluster `entry` maps
+/// (allocated, COPIED): every subcluster it touches is allocated.
+fn in_place(entry: &L2Entry, ws: u64, we: u64, sc: u64) -> bool {
+    match entry.bitmap {
+        None => true,
+        Some(bm) => {
+            let m = subcluster_mask(ws, we, sc);
+            bm & m == m
+        }
+    }
+}
+
+/// What a write-zeroes or discard of one cluster of the top image is planned with.
+struct ZeroHow {
+    cs: u64,
+    sc: u64,
+    ext: bool,
+    /// Version 3: L2 entries have a zero flag.
+    zero_flag: bool,
+    has_backing: bool,
+    discard: bool,
+}
+
+/// What zeroing (or discarding) in-cluster bytes `ws..we` of a cluster comes to.
+enum ZeroPlan {
+    /// Nothing changes: a discard that cannot drop any whole (sub)cluster.
+    Nothing,
+    /// Real zeros written through the write path, over `narrow` of the cluster when set.
+    WriteZeros { narrow: Option<(u64, u64)> },
+    /// The new L2 entry, and with extended L2 its subcluster bitmap.
+    Entry { raw: u64, bitmap: Option<u64> },
+}
+
+impl ZeroHow {
+    /// Plans the change for `entry` (raw `old_raw`), keeping host cluster `keep_host` when set.
+    fn plan(
+        &self,
+        entry: &L2Entry,
+        old_raw: u64,
+        keep_host: Option<u64>,
+        ws: u64,
+        we: u64,
+    ) -> ZeroPlan {
+        let ZeroHow {
+            cs,
+            sc,
+            ext,
+            zero_flag,
+            has_backing,
+            discard,
+        } = *self;
+        let full = ws == 0 && we == cs;
+        let write = ZeroPlan::WriteZeros { narrow: None };
+        if !ext {
+            if !full {
+                return if discard { ZeroPlan::Nothing } else { write };
+            }
+            return if zero_flag {
+                if discard && !has_backing {
+                    ZeroPlan::Entry {
+                        raw: encode_l2_entry(None, false, false),
+                        bitmap: None,
+                    }
+                } else {
+                    ZeroPlan::Entry {
+                        raw: encode_l2_entry(keep_host, true, true),
+                        bitmap: None,
+                    }
+                }
+            } else if !has_backing {
+                // Version 2 has no zero flag: an unallocated cluster without backing reads
+                // as zeros.
+                ZeroPlan::Entry {
+                    raw: encode_l2_entry(None, false, false),
+                    bitmap: None,
+                }
+            } else if discard {
+                ZeroPlan::Nothing
+            } else {
+                write
+            };
+        }
+        let old_bm = entry.bitmap.unwrap_or(0);
+        let normal_or_unalloc = matches!(entry.mapping, ClusterMapping::Unallocated)
+            || (matches!(entry.mapping, ClusterMapping::Normal { .. }) && entry.copied);
+        if full && keep_host.is_none() {
+            ZeroPlan::Entry {
+                raw: encode_l2_entry(None, false, false),
+                bitmap: Some(0xffff_ffffu64 << 32),
+            }
+        } else if normal_or_unalloc {
+            let (a, b) = if discard {
+                (ws.div_ceil(sc) * sc, we / sc * sc)
+            } else if !ws.is_multiple_of(sc) || (!we.is_multiple_of(sc) && we != cs) {
+                return write;
+            } else {
+                (ws, we)
+            };
+            if a >= b {
+                return ZeroPlan::Nothing;
+            }
+            let m = subcluster_mask(a, b, sc);
+            ZeroPlan::Entry {
+                raw: old_raw,
+                bitmap: Some((old_bm & !m) | (m << 32)),
+            }
+        } else if discard {
+            // A compressed or shared cluster has no per-subcluster state to change: fully
+            // covered subclusters read as zeros through a copy of the cluster.
+            let (a, b) = (ws.div_ceil(sc) * sc, we / sc * sc);
+            if a >= b {
+                return ZeroPlan::Nothing;
+            }
+            ZeroPlan::WriteZeros {
+                narrow: Some((a, b)),
+            }
+        } else {
+            write
+        }
+    }
+}
+
 impl State {
     /// Plans write part `pid` (a write, write-zeroes or discard) for one cluster.
     pub(super) fn plan_write(
@@ -183,14 +305,7 @@ impl State {
             _ => None,
         };
         if let Some(host) = copied_normal {
-            let all_allocated = match entry.bitmap {
-                None => true,
-                Some(bm) => {
-                    let m = subcluster_mask(ws, we, sc);
-                    bm & m == m
-                }
-            };
-            if all_allocated {
+            if in_place(&entry, ws, we, sc) {
                 if q.data_file.is_none() {
                     if let Some(hit) = w.overlap("guest data", host + ws, we - ws, 0) {
                         return self.overlap_refused(pid, hit);
@@ -252,7 +367,29 @@ impl State {
         self.allocating.insert(cluster, a);
         self.layers[0].l2.pin(slot);
 
-        if !need_cow || (cow_zero && fresh) {
+        self.fill_alloc(ring, img, a, need_cow, cow_zero && fresh, cow_zero);
+    }
+
+    /// Fills allocation `a` around the guest's bytes and writes it: nothing to fill (`!need_cow`,
+    /// or `fresh_zero`: the rest of a fresh cluster already reads as zeros), zeros (`cow_zero`),
+    /// or a copy of what the old mapping reads, through internal reads.
+    fn fill_alloc(
+        &mut self,
+        ring: &mut Ring,
+        img: &ImageInner,
+        a: AllocId,
+        need_cow: bool,
+        fresh_zero: bool,
+        cow_zero: bool,
+    ) {
+        let cs = top(img).0.geom.cluster_size();
+        let Alloc {
+            cluster,
+            span: (span_s, span_e),
+            write: (ws, we),
+            ..
+        } = self.allocs[a];
+        if !need_cow || fresh_zero {
             // Only the guest's bytes need writing: the rest of the cluster already reads as
             // zeros (a fresh cluster) or is not part of the span.
             self.allocs[a].span = (ws, we);
@@ -501,7 +638,6 @@ impl State {
         let p = self.parts[pid];
         let cluster = p.guest_off & !(cs - 1);
         let (ws, we) = (p.guest_off - cluster, p.guest_off - cluster + p.len);
-        let full = ws == 0 && we == cs;
 
         if q.data_file.is_some() {
             // Guest data has a fixed place in the external data file: write real zeros there.
@@ -524,64 +660,25 @@ impl State {
             _ => None,
         };
 
-        let (raw, bitmap) = if !ext {
-            if !full {
-                if discard {
-                    return self.finish_part(pid, Ok(()));
+        let how = ZeroHow {
+            cs,
+            sc,
+            ext,
+            zero_flag: w.zero_flag,
+            has_backing,
+            discard,
+        };
+        let (raw, bitmap) = match how.plan(&entry, old_raw, keep_host, ws, we) {
+            ZeroPlan::Nothing => return self.finish_part(pid, Ok(())),
+            ZeroPlan::WriteZeros { narrow } => {
+                if let Some((a, b)) = narrow {
+                    let part = &mut self.parts[pid];
+                    part.guest_off = cluster + a;
+                    part.len = b - a;
                 }
                 return self.write_cluster(ring, img, pid, slot, index, entry, true);
             }
-            if w.zero_flag {
-                if discard && !has_backing {
-                    (encode_l2_entry(None, false, false), None)
-                } else {
-                    (encode_l2_entry(keep_host, true, true), None)
-                }
-            } else if !has_backing {
-                // Version 2 has no zero flag: an unallocated cluster without backing reads
-                // as zeros.
-                (encode_l2_entry(None, false, false), None)
-            } else if discard {
-                return self.finish_part(pid, Ok(()));
-            } else {
-                return self.write_cluster(ring, img, pid, slot, index, entry, true);
-            }
-        } else {
-            let old_bm = entry.bitmap.unwrap_or(0);
-            let normal_or_unalloc = matches!(entry.mapping, ClusterMapping::Unallocated)
-                || (matches!(entry.mapping, ClusterMapping::Normal { .. }) && entry.copied);
-            if full && keep_host.is_none() {
-                (
-                    encode_l2_entry(None, false, false),
-                    Some(0xffff_ffffu64 << 32),
-                )
-            } else if normal_or_unalloc {
-                let (a, b) = if discard {
-                    (ws.div_ceil(sc) * sc, we / sc * sc)
-                } else if ws % sc != 0 || (we % sc != 0 && we != cs) {
-                    return self.write_cluster(ring, img, pid, slot, index, entry, true);
-                } else {
-                    (ws, we)
-                };
-                if a >= b {
-                    return self.finish_part(pid, Ok(()));
-                }
-                let m = subcluster_mask(a, b, sc);
-                (old_raw, Some((old_bm & !m) | (m << 32)))
-            } else if discard {
-                // A compressed or shared cluster has no per-subcluster state to change:
-                // fully covered subclusters read as zeros through a copy of the cluster.
-                let (a, b) = (ws.div_ceil(sc) * sc, we / sc * sc);
-                if a >= b {
-                    return self.finish_part(pid, Ok(()));
-                }
-                let part = &mut self.parts[pid];
-                part.guest_off = cluster + a;
-                part.len = b - a;
-                return self.write_cluster(ring, img, pid, slot, index, entry, true);
-            } else {
-                return self.write_cluster(ring, img, pid, slot, index, entry, true);
-            }
+            ZeroPlan::Entry { raw, bitmap } => (raw, bitmap),
         };
 
         self.set_entry(
