@@ -40,7 +40,6 @@ use common::{create, run};
 use qcow2d_engine::{check, Image, LoggedStep, OpenOptions, Shard, ShardConfig, WriteLog};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 const SECTOR: usize = 512;
@@ -462,7 +461,7 @@ fn enumerate(h: &History, seed: u64) -> Vec<State> {
 
 /// `qemu-img check`'s (corruptions, check errors) of `path`.
 fn qemu_check(path: &Path) -> (u64, u64, String) {
-    let out = Command::new("qemu-img")
+    let out = common::qemu_img_cmd()
         .args(["check", "--output=json", "-f", "qcow2"])
         .arg(path)
         .output()
@@ -635,7 +634,7 @@ fn copy_on_write_of_a_compressed_cluster() {
     bytes[..256 << 10].copy_from_slice(&data(5, 256 << 10));
     std::fs::write(&raw, &bytes).unwrap();
     let p = dir.path().join("c.qcow2");
-    run(Command::new("qemu-img")
+    run(common::qemu_img_cmd()
         .args(["convert", "-c", "-O", "qcow2", "-o", "cluster_size=65536"])
         .arg(&raw)
         .arg(&p));
@@ -727,7 +726,7 @@ fn lazy_refcounts() {
 fn l2_table_shared_with_an_internal_snapshot_is_copied() {
     let dir = tempfile::tempdir().unwrap();
     let p = create(dir.path(), "s.qcow2", "cluster_size=65536", "4M");
-    run(Command::new("qemu-io")
+    run(common::qemu_io_cmd()
         .args(["-c", "write -P 0x33 0 128k"])
         .arg(&p));
     common::qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);

@@ -5,13 +5,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use qcow2d_engine::check;
 
 /// `qemu-img check`'s (corruptions, leaks) of `path`, whatever its exit status.
 fn qemu_counts(path: &Path) -> (u64, u64) {
-    let out = Command::new("qemu-img")
+    let out = common::qemu_img_cmd()
         .args(["check", "--output=json", "-f", "qcow2"])
         .arg(path)
         .output()
@@ -60,7 +59,7 @@ fn repair_like_qemu(image: &[u8]) {
     let dir = tempfile::tempdir().unwrap();
     let theirs = dir.path().join("theirs.img");
     std::fs::write(&theirs, image).unwrap();
-    let _ = Command::new("qemu-img")
+    let _ = common::qemu_img_cmd()
         .args(["check", "-q", "-r", "all", "-f", "qcow2"])
         .arg(&theirs)
         .output()
