@@ -231,6 +231,14 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
     // From here on each thread keeps only the system calls it needs.
     seccomp::configure(config.seccomp)?;
     info!(seccomp = config.seccomp.name(), "Sandbox set up");
+    // One pool of inflate workers for every export, started before any export thread (no
+    // worker thread may start threads, and a pool started on a first compressed read would
+    // be started by one).
+    let pool = qcow2d_engine::start_inflate_pool(qcow2d_engine::InflatePoolConfig {
+        threads: None,
+        on_start: Some(inflate_thread_start),
+    });
+    info!(workers = pool.workers(), "Inflate pool started");
 
     let (tx, rx) = mpsc::channel();
     let mut sup = Supervisor {
@@ -320,12 +328,7 @@ fn open_image(export: &ExportConfig) -> Result<Image, qcow2d_engine::Error> {
         lazy_refcounts: export.lazy_refcounts,
         direct: export.direct,
         overlap_check: export.overlap_check,
-        // Inflate workers take the CPUs the shards leave; with a shard per CPU each shard
-        // inflates its own clusters, which measured faster (no hand-off to another
-        // thread, no more threads than CPUs).
-        inflate_threads: Some(crate::config::cpu_count().saturating_sub(export.shards)),
         allowed_roots: export.allowed_roots.clone(),
-        inflate_thread_start: Some(inflate_thread_start),
         ..OpenOptions::default()
     };
     Image::open(&export.image, &options)
@@ -444,9 +447,6 @@ impl Supervisor {
             metrics.add_export(labels, params.shards)
         });
         params.metrics = metrics.clone();
-        // Started here, not at open: at start-up the sandbox is set up in between, and no
-        // worker thread may start threads.
-        image.start_inflate_workers();
         let size = image.virtual_size();
         let read_only = image.is_read_only();
         let control = Arc::new(ExportControl::new(cfg.socket.clone(), image));

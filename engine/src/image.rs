@@ -167,13 +167,6 @@ impl Image {
         self.inner.top.q.data_file_path.as_deref()
     }
 
-    /// Starts the inflate workers now rather than on the first compressed read, so that the
-    /// thread that starts them is the caller (a caller that confines its threads starts them
-    /// during set-up).
-    pub fn start_inflate_workers(&self) {
-        let _ = self.inner.inflate_pool();
-    }
-
     /// Virtual disk size in bytes.
     pub fn virtual_size(&self) -> u64 {
         self.inner.virtual_size()

@@ -35,6 +35,7 @@ mod write;
 pub use check::{check, CheckReport};
 pub use error::{Error, ErrorKind, IoError};
 pub use image::{verify_named_files, Image, ImageInfo, OpenOptions};
+pub use io::{start_inflate_pool, InflatePoolConfig, InflateSharing};
 pub use overlap::OverlapCheck;
 pub use shard::{Completion, LoggedStep, Shard, ShardConfig, WriteLog};
 

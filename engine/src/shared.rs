@@ -1,6 +1,6 @@
 //! The state of an opened image that every shard shares: the chain of layers (a typed qcow2
-//! top, then the backing files), the writable state of a writable image, the L2 cache budget
-//! and the inflate workers; and opening it (the chain resolved, every file validated, locked
+//! top, then the backing files), the writable state of a writable image and the L2 cache
+//! budget; and opening it (the chain resolved, every file validated, locked
 //! and opened through `paths.rs`, a dirty image repaired first).
 //!
 //! Built once on the opening thread and shared through an `Arc` by the front ([`crate::Image`])
@@ -33,10 +33,6 @@ pub struct OpenOptions {
     /// Per-shard L2 cache size in bytes, shared by every layer of the backing chain; `None`
     /// covers the whole chain, up to 1 GiB.
     pub l2_cache_bytes: Option<u64>,
-    /// Threads that inflate compressed clusters off the shard threads; `None`: one per CPU,
-    /// `Some(0)`: shards inflate themselves. Started on the first compressed read, or by
-    /// [`crate::Image::start_inflate_workers`].
-    pub inflate_threads: Option<usize>,
     /// Read and write guest data of the top image (and of its external data file) with
     /// O_DIRECT, bypassing the page cache. Metadata, compressed clusters and backing files
     /// stay buffered, as do data operations that are not aligned for direct I/O. A file
@@ -52,9 +48,6 @@ pub struct OpenOptions {
     /// regular file under one of them, after symlinks and `..` are resolved; see the
     /// `paths` module.
     pub allowed_roots: Vec<PathBuf>,
-    /// Called first thing on each inflate worker thread, once its io_uring exists (a caller
-    /// that confines its threads installs the worker's filter here).
-    pub inflate_thread_start: Option<fn()>,
 }
 
 impl Default for OpenOptions {
@@ -64,11 +57,9 @@ impl Default for OpenOptions {
             lazy_refcounts: false,
             max_backing_depth: 16,
             l2_cache_bytes: None,
-            inflate_threads: None,
             direct: false,
             overlap_check: crate::overlap::OverlapCheck::default(),
             allowed_roots: Vec::new(),
-            inflate_thread_start: None,
         }
     }
 }
@@ -86,9 +77,6 @@ pub(crate) struct ImageInner {
     pub l2_cache_bytes: u64,
     /// Allocation and header state of a writable image (None when read-only).
     pub writable: Option<crate::write::Writable>,
-    inflate_threads: usize,
-    inflate_thread_start: Option<fn()>,
-    inflate_pool: std::sync::OnceLock<Option<crate::io::InflatePool>>,
 }
 
 impl ImageInner {
@@ -145,21 +133,7 @@ impl ImageInner {
             read_only: opts.read_only,
             l2_cache_bytes,
             writable,
-            inflate_threads: opts
-                .inflate_threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-            inflate_thread_start: opts.inflate_thread_start,
-            inflate_pool: std::sync::OnceLock::new(),
         })
-    }
-
-    /// The inflate workers, started on first use (`None`: shards inflate themselves).
-    pub fn inflate_pool(&self) -> Option<&crate::io::InflatePool> {
-        self.inflate_pool
-            .get_or_init(|| {
-                crate::io::InflatePool::new(self.inflate_threads, self.inflate_thread_start)
-            })
-            .as_ref()
     }
 
     /// Layers in the chain, the top included.

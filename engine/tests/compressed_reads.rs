@@ -8,7 +8,7 @@
 mod common;
 
 use common::Rng;
-use qcow2d_engine::{Image, OpenOptions, Shard, ShardConfig};
+use qcow2d_engine::{Image, InflateSharing, OpenOptions, Shard, ShardConfig};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -138,14 +138,22 @@ fn read(shard: &mut Shard, offset: u64, segments: &[usize]) -> Result<Vec<u8>, S
     out[0].result.map(|()| data).map_err(|e| e.to_string())
 }
 
-fn shard_of(img: &Path, inflate_threads: Option<usize>) -> Shard {
-    let opts = OpenOptions {
-        inflate_threads,
-        ..OpenOptions::default()
+/// Every way a shard may inflate: its jobs shared with the pool, on the shard only, and
+/// every job handed to the pool's workers (their results posted back into the shard's ring).
+const SHARING: [InflateSharing; 3] = [
+    InflateSharing::Shared,
+    InflateSharing::OnShard,
+    InflateSharing::HandOff,
+];
+
+fn shard_of(img: &Path, inflate: InflateSharing) -> Shard {
+    let config = ShardConfig {
+        inflate,
+        ..ShardConfig::default()
     };
-    Image::open(img, &opts)
+    Image::open(img, &OpenOptions::default())
         .unwrap()
-        .new_shard(&ShardConfig::default())
+        .new_shard(&config)
         .unwrap()
 }
 
@@ -156,8 +164,8 @@ fn layouts(compression: &str) {
     let img = make_image(dir.path(), compression, &data);
     let want = |off: usize, len: usize| data[off..off + len].to_vec();
     let c = CLUSTER;
-    for threads in [None, Some(0)] {
-        let mut shard = shard_of(&img, threads);
+    for sharing in SHARING {
+        let mut shard = shard_of(&img, sharing);
         // Every whole cluster, one segment each: inflated in place, never cached. The last
         // whole cluster's extent runs to the end of the file.
         for i in 0..64 {
@@ -166,7 +174,7 @@ fn layouts(compression: &str) {
                 want(i * c, c)
             );
         }
-        assert_eq!(shard.decompressed_cache_stats(), (0, 64), "{threads:?}");
+        assert_eq!(shard.decompressed_cache_stats(), (0, 64), "{sharing:?}");
         // Read whole again soon after: now loaded into the cache (a part woken when its slot
         // is loaded counts a miss, then a hit), and a hit from then on.
         for hits in [1, 2] {
@@ -252,11 +260,11 @@ fn patched_streams_read_alike_on_both_paths() {
     patch(&img, 7, &deflate(&short));
     patch(&img, 8, &[0x07, 0xff, 0xff, 0xff]);
     let c = CLUSTER as u64;
-    for threads in [None, Some(0)] {
+    for sharing in SHARING {
         // Whole cluster first (in place), then a partial read (through the cache), on a fresh
         // shard so the first read cannot be a cache hit.
         for (whole_first, label) in [(true, "whole first"), (false, "partial first")] {
-            let mut shard = shard_of(&img, threads);
+            let mut shard = shard_of(&img, sharing);
             let mut check = |index: u64, want: Option<&[u8]>| {
                 let (whole, part) = if whole_first {
                     let whole = read(&mut shard, index * c, &[CLUSTER]);
@@ -267,12 +275,12 @@ fn patched_streams_read_alike_on_both_paths() {
                 };
                 match want {
                     Some(w) => {
-                        assert_eq!(whole.unwrap(), w, "cluster {index}, {label}, {threads:?}");
+                        assert_eq!(whole.unwrap(), w, "cluster {index}, {label}, {sharing:?}");
                         assert_eq!(part.unwrap(), w[4096..12288], "cluster {index}, {label}");
                     }
                     None => {
-                        assert!(whole.is_err(), "cluster {index}, {label}, {threads:?}");
-                        assert!(part.is_err(), "cluster {index}, {label}, {threads:?}");
+                        assert!(whole.is_err(), "cluster {index}, {label}, {sharing:?}");
+                        assert!(part.is_err(), "cluster {index}, {label}, {sharing:?}");
                     }
                 }
             };
@@ -280,18 +288,18 @@ fn patched_streams_read_alike_on_both_paths() {
             // before the end inflates only up to the end of the part when the cluster was not
             // seen lately, and gets the bytes the stream holds; when it was, the cluster is
             // inflated whole, and the read fails. Never other bytes.
-            let mut fresh = shard_of(&img, threads);
+            let mut fresh = shard_of(&img, sharing);
             let short_part = read(&mut fresh, 7 * c + 4096, &[8192]);
             assert_eq!(
                 short_part.unwrap(),
                 short[4096..12288],
-                "{label}, {threads:?}"
+                "{label}, {sharing:?}"
             );
             for _ in 0..3 {
                 let tail = read(&mut fresh, 7 * c + c - 4096, &[4096]);
-                assert!(tail.is_err(), "{label}, {threads:?}");
+                assert!(tail.is_err(), "{label}, {sharing:?}");
                 if let Ok(again) = read(&mut fresh, 7 * c + 4096, &[8192]) {
-                    assert_eq!(again, short[4096..12288], "{label}, {threads:?}");
+                    assert_eq!(again, short[4096..12288], "{label}, {sharing:?}");
                 }
             }
 
@@ -359,15 +367,18 @@ fn backing_with_larger_compressed_clusters() {
         "write -c -P 0x5a 0 64k",
         "top.qcow2",
     ]);
-    for threads in [None, Some(0)] {
+    for sharing in SHARING {
         let opts = OpenOptions {
             read_only: true,
-            inflate_threads: threads,
             ..OpenOptions::default()
+        };
+        let config = ShardConfig {
+            inflate: sharing,
+            ..ShardConfig::default()
         };
         let mut shard = Image::open(d.join("top.qcow2"), &opts)
             .unwrap()
-            .new_shard(&ShardConfig::default())
+            .new_shard(&config)
             .unwrap();
         assert_eq!(read(&mut shard, 0x1000, &[4096]).unwrap(), vec![0x5a; 4096]);
         // 64 KiB into the base's second 128 KiB cluster: a prefix of 68 KiB.
@@ -375,7 +386,7 @@ fn backing_with_larger_compressed_clusters() {
         assert_eq!(
             read(&mut shard, at as u64, &[4096]).unwrap(),
             base_data[at..at + 4096],
-            "{threads:?}"
+            "{sharing:?}"
         );
     }
 }
@@ -391,12 +402,10 @@ fn compressed_reads_wait_for_scratch_rather_than_allocate() {
     for compression in ["zlib", "zstd"] {
         let img = make_image(dir.path(), compression, &data);
         let limit = 4 * CLUSTER as u64;
-        for threads in [None, Some(0)] {
-            let opts = OpenOptions {
-                inflate_threads: threads,
-                ..OpenOptions::default()
-            };
+        for sharing in SHARING {
+            let opts = OpenOptions::default();
             let config = ShardConfig {
+                inflate: sharing,
                 scratch_bytes: limit,
                 // No cache to serve clusters from: every cluster is a miss.
                 decompressed_cache_bytes: 0,
@@ -419,7 +428,7 @@ fn compressed_reads_wait_for_scratch_rather_than_allocate() {
             );
         }
         // The default limit lets them all go at once (what the small limit prevented).
-        let mut shard = shard_of(&img, Some(0));
+        let mut shard = shard_of(&img, InflateSharing::OnShard);
         let small: Vec<usize> = (0..SIZE / 8192).map(|_| 8192).chain([4096]).collect();
         assert_eq!(read(&mut shard, 0, &small).unwrap(), data);
         assert!(shard.scratch_peak_bytes() > limit);
@@ -474,4 +483,89 @@ fn cache_budgets_are_per_shard_across_the_backing_chain() {
     assert_eq!(decompressed, 3 << 20);
     // Down to a floor of 4 tables and 2 clusters per layer.
     assert_eq!(shard(Some(0), 0), (3 * 4 * 65536, 3 * 2 * 65536));
+}
+
+/// Thousands of small compressed clusters read through a ring whose completion queue holds 64,
+/// a second request submitted while the first one's reads are in the kernel, in every mode:
+/// inflate jobs reserve room for their completions, and a shard whose queue is full of the
+/// reservations of jobs still on its own deque would wait forever for a completion when it
+/// next pushes a read. Jobs beyond a bound are inflated at once instead. (Reproduced by
+/// `tests/tests/differential.rs`, `shard_many_requests_in_flight_small_compressed_clusters`,
+/// which hung every time without the bound.)
+#[test]
+fn many_small_compressed_clusters_through_a_small_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1 << 20;
+    let data = text(13, size);
+    let raw = dir.path().join("small.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let img = dir.path().join("small.qcow2");
+    let out = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+        ])
+        .arg(&raw)
+        .arg(&img)
+        .output()
+        .expect("cannot run qemu-img (is qemu-utils installed?)");
+    assert!(out.status.success(), "qemu-img convert: {out:?}");
+    let half = size / 2;
+    for sharing in SHARING {
+        let img = img.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let config = ShardConfig {
+                inflate: sharing,
+                ring_entries: 8,
+                ..ShardConfig::default()
+            };
+            let mut shard = Image::open(&img, &OpenOptions::default())
+                .unwrap()
+                .new_shard(&config)
+                .unwrap();
+            // Out of the page cache, so that the reads complete later, not while submitted.
+            let f = std::fs::File::open(&img).unwrap();
+            // SAFETY: an advice call on a descriptor we own; no memory is passed.
+            let r = unsafe {
+                libc::posix_fadvise(
+                    std::os::fd::AsRawFd::as_raw_fd(&f),
+                    0,
+                    0,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
+            assert_eq!(r, 0);
+            let mut mem = vec![0u8; size];
+            let (first, second) = mem.split_at_mut(half);
+            let iov = |m: &mut [u8]| libc::iovec {
+                iov_base: m.as_mut_ptr().cast(),
+                iov_len: m.len(),
+            };
+            let mut out = Vec::new();
+            // SAFETY: `mem` outlives the shard's use of it: both completions are waited for.
+            unsafe { shard.submit_read(1, 0, &[iov(first)]) }.unwrap();
+            shard.poll(&mut out);
+            // SAFETY: as above.
+            unsafe { shard.submit_read(2, half as u64, &[iov(second)]) }.unwrap();
+            while out.len() < 2 {
+                shard.wait(&mut out);
+            }
+            let ok = out.iter().all(|c| c.result.is_ok());
+            let _ = tx.send(ok.then_some(mem));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("{sharing:?}: the reads never completed"));
+        assert!(
+            got.expect("a read failed") == data,
+            "{sharing:?}: wrong bytes"
+        );
+    }
 }

@@ -37,7 +37,9 @@
 mod common;
 
 use common::{create, run};
-use qcow2d_engine::{check, Image, LoggedStep, OpenOptions, Shard, ShardConfig, WriteLog};
+use qcow2d_engine::{
+    check, Image, InflateSharing, LoggedStep, OpenOptions, Shard, ShardConfig, WriteLog,
+};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,7 +119,6 @@ impl Run {
             path,
             &OpenOptions {
                 read_only: false,
-                inflate_threads: Some(0),
                 ..OpenOptions::default()
             },
         )
@@ -125,6 +126,8 @@ impl Run {
         let log = Arc::new(WriteLog::default());
         let config = ShardConfig {
             write_log: Some(Arc::clone(&log)),
+            // No thread hand-offs: the run is the same every time.
+            inflate: InflateSharing::OnShard,
             ..ShardConfig::default()
         };
         let shard = image.new_shard(&config).unwrap();
@@ -196,7 +199,6 @@ fn read_disk(path: &Path) -> Vec<u8> {
         path,
         &OpenOptions {
             read_only: true,
-            inflate_threads: Some(0),
             ..OpenOptions::default()
         },
     )

@@ -236,7 +236,6 @@ fn two_shards_flush_after_discard_and_flush() {
     std::thread::spawn(move || {
         let opts = OpenOptions {
             read_only: false,
-            inflate_threads: Some(0),
             ..OpenOptions::default()
         };
         let image = Image::open(&path, &opts).unwrap();

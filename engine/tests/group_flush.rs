@@ -32,7 +32,6 @@ fn within_a_minute(what: &str, f: impl FnOnce() + Send + 'static) {
 fn open_two(path: &Path) -> (Image, Vec<Shard>) {
     let opts = OpenOptions {
         read_only: false,
-        inflate_threads: Some(0),
         ..OpenOptions::default()
     };
     let image = Image::open(path, &opts).unwrap();

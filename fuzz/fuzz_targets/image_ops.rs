@@ -11,8 +11,8 @@ use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use qcow2d_engine::{Image, ImageInfo, OpenOptions, Shard, ShardConfig};
-use qcow2d_fuzz::{drain_all, qemu_img, qemu_io_raw, read, scratch_dir, scratch_file};
+use qcow2d_engine::{Image, ImageInfo, OpenOptions, Shard};
+use qcow2d_fuzz::{drain_all, on_shard, qemu_img, qemu_io_raw, read, scratch_dir, scratch_file};
 
 /// Virtual size of every template.
 const SIZE: u64 = 2 << 20;
@@ -171,13 +171,12 @@ fn run(input: Input) {
     let options = OpenOptions {
         read_only: false,
         lazy_refcounts: t.lazy_refcounts,
-        inflate_threads: Some(0),
         ..OpenOptions::default()
     };
     let image = Image::open(&path, &options).expect("a fresh image must open");
     let granule = discard_granule(&image.info());
     let count = if input.two_shards { 2 } else { 1 };
-    let mut shards = image.new_shards(&ShardConfig::default(), count).unwrap();
+    let mut shards = image.new_shards(&on_shard(), count).unwrap();
     let mut out = Vec::new();
     for (b, (batch, flush)) in input.batches.into_iter().take(16).enumerate() {
         // Requests in flight together never overlap (a guest gets no ordering between them).
@@ -265,12 +264,8 @@ fn verify(path: &Path, model: &[u8]) {
         report.leaks,
         report.check_errors
     );
-    let options = OpenOptions {
-        inflate_threads: Some(0),
-        ..OpenOptions::default()
-    };
-    let image = Image::open(path, &options).expect("reopen");
-    let mut shard = image.new_shard(&ShardConfig::default()).unwrap();
+    let image = Image::open(path, &OpenOptions::default()).expect("reopen");
+    let mut shard = image.new_shard(&on_shard()).unwrap();
     let mut buf = vec![0u8; SIZE as usize];
     assert!(read(&mut shard, &mut buf, 0), "reading the reopened image");
     if buf[..] != model[..] {

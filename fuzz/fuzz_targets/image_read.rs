@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use qcow2d_engine::{Image, OpenOptions, ShardConfig};
-use qcow2d_fuzz::{read, scratch_file};
+use qcow2d_engine::{Image, OpenOptions};
+use qcow2d_fuzz::{on_shard, read, scratch_file};
 
 /// Bytes per read.
 const CHUNK: u64 = 64 << 10;
@@ -16,7 +16,6 @@ fuzz_target!(|data: &[u8]| {
     let options = OpenOptions {
         read_only: true,
         l2_cache_bytes: Some(1 << 20),
-        inflate_threads: Some(0),
         ..OpenOptions::default()
     };
     let Ok(image) = Image::open(&path, &options) else {
@@ -24,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = image.info().to_string();
     let size = image.virtual_size();
-    let Ok(mut shards) = image.new_shards(&ShardConfig::default(), 2) else {
+    let Ok(mut shards) = image.new_shards(&on_shard(), 2) else {
         return;
     };
     // The first 256 KiB, then eight chunks spread over the disk.

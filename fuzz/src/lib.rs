@@ -8,7 +8,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use qcow2d_engine::{Completion, Shard};
+use qcow2d_engine::{Completion, InflateSharing, Shard, ShardConfig};
+
+/// Shard settings of the fuzz targets: every cluster inflated on the shard's own thread, so
+/// that a run is deterministic and starts no thread.
+pub fn on_shard() -> ShardConfig {
+    ShardConfig {
+        inflate: InflateSharing::OnShard,
+        ..ShardConfig::default()
+    }
+}
 
 /// The process's scratch directory (removed by nobody: libFuzzer ends with `_exit`; it lives
 /// under the system temp directory and holds a few small files).

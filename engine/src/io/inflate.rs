@@ -1,30 +1,53 @@
-//! Worker threads that inflate compressed clusters off the shard threads.
+//! Inflating compressed clusters on every core: one process-wide pool of inflate workers
+//! that steal from the shards' own queues.
 //!
-//! Inflating a 64 KiB cluster costs tens of microseconds: done on a shard, it stalls every
-//! other request of that shard and keeps compressed reads to one core. A shard hands the
-//! compressed extent and the cache slot to decode into to a worker; the worker inflates and
-//! posts the result as a completion into the shard's own io_uring (`IORING_OP_MSG_RING`), so
-//! it arrives like any other completion: the shard's eventfd fires and a shard blocked waiting
-//! for its ring wakes up. Nothing is shared but the two buffers, which the shard leaves alone
-//! until that completion arrives.
+//! Inflating a 64 KiB cluster costs tens of microseconds, far more than anything else a read
+//! does. A shard that has read a compressed extent makes it a [`Job`] (the extent, where the
+//! cluster goes, and which ring and operation its result belongs to) and pushes it onto its
+//! own deque ([`InflateQueue`], crossbeam's work-stealing deque). At the end of its turn the
+//! shard inflates its own jobs itself, newest first; meanwhile the pool's workers and other
+//! shards with nothing to do may steal the oldest. A job run by its own shard completes
+//! there and then; a stolen one is posted as a completion into the owner's io_uring
+//! (`IORING_OP_MSG_RING`), so it arrives like any other completion: the owner's eventfd
+//! fires and a shard blocked waiting for its ring wakes up.
 //!
-//! A cluster goes either into a decompressed-cache slot (engine memory) or, when a read covers
-//! the whole cluster with one segment of guest memory, straight into that guest memory
-//! ([`Output::Guest`]). Guest memory is shared with a guest that may change it while we
-//! inflate: [`ClusterInflater`] writes only inside the segment and never makes a decision on
-//! what it finds there. libdeflate gets the segment as a raw pointer (no Rust reference to
-//! memory another process writes); its match copies read back earlier output, but a changed
-//! byte only changes which bytes land in the segment, never where they go. Streams libdeflate
-//! refuses (no final block, longer than a cluster) and zstd streams are decoded into the
-//! inflater's own scratch cluster and copied: the rare paths keep one copy, as before. Tests:
+//! Handing a cluster to another thread costs a wake-up and a completion posted across rings,
+//! which measured more than it spread when every cluster went to a worker. So a shard only
+//! wakes a worker when it has at least two jobs queued (one for itself, one to give away), a
+//! worker is asleep, and fewer engine threads are busy than the process has CPUs: busy
+//! shards (those that have queued a job, while they poll) and awake workers are counted in
+//! one atomic. A shard that never reads a compressed cluster never touches the pool.
+//!
+//! The pool is process-wide ([`start_inflate_pool`]): a daemon with many exports has at most
+//! one worker per CPU, minus one (the shard that queued the work is busy itself), whatever
+//! the number of images, exports or shards.
+//!
+//! A cluster goes either into a decompressed-cache slot (engine memory), or the start of one
+//! into a prefix buffer, or, when a read covers the whole cluster with one segment of guest
+//! memory, straight into that guest memory ([`Output::Guest`]), whoever runs the job. Guest
+//! memory is shared with a guest that may change it while we inflate: [`ClusterInflater`]
+//! writes only inside the segment and never makes a decision on what it finds there.
+//! libdeflate gets the segment as a raw pointer (no Rust reference to memory another process
+//! writes); its match copies read back earlier output, but a changed byte only changes which
+//! bytes land in the segment, never where they go. Streams libdeflate refuses (no final
+//! block, longer than a cluster) and zstd streams are decoded into the inflater's own scratch
+//! cluster and copied: the rare paths keep one copy. Tests:
 //! `tests::guest_changing_its_memory_meanwhile` (a thread scribbling over the segment, guard
-//! bytes around it) and `engine/tests/compressed_reads.rs` (both paths give the same bytes).
+//! bytes around it), `tests::stolen_jobs_complete_on_their_owners_ring` and
+//! `engine/tests/compressed_reads.rs` (inline, shared and handed-off jobs give the same
+//! bytes).
+//!
+//! Threads: the workers (`qcow2d-inflate-N`) run [`worker`]; everything else here runs on the
+//! shard thread that owns the queue.
 
 use crate::format::{CompressionType, InflateError, Inflater};
+use crossbeam::deque::{Steal, Stealer, Worker};
+use crossbeam::sync::{Parker, Unparker};
 use io_uring::{opcode, types, IoUring};
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Where an inflated cluster goes.
 #[derive(Clone, Copy, Debug)]
@@ -54,8 +77,8 @@ pub enum Output {
     },
 }
 
-/// One cluster to inflate.
-struct Job {
+/// One cluster to inflate, and the ring and operation its result belongs to.
+pub struct Job {
     kind: CompressionType,
     input: *const u8,
     input_len: usize,
@@ -65,89 +88,410 @@ struct Job {
 }
 
 // SAFETY: a job's pointers refer to buffers its submitter keeps valid until the completion
-// for `user_data` arrives on `ring_fd`: the input unchanged, engine and prefix output untouched
-// by anyone else, guest output valid for writes (the `InflatePool::submit` contract), so the
-// worker thread may use them meanwhile.
+// for `user_data` has been reaped from `ring_fd` (or the job was taken back by its owner): the
+// input unchanged, engine and prefix output untouched by anyone else, guest output valid for
+// writes (the `Job::new` contract), so whichever thread runs the job may use them meanwhile.
 unsafe impl Send for Job {}
-
-/// The worker threads; dropping the pool lets them finish their jobs and exit.
-pub struct InflatePool {
-    // Field order is drop order: the sender goes first so the workers' loops end.
-    tx: Option<crossbeam::channel::Sender<Job>>,
-    threads: Vec<JoinHandle<()>>,
-}
 
 /// Result code of a job whose stream did not inflate to a full cluster.
 pub const INFLATE_FAILED: i32 = -libc::EBADMSG;
 
-impl InflatePool {
-    /// Starts `threads` workers, or returns `None` when `threads` is 0 or the kernel cannot
-    /// post completions into another ring (`IORING_OP_MSG_RING`, Linux 5.18).
-    /// `on_start` runs first on each worker, once its io_uring exists.
-    pub fn new(threads: usize, on_start: Option<fn()>) -> Option<InflatePool> {
-        if threads == 0 || !msg_ring_supported() {
-            return None;
-        }
-        let (tx, rx) = crossbeam::channel::bounded::<Job>(1024);
-        let mut handles = Vec::with_capacity(threads);
-        for i in 0..threads {
-            let rx = rx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("qcow2d-inflate-{i}"))
-                .spawn(move || worker(rx, on_start));
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    tracing::warn!("Cannot start an inflate worker: {e}");
-                    break;
-                }
-            }
-        }
-        if handles.is_empty() {
-            return None;
-        }
-        Some(InflatePool {
-            tx: Some(tx),
-            threads: handles,
-        })
-    }
-
-    /// Queues the inflation of `input` into `out`; its completion arrives on the ring `ring_fd`
-    /// with `user_data`, result 0 or [`INFLATE_FAILED`]. Returns false when the pool is
-    /// shutting down (the caller inflates itself).
+impl Job {
+    /// A job that inflates `input` into `out`, its result going to the ring `ring_fd` as a
+    /// completion with `user_data` (result 0 or [`INFLATE_FAILED`]) when another thread runs
+    /// it.
     ///
     /// # Safety
     /// `input` must stay valid and unchanged, and `out` valid for writes (and, for
-    /// [`Output::Engine`] and [`Output::Prefix`], untouched by anyone else), until that
-    /// completion has been reaped from `ring_fd`, which must stay open until then.
-    pub unsafe fn submit(
-        &self,
+    /// [`Output::Engine`] and [`Output::Prefix`], untouched by anyone else), until the job has
+    /// been run by its owner, or until that completion has been reaped from `ring_fd`, which
+    /// must stay open until then.
+    pub unsafe fn new(
         kind: CompressionType,
         input: &[u8],
         out: Output,
         ring_fd: RawFd,
         user_data: u64,
-    ) -> bool {
-        let Some(tx) = &self.tx else {
-            return false;
-        };
-        let job = Job {
+    ) -> Job {
+        Job {
             kind,
             input: input.as_ptr(),
             input_len: input.len(),
             out,
             ring_fd,
             user_data,
-        };
-        tx.send(job).is_ok()
+        }
+    }
+
+    /// The operation the job's result belongs to.
+    pub fn user_data(&self) -> u64 {
+        self.user_data
+    }
+
+    /// The ring the result of a stolen job is posted to.
+    pub fn ring_fd(&self) -> RawFd {
+        self.ring_fd
+    }
+
+    /// Inflates; returns 0 or [`INFLATE_FAILED`].
+    pub fn run(&self, inflater: &mut ClusterInflater) -> i32 {
+        // SAFETY: the submitter keeps the input alive and unchanged until the job's result has
+        // been taken (Job::new contract), which is not before this returns.
+        let input = unsafe { std::slice::from_raw_parts(self.input, self.input_len) };
+        // SAFETY: the output stays valid for writes, and engine memory untouched by anyone
+        // else, until then (Job::new contract).
+        match unsafe { inflater.inflate(self.kind, input, self.out) } {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::debug!("Inflate job: {e}");
+                INFLATE_FAILED
+            }
+        }
     }
 }
 
-impl Drop for InflatePool {
+/// How a shard shares its inflate work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InflateSharing {
+    /// Jobs go onto the shard's own deque: the shard runs them at the end of its turn, idle
+    /// workers (woken when a CPU is free) and idle shards steal them. The default.
+    #[default]
+    Shared,
+    /// The shard inflates every cluster itself, as its compressed read completes, and takes
+    /// no jobs from others (no thread hand-offs at all: for fuzzing and comparisons).
+    OnShard,
+    /// Test hook: every job is left to the pool's workers (woken at once), never run by its
+    /// shard, so that the hand-off path is exercised whatever the load. Behaves as `Shared`
+    /// when the pool has no worker.
+    #[doc(hidden)]
+    HandOff,
+}
+
+/// How the process-wide pool is set up ([`start_inflate_pool`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InflatePoolConfig {
+    /// Worker threads; `None`: one per CPU this process may run on, minus one (the shard
+    /// that queued the work keeps a CPU busy itself), at least one. `Some(0)`: no worker;
+    /// shards still take each other's jobs.
+    pub threads: Option<usize>,
+    /// Called first thing on each worker thread, once its io_uring exists (a caller that
+    /// confines its threads installs the worker's filter here).
+    pub on_start: Option<fn()>,
+}
+
+/// The process-wide pool: the workers, the deques they steal from, and the counts that
+/// decide when a worker is woken.
+pub struct InflatePool {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Every shard deque that has held a job, with its registration id.
+    queues: Mutex<Vec<(u64, Stealer<Job>)>>,
+    /// Bumped whenever `queues` changes, so that thieves refresh their copies.
+    generation: AtomicU64,
+    next_id: AtomicU64,
+    /// Workers asleep (their indexes), and how many (read without the lock).
+    idle: Mutex<Vec<usize>>,
+    sleeping: AtomicUsize,
+    unparkers: Vec<Unparker>,
+    /// Engine threads busy with compressed reads: shards polling that have queued jobs,
+    /// and workers awake.
+    busy: AtomicUsize,
+    /// CPUs this process may run on.
+    cpus: usize,
+    /// Cross-ring completions work on this kernel (Linux 5.18), so jobs may change threads.
+    msg_ring: bool,
+}
+
+static POOL: OnceLock<InflatePool> = OnceLock::new();
+
+/// Starts the process-wide inflate pool now (the first call wins; later calls return the pool
+/// already started). Without a call, the pool starts with the defaults on the first
+/// compressed read of a shard that shares its work, from that shard's thread: a caller that
+/// confines its threads calls this during set-up.
+pub fn start_inflate_pool(config: InflatePoolConfig) -> &'static InflatePool {
+    POOL.get_or_init(|| InflatePool::start(config))
+}
+
+/// The process-wide pool, started with the defaults if nobody started it.
+pub(crate) fn inflate_pool() -> &'static InflatePool {
+    start_inflate_pool(InflatePoolConfig::default())
+}
+
+impl InflatePool {
+    fn start(config: InflatePoolConfig) -> InflatePool {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let msg_ring = msg_ring_supported();
+        let wanted = if msg_ring {
+            config.threads.unwrap_or(cpus.saturating_sub(1).max(1))
+        } else {
+            0
+        };
+        let parkers: Vec<Parker> = (0..wanted).map(|_| Parker::new()).collect();
+        let shared = Arc::new(Shared {
+            queues: Mutex::new(Vec::new()),
+            generation: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            idle: Mutex::new(Vec::with_capacity(wanted)),
+            sleeping: AtomicUsize::new(0),
+            unparkers: parkers.iter().map(|p| p.unparker().clone()).collect(),
+            busy: AtomicUsize::new(0),
+            cpus,
+            msg_ring,
+        });
+        // Each worker says when it has run `on_start` (or given up): the pool is returned only
+        // then, so that a caller that confines its threads has no worker running unconfined
+        // once set-up is done.
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let mut spawned = 0;
+        for (i, parker) in parkers.into_iter().enumerate() {
+            let s = Arc::clone(&shared);
+            let started = started_tx.clone();
+            // Counted awake until it parks.
+            shared.busy.fetch_add(1, Ordering::Relaxed);
+            let thread = std::thread::Builder::new()
+                .name(format!("qcow2d-inflate-{i}"))
+                .spawn(move || worker(&s, i, parker, config.on_start, started));
+            match thread {
+                Ok(_) => spawned += 1,
+                Err(e) => {
+                    shared.busy.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!("Cannot start an inflate worker: {e}");
+                    break;
+                }
+            }
+        }
+        drop(started_tx);
+        for _ in 0..spawned {
+            if started_rx.recv().is_err() {
+                break;
+            }
+        }
+        InflatePool { shared }
+    }
+
+    /// Worker threads started.
+    pub fn workers(&self) -> usize {
+        self.shared.unparkers.len()
+    }
+}
+
+impl Shared {
+    /// Wakes one sleeping worker, counting it busy at once (so that another shard does not
+    /// wake one more than the CPUs allow).
+    fn wake_one(&self) {
+        let woken = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let w = idle.pop();
+            if w.is_some() {
+                self.sleeping.fetch_sub(1, Ordering::Relaxed);
+                self.busy.fetch_add(1, Ordering::Relaxed);
+            }
+            w
+        };
+        if let Some(w) = woken {
+            self.unparkers[w].unpark();
+        }
+    }
+
+    /// Takes worker `index` off the idle list if it is still there (it found work itself, or
+    /// woke spuriously); whoever takes it off counts it busy.
+    fn unidle(&self, index: usize) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = idle.iter().position(|&w| w == index) {
+            idle.swap_remove(at);
+            self.sleeping.fetch_sub(1, Ordering::Relaxed);
+            self.busy.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A thief's copy of the registered deques, refreshed when they change.
+#[derive(Default)]
+struct Thief {
+    stealers: Vec<(u64, Stealer<Job>)>,
+    generation: u64,
+    /// Where the next search starts (round robin over the deques).
+    next: usize,
+}
+
+impl Thief {
+    /// Steals the oldest job of some deque other than `own` (registration id; 0: none).
+    fn steal(&mut self, shared: &Shared, own: u64) -> Option<Job> {
+        let generation = shared.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            let queues = shared.queues.lock().unwrap_or_else(|p| p.into_inner());
+            self.stealers.clone_from(&queues);
+            self.generation = generation;
+        }
+        let n = self.stealers.len();
+        loop {
+            let mut retry = false;
+            for i in 0..n {
+                let at = (self.next + i) % n;
+                let (id, stealer) = &self.stealers[at];
+                if *id == own {
+                    continue;
+                }
+                match stealer.steal() {
+                    Steal::Success(job) => {
+                        self.next = at;
+                        return Some(job);
+                    }
+                    Steal::Retry => retry = true,
+                    Steal::Empty => {}
+                }
+            }
+            if !retry {
+                return None;
+            }
+        }
+    }
+}
+
+/// A shard's own deque of inflate jobs and its view of the pool. Used by the shard's thread
+/// only (whichever thread holds the shard).
+pub struct InflateQueue {
+    local: Worker<Job>,
+    /// The process-wide pool, looked up (and started with the defaults if nobody started it)
+    /// on the first compressed read.
+    pool: Option<&'static InflatePool>,
+    sharing: InflateSharing,
+    /// Registration with the pool (0: not registered yet, before the first job).
+    id: u64,
+    /// Counted in the pool's busy threads (between `enter` and `leave`).
+    counted: bool,
+    thief: Thief,
+}
+
+impl InflateQueue {
+    /// An empty queue; `sharing` says whether its jobs may change threads.
+    pub fn new(sharing: InflateSharing) -> InflateQueue {
+        InflateQueue {
+            local: Worker::new_lifo(),
+            pool: None,
+            sharing,
+            id: 0,
+            counted: false,
+            thief: Thief::default(),
+        }
+    }
+
+    /// Whether jobs go onto the deque (else the shard inflates as its reads complete).
+    pub fn shares(&mut self) -> bool {
+        if self.sharing == InflateSharing::OnShard {
+            return false;
+        }
+        let pool = *self.pool.get_or_insert_with(inflate_pool);
+        if !pool.shared.msg_ring {
+            // Results cannot be posted across rings on this kernel.
+            self.sharing = InflateSharing::OnShard;
+            return false;
+        }
+        true
+    }
+
+    /// Queues a job for the shard itself or a thief (only after [`InflateQueue::shares`]
+    /// said yes).
+    pub fn push(&mut self, job: Job) {
+        if self.id == 0 {
+            self.register();
+        }
+        self.local.push(job);
+    }
+
+    /// Makes the deque one that thieves look at, and the shard one that steals.
+    fn register(&mut self) {
+        let pool = *self.pool.get_or_insert_with(inflate_pool);
+        let shared = &pool.shared;
+        self.id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut queues = shared.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues.push((self.id, self.local.stealer()));
+        shared.generation.fetch_add(1, Ordering::Release);
+        drop(queues);
+        // Counted busy from now on while polling; this poll started uncounted.
+        if !self.counted {
+            shared.busy.fetch_add(1, Ordering::Relaxed);
+            self.counted = true;
+        }
+    }
+
+    /// A poll begins: a shard that shares compressed work counts as a busy CPU.
+    pub fn enter(&mut self) {
+        if let (Some(pool), false) = (self.pool.filter(|_| self.id != 0), self.counted) {
+            pool.shared.busy.fetch_add(1, Ordering::Relaxed);
+            self.counted = true;
+        }
+    }
+
+    /// The poll ends.
+    pub fn leave(&mut self) {
+        if let (Some(pool), true) = (self.pool, self.counted) {
+            pool.shared.busy.fetch_sub(1, Ordering::Relaxed);
+            self.counted = false;
+        }
+    }
+
+    /// Wakes a worker when this shard has work to give away and a CPU is free for it.
+    pub fn offer(&self) {
+        let Some(pool) = self.pool.filter(|_| self.id != 0) else {
+            return;
+        };
+        let queued = self.local.len();
+        if queued == 0 {
+            return;
+        }
+        let shared = &pool.shared;
+        if shared.sleeping.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let wake = match self.sharing {
+            InflateSharing::HandOff => true,
+            _ => queued >= 2 && shared.busy.load(Ordering::Relaxed) < shared.cpus,
+        };
+        if wake {
+            shared.wake_one();
+        }
+    }
+
+    /// The newest job of the shard's own deque, for the shard to run (none are handed back
+    /// in hand-off mode while the pool has workers).
+    pub fn pop_own(&mut self) -> Option<Job> {
+        // A shard that never queued a job (a plain image) touches nothing shared.
+        if self.id == 0 {
+            return None;
+        }
+        if self.sharing == InflateSharing::HandOff && self.pool.is_some_and(|p| p.workers() > 0) {
+            return None;
+        }
+        self.local.pop()
+    }
+
+    /// Every job still on the deque (for a shard being dropped).
+    pub fn take_all(&mut self) -> Vec<Job> {
+        std::iter::from_fn(|| self.local.pop()).collect()
+    }
+
+    /// The oldest job of another shard's deque, for a shard with nothing else to do. Only a
+    /// shard that shares compressed work itself looks.
+    pub fn steal(&mut self) -> Option<Job> {
+        let pool = self.pool.filter(|_| self.id != 0)?;
+        if self.sharing != InflateSharing::Shared {
+            return None;
+        }
+        self.thief.steal(&pool.shared, self.id)
+    }
+}
+
+impl Drop for InflateQueue {
     fn drop(&mut self) {
-        self.tx = None;
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        self.leave();
+        if let Some(pool) = self.pool.filter(|_| self.id != 0) {
+            let shared = &pool.shared;
+            let mut queues = shared.queues.lock().unwrap_or_else(|p| p.into_inner());
+            queues.retain(|(id, _)| *id != self.id);
+            shared.generation.fetch_add(1, Ordering::Release);
         }
     }
 }
@@ -156,7 +500,16 @@ impl Drop for InflatePool {
 /// architecture).
 const IORING_REGISTER_PROBE: u8 = 8;
 
-fn msg_ring_supported() -> bool {
+/// Whether this kernel can post completions into another ring (`IORING_OP_MSG_RING`, Linux
+/// 5.18); probed once.
+pub(crate) fn msg_ring_supported() -> bool {
+    static SUPPORTED: AtomicBool = AtomicBool::new(false);
+    static PROBED: OnceLock<()> = OnceLock::new();
+    PROBED.get_or_init(|| SUPPORTED.store(probe_msg_ring(), Ordering::Relaxed));
+    SUPPORTED.load(Ordering::Relaxed)
+}
+
+fn probe_msg_ring() -> bool {
     // A ring that can only be probed.
     let probe_op = [IORING_REGISTER_PROBE];
     let Ok(ring) =
@@ -171,8 +524,15 @@ fn msg_ring_supported() -> bool {
     probe.is_supported(opcode::MsgRingData::CODE)
 }
 
-fn worker(rx: crossbeam::channel::Receiver<Job>, on_start: Option<fn()>) {
-    let mut inflater = ClusterInflater::new();
+/// A pool worker: steals jobs from the shards' deques, runs them and posts each result into
+/// its owner's ring; sleeps when there is nothing to steal.
+fn worker(
+    shared: &Shared,
+    index: usize,
+    parker: Parker,
+    on_start: Option<fn()>,
+    started: std::sync::mpsc::Sender<()>,
+) {
     let ring = super::ring::build_restricted(
         &mut IoUring::builder(),
         8,
@@ -184,47 +544,71 @@ fn worker(rx: crossbeam::channel::Receiver<Job>, on_start: Option<fn()>) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("Inflate worker cannot create an io_uring: {e}");
+            shared.busy.fetch_sub(1, Ordering::Relaxed);
             return;
         }
     };
     if let Some(on_start) = on_start {
         on_start();
     }
-    for job in rx {
-        // SAFETY: the submitter keeps the input alive and unchanged until the completion posted
-        // below has been reaped (InflatePool::submit contract).
-        let input = unsafe { std::slice::from_raw_parts(job.input, job.input_len) };
-        // SAFETY: the output stays valid for writes, and engine memory untouched by anyone
-        // else, until that completion has been reaped (InflatePool::submit contract).
-        let result = match unsafe { inflater.inflate(job.kind, input, job.out) } {
-            Ok(()) => 0,
-            Err(_) => INFLATE_FAILED,
-        };
-        let entry =
-            opcode::MsgRingData::new(types::Fd(job.ring_fd), result, job.user_data, None).build();
-        // SAFETY: a MSG_RING entry points at no memory of ours.
-        let pushed = unsafe { ring.submission().push(&entry).is_ok() };
-        if !pushed {
-            tracing::error!("Inflate worker: submission queue full");
+    let _ = started.send(());
+    drop(started);
+    let mut inflater = ClusterInflater::new();
+    let mut thief = Thief {
+        next: index,
+        ..Thief::default()
+    };
+    loop {
+        if let Some(job) = thief.steal(shared, 0) {
+            let result = job.run(&mut inflater);
+            post(&mut ring, &job, result);
             continue;
         }
-        loop {
-            match ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => {
-                    tracing::error!("Inflate worker cannot post a completion: {e}");
-                    break;
-                }
+        // Nothing to do: go on the idle list, look once more (a shard that pushed meanwhile
+        // may have seen nobody asleep), then sleep until a shard wakes us.
+        {
+            let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.push(index);
+            shared.sleeping.fetch_add(1, Ordering::Relaxed);
+            shared.busy.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(job) = thief.steal(shared, 0) {
+            shared.unidle(index);
+            let result = job.run(&mut inflater);
+            post(&mut ring, &job, result);
+            continue;
+        }
+        parker.park();
+        shared.unidle(index);
+    }
+}
+
+/// Posts a stolen job's result into its owner's ring and waits for the post to be done.
+fn post(ring: &mut IoUring, job: &Job, result: i32) {
+    let entry =
+        opcode::MsgRingData::new(types::Fd(job.ring_fd), result, job.user_data, None).build();
+    // SAFETY: a MSG_RING entry points at no memory of ours.
+    let pushed = unsafe { ring.submission().push(&entry).is_ok() };
+    if !pushed {
+        tracing::error!("Inflate worker: submission queue full");
+        return;
+    }
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => {
+                tracing::error!("Inflate worker cannot post a completion: {e}");
+                break;
             }
         }
-        for cqe in ring.completion() {
-            if cqe.result() < 0 {
-                tracing::error!(
-                    "Inflate worker: posting a completion failed: {}",
-                    std::io::Error::from_raw_os_error(-cqe.result())
-                );
-            }
+    }
+    for cqe in ring.completion() {
+        if cqe.result() < 0 {
+            tracing::error!(
+                "Inflate worker: posting a completion failed: {}",
+                std::io::Error::from_raw_os_error(-cqe.result())
+            );
         }
     }
 }
@@ -469,6 +853,118 @@ mod tests {
             assert!(both_ways(CompressionType::Zlib, bad).is_err());
             assert!(both_ways(CompressionType::Zstd, bad).is_err());
         }
+    }
+
+    fn reap_one(ring: &mut crate::io::Ring) -> (u64, i32) {
+        let mut cqes = Vec::new();
+        while cqes.is_empty() {
+            ring.submit_and_wait().unwrap();
+            ring.reap_into(&mut cqes);
+        }
+        assert_eq!(cqes.len(), 1, "{cqes:?}");
+        cqes[0]
+    }
+
+    /// A job handed to the pool's workers is inflated by one of them into the engine memory it
+    /// names, and its result arrives on the owner's ring with the owner's user data; a stream
+    /// that does not inflate arrives as INFLATE_FAILED.
+    #[test]
+    fn stolen_jobs_complete_on_their_owners_ring() {
+        let data = pattern(CLUSTER);
+        let good = deflate(&data);
+        let bad = vec![0xffu8; 64];
+        let mut ring = crate::io::Ring::new(8).unwrap();
+        let mut queue = InflateQueue::new(InflateSharing::HandOff);
+        assert!(
+            queue.shares(),
+            "this kernel cannot post across rings (MSG_RING)"
+        );
+        assert!(inflate_pool().workers() > 0);
+        for (input, want) in [(&good, 0), (&bad, INFLATE_FAILED)] {
+            let mut out = vec![0u8; CLUSTER];
+            let dest = Output::Engine {
+                ptr: out.as_mut_ptr(),
+                len: CLUSTER,
+            };
+            assert!(ring.try_expect_external_completion());
+            // SAFETY: `input` and `out` outlive the completion reaped below.
+            let job = unsafe { Job::new(CompressionType::Zlib, input, dest, ring.ring_fd(), 77) };
+            queue.push(job);
+            // In hand-off mode the shard never runs its own jobs while workers exist.
+            assert!(queue.pop_own().is_none());
+            queue.offer();
+            assert_eq!(reap_one(&mut ring), (77, want));
+            if want == 0 {
+                assert_eq!(out, data);
+            }
+        }
+    }
+
+    /// A shard with nothing to do takes the oldest job of another shard's queue, inflates it
+    /// into the memory the owner named and posts the result into the owner's ring through its
+    /// own (whose completion for the post carries POSTED). A pool worker still awake from
+    /// another test may take a job first: that job arrives all the same, and over several
+    /// rounds the thief takes some.
+    #[test]
+    fn an_idle_shard_steals_from_a_busy_one() {
+        let data = pattern(CLUSTER);
+        let input = deflate(&data);
+        let mut owner_ring = crate::io::Ring::new(8).unwrap();
+        let mut thief_ring = crate::io::Ring::new(8).unwrap();
+        let mut owner = InflateQueue::new(InflateSharing::Shared);
+        let mut thief = InflateQueue::new(InflateSharing::Shared);
+        assert!(owner.shares() && thief.shares());
+        thief.register();
+        let mut inflater = ClusterInflater::new();
+        let mut stolen = 0;
+        for _ in 0..20 {
+            let mut outs: Vec<Vec<u8>> = (0..2).map(|_| vec![0u8; CLUSTER]).collect();
+            for (i, out) in outs.iter_mut().enumerate() {
+                let dest = Output::Engine {
+                    ptr: out.as_mut_ptr(),
+                    len: CLUSTER,
+                };
+                assert!(owner_ring.try_expect_external_completion());
+                // SAFETY: `input` and the outputs outlive the completions reaped below.
+                let job = unsafe {
+                    Job::new(
+                        CompressionType::Zlib,
+                        &input,
+                        dest,
+                        owner_ring.ring_fd(),
+                        i as u64,
+                    )
+                };
+                owner.push(job);
+            }
+            let mut done = Vec::new();
+            if let Some(job) = thief.steal() {
+                let result = job.run(&mut inflater);
+                thief_ring
+                    .post_to(job.ring_fd(), result, job.user_data())
+                    .unwrap();
+                assert_eq!(reap_one(&mut thief_ring), (crate::io::POSTED, 0));
+                stolen += 1;
+            }
+            if let Some(job) = owner.pop_own() {
+                assert_eq!(job.run(&mut inflater), 0);
+                owner_ring.cancel_external_completion();
+                done.push(job.user_data());
+            }
+            while done.len() < 2 {
+                let mut cqes = Vec::new();
+                owner_ring.submit_and_wait().unwrap();
+                owner_ring.reap_into(&mut cqes);
+                for (user_data, result) in cqes {
+                    assert_eq!(result, 0);
+                    done.push(user_data);
+                }
+            }
+            done.sort_unstable();
+            assert_eq!(done, [0, 1]);
+            assert!(outs.iter().all(|o| *o == data));
+        }
+        assert!(stolen > 0);
     }
 
     /// A guest that scribbles over the segment while we inflate gets garbage in its own

@@ -31,11 +31,14 @@ pub use direct::{
     min_direct_cluster_bytes, open_direct, AlignedBuf, DataFd, DioAlign, DioAlignSource,
     DirectError, WriteVia, SAFE_DIO_ALIGN,
 };
-pub use inflate::{ClusterInflater, InflatePool, Output, INFLATE_FAILED};
+pub use inflate::{
+    start_inflate_pool, ClusterInflater, InflatePool, InflatePoolConfig, InflateQueue,
+    InflateSharing, Job, Output, INFLATE_FAILED,
+};
 pub use iov::{
     iov_contiguous, iov_copy_from, iov_copy_to, iov_fill_zero, iov_subrange, iov_total_len,
 };
 pub use lock::{lock_file, lock_image, LockError, Perm, Role};
 pub use open::{clear_nonblocking, open_nonblocking};
-pub use ring::{BlockingReader, Ring};
+pub use ring::{BlockingReader, Ring, POSTED};
 pub use sys::pwrite_all;

@@ -14,8 +14,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Submission opcodes of a shard's ring: data and metadata reads and writes, syncs, the
-/// retry timeout and the no-op that stands in for an elided sync.
-const SHARD_OPS: [u8; 7] = [
+/// retry timeout, the no-op that stands in for an elided sync, and (where the kernel has it)
+/// posting the result of another shard's inflate job into that shard's ring.
+const SHARD_OPS: [u8; 8] = [
     opcode::Read::CODE,
     opcode::Readv::CODE,
     opcode::Write::CODE,
@@ -23,7 +24,12 @@ const SHARD_OPS: [u8; 7] = [
     opcode::Fsync::CODE,
     opcode::Timeout::CODE,
     opcode::Nop::CODE,
+    opcode::MsgRingData::CODE,
 ];
+
+/// User data of the completion a ring gets for a result it posted into another ring
+/// ([`Ring::post_to`]); never an operation's.
+pub const POSTED: u64 = u64::MAX;
 
 /// Submission opcodes of a [`BlockingReader`]'s ring.
 const BLOCKING_OPS: [u8; 3] = [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE];
@@ -111,10 +117,16 @@ impl Ring {
         }
         // SAFETY: fd is a freshly created descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // A restriction naming an opcode the kernel does not know is refused.
+        let ops = if super::inflate::msg_ring_supported() {
+            &SHARD_OPS[..]
+        } else {
+            &SHARD_OPS[..SHARD_OPS.len() - 1]
+        };
         let ring = build_restricted(
             IoUring::builder().setup_cqsize(entries * 8),
             entries,
-            &SHARD_OPS,
+            ops,
             &[],
             |ring| ring.submitter().register_eventfd(eventfd.as_raw_fd()),
         )?;
@@ -140,26 +152,42 @@ impl Ring {
         self.eventfd.try_clone()
     }
 
+    /// Completions the completion queue holds.
+    pub fn cq_capacity(&self) -> usize {
+        self.cq_capacity
+    }
+
     /// The ring's own descriptor, for others to post completions into it (MSG_RING).
     pub fn ring_fd(&self) -> RawFd {
         self.ring.as_raw_fd()
     }
 
-    /// Counts a completion that someone else will post into this ring (MSG_RING), so the
-    /// completion queue keeps room for it. Waits for room first when it is full.
-    pub fn expect_external_completion(&mut self) -> io::Result<()> {
-        while self.in_kernel >= self.cq_capacity {
+    /// Counts a completion that someone else will post into this ring, if the completion
+    /// queue has room for it now (after moving what it holds to the stash); never waits.
+    pub fn try_expect_external_completion(&mut self) -> bool {
+        if self.in_kernel >= self.cq_capacity {
             self.stash_completions();
             if self.in_kernel >= self.cq_capacity {
-                self.submit_and_wait()?;
-                self.stash_completions();
+                return false;
             }
         }
         self.in_kernel += 1;
-        Ok(())
+        true
     }
 
-    /// Takes back an [`Ring::expect_external_completion`] that will not come.
+    /// Posts `result` with `user_data` as a completion into the ring `target` (which counted
+    /// it with [`Ring::try_expect_external_completion`]) and submits at once. This ring gets a
+    /// completion of its own for it, with user data [`POSTED`].
+    pub fn post_to(&mut self, target: RawFd, result: i32, user_data: u64) -> io::Result<()> {
+        let entry = opcode::MsgRingData::new(io_uring::types::Fd(target), result, user_data, None)
+            .build()
+            .user_data(POSTED);
+        // SAFETY: a MSG_RING entry points at no memory of ours.
+        unsafe { self.push(&entry)? };
+        self.submit()
+    }
+
+    /// Takes back a [`Ring::try_expect_external_completion`] whose completion will not come.
     pub fn cancel_external_completion(&mut self) {
         self.in_kernel -= 1;
     }

@@ -47,7 +47,7 @@ mod state;
 mod write;
 
 use crate::error::{Error, ErrorKind, IoError};
-use crate::io::{iov_total_len, Ring};
+use crate::io::{iov_total_len, InflateSharing, Job, Ring, POSTED};
 
 use crate::shared::ImageInner;
 pub use flush::{LoggedStep, WriteLog};
@@ -78,6 +78,9 @@ pub struct ShardConfig {
     /// compressed extent's buffer, and a cluster prefix's); a read that would need more waits
     /// for another to give its buffers back. At least what one read needs.
     pub scratch_bytes: u64,
+    /// Whether compressed clusters may be inflated by other threads (the process-wide
+    /// inflate pool's workers, other shards with nothing to do) when this shard is busy.
+    pub inflate: InflateSharing,
     /// Fault injection for tests: every fdatasync of the n-th flush of this shard (counting
     /// from 1) fails with EIO instead of reaching the kernel. `None` in production.
     #[doc(hidden)]
@@ -102,6 +105,7 @@ impl Default for ShardConfig {
             ring_entries: 256,
             decompressed_cache_bytes: 16 << 20,
             scratch_bytes: DEFAULT_SCRATCH_BYTES,
+            inflate: InflateSharing::Shared,
             fail_flush_number: None,
             hold_data_writes: false,
             write_log: None,
@@ -118,6 +122,11 @@ pub struct Completion {
     pub result: Result<(), IoError>,
 }
 
+/// Most inflate jobs of a shard queued or run by others at once (at most half its completion
+/// queue); more clusters are inflated as their reads complete.
+const MAX_JOBS_OUT: usize = 64;
+/// Most inflate jobs of other shards one poll runs.
+const MAX_STEALS_PER_POLL: usize = 4;
 /// Most iovecs one request may carry (the kernel's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
 /// Bytes of compressed-extent and of cluster buffers kept for reuse (per kind, at least one
@@ -423,14 +432,25 @@ impl Shard {
     }
 
     /// Reaps kernel completions, plans every ready part, submits the new I/O with one
-    /// `io_uring_enter`, and appends finished requests to `out`. Never blocks.
+    /// `io_uring_enter`, inflates the compressed clusters read meanwhile (those no other
+    /// thread took), and appends finished requests to `out`. With nothing else to do, it
+    /// inflates a few clusters of other shards that are waiting. Never blocks.
     pub fn poll(&mut self, out: &mut Vec<Completion>) {
         self.ring.drain_eventfd();
+        self.st.jobs.enter();
+        let mut stolen = 0;
         loop {
             self.turn();
+            // Idle workers may take some of the jobs this turn queued.
+            self.st.jobs.offer();
             if let Err(e) = self.ring.submit() {
                 tracing::error!("io_uring submit failed: {e}");
                 break;
+            }
+            // This shard's own jobs, newest first, one per turn: each may make parts ready.
+            if let Some(job) = self.st.jobs.pop_own() {
+                self.run_own_job(&job);
+                continue;
             }
             // Reads served from the page cache complete during the submit: finish them in
             // this call rather than after another wake-up.
@@ -439,9 +459,22 @@ impl Shard {
                 && !self.ring.has_unsubmitted()
                 && !self.st.has_mail()
             {
-                break;
+                // Nothing else to do (and nothing finished to hand back first): help a busy
+                // shard, a few clusters at most, so that work arriving on this thread's own
+                // queues (which it cannot see from here) waits for little.
+                if stolen == MAX_STEALS_PER_POLL || !self.st.finished.is_empty() {
+                    break;
+                }
+                match self.st.jobs.steal() {
+                    Some(job) => {
+                        self.run_stolen_job(&job);
+                        stolen += 1;
+                    }
+                    None => break,
+                }
             }
         }
+        self.st.jobs.leave();
         if self.st.to_wake != 0 {
             if let Some(group) = &self.st.group {
                 let mut bits = std::mem::take(&mut self.st.to_wake);
@@ -602,6 +635,26 @@ impl Shard {
         })
     }
 
+    /// Runs one of this shard's own inflate jobs, taken back from its queue.
+    fn run_own_job(&mut self, job: &Job) {
+        let Shard { ring, st, image } = self;
+        // Its completion will not come through the ring.
+        ring.cancel_external_completion();
+        st.ops_in_kernel -= 1;
+        let result = job.run(&mut st.inflater);
+        // The user data is an operation index (a u32) of this shard.
+        let op = OpId::from_index(job.user_data() as u32);
+        st.complete_inflating(ring, image, op, result);
+    }
+
+    /// Runs another shard's inflate job and posts its result into that shard's ring.
+    fn run_stolen_job(&mut self, job: &Job) {
+        let result = job.run(&mut self.st.inflater);
+        if let Err(e) = self.ring.post_to(job.ring_fd(), result, job.user_data()) {
+            tracing::error!("Cannot post an inflated cluster to its shard: {e}");
+        }
+    }
+
     /// One pass: handle every available completion, then plan every ready part, then start a
     /// flush if one is due.
     fn turn(&mut self) {
@@ -611,6 +664,15 @@ impl Shard {
         ring.reap_into(&mut st.cqes);
         for i in 0..st.cqes.len() {
             let (op, res) = st.cqes[i];
+            if op == POSTED {
+                if res < 0 {
+                    tracing::error!(
+                        "Posting an inflated cluster to its shard failed: {}",
+                        std::io::Error::from_raw_os_error(-res)
+                    );
+                }
+                continue;
+            }
             st.ops_in_kernel -= 1;
             st.complete_op(ring, img, OpId::from_index(op as u32), res);
         }
@@ -663,7 +725,13 @@ impl Drop for Shard {
                  writes since the last flush are lost and reserved clusters leak"
             );
         }
-        // The kernel may still write into caller memory and our buffers: wait until it is done.
+        // Inflate jobs nobody took are dropped undone: nothing will read what they produce.
+        for _ in self.st.jobs.take_all() {
+            self.ring.cancel_external_completion();
+            self.st.ops_in_kernel -= 1;
+        }
+        // The kernel, and threads running jobs they stole, may still write into caller memory
+        // and our buffers: wait until they are done.
         while self.st.ops_in_kernel > 0 {
             if let Err(e) = self.ring.submit_and_wait() {
                 tracing::error!(
@@ -676,7 +744,8 @@ impl Drop for Shard {
             }
             self.st.cqes.clear();
             self.ring.reap_into(&mut self.st.cqes);
-            self.st.ops_in_kernel -= self.st.cqes.len();
+            let posted = self.st.cqes.iter().filter(|(op, _)| *op == POSTED).count();
+            self.st.ops_in_kernel -= self.st.cqes.len() - posted;
         }
         if let Some(w) = &self.image.writable {
             // A shard dropped with its refcount writes in flight (their completions are not

@@ -54,7 +54,8 @@ pub(super) enum OpKind {
         want: u64,
         got: u64,
     },
-    /// A compressed extent (the op's buffer) being inflated by a worker.
+    /// A compressed extent (the op's buffer) waiting to be inflated on the shard's inflate
+    /// queue, or being inflated by a thief.
     Inflating {
         layer: u16,
         target: InflateTarget,

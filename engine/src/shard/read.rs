@@ -3,11 +3,13 @@
 
 use super::l2::Table;
 use super::slab::{OpId, PartId};
-use super::{Buffer, InflateTarget, OpKind, State};
+use super::{Buffer, InflateTarget, OpKind, State, MAX_JOBS_OUT};
 use crate::error::IoError;
 use crate::format::CompressionType;
 use crate::io::sqe;
-use crate::io::{iov_contiguous, iov_copy_from, iov_fill_zero, iov_subrange, DataFd, Output, Ring};
+use crate::io::{
+    iov_contiguous, iov_copy_from, iov_fill_zero, iov_subrange, DataFd, Job, Output, Ring,
+};
 use crate::layer::{KindRef, Qcow2Layer};
 use crate::meta::{resolve, Lookup, Step, WaitList};
 use crate::shared::ImageInner;
@@ -312,7 +314,7 @@ impl State {
         }
     }
 
-    /// A worker finished inflating a compressed cluster.
+    /// An inflate job finished, on this shard or on a thief.
     pub(super) fn complete_inflating(
         &mut self,
         ring: &mut Ring,
@@ -328,6 +330,7 @@ impl State {
         else {
             unreachable!("complete_inflating on another op");
         };
+        self.jobs_out -= 1;
         let scratch = self.ops[op].scratch.take();
         self.free_op(op);
         if res == 0 {
@@ -580,31 +583,37 @@ impl State {
                 }
             }
         };
-        if let Some(pool) = img.inflate_pool() {
-            if ring.expect_external_completion().is_ok() {
-                let input = &self.ops[op]
-                    .buf
-                    .as_ref()
-                    .expect("a compressed op owns its buffer")[..got as usize];
-                // SAFETY: the extent stays in the op until the worker's completion for this op
-                // is reaped. A slot stays loading (never evicted, read or written) until then,
-                // and a prefix's scratch buffer stays in the op untouched; a part's guest
-                // memory stays valid for writes until the part, and so this op, completes
-                // (submit_read contract). The ring outlives the completion
-                // (Shard::drop waits for every operation counted in ops_in_kernel).
-                let queued =
-                    unsafe { pool.submit(kind, input, out, ring.ring_fd(), u64::from(op)) };
-                if queued {
-                    self.ops[op].kind = OpKind::Inflating {
-                        layer,
-                        target,
-                        host,
-                    };
-                    self.ops_in_kernel += 1;
-                    return;
-                }
-                ring.cancel_external_completion();
-            }
+        // Queued for this shard to run at the end of its turn, or for a thief; inflated here
+        // and now when jobs do not change threads, when enough are out already, or when the
+        // completion queue has no room for a thief's completion. The bound keeps the
+        // completions reserved for jobs well below the queue's size: a push that finds the
+        // queue full waits for a completion, and a job still on this shard's deque would
+        // never post one.
+        if self.jobs_out < ring.cq_capacity().min(2 * MAX_JOBS_OUT) / 2
+            && self.jobs.shares()
+            && ring.try_expect_external_completion()
+        {
+            let input = &self.ops[op]
+                .buf
+                .as_ref()
+                .expect("a compressed op owns its buffer")[..got as usize];
+            // SAFETY: the extent stays in the op, unchanged, until the job is run by this
+            // shard or its completion for this op is reaped (the op is freed only then). A
+            // slot stays loading (never evicted, read or written) until then, and a prefix's
+            // scratch buffer stays in the op untouched; a part's guest memory stays valid for
+            // writes until the part, and so this op, completes (submit_read contract). The
+            // ring outlives the completion (Shard::drop takes back the jobs still queued and
+            // waits for every operation counted in ops_in_kernel).
+            let job = unsafe { Job::new(kind, input, out, ring.ring_fd(), u64::from(op)) };
+            self.jobs.push(job);
+            self.jobs_out += 1;
+            self.ops[op].kind = OpKind::Inflating {
+                layer,
+                target,
+                host,
+            };
+            self.ops_in_kernel += 1;
+            return;
         }
         let buf = self.ops[op]
             .buf

@@ -14,7 +14,7 @@ use super::slab::{AllocId, OpId, PartId, ReqId, Slab};
 use super::write::Alloc;
 use super::{Completion, ShardConfig};
 use crate::error::IoError;
-use crate::io::{AlignedBuf, ClusterInflater};
+use crate::io::{AlignedBuf, ClusterInflater, InflateQueue};
 use crate::layer::KindRef;
 use crate::layer::Qcow2Layer;
 use crate::meta::{SlotCache, U64Hasher, WaitList};
@@ -78,6 +78,12 @@ pub(super) struct State {
     /// One cluster of zeros, aligned for direct writes.
     pub(super) zeros: AlignedBuf,
     pub(super) inflater: ClusterInflater,
+    /// Inflate jobs of this shard that the shard or a thief runs (`io/inflate.rs`).
+    pub(super) jobs: InflateQueue,
+    /// This shard's inflate jobs not completed yet (queued, or run by a thief).
+    pub(super) jobs_out: usize,
+    /// Operations whose completion has not been handled: in the kernel, or inflate jobs
+    /// (queued, or run by a thief that posts their completion into the ring).
     pub(super) ops_in_kernel: usize,
     /// Guest offsets just past the last few compressed parts read (sequential streams).
     pub(super) compressed_ends: [u64; 8],
@@ -225,6 +231,8 @@ impl State {
                 crate::io::SAFE_DIO_ALIGN as usize,
             ),
             inflater: ClusterInflater::new(),
+            jobs: InflateQueue::new(config.inflate),
+            jobs_out: 0,
             ops_in_kernel: 0,
             compressed_ends: [u64::MAX; 8],
             compressed_end_next: 0,
