@@ -8,14 +8,22 @@
 //! and the next round's reads would measure another image (by a different amount per server,
 //! since the faster one writes more).
 //!
+//! Each workload runs once per queue count (`--queues 1,2`: one queue, then two); both servers
+//! are started with the largest count and the client uses as many as the run asks for, as a
+//! guest uses some of the queues a device offers. With `--cpus N` both servers are pinned to
+//! the same N CPUs. For an image of deflate-compressed clusters, libdeflate's rate on its
+//! clusters is measured first (`ceiling.rs`) and each qcow2d result is set against that rate
+//! times the CPUs it may use.
+//!
 //! Runs on the main thread; the load itself runs on `load`'s worker threads. Both servers are
 //! stopped and the copies removed when the session is dropped, on success and on error.
 
+use crate::ceiling::InflateRate;
 use crate::error::{Context, Error, Result};
 use crate::load::{run_load, LoadSpec, Phase, RunReport};
 use crate::memory::{mib, MemorySummary, Sampler};
 use crate::pattern::Pattern;
-use crate::procs::{clock_ticks_per_second, Server};
+use crate::procs::{clock_ticks_per_second, CpuSet, Server, ServerSpec};
 use crate::signals;
 use crate::stats::{merge, LatencySummary};
 use crate::svg::{self, ChartRow, ChartValues};
@@ -81,7 +89,10 @@ pub struct CompareOptions {
     pub rounds: usize,
     pub runtime: Duration,
     pub warmup: Duration,
-    pub queues: usize,
+    /// Queue counts the client uses; every workload runs with each.
+    pub queues: Vec<usize>,
+    /// Pin both servers to this many CPUs.
+    pub cpus: Option<usize>,
     pub out: PathBuf,
     pub read_only: bool,
     /// Both servers use direct I/O (O_DIRECT) instead of the host page cache.
@@ -118,23 +129,25 @@ impl Slot {
     }
 
     /// Starts the server on the slot's image copy; a failure is kept in `startup_error`.
-    fn start(&mut self, options: &CompareOptions) {
+    fn start(&mut self, options: &CompareOptions, cpus: Option<CpuSet>) {
+        let queues = options.queues.iter().copied().max().unwrap_or(1);
         if let Some(mut process) = self.process.take() {
             process.stop();
         }
         // A socket left by a previous instance would pass the readiness check too early.
         let _ = std::fs::remove_file(&self.socket);
+        let spec = ServerSpec {
+            image: &self.image,
+            socket: &self.socket,
+            queues,
+            read_only: options.read_only,
+            direct: options.direct,
+            log_path: &self.log,
+            cpus,
+        };
         let started = if self.server == QCOW2D {
             if options.qcow2d.is_file() {
-                Server::start_qcow2d(
-                    &options.qcow2d,
-                    &self.image,
-                    &self.socket,
-                    options.queues,
-                    options.read_only,
-                    options.direct,
-                    &self.log,
-                )
+                Server::start_qcow2d(&options.qcow2d, &spec)
             } else {
                 Err(Error::msg(format!(
                     "qcow2d binary {} not found",
@@ -142,14 +155,7 @@ impl Slot {
                 )))
             }
         } else {
-            Server::start_qsd(
-                &self.image,
-                &self.socket,
-                options.queues,
-                options.read_only,
-                options.direct,
-                &self.log,
-            )
+            Server::start_qsd(&spec)
         };
         match started {
             Ok(process) => {
@@ -169,14 +175,14 @@ impl Slot {
     }
 
     /// Stops the server, replaces its image with a fresh copy and starts it again.
-    fn reset(&mut self, options: &CompareOptions) -> Result<()> {
+    fn reset(&mut self, options: &CompareOptions, cpus: Option<CpuSet>) -> Result<()> {
         println!("{}: restarting on a fresh copy of the image", self.label());
         if let Some(mut process) = self.process.take() {
             process.stop();
         }
         copy_image(&options.image, &self.image)?;
         self.needs_reset = false;
-        self.start(options);
+        self.start(options, cpus);
         Ok(())
     }
 }
@@ -252,16 +258,34 @@ pub struct Ratio {
 pub struct WorkloadResult {
     #[serde(flatten)]
     pub workload: Workload,
+    /// Queues the client used.
+    pub queues: usize,
     pub qcow2d: Outcome,
     pub qsd: Outcome,
     pub ratio_qcow2d_over_qsd: Option<Ratio>,
+    /// qcow2d's compressed clusters inflated per second (reads per second, or whole clusters
+    /// per second for reads of a cluster or more) over the inflate ceiling; reads only.
+    pub qcow2d_share_of_ceiling: Option<f64>,
+}
+
+/// libdeflate's rate on the image's clusters, times the CPUs the servers may use.
+#[derive(Debug, Serialize)]
+pub struct Ceiling {
+    #[serde(flatten)]
+    pub rate: InflateRate,
+    pub cpus: usize,
+    pub clusters_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
 pub struct CompareReport {
     pub image: String,
     pub qcow2d_binary: String,
-    pub queues: usize,
+    pub queues: Vec<usize>,
+    /// The CPUs both servers were pinned to (`None`: not pinned).
+    pub pinned_cpus: Option<Vec<usize>>,
+    /// The inflate ceiling, for an image of deflate-compressed clusters.
+    pub ceiling: Option<Ceiling>,
     pub rounds: usize,
     pub runtime_s: f64,
     pub warmup_s: f64,
@@ -307,6 +331,36 @@ pub fn compare(options: &CompareOptions) -> Result<CompareReport> {
     if options.rounds == 0 {
         return Err(Error::msg("At least one round is needed"));
     }
+    if options.queues.is_empty() || options.queues.contains(&0) {
+        return Err(Error::msg("Queue counts must be at least 1"));
+    }
+    let cpus = options.cpus.map(CpuSet::first).transpose()?;
+    let cores = match &cpus {
+        Some(set) => set.list().len(),
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
+    let ceiling = match crate::ceiling::measure(&options.image) {
+        Ok(rate) => rate.map(|rate| Ceiling {
+            rate,
+            cpus: cores,
+            clusters_per_s: rate.clusters_per_s_per_core * cores as f64,
+        }),
+        Err(e) => {
+            println!("inflate ceiling not measured: {}", e.chain());
+            None
+        }
+    };
+    if let Some(c) = &ceiling {
+        println!(
+            "inflate ceiling: libdeflate {:.0} clusters/s per core on this image ({} clusters sampled) x {} CPUs = {:.0} clusters/s",
+            c.rate.clusters_per_s_per_core, c.rate.sample_clusters, c.cpus, c.clusters_per_s
+        );
+    }
+    let cases: Vec<(&Workload, usize)> = options
+        .workloads
+        .iter()
+        .flat_map(|w| options.queues.iter().map(move |&q| (w, q)))
+        .collect();
     std::fs::create_dir_all(&options.out)
         .with_context(|| format!("Creating {}", options.out.display()))?;
     let images_dir = options.out.join("images");
@@ -347,19 +401,15 @@ pub fn compare(options: &CompareOptions) -> Result<CompareReport> {
             s.image.display()
         );
         copy_image(&options.image, &s.image)?;
-        s.start(options);
+        s.start(options, cpus);
     }
     if session.slots.iter().all(|s| s.process.is_none()) {
         return Err(Error::msg("Neither server started; nothing to compare"));
     }
 
-    let mut tallies: Vec<[Tally; 2]> = options
-        .workloads
-        .iter()
-        .map(|_| Default::default())
-        .collect();
+    let mut tallies: Vec<[Tally; 2]> = cases.iter().map(|_| Default::default()).collect();
     for round in 1..=options.rounds {
-        for (workload, tally) in options.workloads.iter().zip(&mut tallies) {
+        for (&(workload, queues), tally) in cases.iter().zip(&mut tallies) {
             for server in [QCOW2D, QSD] {
                 if tally[server].failure.is_some() {
                     continue;
@@ -369,18 +419,20 @@ pub fn compare(options: &CompareOptions) -> Result<CompareReport> {
                 }
                 let slot = &mut session.slots[server];
                 if slot.needs_reset && slot.startup_error.is_none() {
-                    slot.reset(options)?;
+                    slot.reset(options, cpus)?;
                 }
                 if let Some(reason) = &slot.startup_error {
                     tally[server].failure = Some(reason.clone());
                     continue;
                 }
                 print!(
-                    "round {round}/{} {:<20} {:<7} ",
-                    options.rounds, workload.name, LABELS[server]
+                    "round {round}/{} {:<24} {:<7} ",
+                    options.rounds,
+                    case_name(workload, queues),
+                    LABELS[server]
                 );
                 flush_stdout();
-                let outcome = run_one(slot, workload, options);
+                let outcome = run_one(slot, workload, queues, options);
                 if signals::interrupted() {
                     println!("interrupted");
                     return Err(Error::msg("Interrupted; servers stopped"));
@@ -403,11 +455,10 @@ pub fn compare(options: &CompareOptions) -> Result<CompareReport> {
     }
 
     let ticks_per_second = clock_ticks_per_second();
-    let workloads = options
-        .workloads
+    let workloads = cases
         .iter()
         .zip(tallies)
-        .map(|(workload, [a, b])| {
+        .map(|(&(workload, queues), [a, b])| {
             let qcow2d = aggregate(a, ticks_per_second)?;
             let qsd = aggregate(b, ticks_per_second)?;
             let ratio = match (&qcow2d, &qsd) {
@@ -419,11 +470,24 @@ pub fn compare(options: &CompareOptions) -> Result<CompareReport> {
                 }
                 _ => None,
             };
+            let share = match (&qcow2d, &ceiling) {
+                (Outcome::Ok(r), Some(c))
+                    if workload.pattern == Pattern::Read
+                        || workload.pattern == Pattern::Randread =>
+                {
+                    // A read of n whole clusters inflates n; a smaller one at most one.
+                    let per_read = (workload.block_size_bytes / c.rate.cluster_size_bytes).max(1);
+                    Some(r.iops * per_read as f64 / c.clusters_per_s)
+                }
+                _ => None,
+            };
             Ok(WorkloadResult {
                 workload: workload.clone(),
+                queues,
                 qcow2d,
                 qsd,
                 ratio_qcow2d_over_qsd: ratio,
+                qcow2d_share_of_ceiling: share,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -432,7 +496,9 @@ pub fn compare(options: &CompareOptions) -> Result<CompareReport> {
     let report = CompareReport {
         image: options.image.display().to_string(),
         qcow2d_binary: options.qcow2d.display().to_string(),
-        queues: options.queues,
+        queues: options.queues.clone(),
+        pinned_cpus: cpus.map(|c| c.list()),
+        ceiling,
         rounds: options.rounds,
         runtime_s: options.runtime.as_secs_f64(),
         warmup_s: options.warmup.as_secs_f64(),
@@ -461,6 +527,11 @@ pub fn compare(options: &CompareOptions) -> Result<CompareReport> {
     Ok(report)
 }
 
+/// `<workload> q<queues>`, as the table and the chart name a run.
+fn case_name(workload: &Workload, queues: usize) -> String {
+    format!("{} q{queues}", workload.name)
+}
+
 fn flush_stdout() {
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -471,6 +542,7 @@ fn flush_stdout() {
 fn run_one(
     slot: &mut Slot,
     workload: &Workload,
+    queues: usize,
     options: &CompareOptions,
 ) -> std::result::Result<Round, String> {
     let Some(process) = slot.process.as_mut() else {
@@ -485,7 +557,7 @@ fn run_one(
         pattern: workload.pattern,
         block_size_bytes: workload.block_size_bytes,
         iodepth: workload.iodepth,
-        queues: options.queues,
+        queues,
         runtime: options.runtime,
         warmup: options.warmup,
         region_start_bytes: 0,
@@ -580,6 +652,15 @@ fn aggregate(tally: Tally, ticks_per_second: u64) -> Result<Outcome> {
 
 fn print_table(report: &CompareReport) {
     println!();
+    if let Some(cpus) = &report.pinned_cpus {
+        println!("both servers pinned to CPUs {cpus:?}");
+    }
+    if let Some(c) = &report.ceiling {
+        println!(
+            "inflate ceiling: {:.0} clusters/s per core x {} CPUs = {:.0} clusters/s",
+            c.rate.clusters_per_s_per_core, c.cpus, c.clusters_per_s
+        );
+    }
     println!(
         "cache mode: {}",
         if report.direct {
@@ -589,19 +670,19 @@ fn print_table(report: &CompareReport) {
         }
     );
     println!(
-        "{:<20} {:<7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "{:<24} {:<7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10}",
         "workload", "server", "IOPS", "MB/s", "p50 us", "p99 us", "p99.9 us", "CPU us/IO"
     );
     for w in &report.workloads {
         for (label, outcome) in [(LABELS[QCOW2D], &w.qcow2d), (LABELS[QSD], &w.qsd)] {
             let name = if label == LABELS[QCOW2D] {
-                w.workload.name.as_str()
+                case_name(&w.workload, w.queues)
             } else {
-                ""
+                String::new()
             };
             match outcome {
                 Outcome::Ok(r) => println!(
-                    "{name:<20} {label:<7} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10}",
+                    "{name:<24} {label:<7} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10}",
                     r.iops,
                     r.mb_per_s,
                     r.latency.p50_us,
@@ -611,43 +692,50 @@ fn print_table(report: &CompareReport) {
                         .map_or_else(|| "-".to_string(), |c| format!("{c:.1}"))
                 ),
                 Outcome::Failed { reason } => {
-                    println!("{name:<20} {label:<7} FAILED: {reason}")
+                    println!("{name:<24} {label:<7} FAILED: {reason}")
                 }
             }
         }
         if let Some(ratio) = &w.ratio_qcow2d_over_qsd {
             println!(
-                "{:<20} qcow2d/QSD: IOPS x{:.2}, p99 x{:.2}",
+                "{:<24} qcow2d/QSD: IOPS x{:.2}, p99 x{:.2}",
                 "", ratio.iops, ratio.p99
+            );
+        }
+        if let Some(share) = w.qcow2d_share_of_ceiling {
+            println!(
+                "{:<24} qcow2d at {:.0} % of the inflate ceiling",
+                "",
+                share * 100.0
             );
         }
     }
     println!();
     println!("server resident memory, anon+file (guest memory it maps not counted):");
     println!(
-        "{:<20} {:<7} {:>12} {:>12} {:>12} {:>14}",
+        "{:<24} {:<7} {:>12} {:>12} {:>12} {:>14}",
         "workload", "server", "start", "end", "peak", "round growth"
     );
     for w in &report.workloads {
         for (label, outcome) in [(LABELS[QCOW2D], &w.qcow2d), (LABELS[QSD], &w.qsd)] {
             let name = if label == LABELS[QCOW2D] {
-                w.workload.name.as_str()
+                case_name(&w.workload, w.queues)
             } else {
-                ""
+                String::new()
             };
             if let Outcome::Ok(ServerResult {
                 memory: Some(m), ..
             }) = outcome
             {
                 println!(
-                    "{name:<20} {label:<7} {:>12} {:>12} {:>12} {:>+10.1} MiB",
+                    "{name:<24} {label:<7} {:>12} {:>12} {:>12} {:>+10.1} MiB",
                     mib(m.start_kib),
                     mib(m.end_kib),
                     mib(m.peak_kib),
                     m.max_round_growth_kib as f64 / 1024.0
                 );
             } else {
-                println!("{name:<20} {label:<7} {:>12}", "-");
+                println!("{name:<24} {label:<7} {:>12}", "-");
             }
         }
     }
@@ -660,15 +748,24 @@ fn chart_title(report: &CompareReport) -> String {
         |n| n.to_string_lossy().into_owned(),
     );
     format!(
-        "qcow2d vs qemu-storage-daemon: {image}, {} queue(s), {} round(s) x {} s, {}",
-        report.queues,
+        "qcow2d vs qemu-storage-daemon: {image}, {} queue(s), {} round(s) x {} s, {}{}",
+        report
+            .queues
+            .iter()
+            .map(|q| q.to_string())
+            .collect::<Vec<_>>()
+            .join("/"),
         report.rounds,
         report.runtime_s,
         if report.direct {
             "direct I/O"
         } else {
             "page cache"
-        }
+        },
+        report
+            .pinned_cpus
+            .as_ref()
+            .map_or_else(String::new, |c| format!(", {} CPU(s)", c.len()))
     )
 }
 
@@ -686,7 +783,7 @@ fn chart_rows(report: &CompareReport) -> Vec<ChartRow> {
         .workloads
         .iter()
         .map(|w| ChartRow {
-            name: w.workload.name.clone(),
+            name: case_name(&w.workload, w.queues),
             servers: [values(&w.qcow2d), values(&w.qsd)],
         })
         .collect()

@@ -2,6 +2,7 @@
 //! side-by-side comparison of qcow2d against qemu-storage-daemon, and the maker of the images
 //! both are benchmarked on. See `qcow2d-bench --help`.
 
+mod ceiling;
 mod compare;
 mod density;
 mod error;
@@ -145,8 +146,14 @@ struct CompareArgs {
     runtime: Duration,
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     warmup: Duration,
-    #[arg(long, default_value_t = 2)]
-    queues: usize,
+    /// Comma-separated queue counts the client uses; every workload runs with each (both
+    /// servers offer the largest).
+    #[arg(long, default_value = "1,2", value_delimiter = ',')]
+    queues: Vec<usize>,
+    /// Pin both servers to the first N CPUs this process may run on (sched_setaffinity), to
+    /// measure how they scale with cores. Default: not pinned.
+    #[arg(long)]
+    cpus: Option<usize>,
     /// Where compare.json, compare.svg, server logs and the image copies go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -276,6 +283,7 @@ fn compare_cmd(args: CompareArgs) -> Result<ExitCode> {
         runtime: args.runtime,
         warmup: args.warmup,
         queues: args.queues,
+        cpus: args.cpus,
         out: args.out,
         read_only: args.read_only,
         direct: args.direct,
@@ -425,7 +433,10 @@ mod tests {
             panic!("not compare")
         };
         assert_eq!(c.workloads.len(), 4);
-        assert_eq!((c.rounds, c.queues), (2, 2));
+        assert_eq!(
+            (c.rounds, c.queues.as_slice(), c.cpus),
+            (2, &[1, 2][..], None)
+        );
         assert_eq!(c.out, PathBuf::from("bench-results"));
         let Cmd::Compare(c) = parse(&[
             "compare",
@@ -437,6 +448,10 @@ mod tests {
             "2s",
             "--read-only",
             "--direct",
+            "--queues",
+            "2",
+            "--cpus",
+            "1",
         ])
         .unwrap()
         .command
@@ -446,6 +461,7 @@ mod tests {
         assert_eq!(c.workloads.len(), 2);
         assert_eq!(c.workloads[1].pattern, Pattern::Randrw);
         assert!(c.read_only && c.direct);
+        assert_eq!((c.queues.as_slice(), c.cpus), (&[2][..], Some(1)));
         assert_eq!(c.runtime, Duration::from_secs(2));
     }
 

@@ -20,6 +20,22 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(3);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
+/// What a server is started on, and how.
+#[derive(Clone, Copy)]
+pub struct ServerSpec<'a> {
+    pub image: &'a Path,
+    pub socket: &'a Path,
+    /// Queues the export offers.
+    pub queues: usize,
+    pub read_only: bool,
+    /// Guest data bypasses the host page cache.
+    pub direct: bool,
+    /// Where its output is appended.
+    pub log_path: &'a Path,
+    /// The CPUs it may run on (default: any).
+    pub cpus: Option<CpuSet>,
+}
+
 /// A running server process and where its output goes.
 pub struct Server {
     pub name: &'static str,
@@ -28,9 +44,63 @@ pub struct Server {
     exited: Option<ExitStatus>,
 }
 
+/// The CPUs a server may run on (`compare --cpus N`): the first N of those the bench may run on.
+#[derive(Clone, Copy)]
+pub struct CpuSet(libc::cpu_set_t);
+
+impl CpuSet {
+    /// The first `n` CPUs of this process's affinity mask; an error when it has fewer.
+    pub fn first(n: usize) -> Result<CpuSet> {
+        // SAFETY: cpu_set_t is a plain bit array; all zeros is the empty set.
+        let mut own: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `own` is a valid cpu_set_t of the size passed; pid 0 is this thread.
+        let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&own), &mut own) };
+        if r != 0 {
+            return Err(Error::msg(format!(
+                "sched_getaffinity: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: as above.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let mut taken = 0;
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            if taken == n {
+                break;
+            }
+            // SAFETY: `cpu` is below CPU_SETSIZE; both sets are valid.
+            if unsafe { libc::CPU_ISSET(cpu, &own) } {
+                // SAFETY: as above.
+                unsafe { libc::CPU_SET(cpu, &mut set) };
+                taken += 1;
+            }
+        }
+        if n == 0 || taken < n {
+            return Err(Error::msg(format!(
+                "Cannot pin servers to {n} CPUs: this process may run on {taken}"
+            )));
+        }
+        Ok(CpuSet(set))
+    }
+
+    /// The CPU numbers, for the report.
+    pub fn list(&self) -> Vec<usize> {
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `cpu` is below CPU_SETSIZE; the set is valid.
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &self.0) })
+            .collect()
+    }
+}
+
 /// Starts `command` with its output appended to `log_path`, and arranges for the kernel to kill
-/// it if the bench dies. With `stdout_piped`, stdout is returned to the caller instead.
-fn spawn(mut command: Command, log_path: &Path, stdout_piped: bool) -> Result<Child> {
+/// it if the bench dies. With `stdout_piped`, stdout is returned to the caller instead. With
+/// `cpus`, the process (and every thread it starts) runs only on those CPUs.
+fn spawn(
+    mut command: Command,
+    log_path: &Path,
+    stdout_piped: bool,
+    cpus: Option<CpuSet>,
+) -> Result<Child> {
     // Appended to: a server restarted on a fresh image keeps its earlier output.
     let log = File::options()
         .create(true)
@@ -47,10 +117,16 @@ fn spawn(mut command: Command, log_path: &Path, stdout_piped: bool) -> Result<Ch
         command.stdout(Stdio::from(log_for_stdout));
     }
     let parent_pid = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and calls only prctl and
-    // getppid, which are async-signal-safe; it allocates nothing and touches no locks.
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl, getppid
+    // and sched_setaffinity, which are async-signal-safe; it allocates nothing and touches no
+    // locks.
     unsafe {
         command.pre_exec(move || {
+            if let Some(CpuSet(set)) = &cpus {
+                if libc::sched_setaffinity(0, std::mem::size_of_val(set), set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -71,15 +147,16 @@ fn spawn(mut command: Command, log_path: &Path, stdout_piped: bool) -> Result<Ch
 
 impl Server {
     /// Starts qcow2d and waits for its `qcow2d: serving <IMG> on <SOCK>` line.
-    pub fn start_qcow2d(
-        binary: &Path,
-        image: &Path,
-        socket: &Path,
-        queues: usize,
-        read_only: bool,
-        direct: bool,
-        log_path: &Path,
-    ) -> Result<Server> {
+    pub fn start_qcow2d(binary: &Path, spec: &ServerSpec<'_>) -> Result<Server> {
+        let ServerSpec {
+            image,
+            socket,
+            queues,
+            read_only,
+            direct,
+            log_path,
+            cpus,
+        } = *spec;
         let mut command = Command::new(binary);
         command
             .arg("serve")
@@ -95,7 +172,7 @@ impl Server {
         if direct {
             command.arg("--direct");
         }
-        let mut child = spawn(command, log_path, true)?;
+        let mut child = spawn(command, log_path, true, cpus)?;
         let stdout = child.stdout.take();
         let mut server = Server {
             name: "qcow2d",
@@ -150,14 +227,16 @@ impl Server {
     /// Starts qemu-storage-daemon exporting `image` (qcow2 over a plain file, io_uring, host
     /// page cache on, or off with `direct`: `cache.direct=on`, QEMU's `cache=none`) and waits
     /// until its socket accepts connections.
-    pub fn start_qsd(
-        image: &Path,
-        socket: &Path,
-        queues: usize,
-        read_only: bool,
-        direct: bool,
-        log_path: &Path,
-    ) -> Result<Server> {
+    pub fn start_qsd(spec: &ServerSpec<'_>) -> Result<Server> {
+        let ServerSpec {
+            image,
+            socket,
+            queues,
+            read_only,
+            direct,
+            log_path,
+            cpus,
+        } = *spec;
         let mut file_node = std::ffi::OsString::from(format!(
             "driver=file,node-name=file0,aio=io_uring,cache.direct={},filename=",
             if direct { "on" } else { "off" }
@@ -176,7 +255,7 @@ impl Server {
             .arg("driver=qcow2,node-name=fmt0,file=file0")
             .arg("--export")
             .arg(export);
-        let child = spawn(command, log_path, false)?;
+        let child = spawn(command, log_path, false, cpus)?;
         let mut server = Server {
             name: "qemu-storage-daemon",
             child,
@@ -219,7 +298,7 @@ impl Server {
     ) -> Result<Server> {
         let mut command = Command::new(binary);
         command.arg("serve").arg("--config").arg(config);
-        let child = spawn(command, log_path, false)?;
+        let child = spawn(command, log_path, false, None)?;
         let mut server = Server {
             name: "qcow2d",
             child,
@@ -254,7 +333,7 @@ impl Server {
                 .arg("--export")
                 .arg(export);
         }
-        let child = spawn(command, log_path, false)?;
+        let child = spawn(command, log_path, false, None)?;
         let mut server = Server {
             name: "qemu-storage-daemon",
             child,
@@ -424,6 +503,14 @@ mod tests {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
         assert!(parse_cpu_ticks(&stat).is_some());
         assert!(clock_ticks_per_second() > 0);
+    }
+
+    #[test]
+    fn cpu_sets_take_the_first_cpus_allowed() {
+        let one = CpuSet::first(1).unwrap();
+        assert_eq!(one.list().len(), 1);
+        assert!(CpuSet::first(libc::CPU_SETSIZE as usize + 1).is_err());
+        assert!(CpuSet::first(0).is_err());
     }
 
     #[test]

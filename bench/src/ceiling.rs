@@ -1,0 +1,209 @@
+//! The inflate ceiling of a compressed image: how many of its clusters libdeflate inflates per
+//! second on one core. A server that inflates every cluster it reads cannot read more clusters
+//! per second than that times the cores it runs on; `compare` reports how close qcow2d gets.
+//!
+//! Reads the image's own compressed extents (a minimal walk of the L1 and L2 tables, QEMU's
+//! layout: 64-bit L2 entries, compressed descriptors as in `docs/interop/qcow2.rst`) and
+//! inflates them in a loop on the calling thread. Runs on the main thread, before any server.
+
+use crate::error::{Context, Error, Result};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// At most this many compressed extents are read (spread over the whole image).
+const MAX_SAMPLE_CLUSTERS: usize = 1024;
+/// Each of the passes inflates the sample for at least this long; the best pass counts (the
+/// one least disturbed by other work on the machine).
+const PASS_TIME: Duration = Duration::from_millis(700);
+const PASSES: usize = 3;
+
+/// libdeflate's rate on the image's clusters.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct InflateRate {
+    pub cluster_size_bytes: u64,
+    /// Compressed clusters in the sample.
+    pub sample_clusters: usize,
+    /// Whole clusters inflated per second on one core (best pass).
+    pub clusters_per_s_per_core: f64,
+}
+
+/// What one image's header says about its compressed clusters.
+struct Layout {
+    cluster_bits: u32,
+    l1_entries: u64,
+    l1_offset: u64,
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// `Ok(None)` for an image whose compressed clusters are not deflate (zstd) or that libdeflate
+/// would not see (extended L2 entries are refused too: the bench's images have none).
+fn layout(header: &[u8]) -> Result<Option<Layout>> {
+    if header.len() < 104 || &header[..4] != b"QFI\xfb" {
+        return Err(Error::msg("Not a qcow2 image"));
+    }
+    let version = be32(header, 4);
+    let cluster_bits = be32(header, 20);
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(Error::msg(format!(
+            "Cluster bits {cluster_bits} out of range"
+        )));
+    }
+    if version >= 3 {
+        let incompatible = be64(header, 72);
+        // Bit 3: compression type; bit 4: extended L2 entries.
+        if incompatible & (1 << 4) != 0 {
+            return Ok(None);
+        }
+        let header_length = be32(header, 100) as usize;
+        if incompatible & (1 << 3) != 0 && header_length > 104 && header[104] != 0 {
+            return Ok(None);
+        }
+    }
+    Ok(Some(Layout {
+        cluster_bits,
+        l1_entries: u64::from(be32(header, 36)),
+        l1_offset: be64(header, 40),
+    }))
+}
+
+/// Reads up to [`MAX_SAMPLE_CLUSTERS`] compressed extents, spread evenly over the image's
+/// compressed clusters.
+fn sample(file: &File, l: &Layout) -> Result<Vec<Vec<u8>>> {
+    let cluster = 1u64 << l.cluster_bits;
+    let l1_bytes = usize::try_from(l.l1_entries * 8).context("L1 table size")?;
+    if l1_bytes > 32 << 20 {
+        return Err(Error::msg("L1 table over 32 MiB"));
+    }
+    let mut l1 = vec![0u8; l1_bytes];
+    file.read_exact_at(&mut l1, l.l1_offset)
+        .context("Reading the L1 table")?;
+    let x = 62 - (l.cluster_bits - 8);
+    let mut descriptors = Vec::new();
+    let mut l2 = vec![0u8; cluster as usize];
+    for entry in l1.chunks_exact(8) {
+        let table = u64::from_be_bytes(entry.try_into().expect("8 bytes")) & 0x00ff_ffff_ffff_fe00;
+        if table == 0 {
+            continue;
+        }
+        file.read_exact_at(&mut l2, table)
+            .context("Reading an L2 table")?;
+        for e in l2.chunks_exact(8) {
+            let e = u64::from_be_bytes(e.try_into().expect("8 bytes"));
+            if e & (1 << 62) == 0 {
+                continue;
+            }
+            let offset = e & ((1 << x) - 1);
+            let sectors = (e >> x) & ((1 << (l.cluster_bits - 8)) - 1);
+            let len = (sectors + 1) * 512 - (offset & 511);
+            descriptors.push((offset, len));
+        }
+    }
+    let step = descriptors.len().div_ceil(MAX_SAMPLE_CLUSTERS).max(1);
+    let mut extents = Vec::new();
+    for &(offset, len) in descriptors.iter().step_by(step) {
+        let mut buf = vec![0u8; len as usize];
+        // The length is an upper bound: a short read at the end of the file is fine.
+        let mut got = 0;
+        while got < buf.len() {
+            match file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::msg(format!("Reading an extent: {e}"))),
+            }
+        }
+        buf.truncate(got);
+        extents.push(buf);
+    }
+    Ok(extents)
+}
+
+/// Measures libdeflate on `image`'s compressed clusters; `Ok(None)` when it has none that are
+/// deflate-compressed.
+pub fn measure(image: &Path) -> Result<Option<InflateRate>> {
+    let file = File::open(image).with_context(|| format!("Opening {}", image.display()))?;
+    let mut header = vec![0u8; 512];
+    file.read_exact_at(&mut header, 0)
+        .context("Reading the header")?;
+    let Some(l) = layout(&header)? else {
+        return Ok(None);
+    };
+    let extents = sample(&file, &l)?;
+    if extents.is_empty() {
+        return Ok(None);
+    }
+    let cluster = 1usize << l.cluster_bits;
+    let mut out = vec![0u8; cluster];
+    let mut d = libdeflater::Decompressor::new();
+    // Streams libdeflate refuses (QEMU may write one without a final block) are left out.
+    let good: Vec<&Vec<u8>> = extents
+        .iter()
+        .filter(|e| {
+            d.deflate_decompress(e, &mut out)
+                .is_ok_and(|n| n == cluster)
+        })
+        .collect();
+    if good.is_empty() {
+        return Ok(None);
+    }
+    let mut best = 0f64;
+    for _ in 0..PASSES {
+        let start = Instant::now();
+        let mut done = 0u64;
+        while start.elapsed() < PASS_TIME {
+            for e in &good {
+                // Checked above; the result is only timed.
+                let _ = d.deflate_decompress(e, &mut out);
+            }
+            done += good.len() as u64;
+        }
+        best = best.max(done as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(Some(InflateRate {
+        cluster_size_bytes: cluster as u64,
+        sample_clusters: good.len(),
+        clusters_per_s_per_core: best,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(version: u32, cluster_bits: u32, incompatible: u64, compression: u8) -> Vec<u8> {
+        let mut h = vec![0u8; 112];
+        h[..4].copy_from_slice(b"QFI\xfb");
+        h[4..8].copy_from_slice(&version.to_be_bytes());
+        h[20..24].copy_from_slice(&cluster_bits.to_be_bytes());
+        h[36..40].copy_from_slice(&8u32.to_be_bytes()); // l1_size
+        h[40..48].copy_from_slice(&0x30000u64.to_be_bytes()); // l1_table_offset
+        h[72..80].copy_from_slice(&incompatible.to_be_bytes());
+        h[100..104].copy_from_slice(&112u32.to_be_bytes()); // header_length
+        h[104] = compression;
+        h
+    }
+
+    #[test]
+    fn headers_say_which_images_are_measured() {
+        let l = layout(&header(3, 16, 0, 0)).unwrap().unwrap();
+        assert_eq!(
+            (l.cluster_bits, l.l1_entries, l.l1_offset),
+            (16, 8, 0x30000)
+        );
+        assert!(layout(&header(2, 16, 0, 0)).unwrap().is_some());
+        // zstd, extended L2: not measured.
+        assert!(layout(&header(3, 16, 1 << 3, 1)).unwrap().is_none());
+        assert!(layout(&header(3, 16, 1 << 4, 0)).unwrap().is_none());
+        assert!(layout(&header(3, 30, 0, 0)).is_err());
+        assert!(layout(b"not an image").is_err());
+    }
+}
