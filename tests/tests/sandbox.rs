@@ -160,6 +160,52 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
     assert!(st.success(), "qcow2d exited with {st}\n");
 }
 
+/// The process-wide inflate pool's workers take their own filter as they start, before any
+/// client, and inflate under it: a compressed image read with one queue (one shard, many
+/// clusters in flight, so the shard hands some to the idle worker) reads right, and the
+/// daemon lives on.
+#[test]
+fn inflate_workers_are_filtered_and_inflate_under_their_filter() {
+    let s = Scratch::new("sbx_inflate");
+    let raw = s.join("src.raw");
+    let data: Vec<u8> = (0..4 * MIB as usize)
+        .map(|i| (i / 7 % 251) as u8 ^ (i >> 13) as u8)
+        .collect();
+    std::fs::write(&raw, &data).unwrap();
+    let img = s.join("c.qcow2");
+    convert_raw_to_qcow2(&raw, &img, "cluster_size=65536", true);
+    let socket = s.socket("c.sock");
+    let cmd = serve_cmd(&img, &socket, &["--read-only", "--queues", "1"], &[]);
+    let mut d = Daemon::spawn(cmd, &img, &socket).unwrap_or_else(|f| panic!("{f}"));
+    let pid = d.pid();
+    let pool: Vec<ThreadStatus> = threads(pid)
+        .into_iter()
+        .filter(|t| t.name.starts_with("qcow2d-inflate"))
+        .collect();
+    assert!(!pool.is_empty(), "no inflate worker");
+    // Its role's filter and the no-open filter, over nothing inherited from main.
+    assert!(
+        pool.iter()
+            .all(|t| t.seccomp == "2" && t.no_new_privs == "1" && t.filters == 2),
+        "{pool:#?}"
+    );
+    let expected = data.clone();
+    blk_session(&socket, 1, SESSION_TIMEOUT, move |c| {
+        for _ in 0..4 {
+            let reqs: Vec<ReadReq> = (0..64).map(|i| (i * 65536, 65536)).collect();
+            for (i, r) in c.read_batch(&reqs)?.into_iter().enumerate() {
+                let got = r?;
+                assert!(got == expected[i * 65536..(i + 1) * 65536], "cluster {i}");
+            }
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("client: {e}\n{}", d.stderr()));
+    d.assert_alive("after compressed reads");
+    let st = d.terminate();
+    assert!(st.success(), "qcow2d exited with {st}");
+}
+
 /// The daemon's stderr once it contains `what` (its reader may lag behind the ready line).
 fn wait_for_stderr(d: &Daemon, what: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
