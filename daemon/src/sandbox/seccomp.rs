@@ -426,7 +426,9 @@ fn base(rules: &mut Rules) -> Result<(), seccompiler::BackendError> {
         ],
     );
     // Descriptor flags (std checks a descriptor is open before closing it in debug builds;
-    // try_clone duplicates with F_DUPFD_CLOEXEC).
+    // try_clone duplicates with F_DUPFD_CLOEXEC). F_OFD_SETLK: an image gives its locks back
+    // as it is dropped, in whatever thread lets go of it last (it cannot open a file, and a
+    // lock on a file already open only ever keeps others out).
     allow_arg_in(
         rules,
         libc::SYS_fcntl,
@@ -437,6 +439,7 @@ fn base(rules: &mut Rules) -> Result<(), seccompiler::BackendError> {
             libc::F_GETFL as u64,
             libc::F_SETFL as u64,
             libc::F_DUPFD_CLOEXEC as u64,
+            libc::F_OFD_SETLK as u64,
         ],
     )?;
     // The SIGBUS handler gives faults outside guest memory the default action.
