@@ -49,6 +49,16 @@ impl Qcow2Layer {
     }
 }
 
+impl Drop for Qcow2Layer {
+    /// The locks go as the layer goes, not when the kernel lets go of the descriptions.
+    fn drop(&mut self) {
+        crate::io::unlock_file(&self.file);
+        if let Some(f) = &self.data_file {
+            crate::io::unlock_file(f);
+        }
+    }
+}
+
 /// What a backing file is.
 pub(crate) enum LayerKind {
     Qcow2(Box<Qcow2Layer>),
@@ -61,6 +71,15 @@ pub(crate) struct Layer {
     /// Bytes the layer covers; reads past it are zeros.
     pub virtual_size: u64,
     pub kind: LayerKind,
+}
+
+impl Drop for Layer {
+    /// A raw backing file's locks go as the layer goes (a qcow2 layer's go with it).
+    fn drop(&mut self) {
+        if let LayerKind::Raw(f) = &self.kind {
+            crate::io::unlock_file(f);
+        }
+    }
 }
 
 /// The top image: layer 0 of the chain, always qcow2 (its virtual size is its header's).

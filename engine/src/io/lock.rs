@@ -6,8 +6,9 @@
 //! not let others hold (bits: 0 consistent read, 1 write, 2 write-unchanged, 3 resize). Before
 //! locking it checks that no other file description holds a conflicting byte: holding a
 //! permission conflicts with someone else's "unshared" byte for it, and unsharing a permission
-//! conflicts with someone else's "held" byte. Locks vanish when the file is closed, so they
-//! live exactly as long as the `File` that took them.
+//! conflicts with someone else's "held" byte. The layer that owns a locked `File` gives its
+//! locks back when it is dropped ([`unlock_file`]), without waiting for the kernel to let go
+//! of the file description.
 //!
 //! Which bytes a QEMU process takes depends on the file's role under the qcow2 driver; the
 //! [`Role`]s below are those qemu-storage-daemon takes (QEMU 10, read from /proc/locks while it
@@ -111,6 +112,19 @@ fn lock_byte(file: &File, byte: i64) -> io::Result<()> {
     Ok(())
 }
 
+/// Gives back every lock `file`'s description holds, at once. Closing the file gives them
+/// back too, but only when the last reference to the description goes, which an io_uring
+/// being torn down or a child that another thread forked (until its `exec`) can hold for a
+/// moment: a user who closes an image and starts `qemu-img` on it next must not find it
+/// still locked. Errors are ignored: the close that follows releases the locks anyway.
+pub fn unlock_file(file: &File) {
+    let mut fl = flock_at(0, libc::F_UNLCK);
+    // To the end of the file, whatever it grows to.
+    fl.l_len = 0;
+    // SAFETY: F_OFD_SETLK only reads the flock struct we pass, which lives on our stack.
+    let _ = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+}
+
 /// Why a lock could not be taken.
 #[derive(Debug)]
 pub enum LockError {
@@ -189,6 +203,21 @@ mod tests {
             .chain(SHARED_BASE..SHARED_BASE + 5)
             .filter(|&b| held_by_others(&probe, b).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn unlock_gives_the_locks_back_while_the_description_lives_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"x").unwrap();
+        let f = File::options().read(true).write(true).open(&path).unwrap();
+        lock_file(&f, Role::Qcow2Writer).unwrap();
+        // A second reference to the description, as a forked child or a ring holds one.
+        let other = f.try_clone().unwrap();
+        unlock_file(&f);
+        drop(f);
+        assert_eq!(locked_bytes(&path), Vec::<i64>::new());
+        drop(other);
     }
 
     #[test]

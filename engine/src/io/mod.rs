@@ -38,7 +38,7 @@ pub use inflate::{
 pub use iov::{
     iov_contiguous, iov_copy_from, iov_copy_to, iov_fill_zero, iov_subrange, iov_total_len,
 };
-pub use lock::{lock_file, lock_image, LockError, Perm, Role};
+pub use lock::{lock_file, lock_image, unlock_file, LockError, Perm, Role};
 pub use open::{clear_nonblocking, open_nonblocking};
 pub use ring::{BlockingReader, Ring, POSTED};
 pub use sys::pwrite_all;
