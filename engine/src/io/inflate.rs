@@ -584,31 +584,57 @@ fn worker(
 }
 
 /// Posts a stolen job's result into its owner's ring and waits for the post to be done.
+///
+/// The owner waits for this result and has no other way to learn it, so a post the kernel
+/// refuses for a moment (its completion says so: the owner's completion queue full,
+/// EOVERFLOW, or EAGAIN) is tried again after a short sleep until it lands. Only a ring that
+/// is gone (EBADF, EBADFD: its shard was dropped, which waits for its stolen jobs, so never
+/// seen) or a failure of this worker's own ring gives up.
 fn post(ring: &mut IoUring, job: &Job, result: i32) {
     let entry =
         opcode::MsgRingData::new(types::Fd(job.ring_fd), result, job.user_data, None).build();
-    // SAFETY: a MSG_RING entry points at no memory of ours.
-    let pushed = unsafe { ring.submission().push(&entry).is_ok() };
-    if !pushed {
-        tracing::error!("Inflate worker: submission queue full");
-        return;
-    }
+    let mut logged = false;
     loop {
-        match ring.submit_and_wait(1) {
-            Ok(_) => break,
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => {
-                tracing::error!("Inflate worker cannot post a completion: {e}");
-                break;
+        // SAFETY: a MSG_RING entry points at no memory of ours.
+        let pushed = unsafe { ring.submission().push(&entry).is_ok() };
+        if !pushed {
+            tracing::error!("Inflate worker: submission queue full");
+            return;
+        }
+        loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!("Inflate worker cannot post a completion: {e}");
+                    return;
+                }
             }
         }
-    }
-    for cqe in ring.completion() {
-        if cqe.result() < 0 {
-            tracing::error!(
-                "Inflate worker: posting a completion failed: {}",
-                std::io::Error::from_raw_os_error(-cqe.result())
-            );
+        let refused = ring
+            .completion()
+            .map(|cqe| cqe.result())
+            .filter(|&r| r < 0)
+            .last();
+        match refused {
+            None => return,
+            Some(r) if matches!(-r, libc::EBADF | libc::EBADFD) => {
+                tracing::error!(
+                    "Inflate worker: the owner's ring is gone: {}",
+                    std::io::Error::from_raw_os_error(-r)
+                );
+                return;
+            }
+            Some(r) => {
+                if !logged {
+                    tracing::warn!(
+                        "Inflate worker: posting a completion was refused, trying again: {}",
+                        std::io::Error::from_raw_os_error(-r)
+                    );
+                    logged = true;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
         }
     }
 }
