@@ -1,346 +1,31 @@
-//! `qcow2d serve`: opens the images, creates the sockets, runs one listener thread per export,
-//! changes the set of exports at run time (control requests, SIGHUP) and stops them all on
-//! SIGINT/SIGTERM or when one fails.
+//! The supervisor: the set of exports being served and every change to it.
 //!
-//! Everything here runs on the main thread, the supervisor. Start-up is all-or-nothing: every
-//! image is opened (for writing unless the export is read-only), every socket bound, the
-//! metrics endpoint (`--metrics`) and the control socket (`--control`) listening before the
-//! first "serving" line is printed. Then the main thread only waits for messages: a signal
-//! (from the signal thread), the end of an export thread, or a control request (from the
-//! control socket's threads, [`crate::control`]), and handles them one at a time. Exports are
-//! started and stopped individually ([`Supervisor::add`], [`Supervisor::remove`]); the others
-//! keep serving on their own threads meanwhile. SIGHUP re-reads the config file and applies
-//! the difference ([`Supervisor::reload`]). Stopping asks every export to stop; each export
-//! thread disconnects its client, drains and flushes its shards and closes its image
-//! ([`Export::run`]). An export that fails to do so, or that does not finish within
-//! [`STOP_TIMEOUT`] (a stuck disk), makes `serve` fail, so the process exits non-zero.
-//!
-//! An export that fails while serving (its thread returns an error or panics) ends alone: one
-//! error line names it, it stays in the list as failed (`ctl list`), and every other export
-//! keeps serving. `ctl remove` forgets it, `ctl add` (or a SIGHUP reload that still lists it)
-//! replaces it. The daemon ends only when nothing is left that could serve: no export
-//! serving and no control socket. One that still has a failed export when it stops exits
-//! non-zero.
+//! Runs on the main thread only. [`Supervisor`] owns each export's [`ExportControl`], metrics
+//! and throttle, and handles one message at a time (see [`super::serve`]): starting an export
+//! ([`Supervisor::add`], at start-up and for `ctl add`), stopping one ([`Supervisor::remove`]),
+//! an export thread that ended by itself ([`Supervisor::finished`]: an error keeps it listed
+//! as failed), control requests ([`Supervisor::handle`]: `list`, `limit`, `resize`), a SIGHUP
+//! reload ([`Supervisor::reload`]) and the final stop ([`Supervisor::stop_all`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use qcow2d_engine::{Image, OpenOptions};
+use qcow2d_engine::Image;
 use tracing::{error, info, warn};
 
-use crate::backend::DeviceParams;
-use crate::config::{ExportConfig, Origin, ServeConfig};
-use crate::control::{self, Call, Request, Response};
-use crate::export::{bind_socket, Export, ExportControl, ExportError, SocketError};
+use super::{announce, device_params, open_image, Event, ServeError, STOP_TIMEOUT};
+use crate::config::{ExportConfig, Origin};
+use crate::control::{Request, Response};
+use crate::export::{bind_socket, Export, ExportControl, ExportError};
 use crate::metrics::{ExportLabels, ExportMetrics, Metrics, Operation};
-use crate::request::DeviceInfo;
-use crate::sandbox::landlock::{self, FsPolicy};
-use crate::sandbox::user::{self, User};
-use crate::sandbox::{seccomp, Role};
 use crate::signals;
 use crate::throttle::{ExportThrottle, Limits, ThrottleGroup};
-use crate::virtio_blk::ID_BYTES;
-
-/// How long exports get to stop after a signal before the daemon gives up on them.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Failures of `qcow2d serve`.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// An image cannot be opened.
-    #[error("Cannot open image {}", path.display())]
-    OpenImage {
-        /// The image path.
-        path: PathBuf,
-        /// The engine's error.
-        #[source]
-        source: qcow2d_engine::Error,
-    },
-    /// A socket cannot be created.
-    #[error(transparent)]
-    Socket(#[from] SocketError),
-    /// The metrics endpoint cannot listen.
-    #[error("Cannot serve metrics on {addr}")]
-    Metrics {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Signal handling cannot be set up.
-    #[error("Cannot set up signal handling")]
-    Signals(#[source] std::io::Error),
-    /// The private directory of the relay's sockets cannot be made.
-    #[error("Cannot make a private directory in {}", parent.display())]
-    PrivateDir {
-        /// Where it was to be made.
-        parent: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// `--user` cannot be honoured.
-    #[error("Cannot serve as user {spec:?}")]
-    User {
-        /// `USER[:GROUP]` as given.
-        spec: String,
-        /// What failed.
-        #[source]
-        source: user::UserError,
-    },
-    /// The file system cannot be confined.
-    #[error(transparent)]
-    Landlock(#[from] landlock::LandlockError),
-    /// The seccomp filters cannot be built.
-    #[error(transparent)]
-    Seccomp(#[from] seccomp::SeccompError),
-    /// A thread cannot be started.
-    #[error("Cannot start a thread")]
-    Thread(#[source] std::io::Error),
-    /// An export failed while serving.
-    #[error("Export {} failed", socket.display())]
-    Export {
-        /// The export's socket.
-        socket: PathBuf,
-        /// What went wrong.
-        #[source]
-        source: ExportError,
-    },
-    /// Exports had failed while serving and were never removed.
-    #[error("{count} export(s) failed while serving")]
-    Failed {
-        /// How many.
-        count: usize,
-    },
-    /// Exports did not stop in time after a stop request.
-    #[error("{count} export(s) did not stop within {} s", STOP_TIMEOUT.as_secs())]
-    StopTimeout {
-        /// How many were still running.
-        count: usize,
-    },
-    /// A second stop signal arrived while stopping.
-    #[error("Stopped by a second {signal} before the exports finished")]
-    Forced {
-        /// The signal's name.
-        signal: &'static str,
-    },
-}
-
-enum Event {
-    Signal(libc::c_int),
-    ExportFinished { id: u64 },
-    Control(Call),
-}
-
-fn signal_event(signal: libc::c_int) -> Event {
-    Event::Signal(signal)
-}
-
-fn control_event(call: Call) -> Event {
-    Event::Control(call)
-}
-
-/// Runs `qcow2d serve` until stopped. Returns `Ok` after a clean stop on SIGINT/SIGTERM.
-/// `config_path` is the config file the configuration came from, re-read on SIGHUP.
-pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), ServeError> {
-    // Before any other thread exists, so that they all inherit the mask.
-    let stop_signals = signals::block_stop_signals().map_err(ServeError::Signals)?;
-    if let Err(e) = crate::sigbus::install() {
-        warn!("Cannot handle SIGBUS: a frontend that truncates unsealed guest memory would crash the daemon: {e}");
-    }
-
-    let user = match &config.user {
-        Some(spec) => {
-            let found = user::check_root()
-                .and_then(|()| user::lookup(spec))
-                .map_err(|source| ServeError::User {
-                    spec: spec.clone(),
-                    source,
-                })?;
-            Some(found)
-        }
-        None => None,
-    };
-
-    // Open every image first: nothing is listening if one of them is bad.
-    let mut opened = Vec::with_capacity(config.exports.len());
-    for export in &config.exports {
-        let image = open_image(export).map_err(|source| ServeError::OpenImage {
-            path: export.image.clone(),
-            source,
-        })?;
-        opened.push(image);
-    }
-    let mut bound = Vec::with_capacity(opened.len());
-    for (cfg, image) in config.exports.iter().zip(opened) {
-        let listener = bind_socket(&cfg.socket)?;
-        if let Some(user) = &user {
-            give(&cfg.socket, user, 0o660)?;
-        }
-        bound.push((cfg.clone(), image, listener));
-    }
-    // The control socket needs the counters too (`ctl list`).
-    let metrics =
-        (config.metrics.is_some() || config.control.is_some()).then(|| Arc::new(Metrics::new()));
-    let control = config.control.as_deref().map(control::bind).transpose()?;
-    if let (Some(user), Some(path)) = (&user, &config.control) {
-        give(path, user, 0o600)?;
-    }
-    let metrics_listener = config.metrics.map(bind_metrics).transpose()?;
-    let parent = std::env::temp_dir();
-    let private_dir = crate::relay::make_private_dir(&parent)
-        .map(RemoveOnDrop)
-        .map_err(|source| ServeError::PrivateDir {
-            parent: parent.clone(),
-            source,
-        })?;
-    if let Some(user) = &user {
-        give(&private_dir.0, user, 0o700)?;
-    }
-
-    // Set-up is done: give up what serving does not need, before any other thread exists.
-    let policy = fs_policy(
-        &config,
-        config_path.as_deref(),
-        &bound,
-        &private_dir.0,
-        &parent,
-    );
-    let confinement = landlock::prepare(&policy)?;
-    if let Some(user) = &user {
-        user::drop_to(user).map_err(|source| ServeError::User {
-            spec: user.spec.clone(),
-            source,
-        })?;
-        info!(
-            user = user.spec,
-            uid = user.uid,
-            gid = user.gid,
-            "Serving as an unprivileged user, no capabilities left"
-        );
-    }
-    confinement.enforce()?;
-    debug_open_hook();
-    // From here on each thread keeps only the system calls it needs.
-    seccomp::configure(config.seccomp)?;
-    info!(seccomp = config.seccomp.name(), "Sandbox set up");
-    // One pool of inflate workers for every export, started before any export thread (no
-    // worker thread may start threads, and a pool started on a first compressed read would
-    // be started by one).
-    let pool = qcow2d_engine::start_inflate_pool(qcow2d_engine::InflatePoolConfig {
-        threads: None,
-        on_start: Some(inflate_thread_start),
-    });
-    info!(workers = pool.workers(), "Inflate pool started");
-
-    let (tx, rx) = mpsc::channel();
-    let mut sup = Supervisor {
-        exports: Vec::new(),
-        next_id: 0,
-        metrics,
-        groups: HashMap::new(),
-        shards: config.shards,
-        allow_paths: config.allow_paths.clone(),
-        config_path,
-        control_path: config.control.clone(),
-        tx: tx.clone(),
-        rx,
-        deferred: VecDeque::new(),
-    };
-    for (cfg, image, listener) in bound {
-        if let Err(e) = sup.start(cfg, image, listener, true) {
-            let _ = sup.stop_all();
-            return Err(e);
-        }
-    }
-    if let (Some(listener), Some(metrics)) = (metrics_listener, &sup.metrics) {
-        if let Err(e) = serve_metrics(listener, Arc::clone(metrics)) {
-            let _ = sup.stop_all();
-            return Err(e);
-        }
-    }
-    signals::spawn_signal_thread(stop_signals, tx.clone(), signal_event)
-        .map_err(ServeError::Thread)?;
-    if let Some(socket) = control {
-        info!(socket = %socket_display(&config.control), "Listening for control requests");
-        control::spawn(socket, tx.clone(), control_event).map_err(ServeError::Thread)?;
-        // For scripts, as the metrics line: printed once the socket accepts requests.
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        let _ = writeln!(
-            out,
-            "qcow2d: control on {}",
-            socket_display(&config.control)
-        );
-        let _ = out.flush();
-    }
-    drop(tx);
-    seccomp::enter_or_abort(Role::Main);
-    announce(&config.exports);
-
-    // Serve until a signal, or until nothing is left to serve.
-    while sup.keep_running() {
-        let event = sup.next_event();
-        match event {
-            None => break,
-            Some(Event::Signal(libc::SIGHUP)) => sup.reload(),
-            Some(Event::Signal(signal)) => {
-                info!("Received {}, stopping", signals::signal_name(signal));
-                break;
-            }
-            Some(Event::ExportFinished { id }) => sup.finished(id),
-            Some(Event::Control(call)) => {
-                let answer = sup.handle(call.request);
-                let _ = call.reply.send(answer);
-            }
-        }
-    }
-    crate::notify::notify("STOPPING=1");
-    let stopped = sup.stop_all();
-    // The control thread keeps its socket until the process exits: the file goes now.
-    if let Some(path) = &config.control {
-        let _ = std::fs::remove_file(path);
-    }
-    let failed = sup.exports.iter().filter(|e| e.failed.is_some()).count();
-    match stopped {
-        Ok(()) if failed > 0 => Err(ServeError::Failed { count: failed }),
-        other => other,
-    }
-}
-
-fn socket_display(path: &Option<PathBuf>) -> String {
-    path.as_deref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default()
-}
-
-/// Opens an export's image as its configuration says.
-fn open_image(export: &ExportConfig) -> Result<Image, qcow2d_engine::Error> {
-    let options = OpenOptions {
-        read_only: export.read_only,
-        lazy_refcounts: export.lazy_refcounts,
-        direct: export.direct,
-        overlap_check: export.overlap_check,
-        allowed_roots: export.allowed_roots.clone(),
-        ..OpenOptions::default()
-    };
-    Image::open(&export.image, &options)
-}
-
-/// The engine's inflate workers take their filter as they start.
-fn inflate_thread_start() {
-    seccomp::enter_or_abort(Role::Inflate);
-}
 
 /// One export being served.
-struct Running {
+pub(super) struct Running {
     id: u64,
     config: ExportConfig,
     /// Its configuration as the config file last gave it (`None`: added at run time and not
@@ -354,27 +39,27 @@ struct Running {
     read_only: bool,
     /// Why the export failed while serving (its thread is gone, its socket too); `None` while
     /// it serves.
-    failed: Option<String>,
+    pub(super) failed: Option<String>,
 }
 
 /// The main thread's state: the exports, their throttle groups and metrics. Every change to the
 /// set of exports happens here, one at a time: at start-up, on a control request, on SIGHUP.
-struct Supervisor {
-    exports: Vec<Running>,
-    next_id: u64,
-    metrics: Option<Arc<Metrics>>,
+pub(super) struct Supervisor {
+    pub(super) exports: Vec<Running>,
+    pub(super) next_id: u64,
+    pub(super) metrics: Option<Arc<Metrics>>,
     /// Named throttle groups that still have an export.
-    groups: HashMap<String, Weak<ThrottleGroup>>,
+    pub(super) groups: HashMap<String, Weak<ThrottleGroup>>,
     /// The `shards` setting, for exports added later.
-    shards: Option<u64>,
+    pub(super) shards: Option<u64>,
     /// The top-level `allow_paths`, for exports added later.
-    allow_paths: Vec<PathBuf>,
-    config_path: Option<PathBuf>,
-    control_path: Option<PathBuf>,
-    tx: mpsc::Sender<Event>,
-    rx: mpsc::Receiver<Event>,
+    pub(super) allow_paths: Vec<PathBuf>,
+    pub(super) config_path: Option<PathBuf>,
+    pub(super) control_path: Option<PathBuf>,
+    pub(super) tx: mpsc::Sender<Event>,
+    pub(super) rx: mpsc::Receiver<Event>,
     /// Events that arrived while waiting for a particular one.
-    deferred: VecDeque<Event>,
+    pub(super) deferred: VecDeque<Event>,
 }
 
 /// The same path, whether given relative to the daemon's directory or absolute.
@@ -386,11 +71,11 @@ fn same_path(a: &Path, b: &Path) -> bool {
 }
 
 impl Supervisor {
-    fn keep_running(&self) -> bool {
+    pub(super) fn keep_running(&self) -> bool {
         self.exports.iter().any(|e| e.failed.is_none()) || self.control_path.is_some()
     }
 
-    fn next_event(&mut self) -> Option<Event> {
+    pub(super) fn next_event(&mut self) -> Option<Event> {
         match self.deferred.pop_front() {
             Some(e) => Some(e),
             None => self.rx.recv().ok(),
@@ -425,7 +110,7 @@ impl Supervisor {
     }
 
     /// Starts serving an opened image on a bound socket.
-    fn start(
+    pub(super) fn start(
         &mut self,
         cfg: ExportConfig,
         image: Image,
@@ -507,7 +192,7 @@ impl Supervisor {
 
     /// An export thread ended without being asked to. Without an error it is gone; with one
     /// it stays in the list as failed, and only it: the other exports are not touched.
-    fn finished(&mut self, id: u64) {
+    pub(super) fn finished(&mut self, id: u64) {
         let Some((mut running, result)) = self.reap(id) else {
             return;
         };
@@ -553,7 +238,7 @@ impl Supervisor {
     /// Asks every export to stop and waits for them (see [`STOP_TIMEOUT`]). A second stop
     /// signal ends the wait at once; control requests meanwhile are refused. Sockets of
     /// exports that did not finish are removed here (those that did removed their own).
-    fn stop_all(&mut self) -> Result<(), ServeError> {
+    pub(super) fn stop_all(&mut self) -> Result<(), ServeError> {
         for e in self.exports.iter().filter(|e| e.failed.is_none()) {
             e.control.request_stop();
         }
@@ -614,7 +299,7 @@ impl Supervisor {
     }
 
     /// Answers a control request.
-    fn handle(&mut self, request: Request) -> Response {
+    pub(super) fn handle(&mut self, request: Request) -> Response {
         match request {
             Request::List {} => Ok(self.list()),
             Request::Add(add) => {
@@ -837,7 +522,7 @@ impl Supervisor {
     }
 
     /// SIGHUP: re-reads the config file and applies the difference (see README.md).
-    fn reload(&mut self) {
+    pub(super) fn reload(&mut self) {
         let Some(path) = self.config_path.clone() else {
             warn!("SIGHUP: no config file to reload (started without --config)");
             return;
@@ -996,170 +681,4 @@ fn describe(e: &Running) -> serde_json::Value {
         "group": group.as_ref().and_then(|g| g.name()),
         "limits": group.map(|g| g.limits().to_json()).unwrap_or_else(|| serde_json::json!({})),
     })
-}
-
-/// What the file system sandbox leaves reachable: the files of every export, the socket
-/// directories, the private directory (and removing it from its parent), systemd's socket.
-/// When exports can be added at run time (a control socket, or a config file that SIGHUP
-/// re-reads), the config file is readable and the allowed roots of every export (its
-/// image's directory and `allow_paths`) and the socket directories are roots: files in them
-/// can be read and written, sockets made.
-fn fs_policy(
-    config: &ServeConfig,
-    config_path: Option<&Path>,
-    exports: &[(ExportConfig, Image, vhost::vhost_user::Listener)],
-    private_dir: &Path,
-    parent: &Path,
-) -> FsPolicy {
-    let dir_of = |path: &Path| match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut policy = FsPolicy::default();
-    for (cfg, image, _) in exports {
-        let data_file = image.data_file_path().map(Path::to_path_buf);
-        for (index, file) in image.files().into_iter().enumerate() {
-            let written =
-                !image.is_read_only() && (index == 0 || Some(&file) == data_file.as_ref());
-            if written {
-                policy.write_files.push(file);
-            } else {
-                policy.read_files.push(file);
-            }
-        }
-        policy.socket_dirs.push(dir_of(&cfg.socket));
-    }
-    if let Some(control) = &config.control {
-        policy.socket_dirs.push(dir_of(control));
-    }
-    policy.socket_dirs.push(private_dir.to_path_buf());
-    policy.remove_dir_in.push(parent.to_path_buf());
-    if let Some(notify) = std::env::var_os("NOTIFY_SOCKET") {
-        if notify.as_encoded_bytes().starts_with(b"@") {
-            policy.abstract_unix = true;
-        } else {
-            policy.connect_sockets.push(PathBuf::from(notify));
-        }
-    }
-    if config.control.is_some() || config_path.is_some() {
-        if let Some(path) = config_path {
-            policy.read_files.push(path.to_path_buf());
-        }
-        let mut roots: Vec<PathBuf> = exports
-            .iter()
-            .flat_map(|(cfg, _, _)| cfg.allowed_roots.iter().cloned())
-            .chain(config.allow_paths.iter().cloned())
-            .chain(policy.socket_dirs.iter().cloned())
-            .filter(|d| d != private_dir)
-            .collect();
-        roots.sort();
-        roots.dedup();
-        policy.roots = roots;
-    }
-    policy
-}
-
-fn give(path: &Path, user: &User, mode: libc::mode_t) -> Result<(), ServeError> {
-    user::give(path, user, mode).map_err(|source| ServeError::User {
-        spec: user.spec.clone(),
-        source,
-    })
-}
-
-/// Debug builds only: `QCOW2D_DEBUG_OPEN_IMAGE=PATH` opens PATH with the engine (as an export
-/// added at run time would, without any path check) once the sandbox is set up, and logs
-/// what happened, so tests can see the file system sandbox refuse what it must.
-fn debug_open_hook() {
-    #[cfg(debug_assertions)]
-    if let Some(path) = std::env::var_os("QCOW2D_DEBUG_OPEN_IMAGE") {
-        let path = PathBuf::from(path);
-        match Image::open(&path, &OpenOptions::default()) {
-            Ok(_) => warn!(path = %path.display(), "Debug hook: opened the image"),
-            Err(e) => warn!(
-                path = %path.display(),
-                "Debug hook: cannot open the image: {}",
-                crate::error_chain(&e)
-            ),
-        }
-    }
-}
-
-/// A directory removed when `serve` returns (it is empty by then).
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-fn device_params(cfg: &ExportConfig, image: &Image, throttle: Arc<ExportThrottle>) -> DeviceParams {
-    let mut serial = [0u8; ID_BYTES];
-    let bytes = cfg.serial.as_bytes();
-    let n = bytes.len().min(ID_BYTES);
-    serial[..n].copy_from_slice(&bytes[..n]);
-    DeviceParams {
-        num_queues: cfg.queues,
-        shards: cfg.shards,
-        device: DeviceInfo {
-            capacity: image.virtual_size(),
-            read_only: image.is_read_only(),
-            serial,
-        },
-        cluster_size: image.cluster_size(),
-        writeback: Arc::new(AtomicBool::new(!cfg.writethrough)),
-        metrics: None,
-        throttle,
-        budgets: cfg.budgets,
-    }
-}
-
-/// Binds the metrics endpoint's socket (before the sandbox refuses TCP binds).
-fn bind_metrics(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
-    let listener =
-        TcpListener::bind(addr).map_err(|source| ServeError::Metrics { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| ServeError::Metrics { addr, source })?;
-    Ok((listener, local))
-}
-
-/// Starts the metrics endpoint and prints `qcow2d: metrics on http://ADDR/metrics` with the
-/// address it listens on (which tells the port when the configured address asked for port 0).
-fn serve_metrics(
-    (listener, local): (TcpListener, SocketAddr),
-    metrics: Arc<Metrics>,
-) -> Result<(), ServeError> {
-    crate::metrics::http::spawn(listener, metrics).map_err(ServeError::Thread)?;
-    info!(address = %local, "Serving metrics on /metrics");
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let _ = writeln!(out, "qcow2d: metrics on http://{local}/metrics");
-    let _ = out.flush();
-    Ok(())
-}
-
-/// The one line per export that scripts wait for.
-fn announce(exports: &[ExportConfig]) {
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    for e in exports {
-        info!(
-            image = %e.image.display(),
-            socket = %e.socket.display(),
-            queues = e.queues,
-            workers = e.shards,
-            direct = e.direct,
-            overlap_check = %e.overlap_check,
-            "Export ready"
-        );
-        let _ = writeln!(
-            out,
-            "qcow2d: serving {} on {}",
-            e.image.display(),
-            e.socket.display()
-        );
-    }
-    let _ = out.flush();
-    crate::notify::notify("READY=1");
 }

@@ -1,0 +1,580 @@
+//! The data path of one worker thread: from available descriptor chains to used ones.
+//!
+//! vhost-user-backend runs one epoll loop per worker thread; queue `q` belongs to worker
+//! `q % shards`. That thread calls into its [`Worker`] (through the backend's per-thread mutex,
+//! uncontended on the data path) when a queue it owns is kicked and when its engine shard's
+//! completion eventfd fires. The vhost-user frontend thread takes the same mutex only for
+//! GET_VRING_BASE ([`Worker::stop_queue`]), to wait out the requests of a queue being stopped,
+//! and to switch the shard between write-back and write-through ([`Worker::set_writethrough`]).
+//!
+//! A request in flight lives in a slot of a slab; its token is the slot index. A discard or
+//! write-zeroes request with several segments becomes one engine request per segment, all with
+//! the slot's token; the slot counts them and completes the chain after the last one, with
+//! VIRTIO_BLK_S_IOERR if any failed. The slot keeps a clone of the `Arc` of the guest-memory
+//! snapshot that its host buffers point into, so a memory-table change cannot unmap them before
+//! the engine is done. The slab, the scratch buffers and the completion vector are reused: the
+//! steady state allocates nothing.
+//!
+//! With `--metrics` the worker also records every request into its [`ShardMetrics`]: the time
+//! from popping the chain to adding it to the used ring, its operation, payload bytes and
+//! outcome (relaxed atomic adds, no lock, no allocation); once per turn of the event loop it
+//! publishes the number of requests in flight and the shard's cache statistics there. Requests
+//! still in flight when a connection ends are never returned to the guest, so never counted.
+//!
+//! Gate. The worker takes chains from its queues only while its gate is open
+//! ([`Worker::gate_open`]). Today one thing closes it: a read or write of a limited export
+//! (see [`crate::throttle`]) that must wait. That chain is held (taken from the ring and
+//! accounted, not submitted) and the worker's timer is armed for the moment it may start;
+//! meanwhile kicks are left alone (the chains stay in the available ring, unread). When the
+//! timer fires ([`Worker::process_timer`]) the held chain is prepared again and submitted,
+//! and the worker goes round its queues taking chains until the gate closes again. A queue
+//! being stopped (GET_VRING_BASE) or quiesced submits its held chain at once.
+//!
+//! The in-flight budget ([`Gate`], `crate::budget`: bytes and requests per worker and per
+//! connection) closes it too, while the worker is at its limits. Chains then stay in the
+//! available ring (with EVENT_IDX, notifications stay off), the worker remembers that it left
+//! chains behind (`starved`), and when its own completions give budget back
+//! ([`Worker::process_completions`]) it goes round its ready queues again through the same
+//! resume path as the timer ([`Worker::resume_queues`]), whether or not the guest kicks
+//! again. Budget of the connection given back by another worker wakes it through its timer
+//! ([`Worker::process_timer`]).
+//!
+//! A broken available ring (an index more than the queue size ahead of the device's, or an
+//! entry that cannot be read: a hostile driver, or a frontend that truncated the memory the
+//! ring lies in) stops its queue: no chain is taken from it until the frontend stops it
+//! (GET_VRING_BASE) and sets it up again, with one error line. The worker must not spin on
+//! it: a worker that never returns to its event loop never sees its exit event, and the
+//! export could never take its next connection.
+//!
+//! When the connection is gone, the export's listener thread calls [`Worker::finish`] (after
+//! vhost-user-backend has joined the worker thread): it waits for what is still in flight and
+//! makes every write durable before the shard is dropped. `Drop` does the same if that was
+//! skipped.
+//!
+//! This file holds the worker's state and its entry points (queue kicks, completions, the
+//! timer, stop and quiesce: the gate and resume logic); `chains.rs` the request path they
+//! share (taking chains, submitting them, completing and returning them, the in-flight area,
+//! draining and finishing).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{error, warn};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::block_io::{BlockIo, CacheStats, Done};
+use crate::budget::{ConnectionBudget, Gate, Limits};
+use crate::inflight::{InflightShared, QueueTracker};
+use crate::metrics::{Operation, ShardMetrics};
+use crate::request::{DeviceInfo, Scratch};
+use crate::throttle::WorkerThrottle;
+use crate::timer::Timer;
+use crate::virtio_blk::MAX_QUEUES;
+
+mod chains;
+#[cfg(test)]
+mod tests;
+
+/// The vring type the backend uses.
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+/// The state behind a [`Vring`]'s lock.
+type RingState = VringState<GuestMemoryAtomic<GuestMemoryMmap>>;
+
+/// How many request failures a worker logs before it only logs every power of two.
+const LOUD_ERRORS: u64 = 16;
+
+/// One request in flight.
+struct Slot {
+    /// Head descriptor index of the chain, returned in the used ring.
+    head: u16,
+    /// Index of the queue in this worker's vrings.
+    queue: u8,
+    /// Guest address of the status byte.
+    status: GuestAddress,
+    /// Used length reported on success (data read + status byte).
+    ok_len: u32,
+    /// Engine requests of this chain not yet completed.
+    pending: u32,
+    /// Whether one of them failed (or could not be submitted).
+    failed: bool,
+    /// The memory the request's buffers point into; `None` while the slot is free.
+    mem: Option<Arc<GuestMemoryMmap>>,
+    /// For the metrics: what the request is, its payload bytes and when its chain was popped
+    /// (`None` without metrics).
+    op: Operation,
+    bytes: u64,
+    started: Option<Instant>,
+    /// Bytes counted against the in-flight budget.
+    budget_bytes: u64,
+}
+
+impl Slot {
+    const FREE: Slot = Slot {
+        head: 0,
+        queue: 0,
+        status: GuestAddress(0),
+        ok_len: 0,
+        pending: 0,
+        failed: false,
+        mem: None,
+        op: Operation::Other,
+        bytes: 0,
+        started: None,
+        budget_bytes: 0,
+    };
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Read(u64),
+    Write(u64),
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+impl Op {
+    fn operation(self) -> Operation {
+        match self {
+            Op::Read(_) => Operation::Read,
+            Op::Write(_) => Operation::Write,
+            Op::Flush => Operation::Flush,
+            Op::Discard => Operation::Discard,
+            Op::WriteZeroes => Operation::WriteZeroes,
+        }
+    }
+}
+
+/// Per-thread state of the data path.
+pub struct Worker<B: BlockIo> {
+    // Declared first so that, should the explicit drain in `drop` stop early, the I/O engine
+    // is dropped (and waits for the kernel) before the slots release the guest memory.
+    io: B,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    scratch: Scratch,
+    done: Vec<Done<B::IoError>>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// This thread's vrings, remembered from the first event so that GET_VRING_BASE (which
+    /// does not get them) can complete requests.
+    vrings: Vec<Vring>,
+    in_flight_per_queue: [u32; MAX_QUEUES as usize],
+    /// Queues (local indexes) that got used entries since they were last notified.
+    dirty: u64,
+    errors: u64,
+    /// Where requests are counted, with `--metrics`.
+    metrics: Option<Arc<ShardMetrics>>,
+    /// The engine's cache statistics as last published to `metrics`.
+    cache_published: CacheStats,
+    /// Whether [`Worker::finish`] ran.
+    finished: bool,
+    /// Where the connection's in-flight area is published, with this worker's place among the
+    /// connection's workers (to turn its local queue indexes into global ones).
+    inflight: Option<InflightLink>,
+    /// Per local queue: the in-flight bookkeeping and the area generation it was set up for.
+    tracked: Vec<TrackedQueue>,
+    /// The export's I/O limits and the timer that ends a wait (`None`: never limited).
+    throttle: Option<(WorkerThrottle, Timer)>,
+    /// The chain waiting for its turn under the limits; while there is one the gate is closed.
+    held: Option<Held>,
+    /// Set while the export is being resized: the gate is closed.
+    paused: bool,
+    /// What may be in flight; while it does not admit another chain the gate is closed.
+    budget: Gate,
+    /// Chains were left in a queue because the in-flight budget closed the gate.
+    starved: bool,
+    /// Set while the connection quiesces: no chain is taken any more.
+    quiescing: bool,
+    /// Local queues whose available ring the driver broke (see [`Worker::pop_requests`]): no
+    /// chain is taken from them until the frontend stops the queue and sets it up again.
+    broken: u64,
+}
+
+/// What the available ring of a queue offers.
+enum Avail {
+    /// The head index of the next chain (taken from the ring).
+    Chain(u16),
+    Empty,
+    /// The ring cannot be right: its index is more than the queue size ahead of the device's
+    /// (or not readable), or an entry it offers cannot be read.
+    Broken(String),
+}
+
+/// A chain taken from its queue and accounted against the limits, waiting to start.
+struct Held {
+    /// Local queue index.
+    queue: usize,
+    head: u16,
+    /// What it is checked against when it is prepared again.
+    dev: DeviceInfo,
+    /// When it was taken and when it may start.
+    taken: Instant,
+    until: Instant,
+}
+
+struct InflightLink {
+    shared: Arc<InflightShared>,
+    thread: usize,
+    threads: usize,
+}
+
+#[derive(Default)]
+struct TrackedQueue {
+    /// The [`InflightShared`] generation this queue was last set up for (0: not yet, or the
+    /// queue was stopped since).
+    generation: u64,
+    tracker: Option<QueueTracker>,
+}
+
+impl<B: BlockIo> Worker<B> {
+    /// A worker that performs its I/O with `io` and reads guest memory through `mem`.
+    pub fn new(io: B, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+        Worker {
+            io,
+            slots: Vec::with_capacity(256),
+            free: Vec::with_capacity(256),
+            scratch: Scratch::new(),
+            done: Vec::with_capacity(256),
+            mem,
+            vrings: Vec::new(),
+            in_flight_per_queue: [0; MAX_QUEUES as usize],
+            dirty: 0,
+            errors: 0,
+            metrics: None,
+            cache_published: CacheStats::default(),
+            finished: false,
+            inflight: None,
+            tracked: Vec::new(),
+            throttle: None,
+            held: None,
+            paused: false,
+            budget: Gate::new(
+                Limits {
+                    bytes: u64::MAX,
+                    requests: u32::MAX,
+                },
+                Arc::new(ConnectionBudget::new(Limits {
+                    bytes: u64::MAX,
+                    requests: u32::MAX,
+                })),
+                0,
+            ),
+            starved: false,
+            quiescing: false,
+            broken: 0,
+        }
+    }
+
+    /// Takes chains only while `budget` admits them (without, nothing limits what is in
+    /// flight).
+    pub fn with_budget(mut self, budget: Gate) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Limits reads and writes as the export's group says (see [`crate::throttle`]), waiting
+    /// with `timer`, whose descriptor the caller watches and answers with
+    /// [`Worker::process_timer`].
+    pub fn with_throttle(mut self, throttle: WorkerThrottle, timer: Timer) -> Self {
+        self.throttle = Some((throttle, timer));
+        self
+    }
+
+    /// The descriptor of the throttle timer, if any.
+    pub fn timer_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.throttle.as_ref().map(|(_, t)| t.as_raw_fd())
+    }
+
+    /// Whether the worker may take chains from its queues now (see the module docs).
+    #[inline]
+    fn gate_open(&self) -> bool {
+        self.held.is_none() && !self.paused && self.budget.admits()
+    }
+
+    /// Closes the gate: no more chains are taken (a held one stays held) until
+    /// [`Worker::unpause`]. Requests already taken complete as usual.
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Reopens the gate closed by [`Worker::pause`] and has the worker thread go round its
+    /// queues (through its timer, since kicks that came meanwhile were taken and left).
+    pub fn unpause(&mut self) {
+        self.paused = false;
+        if let Some((_, timer)) = &mut self.throttle {
+            if let Err(e) = timer.arm(std::time::Duration::from_nanos(1)) {
+                warn!("Cannot wake the worker after a pause: {e}");
+            }
+        }
+    }
+
+    /// Chains taken and not yet returned, held ones excepted.
+    pub fn chains_in_flight(&self) -> u32 {
+        self.in_flight_per_queue.iter().sum()
+    }
+
+    /// The I/O engine, to swap its shard (see [`crate::block_io::EngineIo::detach`]). The
+    /// cache statistics start again from the new shard's.
+    pub fn io_mut(&mut self) -> &mut B {
+        self.cache_published = CacheStats::default();
+        &mut self.io
+    }
+
+    /// Records the chains it takes in the area published in `shared` (when the frontend shares
+    /// one), as worker `thread` of `threads`: local queue `i` is queue `i * threads + thread`.
+    pub fn with_inflight(
+        mut self,
+        shared: Arc<InflightShared>,
+        thread: usize,
+        threads: usize,
+    ) -> Self {
+        self.inflight = Some(InflightLink {
+            shared,
+            thread,
+            threads: threads.max(1),
+        });
+        self
+    }
+
+    /// Records requests into `metrics` (nothing is measured without).
+    pub fn with_metrics(mut self, metrics: Option<Arc<ShardMetrics>>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The I/O engine.
+    pub fn io(&self) -> &B {
+        &self.io
+    }
+
+    /// Switches the I/O engine between write-through and write-back.
+    pub fn set_writethrough(&mut self, on: bool) {
+        self.io.set_writethrough(on);
+    }
+
+    /// Uses `mem` for requests popped from now on.
+    pub fn set_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) {
+        self.mem = mem;
+    }
+
+    /// Requests in flight on local queue `index`.
+    pub fn queue_in_flight(&self, index: usize) -> u32 {
+        self.in_flight_per_queue.get(index).copied().unwrap_or(0)
+    }
+
+    /// The device's index of local queue `index` (for logs).
+    fn global_queue(&self, index: usize) -> usize {
+        self.inflight
+            .as_ref()
+            .map_or(index, |link| index * link.threads + link.thread)
+    }
+
+    fn remember_vrings(&mut self, vrings: &[Vring]) {
+        if self.vrings.len() != vrings.len() {
+            self.vrings = vrings.to_vec();
+        }
+    }
+
+    /// Handles a kick of local queue `index`: takes every available chain, answers what can be
+    /// answered at once, submits the rest, then reaps whatever the engine already finished and
+    /// notifies the guest as needed.
+    pub fn process_queue(
+        &mut self,
+        vrings: &[Vring],
+        index: usize,
+        event_idx: bool,
+        dev: &DeviceInfo,
+    ) {
+        self.remember_vrings(vrings);
+        let Some(vring) = vrings.get(index) else {
+            warn!(index, "Event for a queue this worker does not own");
+            return;
+        };
+        if self.broken & (1 << index) != 0 {
+            // Its kicks are left alone (see `pop_requests`); completions are still returned.
+            self.reap(vrings, false);
+            self.notify(vrings);
+            return;
+        }
+        let mem = self.mem.memory().into_inner();
+        self.sync_inflight(vring, index, &mem, dev);
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    warn!(index, "Cannot disable queue notifications: {e}");
+                }
+            }
+            self.pop_requests(vring, index, &mem, dev);
+            if self.broken & (1 << index) != 0 {
+                break;
+            }
+            if !self.gate_open() {
+                // With the gate closed, chains stay in the ring (and notifications off, with
+                // EVENT_IDX) until the gate reopens and the worker comes back for them.
+                self.starved |= self.held.is_none();
+                break;
+            }
+            if !event_idx {
+                break;
+            }
+            // Re-enable notifications; if the driver added chains meanwhile, go round again
+            // so that no kick is lost.
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(index, "Cannot enable queue notifications: {e}");
+                    break;
+                }
+            }
+        }
+        self.reap(vrings, false);
+        self.notify(vrings);
+        self.publish_metrics();
+    }
+
+    /// Handles the engine's completion eventfd: returns finished requests, then, if chains
+    /// were left in the rings for want of budget and the gate is open again, takes them up.
+    pub fn process_completions(&mut self, vrings: &[Vring], event_idx: bool, dev: &DeviceInfo) {
+        self.remember_vrings(vrings);
+        self.reap(vrings, false);
+        if self.starved && !self.quiescing && self.gate_open() {
+            self.starved = false;
+            self.resume_queues(vrings, event_idx, dev);
+        }
+        self.notify(vrings);
+        self.publish_metrics();
+    }
+
+    /// Goes round every ready queue taking chains until the gate closes (after a wait under
+    /// the limits or for budget).
+    fn resume_queues(&mut self, vrings: &[Vring], event_idx: bool, dev: &DeviceInfo) {
+        for index in 0..vrings.len() {
+            if !self.gate_open() {
+                break;
+            }
+            let ready = self.broken & (1 << index) == 0 && {
+                let state = vrings[index].get_ref();
+                state.is_enabled() && state.get_queue().ready()
+            };
+            if ready {
+                self.process_queue(vrings, index, event_idx, dev);
+            }
+        }
+    }
+
+    /// Blocks until every request in flight on local queue `index` has completed to the used
+    /// ring (GET_VRING_BASE). Requests of this thread's other queues that finish meanwhile are
+    /// completed too.
+    pub fn stop_queue(&mut self, index: usize) {
+        if self.held.as_ref().is_some_and(|h| h.queue == index) {
+            self.release_held();
+        }
+        let vrings = std::mem::take(&mut self.vrings);
+        while self.queue_in_flight(index) > 0 {
+            if self.io.in_flight() == 0 {
+                error!(
+                    index,
+                    "Requests still pending on a stopping queue but none in the engine"
+                );
+                self.abandon_queue(&vrings, index);
+                break;
+            }
+            self.reap(&vrings, true);
+        }
+        self.notify(&vrings);
+        self.vrings = vrings;
+        self.publish_metrics();
+        // Whenever the queue starts again it is set up afresh (the frontend may reset it, or
+        // share another area, in between).
+        if let Some(t) = self.tracked.get_mut(index) {
+            *t = TrackedQueue::default();
+        }
+        if index < 64 {
+            self.broken &= !(1 << index);
+        }
+    }
+
+    /// Handles the throttle timer: submits the held chain once its time has come, then takes
+    /// chains from every ready queue again until the gate closes.
+    pub fn process_timer(&mut self, vrings: &[Vring], event_idx: bool, dev: &DeviceInfo) {
+        self.remember_vrings(vrings);
+        if let Some((_, timer)) = &mut self.throttle {
+            timer.clear();
+        }
+        if self.paused {
+            return;
+        }
+        if let Some(held) = &self.held {
+            let now = Instant::now();
+            if now < held.until {
+                // Early (a timer armed for an older wait): wait for the rest.
+                let rest = held.until - now;
+                if let Some((_, timer)) = &mut self.throttle {
+                    if timer.arm(rest).is_ok() {
+                        return;
+                    }
+                }
+            }
+            self.release_held();
+        }
+        self.resume_queues(vrings, event_idx, dev);
+        self.reap(vrings, false);
+        self.notify(vrings);
+        self.publish_metrics();
+    }
+
+    /// Reads the throttle timer's expiry, so that its descriptor stops firing.
+    pub fn clear_timer(&mut self) {
+        if let Some((_, timer)) = &mut self.throttle {
+            timer.clear();
+        }
+    }
+
+    /// Submits the held chain now and counts the time it waited.
+    fn release_held(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        let waited = held.taken.elapsed();
+        if let Some(metrics) = &self.metrics {
+            metrics.add_throttled(waited);
+        }
+        let Some(vring) = self.vrings.get(held.queue).cloned() else {
+            warn!(queue = held.queue, "A held request's queue is gone");
+            return;
+        };
+        let mem = self.mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        self.start_chain(&mut state, held.queue, held.head, &mem, &held.dev, true);
+    }
+
+    /// Completes every request in flight on every queue of this worker to the used rings and
+    /// notifies the guest (see [`crate::backend::BlkBackend::quiesce`]).
+    pub fn quiesce(&mut self) {
+        self.quiescing = true;
+        if let Some(queue) = self.held.as_ref().map(|h| h.queue) {
+            self.stop_queue(queue);
+        }
+        for index in 0..self.in_flight_per_queue.len() {
+            if self.queue_in_flight(index) > 0 {
+                self.stop_queue(index);
+            }
+        }
+    }
+}
+
+impl<B: BlockIo> Drop for Worker<B> {
+    fn drop(&mut self) {
+        // The owner normally calls `finish` and reports its result; if it did not (an error
+        // path), do it here so that nothing written is dropped, and so that the kernel is done
+        // with guest buffers before the memory snapshots in the slots go.
+        if !self.finished {
+            if let Err(e) = self.finish() {
+                error!("Cannot make the writes of a closed connection durable: {e}");
+            }
+        }
+    }
+}

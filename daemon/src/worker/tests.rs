@@ -1,0 +1,1010 @@
+use super::*;
+use crate::virtio_blk::{ID_BYTES, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::Bytes;
+
+use crate::metrics::exposition::{ExportSnapshot, OpSnapshot};
+use crate::metrics::{ExportLabels, Metrics};
+
+/// What a submitted request does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum FakeOp {
+    /// Offset and buffers.
+    Read(u64, Vec<(usize, usize)>),
+    /// Offset and the bytes, copied at submission.
+    Write(u64, Vec<u8>),
+    /// Offset, length, unmap.
+    Zeroes(u64, u64, bool),
+    /// Offset, length.
+    Discard(u64, u64),
+    Flush,
+}
+
+impl FakeOp {
+    fn offset(&self) -> Option<u64> {
+        match self {
+            FakeOp::Read(o, _) | FakeOp::Write(o, _) => Some(*o),
+            FakeOp::Zeroes(o, _, _) | FakeOp::Discard(o, _) => Some(*o),
+            FakeOp::Flush => None,
+        }
+    }
+}
+
+/// Performs requests synchronously when polled: byte i of the disk reads as `pattern(i)`.
+#[derive(Default)]
+struct FakeIo {
+    pending: Vec<(u64, FakeOp)>,
+    /// Every request submitted, in order.
+    log: Vec<(u64, FakeOp)>,
+    /// While true, `poll` finishes nothing (only `wait` does).
+    hold: bool,
+    /// Requests at this offset fail when they complete.
+    fail_offset: Option<u64>,
+    /// Requests at this offset are refused at submission.
+    refuse_offset: Option<u64>,
+    /// Last `set_writethrough`.
+    writethrough: Option<bool>,
+    /// `finish` calls: requests in flight at the time of each (shared, to be read after the
+    /// worker is dropped).
+    finished: Arc<std::sync::Mutex<Vec<usize>>>,
+    /// What `cache_stats` reports.
+    cache: CacheStats,
+}
+
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+impl FakeIo {
+    fn complete_all(&mut self, out: &mut Vec<Done<String>>) {
+        for (token, op) in self.pending.drain(..) {
+            if op.offset().is_some() && op.offset() == self.fail_offset {
+                out.push((token, Err("injected failure".to_string())));
+                continue;
+            }
+            if let FakeOp::Read(offset, iov) = op {
+                let mut pos = offset;
+                for (base, len) in iov {
+                    for i in 0..len {
+                        // SAFETY: the worker guarantees the iovec is valid for writes
+                        // until this completion is returned.
+                        unsafe { *(base as *mut u8).add(i) = pattern(pos) };
+                        pos += 1;
+                    }
+                }
+            }
+            out.push((token, Ok(())));
+        }
+    }
+
+    fn push(&mut self, token: u64, op: FakeOp) -> Result<(), String> {
+        if op.offset().is_some() && op.offset() == self.refuse_offset {
+            return Err("refused".into());
+        }
+        self.log.push((token, op.clone()));
+        self.pending.push((token, op));
+        Ok(())
+    }
+}
+
+impl BlockIo for FakeIo {
+    type SubmitError = String;
+    type IoError = String;
+
+    unsafe fn submit_read(
+        &mut self,
+        token: u64,
+        offset: u64,
+        iov: &[libc::iovec],
+    ) -> Result<(), String> {
+        let iov = iov
+            .iter()
+            .map(|v| (v.iov_base as usize, v.iov_len))
+            .collect();
+        self.push(token, FakeOp::Read(offset, iov))
+    }
+
+    unsafe fn submit_write(
+        &mut self,
+        token: u64,
+        offset: u64,
+        iov: &[libc::iovec],
+    ) -> Result<(), String> {
+        let mut data = Vec::new();
+        for v in iov {
+            // SAFETY: the worker guarantees the iovec is valid for reads of its length
+            // until the completion.
+            data.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+            });
+        }
+        self.push(token, FakeOp::Write(offset, data))
+    }
+
+    fn submit_write_zeroes(
+        &mut self,
+        token: u64,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), String> {
+        self.push(token, FakeOp::Zeroes(offset, len, unmap))
+    }
+
+    fn submit_discard(&mut self, token: u64, offset: u64, len: u64) -> Result<(), String> {
+        self.push(token, FakeOp::Discard(offset, len))
+    }
+
+    fn submit_flush(&mut self, token: u64) -> Result<(), String> {
+        self.push(token, FakeOp::Flush)
+    }
+
+    fn set_writethrough(&mut self, on: bool) {
+        self.writethrough = Some(on);
+    }
+
+    fn finish(&mut self) -> Result<(), String> {
+        self.finished.lock().unwrap().push(self.pending.len());
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<Done<String>>) {
+        if !self.hold {
+            self.complete_all(out);
+        }
+    }
+
+    fn wait(&mut self, out: &mut Vec<Done<String>>) {
+        self.complete_all(out);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn cache_stats(&self) -> CacheStats {
+        self.cache
+    }
+}
+
+const QSIZE: u16 = 16;
+
+fn device() -> DeviceInfo {
+    let mut serial = [0u8; ID_BYTES];
+    serial[..4].copy_from_slice(b"test");
+    DeviceInfo {
+        capacity: 1 << 20,
+        read_only: true,
+        serial,
+    }
+}
+
+fn desc(addr: u64, len: u32, write: bool, next: Option<u16>) -> RawDescriptor {
+    let mut flags = 0;
+    if write {
+        flags |= VRING_DESC_F_WRITE as u16;
+    }
+    if next.is_some() {
+        flags |= VRING_DESC_F_NEXT as u16;
+    }
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next.unwrap_or(0)))
+}
+
+fn write_header(mem: &GuestMemoryMmap, at: u64, t: u32, sector: u64) {
+    let mut raw = [0u8; 16];
+    raw[0..4].copy_from_slice(&t.to_le_bytes());
+    raw[8..16].copy_from_slice(&sector.to_le_bytes());
+    mem.write_slice(&raw, GuestAddress(at)).unwrap();
+}
+
+struct Harness {
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    vring: Vring,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+        );
+        let vring = <Vring as VringT<_>>::new(mem.clone(), QSIZE).unwrap();
+        Harness { mem, vring }
+    }
+
+    /// Lays out the rings, writes `descs` (chains linked by their `next` fields) and makes
+    /// them available; returns the queue's ring addresses for reading the used ring.
+    fn queue(&self, descs: &[RawDescriptor]) -> u64 {
+        let guard = self.mem.memory();
+        let vq = MockSplitQueue::new(&*guard, QSIZE);
+        vq.add_desc_chains(descs, 0).unwrap();
+        self.vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        self.vring.set_queue_size(QSIZE);
+        self.vring.set_queue_ready(true);
+        self.vring.set_enabled(true);
+        vq.used_addr().0
+    }
+
+    /// (head, len) of used entry `i`, and the used index.
+    fn used(&self, used_addr: u64, i: u64) -> (u32, u32) {
+        let m = self.mem.memory();
+        let at = GuestAddress(used_addr + 4 + 8 * i);
+        (
+            m.read_obj::<u32>(at).unwrap(),
+            m.read_obj::<u32>(at.unchecked_add(4)).unwrap(),
+        )
+    }
+
+    fn used_idx(&self, used_addr: u64) -> u16 {
+        self.mem
+            .memory()
+            .read_obj::<u16>(GuestAddress(used_addr + 2))
+            .unwrap()
+    }
+
+    fn byte(&self, at: u64) -> u8 {
+        self.mem.memory().read_obj::<u8>(GuestAddress(at)).unwrap()
+    }
+}
+
+use vm_memory::Address;
+
+#[test]
+fn malformed_chains_get_ioerr_or_are_dropped_and_good_requests_still_complete() {
+    let h = Harness::new();
+    let m = h.mem.memory();
+    write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+    write_header(&m, 0x1100, VIRTIO_BLK_T_IN, 2);
+    write_header(&m, 0x1200, 77, 0);
+    for status in [0x5000u64, 0x5001, 0x5002] {
+        m.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+    }
+    let descs = [
+        // 0..2: read whose data buffer lies outside guest memory -> IOERR.
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x4000_0000, 512, true, Some(2)),
+        desc(0x5000, 1, true, None),
+        // 3: header only, no status byte -> dropped with len 0.
+        desc(0x1000, 16, false, None),
+        // 4..6: good read of sectors 2..4.
+        desc(0x1100, 16, false, Some(5)),
+        desc(0x8000, 1024, true, Some(6)),
+        desc(0x5001, 1, true, None),
+        // 7..8: unknown request type -> UNSUPP.
+        desc(0x1200, 16, false, Some(8)),
+        desc(0x5002, 1, true, None),
+    ];
+    let used_addr = h.queue(&descs);
+
+    let mut w = Worker::new(FakeIo::default(), h.mem.clone());
+    w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
+
+    assert_eq!(h.used_idx(used_addr), 4);
+    // Immediate answers come first, in ring order; the read completes after the poll.
+    assert_eq!(h.used(used_addr, 0), (0, 1));
+    assert_eq!(h.used(used_addr, 1), (3, 0));
+    assert_eq!(h.used(used_addr, 2), (7, 1));
+    assert_eq!(h.used(used_addr, 3), (4, 1025));
+    assert_eq!(h.byte(0x5000), STATUS_IOERR);
+    assert_eq!(h.byte(0x5001), STATUS_OK);
+    assert_eq!(h.byte(0x5002), STATUS_UNSUPP);
+    for i in 0..1024u64 {
+        assert_eq!(h.byte(0x8000 + i), pattern(1024 + i), "byte {i}");
+    }
+    assert_eq!(w.queue_in_flight(0), 0);
+    // The slot was recycled: a second round reuses it.
+    assert_eq!(w.slots.len(), 1);
+    assert_eq!(w.free.len(), 1);
+}
+
+#[test]
+fn chains_wait_in_the_ring_while_over_budget_and_are_taken_as_requests_complete() {
+    let h = Harness::new();
+    let m = h.mem.memory();
+    // Five reads of 4 KiB, all into the same guest buffer (the budget counts bytes asked
+    // for, not distinct memory).
+    let mut descs = Vec::new();
+    for i in 0..5u16 {
+        write_header(
+            &m,
+            0x1000 + 0x100 * u64::from(i),
+            VIRTIO_BLK_T_IN,
+            u64::from(i),
+        );
+        descs.push(desc(
+            0x1000 + 0x100 * u64::from(i),
+            16,
+            false,
+            Some(3 * i + 1),
+        ));
+        descs.push(desc(0x8000, 4096, true, Some(3 * i + 2)));
+        descs.push(desc(0x5000 + u64::from(i), 1, true, None));
+    }
+    let used_addr = h.queue(&descs);
+    let io = FakeIo {
+        hold: true,
+        ..FakeIo::default()
+    };
+    let unlimited = Limits {
+        bytes: u64::MAX,
+        requests: u32::MAX,
+    };
+    let gate = Gate::new(
+        Limits {
+            bytes: 8192,
+            requests: 100,
+        },
+        Arc::new(ConnectionBudget::new(unlimited)),
+        0,
+    );
+    let mut w = Worker::new(io, h.mem.clone()).with_budget(gate);
+    let vrings = std::slice::from_ref(&h.vring);
+    w.process_queue(vrings, 0, true, &device());
+    assert_eq!(w.io().pending.len(), 2, "8 KiB in flight");
+    assert!(w.starved);
+    // Nothing kicks again: completions alone bring the rest in, two at a time.
+    w.io.hold = false;
+    let mut turns = 0;
+    while h.used_idx(used_addr) < 5 {
+        turns += 1;
+        assert!(turns <= 4, "stuck at {} used", h.used_idx(used_addr));
+        w.process_completions(vrings, true, &device());
+        assert!(w.io().pending.len() <= 2);
+        assert!(w.budget.in_flight().0 <= 8192);
+    }
+    assert_eq!(w.io().log.len(), 5);
+    let offsets: Vec<Option<u64>> = w.io().log.iter().map(|(_, op)| op.offset()).collect();
+    assert_eq!(
+        offsets,
+        (0..5u64).map(|i| Some(i * 512)).collect::<Vec<_>>(),
+        "in ring order"
+    );
+    for i in 0..5 {
+        assert_eq!(h.byte(0x5000 + i), STATUS_OK);
+    }
+    assert!(!w.starved);
+    assert_eq!(w.budget.in_flight(), (0, 0));
+}
+
+#[test]
+fn engine_failure_becomes_ioerr() {
+    let h = Harness::new();
+    let m = h.mem.memory();
+    write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 1);
+    let descs = [
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x8000, 512, true, Some(2)),
+        desc(0x5000, 1, true, None),
+    ];
+    let used_addr = h.queue(&descs);
+    let io = FakeIo {
+        fail_offset: Some(512),
+        ..FakeIo::default()
+    };
+    let mut w = Worker::new(io, h.mem.clone());
+    w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device());
+    assert_eq!(h.used_idx(used_addr), 1);
+    assert_eq!(h.used(used_addr, 0), (0, 1));
+    assert_eq!(h.byte(0x5000), STATUS_IOERR);
+}
+
+/// A driver's available index more than the queue size ahead of the device's: with
+/// EVENT_IDX the ring would go on saying it has chains that cannot be taken. The worker
+/// returns to its loop (instead of spinning), takes nothing more from that ring, and
+/// takes chains again once the queue was stopped and set up anew.
+#[test]
+fn a_broken_available_index_stops_the_queue_instead_of_spinning() {
+    let h = Harness::new();
+    let m = h.mem.memory();
+    write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 1);
+    let descs = [
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x8000, 512, true, Some(2)),
+        desc(0x5000, 1, true, None),
+    ];
+    let used_addr = h.queue(&descs);
+    let vrings = std::slice::from_ref(&h.vring);
+    let mut w = Worker::new(FakeIo::default(), h.mem.clone());
+    w.process_queue(vrings, 0, true, &device());
+    assert_eq!(h.used_idx(used_addr), 1);
+    let avail_idx = GuestAddress(h.vring.get_ref().get_queue().avail_ring() + 2);
+    // One chain taken; the index now says QSIZE + 1 more.
+    m.write_obj(2 + QSIZE, avail_idx).unwrap();
+    w.process_queue(vrings, 0, true, &device());
+    assert_ne!(w.broken & 1, 0);
+    assert_eq!(h.used_idx(used_addr), 1);
+    // A plausible index again: the queue still takes nothing until it is set up anew.
+    m.write_obj(2u16, avail_idx).unwrap();
+    w.process_queue(vrings, 0, true, &device());
+    assert_eq!(h.used_idx(used_addr), 1);
+    w.stop_queue(0);
+    assert_eq!(w.broken, 0);
+    w.process_queue(vrings, 0, true, &device());
+    assert_eq!(h.used_idx(used_addr), 2);
+}
+
+#[test]
+fn stop_queue_waits_for_requests_in_flight() {
+    let h = Harness::new();
+    let m = h.mem.memory();
+    write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+    write_header(&m, 0x1100, VIRTIO_BLK_T_FLUSH, 0);
+    let descs = [
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x8000, 512, true, Some(2)),
+        desc(0x5000, 1, true, None),
+        desc(0x1100, 16, false, Some(4)),
+        desc(0x5001, 1, true, None),
+    ];
+    let used_addr = h.queue(&descs);
+    let io = FakeIo {
+        hold: true,
+        ..FakeIo::default()
+    };
+    let mut w = Worker::new(io, h.mem.clone());
+    w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device());
+    assert_eq!(h.used_idx(used_addr), 0, "nothing finished yet");
+    assert_eq!(w.queue_in_flight(0), 2);
+
+    w.stop_queue(0);
+    assert_eq!(w.queue_in_flight(0), 0);
+    assert_eq!(h.used_idx(used_addr), 2);
+    assert_eq!(h.used(used_addr, 0), (0, 513));
+    assert_eq!(h.used(used_addr, 1), (3, 1));
+    assert_eq!(h.byte(0x5000), STATUS_OK);
+    assert_eq!(h.byte(0x5001), STATUS_OK);
+}
+
+fn device_rw() -> DeviceInfo {
+    DeviceInfo {
+        read_only: false,
+        ..device()
+    }
+}
+
+/// Writes virtio_blk_discard_write_zeroes structs at `at`; returns their length.
+fn write_segments(mem: &GuestMemoryMmap, at: u64, segs: &[(u64, u32, u32)]) -> u32 {
+    for (i, &(sector, num, flags)) in segs.iter().enumerate() {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&sector.to_le_bytes());
+        raw[8..12].copy_from_slice(&num.to_le_bytes());
+        raw[12..16].copy_from_slice(&flags.to_le_bytes());
+        mem.write_slice(&raw, GuestAddress(at + 16 * i as u64))
+            .unwrap();
+    }
+    16 * segs.len() as u32
+}
+
+/// Queues five requests on the harness's ring: a write of 1024 bytes (0xab), a discard of
+/// three 4 KiB ranges, a write-zeroes of 4 KiB, a flush, and a discard with the unmap flag
+/// (UNSUPP); status bytes at 0x5000..0x5005 start as 0xee. Returns the used ring's address.
+fn queue_mixed_requests(h: &Harness) -> u64 {
+    let m = h.mem.memory();
+    write_header(&m, 0x1000, VIRTIO_BLK_T_OUT, 2);
+    m.write_slice(&[0xab; 1024], GuestAddress(0x8000)).unwrap();
+    write_header(&m, 0x1100, VIRTIO_BLK_T_DISCARD, 0);
+    let d = write_segments(&m, 0x6000, &[(0, 8, 0), (16, 8, 0), (64, 8, 0)]);
+    write_header(&m, 0x1200, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    let z = write_segments(&m, 0x6100, &[(8, 8, 1)]);
+    write_header(&m, 0x1300, VIRTIO_BLK_T_FLUSH, 0);
+    write_header(&m, 0x1400, VIRTIO_BLK_T_DISCARD, 0);
+    let bad = write_segments(&m, 0x6200, &[(8, 8, 1)]);
+    for status in 0x5000u64..0x5005 {
+        m.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+    }
+    let descs = [
+        // 0..2: write of 1024 bytes: OK.
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x8000, 1024, false, Some(2)),
+        desc(0x5000, 1, true, None),
+        // 3..5: discard of three 4 KiB ranges: OK.
+        desc(0x1100, 16, false, Some(4)),
+        desc(0x6000, d, false, Some(5)),
+        desc(0x5001, 1, true, None),
+        // 6..8: write zeroes, 4 KiB: OK.
+        desc(0x1200, 16, false, Some(7)),
+        desc(0x6100, z, false, Some(8)),
+        desc(0x5002, 1, true, None),
+        // 9..10: flush: OK.
+        desc(0x1300, 16, false, Some(10)),
+        desc(0x5003, 1, true, None),
+        // 11..13: discard with unmap: UNSUPP, an error.
+        desc(0x1400, 16, false, Some(12)),
+        desc(0x6200, bad, false, Some(13)),
+        desc(0x5004, 1, true, None),
+    ];
+    h.queue(&descs)
+}
+
+#[test]
+fn writes_discards_write_zeroes_and_flushes_reach_the_engine() {
+    let h = Harness::new();
+    let used_addr = queue_mixed_requests(&h);
+    let mut w = Worker::new(FakeIo::default(), h.mem.clone());
+    w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device_rw());
+
+    let log = &w.io().log;
+    let ops: Vec<&FakeOp> = log.iter().map(|(_, op)| op).collect();
+    assert_eq!(
+        ops,
+        vec![
+            &FakeOp::Write(1024, vec![0xab; 1024]),
+            &FakeOp::Discard(0, 4096),
+            &FakeOp::Discard(8192, 4096),
+            &FakeOp::Discard(32768, 4096),
+            &FakeOp::Zeroes(4096, 4096, true),
+            &FakeOp::Flush,
+        ]
+    );
+    // The segments of one chain share its token.
+    assert_eq!(log[1].0, log[2].0);
+    assert_eq!(log[2].0, log[3].0);
+    assert_ne!(log[0].0, log[1].0);
+
+    assert_eq!(h.used_idx(used_addr), 5);
+    assert_eq!(h.used(used_addr, 0), (11, 1), "UNSUPP answered at once");
+    assert_eq!(h.used(used_addr, 1), (0, 1));
+    assert_eq!(h.used(used_addr, 2), (3, 1), "discard completed once");
+    assert_eq!(h.used(used_addr, 3), (6, 1));
+    assert_eq!(h.used(used_addr, 4), (9, 1));
+    for status in 0x5000..0x5004 {
+        assert_eq!(h.byte(status), STATUS_OK, "status at {status:#x}");
+    }
+    assert_eq!(h.byte(0x5004), STATUS_UNSUPP);
+    assert_eq!(w.queue_in_flight(0), 0);
+    assert_eq!(w.free.len(), w.slots.len());
+}
+
+#[test]
+fn a_failed_segment_fails_the_whole_chain() {
+    let h = Harness::new();
+    let m = h.mem.memory();
+    // 1: three segments, the second fails in the engine.
+    write_header(&m, 0x1000, VIRTIO_BLK_T_DISCARD, 0);
+    let a = write_segments(&m, 0x6000, &[(0, 8, 0), (16, 8, 0), (32, 8, 0)]);
+    // 2: two segments, the second is refused at submission.
+    write_header(&m, 0x1100, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    let b = write_segments(&m, 0x6100, &[(100, 8, 0), (128, 8, 0)]);
+    // 3: one segment, refused: answered at once.
+    write_header(&m, 0x1200, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    let c = write_segments(&m, 0x6200, &[(128, 8, 1)]);
+    let descs = [
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x6000, a, false, Some(2)),
+        desc(0x5000, 1, true, None),
+        desc(0x1100, 16, false, Some(4)),
+        desc(0x6100, b, false, Some(5)),
+        desc(0x5001, 1, true, None),
+        desc(0x1200, 16, false, Some(7)),
+        desc(0x6200, c, false, Some(8)),
+        desc(0x5002, 1, true, None),
+    ];
+    let used_addr = h.queue(&descs);
+    let io = FakeIo {
+        fail_offset: Some(16 * 512),
+        refuse_offset: Some(128 * 512),
+        ..FakeIo::default()
+    };
+    let mut w = Worker::new(io, h.mem.clone());
+    w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device_rw());
+    assert_eq!(w.io().log.len(), 4, "3 + 1 segments submitted");
+    assert_eq!(h.used_idx(used_addr), 3);
+    assert_eq!(h.used(used_addr, 0), (6, 1));
+    assert_eq!(h.used(used_addr, 1), (0, 1));
+    assert_eq!(h.used(used_addr, 2), (3, 1));
+    for status in [0x5000, 0x5001, 0x5002] {
+        assert_eq!(h.byte(status), STATUS_IOERR, "status at {status:#x}");
+    }
+    assert_eq!(w.queue_in_flight(0), 0);
+    assert_eq!(w.free.len(), w.slots.len());
+}
+
+#[test]
+fn writes_to_a_read_only_export_are_refused_before_the_engine() {
+    let h = Harness::new();
+    let m = h.mem.memory();
+    write_header(&m, 0x1000, VIRTIO_BLK_T_OUT, 0);
+    write_header(&m, 0x1100, VIRTIO_BLK_T_DISCARD, 0);
+    let d = write_segments(&m, 0x6000, &[(0, 8, 0)]);
+    let descs = [
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x8000, 512, false, Some(2)),
+        desc(0x5000, 1, true, None),
+        desc(0x1100, 16, false, Some(4)),
+        desc(0x6000, d, false, Some(5)),
+        desc(0x5001, 1, true, None),
+    ];
+    let used_addr = h.queue(&descs);
+    let mut w = Worker::new(FakeIo::default(), h.mem.clone());
+    w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
+    assert!(w.io().log.is_empty());
+    assert_eq!(h.used_idx(used_addr), 2);
+    assert_eq!(h.byte(0x5000), STATUS_IOERR);
+    assert_eq!(h.byte(0x5001), STATUS_UNSUPP);
+}
+
+#[test]
+fn finish_drains_then_flushes_once_and_drop_finishes_otherwise() {
+    let h = Harness::new();
+    let m = h.mem.memory();
+    write_header(&m, 0x1000, VIRTIO_BLK_T_OUT, 0);
+    let descs = [
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x8000, 512, false, Some(2)),
+        desc(0x5000, 1, true, None),
+    ];
+    let used_addr = h.queue(&descs);
+    let io = FakeIo {
+        hold: true,
+        ..FakeIo::default()
+    };
+    let finished = Arc::clone(&io.finished);
+    let mut w = Worker::new(io, h.mem.clone());
+    w.set_writethrough(true);
+    assert_eq!(w.io().writethrough, Some(true));
+    w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device_rw());
+    assert_eq!(w.io().in_flight(), 1);
+    w.finish().unwrap();
+    // Drained before the flush; the ring is left alone (the connection is gone).
+    assert_eq!(*finished.lock().unwrap(), vec![0]);
+    assert_eq!(h.used_idx(used_addr), 0);
+    drop(w);
+    assert_eq!(finished.lock().unwrap().len(), 1, "not finished twice");
+
+    // Dropped without `finish`: the drop finishes it.
+    let io = FakeIo::default();
+    let finished = Arc::clone(&io.finished);
+    drop(Worker::new(io, h.mem.clone()));
+    assert_eq!(*finished.lock().unwrap(), vec![0]);
+}
+
+fn metrics() -> (Metrics, Arc<ShardMetrics>) {
+    let metrics = Metrics::new();
+    let export = metrics.add_export(
+        ExportLabels {
+            export: "/run/test.sock".into(),
+            image: "test.qcow2".into(),
+            serial: "test".into(),
+            read_only: false,
+        },
+        1,
+    );
+    let shard = export.shard(0).unwrap();
+    (metrics, shard)
+}
+
+fn export_snapshot(metrics: &Metrics) -> ExportSnapshot {
+    metrics.snapshot().exports.remove(0)
+}
+
+fn op(snap: &ExportSnapshot, op: Operation) -> &OpSnapshot {
+    &snap.ops[op as usize]
+}
+
+#[test]
+fn metrics_count_every_request_returned_to_the_guest() {
+    let h = Harness::new();
+    let used_addr = queue_mixed_requests(&h);
+    let (metrics, shard) = metrics();
+    let io = FakeIo {
+        cache: CacheStats {
+            l2_hits: 7,
+            l2_misses: 2,
+            decompressed_hits: 1,
+            decompressed_misses: 3,
+        },
+        ..FakeIo::default()
+    };
+    let mut w = Worker::new(io, h.mem.clone()).with_metrics(Some(shard));
+    w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device_rw());
+    assert_eq!(h.used_idx(used_addr), 5);
+
+    // More than one queue of 16 descriptors holds.
+    let h = Harness::new();
+    let m = h.mem.memory();
+    write_header(&m, 0x1500, VIRTIO_BLK_T_GET_ID, 0);
+    write_header(&m, 0x1600, 77, 0);
+    write_header(&m, 0x1700, VIRTIO_BLK_T_IN, 4);
+    let descs = [
+        // 0..2: GET_ID: 20 bytes.
+        desc(0x1500, 16, false, Some(1)),
+        desc(0x9000, 32, true, Some(2)),
+        desc(0x5005, 1, true, None),
+        // 3..4: unknown type: UNSUPP, "other".
+        desc(0x1600, 16, false, Some(4)),
+        desc(0x5006, 1, true, None),
+        // 5..7: read of 2048 bytes: OK.
+        desc(0x1700, 16, false, Some(6)),
+        desc(0xa000, 2048, true, Some(7)),
+        desc(0x5007, 1, true, None),
+        // 8..10: read into memory the guest does not have: IOERR.
+        desc(0x1700, 16, false, Some(9)),
+        desc(0x4000_0000, 512, true, Some(10)),
+        desc(0x5008, 1, true, None),
+        // 11: no status byte: dropped, "other", an error.
+        desc(0x1700, 16, false, None),
+    ];
+    let used_addr = h.queue(&descs);
+    w.set_memory(h.mem.clone());
+    w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device_rw());
+    assert_eq!(h.used_idx(used_addr), 5);
+
+    let snap = export_snapshot(&metrics);
+    let expect = [
+        // (operation, requests, bytes, errors)
+        (Operation::Read, 2, 2048, 1),
+        (Operation::Write, 1, 1024, 0),
+        (Operation::Flush, 1, 0, 0),
+        (Operation::Discard, 2, 3 * 4096, 1),
+        (Operation::WriteZeroes, 1, 4096, 0),
+        (Operation::GetId, 1, 20, 0),
+        (Operation::Other, 2, 0, 2),
+    ];
+    for (o, requests, bytes, errors) in expect {
+        let s = op(&snap, o);
+        assert_eq!(
+            (s.requests(), s.bytes, s.errors),
+            (requests, bytes, errors),
+            "{o:?}"
+        );
+        assert!(s.quantiles.is_some(), "{o:?}");
+        assert!(s.duration_seconds > 0.0, "{o:?}");
+    }
+    assert_eq!(snap.shards[0].in_flight, 0);
+    assert_eq!(snap.shards[0].cache, w.io().cache);
+
+    // Held requests are in flight until they complete; cache counters only grow by what
+    // the engine counted since the last turn.
+    let h2 = Harness::new();
+    let m2 = h2.mem.memory();
+    write_header(&m2, 0x1000, VIRTIO_BLK_T_IN, 0);
+    write_header(&m2, 0x1100, VIRTIO_BLK_T_FLUSH, 0);
+    let used_addr = h2.queue(&[
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x8000, 4096, true, Some(2)),
+        desc(0x5000, 1, true, None),
+        desc(0x1100, 16, false, Some(4)),
+        desc(0x5001, 1, true, None),
+    ]);
+    w.set_memory(h2.mem.clone());
+    w.io.hold = true;
+    w.io.cache.l2_hits += 5;
+    w.process_queue(std::slice::from_ref(&h2.vring), 0, true, &device_rw());
+    let snap = export_snapshot(&metrics);
+    assert_eq!(snap.shards[0].in_flight, 2);
+    assert_eq!(snap.shards[0].cache.l2_hits, 12);
+    assert_eq!(
+        op(&snap, Operation::Read).requests(),
+        2,
+        "not counted before it completes"
+    );
+    w.io.hold = false;
+    w.process_completions(std::slice::from_ref(&h2.vring), true, &device_rw());
+    assert_eq!(h2.used_idx(used_addr), 2);
+    let snap = export_snapshot(&metrics);
+    assert_eq!(snap.shards[0].in_flight, 0);
+    assert_eq!(op(&snap, Operation::Read).requests(), 3);
+    assert_eq!(op(&snap, Operation::Read).bytes, 2048 + 4096);
+    assert_eq!(op(&snap, Operation::Flush).requests(), 2);
+    let [p50, p99, p999] = op(&snap, Operation::Read).quantiles.unwrap();
+    assert!(p50 <= p99 && p99 <= p999);
+
+    // A request still in flight when the connection ends is never returned, never
+    // counted, and no longer in flight.
+    let h3 = Harness::new();
+    let m3 = h3.mem.memory();
+    write_header(&m3, 0x1000, VIRTIO_BLK_T_IN, 0);
+    h3.queue(&[
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x8000, 512, true, Some(2)),
+        desc(0x5000, 1, true, None),
+    ]);
+    w.set_memory(h3.mem.clone());
+    w.io.hold = true;
+    w.process_queue(std::slice::from_ref(&h3.vring), 0, true, &device_rw());
+    assert_eq!(export_snapshot(&metrics).shards[0].in_flight, 1);
+    w.finish().unwrap();
+    let snap = export_snapshot(&metrics);
+    assert_eq!(snap.shards[0].in_flight, 0);
+    assert_eq!(op(&snap, Operation::Read).requests(), 3);
+}
+
+#[test]
+fn without_metrics_nothing_is_timed() {
+    let h = Harness::new();
+    let m = h.mem.memory();
+    write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+    h.queue(&[
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x8000, 512, true, Some(2)),
+        desc(0x5000, 1, true, None),
+    ]);
+    let mut w = Worker::new(
+        FakeIo {
+            hold: true,
+            ..FakeIo::default()
+        },
+        h.mem.clone(),
+    );
+    w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device());
+    assert!(w.slots.iter().all(|s| s.started.is_none()));
+    w.stop_queue(0);
+}
+
+/// A vring of a new connection over the rings of `vq`, as vhost-user-backend sets it up:
+/// SET_VRING_BASE to `base` and the used index read from guest memory.
+fn reconnected_vring(
+    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+    base: u16,
+) -> Vring {
+    let vring = <Vring as VringT<_>>::new(mem.clone(), QSIZE).unwrap();
+    vring
+        .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+        .unwrap();
+    vring.set_queue_size(QSIZE);
+    vring.set_queue_next_avail(base);
+    let used = vring.queue_used_idx().unwrap();
+    vring.set_queue_next_used(used);
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    vring
+}
+
+#[test]
+fn chains_left_in_flight_by_a_killed_worker_are_resubmitted_in_order() {
+    use crate::inflight::{create_area, InflightArea, InflightShared};
+
+    let mem = GuestMemoryAtomic::new(
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+    );
+    let m = mem.memory();
+    let vq = MockSplitQueue::new(&*m, QSIZE);
+    // Four reads of one sector each (sectors 1..=4), heads 0, 3, 6, 9.
+    let mut descs = Vec::new();
+    for i in 0..4u64 {
+        write_header(&m, 0x1000 + 0x100 * i, VIRTIO_BLK_T_IN, 1 + i);
+        let next = 3 * i as u16;
+        descs.push(desc(0x1000 + 0x100 * i, 16, false, Some(next + 1)));
+        descs.push(desc(0x8000 + 0x1000 * i, 512, true, Some(next + 2)));
+        descs.push(desc(0x5000 + i, 1, true, None));
+    }
+    vq.add_desc_chains(&descs, 0).unwrap();
+    // The driver has made only the first three available so far.
+    let avail_idx = vq.avail_addr().unchecked_add(2);
+    m.write_obj(3u16, avail_idx).unwrap();
+
+    let (file, size) = create_area(1, QSIZE).unwrap();
+    let area = || InflightArea::map(file.try_clone().unwrap(), 0, size, 1, QSIZE).unwrap();
+
+    // First daemon: takes the three chains, completes the second, and is killed.
+    let shared = Arc::new(InflightShared::default());
+    shared.set(area());
+    let vring = reconnected_vring(&mem, &vq, 0);
+    let io = FakeIo {
+        hold: true,
+        ..FakeIo::default()
+    };
+    let mut w = Worker::new(io, mem.clone()).with_inflight(shared, 0, 1);
+    w.process_queue(std::slice::from_ref(&vring), 0, false, &device());
+    assert_eq!(w.io().log.len(), 3);
+    let token_of_head_3 = w.slots.iter().position(|s| s.head == 3).unwrap() as u64;
+    w.io.pending.retain(|(t, _)| *t != token_of_head_3);
+    w.complete(std::slice::from_ref(&vring), token_of_head_3, true);
+    let used_at = vq.used_addr().0;
+    let used_idx = |m: &GuestMemoryMmap| m.read_obj::<u16>(GuestAddress(used_at + 2)).unwrap();
+    assert_eq!(used_idx(&m), 1);
+    // Killed: what is still in flight never reaches the used ring.
+    w.finish().unwrap();
+    drop(w);
+    assert_eq!(used_idx(&m), 1);
+
+    // Meanwhile the driver adds the fourth chain; QEMU reconnects and sets the ring base to
+    // the used index (it could not get the avail index from the dead daemon).
+    m.write_obj(4u16, avail_idx).unwrap();
+    let shared = Arc::new(InflightShared::default());
+    shared.set(area());
+    let vring = reconnected_vring(&mem, &vq, 1);
+    let mut w = Worker::new(FakeIo::default(), mem.clone()).with_inflight(shared.clone(), 0, 1);
+    w.process_queue(std::slice::from_ref(&vring), 0, false, &device());
+
+    // Heads 0 and 6 resubmitted, oldest first, then head 9 taken; head 3 not redone.
+    let offsets: Vec<Option<u64>> = w.io().log.iter().map(|(_, op)| op.offset()).collect();
+    assert_eq!(offsets, vec![Some(512), Some(3 * 512), Some(4 * 512)]);
+    assert_eq!(used_idx(&m), 4);
+    let used: Vec<u32> = (1..4)
+        .map(|i| {
+            m.read_obj::<u32>(GuestAddress(used_at + 4 + 8 * i))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(used, vec![0, 6, 9]);
+    for (i, sector) in [(0u64, 1u64), (2, 3), (3, 4)] {
+        let at = GuestAddress(0x8000 + 0x1000 * i);
+        assert_eq!(m.read_obj::<u8>(at).unwrap(), pattern(sector * 512));
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(0x5000 + i)).unwrap(),
+            STATUS_OK
+        );
+    }
+    // The area is clean again, and records the used index.
+    let (_, area) = shared.current();
+    let area = area.unwrap();
+    let part = area.queue(0).unwrap();
+    assert!((0..QSIZE).all(|h| !part.is_inflight(h)));
+    assert_eq!(part.used_idx(), 4);
+    assert_eq!(part.last_batch_head(), 9);
+    assert_eq!(vring.queue_next_avail(), 4);
+}
+
+#[test]
+fn a_malformed_chain_from_the_area_fails_with_ioerr_and_is_returned() {
+    use crate::inflight::{create_area, InflightArea, InflightShared, QueueTracker};
+
+    let h = Harness::new();
+    let m = h.mem.memory();
+    write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+    // A read that would be well formed but for its status descriptor's `next`, which
+    // points outside the table: only the walker's error keeps it from being served (the
+    // walk stops on the status descriptor, so there is a status byte to fail).
+    let used_at = h.queue(&[
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x8000, 512, true, Some(2)),
+        desc(0x5000, 1, true, Some(QSIZE)),
+    ]);
+    m.write_obj(0xeeu8, GuestAddress(0x5000)).unwrap();
+    let (file, size) = create_area(1, QSIZE).unwrap();
+    let area = Arc::new(InflightArea::map(file.try_clone().unwrap(), 0, size, 1, QSIZE).unwrap());
+    // A previous daemon took head 0.
+    let mut t = QueueTracker::new(area.clone(), 0).unwrap();
+    t.recover(0, QSIZE);
+    t.taken(0);
+    let shared = Arc::new(InflightShared::default());
+    shared.set(InflightArea::map(file, 0, size, 1, QSIZE).unwrap());
+    let mut w = Worker::new(FakeIo::default(), h.mem.clone()).with_inflight(shared, 0, 1);
+    w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
+    assert!(w.io().log.is_empty(), "nothing submitted");
+    assert_eq!(h.used_idx(used_at), 1);
+    assert_eq!(h.used(used_at, 0), (0, 1));
+    assert_eq!(h.byte(0x5000), STATUS_IOERR);
+    assert!(!area.queue(0).unwrap().is_inflight(0));
+}
+
+#[test]
+fn an_area_that_does_not_match_the_ring_is_started_over() {
+    use crate::inflight::{create_area, InflightArea, InflightShared, QueueTracker};
+
+    let h = Harness::new();
+    let m = h.mem.memory();
+    write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+    let used_at = h.queue(&[
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x8000, 512, true, Some(2)),
+        desc(0x5000, 1, true, None),
+    ]);
+    let (file, size) = create_area(1, QSIZE).unwrap();
+    let area = Arc::new(InflightArea::map(file.try_clone().unwrap(), 0, size, 1, QSIZE).unwrap());
+    // The area claims two chains in flight; the driver made one available.
+    let mut t = QueueTracker::new(area.clone(), 0).unwrap();
+    t.recover(0, QSIZE);
+    t.taken(4);
+    t.taken(7);
+    let shared = Arc::new(InflightShared::default());
+    shared.set(InflightArea::map(file, 0, size, 1, QSIZE).unwrap());
+    let mut w = Worker::new(FakeIo::default(), h.mem.clone()).with_inflight(shared, 0, 1);
+    w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
+    // Only the available chain was read, once.
+    assert_eq!(w.io().log.len(), 1);
+    assert_eq!(h.used_idx(used_at), 1);
+    assert_eq!(h.used(used_at, 0), (0, 513));
+    let part = area.queue(0).unwrap();
+    assert!((0..QSIZE).all(|head| !part.is_inflight(head)));
+    assert_eq!(part.used_idx(), 1);
+}
