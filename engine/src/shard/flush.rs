@@ -389,8 +389,7 @@ impl State {
         {
             let entry = sqe::write(fd, &buf, host, libc::RWF_DSYNC);
             let op = self.ops.alloc();
-            self.ops[op].kind = OpKind::RefcountWrite;
-            self.ops[op].buf = Some(buf);
+            self.ops[op].kind = OpKind::RefcountWrite { bytes: buf };
             // SAFETY: the buffer is owned by the op (a heap allocation that does not move)
             // until its completion.
             match unsafe { self.push(ring, op, entry) } {
@@ -500,8 +499,7 @@ impl State {
                 for PlannedWrite { host, bytes, .. } in writes {
                     let entry = sqe::write(fd, &bytes, host, flags);
                     let op = self.ops.alloc();
-                    self.ops[op].kind = OpKind::Flush { injected: false };
-                    self.ops[op].buf = Some(bytes);
+                    self.ops[op].kind = OpKind::FlushWrite { bytes };
                     entries.push((op, entry));
                 }
             }
@@ -516,7 +514,7 @@ impl State {
                         sqe::fdatasync(fd)
                     };
                     let op = self.ops.alloc();
-                    self.ops[op].kind = OpKind::Flush { injected };
+                    self.ops[op].kind = OpKind::FlushSync { injected };
                     entries.push((op, entry));
                 }
             }

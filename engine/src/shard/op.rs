@@ -25,7 +25,22 @@ pub(super) enum Buffer {
     Zeros,
 }
 
-#[derive(Default, Clone, Copy)]
+/// What a data operation reads or writes: one part's range at a host offset, from or into
+/// its request's memory (or the zero buffer), `done` bytes of it so far.
+#[derive(Clone, Copy)]
+pub(super) struct DataIo {
+    pub(super) part: PartId,
+    pub(super) fd: DataFd,
+    pub(super) host: u64,
+    pub(super) done: u64,
+    pub(super) write: bool,
+    pub(super) buffer: Buffer,
+}
+
+/// An operation's kind, with the buffers it hands the kernel (or an inflate job): each
+/// variant owns exactly what it needs, and they go back to the shard's pools when the
+/// operation is freed.
+#[derive(Default)]
 pub(super) enum OpKind {
     #[default]
     Idle,
@@ -36,38 +51,44 @@ pub(super) enum OpKind {
         /// The table's L1 index.
         key: u64,
     },
-    /// Guest data read into, or written from, the request (or zeros) for one part.
+    /// Guest data read into, or written from, the request (or zeros) for one part, through
+    /// the op's iovecs.
     Data {
-        part: PartId,
-        fd: DataFd,
-        host: u64,
-        done: u64,
-        write: bool,
-        buffer: Buffer,
+        io: DataIo,
+        /// Aligned copy of a direct write's misaligned memory (see `direct.rs`).
+        bounce: Option<AlignedBuf>,
     },
-    /// The read of a compressed extent into the op's buffer.
+    /// The read of a compressed extent into `extent`.
     Compressed {
         layer: u16,
-        target: InflateTarget,
+        target: Target,
         fd: RawFd,
         host: u64,
         want: u64,
         got: u64,
+        extent: Box<[u8]>,
     },
-    /// A compressed extent (the op's buffer) waiting to be inflated on the shard's inflate
-    /// queue, or being inflated by a thief.
+    /// A compressed extent waiting to be inflated on the shard's inflate queue, or being
+    /// inflated by a thief.
     Inflating {
         layer: u16,
-        target: InflateTarget,
+        target: Target,
         host: u64,
+        extent: Box<[u8]>,
     },
-    /// The write of an allocation's new cluster.
-    AllocWrite { alloc: AllocId },
-    /// A metadata write or sync of the flush in progress (`injected`: a sync replaced by a
-    /// no-op that must be reported as failed).
-    Flush { injected: bool },
-    /// A durable (RWF_DSYNC) write of refcount blocks of new reservations.
-    RefcountWrite,
+    /// The write of an allocation's new cluster, through the op's iovecs.
+    AllocWrite {
+        alloc: AllocId,
+        /// Aligned copy of a direct write's misaligned memory (see `direct.rs`).
+        bounce: Option<AlignedBuf>,
+    },
+    /// A metadata write of the flush in progress.
+    FlushWrite { bytes: Box<[u8]> },
+    /// A sync of the flush in progress (`injected`: replaced by a no-op that must be
+    /// reported as failed).
+    FlushSync { injected: bool },
+    /// A durable (RWF_DSYNC) write of a refcount block of new reservations.
+    RefcountWrite { bytes: Box<[u8]> },
     /// A short timeout: another shard holds the right to write refcount blocks; try again.
     Retry,
 }
@@ -76,32 +97,49 @@ pub(super) enum OpKind {
 /// is writing.
 pub(super) static RETRY_AFTER: Timespec = Timespec::new().nsec(50_000);
 
-/// Where a compressed cluster is inflated to.
-#[derive(Clone, Copy)]
-pub(super) enum InflateTarget {
+/// Where a compressed cluster is inflated to (which, when it fails, [`InflateTarget`] names).
+pub(super) enum Target {
     /// A decompressed-cache slot of the op's layer; the parts waiting on it copy from it.
     Slot(u32),
     /// Straight into the guest memory of this part, which covers the whole cluster with one
-    /// segment (the op's one iovec); nothing is cached (`read.rs` says why).
+    /// segment (`seg`); nothing is cached (`read.rs` says why).
+    Part { part: PartId, seg: iovec },
+    /// Only the start of the cluster up to the end of this part, into `scratch` (a cluster
+    /// buffer, or the bytes inflated), from which the part is copied; nothing is cached
+    /// (`read.rs` says why).
+    Prefix { part: PartId, scratch: Box<[u8]> },
+}
+
+impl Target {
+    /// Which slot or part the target is.
+    pub(super) fn id(&self) -> InflateTarget {
+        match *self {
+            Target::Slot(slot) => InflateTarget::Slot(slot),
+            Target::Part { part, .. } => InflateTarget::Part(part),
+            Target::Prefix { part, .. } => InflateTarget::Prefix(part),
+        }
+    }
+}
+
+/// Which slot or part a compressed cluster is inflated for (a [`Target`] without its
+/// memory).
+#[derive(Clone, Copy)]
+pub(super) enum InflateTarget {
+    Slot(u32),
     Part(PartId),
-    /// Only the start of the cluster up to the end of this part, into the op's `scratch`,
-    /// from which the part is copied; nothing is cached (`read.rs` says why).
     Prefix(PartId),
 }
 
 #[derive(Default)]
 pub(super) struct Op {
     pub(super) kind: OpKind,
+    /// The iovec array of a data operation or an allocation's write (kept, with its
+    /// capacity, when the entry is reused).
     pub(super) iov: Vec<iovec>,
-    pub(super) buf: Option<Box<[u8]>>,
-    /// Aligned copy of a direct write's misaligned memory (see `direct.rs`).
-    pub(super) bounce: Option<AlignedBuf>,
-    /// Where a cluster prefix is inflated ([`InflateTarget::Prefix`]): a cluster buffer.
-    pub(super) scratch: Option<Box<[u8]>>,
     /// A data operation on a host cluster holds its epoch (1 or 2; 0: none) until it is
     /// freed, so that no cluster is freed under it (see [`Frees`]).
     pub(super) epoch: u8,
-    /// Bytes of `buf` and `scratch` counted in the shard's scratch in use.
+    /// Bytes of the op's extent and prefix buffers counted in the shard's scratch in use.
     pub(super) scratch_charge: usize,
 }
 
@@ -132,25 +170,42 @@ impl State {
 
     pub(super) fn free_op(&mut self, op: OpId) {
         let o = &mut self.ops[op];
-        o.kind = OpKind::Idle;
-        o.bounce = None;
+        let kind = std::mem::take(&mut o.kind);
         if o.epoch != 0 {
             self.frees.live[usize::from(o.epoch - 1)] -= 1;
             o.epoch = 0;
         }
         let charge = std::mem::take(&mut o.scratch_charge);
-        let scratch = o.scratch.take();
-        if let Some(buf) = o.buf.take() {
-            self.recycle(buf);
-        }
-        if let Some(buf) = scratch {
-            self.recycle(buf);
-        }
         self.ops.free(op);
+        self.recycle_kind(kind);
         if charge > 0 {
             self.scratch_bytes -= charge;
             self.wake_scratch_waiters();
         }
+    }
+
+    /// Gives the buffers of a freed operation's kind back to their pools.
+    fn recycle_kind(&mut self, kind: OpKind) {
+        match kind {
+            OpKind::Compressed { extent, target, .. }
+            | OpKind::Inflating { extent, target, .. } => {
+                self.recycle(extent);
+                self.recycle_target(target);
+            }
+            OpKind::FlushWrite { bytes } | OpKind::RefcountWrite { bytes } => self.recycle(bytes),
+            // The kernel is done with a bounce buffer: it goes.
+            OpKind::Data { bounce, .. } | OpKind::AllocWrite { bounce, .. } => drop(bounce),
+            OpKind::Idle | OpKind::L2Load { .. } | OpKind::FlushSync { .. } | OpKind::Retry => {}
+        }
+    }
+
+    /// Gives an inflate target's buffer back to its pool and says which target it was.
+    pub(super) fn recycle_target(&mut self, target: Target) -> InflateTarget {
+        let id = target.id();
+        if let Target::Prefix { scratch, .. } = target {
+            self.recycle(scratch);
+        }
+        id
     }
 
     /// Takes `charge` bytes of scratch for operation `op`.
@@ -196,15 +251,19 @@ impl State {
             OpKind::L2Load { .. } => self.complete_l2_load(ring, img, op, res),
             OpKind::Compressed { .. } => self.complete_compressed(ring, img, op, res),
             OpKind::Inflating { .. } => self.complete_inflating(ring, img, op, res),
-            OpKind::AllocWrite { alloc } => {
+            OpKind::AllocWrite { alloc, .. } => {
                 self.free_op(op);
                 self.alloc_written(img, alloc, res);
             }
-            OpKind::RefcountWrite => {
+            OpKind::RefcountWrite { .. } => {
                 self.free_op(op);
                 self.refcount_write_done(img, res);
             }
-            OpKind::Flush { injected } => {
+            OpKind::FlushWrite { .. } => {
+                self.free_op(op);
+                self.flush_op_done(ring, img, res);
+            }
+            OpKind::FlushSync { injected } => {
                 self.free_op(op);
                 self.flush_op_done(ring, img, if injected { -libc::EIO } else { res });
             }

@@ -1,7 +1,9 @@
 //! Planning and completing reads (compressed clusters included), and the data I/O shared with
 //! writes.
 
+use super::direct::write_fd;
 use super::l2::Table;
+use super::op::{DataIo, Target};
 use super::slab::{OpId, PartId};
 use super::{Buffer, InflateTarget, OpKind, State, MAX_JOBS_OUT};
 use crate::error::IoError;
@@ -160,7 +162,7 @@ impl State {
         self.compressed_ends[slot_of_end] = p.guest_off + p.len;
         self.compressed_end_next = self.compressed_end_next.wrapping_add(1);
         let caches = &mut self.layers[p.layer as usize];
-        let (target, direct) = match caches.decompressed.lookup(desc.host_offset) {
+        let target = match caches.decompressed.lookup(desc.host_offset) {
             Lookup::Ready(slot) => {
                 let at = (p.guest_off % cs) as usize;
                 let src = &caches.decompressed.buf(slot)[at..at + p.len as usize];
@@ -201,14 +203,25 @@ impl State {
                     && end * 4 <= cs * 3
                     && !caches.decompressed.admit_on_repeat(desc.host_offset);
                 match dest {
-                    Some(dest) => {
-                        let seg = libc::iovec {
+                    Some(dest) => Target::Part {
+                        part: pid,
+                        seg: libc::iovec {
                             iov_base: dest.cast(),
                             iov_len: p.len as usize,
-                        };
-                        (InflateTarget::Part(pid), Some(seg))
+                        },
+                    },
+                    None if prefix => {
+                        // A pooled cluster buffer when this layer's clusters are the pool's
+                        // size (a backing file's clusters may be larger than the top
+                        // image's), else just the bytes inflated.
+                        let pooled = (cs as usize == self.cluster_buf_bytes)
+                            .then(|| self.cluster_bufs.pop())
+                            .flatten();
+                        let prefix_len = (p.guest_off % cs + p.len) as usize;
+                        let scratch =
+                            pooled.unwrap_or_else(|| vec![0u8; prefix_len].into_boxed_slice());
+                        Target::Prefix { part: pid, scratch }
                     }
-                    None if prefix => (InflateTarget::Prefix(pid), None),
                     None => {
                         let slot = caches.decompressed.start_load(desc.host_offset);
                         Self::enqueue_waiter(
@@ -216,52 +229,54 @@ impl State {
                             caches.decompressed.waiters_mut(slot),
                             pid,
                         );
-                        (InflateTarget::Slot(slot), None)
+                        Target::Slot(slot)
                     }
                 }
             }
         };
+        self.start_extent_read(ring, q, p.layer, desc, target);
+    }
+
+    /// Reads a compressed extent into a pooled buffer of the op, which holds `target` (and
+    /// its memory) until the cluster is inflated.
+    fn start_extent_read(
+        &mut self,
+        ring: &mut Ring,
+        q: &Qcow2Layer,
+        layer: u16,
+        desc: crate::format::CompressedDescriptor,
+        target: Target,
+    ) {
         let bytes = self.big_buf_bytes;
-        let mut buf = self
+        let mut extent = self
             .big_bufs
             .pop()
             .unwrap_or_else(|| vec![0u8; bytes].into_boxed_slice());
-        let want = desc.max_len.min(buf.len() as u64);
-        let charge = buf.len();
+        let want = desc.max_len.min(extent.len() as u64);
+        let charge = extent.len()
+            + match &target {
+                Target::Prefix { scratch, .. } => scratch.len(),
+                Target::Slot(_) | Target::Part { .. } => 0,
+            };
+        let id = target.id();
         let fd = q.file.as_raw_fd();
-        let entry = sqe::read(fd, &mut buf[..want as usize], desc.host_offset);
+        let entry = sqe::read(fd, &mut extent[..want as usize], desc.host_offset);
         let op = self.ops.alloc();
-        let o = &mut self.ops[op];
-        o.kind = OpKind::Compressed {
-            layer: p.layer,
+        self.ops[op].kind = OpKind::Compressed {
+            layer,
             target,
             fd,
             host: desc.host_offset,
             want,
             got: 0,
+            extent,
         };
-        o.buf = Some(buf);
-        o.iov.clear();
-        o.iov.extend(direct);
         self.hold_epoch(op);
-        if let InflateTarget::Prefix(_) = target {
-            // The prefix: a pooled cluster buffer when this layer's clusters are the pool's
-            // size (a backing file's clusters may be larger than the top image's), else just
-            // the bytes inflated.
-            let pooled = (cs as usize == self.cluster_buf_bytes)
-                .then(|| self.cluster_bufs.pop())
-                .flatten();
-            let prefix_len = (p.guest_off % cs + p.len) as usize;
-            let scratch = pooled.unwrap_or_else(|| vec![0u8; prefix_len].into_boxed_slice());
-            let prefix_charge = scratch.len();
-            self.ops[op].scratch = Some(scratch);
-            self.charge_scratch(op, prefix_charge);
-        }
         self.charge_scratch(op, charge);
-        // SAFETY: the buffer is owned by the op (a heap allocation that does not move) until
+        // SAFETY: the extent is owned by the op (a heap allocation that does not move) until
         // the op's completion is handled.
         if let Err(e) = unsafe { self.push(ring, op, entry) } {
-            self.fail_inflate(p.layer, target, e);
+            self.fail_inflate(layer, id, e);
         }
     }
 
@@ -281,29 +296,21 @@ impl State {
     /// A compressed cluster was inflated: its waiting parts copy it out, or the part it was
     /// inflated into is done.
     ///
-    /// `scratch` holds a prefix target's inflated bytes (from the cluster's start).
-    fn finish_inflate(
-        &mut self,
-        ring: &mut Ring,
-        img: &ImageInner,
-        layer: u16,
-        target: InflateTarget,
-        scratch: Option<Box<[u8]>>,
-    ) {
+    /// A prefix target's `scratch` holds the inflated bytes (from the cluster's start).
+    fn finish_inflate(&mut self, ring: &mut Ring, img: &ImageInner, layer: u16, target: Target) {
         match target {
-            InflateTarget::Slot(slot) => {
+            Target::Slot(slot) => {
                 let w = self.layers[layer as usize].decompressed.finish_load(slot);
                 self.replan_waiters(ring, img, w);
             }
-            InflateTarget::Part(pid) => self.finish_part(pid, Ok(())),
-            InflateTarget::Prefix(pid) => {
+            Target::Part { part, .. } => self.finish_part(part, Ok(())),
+            Target::Prefix { part: pid, scratch } => {
                 let p = self.parts[pid];
                 let cs = match img.layer(layer).kind {
                     KindRef::Qcow2(q) => q.geom.cluster_size(),
                     KindRef::Raw(_) => unreachable!("compressed cluster in a raw layer"),
                 };
                 let at = (p.guest_off % cs) as usize;
-                let scratch = scratch.expect("a prefix target has its scratch buffer");
                 let src = &scratch[at..at + p.len as usize];
                 // SAFETY: the request's iovecs are valid for writes until its completion; the
                 // part lies within them; `src` is our own buffer.
@@ -326,16 +333,18 @@ impl State {
             layer,
             target,
             host,
-        } = self.ops[op].kind
+            extent,
+        } = std::mem::take(&mut self.ops[op].kind)
         else {
             unreachable!("complete_inflating on another op");
         };
         self.jobs_out -= 1;
-        let scratch = self.ops[op].scratch.take();
         self.free_op(op);
+        self.recycle(extent);
         if res == 0 {
-            self.finish_inflate(ring, img, layer, target, scratch);
+            self.finish_inflate(ring, img, layer, target);
         } else {
+            let target = self.recycle_target(target);
             tracing::warn!(
                 "{}: compressed cluster at {host:#x} does not inflate to a full cluster",
                 img.layer(layer).path.display()
@@ -368,7 +377,8 @@ impl State {
         buffer: Buffer,
     ) {
         let op = self.ops.alloc();
-        self.ops[op].kind = OpKind::Data {
+        self.hold_epoch(op);
+        let io = DataIo {
             part: pid,
             fd,
             host,
@@ -376,23 +386,19 @@ impl State {
             write,
             buffer,
         };
-        self.hold_epoch(op);
-        self.submit_data(ring, op);
+        self.submit_data(ring, op, io);
     }
 
-    /// Submits (the rest of) a data operation.
-    fn submit_data(&mut self, ring: &mut Ring, op: OpId) {
-        let OpKind::Data {
+    /// Submits (the rest of) data operation `op`, which does `io`.
+    fn submit_data(&mut self, ring: &mut Ring, op: OpId, io: DataIo) {
+        let DataIo {
             part,
             fd,
             host,
             done,
             write,
             buffer,
-        } = self.ops[op].kind
-        else {
-            unreachable!("submit_data on a non-data op");
-        };
+        } = io;
         let p = self.parts[part];
         let o = &mut self.ops[op];
         o.iov.clear();
@@ -412,14 +418,14 @@ impl State {
                 });
             }
         }
-        let entry = if write {
-            let fd = self.data_write_fd(op, fd, host + done);
-            let o = &self.ops[op];
-            sqe::writev(fd, &o.iov, host + done)
+        let (entry, bounce) = if write {
+            let (fd, bounce) = write_fd(&mut o.iov, fd, host + done);
+            (sqe::writev(fd, &o.iov, host + done), bounce)
         } else {
             let fd = fd.read_fd(host + done, &o.iov);
-            sqe::readv(fd, &o.iov, host + done)
+            (sqe::readv(fd, &o.iov, host + done), None)
         };
+        o.kind = OpKind::Data { io, bounce };
         if write && self.hold_data_writes {
             // Test hook: the write stays here until `release_held_writes`.
             self.held.push((op, entry));
@@ -438,9 +444,10 @@ impl State {
     /// Test hook: submits the writes [`super::ShardConfig::hold_data_writes`] held back.
     pub(super) fn release_held_writes(&mut self, ring: &mut Ring) {
         for (op, entry) in std::mem::take(&mut self.held) {
-            let OpKind::Data { part, .. } = self.ops[op].kind else {
+            let OpKind::Data { io, .. } = &self.ops[op].kind else {
                 unreachable!("only data writes are held");
             };
+            let part = io.part;
             // SAFETY: as in `submit_data`, which built the entry: its memory lives until the
             // op completes, and the op has not been submitted yet.
             if let Err(e) = unsafe { self.push(ring, op, entry) } {
@@ -450,26 +457,20 @@ impl State {
     }
 
     pub(super) fn complete_data(&mut self, ring: &mut Ring, op: OpId, res: i32) {
-        let OpKind::Data {
-            part,
-            fd,
-            host,
-            done,
-            write,
-            buffer,
-        } = self.ops[op].kind
-        else {
+        let OpKind::Data { io, .. } = &self.ops[op].kind else {
             unreachable!("complete_data on a non-data op");
         };
+        let io = *io;
+        let part = io.part;
         let p = self.parts[part];
         if res < 0 {
             self.free_op(op);
             return self.finish_part(part, Err(IoError::Os { errno: -res }));
         }
-        let done = done + res as u64;
+        let done = io.done + res as u64;
         if res == 0 {
             self.free_op(op);
-            if write {
+            if io.write {
                 return self.finish_part(part, Err(IoError::Os { errno: libc::EIO }));
             }
             // End of file: what lies past it reads as zeros.
@@ -484,15 +485,7 @@ impl State {
             return self.finish_part(part, Ok(()));
         }
         if done < p.len {
-            self.ops[op].kind = OpKind::Data {
-                part,
-                fd,
-                host,
-                done,
-                write,
-                buffer,
-            };
-            return self.submit_data(ring, op);
+            return self.submit_data(ring, op, DataIo { done, ..io });
         }
         self.free_op(op);
         self.finish_part(part, Ok(()));
@@ -504,6 +497,8 @@ impl State {
         }
     }
 
+    /// A read of a compressed extent completed: read on if it was short of what the
+    /// descriptor allows (and not at the end of the file), else inflate the cluster.
     pub(super) fn complete_compressed(
         &mut self,
         ring: &mut Ring,
@@ -518,63 +513,80 @@ impl State {
             host,
             want,
             got,
-        } = self.ops[op].kind
+            extent,
+        } = &mut self.ops[op].kind
         else {
             unreachable!("complete_compressed on another op");
         };
+        let (layer, id) = (*layer, target.id());
         if res < 0 {
             self.free_op(op);
-            return self.fail_inflate(layer, target, IoError::Os { errno: -res });
+            return self.fail_inflate(layer, id, IoError::Os { errno: -res });
         }
-        let got = got + res as u64;
-        if res > 0 && got < want {
-            let o = &mut self.ops[op];
-            o.kind = OpKind::Compressed {
-                layer,
-                target,
-                fd,
-                host,
-                want,
-                got,
-            };
-            let buf = o.buf.as_mut().expect("a compressed op owns its buffer");
-            let entry = sqe::read(fd, &mut buf[got as usize..want as usize], host + got);
-            // SAFETY: the buffer stays owned by the op until its completion.
+        *got += res as u64;
+        if res > 0 && *got < *want {
+            let entry = sqe::read(
+                *fd,
+                &mut extent[*got as usize..*want as usize],
+                *host + *got,
+            );
+            // SAFETY: the extent stays owned by the op until its completion.
             if let Err(e) = unsafe { self.push(ring, op, entry) } {
-                self.fail_inflate(layer, target, e);
+                self.fail_inflate(layer, id, e);
             }
             return;
         }
         // A short read at the end of the file is fine: the length is an upper bound.
+        let OpKind::Compressed {
+            mut target,
+            host,
+            got,
+            extent,
+            ..
+        } = std::mem::take(&mut self.ops[op].kind)
+        else {
+            unreachable!("complete_compressed on another op");
+        };
         let kind = match img.layer(layer).kind {
             KindRef::Qcow2(q) => q.header.compression_type,
             KindRef::Raw(_) => unreachable!("compressed cluster in a raw layer"),
         };
-        let out = match target {
-            InflateTarget::Slot(slot) => {
-                let buf = self.layers[layer as usize].decompressed.buf_mut(slot);
+        let out = self.inflate_output(img, layer, &mut target);
+        let extent = Extent {
+            layer,
+            host,
+            bytes: extent,
+            len: got as usize,
+            target,
+        };
+        if self.may_hand_off(ring) {
+            self.hand_off_inflate(ring, op, kind, out, extent);
+        } else {
+            self.free_op(op);
+            self.inflate_here(ring, img, kind, out, extent);
+        }
+    }
+
+    /// Where the inflater writes the cluster of `target`, a cluster of layer `layer`.
+    fn inflate_output(&mut self, img: &ImageInner, layer: u16, target: &mut Target) -> Output {
+        match target {
+            Target::Slot(slot) => {
+                let buf = self.layers[layer as usize].decompressed.buf_mut(*slot);
                 Output::Engine {
                     ptr: buf.as_mut_ptr(),
                     len: buf.len(),
                 }
             }
-            InflateTarget::Part(_) => {
-                let seg = self.ops[op].iov[0];
-                Output::Guest {
-                    ptr: seg.iov_base.cast(),
-                    len: seg.iov_len,
-                }
-            }
-            InflateTarget::Prefix(pid) => {
-                let p = self.parts[pid];
+            Target::Part { seg, .. } => Output::Guest {
+                ptr: seg.iov_base.cast(),
+                len: seg.iov_len,
+            },
+            Target::Prefix { part, scratch } => {
+                let p = self.parts[*part];
                 let cs = match img.layer(layer).kind {
                     KindRef::Qcow2(q) => q.geom.cluster_size(),
                     KindRef::Raw(_) => unreachable!("compressed cluster in a raw layer"),
                 };
-                let scratch = self.ops[op]
-                    .scratch
-                    .as_mut()
-                    .expect("a prefix target has its scratch buffer");
                 // A checked slice: the inflater writes exactly this range and nothing past it.
                 let prefix = &mut scratch[..(p.guest_off % cs + p.len) as usize];
                 Output::Prefix {
@@ -582,58 +594,87 @@ impl State {
                     len: prefix.len(),
                 }
             }
-        };
-        // Queued for this shard to run at the end of its turn, or for a thief; inflated here
-        // and now when jobs do not change threads, when enough are out already, or when the
-        // completion queue has no room for a thief's completion. The bound keeps the
-        // completions reserved for jobs well below the queue's size: a push that finds the
-        // queue full waits for a completion, and a job still on this shard's deque would
-        // never post one.
-        if self.jobs_out < ring.cq_capacity().min(2 * MAX_JOBS_OUT) / 2
+        }
+    }
+
+    /// Whether an inflation is queued for this shard to run at the end of its turn, or for a
+    /// thief, rather than run here and now: not when jobs do not change threads, when enough
+    /// are out already, or when the completion queue has no room for a thief's completion.
+    /// The bound keeps the completions reserved for jobs well below the queue's size: a push
+    /// that finds the queue full waits for a completion, and a job still on this shard's
+    /// deque would never post one.
+    fn may_hand_off(&mut self, ring: &mut Ring) -> bool {
+        self.jobs_out < ring.cq_capacity().min(2 * MAX_JOBS_OUT) / 2
             && self.jobs.shares()
             && ring.try_expect_external_completion()
-        {
-            let input = &self.ops[op]
-                .buf
-                .as_ref()
-                .expect("a compressed op owns its buffer")[..got as usize];
-            // SAFETY: the extent stays in the op, unchanged, until the job is run by this
-            // shard or its completion for this op is reaped (the op is freed only then). A
-            // slot stays loading (never evicted, read or written) until then, and a prefix's
-            // scratch buffer stays in the op untouched; a part's guest memory stays valid for
-            // writes until the part, and so this op, completes (submit_read contract). The
-            // ring outlives the completion (Shard::drop takes back the jobs still queued and
-            // waits for every operation counted in ops_in_kernel).
-            let job = unsafe { Job::new(kind, input, out, ring.ring_fd(), u64::from(op)) };
-            self.jobs.push(job);
-            self.jobs_out += 1;
-            self.ops[op].kind = OpKind::Inflating {
-                layer,
-                target,
-                host,
-            };
-            self.ops_in_kernel += 1;
-            return;
-        }
-        let buf = self.ops[op]
-            .buf
-            .take()
-            .expect("a compressed op owns its buffer");
-        let scratch = self.ops[op].scratch.take();
-        self.free_op(op);
+    }
+
+    /// Queues the inflation of `extent` into `out` as a job of operation `op`, which holds
+    /// the extent and its target until the job's completion.
+    fn hand_off_inflate(
+        &mut self,
+        ring: &mut Ring,
+        op: OpId,
+        kind: CompressionType,
+        out: Output,
+        extent: Extent,
+    ) {
+        let Extent {
+            layer,
+            host,
+            bytes,
+            len,
+            target,
+        } = extent;
+        // SAFETY: the extent stays in the op, unchanged, until the job is run by this shard
+        // or its completion for this op is reaped (the op is freed only then). A slot stays
+        // loading (never evicted, read or written) until then, and a prefix's scratch buffer
+        // stays in the op untouched; a part's guest memory stays valid for writes until the
+        // part, and so this op, completes (submit_read contract). The ring outlives the
+        // completion (Shard::drop takes back the jobs still queued and waits for every
+        // operation counted in ops_in_kernel).
+        let job = unsafe { Job::new(kind, &bytes[..len], out, ring.ring_fd(), u64::from(op)) };
+        self.jobs.push(job);
+        self.jobs_out += 1;
+        self.ops[op].kind = OpKind::Inflating {
+            layer,
+            target,
+            host,
+            extent: bytes,
+        };
+        self.ops_in_kernel += 1;
+    }
+
+    /// Inflates `extent` into `out` on this thread, now (its operation is freed).
+    fn inflate_here(
+        &mut self,
+        ring: &mut Ring,
+        img: &ImageInner,
+        kind: CompressionType,
+        out: Output,
+        extent: Extent,
+    ) {
+        let Extent {
+            layer,
+            host,
+            bytes,
+            len,
+            target,
+        } = extent;
         // SAFETY: a slot is ours alone while it is loading; a prefix's scratch buffer is ours
-        // (a heap allocation held in `scratch` until after this call); a part's guest memory
+        // (a heap allocation held in `target` until after this call); a part's guest memory
         // is valid for writes until the part completes (submit_read contract), which is not
         // before this.
-        let result = unsafe { self.inflater.inflate(kind, &buf[..got as usize], out) };
-        self.recycle(buf);
+        let result = unsafe { self.inflater.inflate(kind, &bytes[..len], out) };
+        self.recycle(bytes);
         match result {
-            Ok(()) => self.finish_inflate(ring, img, layer, target, scratch),
+            Ok(()) => self.finish_inflate(ring, img, layer, target),
             Err(e) => {
                 tracing::warn!(
                     "{}: compressed cluster at {host:#x}: {e}",
                     img.layer(layer).path.display()
                 );
+                let target = self.recycle_target(target);
                 self.fail_inflate(
                     layer,
                     target,
@@ -642,4 +683,14 @@ impl State {
             }
         }
     }
+}
+
+/// A compressed extent read in full (`bytes[..len]`, read at `host` of layer `layer`), to
+/// inflate to `target`.
+struct Extent {
+    layer: u16,
+    host: u64,
+    bytes: Box<[u8]>,
+    len: usize,
+    target: Target,
 }

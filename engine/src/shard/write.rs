@@ -9,6 +9,7 @@
 //! durable. While an allocation is in flight on a cluster, other writes to it wait; reads see
 //! the old mapping until the entry changes, so they get old or new data, never garbage.
 
+use super::direct::write_fd;
 use super::slab::{AllocId, PartId};
 use super::state::top;
 use super::{Buffer, OpKind, PendingFree, ReqKind, State};
@@ -475,7 +476,10 @@ impl State {
     fn submit_alloc_write(&mut self, ring: &mut Ring, img: &ImageInner, a: AllocId) {
         let (q, w) = top(img);
         let op = self.ops.alloc();
-        self.ops[op].kind = OpKind::AllocWrite { alloc: a };
+        self.ops[op].kind = OpKind::AllocWrite {
+            alloc: a,
+            bounce: None,
+        };
         let al = &self.allocs[a];
         let (s, e) = al.span;
         let o = &mut self.ops[op];
@@ -512,9 +516,10 @@ impl State {
                 );
             }
         }
-        let fd = self.data_write_fd(op, q.data_fd(), host);
-        let o = &self.ops[op];
+        let o = &mut self.ops[op];
+        let (fd, bounce) = write_fd(&mut o.iov, q.data_fd(), host);
         let entry = sqe::writev(fd, &o.iov, host);
+        o.kind = OpKind::AllocWrite { alloc: a, bounce };
         self.allocs[a].expected = e - s;
         // SAFETY: the iovecs point into the allocation's buffer (owned by it until it
         // finishes, after this op completes), the shard's zero buffer (never written, lives as
