@@ -1,6 +1,7 @@
 //! Several shards serving one writable image: who owns what, the messages between them, and
-//! each shard's side of the coordination (an `impl State` block: cutting requests, forwarding
-//! and answering pieces, table versions), run on that shard's thread.
+//! each shard's side of the coordination: its [`GroupLink`] (the group, pieces in and out,
+//! wake-ups, table versions), a part of its `State`, and an `impl State` block (cutting
+//! requests, forwarding and answering pieces), run on that shard's thread.
 //!
 //! Each L2 table of the top image belongs to one shard: table `i` (the L1 index) to shard
 //! `i % count`. Only the owner caches the table, changes its entries, allocates for the guest
@@ -27,6 +28,7 @@ use crossbeam::queue::SegQueue;
 use libc::iovec;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Every table's version at the start: even (nothing unwritten) and never 0, which marks a
 /// part or a cached copy that no version vouches for.
@@ -210,6 +212,125 @@ pub(super) fn forwarded_parts(token: u64) -> Option<(u16, ReqId)> {
         .then_some(((token >> 32) as u16, ReqId::from_index(token as u32)))
 }
 
+/// A shard's link to its group, and its side of the coordination: pieces served for others
+/// and sent to others, the shards to wake at the end of the poll, the versions its copies of
+/// other shards' tables were read at, its own tables whose version is odd.
+pub(super) struct GroupLink {
+    group: Arc<Group>,
+    /// This shard's index in the group.
+    index: usize,
+    /// Requests and flushes served for other shards (and this shard's own piece of a group
+    /// flush), not yet answered.
+    forwarded_in: usize,
+    /// Pieces of this shard's requests (and flushes) sent to other shards, not yet answered.
+    remote_pieces: usize,
+    /// Shards to wake at the end of this poll (bit per shard).
+    to_wake: u64,
+    /// Per top-layer L2 cache slot holding a copy of another shard's table: the table's
+    /// version the copy was read at (0: none vouches for it).
+    foreign_tags: Vec<u64>,
+    /// Tables of this shard whose version is odd (changes not in the file yet).
+    odd_tables: Vec<u64>,
+}
+
+impl GroupLink {
+    /// Shard `index`'s link to `group`.
+    pub(super) fn new(group: Arc<Group>, index: usize) -> GroupLink {
+        GroupLink {
+            group,
+            index,
+            forwarded_in: 0,
+            remote_pieces: 0,
+            to_wake: 0,
+            foreign_tags: Vec::new(),
+            odd_tables: Vec::new(),
+        }
+    }
+
+    /// The shard that owns table `l1_index`.
+    fn owner(&self, l1_index: u64) -> usize {
+        (l1_index % self.group.count() as u64) as usize
+    }
+
+    /// Version of table `l1_index` (see [`Group::version`]).
+    pub(super) fn version(&self, l1_index: u64) -> u64 {
+        self.group.version(l1_index)
+    }
+
+    /// Sends a piece (a part or a flush) of one of this shard's requests to shard `to`.
+    fn send_piece(&mut self, to: usize, msg: Msg) {
+        self.group.send(to, msg);
+        self.remote_pieces += 1;
+        self.to_wake |= 1 << to;
+    }
+
+    /// Answers a piece shard `to` sent.
+    fn answer(&mut self, to: usize, req: ReqId, result: Result<(), IoError>) {
+        self.group.send(to, Msg::Done { req, result });
+        self.to_wake |= 1 << to;
+    }
+
+    /// The next message for this shard (call [`Group::looking`] first).
+    fn receive(&self) -> Option<Msg> {
+        self.group.receive(self.index)
+    }
+
+    /// Wakes the shards this poll sent messages to.
+    pub(super) fn wake_others(&mut self) {
+        let mut bits = std::mem::take(&mut self.to_wake);
+        while bits != 0 {
+            self.group.wake(bits.trailing_zeros() as usize);
+            bits &= bits - 1;
+        }
+    }
+
+    /// Requests and flushes served for other shards, not yet answered.
+    pub(super) fn forwarded_in(&self) -> usize {
+        self.forwarded_in
+    }
+
+    /// Pieces of this shard's requests served by other shards, not yet answered.
+    pub(super) fn remote_pieces(&self) -> usize {
+        self.remote_pieces
+    }
+
+    /// The shard is dropped: waits (a while) for the answers to the pieces of its requests
+    /// that other shards still serve, answers what they send meanwhile with an error, and
+    /// closes its mailbox.
+    pub(super) fn leave(mut self) {
+        let group = Arc::clone(&self.group);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            group.looking(self.index);
+            while let Some(msg) = group.receive(self.index) {
+                let (from, req) = match msg {
+                    Msg::Done { .. } => {
+                        self.remote_pieces -= 1;
+                        continue;
+                    }
+                    Msg::Part { from, req, .. } | Msg::Flush { from, req } => (from, req),
+                };
+                let result = Err(IoError::Os { errno: libc::EIO });
+                group.send(usize::from(from), Msg::Done { req, result });
+                group.wake(usize::from(from));
+            }
+            if self.remote_pieces == 0 {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                tracing::error!(
+                    "A shard is dropped while {} pieces of its requests are still served by \
+                     other shards",
+                    self.remote_pieces
+                );
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        group.close(self.index);
+    }
+}
+
 /// The group's side of a shard: cutting requests into pieces, serving and answering other
 /// shards' pieces, and the versions of the tables this shard owns.
 impl State {
@@ -219,18 +340,26 @@ impl State {
             && self
                 .group
                 .as_ref()
-                .is_some_and(|g| l1_index as usize % g.count() != self.index)
+                .is_some_and(|g| g.owner(l1_index) != g.index)
+    }
+
+    /// The version of table `l1_index` in the group (0 without one).
+    pub(super) fn table_version(&self, l1_index: u64) -> u64 {
+        self.group.as_ref().map_or(0, |g| g.version(l1_index))
     }
 
     /// Sends part `pid` (a read of this shard's request) to the owner of its table, which
-    /// serves it from its own table and answers with `Done`.
+    /// serves it from its own table and answers with `Done`. A shard without a group owns
+    /// every table: it never forwards.
     pub(super) fn forward_part(&mut self, pid: PartId) {
         let p = self.parts[pid];
         self.parts.free(pid);
-        let group = self.group.as_ref().expect("only a group forwards parts");
-        let owner = (p.guest_off / self.l2_cover) as usize % group.count();
+        let Some(link) = &mut self.group else {
+            unreachable!("only a shard of a group forwards parts");
+        };
+        let owner = link.owner(p.guest_off / self.l2_cover);
         let req = &self.reqs[p.req];
-        group.send(
+        link.send_piece(
             owner,
             Msg::Part {
                 from: self.index as u16,
@@ -244,44 +373,51 @@ impl State {
                 writethrough: req.writethrough,
             },
         );
-        self.remote_pieces += 1;
-        self.to_wake |= 1 << owner;
     }
 
     /// The version of another shard's table that the copy in top-layer L2 slot `slot` was
     /// read at (0: none).
     pub(super) fn foreign_tag(&self, slot: u32) -> u64 {
-        self.foreign_tags.get(slot as usize).copied().unwrap_or(0)
+        self.group
+            .as_ref()
+            .and_then(|g| g.foreign_tags.get(slot as usize).copied())
+            .unwrap_or(0)
     }
 
+    /// Records the version a copy of another shard's table in top-layer L2 slot `slot` was
+    /// read at (only a shard of a group holds such copies).
     pub(super) fn set_foreign_tag(&mut self, slot: u32, tag: u64) {
+        let Some(g) = &mut self.group else {
+            return;
+        };
         let i = slot as usize;
-        if i >= self.foreign_tags.len() {
-            self.foreign_tags.resize(i + 1, 0);
+        if i >= g.foreign_tags.len() {
+            g.foreign_tags.resize(i + 1, 0);
         }
-        self.foreign_tags[i] = tag;
+        g.foreign_tags[i] = tag;
     }
 
     /// This shard changed table `l1_index` (or its L1 entry) in memory: other shards stop
     /// trusting their copies until it is in the file.
     pub(super) fn table_changed(&mut self, l1_index: u64) {
-        let Some(group) = &self.group else {
+        let Some(link) = &mut self.group else {
             return;
         };
-        if group.version(l1_index) % 2 == 0 {
-            group.bump_version(l1_index);
-            self.odd_tables.push(l1_index);
+        if link.version(l1_index) % 2 == 0 {
+            link.group.bump_version(l1_index);
+            link.odd_tables.push(l1_index);
         }
     }
 
     /// A run (flush or write-back) succeeded: tables with nothing left unwritten, their L1
     /// entry included, are whole in the file again.
     pub(super) fn tables_written(&mut self) {
-        let Some(group) = &self.group else {
+        let Some(link) = &mut self.group else {
             return;
         };
         let (l2, unwritten_l1) = (&self.layers[0].l2, &self.unwritten_l1);
-        self.odd_tables.retain(|&t| {
+        let group = &link.group;
+        link.odd_tables.retain(|&t| {
             if l2.is_unwritten(t) || unwritten_l1.contains(&t) {
                 return true;
             }
@@ -292,21 +428,24 @@ impl State {
 
     /// Whether other shards sent messages not yet taken.
     pub(super) fn has_mail(&self) -> bool {
-        self.group.as_ref().is_some_and(|g| g.has_mail(self.index))
+        self.group
+            .as_ref()
+            .is_some_and(|g| g.group.has_mail(g.index))
     }
 
-    /// Cuts a request of the caller at L2-table boundaries: the pieces this shard owns become
-    /// its parts, the others are sent to their owners (`group.rs`).
-    pub(super) fn start_split_request(
+    /// Starts a request of the caller: one part, or in a group cut at L2-table boundaries,
+    /// the pieces this shard owns becoming its parts and the others sent to their owners.
+    pub(super) fn start_caller_request(
         &mut self,
-        group: &Group,
         token: u64,
         kind: ReqKind,
         offset: u64,
         len: u64,
         iov: &[iovec],
     ) {
-        let count = group.count() as u64;
+        if self.group.is_none() {
+            return self.start_request(token, kind, None, offset, len, iov);
+        }
         let r = self.new_req(token, kind, None, iov, false);
         let (iov_ptr, iov_len) = (self.reqs[r].iov.as_ptr(), self.reqs[r].iov.len());
         let end = offset + len;
@@ -314,15 +453,15 @@ impl State {
         while off < end {
             let table = off / self.l2_cover;
             let piece_end = end.min((table + 1).saturating_mul(self.l2_cover));
-            let owner = (table % count) as usize;
             let (piece, skip) = (piece_end - off, off - offset);
+            let owner = self.group.as_ref().map_or(self.index, |g| g.owner(table));
             // Reads of another shard's table are tried here first (see `plan_read`).
             if owner == self.index || kind == ReqKind::Read {
                 self.reqs[r].has_local = true;
                 self.new_part(r, off, piece, skip);
-            } else {
+            } else if let Some(link) = &mut self.group {
                 self.reqs[r].pending += 1;
-                group.send(
+                link.send_piece(
                     owner,
                     Msg::Part {
                         from: self.index as u16,
@@ -336,82 +475,87 @@ impl State {
                         writethrough: self.writethrough,
                     },
                 );
-                self.remote_pieces += 1;
-                self.to_wake |= 1 << owner;
             }
             off = piece_end;
         }
     }
 
-    /// A flush of the caller: every shard of the group flushes, this one included.
-    pub(super) fn start_group_flush(&mut self, group: &Group, token: u64) {
+    /// A flush of the caller: in a group, every shard flushes, this one included; without
+    /// one, returns `false` (the caller flushes this shard alone).
+    pub(super) fn start_group_flush(&mut self, token: u64) -> bool {
+        let Some(count) = self.group.as_ref().map(|g| g.group.count()) else {
+            return false;
+        };
         let r = self.new_req(token, ReqKind::Flush, None, &[], false);
-        self.reqs[r].pending = group.count() as u32;
-        self.forwarded_in += 1;
+        self.reqs[r].pending = count as u32;
         self.flush.enqueue(forwarded_token(self.index as u16, r));
-        for other in (0..group.count()).filter(|&i| i != self.index) {
-            group.send(
-                other,
-                Msg::Flush {
-                    from: self.index as u16,
-                    req: r,
-                },
-            );
-            self.remote_pieces += 1;
-            self.to_wake |= 1 << other;
+        let from = self.index as u16;
+        if let Some(link) = &mut self.group {
+            link.forwarded_in += 1;
+            for other in (0..count).filter(|&i| i != self.index) {
+                link.send_piece(other, Msg::Flush { from, req: r });
+            }
         }
+        true
     }
 
     /// Takes the messages other shards sent.
     pub(super) fn receive(&mut self) {
-        let Some(group) = self.group.take() else {
+        let Some(link) = &self.group else {
             return;
         };
-        group.looking(self.index);
-        while let Some(msg) = group.receive(self.index) {
-            match msg {
-                Msg::Part {
-                    from,
-                    req,
-                    kind,
-                    guest_off,
-                    len,
-                    skip,
-                    iov,
-                    iov_len,
-                    writethrough,
-                } => {
-                    self.forwarded_in += 1;
-                    let iov: &[iovec] = if iov_len == 0 {
-                        &[]
-                    } else {
-                        // SAFETY: the array lives in the sender's request until this piece is
-                        // answered (see `Msg`); it is copied here, before that.
-                        unsafe { std::slice::from_raw_parts(iov, iov_len) }
-                    };
-                    let r = self.new_req(forwarded_token(from, req), kind, None, iov, true);
-                    self.reqs[r].writethrough = writethrough;
-                    self.new_part(r, guest_off, len, skip);
-                }
-                Msg::Flush { from, req } => {
-                    self.forwarded_in += 1;
-                    self.flush.enqueue(forwarded_token(from, req));
-                }
-                Msg::Done { req, result } => {
-                    self.remote_pieces -= 1;
-                    self.piece_done(req, result);
-                }
+        link.group.looking(self.index);
+        while let Some(msg) = self.group.as_ref().and_then(GroupLink::receive) {
+            self.handle_message(msg);
+        }
+    }
+
+    /// Handles one message from another shard.
+    fn handle_message(&mut self, msg: Msg) {
+        let Some(link) = &mut self.group else {
+            return;
+        };
+        match msg {
+            Msg::Part {
+                from,
+                req,
+                kind,
+                guest_off,
+                len,
+                skip,
+                iov,
+                iov_len,
+                writethrough,
+            } => {
+                link.forwarded_in += 1;
+                let iov: &[iovec] = if iov_len == 0 {
+                    &[]
+                } else {
+                    // SAFETY: the array lives in the sender's request until this piece is
+                    // answered (see `Msg`); it is copied here, before that.
+                    unsafe { std::slice::from_raw_parts(iov, iov_len) }
+                };
+                let r = self.new_req(forwarded_token(from, req), kind, None, iov, true);
+                self.reqs[r].writethrough = writethrough;
+                self.new_part(r, guest_off, len, skip);
+            }
+            Msg::Flush { from, req } => {
+                link.forwarded_in += 1;
+                self.flush.enqueue(forwarded_token(from, req));
+            }
+            Msg::Done { req, result } => {
+                link.remote_pieces -= 1;
+                self.piece_done(req, result);
             }
         }
-        self.group = Some(group);
     }
 
     /// Answers the pieces served for other shards (and this shard's own piece of a group
     /// flush) among the finished requests; the caller's stay.
     pub(super) fn route_finished(&mut self) {
-        let Some(group) = self.group.take() else {
+        if self.group.is_none() {
             return;
-        };
+        }
         let mut i = 0;
         while i < self.finished.len() {
             let Some((from, req)) = forwarded_parts(self.finished[i].token) else {
@@ -419,21 +563,15 @@ impl State {
                 continue;
             };
             let c = self.finished.swap_remove(i);
-            self.forwarded_in -= 1;
+            if let Some(link) = &mut self.group {
+                link.forwarded_in -= 1;
+            }
             if usize::from(from) == self.index {
                 self.piece_done(req, c.result);
-            } else {
-                group.send(
-                    usize::from(from),
-                    Msg::Done {
-                        req,
-                        result: c.result,
-                    },
-                );
-                self.to_wake |= 1 << from;
+            } else if let Some(link) = &mut self.group {
+                link.answer(usize::from(from), req, c.result);
             }
         }
-        self.group = Some(group);
     }
 }
 

@@ -72,7 +72,7 @@ impl State {
                 Self::enqueue_waiter(&mut self.parts, caches.l2.waiters_mut(slot), pid);
                 if self.is_foreign(layer, l1_index) {
                     // The version the copy is read at; checked again when the read is done.
-                    let v = self.group.as_ref().map_or(0, |g| g.version(l1_index));
+                    let v = self.table_version(l1_index);
                     self.set_foreign_tag(slot, if v.is_multiple_of(2) { v } else { 0 });
                 }
                 let caches = &mut self.layers[layer as usize];
@@ -115,7 +115,7 @@ impl State {
         self.free_op(op);
         if self.is_foreign(layer, key) {
             let tag = self.foreign_tag(slot);
-            if self.group.as_ref().is_none_or(|g| g.version(key) != tag) {
+            if self.table_version(key) != tag {
                 // The owner changed the table meanwhile: the copy may be torn. Its waiters
                 // see the mismatch and read it again or go to the owner.
                 self.set_foreign_tag(slot, 0);
@@ -161,9 +161,7 @@ impl State {
     ) -> Option<u32> {
         let (q, w) = top(img);
         debug_assert!(
-            self.group
-                .as_ref()
-                .is_none_or(|g| l1_index as usize % g.count() == self.index),
+            !self.is_foreign(0, l1_index),
             "L2 table {l1_index} changed by a shard that does not own it"
         );
         let cs = q.geom.cluster_size();

@@ -51,8 +51,8 @@ use crate::io::{iov_total_len, InflateSharing, Job, Ring, POSTED};
 
 use crate::shared::ImageInner;
 pub use flush::{LoggedStep, WriteLog};
-use group::Group;
-use group::{forwarded_parts, Msg};
+use group::forwarded_parts;
+use group::{Group, GroupLink};
 use libc::iovec;
 use op::{Buffer, InflateTarget, OpKind};
 use request::ReqKind;
@@ -221,7 +221,8 @@ impl Shard {
     /// right until this shard, polled, sees them complete. A caller that drives several
     /// shards polls each until this is 0 before it blocks on any one of them.
     pub fn in_flight(&self) -> usize {
-        let requests = self.st.reqs.live() + self.st.flush.waiting() - self.st.forwarded_in;
+        let forwarded_in = self.st.group.as_ref().map_or(0, GroupLink::forwarded_in);
+        let requests = self.st.reqs.live() + self.st.flush.waiting() - forwarded_in;
         let holds_blocks = self
             .image
             .writable
@@ -232,7 +233,7 @@ impl Shard {
 
     /// Joins the group of shards serving one writable image (`Image::new_shards`).
     pub(crate) fn join(&mut self, group: Arc<Group>) {
-        self.st.group = Some(group);
+        self.st.group = Some(GroupLink::new(group, self.st.index));
     }
 
     /// L2 cache (hits, misses) summed over the layers.
@@ -316,13 +317,7 @@ impl Shard {
             });
             return;
         }
-        match st.group.take() {
-            None => st.start_request(token, kind, None, offset, len, iov),
-            Some(group) => {
-                st.start_split_request(&group, token, kind, offset, len, iov);
-                st.group = Some(group);
-            }
-        }
+        st.start_caller_request(token, kind, offset, len, iov);
     }
 
     /// Refuses tokens the engine keeps for itself.
@@ -409,9 +404,7 @@ impl Shard {
     /// Queues a flush: completes when every write completed before it is durable.
     pub fn submit_flush(&mut self, token: u64) -> Result<(), Error> {
         self.check_token(token)?;
-        if let Some(group) = self.st.group.take() {
-            self.st.start_group_flush(&group, token);
-            self.st.group = Some(group);
+        if self.st.start_group_flush(token) {
             return Ok(());
         }
         self.local_flush(token)
@@ -475,14 +468,8 @@ impl Shard {
             }
         }
         self.st.jobs.leave();
-        if self.st.to_wake != 0 {
-            if let Some(group) = &self.st.group {
-                let mut bits = std::mem::take(&mut self.st.to_wake);
-                while bits != 0 {
-                    group.wake(bits.trailing_zeros() as usize);
-                    bits &= bits - 1;
-                }
-            }
+        if let Some(link) = &mut self.st.group {
+            link.wake_others();
         }
         out.append(&mut self.st.finished);
     }
@@ -518,7 +505,11 @@ impl Shard {
             if out.len() == before
                 && self.st.ops_in_kernel == 0
                 && self.st.ready.is_empty()
-                && self.st.remote_pieces == 0
+                && self
+                    .st
+                    .group
+                    .as_ref()
+                    .is_none_or(|g| g.remote_pieces() == 0)
             {
                 break;
             }
@@ -758,38 +749,9 @@ impl Drop for Shard {
         // wait for their answers (the daemon drives every shard until idle before dropping
         // any, so this only waits when something went wrong). Pieces they send meanwhile are
         // answered with an error, so that they do not wait for this shard either.
-        let Some(group) = self.st.group.take() else {
-            return;
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            group.looking(self.st.index);
-            while let Some(msg) = group.receive(self.st.index) {
-                let (from, req) = match msg {
-                    Msg::Done { .. } => {
-                        self.st.remote_pieces -= 1;
-                        continue;
-                    }
-                    Msg::Part { from, req, .. } | Msg::Flush { from, req } => (from, req),
-                };
-                let result = Err(IoError::Os { errno: libc::EIO });
-                group.send(usize::from(from), Msg::Done { req, result });
-                group.wake(usize::from(from));
-            }
-            if self.st.remote_pieces == 0 {
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                tracing::error!(
-                    "A shard is dropped while {} pieces of its requests are still served by \
-                     other shards",
-                    self.st.remote_pieces
-                );
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        if let Some(link) = self.st.group.take() {
+            link.leave();
         }
-        group.close(self.st.index);
     }
 }
 

@@ -63,9 +63,10 @@ impl State {
             // Another shard's table is read from this shard's own copy while the owner has
             // nothing unwritten in it (`group.rs`), else the part goes to the owner.
             let foreign = self.is_foreign(p.layer, l1_index);
-            let version = match &self.group {
-                Some(g) if foreign => g.version(l1_index),
-                _ => 0,
+            let version = if foreign {
+                self.table_version(l1_index)
+            } else {
+                0
             };
             if version % 2 == 1 {
                 return self.forward_part(pid);

@@ -146,12 +146,7 @@ impl State {
 
     pub(super) fn finish_part(&mut self, pid: PartId, result: Result<(), IoError>) {
         let p = self.parts[pid];
-        if p.tag != 0
-            && self
-                .group
-                .as_ref()
-                .is_some_and(|g| g.version(p.guest_off / self.l2_cover) != p.tag)
-        {
+        if p.tag != 0 && self.table_version(p.guest_off / self.l2_cover) != p.tag {
             // Planned with a copy of another shard's table that changed meanwhile: what it
             // read may be stale (even from a cluster freed and reused since). Its owner
             // serves it again.

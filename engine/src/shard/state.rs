@@ -6,7 +6,7 @@
 //! Owned by one shard and used only on its thread.
 
 use super::flush::FlushState;
-use super::group::Group;
+use super::group::GroupLink;
 use super::op::Op;
 use super::request::{Part, Req};
 use super::reserve::{Frees, PendingFree, Reserved};
@@ -22,7 +22,6 @@ use crate::shared::ImageInner;
 use crate::write::Writable;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
-use std::sync::Arc;
 
 pub(super) struct LayerCaches {
     pub(super) l2: SlotCache,
@@ -33,24 +32,13 @@ pub(super) struct LayerCaches {
 pub(super) struct State {
     /// This shard's index in its group (0 without one).
     pub(super) index: usize,
-    /// The other shards of a writable image served by several (`group.rs`).
-    pub(super) group: Option<Arc<Group>>,
+    /// The link to the other shards of a writable image served by several, with this
+    /// shard's side of the coordination (`group.rs`).
+    pub(super) group: Option<GroupLink>,
     /// Guest bytes one L2 table of the top image maps (the unit of ownership in a group).
     pub(super) l2_cover: u64,
-    /// Requests and flushes served for other shards (and this shard's own piece of a group
-    /// flush), not yet answered.
-    pub(super) forwarded_in: usize,
-    /// Pieces of this shard's requests (and flushes) sent to other shards, not yet answered.
-    pub(super) remote_pieces: usize,
-    /// Shards to wake at the end of this poll (bit per shard).
-    pub(super) to_wake: u64,
     /// A `Retry` timeout is in flight.
     pub(super) retry_armed: bool,
-    /// Per top-layer L2 cache slot holding a copy of another shard's table: the table's
-    /// version the copy was read at (0: none vouches for it).
-    pub(super) foreign_tags: Vec<u64>,
-    /// Tables of this shard whose version is odd (changes not in the file yet).
-    pub(super) odd_tables: Vec<u64>,
     pub(super) layers: Vec<LayerCaches>,
     pub(super) reqs: Slab<ReqId, Req>,
     pub(super) parts: Slab<PartId, Part>,
@@ -200,12 +188,7 @@ impl State {
             index: if grouped { config.index } else { 0 },
             group: None,
             l2_cover,
-            forwarded_in: 0,
-            remote_pieces: 0,
-            to_wake: 0,
             retry_armed: false,
-            foreign_tags: Vec::new(),
-            odd_tables: Vec::new(),
             layers,
             reqs: Slab::with_capacity(256),
             parts: Slab::with_capacity(512),
