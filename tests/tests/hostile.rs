@@ -316,7 +316,6 @@ fn pipe() -> (std::fs::File, std::fs::File) {
 }
 
 #[test]
-#[ignore = "under CPU load, 7 of 8 126 MiB reads of a zlib image sometimes never complete after the sealed-memory truncation attempt (every thread idle): under investigation"]
 fn frontends_that_would_crash_or_block_the_daemon_fail_alone() {
     let mut s = setup("frontend");
     let still_serving = |s: &mut Setup, when: &str| {

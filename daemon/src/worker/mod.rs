@@ -33,11 +33,14 @@
 //! The in-flight budget ([`Gate`], `crate::budget`: bytes and requests per worker and per
 //! connection) closes it too, while the worker is at its limits. Chains then stay in the
 //! available ring (with EVENT_IDX, notifications stay off), the worker remembers that it left
-//! chains behind (`starved`), and when its own completions give budget back
-//! ([`Worker::process_completions`]) it goes round its ready queues again through the same
-//! resume path as the timer ([`Worker::resume_queues`]), whether or not the guest kicks
-//! again. Budget of the connection given back by another worker wakes it through its timer
-//! ([`Worker::process_timer`]).
+//! chains behind (`starved`), and when its own completions give budget back it goes round
+//! its ready queues again through the same resume path as the timer
+//! ([`Worker::resume_queues`]), whether or not the guest kicks again. Completions are reaped
+//! at the end of every turn, whatever event started it (a kick, the engine's completion
+//! eventfd, the timer), and reaping drains that eventfd: so the check for budget given back
+//! follows every reap ([`Worker::settle`]), never only the completion event. Budget of the
+//! connection given back by another worker, or by a queue being stopped on the frontend's
+//! thread, wakes it through its timer ([`Worker::process_timer`]).
 //!
 //! A broken available ring (an index more than the queue size ahead of the device's, or an
 //! entry that cannot be read: a hostile driver, or a frontend that truncated the memory the
@@ -191,6 +194,10 @@ pub struct Worker<B: BlockIo> {
     /// chain is taken from them until the frontend stops the queue and sets it up again.
     broken: u64,
 }
+
+/// Rounds of taking chains and reaping in one turn of the worker before it goes back to its
+/// event loop (see [`Worker::settle`]).
+const MAX_RESUME_ROUNDS: u32 = 8;
 
 /// What the available ring of a queue offers.
 enum Avail {
@@ -388,14 +395,23 @@ impl<B: BlockIo> Worker<B> {
         dev: &DeviceInfo,
     ) {
         self.remember_vrings(vrings);
-        let Some(vring) = vrings.get(index) else {
+        if index >= vrings.len() {
             warn!(index, "Event for a queue this worker does not own");
+            return;
+        }
+        // A broken queue's kicks are left alone (see `pop_requests`); completions are still
+        // returned.
+        self.take_chains(vrings, index, event_idx, dev);
+        self.settle(vrings, event_idx, dev);
+    }
+
+    /// Takes every available chain of local queue `index` while the gate is open (re-enabling
+    /// notifications with EVENT_IDX so that no kick is lost). Reaps nothing.
+    fn take_chains(&mut self, vrings: &[Vring], index: usize, event_idx: bool, dev: &DeviceInfo) {
+        let Some(vring) = vrings.get(index) else {
             return;
         };
         if self.broken & (1 << index) != 0 {
-            // Its kicks are left alone (see `pop_requests`); completions are still returned.
-            self.reap(vrings, false);
-            self.notify(vrings);
             return;
         }
         let mem = self.mem.memory().into_inner();
@@ -430,27 +446,67 @@ impl<B: BlockIo> Worker<B> {
                 }
             }
         }
-        self.reap(vrings, false);
-        self.notify(vrings);
-        self.publish_metrics();
     }
 
     /// Handles the engine's completion eventfd: returns finished requests, then, if chains
     /// were left in the rings for want of budget and the gate is open again, takes them up.
     pub fn process_completions(&mut self, vrings: &[Vring], event_idx: bool, dev: &DeviceInfo) {
         self.remember_vrings(vrings);
-        self.reap(vrings, false);
-        if self.starved && !self.quiescing && self.gate_open() {
-            self.starved = false;
+        self.settle(vrings, event_idx, dev);
+    }
+
+    /// The end of every turn of the worker: reaps what the engine finished and, while that
+    /// gave back the budget that had left chains in the rings, takes them up (and reaps
+    /// again); then notifies the guest.
+    ///
+    /// Every reap goes through here, whatever event started the turn: reaping drains the
+    /// engine's completion eventfd, so budget given back by completions reaped during a kick
+    /// or a timer turn is never announced by another event, and chains left behind would
+    /// wait for a kick the guest has no reason to send. After [`MAX_RESUME_ROUNDS`] rounds
+    /// the worker arms its timer instead and goes back to its event loop, so that a guest
+    /// whose requests complete as fast as they are taken cannot keep it from its other
+    /// events (its exit event among them).
+    fn settle(&mut self, vrings: &[Vring], event_idx: bool, dev: &DeviceInfo) {
+        let mut rounds = 0;
+        loop {
+            self.reap(vrings, false);
+            if !self.resumable() {
+                break;
+            }
+            if rounds == MAX_RESUME_ROUNDS {
+                self.wake_soon("to take chains left in the rings");
+                break;
+            }
+            rounds += 1;
             self.resume_queues(vrings, event_idx, dev);
         }
         self.notify(vrings);
         self.publish_metrics();
     }
 
+    /// Whether chains were left in the rings for want of budget and the gate is open again.
+    fn resumable(&self) -> bool {
+        self.starved && !self.quiescing && self.gate_open()
+    }
+
+    /// Has the worker thread come back through its timer ([`Worker::process_timer`]) as
+    /// soon as it is back in its event loop. `why` is for the log.
+    fn wake_soon(&mut self, why: &str) {
+        if let Some((_, timer)) = &mut self.throttle {
+            if let Err(e) = timer.arm(std::time::Duration::from_nanos(1)) {
+                warn!("Cannot wake the worker {why}: {e}");
+            }
+        }
+    }
+
     /// Goes round every ready queue taking chains until the gate closes (after a wait under
-    /// the limits or for budget).
+    /// the limits or for budget). A queue whose chains are left behind again says so
+    /// (`starved`). Reaps nothing: the caller settles.
     fn resume_queues(&mut self, vrings: &[Vring], event_idx: bool, dev: &DeviceInfo) {
+        if !self.gate_open() {
+            return;
+        }
+        self.starved = false;
         for index in 0..vrings.len() {
             if !self.gate_open() {
                 break;
@@ -460,7 +516,7 @@ impl<B: BlockIo> Worker<B> {
                 state.is_enabled() && state.get_queue().ready()
             };
             if ready {
-                self.process_queue(vrings, index, event_idx, dev);
+                self.take_chains(vrings, index, event_idx, dev);
             }
         }
     }
@@ -487,6 +543,11 @@ impl<B: BlockIo> Worker<B> {
         self.notify(&vrings);
         self.vrings = vrings;
         self.publish_metrics();
+        // This runs on the frontend's thread: chains of the worker's other queues that the
+        // completions reaped here have made room for are taken by the worker's own thread.
+        if self.resumable() {
+            self.wake_soon("to take chains left in the rings");
+        }
         // Whenever the queue starts again it is set up afresh (the frontend may reset it, or
         // share another area, in between).
         if let Some(t) = self.tracked.get_mut(index) {
@@ -521,9 +582,7 @@ impl<B: BlockIo> Worker<B> {
             self.release_held();
         }
         self.resume_queues(vrings, event_idx, dev);
-        self.reap(vrings, false);
-        self.notify(vrings);
-        self.publish_metrics();
+        self.settle(vrings, event_idx, dev);
     }
 
     /// Reads the throttle timer's expiry, so that its descriptor stops firing.
