@@ -191,7 +191,7 @@ impl State {
         let writes_blocks = flush_plan::takes_block_right(
             hard,
             w.lazy_refcounts,
-            self.newest_referenced > self.durable_seq,
+            self.reservations.referenced_not_durable(),
         );
         if writes_blocks {
             match w.take_block_writes(self.index) {
@@ -279,11 +279,11 @@ impl State {
         f.l1_indices.sort_unstable();
         f.l1_indices.dedup();
         if hard {
-            f.frees = std::mem::take(&mut self.pending_frees);
+            f.frees = std::mem::take(&mut self.reservations.pending_frees);
         }
         let sync_data_first = std::mem::take(&mut self.sync_before_l2);
-        self.newest_referenced = 0;
-        f.snap_seq = self.reserve_seq;
+        self.reservations.newest_referenced = 0;
+        f.snap_seq = self.reservations.seq;
 
         // A write-back takes refcount blocks only when an entry it writes needs them durable
         // first, or the table moved; otherwise they are left to the durable refcount writes
@@ -308,7 +308,7 @@ impl State {
             f.snap_seq = 0;
         }
         debug_assert!(
-            blocks.is_empty() || (f.holds_blocks && self.refcount_writes == 0),
+            blocks.is_empty() || (f.holds_blocks && self.reservations.refcount_writes == 0),
             "refcount blocks written by a run without the right to"
         );
         let moved_table = table.map(|snapshot| {
@@ -341,7 +341,7 @@ impl State {
     /// may land in either order. A table that grew or moved is left to the next run (which
     /// then writes the blocks too, in order).
     pub(super) fn start_refcount_writes(&mut self, ring: &mut Ring, img: &ImageInner) {
-        if !self.refcounts_to_write || self.refcount_writes > 0 {
+        if !self.reservations.refcounts_to_write || self.reservations.refcount_writes > 0 {
             return;
         }
         let Some(w) = &img.writable else {
@@ -368,16 +368,16 @@ impl State {
             }
             rc.take_dirty_blocks()
         };
-        self.refcounts_to_write = false;
-        self.refcount_writes_seq = self.reserve_seq;
-        self.refcount_writes_failed = None;
+        self.reservations.refcounts_to_write = false;
+        self.reservations.refcount_writes_seq = self.reservations.seq;
+        self.reservations.refcount_writes_failed = None;
         let blocks: Vec<PlannedWrite> = blocks
             .into_iter()
             .map(|(host, buf)| planned(host, buf, class::REFCOUNT_BLOCK))
             .collect();
         if let Some(hit) = first_overlap(img, &blocks) {
             self.pending_overlap.get_or_insert(hit);
-            self.refcount_writes_failed = Some(IoError::Corrupt {
+            self.reservations.refcount_writes_failed = Some(IoError::Corrupt {
                 host_offset: hit.at,
             });
             return self.refcount_writes_finished(img);
@@ -393,13 +393,13 @@ impl State {
             // SAFETY: the buffer is owned by the op (a heap allocation that does not move)
             // until its completion.
             match unsafe { self.push(ring, op, entry) } {
-                Ok(()) => self.refcount_writes += 1,
+                Ok(()) => self.reservations.refcount_writes += 1,
                 Err(e) => {
-                    self.refcount_writes_failed.get_or_insert(e);
+                    self.reservations.refcount_writes_failed.get_or_insert(e);
                 }
             }
         }
-        if self.refcount_writes == 0 {
+        if self.reservations.refcount_writes == 0 {
             self.refcount_writes_finished(img);
         }
     }
@@ -407,11 +407,12 @@ impl State {
     /// One durable refcount-block write completed.
     pub(super) fn refcount_write_done(&mut self, img: &ImageInner, res: i32) {
         if res < 0 {
-            self.refcount_writes_failed
+            self.reservations
+                .refcount_writes_failed
                 .get_or_insert(IoError::Os { errno: -res });
         }
-        self.refcount_writes -= 1;
-        if self.refcount_writes == 0 {
+        self.reservations.refcount_writes -= 1;
+        if self.reservations.refcount_writes == 0 {
             self.refcount_writes_finished(img);
         }
     }
@@ -420,8 +421,11 @@ impl State {
         if let Some(w) = &img.writable {
             w.end_block_writes(self.index);
         }
-        match self.refcount_writes_failed.take() {
-            None => self.durable_seq = self.durable_seq.max(self.refcount_writes_seq),
+        match self.reservations.refcount_writes_failed.take() {
+            None => {
+                let seq = self.reservations.refcount_writes_seq;
+                self.reservations.made_durable(seq);
+            }
             Some(e) => {
                 let w = img
                     .writable
@@ -570,7 +574,7 @@ impl State {
         f.active = false;
         let result = match f.error {
             None => {
-                self.durable_seq = self.durable_seq.max(f.snap_seq);
+                self.reservations.made_durable(f.snap_seq);
                 if let Some((off, n)) = f.table.take().and_then(|t| t.retired) {
                     let cluster = 1u64 << rc_cluster_bits(img);
                     let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
@@ -580,7 +584,7 @@ impl State {
                 }
                 // The dropped references are durable: the clusters are freed once no data
                 // operation in flight targets them (invariant 10).
-                self.frees.due.append(&mut f.frees);
+                self.reservations.frees.due.append(&mut f.frees);
                 self.apply_frees(img);
                 Ok(())
             }
@@ -595,7 +599,7 @@ impl State {
                 }
                 self.dirty_l1.extend_from_slice(&f.l1_indices);
                 self.unwritten_l1.extend_from_slice(&f.l1_indices);
-                self.pending_frees.append(&mut f.frees);
+                self.reservations.pending_frees.append(&mut f.frees);
                 let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
                 rc.mark_all_dirty();
                 if let Some(t) = f.table.take() {
@@ -614,8 +618,8 @@ impl State {
     /// A data operation on a host cluster starts: it holds the current epoch until it is
     /// freed (see `Frees`).
     pub(super) fn hold_epoch(&mut self, op: OpId) {
-        let e = self.frees.current;
-        self.frees.live[e] += 1;
+        let e = self.reservations.frees.current;
+        self.reservations.frees.live[e] += 1;
         self.ops[op].epoch = e as u8 + 1;
     }
 
@@ -626,7 +630,7 @@ impl State {
             return;
         };
         loop {
-            let f = &mut self.frees;
+            let f = &mut self.reservations.frees;
             if !f.draining.is_empty() {
                 if f.live[1 - f.current] > 0 {
                     return;
@@ -646,7 +650,7 @@ impl State {
                     }
                 }
             }
-            let f = &mut self.frees;
+            let f = &mut self.reservations.frees;
             if f.due.is_empty() {
                 return;
             }

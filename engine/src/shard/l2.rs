@@ -203,7 +203,7 @@ impl State {
                         }
                     };
                     self.move_table(q, w, l1_index, slot, new);
-                    self.pending_frees.push(PendingFree {
+                    self.reservations.pending_frees.push(PendingFree {
                         host,
                         len: cs,
                         compressed: None,

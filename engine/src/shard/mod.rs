@@ -546,7 +546,10 @@ impl Shard {
             return;
         };
         let cs = self.image.cluster_size();
-        for r in [&mut self.st.reserved, &mut self.st.spare] {
+        for r in [
+            &mut self.st.reservations.reserved,
+            &mut self.st.reservations.spare,
+        ] {
             if r.remaining == 0 {
                 continue;
             }
@@ -667,7 +670,7 @@ impl Shard {
             st.ops_in_kernel -= 1;
             st.complete_op(ring, img, OpId::from_index(op as u32), res);
         }
-        if !st.frees.draining.is_empty() && st.frees.live[1 - st.frees.current] == 0 {
+        if st.reservations.frees.drained() {
             st.apply_frees(img);
         }
         st.receive();
@@ -703,12 +706,8 @@ fn check_iov_count(iov: &[iovec]) -> Result<(), Error> {
 impl Drop for Shard {
     fn drop(&mut self) {
         if self.image.writable.is_some()
-            && (!self.st.pending_frees.is_empty()
-                || !self.st.frees.due.is_empty()
-                || !self.st.frees.draining.is_empty()
+            && (self.st.reservations.holds_anything()
                 || !self.st.dirty_l1.is_empty()
-                || self.st.reserved.remaining > 0
-                || self.st.spare.remaining > 0
                 || self.st.reqs.live() > 0)
         {
             tracing::warn!(

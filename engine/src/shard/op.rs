@@ -172,7 +172,7 @@ impl State {
         let o = &mut self.ops[op];
         let kind = std::mem::take(&mut o.kind);
         if o.epoch != 0 {
-            self.frees.live[usize::from(o.epoch - 1)] -= 1;
+            self.reservations.frees.live[usize::from(o.epoch - 1)] -= 1;
             o.epoch = 0;
         }
         let charge = std::mem::take(&mut o.scratch_charge);

@@ -34,6 +34,57 @@ pub(super) struct Reserved {
     pub(super) seq: u64,
 }
 
+/// A shard's reservations: the clusters it hands out, the durability of their refcounts
+/// that entries pointing into them wait for, and the references dropped whose clusters are
+/// freed once that is durable and no operation in flight still uses them.
+#[derive(Default)]
+pub(super) struct Reservations {
+    /// The reservation clusters are handed out from.
+    pub(super) reserved: Reserved,
+    /// The next reservation, taken once half of `reserved` is used.
+    pub(super) spare: Reserved,
+    /// Number of the last reservation taken.
+    pub(super) seq: u64,
+    /// Reservations up to this number have durable refcounts.
+    pub(super) durable_seq: u64,
+    /// The newest reservation an unwritten entry points into (0: none that is not durable).
+    pub(super) newest_referenced: u64,
+    /// A reservation was taken whose refcount blocks have not been submitted for writing.
+    pub(super) refcounts_to_write: bool,
+    /// Durable refcount-block writes in flight, and the last reservation they cover.
+    pub(super) refcount_writes: u32,
+    pub(super) refcount_writes_seq: u64,
+    pub(super) refcount_writes_failed: Option<IoError>,
+    /// References dropped, freed after the next flush.
+    pub(super) pending_frees: Vec<PendingFree>,
+    /// Frees made due by flushes, waiting for data operations in flight.
+    pub(super) frees: Frees,
+    /// The last reservation failed (and was logged).
+    pub(super) allocation_failed: bool,
+}
+
+impl Reservations {
+    /// Whether anything reserved or freed waits for a flush or a release (a writable shard
+    /// dropped with this loses it).
+    pub(super) fn holds_anything(&self) -> bool {
+        !self.pending_frees.is_empty()
+            || !self.frees.due.is_empty()
+            || !self.frees.draining.is_empty()
+            || self.reserved.remaining > 0
+            || self.spare.remaining > 0
+    }
+
+    /// The refcounts of reservations up to `seq` are durable.
+    pub(super) fn made_durable(&mut self, seq: u64) {
+        self.durable_seq = self.durable_seq.max(seq);
+    }
+
+    /// Whether an unwritten entry points into a reservation whose refcounts are not durable.
+    pub(super) fn referenced_not_durable(&self) -> bool {
+        self.newest_referenced > self.durable_seq
+    }
+}
+
 /// A host range whose reference was dropped; freed after the next flush makes that durable.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct PendingFree {
@@ -69,6 +120,13 @@ pub(super) struct Frees {
     pub(super) draining: Vec<PendingFree>,
 }
 
+impl Frees {
+    /// Whether frees wait for the old epoch and it has drained.
+    pub(super) fn drained(&self) -> bool {
+        !self.draining.is_empty() && self.live[1 - self.current] == 0
+    }
+}
+
 fn refcount_error(e: &RefcountError, cluster_bits: u32) -> IoError {
     match *e {
         RefcountError::TooLarge => IoError::Os {
@@ -98,21 +156,21 @@ impl State {
     ) -> Result<(u64, bool, u64), IoError> {
         let (q, _) = top(img);
         let cs = q.geom.cluster_size();
-        if self.reserved.remaining == 0 {
-            self.reserved = if self.spare.remaining > 0 {
-                std::mem::take(&mut self.spare)
+        if self.reservations.reserved.remaining == 0 {
+            self.reservations.reserved = if self.reservations.spare.remaining > 0 {
+                std::mem::take(&mut self.reservations.spare)
             } else {
                 self.reserve(img, w)?
             };
         }
-        let r = &mut self.reserved;
+        let r = &mut self.reservations.reserved;
         let (host, fresh, seq) = (r.next, r.fresh, r.seq);
         r.next += cs;
         r.remaining -= 1;
-        if r.remaining <= r.size / 2 && self.spare.remaining == 0 {
+        if r.remaining <= r.size / 2 && self.reservations.spare.remaining == 0 {
             // Failing early is harmless: the next reservation reports the error.
             match self.reserve(img, w) {
-                Ok(spare) => self.spare = spare,
+                Ok(spare) => self.reservations.spare = spare,
                 Err(e) => tracing::debug!("Cannot reserve clusters ahead: {e}"),
             }
         }
@@ -139,7 +197,7 @@ impl State {
                             at: host,
                             classes,
                         });
-                    } else if !self.allocation_failed {
+                    } else if !self.reservations.allocation_failed {
                         // Once until an allocation succeeds again: every write that needs a
                         // cluster fails the same way meanwhile.
                         tracing::error!(
@@ -147,11 +205,11 @@ impl State {
                             img.top.path.display()
                         );
                     }
-                    self.allocation_failed = true;
+                    self.reservations.allocation_failed = true;
                     return Err(refcount_error(&e, q.geom.cluster_bits));
                 }
             };
-            self.allocation_failed = false;
+            self.reservations.allocation_failed = false;
             // Extend the file over the reservation so that no entry ever points past its end
             // (under the lock: another shard's reservation may end further out, and the file
             // must never be cut back under it).
@@ -173,15 +231,15 @@ impl State {
         if w.lazy_refcounts {
             self.sync_before_l2 = true;
         } else {
-            self.refcounts_to_write = true;
+            self.reservations.refcounts_to_write = true;
         }
-        self.reserve_seq += 1;
+        self.reservations.seq += 1;
         Ok(Reserved {
             next: off,
             remaining: n,
             size: n,
             fresh,
-            seq: self.reserve_seq,
+            seq: self.reservations.seq,
         })
     }
 
@@ -190,8 +248,8 @@ impl State {
     /// refcounts durable unless an earlier one already did (invariant 1).
     pub(super) fn note_reference(&mut self, img: &ImageInner, seq: u64) {
         let lazy = img.writable.as_ref().is_some_and(|w| w.lazy_refcounts);
-        if !lazy && seq > self.durable_seq {
-            self.newest_referenced = self.newest_referenced.max(seq);
+        if !lazy && seq > self.reservations.durable_seq {
+            self.reservations.newest_referenced = self.reservations.newest_referenced.max(seq);
         }
     }
 }

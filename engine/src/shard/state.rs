@@ -9,11 +9,10 @@ use super::flush::FlushState;
 use super::group::GroupLink;
 use super::op::Op;
 use super::request::{Part, Req};
-use super::reserve::{Frees, PendingFree, Reserved};
+use super::reserve::Reservations;
 use super::slab::{AllocId, OpId, PartId, ReqId, Slab};
 use super::write::Alloc;
 use super::{Completion, ShardConfig};
-use crate::error::IoError;
 use crate::io::{AlignedBuf, ClusterInflater, InflateQueue};
 use crate::layer::KindRef;
 use crate::layer::Qcow2Layer;
@@ -76,26 +75,9 @@ pub(super) struct State {
     /// Guest offsets just past the last few compressed parts read (sequential streams).
     pub(super) compressed_ends: [u64; 8],
     pub(super) compressed_end_next: usize,
-    pub(super) reserved: Reserved,
-    /// The next reservation, taken once half of `reserved` is used.
-    pub(super) spare: Reserved,
-    /// Number of the last reservation taken.
-    pub(super) reserve_seq: u64,
-    /// Reservations up to this number have durable refcounts.
-    pub(super) durable_seq: u64,
-    /// The newest reservation an unwritten entry points into (0: none that is not durable).
-    pub(super) newest_referenced: u64,
-    /// A reservation was taken whose refcount blocks have not been submitted for writing.
-    pub(super) refcounts_to_write: bool,
-    /// Durable refcount-block writes in flight, and the last reservation they cover.
-    pub(super) refcount_writes: u32,
-    pub(super) refcount_writes_seq: u64,
-    pub(super) refcount_writes_failed: Option<IoError>,
-    pub(super) pending_frees: Vec<PendingFree>,
-    /// Frees made due by flushes, waiting for data operations in flight.
-    pub(super) frees: Frees,
-    /// The last reservation failed (and was logged).
-    pub(super) allocation_failed: bool,
+    /// Clusters reserved for allocation, the durability of their refcounts, and the frees
+    /// waiting for flushes and operations in flight (`reserve.rs`).
+    pub(super) reservations: Reservations,
     /// Test hook: hold in-place writes back ([`ShardConfig::hold_data_writes`]) and the
     /// writes held (operation, entry).
     pub(super) hold_data_writes: bool,
@@ -219,18 +201,7 @@ impl State {
             ops_in_kernel: 0,
             compressed_ends: [u64::MAX; 8],
             compressed_end_next: 0,
-            reserved: Reserved::default(),
-            spare: Reserved::default(),
-            reserve_seq: 0,
-            durable_seq: 0,
-            newest_referenced: 0,
-            refcounts_to_write: false,
-            refcount_writes: 0,
-            refcount_writes_seq: 0,
-            refcount_writes_failed: None,
-            pending_frees: Vec::new(),
-            frees: Frees::default(),
-            allocation_failed: false,
+            reservations: Reservations::default(),
             hold_data_writes: config.hold_data_writes,
             held: Vec::new(),
             dirty_l1: Vec::new(),

@@ -577,7 +577,7 @@ impl State {
         if al.new_cluster && !al.identity {
             // Never referenced: free it once the next flush has passed. (Cluster buffers are
             // one cluster of the top image.)
-            self.pending_frees.push(PendingFree {
+            self.reservations.pending_frees.push(PendingFree {
                 host: al.host,
                 len: self.cluster_buf_bytes as u64,
                 compressed: None,
@@ -601,7 +601,7 @@ impl State {
         };
         match old.mapping {
             ClusterMapping::Normal { host } | ClusterMapping::Zero { host: Some(host) } => {
-                self.pending_frees.push(PendingFree {
+                self.reservations.pending_frees.push(PendingFree {
                     host,
                     len: cs,
                     compressed: None,
@@ -610,7 +610,7 @@ impl State {
             }
             ClusterMapping::Compressed(d) => {
                 let (host, len) = d.host_range();
-                self.pending_frees.push(PendingFree {
+                self.reservations.pending_frees.push(PendingFree {
                     host,
                     len,
                     compressed: Some(d.host_offset),
