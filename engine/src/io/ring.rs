@@ -323,16 +323,42 @@ impl Ring {
 
 /// Reads and writes through a private io_uring and waits: for metadata at open and close
 /// time, off the data path.
+///
+/// A thread keeps the ring of the last reader it dropped and hands it to the next one it
+/// creates: opens, closes and checks follow one another on a thread, and a ring costs
+/// several system calls and a few pages to set up, and a kernel worker to tear down. A kept
+/// ring has nothing in flight (a reader whose wait failed with an entry still in the kernel
+/// is not kept), names no file (entries carry plain descriptors, released as they complete)
+/// and is restricted as every reader's is; it is closed when its thread exits.
 pub struct BlockingReader {
-    ring: IoUring,
+    /// Always `Some` until the reader is dropped.
+    ring: Option<IoUring>,
+    /// An entry was pushed and its completion has not been taken.
+    busy: bool,
+}
+
+thread_local! {
+    /// The ring of the last reader this thread dropped.
+    static SPARE_RING: std::cell::Cell<Option<IoUring>> = const { std::cell::Cell::new(None) };
 }
 
 impl BlockingReader {
-    /// Creates a small ring.
+    /// Creates a small ring, or takes the one this thread kept.
     pub fn new() -> io::Result<BlockingReader> {
+        let ring = match SPARE_RING.with(std::cell::Cell::take) {
+            Some(ring) => ring,
+            None => build_restricted(&mut IoUring::builder(), 4, &BLOCKING_OPS, &[], |_| Ok(()))?,
+        };
         Ok(BlockingReader {
-            ring: build_restricted(&mut IoUring::builder(), 4, &BLOCKING_OPS, &[], |_| Ok(()))?,
+            ring: Some(ring),
+            busy: false,
         })
+    }
+
+    fn ring(&mut self) -> &mut IoUring {
+        self.ring
+            .as_mut()
+            .expect("a blocking reader's ring is only taken when it is dropped")
     }
 
     /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (less only at
@@ -378,24 +404,26 @@ impl BlockingReader {
         // points to (borrowed by our caller for the duration of the call) outlives the
         // kernel's use; nothing else is queued on this private ring.
         unsafe {
-            self.ring
+            self.ring()
                 .submission()
                 .push(&entry)
                 .map_err(|_| io::Error::other("submission queue full"))?;
         }
+        self.busy = true;
         // A signal may end the wait after the entry was submitted but before it completed:
         // io_uring_enter then returns the count submitted, not EINTR. Wait again until the
         // completion is there.
         let res = loop {
-            if let Some(c) = self.ring.completion().next() {
+            if let Some(c) = self.ring().completion().next() {
                 break c.result();
             }
-            match self.ring.submit_and_wait(1) {
+            match self.ring().submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => return Err(e),
             }
         };
+        self.busy = false;
         if res < 0 {
             return Err(io::Error::from_raw_os_error(-res));
         }
@@ -429,6 +457,19 @@ impl BlockingReader {
             .flags(io_uring::types::FsyncFlags::DATASYNC)
             .build();
         self.run_one(entry).map(|_| ())
+    }
+}
+
+impl Drop for BlockingReader {
+    fn drop(&mut self) {
+        let Some(ring) = self.ring.take() else {
+            return;
+        };
+        if self.busy {
+            return; // Closed here: the kernel cancels what it still holds.
+        }
+        // A thread exiting has no slot any more: the ring is closed with the reader.
+        let _ = SPARE_RING.try_with(|spare| spare.set(Some(ring)));
     }
 }
 
@@ -480,5 +521,32 @@ mod tests {
         assert_eq!(&buf, b"Name:");
         let err = reader.run_one(opcode::Nop::new().build()).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+    }
+
+    /// A dropped reader's ring is kept open and serves the next reader of the thread,
+    /// restricted as before; a second reader alive at the same time gets a ring of its own.
+    #[test]
+    fn a_thread_reuses_the_ring_of_its_last_blocking_reader() {
+        std::thread::spawn(|| {
+            let file = std::fs::File::open("/proc/self/status").unwrap();
+            let mut first = BlockingReader::new().unwrap();
+            let ring_fd = first.ring().as_raw_fd();
+            drop(first);
+            // Had the ring been closed, this would take its descriptor.
+            let other = std::fs::File::open("/dev/null").unwrap();
+            assert_ne!(other.as_raw_fd(), ring_fd);
+            let mut again = BlockingReader::new().unwrap();
+            assert_eq!(again.ring().as_raw_fd(), ring_fd, "the kept ring");
+            let mut buf = [0u8; 5];
+            again.read_exact_at(file.as_raw_fd(), &mut buf, 0).unwrap();
+            assert_eq!(&buf, b"Name:");
+            let err = again.run_one(opcode::Nop::new().build()).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+            let mut second = BlockingReader::new().unwrap();
+            assert_ne!(second.ring().as_raw_fd(), ring_fd);
+            second.read_exact_at(file.as_raw_fd(), &mut buf, 0).unwrap();
+        })
+        .join()
+        .unwrap();
     }
 }
