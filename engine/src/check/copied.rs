@@ -81,8 +81,7 @@ impl Analysis {
         let fixing = mode != FlagMode::Check;
         let verb = if fixing { "Repairing" } else { "ERROR" };
         let (l1_off, l1_size) = (self.header.l1_table_offset, self.header.l1_size);
-        let mut l1 = zeroed(u64::from(l1_size) * 8, &t.path)?;
-        t.read(l1_off, &mut l1, "the active L1 table")?;
+        let l1 = t.read_entries(l1_off, u64::from(l1_size) * 8, "the active L1 table")?;
         let mut l2 = zeroed(g.cs, &t.path)?;
         let mut fixed = 0u64;
         let mut done_tables = HashSet::new();

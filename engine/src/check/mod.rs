@@ -383,6 +383,23 @@ impl Target {
         Ok(())
     }
 
+    /// The entries of a table of `len` bytes (whole 8-byte entries) at `off`, up to the last
+    /// one the file holds any byte of. What lies past the end of the file reads as zeros and
+    /// a zero entry names nothing, so the entries past it are left out instead of being
+    /// allocated, zeroed and walked: a damaged header may declare tables of many MiB in a
+    /// file of a few KiB.
+    fn read_entries(&mut self, off: u64, len: u64, what: &str) -> Result<Vec<u8>, Error> {
+        let held = self
+            .len()?
+            .saturating_sub(off)
+            .min(len)
+            .next_multiple_of(8)
+            .min(len);
+        let mut buf = zeroed(held, &self.path)?;
+        self.read(off, &mut buf, what)?;
+        Ok(buf)
+    }
+
     fn write(&mut self, off: u64, buf: &[u8], what: &str) -> Result<(), Error> {
         self.io
             .write_all_at(self.file.as_raw_fd(), buf, off)

@@ -376,8 +376,8 @@ pub(super) fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analy
     }
     a.count_bitmaps(t)?;
 
-    let mut rt = zeroed(rt_bytes, &t.path)?;
-    t.read(h.refcount_table_offset, &mut rt, "the refcount table")?;
+    // Entries past the end of the file are zero, as missing ones are (no block).
+    let rt = t.read_entries(h.refcount_table_offset, rt_bytes, "the refcount table")?;
     a.reftable = rt.chunks_exact(8).map(|c| be64_at(c, 0)).collect();
     drop(rt);
     a.check_refblocks();
@@ -475,8 +475,7 @@ impl Analysis {
         if bytes == 0 {
             return Ok(());
         }
-        let mut l1 = zeroed(bytes, &t.path)?;
-        t.read(l1_off, &mut l1, &format!("the {label} L1 table"))?;
+        let l1 = t.read_entries(l1_off, bytes, &format!("the {label} L1 table"))?;
         let mut l2 = zeroed(g.cs, &t.path)?;
         for chunk in l1.chunks_exact(8) {
             let raw = be64_at(chunk, 0);
