@@ -1,9 +1,10 @@
 //! `check --repair` on an image whose bytes come from the fuzzer (seeds: small images made by
 //! `qemu-img`, some with data, compressed clusters, leaks): no panic, a second check of the
 //! repaired image agrees with what the repair reported, and the repair never adds
-//! corruptions. (It may leave some: like `qemu-img check -r all`, it cannot repair an L2 entry
-//! with reserved bits set, for one; `engine/tests/fuzz_found.rs` compares such images with
-//! QEMU.)
+//! corruptions to an image the first check could read whole. (It may leave some: like
+//! `qemu-img check -r all`, it cannot repair an L2 entry with reserved bits set, for one;
+//! `engine/tests/fuzz_found.rs` compares such images with QEMU, and replays this target's
+//! corpus against `qemu-img check`: too slow a process to run in the fuzzing loop.)
 
 #![no_main]
 
@@ -24,8 +25,12 @@ fuzz_target!(|data: &[u8]| {
         (repaired.corruptions, repaired.leaks, repaired.check_errors),
         "a second check disagrees with the repair's own double check\nrepair:\n{repaired}\nagain:\n{again}"
     );
+    // Where the first check could not read a refcount block (a check error), it compared no
+    // refcount and no COPIED flag of the clusters that block covers: a repair that makes the
+    // block readable uncovers what was there, it adds nothing. So corruptions are compared
+    // when the first check saw the whole image.
     assert!(
-        again.corruptions <= before.corruptions,
+        before.check_errors > 0 || again.corruptions <= before.corruptions,
         "the repair added corruptions\nbefore:\n{before}\nafter:\n{again}"
     );
 });
