@@ -545,8 +545,8 @@ impl Drop for BlkBackend {
 }
 
 /// vhost-user-backend's request thread reaches the backend only through these callbacks: the
-/// first one installs its filter. The export thread, which calls some of them while it builds
-/// the connection, already has its own role, so they leave it alone.
+/// first one installs its filter. The connection's thread, which calls some of them while it
+/// builds the connection, already has its own role, so they leave it alone.
 fn frontend_thread() {
     seccomp::enter_unless_set(Role::Frontend);
 }

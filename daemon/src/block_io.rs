@@ -238,7 +238,7 @@ impl BlockIo for EngineIo {
     fn finish(&mut self) -> Result<(), Self::SubmitError> {
         // flush_blocking drains whatever is still queued first. The reservation goes back even
         // if the flush failed: it only changes in-memory refcounts, and a failed image is never
-        // closed (see `Export::run`).
+        // closed (see `Export::close`).
         let Some(shard) = &mut self.shard else {
             return Ok(());
         };

@@ -1,15 +1,16 @@
-//! One export: its listening socket and the loop that serves its frontend connections.
+//! One export: its listening socket, the serving of one frontend connection, and the close.
 //!
-//! The socket is created on the main thread ([`bind_socket`]); then the export's own listener
-//! thread runs [`Export::run`]: it accepts one frontend, then builds a fresh [`BlkBackend`]
-//! (with new engine shards) and a fresh `VhostUserDaemon` for it, whose worker threads are
-//! spawned by vhost-user-backend (so an export waiting for a client holds no shard, cache or
-//! worker thread), waits until the frontend goes away, then tears everything
-//! down (worker threads joined through their exit events; shards drained, flushed and their
-//! reserved clusters given back, so the next client sees every write of this one) and accepts
-//! the next one. When asked to stop it closes the image cleanly (refcounts written, dirty bit
-//! cleared) — unless a flush failed, in which case the image is left as it is on disk and the
-//! export reports the failure. [`ExportControl`] is how the main thread asks it to stop,
+//! The socket is created on the main thread ([`bind_socket`], non-blocking); while the export
+//! waits for a client it sits with every other idle export in the listener thread's epoll set
+//! ([`crate::listen`]), holding no thread, shard, cache or worker. For each frontend the
+//! listener accepts, a connection thread runs [`Export::serve_connection`]: it builds a fresh
+//! [`BlkBackend`] (with new engine shards) and a fresh `VhostUserDaemon`, whose worker threads
+//! are spawned by vhost-user-backend, waits until the frontend goes away, then tears
+//! everything down (worker threads joined through their exit events; shards drained, flushed
+//! and their reserved clusters given back, so the next client sees every write of this one).
+//! When the export stops, [`Export::close`] closes the image cleanly (refcounts written, dirty
+//! bit cleared) — unless a flush failed, in which case the image is left as it is on disk and
+//! the export reports the failure. [`ExportControl`] is how the main thread asks it to stop,
 //! whether it is waiting for a client or serving one.
 
 use std::os::unix::fs::FileTypeExt;
@@ -24,6 +25,7 @@ use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{BackendError, BlkBackend, DeviceParams, Handlers};
+use crate::listen::Waker;
 use crate::relay::Relay;
 
 /// Failures to create an export's socket.
@@ -88,6 +90,12 @@ pub enum ExportError {
     /// The export thread panicked.
     #[error("The export thread panicked")]
     Panicked,
+    /// The thread of a new connection could not be started.
+    #[error("Cannot start the thread of a new connection")]
+    Thread(#[source] std::io::Error),
+    /// The socket could not be watched for the next connection.
+    #[error("Cannot wait for the next connection")]
+    Listen(#[source] std::io::Error),
     /// A connection's writes could not be made durable; the image was not closed cleanly.
     #[error(
         "Writes could not be made durable, so the image was not closed cleanly (check it with qemu-img check)"
@@ -98,15 +106,19 @@ pub enum ExportError {
     Close(#[source] qcow2d_engine::Error),
 }
 
-/// Creates the listening socket at `path`. A stale socket left by a previous run (nobody
-/// listening) is replaced; a live one, or anything that is not a socket, is an error.
+/// Creates the listening socket at `path`, non-blocking (the listener thread accepts on it
+/// when epoll says it is readable). A stale socket left by a previous run (nobody listening)
+/// is replaced; a live one, or anything that is not a socket, is an error.
 pub fn bind_socket(path: &Path) -> Result<Listener, SocketError> {
     clear_stale_socket(path)?;
-    // The listener removes the socket file when it is dropped.
-    Listener::new(path, false).map_err(|source| SocketError::Bind {
+    let bind = |source| SocketError::Bind {
         path: path.to_owned(),
         source,
-    })
+    };
+    // The listener removes the socket file when it is dropped.
+    let listener = Listener::new(path, false).map_err(bind)?;
+    listener.set_nonblocking(true).map_err(bind)?;
+    Ok(listener)
 }
 
 /// Makes room for a socket at `path`: nothing there is fine, a stale socket (nobody listening)
@@ -194,15 +206,19 @@ struct ImageState {
 /// handle of the connection being served, and the image with the backend that uses it.
 pub struct ExportControl {
     socket: PathBuf,
+    /// Wakes the listener thread to end the export while it waits for a client.
+    waker: Waker,
     state: Mutex<ControlState>,
     image: Mutex<ImageState>,
 }
 
 impl ExportControl {
-    /// Control for the export of `image` listening on `socket`.
-    pub fn new(socket: PathBuf, image: Image) -> Self {
+    /// Control for the export of `image` listening on `socket`, whose listener thread
+    /// `waker` wakes.
+    pub fn new(socket: PathBuf, image: Image, waker: Waker) -> Self {
         ExportControl {
             socket,
+            waker,
             state: Mutex::new(ControlState::default()),
             image: Mutex::new(ImageState {
                 image: Some(image),
@@ -275,7 +291,8 @@ impl ExportControl {
     }
 
     /// Asks the export to stop: completes the client's requests in flight and disconnects
-    /// it, or wakes the listener from accept().
+    /// it (its connection thread then closes the export), or wakes the listener thread,
+    /// which closes an export waiting for a client.
     pub fn request_stop(&self) {
         let connection = {
             let mut state = self.lock();
@@ -293,14 +310,14 @@ impl ExportControl {
             None => true,
         };
         if waiting_for_client {
-            // The listener thread may be blocked in accept(): give it a connection to return
-            // with. It sees the stop request and closes it at once. Failure means it is not
-            // listening any more, which is just as good.
-            let _ = UnixStream::connect(&self.socket);
+            // Marked stopping before the wake-up: the listener (or a connection thread about
+            // to put the export back) sees the mark.
+            self.waker.wake();
         }
     }
 
-    fn is_stopping(&self) -> bool {
+    /// Whether the export was asked to stop.
+    pub fn is_stopping(&self) -> bool {
         self.lock().stopping
     }
 
@@ -334,35 +351,51 @@ impl ExportControl {
 }
 
 /// An export ready to serve: its device parameters and bound socket (its image is in
-/// `control`).
+/// `control`). Owned by the listener thread while it waits for a client, by the connection's
+/// thread while it serves one.
 pub struct Export {
+    /// The export's id (the supervisor's; the listener's epoll token).
+    pub id: u64,
     /// Image path (for logs).
-    pub image_path: PathBuf,
+    image_path: PathBuf,
     /// The device the guest sees.
-    pub params: DeviceParams,
-    /// The bound socket.
+    params: DeviceParams,
+    /// The bound, non-blocking socket.
     pub listener: Listener,
     /// Stop requests from the main thread.
     pub control: Arc<ExportControl>,
     /// Name of the vhost-user frontend thread.
-    pub thread_name: String,
+    thread_name: String,
+    /// The first failure to make a connection's writes durable: the export goes on serving
+    /// (the engine refuses writes from then on) and reports it when it closes.
+    flush_error: Option<qcow2d_engine::Error>,
 }
 
 impl Export {
-    /// Serves connections one after the other until stopped, then closes the image. Runs on
-    /// the export's own thread.
-    pub fn run(mut self) -> Result<(), ExportError> {
-        crate::sandbox::seccomp::enter_or_abort(crate::sandbox::Role::Export);
-        let mut flush_error = None;
-        let served = self.serve(&mut flush_error);
-        let closed = self.close(flush_error);
-        served.and(closed)
+    /// Export `id` of the image at `image_path` (opened in `control`) on `listener`.
+    pub fn new(
+        id: u64,
+        image_path: PathBuf,
+        params: DeviceParams,
+        listener: Listener,
+        control: Arc<ExportControl>,
+    ) -> Self {
+        Export {
+            id,
+            image_path,
+            params,
+            listener,
+            control,
+            thread_name: format!("qcow2d-vu{id}"),
+            flush_error: None,
+        }
     }
 
     /// Closes a writable image cleanly once every shard has been flushed and dropped, unless
     /// one of those flushes failed: then nothing more is written (the engine has turned the
     /// image read-only) and that failure is the result.
-    fn close(&self, flush_error: Option<qcow2d_engine::Error>) -> Result<(), ExportError> {
+    pub fn close(&mut self) -> Result<(), ExportError> {
+        let flush_error = self.flush_error.take();
         // The backend still built for a next connection goes first (its shards flush and give
         // back their reservations as they are dropped); the image goes with this function:
         // its locks are released when it is dropped.
@@ -394,110 +427,91 @@ impl Export {
         }
     }
 
-    /// Waits for the next frontend on the export's socket.
-    fn accept(&self) -> Result<UnixStream, VhostUserError> {
-        loop {
-            if let Some(stream) = self.listener.accept()? {
-                return Ok(stream);
-            }
-        }
-    }
-
-    /// The connection loop of [`Export::run`]. The first failure to make a connection's writes
-    /// durable is stored in `flush_error`; the export goes on serving (the engine refuses
-    /// writes from then on) until it is stopped.
-    fn serve(&mut self, flush_error: &mut Option<qcow2d_engine::Error>) -> Result<(), ExportError> {
+    /// Serves `frontend` until it goes away or the export is asked to stop, then tears the
+    /// connection down. Runs on the connection's own thread. A failure to make the
+    /// connection's writes durable is kept for [`Export::close`]; the export goes on serving.
+    pub fn serve_connection(&mut self, frontend: UnixStream) -> Result<(), ExportError> {
         let socket = self.control.socket.display().to_string();
-        loop {
-            if self.control.is_stopping() {
-                return Ok(());
-            }
-            let frontend = match self.accept() {
-                Ok(frontend) => frontend,
-                Err(_) if self.control.is_stopping() => return Ok(()),
-                Err(e) => return Err(ExportError::Accept(e.to_string())),
-            };
-            if self.control.is_stopping() {
-                return Ok(());
-            }
-            // Built for this client only: an export waiting for one holds no shard, cache or
-            // worker thread.
-            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let (backend, mut daemon) = {
-                let mut st = self.control.image_state();
-                let Some(image) = st.image.as_ref() else {
-                    return Ok(());
-                };
-                let backend = Arc::new(BlkBackend::new(image, &self.params, &mem)?);
-                let daemon = VhostUserDaemon::new(self.thread_name.clone(), backend.clone(), mem)
-                    .map_err(|e| ExportError::Daemon(e.to_string()))?;
-                let handlers = daemon.get_epoll_handlers();
-                backend.register_completions(&handlers)?;
-                st.backend = Some((Arc::clone(&backend), handlers));
-                (backend, daemon)
-            };
-            // vhost-user-backend serves the private end; the relay sits between it and the
-            // frontend.
-            let (mut private, device_end) =
-                crate::relay::private_connection().map_err(ExportError::Relay)?;
-            daemon
-                .start(&mut private)
-                .map_err(|e| ExportError::Daemon(e.to_string()))?;
-            drop(private);
-            let pid = peer_pid(&frontend);
-            let relay = Relay::start(
-                frontend,
-                device_end,
-                backend.inflight(),
-                backend.channel(),
-                &self.thread_name,
-            )
-            .map_err(ExportError::Relay)?;
-            // If a stop was requested meanwhile (possibly by the wake-up connection of
-            // `request_stop`), this ends the connection at once.
-            self.control
-                .connected(daemon.shutdown_handle(), &backend, pid);
-            let stopped_at_once = self.control.is_stopping();
-            if !stopped_at_once {
-                info!(
-                    socket,
-                    image = %self.image_path.display(),
-                    workers = backend.threads(),
-                    "Client connected"
-                );
-            }
-
-            let result = daemon.wait();
-            relay.stop();
-            self.control.disconnected();
-            match result {
-                _ if stopped_at_once => {}
-                Ok(()) => info!(socket, "Client disconnected"),
-                Err(DaemonError::HandleRequest(
-                    VhostUserError::Disconnected
-                    | VhostUserError::PartialMessage
-                    | VhostUserError::SocketBroken(_),
-                )) => info!(socket, "Client disconnected"),
-                Err(e) if self.control.is_stopping() => {
-                    info!(socket, "Connection closed for shutdown ({e})");
-                }
-                Err(e) => warn!(socket, "Connection ended with an error: {e}"),
-            }
-            // Dropping the daemon stops and joins the worker threads (and the frontend thread
-            // is gone already): nothing else touches the shards. Finishing them waits for the
-            // requests still in flight and makes every write durable before they are dropped.
-            // Under the image lock: a resize does not change the shards meanwhile.
-            drop(daemon);
-            let mut st = self.control.image_state();
-            st.backend = None;
-            if let Err(e) = backend.finish() {
-                error!(socket, "The client's writes could not be made durable: {e}");
-                flush_error.get_or_insert(e);
-            }
-            drop(backend);
-            drop(st);
-            crate::release_freed_memory();
+        if self.control.is_stopping() {
+            return Ok(());
         }
+        // Built for this client only: an export waiting for one holds no shard, cache or
+        // worker thread.
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let (backend, mut daemon) = {
+            let mut st = self.control.image_state();
+            let Some(image) = st.image.as_ref() else {
+                return Ok(());
+            };
+            let backend = Arc::new(BlkBackend::new(image, &self.params, &mem)?);
+            let daemon = VhostUserDaemon::new(self.thread_name.clone(), backend.clone(), mem)
+                .map_err(|e| ExportError::Daemon(e.to_string()))?;
+            let handlers = daemon.get_epoll_handlers();
+            backend.register_completions(&handlers)?;
+            st.backend = Some((Arc::clone(&backend), handlers));
+            (backend, daemon)
+        };
+        // vhost-user-backend serves the private end; the relay sits between it and the
+        // frontend.
+        let (mut private, device_end) =
+            crate::relay::private_connection().map_err(ExportError::Relay)?;
+        daemon
+            .start(&mut private)
+            .map_err(|e| ExportError::Daemon(e.to_string()))?;
+        drop(private);
+        let pid = peer_pid(&frontend);
+        let relay = Relay::start(
+            frontend,
+            device_end,
+            backend.inflight(),
+            backend.channel(),
+            &self.thread_name,
+        )
+        .map_err(ExportError::Relay)?;
+        // If a stop was requested meanwhile, this ends the connection at once.
+        self.control
+            .connected(daemon.shutdown_handle(), &backend, pid);
+        let stopped_at_once = self.control.is_stopping();
+        if !stopped_at_once {
+            info!(
+                socket,
+                image = %self.image_path.display(),
+                workers = backend.threads(),
+                "Client connected"
+            );
+        }
+
+        let result = daemon.wait();
+        relay.stop();
+        self.control.disconnected();
+        match result {
+            _ if stopped_at_once => {}
+            Ok(()) => info!(socket, "Client disconnected"),
+            Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected
+                | VhostUserError::PartialMessage
+                | VhostUserError::SocketBroken(_),
+            )) => info!(socket, "Client disconnected"),
+            Err(e) if self.control.is_stopping() => {
+                info!(socket, "Connection closed for shutdown ({e})");
+            }
+            Err(e) => warn!(socket, "Connection ended with an error: {e}"),
+        }
+        // Dropping the daemon stops and joins the worker threads (and the frontend thread
+        // is gone already): nothing else touches the shards. Finishing them waits for the
+        // requests still in flight and makes every write durable before they are dropped.
+        // Under the image lock: a resize does not change the shards meanwhile.
+        drop(daemon);
+        let mut st = self.control.image_state();
+        st.backend = None;
+        if let Err(e) = backend.finish() {
+            error!(socket, "The client's writes could not be made durable: {e}");
+            self.flush_error.get_or_insert(e);
+        }
+        drop(backend);
+        drop(st);
+        crate::release_freed_memory();
+        Ok(())
     }
 }
 
@@ -556,15 +570,21 @@ mod tests {
             throttle: Arc::new(crate::throttle::ExportThrottle::default()),
             budgets: crate::budget::Budgets::default(),
         };
-        let control = Arc::new(ExportControl::new(socket.clone(), image));
-        let export = Export {
-            image_path: path.clone(),
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let listeners = crate::listen::Listeners::new(Box::new(move |id, result| {
+            let _ = done_tx.send((id, result));
+        }))
+        .unwrap();
+        listeners.spawn().unwrap();
+        let control = Arc::new(ExportControl::new(socket.clone(), image, listeners.waker()));
+        let export = Export::new(
+            7,
+            path.clone(),
             params,
-            listener: bind_socket(&socket).unwrap(),
-            control: Arc::clone(&control),
-            thread_name: "test-vu".into(),
-        };
-        let thread = std::thread::spawn(move || export.run());
+            bind_socket(&socket).unwrap(),
+            Arc::clone(&control),
+        );
+        listeners.add(export).map_err(|(_, e)| e).unwrap();
 
         let mut frontend = Frontend::connect(&socket, 2).unwrap();
         frontend.set_owner().unwrap();
@@ -643,7 +663,10 @@ mod tests {
         drop(frontend);
 
         control.request_stop();
-        thread.join().unwrap().unwrap();
+        let (id, result) = done.recv().unwrap();
+        assert_eq!(id, 7);
+        result.unwrap();
+        assert!(!socket.exists(), "the socket file went with the export");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

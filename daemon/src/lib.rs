@@ -30,6 +30,7 @@ mod exit_events;
 mod export;
 mod fdcheck;
 pub mod inflight;
+mod listen;
 mod metrics;
 mod notify;
 pub mod relay;

@@ -886,3 +886,111 @@ fn ctl_add_takes_the_overlap_check_mode() {
     let st = d.terminate();
     assert!(st.success(), "{st}");
 }
+
+/// The names of the threads of process `pid`.
+fn thread_names(pid: i32) -> Vec<String> {
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        // A thread may end meanwhile.
+        if let Ok(name) = std::fs::read_to_string(task.unwrap().path().join("comm")) {
+            names.push(name.trim_end().to_owned());
+        }
+    }
+    names
+}
+
+/// Many exports share one listener thread: an idle export has no thread of its own; two
+/// exports serve a client each at once (a thread per connection, gone when it ends); a second
+/// client of a busy export waits for the first to leave; an idle writable export that is
+/// removed gives its socket and its image back at once.
+#[test]
+fn idle_exports_share_one_listener_thread() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-listen");
+    let shared = image_with(&s, "shared.qcow2", 0x5e);
+    let w = image_with(&s, "w.qcow2", 0x77);
+    let sockets: Vec<PathBuf> = (0..16).map(|i| s.socket(&format!("r{i}.sock"))).collect();
+    let w_sock = s.socket("w.sock");
+    let control = s.socket("ctl.sock");
+    let config = s.join("q.toml");
+    let mut text = format!("control = \"{}\"\n", control.display());
+    for socket in &sockets {
+        text.push_str(&format!(
+            "[[export]]\nimage = \"{}\"\nsocket = \"{}\"\nread_only = true\nqueues = 1\n",
+            shared.display(),
+            socket.display()
+        ));
+    }
+    // Export 16, writable.
+    text.push_str(&format!(
+        "[[export]]\nimage = \"{}\"\nsocket = \"{}\"\nqueues = 1\n",
+        w.display(),
+        w_sock.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let mut cmd = Command::new(daemon_bin());
+    cmd.arg("serve").arg("--config").arg(&config);
+    let mut d = Daemon::spawn(cmd, &w, &w_sock).unwrap_or_else(|f| panic!("{f}"));
+    wait_for_list(&control, "17 exports", |e| e.len() == 17);
+
+    // Idle: main, signals, control, the listener and the inflate pool; no export thread.
+    let idle = thread_names(d.pid());
+    let count =
+        |names: &[String], prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).count();
+    assert_eq!(count(&idle, "qcow2d-listen"), 1, "{idle:?}");
+    assert_eq!(count(&idle, "qcow2d-export"), 0, "{idle:?}");
+    let pool = count(&idle, "qcow2d-inflate");
+    assert_eq!(idle.len(), 4 + pool, "{idle:?}");
+
+    // A writer on w holds its connection while r3 serves a reader.
+    let (release, holder) = hold_client(&w_sock);
+    let data = read_through(&sockets[3], 0, 4096);
+    assert!(data.iter().all(|&x| x == 0x5e));
+    let busy = thread_names(d.pid());
+    assert_eq!(count(&busy, "qcow2d-export16"), 1, "{busy:?}");
+    assert_eq!(count(&busy, "qcow2d-listen"), 1, "{busy:?}");
+    // A second client of w waits for the first: it reads what the first wrote.
+    let w_sock2 = w_sock.clone();
+    let (done_tx, done_rx) = mpsc::channel();
+    let second = thread::spawn(move || {
+        let data = read_through(&w_sock2, MIB, 4096);
+        let _ = done_tx.send(());
+        data
+    });
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        done_rx.try_recv().is_err(),
+        "a second client was served while the first was connected"
+    );
+    release.send(()).unwrap();
+    holder.join().unwrap().unwrap();
+    let data = second.join().unwrap();
+    assert!(data.iter().all(|&x| x == 0x5a), "the first client's write");
+
+    // Every connection's thread is gone once its client is.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let names = thread_names(d.pid());
+        if count(&names, "qcow2d-export") == 0 && count(&names, "vring_worker") == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "threads left: {names:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    // An idle writable export removed: its socket goes and its image is free for qemu-io.
+    ctl_ok(&control, &["remove", &w_sock.display().to_string()]);
+    assert!(!w_sock.exists(), "the socket of a removed export is left");
+    write_pattern(&w, "qcow2", 0x33, 0, 4096);
+    let exports = list(&control);
+    assert_eq!(exports.len(), 16, "{exports:?}");
+    // The others still serve.
+    let data = read_through(&sockets[15], 0, 4096);
+    assert!(data.iter().all(|&x| x == 0x5e));
+    d.assert_alive("after the removal");
+    let status = d.terminate();
+    assert!(status.success(), "qcow2d exited with {status}");
+    for socket in &sockets {
+        assert!(!socket.exists(), "{} left behind", socket.display());
+    }
+}

@@ -96,9 +96,10 @@ fn assert_all_filtered(pid: i32, when: &str) -> Vec<ThreadStatus> {
 }
 
 /// Every thread of a serving daemon has a seccomp filter and NO_NEW_PRIVS, before a client
-/// connects and once one is served (vhost-user-backend's workers and request thread and the
-/// relay threads are made per connection); the workers, the request thread and the relay
-/// threads each added their own filters on top of the listener's.
+/// connects and once one is served (the connection's thread, vhost-user-backend's workers and
+/// request thread and the relay threads are made per connection); the connection's thread
+/// runs under the listener's filter, the workers, the request thread and the relay threads
+/// each added their own filters on top of it.
 #[test]
 fn every_thread_is_filtered_before_and_after_a_client_connects() {
     let s = Scratch::new("sbx_threads");
@@ -121,7 +122,7 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
         let ready = all
             .iter()
             .all(|t| t.seccomp == "2" && t.no_new_privs == "1")
-            && all.iter().any(|t| t.name == "qcow2d-export0")
+            && all.iter().any(|t| t.name == "qcow2d-listen")
             && !all.iter().any(|t| t.name == "vring_worker");
         if ready {
             break;
@@ -142,15 +143,19 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
             .collect::<Vec<_>>())
     })
     .unwrap_or_else(|e| panic!("client: {e}\n{}", d.stderr()));
-    // Listener, request thread, two relay threads, two workers; main, signals.
+    // Listener, the connection's thread, request thread, two relay threads, two workers;
+    // main, signals.
     let count = |name: &str| names.iter().filter(|(n, _)| n == name).count();
     let filters = |name: &str| names.iter().find(|(n, _)| n == name).map(|(_, f)| *f);
+    assert_eq!(count("qcow2d-listen"), 1, "{names:?}");
     assert_eq!(count("qcow2d-export0"), 1, "{names:?}");
     assert_eq!(count("qcow2d-vu0"), 1, "{names:?}");
     assert_eq!(count("qcow2d-vu0-in"), 1, "{names:?}");
     assert_eq!(count("qcow2d-vu0-out"), 1, "{names:?}");
     assert_eq!(count("qcow2d-signals"), 1, "{names:?}");
-    // Each role installs its filter and the no-open filter over what it inherited.
+    // Each role installs its filter and the no-open filter over what it inherited; the
+    // connection's thread keeps the listener's.
+    assert_eq!(filters("qcow2d-listen"), Some(2), "{names:?}");
     assert_eq!(filters("qcow2d-export0"), Some(2), "{names:?}");
     assert_eq!(filters("qcow2d-vu0"), Some(4), "{names:?}");
     assert_eq!(filters("qcow2d-vu0-in"), Some(4), "{names:?}");

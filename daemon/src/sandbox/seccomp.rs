@@ -9,14 +9,15 @@
 //! their own on top: the kernel runs every filter of a thread and takes the strictest answer,
 //! so a thread can only ever narrow what its parent allowed. The roles and who starts whom:
 //!
-//! - `main` (the supervisor) starts the signal, metrics, control, inflate and export threads,
+//! - `main` (the supervisor) starts the signal, metrics, control, inflate and listener threads,
 //!   then keeps what adding exports at run time needs (opening and locking images, reading
-//!   the config file, binding sockets, starting export threads: everything `export` has and
-//!   more) and what a stop needs;
-//! - `export` (one listener per export) builds everything a connection needs (engine shards
-//!   and their io_urings, eventfds and epoll sets, the private socket of the relay) and starts
-//!   vhost-user-backend's threads and the relay threads, so its filter is the widest but opens
-//!   no file;
+//!   the config file, binding sockets, adding them to the listener's epoll set: everything
+//!   `export` has and more) and what a stop needs;
+//! - `export` (the listener thread, and the connection threads it starts, which inherit its
+//!   filter and only record the role) accepts frontends and builds everything a connection
+//!   needs (engine shards and their io_urings, eventfds and epoll sets, the private socket of
+//!   the relay), starts vhost-user-backend's threads and the relay threads, and closes images
+//!   (writes, syncs, lock release), so its filter is the widest but opens no file;
 //! - `frontend` (vhost-user-backend's request thread) maps guest memory and registers kick
 //!   eventfds; it takes its filter on its first call into the backend;
 //! - `worker` (vhost-user-backend's vring threads, the engine shards) polls epoll and its
@@ -87,7 +88,8 @@ pub enum Role {
     Signals,
     /// The metrics HTTP endpoint.
     Metrics,
-    /// An export's listener: sets up each connection and its threads.
+    /// The listener thread (every export's socket) and the connection threads it starts:
+    /// sets up each connection and its threads, closes images.
     Export,
     /// vhost-user-backend's request handler of one connection.
     Frontend,
@@ -272,6 +274,23 @@ pub fn enter(role: Role) -> Result<bool, SeccompError> {
         tracing::debug!(role = role.name(), "Seccomp filter installed");
     }
     Ok(filters.mode != SeccompMode::None)
+}
+
+/// For a thread started by a thread of `role` to do the same work (the listener's connection
+/// threads): it already runs under `role`'s filter, inherited, so only the role is recorded
+/// (callbacks that would add a narrower filter leave the thread alone), without stacking the
+/// same filter twice.
+pub fn inherit(role: Role) {
+    let Some(filters) = FILTERS.get() else {
+        return;
+    };
+    if ROLE.with(Cell::get).is_some() {
+        return;
+    }
+    if filters.mode != SeccompMode::None {
+        remember_thread_name();
+    }
+    ROLE.with(|r| r.set(Some(role)));
 }
 
 /// [`enter`] for a thread that cannot report an error to anyone: a thread that cannot get
@@ -546,11 +565,12 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
     match role {
         Role::Main => {
             // The supervisor: adds exports at run time (control requests, SIGHUP), so it opens
-            // images (and locks them), re-reads the config file, binds sockets and starts
-            // export threads, which inherit this filter before they add their own: all of
-            // an export's calls and more. Stopping: completing the requests in flight of each
-            // connection (on its shards) and shutting its socket down, waking listeners from
-            // accept(), systemd's STOPPING=1, removing sockets and the private directory.
+            // images (and locks them), re-reads the config file, binds sockets and adds them
+            // to the listener's epoll set (epoll_ctl); the listener thread it starts inherits
+            // this filter before it adds its own: all of an export's calls and more.
+            // Stopping: completing the requests in flight of each connection (on its shards)
+            // and shutting its socket down, waking the listener (an eventfd write),
+            // systemd's STOPPING=1, removing sockets and the private directory.
             merge(&mut rules, role_rules(Role::Export)?);
             allow(
                 &mut rules,

@@ -1,26 +1,28 @@
-//! `qcow2d serve`: opens the images, creates the sockets, runs one listener thread per export,
-//! changes the set of exports at run time (control requests, SIGHUP) and stops them all on
-//! SIGINT/SIGTERM or when one fails.
+//! `qcow2d serve`: opens the images, creates the sockets, starts the one listener thread that
+//! waits for the clients of every export ([`crate::listen`]), changes the set of exports at
+//! run time (control requests, SIGHUP) and stops them all on SIGINT/SIGTERM or when one fails.
 //!
 //! Everything here runs on the main thread, the supervisor. Start-up is all-or-nothing: every
 //! image is opened (for writing unless the export is read-only), every socket bound, the
 //! metrics endpoint (`--metrics`) and the control socket (`--control`) listening before the
 //! first "serving" line is printed. Then the main thread only waits for messages: a signal
-//! (from the signal thread), the end of an export thread, or a control request (from the
-//! control socket's threads, [`crate::control`]), and handles them one at a time. Exports are
-//! started and stopped individually ([`Supervisor::add`], [`Supervisor::remove`]); the others
-//! keep serving on their own threads meanwhile. SIGHUP re-reads the config file and applies
-//! the difference ([`Supervisor::reload`]). Stopping asks every export to stop; each export
-//! thread disconnects its client, drains and flushes its shards and closes its image
-//! ([`Export::run`]). An export that fails to do so, or that does not finish within
-//! [`STOP_TIMEOUT`] (a stuck disk), makes `serve` fail, so the process exits non-zero.
-//!
-//! An export that fails while serving (its thread returns an error or panics) ends alone: one
-//! error line names it, it stays in the list as failed (`ctl list`), and every other export
-//! keeps serving. `ctl remove` forgets it, `ctl add` (or a SIGHUP reload that still lists it)
-//! replaces it. The daemon ends only when nothing is left that could serve: no export
-//! serving and no control socket. One that still has a failed export when it stops exits
+//! (from the signal thread), the end of an export (from the listener or a connection's
+//! thread), or a control request (from the control socket's threads, [`crate::control`]), and
+//! handles them one at a time. Exports are started and stopped individually
+//! ([`Supervisor::add`], [`Supervisor::remove`]); the others keep serving meanwhile. SIGHUP
+//! re-reads the config file and applies the difference ([`Supervisor::reload`]). Stopping asks
+//! every export to stop; an export with a client has its connection's thread disconnect it,
+//! drain and flush its shards and close its image, an idle one is closed on a thread the
+//! listener starts for it ([`Export::close`]). An export that fails to do so, or that does not
+//! finish within [`STOP_TIMEOUT`] (a stuck disk), makes `serve` fail, so the process exits
 //! non-zero.
+//!
+//! An export that fails while serving (accepting, setting up a connection, a panic) ends
+//! alone: one error line names it, it stays in the list as failed (`ctl list`), and every
+//! other export keeps serving. `ctl remove` forgets it, `ctl add` (or a SIGHUP reload that
+//! still lists it) replaces it. The daemon ends only when nothing is left that could serve:
+//! no export serving and no control socket. One that still has a failed export when it stops
+//! exits non-zero.
 //!
 //! This file holds the start-up (`serve`) and its helpers; `supervisor.rs` the set of exports
 //! and the handling of each message.
@@ -42,6 +44,7 @@ use crate::backend::DeviceParams;
 use crate::config::{ExportConfig, ServeConfig};
 use crate::control::{self, Call};
 use crate::export::{bind_socket, ExportError, SocketError};
+use crate::listen::Listeners;
 use crate::metrics::Metrics;
 use crate::request::DeviceInfo;
 use crate::sandbox::landlock::{self, FsPolicy};
@@ -109,6 +112,15 @@ pub enum ServeError {
     /// A thread cannot be started.
     #[error("Cannot start a thread")]
     Thread(#[source] std::io::Error),
+    /// An export's socket cannot be watched for connections.
+    #[error("Cannot wait for connections on {}", socket.display())]
+    Listen {
+        /// The export's socket.
+        socket: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// An export failed while serving.
     #[error("Export {} failed", socket.display())]
     Export {
@@ -140,7 +152,10 @@ pub enum ServeError {
 
 pub(super) enum Event {
     Signal(libc::c_int),
-    ExportFinished { id: u64 },
+    ExportFinished {
+        id: u64,
+        result: Result<(), ExportError>,
+    },
     Control(Call),
 }
 
@@ -236,7 +251,7 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
     // From here on each thread keeps only the system calls it needs.
     seccomp::configure(config.seccomp)?;
     info!(seccomp = config.seccomp.name(), "Sandbox set up");
-    // One pool of inflate workers for every export, started before any export thread (no
+    // One pool of inflate workers for every export, started before the listener thread (no
     // worker thread may start threads, and a pool started on a first compressed read would
     // be started by one).
     let pool = qcow2d_engine::start_inflate_pool(qcow2d_engine::InflatePoolConfig {
@@ -246,6 +261,13 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
     info!(workers = pool.workers(), "Inflate pool started");
 
     let (tx, rx) = mpsc::channel();
+    // One thread waits for the clients of every export.
+    let finished_tx = tx.clone();
+    let listeners = Listeners::new(Box::new(move |id, result| {
+        let _ = finished_tx.send(Event::ExportFinished { id, result });
+    }))
+    .map_err(ServeError::Thread)?;
+    listeners.spawn().map_err(ServeError::Thread)?;
     let mut sup = Supervisor {
         exports: Vec::new(),
         next_id: 0,
@@ -255,7 +277,7 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
         allow_paths: config.allow_paths.clone(),
         config_path,
         control_path: config.control.clone(),
-        tx: tx.clone(),
+        listeners,
         rx,
         deferred: VecDeque::new(),
     };
@@ -300,7 +322,7 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
                 info!("Received {}, stopping", signals::signal_name(signal));
                 break;
             }
-            Some(Event::ExportFinished { id }) => sup.finished(id),
+            Some(Event::ExportFinished { id, result }) => sup.finished(id, result),
             Some(Event::Control(call)) => {
                 let answer = sup.handle(call.request);
                 let _ = call.reply.send(answer);

@@ -3,14 +3,13 @@
 //! Runs on the main thread only. [`Supervisor`] owns each export's [`ExportControl`], metrics
 //! and throttle, and handles one message at a time (see [`super::serve`]): starting an export
 //! ([`Supervisor::add`], at start-up and for `ctl add`), stopping one ([`Supervisor::remove`]),
-//! an export thread that ended by itself ([`Supervisor::finished`]: an error keeps it listed
+//! an export that ended by itself ([`Supervisor::finished`]: an error keeps it listed
 //! as failed), control requests ([`Supervisor::handle`]: `list`, `limit`, `resize`), a SIGHUP
 //! reload ([`Supervisor::reload`]) and the final stop ([`Supervisor::stop_all`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Weak};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use qcow2d_engine::Image;
@@ -20,6 +19,7 @@ use super::{announce, device_params, open_image, Event, ServeError, STOP_TIMEOUT
 use crate::config::{ExportConfig, Origin};
 use crate::control::{Request, Response};
 use crate::export::{bind_socket, Export, ExportControl, ExportError};
+use crate::listen::Listeners;
 use crate::metrics::{ExportLabels, ExportMetrics, Metrics, Operation};
 use crate::signals;
 use crate::throttle::{ExportThrottle, Limits, ThrottleGroup};
@@ -32,7 +32,6 @@ pub(super) struct Running {
     /// in the file), which reloads compare with.
     file_config: Option<ExportConfig>,
     control: Arc<ExportControl>,
-    thread: Option<JoinHandle<Result<(), ExportError>>>,
     metrics: Option<Arc<ExportMetrics>>,
     throttle: Arc<ExportThrottle>,
     size: u64,
@@ -56,7 +55,8 @@ pub(super) struct Supervisor {
     pub(super) allow_paths: Vec<PathBuf>,
     pub(super) config_path: Option<PathBuf>,
     pub(super) control_path: Option<PathBuf>,
-    pub(super) tx: mpsc::Sender<Event>,
+    /// The listener thread, which holds every idle export.
+    pub(super) listeners: Listeners,
     pub(super) rx: mpsc::Receiver<Event>,
     /// Events that arrived while waiting for a particular one.
     pub(super) deferred: VecDeque<Event>,
@@ -134,39 +134,34 @@ impl Supervisor {
         params.metrics = metrics.clone();
         let size = image.virtual_size();
         let read_only = image.is_read_only();
-        let control = Arc::new(ExportControl::new(cfg.socket.clone(), image));
-        let export = Export {
+        let control = Arc::new(ExportControl::new(
+            cfg.socket.clone(),
+            image,
+            self.listeners.waker(),
+        ));
+        let export = Export::new(
+            id,
+            cfg.image.clone(),
             params,
-            image_path: cfg.image.clone(),
             listener,
-            control: Arc::clone(&control),
-            thread_name: format!("qcow2d-vu{id}"),
-        };
-        let tx = self.tx.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("qcow2d-export{id}"))
-            .spawn(move || {
-                let result =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| export.run()))
-                        .unwrap_or(Err(ExportError::Panicked));
-                let _ = tx.send(Event::ExportFinished { id });
-                result
-            });
-        let thread = match spawned {
-            Ok(t) => t,
-            Err(e) => {
-                if let (Some(all), Some(m)) = (&self.metrics, &metrics) {
-                    all.remove_export(m);
-                }
-                return Err(ServeError::Thread(e));
+            Arc::clone(&control),
+        );
+        if let Err((export, source)) = self.listeners.add(export) {
+            // The socket file and the image go with it.
+            drop(export);
+            if let (Some(all), Some(m)) = (&self.metrics, &metrics) {
+                all.remove_export(m);
             }
-        };
+            return Err(ServeError::Listen {
+                socket: cfg.socket.clone(),
+                source,
+            });
+        }
         self.exports.push(Running {
             id,
             file_config: from_file.then(|| cfg.clone()),
             config: cfg,
             control,
-            thread: Some(thread),
             metrics,
             throttle,
             size,
@@ -176,24 +171,20 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Takes an export that finished out of the list; its result.
-    fn reap(&mut self, id: u64) -> Option<(Running, Result<(), ExportError>)> {
+    /// Takes an export that finished out of the list.
+    fn reap(&mut self, id: u64) -> Option<Running> {
         let index = self.exports.iter().position(|e| e.id == id)?;
         let mut running = self.exports.remove(index);
-        let result = match running.thread.take() {
-            Some(t) => t.join().unwrap_or(Err(ExportError::Panicked)),
-            None => Ok(()),
-        };
         if let (Some(all), Some(m)) = (&self.metrics, &running.metrics.take()) {
             all.remove_export(m);
         }
-        Some((running, result))
+        Some(running)
     }
 
-    /// An export thread ended without being asked to. Without an error it is gone; with one
+    /// An export ended without being asked to. Without an error it is gone; with one
     /// it stays in the list as failed, and only it: the other exports are not touched.
-    pub(super) fn finished(&mut self, id: u64) {
-        let Some((mut running, result)) = self.reap(id) else {
+    pub(super) fn finished(&mut self, id: u64, result: Result<(), ExportError>) {
+        let Some(mut running) = self.reap(id) else {
             return;
         };
         let socket = running.config.socket.display().to_string();
@@ -223,14 +214,17 @@ impl Supervisor {
         info!(socket = %e.config.socket.display(), "Failed export removed");
     }
 
-    /// Waits up to `deadline` for export `id` to finish, keeping other events for later.
-    fn wait_finished(&mut self, id: u64, deadline: Instant) -> bool {
+    /// Waits up to `deadline` for export `id` to finish, keeping other events for later; its
+    /// result, or `None` if it did not finish in time.
+    fn wait_finished(&mut self, id: u64, deadline: Instant) -> Option<Result<(), ExportError>> {
         loop {
             let timeout = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(timeout) {
-                Ok(Event::ExportFinished { id: done }) if done == id => return true,
+                Ok(Event::ExportFinished { id: done, result }) if done == id => {
+                    return Some(result)
+                }
                 Ok(other) => self.deferred.push_back(other),
-                Err(_) => return false,
+                Err(_) => return None,
             }
         }
     }
@@ -253,8 +247,8 @@ impl Supervisor {
                     .recv_timeout(deadline.saturating_duration_since(Instant::now())),
             };
             match event {
-                Ok(Event::ExportFinished { id }) => {
-                    let Some((running, result)) = self.reap(id) else {
+                Ok(Event::ExportFinished { id, result }) => {
+                    let Some(running) = self.reap(id) else {
                         continue;
                     };
                     if let Err(source) = result {
@@ -492,14 +486,14 @@ impl Supervisor {
         }
         let id = running.id;
         running.control.request_stop();
-        if !self.wait_finished(id, Instant::now() + STOP_TIMEOUT) {
+        let Some(result) = self.wait_finished(id, Instant::now() + STOP_TIMEOUT) else {
             return Err(format!(
                 "{} did not stop within {} s; it will be removed when it does",
                 socket.display(),
                 STOP_TIMEOUT.as_secs()
             ));
-        }
-        let Some((running, result)) = self.reap(id) else {
+        };
+        let Some(running) = self.reap(id) else {
             return Ok(());
         };
         match result {

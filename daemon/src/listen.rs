@@ -1,0 +1,314 @@
+//! The listener thread: one epoll set holding the listening socket of every export that waits
+//! for a client, so an idle export costs no thread.
+//!
+//! [`Listeners`] is made by the main thread at start-up; its thread (`qcow2d-listen`, the
+//! `export` seccomp role, so that the threads it starts inherit what a connection needs)
+//! waits on the epoll set. An export waiting for a client sits in the idle map with its
+//! socket in the set (the map's key is the epoll token). When its socket is readable the
+//! listener takes the export out of the map and out of the set, accepts the frontend
+//! (sockets are non-blocking: a connection the peer closed meanwhile is no reason to wait)
+//! and starts the connection's thread (`qcow2d-exportN`), which serves it
+//! ([`Export::serve_connection`]: vhost-user-backend's threads, the relay, the shards) and
+//! then puts the export back ([`Listeners::put_back`]), or closes it when it was asked to
+//! stop. One export serves one frontend at a time, as before: while it is connected its
+//! socket is out of the set and a second frontend waits in the socket's backlog.
+//!
+//! Stopping an idle export: [`ExportControl::request_stop`](crate::export::ExportControl)
+//! marks it stopping and wakes the listener (an eventfd in the set), which takes every
+//! stopping export out of the map and closes each on a thread of its own (a writable image's
+//! close writes and syncs, and a slow disk must not hold up the other exports' accepts). The
+//! stopping mark and the map are checked in an order that leaves no gap: a connection's
+//! thread checks the mark under the map's lock before it puts its export back, and the
+//! listener scans the map under the same lock after the mark was set.
+//!
+//! Whatever ends an export (stopped, or failed: accept, the connection's set-up, a panic)
+//! reports it once through the `finished` callback, after the export's socket file is gone
+//! (the listener is dropped first), so a new export on the same path is never unlinked by
+//! the old one.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tracing::error;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::export::{Export, ExportError};
+use crate::sandbox::{seccomp, Role};
+
+/// The epoll token of the wake-up eventfd (export ids count up from 0).
+const WAKE: u64 = u64::MAX;
+
+/// Events taken from the epoll set per wait.
+const EVENTS: usize = 64;
+
+/// Called once when an export has ended, with its id and its result.
+pub type Finished = Box<dyn Fn(u64, Result<(), ExportError>) + Send + Sync>;
+
+/// Wakes the listener thread so that it looks for exports asked to stop.
+#[derive(Clone)]
+pub struct Waker(Arc<EventFd>);
+
+impl Waker {
+    /// Wakes the listener. Cannot fail in a way that loses the wake-up: an eventfd whose
+    /// counter is full is readable already.
+    pub fn wake(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
+struct Shared {
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    /// Exports waiting for a client, by id; each one's socket is in the epoll set.
+    idle: Mutex<HashMap<u64, Export>>,
+    finished: Finished,
+}
+
+/// Every idle export's listening socket, and the thread that waits on them.
+#[derive(Clone)]
+pub struct Listeners(Arc<Shared>);
+
+impl Listeners {
+    /// The epoll set and its wake-up eventfd; `finished` hears of every export that ends.
+    /// The thread starts with [`Listeners::spawn`].
+    pub fn new(finished: Finished) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE),
+        )?;
+        Ok(Listeners(Arc::new(Shared {
+            epoll,
+            wake,
+            idle: Mutex::new(HashMap::new()),
+            finished,
+        })))
+    }
+
+    /// Starts the listener thread.
+    pub fn spawn(&self) -> std::io::Result<()> {
+        let shared = Arc::clone(&self.0);
+        std::thread::Builder::new()
+            .name("qcow2d-listen".into())
+            .spawn(move || shared.run())
+            .map(drop)
+    }
+
+    /// What an export's control uses to wake the listener.
+    pub fn waker(&self) -> Waker {
+        Waker(Arc::clone(&self.0.wake))
+    }
+
+    /// Starts waiting for clients of `export` (its socket must be non-blocking). On failure
+    /// the export is handed back with the error.
+    pub fn add(&self, export: Export) -> Result<(), (Box<Export>, std::io::Error)> {
+        let mut idle = self.0.idle();
+        self.0.insert(&mut idle, export)
+    }
+}
+
+impl Shared {
+    fn idle(&self) -> MutexGuard<'_, HashMap<u64, Export>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts `export` in the map and its socket in the epoll set.
+    fn insert(
+        &self,
+        idle: &mut HashMap<u64, Export>,
+        export: Export,
+    ) -> Result<(), (Box<Export>, std::io::Error)> {
+        let event = EpollEvent::new(EventSet::IN, export.id);
+        match self
+            .epoll
+            .ctl(ControlOperation::Add, export.listener.as_raw_fd(), event)
+        {
+            Ok(()) => {
+                idle.insert(export.id, export);
+                Ok(())
+            }
+            Err(e) => Err((Box::new(export), e)),
+        }
+    }
+
+    /// Takes export `id` out of the map and its socket out of the epoll set.
+    fn take(&self, idle: &mut HashMap<u64, Export>, id: u64) -> Option<Export> {
+        let export = idle.remove(&id)?;
+        // Cannot fail for a descriptor in the set; and a socket left in it would only wake
+        // the listener for a token it no longer knows, which it ignores.
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            export.listener.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        Some(export)
+    }
+
+    /// The listener thread's loop.
+    fn run(self: Arc<Self>) {
+        seccomp::enter_or_abort(Role::Export);
+        let mut events = vec![EpollEvent::default(); EVENTS];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Only a broken epoll descriptor gets here: no export could take a
+                    // client any more, which must not pass unnoticed.
+                    error!("The listener cannot wait for connections any more: {e}");
+                    std::process::abort();
+                }
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    WAKE => {
+                        let _ = self.wake.read();
+                        self.retire_stopping();
+                    }
+                    id => self.ready(id),
+                }
+            }
+        }
+    }
+
+    /// Export `id`'s socket is readable: accept its frontend and start the connection's
+    /// thread.
+    fn ready(self: &Arc<Self>, id: u64) {
+        let Some(export) = self.take(&mut self.idle(), id) else {
+            return;
+        };
+        if export.control.is_stopping() {
+            self.retire(export, Ok(()));
+            return;
+        }
+        match export.listener.accept() {
+            Ok(Some(frontend)) => self.start_connection(export, frontend),
+            // Nothing to accept after all (the peer gave up): wait again.
+            Ok(None) => {
+                if let Some((export, result)) = self.put_back(export) {
+                    self.retire(export, result);
+                }
+            }
+            Err(e) => self.retire(export, Err(ExportError::Accept(e.to_string()))),
+        }
+    }
+
+    /// Starts the thread that serves `frontend` on `export`.
+    fn start_connection(self: &Arc<Self>, export: Export, frontend: UnixStream) {
+        let shared = Arc::clone(self);
+        let id = export.id;
+        // The closure owns the export until the thread runs; if it cannot start, the
+        // closure (and the export) comes back through the error only as a drop, so the
+        // export travels in a slot the listener can take back from.
+        let slot = Arc::new(Mutex::new(Some((export, frontend))));
+        let theirs = Arc::clone(&slot);
+        let spawned = std::thread::Builder::new()
+            .name(format!("qcow2d-export{id}"))
+            .spawn(move || {
+                let taken = theirs.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if let Some((export, frontend)) = taken {
+                    shared.connection(export, frontend);
+                }
+            });
+        if let Err(e) = spawned {
+            let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some((export, frontend)) = taken {
+                drop(frontend);
+                self.retire(export, Err(ExportError::Thread(e)));
+            }
+        }
+    }
+
+    /// A connection's thread: serves the frontend, then puts the export back or ends it.
+    fn connection(&self, mut export: Export, frontend: UnixStream) {
+        // The listener's filter, inherited: this thread does what a listener did.
+        seccomp::inherit(Role::Export);
+        let id = export.id;
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            export.serve_connection(frontend)
+        }));
+        match served {
+            Ok(Ok(())) => {
+                if let Some((export, result)) = self.put_back(export) {
+                    self.end(export, result);
+                }
+            }
+            Ok(Err(e)) => self.end(export, Err(e)),
+            Err(_) => {
+                // As a panicking export thread always did: the image is not closed (the
+                // supervisor releases it), the socket goes with the export.
+                drop(export);
+                (self.finished)(id, Err(ExportError::Panicked));
+            }
+        }
+    }
+
+    /// Makes `export` wait for its next client, unless it was asked to stop, or its socket
+    /// cannot be watched again: then it is handed back, with its result, to be ended.
+    fn put_back(&self, export: Export) -> Option<(Export, Result<(), ExportError>)> {
+        let mut idle = self.idle();
+        if export.control.is_stopping() {
+            return Some((export, Ok(())));
+        }
+        match self.insert(&mut idle, export) {
+            Ok(()) => None,
+            Err((export, e)) => Some((*export, Err(ExportError::Listen(e)))),
+        }
+    }
+
+    /// Takes every export asked to stop out of the map and ends each on a thread of its own.
+    fn retire_stopping(self: &Arc<Self>) {
+        let stopping: Vec<Export> = {
+            let mut idle = self.idle();
+            let ids: Vec<u64> = idle
+                .values()
+                .filter(|e| e.control.is_stopping())
+                .map(|e| e.id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| self.take(&mut idle, id))
+                .collect()
+        };
+        for export in stopping {
+            self.retire(export, Ok(()));
+        }
+    }
+
+    /// Ends `export` with `result` on a thread of its own (or here, if no thread can be
+    /// started): its image is closed, which may write and sync.
+    fn retire(self: &Arc<Self>, export: Export, result: Result<(), ExportError>) {
+        let shared = Arc::clone(self);
+        let id = export.id;
+        let slot = Arc::new(Mutex::new(Some((export, result))));
+        let theirs = Arc::clone(&slot);
+        let spawned = std::thread::Builder::new()
+            .name(format!("qcow2d-export{id}"))
+            .spawn(move || {
+                seccomp::inherit(Role::Export);
+                let taken = theirs.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if let Some((export, result)) = taken {
+                    shared.end(export, result);
+                }
+            });
+        if spawned.is_err() {
+            let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some((export, result)) = taken {
+                self.end(export, result);
+            }
+        }
+    }
+
+    /// Closes `export`'s image and reports the export's end: `result` first, else the
+    /// close's. The socket file goes (with the listener) before the report.
+    fn end(&self, mut export: Export, result: Result<(), ExportError>) {
+        let id = export.id;
+        let closed = export.close();
+        drop(export);
+        (self.finished)(id, result.and(closed));
+    }
+}
