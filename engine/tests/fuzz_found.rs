@@ -210,6 +210,38 @@ fn repair_uncovers_copied_flags_behind_unreadable_refcount_blocks() {
     assert_eq!(qemu_counts(&path), (710, 1));
 }
 
+/// An L1 entry and an L2 entry pointing just past the end of the file: the rebuild writes the
+/// new refcount table and block at the end of the file, where they point, and the image has
+/// 21 corruptions after the repair where it had 14. QEMU's repair does the same (21). The
+/// `check_repair` fuzz target reports it as a repair that adds corruptions.
+#[test]
+fn repair_writes_the_new_refcounts_where_entries_point_past_the_end_as_qemu_does() {
+    let image = include_bytes!("data/fuzz/repair-new-refcount-table-where-an-entry-points.img");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.img");
+    std::fs::write(&path, image).unwrap();
+    let before = check(&path, false).unwrap();
+    let repaired = check(&path, true).unwrap();
+    let again = check(&path, false).unwrap();
+    assert_eq!(
+        (again.corruptions, again.leaks, again.check_errors),
+        (repaired.corruptions, repaired.leaks, repaired.check_errors),
+    );
+    assert_eq!(
+        (before.corruptions, again.corruptions, again.leaks),
+        (14, 21, 0)
+    );
+    assert_eq!(qemu_counts(&path), (again.corruptions, again.leaks));
+    let theirs = dir.path().join("theirs.img");
+    std::fs::write(&theirs, image).unwrap();
+    let _ = common::qemu_img_cmd()
+        .args(["check", "-q", "-r", "all", "-f", "qcow2"])
+        .arg(&theirs)
+        .output()
+        .expect("cannot run qemu-img (is qemu-utils installed?)");
+    assert_eq!(qemu_counts(&theirs), (again.corruptions, again.leaks));
+}
+
 /// Every image of the `check_repair` fuzz target's corpus (`fuzz/corpus/check_repair/`)
 /// that the check takes: what the fuzz target asserts (the repair agrees with a second
 /// check, and adds no corruption to an image the first check read whole), and QEMU judges
