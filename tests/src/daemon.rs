@@ -208,6 +208,26 @@ impl Daemon {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// The daemon's stderr once `what` occurs in it at least `times` times (its reader may lag
+    /// behind the daemon, and the daemon behind the test). Fails the test, with the stderr, if
+    /// that takes longer than `timeout`.
+    pub fn wait_for_stderr(&self, what: &str, times: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stderr = self.stderr();
+            if stderr.matches(what).count() >= times {
+                // The rest of the line.
+                thread::sleep(Duration::from_millis(50));
+                return self.stderr();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what:?} not {times} time(s) in qcow2d's stderr within {timeout:?}:\n{stderr}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `Some(status)` if the daemon has exited.
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
         self.child.as_mut()?.try_wait().ok().flatten()

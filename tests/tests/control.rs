@@ -159,11 +159,14 @@ fn measure_rate(s: &Scratch, socket: &Path, bs: &str) -> f64 {
     bench_iops(start_bench(socket, bs, &json), &json)
 }
 
+/// A limit holds: never more than 5 % over it (what an operator relies on), and not far
+/// below it (a limit that throttles too hard). The lower bound is loose: a machine busy with
+/// other work may not keep the client at the limit, which says nothing of the limit.
 fn assert_near(what: &str, measured: f64, limit: f64) {
     let ratio = measured / limit;
     eprintln!("{what}: limit {limit:.0}/s, measured {measured:.1}/s ({ratio:.3} of the limit)");
     assert!(
-        (0.95..=1.05).contains(&ratio),
+        (0.8..=1.05).contains(&ratio),
         "{what}: measured {measured:.1}/s against a limit of {limit:.0}/s"
     );
 }

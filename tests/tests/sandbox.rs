@@ -211,24 +211,6 @@ fn inflate_workers_are_filtered_and_inflate_under_their_filter() {
     assert!(st.success(), "qcow2d exited with {st}");
 }
 
-/// The daemon's stderr once it contains `what` (its reader may lag behind the ready line).
-fn wait_for_stderr(d: &Daemon, what: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stderr = d.stderr();
-        if stderr.contains(what) {
-            // The rest of the line.
-            std::thread::sleep(Duration::from_millis(50));
-            return d.stderr();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {what:?} in stderr:\n{stderr}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs a daemon whose worker threads make a forbidden call once filtered, with `mode`;
 /// returns the daemon (or its failure to start, with its exit status and stderr).
 fn forbidden_call(s: &Scratch, mode: &str) -> (PathBuf, Result<Daemon, StartFailure>) {
@@ -363,7 +345,7 @@ fn landlock_refuses_an_image_outside_the_sandbox() {
             &[("QCOW2D_DEBUG_OPEN_IMAGE", target.to_str().unwrap())],
         );
         let mut d = Daemon::spawn(cmd, &img, &socket).unwrap_or_else(|f| panic!("{f}"));
-        let stderr = wait_for_stderr(&d, "Debug hook: ");
+        let stderr = d.wait_for_stderr("Debug hook: ", 1, Duration::from_secs(10));
         if refused {
             assert!(
                 stderr.contains("Debug hook: cannot open the image")
