@@ -352,13 +352,13 @@ impl State {
     /// serves it from its own table and answers with `Done`. A shard without a group owns
     /// every table: it never forwards.
     pub(super) fn forward_part(&mut self, pid: PartId) {
-        let p = self.parts[pid];
-        self.parts.free(pid);
+        let p = self.requests.parts[pid];
+        self.requests.parts.free(pid);
         let Some(link) = &mut self.group else {
             unreachable!("only a shard of a group forwards parts");
         };
         let owner = link.owner(p.guest_off / self.l2_cover);
-        let req = &self.reqs[p.req];
+        let req = &self.requests.reqs[p.req];
         link.send_piece(
             owner,
             Msg::Part {
@@ -446,8 +446,13 @@ impl State {
         if self.group.is_none() {
             return self.start_request(token, kind, None, offset, len, iov);
         }
-        let r = self.new_req(token, kind, None, iov, false);
-        let (iov_ptr, iov_len) = (self.reqs[r].iov.as_ptr(), self.reqs[r].iov.len());
+        let r = self
+            .requests
+            .new_req(token, kind, None, iov, false, self.writethrough);
+        let (iov_ptr, iov_len) = (
+            self.requests.reqs[r].iov.as_ptr(),
+            self.requests.reqs[r].iov.len(),
+        );
         let end = offset + len;
         let mut off = offset;
         while off < end {
@@ -457,10 +462,10 @@ impl State {
             let owner = self.group.as_ref().map_or(self.index, |g| g.owner(table));
             // Reads of another shard's table are tried here first (see `plan_read`).
             if owner == self.index || kind == ReqKind::Read {
-                self.reqs[r].has_local = true;
-                self.new_part(r, off, piece, skip);
+                self.requests.reqs[r].has_local = true;
+                self.requests.new_part(r, off, piece, skip);
             } else if let Some(link) = &mut self.group {
-                self.reqs[r].pending += 1;
+                self.requests.reqs[r].pending += 1;
                 link.send_piece(
                     owner,
                     Msg::Part {
@@ -486,8 +491,10 @@ impl State {
         let Some(count) = self.group.as_ref().map(|g| g.group.count()) else {
             return false;
         };
-        let r = self.new_req(token, ReqKind::Flush, None, &[], false);
-        self.reqs[r].pending = count as u32;
+        let r = self
+            .requests
+            .new_req(token, ReqKind::Flush, None, &[], false, self.writethrough);
+        self.requests.reqs[r].pending = count as u32;
         self.flush.enqueue(forwarded_token(self.index as u16, r));
         let from = self.index as u16;
         if let Some(link) = &mut self.group {
@@ -535,9 +542,11 @@ impl State {
                     // answered (see `Msg`); it is copied here, before that.
                     unsafe { std::slice::from_raw_parts(iov, iov_len) }
                 };
-                let r = self.new_req(forwarded_token(from, req), kind, None, iov, true);
-                self.reqs[r].writethrough = writethrough;
-                self.new_part(r, guest_off, len, skip);
+                let token = forwarded_token(from, req);
+                let r = self
+                    .requests
+                    .new_req(token, kind, None, iov, true, writethrough);
+                self.requests.new_part(r, guest_off, len, skip);
             }
             Msg::Flush { from, req } => {
                 link.forwarded_in += 1;

@@ -64,12 +64,14 @@ impl State {
         match caches.l2.lookup(l1_index) {
             Lookup::Ready(slot) => Table::Ready { slot, host },
             Lookup::Loading(slot) => {
-                Self::enqueue_waiter(&mut self.parts, caches.l2.waiters_mut(slot), pid);
+                self.requests
+                    .enqueue_waiter(caches.l2.waiters_mut(slot), pid);
                 Table::Pending
             }
             Lookup::Miss => {
                 let slot = caches.l2.start_load(l1_index);
-                Self::enqueue_waiter(&mut self.parts, caches.l2.waiters_mut(slot), pid);
+                self.requests
+                    .enqueue_waiter(caches.l2.waiters_mut(slot), pid);
                 if self.is_foreign(layer, l1_index) {
                     // The version the copy is read at; checked again when the read is done.
                     let v = self.table_version(l1_index);
@@ -130,7 +132,7 @@ impl State {
         } else if foreign {
             // Another shard's table: its owner serves the parts (and judges the failure).
             let mut w = cache.fail_load(slot);
-            while let Some(pid) = Self::pop_waiter(&self.parts, &mut w) {
+            while let Some(pid) = self.requests.pop_waiter(&mut w) {
                 self.forward_part(pid);
             }
         } else {

@@ -222,7 +222,7 @@ impl Shard {
     /// shards polls each until this is 0 before it blocks on any one of them.
     pub fn in_flight(&self) -> usize {
         let forwarded_in = self.st.group.as_ref().map_or(0, GroupLink::forwarded_in);
-        let requests = self.st.reqs.live() + self.st.flush.waiting() - forwarded_in;
+        let requests = self.st.requests.reqs.live() + self.st.flush.waiting() - forwarded_in;
         let holds_blocks = self
             .image
             .writable
@@ -448,7 +448,7 @@ impl Shard {
             // Reads served from the page cache complete during the submit: finish them in
             // this call rather than after another wake-up.
             if !self.ring.has_completions()
-                && self.st.ready.is_empty()
+                && self.st.requests.ready.is_empty()
                 && !self.ring.has_unsubmitted()
                 && !self.st.has_mail()
             {
@@ -504,7 +504,7 @@ impl Shard {
             self.wait(out);
             if out.len() == before
                 && self.st.ops_in_kernel == 0
-                && self.st.ready.is_empty()
+                && self.st.requests.ready.is_empty()
                 && self
                     .st
                     .group
@@ -675,7 +675,7 @@ impl Shard {
         }
         st.receive();
         loop {
-            while let Some(p) = st.ready.pop_front() {
+            while let Some(p) = st.requests.ready.pop_front() {
                 st.plan(ring, img, p);
             }
             if st.cow_ready.is_empty() {
@@ -708,7 +708,7 @@ impl Drop for Shard {
         if self.image.writable.is_some()
             && (self.st.reservations.holds_anything()
                 || !self.st.dirty_l1.is_empty()
-                || self.st.reqs.live() > 0)
+                || self.st.requests.reqs.live() > 0)
         {
             tracing::warn!(
                 "A writable shard is dropped without flush_blocking() and release_reserved(): \

@@ -223,8 +223,8 @@ impl State {
         while self.scratch_waiters.head != NO_ID && (first || room >= self.scratch_need) {
             first = false;
             room = room.saturating_sub(self.scratch_need);
-            if let Some(pid) = Self::pop_waiter(&self.parts, &mut self.scratch_waiters) {
-                self.ready.push_back(pid);
+            if let Some(pid) = self.requests.pop_waiter(&mut self.scratch_waiters) {
+                self.requests.ready.push_back(pid);
             }
         }
     }

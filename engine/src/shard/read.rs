@@ -28,7 +28,7 @@ impl State {
     /// Plans read part `pid` until it is served, split, or waiting on a cache slot.
     pub(super) fn plan_read(&mut self, ring: &mut Ring, img: &ImageInner, pid: PartId) {
         loop {
-            let p = self.parts[pid];
+            let p = self.requests.parts[pid];
             let Some(layer) = img.get_layer(p.layer) else {
                 return self.zero_part(pid);
             };
@@ -36,7 +36,7 @@ impl State {
                 return self.zero_part(pid);
             }
             if p.guest_off + p.len > layer.virtual_size {
-                self.split(pid, layer.virtual_size - p.guest_off);
+                self.requests.split(pid, layer.virtual_size - p.guest_off);
                 continue;
             }
             let q = match layer.kind {
@@ -56,7 +56,7 @@ impl State {
             let l1_index = p.guest_off / cover;
             let table_end = (l1_index + 1) * cover;
             if p.guest_off + p.len > table_end {
-                self.split(pid, table_end - p.guest_off);
+                self.requests.split(pid, table_end - p.guest_off);
                 continue;
             }
             let cs = q.geom.cluster_size();
@@ -75,7 +75,7 @@ impl State {
                 Table::Pending => return,
                 Table::Unallocated => {
                     if foreign {
-                        self.parts[pid].tag = version;
+                        self.requests.parts[pid].tag = version;
                     }
                     (Step::Backing, p.len)
                 }
@@ -89,7 +89,7 @@ impl State {
                 }
                 Table::Ready { slot, host } => {
                     if foreign {
-                        self.parts[pid].tag = version;
+                        self.requests.parts[pid].tag = version;
                     }
                     let table = self.layers[p.layer as usize].l2.buf(slot);
                     match resolve(&q.geom, table, p.guest_off, p.len) {
@@ -106,13 +106,13 @@ impl State {
                 }
             };
             if run < p.len {
-                self.split(pid, run);
+                self.requests.split(pid, run);
             }
             match step {
                 Step::Zero => return self.zero_part(pid),
                 Step::Backing => {
                     if usize::from(p.layer) + 1 < img.layer_count() {
-                        self.parts[pid].layer += 1;
+                        self.requests.parts[pid].layer += 1;
                         continue;
                     }
                     return self.zero_part(pid);
@@ -156,7 +156,7 @@ impl State {
         pid: PartId,
         desc: crate::format::CompressedDescriptor,
     ) {
-        let p = self.parts[pid];
+        let p = self.requests.parts[pid];
         let cs = q.geom.cluster_size();
         let sequential = self.compressed_ends.contains(&p.guest_off);
         let slot_of_end = self.compressed_end_next % self.compressed_ends.len();
@@ -169,11 +169,12 @@ impl State {
                 let src = &caches.decompressed.buf(slot)[at..at + p.len as usize];
                 // SAFETY: the request's iovecs are valid for writes until its completion; the
                 // part lies within them; `src` is our own buffer.
-                unsafe { iov_copy_from(&self.reqs[p.req].iov, p.skip as usize, src) };
+                unsafe { iov_copy_from(&self.requests.reqs[p.req].iov, p.skip as usize, src) };
                 return self.finish_part(pid, Ok(()));
             }
             Lookup::Loading(slot) => {
-                Self::enqueue_waiter(&mut self.parts, caches.decompressed.waiters_mut(slot), pid);
+                self.requests
+                    .enqueue_waiter(caches.decompressed.waiters_mut(slot), pid);
                 return;
             }
             Lookup::Miss
@@ -182,13 +183,13 @@ impl State {
             {
                 // Its buffers would take the shard past its scratch limit: wait for a read
                 // in flight to give some back rather than allocate.
-                Self::enqueue_waiter(&mut self.parts, &mut self.scratch_waiters, pid);
+                self.requests.enqueue_waiter(&mut self.scratch_waiters, pid);
                 return;
             }
             Lookup::Miss => {
                 let whole = p.guest_off.is_multiple_of(cs) && p.len == cs;
                 let zlib = q.header.compression_type == CompressionType::Zlib;
-                let req_iov = &self.reqs[p.req].iov;
+                let req_iov = &self.requests.reqs[p.req].iov;
                 let dest = whole
                     .then(|| iov_contiguous(req_iov, p.skip as usize, p.len as usize))
                     .flatten()
@@ -225,11 +226,8 @@ impl State {
                     }
                     None => {
                         let slot = caches.decompressed.start_load(desc.host_offset);
-                        Self::enqueue_waiter(
-                            &mut self.parts,
-                            caches.decompressed.waiters_mut(slot),
-                            pid,
-                        );
+                        self.requests
+                            .enqueue_waiter(caches.decompressed.waiters_mut(slot), pid);
                         Target::Slot(slot)
                     }
                 }
@@ -306,7 +304,7 @@ impl State {
             }
             Target::Part { part, .. } => self.finish_part(part, Ok(())),
             Target::Prefix { part: pid, scratch } => {
-                let p = self.parts[pid];
+                let p = self.requests.parts[pid];
                 let cs = match img.layer(layer).kind {
                     KindRef::Qcow2(q) => q.geom.cluster_size(),
                     KindRef::Raw(_) => unreachable!("compressed cluster in a raw layer"),
@@ -315,7 +313,7 @@ impl State {
                 let src = &scratch[at..at + p.len as usize];
                 // SAFETY: the request's iovecs are valid for writes until its completion; the
                 // part lies within them; `src` is our own buffer.
-                unsafe { iov_copy_from(&self.reqs[p.req].iov, p.skip as usize, src) };
+                unsafe { iov_copy_from(&self.requests.reqs[p.req].iov, p.skip as usize, src) };
                 self.recycle(scratch);
                 self.finish_part(pid, Ok(()));
             }
@@ -360,10 +358,16 @@ impl State {
 
     /// Zeroes the part's range of its request and finishes it.
     pub(super) fn zero_part(&mut self, pid: PartId) {
-        let p = self.parts[pid];
+        let p = self.requests.parts[pid];
         // SAFETY: the request's iovecs are valid for writes until its completion (the
         // submit_read contract), and the part lies within them.
-        unsafe { iov_fill_zero(&self.reqs[p.req].iov, p.skip as usize, p.len as usize) };
+        unsafe {
+            iov_fill_zero(
+                &self.requests.reqs[p.req].iov,
+                p.skip as usize,
+                p.len as usize,
+            )
+        };
         self.finish_part(pid, Ok(()));
     }
 
@@ -400,13 +404,13 @@ impl State {
             write,
             buffer,
         } = io;
-        let p = self.parts[part];
+        let p = self.requests.parts[part];
         let o = &mut self.ops[op];
         o.iov.clear();
         let rest = (p.len - done) as usize;
         match buffer {
             Buffer::Request => iov_subrange(
-                &self.reqs[p.req].iov,
+                &self.requests.reqs[p.req].iov,
                 (p.skip + done) as usize,
                 rest,
                 &mut o.iov,
@@ -463,7 +467,7 @@ impl State {
         };
         let io = *io;
         let part = io.part;
-        let p = self.parts[part];
+        let p = self.requests.parts[part];
         if res < 0 {
             self.free_op(op);
             return self.finish_part(part, Err(IoError::Os { errno: -res }));
@@ -478,7 +482,7 @@ impl State {
             // SAFETY: as in zero_part; the range is the unread tail of the part.
             unsafe {
                 iov_fill_zero(
-                    &self.reqs[p.req].iov,
+                    &self.requests.reqs[p.req].iov,
                     (p.skip + done) as usize,
                     (p.len - done) as usize,
                 )
@@ -493,7 +497,7 @@ impl State {
     }
 
     pub(super) fn replan_waiters(&mut self, ring: &mut Ring, img: &ImageInner, mut list: WaitList) {
-        while let Some(pid) = Self::pop_waiter(&self.parts, &mut list) {
+        while let Some(pid) = self.requests.pop_waiter(&mut list) {
             self.plan(ring, img, pid);
         }
     }
@@ -583,7 +587,7 @@ impl State {
                 len: seg.iov_len,
             },
             Target::Prefix { part, scratch } => {
-                let p = self.parts[*part];
+                let p = self.requests.parts[*part];
                 let cs = match img.layer(layer).kind {
                     KindRef::Qcow2(q) => q.geom.cluster_size(),
                     KindRef::Raw(_) => unreachable!("compressed cluster in a raw layer"),

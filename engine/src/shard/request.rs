@@ -1,6 +1,7 @@
 //! Requests and their parts: a request as submitted (its kind, iovecs, pieces pending), the
-//! parts it is cut into (a guest range at one layer of the chain), their wait lists, and how a
-//! part is planned, split, finished and its request completed.
+//! parts it is cut into (a guest range at one layer of the chain), their wait lists (the
+//! shard's [`Requests`], one part of its state), and how a part is planned, finished and its
+//! request completed (an `impl State` block).
 //!
 //! Runs on the shard's thread, on the shard's own arenas.
 
@@ -12,6 +13,7 @@ use crate::io::Ring;
 use crate::meta::{WaitList, NO_ID};
 use crate::shared::ImageInner;
 use libc::iovec;
+use std::collections::VecDeque;
 
 /// What a request does.
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,23 +73,26 @@ pub(super) struct Part {
     pub(super) tag: u64,
 }
 
-impl State {
-    /// Starts a request of `len` (> 0) bytes at `offset` as one ready part; `parent` is the
-    /// allocation an internal copy-on-write read belongs to, if any.
-    pub(super) fn start_request(
-        &mut self,
-        token: u64,
-        kind: ReqKind,
-        parent: Option<AllocId>,
-        offset: u64,
-        len: u64,
-        iov: &[iovec],
-    ) {
-        let r = self.new_req(token, kind, parent, iov, true);
-        self.new_part(r, offset, len, 0);
+/// A shard's requests and their parts: the arenas, and the parts ready to be planned.
+pub(super) struct Requests {
+    pub(super) reqs: Slab<ReqId, Req>,
+    pub(super) parts: Slab<PartId, Part>,
+    /// Parts to plan in this turn (new, split off, or woken from a wait list).
+    pub(super) ready: VecDeque<PartId>,
+}
+
+impl Requests {
+    /// Empty arenas, with room for the usual load before they grow.
+    pub(super) fn new() -> Requests {
+        Requests {
+            reqs: Slab::with_capacity(256),
+            parts: Slab::with_capacity(512),
+            ready: VecDeque::with_capacity(512),
+        }
     }
 
-    /// Takes a request entry and sets it up, with no pieces yet.
+    /// Takes a request entry and sets it up, with no pieces yet; `writethrough`: the write
+    /// cache mode it was submitted in.
     pub(super) fn new_req(
         &mut self,
         token: u64,
@@ -95,6 +100,7 @@ impl State {
         parent: Option<AllocId>,
         iov: &[iovec],
         has_local: bool,
+        writethrough: bool,
     ) -> ReqId {
         let r = self.reqs.alloc();
         let req = &mut self.reqs[r];
@@ -105,7 +111,7 @@ impl State {
         req.error = None;
         req.parent = parent;
         req.has_local = has_local;
-        req.writethrough = self.writethrough;
+        req.writethrough = writethrough;
         req.pending = 0;
         r
     }
@@ -144,23 +150,73 @@ impl State {
         self.ready.push_back(t);
     }
 
+    /// Appends part `pid` to a wait list.
+    pub(super) fn enqueue_waiter(&mut self, list: &mut WaitList, pid: PartId) {
+        self.parts[pid].next = NO_ID;
+        if list.tail == NO_ID {
+            list.head = pid.index();
+        } else {
+            self.parts[PartId::from_index(list.tail)].next = pid.index();
+        }
+        list.tail = pid.index();
+    }
+
+    /// Takes the first part off a wait list.
+    pub(super) fn pop_waiter(&self, list: &mut WaitList) -> Option<PartId> {
+        if list.head == NO_ID {
+            return None;
+        }
+        let pid = PartId::from_index(list.head);
+        list.head = self.parts[pid].next;
+        if list.head == NO_ID {
+            list.tail = NO_ID;
+        }
+        Some(pid)
+    }
+
+    /// Makes every part of `list` ready to be planned again.
+    pub(super) fn wake_waiters(&mut self, mut list: WaitList) {
+        while let Some(pid) = self.pop_waiter(&mut list) {
+            self.ready.push_back(pid);
+        }
+    }
+}
+
+impl State {
+    /// Starts a request of `len` (> 0) bytes at `offset` as one ready part; `parent` is the
+    /// allocation an internal copy-on-write read belongs to, if any.
+    pub(super) fn start_request(
+        &mut self,
+        token: u64,
+        kind: ReqKind,
+        parent: Option<AllocId>,
+        offset: u64,
+        len: u64,
+        iov: &[iovec],
+    ) {
+        let r = self
+            .requests
+            .new_req(token, kind, parent, iov, true, self.writethrough);
+        self.requests.new_part(r, offset, len, 0);
+    }
+
     pub(super) fn finish_part(&mut self, pid: PartId, result: Result<(), IoError>) {
-        let p = self.parts[pid];
+        let p = self.requests.parts[pid];
         if p.tag != 0 && self.table_version(p.guest_off / self.l2_cover) != p.tag {
             // Planned with a copy of another shard's table that changed meanwhile: what it
             // read may be stale (even from a cluster freed and reused since). Its owner
             // serves it again.
             return self.forward_part(pid);
         }
-        let req_id = self.parts[pid].req;
-        self.parts.free(pid);
+        let req_id = self.requests.parts[pid].req;
+        self.requests.parts.free(pid);
         self.piece_done(req_id, result);
     }
 
     /// One piece (a part of this shard, or a piece another shard served) of request `req_id`
     /// is done; completes the request after its last.
     pub(super) fn piece_done(&mut self, req_id: ReqId, result: Result<(), IoError>) {
-        let req = &mut self.reqs[req_id];
+        let req = &mut self.requests.reqs[req_id];
         if let Err(e) = result {
             req.error.get_or_insert(e);
         }
@@ -171,7 +227,7 @@ impl State {
         let result = req.error.map_or(Ok(()), Err);
         let (token, kind, parent) = (req.token, req.kind, req.parent);
         let (has_local, writethrough) = (req.has_local, req.writethrough);
-        self.reqs.free(req_id);
+        self.requests.reqs.free(req_id);
         if let Some(parent) = parent {
             self.cow_read_done(parent, result);
         } else if !has_local {
@@ -188,45 +244,14 @@ impl State {
     }
 
     pub(super) fn fail_waiters(&mut self, mut list: WaitList, err: IoError) {
-        while let Some(pid) = Self::pop_waiter(&self.parts, &mut list) {
+        while let Some(pid) = self.requests.pop_waiter(&mut list) {
             self.finish_part(pid, Err(err));
         }
     }
 
-    /// Makes every part of `list` ready to be planned again.
-    pub(super) fn wake_waiters(&mut self, mut list: WaitList) {
-        while let Some(pid) = Self::pop_waiter(&self.parts, &mut list) {
-            self.ready.push_back(pid);
-        }
-    }
-
-    /// Appends part `pid` to a wait list.
-    pub(super) fn enqueue_waiter(parts: &mut Slab<PartId, Part>, list: &mut WaitList, pid: PartId) {
-        parts[pid].next = NO_ID;
-        if list.tail == NO_ID {
-            list.head = pid.index();
-        } else {
-            parts[PartId::from_index(list.tail)].next = pid.index();
-        }
-        list.tail = pid.index();
-    }
-
-    /// Takes the first part off a wait list.
-    pub(super) fn pop_waiter(parts: &Slab<PartId, Part>, list: &mut WaitList) -> Option<PartId> {
-        if list.head == NO_ID {
-            return None;
-        }
-        let pid = PartId::from_index(list.head);
-        list.head = parts[pid].next;
-        if list.head == NO_ID {
-            list.tail = NO_ID;
-        }
-        Some(pid)
-    }
-
     /// Plans part `pid`: reads by the read planner, the rest by the write planner.
     pub(super) fn plan(&mut self, ring: &mut Ring, img: &ImageInner, pid: PartId) {
-        let kind = self.reqs[self.parts[pid].req].kind;
+        let kind = self.requests.reqs[self.requests.parts[pid].req].kind;
         if kind.is_write() {
             self.plan_write(ring, img, pid, kind);
         } else {

@@ -8,9 +8,9 @@
 use super::flush::FlushState;
 use super::group::GroupLink;
 use super::op::Op;
-use super::request::{Part, Req};
+use super::request::Requests;
 use super::reserve::Reservations;
-use super::slab::{AllocId, OpId, PartId, ReqId, Slab};
+use super::slab::{AllocId, OpId, Slab};
 use super::write::Alloc;
 use super::{Completion, ShardConfig};
 use crate::io::{AlignedBuf, ClusterInflater, InflateQueue};
@@ -19,7 +19,7 @@ use crate::layer::Qcow2Layer;
 use crate::meta::{SlotCache, U64Hasher, WaitList};
 use crate::shared::ImageInner;
 use crate::write::Writable;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
 pub(super) struct LayerCaches {
@@ -39,15 +39,14 @@ pub(super) struct State {
     /// A `Retry` timeout is in flight.
     pub(super) retry_armed: bool,
     pub(super) layers: Vec<LayerCaches>,
-    pub(super) reqs: Slab<ReqId, Req>,
-    pub(super) parts: Slab<PartId, Part>,
+    /// Requests, their parts, and the parts ready to plan (`request.rs`).
+    pub(super) requests: Requests,
     pub(super) ops: Slab<OpId, Op>,
     pub(super) allocs: Slab<AllocId, Alloc>,
     /// Guest cluster offset -> allocation in flight on it.
     pub(super) allocating: HashMap<u64, AllocId, BuildHasherDefault<U64Hasher>>,
     /// Allocations whose copy-on-write reads have all completed.
     pub(super) cow_ready: Vec<AllocId>,
-    pub(super) ready: VecDeque<PartId>,
     pub(super) finished: Vec<Completion>,
     pub(super) cqes: Vec<(u64, i32)>,
     /// Buffers for compressed extents (2 clusters) and allocations (1 cluster).
@@ -172,13 +171,11 @@ impl State {
             l2_cover,
             retry_armed: false,
             layers,
-            reqs: Slab::with_capacity(256),
-            parts: Slab::with_capacity(512),
+            requests: Requests::new(),
             ops: Slab::with_capacity(512),
             allocs: Slab::with_capacity(64),
             allocating: HashMap::with_capacity_and_hasher(64, BuildHasherDefault::default()),
             cow_ready: Vec::with_capacity(64),
-            ready: VecDeque::with_capacity(512),
             finished: Vec::with_capacity(256),
             cqes: Vec::with_capacity(512),
             big_bufs: Vec::new(),

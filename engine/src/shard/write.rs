@@ -227,13 +227,14 @@ impl State {
             return self.finish_part(pid, Err(IoError::Os { errno: libc::EIO }));
         }
         let cs = q.geom.cluster_size();
-        let p = self.parts[pid];
+        let p = self.requests.parts[pid];
         let cluster = p.guest_off & !(cs - 1);
         if p.guest_off + p.len > cluster + cs {
-            self.split(pid, cluster + cs - p.guest_off);
+            self.requests.split(pid, cluster + cs - p.guest_off);
         }
         if let Some(&a) = self.allocating.get(&cluster) {
-            Self::enqueue_waiter(&mut self.parts, &mut self.allocs[a].waiters, pid);
+            self.requests
+                .enqueue_waiter(&mut self.allocs[a].waiters, pid);
             return;
         }
         let cover = q.geom.l2_coverage();
@@ -292,7 +293,7 @@ impl State {
         let cs = q.geom.cluster_size();
         let sc = q.geom.subcluster_size();
         let ext = q.geom.extended_l2;
-        let p = self.parts[pid];
+        let p = self.requests.parts[pid];
         let cluster = p.guest_off & !(cs - 1);
         let (ws, we) = (p.guest_off - cluster, p.guest_off - cluster + p.len);
         let buffer = if zeros {
@@ -463,10 +464,10 @@ impl State {
         if al.zeros {
             dst.fill(0);
         } else {
-            let p = self.parts[al.part];
+            let p = self.requests.parts[al.part];
             // SAFETY: the request's iovecs are valid for reads until its completion (submit
             // contract), the part lies within them, and `dst` is our own buffer.
-            unsafe { iov_copy_to(&self.reqs[p.req].iov, p.skip as usize, dst) };
+            unsafe { iov_copy_to(&self.requests.reqs[p.req].iov, p.skip as usize, dst) };
         }
         self.submit_alloc_write(ring, img, a);
     }
@@ -494,9 +495,9 @@ impl State {
                 iov_len: (e - s) as usize,
             }),
             (None, false) => {
-                let p = self.parts[al.part];
+                let p = self.requests.parts[al.part];
                 iov_subrange(
-                    &self.reqs[p.req].iov,
+                    &self.requests.reqs[p.req].iov,
                     p.skip as usize,
                     p.len as usize,
                     &mut o.iov,
@@ -563,7 +564,7 @@ impl State {
             self.free_old_mapping(q, al.old_raw, al.old_bitmap, cs);
         }
         self.allocating.remove(&al.cluster);
-        self.wake_waiters(al.waiters);
+        self.requests.wake_waiters(al.waiters);
         if let Some(buf) = al.buf {
             self.recycle(buf);
         }
@@ -585,7 +586,7 @@ impl State {
             });
         }
         self.allocating.remove(&al.cluster);
-        self.wake_waiters(al.waiters);
+        self.requests.wake_waiters(al.waiters);
         if let Some(buf) = al.buf {
             self.recycle(buf);
         }
@@ -640,7 +641,7 @@ impl State {
         let sc = q.geom.subcluster_size();
         let ext = q.geom.extended_l2;
         let has_backing = !img.backing.is_empty();
-        let p = self.parts[pid];
+        let p = self.requests.parts[pid];
         let cluster = p.guest_off & !(cs - 1);
         let (ws, we) = (p.guest_off - cluster, p.guest_off - cluster + p.len);
 
@@ -677,7 +678,7 @@ impl State {
             ZeroPlan::Nothing => return self.finish_part(pid, Ok(())),
             ZeroPlan::WriteZeros { narrow } => {
                 if let Some((a, b)) = narrow {
-                    let part = &mut self.parts[pid];
+                    let part = &mut self.requests.parts[pid];
                     part.guest_off = cluster + a;
                     part.len = b - a;
                 }
@@ -688,7 +689,7 @@ impl State {
 
         self.set_entry(
             q,
-            self.parts[pid].guest_off / self.l2_cover,
+            self.requests.parts[pid].guest_off / self.l2_cover,
             slot,
             at,
             raw,
