@@ -678,7 +678,7 @@ impl Shard {
             while let Some(p) = st.requests.ready.pop_front() {
                 st.plan(ring, img, p);
             }
-            if st.cow_ready.is_empty() {
+            if st.allocations.cow_ready.is_empty() {
                 break;
             }
             st.run_cow_ready(ring, img);

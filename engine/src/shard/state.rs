@@ -10,17 +10,15 @@ use super::group::GroupLink;
 use super::op::Op;
 use super::request::Requests;
 use super::reserve::Reservations;
-use super::slab::{AllocId, OpId, Slab};
-use super::write::Alloc;
+use super::slab::{OpId, Slab};
+use super::write::Allocations;
 use super::{Completion, ShardConfig};
 use crate::io::{AlignedBuf, ClusterInflater, InflateQueue};
 use crate::layer::KindRef;
 use crate::layer::Qcow2Layer;
-use crate::meta::{SlotCache, U64Hasher, WaitList};
+use crate::meta::{SlotCache, WaitList};
 use crate::shared::ImageInner;
 use crate::write::Writable;
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 
 pub(super) struct LayerCaches {
     pub(super) l2: SlotCache,
@@ -42,11 +40,8 @@ pub(super) struct State {
     /// Requests, their parts, and the parts ready to plan (`request.rs`).
     pub(super) requests: Requests,
     pub(super) ops: Slab<OpId, Op>,
-    pub(super) allocs: Slab<AllocId, Alloc>,
-    /// Guest cluster offset -> allocation in flight on it.
-    pub(super) allocating: HashMap<u64, AllocId, BuildHasherDefault<U64Hasher>>,
-    /// Allocations whose copy-on-write reads have all completed.
-    pub(super) cow_ready: Vec<AllocId>,
+    /// Allocating writes in flight (`write.rs`).
+    pub(super) allocations: Allocations,
     pub(super) finished: Vec<Completion>,
     pub(super) cqes: Vec<(u64, i32)>,
     /// Buffers for compressed extents (2 clusters) and allocations (1 cluster).
@@ -173,9 +168,7 @@ impl State {
             layers,
             requests: Requests::new(),
             ops: Slab::with_capacity(512),
-            allocs: Slab::with_capacity(64),
-            allocating: HashMap::with_capacity_and_hasher(64, BuildHasherDefault::default()),
-            cow_ready: Vec::with_capacity(64),
+            allocations: Allocations::new(),
             finished: Vec::with_capacity(256),
             cqes: Vec::with_capacity(512),
             big_bufs: Vec::new(),

@@ -10,7 +10,7 @@
 //! the old mapping until the entry changes, so they get old or new data, never garbage.
 
 use super::direct::write_fd;
-use super::slab::{AllocId, PartId};
+use super::slab::{AllocId, PartId, Slab};
 use super::state::top;
 use super::{Buffer, OpKind, PendingFree, ReqKind, State};
 use crate::error::IoError;
@@ -18,8 +18,10 @@ use crate::format::{be64_at, encode_l2_entry, ClusterMapping, L2Entry, Subcluste
 use crate::io::sqe;
 use crate::io::{iov_copy_to, iov_subrange, Ring};
 use crate::layer::Qcow2Layer;
-use crate::meta::WaitList;
+use crate::meta::{U64Hasher, WaitList};
 use crate::shared::ImageInner;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::Ordering;
 
 /// An allocating write of one cluster in flight.
@@ -56,6 +58,26 @@ pub(super) struct Alloc {
     error: Option<IoError>,
     expected: u64,
     waiters: WaitList,
+}
+
+/// A shard's allocating writes in flight.
+pub(super) struct Allocations {
+    pub(super) allocs: Slab<AllocId, Alloc>,
+    /// Guest cluster offset -> allocation in flight on it.
+    pub(super) allocating: HashMap<u64, AllocId, BuildHasherDefault<U64Hasher>>,
+    /// Allocations whose copy-on-write reads have all completed.
+    pub(super) cow_ready: Vec<AllocId>,
+}
+
+impl Allocations {
+    /// None in flight, with room for the usual load before the arenas grow.
+    pub(super) fn new() -> Allocations {
+        Allocations {
+            allocs: Slab::with_capacity(64),
+            allocating: HashMap::with_capacity_and_hasher(64, BuildHasherDefault::default()),
+            cow_ready: Vec::with_capacity(64),
+        }
+    }
 }
 
 /// Bits of the subclusters overlapping in-cluster bytes `a..b`.
@@ -232,9 +254,9 @@ impl State {
         if p.guest_off + p.len > cluster + cs {
             self.requests.split(pid, cluster + cs - p.guest_off);
         }
-        if let Some(&a) = self.allocating.get(&cluster) {
+        if let Some(&a) = self.allocations.allocating.get(&cluster) {
             self.requests
-                .enqueue_waiter(&mut self.allocs[a].waiters, pid);
+                .enqueue_waiter(&mut self.allocations.allocs[a].waiters, pid);
             return;
         }
         let cover = q.geom.l2_coverage();
@@ -339,8 +361,8 @@ impl State {
         let survives_loss =
             new_cluster && fresh && reads_zero(&entry, ext, sc, span_s, span_e, has_backing);
 
-        let a = self.allocs.alloc();
-        self.allocs[a] = Alloc {
+        let a = self.allocations.allocs.alloc();
+        self.allocations.allocs[a] = Alloc {
             part: pid,
             cluster,
             slot,
@@ -362,11 +384,11 @@ impl State {
             expected: 0,
             waiters: WaitList::EMPTY,
         };
-        self.allocs[a].old_raw = {
+        self.allocations.allocs[a].old_raw = {
             let table = self.layers[0].l2.buf(slot);
             be64_at(table, index * q.geom.l2_entry_bytes() as usize)
         };
-        self.allocating.insert(cluster, a);
+        self.allocations.allocating.insert(cluster, a);
         self.layers[0].l2.pin(slot);
 
         self.fill_alloc(ring, img, a, need_cow, cow_zero && fresh, cow_zero);
@@ -390,11 +412,11 @@ impl State {
             span: (span_s, span_e),
             write: (ws, we),
             ..
-        } = self.allocs[a];
+        } = self.allocations.allocs[a];
         if !need_cow || fresh_zero {
             // Only the guest's bytes need writing: the rest of the cluster already reads as
             // zeros (a fresh cluster) or is not part of the span.
-            self.allocs[a].span = (ws, we);
+            self.allocations.allocs[a].span = (ws, we);
             return self.submit_alloc_write(ring, img, a);
         }
         let mut buf = self
@@ -404,16 +426,16 @@ impl State {
         if cow_zero {
             buf[span_s as usize..ws as usize].fill(0);
             buf[we as usize..span_e as usize].fill(0);
-            self.allocs[a].buf = Some(buf);
+            self.allocations.allocs[a].buf = Some(buf);
             return self.fill_and_write(ring, img, a);
         }
         let base = buf.as_mut_ptr();
-        self.allocs[a].buf = Some(buf);
+        self.allocations.allocs[a].buf = Some(buf);
         for (rs, re) in [(span_s, ws), (we, span_e)] {
             if rs >= re {
                 continue;
             }
-            self.allocs[a].cow_pending += 1;
+            self.allocations.allocs[a].cow_pending += 1;
             let iov = [libc::iovec {
                 // The buffer is a heap allocation owned by the allocation until it finishes,
                 // which is after this read completes; only the address is computed here.
@@ -432,7 +454,7 @@ impl State {
 
     /// A copy-on-write read of allocation `a` finished.
     pub(super) fn cow_read_done(&mut self, a: AllocId, result: Result<(), IoError>) {
-        let al = &mut self.allocs[a];
+        let al = &mut self.allocations.allocs[a];
         al.cow_pending -= 1;
         if let Err(e) = result {
             al.error.get_or_insert(e);
@@ -441,13 +463,13 @@ impl State {
             return;
         }
         // The write is submitted by the turn loop, which has the ring at hand.
-        self.cow_ready.push(a);
+        self.allocations.cow_ready.push(a);
     }
 
     /// Allocations whose copy-on-write reads completed: fill in the guest data and write.
     pub(super) fn run_cow_ready(&mut self, ring: &mut Ring, img: &ImageInner) {
-        while let Some(a) = self.cow_ready.pop() {
-            if let Some(e) = self.allocs[a].error {
+        while let Some(a) = self.allocations.cow_ready.pop() {
+            if let Some(e) = self.allocations.allocs[a].error {
                 self.fail_alloc(a, e);
             } else {
                 self.fill_and_write(ring, img, a);
@@ -457,7 +479,7 @@ impl State {
 
     /// Copies the guest's bytes (or zeros) into the allocation's buffer and writes its span.
     fn fill_and_write(&mut self, ring: &mut Ring, img: &ImageInner, a: AllocId) {
-        let al = &mut self.allocs[a];
+        let al = &mut self.allocations.allocs[a];
         let (ws, we) = al.write;
         let buf = al.buf.as_mut().expect("a copying allocation owns a buffer");
         let dst = &mut buf[ws as usize..we as usize];
@@ -481,7 +503,7 @@ impl State {
             alloc: a,
             bounce: None,
         };
-        let al = &self.allocs[a];
+        let al = &self.allocations.allocs[a];
         let (s, e) = al.span;
         let o = &mut self.ops[op];
         o.iov.clear();
@@ -521,7 +543,7 @@ impl State {
         let (fd, bounce) = write_fd(&mut o.iov, q.data_fd(), host);
         let entry = sqe::writev(fd, &o.iov, host);
         o.kind = OpKind::AllocWrite { alloc: a, bounce };
-        self.allocs[a].expected = e - s;
+        self.allocations.allocs[a].expected = e - s;
         // SAFETY: the iovecs point into the allocation's buffer (owned by it until it
         // finishes, after this op completes), the shard's zero buffer (never written, lives as
         // long as the shard), the op's bounce buffer (freed with the op after its completion),
@@ -537,13 +559,13 @@ impl State {
         if res < 0 {
             return self.fail_alloc(a, IoError::Os { errno: -res });
         }
-        if res as u64 != self.allocs[a].expected {
+        if res as u64 != self.allocations.allocs[a].expected {
             return self.fail_alloc(a, IoError::Os { errno: libc::EIO });
         }
         let (q, _) = top(img);
         let cs = q.geom.cluster_size();
         let sc = q.geom.subcluster_size();
-        let al = std::mem::take(&mut self.allocs[a]);
+        let al = std::mem::take(&mut self.allocations.allocs[a]);
         let at = al.index * q.geom.l2_entry_bytes() as usize;
         let raw = encode_l2_entry(Some(al.host), false, true);
         let bitmap = al.old_bitmap.map(|old_bm| {
@@ -563,17 +585,17 @@ impl State {
         if al.new_cluster && !al.identity {
             self.free_old_mapping(q, al.old_raw, al.old_bitmap, cs);
         }
-        self.allocating.remove(&al.cluster);
+        self.allocations.allocating.remove(&al.cluster);
         self.requests.wake_waiters(al.waiters);
         if let Some(buf) = al.buf {
             self.recycle(buf);
         }
-        self.allocs.free(a);
+        self.allocations.allocs.free(a);
         self.finish_part(al.part, Ok(()));
     }
 
     fn fail_alloc(&mut self, a: AllocId, err: IoError) {
-        let al = std::mem::take(&mut self.allocs[a]);
+        let al = std::mem::take(&mut self.allocations.allocs[a]);
         self.layers[0].l2.unpin(al.slot);
         if al.new_cluster && !al.identity {
             // Never referenced: free it once the next flush has passed. (Cluster buffers are
@@ -585,12 +607,12 @@ impl State {
                 meta: 0,
             });
         }
-        self.allocating.remove(&al.cluster);
+        self.allocations.allocating.remove(&al.cluster);
         self.requests.wake_waiters(al.waiters);
         if let Some(buf) = al.buf {
             self.recycle(buf);
         }
-        self.allocs.free(a);
+        self.allocations.allocs.free(a);
         self.finish_part(al.part, Err(err));
     }
 
