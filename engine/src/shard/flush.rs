@@ -231,10 +231,8 @@ impl State {
                 let Some(host) = l2_host(q, l1_index, cs) else {
                     continue;
                 };
-                let mut buf = self
-                    .cluster_bufs
-                    .pop()
-                    .unwrap_or_else(|| vec![0u8; cs as usize].into_boxed_slice());
+                // A cluster of the top image.
+                let mut buf = self.buffers.cluster();
                 buf.copy_from_slice(self.layers[0].l2.buf(slot));
                 l2.push(planned(host, buf, class::ACTIVE_L2));
             }
@@ -491,7 +489,7 @@ impl State {
                     if let Err(e) = crate::io::pwrite_all(fd, &bytes, host) {
                         self.flush.error.get_or_insert(os_error(&e));
                     }
-                    self.recycle(bytes);
+                    self.buffers.recycle(bytes);
                 }
             }
             Step::Write { mode, writes } => {

@@ -33,6 +33,7 @@
 //!   buffers; `flush_plan.rs` and `flush.rs`: the flush as planned steps and their execution;
 //!   `group.rs`: several shards of a writable image.
 
+mod buffers;
 mod direct;
 mod flush;
 mod flush_plan;
@@ -262,7 +263,7 @@ impl Shard {
     /// when that is more. A compressed read may take its buffers while no other holds any, or
     /// while they fit under the limit; otherwise it waits for a read to give some back.
     pub fn scratch_peak_bytes(&self) -> u64 {
-        self.st.scratch_peak as u64
+        self.st.scratch.peak as u64
     }
 
     /// Decompressed-cluster cache (hits, misses) summed over the layers.

@@ -6,7 +6,7 @@
 //! entry, which is freed only once the completion is reaped.
 
 use super::slab::{AllocId, OpId, PartId};
-use super::{os_error, State, MAX_POOLED_BYTES};
+use super::{os_error, State};
 use crate::error::IoError;
 use crate::io::sqe::{self, Sqe, Timespec};
 use crate::io::{AlignedBuf, DataFd, Ring};
@@ -179,7 +179,7 @@ impl State {
         self.ops.free(op);
         self.recycle_kind(kind);
         if charge > 0 {
-            self.scratch_bytes -= charge;
+            self.scratch.bytes -= charge;
             self.wake_scratch_waiters();
         }
     }
@@ -189,10 +189,12 @@ impl State {
         match kind {
             OpKind::Compressed { extent, target, .. }
             | OpKind::Inflating { extent, target, .. } => {
-                self.recycle(extent);
+                self.buffers.recycle(extent);
                 self.recycle_target(target);
             }
-            OpKind::FlushWrite { bytes } | OpKind::RefcountWrite { bytes } => self.recycle(bytes),
+            OpKind::FlushWrite { bytes } | OpKind::RefcountWrite { bytes } => {
+                self.buffers.recycle(bytes)
+            }
             // The kernel is done with a bounce buffer: it goes.
             OpKind::Data { bounce, .. } | OpKind::AllocWrite { bounce, .. } => drop(bounce),
             OpKind::Idle | OpKind::L2Load { .. } | OpKind::FlushSync { .. } | OpKind::Retry => {}
@@ -203,7 +205,7 @@ impl State {
     pub(super) fn recycle_target(&mut self, target: Target) -> InflateTarget {
         let id = target.id();
         if let Target::Prefix { scratch, .. } = target {
-            self.recycle(scratch);
+            self.buffers.recycle(scratch);
         }
         id
     }
@@ -211,35 +213,21 @@ impl State {
     /// Takes `charge` bytes of scratch for operation `op`.
     pub(super) fn charge_scratch(&mut self, op: OpId, charge: usize) {
         self.ops[op].scratch_charge += charge;
-        self.scratch_bytes += charge;
-        self.scratch_peak = self.scratch_peak.max(self.scratch_bytes);
+        self.scratch.bytes += charge;
+        self.scratch.peak = self.scratch.peak.max(self.scratch.bytes);
     }
 
     /// Makes ready as many of the parts waiting for scratch, oldest first, as the scratch
     /// given back can serve.
     pub(super) fn wake_scratch_waiters(&mut self) {
-        let mut room = self.scratch_limit.saturating_sub(self.scratch_bytes);
-        let mut first = self.scratch_bytes == 0;
-        while self.scratch_waiters.head != NO_ID && (first || room >= self.scratch_need) {
+        let mut room = self.scratch.limit.saturating_sub(self.scratch.bytes);
+        let mut first = self.scratch.bytes == 0;
+        while self.scratch.waiters.head != NO_ID && (first || room >= self.scratch.need) {
             first = false;
-            room = room.saturating_sub(self.scratch_need);
-            if let Some(pid) = self.requests.pop_waiter(&mut self.scratch_waiters) {
+            room = room.saturating_sub(self.scratch.need);
+            if let Some(pid) = self.requests.pop_waiter(&mut self.scratch.waiters) {
                 self.requests.ready.push_back(pid);
             }
-        }
-    }
-
-    /// Returns a compressed-extent or cluster buffer to its pool (other sizes are dropped).
-    pub(super) fn recycle(&mut self, buf: Box<[u8]>) {
-        let pool = if buf.len() == self.big_buf_bytes {
-            &mut self.big_bufs
-        } else if buf.len() == self.cluster_buf_bytes {
-            &mut self.cluster_bufs
-        } else {
-            return;
-        };
-        if pool.is_empty() || (pool.len() + 1) * buf.len() <= MAX_POOLED_BYTES {
-            pool.push(buf);
         }
     }
 

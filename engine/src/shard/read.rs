@@ -177,13 +177,10 @@ impl State {
                     .enqueue_waiter(caches.decompressed.waiters_mut(slot), pid);
                 return;
             }
-            Lookup::Miss
-                if self.scratch_bytes > 0
-                    && self.scratch_bytes + self.scratch_need > self.scratch_limit =>
-            {
+            Lookup::Miss if self.scratch.full() => {
                 // Its buffers would take the shard past its scratch limit: wait for a read
                 // in flight to give some back rather than allocate.
-                self.requests.enqueue_waiter(&mut self.scratch_waiters, pid);
+                self.requests.enqueue_waiter(&mut self.scratch.waiters, pid);
                 return;
             }
             Lookup::Miss => {
@@ -216,9 +213,7 @@ impl State {
                         // A pooled cluster buffer when this layer's clusters are the pool's
                         // size (a backing file's clusters may be larger than the top
                         // image's), else just the bytes inflated.
-                        let pooled = (cs as usize == self.cluster_buf_bytes)
-                            .then(|| self.cluster_bufs.pop())
-                            .flatten();
+                        let pooled = self.buffers.pooled_cluster(cs as usize);
                         let prefix_len = (p.guest_off % cs + p.len) as usize;
                         let scratch =
                             pooled.unwrap_or_else(|| vec![0u8; prefix_len].into_boxed_slice());
@@ -246,11 +241,7 @@ impl State {
         desc: crate::format::CompressedDescriptor,
         target: Target,
     ) {
-        let bytes = self.big_buf_bytes;
-        let mut extent = self
-            .big_bufs
-            .pop()
-            .unwrap_or_else(|| vec![0u8; bytes].into_boxed_slice());
+        let mut extent = self.buffers.extent();
         let want = desc.max_len.min(extent.len() as u64);
         let charge = extent.len()
             + match &target {
@@ -314,7 +305,7 @@ impl State {
                 // SAFETY: the request's iovecs are valid for writes until its completion; the
                 // part lies within them; `src` is our own buffer.
                 unsafe { iov_copy_from(&self.requests.reqs[p.req].iov, p.skip as usize, src) };
-                self.recycle(scratch);
+                self.buffers.recycle(scratch);
                 self.finish_part(pid, Ok(()));
             }
         }
@@ -339,7 +330,7 @@ impl State {
         };
         self.jobs_out -= 1;
         self.free_op(op);
-        self.recycle(extent);
+        self.buffers.recycle(extent);
         if res == 0 {
             self.finish_inflate(ring, img, layer, target);
         } else {
@@ -418,8 +409,8 @@ impl State {
             Buffer::Zeros => {
                 // The zero buffer is one cluster; a data part never spans more than one.
                 o.iov.push(libc::iovec {
-                    iov_base: self.zeros.as_ptr() as *mut libc::c_void,
-                    iov_len: rest.min(self.zeros.len()),
+                    iov_base: self.buffers.zeros.as_ptr() as *mut libc::c_void,
+                    iov_len: rest.min(self.buffers.zeros.len()),
                 });
             }
         }
@@ -671,7 +662,7 @@ impl State {
         // is valid for writes until the part completes (submit_read contract), which is not
         // before this.
         let result = unsafe { self.inflater.inflate(kind, &bytes[..len], out) };
-        self.recycle(bytes);
+        self.buffers.recycle(bytes);
         match result {
             Ok(()) => self.finish_inflate(ring, img, layer, target),
             Err(e) => {

@@ -5,6 +5,7 @@
 //!
 //! Owned by one shard and used only on its thread.
 
+use super::buffers::{Buffers, Scratch};
 use super::flush::FlushState;
 use super::group::GroupLink;
 use super::op::Op;
@@ -13,10 +14,10 @@ use super::reserve::Reservations;
 use super::slab::{OpId, Slab};
 use super::write::Allocations;
 use super::{Completion, ShardConfig};
-use crate::io::{AlignedBuf, ClusterInflater, InflateQueue};
+use crate::io::{ClusterInflater, InflateQueue};
 use crate::layer::KindRef;
 use crate::layer::Qcow2Layer;
-use crate::meta::{SlotCache, WaitList};
+use crate::meta::SlotCache;
 use crate::shared::ImageInner;
 use crate::write::Writable;
 
@@ -44,20 +45,11 @@ pub(super) struct State {
     pub(super) allocations: Allocations,
     pub(super) finished: Vec<Completion>,
     pub(super) cqes: Vec<(u64, i32)>,
-    /// Buffers for compressed extents (2 clusters) and allocations (1 cluster).
-    pub(super) big_bufs: Vec<Box<[u8]>>,
-    pub(super) big_buf_bytes: usize,
-    pub(super) cluster_bufs: Vec<Box<[u8]>>,
-    pub(super) cluster_buf_bytes: usize,
-    /// Scratch held by compressed reads in flight, its limit, the most one read takes, the
-    /// highest it has been, and the parts waiting for some to be given back.
-    pub(super) scratch_bytes: usize,
-    pub(super) scratch_limit: usize,
-    pub(super) scratch_need: usize,
-    pub(super) scratch_peak: usize,
-    pub(super) scratch_waiters: WaitList,
-    /// One cluster of zeros, aligned for direct writes.
-    pub(super) zeros: AlignedBuf,
+    /// Pooled buffers for compressed extents (2 clusters) and allocations and metadata (1
+    /// cluster), and a cluster of zeros (`buffers.rs`).
+    pub(super) buffers: Buffers,
+    /// The scratch compressed reads in flight hold (`buffers.rs`).
+    pub(super) scratch: Scratch,
     pub(super) inflater: ClusterInflater,
     /// Inflate jobs of this shard that the shard or a thief runs (`io/inflate.rs`).
     pub(super) jobs: InflateQueue,
@@ -171,19 +163,15 @@ impl State {
             allocations: Allocations::new(),
             finished: Vec::with_capacity(256),
             cqes: Vec::with_capacity(512),
-            big_bufs: Vec::new(),
-            big_buf_bytes,
-            cluster_bufs: Vec::new(),
-            cluster_buf_bytes: top_cluster,
-            scratch_bytes: 0,
-            scratch_limit: usize::try_from(config.scratch_bytes).unwrap_or(usize::MAX),
-            // An extent buffer and a prefix of the largest cluster.
-            scratch_need: big_buf_bytes + big_buf_bytes / 2,
-            scratch_peak: 0,
-            scratch_waiters: WaitList::EMPTY,
-            zeros: AlignedBuf::zeroed(
+            buffers: Buffers::new(
+                big_buf_bytes,
+                top_cluster,
                 if writable { top_cluster } else { 0 },
-                crate::io::SAFE_DIO_ALIGN as usize,
+            ),
+            scratch: Scratch::new(
+                usize::try_from(config.scratch_bytes).unwrap_or(usize::MAX),
+                // An extent buffer and a prefix of the largest cluster.
+                big_buf_bytes + big_buf_bytes / 2,
             ),
             inflater: ClusterInflater::new(),
             jobs: InflateQueue::new(config.inflate),

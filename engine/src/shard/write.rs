@@ -406,7 +406,6 @@ impl State {
         fresh_zero: bool,
         cow_zero: bool,
     ) {
-        let cs = top(img).0.geom.cluster_size();
         let Alloc {
             cluster,
             span: (span_s, span_e),
@@ -419,10 +418,7 @@ impl State {
             self.allocations.allocs[a].span = (ws, we);
             return self.submit_alloc_write(ring, img, a);
         }
-        let mut buf = self
-            .cluster_bufs
-            .pop()
-            .unwrap_or_else(|| vec![0u8; cs as usize].into_boxed_slice());
+        let mut buf = self.buffers.cluster();
         if cow_zero {
             buf[span_s as usize..ws as usize].fill(0);
             buf[we as usize..span_e as usize].fill(0);
@@ -513,7 +509,7 @@ impl State {
                 iov_len: (e - s) as usize,
             }),
             (None, true) => o.iov.push(libc::iovec {
-                iov_base: self.zeros.as_ptr() as *mut libc::c_void,
+                iov_base: self.buffers.zeros.as_ptr() as *mut libc::c_void,
                 iov_len: (e - s) as usize,
             }),
             (None, false) => {
@@ -588,7 +584,7 @@ impl State {
         self.allocations.allocating.remove(&al.cluster);
         self.requests.wake_waiters(al.waiters);
         if let Some(buf) = al.buf {
-            self.recycle(buf);
+            self.buffers.recycle(buf);
         }
         self.allocations.allocs.free(a);
         self.finish_part(al.part, Ok(()));
@@ -602,7 +598,7 @@ impl State {
             // one cluster of the top image.)
             self.reservations.pending_frees.push(PendingFree {
                 host: al.host,
-                len: self.cluster_buf_bytes as u64,
+                len: self.buffers.cluster_bytes() as u64,
                 compressed: None,
                 meta: 0,
             });
@@ -610,7 +606,7 @@ impl State {
         self.allocations.allocating.remove(&al.cluster);
         self.requests.wake_waiters(al.waiters);
         if let Some(buf) = al.buf {
-            self.recycle(buf);
+            self.buffers.recycle(buf);
         }
         self.allocations.allocs.free(a);
         self.finish_part(al.part, Err(err));
