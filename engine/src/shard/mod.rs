@@ -431,18 +431,18 @@ impl Shard {
     /// inflates a few clusters of other shards that are waiting. Never blocks.
     pub fn poll(&mut self, out: &mut Vec<Completion>) {
         self.ring.drain_eventfd();
-        self.st.jobs.enter();
+        self.st.inflation.jobs.enter();
         let mut stolen = 0;
         loop {
             self.turn();
             // Idle workers may take some of the jobs this turn queued.
-            self.st.jobs.offer();
+            self.st.inflation.jobs.offer();
             if let Err(e) = self.ring.submit() {
                 tracing::error!("io_uring submit failed: {e}");
                 break;
             }
             // This shard's own jobs, newest first, one per turn: each may make parts ready.
-            if let Some(job) = self.st.jobs.pop_own() {
+            if let Some(job) = self.st.inflation.jobs.pop_own() {
                 self.run_own_job(&job);
                 continue;
             }
@@ -459,7 +459,7 @@ impl Shard {
                 if stolen == MAX_STEALS_PER_POLL || !self.st.finished.is_empty() {
                     break;
                 }
-                match self.st.jobs.steal() {
+                match self.st.inflation.jobs.steal() {
                     Some(job) => {
                         self.run_stolen_job(&job);
                         stolen += 1;
@@ -468,7 +468,7 @@ impl Shard {
                 }
             }
         }
-        self.st.jobs.leave();
+        self.st.inflation.jobs.leave();
         if let Some(link) = &mut self.st.group {
             link.wake_others();
         }
@@ -636,7 +636,7 @@ impl Shard {
         // Its completion will not come through the ring.
         ring.cancel_external_completion();
         st.ops_in_kernel -= 1;
-        let result = job.run(&mut st.inflater);
+        let result = job.run(&mut st.inflation.inflater);
         // The user data is an operation index (a u32) of this shard.
         let op = OpId::from_index(job.user_data() as u32);
         st.complete_inflating(ring, image, op, result);
@@ -644,7 +644,7 @@ impl Shard {
 
     /// Runs another shard's inflate job and posts its result into that shard's ring.
     fn run_stolen_job(&mut self, job: &Job) {
-        let result = job.run(&mut self.st.inflater);
+        let result = job.run(&mut self.st.inflation.inflater);
         if let Err(e) = self.ring.post_to(job.ring_fd(), result, job.user_data()) {
             tracing::error!("Cannot post an inflated cluster to its shard: {e}");
         }
@@ -717,7 +717,7 @@ impl Drop for Shard {
             );
         }
         // Inflate jobs nobody took are dropped undone: nothing will read what they produce.
-        for _ in self.st.jobs.take_all() {
+        for _ in self.st.inflation.jobs.take_all() {
             self.ring.cancel_external_completion();
             self.st.ops_in_kernel -= 1;
         }

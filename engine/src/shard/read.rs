@@ -10,7 +10,8 @@ use crate::error::IoError;
 use crate::format::CompressionType;
 use crate::io::sqe;
 use crate::io::{
-    iov_contiguous, iov_copy_from, iov_fill_zero, iov_subrange, DataFd, Job, Output, Ring,
+    iov_contiguous, iov_copy_from, iov_fill_zero, iov_subrange, ClusterInflater, DataFd,
+    InflateQueue, InflateSharing, Job, Output, Ring,
 };
 use crate::layer::{KindRef, Qcow2Layer};
 use crate::meta::{resolve, Lookup, Step, WaitList};
@@ -158,10 +159,7 @@ impl State {
     ) {
         let p = self.requests.parts[pid];
         let cs = q.geom.cluster_size();
-        let sequential = self.compressed_ends.contains(&p.guest_off);
-        let slot_of_end = self.compressed_end_next % self.compressed_ends.len();
-        self.compressed_ends[slot_of_end] = p.guest_off + p.len;
-        self.compressed_end_next = self.compressed_end_next.wrapping_add(1);
+        let sequential = self.inflation.continues_recent(p.guest_off, p.len);
         let caches = &mut self.layers[p.layer as usize];
         let target = match caches.decompressed.lookup(desc.host_offset) {
             Lookup::Ready(slot) => {
@@ -328,7 +326,7 @@ impl State {
         else {
             unreachable!("complete_inflating on another op");
         };
-        self.jobs_out -= 1;
+        self.inflation.jobs_out -= 1;
         self.free_op(op);
         self.buffers.recycle(extent);
         if res == 0 {
@@ -600,8 +598,8 @@ impl State {
     /// that finds the queue full waits for a completion, and a job still on this shard's
     /// deque would never post one.
     fn may_hand_off(&mut self, ring: &mut Ring) -> bool {
-        self.jobs_out < ring.cq_capacity().min(2 * MAX_JOBS_OUT) / 2
-            && self.jobs.shares()
+        self.inflation.jobs_out < ring.cq_capacity().min(2 * MAX_JOBS_OUT) / 2
+            && self.inflation.jobs.shares()
             && ring.try_expect_external_completion()
     }
 
@@ -630,8 +628,8 @@ impl State {
         // completion (Shard::drop takes back the jobs still queued and waits for every
         // operation counted in ops_in_kernel).
         let job = unsafe { Job::new(kind, &bytes[..len], out, ring.ring_fd(), u64::from(op)) };
-        self.jobs.push(job);
-        self.jobs_out += 1;
+        self.inflation.jobs.push(job);
+        self.inflation.jobs_out += 1;
         self.ops[op].kind = OpKind::Inflating {
             layer,
             target,
@@ -661,7 +659,7 @@ impl State {
         // (a heap allocation held in `target` until after this call); a part's guest memory
         // is valid for writes until the part completes (submit_read contract), which is not
         // before this.
-        let result = unsafe { self.inflater.inflate(kind, &bytes[..len], out) };
+        let result = unsafe { self.inflation.inflater.inflate(kind, &bytes[..len], out) };
         self.buffers.recycle(bytes);
         match result {
             Ok(()) => self.finish_inflate(ring, img, layer, target),
@@ -678,6 +676,43 @@ impl State {
                 );
             }
         }
+    }
+}
+
+/// A shard's side of inflating compressed clusters: its inflater, its queue of inflate jobs
+/// (run by the shard or a thief, `io/inflate.rs`), and the ends of the last few compressed
+/// reads (to tell sequential streams).
+pub(super) struct Inflation {
+    pub(super) inflater: ClusterInflater,
+    /// Inflate jobs of this shard that the shard or a thief runs.
+    pub(super) jobs: InflateQueue,
+    /// This shard's inflate jobs not completed yet (queued, or run by a thief).
+    pub(super) jobs_out: usize,
+    /// Guest offsets just past the last few compressed parts read (sequential streams).
+    recent_ends: [u64; 8],
+    next_end: usize,
+}
+
+impl Inflation {
+    /// Nothing inflated yet; jobs shared with other threads as `sharing` says.
+    pub(super) fn new(sharing: InflateSharing) -> Inflation {
+        Inflation {
+            inflater: ClusterInflater::new(),
+            jobs: InflateQueue::new(sharing),
+            jobs_out: 0,
+            recent_ends: [u64::MAX; 8],
+            next_end: 0,
+        }
+    }
+
+    /// Notes a compressed read of `len` bytes at `guest_off`; returns whether it continues
+    /// one of the last few (a sequential stream).
+    fn continues_recent(&mut self, guest_off: u64, len: u64) -> bool {
+        let sequential = self.recent_ends.contains(&guest_off);
+        let slot = self.next_end % self.recent_ends.len();
+        self.recent_ends[slot] = guest_off + len;
+        self.next_end = self.next_end.wrapping_add(1);
+        sequential
     }
 }
 

@@ -9,12 +9,13 @@ use super::buffers::{Buffers, Scratch};
 use super::flush::FlushState;
 use super::group::GroupLink;
 use super::op::Op;
+use super::read::Inflation;
 use super::request::Requests;
 use super::reserve::Reservations;
 use super::slab::{OpId, Slab};
 use super::write::Allocations;
 use super::{Completion, ShardConfig};
-use crate::io::{ClusterInflater, InflateQueue};
+
 use crate::layer::KindRef;
 use crate::layer::Qcow2Layer;
 use crate::meta::SlotCache;
@@ -50,17 +51,11 @@ pub(super) struct State {
     pub(super) buffers: Buffers,
     /// The scratch compressed reads in flight hold (`buffers.rs`).
     pub(super) scratch: Scratch,
-    pub(super) inflater: ClusterInflater,
-    /// Inflate jobs of this shard that the shard or a thief runs (`io/inflate.rs`).
-    pub(super) jobs: InflateQueue,
-    /// This shard's inflate jobs not completed yet (queued, or run by a thief).
-    pub(super) jobs_out: usize,
+    /// The inflater, the inflate jobs, recent compressed reads (`read.rs`).
+    pub(super) inflation: Inflation,
     /// Operations whose completion has not been handled: in the kernel, or inflate jobs
     /// (queued, or run by a thief that posts their completion into the ring).
     pub(super) ops_in_kernel: usize,
-    /// Guest offsets just past the last few compressed parts read (sequential streams).
-    pub(super) compressed_ends: [u64; 8],
-    pub(super) compressed_end_next: usize,
     /// Clusters reserved for allocation, the durability of their refcounts, and the frees
     /// waiting for flushes and operations in flight (`reserve.rs`).
     pub(super) reservations: Reservations,
@@ -173,12 +168,8 @@ impl State {
                 // An extent buffer and a prefix of the largest cluster.
                 big_buf_bytes + big_buf_bytes / 2,
             ),
-            inflater: ClusterInflater::new(),
-            jobs: InflateQueue::new(config.inflate),
-            jobs_out: 0,
+            inflation: Inflation::new(config.inflate),
             ops_in_kernel: 0,
-            compressed_ends: [u64::MAX; 8],
-            compressed_end_next: 0,
             reservations: Reservations::default(),
             hold_data_writes: config.hold_data_writes,
             held: Vec::new(),
