@@ -25,9 +25,9 @@
 //! - `mod.rs`: [`Shard`], its public API (submission, polling, blocking helpers), its
 //!   creation (`new_shards`) and its drop (waiting for the kernel first);
 //! - `slab.rs`: the arenas and their typed ids; `request.rs`: requests and parts;
-//!   `op.rs`: operations, the buffers they own, completion dispatch; `state.rs`: the
-//!   `State` that gathers them and its sizing; `reserve.rs`: reservations, allocation and
-//!   frees;
+//!   `op.rs`: operations, the buffers they own, completion dispatch; `buffers.rs`: buffer
+//!   pools and the scratch budget; `state.rs`: the `State` that gathers the parts and its
+//!   sizing; `reserve.rs`: reservations, allocation and frees;
 //! - `l2.rs`: L2 tables (lookup, load, copy, create, entries); `read.rs`: reads and the data
 //!   I/O; `write.rs`: writes, write-zeroes and discards; `direct.rs`: O_DIRECT bounce
 //!   buffers; `flush_plan.rs` and `flush.rs`: the flush as planned steps and their execution;

@@ -1,7 +1,12 @@
 //! Everything a shard mutates apart from its ring ([`State`]), the per-layer caches, and how a
 //! new shard's state is sized from the image (the L2 cache budget shared out among layers).
-//! Each concern's methods are in their own file (`request.rs`, `op.rs`, `reserve.rs`,
-//! `l2.rs`, `read.rs`, `write.rs`, `flush.rs`, `group.rs`).
+//! `State` gathers owned parts, each declared with the methods that work on it in its own
+//! file: the requests and their parts (`request.rs`: `Requests`), the group link and its
+//! coordination (`group.rs`: `GroupLink`), reservations and frees (`reserve.rs`:
+//! `Reservations`), allocating writes (`write.rs`: `Allocations`), buffer pools and scratch
+//! (`buffers.rs`), inflation (`read.rs`: `Inflation`), the flush in progress (`flush.rs`:
+//! `FlushState`). What spans several parts is an `impl State` block in the file of its
+//! concern (`op.rs`, `l2.rs`, `read.rs`, `write.rs`, `flush.rs`, `group.rs`).
 //!
 //! Owned by one shard and used only on its thread.
 
