@@ -16,7 +16,7 @@ use crate::format::{self, MAX_L1_BYTES};
 use crate::io::BlockingReader;
 use crate::layer::Qcow2Layer;
 use crate::meta::{class, MetaMap, Refcounts};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 
 /// Which metadata every write to the image file is checked against (QEMU's `overlap-check`).
@@ -158,61 +158,108 @@ pub(crate) fn load(
     mode: OverlapCheck,
 ) -> Result<(MetaMap, FixedRanges), Error> {
     let h = &q.header;
-    let l1 = &q.l1;
-    let fd = q.file.as_raw_fd();
-    let cs = h.cluster_size();
     let bits = h.cluster_bits;
     let capacity = file_len
-        .div_ceil(cs)
+        .div_ceil(h.cluster_size())
         .max(Refcounts::max_clusters(h.refcount_order, bits))
         .min(format::MAX_VIRTUAL_SIZE >> bits);
-    let map = MetaMap::new(bits, capacity, mode.classes());
-    let mut fixed = FixedRanges::new();
-    if map.mask() == 0 {
-        return Ok((map, fixed));
-    }
-    let io_err = |what: &str, e: std::io::Error| {
-        Error::io(format!("Cannot read {what} of {}", path.display()), e)
+    let mut marks = Marks {
+        map: MetaMap::new(bits, capacity, mode.classes()),
+        fixed: FixedRanges::new(),
     };
+    if marks.map.mask() == 0 {
+        return Ok((marks.map, marks.fixed));
+    }
+    let mut source = Source {
+        path,
+        fd: q.file.as_raw_fd(),
+        file_len,
+        reader,
+    };
+    marks.active(q, refcount_table);
+    if h.nb_snapshots > 0 {
+        marks.snapshots(q, &mut source)?;
+    }
+    if let Some((_, dir_size, dir_off)) = h.bitmaps {
+        marks.bitmaps(dir_off, dir_size, &mut source)?;
+    }
+    Ok((marks.map, marks.fixed))
+}
 
-    let mut mark_fixed = |start: u64, len: u64, name: &'static str| {
+/// The metadata map being built, and the fixed ranges (header, names, tables without a class
+/// of their own) found so far.
+struct Marks {
+    map: MetaMap,
+    fixed: FixedRanges,
+}
+
+/// Where [`load`] reads the metadata that is not in memory yet.
+struct Source<'a> {
+    path: &'a Path,
+    fd: RawFd,
+    file_len: u64,
+    reader: &'a mut BlockingReader,
+}
+
+impl Source<'_> {
+    /// Reads `buf.len()` bytes of `what` at `offset`.
+    fn read(&mut self, what: &str, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.reader
+            .read_exact_at(self.fd, buf, offset)
+            .map_err(|e| Error::io(format!("Cannot read {what} of {}", self.path.display()), e))
+    }
+}
+
+impl Marks {
+    /// A fixed range (`len` bytes at `start`, `name` in messages).
+    fn fixed(&mut self, start: u64, len: u64, name: &'static str) {
         if len > 0 {
-            map.set(start, len, class::FIXED);
-            fixed.push((start, start.saturating_add(len), name));
+            self.map.set(start, len, class::FIXED);
+            self.fixed.push((start, start.saturating_add(len), name));
         }
-    };
-    mark_fixed(0, cs, "the main header");
-    if let Some(name) = &h.backing_file {
-        mark_fixed(
-            h.backing_file_offset,
-            name.len() as u64,
-            "the backing file name",
+    }
+
+    /// The header, the backing file name, the active L1 table, the refcount table and
+    /// blocks, and the active L2 tables (all known from memory).
+    fn active(&mut self, q: &Qcow2Layer, refcount_table: &[u64]) {
+        let h = &q.header;
+        let cs = h.cluster_size();
+        self.fixed(0, cs, "the main header");
+        if let Some(name) = &h.backing_file {
+            self.fixed(
+                h.backing_file_offset,
+                name.len() as u64,
+                "the backing file name",
+            );
+        }
+        let map = &self.map;
+        map.set(
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
+            class::ACTIVE_L1,
         );
-    }
-    map.set(
-        h.l1_table_offset,
-        u64::from(h.l1_size) * 8,
-        class::ACTIVE_L1,
-    );
-    map.set(
-        h.refcount_table_offset,
-        u64::from(h.refcount_table_clusters) * cs,
-        class::REFCOUNT_TABLE,
-    );
-    for &block in refcount_table.iter().filter(|&&b| b != 0) {
-        map.set(block, cs, class::REFCOUNT_BLOCK);
-    }
-    if map.mask() & class::ACTIVE_L2 != 0 {
-        for e in l1.iter() {
-            let raw = e.load(std::sync::atomic::Ordering::Relaxed);
-            if let Ok(Some(table)) = format::decode_l1_entry(raw, cs) {
-                map.set(table, cs, class::ACTIVE_L2);
+        map.set(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+            class::REFCOUNT_TABLE,
+        );
+        for &block in refcount_table.iter().filter(|&&b| b != 0) {
+            map.set(block, cs, class::REFCOUNT_BLOCK);
+        }
+        if map.mask() & class::ACTIVE_L2 != 0 {
+            for e in q.l1.iter() {
+                let raw = e.load(std::sync::atomic::Ordering::Relaxed);
+                if let Ok(Some(table)) = format::decode_l1_entry(raw, cs) {
+                    map.set(table, cs, class::ACTIVE_L2);
+                }
             }
         }
     }
 
-    // Snapshots: the table, each L1 table, and in mode `all` each L2 table.
-    if h.nb_snapshots > 0 {
+    /// Snapshots: the table, each L1 table, and in mode `all` each L2 table.
+    fn snapshots(&mut self, q: &Qcow2Layer, src: &mut Source) -> Result<(), Error> {
+        let h = &q.header;
+        let file_len = src.file_len;
         let start = h.snapshots_offset;
         let mut pos = start;
         let mut snapshot_l1s = Vec::new();
@@ -224,9 +271,7 @@ pub(crate) fn load(
             {
                 break;
             }
-            reader
-                .read_exact_at(fd, &mut e, pos)
-                .map_err(|e| io_err("the snapshot table", e))?;
+            src.read("the snapshot table", &mut e, pos)?;
             let l1_off = format::be64_at(&e, 0);
             let l1_size = u64::from(format::be32(&e, 8));
             let id = u64::from(u16::from_be_bytes([e[12], e[13]]));
@@ -234,59 +279,62 @@ pub(crate) fn load(
             let extra = u64::from(format::be32(&e, 36));
             pos += SNAPSHOT_ENTRY_BYTES + extra + id + name;
             if l1_size * 8 <= MAX_L1_BYTES {
-                map.set(l1_off, l1_size * 8, class::INACTIVE_L1);
+                self.map.set(l1_off, l1_size * 8, class::INACTIVE_L1);
                 snapshot_l1s.push((l1_off, l1_size));
             }
         }
-        mark_fixed(
+        self.fixed(
             start,
             pos.min(file_len).saturating_sub(start),
             "the snapshot table",
         );
-        if map.mask() & class::INACTIVE_L2 != 0 {
-            let mut buf = Vec::new();
-            for (l1_off, l1_size) in snapshot_l1s {
-                if !l1_off.is_multiple_of(cs) || l1_off.saturating_add(l1_size * 8) > file_len {
-                    continue;
-                }
-                buf.resize((l1_size * 8) as usize, 0);
-                reader
-                    .read_exact_at(fd, &mut buf, l1_off)
-                    .map_err(|e| io_err("a snapshot's L1 table", e))?;
-                for raw in buf.chunks_exact(8).map(|c| format::be64_at(c, 0)) {
-                    if let Ok(Some(table)) = format::decode_l1_entry(raw, cs) {
-                        map.set(table, cs, class::INACTIVE_L2);
-                    }
+        if self.map.mask() & class::INACTIVE_L2 == 0 {
+            return Ok(());
+        }
+        let cs = h.cluster_size();
+        let mut buf = Vec::new();
+        for (l1_off, l1_size) in snapshot_l1s {
+            if !l1_off.is_multiple_of(cs) || l1_off.saturating_add(l1_size * 8) > file_len {
+                continue;
+            }
+            buf.resize((l1_size * 8) as usize, 0);
+            src.read("a snapshot's L1 table", &mut buf, l1_off)?;
+            for raw in buf.chunks_exact(8).map(|c| format::be64_at(c, 0)) {
+                if let Ok(Some(table)) = format::decode_l1_entry(raw, cs) {
+                    self.map.set(table, cs, class::INACTIVE_L2);
                 }
             }
         }
+        Ok(())
     }
 
-    // Persistent bitmaps: the directory and each bitmap's table.
-    if let Some((_, dir_size, dir_off)) = h.bitmaps {
-        if dir_size > 0 && dir_size <= MAX_BITMAP_DIRECTORY_BYTES {
-            mark_fixed(dir_off, dir_size, "the bitmap directory");
-            if map.mask() & class::BITMAP_TABLE != 0
-                && dir_off
-                    .checked_add(dir_size)
-                    .is_some_and(|end| end <= file_len)
-            {
-                let mut dir = vec![0u8; dir_size as usize];
-                reader
-                    .read_exact_at(fd, &mut dir, dir_off)
-                    .map_err(|e| io_err("the bitmap directory", e))?;
-                let mut p = 0u64;
-                while p + BITMAP_ENTRY_BYTES <= dir_size {
-                    let at = p as usize;
-                    let table_off = format::be64_at(&dir, at);
-                    let table_entries = u64::from(format::be32(&dir, at + 8));
-                    let name = u64::from(u16::from_be_bytes([dir[at + 18], dir[at + 19]]));
-                    let extra = u64::from(format::be32(&dir, at + 20));
-                    map.set(table_off, table_entries * 8, class::BITMAP_TABLE);
-                    p += (BITMAP_ENTRY_BYTES + name + extra).next_multiple_of(8);
-                }
-            }
+    /// Persistent bitmaps: the directory (`dir_size` bytes at `dir_off`) and each bitmap's
+    /// table.
+    fn bitmaps(&mut self, dir_off: u64, dir_size: u64, src: &mut Source) -> Result<(), Error> {
+        if dir_size == 0 || dir_size > MAX_BITMAP_DIRECTORY_BYTES {
+            return Ok(());
         }
+        self.fixed(dir_off, dir_size, "the bitmap directory");
+        if self.map.mask() & class::BITMAP_TABLE == 0
+            || dir_off
+                .checked_add(dir_size)
+                .is_none_or(|end| end > src.file_len)
+        {
+            return Ok(());
+        }
+        let mut dir = vec![0u8; dir_size as usize];
+        src.read("the bitmap directory", &mut dir, dir_off)?;
+        let mut p = 0u64;
+        while p + BITMAP_ENTRY_BYTES <= dir_size {
+            let at = p as usize;
+            let table_off = format::be64_at(&dir, at);
+            let table_entries = u64::from(format::be32(&dir, at + 8));
+            let name = u64::from(u16::from_be_bytes([dir[at + 18], dir[at + 19]]));
+            let extra = u64::from(format::be32(&dir, at + 20));
+            self.map
+                .set(table_off, table_entries * 8, class::BITMAP_TABLE);
+            p += (BITMAP_ENTRY_BYTES + name + extra).next_multiple_of(8);
+        }
+        Ok(())
     }
-    Ok((map, fixed))
 }
