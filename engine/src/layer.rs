@@ -233,6 +233,9 @@ pub(crate) fn data_file_path(image: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// Opens qcow2 file `file` (at `path`): its header, L1 table and snapshot table read and
+/// checked, its external data file opened and locked, and with `direct` its O_DIRECT
+/// descriptors.
 pub(crate) fn open_qcow2(
     path: &Path,
     file: File,
@@ -243,7 +246,62 @@ pub(crate) fn open_qcow2(
 ) -> Result<Qcow2Layer, Error> {
     let (header, buf) = read_header(&file, path, reader)?;
     let len = file_len(&file, path)?;
+    check_tables_in_file(&header, len, path, read_only)?;
+    let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
+    read_zero_filled(reader, &file, &mut l1_bytes, header.l1_table_offset)
+        .map_err(|e| Error::io(format!("Cannot read the L1 table of {}", path.display()), e))?;
+    check_snapshot_table(&header, &file, path, reader)?;
+    let l1: Box<[AtomicU64]> = l1_bytes
+        .chunks_exact(8)
+        .map(|c| AtomicU64::new(format::be64_at(c, 0)))
+        .collect();
+    let header_bytes = buf[..header.header_length as usize].to_vec();
 
+    let data_file = open_data_file(&header, path, roots, read_only)?;
+    // The external data file holds nothing but guest data: direct whatever the cluster size.
+    let data_file_direct = match &data_file {
+        Some((f, dpath, real)) if direct => Some(
+            open_direct(real, dpath, f, !read_only)
+                .map_err(|e| e.context(format!("External data file of {}", path.display())))?,
+        ),
+        _ => None,
+    };
+    let (data_file, data_path) = match data_file {
+        Some((f, _, real)) => (Some(f), Some(real)),
+        None => (None, None),
+    };
+    let file_direct = if !direct || data_file.is_some() {
+        None
+    } else {
+        open_file_direct(&header, &file, path, read_only)?
+    };
+    let geom = Geometry {
+        cluster_bits: header.cluster_bits,
+        extended_l2: header.extended_l2(),
+        has_data_file: header.has_data_file(),
+        version2: header.version < 3,
+    };
+    Ok(Qcow2Layer {
+        header,
+        geom,
+        file,
+        data_file,
+        data_file_path: data_path,
+        file_direct,
+        data_file_direct,
+        l1,
+        header_bytes,
+    })
+}
+
+/// Refuses an image whose L1 table is past the end of its file (`len` bytes), and, for
+/// writing, one whose other tables are.
+fn check_tables_in_file(
+    header: &Header,
+    len: u64,
+    path: &Path,
+    read_only: bool,
+) -> Result<(), Error> {
     header.l1_in_file(len).map_err(|e| {
         Error::with_source(
             ErrorKind::InvalidImage,
@@ -265,16 +323,22 @@ pub(crate) fn open_qcow2(
             )
         })?;
     }
-    let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
-    read_zero_filled(reader, &file, &mut l1_bytes, header.l1_table_offset)
-        .map_err(|e| Error::io(format!("Cannot read the L1 table of {}", path.display()), e))?;
-    // QEMU reads the snapshot table at open and refuses one it cannot use.
+    Ok(())
+}
+
+/// Reads the snapshot table as QEMU does at open, which refuses one it cannot use.
+fn check_snapshot_table(
+    header: &Header,
+    file: &File,
+    path: &Path,
+    reader: &mut BlockingReader,
+) -> Result<(), Error> {
     format::read_snapshot_table(
         header.snapshots_offset,
         header.nb_snapshots,
         false,
         false,
-        &mut |off, buf| read_zero_filled(reader, &file, buf, off),
+        &mut |off, buf| read_zero_filled(reader, file, buf, off),
     )
     .map_err(|e| match e {
         format::SnapshotReadError::Io(e) => Error::io(
@@ -287,73 +351,52 @@ pub(crate) fn open_qcow2(
             e,
         ),
     })?;
-    let l1: Box<[AtomicU64]> = l1_bytes
-        .chunks_exact(8)
-        .map(|c| AtomicU64::new(format::be64_at(c, 0)))
-        .collect();
-    let header_bytes = buf[..header.header_length as usize].to_vec();
+    Ok(())
+}
 
-    let data_file = match &header.data_file {
-        Some(name) if header.has_data_file() => {
-            let dpath = data_file_path(path, name);
-            let (f, real) = roots.open_named(NamedKind::DataFile, &dpath, path, !read_only)?;
-            let role = if read_only {
-                Role::DataReader
-            } else {
-                Role::DataWriter
-            };
-            lock_file(&f, &dpath, role)?;
-            Some((f, dpath, real))
-        }
-        _ => None,
+/// The external data file the header names, if the image has one: opened (under the allowed
+/// roots) and locked, with the path it was named by and its real path.
+fn open_data_file(
+    header: &Header,
+    path: &Path,
+    roots: &AllowedRoots,
+    read_only: bool,
+) -> Result<Option<(File, PathBuf, PathBuf)>, Error> {
+    let Some(name) = header.data_file.as_ref().filter(|_| header.has_data_file()) else {
+        return Ok(None);
     };
-    // The external data file holds nothing but guest data: direct whatever the cluster size.
-    let data_file_direct = match &data_file {
-        Some((f, dpath, real)) if direct => Some(
-            open_direct(real, dpath, f, !read_only)
-                .map_err(|e| e.context(format!("External data file of {}", path.display())))?,
-        ),
-        _ => None,
-    };
-    let (data_file, data_path) = match data_file {
-        Some((f, _, real)) => (Some(f), Some(real)),
-        None => (None, None),
-    };
-    let file_direct = if !direct || data_file.is_some() {
-        None
+    let dpath = data_file_path(path, name);
+    let (f, real) = roots.open_named(NamedKind::DataFile, &dpath, path, !read_only)?;
+    let role = if read_only {
+        Role::DataReader
     } else {
-        let min_cluster = crate::io::min_direct_cluster_bytes(&file);
-        if header.cluster_size() < min_cluster {
-            tracing::warn!(
-                "{}: clusters of {} bytes share pages with metadata, which is cached: guest \
-                 data stays in the page cache too (direct I/O needs clusters of at least {} \
-                 bytes)",
-                path.display(),
-                header.cluster_size(),
-                min_cluster
-            );
-            None
-        } else {
-            Some(open_direct(path, path, &file, !read_only)?)
-        }
+        Role::DataWriter
     };
-    let geom = Geometry {
-        cluster_bits: header.cluster_bits,
-        extended_l2: header.extended_l2(),
-        has_data_file: header.has_data_file(),
-        version2: header.version < 3,
-    };
-    Ok(Qcow2Layer {
-        header,
-        geom,
-        file,
-        data_file,
-        data_file_path: data_path,
-        file_direct,
-        data_file_direct,
-        l1,
-        header_bytes,
-    })
+    lock_file(&f, &dpath, role)?;
+    Ok(Some((f, dpath, real)))
+}
+
+/// The image file's O_DIRECT descriptor, unless its clusters are smaller than direct I/O
+/// needs (they would share pages with metadata, which is cached).
+fn open_file_direct(
+    header: &Header,
+    file: &File,
+    path: &Path,
+    read_only: bool,
+) -> Result<Option<(File, DioAlign)>, Error> {
+    let min_cluster = crate::io::min_direct_cluster_bytes(file);
+    if header.cluster_size() < min_cluster {
+        tracing::warn!(
+            "{}: clusters of {} bytes share pages with metadata, which is cached: guest \
+             data stays in the page cache too (direct I/O needs clusters of at least {} \
+             bytes)",
+            path.display(),
+            header.cluster_size(),
+            min_cluster
+        );
+        return Ok(None);
+    }
+    Ok(Some(open_direct(path, path, file, !read_only)?))
 }
 
 /// Fills `buf` from `offset`; what lies past the end of the file reads as zeros.
