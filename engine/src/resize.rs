@@ -46,55 +46,12 @@ impl Image {
                 path.display()
             )));
         };
-        if w.failed.load(Ordering::Relaxed) {
-            return Err(Error::new(
-                ErrorKind::Io,
-                format!(
-                    "{}: earlier writes failed; the image takes no more writes",
-                    path.display()
-                ),
-            ));
-        }
-        if new_size == 0 || !new_size.is_multiple_of(512) || new_size > MAX_VIRTUAL_SIZE {
-            return Err(invalid(format!(
-                "The new size must be a non-zero multiple of 512 bytes, at most {MAX_VIRTUAL_SIZE}, \
-                 not {new_size}"
-            )));
-        }
         let old_size = inner.virtual_size();
         let backing_size = inner.backing.first().map(|l| l.virtual_size);
         let layer = &mut inner.top;
-        {
-            let q = &layer.q;
-            if q.header.nb_snapshots > 0 {
-                return Err(invalid(format!(
-                    "{} has internal snapshots: it cannot be resized (as with qemu-img)",
-                    path.display()
-                )));
-            }
-            if q.header.has_data_file() {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "{} has an external data file: resizing it is not supported",
-                        path.display()
-                    ),
-                ));
-            }
-        }
+        check_resize(&layer.q, w, &path, old_size, new_size, backing_size)?;
         if new_size == old_size {
             return Ok(());
-        }
-        if new_size > old_size && backing_size.is_some_and(|b| b > old_size) {
-            // The new area would show the backing file's data; QEMU writes zeros over it.
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{}: growing an image whose backing file is larger than it is not supported \
-                     (the backing file's data would show in the new area)",
-                    path.display()
-                ),
-            ));
         }
         let mut io = BlockingReader::new()
             .map_err(|e| Error::io("Cannot create an io_uring (is io_uring enabled?)", e))?;
@@ -132,6 +89,63 @@ impl Image {
         );
         Ok(())
     }
+}
+
+/// Refuses a resize of `q` (at `path`, `old_size` bytes, over a backing file of
+/// `backing_size`) to `new_size` that cannot be done: after failed writes, to a size that is
+/// not a multiple of 512 or too large, with internal snapshots or an external data file, or
+/// growing past a backing file larger than the image.
+fn check_resize(
+    q: &Qcow2Layer,
+    w: &Writable,
+    path: &std::path::Path,
+    old_size: u64,
+    new_size: u64,
+    backing_size: Option<u64>,
+) -> Result<(), Error> {
+    let invalid = |msg: String| Error::new(ErrorKind::InvalidArgument, msg);
+    if w.failed.load(Ordering::Relaxed) {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "{}: earlier writes failed; the image takes no more writes",
+                path.display()
+            ),
+        ));
+    }
+    if new_size == 0 || !new_size.is_multiple_of(512) || new_size > MAX_VIRTUAL_SIZE {
+        return Err(invalid(format!(
+            "The new size must be a non-zero multiple of 512 bytes, at most {MAX_VIRTUAL_SIZE}, \
+                 not {new_size}"
+        )));
+    }
+    if q.header.nb_snapshots > 0 {
+        return Err(invalid(format!(
+            "{} has internal snapshots: it cannot be resized (as with qemu-img)",
+            path.display()
+        )));
+    }
+    if q.header.has_data_file() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{} has an external data file: resizing it is not supported",
+                path.display()
+            ),
+        ));
+    }
+    if new_size > old_size && backing_size.is_some_and(|b| b > old_size) {
+        // The new area would show the backing file's data; QEMU writes zeros over it.
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{}: growing an image whose backing file is larger than it is not supported \
+                     (the backing file's data would show in the new area)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Fails unless every L2 entry for guest bytes at or past `new_size` maps nothing.
@@ -217,30 +231,7 @@ fn grow_l1(
         w.failed.store(true, Ordering::Relaxed);
         Error::io(format!("Cannot {what} of {}", path.display()), e)
     };
-    let refcount_error = |what: &str, e| Error::with_source(ErrorKind::Corrupt, what.to_owned(), e);
-
-    // Allocate `clusters` contiguous clusters; shorter runs found on the way are given back.
-    let new_off = {
-        let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
-        let mut short = Vec::new();
-        let found = loop {
-            let (off, n, _) = rc
-                .allocate(clusters)
-                .map_err(|e| refcount_error("Cannot allocate the new L1 table", e))?;
-            if n >= clusters {
-                if n > clusters {
-                    short.push((off + clusters * cs, n - clusters));
-                }
-                break off;
-            }
-            short.push((off, n));
-        };
-        for (off, n) in short {
-            rc.release(off, n * cs, 0)
-                .map_err(|e| refcount_error("Cannot give back clusters", e))?;
-        }
-        found
-    };
+    let new_off = allocate_contiguous(w, clusters, cs)?;
     // From now on the new table is metadata: no other write may land there.
     w.meta.set(new_off, bytes, class::ACTIVE_L1);
     let end = new_off + clusters * cs;
@@ -269,26 +260,8 @@ fn grow_l1(
         .and_then(|()| io.fdatasync(fd))
         .map_err(|e| fail("write the new L1 table", e))?;
 
-    // L1 size and offset are adjacent: one write moves the header to the new table.
     let old_off = q.header.l1_table_offset;
-    let fields = {
-        let mut h = w.header.lock().unwrap_or_else(|p| p.into_inner());
-        h.put32(field::L1_SIZE, needed as u32);
-        h.put64(field::L1_TABLE_OFFSET, new_off);
-        h.bytes[field::L1_SIZE..field::L1_TABLE_OFFSET + 8].to_vec()
-    };
-    io.write_all_at(fd, &fields, field::L1_SIZE as u64)
-        .and_then(|()| io.fdatasync(fd))
-        .map_err(|e| fail("point the header at the new L1 table", e))?;
-    let q = &mut layer.q;
-    q.header.l1_size = needed as u32;
-    q.header.l1_table_offset = new_off;
-    let mut l1: Vec<AtomicU64> =
-        q.l1.iter()
-            .map(|e| AtomicU64::new(e.load(Ordering::Relaxed)))
-            .collect();
-    l1.resize_with(needed as usize, || AtomicU64::new(0));
-    q.l1 = l1.into_boxed_slice();
+    switch_l1(layer, w, io, new_off, needed)?;
 
     // The old table is no longer referenced (durably): free it, and it stops being metadata.
     if old_entries > 0 {
@@ -298,5 +271,74 @@ fn grow_l1(
             .map_err(|e| refcount_error("Cannot free the old L1 table", e))?;
     }
     write_refcounts(layer, w, io, "while resizing")?;
+    Ok(())
+}
+
+fn refcount_error(what: &str, e: crate::meta::RefcountError) -> Error {
+    Error::with_source(ErrorKind::Corrupt, what.to_owned(), e)
+}
+
+/// Allocates `clusters` contiguous clusters (of `cs` bytes) and returns the first one's
+/// offset; shorter runs found on the way are given back.
+fn allocate_contiguous(w: &Writable, clusters: u64, cs: u64) -> Result<u64, Error> {
+    let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
+    let mut short = Vec::new();
+    let found = loop {
+        let (off, n, _) = rc
+            .allocate(clusters)
+            .map_err(|e| refcount_error("Cannot allocate the new L1 table", e))?;
+        if n >= clusters {
+            if n > clusters {
+                short.push((off + clusters * cs, n - clusters));
+            }
+            break off;
+        }
+        short.push((off, n));
+    };
+    for (off, n) in short {
+        rc.release(off, n * cs, 0)
+            .map_err(|e| refcount_error("Cannot give back clusters", e))?;
+    }
+    Ok(found)
+}
+
+/// Points the header at the new L1 table (`entries` entries at `new_off`, written and
+/// durable), durably, then makes it the table in memory.
+fn switch_l1(
+    layer: &mut TopLayer,
+    w: &Writable,
+    io: &mut BlockingReader,
+    new_off: u64,
+    entries: u64,
+) -> Result<(), Error> {
+    let fd = layer.q.file.as_raw_fd();
+    // L1 size and offset are adjacent: one write moves the header to the new table.
+    let fields = {
+        let mut h = w.header.lock().unwrap_or_else(|p| p.into_inner());
+        h.put32(field::L1_SIZE, entries as u32);
+        h.put64(field::L1_TABLE_OFFSET, new_off);
+        h.bytes[field::L1_SIZE..field::L1_TABLE_OFFSET + 8].to_vec()
+    };
+    io.write_all_at(fd, &fields, field::L1_SIZE as u64)
+        .and_then(|()| io.fdatasync(fd))
+        .map_err(|e| {
+            w.failed.store(true, Ordering::Relaxed);
+            Error::io(
+                format!(
+                    "Cannot point the header at the new L1 table of {}",
+                    layer.path.display()
+                ),
+                e,
+            )
+        })?;
+    let q = &mut layer.q;
+    q.header.l1_size = entries as u32;
+    q.header.l1_table_offset = new_off;
+    let mut l1: Vec<AtomicU64> =
+        q.l1.iter()
+            .map(|e| AtomicU64::new(e.load(Ordering::Relaxed)))
+            .collect();
+    l1.resize_with(entries as usize, || AtomicU64::new(0));
+    q.l1 = l1.into_boxed_slice();
     Ok(())
 }
