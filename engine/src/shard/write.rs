@@ -418,12 +418,15 @@ impl State {
             self.allocations.allocs[a].span = (ws, we);
             return self.submit_alloc_write(ring, img, a);
         }
+        // The guest's bytes go into the buffer first (the copy-on-write reads fill the rest,
+        // which does not overlap them): the buffer's owner needs nothing more than it.
         let mut buf = self.buffers.cluster();
+        self.copy_guest_bytes(a, &mut buf);
         if cow_zero {
             buf[span_s as usize..ws as usize].fill(0);
             buf[we as usize..span_e as usize].fill(0);
             self.allocations.allocs[a].buf = Some(buf);
-            return self.fill_and_write(ring, img, a);
+            return self.submit_alloc_write(ring, img, a);
         }
         let base = buf.as_mut_ptr();
         self.allocations.allocs[a].buf = Some(buf);
@@ -462,22 +465,22 @@ impl State {
         self.allocations.cow_ready.push(a);
     }
 
-    /// Allocations whose copy-on-write reads completed: fill in the guest data and write.
+    /// Allocations whose copy-on-write reads completed: write them.
     pub(super) fn run_cow_ready(&mut self, ring: &mut Ring, img: &ImageInner) {
         while let Some(a) = self.allocations.cow_ready.pop() {
             if let Some(e) = self.allocations.allocs[a].error {
                 self.fail_alloc(a, e);
             } else {
-                self.fill_and_write(ring, img, a);
+                self.submit_alloc_write(ring, img, a);
             }
         }
     }
 
-    /// Copies the guest's bytes (or zeros) into the allocation's buffer and writes its span.
-    fn fill_and_write(&mut self, ring: &mut Ring, img: &ImageInner, a: AllocId) {
-        let al = &mut self.allocations.allocs[a];
+    /// Copies allocation `a`'s bytes from the guest (or zeros) into `buf`, a cluster buffer,
+    /// where they go in the cluster.
+    fn copy_guest_bytes(&self, a: AllocId, buf: &mut [u8]) {
+        let al = &self.allocations.allocs[a];
         let (ws, we) = al.write;
-        let buf = al.buf.as_mut().expect("a copying allocation owns a buffer");
         let dst = &mut buf[ws as usize..we as usize];
         if al.zeros {
             dst.fill(0);
@@ -487,7 +490,6 @@ impl State {
             // contract), the part lies within them, and `dst` is our own buffer.
             unsafe { iov_copy_to(&self.requests.reqs[p.req].iov, p.skip as usize, dst) };
         }
-        self.submit_alloc_write(ring, img, a);
     }
 
     /// Writes the allocation's span to its host cluster, from its buffer or straight from the
