@@ -2,8 +2,9 @@
 //! an allocation's write, a flush's write or sync, a refcount-block write, a retry timeout),
 //! the buffers it holds until its completion, and the dispatch of completions.
 //!
-//! Runs on the shard's thread. Every buffer an operation hands the kernel lives in its arena
-//! entry, which is freed only once the completion is reaped.
+//! Runs on the shard's thread. Every buffer an operation hands the kernel (or an inflate
+//! job) is owned by its kind ([`OpKind`]: each variant holds exactly the buffers it needs),
+//! in its arena entry, which is freed only once the completion is reaped.
 
 use super::slab::{AllocId, OpId, PartId};
 use super::{os_error, State};
