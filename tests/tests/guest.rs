@@ -191,7 +191,10 @@ fn choose_accel(env: &GuestEnv) -> Result<Vec<&'static str>, String> {
         .arg(&env.kernel)
         .arg("-initrd")
         .arg(&env.initrd)
-        .args(["-append", "console=ttyS0 panic=-1 qcow2d.test=probe"]);
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 no_timer_check qcow2d.test=probe",
+        ]);
     let mut q = Qemu::spawn(cmd, None).map_err(|e| format!("KVM probe: {e}"))?;
     let seen = q.wait_for(|l| l.contains("Linux version"), t + KVM_PROBE_TIMEOUT);
     q.kill();
@@ -478,8 +481,10 @@ impl Guest {
             .arg("-initrd")
             .arg(&env.initrd)
             .arg("-append")
+            // no_timer_check: under TCG on a busy host the kernel's check that the timer
+            // interrupt reaches the IO-APIC can miss its window and panic at boot.
             .arg(format!(
-                "console=ttyS0 quiet panic=-1 qcow2d.test={workloads} {extra}"
+                "console=ttyS0 quiet panic=-1 no_timer_check qcow2d.test={workloads} {extra}"
             ))
             .arg("-chardev")
             // QEMU 10 spells the old `reconnect=1` as reconnect-ms.
