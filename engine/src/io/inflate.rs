@@ -5,8 +5,11 @@
 //! does. A shard that has read a compressed extent makes it a [`Job`] (the extent, where the
 //! cluster goes, and which ring and operation its result belongs to) and pushes it onto its
 //! own deque ([`InflateQueue`], crossbeam's work-stealing deque). At the end of its turn the
-//! shard inflates its own jobs itself, newest first; meanwhile the pool's workers and other
-//! shards with nothing to do may steal the oldest. A job run by its own shard completes
+//! shard inflates its own jobs itself, oldest first, handing the requests that finished
+//! back before each next one; meanwhile the pool's workers and other shards with nothing
+//! to do may steal from the same end. Oldest first for everyone: new requests come in
+//! between the owner's jobs, and with the newest first an old job could wait as long as
+//! new ones kept coming. A job run by its own shard completes
 //! there and then; a stolen one is posted as a completion into the owner's io_uring
 //! (`IORING_OP_MSG_RING`), so it arrives like any other completion: the owner's eventfd
 //! fires and a shard blocked waiting for its ring wakes up.
@@ -15,8 +18,8 @@
 //! which measured more than it spread when every cluster went to a worker. So a shard only
 //! wakes a worker when it has at least two jobs queued (one for itself, one to give away), a
 //! worker is asleep, and fewer engine threads are busy than the process has CPUs: busy
-//! shards (those that have queued a job, while they poll) and awake workers are counted in
-//! one atomic. A shard that never reads a compressed cluster never touches the pool.
+//! shards (those that have queued a job, while they poll and for as long as they have
+//! requests in flight) and awake workers are counted in one atomic. A shard that never reads a compressed cluster never touches the pool.
 //!
 //! The pool is process-wide ([`start_inflate_pool`]): a daemon with many exports has at most
 //! one worker per CPU, minus one (the shard that queued the work is busy itself), whatever
@@ -195,8 +198,8 @@ struct Shared {
     idle: Mutex<Vec<usize>>,
     sleeping: AtomicUsize,
     unparkers: Vec<Unparker>,
-    /// Engine threads busy with compressed reads: shards polling that have queued jobs,
-    /// and workers awake.
+    /// Engine threads busy with compressed reads: shards that have queued jobs, while they
+    /// poll or have requests in flight, and workers awake.
     busy: AtomicUsize,
     /// CPUs this process may run on.
     cpus: usize,
@@ -360,7 +363,7 @@ pub struct InflateQueue {
     sharing: InflateSharing,
     /// Registration with the pool (0: not registered yet, before the first job).
     id: u64,
-    /// Counted in the pool's busy threads (between `enter` and `leave`).
+    /// Counted in the pool's busy threads (from `enter` to a `leave` with nothing in flight).
     counted: bool,
     thief: Thief,
 }
@@ -369,7 +372,7 @@ impl InflateQueue {
     /// An empty queue; `sharing` says whether its jobs may change threads.
     pub fn new(sharing: InflateSharing) -> InflateQueue {
         InflateQueue {
-            local: Worker::new_lifo(),
+            local: Worker::new_fifo(),
             pool: None,
             sharing,
             id: 0,
@@ -425,8 +428,17 @@ impl InflateQueue {
         }
     }
 
-    /// The poll ends.
-    pub fn leave(&mut self) {
+    /// The poll ends. A shard with requests still in flight stays counted: its thread is
+    /// back in a moment (handing completions to its frontend, taking new requests), so it
+    /// keeps its CPU busy between polls, and waking a worker for it would put one thread more
+    /// than CPUs on the run queue.
+    pub fn leave(&mut self, requests_in_flight: bool) {
+        if !requests_in_flight {
+            self.uncount();
+        }
+    }
+
+    fn uncount(&mut self) {
         if let (Some(pool), true) = (self.pool, self.counted) {
             pool.shared.busy.fetch_sub(1, Ordering::Relaxed);
             self.counted = false;
@@ -455,7 +467,7 @@ impl InflateQueue {
         }
     }
 
-    /// The newest job of the shard's own deque, for the shard to run (none are handed back
+    /// The oldest job of the shard's own deque, for the shard to run (none are handed back
     /// in hand-off mode while the pool has workers).
     pub fn pop_own(&mut self) -> Option<Job> {
         // A shard that never queued a job (a plain image) touches nothing shared.
@@ -466,6 +478,14 @@ impl InflateQueue {
             return None;
         }
         self.local.pop()
+    }
+
+    /// Whether [`InflateQueue::pop_own`] has a job for the shard.
+    pub fn has_own(&self) -> bool {
+        self.id != 0
+            && !(self.sharing == InflateSharing::HandOff
+                && self.pool.is_some_and(|p| p.workers() > 0))
+            && !self.local.is_empty()
     }
 
     /// Every job still on the deque (for a shard being dropped).
@@ -486,7 +506,7 @@ impl InflateQueue {
 
 impl Drop for InflateQueue {
     fn drop(&mut self) {
-        self.leave();
+        self.uncount();
         if let Some(pool) = self.pool.filter(|_| self.id != 0) {
             let shared = &pool.shared;
             let mut queues = shared.queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -924,6 +944,27 @@ mod tests {
                 assert_eq!(out, data);
             }
         }
+    }
+
+    /// A shard stays counted among the busy threads between polls while it has requests in
+    /// flight (a worker woken for it then would be one thread more than CPUs), and only
+    /// then; entering a poll while counted does not count it twice.
+    #[test]
+    fn a_shard_with_requests_in_flight_stays_busy_between_polls() {
+        let mut queue = InflateQueue::new(InflateSharing::Shared);
+        assert!(queue.shares());
+        queue.enter();
+        assert!(!queue.counted, "counted before it ever had compressed work");
+        queue.register();
+        assert!(queue.counted);
+        queue.leave(true);
+        assert!(queue.counted);
+        queue.enter();
+        queue.leave(false);
+        assert!(!queue.counted);
+        queue.leave(false);
+        queue.enter();
+        assert!(queue.counted);
     }
 
     /// A shard with nothing to do takes the oldest job of another shard's queue, inflates it

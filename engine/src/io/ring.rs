@@ -207,6 +207,21 @@ impl Ring {
         }
     }
 
+    /// Makes the eventfd readable, as a completion would: a poll that returns with work of its
+    /// own left asks whoever waits on the eventfd to come back for it at once.
+    pub fn signal_eventfd(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local to our own eventfd; an error (the counter is
+        // full, which increments of 1 never reach) only means it is readable already.
+        unsafe {
+            libc::write(
+                self.eventfd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+
     /// Queues one entry, submitting what is queued first when the submission queue is full.
     /// At most as many entries as the completion queue holds are in the kernel at once: when
     /// that many are, completions are moved to the stash to make room (waiting for one if
