@@ -632,6 +632,154 @@ fn refcount_table_too_small_is_rebuilt() {
     assert!(be32(&fixed, 56) >= 2);
 }
 
+/// A refcount structure to rebuild, free clusters inside the file (discarded data), and an
+/// L2 entry pointing at the cluster just past the end of the file. A new structure appended
+/// to the file would land where that entry points, so the rebuild was refused and every
+/// refcount error stayed; it now goes into the free clusters, as QEMU's does, and only the
+/// reference past the end of the file remains. The old refcount block stays untouched even
+/// where the check does not count it (its table entry has a reserved bit set): QEMU's repair
+/// refuses that case (its overlap check stops it), ours places the new block elsewhere.
+#[test]
+fn rebuild_uses_free_clusters_when_a_reference_points_past_the_end() {
+    let d = Dir::new();
+    let src = d.image(
+        "gap.qcow2",
+        "cluster_size=512",
+        "1M",
+        &["write -P 7 0 8k", "discard 0 2k"],
+    );
+    let len = std::fs::metadata(&src).unwrap().len();
+    for (tag, reserved_bit) in [("reserved", true), ("zeroed", false)] {
+        let damage = |l: &Layout, img: &mut Vec<u8>| {
+            let rt = l.refcount_table_offset as usize;
+            if reserved_bit {
+                img[rt + 7] |= 1;
+            } else {
+                img[rt..rt + 8].fill(0);
+            }
+            // An unallocated entry of the first L2 table now names the cluster at the end.
+            let l2 = (l.first_l2_cluster(img) << l.cluster_bits) as usize;
+            let at = l2 + 30 * 8;
+            assert_eq!(be64(img, at), 0);
+            let end = (img.len() as u64).next_multiple_of(1 << l.cluster_bits);
+            img[at..at + 8].copy_from_slice(&end.to_be_bytes());
+        };
+        let ours = d.copy(&src, &format!("{tag}.ours.qcow2"));
+        let theirs = d.copy(&src, &format!("{tag}.theirs.qcow2"));
+        edit(&ours, damage);
+        edit(&theirs, damage);
+        let damaged = read_file(&ours);
+        let l = layout(&damaged);
+        let old_block = (be64(&read_file(&src), l.refcount_table_offset as usize)) as usize;
+        let cs = 1usize << l.cluster_bits;
+        let before = check(&ours, false).unwrap();
+        assert!(before.corruptions + before.leaks > 1, "{tag}: {before:?}");
+        let r = check(&ours, true).unwrap();
+        let msgs = r.messages.join("\n");
+        assert_eq!((r.corruptions, r.leaks), (1, 0), "{tag}: {r:?}\n{msgs}");
+        assert!(!msgs.contains("Not rebuilding"), "{tag}: {msgs}");
+        // Inside the file: it did not grow.
+        let img = read_file(&ours);
+        assert_eq!(img.len() as u64, len, "{tag}");
+        assert!(layout(&img).refcount_table_offset < len, "{tag}");
+        if reserved_bit {
+            assert_eq!(
+                img[old_block..old_block + cs],
+                damaged[old_block..old_block + cs],
+                "the old refcount block was written over"
+            );
+        }
+        let q = qemu_check(&ours);
+        assert_eq!(
+            (q.corruptions, q.leaks),
+            (1, 0),
+            "{tag}: {}{}",
+            q.json,
+            q.stderr
+        );
+        let _ = output(
+            common::qemu_img_cmd()
+                .args(["check", "-q", "-r", "all", "-f", "qcow2"])
+                .arg(&theirs),
+        );
+        let q = qemu_check(&theirs);
+        if reserved_bit {
+            assert!(
+                (q.corruptions, q.leaks) > (1, 0),
+                "{tag}: {}{}",
+                q.json,
+                q.stderr
+            );
+        } else {
+            assert_eq!(
+                (q.corruptions, q.leaks),
+                (1, 0),
+                "{tag}: {}{}",
+                q.json,
+                q.stderr
+            );
+        }
+    }
+}
+
+/// An L2 entry of a preallocated zero cluster at a misaligned offset whose cluster-sized
+/// region straddles the L1 table and the L2 table that holds it: both tables then count one
+/// reference too many, so the repair took them for shared metadata and rewrote neither (the
+/// entry, and the COPIED flags that depend on it, stayed wrong). The entry's own reference
+/// holds no data and is dropped by the repair: the table is rewritten, as QEMU does, and
+/// the image ends clean on both sides.
+#[test]
+fn misaligned_zero_entry_over_its_own_tables_is_repaired() {
+    let d = Dir::new();
+    let src = d.image("z.qcow2", "cluster_size=4k", "1M", &["write -P 3 0 8k"]);
+    let damage = |l: &Layout, img: &mut Vec<u8>| {
+        let cs = 1u64 << l.cluster_bits;
+        let l2 = l.first_l2_cluster(img) << l.cluster_bits;
+        assert_eq!(
+            l2,
+            l.l1_table_offset + cs,
+            "the L2 table follows the L1 table"
+        );
+        let at = (l2 + 5 * 8) as usize;
+        assert_eq!(be64(img, at), 0);
+        // Preallocated zeros at half a cluster into the L1 table: it reaches the L2 table.
+        let entry = (l.l1_table_offset + cs / 2) | 1;
+        img[at..at + 8].copy_from_slice(&entry.to_be_bytes());
+    };
+    let ours = d.copy(&src, "ours.qcow2");
+    let theirs = d.copy(&src, "theirs.qcow2");
+    edit(&ours, damage);
+    edit(&theirs, damage);
+    let before = assert_agrees(&ours);
+    assert!(before.corruptions >= 3, "{before:?}");
+    let r = check(&ours, true).unwrap();
+    assert_eq!(
+        (r.corruptions, r.leaks),
+        (0, 0),
+        "{r:?}\n{}",
+        r.messages.join("\n")
+    );
+    assert_clean(&ours);
+    let _ = output(
+        common::qemu_img_cmd()
+            .args(["check", "-q", "-r", "all", "-f", "qcow2"])
+            .arg(&theirs),
+    );
+    let q = qemu_check(&theirs);
+    assert_eq!((q.corruptions, q.leaks), (0, 0), "{}{}", q.json, q.stderr);
+    let out = output(
+        common::qemu_img_cmd()
+            .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+            .arg(&src)
+            .arg(&ours),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 #[test]
 fn dirty_image_with_stale_refcounts_is_repaired_and_marked_clean() {
     let d = Dir::new();

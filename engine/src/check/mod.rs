@@ -9,8 +9,8 @@
 //! QEMU checks along the way: alignment and reserved bits of table entries, subcluster bitmaps,
 //! compressed clusters where they are not allowed, and the COPIED flags of the active L1 and L2
 //! tables against the stored refcounts. With `repair` it rewrites the refcounts (in place when
-//! the existing refcount blocks can hold them, otherwise as a new refcount structure appended
-//! to the file), fixes COPIED flags, clears the dirty and corrupt bits once nothing is
+//! the existing refcount blocks can hold them, otherwise as a new refcount structure in
+//! clusters nothing references, or after the end of the file), fixes COPIED flags, clears the dirty and corrupt bits once nothing is
 //! corrupt, and checks again. Every value read from the file is validated before it is used as
 //! an offset, a size or an index; I/O errors end the check with an [`Error`].
 #![forbid(unsafe_code)]
@@ -30,7 +30,7 @@ use crate::format::{autoclear, field, incompat, FormatError, Header};
 use crate::io::{BlockingReader, Role};
 use copied::{fix_copied_flags, FlagMode};
 use repair::{
-    fix_refcounts, fix_zero_entries, needs_rebuild, plan_rebuild, rebuild_refcounts,
+    fix_refcounts, fix_zero_entries, grows_towards, needs_rebuild, plan_rebuild, rebuild_refcounts,
     rewrite_snapshots,
 };
 use walk::{analyze, read_header, read_snapshots};
@@ -228,19 +228,18 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         // Whether the refcounts can be made right is decided before anything is written:
         // the COPIED flags are judged by the refcounts, so they change only with them.
         let layout = if needs_rebuild(&first) {
-            Some(plan_rebuild(&first, &t.path)?)
+            Some(plan_rebuild(&first, &t.path, None)?)
         } else {
             None
         };
         let blocked = layout
             .as_ref()
-            .is_some_and(|l| first.past_eof_from < (l.end() + 1).saturating_mul(first.g.cs));
-        if blocked {
-            // The new structure, appended to the file, would land where a reference past
-            // the end of the file points (or bring it within a cluster of the end).
+            .and_then(|l| grows_towards(&first, l.end(), first.past_eof_from));
+        if let Some(from) = blocked {
+            // The new structure, where the file has no room for it, would grow the file to
+            // where a reference past its end points (or within a cluster of it).
             log.push(format!(
-                "Not rebuilding the refcount structure: a reference past the end of the file points at {:#x}, where the new one would go",
-                first.past_eof_from
+                "Not rebuilding the refcount structure: a reference past the end of the file points at {from:#x}, where the new one would go"
             ));
         } else {
             // Clearing COPIED is always safe, setting it only once the refcount is right.

@@ -1,6 +1,6 @@
 //! What a repair writes, apart from COPIED flags: misaligned preallocated zero entries made
 //! plain zero entries, the snapshot table written again, and the refcounts made equal to the
-//! expected ones, in place or as a new refcount structure appended to the file. Each step
+//! expected ones, in place or as a new refcount structure (placed by [`Gaps`]). Each step
 //! syncs before the next; whether the refcounts can be made right is decided (a new
 //! structure laid out) before anything is written. Runs on the thread that called
 //! [`super::check`].
@@ -15,18 +15,35 @@ use crate::error::{Error, ErrorKind};
 use crate::format::mask::{self, ZERO};
 use crate::format::{
     be64_at, field, refcount_get, refcount_set, SnapshotTable, MAX_REFCOUNT_TABLE_BYTES,
-    SNAPSHOT_KNOWN_EXTRA_BYTES,
+    REFT_OFFSET_MASK, SNAPSHOT_KNOWN_EXTRA_BYTES,
 };
 
 /// Turns entries that reference a preallocated zero cluster at a misaligned offset (and hold
-/// no data) into plain zero entries, as QEMU's repair does; an entry whose L2 table shares
-/// its cluster with other metadata is left alone. Returns how many entries changed.
+/// no data) into plain zero entries, as QEMU's repair does. The L2 table is written only when
+/// nothing but L1 entries (as an L2 table) and such entries (whose misaligned clusters hold
+/// no data and are dropped here) references its cluster; otherwise the entry is left alone.
+/// Returns how many entries changed.
 pub(super) fn fix_zero_entries(t: &mut Target, a: &Analysis, log: &mut Log) -> Result<u64, Error> {
     let g = a.g;
+    // How many of each cluster's counted references are such entries.
+    let mut dropped: HashMap<u64, u64> = HashMap::new();
+    for &(_, _, off) in &a.zero_fixes {
+        if g.counted(off, g.cs) {
+            for c in (off >> g.cb)..=((off + g.cs - 1) >> g.cb) {
+                *dropped.entry(c).or_default() += 1;
+            }
+        }
+    }
     let mut fixed = 0u64;
-    for &(l2_off, j) in &a.zero_fixes {
+    let mut done = std::collections::HashSet::new();
+    for &(l2_off, j, _) in &a.zero_fixes {
+        if !done.insert((l2_off, j)) {
+            continue; // The same entry, walked through another L1 reference.
+        }
         let refs = a.l2_tables.get(&l2_off).map_or(0, |u| u.refs);
-        if refs == 0 || l2_off == 0 || a.expected_at(l2_off >> g.cb) != Some(refs) {
+        let c = l2_off >> g.cb;
+        let others = dropped.get(&c).copied().unwrap_or(0);
+        if refs == 0 || l2_off == 0 || a.expected_at(c) != Some(refs + others) {
             log.push(format!(
                 "Not repairing L2 table {l2_off:#x} entry {j}: the table overlaps other metadata"
             ));
@@ -60,11 +77,13 @@ pub(super) fn fix_zero_entries(t: &mut Target, a: &Analysis, log: &mut Log) -> R
 }
 
 /// Writes the snapshot table again with every entry complete (at least the 16 bytes of
-/// extra data version 3 requires; extra data QEMU would refuse truncated), at a cluster
-/// past everything the image references or counts, then points the header at it. The old
-/// table leaks and the new one has no refcount yet: the refcount repair that follows fixes
-/// both. `None` (nothing written) when a reference past the end of the file starts too
-/// close to where the table and a new refcount structure after it would go.
+/// extra data version 3 requires; extra data QEMU would refuse truncated), into the first
+/// run of clusters nothing references (see [`Gaps`]; never over the old table, which the
+/// header names until the new one is durable), else past everything the image references or
+/// counts, then points the header at it. The old table leaks and the new one has no refcount
+/// yet: the refcount repair that follows fixes both. `None` (nothing written) when that
+/// repair could not be made (a new refcount structure would have to grow the file towards a
+/// reference past its end, where it would count).
 pub(super) fn rewrite_snapshots(
     t: &mut Target,
     a: &Analysis,
@@ -74,8 +93,8 @@ pub(super) fn rewrite_snapshots(
     let g = a.g;
     let bytes = crate::format::encode_snapshot_table(&table.entries, a.header.size);
     let mut stored = Stored::new(a);
-    let mut end = a.g.file_clusters.max(a.counts.len);
-    // Past every cluster a stored refcount claims, too.
+    let mut end = a.compare_len().max(a.counts.len);
+    // Past the end of the file, past every cluster a stored refcount claims too.
     for b in 0..stored.table.len() as u64 {
         if let Block::At(_) = stored.read_block_of(b) {
             for c in (b * g.epb..(b + 1) * g.epb).rev() {
@@ -89,32 +108,38 @@ pub(super) fn rewrite_snapshots(
     let mut padded = bytes.clone();
     padded.resize((bytes.len() as u64).next_multiple_of(g.cs) as usize, 0);
     let table_clusters = padded.len() as u64 / g.cs;
-    // Never over the old table, which the header names until the new one is durable.
-    let (old_start, old_end) = (
-        a.header.snapshots_offset,
-        a.header
-            .snapshots_offset
-            .saturating_add(table.size_bytes)
-            .div_ceil(g.cs),
-    );
-    if old_start < (end + table_clusters).saturating_mul(g.cs) && old_end > end {
-        end = old_end;
-    }
-    let at = end << g.cb;
-    // The table, then the refcount structure a rebuild may append after it (less than as
-    // many clusters again, plus a few), must stay clear of the references past the end of
-    // the file other than the old table, or they would count: the table would then have no
-    // refcounts.
-    let grown = end + table_clusters;
-    if a.past_eof_from_but_table
-        < grown
-            .saturating_mul(2)
-            .saturating_add(5)
-            .saturating_mul(g.cs)
-    {
+    // The old table's clusters (its region may not be counted when it runs past the end of
+    // the file).
+    let old_start = a.header.snapshots_offset >> g.cb;
+    let old_end = a
+        .header
+        .snapshots_offset
+        .saturating_add(table.size_bytes)
+        .div_ceil(g.cs);
+    let old = (old_start, old_end.saturating_sub(old_start));
+    let gaps = Gaps::new(a, end, vec![old]);
+    let first = gaps.run(table_clusters.max(1));
+    let at = first << g.cb;
+    // The refcount repair that follows must be possible with the table there: in place when
+    // every refcount it changes has a block, else a new structure laid out around it that
+    // does not grow the file towards a reference past its end other than the old table.
+    let extra = (first, table_clusters);
+    let in_place = !needs_rebuild(a)
+        && (first..first + table_clusters)
+            .all(|c| matches!(Stored::new(a).block_of(c / g.epb), Block::At(_)));
+    let blocked_at = if in_place {
+        grows_towards(a, first + table_clusters, a.past_eof_from_but_table)
+    } else {
+        let layout = plan_rebuild(a, &t.path, Some(extra))?;
+        grows_towards(
+            a,
+            layout.end().max(first + table_clusters),
+            a.past_eof_from_but_table,
+        )
+    };
+    if let Some(from) = blocked_at {
         log.push(format!(
-            "Not writing the snapshot table again: a reference past the end of the file points at {:#x}, where the repair would write",
-            a.past_eof_from_but_table
+            "Not writing the snapshot table again: a reference past the end of the file points at {from:#x}, where the repair would write"
         ));
         return Ok(None);
     }
@@ -196,83 +221,228 @@ pub(super) fn fix_refcounts(t: &mut Target, a: Analysis, log: &mut Log) -> Resul
     Ok(())
 }
 
-/// Where a rebuild puts the new refcount structure, after the end of the file: `nb` blocks
-/// at clusters `start..start + nb` (block i describes the clusters of refcount block number
-/// `blocks[i]`), then `nt` clusters of refcount table.
+/// Clusters a repair may write a new structure into, first fit in increasing order: the
+/// clusters of the file that nothing counted references (expected refcount 0: no metadata,
+/// no data, not the old refcount structure, which stays live until the header names the new
+/// one; stored refcounts are not trusted for this), then every cluster from `base` on (past
+/// the end of the file and whatever else the caller keeps clear). Clusters in the `taken`
+/// ranges (start, count) are never used.
+///
+/// Also never used: every cluster an entry of the old refcount table names (reserved bits
+/// and misalignment aside, as it is read: the old structure stays live until the new one
+/// replaces it, even where the check did not count it) and the regions of
+/// [`Analysis::keep`].
+pub(super) struct Gaps<'a> {
+    a: &'a Analysis,
+    base: u64,
+    /// Sorted, non-overlapping (first cluster, one past the last).
+    taken: Vec<(u64, u64)>,
+}
+
+impl<'a> Gaps<'a> {
+    pub(super) fn new(a: &'a Analysis, base: u64, taken: Vec<(u64, u64)>) -> Gaps<'a> {
+        let g = a.g;
+        let mut ranges: Vec<(u64, u64)> = taken
+            .into_iter()
+            .map(|(s, n)| (s, s.saturating_add(n)))
+            .chain(a.keep.iter().copied())
+            .collect();
+        for &raw in &a.reftable {
+            let off = raw & REFT_OFFSET_MASK;
+            if off != 0 {
+                // A misaligned block touches two clusters.
+                let end = off.saturating_add(g.cs - 1) >> g.cb;
+                ranges.push((off >> g.cb, end.saturating_add(1)));
+            }
+        }
+        ranges.retain(|&(s, e)| s < e);
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (s, e) in ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        Gaps {
+            a,
+            base: base.max(a.compare_len()),
+            taken: merged,
+        }
+    }
+
+    fn taken(&self, c: u64) -> bool {
+        let i = self.taken.partition_point(|&(_, e)| e <= c);
+        self.taken.get(i).is_some_and(|&(s, _)| s <= c)
+    }
+
+    /// One past the taken range that holds `c`, if one does.
+    fn range_end(&self, c: u64) -> Option<u64> {
+        let i = self.taken.partition_point(|&(_, e)| e <= c);
+        self.taken.get(i).filter(|&&(s, _)| s <= c).map(|&(_, e)| e)
+    }
+
+    /// Where the first taken range after `c` (which is not taken) starts.
+    fn next_taken_start(&self, c: u64) -> u64 {
+        let i = self.taken.partition_point(|&(_, e)| e <= c);
+        self.taken.get(i).map_or(u64::MAX, |&(s, _)| s)
+    }
+
+    fn free(&self, c: u64) -> bool {
+        c != 0
+            && !self.taken(c)
+            && (c >= self.base
+                || (c < self.a.g.file_clusters.min(self.a.uncounted_from)
+                    && self.a.counts.get(c) == 0))
+    }
+
+    /// The first free cluster at or after `from`. Taken ranges are skipped whole, so a
+    /// range far past the end of the file costs nothing.
+    pub(super) fn next(&self, from: u64) -> u64 {
+        let mut c = from.max(1);
+        loop {
+            if let Some(e) = self.range_end(c) {
+                c = e;
+            } else if c >= self.base || self.free(c) {
+                return c;
+            } else if c >= self.a.g.file_clusters.min(self.a.uncounted_from) {
+                c = self.base; // Nothing is free from here to the base.
+            } else {
+                c += 1;
+            }
+        }
+    }
+
+    /// How many free clusters follow free cluster `s` (itself included), up to `n`.
+    fn run_len(&self, s: u64, n: u64) -> u64 {
+        let mut e = s;
+        while e - s < n {
+            if self.range_end(e).is_some() {
+                break;
+            }
+            if e >= self.base {
+                e = self.next_taken_start(e).min(s.saturating_add(n));
+                break;
+            }
+            if !self.free(e) {
+                break;
+            }
+            e += 1;
+        }
+        e - s
+    }
+
+    /// The first run of `n` free clusters.
+    pub(super) fn run(&self, n: u64) -> u64 {
+        let mut c = 1;
+        loop {
+            let s = self.next(c);
+            let len = self.run_len(s, n);
+            if len >= n {
+                return s;
+            }
+            c = s + len.max(1);
+        }
+    }
+}
+
+/// Where a write that ends before cluster `end` would grow the file towards a reference past
+/// its end that starts at `from` (u64::MAX: none): it then lands within a cluster of the new
+/// end of the file, where it would count. `None` when the write stays inside the file or
+/// clear of it.
+pub(super) fn grows_towards(a: &Analysis, end: u64, from: u64) -> Option<u64> {
+    let new_len = end.saturating_mul(a.g.cs);
+    (new_len > a.g.file_len && from < new_len.saturating_add(a.g.cs)).then_some(from)
+}
+
+/// Where a rebuild puts the new refcount structure: refcount block number `blocks[i].0` at
+/// cluster `blocks[i].1`, the table at `nt` clusters from `table`; `new` lists them all,
+/// sorted.
 pub(super) struct Layout {
-    pub(super) start: u64,
-    pub(super) nb: u64,
+    pub(super) table: u64,
     pub(super) nt: u64,
-    pub(super) blocks: Vec<u64>,
+    pub(super) blocks: Vec<(u64, u64)>,
+    pub(super) new: Vec<u64>,
 }
 
 impl Layout {
     /// One past the last cluster of the new structure.
     pub(super) fn end(&self) -> u64 {
-        self.start + self.nb + self.nt
+        self.new.last().map_or(0, |&c| c + 1)
     }
 }
 
 /// Lays out a new refcount structure for the expected refcounts without the old structure's
-/// own clusters. Only blocks that hold a non-zero refcount are written (as QEMU does), so a
-/// huge sparse file gets a small structure. Nothing is written.
-pub(super) fn plan_rebuild(a: &Analysis, path: &str) -> Result<Layout, Error> {
+/// own clusters (and with `extra` (start, count), clusters about to be referenced once), in
+/// the [`Gaps`] of the file first. Only blocks that hold a non-zero refcount are written
+/// (as QEMU does), so a huge sparse file gets a small structure. Nothing is written.
+pub(super) fn plan_rebuild(
+    a: &Analysis,
+    path: &str,
+    extra: Option<(u64, u64)>,
+) -> Result<Layout, Error> {
     let g = a.g;
     let mut old: HashMap<u64, u64> = HashMap::new();
     for &c in &a.refstruct {
         *old.entry(c).or_default() += 1;
     }
-    let expected = |c: u64| match a.counts.get(c) {
-        0 => 0,
+    let (x_start, x_len) = extra.unwrap_or((0, 0));
+    let is_extra = |c: u64| c >= x_start && c - x_start < x_len;
+    let want = |c: u64| match a.counts.get(c) {
+        0 => u64::from(is_extra(c)),
         e => e.saturating_sub(old.get(&c).copied().unwrap_or(0)),
     };
-    let start = g.file_clusters + u64::from(expected(g.file_clusters) > 0);
+    let span = a.counts.len.max(x_start.saturating_add(x_len));
     // Blocks with references among the clusters counted so far.
-    let used: Vec<u64> = (0..a.counts.len.div_ceil(g.epb))
-        .filter(|&b| (b * g.epb..((b + 1) * g.epb).min(a.counts.len)).any(|c| expected(c) != 0))
+    let mut blocks: std::collections::BTreeSet<u64> = (0..span.div_ceil(g.epb))
+        .filter(|&b| (b * g.epb..((b + 1) * g.epb).min(span)).any(|c| want(c) != 0))
         .collect();
-    // The new blocks at `start..start + nb`, the table after them; the blocks that describe
-    // those clusters are part of the structure too.
-    let (mut nb, mut nt) = (0u64, 0u64);
-    let mut blocks = used.clone();
+    let gaps = Gaps::new(a, 0, extra.into_iter().collect());
+    // Place the table and the blocks, add the blocks that describe their clusters, and again
+    // until nothing changes (the set of blocks only grows, so this ends).
     for _ in 0..64 {
-        let end = start + nb + nt;
-        let mut all = used.clone();
-        all.extend((start / g.epb)..end.div_ceil(g.epb));
-        all.sort_unstable();
-        all.dedup();
-        let nb2 = all.len() as u64;
-        let top = all.last().map_or(0, |&b| b + 1);
-        let nt2 = (top * 8).div_ceil(g.cs).max(1);
-        blocks = all;
-        if (nb2, nt2) == (nb, nt) {
-            break;
+        let top = blocks.last().map_or(0, |&b| b + 1);
+        let nt = (top * 8).div_ceil(g.cs).max(1);
+        if nt * g.cs > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{path}: a new refcount table would need {nt} clusters, more than the 8 MiB limit"
+                ),
+            ));
         }
-        (nb, nt) = (nb2, nt2);
+        let table = gaps.run(nt);
+        let in_table = |c: u64| c >= table && c - table < nt;
+        let mut at = Vec::with_capacity(blocks.len());
+        let mut cursor = 1;
+        for &b in &blocks {
+            let mut c = gaps.next(cursor);
+            while in_table(c) {
+                c = gaps.next(c + 1);
+            }
+            at.push((b, c));
+            cursor = c + 1;
+        }
+        let mut new: Vec<u64> = (table..table + nt)
+            .chain(at.iter().map(|&(_, c)| c))
+            .collect();
+        new.sort_unstable();
+        let before = blocks.len();
+        blocks.extend(new.iter().map(|&c| c / g.epb));
+        let top2 = blocks.last().map_or(0, |&b| b + 1);
+        if blocks.len() == before && (top2 * 8).div_ceil(g.cs).max(1) == nt {
+            return Ok(Layout {
+                table,
+                nt,
+                blocks: at,
+                new,
+            });
+        }
     }
-    let end = start + nb + nt;
-    if blocks.len() as u64 != nb
-        || (start / g.epb..end.div_ceil(g.epb)).any(|b| blocks.binary_search(&b).is_err())
-    {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!("{path}: cannot lay out a new refcount structure"),
-        ));
-    }
-    if nt * g.cs > MAX_REFCOUNT_TABLE_BYTES {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "{path}: a new refcount table would need {nt} clusters, more than the 8 MiB limit"
-            ),
-        ));
-    }
-    Ok(Layout {
-        start,
-        nb,
-        nt,
-        blocks,
-    })
+    Err(Error::new(
+        ErrorKind::Corrupt,
+        format!("{path}: cannot lay out a new refcount structure"),
+    ))
 }
 
 /// Writes the new refcount table and blocks [`plan_rebuild`] laid out, counting themselves,
@@ -289,17 +459,15 @@ pub(super) fn rebuild_refcounts(
         let e = a.counts.get(c);
         a.counts.set(c, e.saturating_sub(1));
     }
-    let (start, nb, nt, end) = (layout.start, layout.nb, layout.nt, layout.end());
-    let blocks = &layout.blocks;
+    let (nt, nb) = (layout.nt, layout.blocks.len());
 
-    // Block i of the new structure describes `blocks[i]` and lives at cluster start + i.
     let mut block = zeroed(g.cs, &t.path)?;
     let mut table = zeroed(nt * g.cs, &t.path)?;
-    for (i, &b) in (0u64..).zip(blocks.iter()) {
+    for &(b, cluster) in &layout.blocks {
         block.fill(0);
         for k in 0..g.epb {
             let c = b * g.epb + k;
-            let v = if (start..end).contains(&c) {
+            let v = if layout.new.binary_search(&c).is_ok() {
                 1
             } else {
                 a.counts.get(c)
@@ -313,7 +481,7 @@ pub(super) fn rebuild_refcounts(
                 })?;
             }
         }
-        let at = (start + i) * g.cs;
+        let at = cluster * g.cs;
         t.write(at, &block, "a new refcount block")?;
         let slot = (b * 8) as usize;
         if let Some(entry) = table.get_mut(slot..slot + 8) {
@@ -322,7 +490,7 @@ pub(super) fn rebuild_refcounts(
     }
     t.sync()?;
 
-    let table_off = (start + nb) * g.cs;
+    let table_off = layout.table * g.cs;
     t.write(table_off, &table, "the new refcount table")?;
     t.sync()?;
 

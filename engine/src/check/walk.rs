@@ -68,6 +68,13 @@ impl Geo {
         })
     }
 
+    /// Whether [`Analysis::inc`] counts a region of `len` bytes at `off`: it ends less than
+    /// a cluster past the end of the file.
+    pub(super) fn counted(&self, off: u64, len: u64) -> bool {
+        off.checked_add(len)
+            .is_some_and(|end| end < self.file_len.saturating_add(self.cs))
+    }
+
     /// Whether `len` bytes at `off` lie inside the file.
     pub(super) fn in_file(&self, off: u64, len: u64) -> bool {
         off.checked_add(len).is_some_and(|end| end <= self.file_len)
@@ -219,8 +226,10 @@ pub(super) struct Analysis {
     /// The snapshot table as read (the header's count may have been lowered by a repair).
     pub(super) snapshots: SnapshotTable,
     /// Entries that reference a preallocated zero cluster at a misaligned offset and no
-    /// data: (L2 table offset, entry index), which a repair turns into plain zero entries.
-    pub(super) zero_fixes: Vec<(u64, usize)>,
+    /// data: (L2 table offset, entry index, host offset), which a repair turns into plain
+    /// zero entries. An entry appears once per time its table was walked (once per L1
+    /// reference), as its host clusters were counted once each time.
+    pub(super) zero_fixes: Vec<(u64, usize, u64)>,
     /// Raw refcount table entries.
     pub(super) reftable: Vec<u64>,
     /// Clusters counted for the refcount table and blocks (dropped when rebuilding).
@@ -233,6 +242,14 @@ pub(super) struct Analysis {
     /// Where the lowest of them starts, the snapshot table's own region aside (a repair that
     /// writes the table again stops referencing that region).
     pub(super) past_eof_from_but_table: u64,
+    /// The lowest cluster of the file that a region not counted (it runs a cluster or more
+    /// past the end of the file) covers: from there to the end of the file, clusters may
+    /// hold live metadata nothing counted (an L1 table, the refcount table), and a repair
+    /// writes nothing new there. `u64::MAX` without such a region.
+    pub(super) uncounted_from: u64,
+    /// Regions (first cluster, one past the last) named as metadata but not counted (a
+    /// snapshot's L1 table the walk could not follow): a repair writes nothing new there.
+    pub(super) keep: Vec<(u64, u64)>,
     /// The refcount structure itself is broken and must be rebuilt.
     pub(super) rebuild: bool,
     pub(super) corruptions: u64,
@@ -348,6 +365,8 @@ pub(super) fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analy
         past_eof: 0,
         past_eof_from: u64::MAX,
         past_eof_from_but_table: u64::MAX,
+        uncounted_from: u64::MAX,
+        keep: Vec::new(),
         rebuild: false,
         corruptions: 0,
         leaks: 0,
@@ -405,10 +424,12 @@ impl Analysis {
         if len == 0 {
             return true;
         }
-        let limit = self.g.file_len.saturating_add(self.g.cs);
         let end = match off.checked_add(len) {
-            Some(end) if end < limit => end,
+            Some(end) if self.g.counted(off, len) => end,
             _ => {
+                if off < self.g.file_len {
+                    self.uncounted_from = self.uncounted_from.min(off >> self.g.cb);
+                }
                 // The refcount structure itself is replaced by a rebuild: it does not stop one.
                 if !refstruct {
                     self.past_eof += 1;
@@ -580,7 +601,7 @@ impl Analysis {
                                 "ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
                             ));
                             if l2_off.is_multiple_of(g.cs) {
-                                self.zero_fixes.push((l2_off, j));
+                                self.zero_fixes.push((l2_off, j, off));
                             }
                         }
                     }
@@ -637,6 +658,13 @@ impl Analysis {
                 self.corrupt(format!("ERROR snapshot table entry {k} is incomplete"));
             }
             let (l1_off, l1_size) = (e.l1_table_offset, e.l1_size);
+            let l1_end = l1_off
+                .saturating_add(u64::from(l1_size) * 8)
+                .div_ceil(g.cs)
+                .min(g.file_clusters);
+            if !l1_off.is_multiple_of(g.cs) || u64::from(l1_size) * 8 > MAX_L1_BYTES {
+                self.keep.push((l1_off >> g.cb, l1_end));
+            }
             if !l1_off.is_multiple_of(g.cs) {
                 self.corrupt(format!(
                     "ERROR {label} l1_offset={l1_off:#x}: L1 table is not cluster aligned; snapshot table entry corrupted"
