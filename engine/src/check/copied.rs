@@ -92,11 +92,9 @@ impl Analysis {
                 continue;
             }
             // Invalid tables were reported by the counting pass; QEMU still checks their
-            // flags (reading zeros past the end of the file), but they are never rewritten.
+            // flags (reading zeros past the end of the file) and repairs the L1 entry's, but
+            // the tables are never rewritten.
             let valid = l2_off.is_multiple_of(g.cs) && l2_off >> g.cb < g.file_clusters;
-            if fixing && !valid {
-                continue;
-            }
             let Some(rc) = self.flag_refcount(t, stored, mode, l2_off >> g.cb)? else {
                 continue;
             };
@@ -120,7 +118,7 @@ impl Analysis {
                     fixed += 1;
                 }
             }
-            if !done_tables.insert(l2_off) {
+            if (fixing && !valid) || !done_tables.insert(l2_off) {
                 continue;
             }
             t.read(l2_off, &mut l2, "an L2 table")?;
