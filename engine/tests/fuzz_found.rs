@@ -10,19 +10,21 @@ use qcow2d_engine::check;
 
 /// `qemu-img check`'s (corruptions, leaks) of `path`, whatever its exit status.
 fn qemu_counts(path: &Path) -> (u64, u64) {
+    qemu_counts_or_refusal(path).unwrap_or_else(|e| panic!("qemu-img check gave no JSON: {e}"))
+}
+
+/// `qemu-img check`'s (corruptions, leaks) of `path`, or why it gave none (QEMU could not
+/// open the image).
+fn qemu_counts_or_refusal(path: &Path) -> Result<(u64, u64), String> {
     let out = common::qemu_img_cmd()
         .args(["check", "--output=json", "-f", "qcow2"])
         .arg(path)
         .output()
         .unwrap_or_else(|e| panic!("cannot run qemu-img (is qemu-utils installed?): {e}"));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "qemu-img check gave no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
     let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-    (n("corruptions"), n("leaks"))
+    Ok((n("corruptions"), n("leaks")))
 }
 
 /// Repairs a copy of `image` with `check(path, true)`: the repair adds no corruption, a
@@ -256,6 +258,14 @@ fn repair_writes_the_new_refcounts_where_entries_point_past_the_end_as_qemu_does
     assert_eq!(qemu_counts(&theirs), (again.corruptions, again.leaks));
 }
 
+/// Found by replaying the `check_repair` corpus against `qemu-img check`: after the repair,
+/// qcow2d counts 212 corruptions where QEMU counts 211 in the same file. Not yet understood.
+#[test]
+#[ignore = "qcow2d counts one corruption more than QEMU in this repaired image; not yet understood"]
+fn repaired_image_counted_like_qemu() {
+    repair_consistent(include_bytes!("data/fuzz/repair-counted-unlike-qemu.img"));
+}
+
 /// Every image of the `check_repair` fuzz target's corpus (`fuzz/corpus/check_repair/`)
 /// that the check takes: what the fuzz target asserts (the repair agrees with a second
 /// check, and adds no corruption to an image the first check read whole), and QEMU judges
@@ -277,11 +287,15 @@ fn repair_the_check_repair_corpus_as_qemu_judges_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("image.img");
     let mut repaired_images = 0;
+    let mut failures = Vec::new();
     for file in files {
         let name = file.display();
         std::fs::copy(&file, &path).unwrap();
         if names_other_files(&std::fs::read(&path).unwrap()) {
             continue; // QEMU would need them; the corpus does not hold them.
+        }
+        if qemu_counts_or_refusal(&path).is_err() {
+            continue; // QEMU does not open it (qcow2d may): nothing to compare with.
         }
         let Ok(before) = check(&path, false) else {
             continue;
@@ -290,22 +304,24 @@ fn repair_the_check_repair_corpus_as_qemu_judges_it() {
             continue;
         };
         let again = check(&path, false).unwrap();
-        assert_eq!(
-            (again.corruptions, again.leaks, again.check_errors),
-            (repaired.corruptions, repaired.leaks, repaired.check_errors),
-            "{name}: a second check disagrees with the repair's"
-        );
-        assert!(
-            before.check_errors > 0 || again.corruptions <= before.corruptions,
-            "{name}: the repair added corruptions"
-        );
-        assert_eq!(
-            qemu_counts(&path),
-            (again.corruptions, again.leaks),
-            "{name}: QEMU judges qcow2d's repair differently from qcow2d"
-        );
+        let ours = (again.corruptions, again.leaks);
+        if (again.corruptions, again.leaks, again.check_errors)
+            != (repaired.corruptions, repaired.leaks, repaired.check_errors)
+        {
+            failures.push(format!(
+                "{name}: a second check disagrees with the repair's"
+            ));
+        } else if before.check_errors == 0 && again.corruptions > before.corruptions {
+            failures.push(format!("{name}: the repair added corruptions"));
+        } else if qemu_counts(&path) != ours {
+            failures.push(format!(
+                "{name}: QEMU judges qcow2d's repair, {ours:?}, as {:?}",
+                qemu_counts(&path)
+            ));
+        }
         repaired_images += 1;
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(
         repaired_images >= 10,
         "only {repaired_images} images repaired"
