@@ -245,7 +245,18 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
             // Clearing COPIED is always safe, setting it only once the refcount is right.
             fix_copied_flags(&mut t, &mut first, FlagMode::ClearUnsafe, &mut log)?;
             match layout {
-                Some(layout) => rebuild_refcounts(&mut t, first, &layout, &mut log)?,
+                Some(layout) => {
+                    rebuild_refcounts(&mut t, first, &layout, &mut log)?;
+                    // The header names the new table now: where its cluster is also walked
+                    // as an L2 table (an L1 entry without an offset), that moved a
+                    // reference. Count again and fix what moved in place, as QEMU's second
+                    // pass after a rebuild does.
+                    let mut again = analyze(&mut t, &snapshots)?;
+                    if again.mismatches > 0 && !needs_rebuild(&again) {
+                        fix_copied_flags(&mut t, &mut again, FlagMode::ClearUnsafe, &mut log)?;
+                        fix_refcounts(&mut t, again, &mut log)?;
+                    }
+                }
                 None => fix_refcounts(&mut t, first, &mut log)?,
             }
         }
