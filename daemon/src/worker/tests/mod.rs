@@ -304,46 +304,47 @@ fn malformed_chains_get_ioerr_or_are_dropped_and_good_requests_still_complete() 
     assert_eq!(w.free.len(), 1);
 }
 
-#[test]
-fn chains_wait_in_the_ring_while_over_budget_and_are_taken_as_requests_complete() {
-    let h = Harness::new();
+/// Queues five reads of 4 KiB (sectors 0..5), all into the same guest buffer at 0x8000 (the
+/// budget counts bytes asked for, not distinct memory), status bytes at 0x5000..0x5005.
+/// Returns the used ring's address.
+fn queue_five_reads(h: &Harness) -> u64 {
     let m = h.mem.memory();
-    // Five reads of 4 KiB, all into the same guest buffer (the budget counts bytes asked
-    // for, not distinct memory).
     let mut descs = Vec::new();
     for i in 0..5u16 {
-        write_header(
-            &m,
-            0x1000 + 0x100 * u64::from(i),
-            VIRTIO_BLK_T_IN,
-            u64::from(i),
-        );
-        descs.push(desc(
-            0x1000 + 0x100 * u64::from(i),
-            16,
-            false,
-            Some(3 * i + 1),
-        ));
+        let header = 0x1000 + 0x100 * u64::from(i);
+        write_header(&m, header, VIRTIO_BLK_T_IN, u64::from(i));
+        descs.push(desc(header, 16, false, Some(3 * i + 1)));
         descs.push(desc(0x8000, 4096, true, Some(3 * i + 2)));
         descs.push(desc(0x5000 + u64::from(i), 1, true, None));
     }
-    let used_addr = h.queue(&descs);
-    let io = FakeIo {
-        hold: true,
-        ..FakeIo::default()
-    };
+    h.queue(&descs)
+}
+
+/// A worker gate of `bytes` in flight (100 requests), on a connection without limits.
+fn byte_gate(bytes: u64) -> Gate {
     let unlimited = Limits {
         bytes: u64::MAX,
         requests: u32::MAX,
     };
-    let gate = Gate::new(
+    Gate::new(
         Limits {
-            bytes: 8192,
+            bytes,
             requests: 100,
         },
         Arc::new(ConnectionBudget::new(unlimited)),
         0,
-    );
+    )
+}
+
+#[test]
+fn chains_wait_in_the_ring_while_over_budget_and_are_taken_as_requests_complete() {
+    let h = Harness::new();
+    let used_addr = queue_five_reads(&h);
+    let io = FakeIo {
+        hold: true,
+        ..FakeIo::default()
+    };
+    let gate = byte_gate(8192);
     let mut w = Worker::new(io, h.mem.clone()).with_budget(gate);
     let vrings = std::slice::from_ref(&h.vring);
     w.process_queue(vrings, 0, true, &device());
@@ -381,37 +382,8 @@ fn chains_wait_in_the_ring_while_over_budget_and_are_taken_as_requests_complete(
 #[test]
 fn budget_given_back_during_a_kick_brings_the_waiting_chains_in() {
     let h = Harness::new();
-    let m = h.mem.memory();
-    let mut descs = Vec::new();
-    for i in 0..5u16 {
-        write_header(
-            &m,
-            0x1000 + 0x100 * u64::from(i),
-            VIRTIO_BLK_T_IN,
-            u64::from(i),
-        );
-        descs.push(desc(
-            0x1000 + 0x100 * u64::from(i),
-            16,
-            false,
-            Some(3 * i + 1),
-        ));
-        descs.push(desc(0x8000, 4096, true, Some(3 * i + 2)));
-        descs.push(desc(0x5000 + u64::from(i), 1, true, None));
-    }
-    let used_addr = h.queue(&descs);
-    let unlimited = Limits {
-        bytes: u64::MAX,
-        requests: u32::MAX,
-    };
-    let gate = Gate::new(
-        Limits {
-            bytes: 4096,
-            requests: 100,
-        },
-        Arc::new(ConnectionBudget::new(unlimited)),
-        0,
-    );
+    let used_addr = queue_five_reads(&h);
+    let gate = byte_gate(4096);
     let throttle = WorkerThrottle::new(Arc::new(crate::throttle::ExportThrottle::new(None)));
     let io = FakeIo {
         hold: true,
@@ -751,346 +723,5 @@ fn finish_drains_then_flushes_once_and_drop_finishes_otherwise() {
     assert_eq!(*finished.lock().unwrap(), vec![0]);
 }
 
-fn metrics() -> (Metrics, Arc<ShardMetrics>) {
-    let metrics = Metrics::new();
-    let export = metrics.add_export(
-        ExportLabels {
-            export: "/run/test.sock".into(),
-            image: "test.qcow2".into(),
-            serial: "test".into(),
-            read_only: false,
-        },
-        1,
-    );
-    let shard = export.shard(0).unwrap();
-    (metrics, shard)
-}
-
-fn export_snapshot(metrics: &Metrics) -> ExportSnapshot {
-    metrics.snapshot().exports.remove(0)
-}
-
-fn op(snap: &ExportSnapshot, op: Operation) -> &OpSnapshot {
-    &snap.ops[op as usize]
-}
-
-#[test]
-fn metrics_count_every_request_returned_to_the_guest() {
-    let h = Harness::new();
-    let used_addr = queue_mixed_requests(&h);
-    let (metrics, shard) = metrics();
-    let io = FakeIo {
-        cache: CacheStats {
-            l2_hits: 7,
-            l2_misses: 2,
-            decompressed_hits: 1,
-            decompressed_misses: 3,
-        },
-        ..FakeIo::default()
-    };
-    let mut w = Worker::new(io, h.mem.clone()).with_metrics(Some(shard));
-    w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device_rw());
-    assert_eq!(h.used_idx(used_addr), 5);
-
-    // More than one queue of 16 descriptors holds.
-    let h = Harness::new();
-    let m = h.mem.memory();
-    write_header(&m, 0x1500, VIRTIO_BLK_T_GET_ID, 0);
-    write_header(&m, 0x1600, 77, 0);
-    write_header(&m, 0x1700, VIRTIO_BLK_T_IN, 4);
-    let descs = [
-        // 0..2: GET_ID: 20 bytes.
-        desc(0x1500, 16, false, Some(1)),
-        desc(0x9000, 32, true, Some(2)),
-        desc(0x5005, 1, true, None),
-        // 3..4: unknown type: UNSUPP, "other".
-        desc(0x1600, 16, false, Some(4)),
-        desc(0x5006, 1, true, None),
-        // 5..7: read of 2048 bytes: OK.
-        desc(0x1700, 16, false, Some(6)),
-        desc(0xa000, 2048, true, Some(7)),
-        desc(0x5007, 1, true, None),
-        // 8..10: read into memory the guest does not have: IOERR.
-        desc(0x1700, 16, false, Some(9)),
-        desc(0x4000_0000, 512, true, Some(10)),
-        desc(0x5008, 1, true, None),
-        // 11: no status byte: dropped, "other", an error.
-        desc(0x1700, 16, false, None),
-    ];
-    let used_addr = h.queue(&descs);
-    w.set_memory(h.mem.clone());
-    w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device_rw());
-    assert_eq!(h.used_idx(used_addr), 5);
-
-    let snap = export_snapshot(&metrics);
-    let expect = [
-        // (operation, requests, bytes, errors)
-        (Operation::Read, 2, 2048, 1),
-        (Operation::Write, 1, 1024, 0),
-        (Operation::Flush, 1, 0, 0),
-        (Operation::Discard, 2, 3 * 4096, 1),
-        (Operation::WriteZeroes, 1, 4096, 0),
-        (Operation::GetId, 1, 20, 0),
-        (Operation::Other, 2, 0, 2),
-    ];
-    for (o, requests, bytes, errors) in expect {
-        let s = op(&snap, o);
-        assert_eq!(
-            (s.requests(), s.bytes, s.errors),
-            (requests, bytes, errors),
-            "{o:?}"
-        );
-        assert!(s.quantiles.is_some(), "{o:?}");
-        assert!(s.duration_seconds > 0.0, "{o:?}");
-    }
-    assert_eq!(snap.shards[0].in_flight, 0);
-    assert_eq!(snap.shards[0].cache, w.io().cache);
-
-    // Held requests are in flight until they complete; cache counters only grow by what
-    // the engine counted since the last turn.
-    let h2 = Harness::new();
-    let m2 = h2.mem.memory();
-    write_header(&m2, 0x1000, VIRTIO_BLK_T_IN, 0);
-    write_header(&m2, 0x1100, VIRTIO_BLK_T_FLUSH, 0);
-    let used_addr = h2.queue(&[
-        desc(0x1000, 16, false, Some(1)),
-        desc(0x8000, 4096, true, Some(2)),
-        desc(0x5000, 1, true, None),
-        desc(0x1100, 16, false, Some(4)),
-        desc(0x5001, 1, true, None),
-    ]);
-    w.set_memory(h2.mem.clone());
-    w.io.hold = true;
-    w.io.cache.l2_hits += 5;
-    w.process_queue(std::slice::from_ref(&h2.vring), 0, true, &device_rw());
-    let snap = export_snapshot(&metrics);
-    assert_eq!(snap.shards[0].in_flight, 2);
-    assert_eq!(snap.shards[0].cache.l2_hits, 12);
-    assert_eq!(
-        op(&snap, Operation::Read).requests(),
-        2,
-        "not counted before it completes"
-    );
-    w.io.hold = false;
-    w.process_completions(std::slice::from_ref(&h2.vring), true, &device_rw());
-    assert_eq!(h2.used_idx(used_addr), 2);
-    let snap = export_snapshot(&metrics);
-    assert_eq!(snap.shards[0].in_flight, 0);
-    assert_eq!(op(&snap, Operation::Read).requests(), 3);
-    assert_eq!(op(&snap, Operation::Read).bytes, 2048 + 4096);
-    assert_eq!(op(&snap, Operation::Flush).requests(), 2);
-    let [p50, p99, p999] = op(&snap, Operation::Read).quantiles.unwrap();
-    assert!(p50 <= p99 && p99 <= p999);
-
-    // A request still in flight when the connection ends is never returned, never
-    // counted, and no longer in flight.
-    let h3 = Harness::new();
-    let m3 = h3.mem.memory();
-    write_header(&m3, 0x1000, VIRTIO_BLK_T_IN, 0);
-    h3.queue(&[
-        desc(0x1000, 16, false, Some(1)),
-        desc(0x8000, 512, true, Some(2)),
-        desc(0x5000, 1, true, None),
-    ]);
-    w.set_memory(h3.mem.clone());
-    w.io.hold = true;
-    w.process_queue(std::slice::from_ref(&h3.vring), 0, true, &device_rw());
-    assert_eq!(export_snapshot(&metrics).shards[0].in_flight, 1);
-    w.finish().unwrap();
-    let snap = export_snapshot(&metrics);
-    assert_eq!(snap.shards[0].in_flight, 0);
-    assert_eq!(op(&snap, Operation::Read).requests(), 3);
-}
-
-#[test]
-fn without_metrics_nothing_is_timed() {
-    let h = Harness::new();
-    let m = h.mem.memory();
-    write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
-    h.queue(&[
-        desc(0x1000, 16, false, Some(1)),
-        desc(0x8000, 512, true, Some(2)),
-        desc(0x5000, 1, true, None),
-    ]);
-    let mut w = Worker::new(
-        FakeIo {
-            hold: true,
-            ..FakeIo::default()
-        },
-        h.mem.clone(),
-    );
-    w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device());
-    assert!(w.slots.iter().all(|s| s.started.is_none()));
-    w.stop_queue(0);
-}
-
-/// A vring of a new connection over the rings of `vq`, as vhost-user-backend sets it up:
-/// SET_VRING_BASE to `base` and the used index read from guest memory.
-fn reconnected_vring(
-    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
-    vq: &MockSplitQueue<'_, GuestMemoryMmap>,
-    base: u16,
-) -> Vring {
-    let vring = <Vring as VringT<_>>::new(mem.clone(), QSIZE).unwrap();
-    vring
-        .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
-        .unwrap();
-    vring.set_queue_size(QSIZE);
-    vring.set_queue_next_avail(base);
-    let used = vring.queue_used_idx().unwrap();
-    vring.set_queue_next_used(used);
-    vring.set_queue_ready(true);
-    vring.set_enabled(true);
-    vring
-}
-
-#[test]
-fn chains_left_in_flight_by_a_killed_worker_are_resubmitted_in_order() {
-    use crate::inflight::{create_area, InflightArea, InflightShared};
-
-    let mem = GuestMemoryAtomic::new(
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
-    );
-    let m = mem.memory();
-    let vq = MockSplitQueue::new(&*m, QSIZE);
-    // Four reads of one sector each (sectors 1..=4), heads 0, 3, 6, 9.
-    let mut descs = Vec::new();
-    for i in 0..4u64 {
-        write_header(&m, 0x1000 + 0x100 * i, VIRTIO_BLK_T_IN, 1 + i);
-        let next = 3 * i as u16;
-        descs.push(desc(0x1000 + 0x100 * i, 16, false, Some(next + 1)));
-        descs.push(desc(0x8000 + 0x1000 * i, 512, true, Some(next + 2)));
-        descs.push(desc(0x5000 + i, 1, true, None));
-    }
-    vq.add_desc_chains(&descs, 0).unwrap();
-    // The driver has made only the first three available so far.
-    let avail_idx = vq.avail_addr().unchecked_add(2);
-    m.write_obj(3u16, avail_idx).unwrap();
-
-    let (file, size) = create_area(1, QSIZE).unwrap();
-    let area = || InflightArea::map(file.try_clone().unwrap(), 0, size, 1, QSIZE).unwrap();
-
-    // First daemon: takes the three chains, completes the second, and is killed.
-    let shared = Arc::new(InflightShared::default());
-    shared.set(area());
-    let vring = reconnected_vring(&mem, &vq, 0);
-    let io = FakeIo {
-        hold: true,
-        ..FakeIo::default()
-    };
-    let mut w = Worker::new(io, mem.clone()).with_inflight(shared, 0, 1);
-    w.process_queue(std::slice::from_ref(&vring), 0, false, &device());
-    assert_eq!(w.io().log.len(), 3);
-    let token_of_head_3 = w.slots.iter().position(|s| s.head == 3).unwrap() as u64;
-    w.io.pending.retain(|(t, _)| *t != token_of_head_3);
-    w.complete(std::slice::from_ref(&vring), token_of_head_3, true);
-    let used_at = vq.used_addr().0;
-    let used_idx = |m: &GuestMemoryMmap| m.read_obj::<u16>(GuestAddress(used_at + 2)).unwrap();
-    assert_eq!(used_idx(&m), 1);
-    // Killed: what is still in flight never reaches the used ring.
-    w.finish().unwrap();
-    drop(w);
-    assert_eq!(used_idx(&m), 1);
-
-    // Meanwhile the driver adds the fourth chain; QEMU reconnects and sets the ring base to
-    // the used index (it could not get the avail index from the dead daemon).
-    m.write_obj(4u16, avail_idx).unwrap();
-    let shared = Arc::new(InflightShared::default());
-    shared.set(area());
-    let vring = reconnected_vring(&mem, &vq, 1);
-    let mut w = Worker::new(FakeIo::default(), mem.clone()).with_inflight(shared.clone(), 0, 1);
-    w.process_queue(std::slice::from_ref(&vring), 0, false, &device());
-
-    // Heads 0 and 6 resubmitted, oldest first, then head 9 taken; head 3 not redone.
-    let offsets: Vec<Option<u64>> = w.io().log.iter().map(|(_, op)| op.offset()).collect();
-    assert_eq!(offsets, vec![Some(512), Some(3 * 512), Some(4 * 512)]);
-    assert_eq!(used_idx(&m), 4);
-    let used: Vec<u32> = (1..4)
-        .map(|i| {
-            m.read_obj::<u32>(GuestAddress(used_at + 4 + 8 * i))
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(used, vec![0, 6, 9]);
-    for (i, sector) in [(0u64, 1u64), (2, 3), (3, 4)] {
-        let at = GuestAddress(0x8000 + 0x1000 * i);
-        assert_eq!(m.read_obj::<u8>(at).unwrap(), pattern(sector * 512));
-        assert_eq!(
-            m.read_obj::<u8>(GuestAddress(0x5000 + i)).unwrap(),
-            STATUS_OK
-        );
-    }
-    // The area is clean again, and records the used index.
-    let (_, area) = shared.current();
-    let area = area.unwrap();
-    let part = area.queue(0).unwrap();
-    assert!((0..QSIZE).all(|h| !part.is_inflight(h)));
-    assert_eq!(part.used_idx(), 4);
-    assert_eq!(part.last_batch_head(), 9);
-    assert_eq!(vring.queue_next_avail(), 4);
-}
-
-#[test]
-fn a_malformed_chain_from_the_area_fails_with_ioerr_and_is_returned() {
-    use crate::inflight::{create_area, InflightArea, InflightShared, QueueTracker};
-
-    let h = Harness::new();
-    let m = h.mem.memory();
-    write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
-    // A read that would be well formed but for its status descriptor's `next`, which
-    // points outside the table: only the walker's error keeps it from being served (the
-    // walk stops on the status descriptor, so there is a status byte to fail).
-    let used_at = h.queue(&[
-        desc(0x1000, 16, false, Some(1)),
-        desc(0x8000, 512, true, Some(2)),
-        desc(0x5000, 1, true, Some(QSIZE)),
-    ]);
-    m.write_obj(0xeeu8, GuestAddress(0x5000)).unwrap();
-    let (file, size) = create_area(1, QSIZE).unwrap();
-    let area = Arc::new(InflightArea::map(file.try_clone().unwrap(), 0, size, 1, QSIZE).unwrap());
-    // A previous daemon took head 0.
-    let mut t = QueueTracker::new(area.clone(), 0).unwrap();
-    t.recover(0, QSIZE);
-    t.taken(0);
-    let shared = Arc::new(InflightShared::default());
-    shared.set(InflightArea::map(file, 0, size, 1, QSIZE).unwrap());
-    let mut w = Worker::new(FakeIo::default(), h.mem.clone()).with_inflight(shared, 0, 1);
-    w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
-    assert!(w.io().log.is_empty(), "nothing submitted");
-    assert_eq!(h.used_idx(used_at), 1);
-    assert_eq!(h.used(used_at, 0), (0, 1));
-    assert_eq!(h.byte(0x5000), STATUS_IOERR);
-    assert!(!area.queue(0).unwrap().is_inflight(0));
-}
-
-#[test]
-fn an_area_that_does_not_match_the_ring_is_started_over() {
-    use crate::inflight::{create_area, InflightArea, InflightShared, QueueTracker};
-
-    let h = Harness::new();
-    let m = h.mem.memory();
-    write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
-    let used_at = h.queue(&[
-        desc(0x1000, 16, false, Some(1)),
-        desc(0x8000, 512, true, Some(2)),
-        desc(0x5000, 1, true, None),
-    ]);
-    let (file, size) = create_area(1, QSIZE).unwrap();
-    let area = Arc::new(InflightArea::map(file.try_clone().unwrap(), 0, size, 1, QSIZE).unwrap());
-    // The area claims two chains in flight; the driver made one available.
-    let mut t = QueueTracker::new(area.clone(), 0).unwrap();
-    t.recover(0, QSIZE);
-    t.taken(4);
-    t.taken(7);
-    let shared = Arc::new(InflightShared::default());
-    shared.set(InflightArea::map(file, 0, size, 1, QSIZE).unwrap());
-    let mut w = Worker::new(FakeIo::default(), h.mem.clone()).with_inflight(shared, 0, 1);
-    w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
-    // Only the available chain was read, once.
-    assert_eq!(w.io().log.len(), 1);
-    assert_eq!(h.used_idx(used_at), 1);
-    assert_eq!(h.used(used_at, 0), (0, 513));
-    let part = area.queue(0).unwrap();
-    assert!((0..QSIZE).all(|head| !part.is_inflight(head)));
-    assert_eq!(part.used_idx(), 1);
-}
+mod metrics;
+mod reconnect;
