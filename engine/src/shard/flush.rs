@@ -90,8 +90,30 @@ impl WriteLog {
     }
 }
 
+/// The shard's part that gets metadata into the file: what changed since it was last
+/// written (L1 entries, the syncs L2 entries wait for), the flushes and writes waiting for a
+/// run, the run in progress, the corruption found during the turn (reported at its end), and
+/// the flush count with its fault injection and write log for tests.
 #[derive(Default)]
 pub(super) struct FlushState {
+    /// L1 entries changed since the last flush.
+    dirty_l1: Vec<u64>,
+    /// L1 entries changed since they were last written (by a flush or a metadata write-back).
+    unwritten_l1: Vec<u64>,
+    /// Something an unwritten L2 entry depends on (new refcounts, the file's length, data that
+    /// must not be lost under the entry) is not durable yet: the next metadata write-back
+    /// syncs before it writes L2 entries.
+    sync_before_l2: bool,
+    /// Corruption of the top image found during this turn, handled at its end.
+    pending_corrupt: Option<&'static str>,
+    /// A write refused because it would have landed on metadata (or a cluster the
+    /// allocator found free that holds metadata) during this turn, handled at its end.
+    pending_overlap: Option<crate::overlap::Hit>,
+    /// Flushes started so far.
+    flushes: u64,
+    /// Test hook: the flush (counting from 1) whose syncs fail
+    /// ([`super::ShardConfig::fail_flush_number`]).
+    fail_flush_number: Option<u64>,
     /// Flushes waiting for the next run.
     queued: Vec<u64>,
     /// Writes waiting for the next metadata write-back.
@@ -122,11 +144,54 @@ pub(super) struct FlushState {
 }
 
 impl FlushState {
-    pub(super) fn with_log(log: Option<std::sync::Arc<WriteLog>>) -> FlushState {
+    /// Nothing changed yet, nothing waiting; the test hooks of `config`.
+    pub(super) fn new(config: &super::ShardConfig) -> FlushState {
         FlushState {
-            log,
+            fail_flush_number: config.fail_flush_number,
+            log: config.write_log.clone(),
             ..FlushState::default()
         }
+    }
+
+    /// L1 entry `l1_index` changed: the next flush writes it, and so does the next
+    /// write-back.
+    pub(super) fn l1_entry_changed(&mut self, l1_index: u64) {
+        self.dirty_l1.push(l1_index);
+        self.unwritten_l1.push(l1_index);
+    }
+
+    /// Whether L1 entries changed that no flush has made durable.
+    pub(super) fn has_dirty_l1(&self) -> bool {
+        !self.dirty_l1.is_empty()
+    }
+
+    /// Whether L1 entry `l1_index` changed since it was last written.
+    pub(super) fn l1_entry_unwritten(&self, l1_index: u64) -> bool {
+        self.unwritten_l1.contains(&l1_index)
+    }
+
+    /// An unwritten L2 entry now depends on something not durable yet: the next write-back
+    /// syncs before it writes L2 entries.
+    pub(super) fn sync_before_l2(&mut self) {
+        self.sync_before_l2 = true;
+    }
+
+    /// Corruption of the top image found: reported at the end of the turn (the first reason
+    /// found is kept).
+    pub(super) fn corruption_found(&mut self, why: &'static str) {
+        self.pending_corrupt.get_or_insert(why);
+    }
+
+    /// A write refused because it would have landed on metadata: reported at the end of the
+    /// turn (the first found is kept).
+    pub(super) fn overlap_found(&mut self, hit: crate::overlap::Hit) {
+        self.pending_overlap.get_or_insert(hit);
+    }
+
+    /// Whether a write was refused this turn for landing on metadata (the image takes no
+    /// more writes).
+    pub(super) fn has_overlap(&self) -> bool {
+        self.pending_overlap.is_some()
     }
 
     fn record(&self, step: impl FnOnce() -> LoggedStep) {
@@ -151,10 +216,26 @@ impl FlushState {
 }
 
 impl State {
+    /// Marks the image corrupt for what this turn found (a write refused by the overlap
+    /// checks, metadata that does not decode).
+    pub(super) fn report_corruption(&mut self, img: &ImageInner) {
+        let Some(w) = &img.writable else {
+            return;
+        };
+        if let Some(why) = self.flush.pending_corrupt.take() {
+            w.mark_corrupt(&img.top, why);
+        }
+        if let Some(hit) = self.flush.pending_overlap.take() {
+            w.overlap_found(&img.top, &hit);
+        }
+    }
+
     /// Whether metadata changed in memory has not been written to the file yet (or a run
     /// that may be writing it has not finished).
     pub(super) fn metadata_unwritten(&self) -> bool {
-        self.flush.active || self.layers[0].l2.has_unwritten() || !self.unwritten_l1.is_empty()
+        self.flush.active
+            || self.layers[0].l2.has_unwritten()
+            || !self.flush.unwritten_l1.is_empty()
     }
 
     /// Starts a run when none is running: a flush when one is queued, else a write-back when
@@ -202,10 +283,10 @@ impl State {
                 Err(BlockWriter::Other) => return self.retry_later(ring),
             }
         }
-        if hard {
-            self.flushes += 1;
-        }
         let f = &mut self.flush;
+        if hard {
+            f.flushes += 1;
+        }
         f.active = true;
         f.hard = hard;
         f.running = std::mem::take(&mut f.queued);
@@ -269,17 +350,17 @@ impl State {
         let f = &mut self.flush;
         f.l1_indices.clear();
         if hard {
-            f.l1_indices.append(&mut self.dirty_l1);
-            self.unwritten_l1.clear();
+            f.l1_indices.append(&mut f.dirty_l1);
+            f.unwritten_l1.clear();
         } else {
-            f.l1_indices.append(&mut self.unwritten_l1);
+            f.l1_indices.append(&mut f.unwritten_l1);
         }
         f.l1_indices.sort_unstable();
         f.l1_indices.dedup();
         if hard {
             f.frees = std::mem::take(&mut self.reservations.pending_frees);
         }
-        let sync_data_first = std::mem::take(&mut self.sync_before_l2);
+        let sync_data_first = std::mem::take(&mut f.sync_before_l2);
         self.reservations.newest_referenced = 0;
         f.snap_seq = self.reservations.seq;
 
@@ -374,7 +455,7 @@ impl State {
             .map(|(host, buf)| planned(host, buf, class::REFCOUNT_BLOCK))
             .collect();
         if let Some(hit) = first_overlap(img, &blocks) {
-            self.pending_overlap.get_or_insert(hit);
+            self.flush.overlap_found(hit);
             self.reservations.refcount_writes_failed = Some(IoError::Corrupt {
                 host_offset: hit.at,
             });
@@ -453,7 +534,7 @@ impl State {
             if let Some(hit) = first_overlap(img, writes) {
                 // A table would land on other metadata: nothing of this step is written,
                 // the run fails and the image is marked corrupt.
-                self.pending_overlap.get_or_insert(hit);
+                self.flush.overlap_found(hit);
                 self.flush.error.get_or_insert(IoError::Corrupt {
                     host_offset: hit.at,
                 });
@@ -509,7 +590,8 @@ impl State {
                 let data_fd = q.data_file.as_ref().filter(|_| data_file);
                 let fds = std::iter::once(fd).chain(data_fd.map(|f| f.as_raw_fd()));
                 for fd in fds {
-                    let injected = self.flush.hard && self.fail_flush_number == Some(self.flushes);
+                    let f = &self.flush;
+                    let injected = f.hard && f.fail_flush_number == Some(f.flushes);
                     let entry = if injected {
                         sqe::nop()
                     } else {
@@ -595,8 +677,8 @@ impl State {
                 for &(key, _) in &f.l2_keys {
                     self.layers[0].l2.remark_dirty(key);
                 }
-                self.dirty_l1.extend_from_slice(&f.l1_indices);
-                self.unwritten_l1.extend_from_slice(&f.l1_indices);
+                f.dirty_l1.extend_from_slice(&f.l1_indices);
+                f.unwritten_l1.extend_from_slice(&f.l1_indices);
                 self.reservations.pending_frees.append(&mut f.frees);
                 let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
                 rc.mark_all_dirty();

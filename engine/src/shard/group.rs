@@ -415,10 +415,10 @@ impl State {
         let Some(link) = &mut self.group else {
             return;
         };
-        let (l2, unwritten_l1) = (&self.layers[0].l2, &self.unwritten_l1);
+        let (l2, flush) = (&self.layers[0].l2, &self.flush);
         let group = &link.group;
         link.odd_tables.retain(|&t| {
-            if l2.is_unwritten(t) || unwritten_l1.contains(&t) {
+            if l2.is_unwritten(t) || flush.l1_entry_unwritten(t) {
                 return true;
             }
             group.bump_version(t);

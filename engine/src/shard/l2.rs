@@ -233,8 +233,7 @@ impl State {
         self.layers[0].l2.mark_all_dirty(slot);
         self.table_changed(l1_index);
         q.l1[l1_index as usize].store(encode_l1_entry(host), Ordering::Relaxed);
-        self.dirty_l1.push(l1_index);
-        self.unwritten_l1.push(l1_index);
+        self.flush.l1_entry_changed(l1_index);
     }
 
     /// Stores L2 entry `raw` (and, with extended L2, its subcluster `bitmap`) at byte `at` of

@@ -720,7 +720,7 @@ impl Drop for Shard {
     fn drop(&mut self) {
         if self.image.writable.is_some()
             && (self.st.reservations.holds_anything()
-                || !self.st.dirty_l1.is_empty()
+                || self.st.flush.has_dirty_l1()
                 || self.st.requests.reqs.live() > 0)
         {
             tracing::warn!(
@@ -763,22 +763,6 @@ impl Drop for Shard {
         // answered with an error, so that they do not wait for this shard either.
         if let Some(link) = self.st.group.take() {
             link.leave();
-        }
-    }
-}
-
-impl State {
-    /// Marks the image corrupt for what this turn found (a write refused by the overlap
-    /// checks, metadata that does not decode).
-    fn report_corruption(&mut self, img: &ImageInner) {
-        let Some(w) = &img.writable else {
-            return;
-        };
-        if let Some(why) = self.pending_corrupt.take() {
-            w.mark_corrupt(&img.top, why);
-        }
-        if let Some(hit) = self.pending_overlap.take() {
-            w.overlap_found(&img.top, &hit);
         }
     }
 }

@@ -22,7 +22,7 @@ impl State {
     /// Corruption found in layer `layer`: a writable top image is marked corrupt.
     pub(super) fn corrupt_detected(&mut self, layer: u16, why: &'static str) {
         if layer == 0 {
-            self.pending_corrupt.get_or_insert(why);
+            self.flush.corruption_found(why);
         }
     }
 

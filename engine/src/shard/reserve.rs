@@ -190,7 +190,7 @@ impl State {
                     if let RefcountError::FreeMetadata { cluster, classes } = e {
                         // The refcounts call a metadata cluster free: they are damaged.
                         let host = cluster << q.geom.cluster_bits;
-                        self.pending_overlap.get_or_insert(crate::overlap::Hit {
+                        self.flush.overlap_found(crate::overlap::Hit {
                             what: "clusters the refcounts call free",
                             host,
                             len: cs,
@@ -229,7 +229,7 @@ impl State {
         // With lazy refcounts the new refcounts are not written, but the file's new length
         // must be durable before an entry points into it.
         if w.lazy_refcounts {
-            self.sync_before_l2 = true;
+            self.flush.sync_before_l2();
         } else {
             self.reservations.refcounts_to_write = true;
         }

@@ -4,7 +4,8 @@
 //! file: the requests and their parts (`request.rs`: `Requests`), the group link and its
 //! coordination (`group.rs`: `GroupLink`), reservations and frees (`reserve.rs`:
 //! `Reservations`), allocating writes (`write.rs`: `Allocations`), buffer pools and scratch
-//! (`buffers.rs`), inflation (`read.rs`: `Inflation`), the flush in progress (`flush.rs`:
+//! (`buffers.rs`), inflation (`read.rs`: `Inflation`), metadata not yet written with the
+//! flushes and write-backs that write it and the corruption found this turn (`flush.rs`:
 //! `FlushState`). What spans several parts is an `impl State` block in the file of its
 //! concern (`op.rs`, `l2.rs`, `read.rs`, `write.rs`, `flush.rs`, `group.rs`).
 //!
@@ -68,23 +69,10 @@ pub(super) struct State {
     /// writes held (operation, entry).
     pub(super) hold_data_writes: bool,
     pub(super) held: Vec<(OpId, crate::io::sqe::Sqe)>,
-    pub(super) dirty_l1: Vec<u64>,
-    /// L1 entries changed since they were last written (by a flush or a metadata write-back).
-    pub(super) unwritten_l1: Vec<u64>,
-    /// Something an unwritten L2 entry depends on (new refcounts, the file's length, data that
-    /// must not be lost under the entry) is not durable yet: the next metadata write-back
-    /// syncs before it writes L2 entries.
-    pub(super) sync_before_l2: bool,
+    /// Metadata changed and not yet written, the flushes and write-backs waiting and
+    /// running, the corruption found this turn (`flush.rs`).
     pub(super) flush: FlushState,
     pub(super) writethrough: bool,
-    /// Corruption of the top image found during this turn, handled at its end.
-    pub(super) pending_corrupt: Option<&'static str>,
-    /// A write refused because it would have landed on metadata (or a cluster the
-    /// allocator found free that holds metadata) during this turn, handled at its end.
-    pub(super) pending_overlap: Option<crate::overlap::Hit>,
-    /// Flushes started so far, and the one whose syncs fail (fault injection for tests).
-    pub(super) flushes: u64,
-    pub(super) fail_flush_number: Option<u64>,
 }
 
 /// L2 cache slots of each layer of `inner` (0 for raw layers) within the shard's one L2
@@ -178,15 +166,8 @@ impl State {
             reservations: Reservations::default(),
             hold_data_writes: config.hold_data_writes,
             held: Vec::new(),
-            dirty_l1: Vec::new(),
-            unwritten_l1: Vec::new(),
-            sync_before_l2: false,
-            flush: FlushState::with_log(config.write_log.clone()),
+            flush: FlushState::new(config),
             writethrough: false,
-            pending_corrupt: None,
-            pending_overlap: None,
-            flushes: 0,
-            fail_flush_number: config.fail_flush_number,
         }
     }
 }

@@ -243,7 +243,7 @@ impl State {
         kind: ReqKind,
     ) {
         let (q, w) = top(img);
-        if self.pending_overlap.is_some() || w.corrupt.load(Ordering::Relaxed) {
+        if self.flush.has_overlap() || w.corrupt.load(Ordering::Relaxed) {
             // Corruption was found: the image takes no more writes, even those already
             // submitted.
             return self.finish_part(pid, Err(IoError::Os { errno: libc::EIO }));
@@ -290,7 +290,7 @@ impl State {
     /// Fails part `pid`, whose write would have landed on metadata: the image is marked
     /// corrupt at the end of the turn.
     fn overlap_refused(&mut self, pid: PartId, hit: crate::overlap::Hit) {
-        self.pending_overlap.get_or_insert(hit);
+        self.flush.overlap_found(hit);
         self.finish_part(
             pid,
             Err(IoError::Corrupt {
@@ -528,7 +528,7 @@ impl State {
         if !al.identity {
             if let Some(hit) = w.overlap("guest data", host, e - s, 0) {
                 self.free_op(op);
-                self.pending_overlap.get_or_insert(hit);
+                self.flush.overlap_found(hit);
                 return self.fail_alloc(
                     a,
                     IoError::Corrupt {
@@ -577,7 +577,7 @@ impl State {
         self.set_entry(q, al.cluster / self.l2_cover, al.slot, at, raw, bitmap);
         self.layers[0].l2.unpin(al.slot);
         if !al.survives_loss {
-            self.sync_before_l2 = true;
+            self.flush.sync_before_l2();
         }
         self.note_reference(img, al.reservation);
         if al.new_cluster && !al.identity {
