@@ -136,6 +136,14 @@ impl Job {
         self.ring_fd
     }
 
+    /// Posts `result`, this job's result, into its owner's ring through `ring`, a shard's
+    /// own, trying again while the kernel refuses for a moment ([`deliver`]).
+    pub fn post_result(&self, ring: &mut super::Ring, result: i32) {
+        deliver("Shard", || {
+            ring.post_to(self.ring_fd, result, self.user_data)
+        });
+    }
+
     /// Inflates; returns 0 or [`INFLATE_FAILED`].
     pub fn run(&self, inflater: &mut ClusterInflater) -> i32 {
         // SAFETY: the submitter keeps the input alive and unchanged until the job's result has
@@ -603,57 +611,83 @@ fn worker(
     }
 }
 
-/// Posts a stolen job's result into its owner's ring and waits for the post to be done.
-///
-/// The owner waits for this result and has no other way to learn it, so a post the kernel
-/// refuses for a moment (its completion says so: the owner's completion queue full,
-/// EOVERFLOW, or EAGAIN) is tried again after a short sleep until it lands. Only a ring that
-/// is gone (EBADF, EBADFD: its shard was dropped, which waits for its stolen jobs, so never
-/// seen) or a failure of this worker's own ring gives up.
+/// Posts a stolen job's result from a pool worker's ring into its owner's ring
+/// ([`deliver`] tries again as long as the kernel refuses for a moment).
 fn post(ring: &mut IoUring, job: &Job, result: i32) {
     let entry =
         opcode::MsgRingData::new(types::Fd(job.ring_fd), result, job.user_data, None).build();
-    let mut logged = false;
-    loop {
+    deliver("Inflate worker", || {
         // SAFETY: a MSG_RING entry points at no memory of ours.
         let pushed = unsafe { ring.submission().push(&entry).is_ok() };
         if !pushed {
-            tracing::error!("Inflate worker: submission queue full");
-            return;
+            return Err(std::io::Error::other("submission queue full"));
         }
         loop {
             match ring.submit_and_wait(1) {
                 Ok(_) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => {
-                    tracing::error!("Inflate worker cannot post a completion: {e}");
-                    return;
-                }
+                Err(e) => return Err(e),
             }
         }
+        // One post in flight at a time: its completion is the only one.
         let refused = ring
             .completion()
             .map(|cqe| cqe.result())
             .filter(|&r| r < 0)
             .last();
-        match refused {
-            None => return,
-            Some(r) if matches!(-r, libc::EBADF | libc::EBADFD) => {
+        Ok(refused.unwrap_or(0))
+    });
+}
+
+/// How long a thread whose post was refused waits before it tries again.
+const POST_RETRY_AFTER: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// How a stolen job's result ended up ([`deliver`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// The owner's ring has it.
+    Posted,
+    /// The owner's ring is gone (EBADF, EBADFD).
+    OwnerGone,
+    /// The poster's own ring failed.
+    Failed,
+}
+
+/// Posts a stolen job's result into its owner's ring through `attempt` (one post, waited
+/// for: the post's own result, or an error of the poster's ring), until it lands. Used by
+/// the pool's workers and by shards that run other shards' jobs, so that both treat a
+/// refused post alike.
+///
+/// The owner waits for this result and has no other way to learn it, so a post the kernel
+/// refuses for a moment (the owner's completion queue full, EOVERFLOW, or EAGAIN) is tried
+/// again after [`POST_RETRY_AFTER`] until it lands. Only a ring that is gone (EBADF, EBADFD:
+/// its shard was dropped, which waits for its stolen jobs, so never seen) or a failure of
+/// the poster's own ring gives up. `who` names the poster in the log.
+pub(crate) fn deliver(who: &str, mut attempt: impl FnMut() -> std::io::Result<i32>) -> Delivery {
+    let mut logged = false;
+    loop {
+        match attempt() {
+            Err(e) => {
+                tracing::error!("{who} cannot post an inflated cluster's result: {e}");
+                return Delivery::Failed;
+            }
+            Ok(r) if r >= 0 => return Delivery::Posted,
+            Ok(r) if matches!(-r, libc::EBADF | libc::EBADFD) => {
                 tracing::error!(
-                    "Inflate worker: the owner's ring is gone: {}",
+                    "{who}: the ring of an inflated cluster's shard is gone: {}",
                     std::io::Error::from_raw_os_error(-r)
                 );
-                return;
+                return Delivery::OwnerGone;
             }
-            Some(r) => {
+            Ok(r) => {
                 if !logged {
                     tracing::warn!(
-                        "Inflate worker: posting a completion was refused, trying again: {}",
+                        "{who}: posting an inflated cluster's result was refused, trying again: {}",
                         std::io::Error::from_raw_os_error(-r)
                     );
                     logged = true;
                 }
-                std::thread::sleep(std::time::Duration::from_micros(50));
+                std::thread::sleep(POST_RETRY_AFTER);
             }
         }
     }
@@ -969,7 +1003,7 @@ mod tests {
 
     /// A shard with nothing to do takes the oldest job of another shard's queue, inflates it
     /// into the memory the owner named and posts the result into the owner's ring through its
-    /// own (whose completion for the post carries POSTED). A pool worker still awake from
+    /// own (taking the post's own completion there and then). A pool worker still awake from
     /// another test may take a job first: that job arrives all the same, and over several
     /// rounds the thief takes some.
     #[test]
@@ -1007,10 +1041,11 @@ mod tests {
             let mut done = Vec::new();
             if let Some(job) = thief.steal() {
                 let result = job.run(&mut inflater);
-                thief_ring
-                    .post_to(job.ring_fd(), result, job.user_data())
-                    .unwrap();
-                assert_eq!(reap_one(&mut thief_ring), (crate::io::POSTED, 0));
+                job.post_result(&mut thief_ring, result);
+                assert!(
+                    !thief_ring.has_completions(),
+                    "the post's completion is taken"
+                );
                 stolen += 1;
             }
             if let Some(job) = owner.pop_own() {
@@ -1032,6 +1067,36 @@ mod tests {
             assert!(outs.iter().all(|o| *o == data));
         }
         assert!(stolen > 0);
+    }
+
+    /// A post the kernel refuses for a moment (the owner's completion queue full, or EAGAIN)
+    /// is tried again until it lands; a post to a ring that is gone, or a poster whose own
+    /// ring fails, gives up at once.
+    #[test]
+    fn a_refused_post_is_tried_again_until_it_lands() {
+        let mut answers = vec![Ok(0), Ok(-libc::EAGAIN), Ok(-libc::EOVERFLOW)];
+        let mut attempts = 0;
+        let delivery = deliver("Test", || {
+            attempts += 1;
+            answers.pop().unwrap()
+        });
+        assert_eq!((delivery, attempts), (Delivery::Posted, 3));
+        for (answer, want) in [
+            (Ok(-libc::EBADF), Delivery::OwnerGone),
+            (Ok(-libc::EBADFD), Delivery::OwnerGone),
+            (
+                Err(std::io::Error::from_raw_os_error(libc::EIO)),
+                Delivery::Failed,
+            ),
+        ] {
+            let mut answer = Some(answer);
+            let mut attempts = 0;
+            let delivery = deliver("Test", || {
+                attempts += 1;
+                answer.take().expect("tried again after giving up")
+            });
+            assert_eq!((delivery, attempts), (want, 1));
+        }
     }
 
     /// A guest that scribbles over the segment while we inflate gets garbage in its own

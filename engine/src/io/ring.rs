@@ -176,15 +176,35 @@ impl Ring {
     }
 
     /// Posts `result` with `user_data` as a completion into the ring `target` (which counted
-    /// it with [`Ring::try_expect_external_completion`]) and submits at once. This ring gets a
-    /// completion of its own for it, with user data [`POSTED`].
-    pub fn post_to(&mut self, target: RawFd, result: i32, user_data: u64) -> io::Result<()> {
+    /// it with [`Ring::try_expect_external_completion`]), submits at once and waits for the
+    /// post to be done: returns its own result (negative: the kernel refused it). The post's
+    /// completion on this ring (user data [`POSTED`]) is taken here; any other completion
+    /// that arrives meanwhile is kept for the next [`Ring::reap_into`]. The post normally
+    /// completes during the submit, so this rarely waits.
+    pub fn post_to(&mut self, target: RawFd, result: i32, user_data: u64) -> io::Result<i32> {
         let entry = opcode::MsgRingData::new(io_uring::types::Fd(target), result, user_data, None)
             .build()
             .user_data(POSTED);
         // SAFETY: a MSG_RING entry points at no memory of ours.
         unsafe { self.push(&entry)? };
-        self.submit()
+        self.submit()?;
+        loop {
+            let mut posted = None;
+            let mut taken = 0;
+            for cqe in self.ring.completion() {
+                taken += 1;
+                if cqe.user_data() == POSTED && posted.is_none() {
+                    posted = Some(cqe.result());
+                } else {
+                    self.stash.push((cqe.user_data(), cqe.result()));
+                }
+            }
+            self.in_kernel -= taken;
+            if let Some(result) = posted {
+                return Ok(result);
+            }
+            self.submit_and_wait()?;
+        }
     }
 
     /// Takes back a [`Ring::try_expect_external_completion`] whose completion will not come.
@@ -524,6 +544,38 @@ mod tests {
             .register_files(&[libc::STDERR_FILENO])
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+    }
+
+    /// A post waits for its own completion and hands back its result, whatever else
+    /// completes meanwhile: a completion of another operation is kept for the next reap, and
+    /// the posted result arrives on the target ring with the target's user data. A post to a
+    /// descriptor that is not a ring is refused (EBADFD), and said so.
+    #[test]
+    fn a_post_waits_for_its_own_completion_and_keeps_the_others() {
+        if !crate::io::inflate::msg_ring_supported() {
+            panic!("this kernel cannot post across rings (MSG_RING, Linux 5.18)");
+        }
+        let mut ring = Ring::new(8).unwrap();
+        let mut target = Ring::new(8).unwrap();
+        assert!(target.try_expect_external_completion());
+        // SAFETY: a no-op points at no memory.
+        unsafe { ring.push(&opcode::Nop::new().build().user_data(5)).unwrap() };
+        assert_eq!(ring.post_to(target.ring_fd(), -3, 42).unwrap(), 0);
+        let mut out = Vec::new();
+        assert_eq!(ring.reap_into(&mut out), 1);
+        assert_eq!(
+            out,
+            [(5, 0)],
+            "the no-op's completion is kept, the post's taken"
+        );
+        out.clear();
+        target.reap_into(&mut out);
+        assert_eq!(out, [(42, -3)]);
+        let not_a_ring = std::fs::File::open("/dev/null").unwrap();
+        let refused = ring.post_to(not_a_ring.as_raw_fd(), 0, 1).unwrap();
+        assert_eq!(refused, -libc::EBADFD);
+        out.clear();
+        assert_eq!(ring.reap_into(&mut out), 0, "{out:?}");
     }
 
     /// The blocking reader's ring reads, writes and syncs, and nothing else.
