@@ -11,8 +11,11 @@
 //! date (new and moved L2 tables, refcount blocks and tables) and test it before every write
 //! (`shard::write`, `shard::flush`, `write::close`).
 
-use crate::error::Error;
-use crate::format::{self, MAX_L1_BYTES};
+use crate::error::{Error, ErrorKind};
+use crate::format::{
+    self, BitmapDirEntry, BrokenBitmapDirectory, SnapshotReadError, SnapshotTable,
+    MAX_BITMAP_DIRECTORY_BYTES, MAX_L1_BYTES, MAX_SNAPSHOT_TABLE_BYTES, SNAPSHOT_HEADER_BYTES,
+};
 use crate::io::BlockingReader;
 use crate::layer::Qcow2Layer;
 use crate::meta::{class, MetaMap, Refcounts};
@@ -79,15 +82,6 @@ impl std::fmt::Display for OverlapCheck {
         f.write_str(self.name())
     }
 }
-
-/// A snapshot table entry's fixed part, in bytes.
-const SNAPSHOT_ENTRY_BYTES: u64 = 40;
-/// Largest snapshot table QEMU reads, in bytes.
-const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
-/// A bitmap directory entry's fixed part, in bytes.
-const BITMAP_ENTRY_BYTES: u64 = 24;
-/// Largest bitmap directory QEMU reads, in bytes.
-const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 << 20;
 
 /// What an image holds of the structures recorded in [`class::FIXED`], to name them in
 /// messages: (start, end, name).
@@ -206,8 +200,46 @@ impl Source<'_> {
     fn read(&mut self, what: &str, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         self.reader
             .read_exact_at(self.fd, buf, offset)
-            .map_err(|e| Error::io(format!("Cannot read {what} of {}", self.path.display()), e))
+            .map_err(|e| self.read_error(what, e))
     }
+
+    fn read_error(&self, what: &str, e: std::io::Error) -> Error {
+        Error::io(format!("Cannot read {what} of {}", self.path.display()), e)
+    }
+
+    /// The snapshot table, read by the format's parser (which the open already ran on it:
+    /// it fails here only if the file changed since).
+    fn snapshot_table(&mut self, q: &Qcow2Layer) -> Result<SnapshotTable, Error> {
+        let h = &q.header;
+        let (fd, reader) = (self.fd, &mut *self.reader);
+        format::read_snapshot_table(
+            h.snapshots_offset,
+            h.nb_snapshots,
+            false,
+            false,
+            &mut |off, buf| read_zero_filled(reader, fd, buf, off),
+        )
+        .map_err(|e| match e {
+            SnapshotReadError::Io(e) => self.read_error("the snapshot table", e),
+            SnapshotReadError::Format(e) => Error::with_source(
+                ErrorKind::Corrupt,
+                format!("Cannot read the snapshot table of {}", self.path.display()),
+                e,
+            ),
+        })
+    }
+}
+
+/// Fills `buf` from `offset` of `fd`, with zeros past the end of the file.
+fn read_zero_filled(
+    reader: &mut BlockingReader,
+    fd: RawFd,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), std::io::Error> {
+    let n = reader.read_at(fd, buf, offset)?;
+    buf[n..].fill(0);
+    Ok(())
 }
 
 impl Marks {
@@ -256,36 +288,32 @@ impl Marks {
         }
     }
 
-    /// Snapshots: the table, each L1 table, and in mode `all` each L2 table.
+    /// Snapshots: the table, each L1 table, and in mode `all` each L2 table. The entries are
+    /// taken up to the first whose fixed part runs past the end of the file or past the
+    /// largest table QEMU reads.
     fn snapshots(&mut self, q: &Qcow2Layer, src: &mut Source) -> Result<(), Error> {
         let h = &q.header;
         let file_len = src.file_len;
         let start = h.snapshots_offset;
-        let mut pos = start;
+        let table = src.snapshot_table(q)?;
+        let mut end = start + table.size_bytes;
         let mut snapshot_l1s = Vec::new();
-        for _ in 0..h.nb_snapshots {
-            pos = pos.next_multiple_of(8);
-            let mut e = [0u8; SNAPSHOT_ENTRY_BYTES as usize];
-            if pos + SNAPSHOT_ENTRY_BYTES > file_len
-                || pos + SNAPSHOT_ENTRY_BYTES - start > MAX_SNAPSHOT_TABLE_BYTES
-            {
+        for e in &table.entries {
+            let fixed_end = e.offset + SNAPSHOT_HEADER_BYTES;
+            if fixed_end > file_len || fixed_end - start > MAX_SNAPSHOT_TABLE_BYTES {
+                end = e.offset;
                 break;
             }
-            src.read("the snapshot table", &mut e, pos)?;
-            let l1_off = format::be64_at(&e, 0);
-            let l1_size = u64::from(format::be32(&e, 8));
-            let id = u64::from(u16::from_be_bytes([e[12], e[13]]));
-            let name = u64::from(u16::from_be_bytes([e[14], e[15]]));
-            let extra = u64::from(format::be32(&e, 36));
-            pos += SNAPSHOT_ENTRY_BYTES + extra + id + name;
+            let l1_size = u64::from(e.l1_size);
             if l1_size * 8 <= MAX_L1_BYTES {
-                self.map.set(l1_off, l1_size * 8, class::INACTIVE_L1);
-                snapshot_l1s.push((l1_off, l1_size));
+                self.map
+                    .set(e.l1_table_offset, l1_size * 8, class::INACTIVE_L1);
+                snapshot_l1s.push((e.l1_table_offset, l1_size));
             }
         }
         self.fixed(
             start,
-            pos.min(file_len).saturating_sub(start),
+            end.min(file_len).saturating_sub(start),
             "the snapshot table",
         );
         if self.map.mask() & class::INACTIVE_L2 == 0 {
@@ -324,16 +352,18 @@ impl Marks {
         }
         let mut dir = vec![0u8; dir_size as usize];
         src.read("the bitmap directory", &mut dir, dir_off)?;
-        let mut p = 0u64;
-        while p + BITMAP_ENTRY_BYTES <= dir_size {
-            let at = p as usize;
-            let table_off = format::be64_at(&dir, at);
-            let table_entries = u64::from(format::be32(&dir, at + 8));
-            let name = u64::from(u16::from_be_bytes([dir[at + 18], dir[at + 19]]));
-            let extra = u64::from(format::be32(&dir, at + 20));
+        for entry in format::bitmap_directory(&dir) {
+            // An entry whose name or extra data runs past the directory still names its
+            // table; nothing after it is read.
+            let (Ok(e) | Err(BrokenBitmapDirectory { cut_entry: Some(e) })) = entry else {
+                break;
+            };
+            let BitmapDirEntry {
+                table_offset,
+                table_size,
+            } = e;
             self.map
-                .set(table_off, table_entries * 8, class::BITMAP_TABLE);
-            p += (BITMAP_ENTRY_BYTES + name + extra).next_multiple_of(8);
+                .set(table_offset, table_size * 8, class::BITMAP_TABLE);
         }
         Ok(())
     }

@@ -20,7 +20,12 @@ const BME_ALL_ONES: u64 = 1;
 
 /// A bitmap directory entry runs past the end of the directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BrokenBitmapDirectory;
+pub struct BrokenBitmapDirectory {
+    /// What the entry says of its bitmap table when its fixed part lies inside the
+    /// directory (its name or extra data is what runs past); `None` when the fixed part is
+    /// cut short.
+    pub cut_entry: Option<BitmapDirEntry>,
+}
 
 /// A bitmap table entry with reserved bits set, or an offset that is misaligned or comes
 /// with the all-ones flag.
@@ -50,7 +55,7 @@ pub fn bitmap_directory(
         }
         if pos + BITMAP_DIR_ENTRY_BYTES > len {
             broken = true;
-            return Some(Err(BrokenBitmapDirectory));
+            return Some(Err(BrokenBitmapDirectory { cut_entry: None }));
         }
         // pos + 24 <= len: the fixed part lies inside `dir`.
         let p = pos as usize;
@@ -58,16 +63,19 @@ pub fn bitmap_directory(
         let table_size = u64::from(be32(dir, p + 8));
         let name_size = u64::from(u16::from_be_bytes([dir[p + 18], dir[p + 19]]));
         let extra = u64::from(be32(dir, p + 20));
-        let entry = (BITMAP_DIR_ENTRY_BYTES + name_size + extra).next_multiple_of(8);
-        if pos + entry > len {
-            broken = true;
-            return Some(Err(BrokenBitmapDirectory));
-        }
-        pos += entry;
-        Some(Ok(BitmapDirEntry {
+        let entry = BitmapDirEntry {
             table_offset,
             table_size,
-        }))
+        };
+        let entry_bytes = (BITMAP_DIR_ENTRY_BYTES + name_size + extra).next_multiple_of(8);
+        if pos + entry_bytes > len {
+            broken = true;
+            return Some(Err(BrokenBitmapDirectory {
+                cut_entry: Some(entry),
+            }));
+        }
+        pos += entry_bytes;
+        Some(Ok(entry))
     })
 }
 
@@ -129,11 +137,19 @@ mod tests {
         cut.truncate(cut.len() - 8);
         let got: Vec<_> = bitmap_directory(&cut).collect();
         assert_eq!(got.len(), 2);
-        assert_eq!(got[1], Err(BrokenBitmapDirectory));
+        assert_eq!(
+            got[1],
+            Err(BrokenBitmapDirectory {
+                cut_entry: Some(BitmapDirEntry {
+                    table_offset: 0x50000,
+                    table_size: 1
+                })
+            })
+        );
         // So does a fixed part cut short.
         let got: Vec<_> = bitmap_directory(&cut[..40]).collect();
         assert_eq!(got.len(), 2);
-        assert_eq!(got[1], Err(BrokenBitmapDirectory));
+        assert_eq!(got[1], Err(BrokenBitmapDirectory { cut_entry: None }));
     }
 
     #[test]

@@ -14,8 +14,8 @@ mod refcount;
 mod snapshot;
 
 pub use bitmap::{
-    bitmap_directory, decode_bitmap_table_entry, BitmapDirEntry, BITMAP_DIR_ENTRY_BYTES,
-    MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAP_TABLE_ENTRIES,
+    bitmap_directory, decode_bitmap_table_entry, BitmapDirEntry, BrokenBitmapDirectory,
+    BITMAP_DIR_ENTRY_BYTES, MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAP_TABLE_ENTRIES,
 };
 pub use compress::{inflate_cluster, InflateError, Inflater};
 pub use entry::{

@@ -24,6 +24,8 @@ const WINDOW_BYTES: u64 = 64 << 10;
 /// One snapshot table entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotEntry {
+    /// Host offset of the entry itself (8-byte aligned).
+    pub offset: u64,
     /// Host offset of the snapshot's L1 table.
     pub l1_table_offset: u64,
     /// Entries in that L1 table.
@@ -193,6 +195,7 @@ pub fn read_table<E>(
             break;
         }
         table.entries.push(SnapshotEntry {
+            offset: before.next_multiple_of(8),
             l1_table_offset: be64_at(&fixed, 0),
             l1_size: be32(&fixed, 8),
             extra_data_size: extra_size,
