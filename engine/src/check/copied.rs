@@ -32,6 +32,15 @@ pub(super) enum FlagMode {
 }
 
 impl FlagMode {
+    /// How a message about a wrong flag begins: an error when checking, a repair otherwise.
+    fn verb(self) -> &'static str {
+        if self == FlagMode::Check {
+            "ERROR"
+        } else {
+            "Repairing"
+        }
+    }
+
     /// Whether a flag that is `copied` is left as it is, with `rc` the refcount it is judged
     /// by and `sure` whether the expected refcount is 1 as well.
     fn keeps(self, rc: u64, copied: bool, sure: bool) -> bool {
@@ -79,7 +88,6 @@ impl Analysis {
     ) -> Result<u64, Error> {
         let g = self.g;
         let fixing = mode != FlagMode::Check;
-        let verb = if fixing { "Repairing" } else { "ERROR" };
         let (l1_off, l1_size) = (self.header.l1_table_offset, self.header.l1_size);
         let l1 = t.read_entries(l1_off, u64::from(l1_size) * 8, "the active L1 table")?;
         let mut l2 = zeroed(g.cs, &t.path)?;
@@ -98,76 +106,141 @@ impl Analysis {
             let Some(rc) = self.flag_refcount(t, stored, mode, l2_off >> g.cb)? else {
                 continue;
             };
-            let copied = raw & COPIED != 0;
-            let sure = self.expected_at(l2_off >> g.cb) == Some(1);
-            if !mode.keeps(rc, copied, sure) {
-                let msg = format!(
-                    "{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={raw:x} refcount={rc}"
-                );
-                let entry_off = l1_off + (i as u64) * 8;
-                if !fixing {
-                    self.corrupt(msg);
-                } else if self.expected_at(entry_off >> g.cb) != Some(1) {
-                    log.push(format!(
-                        "Not repairing L1 entry {i}: the L1 table overlaps other metadata"
-                    ));
-                } else {
-                    log.push(msg);
-                    let new = if rc == 1 { raw | COPIED } else { raw & !COPIED };
-                    t.write(entry_off, &new.to_be_bytes(), "an L1 entry")?;
-                    fixed += 1;
-                }
-            }
+            fixed += self.l1_entry_flag(t, mode, i, raw, rc, log)?;
             if (fixing && !valid) || !done_tables.insert(l2_off) {
                 continue;
             }
             t.read(l2_off, &mut l2, "an L2 table")?;
-            let mut dirty = false;
-            for j in 0..l2.len() / g.esz {
-                let at = j * g.esz;
-                let e = be64_at(&l2, at);
-                let copied = e & COPIED != 0;
-                let want = match classify(e, &g) {
-                    Kind::Alloc(off) => {
-                        let rc = if g.data_file {
-                            1
-                        } else {
-                            match self.flag_refcount(t, stored, mode, off >> g.cb)? {
-                                Some(rc) => rc,
-                                None => continue,
-                            }
-                        };
-                        let sure = g.data_file || self.expected_at(off >> g.cb) == Some(1);
-                        if mode.keeps(rc, copied, sure) {
-                            continue;
-                        }
-                        let msg = format!(
-                            "{verb} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
-                        );
-                        if !fixing {
-                            self.corrupt(msg);
-                            continue;
-                        }
-                        log.push(msg);
-                        e ^ COPIED
-                    }
-                    Kind::Compressed if copied && fixing => e & !COPIED,
-                    _ => continue,
-                };
-                if let Some(slot) = l2.get_mut(at..at + 8) {
-                    slot.copy_from_slice(&want.to_be_bytes());
-                    dirty = true;
-                    fixed += 1;
-                }
-            }
-            if dirty {
+            let changed = self.l2_table_flags(t, stored, mode, &mut l2, log)?;
+            if changed > 0 {
                 self.write_l2(t, l2_off, &l2, log)?;
             }
+            fixed += changed;
         }
-        if !fixing {
-            return Ok(fixed);
+        if fixing {
+            fixed += self.clear_copied_in_snapshot_tables(t, &mut l2, log)?;
         }
-        // Compressed clusters with COPIED in L2 tables only snapshots point at.
+        Ok(fixed)
+    }
+
+    /// Checks or fixes the COPIED flag of active L1 entry `i` (`raw`), judged by the
+    /// refcount `rc` of the L2 table it points at. Returns 1 when the entry was rewritten.
+    fn l1_entry_flag(
+        &mut self,
+        t: &mut Target,
+        mode: FlagMode,
+        i: usize,
+        raw: u64,
+        rc: u64,
+        log: &mut Log,
+    ) -> Result<u64, Error> {
+        let g = self.g;
+        let l2_off = raw & mask::OFFSET;
+        let copied = raw & COPIED != 0;
+        let sure = self.expected_at(l2_off >> g.cb) == Some(1);
+        if mode.keeps(rc, copied, sure) {
+            return Ok(0);
+        }
+        let msg = format!(
+            "{} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={raw:x} refcount={rc}",
+            mode.verb()
+        );
+        let entry_off = self.header.l1_table_offset + (i as u64) * 8;
+        if mode == FlagMode::Check {
+            self.corrupt(msg);
+            return Ok(0);
+        }
+        if self.expected_at(entry_off >> g.cb) != Some(1) {
+            log.push(format!(
+                "Not repairing L1 entry {i}: the L1 table overlaps other metadata"
+            ));
+            return Ok(0);
+        }
+        log.push(msg);
+        let new = if rc == 1 { raw | COPIED } else { raw & !COPIED };
+        t.write(entry_off, &new.to_be_bytes(), "an L1 entry")?;
+        Ok(1)
+    }
+
+    /// Checks or fixes the COPIED flags of the entries of active L2 table `l2` (in memory;
+    /// the caller writes it back). Returns how many entries changed.
+    fn l2_table_flags(
+        &mut self,
+        t: &mut Target,
+        stored: &mut Stored,
+        mode: FlagMode,
+        l2: &mut [u8],
+        log: &mut Log,
+    ) -> Result<u64, Error> {
+        let g = self.g;
+        let mut changed = 0u64;
+        for j in 0..l2.len() / g.esz {
+            let at = j * g.esz;
+            let e = be64_at(l2, at);
+            let Some(want) = self.l2_entry_flag(t, stored, mode, e, log)? else {
+                continue;
+            };
+            if let Some(slot) = l2.get_mut(at..at + 8) {
+                slot.copy_from_slice(&want.to_be_bytes());
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Checks or fixes the COPIED flag of active L2 entry `e`: the entry as it should be,
+    /// when fixing changes it.
+    fn l2_entry_flag(
+        &mut self,
+        t: &mut Target,
+        stored: &mut Stored,
+        mode: FlagMode,
+        e: u64,
+        log: &mut Log,
+    ) -> Result<Option<u64>, Error> {
+        let g = self.g;
+        let fixing = mode != FlagMode::Check;
+        let copied = e & COPIED != 0;
+        match classify(e, &g) {
+            Kind::Alloc(off) => {
+                let rc = if g.data_file {
+                    1
+                } else {
+                    match self.flag_refcount(t, stored, mode, off >> g.cb)? {
+                        Some(rc) => rc,
+                        None => return Ok(None),
+                    }
+                };
+                let sure = g.data_file || self.expected_at(off >> g.cb) == Some(1);
+                if mode.keeps(rc, copied, sure) {
+                    return Ok(None);
+                }
+                let msg = format!(
+                    "{} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}",
+                    mode.verb()
+                );
+                if !fixing {
+                    self.corrupt(msg);
+                    return Ok(None);
+                }
+                log.push(msg);
+                Ok(Some(e ^ COPIED))
+            }
+            Kind::Compressed if copied && fixing => Ok(Some(e & !COPIED)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Clears COPIED on compressed clusters of the L2 tables only snapshots point at
+    /// (`l2`: a cluster-sized buffer to read them into). Returns how many entries changed.
+    fn clear_copied_in_snapshot_tables(
+        &mut self,
+        t: &mut Target,
+        l2: &mut [u8],
+        log: &mut Log,
+    ) -> Result<u64, Error> {
+        let g = self.g;
+        let mut fixed = 0u64;
         let mut others: Vec<u64> = self
             .l2_tables
             .iter()
@@ -176,11 +249,11 @@ impl Analysis {
             .collect();
         others.sort_unstable();
         for l2_off in others {
-            t.read(l2_off, &mut l2, "an L2 table")?;
+            t.read(l2_off, l2, "an L2 table")?;
             let mut dirty = false;
             for j in 0..l2.len() / g.esz {
                 let at = j * g.esz;
-                let e = be64_at(&l2, at);
+                let e = be64_at(l2, at);
                 if e & COMPRESSED != 0 && e & COPIED != 0 {
                     if let Some(slot) = l2.get_mut(at..at + 8) {
                         slot.copy_from_slice(&(e & !COPIED).to_be_bytes());
@@ -190,7 +263,7 @@ impl Analysis {
                 }
             }
             if dirty {
-                self.write_l2(t, l2_off, &l2, log)?;
+                self.write_l2(t, l2_off, l2, log)?;
             }
         }
         Ok(fixed)

@@ -26,14 +26,14 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use crate::error::{Error, ErrorKind};
-use crate::format::{autoclear, field, incompat, FormatError, Header};
+use crate::format::{autoclear, field, incompat, FormatError, Header, SnapshotTable};
 use crate::io::{BlockingReader, Role};
 use copied::{fix_copied_flags, FlagMode};
 use repair::{
     fix_refcounts, fix_zero_entries, grows_towards, needs_rebuild, plan_rebuild, rebuild_refcounts,
     rewrite_snapshots,
 };
-use walk::{analyze, read_header, read_snapshots};
+use walk::{analyze, read_header, read_snapshots, Analysis};
 
 /// Most memory the expected-refcount array of one check may take. The array holds one entry
 /// of the image's refcount width per host cluster, up to the highest cluster that metadata
@@ -184,16 +184,9 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
     let header = read_header(&mut t)?;
     let (snapshots, cut) = read_snapshots(&mut t, &header, repair, &mut log)?;
     if cut > 0 {
-        // As QEMU does: lower the count at once (what was dropped leaks, and is freed by
-        // the refcount repair below).
-        t.write(
-            field::NB_SNAPSHOTS as u64,
-            &(snapshots.entries.len() as u32).to_be_bytes(),
-            "the snapshot count",
-        )?;
-        t.sync()?;
+        lower_snapshot_count(&mut t, &snapshots)?;
     }
-    let mut first = analyze(&mut t, &snapshots)?;
+    let first = analyze(&mut t, &snapshots)?;
     if refuse_check_errors && first.check_errors > 0 {
         return Err(Error::new(
             ErrorKind::Corrupt,
@@ -210,109 +203,181 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         report.messages = log.into_vec();
         return Ok(report);
     }
+    repair_image(&mut t, first, snapshots, cut, log)
+}
 
+/// As QEMU does when a repair drops snapshots off the end of the table: lowers the count in
+/// the header at once (what was dropped leaks, and is freed by the refcount repair).
+fn lower_snapshot_count(t: &mut Target, snapshots: &SnapshotTable) -> Result<(), Error> {
+    t.write(
+        field::NB_SNAPSHOTS as u64,
+        &(snapshots.entries.len() as u32).to_be_bytes(),
+        "the snapshot count",
+    )?;
+    t.sync()
+}
+
+/// The repair after the first analysis (`first`, which counted `cut` snapshots dropped off
+/// the table as corruptions): zero entries, the snapshot table, the refcounts, the COPIED
+/// flags, the header's flags, and the report of the image as it is left.
+fn repair_image(
+    t: &mut Target,
+    mut first: Analysis,
+    mut snapshots: SnapshotTable,
+    cut: u64,
+    mut log: Log,
+) -> Result<CheckReport, Error> {
     let (first_corruptions, first_leaks) = (first.corruptions + cut, first.leaks);
-    let mut snapshots = snapshots;
-    if fix_zero_entries(&mut t, &first, &mut log)? > 0 {
-        first = analyze(&mut t, &snapshots)?;
+    if fix_zero_entries(t, &first, &mut log)? > 0 {
+        first = analyze(t, &snapshots)?;
     }
     let rewrite =
         snapshots.extra_truncated > 0 || (first.header.version >= 3 && snapshots.incomplete() > 0);
     if rewrite {
-        if let Some(table) = rewrite_snapshots(&mut t, &first, &snapshots, &mut log)? {
+        if let Some(table) = rewrite_snapshots(t, &first, &snapshots, &mut log)? {
             snapshots = table;
-            first = analyze(&mut t, &snapshots)?;
+            first = analyze(t, &snapshots)?;
         }
     }
     if first.mismatches > 0 || first.rebuild {
-        // Whether the refcounts can be made right is decided before anything is written:
-        // the COPIED flags are judged by the refcounts, so they change only with them.
-        let layout = if needs_rebuild(&first) {
-            Some(plan_rebuild(&first, &t.path, None)?)
-        } else {
-            None
-        };
-        let blocked = layout
-            .as_ref()
-            .and_then(|l| grows_towards(&first, l.end(), first.past_eof_from));
-        if let Some(from) = blocked {
-            // The new structure, where the file has no room for it, would grow the file to
-            // where a reference past its end points (or within a cluster of it).
-            log.push(format!(
-                "Not rebuilding the refcount structure: a reference past the end of the file points at {from:#x}, where the new one would go"
-            ));
-        } else {
-            // Clearing COPIED is always safe, setting it only once the refcount is right.
-            fix_copied_flags(&mut t, &mut first, FlagMode::ClearUnsafe, &mut log)?;
-            match layout {
-                Some(layout) => {
-                    rebuild_refcounts(&mut t, first, &layout, &mut log)?;
-                    // The header names the new table now: where its cluster is also walked
-                    // as an L2 table (an L1 entry without an offset), that moved a
-                    // reference. Count again and fix what moved in place, as QEMU's second
-                    // pass after a rebuild does.
-                    let mut again = analyze(&mut t, &snapshots)?;
-                    if again.mismatches > 0 && !needs_rebuild(&again) {
-                        fix_copied_flags(&mut t, &mut again, FlagMode::ClearUnsafe, &mut log)?;
-                        fix_refcounts(&mut t, again, &mut log)?;
-                    }
-                }
-                None => fix_refcounts(&mut t, first, &mut log)?,
-            }
-        }
+        repair_refcounts(t, first, &snapshots, &mut log)?;
     } else {
         drop(first);
     }
-
-    let mut second = analyze(&mut t, &snapshots)?;
-    if second.corruptions > 0 {
-        if second.mismatches == 0 && !second.rebuild {
-            fix_copied_flags(&mut t, &mut second, FlagMode::Fix, &mut log)?;
-        } else {
-            log.push(
-                "Fixing COPIED flags by the stored refcounts, never setting one on a cluster that may be shared: the refcounts are still inconsistent"
-                    .to_owned(),
-            );
-            fix_copied_flags(&mut t, &mut second, FlagMode::FixStored, &mut log)?;
-        }
-    }
-    drop(second);
-
+    fix_remaining_copied_flags(t, &snapshots, &mut log)?;
     // Header writes come before the final analysis, which must see the file as a fresh
     // check will (an L2 table may share the header's cluster).
-    let header = read_header(&mut t)?;
-    let unknown_autoclear = header.autoclear_features & !autoclear::KNOWN;
-    if unknown_autoclear != 0 {
-        // As QEMU does when it opens an image for writing: nothing maintains these bits.
-        t.write(
-            field::AUTOCLEAR as u64,
-            &(header.autoclear_features & autoclear::KNOWN).to_be_bytes(),
-            "the autoclear features",
-        )?;
-        t.sync()?;
+    clear_unknown_autoclear(t, &mut log)?;
+    let fin = clear_dirty_and_corrupt(t, &snapshots, &mut log)?;
+    Ok(repaired_report(fin, first_corruptions, first_leaks, log))
+}
+
+/// Makes the refcounts right (`first` found mismatches, or refcounts that cannot be fixed in
+/// place): in place, or as a new refcount structure, unless where that would go is where a
+/// reference past the end of the file points.
+fn repair_refcounts(
+    t: &mut Target,
+    mut first: Analysis,
+    snapshots: &SnapshotTable,
+    log: &mut Log,
+) -> Result<(), Error> {
+    // Whether the refcounts can be made right is decided before anything is written: the
+    // COPIED flags are judged by the refcounts, so they change only with them.
+    let layout = if needs_rebuild(&first) {
+        Some(plan_rebuild(&first, &t.path, None)?)
+    } else {
+        None
+    };
+    let blocked = layout
+        .as_ref()
+        .and_then(|l| grows_towards(&first, l.end(), first.past_eof_from));
+    if let Some(from) = blocked {
+        // The new structure, where the file has no room for it, would grow the file to
+        // where a reference past its end points (or within a cluster of it).
         log.push(format!(
-            "Cleared the unknown autoclear feature bits {unknown_autoclear:#x}"
+            "Not rebuilding the refcount structure: a reference past the end of the file points at {from:#x}, where the new one would go"
         ));
+        return Ok(());
     }
-    let mut fin = analyze(&mut t, &snapshots)?;
-    if fin.corruptions == 0 && fin.check_errors == 0 && fin.header.version >= 3 {
-        let flags = incompat::DIRTY | incompat::CORRUPT;
-        let old = fin.header.incompatible_features;
-        if old & flags != 0 {
-            t.write(
-                field::INCOMPATIBLE as u64,
-                &(old & !flags).to_be_bytes(),
-                "the incompatible features",
-            )?;
-            t.sync()?;
-            log.push(format!(
-                "Cleared the {} in the header",
-                fin.header
-                    .feature_list(crate::format::FeatureKind::Incompatible, old & flags)
-            ));
-            fin = analyze(&mut t, &snapshots)?;
-        }
+    // Clearing COPIED is always safe, setting it only once the refcount is right.
+    fix_copied_flags(t, &mut first, FlagMode::ClearUnsafe, log)?;
+    let Some(layout) = layout else {
+        return fix_refcounts(t, first, log);
+    };
+    rebuild_refcounts(t, first, &layout, log)?;
+    // The header names the new table now: where its cluster is also walked as an L2 table
+    // (an L1 entry without an offset), that moved a reference. Count again and fix what
+    // moved in place, as QEMU's second pass after a rebuild does.
+    let mut again = analyze(t, snapshots)?;
+    if again.mismatches > 0 && !needs_rebuild(&again) {
+        fix_copied_flags(t, &mut again, FlagMode::ClearUnsafe, log)?;
+        fix_refcounts(t, again, log)?;
     }
+    Ok(())
+}
+
+/// After the refcount repair: fixes the COPIED flags still wrong, by the refcounts when they
+/// are consistent now, else by the stored ones without ever setting a flag on a cluster that
+/// may be shared.
+fn fix_remaining_copied_flags(
+    t: &mut Target,
+    snapshots: &SnapshotTable,
+    log: &mut Log,
+) -> Result<(), Error> {
+    let mut second = analyze(t, snapshots)?;
+    if second.corruptions == 0 {
+        return Ok(());
+    }
+    if second.mismatches == 0 && !second.rebuild {
+        fix_copied_flags(t, &mut second, FlagMode::Fix, log)
+    } else {
+        log.push(
+            "Fixing COPIED flags by the stored refcounts, never setting one on a cluster that may be shared: the refcounts are still inconsistent"
+                .to_owned(),
+        );
+        fix_copied_flags(t, &mut second, FlagMode::FixStored, log)
+    }
+}
+
+/// Clears the autoclear bits nothing maintains, as QEMU does when it opens an image for
+/// writing.
+fn clear_unknown_autoclear(t: &mut Target, log: &mut Log) -> Result<(), Error> {
+    let header = read_header(t)?;
+    let unknown_autoclear = header.autoclear_features & !autoclear::KNOWN;
+    if unknown_autoclear == 0 {
+        return Ok(());
+    }
+    t.write(
+        field::AUTOCLEAR as u64,
+        &(header.autoclear_features & autoclear::KNOWN).to_be_bytes(),
+        "the autoclear features",
+    )?;
+    t.sync()?;
+    log.push(format!(
+        "Cleared the unknown autoclear feature bits {unknown_autoclear:#x}"
+    ));
+    Ok(())
+}
+
+/// The final analysis; when it finds the image consistent (version 3), the dirty and corrupt
+/// bits are cleared and the image analysed again.
+fn clear_dirty_and_corrupt(
+    t: &mut Target,
+    snapshots: &SnapshotTable,
+    log: &mut Log,
+) -> Result<Analysis, Error> {
+    let fin = analyze(t, snapshots)?;
+    if fin.corruptions != 0 || fin.check_errors != 0 || fin.header.version < 3 {
+        return Ok(fin);
+    }
+    let flags = incompat::DIRTY | incompat::CORRUPT;
+    let old = fin.header.incompatible_features;
+    if old & flags == 0 {
+        return Ok(fin);
+    }
+    t.write(
+        field::INCOMPATIBLE as u64,
+        &(old & !flags).to_be_bytes(),
+        "the incompatible features",
+    )?;
+    t.sync()?;
+    log.push(format!(
+        "Cleared the {} in the header",
+        fin.header
+            .feature_list(crate::format::FeatureKind::Incompatible, old & flags)
+    ));
+    analyze(t, snapshots)
+}
+
+/// The report of a repair: the final analysis (`fin`), what was fixed since the first one
+/// found `first_corruptions` and `first_leaks`, what the repair did (`log`), then what the
+/// double check still finds.
+fn repaired_report(
+    fin: Analysis,
+    first_corruptions: u64,
+    first_leaks: u64,
+    log: Log,
+) -> CheckReport {
     let mut report = fin.report(true);
     let mut still = Log::default();
     if fin.corruptions > 0 {
@@ -328,7 +393,7 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         messages.append(&mut report.messages);
     }
     report.messages = messages;
-    Ok(report)
+    report
 }
 
 /// Notes on the header's dirty and corrupt bits (not counted as errors, as in QEMU).

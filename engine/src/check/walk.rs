@@ -548,73 +548,16 @@ impl Analysis {
                     "ERROR found l2 entry with reserved bits set: {raw:x}"
                 ));
             }
+            let at = EntryAt { l2_off, j, raw };
             match kind {
-                Kind::Compressed => {
-                    if raw & COPIED != 0 {
-                        self.corrupt(format!(
-                            "ERROR: L2 table {l2_off:#x} entry {j}: copied flag must never be set for compressed clusters (entry {raw:#x})"
-                        ));
-                    }
-                    if g.data_file {
-                        self.corrupt(format!(
-                            "ERROR compressed cluster {j} with data file, entry=0x{raw:x}"
-                        ));
-                        continue;
-                    }
-                    if bitmap != 0 {
-                        self.corrupt(format!(
-                            "ERROR compressed cluster {j} with non-zero subcluster allocation bitmap, entry=0x{raw:x}"
-                        ));
-                        continue;
-                    }
-                    // Counted wherever it points, the first cluster too, as QEMU counts it.
-                    let d = CompressedDescriptor::decode(raw & !(COPIED | COMPRESSED), g.cb);
-                    let (start, len) = d.host_range();
-                    self.inc(start, len, "compressed cluster", false);
-                    if active {
-                        self.allocated += 1;
-                        self.compressed += 1;
-                        // Neighbouring compressed clusters share sectors: always fragmented.
-                        self.fragmented += 1;
-                    }
-                }
+                Kind::Compressed => self.walk_compressed(at, bitmap, active),
                 Kind::Alloc(off) => {
-                    if g.extended && (bitmap >> 32) & bitmap & 0xffff_ffff != 0 {
-                        self.corrupt(format!(
-                            "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
-                        ));
-                    }
-                    if !off.is_multiple_of(g.cs) {
-                        // Without data (a preallocated zero cluster, or no allocated
-                        // subcluster) a repair can make it a plain zero entry, as QEMU does.
-                        let data = if g.extended {
-                            bitmap & 0xffff_ffff != 0
-                        } else {
-                            raw & ZERO == 0
-                        };
-                        if data {
-                            self.corrupt(format!(
-                                "ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."
-                            ));
-                        } else {
-                            self.corrupt(format!(
-                                "ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
-                            ));
-                            if l2_off.is_multiple_of(g.cs) {
-                                self.zero_fixes.push((l2_off, j, off));
-                            }
-                        }
-                    }
+                    self.walk_allocated(at, bitmap, off, active);
                     if active {
-                        self.allocated += 1;
                         if next_contiguous != 0 && off != next_contiguous {
                             self.fragmented += 1;
                         }
                         next_contiguous = off.saturating_add(g.cs);
-                    }
-                    if !g.data_file {
-                        // Unaligned offsets touch two clusters, as QEMU counts them.
-                        self.inc(off, g.cs, "data cluster", false);
                     }
                 }
                 Kind::ZeroPlain => {}
@@ -635,6 +578,80 @@ impl Analysis {
                     ));
                 }
             }
+        }
+    }
+
+    /// Checks and counts a compressed cluster's L2 entry (its subcluster `bitmap` with
+    /// extended L2 entries).
+    fn walk_compressed(&mut self, at: EntryAt, bitmap: u64, active: bool) {
+        let g = self.g;
+        let EntryAt { l2_off, j, raw } = at;
+        if raw & COPIED != 0 {
+            self.corrupt(format!(
+                "ERROR: L2 table {l2_off:#x} entry {j}: copied flag must never be set for compressed clusters (entry {raw:#x})"
+            ));
+        }
+        if g.data_file {
+            self.corrupt(format!(
+                "ERROR compressed cluster {j} with data file, entry=0x{raw:x}"
+            ));
+            return;
+        }
+        if bitmap != 0 {
+            self.corrupt(format!(
+                "ERROR compressed cluster {j} with non-zero subcluster allocation bitmap, entry=0x{raw:x}"
+            ));
+            return;
+        }
+        // Counted wherever it points, the first cluster too, as QEMU counts it.
+        let d = CompressedDescriptor::decode(raw & !(COPIED | COMPRESSED), g.cb);
+        let (start, len) = d.host_range();
+        self.inc(start, len, "compressed cluster", false);
+        if active {
+            self.allocated += 1;
+            self.compressed += 1;
+            // Neighbouring compressed clusters share sectors: always fragmented.
+            self.fragmented += 1;
+        }
+    }
+
+    /// Checks and counts the L2 entry of a cluster allocated at `off` (its subcluster
+    /// `bitmap` with extended L2 entries); the caller counts fragmentation.
+    fn walk_allocated(&mut self, at: EntryAt, bitmap: u64, off: u64, active: bool) {
+        let g = self.g;
+        let EntryAt { l2_off, j, raw } = at;
+        if g.extended && (bitmap >> 32) & bitmap & 0xffff_ffff != 0 {
+            self.corrupt(format!(
+                "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+            ));
+        }
+        if !off.is_multiple_of(g.cs) {
+            // Without data (a preallocated zero cluster, or no allocated subcluster) a
+            // repair can make it a plain zero entry, as QEMU does.
+            let data = if g.extended {
+                bitmap & 0xffff_ffff != 0
+            } else {
+                raw & ZERO == 0
+            };
+            if data {
+                self.corrupt(format!(
+                    "ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                ));
+            } else {
+                self.corrupt(format!(
+                    "ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                ));
+                if l2_off.is_multiple_of(g.cs) {
+                    self.zero_fixes.push((l2_off, j, off));
+                }
+            }
+        }
+        if active {
+            self.allocated += 1;
+        }
+        if !g.data_file {
+            // Unaligned offsets touch two clusters, as QEMU counts them.
+            self.inc(off, g.cs, "data cluster", false);
         }
     }
 
@@ -827,6 +844,15 @@ impl Analysis {
             messages: self.log.clone().into_vec(),
         }
     }
+}
+
+/// Where an L2 entry was found, for messages and repairs: the table's host offset, the
+/// entry's index in it, and the entry.
+#[derive(Clone, Copy)]
+struct EntryAt {
+    l2_off: u64,
+    j: usize,
+    raw: u64,
 }
 
 #[cfg(test)]
