@@ -177,6 +177,42 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> FormatError {
     }
 }
 
+/// The magic and a supported version (2 or 3), with the bytes version 2's header needs.
+fn parse_version(buf: &[u8]) -> Result<u32, FormatError> {
+    if buf.len() < 8 {
+        return Err(FormatError::Truncated { len: buf.len() });
+    }
+    let magic = be32(buf, field::MAGIC);
+    if magic != MAGIC {
+        return Err(FormatError::BadMagic { magic });
+    }
+    let version = be32(buf, field::VERSION);
+    if version != 2 && version != 3 {
+        return Err(FormatError::UnsupportedVersion(version));
+    }
+    if buf.len() < V2_HEADER_BYTES {
+        return Err(FormatError::Truncated { len: buf.len() });
+    }
+    Ok(version)
+}
+
+/// The cluster size's bits, within what QEMU accepts, with the first cluster read whole
+/// (or the whole file, when shorter).
+fn parse_cluster_bits(buf: &[u8], file_len: u64) -> Result<u32, FormatError> {
+    let cluster_bits = be32(buf, field::CLUSTER_BITS);
+    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        return Err(invalid(
+            "cluster_bits",
+            format!("{cluster_bits} (cluster size must be 512 B to 2 MiB)"),
+        ));
+    }
+    let cluster_size = 1u64 << cluster_bits;
+    if (buf.len() as u64) < cluster_size.min(file_len) {
+        return Err(FormatError::Truncated { len: buf.len() });
+    }
+    Ok(cluster_bits)
+}
+
 impl Header {
     /// Bytes a caller should read from the start of the file to parse the header: the largest
     /// possible first cluster.
@@ -200,36 +236,27 @@ impl Header {
         Self::parse_mode(buf, file_len, true)
     }
 
+    /// Parses in dependency order: magic and version, the cluster size (every other limit
+    /// derives from it), the fields of version 2 then of version 3, the refcount width, size
+    /// and encryption, the tables, the extensions, the backing file's name, the features.
     fn parse_mode(buf: &[u8], file_len: u64, check: bool) -> Result<Header, FormatError> {
-        if buf.len() < 8 {
-            return Err(FormatError::Truncated { len: buf.len() });
+        let version = parse_version(buf)?;
+        let cluster_bits = parse_cluster_bits(buf, file_len)?;
+        let mut h = Header::v2_fields(buf, version, cluster_bits);
+        if version == 3 {
+            h.parse_v3_fields(buf)?;
         }
-        let magic = be32(buf, field::MAGIC);
-        if magic != MAGIC {
-            return Err(FormatError::BadMagic { magic });
-        }
-        let version = be32(buf, field::VERSION);
-        if version != 2 && version != 3 {
-            return Err(FormatError::UnsupportedVersion(version));
-        }
-        if buf.len() < V2_HEADER_BYTES {
-            return Err(FormatError::Truncated { len: buf.len() });
-        }
+        h.validate_sizes()?;
+        h.validate_tables(check)?;
+        h.parse_extensions(buf)?;
+        h.parse_backing_name(buf)?;
+        h.validate_features()?;
+        Ok(h)
+    }
 
-        // Cluster size first: every other limit derives from it.
-        let cluster_bits = be32(buf, field::CLUSTER_BITS);
-        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(invalid(
-                "cluster_bits",
-                format!("{cluster_bits} (cluster size must be 512 B to 2 MiB)"),
-            ));
-        }
-        let cluster_size = 1u64 << cluster_bits;
-        if (buf.len() as u64) < cluster_size.min(file_len) {
-            return Err(FormatError::Truncated { len: buf.len() });
-        }
-
-        let mut h = Header {
+    /// The fields every version has, and version 2's values of the others.
+    fn v2_fields(buf: &[u8], version: u32, cluster_bits: u32) -> Header {
+        Header {
             version,
             backing_file_offset: be64_at(buf, field::BACKING_FILE_OFFSET),
             backing_file_size: be32(buf, field::BACKING_FILE_SIZE),
@@ -255,72 +282,72 @@ impl Header {
             bitmaps: None,
             crypto_header: None,
             extensions: Vec::new(),
-        };
-
-        if version == 3 {
-            if buf.len() < V3_MIN_HEADER_BYTES {
-                return Err(FormatError::Truncated { len: buf.len() });
-            }
-            h.incompatible_features = be64_at(buf, field::INCOMPATIBLE);
-            h.compatible_features = be64_at(buf, field::COMPATIBLE);
-            h.autoclear_features = be64_at(buf, field::AUTOCLEAR);
-            h.refcount_order = be32(buf, field::REFCOUNT_ORDER);
-            h.header_length = be32(buf, field::HEADER_LENGTH);
-            let hl = u64::from(h.header_length);
-            if hl < V3_MIN_HEADER_BYTES as u64 || hl > cluster_size {
-                return Err(invalid(
-                    "header_length",
-                    format!("{hl} (must be at least 104 and within the first cluster)"),
-                ));
-            }
-            if hl as usize > buf.len() {
-                return Err(FormatError::Truncated { len: buf.len() });
-            }
-            if h.header_length > 104 {
-                h.compression_type = match buf[field::COMPRESSION_TYPE] {
-                    0 => CompressionType::Zlib,
-                    1 => CompressionType::Zstd,
-                    other => {
-                        return Err(FormatError::UnsupportedFeature {
-                            names: format!("compression type {other}"),
-                        })
-                    }
-                };
-            }
-            let has_bit = h.incompatible_features & incompat::COMPRESSION_TYPE != 0;
-            let nonzero = h.compression_type != CompressionType::Zlib;
-            if has_bit != nonzero {
-                return Err(invalid(
-                    "compression_type",
-                    "the compression type field and incompatible bit 3 disagree",
-                ));
-            }
         }
+    }
 
-        if h.refcount_order > 6 {
+    /// Version 3's fields: feature bits, refcount order, header length and compression type.
+    fn parse_v3_fields(&mut self, buf: &[u8]) -> Result<(), FormatError> {
+        if buf.len() < V3_MIN_HEADER_BYTES {
+            return Err(FormatError::Truncated { len: buf.len() });
+        }
+        self.incompatible_features = be64_at(buf, field::INCOMPATIBLE);
+        self.compatible_features = be64_at(buf, field::COMPATIBLE);
+        self.autoclear_features = be64_at(buf, field::AUTOCLEAR);
+        self.refcount_order = be32(buf, field::REFCOUNT_ORDER);
+        self.header_length = be32(buf, field::HEADER_LENGTH);
+        let hl = u64::from(self.header_length);
+        if hl < V3_MIN_HEADER_BYTES as u64 || hl > self.cluster_size() {
             return Err(invalid(
-                "refcount_order",
-                format!("{} (at most 6)", h.refcount_order),
+                "header_length",
+                format!("{hl} (must be at least 104 and within the first cluster)"),
             ));
         }
-        if version == 2 && h.refcount_order != 4 {
+        if hl as usize > buf.len() {
+            return Err(FormatError::Truncated { len: buf.len() });
+        }
+        if self.header_length > 104 {
+            self.compression_type = match buf[field::COMPRESSION_TYPE] {
+                0 => CompressionType::Zlib,
+                1 => CompressionType::Zstd,
+                other => {
+                    return Err(FormatError::UnsupportedFeature {
+                        names: format!("compression type {other}"),
+                    })
+                }
+            };
+        }
+        let has_bit = self.incompatible_features & incompat::COMPRESSION_TYPE != 0;
+        let nonzero = self.compression_type != CompressionType::Zlib;
+        if has_bit != nonzero {
+            return Err(invalid(
+                "compression_type",
+                "the compression type field and incompatible bit 3 disagree",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The refcount width, the virtual size, and no encryption.
+    fn validate_sizes(&self) -> Result<(), FormatError> {
+        if self.refcount_order > 6 {
+            return Err(invalid(
+                "refcount_order",
+                format!("{} (at most 6)", self.refcount_order),
+            ));
+        }
+        if self.version == 2 && self.refcount_order != 4 {
             return Err(invalid(
                 "refcount_order",
                 "version 2 images use 16-bit refcounts",
             ));
         }
-        if h.size > MAX_VIRTUAL_SIZE {
-            return Err(invalid("size", format!("{} bytes is too large", h.size)));
+        if self.size > MAX_VIRTUAL_SIZE {
+            return Err(invalid("size", format!("{} bytes is too large", self.size)));
         }
-        if h.crypt_method != 0 {
-            return Err(FormatError::Encrypted(h.crypt_method));
+        if self.crypt_method != 0 {
+            return Err(FormatError::Encrypted(self.crypt_method));
         }
-
-        h.validate_tables(check)?;
-        h.parse_extensions(buf)?;
-        h.parse_backing_name(buf)?;
-        h.validate_features()?;
-        Ok(h)
+        Ok(())
     }
 
     /// Size of one cluster in bytes.
