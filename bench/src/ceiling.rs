@@ -2,13 +2,16 @@
 //! second on one core. A server that inflates every cluster it reads cannot read more clusters
 //! per second than that times the cores it runs on; `compare` reports how close qcow2d gets.
 //!
-//! Reads the image's own compressed extents (a minimal walk of the L1 and L2 tables, QEMU's
-//! layout: 64-bit L2 entries, compressed descriptors as in `docs/interop/qcow2.rst`) and
-//! inflates them in a loop on the calling thread, timed by that thread's CPU time: other work
+//! Reads the image's own compressed extents (a walk of the L1 and L2 tables, through the
+//! engine's header parser and entry decoding; 64-bit L2 entries only) and inflates them in a
+//! loop on the calling thread, timed by that thread's CPU time: other work
 //! on the machine takes turns on the core but does not change what a core can do, so the
 //! ceiling stays the same on a busy machine. Runs on the main thread, before any server.
 
 use crate::error::{Context, Error, Result};
+use qcow2d_engine::format::{
+    be64_at, decode_l1_entry, ClusterMapping, CompressionType, Header, L2Entry, MAX_CLUSTER_BITS,
+};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -38,77 +41,56 @@ struct Layout {
     l1_offset: u64,
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
 /// `Ok(None)` for an image whose compressed clusters are not deflate (zstd) or that libdeflate
 /// would not see (extended L2 entries are refused too: the bench's images have none).
-fn layout(header: &[u8]) -> Result<Option<Layout>> {
-    if header.len() < 104 || &header[..4] != b"QFI\xfb" {
-        return Err(Error::msg("Not a qcow2 image"));
-    }
-    let version = be32(header, 4);
-    let cluster_bits = be32(header, 20);
-    if !(9..=21).contains(&cluster_bits) {
-        return Err(Error::msg(format!(
-            "Cluster bits {cluster_bits} out of range"
-        )));
-    }
-    if version >= 3 {
-        let incompatible = be64(header, 72);
-        // Bit 3: compression type; bit 4: extended L2 entries.
-        if incompatible & (1 << 4) != 0 {
-            return Ok(None);
-        }
-        let header_length = be32(header, 100) as usize;
-        if incompatible & (1 << 3) != 0 && header_length > 104 && header[104] != 0 {
-            return Ok(None);
-        }
+/// `header` holds the image's first cluster (or the whole file, when shorter), `file_len`
+/// bytes long.
+fn layout(header: &[u8], file_len: u64) -> Result<Option<Layout>> {
+    let h = Header::parse(header, file_len).map_err(|e| Error::msg(e.to_string()))?;
+    if h.extended_l2() || h.compression_type != CompressionType::Zlib {
+        return Ok(None);
     }
     Ok(Some(Layout {
-        cluster_bits,
-        l1_entries: u64::from(be32(header, 36)),
-        l1_offset: be64(header, 40),
+        cluster_bits: h.cluster_bits,
+        l1_entries: u64::from(h.l1_size),
+        l1_offset: h.l1_table_offset,
     }))
+}
+
+/// The compressed clusters of the image's active L2 tables, as (host offset, length bound).
+fn descriptors(file: &File, l: &Layout) -> Result<Vec<(u64, u64)>> {
+    let cluster = 1u64 << l.cluster_bits;
+    let l1_bytes = usize::try_from(l.l1_entries * 8).context("L1 table size")?;
+    let mut l1 = vec![0u8; l1_bytes];
+    file.read_exact_at(&mut l1, l.l1_offset)
+        .context("Reading the L1 table")?;
+    let mut descriptors = Vec::new();
+    let mut l2 = vec![0u8; cluster as usize];
+    for entry in l1.chunks_exact(8) {
+        let table = decode_l1_entry(be64_at(entry, 0), cluster)
+            .map_err(|why| Error::msg(format!("L1 entry: {why}")))?;
+        let Some(table) = table else {
+            continue;
+        };
+        file.read_exact_at(&mut l2, table)
+            .context("Reading an L2 table")?;
+        for e in l2.chunks_exact(8) {
+            if let Ok(L2Entry {
+                mapping: ClusterMapping::Compressed(d),
+                ..
+            }) = L2Entry::decode(be64_at(e, 0), None, l.cluster_bits, false)
+            {
+                descriptors.push((d.host_offset, d.max_len));
+            }
+        }
+    }
+    Ok(descriptors)
 }
 
 /// Reads up to [`MAX_SAMPLE_CLUSTERS`] compressed extents, spread evenly over the image's
 /// compressed clusters.
 fn sample(file: &File, l: &Layout) -> Result<Vec<Vec<u8>>> {
-    let cluster = 1u64 << l.cluster_bits;
-    let l1_bytes = usize::try_from(l.l1_entries * 8).context("L1 table size")?;
-    if l1_bytes > 32 << 20 {
-        return Err(Error::msg("L1 table over 32 MiB"));
-    }
-    let mut l1 = vec![0u8; l1_bytes];
-    file.read_exact_at(&mut l1, l.l1_offset)
-        .context("Reading the L1 table")?;
-    let x = 62 - (l.cluster_bits - 8);
-    let mut descriptors = Vec::new();
-    let mut l2 = vec![0u8; cluster as usize];
-    for entry in l1.chunks_exact(8) {
-        let table = u64::from_be_bytes(entry.try_into().expect("8 bytes")) & 0x00ff_ffff_ffff_fe00;
-        if table == 0 {
-            continue;
-        }
-        file.read_exact_at(&mut l2, table)
-            .context("Reading an L2 table")?;
-        for e in l2.chunks_exact(8) {
-            let e = u64::from_be_bytes(e.try_into().expect("8 bytes"));
-            if e & (1 << 62) == 0 {
-                continue;
-            }
-            let offset = e & ((1 << x) - 1);
-            let sectors = (e >> x) & ((1 << (l.cluster_bits - 8)) - 1);
-            let len = (sectors + 1) * 512 - (offset & 511);
-            descriptors.push((offset, len));
-        }
-    }
+    let descriptors = descriptors(file, l)?;
     let step = descriptors.len().div_ceil(MAX_SAMPLE_CLUSTERS).max(1);
     let mut extents = Vec::new();
     for &(offset, len) in descriptors.iter().step_by(step) {
@@ -127,6 +109,17 @@ fn sample(file: &File, l: &Layout) -> Result<Vec<Vec<u8>>> {
         extents.push(buf);
     }
     Ok(extents)
+}
+
+/// The image's first cluster, or the whole file when it is shorter (what [`Header::parse`]
+/// reads), and the file's length.
+fn read_header(file: &File) -> Result<(Vec<u8>, u64)> {
+    let file_len = file.metadata().context("Reading the image's size")?.len();
+    let len = file_len.min(1 << MAX_CLUSTER_BITS);
+    let mut header = vec![0u8; len as usize];
+    file.read_exact_at(&mut header, 0)
+        .context("Reading the header")?;
+    Ok((header, file_len))
 }
 
 /// CPU time the calling thread has used.
@@ -152,10 +145,8 @@ fn thread_cpu_time() -> Result<Duration> {
 /// deflate-compressed.
 pub fn measure(image: &Path) -> Result<Option<InflateRate>> {
     let file = File::open(image).with_context(|| format!("Opening {}", image.display()))?;
-    let mut header = vec![0u8; 512];
-    file.read_exact_at(&mut header, 0)
-        .context("Reading the header")?;
-    let Some(l) = layout(&header)? else {
+    let (header, file_len) = read_header(&file)?;
+    let Some(l) = layout(&header, file_len)? else {
         return Ok(None);
     };
     let extents = sample(&file, &l)?;
@@ -204,29 +195,39 @@ mod tests {
 
     fn header(version: u32, cluster_bits: u32, incompatible: u64, compression: u8) -> Vec<u8> {
         let mut h = vec![0u8; 112];
-        h[..4].copy_from_slice(b"QFI\xfb");
-        h[4..8].copy_from_slice(&version.to_be_bytes());
-        h[20..24].copy_from_slice(&cluster_bits.to_be_bytes());
+        h[..4].copy_from_slice(b"QFI\xfb"); // magic
+        h[4..8].copy_from_slice(&version.to_be_bytes()); // version
+        h[20..24].copy_from_slice(&cluster_bits.to_be_bytes()); // cluster_bits
+        h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes()); // size
         h[36..40].copy_from_slice(&8u32.to_be_bytes()); // l1_size
         h[40..48].copy_from_slice(&0x30000u64.to_be_bytes()); // l1_table_offset
-        h[72..80].copy_from_slice(&incompatible.to_be_bytes());
-        h[100..104].copy_from_slice(&112u32.to_be_bytes()); // header_length
-        h[104] = compression;
+        h[48..56].copy_from_slice(&0x10000u64.to_be_bytes()); // refcount_table_offset
+        h[56..60].copy_from_slice(&1u32.to_be_bytes()); // refcount_table_clusters
+        if version == 3 {
+            h[72..80].copy_from_slice(&incompatible.to_be_bytes()); // incompatible_features
+            h[96..100].copy_from_slice(&4u32.to_be_bytes()); // refcount_order
+            h[100..104].copy_from_slice(&112u32.to_be_bytes()); // header_length
+            h[104] = compression; // compression_type
+        }
         h
+    }
+
+    fn layout_of(h: &[u8]) -> Result<Option<Layout>> {
+        layout(h, h.len() as u64)
     }
 
     #[test]
     fn headers_say_which_images_are_measured() {
-        let l = layout(&header(3, 16, 0, 0)).unwrap().unwrap();
+        let l = layout_of(&header(3, 16, 0, 0)).unwrap().unwrap();
         assert_eq!(
             (l.cluster_bits, l.l1_entries, l.l1_offset),
             (16, 8, 0x30000)
         );
-        assert!(layout(&header(2, 16, 0, 0)).unwrap().is_some());
+        assert!(layout_of(&header(2, 16, 0, 0)).unwrap().is_some());
         // zstd, extended L2: not measured.
-        assert!(layout(&header(3, 16, 1 << 3, 1)).unwrap().is_none());
-        assert!(layout(&header(3, 16, 1 << 4, 0)).unwrap().is_none());
-        assert!(layout(&header(3, 30, 0, 0)).is_err());
-        assert!(layout(b"not an image").is_err());
+        assert!(layout_of(&header(3, 16, 1 << 3, 1)).unwrap().is_none());
+        assert!(layout_of(&header(3, 16, 1 << 4, 0)).unwrap().is_none());
+        assert!(layout_of(&header(3, 30, 0, 0)).is_err());
+        assert!(layout_of(b"not an image").is_err());
     }
 }
