@@ -333,11 +333,9 @@ fn check_snapshot_table(
     path: &Path,
     reader: &mut BlockingReader,
 ) -> Result<(), Error> {
-    format::read_snapshot_table(
+    format::check_snapshot_table(
         header.snapshots_offset,
         header.nb_snapshots,
-        false,
-        false,
         &mut |off, buf| read_zero_filled(reader, file, buf, off),
     )
     .map_err(|e| match e {

@@ -30,9 +30,10 @@ pub use refcount::{
     refcount_get, refcount_max, refcount_set, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
 };
 pub use snapshot::{
-    encode_table as encode_snapshot_table, read_table as read_snapshot_table, SnapshotEntry,
-    SnapshotReadError, SnapshotTable, MAX_SNAPSHOT_EXTRA_BYTES, MAX_SNAPSHOT_TABLE_BYTES,
-    SNAPSHOT_HEADER_BYTES, SNAPSHOT_KNOWN_EXTRA_BYTES,
+    check_table as check_snapshot_table, encode_table as encode_snapshot_table,
+    read_table as read_snapshot_table, SnapshotEntry, SnapshotReadError, SnapshotTable,
+    MAX_SNAPSHOT_EXTRA_BYTES, MAX_SNAPSHOT_TABLE_BYTES, SNAPSHOT_HEADER_BYTES,
+    SNAPSHOT_KNOWN_EXTRA_BYTES,
 };
 
 use thiserror::Error;

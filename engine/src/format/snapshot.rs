@@ -129,6 +129,33 @@ pub fn read_table<E>(
     keep: bool,
     read: ReadFn<'_, E>,
 ) -> Result<SnapshotTable, SnapshotReadError<E>> {
+    let mut entries = Vec::new();
+    let mut table = walk_table(start, nb, repair, keep, read, &mut |e| entries.push(e))?;
+    table.entries = entries;
+    Ok(table)
+}
+
+/// Whether QEMU's open would accept the `nb` entries at `start`, as [`read_table`] without
+/// `repair` decides it, but keeping nothing: an open only needs the verdict, and a table may
+/// hold 65536 entries.
+pub fn check_table<E>(
+    start: u64,
+    nb: u32,
+    read: ReadFn<'_, E>,
+) -> Result<(), SnapshotReadError<E>> {
+    walk_table(start, nb, false, false, read, &mut |_| {}).map(drop)
+}
+
+/// The walk of [`read_table`]: each entry kept is given to `each`; the table returned has no
+/// entries.
+fn walk_table<E>(
+    start: u64,
+    nb: u32,
+    repair: bool,
+    keep: bool,
+    read: ReadFn<'_, E>,
+    each: &mut dyn FnMut(SnapshotEntry),
+) -> Result<SnapshotTable, SnapshotReadError<E>> {
     if nb > MAX_SNAPSHOTS {
         return Err(invalid(format!(
             "{nb} snapshots exceed the limit of {MAX_SNAPSHOTS}"
@@ -194,7 +221,7 @@ pub fn read_table<E>(
             off = before;
             break;
         }
-        table.entries.push(SnapshotEntry {
+        each(SnapshotEntry {
             offset: before.next_multiple_of(8),
             l1_table_offset: be64_at(&fixed, 0),
             l1_size: be32(&fixed, 8),
@@ -279,6 +306,8 @@ mod tests {
         let mut file = vec![0u8; 0x100];
         file.extend(entry(0x30000, 16, b"1", b"a"));
         file.extend(entry(0x40000, 0, b"2", b"bb"));
+        check_table(0x100, 2, &mut reader(file.clone())).unwrap();
+        assert!(check_table(0x100, MAX_SNAPSHOTS + 1, &mut reader(file.clone())).is_err());
         let t = read_table(0x100, 2, false, true, &mut reader(file)).unwrap();
         assert_eq!(t.entries.len(), 2);
         assert_eq!(t.entries[1].l1_table_offset, 0x40000);
@@ -292,6 +321,8 @@ mod tests {
         let mut file = vec![0u8; 0x100];
         file.extend(entry(0x30000, 2000, b"1", b"a"));
         let err = read_table(0x100, 1, false, false, &mut reader(file.clone())).unwrap_err();
+        assert!(matches!(err, SnapshotReadError::Format(_)));
+        let err = check_table(0x100, 1, &mut reader(file.clone())).unwrap_err();
         assert!(matches!(err, SnapshotReadError::Format(_)));
         let t = read_table(0x100, 1, true, true, &mut reader(file)).unwrap();
         assert_eq!(t.extra_truncated, 1);
@@ -313,6 +344,8 @@ mod tests {
             Ok(())
         };
         assert!(read_table(0, 600, false, false, read).is_err());
+        assert!(check_table(0, 600, read).is_err());
+        assert!(check_table(0, 511, read).is_ok());
         let t = read_table(0, 600, true, false, read).unwrap();
         assert_eq!(t.entries.len(), 511);
         assert_eq!(t.dropped, 89);
