@@ -206,10 +206,19 @@ pub(crate) fn read_header(
     reader: &mut BlockingReader,
 ) -> Result<(Header, Vec<u8>), Error> {
     let len = file_len(file, path)?;
-    let mut buf = vec![0u8; (Header::PROBE_BYTES as u64).min(len) as usize];
+    let read_err = |e| Error::io(format!("Cannot read the header of {}", path.display()), e);
+    let mut buf = vec![0u8; (Header::FIRST_READ_BYTES as u64).min(len) as usize];
     reader
         .read_exact_at(file.as_raw_fd(), &mut buf, 0)
-        .map_err(|e| Error::io(format!("Cannot read the header of {}", path.display()), e))?;
+        .map_err(read_err)?;
+    let have = buf.len();
+    let need = Header::bytes_needed(&buf, len) as usize;
+    if need > have {
+        buf.resize(need, 0);
+        reader
+            .read_exact_at(file.as_raw_fd(), &mut buf[have..], have as u64)
+            .map_err(read_err)?;
+    }
     let header = Header::parse(&buf, len).map_err(|e| {
         let kind = match e {
             format::FormatError::UnsupportedFeature { .. }

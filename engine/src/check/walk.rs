@@ -268,9 +268,14 @@ pub(super) struct Analysis {
 /// Reads and parses the header as QEMU does when it opens an image for checking.
 pub(super) fn read_header(t: &mut Target) -> Result<Header, Error> {
     let file_len = t.len()?;
-    let probe = (Header::PROBE_BYTES as u64).min(file_len);
-    let mut buf = zeroed(probe, &t.path)?;
+    let first = (Header::FIRST_READ_BYTES as u64).min(file_len);
+    let mut buf = zeroed(first, &t.path)?;
     t.read(0, &mut buf, "the header")?;
+    let need = Header::bytes_needed(&buf, file_len);
+    if need > first {
+        buf.resize(need as usize, 0);
+        t.read(first, &mut buf[first as usize..], "the header")?;
+    }
     Header::parse_for_check(&buf, file_len).map_err(|e| format_error(&t.path, e))
 }
 

@@ -214,9 +214,28 @@ fn parse_cluster_bits(buf: &[u8], file_len: u64) -> Result<u32, FormatError> {
 }
 
 impl Header {
-    /// Bytes a caller should read from the start of the file to parse the header: the largest
-    /// possible first cluster.
-    pub const PROBE_BYTES: usize = 1 << MAX_CLUSTER_BITS;
+    /// Bytes a caller reads first from the start of the file: the whole header of an image of
+    /// clusters up to 64 KiB (the default), and the cluster size of any image; then
+    /// [`Header::bytes_needed`] tells whether more is needed. (Reading the largest possible
+    /// first cluster, 2 MiB, every time cost every open and check a 2 MiB buffer.)
+    pub const FIRST_READ_BYTES: usize = 64 << 10;
+
+    /// How many bytes from the start of a file of `file_len` bytes parsing its header needs,
+    /// given the first bytes `start` read from it: its first cluster, or the whole file when
+    /// shorter. When `start` cannot tell (too short, or no valid cluster size), what it holds:
+    /// parsing fails on those bytes as it would on more.
+    pub fn bytes_needed(start: &[u8], file_len: u64) -> u64 {
+        let bits_end = field::CLUSTER_BITS + 4;
+        if start.len() < bits_end {
+            return start.len() as u64;
+        }
+        let bits = be32(start, field::CLUSTER_BITS);
+        if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
+            (1u64 << bits).min(file_len).max(start.len() as u64)
+        } else {
+            start.len() as u64
+        }
+    }
 
     /// Parses and validates the header from the first bytes of the file, refusing what QEMU
     /// refuses when it opens an image.
@@ -736,6 +755,24 @@ mod tests {
         b.extend_from_slice(&[0u8; 8]); // compression_type + padding
         b.resize(0x40000, 0);
         b
+    }
+
+    #[test]
+    fn bytes_needed_is_the_first_cluster_or_what_was_read() {
+        let mut b = v3_header();
+        let first = &b[..Header::FIRST_READ_BYTES];
+        assert_eq!(Header::bytes_needed(first, 1 << 30), 64 << 10);
+        // A shorter file: all of it.
+        assert_eq!(Header::bytes_needed(&b[..4096], 4096), 4096);
+        put32(&mut b, field::CLUSTER_BITS, 21);
+        assert_eq!(Header::bytes_needed(&b[..65536], 1 << 30), 2 << 20);
+        assert_eq!(Header::bytes_needed(&b[..65536], 100_000), 100_000);
+        put32(&mut b, field::CLUSTER_BITS, 9);
+        assert_eq!(Header::bytes_needed(&b[..65536], 1 << 30), 65536);
+        // No valid cluster size, or too few bytes to tell: what was read.
+        put32(&mut b, field::CLUSTER_BITS, 22);
+        assert_eq!(Header::bytes_needed(&b[..65536], 1 << 30), 65536);
+        assert_eq!(Header::bytes_needed(&b[..20], 1 << 30), 20);
     }
 
     fn put32(b: &mut [u8], at: usize, v: u32) {
