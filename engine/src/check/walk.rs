@@ -223,8 +223,6 @@ pub(super) struct Analysis {
     /// Stored refcounts that could not be read (a misaligned refcount block): QEMU's
     /// "check errors", which make the check incomplete.
     pub(super) check_errors: u64,
-    /// The snapshot table as read (the header's count may have been lowered by a repair).
-    pub(super) snapshots: SnapshotTable,
     /// Entries that reference a preallocated zero cluster at a misaligned offset and no
     /// data: (L2 table offset, entry index, host offset), which a repair turns into plain
     /// zero entries. An entry appears once per time its table was walked (once per L1
@@ -362,7 +360,6 @@ pub(super) fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analy
         counts: Counts::new(g.order),
         too_big: None,
         check_errors: 0,
-        snapshots: snapshots.clone(),
         zero_fixes: Vec::new(),
         reftable: Vec::new(),
         refstruct: Vec::new(),
@@ -389,7 +386,7 @@ pub(super) fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analy
     // QEMU counts the first cluster for the header, its extensions and the backing file name.
     a.inc(0, g.cs, "header", false);
     a.walk_l1(t, h.l1_table_offset, h.l1_size, true, "active")?;
-    a.walk_snapshots(t)?;
+    a.walk_snapshots(t, snapshots)?;
     if let Some(clusters) = a.too_big {
         return Err(memory_error(&t.path, clusters, g.order));
     }
@@ -663,9 +660,13 @@ impl Analysis {
     /// Counts every snapshot's L1 table (and what it points at) and the snapshot table, from
     /// the table [`read_snapshots`] read; in a version 3 image an entry without the 16 bytes
     /// of extra data is a corruption (a repair rewrites the table).
-    pub(super) fn walk_snapshots(&mut self, t: &mut Target) -> Result<(), Error> {
+    pub(super) fn walk_snapshots(
+        &mut self,
+        t: &mut Target,
+        snapshots: &SnapshotTable,
+    ) -> Result<(), Error> {
         let g = self.g;
-        let entries = std::mem::take(&mut self.snapshots.entries);
+        let entries = &snapshots.entries;
         let nb = entries.len();
         if nb > 0 && g.data_file {
             self.corrupt(format!("ERROR {nb} snapshots in image with data file"));
@@ -704,8 +705,7 @@ impl Analysis {
             // table that lies a cluster or more past it).
             self.walk_l1(t, l1_off, l1_size, false, &label)?;
         }
-        self.snapshots.entries = entries;
-        let (start, size) = (self.header.snapshots_offset, self.snapshots.size_bytes);
+        let (start, size) = (self.header.snapshots_offset, snapshots.size_bytes);
         self.inc(start, size, SNAPSHOT_TABLE, false);
         Ok(())
     }
