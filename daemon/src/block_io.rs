@@ -115,6 +115,15 @@ pub trait BlockIo {
     /// Submits queued work and appends finished requests to `out`, without blocking.
     fn poll(&mut self, out: &mut Vec<Done<Self::IoError>>);
 
+    /// Like [`BlockIo::poll`], but may return finished requests with work of its own left
+    /// instead of making its completion descriptor readable for that work: it returns true
+    /// then, and the caller, once it has handed those requests back, must call `poll` or
+    /// this again before it waits for events.
+    fn poll_more(&mut self, out: &mut Vec<Done<Self::IoError>>) -> bool {
+        self.poll(out);
+        false
+    }
+
     /// Like [`BlockIo::poll`] but blocks until at least one request finished (returns at once
     /// when nothing is in flight).
     fn wait(&mut self, out: &mut Vec<Done<Self::IoError>>);
@@ -252,6 +261,15 @@ impl BlockIo for EngineIo {
             shard.poll(&mut self.completions);
             self.move_completions(out);
         }
+    }
+
+    fn poll_more(&mut self, out: &mut Vec<Done<IoError>>) -> bool {
+        let Some(shard) = &mut self.shard else {
+            return false;
+        };
+        let more = shard.poll_more(&mut self.completions);
+        self.move_completions(out);
+        more
     }
 
     fn wait(&mut self, out: &mut Vec<Done<IoError>>) {

@@ -20,7 +20,7 @@ use crate::metrics::Operation;
 use crate::request::{prepare, DeviceInfo, Malformed, Prepared};
 use crate::virtio_blk::{STATUS_IOERR, STATUS_OK};
 
-use super::{Avail, Held, Op, RingState, Slot, TrackedQueue, Vring, Worker, LOUD_ERRORS};
+use super::{Avail, Held, Op, Reap, RingState, Slot, TrackedQueue, Vring, Worker, LOUD_ERRORS};
 
 impl<B: BlockIo> Worker<B> {
     /// Once per turn: publishes the requests in flight and what the engine's caches counted
@@ -403,12 +403,25 @@ impl<B: BlockIo> Worker<B> {
     /// Collects finished requests from the engine (blocking for at least one if `block`) and
     /// returns them to their queues.
     pub(super) fn reap(&mut self, vrings: &[Vring], block: bool) {
+        self.reap_as(vrings, if block { Reap::Wait } else { Reap::Poll });
+    }
+
+    /// Collects finished requests from the engine as `how` says and returns them to their
+    /// queues; true if the engine has work of its own left that waits for the next reap
+    /// ([`Reap::PollMore`] only).
+    pub(super) fn reap_as(&mut self, vrings: &[Vring], how: Reap) -> bool {
         let mut done = std::mem::take(&mut self.done);
-        if block {
-            self.io.wait(&mut done);
-        } else {
-            self.io.poll(&mut done);
-        }
+        let more = match how {
+            Reap::Wait => {
+                self.io.wait(&mut done);
+                false
+            }
+            Reap::Poll => {
+                self.io.poll(&mut done);
+                false
+            }
+            Reap::PollMore => self.io.poll_more(&mut done),
+        };
         for (token, result) in done.drain(..) {
             let ok = match result {
                 Ok(()) => true,
@@ -422,6 +435,7 @@ impl<B: BlockIo> Worker<B> {
             self.complete(vrings, token, ok);
         }
         self.done = done;
+        more
     }
 
     pub(super) fn complete(&mut self, vrings: &[Vring], token: u64, ok: bool) {

@@ -433,7 +433,20 @@ impl Shard {
     /// once. With nothing else to do, it inflates a few clusters of other shards that are
     /// waiting. Never blocks.
     pub fn poll(&mut self, out: &mut Vec<Completion>) {
+        if self.poll_more(out) {
+            self.ring.signal_eventfd();
+        }
+    }
+
+    /// Like [`Shard::poll`], but a poll that returns finished requests with jobs of its own
+    /// left says so (true) instead of making the eventfd readable: a caller that hands the
+    /// requests back and then calls `poll` or this again at once saves the trip through its
+    /// event loop (a write, a wait and a read of the eventfd per job). A caller that goes
+    /// back to waiting instead must call [`Shard::poll`] first, or the jobs wait for
+    /// whatever wakes it next.
+    pub fn poll_more(&mut self, out: &mut Vec<Completion>) -> bool {
         self.ring.drain_eventfd();
+        let mut more = false;
         self.st.inflation.jobs.enter();
         let mut stolen = 0;
         loop {
@@ -446,10 +459,10 @@ impl Shard {
             }
             // Requests that finished go back before the next job of this shard's own (tens of
             // microseconds each): the guest waiting for them sends its next requests
-            // meanwhile, which keeps work coming for the other cores. The eventfd brings
-            // the caller back at once for the jobs left.
+            // meanwhile, which keeps work coming for the other cores. The caller comes back
+            // at once for the jobs left (see `poll`).
             if !self.st.finished.is_empty() && self.st.inflation.jobs.has_own() {
-                self.ring.signal_eventfd();
+                more = true;
                 break;
             }
             // This shard's own jobs, oldest first, one per turn: each may make parts ready.
@@ -485,6 +498,7 @@ impl Shard {
             link.wake_others();
         }
         out.append(&mut self.st.finished);
+        more
     }
 
     /// Like [`Shard::poll`], but blocks until at least one completion has been appended, or

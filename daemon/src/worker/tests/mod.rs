@@ -55,6 +55,12 @@ struct FakeIo {
     finished: Arc<std::sync::Mutex<Vec<usize>>>,
     /// What `cache_stats` reports.
     cache: CacheStats,
+    /// Like an engine with one job of its own per request: a poll finishes the oldest
+    /// request only, and says that work is left while requests are pending.
+    one_per_poll: bool,
+    /// Polls that returned with work left and made the completion descriptor readable for
+    /// it (a trip through the event loop).
+    signals: u32,
 }
 
 fn pattern(i: u64) -> u8 {
@@ -155,9 +161,23 @@ impl BlockIo for FakeIo {
     }
 
     fn poll(&mut self, out: &mut Vec<Done<String>>) {
-        if !self.hold {
-            self.complete_all(out);
+        if self.poll_more(out) {
+            self.signals += 1;
         }
+    }
+
+    fn poll_more(&mut self, out: &mut Vec<Done<String>>) -> bool {
+        if self.hold {
+            return false;
+        }
+        if !self.one_per_poll {
+            self.complete_all(out);
+            return false;
+        }
+        let rest = self.pending.split_off(self.pending.len().min(1));
+        self.complete_all(out);
+        self.pending = rest;
+        !self.pending.is_empty()
     }
 
     fn wait(&mut self, out: &mut Vec<Done<String>>) {
@@ -173,7 +193,7 @@ impl BlockIo for FakeIo {
     }
 }
 
-const QSIZE: u16 = 16;
+const QSIZE: u16 = 64;
 
 fn device() -> DeviceInfo {
     let mut serial = [0u8; ID_BYTES];
@@ -429,6 +449,55 @@ fn budget_given_back_during_a_kick_brings_the_waiting_chains_in() {
         assert_eq!(h.byte(0x5000 + i), STATUS_OK);
     }
     assert_eq!(w.budget.in_flight(), (0, 0));
+}
+
+/// An engine that hands back each request before its next job of its own gets the worker
+/// back at once, not through the event loop: the worker returns what finished and reaps
+/// again, up to its bound of rounds in one turn; then the engine's completion descriptor
+/// brings it back for the rest.
+#[test]
+fn finished_requests_go_back_before_the_engines_next_job_without_the_event_loop() {
+    let h = Harness::new();
+    let used_addr = queue_five_reads(&h);
+    let io = FakeIo {
+        one_per_poll: true,
+        ..FakeIo::default()
+    };
+    let mut w = Worker::new(io, h.mem.clone());
+    let vrings = std::slice::from_ref(&h.vring);
+    w.process_queue(vrings, 0, true, &device());
+    assert_eq!(h.used_idx(used_addr), 5, "every request in one turn");
+    assert_eq!(w.io().signals, 0, "no trip through the event loop");
+    for i in 0..5 {
+        assert_eq!(h.byte(0x5000 + i), STATUS_OK);
+    }
+
+    // More jobs than rounds: the turn ends after the bound, the descriptor made readable.
+    let h = Harness::new();
+    let m = h.mem.memory();
+    let requests = MAX_HAND_BACK_ROUNDS as u16 + 4;
+    let mut descs = Vec::new();
+    for i in 0..requests {
+        let header = 0x1000 + 0x100 * u64::from(i);
+        write_header(&m, header, VIRTIO_BLK_T_IN, u64::from(i));
+        descs.push(desc(header, 16, false, Some(3 * i + 1)));
+        descs.push(desc(0x8000, 4096, true, Some(3 * i + 2)));
+        descs.push(desc(0x5000 + u64::from(i), 1, true, None));
+    }
+    let used_addr = h.queue(&descs);
+    let io = FakeIo {
+        one_per_poll: true,
+        ..FakeIo::default()
+    };
+    let mut w = Worker::new(io, h.mem.clone());
+    let vrings = std::slice::from_ref(&h.vring);
+    w.process_queue(vrings, 0, true, &device());
+    let first_turn = MAX_HAND_BACK_ROUNDS as u16 + 1;
+    assert_eq!(h.used_idx(used_addr), first_turn);
+    assert_eq!(w.io().signals, 1);
+    w.process_completions(vrings, true, &device());
+    assert_eq!(h.used_idx(used_addr), requests);
+    assert_eq!(w.io().signals, 1);
 }
 
 #[test]
