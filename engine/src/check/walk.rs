@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
+use std::fmt;
 
 use super::copied::FlagMode;
 use super::stored::Stored;
@@ -385,7 +386,7 @@ pub(super) fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analy
 
     // QEMU counts the first cluster for the header, its extensions and the backing file name.
     a.inc(0, g.cs, "header", false);
-    a.walk_l1(t, h.l1_table_offset, h.l1_size, true, "active")?;
+    a.walk_l1(t, h.l1_table_offset, h.l1_size, true, &"active")?;
     a.walk_snapshots(t, snapshots)?;
     if let Some(clusters) = a.too_big {
         return Err(memory_error(&t.path, clusters, g.order));
@@ -413,6 +414,29 @@ pub(super) fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analy
     Ok(a)
 }
 
+/// A snapshot as messages name it: "snapshot ID (NAME)".
+struct SnapshotLabel<'a>(&'a crate::format::SnapshotEntry);
+
+impl fmt::Display for SnapshotLabel<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "snapshot {} ({})",
+            String::from_utf8_lossy(&self.0.id),
+            String::from_utf8_lossy(&self.0.name)
+        )
+    }
+}
+
+/// A name followed by a suffix, formatted only when shown.
+struct Suffixed<'a>(&'a dyn fmt::Display, &'static str);
+
+impl fmt::Display for Suffixed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.0, self.1)
+    }
+}
+
 impl Analysis {
     pub(super) fn corrupt(&mut self, msg: String) {
         self.corruptions += 1;
@@ -423,6 +447,18 @@ impl Analysis {
     /// a region ending a cluster or more past the end of the file is a corruption and is not
     /// counted; returns whether it was counted.
     pub(super) fn inc(&mut self, off: u64, len: u64, what: &str, refstruct: bool) -> bool {
+        self.inc_named(off, len, &what, refstruct)
+    }
+
+    /// [`Analysis::inc`] with the region's name formatted only for a message: the name of a
+    /// snapshot's table is built from its entry, and a table may have 65536 of them.
+    pub(super) fn inc_named(
+        &mut self,
+        off: u64,
+        len: u64,
+        what: &dyn fmt::Display,
+        refstruct: bool,
+    ) -> bool {
         if len == 0 {
             return true;
         }
@@ -433,6 +469,7 @@ impl Analysis {
                     self.uncounted_from = self.uncounted_from.min(off >> self.g.cb);
                 }
                 // The refcount structure itself is replaced by a rebuild: it does not stop one.
+                let what = what.to_string();
                 if !refstruct {
                     self.past_eof += 1;
                     self.past_eof_from = self.past_eof_from.min(off);
@@ -490,14 +527,14 @@ impl Analysis {
         l1_off: u64,
         l1_size: u32,
         active: bool,
-        label: &str,
+        label: &dyn fmt::Display,
     ) -> Result<(), Error> {
         let g = self.g;
         let bytes = u64::from(l1_size) * 8;
-        self.inc(l1_off, bytes, &format!("{label} L1 table"), false);
         if bytes == 0 {
-            return Ok(());
+            return Ok(()); // Nothing to count.
         }
+        self.inc_named(l1_off, bytes, &Suffixed(label, " L1 table"), false);
         let l1 = t.read_entries(l1_off, bytes, &format!("the {label} L1 table"))?;
         let mut l2 = zeroed(g.cs, &t.path)?;
         for chunk in l1.chunks_exact(8) {
@@ -672,11 +709,7 @@ impl Analysis {
             self.corrupt(format!("ERROR {nb} snapshots in image with data file"));
         }
         for (k, e) in entries.iter().enumerate() {
-            let label = format!(
-                "snapshot {} ({})",
-                String::from_utf8_lossy(&e.id),
-                String::from_utf8_lossy(&e.name)
-            );
+            let label = SnapshotLabel(e);
             if self.header.version >= 3 && e.extra_data_size < SNAPSHOT_KNOWN_EXTRA_BYTES {
                 self.corrupt(format!("ERROR snapshot table entry {k} is incomplete"));
             }
