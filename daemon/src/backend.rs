@@ -14,7 +14,7 @@
 //! - the export's listener thread, which calls [`BlkBackend::finish`] once the connection's
 //!   other threads are gone.
 //!
-//! The connection's relay thread ([`crate::relay`]) publishes the frontend's in-flight area in
+//! The relay thread ([`crate::relay`]) publishes the frontend's in-flight area in
 //! [`BlkBackend::inflight`], where the workers pick it up.
 //!
 //! Per-thread state ([`Worker`]) sits in a `Mutex` per worker thread, indexed by thread id; only

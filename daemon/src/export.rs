@@ -451,8 +451,8 @@ impl Export {
             st.backend = Some((Arc::clone(&backend), handlers));
             (backend, daemon)
         };
-        // vhost-user-backend serves the private end; the relay sits between it and the
-        // frontend.
+        // vhost-user-backend serves the private end; the relay thread (one for every
+        // connection) sits between it and the frontend.
         let (mut private, device_end) =
             crate::relay::private_connection().map_err(ExportError::Relay)?;
         daemon
@@ -482,6 +482,7 @@ impl Export {
         }
 
         let result = daemon.wait();
+        // Returns once the relay thread has dropped the connection, both sockets closed.
         relay.stop();
         self.control.disconnected();
         match result {

@@ -14,7 +14,7 @@
 //! non-blocking ([`set_nonblocking`]): a pipe, or an eventfd whose counter the frontend filled,
 //! could otherwise block the thread that writes to it forever.
 //!
-//! Pure functions over descriptors, called by the relay threads (`crate::relay`) and by
+//! Pure functions over descriptors, called by the relay thread (`crate::relay`) and by
 //! `crate::inflight` when it maps an area.
 
 use std::fs::File;

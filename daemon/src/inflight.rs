@@ -5,10 +5,10 @@
 //!
 //! The area is a file (a sealed memfd) that the frontend asks for once (GET_INFLIGHT_FD, answered
 //! by [`create_area`]), keeps, and hands to every backend it connects to (SET_INFLIGHT_FD, mapped
-//! by [`InflightArea::map`]); so it outlives the daemon. The relay thread of the vhost-user
-//! connection creates and maps it and publishes it in the connection's [`InflightShared`]; the
-//! worker threads pick it up the next time they process a queue and touch only their own queues'
-//! parts of it, through [`QueueTracker`].
+//! by [`InflightArea::map`]); so it outlives the daemon. The relay thread ([`crate::relay`], one
+//! for every connection) creates and maps it and publishes it in the connection's
+//! [`InflightShared`]; the worker threads pick it up the next time they process a queue and
+//! touch only their own queues' parts of it, through [`QueueTracker`].
 //!
 //! Layout (vhost-user spec, "Inflight I/O tracking", split virtqueues), one part per queue, each
 //! `header + 16 bytes × queue size` rounded up to 64 bytes:

@@ -8,10 +8,11 @@
 //! listener takes the export out of the map and out of the set, accepts the frontend
 //! (sockets are non-blocking: a connection the peer closed meanwhile is no reason to wait)
 //! and starts the connection's thread (`qcow2d-exportN`), which serves it
-//! ([`Export::serve_connection`]: vhost-user-backend's threads, the relay, the shards) and
-//! then puts the export back ([`Listeners::put_back`]), or closes it when it was asked to
-//! stop. One export serves one frontend at a time, as before: while it is connected its
-//! socket is out of the set and a second frontend waits in the socket's backlog.
+//! ([`Export::serve_connection`]: vhost-user-backend's threads, its place on the relay
+//! thread, the shards) and then puts the export back ([`Listeners::put_back`]), or closes it
+//! when it was asked to stop. One export serves one frontend at a time, as before: while it
+//! is connected its socket is out of the set and a second frontend waits in the socket's
+//! backlog.
 //!
 //! Stopping an idle export: [`ExportControl::request_stop`](crate::export::ExportControl)
 //! marks it stopping and wakes the listener (an eventfd in the set), which takes every

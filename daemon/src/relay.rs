@@ -1,20 +1,40 @@
-//! The vhost-user relay: sits between the frontend (QEMU) and vhost-user-backend's request
-//! handler, answers the two in-flight-area messages itself and passes everything else through.
+//! The vhost-user relay: sits between each frontend (QEMU) and vhost-user-backend's request
+//! handler of its connection, answers the two in-flight-area messages itself and passes
+//! everything else through. One thread, `qcow2d-relay`, relays for every connection of the
+//! process.
 //!
 //! vhost-user-backend 0.24 answers GET_INFLIGHT_FD and SET_INFLIGHT_FD with an error and takes
 //! no other handler, so the export accepts the frontend's connection itself and gives
 //! vhost-user-backend's daemon the other end of a private connection ([`private_connection`],
 //! through a socket in the daemon's private directory, [`make_private_dir`]).
-//! [`Relay`] then runs two threads per connection:
-//! - frontend → backend: reads each message (header, body and attached file descriptors),
-//!   answers GET_INFLIGHT_FD (a new area: [`crate::inflight::create_area`]) and
-//!   SET_INFLIGHT_FD (maps the area and publishes it to the workers through the connection's
-//!   [`InflightShared`]) itself, with a REPLY_ACK answer when the frontend asks for one, and
-//!   forwards every other message unchanged. After forwarding SET_VRING_KICK it writes to the
-//!   kick eventfd, so that a queue is processed (and what a previous daemon left in flight is
-//!   resumed) even if the guest never kicks again. It keeps a copy of the socket that
-//!   SET_BACKEND_REQ_FD shares ([`BackendChannel`]), to tell the frontend of a resize;
-//! - backend → frontend: forwards every reply unchanged.
+//!
+//! [`start_thread`] starts the relay thread once, when `qcow2d serve` starts up (a process
+//! that never called it, such as a unit test, gets it at its first [`Relay::start`]).
+//! [`Relay::start`] hands a connection's two sockets, made non-blocking, to that thread and
+//! wakes it through an eventfd; [`Relay::stop`] (or dropping the [`Relay`]) takes the
+//! connection away again and waits until the thread has dropped it, both sockets closed. The
+//! thread waits on one epoll set holding the sockets of every connection, and per connection:
+//! - in each direction it assembles one message at a time across partial reads (the 12-byte
+//!   header, then the body it announces, never reading past the message, so the file
+//!   descriptors that come with a message's first bytes stay with that message);
+//! - in each direction at most one message is on its way out; while it is, the socket it came
+//!   from is not read (the socket leaves the epoll set, or waits for EPOLLOUT only), and the
+//!   frontend's socket is read only when nothing is on its way out either way (so everything
+//!   it sent before was passed on, and answered, before its end is seen). A frontend that
+//!   sends half a message and stops, never reads its replies or floods makes only its own
+//!   connection wait, with at most [`MAX_BUFFERED_BYTES`] held for it, and a connection moves
+//!   at most [`MESSAGES_PER_TURN`] messages before the others get their turn.
+//!
+//! Frontend → backend: answers GET_INFLIGHT_FD (a new area: [`crate::inflight::create_area`])
+//! and SET_INFLIGHT_FD (maps the area and publishes it to the workers through the
+//! connection's [`InflightShared`]) itself, with a REPLY_ACK answer when the frontend asks for
+//! one, and forwards every other message unchanged. Once SET_VRING_KICK is forwarded it writes
+//! to the kick eventfd, so that a queue is processed (and what a previous daemon left in flight
+//! is resumed) even if the guest never kicks again. It keeps a copy of the socket that
+//! SET_BACKEND_REQ_FD shares ([`BackendChannel`]), to tell the frontend of a resize.
+//! Backend → frontend: every reply is forwarded unchanged. Only the relay thread writes to the
+//! frontend's socket, one whole message after the other, so a reply is never interleaved with
+//! another.
 //!
 //! Before a message with file descriptors reaches vhost-user-backend (which maps and uses them
 //! as they are), the relay checks them ([`crate::fdcheck`]): each memory region of SET_MEM_TABLE
@@ -27,13 +47,13 @@
 //! a log line (and an error answer when the frontend asked for one), and the export goes on
 //! serving other connections.
 //!
-//! Writes to the frontend's socket are serialised by a mutex, so a reply is never interleaved
-//! with another. A message that cannot be framed (a truncated header or body, a size above
-//! vhost-user's 4 KiB limit, too many file descriptors) ends the connection with a log line;
-//! the content of relayed messages is left to vhost-user-backend to judge. When either side
-//! closes, both sockets are shut down, so both threads end and the export sees the connection
-//! end.
+//! A message that cannot be framed (a truncated header or body, a size above vhost-user's
+//! 4 KiB limit, too many file descriptors) ends the connection with a log line; the content of
+//! relayed messages is left to vhost-user-backend to judge. An error (or a panic) ends only
+//! its own connection. When either side closes, both sockets are shut down and closed, so
+//! vhost-user-backend's request thread and the export see the connection end.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::Shutdown;
@@ -41,17 +61,19 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use tracing::{debug, error, info, warn};
 use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
 use vhost::vhost_user::Listener;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::fdcheck::{self, Sealing};
 use crate::inflight::{create_area, InflightArea, InflightShared};
+use crate::sandbox::{seccomp, Role};
 
 /// Bytes of a vhost-user message header: request, flags, size (native-endian u32 each).
 const HEADER_BYTES: usize = 12;
@@ -69,15 +91,37 @@ const GET_INFLIGHT_FD: u32 = FrontendReq::GET_INFLIGHT_FD as u32;
 const SET_INFLIGHT_FD: u32 = FrontendReq::SET_INFLIGHT_FD as u32;
 const SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
 const SET_BACKEND_REQ_FD: u32 = FrontendReq::SET_BACKEND_REQ_FD as u32;
+const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
+const SET_VRING_ERR: u32 = FrontendReq::SET_VRING_ERR as u32;
+const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
+/// Bytes of one memory region description (guest address, size, user address, mmap offset).
+const REGION_BYTES: usize = 32;
 /// How long a config-change message may take to reach the frontend.
 const CHANNEL_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The most bytes of messages the relay holds for one connection: in each direction one
+/// message being read and one being written.
+pub const MAX_BUFFERED_BYTES: usize = 4 * (HEADER_BYTES + MAX_MSG_SIZE);
+/// Messages one connection may move per turn of the relay thread before the other
+/// connections' events are handled.
+pub const MESSAGES_PER_TURN: usize = 16;
+/// The relay thread's epoll token of its wake-up eventfd; a connection's sockets have the
+/// tokens `2 × id` (the frontend's) and `2 × id + 1` (vhost-user-backend's).
+const WAKE: u64 = u64::MAX;
+/// Events taken from the epoll set per wait.
+const EVENTS: usize = 64;
 
 /// The frontend's backend request channel (the socket SET_BACKEND_REQ_FD shares), kept by the
 /// relay so the daemon can tell the frontend that the config space changed (an online resize).
 /// vhost-user-backend gets the message too, unchanged; it never writes to the channel.
 #[derive(Default)]
 pub struct BackendChannel {
-    sock: Mutex<Option<UnixStream>>,
+    /// The channel; the relay thread takes this lock only to replace it, never while a
+    /// message is written (which may wait up to [`CHANNEL_WRITE_TIMEOUT`]).
+    sock: Mutex<Option<Arc<UnixStream>>>,
+    /// Held while a message is written, so that two messages never interleave.
+    writing: Mutex<()>,
 }
 
 impl BackendChannel {
@@ -86,30 +130,29 @@ impl BackendChannel {
         if let Err(e) = sock.set_write_timeout(Some(CHANNEL_WRITE_TIMEOUT)) {
             warn!("Cannot bound writes to the backend request channel: {e}");
         }
-        *self.sock.lock().unwrap_or_else(PoisonError::into_inner) = Some(sock);
+        *self.sock.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(sock));
     }
 
     /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (no reply asked for: QEMU then reads the
     /// config space again). `Ok(false)`: the frontend shared no channel.
     pub fn config_changed(&self) -> io::Result<bool> {
-        let guard = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(mut sock) = guard.as_ref() else {
+        let sock = self
+            .sock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(sock) = sock else {
             return Ok(false);
         };
         let request: u32 = vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG.into();
         let mut header = [0u8; HEADER_BYTES];
         header[0..4].copy_from_slice(&request.to_ne_bytes());
         header[4..8].copy_from_slice(&VERSION_1.to_ne_bytes());
-        sock.write_all(&header)?;
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        (&*sock).write_all(&header)?;
         Ok(true)
     }
 }
-const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
-const SET_VRING_ERR: u32 = FrontendReq::SET_VRING_ERR as u32;
-const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
-const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
-/// Bytes of one memory region description (guest address, size, user address, mmap offset).
-const REGION_BYTES: usize = 32;
 
 /// Why a message could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -170,92 +213,158 @@ impl Message {
     }
 }
 
-/// Receives into `buf` (all of it, unless the peer closes first), taking any file descriptors
-/// that come with the bytes. Returns the bytes received.
-fn recv_exact(
-    sock: &UnixStream,
-    buf: &mut [u8],
-    fds: &mut Vec<OwnedFd>,
-) -> Result<usize, FrameError> {
-    let mut got = 0;
-    while got < buf.len() {
-        let rest = &mut buf[got..];
-        let mut iov = [libc::iovec {
-            iov_base: rest.as_mut_ptr().cast(),
-            iov_len: rest.len(),
-        }];
-        let mut raw = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
-        // SAFETY: the iovec covers `rest`, a live, exclusively borrowed byte slice, which may
-        // hold any bytes; `raw` is a local array the call fills with received descriptors.
-        let received = unsafe { sock.recv_with_fds(&mut iov, &mut raw) };
-        let (n, nfds) = match received {
-            Ok(v) => v,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            // Too many descriptors: the library closed them all.
-            Err(e) if e.errno() == libc::ENOBUFS => return Err(FrameError::TooManyFds),
-            Err(e) => return Err(FrameError::Io(io::Error::from_raw_os_error(e.errno()))),
-        };
-        for &fd in &raw[..nfds.min(raw.len())] {
-            // SAFETY: recvmsg just created this descriptor in our table for us; nothing else
-            // owns it.
-            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-        if fds.len() > MAX_ATTACHED_FD_ENTRIES {
-            return Err(FrameError::TooManyFds);
-        }
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    Ok(got)
+/// What a [`Reader`] got from its socket this time.
+enum Received {
+    /// A whole message, with the descriptors that came with it.
+    Message(Message),
+    /// The socket has nothing more for now (what came is kept for the next time).
+    WouldBlock,
+    /// The peer closed the connection between two messages.
+    Closed,
 }
 
-/// Reads one message; `None` when the peer closed the connection between messages.
-fn read_message(sock: &UnixStream) -> Result<Option<Message>, FrameError> {
-    let mut fds = Vec::new();
-    let mut header = [0u8; HEADER_BYTES];
-    match recv_exact(sock, &mut header, &mut fds)? {
-        0 => return Ok(None),
-        HEADER_BYTES => {}
-        _ => return Err(FrameError::Truncated),
-    }
-    let mut msg = Message {
-        header,
-        body: Vec::new(),
-        fds,
-    };
-    let size = msg.field(2);
-    if size as usize > MAX_MSG_SIZE {
-        return Err(FrameError::TooLarge {
-            request: msg.request(),
-            size,
-        });
-    }
-    msg.body = vec![0u8; size as usize];
-    if recv_exact(sock, &mut msg.body, &mut msg.fds)? != msg.body.len() {
-        return Err(FrameError::Truncated);
-    }
-    Ok(Some(msg))
+/// One message being assembled from a socket across partial reads.
+struct Reader {
+    header: [u8; HEADER_BYTES],
+    /// Sized from the header once it is whole.
+    body: Vec<u8>,
+    /// Bytes of the message received so far (header, then body).
+    got: usize,
+    fds: Vec<OwnedFd>,
 }
 
-/// Sends `msg` whole, its descriptors with its first byte.
-fn write_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
-    let fds: Vec<RawFd> = msg.fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let mut bytes = Vec::with_capacity(HEADER_BYTES + msg.body.len());
-    bytes.extend_from_slice(&msg.header);
-    bytes.extend_from_slice(&msg.body);
-    let mut sent = 0;
-    while sent < bytes.len() {
-        let attach: &[RawFd] = if sent == 0 { &fds } else { &[] };
-        match sock.send_with_fds(&[&bytes[sent..]], attach) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => sent += n,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+impl Reader {
+    fn new() -> Reader {
+        Reader {
+            header: [0; HEADER_BYTES],
+            body: Vec::new(),
+            got: 0,
+            fds: Vec::new(),
         }
     }
-    Ok(())
+
+    /// Bytes held for the message being assembled.
+    fn held_bytes(&self) -> usize {
+        if self.got == 0 {
+            0
+        } else {
+            HEADER_BYTES + self.body.len()
+        }
+    }
+
+    /// Receives what `sock` has of the current message (all of it, on a blocking socket),
+    /// never past its end, with the descriptors that come with its bytes.
+    fn read(&mut self, sock: &UnixStream) -> Result<Received, FrameError> {
+        loop {
+            let rest = if self.got < HEADER_BYTES {
+                &mut self.header[self.got..]
+            } else {
+                &mut self.body[self.got - HEADER_BYTES..]
+            };
+            let mut iov = [libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            }];
+            let mut raw = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
+            // SAFETY: the iovec covers `rest`, a live, exclusively borrowed byte slice, which
+            // may hold any bytes; `raw` is a local array the call fills with received
+            // descriptors.
+            let received = unsafe { sock.recv_with_fds(&mut iov, &mut raw) };
+            let (n, nfds) = match received {
+                Ok(v) => v,
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) if e.errno() == libc::EAGAIN => return Ok(Received::WouldBlock),
+                // Too many descriptors: the library closed them all.
+                Err(e) if e.errno() == libc::ENOBUFS => return Err(FrameError::TooManyFds),
+                Err(e) => return Err(FrameError::Io(io::Error::from_raw_os_error(e.errno()))),
+            };
+            for &fd in &raw[..nfds.min(raw.len())] {
+                // SAFETY: recvmsg just created this descriptor in our table for us; nothing
+                // else owns it.
+                self.fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            if self.fds.len() > MAX_ATTACHED_FD_ENTRIES {
+                return Err(FrameError::TooManyFds);
+            }
+            if n == 0 {
+                if self.got == 0 && self.fds.is_empty() {
+                    return Ok(Received::Closed);
+                }
+                return Err(FrameError::Truncated);
+            }
+            self.got += n;
+            if self.got == HEADER_BYTES {
+                let size = u32::from_ne_bytes([
+                    self.header[8],
+                    self.header[9],
+                    self.header[10],
+                    self.header[11],
+                ]);
+                if size as usize > MAX_MSG_SIZE {
+                    let request = u32::from_ne_bytes([
+                        self.header[0],
+                        self.header[1],
+                        self.header[2],
+                        self.header[3],
+                    ]);
+                    return Err(FrameError::TooLarge { request, size });
+                }
+                self.body = vec![0u8; size as usize];
+            }
+            if self.got >= HEADER_BYTES && self.got == HEADER_BYTES + self.body.len() {
+                self.got = 0;
+                return Ok(Received::Message(Message {
+                    header: self.header,
+                    body: std::mem::take(&mut self.body),
+                    fds: std::mem::take(&mut self.fds),
+                }));
+            }
+        }
+    }
+}
+
+/// A message on its way out, and how much of it has gone.
+struct Outgoing {
+    msg: Message,
+    sent: usize,
+    /// SET_VRING_KICK: kick the queue once the message is out.
+    kick: bool,
+}
+
+impl Outgoing {
+    fn new(msg: Message) -> Outgoing {
+        Outgoing {
+            msg,
+            sent: 0,
+            kick: false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        HEADER_BYTES + self.msg.body.len()
+    }
+
+    /// Sends what `sock` takes of the rest of the message, its descriptors with its first
+    /// byte. `Ok(true)` once all of it has gone (on a blocking socket, always).
+    fn send(&mut self, sock: &UnixStream) -> io::Result<bool> {
+        let fds: Vec<RawFd> = self.msg.fds.iter().map(AsRawFd::as_raw_fd).collect();
+        while self.sent < self.len() {
+            let (header, body) = if self.sent < HEADER_BYTES {
+                (&self.msg.header[self.sent..], &self.msg.body[..])
+            } else {
+                (&[][..], &self.msg.body[self.sent - HEADER_BYTES..])
+            };
+            let attach: &[RawFd] = if self.sent == 0 { &fds } else { &[] };
+            match sock.send_with_fds(&[header, body], attach) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.errno() == libc::EINTR => {}
+                Err(e) if e.errno() == libc::EAGAIN => return Ok(false),
+                Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// The directory `qcow2d serve` makes at start-up for the private sockets
@@ -312,17 +421,209 @@ pub fn private_connection() -> io::Result<(Listener, UnixStream)> {
     Ok((Listener::from(listener), stream))
 }
 
-/// The two relay threads of one connection.
+/// What the relay thread is asked to do, in order.
+enum Command {
+    /// Relay for a new connection.
+    Add(Box<Conn>),
+    /// Drop a connection (closing its sockets), unless it ended already.
+    Remove(u64),
+}
+
+struct Queue {
+    commands: Vec<Command>,
+    /// The relay thread has ended: nothing is queued any more.
+    ended: bool,
+}
+
+/// What the relay thread shares with the connections' threads.
+struct Shared {
+    epoll: Epoll,
+    wake: EventFd,
+    queue: Mutex<Queue>,
+}
+
+/// The relay thread, once started.
+static THREAD: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
+
+/// Starts the relay thread (`qcow2d-relay`) unless it runs already. `qcow2d serve` calls it
+/// at start-up, from the main thread, so that no thread that may not start threads has to.
+pub fn start_thread() -> io::Result<()> {
+    relay_thread().map(drop)
+}
+
+fn relay_thread() -> io::Result<Arc<Shared>> {
+    let mut slot = THREAD.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(shared) = slot.as_ref() {
+        return Ok(Arc::clone(shared));
+    }
+    let epoll = Epoll::new()?;
+    let wake = EventFd::new(EFD_NONBLOCK)?;
+    epoll.ctl(
+        ControlOperation::Add,
+        wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, WAKE),
+    )?;
+    let shared = Arc::new(Shared {
+        epoll,
+        wake,
+        queue: Mutex::new(Queue {
+            commands: Vec::new(),
+            ended: false,
+        }),
+    });
+    let theirs = Arc::clone(&shared);
+    std::thread::Builder::new()
+        .name("qcow2d-relay".into())
+        .spawn(move || theirs.run())?;
+    *slot = Some(Arc::clone(&shared));
+    Ok(shared)
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `command` and wakes the relay thread; hands it back if the thread has ended.
+    fn send(&self, command: Command) -> Result<(), Command> {
+        let mut queue = self.queue();
+        if queue.ended {
+            return Err(command);
+        }
+        queue.commands.push(command);
+        drop(queue);
+        // An eventfd whose counter is full is readable already: no wake-up is lost.
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    /// The relay thread's loop.
+    fn run(self: Arc<Self>) {
+        seccomp::enter_or_abort(Role::Relay);
+        let mut conns: HashMap<u64, Conn> = HashMap::new();
+        // However this loop ends, connections handed in later are refused, and those queued
+        // or relayed are dropped (closing their sockets), so no `Relay::stop` waits forever.
+        let _ended = EndedOnDrop(&self);
+        let mut events = vec![EpollEvent::default(); EVENTS];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Only a broken epoll descriptor gets here: no connection could be relayed
+                    // any more, which must not pass unnoticed.
+                    error!("The relay thread cannot wait for messages any more: {e}");
+                    std::process::abort();
+                }
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    WAKE => {
+                        let _ = self.wake.read();
+                        self.commands(&mut conns);
+                    }
+                    token => self.turn(&mut conns, token / 2),
+                }
+            }
+        }
+    }
+
+    /// Handles the queued commands.
+    fn commands(&self, conns: &mut HashMap<u64, Conn>) {
+        let commands = std::mem::take(&mut self.queue().commands);
+        for command in commands {
+            match command {
+                Command::Add(conn) => {
+                    let mut conn = *conn;
+                    match conn.watch(&self.epoll) {
+                        Ok(()) => {
+                            conns.insert(conn.id, conn);
+                        }
+                        Err(e) => {
+                            End::Watch(e).log(&conn.name);
+                            conn.unwatch(&self.epoll);
+                        }
+                    }
+                }
+                Command::Remove(id) => {
+                    if let Some(conn) = conns.remove(&id) {
+                        debug!(connection = conn.name, "Relay stopped");
+                        conn.unwatch(&self.epoll);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves connection `id`'s messages as far as its sockets allow; a connection that ends
+    /// (or whose relaying panics) is dropped, and only it.
+    fn turn(&self, conns: &mut HashMap<u64, Conn>, id: u64) {
+        let Some(conn) = conns.get_mut(&id) else {
+            // Dropped earlier in this batch of events.
+            return;
+        };
+        let turned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            conn.turn()?;
+            conn.watch(&self.epoll).map_err(End::Watch)
+        }));
+        let end = match turned {
+            Ok(Ok(())) => return,
+            Ok(Err(end)) => end,
+            Err(_) => End::Panicked,
+        };
+        end.log(&conn.name);
+        if let Some(conn) = conns.remove(&id) {
+            conn.unwatch(&self.epoll);
+        }
+    }
+}
+
+/// Marks the relay thread ended when its loop ends, and drops what was queued for it.
+struct EndedOnDrop<'a>(&'a Shared);
+
+impl Drop for EndedOnDrop<'_> {
+    fn drop(&mut self) {
+        let commands = {
+            let mut queue = self.0.queue();
+            queue.ended = true;
+            std::mem::take(&mut queue.commands)
+        };
+        error!("The relay thread ended: its connections are closed");
+        drop(commands);
+    }
+}
+
+/// Set once the relay thread has dropped a connection (its sockets closed).
+#[derive(Default)]
+struct Gone {
+    gone: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// Tells the connection's [`Relay`] that the connection was dropped, as it is dropped itself.
+struct GoneOnDrop(Arc<Gone>);
+
+impl Drop for GoneOnDrop {
+    fn drop(&mut self) {
+        *self.0.gone.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.0.cv.notify_all();
+    }
+}
+
+/// One connection relayed by the relay thread; stopped (and dropped, with both sockets
+/// closed) by [`Relay::stop`] or when dropped.
 pub struct Relay {
-    frontend: UnixStream,
-    backend: UnixStream,
-    threads: Vec<JoinHandle<()>>,
+    id: u64,
+    shared: Arc<Shared>,
+    gone: Arc<Gone>,
+    peak: Arc<AtomicUsize>,
 }
 
 impl Relay {
     /// Relays between `frontend` (the accepted frontend connection) and `backend` (the end of
-    /// the private connection whose other end vhost-user-backend's daemon accepted). `name`
-    /// prefixes the thread names.
+    /// the private connection whose other end vhost-user-backend's daemon accepted), on the
+    /// relay thread (started now unless it runs already, [`start_thread`]). `name` names the
+    /// connection in log lines.
     pub fn start(
         frontend: UnixStream,
         backend: UnixStream,
@@ -330,147 +631,317 @@ impl Relay {
         channel: Arc<BackendChannel>,
         name: &str,
     ) -> io::Result<Relay> {
-        let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
-        let inbound = Inbound {
-            frontend: frontend.try_clone()?,
-            backend: backend.try_clone()?,
-            to_frontend: Arc::clone(&to_frontend),
-            inflight,
-            channel,
-        };
-        let outbound = Outbound {
-            backend: backend.try_clone()?,
-            to_frontend,
-        };
-        let mut threads = Vec::with_capacity(2);
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("{name}-in"))
-                .spawn(move || {
-                    crate::sandbox::seccomp::enter_or_abort(crate::sandbox::Role::Relay);
-                    inbound.run()
-                })?,
-        );
-        let spawned = std::thread::Builder::new()
-            .name(format!("{name}-out"))
-            .spawn(move || {
-                crate::sandbox::seccomp::enter_or_abort(crate::sandbox::Role::Relay);
-                outbound.run()
-            });
-        let relay = Relay {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        frontend.set_nonblocking(true)?;
+        backend.set_nonblocking(true)?;
+        let shared = relay_thread()?;
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let gone = Arc::new(Gone::default());
+        let peak = Arc::new(AtomicUsize::new(0));
+        let conn = Conn {
+            id,
+            name: name.to_owned(),
             frontend,
             backend,
-            threads,
+            inflight,
+            channel,
+            inbound: Reader::new(),
+            outbound: Reader::new(),
+            to_backend: None,
+            to_frontend: None,
+            frontend_events: EventSet::empty(),
+            backend_events: EventSet::empty(),
+            peak: Arc::clone(&peak),
+            _gone: GoneOnDrop(Arc::clone(&gone)),
         };
-        match spawned {
-            Ok(t) => {
-                let mut relay = relay;
-                relay.threads.push(t);
-                Ok(relay)
-            }
-            Err(e) => {
-                relay.stop();
-                Err(e)
-            }
-        }
+        // Refused: the connection is dropped with the command, its sockets closed.
+        shared
+            .send(Command::Add(Box::new(conn)))
+            .map_err(|_| io::Error::other("the relay thread has ended"))?;
+        Ok(Relay {
+            id,
+            shared,
+            gone,
+            peak,
+        })
     }
 
-    /// Closes both connections and waits for the threads.
-    pub fn stop(mut self) {
-        shut(&self.frontend);
-        shut(&self.backend);
-        for t in self.threads.drain(..) {
-            if t.join().is_err() {
-                error!("A vhost-user relay thread panicked");
-            }
+    /// Ends the connection (unless it ended already): waits until the relay thread has dropped
+    /// it, both sockets shut down and closed.
+    pub fn stop(self) {
+        drop(self);
+    }
+
+    /// The most bytes of messages the relay thread has held for this connection at once
+    /// (never above [`MAX_BUFFERED_BYTES`]).
+    pub fn peak_buffered_bytes(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // Refused only once the relay thread has ended, which dropped every connection.
+        let _ = self.shared.send(Command::Remove(self.id));
+        let mut gone = self
+            .gone
+            .gone
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while !*gone {
+            gone = self
+                .gone
+                .cv
+                .wait(gone)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 }
 
-fn shut(sock: &UnixStream) {
-    // Fails only if it is shut down already (or no longer connected), which is as good.
-    let _ = sock.shutdown(Shutdown::Both);
+/// Why a connection ended.
+enum End {
+    FrontendClosed,
+    BackendClosed,
+    FrontendFrame(FrameError),
+    BackendFrame(FrameError),
+    /// A message the fd checks refused (logged as it was refused).
+    Refused,
+    ToBackend(io::Error),
+    ToFrontend(io::Error),
+    Watch(io::Error),
+    Panicked,
 }
 
-fn send_to_frontend(to_frontend: &Mutex<UnixStream>, msg: &Message) -> io::Result<()> {
-    let sock = to_frontend.lock().unwrap_or_else(PoisonError::into_inner);
-    write_message(&sock, msg)
+impl End {
+    fn log(&self, connection: &str) {
+        match self {
+            End::FrontendClosed => debug!(connection, "The frontend closed the connection"),
+            End::BackendClosed => debug!(connection, "The device closed the connection"),
+            End::FrontendFrame(e) => warn!(
+                connection,
+                "Closing the connection: cannot read the frontend's message: {e}"
+            ),
+            End::BackendFrame(e) => warn!(
+                connection,
+                "Closing the connection: cannot read the device's reply: {e}"
+            ),
+            End::Refused => {}
+            // The other side is gone (or going): the connection is over.
+            End::ToBackend(e) => debug!(connection, "Relay to the device ended: {e}"),
+            End::ToFrontend(e) => debug!(connection, "Cannot pass a reply to the frontend: {e}"),
+            End::Watch(e) => error!(
+                connection,
+                "Closing the connection: the relay cannot watch its sockets: {e}"
+            ),
+            End::Panicked => error!(
+                connection,
+                "Closing the connection: relaying its messages panicked"
+            ),
+        }
+    }
 }
 
-/// Frontend → backend.
-struct Inbound {
+/// One connection's relaying state, owned by the relay thread. Dropping it shuts both sockets
+/// down, closes them (and the descriptors of messages still held), then tells its [`Relay`].
+struct Conn {
+    id: u64,
+    name: String,
     frontend: UnixStream,
     backend: UnixStream,
-    to_frontend: Arc<Mutex<UnixStream>>,
     inflight: Arc<InflightShared>,
     channel: Arc<BackendChannel>,
+    /// Frontend → backend, being read.
+    inbound: Reader,
+    /// Backend → frontend, being read.
+    outbound: Reader,
+    to_backend: Option<Outgoing>,
+    to_frontend: Option<Outgoing>,
+    /// What each socket waits for in the epoll set (empty: it is not in the set).
+    frontend_events: EventSet,
+    backend_events: EventSet,
+    peak: Arc<AtomicUsize>,
+    /// Last: dropped once the sockets are closed.
+    _gone: GoneOnDrop,
 }
 
-impl Inbound {
-    fn run(self) {
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Fails only if it is shut down already (or no longer connected), which is as good.
+        let _ = self.frontend.shutdown(Shutdown::Both);
+        let _ = self.backend.shutdown(Shutdown::Both);
+    }
+}
+
+impl Conn {
+    fn held_bytes(&self) -> usize {
+        self.inbound.held_bytes()
+            + self.outbound.held_bytes()
+            + self.to_backend.as_ref().map_or(0, Outgoing::len)
+            + self.to_frontend.as_ref().map_or(0, Outgoing::len)
+    }
+
+    /// Sends what is on its way out and reads what may be read now, until nothing moves or
+    /// [`MESSAGES_PER_TURN`] messages were read.
+    fn turn(&mut self) -> Result<(), End> {
+        let mut moved = 0;
         loop {
-            let msg = match read_message(&self.frontend) {
-                Ok(Some(msg)) => msg,
-                Ok(None) => {
-                    debug!("The frontend closed the connection");
-                    break;
+            let before = moved;
+            if let Some(out) = &mut self.to_frontend {
+                if out.send(&self.frontend).map_err(End::ToFrontend)? {
+                    self.to_frontend = None;
                 }
-                Err(e) => {
-                    warn!("Closing the connection: cannot read the frontend's message: {e}");
-                    break;
+            }
+            if let Some(out) = &mut self.to_backend {
+                if out.send(&self.backend).map_err(End::ToBackend)? {
+                    if out.kick {
+                        kick(&out.msg);
+                    }
+                    self.to_backend = None;
                 }
-            };
-            let mut msg = msg;
-            if let Err(why) = check_fds(&msg) {
-                error!(
-                    request = msg.request(),
-                    "Closing the connection: the frontend's message is refused: {why}"
-                );
-                if msg.need_reply() {
-                    let status = 1u64.to_ne_bytes().to_vec();
-                    let _ = send_to_frontend(&self.to_frontend, &msg.reply(status, Vec::new()));
-                }
+            }
+            if moved >= MESSAGES_PER_TURN {
                 break;
             }
-            let result = match msg.request() {
-                GET_INFLIGHT_FD => {
-                    let reply = self.get_inflight_fd(&msg);
-                    send_to_frontend(&self.to_frontend, &reply)
-                }
-                SET_INFLIGHT_FD => {
-                    let ok = self.set_inflight_fd(&mut msg);
-                    if msg.need_reply() {
-                        let status = u64::from(!ok).to_ne_bytes().to_vec();
-                        send_to_frontend(&self.to_frontend, &msg.reply(status, Vec::new()))
-                    } else {
-                        Ok(())
+            if self.to_backend.is_none() && self.to_frontend.is_none() {
+                match self
+                    .inbound
+                    .read(&self.frontend)
+                    .map_err(End::FrontendFrame)?
+                {
+                    Received::Message(msg) => {
+                        moved += 1;
+                        self.inbound_message(msg)?;
                     }
+                    Received::WouldBlock => {}
+                    Received::Closed => return Err(End::FrontendClosed),
                 }
-                SET_BACKEND_REQ_FD => {
-                    match msg.fds.first().map(|fd| fd.try_clone()) {
-                        Some(Ok(fd)) => self.channel.set(fd),
-                        Some(Err(e)) => warn!("Cannot keep the backend request channel: {e}"),
-                        None => debug!("SET_BACKEND_REQ_FD without a file descriptor"),
+            }
+            if self.to_frontend.is_none() {
+                match self
+                    .outbound
+                    .read(&self.backend)
+                    .map_err(End::BackendFrame)?
+                {
+                    Received::Message(msg) => {
+                        moved += 1;
+                        self.to_frontend = Some(Outgoing::new(msg));
                     }
-                    write_message(&self.backend, &msg)
+                    Received::WouldBlock => {}
+                    Received::Closed => return Err(End::BackendClosed),
                 }
-                SET_VRING_KICK => {
-                    let sent = write_message(&self.backend, &msg);
-                    if sent.is_ok() {
-                        kick(&msg);
-                    }
-                    sent
-                }
-                _ => write_message(&self.backend, &msg),
-            };
-            if let Err(e) = result {
-                // The other side is gone (or going): the connection is over.
-                debug!("Relay to the device ended: {e}");
+            }
+            self.peak.fetch_max(self.held_bytes(), Ordering::Relaxed);
+            if moved == before {
                 break;
             }
         }
-        shut(&self.backend);
-        shut(&self.frontend);
+        Ok(())
+    }
+
+    /// Puts each socket in the epoll set for what the connection waits for now: the frontend's
+    /// for reading when nothing is on its way out, and for writing while a reply is on its way
+    /// to it; vhost-user-backend's for reading unless a reply is on its way to the frontend,
+    /// and for writing while a message is on its way to it. A socket waiting for nothing
+    /// leaves the set (its peer hanging up would otherwise wake the thread again and again).
+    fn watch(&mut self, epoll: &Epoll) -> io::Result<()> {
+        let mut frontend = EventSet::empty();
+        if self.to_backend.is_none() && self.to_frontend.is_none() {
+            frontend |= EventSet::IN;
+        }
+        if self.to_frontend.is_some() {
+            frontend |= EventSet::OUT;
+        }
+        let mut backend = EventSet::empty();
+        if self.to_frontend.is_none() {
+            backend |= EventSet::IN;
+        }
+        if self.to_backend.is_some() {
+            backend |= EventSet::OUT;
+        }
+        let token = 2 * self.id;
+        interest(
+            epoll,
+            &self.frontend,
+            &mut self.frontend_events,
+            frontend,
+            token,
+        )?;
+        interest(
+            epoll,
+            &self.backend,
+            &mut self.backend_events,
+            backend,
+            token + 1,
+        )
+    }
+
+    /// Takes both sockets out of the epoll set.
+    fn unwatch(&self, epoll: &Epoll) {
+        for (sock, events) in [
+            (&self.frontend, self.frontend_events),
+            (&self.backend, self.backend_events),
+        ] {
+            if !events.is_empty() {
+                // Cannot fail for a descriptor in the set; closing it takes it out anyway.
+                let _ = epoll.ctl(
+                    ControlOperation::Delete,
+                    sock.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+        }
+    }
+
+    /// A whole message from the frontend, when nothing is on its way out either way.
+    fn inbound_message(&mut self, mut msg: Message) -> Result<(), End> {
+        if let Err(why) = check_fds(&msg) {
+            error!(
+                connection = self.name,
+                request = msg.request(),
+                "Closing the connection: the frontend's message is refused: {why}"
+            );
+            if msg.need_reply() {
+                // Nothing else is on its way to the frontend; the connection ends now, so the
+                // answer gets what room the socket has.
+                let status = 1u64.to_ne_bytes().to_vec();
+                let _ = Outgoing::new(msg.reply(status, Vec::new())).send(&self.frontend);
+            }
+            return Err(End::Refused);
+        }
+        match msg.request() {
+            GET_INFLIGHT_FD => {
+                let reply = self.get_inflight_fd(&msg);
+                self.to_frontend = Some(Outgoing::new(reply));
+            }
+            SET_INFLIGHT_FD => {
+                let ok = self.set_inflight_fd(&mut msg);
+                if msg.need_reply() {
+                    let status = u64::from(!ok).to_ne_bytes().to_vec();
+                    self.to_frontend = Some(Outgoing::new(msg.reply(status, Vec::new())));
+                }
+            }
+            SET_BACKEND_REQ_FD => {
+                match msg.fds.first().map(|fd| fd.try_clone()) {
+                    Some(Ok(fd)) => self.channel.set(fd),
+                    Some(Err(e)) => warn!(
+                        connection = self.name,
+                        "Cannot keep the backend request channel: {e}"
+                    ),
+                    None => debug!(
+                        connection = self.name,
+                        "SET_BACKEND_REQ_FD without a file descriptor"
+                    ),
+                }
+                self.to_backend = Some(Outgoing::new(msg));
+            }
+            SET_VRING_KICK => {
+                let mut out = Outgoing::new(msg);
+                out.kick = true;
+                self.to_backend = Some(out);
+            }
+            _ => self.to_backend = Some(Outgoing::new(msg)),
+        }
+        Ok(())
     }
 
     /// GET_INFLIGHT_FD: a new zeroed area sized for the frontend's queues. On failure the
@@ -549,6 +1020,30 @@ impl Inbound {
             }
         }
     }
+}
+
+/// Changes what `sock` waits for in the epoll set from `current` to `wanted` (empty: out of
+/// the set).
+fn interest(
+    epoll: &Epoll,
+    sock: &UnixStream,
+    current: &mut EventSet,
+    wanted: EventSet,
+    token: u64,
+) -> io::Result<()> {
+    if *current == wanted {
+        return Ok(());
+    }
+    let operation = if current.is_empty() {
+        ControlOperation::Add
+    } else if wanted.is_empty() {
+        ControlOperation::Delete
+    } else {
+        ControlOperation::Modify
+    };
+    epoll.ctl(operation, sock.as_raw_fd(), EpollEvent::new(wanted, token))?;
+    *current = wanted;
+    Ok(())
 }
 
 /// Checks the file descriptors of a message before it is forwarded (see the module
@@ -675,34 +1170,381 @@ fn kick(msg: &Message) {
     }
 }
 
-/// Backend → frontend.
-struct Outbound {
-    backend: UnixStream,
-    to_frontend: Arc<Mutex<UnixStream>>,
-}
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::time::{Duration, Instant};
 
-impl Outbound {
-    fn run(self) {
-        loop {
-            match read_message(&self.backend) {
-                Ok(Some(msg)) => {
-                    if let Err(e) = send_to_frontend(&self.to_frontend, &msg) {
-                        debug!("Cannot pass a reply to the frontend: {e}");
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    warn!("Closing the connection: cannot read the device's reply: {e}");
+    use super::*;
+
+    /// GET_FEATURES: forwarded as it is, whatever its body.
+    const PLAIN: u32 = 1;
+
+    /// How long a test waits for the relay before it fails (never reached when it works).
+    const PATIENCE: Duration = Duration::from_secs(60);
+
+    fn message_bytes(request: u32, flags: u32, body: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(HEADER_BYTES + body.len());
+        bytes.extend_from_slice(&request.to_ne_bytes());
+        bytes.extend_from_slice(&flags.to_ne_bytes());
+        bytes.extend_from_slice(&(body.len() as u32).to_ne_bytes());
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    fn eventfd() -> OwnedFd {
+        // SAFETY: valid flags; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0, "eventfd failed");
+        // SAFETY: `fd` was just created and nothing else owns it.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn memfd() -> OwnedFd {
+        // SAFETY: a C string literal and valid flags; the result is checked before use.
+        let fd = unsafe { libc::memfd_create(c"relay-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create failed");
+        // SAFETY: `fd` was just created and nothing else owns it.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    /// Sends all of `bytes`, `fds` with the first byte (on a blocking socket).
+    fn send(sock: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let mut sent = 0;
+        while sent < bytes.len() {
+            let attach: &[RawFd] = if sent == 0 { &raw } else { &[] };
+            match sock.send_with_fds(&[&bytes[sent..]], attach) {
+                Ok(n) => sent += n,
+                Err(e) if e.errno() == libc::EINTR => {}
+                Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+            }
+        }
+        Ok(())
+    }
+
+    /// The next message on a blocking socket (with a read timeout so that a test fails
+    /// rather than hangs); `None` when the peer closed it.
+    fn receive(sock: &UnixStream) -> Option<Message> {
+        sock.set_read_timeout(Some(PATIENCE)).unwrap();
+        match Reader::new().read(sock).unwrap() {
+            Received::Message(msg) => Some(msg),
+            Received::Closed => None,
+            Received::WouldBlock => panic!("nothing came from the relay"),
+        }
+    }
+
+    fn bytes_of(msg: &Message) -> Vec<u8> {
+        let mut bytes = msg.header.to_vec();
+        bytes.extend_from_slice(&msg.body);
+        bytes
+    }
+
+    /// A relay between two socket pairs: (frontend side, backend side, relay).
+    fn connected() -> (UnixStream, UnixStream, Relay) {
+        let (frontend, relay_frontend) = UnixStream::pair().unwrap();
+        let (backend, relay_backend) = UnixStream::pair().unwrap();
+        let relay = Relay::start(
+            relay_frontend,
+            relay_backend,
+            Arc::new(InflightShared::default()),
+            Arc::new(BackendChannel::default()),
+            "test",
+        )
+        .unwrap();
+        (frontend, backend, relay)
+    }
+
+    /// Waits until `done` holds, failing the test if it never does.
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < PATIENCE, "the relay never {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A message cut at any byte (inside the header, at its end, inside the body) is
+    /// assembled whole once the rest comes, with the descriptors that came with its first
+    /// part; until then the reader has nothing to give.
+    #[test]
+    fn a_message_split_at_every_byte_is_assembled_whole() {
+        let body: Vec<u8> = (0..40).collect();
+        let bytes = message_bytes(PLAIN, VERSION_1, &body);
+        for split in 1..bytes.len() {
+            let (peer, sock) = UnixStream::pair().unwrap();
+            sock.set_nonblocking(true).unwrap();
+            send(&peer, &bytes[..split], &[eventfd(), memfd()]).unwrap();
+            let mut reader = Reader::new();
+            assert!(
+                matches!(reader.read(&sock).unwrap(), Received::WouldBlock),
+                "split at {split}"
+            );
+            assert!(reader.held_bytes() > 0);
+            send(&peer, &bytes[split..], &[]).unwrap();
+            let Received::Message(msg) = reader.read(&sock).unwrap() else {
+                panic!("no message after the split at {split}");
+            };
+            assert_eq!(bytes_of(&msg), bytes, "split at {split}");
+            assert_eq!(msg.fds.len(), 2, "split at {split}");
+            assert!(fdcheck::is_eventfd(msg.fds[0].as_fd()));
+            assert!(!fdcheck::is_eventfd(msg.fds[1].as_fd()));
+            assert_eq!(reader.held_bytes(), 0);
+            assert!(matches!(reader.read(&sock).unwrap(), Received::WouldBlock));
+            drop(peer);
+            assert!(matches!(reader.read(&sock).unwrap(), Received::Closed));
+        }
+    }
+
+    /// A message sent one byte at a time, its descriptor with the first byte, then a second
+    /// message with a descriptor of its own: each message keeps its own descriptors.
+    #[test]
+    fn descriptors_stay_with_the_message_whose_first_byte_they_came_with() {
+        let first = message_bytes(PLAIN, VERSION_1, &[7; 16]);
+        let second = message_bytes(PLAIN + 1, VERSION_1, &[9; 8]);
+        let (peer, sock) = UnixStream::pair().unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let mut reader = Reader::new();
+        for (i, byte) in first.iter().enumerate() {
+            let fds = if i == 0 { vec![eventfd()] } else { Vec::new() };
+            send(&peer, std::slice::from_ref(byte), &fds).unwrap();
+            if i + 1 < first.len() {
+                assert!(matches!(reader.read(&sock).unwrap(), Received::WouldBlock));
+            }
+        }
+        send(&peer, &second, &[memfd()]).unwrap();
+        let Received::Message(one) = reader.read(&sock).unwrap() else {
+            panic!("the first message is not whole");
+        };
+        let Received::Message(two) = reader.read(&sock).unwrap() else {
+            panic!("the second message is not whole");
+        };
+        assert_eq!(bytes_of(&one), first);
+        assert_eq!(bytes_of(&two), second);
+        assert_eq!((one.fds.len(), two.fds.len()), (1, 1));
+        assert!(fdcheck::is_eventfd(one.fds[0].as_fd()));
+        assert!(!fdcheck::is_eventfd(two.fds[0].as_fd()));
+    }
+
+    /// What cannot be framed: a body over the limit, a message cut by the peer's end, more
+    /// descriptors than a message may carry.
+    #[test]
+    fn messages_that_cannot_be_framed_are_errors() {
+        let (peer, sock) = UnixStream::pair().unwrap();
+        send(&peer, &message_bytes(PLAIN, VERSION_1, &[]), &[]).unwrap();
+        let mut header = message_bytes(PLAIN, VERSION_1, &[]);
+        header[8..12].copy_from_slice(&(MAX_MSG_SIZE as u32 + 1).to_ne_bytes());
+        send(&peer, &header, &[]).unwrap();
+        let mut reader = Reader::new();
+        assert!(matches!(reader.read(&sock), Ok(Received::Message(_))));
+        assert!(matches!(
+            reader.read(&sock),
+            Err(FrameError::TooLarge { request: PLAIN, .. })
+        ));
+
+        let (peer, sock) = UnixStream::pair().unwrap();
+        send(&peer, &message_bytes(PLAIN, VERSION_1, &[1; 8])[..15], &[]).unwrap();
+        drop(peer);
+        assert!(matches!(
+            Reader::new().read(&sock),
+            Err(FrameError::Truncated)
+        ));
+
+        let (peer, sock) = UnixStream::pair().unwrap();
+        let fds: Vec<OwnedFd> = (0..=MAX_ATTACHED_FD_ENTRIES).map(|_| eventfd()).collect();
+        send(&peer, &message_bytes(PLAIN, VERSION_1, &[]), &fds).unwrap();
+        assert!(matches!(
+            Reader::new().read(&sock),
+            Err(FrameError::TooManyFds)
+        ));
+    }
+
+    /// Through the relay thread: a message cut at every byte reaches the backend whole, with
+    /// its descriptor, after the relay has read (and held) the first part.
+    #[test]
+    fn the_relay_passes_a_message_cut_at_every_byte() {
+        let body: Vec<u8> = (0..24).collect();
+        let bytes = message_bytes(PLAIN, VERSION_1, &body);
+        for split in 1..bytes.len() {
+            let (frontend, backend, relay) = connected();
+            send(&frontend, &bytes[..split], &[eventfd()]).unwrap();
+            wait_for("read the first part", || relay.peak_buffered_bytes() > 0);
+            send(&frontend, &bytes[split..], &[]).unwrap();
+            let msg = receive(&backend).expect("the message reached the backend");
+            assert_eq!(bytes_of(&msg), bytes, "split at {split}");
+            assert_eq!(msg.fds.len(), 1, "split at {split}");
+            assert!(fdcheck::is_eventfd(msg.fds[0].as_fd()));
+            // Replies come back the same way.
+            let reply = message_bytes(PLAIN, VERSION_1 | FLAG_REPLY, &[5; 8]);
+            send(&backend, &reply, &[]).unwrap();
+            assert_eq!(bytes_of(&receive(&frontend).unwrap()), reply);
+            relay.stop();
+            // Stopping closed both sockets.
+            assert!(receive(&frontend).is_none());
+            assert!(receive(&backend).is_none());
+        }
+    }
+
+    /// GET_INFLIGHT_FD and SET_INFLIGHT_FD are answered by the relay, not passed on; a
+    /// refused descriptor ends the connection with an error answer, and both sides see the
+    /// end.
+    #[test]
+    fn the_relay_answers_the_inflight_messages_and_ends_on_a_refused_descriptor() {
+        let (frontend, backend, relay) = connected();
+        let mut ask = vec![0u8; INFLIGHT_BYTES];
+        ask[16..18].copy_from_slice(&1u16.to_ne_bytes());
+        ask[18..20].copy_from_slice(&128u16.to_ne_bytes());
+        send(
+            &frontend,
+            &message_bytes(GET_INFLIGHT_FD, VERSION_1, &ask),
+            &[],
+        )
+        .unwrap();
+        let answer = receive(&frontend).unwrap();
+        assert_eq!(answer.request(), GET_INFLIGHT_FD);
+        assert_eq!(answer.flags(), VERSION_1 | FLAG_REPLY);
+        assert_eq!(answer.body.len(), INFLIGHT_BYTES);
+        assert_eq!(answer.fds.len(), 1);
+        let size = answer.u64_at(0).unwrap();
+        let mut set = answer.body.clone();
+        set[0..8].copy_from_slice(&size.to_ne_bytes());
+        let area = answer.fds.into_iter().next().unwrap();
+        send(
+            &frontend,
+            &message_bytes(SET_INFLIGHT_FD, VERSION_1 | FLAG_NEED_REPLY, &set),
+            &[area],
+        )
+        .unwrap();
+        let ack = receive(&frontend).unwrap();
+        assert_eq!(ack.request(), SET_INFLIGHT_FD);
+        assert_eq!(ack.u64_at(0), Some(0), "the area was taken");
+
+        // A kick descriptor that is no eventfd.
+        let kick = message_bytes(SET_VRING_KICK, VERSION_1 | FLAG_NEED_REPLY, &[0; 8]);
+        send(&frontend, &kick, &[memfd()]).unwrap();
+        let refused = receive(&frontend).unwrap();
+        assert_eq!(refused.request(), SET_VRING_KICK);
+        assert_eq!(refused.u64_at(0), Some(1));
+        assert!(receive(&frontend).is_none(), "the frontend sees the end");
+        assert!(
+            receive(&backend).is_none(),
+            "the backend got nothing, and sees the end"
+        );
+        relay.stop();
+    }
+
+    /// When the frontend leaves, the backend sees the connection end (and the other way).
+    #[test]
+    fn either_side_leaving_ends_both() {
+        let (frontend, backend, relay) = connected();
+        let msg = message_bytes(PLAIN, VERSION_1, &[1; 8]);
+        send(&frontend, &msg, &[]).unwrap();
+        drop(frontend);
+        assert_eq!(bytes_of(&receive(&backend).unwrap()), msg);
+        assert!(receive(&backend).is_none());
+        relay.stop();
+
+        let (frontend, backend, relay) = connected();
+        drop(backend);
+        assert!(receive(&frontend).is_none());
+        relay.stop();
+    }
+
+    /// Sends `msg` on `sock` (blocking) until it fails, `limit` times at most; returns how
+    /// many went.
+    fn flood(sock: UnixStream, msg: Vec<u8>, limit: usize) -> std::thread::JoinHandle<usize> {
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            while sent < limit && send(&sock, &msg, &[]).is_ok() {
+                sent += 1;
+            }
+            sent
+        })
+    }
+
+    /// A frontend that floods requests and never reads the replies (its backend answering
+    /// every one with 4 KiB) stalls only its own connection: another connection is relayed
+    /// meanwhile, the flooder is held back by its socket rather than buffered for, and the
+    /// relay holds at most [`MAX_BUFFERED_BYTES`] for it.
+    #[test]
+    fn a_frontend_that_never_reads_replies_blocks_only_itself() {
+        let (stuck, stuck_backend, stuck_relay) = connected();
+        let echo = std::thread::spawn(move || {
+            let reply = message_bytes(PLAIN, VERSION_1 | FLAG_REPLY, &[3; MAX_MSG_SIZE]);
+            let mut reader = Reader::new();
+            while let Ok(Received::Message(_)) = reader.read(&stuck_backend) {
+                if send(&stuck_backend, &reply, &[]).is_err() {
                     break;
                 }
             }
+        });
+        // 80 MiB of replies if they were all relayed.
+        const REQUESTS: usize = 20_000;
+        let flooder = flood(
+            stuck.try_clone().unwrap(),
+            message_bytes(PLAIN, VERSION_1 | FLAG_NEED_REPLY, &[1; 64]),
+            REQUESTS,
+        );
+
+        // Another connection, served while the first one is stuck.
+        let (frontend, backend, relay) = connected();
+        for i in 0..200u32 {
+            let msg = message_bytes(PLAIN, VERSION_1, &i.to_ne_bytes());
+            send(&frontend, &msg, &[]).unwrap();
+            assert_eq!(bytes_of(&receive(&backend).unwrap()), msg);
+            let reply = message_bytes(PLAIN, VERSION_1 | FLAG_REPLY, &i.to_ne_bytes());
+            send(&backend, &reply, &[]).unwrap();
+            assert_eq!(bytes_of(&receive(&frontend).unwrap()), reply);
         }
-        let frontend = self
-            .to_frontend
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        shut(&frontend);
-        shut(&self.backend);
+        relay.stop();
+
+        assert!(
+            !flooder.is_finished(),
+            "the flooder was held back by its socket"
+        );
+        assert!(stuck_relay.peak_buffered_bytes() <= MAX_BUFFERED_BYTES);
+        assert!(stuck_relay.peak_buffered_bytes() >= HEADER_BYTES + MAX_MSG_SIZE);
+        stuck_relay.stop();
+        // Its sockets closed, the flooder's and the echo's writes fail.
+        assert!(flooder.join().unwrap() < REQUESTS);
+        echo.join().unwrap();
+    }
+
+    /// A frontend that floods messages while vhost-user-backend reads none: the relay stops
+    /// reading once one message waits to go out, so the flood stays in the flooder's socket.
+    #[test]
+    fn a_flood_is_held_back_with_bounded_memory() {
+        let (frontend, backend, relay) = connected();
+        const MESSAGES: usize = 50_000;
+        let msg = message_bytes(PLAIN, VERSION_1, &[6; MAX_MSG_SIZE]);
+        // Without a bound the relay would take all 200 MiB; the socket blocks much earlier.
+        frontend
+            .set_write_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let flooder = flood(frontend.try_clone().unwrap(), msg.clone(), MESSAGES);
+        let sent = flooder.join().unwrap();
+        assert!(sent < MESSAGES, "the relay took every message");
+        let peak = relay.peak_buffered_bytes();
+        assert!(
+            (HEADER_BYTES + MAX_MSG_SIZE..=MAX_BUFFERED_BYTES).contains(&peak),
+            "held {peak} bytes"
+        );
+        // What was taken reaches the backend whole and in order once it reads.
+        backend.set_nonblocking(true).unwrap();
+        let mut reader = Reader::new();
+        let mut passed = 0;
+        loop {
+            match reader.read(&backend).unwrap() {
+                Received::Message(m) => {
+                    assert_eq!(bytes_of(&m), msg);
+                    passed += 1;
+                }
+                Received::WouldBlock if passed >= sent => break,
+                Received::WouldBlock => std::thread::yield_now(),
+                Received::Closed => panic!("the relay closed the connection"),
+            }
+        }
+        assert_eq!(passed, sent);
+        relay.stop();
     }
 }

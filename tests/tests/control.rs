@@ -936,14 +936,16 @@ fn idle_exports_share_one_listener_thread() {
     let mut d = Daemon::spawn(cmd, &w, &w_sock).unwrap_or_else(|f| panic!("{f}"));
     wait_for_list(&control, "17 exports", |e| e.len() == 17);
 
-    // Idle: main, signals, control, the listener and the inflate pool; no export thread.
+    // Idle: main, signals, control, the listener, the relay thread and the inflate pool; no
+    // export thread.
     let idle = thread_names(d.pid());
     let count =
         |names: &[String], prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).count();
     assert_eq!(count(&idle, "qcow2d-listen"), 1, "{idle:?}");
+    assert_eq!(count(&idle, "qcow2d-relay"), 1, "{idle:?}");
     assert_eq!(count(&idle, "qcow2d-export"), 0, "{idle:?}");
     let pool = count(&idle, "qcow2d-inflate");
-    assert_eq!(idle.len(), 4 + pool, "{idle:?}");
+    assert_eq!(idle.len(), 5 + pool, "{idle:?}");
 
     // A writer on w holds its connection while r3 serves a reader.
     let (release, holder) = hold_client(&w_sock);
@@ -952,6 +954,14 @@ fn idle_exports_share_one_listener_thread() {
     let busy = thread_names(d.pid());
     assert_eq!(count(&busy, "qcow2d-export16"), 1, "{busy:?}");
     assert_eq!(count(&busy, "qcow2d-listen"), 1, "{busy:?}");
+    // One relay thread, whatever the number of connections, and none per connection.
+    assert_eq!(count(&busy, "qcow2d-relay"), 1, "{busy:?}");
+    assert!(
+        !busy
+            .iter()
+            .any(|n| n.starts_with("qcow2d-vu") && (n.ends_with("-in") || n.ends_with("-out"))),
+        "{busy:?}"
+    );
     // A second client of w waits for the first: it reads what the first wrote.
     let w_sock2 = w_sock.clone();
     let (done_tx, done_rx) = mpsc::channel();

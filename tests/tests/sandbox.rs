@@ -97,9 +97,9 @@ fn assert_all_filtered(pid: i32, when: &str) -> Vec<ThreadStatus> {
 
 /// Every thread of a serving daemon has a seccomp filter and NO_NEW_PRIVS, before a client
 /// connects and once one is served (the connection's thread, vhost-user-backend's workers and
-/// request thread and the relay threads are made per connection); the connection's thread
-/// runs under the listener's filter, the workers, the request thread and the relay threads
-/// each added their own filters on top of it.
+/// request thread are made per connection; the one relay thread exists from the start); the
+/// connection's thread runs under the listener's filter, the workers and the request thread
+/// each added their own filters on top of it, and the relay thread has its own alone.
 #[test]
 fn every_thread_is_filtered_before_and_after_a_client_connects() {
     let s = Scratch::new("sbx_threads");
@@ -123,6 +123,7 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
             .iter()
             .all(|t| t.seccomp == "2" && t.no_new_privs == "1")
             && all.iter().any(|t| t.name == "qcow2d-listen")
+            && all.iter().any(|t| t.name == "qcow2d-relay")
             && !all.iter().any(|t| t.name == "vring_worker");
         if ready {
             break;
@@ -143,22 +144,26 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
             .collect::<Vec<_>>())
     })
     .unwrap_or_else(|e| panic!("client: {e}\n{}", d.stderr()));
-    // Listener, the connection's thread, request thread, two relay threads, two workers;
-    // main, signals.
+    // Listener, relay thread, the connection's thread, request thread, two workers; main,
+    // signals.
     let count = |name: &str| names.iter().filter(|(n, _)| n == name).count();
     let filters = |name: &str| names.iter().find(|(n, _)| n == name).map(|(_, f)| *f);
     assert_eq!(count("qcow2d-listen"), 1, "{names:?}");
     assert_eq!(count("qcow2d-export0"), 1, "{names:?}");
     assert_eq!(count("qcow2d-vu0"), 1, "{names:?}");
-    assert_eq!(count("qcow2d-vu0-in"), 1, "{names:?}");
-    assert_eq!(count("qcow2d-vu0-out"), 1, "{names:?}");
+    assert_eq!(count("qcow2d-relay"), 1, "{names:?}");
+    assert!(
+        !names.iter().any(|(n, _)| n.starts_with("qcow2d-vu0-")),
+        "no relay thread per connection: {names:?}"
+    );
     assert_eq!(count("qcow2d-signals"), 1, "{names:?}");
     // Each role installs its filter and the no-open filter over what it inherited; the
-    // connection's thread keeps the listener's.
+    // connection's thread keeps the listener's; the relay thread, started by the main
+    // thread before any filter existed, has its own two.
     assert_eq!(filters("qcow2d-listen"), Some(2), "{names:?}");
     assert_eq!(filters("qcow2d-export0"), Some(2), "{names:?}");
     assert_eq!(filters("qcow2d-vu0"), Some(4), "{names:?}");
-    assert_eq!(filters("qcow2d-vu0-in"), Some(4), "{names:?}");
+    assert_eq!(filters("qcow2d-relay"), Some(2), "{names:?}");
     assert_eq!(filters("vring_worker"), Some(4), "{names:?}");
     d.assert_alive("after the client");
     let st = d.terminate();

@@ -9,22 +9,25 @@
 //! their own on top: the kernel runs every filter of a thread and takes the strictest answer,
 //! so a thread can only ever narrow what its parent allowed. The roles and who starts whom:
 //!
-//! - `main` (the supervisor) starts the signal, metrics, control, inflate and listener threads,
-//!   then keeps what adding exports at run time needs (opening and locking images, reading
-//!   the config file, binding sockets, adding them to the listener's epoll set: everything
-//!   `export` has and more) and what a stop needs;
+//! - `main` (the supervisor) starts the signal, metrics, control, inflate, relay and listener
+//!   threads, then keeps what adding exports at run time needs (opening and locking images,
+//!   reading the config file, binding sockets, adding them to the listener's epoll set:
+//!   everything `export` has and more) and what a stop needs;
 //! - `export` (the listener thread, and the connection threads it starts, which inherit its
 //!   filter and only record the role) accepts frontends and builds everything a connection
 //!   needs (engine shards and their io_urings, eventfds and epoll sets, the private socket of
-//!   the relay), starts vhost-user-backend's threads and the relay threads, and closes images
-//!   (writes, syncs, lock release), so its filter is the widest but opens no file;
+//!   the relay, handing a connection to the relay thread), starts vhost-user-backend's
+//!   threads, and closes images (writes, syncs, lock release), so its filter is the widest but
+//!   opens no file;
 //! - `frontend` (vhost-user-backend's request thread) maps guest memory and registers kick
 //!   eventfds; it takes its filter on its first call into the backend;
 //! - `worker` (vhost-user-backend's vring threads, the engine shards) polls epoll and its
 //!   io_uring; it takes its filter on its first event, which the export provokes as soon as
 //!   the thread exists;
-//! - `relay`, `signals`, `metrics`, `inflate`, `control` (the control socket's listener; its
-//!   connection threads inherit its filter): what their loops do, nothing else.
+//! - `relay` (the one relay thread of every connection: epoll, messages with descriptors,
+//!   the checks of those descriptors, in-flight areas), `signals`, `metrics`, `inflate`,
+//!   `control` (the control socket's listener; its connection threads inherit its filter):
+//!   what their loops do, nothing else.
 //!
 //! Every filter also allows what the runtime does behind the code's back (mimalloc and libc
 //! memory management, futexes, clocks, thread exit, logging to stderr). Memory can never be
@@ -95,7 +98,8 @@ pub enum Role {
     Frontend,
     /// A vring worker thread (an engine shard).
     Worker,
-    /// A relay thread between the frontend and vhost-user-backend.
+    /// The relay thread: every connection's messages between the frontend and
+    /// vhost-user-backend.
     Relay,
     /// An engine inflate worker.
     Inflate,
@@ -668,10 +672,32 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
             allow(&mut rules, &[libc::SYS_epoll_wait]);
         }
         Role::Relay => {
-            unix_messages(&mut rules);
+            // Every connection's two sockets in one epoll set, and its wake-up eventfd
+            // (read here, written by the connection threads); messages with descriptors.
             allow(
                 &mut rules,
-                &[libc::SYS_read, libc::SYS_memfd_create, libc::SYS_ftruncate],
+                &[
+                    libc::SYS_epoll_pwait,
+                    libc::SYS_epoll_ctl,
+                    libc::SYS_read,
+                    libc::SYS_recvmsg,
+                    libc::SYS_sendmsg,
+                    libc::SYS_shutdown,
+                ],
+            );
+            #[cfg(target_arch = "x86_64")]
+            allow(&mut rules, &[libc::SYS_epoll_wait]);
+            // Checking memory regions against their files, and the in-flight area: its
+            // memfd made and sized here.
+            allow(
+                &mut rules,
+                &[
+                    libc::SYS_fstat,
+                    libc::SYS_newfstatat,
+                    libc::SYS_statx,
+                    libc::SYS_memfd_create,
+                    libc::SYS_ftruncate,
+                ],
             );
             // What kind of file a descriptor is (/proc/self/fd/N).
             allow(&mut rules, &[libc::SYS_readlinkat]);
@@ -684,7 +710,6 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
                 1,
                 &[libc::F_ADD_SEALS as u64, libc::F_GET_SEALS as u64],
             )?;
-            ioctl_fionbio(&mut rules)?;
             // A timeout on writes to the frontend's backend request channel (SO_SNDTIMEO).
             allow_arg_in(
                 &mut rules,
@@ -708,8 +733,9 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
         }
         Role::Export => {
             // A connection's set-up and teardown, and the threads it starts, which inherit
-            // this filter before they add their own.
-            for child in [Role::Frontend, Role::Worker, Role::Relay] {
+            // this filter before they add their own (the relay thread is not one of them:
+            // the main thread starts it before any filter exists).
+            for child in [Role::Frontend, Role::Worker] {
                 merge(&mut rules, role_rules(child)?);
             }
             spawn_threads(&mut rules)?;

@@ -259,6 +259,10 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
         on_start: Some(inflate_thread_start),
     });
     info!(workers = pool.workers(), "Inflate pool started");
+    // One relay thread for every connection, started here too, before any thread has a
+    // filter: it takes the relay's alone, and the connection threads' filter (inherited
+    // from the listener) need not allow what relaying does.
+    crate::relay::start_thread().map_err(ServeError::Thread)?;
 
     let (tx, rx) = mpsc::channel();
     // One thread waits for the clients of every export.
