@@ -49,7 +49,7 @@ use crossbeam::sync::{Parker, Unparker};
 use io_uring::{opcode, types, IoUring};
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Where an inflated cluster goes.
@@ -233,7 +233,7 @@ pub(crate) fn inflate_pool() -> &'static InflatePool {
 impl InflatePool {
     fn start(config: InflatePoolConfig) -> InflatePool {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        let msg_ring = msg_ring_supported();
+        let msg_ring = super::ring::msg_ring_supported();
         let wanted = if msg_ring {
             config.threads.unwrap_or(cpus.saturating_sub(1).max(1))
         } else {
@@ -522,34 +522,6 @@ impl Drop for InflateQueue {
             shared.generation.fetch_add(1, Ordering::Release);
         }
     }
-}
-
-/// `io_uring_register` operation that fills a probe (uapi value, the same on every
-/// architecture).
-const IORING_REGISTER_PROBE: u8 = 8;
-
-/// Whether this kernel can post completions into another ring (`IORING_OP_MSG_RING`, Linux
-/// 5.18); probed once.
-pub(crate) fn msg_ring_supported() -> bool {
-    static SUPPORTED: AtomicBool = AtomicBool::new(false);
-    static PROBED: OnceLock<()> = OnceLock::new();
-    PROBED.get_or_init(|| SUPPORTED.store(probe_msg_ring(), Ordering::Relaxed));
-    SUPPORTED.load(Ordering::Relaxed)
-}
-
-fn probe_msg_ring() -> bool {
-    // A ring that can only be probed.
-    let probe_op = [IORING_REGISTER_PROBE];
-    let Ok(ring) =
-        super::ring::build_restricted(&mut IoUring::builder(), 2, &[], &probe_op, |_| Ok(()))
-    else {
-        return false;
-    };
-    let mut probe = io_uring::Probe::new();
-    if ring.submitter().register_probe(&mut probe).is_err() {
-        return false;
-    }
-    probe.is_supported(opcode::MsgRingData::CODE)
 }
 
 /// A pool worker: steals jobs from the shards' deques, runs them and posts each result into

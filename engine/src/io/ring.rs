@@ -12,6 +12,7 @@ use io_uring::{opcode, register, squeue, IoUring};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 /// Submission opcodes of a shard's ring: data and metadata reads and writes, syncs, the
 /// retry timeout, the no-op that stands in for an elided sync, and (where the kernel has it)
@@ -39,6 +40,32 @@ pub(crate) const MSG_RING_OPS: [u8; 1] = [opcode::MsgRingData::CODE];
 
 /// Whether the kernel refused a disabled ring once (then rings are made unrestricted).
 static UNRESTRICTED: AtomicBool = AtomicBool::new(false);
+
+/// `io_uring_register` operation that fills a probe (uapi value, the same on every
+/// architecture).
+const IORING_REGISTER_PROBE: u8 = 8;
+
+/// Whether this kernel can post completions into another ring (`IORING_OP_MSG_RING`, Linux
+/// 5.18); probed once.
+pub(crate) fn msg_ring_supported() -> bool {
+    static SUPPORTED: AtomicBool = AtomicBool::new(false);
+    static PROBED: OnceLock<()> = OnceLock::new();
+    PROBED.get_or_init(|| SUPPORTED.store(probe_msg_ring(), Ordering::Relaxed));
+    SUPPORTED.load(Ordering::Relaxed)
+}
+
+fn probe_msg_ring() -> bool {
+    // A ring that can only be probed.
+    let probe_op = [IORING_REGISTER_PROBE];
+    let Ok(ring) = build_restricted(&mut IoUring::builder(), 2, &[], &probe_op, |_| Ok(())) else {
+        return false;
+    };
+    let mut probe = io_uring::Probe::new();
+    if ring.submitter().register_probe(&mut probe).is_err() {
+        return false;
+    }
+    probe.is_supported(opcode::MsgRingData::CODE)
+}
 
 /// Builds a ring of `entries` slots with `builder`, runs `setup` on it while it is still
 /// disabled (registrations it needs, such as its eventfd), restricts it to the submission
@@ -118,7 +145,7 @@ impl Ring {
         // SAFETY: fd is a freshly created descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
         // A restriction naming an opcode the kernel does not know is refused.
-        let ops = if super::inflate::msg_ring_supported() {
+        let ops = if msg_ring_supported() {
             &SHARD_OPS[..]
         } else {
             &SHARD_OPS[..SHARD_OPS.len() - 1]
@@ -552,7 +579,7 @@ mod tests {
     /// descriptor that is not a ring is refused (EBADFD), and said so.
     #[test]
     fn a_post_waits_for_its_own_completion_and_keeps_the_others() {
-        if !crate::io::inflate::msg_ring_supported() {
+        if !msg_ring_supported() {
             panic!("this kernel cannot post across rings (MSG_RING, Linux 5.18)");
         }
         let mut ring = Ring::new(8).unwrap();
