@@ -33,7 +33,8 @@ use repair::{
     fix_refcounts, fix_zero_entries, grows_towards, needs_rebuild, plan_rebuild, rebuild_refcounts,
     rewrite_snapshots,
 };
-use walk::{analyze, read_header, read_snapshots, Analysis};
+use stored::Stored;
+use walk::{read_header, read_snapshots, Analysis};
 
 /// Most memory the expected-refcount array of one check may take. The array holds one entry
 /// of the image's refcount width per host cluster, up to the highest cluster that metadata
@@ -394,6 +395,17 @@ fn repaired_report(
     }
     report.messages = messages;
     report
+}
+
+/// One analysis of the image: the expected refcounts counted (`walk.rs`), compared with the
+/// stored ones (`stored.rs`), and the COPIED flags checked against them (`copied.rs`).
+fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysis, Error> {
+    let mut a = walk::count(t, snapshots)?;
+    let mut stored = Stored::new(&a);
+    a.compare(t, &mut stored)?;
+    let mut unused = Log::default();
+    a.copied_pass(t, &mut stored, FlagMode::Check, &mut unused)?;
+    Ok(a)
 }
 
 /// Notes on the header's dirty and corrupt bits (not counted as errors, as in QEMU).

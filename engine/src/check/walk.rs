@@ -15,8 +15,6 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::copied::FlagMode;
-use super::stored::Stored;
 use super::{format_error, zeroed, CheckReport, Log, Target, MAX_CHECK_MEMORY};
 use crate::error::{Error, ErrorKind};
 use crate::format::mask::{self, COMPRESSED, COPIED, ZERO};
@@ -350,7 +348,9 @@ pub(super) fn read_snapshots(
     Ok((table, cut))
 }
 
-pub(super) fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysis, Error> {
+/// Counts the references every host cluster should have (the expected refcounts), from
+/// everything that points at it; [`super::analyze`] then compares them with the stored ones.
+pub(super) fn count(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysis, Error> {
     let header = read_header(t)?;
     let file_len = t.len()?;
     let g = Geo::new(&header, file_len, &t.path)?;
@@ -407,10 +407,6 @@ pub(super) fn analyze(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analy
     if let Some(clusters) = a.too_big {
         return Err(memory_error(&t.path, clusters, g.order));
     }
-    let mut stored = Stored::new(&a);
-    a.compare(t, &mut stored)?;
-    let mut unused = Log::default();
-    a.copied_pass(t, &mut stored, FlagMode::Check, &mut unused)?;
     Ok(a)
 }
 
