@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{qemu_img, run};
+use common::qemu_img;
 use qcow2d_engine::check::{check, CheckReport};
 use qcow2d_engine::format::{refcount_get, refcount_set};
 use qcow2d_engine::{Image, OpenOptions};
@@ -21,20 +21,6 @@ use std::time::{Duration, Instant};
 fn output(cmd: &mut Command) -> Output {
     cmd.output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is qemu-utils installed?): {e}"))
-}
-
-fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) {
-    let mut c = common::qemu_io_cmd();
-    c.arg("-f").arg(fmt);
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    c.arg(path);
-    let out = run(&mut c);
-    assert!(
-        !out.contains("error") && !out.contains("failed"),
-        "qemu-io {cmds:?}: {out}"
-    );
 }
 
 /// What `qemu-img check --output=json` says, and its exit status.
@@ -270,7 +256,7 @@ impl Dir {
         args.push(size);
         qemu_img(&args);
         if !cmds.is_empty() {
-            qemu_io("qcow2", &p, cmds);
+            common::qemu_io(&p, cmds);
         }
         p
     }
@@ -375,25 +361,25 @@ fn all_images(d: &Dir) -> Vec<PathBuf> {
 
     let s = d.image("snapshots.qcow2", "", "8M", &["write -P 1 0 256k"]);
     snap(&s, "s1");
-    qemu_io("qcow2", &s, &["write -P 2 64k 64k", "write -P 3 4M 64k"]);
+    common::qemu_io(&s, &["write -P 2 64k 64k", "write -P 3 4M 64k"]);
     snap(&s, "s2");
-    qemu_io("qcow2", &s, &["write -P 4 0 8k", "discard 4M 64k"]);
+    common::qemu_io(&s, &["write -P 4 0 8k", "discard 4M 64k"]);
     v.push(s);
 
     let s = d.image("v2snap.qcow2", "compat=0.10", "4M", &["write -P 1 0 128k"]);
     snap(&s, "first");
-    qemu_io("qcow2", &s, &["write -P 9 0 64k"]);
+    common::qemu_io(&s, &["write -P 9 0 64k"]);
     v.push(s);
 
     let c = d.compressed("csnap.qcow2", "");
     snap(&c, "s1");
-    qemu_io("qcow2", &c, &["write -P 9 64k 64k"]);
+    common::qemu_io(&c, &["write -P 9 64k 64k"]);
     v.push(c);
 
     let b = d.image("bitmaps.qcow2", "", "4M", &[]);
     qemu_img(&["bitmap", "--add", b.to_str().unwrap(), "b0"]);
     qemu_img(&["bitmap", "--add", b.to_str().unwrap(), "b1", "-g", "512k"]);
-    qemu_io("qcow2", &b, &["write -P 3 0 256k", "write -P 4 3M 64k"]);
+    common::qemu_io(&b, &["write -P 3 0 256k", "write -P 4 3M 64k"]);
     v.push(b);
     v
 }
@@ -441,7 +427,7 @@ fn bitmaps_are_counted() {
     let d = Dir::new();
     let b = d.image("bitmaps.qcow2", "", "4M", &[]);
     qemu_img(&["bitmap", "--add", b.to_str().unwrap(), "b0"]);
-    qemu_io("qcow2", &b, &["write -P 3 0 256k"]);
+    common::qemu_io(&b, &["write -P 3 0 256k"]);
     assert_clean(&b);
     let (table, data) = bitmap_clusters(&read_file(&b));
     let r = damage_and_repair(&d, &b, "bitmap", |l, img| {
@@ -872,7 +858,7 @@ fn random_damage_is_counted_like_qemu() {
         ),
     ];
     qemu_img(&["snapshot", "-c", "s", sources[0].to_str().unwrap()]);
-    qemu_io("qcow2", &sources[0], &["write -P 2 0 64k"]);
+    common::qemu_io(&sources[0], &["write -P 2 0 64k"]);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         x ^= x << 13;

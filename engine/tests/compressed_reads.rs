@@ -11,7 +11,6 @@ use common::Rng;
 use qcow2d_engine::{Image, InflateSharing, OpenOptions, Shard, ShardConfig};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const CLUSTER: usize = 65536;
 /// 64 whole clusters and a 12 KiB partial one at the end.
@@ -325,16 +324,8 @@ fn backing_with_larger_compressed_clusters() {
     let d = dir.path();
     let base_data = text(21, 4 * 131072);
     std::fs::write(d.join("base.raw"), &base_data).unwrap();
-    let qemu = |args: &[&str]| {
-        let out = Command::new(args[0])
-            .args(&args[1..])
-            .current_dir(d)
-            .output()
-            .expect("cannot run qemu-img/qemu-io (is qemu-utils installed?)");
-        assert!(out.status.success(), "{args:?}: {out:?}");
-    };
-    qemu(&[
-        "qemu-img",
+    let qemu_img = |args: &[&str]| common::run(common::qemu_img_cmd().current_dir(d).args(args));
+    qemu_img(&[
         "convert",
         "-c",
         "-f",
@@ -346,8 +337,7 @@ fn backing_with_larger_compressed_clusters() {
         "base.raw",
         "base.qcow2",
     ]);
-    qemu(&[
-        "qemu-img",
+    qemu_img(&[
         "create",
         "-q",
         "-f",
@@ -359,14 +349,7 @@ fn backing_with_larger_compressed_clusters() {
         "top.qcow2",
     ]);
     // One compressed 64 KiB cluster at guest offset 0 of the top image.
-    qemu(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-c",
-        "write -c -P 0x5a 0 64k",
-        "top.qcow2",
-    ]);
+    common::qemu_io(&d.join("top.qcow2"), &["write -c -P 0x5a 0 64k"]);
     for sharing in SHARING {
         let opts = OpenOptions {
             read_only: true,
@@ -500,7 +483,7 @@ fn many_small_compressed_clusters_through_a_small_ring() {
     let raw = dir.path().join("small.raw");
     std::fs::write(&raw, &data).unwrap();
     let img = dir.path().join("small.qcow2");
-    let out = Command::new("qemu-img")
+    let out = common::qemu_img_cmd()
         .args([
             "convert",
             "-c",

@@ -36,7 +36,7 @@
 
 mod common;
 
-use common::{create, run};
+use common::{create, run, Rng};
 use qcow2d_engine::{
     check, Image, InflateSharing, LoggedStep, OpenOptions, Shard, ShardConfig, WriteLog,
 };
@@ -64,22 +64,6 @@ fn bounds() -> Bounds {
             sampled: 16,
             torn: 1,
         },
-    }
-}
-
-/// xorshift64*: deterministic, seeded per scenario.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{create, qemu_img, run};
+use common::{create, qemu_img};
 use qcow2d_engine::{ErrorKind, Image, OpenOptions, OverlapCheck};
 use std::path::Path;
 
@@ -32,15 +32,11 @@ fn open_rw(path: &Path, mode: OverlapCheck) -> Image {
     .unwrap()
 }
 
-fn qemu_io(path: &Path, cmd: &str) {
-    run(common::qemu_io_cmd().args(["-c", cmd]).arg(path));
-}
-
 /// A 64 MiB image (64 KiB clusters) with 64 KiB of 0xa5 at 0 and at 4 MiB.
 fn image_with_data(dir: &Path) -> std::path::PathBuf {
     let p = create(dir, "d.qcow2", "", "64M");
-    qemu_io(&p, "write -P 0xa5 0 64k");
-    qemu_io(&p, "write -P 0xa5 4M 64k");
+    common::qemu_io(&p, &["write -P 0xa5 0 64k"]);
+    common::qemu_io(&p, &["write -P 0xa5 4M 64k"]);
     p
 }
 
@@ -200,7 +196,7 @@ fn guest_write_onto_active_metadata_fails() {
 fn image_with_snapshot(dir: &Path) -> (std::path::PathBuf, u64, u64) {
     let p = image_with_data(dir);
     qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
-    qemu_io(&p, "write -P 0xbb 64k 64k");
+    common::qemu_io(&p, &["write -P 0xbb 64k 64k"]);
     let bytes = std::fs::read(&p).unwrap();
     let snapshots = be64(&bytes, 64) as usize;
     let snap_l1 = be64(&bytes, snapshots);

@@ -16,25 +16,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use qcow2d_engine::check;
 
-/// `qemu-img` with bounded memory and time: on some damaged images QEMU's repair
-/// sizes its in-memory refcount table by a reference terabytes past the end of the file (it
-/// then fails, which the comparison reports).
-fn qemu_img() -> Command {
-    common::require_tool("qemu-img");
-    common::require_tool("prlimit");
-    common::require_tool("timeout");
-    let mut cmd = Command::new("prlimit");
-    cmd.args(["--as=2147483648", "timeout", "60", "qemu-img"]);
-    cmd
-}
-
 /// `qemu-img check`'s (corruptions, leaks) of `path`; `None` when it gives no report.
 fn qemu_counts(path: &Path) -> Option<(u64, u64)> {
-    let out = qemu_img()
+    let out = common::qemu_img_bounded_cmd()
         .args(["check", "--output=json", "-f", "qcow2"])
         .arg(path)
         .output()
@@ -126,7 +113,7 @@ fn compare_one(input: &Path, dir: &Path) -> Outcome {
         ));
     }
     // Its result is judged by the check that follows, whatever its exit status.
-    let _ = qemu_img()
+    let _ = common::qemu_img_bounded_cmd()
         .args(["check", "-q", "-r", "all", "-f", "qcow2"])
         .arg(&theirs)
         .output()

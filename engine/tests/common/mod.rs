@@ -34,6 +34,35 @@ pub fn qemu_io_cmd() -> Command {
     Command::new("qemu-io")
 }
 
+/// `qemu-img` with bounded memory and time (run under `prlimit` and `timeout`): on some
+/// damaged images QEMU's repair sizes its in-memory refcount table by a reference terabytes
+/// past the end of the file (it then fails, which the caller reports).
+pub fn qemu_img_bounded_cmd() -> Command {
+    require_tool("qemu-img");
+    require_tool("prlimit");
+    require_tool("timeout");
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--as=2147483648", "timeout", "60", "qemu-img"]);
+    cmd
+}
+
+/// `qemu-io -f qcow2 -c CMD... IMAGE`, must succeed. qemu-io reports some failures only in
+/// its output and still exits 0, so the output is checked as well.
+pub fn qemu_io(image: &Path, cmds: &[&str]) {
+    let mut c = qemu_io_cmd();
+    c.args(["-f", "qcow2"]);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    c.arg(image);
+    let out = run(&mut c);
+    assert!(
+        !out.contains("error") && !out.contains("failed"),
+        "qemu-io {cmds:?} on {}: {out}",
+        image.display()
+    );
+}
+
 /// Runs `cmd` and returns its standard output; panics, with its error output, if it fails.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd
