@@ -229,8 +229,11 @@ fn repair_image(
     mut log: Log,
 ) -> Result<CheckReport, Error> {
     let (first_corruptions, first_leaks) = (first.corruptions + cut, first.leaks);
+    // The writes made when `first` was made.
+    let mut first_writes = t.writes;
     if fix_zero_entries(t, &first, &mut log)? > 0 {
         first = analyze(t, &snapshots)?;
+        first_writes = t.writes;
     }
     let rewrite =
         snapshots.extra_truncated > 0 || (first.header.version >= 3 && snapshots.incomplete() > 0);
@@ -238,18 +241,23 @@ fn repair_image(
         if let Some(table) = rewrite_snapshots(t, &first, &snapshots, &mut log)? {
             snapshots = table;
             first = analyze(t, &snapshots)?;
+            first_writes = t.writes;
         }
     }
-    if first.mismatches > 0 || first.rebuild {
+    let kept = if first.mismatches > 0 || first.rebuild {
         repair_refcounts(t, first, &snapshots, &mut log)?;
+        None
     } else {
-        drop(first);
-    }
-    fix_remaining_copied_flags(t, &snapshots, &mut log)?;
+        Some(Kept {
+            analysis: first,
+            writes: first_writes,
+        })
+    };
+    let kept = fix_remaining_copied_flags(t, &snapshots, kept, &mut log)?;
     // Header writes come before the final analysis, which must see the file as a fresh
     // check will (an L2 table may share the header's cluster).
     clear_unknown_autoclear(t, &mut log)?;
-    let fin = clear_dirty_and_corrupt(t, &snapshots, &mut log)?;
+    let fin = clear_dirty_and_corrupt(t, &snapshots, kept, &mut log)?;
     Ok(repaired_report(fin, first_corruptions, first_leaks, log))
 }
 
@@ -297,27 +305,59 @@ fn repair_refcounts(
     Ok(())
 }
 
+/// An analysis, and how many writes the repair had made when it was made.
+struct Kept {
+    analysis: Analysis,
+    writes: u64,
+}
+
+impl Kept {
+    /// `analysis`, made since the last write.
+    fn now(t: &Target, analysis: Analysis) -> Kept {
+        Kept {
+            analysis,
+            writes: t.writes,
+        }
+    }
+}
+
+/// The analysis of the file as it is now: `kept` when nothing was written since it was
+/// made (an analysis depends only on the file and the snapshot table, so a new one would
+/// find the same), else a new one. A repair that finds nothing to write analyses once.
+fn analysis_now(
+    t: &mut Target,
+    snapshots: &SnapshotTable,
+    kept: Option<Kept>,
+) -> Result<Analysis, Error> {
+    match kept {
+        Some(k) if k.writes == t.writes => Ok(k.analysis),
+        _ => analyze(t, snapshots),
+    }
+}
+
 /// After the refcount repair: fixes the COPIED flags still wrong, by the refcounts when they
 /// are consistent now, else by the stored ones without ever setting a flag on a cluster that
-/// may be shared.
+/// may be shared. Returns the analysis when it found nothing to fix.
 fn fix_remaining_copied_flags(
     t: &mut Target,
     snapshots: &SnapshotTable,
+    kept: Option<Kept>,
     log: &mut Log,
-) -> Result<(), Error> {
-    let mut second = analyze(t, snapshots)?;
+) -> Result<Option<Kept>, Error> {
+    let mut second = analysis_now(t, snapshots, kept)?;
     if second.corruptions == 0 {
-        return Ok(());
+        return Ok(Some(Kept::now(t, second)));
     }
     if second.mismatches == 0 && !second.rebuild {
-        fix_copied_flags(t, &mut second, FlagMode::Fix, log)
+        fix_copied_flags(t, &mut second, FlagMode::Fix, log)?;
     } else {
         log.push(
             "Fixing COPIED flags by the stored refcounts, never setting one on a cluster that may be shared: the refcounts are still inconsistent"
                 .to_owned(),
         );
-        fix_copied_flags(t, &mut second, FlagMode::FixStored, log)
+        fix_copied_flags(t, &mut second, FlagMode::FixStored, log)?;
     }
+    Ok(None)
 }
 
 /// Clears the autoclear bits nothing maintains, as QEMU does when it opens an image for
@@ -345,9 +385,10 @@ fn clear_unknown_autoclear(t: &mut Target, log: &mut Log) -> Result<(), Error> {
 fn clear_dirty_and_corrupt(
     t: &mut Target,
     snapshots: &SnapshotTable,
+    kept: Option<Kept>,
     log: &mut Log,
 ) -> Result<Analysis, Error> {
-    let fin = analyze(t, snapshots)?;
+    let fin = analysis_now(t, snapshots, kept)?;
     if fin.corruptions != 0 || fin.check_errors != 0 || fin.header.version < 3 {
         return Ok(fin);
     }
@@ -425,6 +466,8 @@ struct Target {
     path: String,
     file: File,
     io: BlockingReader,
+    /// Writes made so far.
+    writes: u64,
 }
 
 impl Target {
@@ -445,6 +488,7 @@ impl Target {
             path: name,
             file,
             io,
+            writes: 0,
         })
     }
 
@@ -488,6 +532,7 @@ impl Target {
     }
 
     fn write(&mut self, off: u64, buf: &[u8], what: &str) -> Result<(), Error> {
+        self.writes += 1;
         self.io
             .write_all_at(self.file.as_raw_fd(), buf, off)
             .map_err(|e| Error::io(format!("{}: cannot write {what} at {off:#x}", self.path), e))
