@@ -11,8 +11,8 @@
 //!   completion eventfd. Queue `q` is served by worker `q % shards`; the shards of a writable
 //!   image form a group and pass each other the pieces of requests whose L2 tables another
 //!   shard owns (see the engine's `shard/group.rs`);
-//! - the export's listener thread, which calls [`BlkBackend::finish`] once the connection's
-//!   other threads are gone.
+//! - the thread that tears the connection down, which calls [`BlkBackend::finish`] once the
+//!   connection's other threads are gone.
 //!
 //! The relay thread ([`crate::relay`]) publishes the frontend's in-flight area in
 //! [`BlkBackend::inflight`], where the workers pick it up.

@@ -7,7 +7,8 @@
 //! [`EngineIo`] implements it with one engine [`Shard`]. Each `EngineIo` is owned by one worker
 //! thread's state (behind that thread's mutex); the vhost-user frontend thread only touches it
 //! through that mutex, to drain a queue on GET_VRING_BASE or to change the write-cache mode, and
-//! the export's listener thread finishes it after the connection's threads are gone. Tests
+//! the thread that tears the connection down finishes it after the connection's other threads
+//! are gone. Tests
 //! implement the trait with a synchronous fake.
 
 use std::fmt;

@@ -3,16 +3,19 @@
 //! The socket is created on the main thread ([`bind_socket`], non-blocking); while the export
 //! waits for a client it sits with every other idle export in the listener thread's epoll set
 //! ([`crate::listen`]), holding no thread, shard, cache or worker. For each frontend the
-//! listener accepts, a connection thread runs [`Export::serve_connection`]: it builds a fresh
-//! [`BlkBackend`] (with new engine shards) and a fresh `VhostUserDaemon`, whose worker threads
-//! are spawned by vhost-user-backend, waits until the frontend goes away, then tears
-//! everything down (worker threads joined through their exit events; shards drained, flushed
-//! and their reserved clusters given back, so the next client sees every write of this one).
+//! listener accepts, [`Export::connect`] (on the listener thread) builds a fresh [`BlkBackend`]
+//! (with new engine shards) and a fresh `VhostUserDaemon`, whose request and worker threads
+//! are spawned by vhost-user-backend, and hands the frontend's socket to the relay thread; no
+//! thread waits for the connection. When the frontend goes away the listener sees its socket
+//! hang up and runs [`Export::disconnect`] on a short-lived thread, which tears everything
+//! down (worker threads joined through their exit events; shards drained, flushed and their
+//! reserved clusters given back, so the next client sees every write of this one).
 //! When the export stops, [`Export::close`] closes the image cleanly (refcounts written, dirty
 //! bit cleared) — unless a flush failed, in which case the image is left as it is on disk and
 //! the export reports the failure. [`ExportControl`] is how the main thread asks it to stop,
 //! whether it is waiting for a client or serving one.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -87,12 +90,9 @@ pub enum ExportError {
     /// The connection between the frontend and the device could not be set up.
     #[error("Cannot connect the frontend to the device")]
     Relay(#[source] std::io::Error),
-    /// The export thread panicked.
-    #[error("The export thread panicked")]
+    /// Serving the export panicked.
+    #[error("The export panicked while serving a connection")]
     Panicked,
-    /// The thread of a new connection could not be started.
-    #[error("Cannot start the thread of a new connection")]
-    Thread(#[source] std::io::Error),
     /// The socket could not be watched for the next connection.
     #[error("Cannot wait for the next connection")]
     Listen(#[source] std::io::Error),
@@ -291,7 +291,8 @@ impl ExportControl {
     }
 
     /// Asks the export to stop: completes the client's requests in flight and disconnects
-    /// it (its connection thread then closes the export), or wakes the listener thread,
+    /// it (the thread that tears the connection down then closes the export), or wakes the
+    /// listener thread,
     /// which closes an export waiting for a client.
     pub fn request_stop(&self) {
         let connection = {
@@ -310,8 +311,8 @@ impl ExportControl {
             None => true,
         };
         if waiting_for_client {
-            // Marked stopping before the wake-up: the listener (or a connection thread about
-            // to put the export back) sees the mark.
+            // Marked stopping before the wake-up: the listener (or a teardown thread about to
+            // put the export back) sees the mark.
             self.waker.wake();
         }
     }
@@ -427,21 +428,26 @@ impl Export {
         }
     }
 
-    /// Serves `frontend` until it goes away or the export is asked to stop, then tears the
-    /// connection down. Runs on the connection's own thread. A failure to make the
-    /// connection's writes durable is kept for [`Export::close`]; the export goes on serving.
-    pub fn serve_connection(&mut self, frontend: UnixStream) -> Result<(), ExportError> {
-        let socket = self.control.socket.display().to_string();
+    /// Starts serving `frontend`: builds the connection's backend (fresh shards), its
+    /// vhost-user-backend daemon (whose threads serve the frontend's requests and the queues)
+    /// and hands both sockets to the relay thread. Runs on the listener thread and returns at
+    /// once; `None` when there is nothing to serve (the export is stopping, or its image is
+    /// gone). The connection ends when [`Connection::ended_fd`] hangs up; then
+    /// [`Export::disconnect`] tears it down.
+    pub fn connect(&mut self, frontend: UnixStream) -> Result<Option<Connection>, ExportError> {
         if self.control.is_stopping() {
-            return Ok(());
+            return Ok(None);
         }
+        // Watches the frontend's socket for the end of the connection: the socket hangs up
+        // when the frontend closes it or when the relay shuts it down (either side ended).
+        let ended = frontend.try_clone().map_err(ExportError::Relay)?;
         // Built for this client only: an export waiting for one holds no shard, cache or
         // worker thread.
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let (backend, mut daemon) = {
             let mut st = self.control.image_state();
             let Some(image) = st.image.as_ref() else {
-                return Ok(());
+                return Ok(None);
             };
             let backend = Arc::new(BlkBackend::new(image, &self.params, &mem)?);
             let daemon = VhostUserDaemon::new(self.thread_name.clone(), backend.clone(), mem)
@@ -474,13 +480,35 @@ impl Export {
         let stopped_at_once = self.control.is_stopping();
         if !stopped_at_once {
             info!(
-                socket,
+                socket = %self.control.socket.display(),
                 image = %self.image_path.display(),
                 workers = backend.threads(),
                 "Client connected"
             );
         }
+        Ok(Some(Connection {
+            backend,
+            daemon,
+            relay,
+            stopped_at_once,
+            ended,
+        }))
+    }
 
+    /// Tears down a connection that has ended (its [`Connection::ended_fd`] hung up): waits
+    /// for vhost-user-backend's threads, then drains and flushes the shards so that the next
+    /// client sees every write of this one. Runs on a thread of its own, since a flush may
+    /// take as long as the disk does. A failure to make the connection's writes durable is
+    /// kept for [`Export::close`]; the export goes on serving.
+    pub fn disconnect(&mut self, connection: Connection) {
+        let Connection {
+            backend,
+            mut daemon,
+            relay,
+            stopped_at_once,
+            ended: _,
+        } = connection;
+        let socket = self.control.socket.display().to_string();
         let result = daemon.wait();
         // Returns once the relay thread has dropped the connection, both sockets closed.
         relay.stop();
@@ -512,7 +540,36 @@ impl Export {
         drop(backend);
         drop(st);
         crate::release_freed_memory();
-        Ok(())
+    }
+}
+
+/// A frontend being served: what [`Export::connect`] built and [`Export::disconnect`] tears
+/// down. While it lasts, it holds no thread of its own: vhost-user-backend's request thread
+/// and the workers serve it, the relay thread relays for it, and the listener thread watches
+/// for its end.
+pub struct Connection {
+    backend: Arc<BlkBackend>,
+    daemon: VhostUserDaemon<Arc<BlkBackend>>,
+    relay: Relay,
+    /// A stop was requested while the connection was being made: it ends at once, quietly.
+    stopped_at_once: bool,
+    /// A second descriptor of the frontend's socket.
+    ended: UnixStream,
+}
+
+impl Connection {
+    /// A descriptor that hangs up (EPOLLHUP) once the connection has ended: the frontend
+    /// closed its socket, or the relay shut it down because either side went away or broke
+    /// the protocol, or the export was asked to stop.
+    pub fn ended_fd(&self) -> RawFd {
+        self.ended.as_raw_fd()
+    }
+
+    /// Ends the connection now: the frontend's socket is shut down (so the relay drops it) and
+    /// so is vhost-user-backend's request thread's.
+    pub fn shut_down(&self) {
+        let _ = self.ended.shutdown(std::net::Shutdown::Both);
+        self.daemon.request_shutdown();
     }
 }
 

@@ -1,5 +1,6 @@
 //! The listener thread: one epoll set holding the listening socket of every export that waits
-//! for a client, so an idle export costs no thread.
+//! for a client, and an end watch for every connection being served, so neither an idle
+//! export nor a connection costs a thread of its own.
 //!
 //! [`Listeners`] is made by the main thread at start-up; its thread (`qcow2d-listen`, the
 //! `export` seccomp role, so that the threads it starts inherit what a connection needs)
@@ -7,12 +8,16 @@
 //! socket in the set (the map's key is the epoll token). When its socket is readable the
 //! listener takes the export out of the map and out of the set, accepts the frontend
 //! (sockets are non-blocking: a connection the peer closed meanwhile is no reason to wait)
-//! and starts the connection's thread (`qcow2d-exportN`), which serves it
-//! ([`Export::serve_connection`]: vhost-user-backend's threads, its place on the relay
-//! thread, the shards) and then puts the export back ([`Listeners::put_back`]), or closes it
-//! when it was asked to stop. One export serves one frontend at a time, as before: while it
-//! is connected its socket is out of the set and a second frontend waits in the socket's
-//! backlog.
+//! and starts serving it right there ([`Export::connect`]: the shards, vhost-user-backend's
+//! threads, the hand-over to the relay thread; nothing in it waits for the frontend). The
+//! export then sits in the served map, and a second descriptor of the frontend's socket in
+//! the set, watched for hang-up only: the socket hangs up when the frontend closes it or the
+//! relay shuts it down (either side went away, a protocol error, a stop). Then a short-lived
+//! thread (`qcow2d-exportN`) tears the connection down ([`Export::disconnect`]: joins
+//! vhost-user-backend's threads, drains and flushes the shards, which may take as long as
+//! the disk does) and puts the export back (`put_back`), or closes it when it was
+//! asked to stop. One export serves one frontend at a time, as before: while it is connected
+//! its socket is out of the set and a second frontend waits in the socket's backlog.
 //!
 //! Stopping an idle export: [`ExportControl::request_stop`](crate::export::ExportControl)
 //! marks it stopping and wakes the listener (an eventfd in the set), which takes every
@@ -36,11 +41,14 @@ use tracing::error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::export::{Export, ExportError};
+use crate::export::{Connection, Export, ExportError};
 use crate::sandbox::{seccomp, Role};
 
 /// The epoll token of the wake-up eventfd (export ids count up from 0).
 const WAKE: u64 = u64::MAX;
+
+/// Set in the epoll token of a served connection's end watch (the rest is the export's id).
+const CONNECTED: u64 = 1 << 62;
 
 /// Events taken from the epoll set per wait.
 const EVENTS: usize = 64;
@@ -65,6 +73,9 @@ struct Shared {
     wake: Arc<EventFd>,
     /// Exports waiting for a client, by id; each one's socket is in the epoll set.
     idle: Mutex<HashMap<u64, Export>>,
+    /// Exports serving a client, by id, with their connection; each connection's end watch
+    /// is in the epoll set. Only the listener thread touches it.
+    served: Mutex<HashMap<u64, (Export, Connection)>>,
     finished: Finished,
 }
 
@@ -87,6 +98,7 @@ impl Listeners {
             epoll,
             wake,
             idle: Mutex::new(HashMap::new()),
+            served: Mutex::new(HashMap::new()),
             finished,
         })))
     }
@@ -171,6 +183,7 @@ impl Shared {
                         let _ = self.wake.read();
                         self.retire_stopping();
                     }
+                    token if token & CONNECTED != 0 => self.connection_ended(token & !CONNECTED),
                     id => self.ready(id),
                 }
             }
@@ -199,50 +212,101 @@ impl Shared {
         }
     }
 
-    /// Starts the thread that serves `frontend` on `export`.
-    fn start_connection(self: &Arc<Self>, export: Export, frontend: UnixStream) {
-        let shared = Arc::clone(self);
+    /// Starts serving `frontend` on `export` (on this thread: the set-up does not wait for
+    /// the frontend) and watches for the connection's end.
+    fn start_connection(self: &Arc<Self>, mut export: Export, frontend: UnixStream) {
         let id = export.id;
-        // The closure owns the export until the thread runs; if it cannot start, the
-        // closure (and the export) comes back through the error only as a drop, so the
-        // export travels in a slot the listener can take back from.
-        let slot = Arc::new(Mutex::new(Some((export, frontend))));
-        let theirs = Arc::clone(&slot);
-        let spawned = std::thread::Builder::new()
-            .name(format!("qcow2d-export{id}"))
-            .spawn(move || {
-                let taken = theirs.lock().unwrap_or_else(PoisonError::into_inner).take();
-                if let Some((export, frontend)) = taken {
-                    shared.connection(export, frontend);
+        let connected =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| export.connect(frontend)));
+        match connected {
+            Ok(Ok(Some(connection))) => {
+                let fd = connection.ended_fd();
+                let mut served = self.served();
+                served.insert(id, (export, connection));
+                let watch = EpollEvent::new(EventSet::HANG_UP | EventSet::ERROR, id | CONNECTED);
+                if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, watch) {
+                    // Cannot happen for a valid descriptor short of memory; without the watch
+                    // the connection's end would go unseen, so it ends now.
+                    error!(id, "Cannot watch a connection for its end: {e}");
+                    if let Some((export, connection)) = served.remove(&id) {
+                        drop(served);
+                        connection.shut_down();
+                        self.tear_down(export, connection);
+                    }
                 }
-            });
-        if let Err(e) = spawned {
-            let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-            if let Some((export, frontend)) = taken {
-                drop(frontend);
-                self.retire(export, Err(ExportError::Thread(e)));
+            }
+            Ok(Ok(None)) => {
+                if let Some((export, result)) = self.put_back(export) {
+                    self.retire(export, result);
+                }
+            }
+            Ok(Err(e)) => self.retire(export, Err(e)),
+            Err(_) => {
+                // As a panicking connection always did: the image is not closed (the
+                // supervisor releases it), the socket goes with the export.
+                drop(export);
+                (self.finished)(id, Err(ExportError::Panicked));
             }
         }
     }
 
-    /// A connection's thread: serves the frontend, then puts the export back or ends it.
-    fn connection(&self, mut export: Export, frontend: UnixStream) {
-        // The listener's filter, inherited: this thread does what a listener did.
-        seccomp::inherit(Role::Export);
+    fn served(&self) -> MutexGuard<'_, HashMap<u64, (Export, Connection)>> {
+        self.served.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Export `id`'s connection has ended: tear it down.
+    fn connection_ended(self: &Arc<Self>, id: u64) {
+        let Some((export, connection)) = self.served().remove(&id) else {
+            return;
+        };
+        // Cannot fail for a descriptor in the set; a watch left in it would only wake the
+        // listener for a token it no longer knows, which it ignores.
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            connection.ended_fd(),
+            EpollEvent::default(),
+        );
+        self.tear_down(export, connection);
+    }
+
+    /// Tears `connection` down on a thread of its own (or here, if no thread can be started):
+    /// it waits for vhost-user-backend's threads and flushes the shards, which may take as
+    /// long as the disk does. Then the export waits for its next client, or ends.
+    fn tear_down(self: &Arc<Self>, export: Export, connection: Connection) {
+        let shared = Arc::clone(self);
         let id = export.id;
-        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            export.serve_connection(frontend)
+        let slot = Arc::new(Mutex::new(Some((export, connection))));
+        let theirs = Arc::clone(&slot);
+        let spawned = std::thread::Builder::new()
+            .name(format!("qcow2d-export{id}"))
+            .spawn(move || {
+                seccomp::inherit(Role::Export);
+                let taken = theirs.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if let Some((export, connection)) = taken {
+                    shared.disconnect(export, connection);
+                }
+            });
+        if spawned.is_err() {
+            let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some((export, connection)) = taken {
+                self.disconnect(export, connection);
+            }
+        }
+    }
+
+    /// Tears a connection down, then puts the export back or ends it.
+    fn disconnect(&self, mut export: Export, connection: Connection) {
+        let id = export.id;
+        let torn_down = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            export.disconnect(connection)
         }));
-        match served {
-            Ok(Ok(())) => {
+        match torn_down {
+            Ok(()) => {
                 if let Some((export, result)) = self.put_back(export) {
                     self.end(export, result);
                 }
             }
-            Ok(Err(e)) => self.end(export, Err(e)),
             Err(_) => {
-                // As a panicking export thread always did: the image is not closed (the
-                // supervisor releases it), the socket goes with the export.
                 drop(export);
                 (self.finished)(id, Err(ExportError::Panicked));
             }

@@ -766,7 +766,9 @@ struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        // Fails only if it is shut down already (or no longer connected), which is as good.
+        // Shut down, not only closed: the listener watches another descriptor of the
+        // frontend's socket for this hang-up to tear the connection down. Fails only if it is
+        // shut down already (or no longer connected), which is as good.
         let _ = self.frontend.shutdown(Shutdown::Both);
         let _ = self.backend.shutdown(Shutdown::Both);
     }

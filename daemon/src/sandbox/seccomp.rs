@@ -13,12 +13,12 @@
 //!   threads, then keeps what adding exports at run time needs (opening and locking images,
 //!   reading the config file, binding sockets, adding them to the listener's epoll set:
 //!   everything `export` has and more) and what a stop needs;
-//! - `export` (the listener thread, and the connection threads it starts, which inherit its
-//!   filter and only record the role) accepts frontends and builds everything a connection
-//!   needs (engine shards and their io_urings, eventfds and epoll sets, the private socket of
-//!   the relay, handing a connection to the relay thread), starts vhost-user-backend's
-//!   threads, and closes images (writes, syncs, lock release), so its filter is the widest but
-//!   opens no file;
+//! - `export` (the listener thread, and the threads it starts to tear connections down and
+//!   close images, which inherit its filter and only record the role) accepts frontends and
+//!   builds everything a connection needs (engine shards and their io_urings, eventfds and
+//!   epoll sets, the private socket of the relay, handing a connection to the relay thread),
+//!   starts vhost-user-backend's threads, and closes images (writes, syncs, lock release), so
+//!   its filter is the widest but opens no file;
 //! - `frontend` (vhost-user-backend's request thread) maps guest memory and registers kick
 //!   eventfds; it takes its filter on its first call into the backend;
 //! - `worker` (vhost-user-backend's vring threads, the engine shards) polls epoll and its
@@ -91,8 +91,8 @@ pub enum Role {
     Signals,
     /// The metrics HTTP endpoint.
     Metrics,
-    /// The listener thread (every export's socket) and the connection threads it starts:
-    /// sets up each connection and its threads, closes images.
+    /// The listener thread (every export's socket) and the threads it starts: sets up each
+    /// connection and its threads, tears connections down, closes images.
     Export,
     /// vhost-user-backend's request handler of one connection.
     Frontend,

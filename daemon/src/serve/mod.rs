@@ -11,8 +11,8 @@
 //! handles them one at a time. Exports are started and stopped individually
 //! ([`Supervisor::add`], [`Supervisor::remove`]); the others keep serving meanwhile. SIGHUP
 //! re-reads the config file and applies the difference ([`Supervisor::reload`]). Stopping asks
-//! every export to stop; an export with a client has its connection's thread disconnect it,
-//! drain and flush its shards and close its image, an idle one is closed on a thread the
+//! every export to stop; an export with a client is disconnected, then a thread the
+//! listener starts drains and flushes its shards and closes its image, an idle one is closed on a thread the
 //! listener starts for it ([`Export::close`]). An export that fails to do so, or that does not
 //! finish within [`STOP_TIMEOUT`] (a stuck disk), makes `serve` fail, so the process exits
 //! non-zero.
