@@ -58,6 +58,8 @@ pub struct Daemon {
     /// Says (by closing) that the stderr reader has read the pipe to its end.
     stderr_done: mpsc::Receiver<()>,
     stdout_lines: mpsc::Receiver<String>,
+    /// What the daemon printed on stdout before its ready line.
+    startup_stdout: String,
 }
 
 /// The daemon exited (or timed out) instead of becoming ready.
@@ -150,6 +152,7 @@ impl Daemon {
             stderr,
             stderr_done,
             stdout_lines: rx,
+            startup_stdout: String::new(),
         };
         let want = ready_line(image, socket);
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -159,6 +162,7 @@ impl Daemon {
             match d.stdout_lines.recv_timeout(left) {
                 Ok(line) => {
                     if line.trim_end() == want {
+                        d.startup_stdout = seen;
                         return Ok(d);
                     }
                     seen.push_str(&line);
@@ -197,6 +201,12 @@ impl Daemon {
             stderr: self.stderr(),
             reason,
         }
+    }
+
+    /// The lines the daemon printed on stdout before its ready line (such as the metrics
+    /// endpoint's address).
+    pub fn startup_stdout(&self) -> &str {
+        &self.startup_stdout
     }
 
     pub fn pid(&self) -> i32 {

@@ -2,35 +2,25 @@
 //! client did.
 //!
 //! A writable image made by `qemu-img` is served with `--metrics 127.0.0.1:0` (the daemon prints
-//! the port it got). A `blkio` client (driver `virtio-blk-vhost-user`) runs rounds of reads,
-//! writes, flushes, discards and write-zeroes with several requests in flight on two queues,
-//! while a thread scrapes `/metrics` continuously and checks every scrape for internal
-//! consistency and monotonic counters; after each round the main thread checks the totals
-//! exactly. A client that sends half a request and stalls must not hold up the data path.
+//! the port it got). The shared `blkio` client ([`BlkClient`], two queues, each read and write in
+//! one buffer) runs rounds of reads, writes, flushes, discards and write-zeroes with several
+//! requests in flight, while a thread scrapes `/metrics` continuously and checks every scrape
+//! for internal consistency and monotonic counters; after each round the main thread checks the
+//! totals exactly. A client that sends half a request and stalls must not hold up the data path.
 //! Every wait is bounded.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::mem::MaybeUninit;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
+use qcow2d_tests::*;
 
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Requests in flight at most, over both queues.
-const SLOTS: usize = 16;
-/// Largest request.
-const SLOT_BYTES: usize = 64 * 1024;
-const QUEUES: usize = 2;
+const QUEUES: i32 = 2;
 /// Where the image has compressed clusters, and how many bytes of them.
 const COMPRESSED: u64 = 32 << 20;
 const COMPRESSED_LEN: usize = 4 << 20;
@@ -46,96 +36,20 @@ const OPS: [&str; 7] = [
     "other",
 ];
 
-// ---------------------------------------------------------------------------------------------
-// The daemon
-// ---------------------------------------------------------------------------------------------
-
-struct Daemon {
-    child: Option<Child>,
-    metrics: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path, image: &Path, socket: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qcow2d"))
-            .arg("serve")
-            .arg("--image")
-            .arg(image)
-            .arg("--socket")
-            .arg(socket)
-            .args(["--queues", "2", "--metrics", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("run qcow2d");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
+/// The metrics endpoint the daemon announced before its ready line.
+fn metrics_addr(daemon: &Daemon) -> SocketAddr {
+    let line = daemon
+        .startup_stdout()
+        .lines()
+        .find_map(|l| l.strip_prefix("qcow2d: metrics on http://"))
+        .unwrap_or_else(|| {
+            panic!(
+                "the metrics line comes before the serving line; stdout:\n{}",
+                daemon.startup_stdout()
+            )
         });
-        let mut daemon = Daemon {
-            child: Some(child),
-            metrics: "0.0.0.0:0".parse().unwrap(),
-            dir: dir.to_owned(),
-        };
-        let serving = format!(
-            "qcow2d: serving {} on {}",
-            image.display(),
-            socket.display()
-        );
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let mut metrics = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .expect("qcow2d printed its ready lines in time");
-            if let Some(url) = line.strip_prefix("qcow2d: metrics on http://") {
-                let addr = url.strip_suffix("/metrics").expect("URL ends in /metrics");
-                metrics = Some(addr.parse().expect("metrics address"));
-            } else if line == serving {
-                break;
-            }
-        }
-        daemon.metrics = metrics.expect("the metrics line comes before the serving line");
-        daemon
-    }
-
-    /// SIGTERM, then the exit status within EXIT_TIMEOUT.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill() with a pid we spawned and have not reaped has no memory effects.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill");
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("qcow2d did not exit within {EXIT_TIMEOUT:?} of SIGTERM");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    let addr = line.strip_suffix("/metrics").expect("URL ends in /metrics");
+    addr.parse().expect("metrics address")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -255,7 +169,7 @@ impl Scrape {
             // Read a moment apart from the buckets: a request or two may be in one, not the other.
             let sum = self.op("qcow2d_request_duration_seconds_sum", export, op);
             assert!(
-                sum >= 0.0 && sum <= (count + SLOTS as f64) * 10.0,
+                sum >= 0.0 && sum <= (count + RW_MAX_IN_FLIGHT as f64) * 10.0,
                 "{op}: sum {sum}"
             );
             let q = |quantile: &str| {
@@ -298,10 +212,9 @@ impl Scrape {
             self.in_flight(export),
             "the shards' depths add up to the export's in-flight requests"
         );
-        assert!(self.in_flight(export) <= SLOTS as u64);
+        assert!(self.in_flight(export) <= RW_MAX_IN_FLIGHT as u64);
     }
 
-    /// Counters never go down between two scrapes.
     /// Whether the quantile gauges of `op` are there.
     fn has_quantiles(&self, export: &str, op: &str) -> bool {
         ["0.5", "0.99", "0.999"].iter().all(|quantile| {
@@ -312,6 +225,7 @@ impl Scrape {
         })
     }
 
+    /// Counters never go down between two scrapes.
     fn check_monotonic(&self, earlier: &Scrape) {
         for (k, v) in &earlier.0 {
             let counter = k.contains("_total{")
@@ -326,176 +240,63 @@ impl Scrape {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The client
+// The client's requests
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Clone, Copy, Debug)]
-enum Req {
-    Read(u64, usize),
-    Write(u64, usize),
-    Flush,
-    Discard(u64, u64),
-    WriteZeroes(u64, u64),
-}
-
-impl Req {
-    fn op(self) -> &'static str {
-        match self {
-            Req::Read(..) => "read",
-            Req::Write(..) => "write",
-            Req::Flush => "flush",
-            Req::Discard(..) => "discard",
-            Req::WriteZeroes(..) => "write_zeroes",
-        }
-    }
-
-    fn bytes(self) -> u64 {
-        match self {
-            Req::Read(_, n) | Req::Write(_, n) => n as u64,
-            Req::Flush => 0,
-            Req::Discard(_, n) | Req::WriteZeroes(_, n) => n,
-        }
+/// The `op` label the daemon counts `op` under.
+fn op_name(op: &BlkOp) -> &'static str {
+    match op {
+        BlkOp::Read { .. } => "read",
+        BlkOp::Write { .. } => "write",
+        BlkOp::Flush => "flush",
+        BlkOp::Discard { .. } => "discard",
+        BlkOp::WriteZeroes { .. } => "write_zeroes",
     }
 }
 
-struct Client {
-    queues: Vec<Blkioq>,
-    blkio: Blkio,
-    region: MemoryRegion,
-}
-
-fn check(what: &str, r: Result<(), blkio::Error>) {
-    if let Err(e) = r {
-        panic!("blkio {what}: {} (errno {})", e.message(), e.errno());
-    }
-}
-
-impl Client {
-    fn connect(socket: &Path) -> Client {
-        let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio driver");
-        check("path", b.set_str("path", &socket.display().to_string()));
-        check("connect", b.connect());
-        check("num-queues", b.set_i32("num-queues", QUEUES as i32));
-        check("queue-size", b.set_i32("queue-size", 128));
-        let outcome = b.start().expect("blkio start");
-        let region = b
-            .alloc_mem_region(SLOTS * SLOT_BYTES)
-            .expect("alloc_mem_region");
-        check("map_mem_region", b.map_mem_region(&region));
-        Client {
-            queues: outcome.queues,
-            blkio: b,
-            region,
-        }
-    }
-
-    /// Runs `reqs` with up to SLOTS in flight, spread over the queues; every one must succeed.
-    fn run(&mut self, reqs: &[Req]) {
-        let mut next = 0;
-        let mut free: Vec<usize> = (0..SLOTS).collect();
-        let mut in_flight = vec![0usize; self.queues.len()];
-        let mut completions: Vec<MaybeUninit<blkio::Completion>> =
-            (0..SLOTS).map(|_| MaybeUninit::uninit()).collect();
-        let deadline = Instant::now() + IO_TIMEOUT;
-        while next < reqs.len() || in_flight.iter().any(|&n| n > 0) {
-            assert!(Instant::now() < deadline, "I/O did not finish in time");
-            while next < reqs.len() {
-                let Some(slot) = free.pop() else { break };
-                let q = next % self.queues.len();
-                let buf = self.region.addr + slot * SLOT_BYTES;
-                let queue = &mut self.queues[q];
-                match reqs[next] {
-                    Req::Read(off, len) => {
-                        assert!(len <= SLOT_BYTES);
-                        queue.read(off, buf as *mut u8, len, slot, ReqFlags::empty());
-                    }
-                    Req::Write(off, len) => {
-                        assert!(len <= SLOT_BYTES);
-                        queue.write(off, buf as *const u8, len, slot, ReqFlags::empty());
-                    }
-                    Req::Flush => queue.flush(slot, ReqFlags::empty()),
-                    Req::Discard(off, len) => queue.discard(off, len, slot, ReqFlags::empty()),
-                    Req::WriteZeroes(off, len) => {
-                        queue.write_zeroes(off, len, slot, ReqFlags::empty())
-                    }
-                }
-                in_flight[q] += 1;
-                next += 1;
-            }
-            let mut reaped = 0;
-            for (queue, n_in_flight) in self.queues.iter_mut().zip(in_flight.iter_mut()) {
-                if *n_in_flight > 0 {
-                    reaped += reap(queue, &mut completions, 0, &mut free, n_in_flight);
-                }
-            }
-            let can_submit = next < reqs.len() && !free.is_empty();
-            if reaped == 0 && !can_submit {
-                // Nothing to do but wait: block (briefly) on a queue with requests in flight.
-                if let Some((queue, n_in_flight)) = self
-                    .queues
-                    .iter_mut()
-                    .zip(in_flight.iter_mut())
-                    .find(|(_, n)| **n > 0)
-                {
-                    reap(queue, &mut completions, 1, &mut free, n_in_flight);
-                }
-            }
-        }
-    }
-}
-
-/// Collects completions from `queue` (waiting up to 10 ms for `min` of them); every request
-/// must have succeeded. Returns how many completed.
-fn reap(
-    queue: &mut Blkioq,
-    completions: &mut [MaybeUninit<blkio::Completion>],
-    min: usize,
-    free: &mut Vec<usize>,
-    in_flight: &mut usize,
-) -> usize {
-    let mut timeout = Duration::from_millis(10);
-    let n = match queue.do_io(completions, min, Some(&mut timeout), None) {
-        Ok(n) => n,
-        Err(e) if e.errno() == blkio::Errno::TIME => 0,
-        Err(e) => panic!("do_io: {} (errno {})", e.message(), e.errno()),
-    };
-    for c in &completions[..n] {
-        // SAFETY: do_io() initialised the first n entries.
-        let c = unsafe { c.assume_init_ref() };
-        assert_eq!(c.ret, 0, "request failed: errno {}", -c.ret);
-        free.push(c.user_data);
-        *in_flight -= 1;
-    }
-    n
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.queues.clear();
-        self.blkio.unmap_mem_region(&self.region);
+/// Runs `reqs` with several in flight over both queues; every one must succeed.
+fn run(client: &mut BlkClient, reqs: &[BlkOp]) {
+    if let Err(e) = client.run_ok(reqs) {
+        panic!("blkio: {e}");
     }
 }
 
 /// Round `round`'s requests: reads and writes of several sizes, a few flushes, discards and
 /// write-zeroes, interleaved.
-fn round(round: u64) -> Vec<Req> {
+fn round(round: u64) -> Vec<BlkOp> {
     const SIZES: [usize; 5] = [4096, 512, 16384, 65536, 3 * 512];
     let mut reqs = Vec::new();
     for i in 0..40u64 {
         let size = SIZES[(i as usize + round as usize) % SIZES.len()];
         let off = ((round * 40 + i) * 64 * 1024) % (48 << 20);
-        reqs.push(Req::Write(off, size));
-        reqs.push(Req::Read(off, size));
-        reqs.push(Req::Read((i * 7 + 3) * 4096, 4096));
-        reqs.push(Req::Read(COMPRESSED + (round * 40 + i) * 4096, 4096));
+        reqs.push(BlkOp::Write {
+            off,
+            data: vec![(round * 40 + i) as u8; size],
+        });
+        reqs.push(BlkOp::Read { off, len: size });
+        reqs.push(BlkOp::Read {
+            off: (i * 7 + 3) * 4096,
+            len: 4096,
+        });
+        reqs.push(BlkOp::Read {
+            off: COMPRESSED + (round * 40 + i) * 4096,
+            len: 4096,
+        });
         if i % 10 == 9 {
-            reqs.push(Req::Flush);
+            reqs.push(BlkOp::Flush);
         }
         if i % 8 == 3 {
-            reqs.push(Req::Discard((56 << 20) + i * 65536, 65536));
+            reqs.push(BlkOp::Discard {
+                off: (56 << 20) + i * 65536,
+                len: 65536,
+            });
         }
         if i % 13 == 5 {
-            reqs.push(Req::WriteZeroes((60 << 20) + i * 8192, 8192));
+            reqs.push(BlkOp::WriteZeroes {
+                off: (60 << 20) + i * 8192,
+                len: 8192,
+                unmap: true,
+            });
         }
     }
     reqs
@@ -516,18 +317,12 @@ fn settled(addr: SocketAddr, done: impl Fn(&Scrape) -> bool) -> Scrape {
 
 #[test]
 fn metrics_add_up_to_what_the_client_did() {
-    let qemu_img = Command::new("qemu-img").arg("--version").output();
-    assert!(
-        qemu_img.is_ok_and(|o| o.status.success()),
-        "qemu-img is needed (Debian package qemu-utils)"
-    );
-    let dir = std::env::temp_dir().join(format!("qcow2d-metrics-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("disk.qcow2");
-    let socket = dir.join("disk.sock");
+    let scratch = Scratch::new("metrics");
+    let image = scratch.join("disk.qcow2");
+    let socket = scratch.socket("disk.sock");
     // 64 MiB with compressed data at COMPRESSED (so that reads there go through the
     // decompressed-cluster cache and the L2 table exists on disk), the rest unallocated.
-    let raw = dir.join("disk.raw");
+    let raw = scratch.join("disk.raw");
     {
         let f = std::fs::File::create(&raw).unwrap();
         f.set_len(64 << 20).unwrap();
@@ -536,15 +331,14 @@ fn metrics_add_up_to_what_the_client_did() {
             .collect();
         std::os::unix::fs::FileExt::write_all_at(&f, &text, COMPRESSED).unwrap();
     }
-    let converted = Command::new("qemu-img")
-        .args(["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&image)
-        .status()
-        .unwrap();
-    assert!(converted.success(), "qemu-img convert");
-    let daemon = Daemon::start(&dir, &image, &socket);
-    let addr = daemon.metrics;
+    convert_raw_to_qcow2(&raw, &image, "", true);
+    let daemon = Daemon::start_writable(
+        &image,
+        &socket,
+        &["--queues", "2", "--metrics", "127.0.0.1:0"],
+    )
+    .unwrap_or_else(|f| panic!("qcow2d serve: {f}"));
+    let addr = metrics_addr(&daemon);
     let export = socket.display().to_string();
 
     // Before any client: everything at zero, the endpoint's 404.
@@ -579,16 +373,18 @@ fn metrics_add_up_to_what_the_client_did() {
         })
     };
 
-    let mut client = Client::connect(&socket);
+    let mut client = BlkClient::connect_rw(&socket, QUEUES).expect("blkio client");
+    // Each read and write in one buffer, as a guest's simplest request.
+    client.set_one_segment(true);
     let mut expected: HashMap<&str, (u64, u64)> = HashMap::new();
     let mut previous = scrape(addr);
     for r in 0..4 {
         let reqs = round(r);
-        client.run(&reqs);
+        run(&mut client, &reqs);
         for req in &reqs {
-            let e = expected.entry(req.op()).or_default();
+            let e = expected.entry(op_name(req)).or_default();
             e.0 += 1;
-            e.1 += req.bytes();
+            e.1 += req.range().map_or(0, |(_, len)| len);
         }
         let s = settled(addr, |s| {
             expected
@@ -621,8 +417,13 @@ fn metrics_add_up_to_what_the_client_did() {
     stalled.write_all(b"GET /metr").unwrap();
     thread::sleep(Duration::from_millis(50));
     let started = Instant::now();
-    let reqs: Vec<Req> = (0..64).map(|i| Req::Read(i * 4096, 4096)).collect();
-    client.run(&reqs);
+    let reqs: Vec<BlkOp> = (0..64)
+        .map(|i| BlkOp::Read {
+            off: i * 4096,
+            len: 4096,
+        })
+        .collect();
+    run(&mut client, &reqs);
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(3),
@@ -707,6 +508,10 @@ fn metrics_add_up_to_what_the_client_did() {
         1.0
     );
 
+    let stderr = daemon.stderr();
     let status = daemon.terminate();
-    assert!(status.success(), "qcow2d exited with {status}");
+    assert!(
+        status.success(),
+        "qcow2d exited with {status}; stderr:\n{stderr}"
+    );
 }
