@@ -565,7 +565,7 @@ impl Connection {
         self.ended.as_raw_fd()
     }
 
-    /// Ends the connection now: the frontend's socket is shut down (so the relay drops it) and
+    /// Ends the connection now: the frontend's socket is shut down (so the relay ends it) and
     /// so is vhost-user-backend's request thread's.
     pub fn shut_down(&self) {
         let _ = self.ended.shutdown(std::net::Shutdown::Both);

@@ -50,8 +50,9 @@
 //! A message that cannot be framed (a truncated header or body, a size above vhost-user's
 //! 4 KiB limit, too many file descriptors) ends the connection with a log line; the content of
 //! relayed messages is left to vhost-user-backend to judge. An error (or a panic) ends only
-//! its own connection. When either side closes, both sockets are shut down and closed, so
-//! vhost-user-backend's request thread and the export see the connection end.
+//! its own connection. When either side closes, both sockets are shut down, so
+//! vhost-user-backend's request thread and the export see the connection end; they are closed
+//! when the connection's thread stops its relay.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -541,7 +542,8 @@ impl Shared {
                         }
                         Err(e) => {
                             End::Watch(e).log(&conn.name);
-                            conn.unwatch(&self.epoll);
+                            conn.end(&self.epoll);
+                            conns.insert(conn.id, conn);
                         }
                     }
                 }
@@ -556,12 +558,15 @@ impl Shared {
     }
 
     /// Moves connection `id`'s messages as far as its sockets allow; a connection that ends
-    /// (or whose relaying panics) is dropped, and only it.
+    /// (or whose relaying panics) is shut down, and only it.
     fn turn(&self, conns: &mut HashMap<u64, Conn>, id: u64) {
         let Some(conn) = conns.get_mut(&id) else {
-            // Dropped earlier in this batch of events.
             return;
         };
+        if conn.ended {
+            // Ended earlier in this batch of events.
+            return;
+        }
         let turned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             conn.turn()?;
             conn.watch(&self.epoll).map_err(End::Watch)
@@ -572,9 +577,7 @@ impl Shared {
             Err(_) => End::Panicked,
         };
         end.log(&conn.name);
-        if let Some(conn) = conns.remove(&id) {
-            conn.unwatch(&self.epoll);
-        }
+        conn.end(&self.epoll);
     }
 }
 
@@ -640,6 +643,7 @@ impl Relay {
         let peak = Arc::new(AtomicUsize::new(0));
         let conn = Conn {
             id,
+            ended: false,
             name: name.to_owned(),
             frontend,
             backend,
@@ -741,10 +745,16 @@ impl End {
     }
 }
 
-/// One connection's relaying state, owned by the relay thread. Dropping it shuts both sockets
-/// down, closes them (and the descriptors of messages still held), then tells its [`Relay`].
+/// One connection's relaying state, owned by the relay thread. When the connection ends, both
+/// sockets are shut down (the peers see it end) and leave the epoll set; they are closed when
+/// [`Relay::stop`] drops the connection (closing a socket whose peer sent what was not read
+/// would make the peer's reads fail with ECONNRESET rather than see the end). Dropping it
+/// shuts both sockets down, closes them (and the descriptors of messages still held), then
+/// tells its [`Relay`].
 struct Conn {
     id: u64,
+    /// Shut down: nothing is relayed any more.
+    ended: bool,
     name: String,
     frontend: UnixStream,
     backend: UnixStream,
@@ -775,6 +785,24 @@ impl Drop for Conn {
 }
 
 impl Conn {
+    /// Shuts both sockets down, takes them out of the epoll set and lets go of the messages
+    /// held (closing their descriptors).
+    fn end(&mut self, epoll: &Epoll) {
+        self.ended = true;
+        // Shut down, not only closed later: the listener watches another descriptor of the
+        // frontend's socket for this hang-up to tear the connection down. Fails only if it is
+        // shut down already (or no longer connected), which is as good.
+        let _ = self.frontend.shutdown(Shutdown::Both);
+        let _ = self.backend.shutdown(Shutdown::Both);
+        self.unwatch(epoll);
+        self.frontend_events = EventSet::empty();
+        self.backend_events = EventSet::empty();
+        self.inbound = Reader::new();
+        self.outbound = Reader::new();
+        self.to_backend = None;
+        self.to_frontend = None;
+    }
+
     fn held_bytes(&self) -> usize {
         self.inbound.held_bytes()
             + self.outbound.held_bytes()
@@ -1449,6 +1477,20 @@ mod tests {
         let (frontend, backend, relay) = connected();
         drop(backend);
         assert!(receive(&frontend).is_none());
+        relay.stop();
+    }
+
+    /// A message that cannot be framed, followed by bytes the relay never reads: both peers
+    /// see the connection end (EOF, not a reset) until the relay is stopped.
+    #[test]
+    fn a_connection_ended_with_unread_bytes_ends_cleanly_for_both_peers() {
+        let (frontend, backend, relay) = connected();
+        let mut bad = message_bytes(PLAIN, VERSION_1, &[]);
+        bad[8..12].copy_from_slice(&(MAX_MSG_SIZE as u32 + 1).to_ne_bytes());
+        bad.extend_from_slice(&[0xee; 512]);
+        send(&frontend, &bad, &[]).unwrap();
+        assert!(receive(&frontend).is_none());
+        assert!(receive(&backend).is_none());
         relay.stop();
     }
 
