@@ -395,7 +395,12 @@ pub(super) fn plan_rebuild(
     let span = a.counts.len.max(x_start.saturating_add(x_len));
     // Blocks with references among the clusters counted so far.
     let mut blocks: std::collections::BTreeSet<u64> = (0..span.div_ceil(g.epb))
-        .filter(|&b| (b * g.epb..((b + 1) * g.epb).min(span)).any(|c| want(c) != 0))
+        .filter(|&b| {
+            let (lo, hi) = (b * g.epb, ((b + 1) * g.epb).min(span));
+            // Nothing counted and nothing extra: no cluster of the block is wanted.
+            let extra_here = x_len > 0 && lo < x_start.saturating_add(x_len) && x_start < hi;
+            (extra_here || !a.counts.zero_range(lo, hi)) && (lo..hi).any(|c| want(c) != 0)
+        })
         .collect();
     let gaps = Gaps::new(a, 0, extra.into_iter().collect());
     // Place the table and the blocks, add the blocks that describe their clusters, and again

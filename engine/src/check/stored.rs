@@ -4,7 +4,7 @@
 //! [`super::check`].
 #![forbid(unsafe_code)]
 
-use super::walk::{Analysis, Geo};
+use super::walk::{all_zero, Analysis, Geo};
 use super::{zeroed, Target, MAX_LISTED_CLUSTERS};
 use crate::error::Error;
 use crate::format::{refcount_get, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
@@ -73,6 +73,12 @@ impl Stored {
         }
     }
 
+    /// Whether block `b` is read from the file and holds only zeros.
+    pub(super) fn block_is_zero(&mut self, t: &mut Target, b: u64) -> Result<bool, Error> {
+        self.get(t, b.saturating_mul(self.g.epb))?;
+        Ok(matches!(self.state, Block::At(_)) && all_zero(&self.block))
+    }
+
     /// The stored refcount of host cluster `c`; `None` when its refcount block cannot be
     /// read (it is misaligned).
     pub(super) fn get(&mut self, t: &mut Target, c: u64) -> Result<Option<u64>, Error> {
@@ -111,6 +117,14 @@ impl Analysis {
             let state = stored.read_block_of(c / g.epb);
             if matches!(state, Block::Missing | Block::Invalid)
                 && self.counts.zero_range(c, block_end)
+            {
+                c = block_end;
+                continue;
+            }
+            // A block of zeros where nothing is referenced: every cluster agrees.
+            if matches!(state, Block::At(_))
+                && self.counts.zero_range(c, block_end)
+                && stored.block_is_zero(t, c / g.epb)?
             {
                 c = block_end;
                 continue;
