@@ -130,7 +130,14 @@ pub fn read_table<E>(
     read: ReadFn<'_, E>,
 ) -> Result<SnapshotTable, SnapshotReadError<E>> {
     let mut entries = Vec::new();
-    let mut table = walk_table(start, nb, repair, keep, read, &mut |e| entries.push(e))?;
+    let mut table = walk_table(
+        start,
+        nb,
+        repair,
+        keep,
+        read,
+        Some(&mut |e| entries.push(e)),
+    )?;
     table.entries = entries;
     Ok(table)
 }
@@ -143,18 +150,18 @@ pub fn check_table<E>(
     nb: u32,
     read: ReadFn<'_, E>,
 ) -> Result<(), SnapshotReadError<E>> {
-    walk_table(start, nb, false, false, read, &mut |_| {}).map(drop)
+    walk_table(start, nb, false, false, read, None).map(drop)
 }
 
-/// The walk of [`read_table`]: each entry kept is given to `each`; the table returned has no
-/// entries.
+/// The walk of [`read_table`]: each entry kept is given to `each` (none is made without
+/// one); the table returned has no entries.
 fn walk_table<E>(
     start: u64,
     nb: u32,
     repair: bool,
     keep: bool,
     read: ReadFn<'_, E>,
-    each: &mut dyn FnMut(SnapshotEntry),
+    mut each: Option<&mut dyn FnMut(SnapshotEntry)>,
 ) -> Result<SnapshotTable, SnapshotReadError<E>> {
     if nb > MAX_SNAPSHOTS {
         return Err(invalid(format!(
@@ -221,16 +228,18 @@ fn walk_table<E>(
             off = before;
             break;
         }
-        each(SnapshotEntry {
-            offset: before.next_multiple_of(8),
-            l1_table_offset: be64_at(&fixed, 0),
-            l1_size: be32(&fixed, 8),
-            extra_data_size: extra_size,
-            fixed: if keep { fixed.to_vec() } else { Vec::new() },
-            extra,
-            id,
-            name,
-        });
+        if let Some(each) = each.as_mut() {
+            each(SnapshotEntry {
+                offset: before.next_multiple_of(8),
+                l1_table_offset: be64_at(&fixed, 0),
+                l1_size: be32(&fixed, 8),
+                extra_data_size: extra_size,
+                fixed: if keep { fixed.to_vec() } else { Vec::new() },
+                extra,
+                id,
+                name,
+            });
+        }
     }
     table.size_bytes = off - start;
     Ok(table)
