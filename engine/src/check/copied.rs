@@ -7,7 +7,8 @@
 use std::collections::HashSet;
 
 use super::stored::Stored;
-use super::walk::{classify, Analysis, Kind};
+use super::tables::{classify, Kind};
+use super::walk::Analysis;
 use super::{zeroed, Log, Target};
 use crate::error::Error;
 use crate::format::be64_at;

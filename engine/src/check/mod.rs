@@ -18,6 +18,7 @@
 mod copied;
 mod repair;
 mod stored;
+mod tables;
 mod walk;
 
 use std::fmt;
