@@ -121,6 +121,15 @@ pub enum IoError {
     ReadOnly,
 }
 
+impl IoError {
+    /// The failure of an OS call (EIO when the error carries no errno).
+    pub(crate) fn os(e: &std::io::Error) -> IoError {
+        IoError::Os {
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
 impl fmt::Display for IoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -12,7 +12,7 @@ use crate::format::{self, field, incompat};
 use crate::io::{BlockingReader, Role};
 use crate::layer::{
     data_file_path, file_len, lock_file, open_qcow2, probe_is_qcow2, read_header, resolve_relative,
-    KindRef, Layer, LayerKind, LayerRef, TopLayer,
+    KindRef, Layer, LayerKind, LayerRef, Qcow2Layer, TopLayer,
 };
 use crate::paths::{AllowedRoots, NamedKind};
 use std::collections::HashSet;
@@ -80,6 +80,16 @@ pub(crate) struct ImageInner {
 }
 
 impl ImageInner {
+    /// The top image and its writable state, for the write paths of a shard (a shard refuses
+    /// writes before they reach a read-only image).
+    pub(crate) fn writable_top(&self) -> (&Qcow2Layer, &crate::write::Writable) {
+        let w = self
+            .writable
+            .as_ref()
+            .expect("writes are refused before they reach a read-only image");
+        (&self.top.q, w)
+    }
+
     /// Opens the image at `path` and its whole backing chain.
     pub(crate) fn open(path: &Path, opts: &OpenOptions) -> Result<ImageInner, Error> {
         let mut reader = BlockingReader::new()

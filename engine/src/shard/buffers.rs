@@ -5,9 +5,12 @@
 //!
 //! Owned by one shard and used only on its thread.
 
-use super::MAX_POOLED_BYTES;
 use crate::io::{AlignedBuf, SAFE_DIO_ALIGN};
 use crate::meta::WaitList;
+
+/// Bytes of compressed-extent and of cluster buffers kept for reuse (per kind, at least one
+/// buffer); more are freed after use.
+const MAX_POOLED_BYTES: usize = 4 << 20;
 
 /// See the module documentation.
 pub(super) struct Buffers {

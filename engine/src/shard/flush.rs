@@ -35,8 +35,10 @@
 //! fails the image like a failed flush.
 
 use super::flush_plan::{self, Dirty, MovedTable, PlannedWrite, Step, WriteMode};
+use super::op::OpKind;
+use super::reserve::PendingFree;
 use super::slab::OpId;
-use super::{os_error, OpKind, PendingFree, State};
+use super::state::State;
 use crate::error::IoError;
 use crate::format::field;
 use crate::io::sqe;
@@ -568,7 +570,7 @@ impl State {
             } => {
                 for PlannedWrite { host, bytes, .. } in writes {
                     if let Err(e) = crate::io::pwrite_all(fd, &bytes, host) {
-                        self.flush.error.get_or_insert(os_error(&e));
+                        self.flush.error.get_or_insert(IoError::os(&e));
                     }
                     self.buffers.recycle(bytes);
                 }

@@ -21,8 +21,9 @@
 //! left in its queue) is answered at once with an error on its behalf, so that no request of
 //! another shard waits for a shard that is gone.
 
+use super::request::ReqKind;
 use super::slab::{PartId, ReqId, SlabId};
-use super::{ReqKind, State};
+use super::state::State;
 use crate::error::IoError;
 use crossbeam::queue::SegQueue;
 use libc::iovec;

@@ -5,9 +5,11 @@
 //!
 //! Runs on the shard's thread, on the shard's own caches.
 
+use super::op::OpKind;
+use super::request::ReqKind;
+use super::reserve::PendingFree;
 use super::slab::{OpId, PartId};
-use super::state::top;
-use super::{OpKind, PendingFree, ReqKind, State};
+use super::state::State;
 use crate::error::IoError;
 use crate::format::{encode_l1_entry, l1_entry_copied};
 use crate::io::sqe;
@@ -161,7 +163,7 @@ impl State {
         pid: PartId,
         kind: ReqKind,
     ) -> Option<u32> {
-        let (q, w) = top(img);
+        let (q, w) = img.writable_top();
         debug_assert!(
             !self.is_foreign(0, l1_index),
             "L2 table {l1_index} changed by a shard that does not own it"

@@ -55,9 +55,7 @@ pub use flush::{LoggedStep, WriteLog};
 use group::forwarded_parts;
 use group::{Group, GroupLink};
 use libc::iovec;
-use op::{Buffer, InflateTarget, OpKind};
 use request::ReqKind;
-use reserve::PendingFree;
 use slab::{OpId, Slab, SlabId};
 use state::State;
 use std::os::fd::RawFd;
@@ -123,16 +121,10 @@ pub struct Completion {
     pub result: Result<(), IoError>,
 }
 
-/// Most inflate jobs of a shard queued or run by others at once (at most half its completion
-/// queue); more clusters are inflated as their reads complete.
-const MAX_JOBS_OUT: usize = 64;
 /// Most inflate jobs of other shards one poll runs.
 const MAX_STEALS_PER_POLL: usize = 4;
 /// Most iovecs one request may carry (the kernel's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
-/// Bytes of compressed-extent and of cluster buffers kept for reuse (per kind, at least one
-/// buffer); more are freed after use.
-const MAX_POOLED_BYTES: usize = 4 << 20;
 /// Default [`ShardConfig::scratch_bytes`]: 85 compressed reads of 64 KiB clusters in flight,
 /// 5 of 2 MiB clusters.
 pub const DEFAULT_SCRATCH_BYTES: u64 = 16 << 20;
@@ -184,12 +176,6 @@ pub(crate) fn new_shards(
         }
     }
     Ok(shards)
-}
-
-fn os_error(e: &std::io::Error) -> IoError {
-    IoError::Os {
-        errno: e.raw_os_error().unwrap_or(libc::EIO),
-    }
 }
 
 impl Shard {

@@ -7,7 +7,7 @@
 //! in its arena entry, which is freed only once the completion is reaped.
 
 use super::slab::{AllocId, OpId, PartId};
-use super::{os_error, State};
+use super::state::State;
 use crate::error::IoError;
 use crate::io::sqe::{self, Sqe, Timespec};
 use crate::io::{AlignedBuf, DataFd, Ring};
@@ -164,7 +164,7 @@ impl State {
             }
             Err(e) => {
                 self.free_op(op);
-                Err(os_error(&e))
+                Err(IoError::os(&e))
             }
         }
     }

@@ -3,9 +3,10 @@
 
 use super::direct::write_fd;
 use super::l2::Table;
+use super::op::{Buffer, InflateTarget, OpKind};
 use super::op::{DataIo, Target};
 use super::slab::{OpId, PartId};
-use super::{Buffer, InflateTarget, OpKind, State, MAX_JOBS_OUT};
+use super::state::State;
 use crate::error::IoError;
 use crate::format::CompressionType;
 use crate::io::sqe;
@@ -17,6 +18,10 @@ use crate::layer::{KindRef, Qcow2Layer};
 use crate::meta::{resolve, Lookup, Step, WaitList};
 use crate::shared::ImageInner;
 use std::os::fd::AsRawFd;
+
+/// Most inflate jobs of a shard queued or run by others at once (at most half its completion
+/// queue); more clusters are inflated as their reads complete.
+const MAX_JOBS_OUT: usize = 64;
 
 impl State {
     /// Corruption found in layer `layer`: a writable top image is marked corrupt.

@@ -7,7 +7,8 @@
 
 use super::slab::Slab;
 use super::slab::{AllocId, PartId, ReqId, SlabId};
-use super::{Completion, State};
+use super::state::State;
+use super::Completion;
 use crate::error::IoError;
 use crate::io::Ring;
 use crate::meta::{WaitList, NO_ID};

@@ -6,8 +6,7 @@
 //!
 //! Runs on the shard's thread; only `State::reserve` takes the image's refcount mutex.
 
-use super::state::top;
-use super::{os_error, State};
+use super::state::State;
 use crate::error::IoError;
 use crate::meta::RefcountError;
 use crate::shared::ImageInner;
@@ -154,7 +153,7 @@ impl State {
         img: &ImageInner,
         w: &Writable,
     ) -> Result<(u64, bool, u64), IoError> {
-        let (q, _) = top(img);
+        let (q, _) = img.writable_top();
         let cs = q.geom.cluster_size();
         if self.reservations.reserved.remaining == 0 {
             self.reservations.reserved = if self.reservations.spare.remaining > 0 {
@@ -179,7 +178,7 @@ impl State {
 
     /// Reserves a run of clusters from the image's allocator and extends the file over it.
     pub(super) fn reserve(&mut self, img: &ImageInner, w: &Writable) -> Result<Reserved, IoError> {
-        let (q, _) = top(img);
+        let (q, _) = img.writable_top();
         let cs = q.geom.cluster_size();
         let (off, n, fresh) = {
             let mut rc = w.refcounts.lock().unwrap_or_else(|p| p.into_inner());
@@ -220,7 +219,7 @@ impl State {
                     if let Err(e) = rc.adjust_range(off, n * cs, -1) {
                         tracing::warn!("Cannot give back the clusters just reserved: {e}");
                     }
-                    return Err(os_error(&e));
+                    return Err(IoError::os(&e));
                 }
                 w.file_len.store(end, Ordering::Relaxed);
             }

@@ -23,10 +23,8 @@ use super::write::Allocations;
 use super::{Completion, ShardConfig};
 
 use crate::layer::KindRef;
-use crate::layer::Qcow2Layer;
 use crate::meta::SlotCache;
 use crate::shared::ImageInner;
-use crate::write::Writable;
 
 pub(super) struct LayerCaches {
     pub(super) l2: SlotCache,
@@ -170,15 +168,4 @@ impl State {
             writethrough: false,
         }
     }
-}
-
-/// The top image and its writable state, for the write paths (writes are refused before
-/// they reach a read-only image).
-pub(super) fn top(img: &ImageInner) -> (&Qcow2Layer, &Writable) {
-    let q = &img.top.q;
-    let w = img
-        .writable
-        .as_ref()
-        .expect("writes are refused before they reach a read-only image");
-    (q, w)
 }

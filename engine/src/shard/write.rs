@@ -10,9 +10,11 @@
 //! the old mapping until the entry changes, so they get old or new data, never garbage.
 
 use super::direct::write_fd;
+use super::op::{Buffer, OpKind};
+use super::request::ReqKind;
+use super::reserve::PendingFree;
 use super::slab::{AllocId, PartId, Slab};
-use super::state::top;
-use super::{Buffer, OpKind, PendingFree, ReqKind, State};
+use super::state::State;
 use crate::error::IoError;
 use crate::format::{be64_at, encode_l2_entry, ClusterMapping, L2Entry, SubclusterState};
 use crate::io::sqe;
@@ -242,7 +244,7 @@ impl State {
         pid: PartId,
         kind: ReqKind,
     ) {
-        let (q, w) = top(img);
+        let (q, w) = img.writable_top();
         if self.flush.has_overlap() || w.corrupt.load(Ordering::Relaxed) {
             // Corruption was found: the image takes no more writes, even those already
             // submitted.
@@ -311,7 +313,7 @@ impl State {
         entry: L2Entry,
         zeros: bool,
     ) {
-        let (q, w) = top(img);
+        let (q, w) = img.writable_top();
         let cs = q.geom.cluster_size();
         let sc = q.geom.subcluster_size();
         let ext = q.geom.extended_l2;
@@ -495,7 +497,7 @@ impl State {
     /// Writes the allocation's span to its host cluster, from its buffer or straight from the
     /// request (or the zero buffer) when no copy was needed.
     fn submit_alloc_write(&mut self, ring: &mut Ring, img: &ImageInner, a: AllocId) {
-        let (q, w) = top(img);
+        let (q, w) = img.writable_top();
         let op = self.ops.alloc();
         self.ops[op].kind = OpKind::AllocWrite {
             alloc: a,
@@ -560,7 +562,7 @@ impl State {
         if res as u64 != self.allocations.allocs[a].expected {
             return self.fail_alloc(a, IoError::Os { errno: libc::EIO });
         }
-        let (q, _) = top(img);
+        let (q, _) = img.writable_top();
         let cs = q.geom.cluster_size();
         let sc = q.geom.subcluster_size();
         let al = std::mem::take(&mut self.allocations.allocs[a]);
@@ -656,7 +658,7 @@ impl State {
         unmap: bool,
         discard: bool,
     ) {
-        let (q, w) = top(img);
+        let (q, w) = img.writable_top();
         let cs = q.geom.cluster_size();
         let sc = q.geom.subcluster_size();
         let ext = q.geom.extended_l2;
