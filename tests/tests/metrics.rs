@@ -412,11 +412,12 @@ fn metrics_add_up_to_what_the_client_did() {
         previous = s;
     }
 
-    // A scraper that sends half a request and stalls holds the endpoint, never the disk.
+    // A scraper that sends half a request and stalls holds the endpoint, never the disk: the
+    // reads complete while it is still connected (were the data path waiting for the
+    // endpoint, they would not complete until it is dropped, below).
     let mut stalled = TcpStream::connect(addr).unwrap();
     stalled.write_all(b"GET /metr").unwrap();
     thread::sleep(Duration::from_millis(50));
-    let started = Instant::now();
     let reqs: Vec<BlkOp> = (0..64)
         .map(|i| BlkOp::Read {
             off: i * 4096,
@@ -424,11 +425,6 @@ fn metrics_add_up_to_what_the_client_did() {
         })
         .collect();
     run(&mut client, &reqs);
-    let took = started.elapsed();
-    assert!(
-        took < Duration::from_secs(3),
-        "I/O took {took:?} behind a stalled scraper"
-    );
     expected.entry("read").or_default().0 += 64;
     expected.entry("read").or_default().1 += 64 * 4096;
     drop(stalled);
