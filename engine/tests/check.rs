@@ -618,6 +618,33 @@ fn refcount_table_too_small_is_rebuilt() {
     assert!(be32(&fixed, 56) >= 2);
 }
 
+/// With 1-bit refcounts, a refcount table entry naming the active L1 table's cluster as a
+/// refcount block: the block's reference overflows the width (one corruption, as QEMU counts
+/// it) and the cluster's count stays at 1, so the sharing went unseen and the repair left
+/// the overflow. The structure is rebuilt in clusters nothing uses, which ends the sharing
+/// (QEMU's repair leaves the corruption).
+#[test]
+fn refcount_block_sharing_a_cluster_at_full_width_is_rebuilt() {
+    let d = Dir::new();
+    let src = d.image(
+        "rc1.qcow2",
+        "cluster_size=512,refcount_bits=1",
+        "1M",
+        &["write -P 9 0 4k"],
+    );
+    let p = d.copy(&src, "shared.qcow2");
+    edit(&p, |l, img| {
+        // Entry 6 covers clusters far past the end of the file: no refcount changes.
+        let at = l.refcount_table_offset as usize + 6 * 8;
+        assert_eq!(be64(img, at), 0);
+        img[at..at + 8].copy_from_slice(&l.l1_table_offset.to_be_bytes());
+    });
+    let before = assert_agrees(&p);
+    assert_eq!((before.corruptions, before.leaks), (1, 0), "{before}");
+    let r = repair_and_verify(&p, &src);
+    assert_eq!(r.corruptions_fixed, 1, "{r:?}");
+}
+
 /// A refcount structure to rebuild, free clusters inside the file (discarded data), and an
 /// L2 entry pointing at the cluster just past the end of the file. A new structure appended
 /// to the file would land where that entry points, so the rebuild was refused and every

@@ -581,10 +581,21 @@ impl Analysis {
                 self.rebuild = true;
                 continue;
             }
+            // A cluster already at the refcount width's maximum: the block's own reference
+            // overflows (reported by inc()) and its count stays at that maximum, which is 1
+            // with 1-bit refcounts, so the test below does not see the sharing.
+            let shared = self.expected_at(off >> g.cb).unwrap_or(0) >= g.rc_max;
             self.inc(off, g.cs, "refcount block", true);
             let refs = self.expected_at(off >> g.cb).unwrap_or(0);
             if refs != 1 {
                 self.corrupt(format!("ERROR refcount block {i} refcount={refs}"));
+                self.rebuild = true;
+            } else if shared {
+                // Counted as the overflow already, as QEMU counts it; a new structure in
+                // clusters nothing uses ends the sharing.
+                self.log.push(format!(
+                    "Refcount block {i} shares its cluster with other metadata"
+                ));
                 self.rebuild = true;
             }
         }
