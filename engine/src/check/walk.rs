@@ -39,6 +39,8 @@ pub(super) struct Geo {
     pub(super) data_file: bool,
     /// Bytes per L2 entry.
     pub(super) esz: usize,
+    /// The file's length as QEMU sees it: rounded up to whole 512-byte sectors (a file that
+    /// ends inside a sector has a zero-filled tail there, which QEMU counts references into).
     pub(super) file_len: u64,
     /// Host clusters the file (partly) covers. References may reach one cluster further
     /// (QEMU counts a region that ends less than a cluster past the end of the file).
@@ -50,6 +52,7 @@ pub(super) struct Geo {
 impl Geo {
     pub(super) fn new(h: &Header, file_len: u64, path: &str) -> Result<Geo, Error> {
         let cs = h.cluster_size();
+        let file_len = file_len.checked_next_multiple_of(512).unwrap_or(file_len);
         let file_clusters = file_len.div_ceil(cs);
         let _ = path;
         Ok(Geo {
