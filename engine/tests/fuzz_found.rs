@@ -271,6 +271,48 @@ fn repaired_image_counted_like_qemu() {
     repair_consistent(include_bytes!("data/fuzz/repair-counted-unlike-qemu.img"));
 }
 
+/// Found by replaying inputs the `check_repair` fuzz target found against `qemu-img check`:
+/// images of 512-byte clusters with hundreds of references past the end of the file and L1
+/// entries with reserved bits set. After qcow2d's repair, QEMU counts more corruptions in the
+/// file than qcow2d's check does: 2518 against 2517, 26057 against 24012, 12762 against
+/// 12570, 20460 against 20386, 61742 against 59935. Not yet understood; kept out of the
+/// corpus replayed below until it is.
+#[test]
+#[ignore = "QEMU counts more corruptions than qcow2d in these repaired images; not yet understood"]
+fn repaired_images_with_references_past_eof_counted_like_qemu() {
+    let images: [(&str, &[u8]); 5] = [
+        (
+            "1",
+            include_bytes!("data/fuzz/repair-past-eof-counted-unlike-qemu-1.img"),
+        ),
+        (
+            "2",
+            include_bytes!("data/fuzz/repair-past-eof-counted-unlike-qemu-2.img"),
+        ),
+        (
+            "3",
+            include_bytes!("data/fuzz/repair-past-eof-counted-unlike-qemu-3.img"),
+        ),
+        (
+            "4",
+            include_bytes!("data/fuzz/repair-past-eof-counted-unlike-qemu-4.img"),
+        ),
+        (
+            "5",
+            include_bytes!("data/fuzz/repair-past-eof-counted-unlike-qemu-5.img"),
+        ),
+    ];
+    let failed: Vec<&str> = images
+        .iter()
+        .filter(|(_, image)| std::panic::catch_unwind(|| repair_consistent(image)).is_err())
+        .map(|(name, _)| *name)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "images {failed:?} are judged differently"
+    );
+}
+
 /// Every image of the `check_repair` fuzz target's corpus (`fuzz/corpus/check_repair/`)
 /// that the check takes: what the fuzz target asserts (the repair agrees with a second
 /// check, and adds no corruption to an image the first check read whole), and QEMU judges
