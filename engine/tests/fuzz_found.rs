@@ -168,6 +168,35 @@ fn repair_an_l1_table_running_far_past_the_end_of_the_file() {
     assert_eq!(found, (2520, 0));
 }
 
+/// The same image: its first check finds more messages than a report keeps, and the line
+/// saying why the repair does not rebuild the refcounts was dropped from the report. The
+/// repair's own lines keep their room.
+#[test]
+fn repair_reports_why_it_refuses_behind_many_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.img");
+    std::fs::write(
+        &path,
+        include_bytes!("data/fuzz/check-l1-table-past-eof.img"),
+    )
+    .unwrap();
+    let before = check(&path, false).unwrap();
+    assert!(
+        before.messages.last().unwrap().starts_with("... and "),
+        "{:?}",
+        before.messages.last()
+    );
+    let repaired = check(&path, true).unwrap();
+    assert!(
+        repaired
+            .messages
+            .iter()
+            .any(|m| m.starts_with("Not rebuilding the refcount structure")),
+        "{:#?}",
+        repaired.messages
+    );
+}
+
 /// A header declaring a refcount table of 11009 clusters (5.4 MiB) in a file of 1 KiB: as
 /// above, only the entries the file holds are read. The file (1025 bytes) ends inside a
 /// sector: the active L1 table, 32 bytes at 0x600, ends less than a cluster past the end

@@ -199,7 +199,12 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         ));
     }
     header_notes(&first.header, &mut log);
-    log.append(&first.log);
+    if repair {
+        // What the repair does and why it refuses a write follows: it keeps its room.
+        log.append_at_most(&first.log, MAX_MESSAGES / 2);
+    } else {
+        log.append(&first.log);
+    }
     if !repair {
         let mut report = first.report(false);
         report.messages = log.into_vec();
@@ -601,6 +606,20 @@ impl Log {
         self.dropped += other.dropped;
     }
 
+    /// Appends at most `max` of `other`'s lines, and counts the rest in one line at once.
+    fn append_at_most(&mut self, other: &Log, max: usize) {
+        let kept = other.lines.len().min(max);
+        for line in &other.lines[..kept] {
+            self.push(line.clone());
+        }
+        let dropped = other.dropped + (other.lines.len() - kept) as u64;
+        if dropped > 0 && self.lines.len() < MAX_MESSAGES {
+            self.push(format!("... and {dropped} more messages"));
+        } else {
+            self.dropped += dropped; // Counted in the final line.
+        }
+    }
+
     fn into_vec(mut self) -> Vec<String> {
         if self.dropped > 0 {
             self.lines
@@ -623,6 +642,26 @@ mod tests {
             allocated_clusters: 2,
             ..CheckReport::default()
         }
+    }
+
+    #[test]
+    fn a_bounded_append_leaves_room_and_counts_what_it_drops() {
+        let mut found = Log::default();
+        for i in 0..MAX_MESSAGES + 5 {
+            found.push(format!("found {i}"));
+        }
+        let mut log = Log::default();
+        log.append_at_most(&found, 10);
+        log.push("did".to_owned());
+        let v = log.into_vec();
+        assert_eq!(v.len(), 12, "{v:?}");
+        assert_eq!(v[9], "found 9");
+        assert_eq!(v[10], format!("... and {} more messages", MAX_MESSAGES - 5));
+        assert_eq!(v[11], "did");
+        let mut log = Log::default();
+        log.append_at_most(&found, MAX_MESSAGES * 2);
+        assert_eq!(log.lines.len(), MAX_MESSAGES);
+        assert_eq!(log.dropped, 5);
     }
 
     #[test]
