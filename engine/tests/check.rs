@@ -578,6 +578,29 @@ fn wrong_copied_flags_are_counted_like_qemu_and_repaired() {
     assert_eq!((r.corruptions, r.leaks), (1, 0), "{r:?}");
 }
 
+/// Two active L1 entries naming the same L2 table, one of whose data entries has lost its
+/// COPIED flag: QEMU checks the table's flags once per L1 entry and counts the wrong flag
+/// twice; the check counted it once.
+#[test]
+fn copied_flags_of_an_l2_table_named_twice_count_twice() {
+    let d = Dir::new();
+    let p = d.image("twice.qcow2", "cluster_size=4k", "4M", &["write -P 4 0 8k"]);
+    edit(&p, |l, img| {
+        let l1 = l.l1_table_offset as usize;
+        assert_eq!(be64(img, l1 + 8), 0, "L1 entry 1 is unallocated");
+        let first = be64(img, l1);
+        img[l1 + 8..l1 + 16].copy_from_slice(&first.to_be_bytes());
+        let l2 = (l.first_l2_cluster(img) << l.cluster_bits) as usize;
+        let e = be64(img, l2);
+        assert_ne!(e & (1 << 63), 0, "{e:#x}");
+        img[l2..l2 + 8].copy_from_slice(&(e & !(1 << 63)).to_be_bytes());
+    });
+    let r = assert_agrees(&p);
+    // The refcounts of the L2 table and of its two data clusters (1 for 2 references
+    // each), and the flag once per L1 entry.
+    assert_eq!((r.corruptions, r.leaks), (5, 0), "{r}\n{:#?}", r.messages);
+}
+
 #[test]
 fn missing_refcount_block_is_rebuilt() {
     let d = Dir::new();

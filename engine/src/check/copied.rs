@@ -4,7 +4,7 @@
 //! the thread that called [`super::check`].
 #![forbid(unsafe_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::stored::Stored;
 use super::tables::{classify, Kind};
@@ -94,6 +94,10 @@ impl Analysis {
         let mut l2 = zeroed(g.cs, &t.path)?;
         let mut fixed = 0u64;
         let mut done_tables = HashSet::new();
+        // Checking: how many flags of each L2 table were wrong. QEMU checks a table once per
+        // active L1 entry that names it and counts its errors each time; the table is read
+        // once here and its count added again.
+        let mut wrong_in: HashMap<u64, u64> = HashMap::new();
         for (i, chunk) in l1.chunks_exact(8).enumerate() {
             let raw = be64_at(chunk, 0);
             let l2_off = raw & mask::OFFSET;
@@ -108,11 +112,25 @@ impl Analysis {
                 continue;
             };
             fixed += self.l1_entry_flag(t, mode, i, raw, rc, log)?;
-            if (fixing && !valid) || !done_tables.insert(l2_off) {
+            if fixing && !valid {
+                continue;
+            }
+            if !done_tables.insert(l2_off) {
+                let again = wrong_in.get(&l2_off).copied().unwrap_or(0);
+                if !fixing && again > 0 {
+                    self.corruptions += again;
+                    self.log.push(format!(
+                        "ERROR the {again} OFLAG_COPIED errors of the L2 table at {l2_off:#x} count again: L1 entry {i} names it too"
+                    ));
+                }
                 continue;
             }
             t.read(l2_off, &mut l2, "an L2 table")?;
+            let before = self.corruptions;
             let changed = self.l2_table_flags(t, stored, mode, &mut l2, log)?;
+            if !fixing {
+                wrong_in.insert(l2_off, self.corruptions - before);
+            }
             if changed > 0 {
                 self.write_l2(t, l2_off, &l2, log)?;
             }
