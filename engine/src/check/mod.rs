@@ -476,6 +476,15 @@ struct Target {
     writes: u64,
 }
 
+impl Drop for Target {
+    fn drop(&mut self) {
+        // Given back now, not when the last reference to the file goes: the thread's kept
+        // io_uring may still hold one for a moment, and whoever runs `qemu-img` on the image
+        // next must not find it locked.
+        crate::io::unlock_file(&self.file);
+    }
+}
+
 impl Target {
     /// Opens and locks the image as an open of the engine does (the same checks of the
     /// path, the same QEMU-compatible locks for readers or writers, the same errors).
@@ -632,6 +641,22 @@ impl Log {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A check gives its image's locks back as it ends, even while something else (the
+    /// thread's kept io_uring, a moment after a request) still holds the file: whoever runs
+    /// `qemu-img` on the image next finds it free.
+    #[test]
+    fn a_check_gives_its_locks_back_as_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.qcow2");
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        let t = Target::open(&path, true).unwrap();
+        let held = t.file.try_clone().unwrap();
+        drop(t);
+        let next = File::options().read(true).write(true).open(&path).unwrap();
+        crate::io::lock_file(&next, Role::Qcow2Writer).expect("the image is still locked");
+        drop(held);
+    }
 
     fn report(corruptions: u64, leaks: u64) -> CheckReport {
         CheckReport {
