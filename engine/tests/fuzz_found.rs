@@ -300,6 +300,15 @@ fn repaired_image_counted_like_qemu() {
     repair_consistent(include_bytes!("data/fuzz/repair-counted-unlike-qemu.img"));
 }
 
+/// Found by replaying an input the `check_repair` fuzz target found against `qemu-img check`:
+/// after qcow2d's repair, QEMU counts 9674 corruptions in the file where qcow2d counts 9673.
+/// Not yet understood; kept out of the corpus replayed below until it is.
+#[test]
+#[ignore = "QEMU counts one corruption more than qcow2d in this repaired image; not yet understood"]
+fn repaired_image_counted_like_qemu_2() {
+    repair_consistent(include_bytes!("data/fuzz/repair-counted-unlike-qemu-2.img"));
+}
+
 /// Found by replaying inputs the `check_repair` fuzz target found against `qemu-img check`:
 /// images of 512-byte clusters with hundreds of references past the end of the file and L1
 /// entries with reserved bits set. After qcow2d's repair, QEMU counts more corruptions in the
