@@ -300,6 +300,16 @@ fn repaired_image_counted_like_qemu() {
     repair_consistent(include_bytes!("data/fuzz/repair-counted-unlike-qemu.img"));
 }
 
+/// Found by the `check_repair` fuzz target: a fresh check of the repaired image counts 570
+/// corruptions where the repair's own double check counted 571. Not yet understood.
+#[test]
+#[ignore = "a fresh check counts one corruption fewer than the repair's double check; not yet understood"]
+fn repair_double_check_agrees_with_a_fresh_check() {
+    repair_consistent(include_bytes!(
+        "data/fuzz/repair-double-check-unlike-a-fresh-check.img"
+    ));
+}
+
 /// Found by replaying an input the `check_repair` fuzz target found against `qemu-img check`:
 /// after qcow2d's repair, QEMU counts 9674 corruptions in the file where qcow2d counts 9673.
 /// Not yet understood; kept out of the corpus replayed below until it is.
