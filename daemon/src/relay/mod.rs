@@ -58,30 +58,27 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use tracing::{debug, error, info, warn};
-use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::message::{FrontendReq, MAX_MSG_SIZE};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::fdcheck::{self, Sealing};
 use crate::inflight::{create_area, InflightArea, InflightShared};
 use crate::sandbox::{seccomp, Role};
 
-/// Bytes of a vhost-user message header: request, flags, size (native-endian u32 each).
-const HEADER_BYTES: usize = 12;
-/// Header flags: protocol version 1, and the reply bit.
-const VERSION_1: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
-const FLAG_NEED_REPLY: u32 = 0x8;
+mod checks;
+mod frame;
+mod private;
+
+use checks::{check_fds, kick};
+use frame::{FrameError, Message, Outgoing, Reader, Received, HEADER_BYTES, VERSION_1};
+pub use private::{make_private_dir, private_connection};
+
 /// Bytes of the in-flight description (`VhostUserInflight`: u64, u64, u16, u16, padded to 8).
 const INFLIGHT_BYTES: usize = 24;
 /// SET_VRING_KICK payload: queue index bits, and the "no file descriptor" bit.
@@ -153,273 +150,6 @@ impl BackendChannel {
         (&*sock).write_all(&header)?;
         Ok(true)
     }
-}
-
-/// Why a message could not be read.
-#[derive(Debug, thiserror::Error)]
-enum FrameError {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("the peer closed the connection in the middle of a message")]
-    Truncated,
-    #[error("message {request} has a {size}-byte body, above the {MAX_MSG_SIZE}-byte limit")]
-    TooLarge { request: u32, size: u32 },
-    #[error("more than {MAX_ATTACHED_FD_ENTRIES} file descriptors attached to a message")]
-    TooManyFds,
-}
-
-/// One vhost-user message and the file descriptors that came with it.
-struct Message {
-    header: [u8; HEADER_BYTES],
-    body: Vec<u8>,
-    fds: Vec<OwnedFd>,
-}
-
-impl Message {
-    fn field(&self, i: usize) -> u32 {
-        let b = &self.header[4 * i..4 * i + 4];
-        u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
-    }
-
-    fn request(&self) -> u32 {
-        self.field(0)
-    }
-
-    fn flags(&self) -> u32 {
-        self.field(1)
-    }
-
-    fn need_reply(&self) -> bool {
-        self.flags() & FLAG_NEED_REPLY != 0
-    }
-
-    /// A reply to this message with `body` and `fds`.
-    fn reply(&self, body: Vec<u8>, fds: Vec<OwnedFd>) -> Message {
-        let mut header = [0u8; HEADER_BYTES];
-        header[0..4].copy_from_slice(&self.request().to_ne_bytes());
-        header[4..8].copy_from_slice(&(VERSION_1 | FLAG_REPLY).to_ne_bytes());
-        // Bodies we build are at most 24 bytes.
-        header[8..12].copy_from_slice(&(body.len() as u32).to_ne_bytes());
-        Message { header, body, fds }
-    }
-
-    fn u64_at(&self, at: usize) -> Option<u64> {
-        let b = self.body.get(at..at + 8)?;
-        Some(u64::from_ne_bytes(b.try_into().ok()?))
-    }
-
-    fn u16_at(&self, at: usize) -> Option<u16> {
-        let b = self.body.get(at..at + 2)?;
-        Some(u16::from_ne_bytes(b.try_into().ok()?))
-    }
-}
-
-/// What a [`Reader`] got from its socket this time.
-enum Received {
-    /// A whole message, with the descriptors that came with it.
-    Message(Message),
-    /// The socket has nothing more for now (what came is kept for the next time).
-    WouldBlock,
-    /// The peer closed the connection between two messages.
-    Closed,
-}
-
-/// One message being assembled from a socket across partial reads.
-struct Reader {
-    header: [u8; HEADER_BYTES],
-    /// Sized from the header once it is whole.
-    body: Vec<u8>,
-    /// Bytes of the message received so far (header, then body).
-    got: usize,
-    fds: Vec<OwnedFd>,
-}
-
-impl Reader {
-    fn new() -> Reader {
-        Reader {
-            header: [0; HEADER_BYTES],
-            body: Vec::new(),
-            got: 0,
-            fds: Vec::new(),
-        }
-    }
-
-    /// Bytes held for the message being assembled.
-    fn held_bytes(&self) -> usize {
-        if self.got == 0 {
-            0
-        } else {
-            HEADER_BYTES + self.body.len()
-        }
-    }
-
-    /// Receives what `sock` has of the current message (all of it, on a blocking socket),
-    /// never past its end, with the descriptors that come with its bytes.
-    fn read(&mut self, sock: &UnixStream) -> Result<Received, FrameError> {
-        loop {
-            let rest = if self.got < HEADER_BYTES {
-                &mut self.header[self.got..]
-            } else {
-                &mut self.body[self.got - HEADER_BYTES..]
-            };
-            let mut iov = [libc::iovec {
-                iov_base: rest.as_mut_ptr().cast(),
-                iov_len: rest.len(),
-            }];
-            let mut raw = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
-            // SAFETY: the iovec covers `rest`, a live, exclusively borrowed byte slice, which
-            // may hold any bytes; `raw` is a local array the call fills with received
-            // descriptors.
-            let received = unsafe { sock.recv_with_fds(&mut iov, &mut raw) };
-            let (n, nfds) = match received {
-                Ok(v) => v,
-                Err(e) if e.errno() == libc::EINTR => continue,
-                Err(e) if e.errno() == libc::EAGAIN => return Ok(Received::WouldBlock),
-                // Too many descriptors: the library closed them all.
-                Err(e) if e.errno() == libc::ENOBUFS => return Err(FrameError::TooManyFds),
-                Err(e) => return Err(FrameError::Io(io::Error::from_raw_os_error(e.errno()))),
-            };
-            for &fd in &raw[..nfds.min(raw.len())] {
-                // SAFETY: recvmsg just created this descriptor in our table for us; nothing
-                // else owns it.
-                self.fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-            if self.fds.len() > MAX_ATTACHED_FD_ENTRIES {
-                return Err(FrameError::TooManyFds);
-            }
-            if n == 0 {
-                if self.got == 0 && self.fds.is_empty() {
-                    return Ok(Received::Closed);
-                }
-                return Err(FrameError::Truncated);
-            }
-            self.got += n;
-            if self.got == HEADER_BYTES {
-                let size = u32::from_ne_bytes([
-                    self.header[8],
-                    self.header[9],
-                    self.header[10],
-                    self.header[11],
-                ]);
-                if size as usize > MAX_MSG_SIZE {
-                    let request = u32::from_ne_bytes([
-                        self.header[0],
-                        self.header[1],
-                        self.header[2],
-                        self.header[3],
-                    ]);
-                    return Err(FrameError::TooLarge { request, size });
-                }
-                self.body = vec![0u8; size as usize];
-            }
-            if self.got >= HEADER_BYTES && self.got == HEADER_BYTES + self.body.len() {
-                self.got = 0;
-                return Ok(Received::Message(Message {
-                    header: self.header,
-                    body: std::mem::take(&mut self.body),
-                    fds: std::mem::take(&mut self.fds),
-                }));
-            }
-        }
-    }
-}
-
-/// A message on its way out, and how much of it has gone.
-struct Outgoing {
-    msg: Message,
-    sent: usize,
-    /// SET_VRING_KICK: kick the queue once the message is out.
-    kick: bool,
-}
-
-impl Outgoing {
-    fn new(msg: Message) -> Outgoing {
-        Outgoing {
-            msg,
-            sent: 0,
-            kick: false,
-        }
-    }
-
-    fn len(&self) -> usize {
-        HEADER_BYTES + self.msg.body.len()
-    }
-
-    /// Sends what `sock` takes of the rest of the message, its descriptors with its first
-    /// byte. `Ok(true)` once all of it has gone (on a blocking socket, always).
-    fn send(&mut self, sock: &UnixStream) -> io::Result<bool> {
-        let fds: Vec<RawFd> = self.msg.fds.iter().map(AsRawFd::as_raw_fd).collect();
-        while self.sent < self.len() {
-            let (header, body) = if self.sent < HEADER_BYTES {
-                (&self.msg.header[self.sent..], &self.msg.body[..])
-            } else {
-                (&[][..], &self.msg.body[self.sent - HEADER_BYTES..])
-            };
-            let attach: &[RawFd] = if self.sent == 0 { &fds } else { &[] };
-            match sock.send_with_fds(&[header, body], attach) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.sent += n,
-                Err(e) if e.errno() == libc::EINTR => {}
-                Err(e) if e.errno() == libc::EAGAIN => return Ok(false),
-                Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
-            }
-        }
-        Ok(true)
-    }
-}
-
-/// The directory `qcow2d serve` makes at start-up for the private sockets
-/// ([`make_private_dir`]); without one (unit tests), each connection makes its own.
-static PRIVATE_DIR: OnceLock<PathBuf> = OnceLock::new();
-
-/// Makes a new directory only the daemon's user can enter, under `parent`, for the private
-/// sockets of every connection from now on, and returns it (to be removed at exit). Made
-/// once at start-up, so that serving a connection creates no directory.
-pub fn make_private_dir(parent: &Path) -> io::Result<PathBuf> {
-    let dir = new_private_dir(parent)?;
-    // A second call (tests) keeps the first directory.
-    let _ = PRIVATE_DIR.set(dir.clone());
-    Ok(dir)
-}
-
-fn new_private_dir(parent: &Path) -> io::Result<PathBuf> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = parent.join(format!("qcow2d-{}-{n}", std::process::id()));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            // Left over by a process that had our pid before: try the next name.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// A listener with one connection already waiting to be accepted, and that connection's other
-/// end. The listening socket lives in a directory only this user can enter and is removed as
-/// soon as the connection exists, so nobody else can connect to it.
-pub fn private_connection() -> io::Result<(Listener, UnixStream)> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let (own_dir, path) = match PRIVATE_DIR.get() {
-        Some(dir) => {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            (None, dir.join(format!("c{n}")))
-        }
-        None => {
-            let dir = new_private_dir(&std::env::temp_dir())?;
-            let path = dir.join("s");
-            (Some(dir), path)
-        }
-    };
-    let connected = UnixListener::bind(&path)
-        .and_then(|listener| UnixStream::connect(&path).map(|stream| (listener, stream)));
-    let _ = std::fs::remove_file(&path);
-    if let Some(dir) = own_dir {
-        let _ = std::fs::remove_dir(&dir);
-    }
-    let (listener, stream) = connected?;
-    Ok((Listener::from(listener), stream))
 }
 
 /// What the relay thread is asked to do, in order.
@@ -1076,134 +806,16 @@ fn interest(
     Ok(())
 }
 
-/// Checks the file descriptors of a message before it is forwarded (see the module
-/// documentation); the error says why it is refused.
-fn check_fds(msg: &Message) -> Result<(), String> {
-    match msg.request() {
-        SET_MEM_TABLE => {
-            let count = msg.body.get(0..4).map_or(0, |b| {
-                u32::from_ne_bytes(b.try_into().unwrap_or([0; 4])) as usize
-            });
-            check_regions(msg, 8, count)
-        }
-        ADD_MEM_REG => check_regions(msg, 8, 1),
-        SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR => check_vring_fd(msg),
-        _ => Ok(()),
-    }
-}
-
-/// Checks the `count` memory regions described from byte `at` of the body, each against its
-/// file descriptor: the file covers the region and cannot shrink.
-fn check_regions(msg: &Message, at: usize, count: usize) -> Result<(), String> {
-    if msg.body.len() != at + count * REGION_BYTES {
-        return Err(format!(
-            "{count} memory regions in a {}-byte message",
-            msg.body.len()
-        ));
-    }
-    if msg.fds.len() != count {
-        return Err(format!(
-            "{count} memory regions with {} file descriptors",
-            msg.fds.len()
-        ));
-    }
-    for (i, fd) in msg.fds.iter().enumerate() {
-        let base = at + i * REGION_BYTES;
-        let (Some(guest), Some(size), Some(offset)) = (
-            msg.u64_at(base),
-            msg.u64_at(base + 8),
-            msg.u64_at(base + 24),
-        ) else {
-            return Err(format!("memory region {i} is cut short"));
-        };
-        let file = fd
-            .try_clone()
-            .map(File::from)
-            .map_err(|e| format!("cannot examine the file of memory region {i}: {e}"))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| format!("cannot examine the file of memory region {i}: {e}"))?
-            .len();
-        let inside = matches!(offset.checked_add(size), Some(end) if end <= file_len);
-        if !inside {
-            return Err(format!(
-                "memory region {i} (guest address {guest:#x}) maps {size} bytes at offset \
-                 {offset} of a file of {file_len} bytes"
-            ));
-        }
-        match fdcheck::seal_against_shrinking(&file) {
-            Sealing::Sealed => {}
-            Sealing::SealedNow => debug!(region = i, "Sealed guest memory against shrinking"),
-            Sealing::Unsealable => warn!(
-                region = i,
-                file = fdcheck::describe(fd.as_fd()).unwrap_or_default(),
-                "Guest memory in a file that cannot be sealed against shrinking (a memfd made \
-                 without MFD_ALLOW_SEALING, as libblkio makes them, or a file system without \
-                 seals): if the frontend truncates it, the pages cut off read as zeros"
-            ),
-        }
-    }
-    Ok(())
-}
-
-/// Checks the descriptor of SET_VRING_KICK, SET_VRING_CALL or SET_VRING_ERR: none when the
-/// payload says so, else one eventfd, made non-blocking.
-fn check_vring_fd(msg: &Message) -> Result<(), String> {
-    let Some(payload) = msg.u64_at(0) else {
-        return Err(format!("a {}-byte vring message", msg.body.len()));
-    };
-    let queue = payload & VRING_INDEX_MASK;
-    if payload & VRING_NOFD != 0 {
-        return match msg.fds.len() {
-            0 => Ok(()),
-            n => Err(format!(
-                "queue {queue}: {n} file descriptors with the no-fd flag"
-            )),
-        };
-    }
-    let [fd] = msg.fds.as_slice() else {
-        return Err(format!(
-            "queue {queue}: {} file descriptors instead of one eventfd",
-            msg.fds.len()
-        ));
-    };
-    if !fdcheck::is_eventfd(fd.as_fd()) {
-        return Err(format!(
-            "queue {queue}: the descriptor is not an eventfd but {}",
-            fdcheck::describe(fd.as_fd()).unwrap_or_else(|| "unknown".into())
-        ));
-    }
-    fdcheck::set_nonblocking(fd.as_fd())
-        .map_err(|e| format!("queue {queue}: cannot make the eventfd non-blocking: {e}"))
-}
-
-/// Writes to the kick eventfd of a SET_VRING_KICK message (after it was forwarded): the worker
-/// then processes the queue once it is started and enabled, whether or not the guest kicks.
-fn kick(msg: &Message) {
-    let Some(payload) = msg.u64_at(0) else {
-        return;
-    };
-    if payload & VRING_NOFD != 0 {
-        return;
-    }
-    let Some(fd) = msg.fds.first() else {
-        return;
-    };
-    let queue = payload & VRING_INDEX_MASK;
-    match fd.try_clone().map(File::from) {
-        Ok(mut eventfd) => {
-            if let Err(e) = eventfd.write_all(&1u64.to_ne_bytes()) {
-                debug!(queue, "Cannot kick the queue: {e}");
-            }
-        }
-        Err(e) => debug!(queue, "Cannot kick the queue: {e}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, FromRawFd, RawFd};
     use std::time::{Duration, Instant};
+
+    use vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+    use super::frame::{FLAG_NEED_REPLY, FLAG_REPLY};
+    use crate::fdcheck;
 
     use super::*;
 
