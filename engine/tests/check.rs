@@ -8,12 +8,10 @@
 //! that both checks find clean and that `qemu-img compare` finds identical to a copy taken
 //! before the damage. A missing tool fails the test loudly.
 
-mod common;
-
-use common::qemu_img;
 use qcow2d_engine::check::{check, CheckReport};
 use qcow2d_engine::format::{refcount_get, refcount_set};
 use qcow2d_engine::{Image, OpenOptions};
+use qcow2d_tests::{convert_raw_to_qcow2, create_qcow2, qemu_img, qemu_img_cmd, qemu_io, Rng};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -41,7 +39,7 @@ struct QemuCheck {
 
 fn qemu_check(path: &Path) -> QemuCheck {
     let out = output(
-        common::qemu_img_cmd()
+        qemu_img_cmd()
             .args(["check", "--output=json", "-f", "qcow2"])
             .arg(path),
     );
@@ -131,7 +129,7 @@ fn repair_and_verify(path: &Path, reference: &Path) -> CheckReport {
         q.json, q.stderr
     );
     let out = output(
-        common::qemu_img_cmd()
+        qemu_img_cmd()
             .args(["compare", "-f", "qcow2", "-F", "qcow2"])
             .arg(reference)
             .arg(path),
@@ -246,17 +244,9 @@ impl Dir {
 
     /// `qemu-img create -f qcow2 -o <opts>` then runs `qemu-io` commands on it.
     fn image(&self, name: &str, opts: &str, size: &str, cmds: &[&str]) -> PathBuf {
-        let p = self.path(name);
-        let mut args = vec!["create", "-q", "-f", "qcow2"];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        let ps = p.to_str().unwrap().to_owned();
-        args.push(&ps);
-        args.push(size);
-        qemu_img(&args);
+        let p = create_qcow2(&self.path(name), size, opts);
         if !cmds.is_empty() {
-            common::qemu_io(&p, cmds);
+            qemu_io(&p, "qcow2", cmds);
         }
         p
     }
@@ -266,16 +256,14 @@ impl Dir {
     fn compressed(&self, name: &str, opts: &str) -> PathBuf {
         let raw = self.path(&format!("{name}.raw"));
         let mut data = vec![0u8; 3 << 20];
-        let mut x = 0x1234_5678_9abc_def0u64;
+        let mut rng = Rng::new(0x1234_5678_9abc_def0);
         for (i, chunk) in data.chunks_mut(4096).enumerate() {
             match i % 5 {
                 0 => chunk.fill(0x5a),
                 1 => chunk.fill(0),
                 _ => {
                     for b in chunk.iter_mut() {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
+                        let x = rng.next_u64();
                         // Half random, half text-like: compresses partly.
                         *b = if i % 2 == 0 {
                             x as u8
@@ -288,17 +276,7 @@ impl Dir {
         }
         std::fs::write(&raw, &data).unwrap();
         let p = self.path(name);
-        let mut args = vec!["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        let (rs, ps) = (
-            raw.to_str().unwrap().to_owned(),
-            p.to_str().unwrap().to_owned(),
-        );
-        args.push(&rs);
-        args.push(&ps);
-        qemu_img(&args);
+        convert_raw_to_qcow2(&raw, &p, opts, true);
         p
     }
 
@@ -361,25 +339,25 @@ fn all_images(d: &Dir) -> Vec<PathBuf> {
 
     let s = d.image("snapshots.qcow2", "", "8M", &["write -P 1 0 256k"]);
     snap(&s, "s1");
-    common::qemu_io(&s, &["write -P 2 64k 64k", "write -P 3 4M 64k"]);
+    qemu_io(&s, "qcow2", &["write -P 2 64k 64k", "write -P 3 4M 64k"]);
     snap(&s, "s2");
-    common::qemu_io(&s, &["write -P 4 0 8k", "discard 4M 64k"]);
+    qemu_io(&s, "qcow2", &["write -P 4 0 8k", "discard 4M 64k"]);
     v.push(s);
 
     let s = d.image("v2snap.qcow2", "compat=0.10", "4M", &["write -P 1 0 128k"]);
     snap(&s, "first");
-    common::qemu_io(&s, &["write -P 9 0 64k"]);
+    qemu_io(&s, "qcow2", &["write -P 9 0 64k"]);
     v.push(s);
 
     let c = d.compressed("csnap.qcow2", "");
     snap(&c, "s1");
-    common::qemu_io(&c, &["write -P 9 64k 64k"]);
+    qemu_io(&c, "qcow2", &["write -P 9 64k 64k"]);
     v.push(c);
 
     let b = d.image("bitmaps.qcow2", "", "4M", &[]);
     qemu_img(&["bitmap", "--add", b.to_str().unwrap(), "b0"]);
     qemu_img(&["bitmap", "--add", b.to_str().unwrap(), "b1", "-g", "512k"]);
-    common::qemu_io(&b, &["write -P 3 0 256k", "write -P 4 3M 64k"]);
+    qemu_io(&b, "qcow2", &["write -P 3 0 256k", "write -P 4 3M 64k"]);
     v.push(b);
     v
 }
@@ -427,7 +405,7 @@ fn bitmaps_are_counted() {
     let d = Dir::new();
     let b = d.image("bitmaps.qcow2", "", "4M", &[]);
     qemu_img(&["bitmap", "--add", b.to_str().unwrap(), "b0"]);
-    common::qemu_io(&b, &["write -P 3 0 256k"]);
+    qemu_io(&b, "qcow2", &["write -P 3 0 256k"]);
     assert_clean(&b);
     let (table, data) = bitmap_clusters(&read_file(&b));
     let r = damage_and_repair(&d, &b, "bitmap", |l, img| {
@@ -734,7 +712,7 @@ fn rebuild_uses_free_clusters_when_a_reference_points_past_the_end() {
             q.stderr
         );
         let _ = output(
-            common::qemu_img_cmd()
+            qemu_img_cmd()
                 .args(["check", "-q", "-r", "all", "-f", "qcow2"])
                 .arg(&theirs),
         );
@@ -797,14 +775,14 @@ fn misaligned_zero_entry_over_its_own_tables_is_repaired() {
     );
     assert_clean(&ours);
     let _ = output(
-        common::qemu_img_cmd()
+        qemu_img_cmd()
             .args(["check", "-q", "-r", "all", "-f", "qcow2"])
             .arg(&theirs),
     );
     let q = qemu_check(&theirs);
     assert_eq!((q.corruptions, q.leaks), (0, 0), "{}{}", q.json, q.stderr);
     let out = output(
-        common::qemu_img_cmd()
+        qemu_img_cmd()
             .args(["compare", "-f", "qcow2", "-F", "qcow2"])
             .arg(&src)
             .arg(&ours),
@@ -908,14 +886,9 @@ fn random_damage_is_counted_like_qemu() {
         ),
     ];
     qemu_img(&["snapshot", "-c", "s", sources[0].to_str().unwrap()]);
-    common::qemu_io(&sources[0], &["write -P 2 0 64k"]);
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    qemu_io(&sources[0], "qcow2", &["write -P 2 0 64k"]);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || rng.next_u64();
     let mut repaired_clean = 0;
     for (k, src) in sources.iter().enumerate() {
         let len = read_file(src).len() as u64;
@@ -1039,7 +1012,7 @@ fn engine_killed_with_lazy_refcounts_is_repaired() {
     assert_eq!(read_file(&p)[79] & 3, 0, "dirty bit still set");
 
     let q = output(
-        common::qemu_img_cmd()
+        qemu_img_cmd()
             .args(["check", "-q", "-r", "all", "-f", "qcow2"])
             .arg(&by_qemu),
     );

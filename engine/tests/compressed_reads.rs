@@ -5,10 +5,8 @@
 //! bytes, fail the same way on bad streams, and never write outside the request's memory.
 //! Images are made by the real `qemu-img`; bad streams are patched into their extents.
 
-mod common;
-
-use common::Rng;
 use qcow2d_engine::{Image, InflateSharing, OpenOptions, Shard, ShardConfig};
+use qcow2d_tests::{convert_raw_to_qcow2, qemu_img_cmd, qemu_io, run_ok, Rng};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -20,7 +18,7 @@ const GUARD: usize = 4096;
 
 /// Text-like lines: every cluster compresses, each one differently.
 fn text(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut v = Vec::with_capacity(len + 64);
     let mut i = 0;
     while v.len() < len {
@@ -35,15 +33,7 @@ fn make_image(dir: &Path, compression: &str, data: &[u8]) -> PathBuf {
     let raw = dir.join("src.raw");
     std::fs::write(&raw, data).unwrap();
     let img = dir.join(format!("{compression}.qcow2"));
-    let out = common::qemu_img_cmd()
-        .args(["convert", "-c", "-f", "raw", "-O", "qcow2", "-o"])
-        .arg(format!("compression_type={compression}"))
-        .arg(&raw)
-        .arg(&img)
-        .output()
-        .expect("cannot run qemu-img (is qemu-utils installed?)");
-    assert!(out.status.success(), "qemu-img convert: {out:?}");
-    img
+    convert_raw_to_qcow2(&raw, &img, &format!("compression_type={compression}"), true)
 }
 
 /// (host offset, length upper bound) of the compressed extent of guest cluster `index`.
@@ -324,7 +314,7 @@ fn backing_with_larger_compressed_clusters() {
     let d = dir.path();
     let base_data = text(21, 4 * 131072);
     std::fs::write(d.join("base.raw"), &base_data).unwrap();
-    let qemu_img = |args: &[&str]| common::run(common::qemu_img_cmd().current_dir(d).args(args));
+    let qemu_img = |args: &[&str]| run_ok(qemu_img_cmd().current_dir(d).args(args));
     qemu_img(&[
         "convert",
         "-c",
@@ -349,7 +339,7 @@ fn backing_with_larger_compressed_clusters() {
         "top.qcow2",
     ]);
     // One compressed 64 KiB cluster at guest offset 0 of the top image.
-    common::qemu_io(&d.join("top.qcow2"), &["write -c -P 0x5a 0 64k"]);
+    qemu_io(&d.join("top.qcow2"), "qcow2", &["write -c -P 0x5a 0 64k"]);
     for sharing in SHARING {
         let opts = OpenOptions {
             read_only: true,
@@ -425,7 +415,7 @@ fn cache_budgets_are_per_shard_across_the_backing_chain() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let qemu_img = |args: &[&str]| {
-        let out = common::qemu_img_cmd()
+        let out = qemu_img_cmd()
             .args(args)
             .current_dir(d)
             .output()
@@ -483,7 +473,7 @@ fn many_small_compressed_clusters_through_a_small_ring() {
     let raw = dir.path().join("small.raw");
     std::fs::write(&raw, &data).unwrap();
     let img = dir.path().join("small.qcow2");
-    let out = common::qemu_img_cmd()
+    let out = qemu_img_cmd()
         .args([
             "convert",
             "-c",

@@ -8,10 +8,8 @@
 //! `F k`. The parent replays the same sequence: bytes written by batches up to the last `F` must
 //! match, bytes that later (possibly partly applied) batches touched are not judged.
 
-mod common;
-
-use common::Rng;
 use qcow2d_engine::{Image, OpenOptions, ShardConfig};
+use qcow2d_tests::{create_qcow2, qemu_img_cmd, Rng};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -22,16 +20,16 @@ const BATCHES: u64 = 100_000;
 
 /// One write of the sequence: offset, length and fill byte, derived from (seed, batch, i).
 fn batch(seed: u64, k: u64) -> Vec<(u64, u64, u8)> {
-    let mut rng = Rng((seed ^ (k.wrapping_mul(0x9e37_79b9_7f4a_7c15))) | 1);
-    let n = rng.next() % 8 + 1;
+    let mut rng = Rng::new(seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let n = rng.next_u64() % 8 + 1;
     let mut out: Vec<(u64, u64, u8)> = Vec::new();
     for _ in 0..n {
-        let len = (rng.next() % 64 + 1) * 512;
-        let off = (rng.next() % ((SIZE - len) / 512)) * 512;
+        let len = (rng.next_u64() % 64 + 1) * 512;
+        let off = (rng.next_u64() % ((SIZE - len) / 512)) * 512;
         if out.iter().any(|&(o, l, _)| off < o + l && o < off + len) {
             continue;
         }
-        out.push((off, len, (rng.next() % 255 + 1) as u8));
+        out.push((off, len, (rng.next_u64() % 255 + 1) as u8));
     }
     out
 }
@@ -93,7 +91,7 @@ fn check_image(image: &Path) -> serde_json::Value {
     // down its io_uring: retry a lock refusal for a few seconds.
     let deadline = Instant::now() + Duration::from_secs(5);
     let out = loop {
-        let out = common::qemu_img_cmd()
+        let out = qemu_img_cmd()
             .args(["check", "--output=json", image.to_str().unwrap()])
             .output()
             .expect("qemu-img must be installed");
@@ -118,18 +116,7 @@ fn check_image(image: &Path) -> serde_json::Value {
 fn one_crash(dir: &Path, round: u64) {
     let image = dir.join(format!("crash{round}.qcow2"));
     let log = dir.join(format!("crash{round}.log"));
-    let st = common::qemu_img_cmd()
-        .args([
-            "create",
-            "-f",
-            "qcow2",
-            image.to_str().unwrap(),
-            &SIZE.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .expect("qemu-img must be installed");
-    assert!(st.success());
+    create_qcow2(&image, SIZE, "");
     let seed = 0x5eed_0000 + round;
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
@@ -142,7 +129,7 @@ fn one_crash(dir: &Path, round: u64) {
         .spawn()
         .unwrap();
     // Let it run a random while (20..400 ms), then kill it hard.
-    let wait = Duration::from_millis(20 + (Rng(seed).next() % 380));
+    let wait = Duration::from_millis(20 + (Rng::new(seed).next_u64() % 380));
     let start = Instant::now();
     while start.elapsed() < wait {
         if let Ok(Some(st)) = child.try_wait() {

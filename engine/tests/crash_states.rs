@@ -34,12 +34,10 @@
 //! made durable by the syncs and durable writes that follow them), and data writes are not
 //! ordered against the write-back steps logged between them.
 
-mod common;
-
-use common::{create, run, Rng};
 use qcow2d_engine::{
     check, Image, InflateSharing, LoggedStep, OpenOptions, Shard, ShardConfig, WriteLog,
 };
+use qcow2d_tests::{create_qcow2_in, qemu_img, qemu_img_cmd, qemu_io_cmd, run_ok, Rng};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -339,7 +337,7 @@ struct State {
 /// Every crash state of `h` within the bounds (see the module documentation).
 fn enumerate(h: &History, seed: u64) -> Vec<State> {
     let b = bounds();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     // Writes in history order: (event index, sectors).
     let mut writes: Vec<(usize, usize, bool)> = Vec::new();
     for (i, e) in h.events.iter().enumerate() {
@@ -447,7 +445,7 @@ fn enumerate(h: &History, seed: u64) -> Vec<State> {
 
 /// `qemu-img check`'s (corruptions, check errors) of `path`.
 fn qemu_check(path: &Path) -> (u64, u64, String) {
-    let out = common::qemu_img_cmd()
+    let out = qemu_img_cmd()
         .args(["check", "--output=json", "-f", "qcow2"])
         .arg(path)
         .output()
@@ -574,7 +572,7 @@ fn data(seed: u8, len: usize) -> Vec<u8> {
 #[test]
 fn allocating_writes_into_an_empty_image() {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(dir.path(), "a.qcow2", "cluster_size=65536", "4M");
+    let p = create_qcow2_in(dir.path(), "a.qcow2", "cluster_size=65536", "4M");
     let mut r = Run::open(&p);
     let h = record(
         &mut r,
@@ -594,7 +592,7 @@ fn allocating_writes_into_an_empty_image() {
 #[test]
 fn write_back_without_flush() {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(dir.path(), "a.qcow2", "cluster_size=65536", "4M");
+    let p = create_qcow2_in(dir.path(), "a.qcow2", "cluster_size=65536", "4M");
     let mut r = Run::open(&p);
     r.apply(&[Op::Write(0, data(7, 8192)), Op::Flush]);
     r.close();
@@ -620,10 +618,12 @@ fn copy_on_write_of_a_compressed_cluster() {
     bytes[..256 << 10].copy_from_slice(&data(5, 256 << 10));
     std::fs::write(&raw, &bytes).unwrap();
     let p = dir.path().join("c.qcow2");
-    run(common::qemu_img_cmd()
-        .args(["convert", "-c", "-O", "qcow2", "-o", "cluster_size=65536"])
-        .arg(&raw)
-        .arg(&p));
+    run_ok(
+        qemu_img_cmd()
+            .args(["convert", "-c", "-O", "qcow2", "-o", "cluster_size=65536"])
+            .arg(&raw)
+            .arg(&p),
+    );
     let mut r = Run::open(&p);
     let h = record(
         &mut r,
@@ -636,7 +636,7 @@ fn copy_on_write_of_a_compressed_cluster() {
 #[test]
 fn discard_then_write() {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(dir.path(), "a.qcow2", "cluster_size=65536", "4M");
+    let p = create_qcow2_in(dir.path(), "a.qcow2", "cluster_size=65536", "4M");
     let mut r = Run::open(&p);
     r.apply(&[Op::Write(0, data(13, 3 * 65536)), Op::Flush]);
     let h = record(
@@ -657,7 +657,7 @@ fn refcount_table_that_has_to_move() {
     let dir = tempfile::tempdir().unwrap();
     // 512-byte clusters and 64-bit refcounts: a block describes 64 clusters, the one-cluster
     // table 64 blocks, so 2 MiB of file; the writes below take the file past that.
-    let p = create(
+    let p = create_qcow2_in(
         dir.path(),
         "t.qcow2",
         "cluster_size=512,refcount_bits=64",
@@ -687,7 +687,7 @@ fn refcount_table_that_has_to_move() {
 #[test]
 fn lazy_refcounts() {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(
+    let p = create_qcow2_in(
         dir.path(),
         "l.qcow2",
         "cluster_size=65536,lazy_refcounts=on",
@@ -711,11 +711,9 @@ fn lazy_refcounts() {
 #[test]
 fn l2_table_shared_with_an_internal_snapshot_is_copied() {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(dir.path(), "s.qcow2", "cluster_size=65536", "4M");
-    run(common::qemu_io_cmd()
-        .args(["-c", "write -P 0x33 0 128k"])
-        .arg(&p));
-    common::qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
+    let p = create_qcow2_in(dir.path(), "s.qcow2", "cluster_size=65536", "4M");
+    run_ok(qemu_io_cmd().args(["-c", "write -P 0x33 0 128k"]).arg(&p));
+    qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
     let mut r = Run::open(&p);
     let h = record(
         &mut r,
@@ -736,7 +734,7 @@ fn l2_table_shared_with_an_internal_snapshot_is_copied() {
 #[test]
 fn a_history_in_the_wrong_order_has_a_corrupt_crash_state() {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(dir.path(), "a.qcow2", "cluster_size=65536", "4M");
+    let p = create_qcow2_in(dir.path(), "a.qcow2", "cluster_size=65536", "4M");
     let mut r = Run::open(&p);
     let h = record(
         &mut r,

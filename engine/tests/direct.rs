@@ -13,11 +13,11 @@
 //! here (ext4, direct I/O alignment 512 from statx). Were it on a file system without
 //! O_DIRECT, the model tests would report the open error.
 
-mod common;
-
-use common::{create, raw_of, run, verify, Rng};
 use qcow2d_engine::io::AlignedBuf;
 use qcow2d_engine::{ErrorKind, Image, OpenOptions, ShardConfig};
+use qcow2d_tests::{
+    assert_clean_and_equal, convert_raw_to_qcow2, create_qcow2_in, oracle, qemu_io_cmd, run_ok, Rng,
+};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -103,7 +103,7 @@ fn exercise(path: &Path, model: &mut [u8], seed: u64, batches: usize) {
     let img = Image::open(path, &direct_writable()).unwrap();
     let size = img.virtual_size();
     let mut shard = img.new_shard(&ShardConfig::default()).unwrap();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     const SLOT: usize = 300 * 1024;
     let mut arena = Arena::new(SLOT * 16);
     let mut out = Vec::new();
@@ -186,18 +186,20 @@ fn exercise(path: &Path, model: &mut [u8], seed: u64, batches: usize) {
 }
 
 fn model_case(dir: &Path, image: &Path, seed: u64, batches: usize) {
-    let mut model = raw_of(image, &dir.join("before.raw"));
+    let mut model = oracle(image);
     exercise(image, &mut model, seed, batches);
-    verify(image, &model, dir);
+    assert_clean_and_equal(image, &model, dir);
 }
 
 #[test]
 fn misaligned_requests_on_a_direct_image() {
     let dir = tempfile::tempdir().unwrap();
-    let img = create(dir.path(), "a.qcow2", "", "32M");
-    run(common::qemu_io_cmd()
-        .args(["-f", "qcow2", "-c", "write -P 0x5a 1M 3M"])
-        .arg(&img));
+    let img = create_qcow2_in(dir.path(), "a.qcow2", "", "32M");
+    run_ok(
+        qemu_io_cmd()
+            .args(["-f", "qcow2", "-c", "write -P 0x5a 1M 3M"])
+            .arg(&img),
+    );
     {
         let opened = Image::open(&img, &direct_writable()).unwrap();
         assert!(
@@ -215,17 +217,14 @@ fn compressed_image_and_backing_file_with_direct_top() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("src.raw");
     let mut data = vec![0u8; 8 << 20];
-    Rng(5).fill(&mut data[..4 << 20]);
+    Rng::new(5).fill(&mut data[..4 << 20]);
     for (i, b) in data[4 << 20..6 << 20].iter_mut().enumerate() {
         *b = b"direct io "[i % 10];
     }
     std::fs::write(&raw, &data).unwrap();
     let base = dir.path().join("base.qcow2");
-    run(common::qemu_img_cmd()
-        .args(["convert", "-q", "-c", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&base));
-    let top = create(
+    convert_raw_to_qcow2(&raw, &base, "", true);
+    let top = create_qcow2_in(
         dir.path(),
         "top.qcow2",
         "backing_file=base.qcow2,backing_fmt=qcow2",
@@ -239,7 +238,7 @@ fn external_data_file_is_direct() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("x.data");
     let opts = format!("data_file={},data_file_raw=on", data.display());
-    let img = create(dir.path(), "x.qcow2", &opts, "16M");
+    let img = create_qcow2_in(dir.path(), "x.qcow2", &opts, "16M");
     {
         let _opened = Image::open(&img, &direct_writable()).unwrap();
         assert!(direct_fds_on(&data) >= 1);
@@ -252,7 +251,7 @@ fn external_data_file_is_direct() {
 #[test]
 fn small_clusters_stay_buffered() {
     let dir = tempfile::tempdir().unwrap();
-    let img = create(dir.path(), "s.qcow2", "cluster_size=512", "4M");
+    let img = create_qcow2_in(dir.path(), "s.qcow2", "cluster_size=512", "4M");
     {
         let _opened = Image::open(&img, &direct_writable()).unwrap();
         assert_eq!(direct_fds_on(&img), 0);
@@ -301,7 +300,7 @@ fn aligned_guest_data_bypasses_the_page_cache() {
     const DATA: usize = 8 << 20;
     for direct in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let img = create(dir.path(), "p.qcow2", "", "64M");
+        let img = create_qcow2_in(dir.path(), "p.qcow2", "", "64M");
         drop_cache(&img);
         let opts = OpenOptions {
             direct,
@@ -309,7 +308,7 @@ fn aligned_guest_data_bypasses_the_page_cache() {
         };
         let image = Image::open(&img, &opts).unwrap();
         let mut buf = AlignedBuf::zeroed(DATA, 4096);
-        Rng(9).fill(&mut buf);
+        Rng::new(9).fill(&mut buf);
         image.write_at(&buf, 16 << 20).unwrap();
         let mut back = AlignedBuf::zeroed(DATA, 4096);
         image.read_at(&mut back, 16 << 20).unwrap();
@@ -341,7 +340,7 @@ fn file_system_without_o_direct_is_refused_by_name() {
     const NAME: &str = "/proc/self/status";
     let dir = tempfile::tempdir().unwrap();
     let placeholder = "p".repeat(NAME.len());
-    let img = create(
+    let img = create_qcow2_in(
         dir.path(),
         "e.qcow2",
         &format!("data_file={placeholder}"),

@@ -3,10 +3,8 @@
 //! a flush make the cluster free must not land on whatever the cluster is given to next.
 //! The engine's test hook holds the write back, so the interleaving is forced, not hoped for.
 
-mod common;
-
-use common::{create, raw_of, run, verify};
 use qcow2d_engine::{Completion, Image, OpenOptions, Shard, ShardConfig};
+use qcow2d_tests::{assert_clean_and_equal, create_qcow2_in, oracle, qemu_io_cmd, run_ok};
 use std::time::{Duration, Instant};
 
 /// Polls `shard` until the request `token` has completed, collecting completions in `out`.
@@ -42,11 +40,9 @@ fn a_cluster_discarded_under_a_write_in_flight_is_not_reused_before_the_write_co
 
 fn discard_under_a_slow_write(next_at: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let p = create(dir.path(), "f.qcow2", "cluster_size=4096", "64M");
-    run(common::qemu_io_cmd()
-        .args(["-c", "write -P 0xa5 0 4k"])
-        .arg(&p));
-    let mut model = raw_of(&p, &dir.path().join("before.raw"));
+    let p = create_qcow2_in(dir.path(), "f.qcow2", "cluster_size=4096", "64M");
+    run_ok(qemu_io_cmd().args(["-c", "write -P 0xa5 0 4k"]).arg(&p));
+    let mut model = oracle(&p);
     let img = Image::open(
         &p,
         &OpenOptions {
@@ -85,7 +81,7 @@ fn discard_under_a_slow_write(next_at: u64) {
     poll_until(&mut shard, &mut out, 1);
     // What the file holds now, before a flush could write a reused table again: QEMU (not
     // taking the image's locks) reads the new data where it belongs.
-    let read = common::qemu_io_cmd()
+    let read = qemu_io_cmd()
         .args(["-U", "-r", "-c", &format!("read -P 0x22 {next_at} 4k")])
         .arg(&p)
         .output()
@@ -107,5 +103,5 @@ fn discard_under_a_slow_write(next_at: u64) {
     let at = next_at as usize;
     model[at..at + 4096].copy_from_slice(&next);
     // No leak either: the cluster was freed once the write completed.
-    verify(&p, &model, dir.path());
+    assert_clean_and_equal(&p, &model, dir.path());
 }

@@ -2,8 +2,7 @@
 //! what was fixed stays fixed without the nightly toolchain. The images are the fuzzer's
 //! files as found (`tests/data/fuzz/`).
 
-mod common;
-
+use qcow2d_tests::{create_qcow2_in, qemu_img_cmd};
 use std::path::Path;
 
 use qcow2d_engine::check;
@@ -16,7 +15,7 @@ fn qemu_counts(path: &Path) -> (u64, u64) {
 /// `qemu-img check`'s (corruptions, leaks) of `path`, or why it gave none (QEMU could not
 /// open the image).
 fn qemu_counts_or_refusal(path: &Path) -> Result<(u64, u64), String> {
-    let out = common::qemu_img_cmd()
+    let out = qemu_img_cmd()
         .args(["check", "--output=json", "-f", "qcow2"])
         .arg(path)
         .output()
@@ -61,7 +60,7 @@ fn repair_like_qemu(image: &[u8]) {
     let dir = tempfile::tempdir().unwrap();
     let theirs = dir.path().join("theirs.img");
     std::fs::write(&theirs, image).unwrap();
-    let _ = common::qemu_img_cmd()
+    let _ = qemu_img_cmd()
         .args(["check", "-q", "-r", "all", "-f", "qcow2"])
         .arg(&theirs)
         .output()
@@ -282,7 +281,7 @@ fn repair_writes_the_new_refcounts_where_entries_point_past_the_end_as_qemu_does
     assert_eq!(qemu_counts(&path), (again.corruptions, again.leaks));
     let theirs = dir.path().join("theirs.img");
     std::fs::write(&theirs, image).unwrap();
-    let _ = common::qemu_img_cmd()
+    let _ = qemu_img_cmd()
         .args(["check", "-q", "-r", "all", "-f", "qcow2"])
         .arg(&theirs)
         .output()
@@ -547,7 +546,7 @@ fn blocking_io_survives_signals_during_the_wait() {
 fn two_shards_flush_after_discard_and_flush() {
     use qcow2d_engine::{Image, OpenOptions, ShardConfig};
     let dir = tempfile::tempdir().unwrap();
-    let path = common::create(dir.path(), "a.qcow2", "cluster_size=512", "2M");
+    let path = create_qcow2_in(dir.path(), "a.qcow2", "cluster_size=512", "2M");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let opts = OpenOptions {

@@ -2,9 +2,8 @@
 //! do: a right held by a shard nobody polls any more, or an answer from a shard that is gone.
 //! Each scenario runs on a thread of its own and fails after a minute instead of hanging.
 
-mod common;
-
 use qcow2d_engine::{Completion, Image, OpenOptions, Shard, ShardConfig};
+use qcow2d_tests::{assert_clean_and_equal, create_qcow2_in, Rng};
 use std::path::Path;
 use std::time::Duration;
 
@@ -59,19 +58,14 @@ fn settle(shards: &mut [Shard], out: &mut Vec<Completion>) {
 #[test]
 fn teardown_flushes_of_each_shard_in_turn_always_end() {
     let dir = tempfile::tempdir().unwrap();
-    let path = common::create(dir.path(), "a.qcow2", "cluster_size=512", "2M");
+    let path = create_qcow2_in(dir.path(), "a.qcow2", "cluster_size=512", "2M");
     let check_path = path.clone();
     let model = within_a_minute_model(move || {
         let (image, mut shards) = open_two(&path);
         let sectors = 4096u64;
         let mut model = vec![0u8; (sectors * 512) as usize];
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = move |n: u64| rng.below(n);
         let mut out = Vec::new();
         for batch in 0..60u64 {
             let mut bufs = Vec::new();
@@ -119,7 +113,7 @@ fn teardown_flushes_of_each_shard_in_turn_always_end() {
         image.close().unwrap();
         model
     });
-    common::verify(&check_path, &model, dir.path());
+    assert_clean_and_equal(&check_path, &model, dir.path());
 }
 
 fn within_a_minute_model(f: impl FnOnce() -> Vec<u8> + Send + 'static) -> Vec<u8> {
@@ -138,7 +132,7 @@ fn within_a_minute_model(f: impl FnOnce() -> Vec<u8> + Send + 'static) -> Vec<u8
 #[test]
 fn a_flush_sent_to_a_dropped_shard_fails_instead_of_waiting() {
     let dir = tempfile::tempdir().unwrap();
-    let path = common::create(dir.path(), "a.qcow2", "cluster_size=512", "8M");
+    let path = create_qcow2_in(dir.path(), "a.qcow2", "cluster_size=512", "8M");
     within_a_minute("a flush to a dropped shard", move || {
         let (image, mut shards) = open_two(&path);
         let mut second = shards.pop().unwrap();

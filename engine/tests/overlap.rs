@@ -3,10 +3,10 @@
 //! writes through the engine: the write fails, the image is marked corrupt, the header and the
 //! data written before stay as they were, and `qemu-img check` still reads the image.
 
-mod common;
-
-use common::{create, qemu_img};
 use qcow2d_engine::{ErrorKind, Image, OpenOptions, OverlapCheck};
+use qcow2d_tests::{
+    assert_clean_and_equal, create_qcow2_in, oracle, qemu_img, qemu_img_cmd, qemu_io,
+};
 use std::path::Path;
 
 fn be64(b: &[u8], at: usize) -> u64 {
@@ -34,9 +34,9 @@ fn open_rw(path: &Path, mode: OverlapCheck) -> Image {
 
 /// A 64 MiB image (64 KiB clusters) with 64 KiB of 0xa5 at 0 and at 4 MiB.
 fn image_with_data(dir: &Path) -> std::path::PathBuf {
-    let p = create(dir, "d.qcow2", "", "64M");
-    common::qemu_io(&p, &["write -P 0xa5 0 64k"]);
-    common::qemu_io(&p, &["write -P 0xa5 4M 64k"]);
+    let p = create_qcow2_in(dir, "d.qcow2", "", "64M");
+    qemu_io(&p, "qcow2", &["write -P 0xa5 0 64k"]);
+    qemu_io(&p, "qcow2", &["write -P 0xa5 4M 64k"]);
     p
 }
 
@@ -56,7 +56,7 @@ fn assert_refused_and_intact(path: &Path, header: &[u8], result: Result<(), qcow
         &expected[..],
         "only the corrupt bit changed in the header"
     );
-    let out = common::qemu_img_cmd()
+    let out = qemu_img_cmd()
         .args(["check", "--output=json"])
         .arg(path)
         .output()
@@ -70,8 +70,7 @@ fn assert_refused_and_intact(path: &Path, header: &[u8], result: Result<(), qcow
     });
     assert!(v.get("check-errors").is_none_or(|n| n == 0), "{text}");
     // The data written before reads back (through QEMU).
-    let raw = dir_of(path).join("after.raw");
-    let data = common::raw_of(path, &raw);
+    let data = oracle(path);
     assert!(data[4 << 20..(4 << 20) + 65536].iter().all(|&b| b == 0xa5));
     // The engine still reads it; writes are refused.
     let img = Image::open(path, &OpenOptions::default()).unwrap();
@@ -89,10 +88,6 @@ fn assert_refused_and_intact(path: &Path, header: &[u8], result: Result<(), qcow
     .err()
     .expect("a corrupt image is not opened for writing");
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
-}
-
-fn dir_of(p: &Path) -> &Path {
-    p.parent().unwrap()
 }
 
 fn header_bytes(path: &Path) -> Vec<u8> {
@@ -196,7 +191,7 @@ fn guest_write_onto_active_metadata_fails() {
 fn image_with_snapshot(dir: &Path) -> (std::path::PathBuf, u64, u64) {
     let p = image_with_data(dir);
     qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
-    common::qemu_io(&p, &["write -P 0xbb 64k 64k"]);
+    qemu_io(&p, "qcow2", &["write -P 0xbb 64k 64k"]);
     let bytes = std::fs::read(&p).unwrap();
     let snapshots = be64(&bytes, 64) as usize;
     let snap_l1 = be64(&bytes, snapshots);
@@ -255,7 +250,7 @@ fn healthy_images_take_writes_in_every_mode() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let (p, _, _) = image_with_snapshot(dir.path());
-        let mut model = common::raw_of(&p, &dir.path().join("before.raw"));
+        let mut model = oracle(&p);
         let img = open_rw(&p, mode);
         let data: Vec<u8> = (0..(3u32 << 20))
             .map(|i| (i * 7 + i / 4096) as u8)
@@ -266,6 +261,6 @@ fn healthy_images_take_writes_in_every_mode() {
         drop(img);
         model[1 << 20..4 << 20].copy_from_slice(&data);
         model[..65536].copy_from_slice(&data[..65536]);
-        common::verify(&p, &model, dir.path());
+        assert_clean_and_equal(&p, &model, dir.path());
     }
 }

@@ -3,25 +3,21 @@
 //! fails with ENOSPC, and everything written before stays, in an image that opens and checks
 //! clean.
 
-mod common;
-
-use common::{create, qemu_img, run};
 use qcow2d_engine::{Image, OpenOptions, ShardConfig};
+use qcow2d_tests::{create_qcow2_in, qemu_img, qemu_io_cmd, run_ok};
 
 #[test]
 fn refcount_table_growth_stops_at_the_size_an_image_may_have() {
     let dir = tempfile::tempdir().unwrap();
     // 512-byte clusters and 64-bit refcounts: a refcount block describes 64 clusters, so
     // the largest table (1 Mi entries) describes 32 GiB of file.
-    let p = create(
+    let p = create_qcow2_in(
         dir.path(),
         "r.qcow2",
         "cluster_size=512,refcount_bits=64",
         "64M",
     );
-    run(common::qemu_io_cmd()
-        .args(["-c", "write -P 0xa5 0 64k"])
-        .arg(&p));
+    run_ok(qemu_io_cmd().args(["-c", "write -P 0xa5 0 64k"]).arg(&p));
     // A file (sparse) that reaches almost that far: a grown table would have to be placed
     // past its end, beyond what the largest table can describe.
     let limit = (1u64 << 20) * 64 * 512;
@@ -97,8 +93,10 @@ fn refcount_table_growth_stops_at_the_size_an_image_may_have() {
         buf.iter().all(|&b| b == 0x3c),
         "the write in place reads back"
     );
-    let out = run(common::qemu_io_cmd()
-        .args(["-r", "-c", "read -P 0x3c 0 64k"])
-        .arg(&p));
+    let out = run_ok(
+        qemu_io_cmd()
+            .args(["-r", "-c", "read -P 0x3c 0 64k"])
+            .arg(&p),
+    );
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }

@@ -13,15 +13,14 @@
 //! inconsistent on any input (a second check disagrees with the repair's own, the repair
 //! added corruptions, or QEMU judges qcow2d's repaired image differently from qcow2d).
 
-mod common;
-
+use qcow2d_tests::{qemu_img_bounded_cmd, require_tool};
 use std::path::{Path, PathBuf};
 
 use qcow2d_engine::check;
 
 /// `qemu-img check`'s (corruptions, leaks) of `path`; `None` when it gives no report.
 fn qemu_counts(path: &Path) -> Option<(u64, u64)> {
-    let out = common::qemu_img_bounded_cmd()
+    let out = qemu_img_bounded_cmd()
         .args(["check", "--output=json", "-f", "qcow2"])
         .arg(path)
         .output()
@@ -113,7 +112,7 @@ fn compare_one(input: &Path, dir: &Path) -> Outcome {
         ));
     }
     // Its result is judged by the check that follows, whatever its exit status.
-    let _ = common::qemu_img_bounded_cmd()
+    let _ = qemu_img_bounded_cmd()
         .args(["check", "-q", "-r", "all", "-f", "qcow2"])
         .arg(&theirs)
         .output()
@@ -124,7 +123,7 @@ fn compare_one(input: &Path, dir: &Path) -> Outcome {
 #[test]
 #[ignore = "a comparison to run by hand over a corpus of damaged images"]
 fn compare_repair_with_qemu() {
-    common::require_tool("qemu-img");
+    require_tool("qemu-img", "qemu-utils");
     let files = inputs();
     let dir = tempfile::tempdir().unwrap();
     let (mut compared, mut skipped, mut worse, mut better) = (0, 0, 0, 0);

@@ -7,10 +7,11 @@
 //! `qemu-img check` must find no errors and no leaks, and `qemu-img compare` must find the
 //! image equal to the model.
 
-mod common;
-
-use common::{create, qemu_img, raw_of, run, verify, Rng};
 use qcow2d_engine::{Image, OpenOptions, Shard, ShardConfig};
+use qcow2d_tests::{
+    assert_clean_and_equal, convert_raw_to_qcow2, create_qcow2_in, dirty_bit, oracle, qemu_img,
+    qemu_img_cmd, qemu_io_cmd, run_ok, Rng,
+};
 use std::path::{Path, PathBuf};
 
 /// How discard behaves on an image: which aligned granules it zeroes (None: never).
@@ -73,7 +74,7 @@ fn exercise(
     let size = img.virtual_size();
     let hot = (size / hot_fraction).max(1 << 20).min(size);
     let mut shards = img.new_shards(&ShardConfig::default(), count).unwrap();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut out = Vec::new();
     for b in 0..batches {
         let mut ops: Vec<Op> = Vec::new();
@@ -193,7 +194,7 @@ fn case(setup: impl FnOnce(&Path) -> PathBuf) -> Case {
 
 fn random_raw(dir: &Path, name: &str, size: usize, seed: u64) -> PathBuf {
     let mut data = vec![0u8; size];
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     // Half random, a quarter text-like (compressible), a quarter zeros.
     rng.fill(&mut data[..size / 2]);
     for (i, b) in data[size / 2..size * 3 / 4].iter_mut().enumerate() {
@@ -210,22 +211,9 @@ fn run_case(c: &Case, seed: u64, batches: usize) {
 
 /// `run_case` with requests submitted to any of `count` shards.
 fn run_sharded(c: &Case, seed: u64, batches: usize, count: usize) {
-    let raw_path = c.dir.path().join("before.raw");
-    let mut model = raw_of(&c.image, &raw_path);
+    let mut model = oracle(&c.image);
     exercise(&c.image, &mut model, seed, batches, 4, count);
-    verify(&c.image, &model, c.dir.path());
-}
-
-/// `qemu-img convert` of `raw` into a qcow2 image `out` with options `opts`, compressed or not.
-fn qcow2_of_raw(raw: &Path, out: &Path, opts: &str, compress: bool) -> PathBuf {
-    let mut args = vec!["convert"];
-    if compress {
-        args.push("-c");
-    }
-    args.extend(["-f", "raw", "-O", "qcow2", "-o", opts]);
-    args.extend([raw.to_str().unwrap(), out.to_str().unwrap()]);
-    qemu_img(&args);
-    out.to_path_buf()
+    assert_clean_and_equal(&c.image, &model, c.dir.path());
 }
 
 /// An image with extended L2 entries and clusters of `cluster_size` over a raw base of
@@ -251,14 +239,9 @@ fn extended_l2_over_raw_base(d: &Path, cluster_size: &str, mib: usize, seed: u64
     p
 }
 
-fn dirty_bit(image: &Path) -> bool {
-    let b = std::fs::read(image).unwrap();
-    b[79] & 1 != 0
-}
-
 #[test]
 fn fresh_image_64k() {
-    run_case(&case(|d| create(d, "a.qcow2", "", "64M")), 1, 150);
+    run_case(&case(|d| create_qcow2_in(d, "a.qcow2", "", "64M")), 1, 150);
 }
 
 #[test]
@@ -267,7 +250,7 @@ fn compressed_zlib_and_zstd() {
         let c = case(|d| {
             let raw = random_raw(d, "src.raw", 32 << 20, 11);
             let opts = format!("compression_type={ty}");
-            qcow2_of_raw(&raw, &d.join("c.qcow2"), &opts, true)
+            convert_raw_to_qcow2(&raw, &d.join("c.qcow2"), &opts, true)
         });
         run_case(&c, 2 + i as u64, 120);
     }
@@ -290,7 +273,7 @@ fn backing_chain_three_deep() {
             mid.to_str().unwrap(),
             "40M",
         ]);
-        run(common::qemu_io_cmd().args(["-c", "write -P 0x5a 1M 3M", mid.to_str().unwrap()]));
+        run_ok(qemu_io_cmd().args(["-c", "write -P 0x5a 1M 3M", mid.to_str().unwrap()]));
         let top = d.join("top.qcow2");
         qemu_img(&[
             "create",
@@ -313,9 +296,9 @@ fn internal_snapshot_survives_writes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let raw = random_raw(d, "src.raw", 32 << 20, 31);
-    let img = qcow2_of_raw(&raw, &d.join("s.qcow2"), "cluster_size=64k", false);
+    let img = convert_raw_to_qcow2(&raw, &d.join("s.qcow2"), "cluster_size=64k", false);
     qemu_img(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
-    run(common::qemu_io_cmd().args(["-c", "write -P 0x44 5M 2M", img.to_str().unwrap()]));
+    run_ok(qemu_io_cmd().args(["-c", "write -P 0x44 5M 2M", img.to_str().unwrap()]));
     let c = Case {
         dir,
         image: img.clone(),
@@ -326,7 +309,7 @@ fn internal_snapshot_survives_writes() {
     let copy = d.join("copy.qcow2");
     std::fs::copy(&img, &copy).unwrap();
     qemu_img(&["snapshot", "-a", "s1", copy.to_str().unwrap()]);
-    let snap = raw_of(&copy, &d.join("snap.raw"));
+    let snap = oracle(&copy);
     assert!(
         snap == std::fs::read(&raw).unwrap(),
         "the internal snapshot changed"
@@ -343,7 +326,7 @@ fn extended_l2_over_backing() {
 fn refcount_widths_1_and_64() {
     for (i, bits) in ["1", "64"].into_iter().enumerate() {
         run_case(
-            &case(|d| create(d, "r.qcow2", &format!("refcount_bits={bits}"), "32M")),
+            &case(|d| create_qcow2_in(d, "r.qcow2", &format!("refcount_bits={bits}"), "32M")),
             6 + i as u64,
             100,
         );
@@ -353,12 +336,12 @@ fn refcount_widths_1_and_64() {
 #[test]
 fn cluster_sizes_512_and_2m() {
     run_case(
-        &case(|d| create(d, "small.qcow2", "cluster_size=512", "16M")),
+        &case(|d| create_qcow2_in(d, "small.qcow2", "cluster_size=512", "16M")),
         8,
         120,
     );
     run_case(
-        &case(|d| create(d, "big.qcow2", "cluster_size=2M", "64M")),
+        &case(|d| create_qcow2_in(d, "big.qcow2", "cluster_size=2M", "64M")),
         9,
         60,
     );
@@ -367,7 +350,7 @@ fn cluster_sizes_512_and_2m() {
 #[test]
 fn version_2_image() {
     run_case(
-        &case(|d| create(d, "v2.qcow2", "compat=0.10", "32M")),
+        &case(|d| create_qcow2_in(d, "v2.qcow2", "compat=0.10", "32M")),
         10,
         120,
     );
@@ -380,7 +363,7 @@ fn external_data_file() {
             &case(|d| {
                 let data = d.join("x.data");
                 let opts = format!("data_file={},data_file_raw={raw}", data.display());
-                create(d, "x.qcow2", &opts, "32M")
+                create_qcow2_in(d, "x.qcow2", &opts, "32M")
             }),
             12 + i as u64,
             100,
@@ -390,19 +373,17 @@ fn external_data_file() {
 
 #[test]
 fn lazy_refcounts_close_cleanly() {
-    let c = case(|d| create(d, "l.qcow2", "", "32M"));
-    let raw_path = c.dir.path().join("before.raw");
-    let mut model = raw_of(&c.image, &raw_path);
+    let c = case(|d| create_qcow2_in(d, "l.qcow2", "", "32M"));
+    let mut model = oracle(&c.image);
     exercise_lazy(&c.image, &mut model, true);
     assert!(!dirty_bit(&c.image), "a clean close clears the dirty bit");
-    verify(&c.image, &model, c.dir.path());
+    assert_clean_and_equal(&c.image, &model, c.dir.path());
 }
 
 #[test]
 fn dirty_image_is_repaired_when_opened_writable() {
-    let c = case(|d| create(d, "d.qcow2", "", "32M"));
-    let raw_path = c.dir.path().join("before.raw");
-    let mut model = raw_of(&c.image, &raw_path);
+    let c = case(|d| create_qcow2_in(d, "d.qcow2", "", "32M"));
+    let mut model = oracle(&c.image);
     // Lazy refcounts and no clean close: refcounts on disk are stale, the dirty bit stays.
     exercise_lazy(&c.image, &mut model, false);
     assert!(
@@ -420,7 +401,7 @@ fn dirty_image_is_repaired_when_opened_writable() {
     assert!(!dirty_bit(&c.image), "the repair clears the dirty bit");
     img.close().unwrap();
     drop(img);
-    verify(&c.image, &model, c.dir.path());
+    assert_clean_and_equal(&c.image, &model, c.dir.path());
 }
 
 /// Writes through a lazy-refcount session; closes it cleanly when `close`, else drops it
@@ -439,7 +420,7 @@ fn exercise_lazy(path: &Path, model: &mut [u8], close: bool) {
         dirty_bit(path),
         "lazy refcounts set the dirty bit while open"
     );
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     for i in 0..64u64 {
         let off = rng.below(img.virtual_size() / 65536) * 65536 + 512 * (i % 7);
         let mut data = vec![0u8; 8192];
@@ -455,8 +436,8 @@ fn exercise_lazy(path: &Path, model: &mut [u8], close: bool) {
 #[test]
 fn corruption_found_while_writable_sets_the_corrupt_bit() {
     let dir = tempfile::tempdir().unwrap();
-    let img_path = create(dir.path(), "c.qcow2", "", "16M");
-    run(common::qemu_io_cmd().args(["-c", "write -P 0x11 0 64k", img_path.to_str().unwrap()]));
+    let img_path = create_qcow2_in(dir.path(), "c.qcow2", "", "16M");
+    run_ok(qemu_io_cmd().args(["-c", "write -P 0x11 0 64k", img_path.to_str().unwrap()]));
     // Make the first L2 entry point at an unaligned host offset.
     let mut bytes = std::fs::read(&img_path).unwrap();
     let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
@@ -488,14 +469,14 @@ fn corruption_found_while_writable_sets_the_corrupt_bit() {
     drop(img);
     let bytes = std::fs::read(&img_path).unwrap();
     assert!(bytes[79] & 2 != 0, "the corrupt bit is set on disk");
-    let info = run(common::qemu_img_cmd().args(["info", img_path.to_str().unwrap()]));
+    let info = run_ok(qemu_img_cmd().args(["info", img_path.to_str().unwrap()]));
     assert!(info.contains("corrupt: true"), "{info}");
 }
 
 #[test]
 fn failed_sync_turns_the_image_read_only() {
     let dir = tempfile::tempdir().unwrap();
-    let img_path = create(dir.path(), "f.qcow2", "", "16M");
+    let img_path = create_qcow2_in(dir.path(), "f.qcow2", "", "16M");
     let img = Image::open(
         &img_path,
         &OpenOptions {
@@ -553,7 +534,7 @@ fn failed_sync_turns_the_image_read_only() {
 #[test]
 fn unknown_header_extension_survives_header_rewrites() {
     let dir = tempfile::tempdir().unwrap();
-    let img_path = create(dir.path(), "x.qcow2", "", "16M");
+    let img_path = create_qcow2_in(dir.path(), "x.qcow2", "", "16M");
     // Append an unknown extension (type 0x12345678, 5 bytes) where the end marker was.
     let mut bytes = std::fs::read(&img_path).unwrap();
     let hl = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
@@ -614,7 +595,7 @@ fn several_shards_fresh_small_clusters() {
         (2, "cluster_size=512", 63),
     ] {
         run_sharded(
-            &case(|d| create(d, "m.qcow2", opts, "48M")),
+            &case(|d| create_qcow2_in(d, "m.qcow2", opts, "48M")),
             seed,
             120,
             count,
@@ -627,7 +608,7 @@ fn several_shards_compressed_backing_and_snapshot() {
     // Compressed clusters replaced by writes.
     let c = case(|d| {
         let raw = random_raw(d, "src.raw", 24 << 20, 71);
-        qcow2_of_raw(&raw, &d.join("c.qcow2"), "cluster_size=4k", true)
+        convert_raw_to_qcow2(&raw, &d.join("c.qcow2"), "cluster_size=4k", true)
     });
     run_sharded(&c, 72, 120, 3);
     // Extended L2 entries over a backing file.
@@ -636,7 +617,7 @@ fn several_shards_compressed_backing_and_snapshot() {
     // Tables shared with an internal snapshot are copied by their owner.
     let c = case(|d| {
         let raw = random_raw(d, "src.raw", 16 << 20, 75);
-        let p = qcow2_of_raw(&raw, &d.join("s.qcow2"), "cluster_size=4k", false);
+        let p = convert_raw_to_qcow2(&raw, &d.join("s.qcow2"), "cluster_size=4k", false);
         qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
         p
     });
@@ -657,7 +638,7 @@ fn several_shards_on_their_own_threads() {
     const STRIPE: u64 = 16 << 10;
     let dir = tempfile::tempdir().unwrap();
     let raw = random_raw(dir.path(), "src.raw", 24 << 20, 81);
-    let path = qcow2_of_raw(&raw, &dir.path().join("t.qcow2"), "cluster_size=4k", false);
+    let path = convert_raw_to_qcow2(&raw, &dir.path().join("t.qcow2"), "cluster_size=4k", false);
     let model = Arc::new(Mutex::new(std::fs::read(&raw).unwrap()));
     let img = Image::open(
         &path,
@@ -680,7 +661,7 @@ fn several_shards_on_their_own_threads() {
                 let stripes: Vec<u64> = (0..size / STRIPE)
                     .filter(|s| *s as usize % THREADS == me)
                     .collect();
-                let mut rng = Rng(0x5eed + me as u64);
+                let mut rng = Rng::new(0x5eed + me as u64);
                 let mut out = Vec::new();
                 for round in 0..1000u64 {
                     // A few requests in flight at once, each inside one of our stripes.
@@ -765,5 +746,5 @@ fn several_shards_on_their_own_threads() {
     img.close().unwrap();
     drop(img);
     let model = model.lock().unwrap();
-    verify(&path, &model, dir.path());
+    assert_clean_and_equal(&path, &model, dir.path());
 }

@@ -1,7 +1,8 @@
 //! The external tools in one place: finding `qemu-img`, `qemu-io` and
 //! `qemu-storage-daemon` (a missing tool fails the test, naming the tool and its package), and
 //! every wrapper around them: making images, writing patterns, the oracle (`qemu-img convert -O
-//! raw`), `qemu-img check` / `compare`, and a `qemu-io` process that holds an image open.
+//! raw`), `qemu-img check` / `compare` (against a model too), `qemu-img` under memory and time
+//! bounds, and a `qemu-io` process that holds an image open.
 
 use crate::*;
 use std::ffi::OsStr;
@@ -53,6 +54,19 @@ pub fn qemu_io_cmd() -> Command {
 pub fn qemu_storage_daemon_cmd() -> Command {
     require_tool("qemu-storage-daemon", "qemu-utils");
     Command::new("qemu-storage-daemon")
+}
+
+/// A `qemu-img` command with bounded memory and time (under `prlimit --as=2G` and `timeout
+/// 60`): on some damaged images QEMU's repair sizes its in-memory refcount table by a
+/// reference terabytes past the end of the file. A run that hits a bound fails, which the
+/// caller sees in the exit status.
+pub fn qemu_img_bounded_cmd() -> Command {
+    require_tool("qemu-img", "qemu-utils");
+    require_tool("prlimit", "util-linux");
+    require_tool("timeout", "coreutils");
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--as=2147483648", "timeout", "60", "qemu-img"]);
+    cmd
 }
 
 /// `qemu-img ARGS`, must succeed; returns stdout.
@@ -140,8 +154,10 @@ pub fn qemu_img_info_text(img: &Path) -> String {
     format!("{}{}", out.stdout, out.stderr)
 }
 
-/// `qemu-img create -f qcow2 -o OPTS IMG SIZE`.
-pub fn create_qcow2(img: &Path, size: u64, opts: &str) {
+/// `qemu-img create -f qcow2 [-o OPTS] IMG SIZE`, run in the image's directory (so a relative
+/// data file name in OPTS resolves there, as the engine resolves it). SIZE is in bytes or in
+/// qemu-img's notation (`64M`). Returns the image's path.
+pub fn create_qcow2(img: &Path, size: impl std::fmt::Display, opts: &str) -> PathBuf {
     let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
     if !opts.is_empty() {
         args.push("-o".into());
@@ -149,11 +165,17 @@ pub fn create_qcow2(img: &Path, size: u64, opts: &str) {
     }
     args.push(img.display().to_string());
     args.push(size.to_string());
-    qemu_img(&args);
+    qemu_img_in(image_dir(img), &args);
+    img.to_path_buf()
 }
 
-/// `qemu-img convert -f raw -O qcow2 [-c] -o OPTS RAW IMG`.
-pub fn convert_raw_to_qcow2(raw: &Path, img: &Path, opts: &str, compress: bool) {
+/// [`create_qcow2`] of `dir/name`, for tests that make their images in a temp dir of their own.
+pub fn create_qcow2_in(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
+    create_qcow2(&dir.join(name), size, opts)
+}
+
+/// `qemu-img convert -f raw -O qcow2 [-c] -o OPTS RAW IMG`. Returns the image's path.
+pub fn convert_raw_to_qcow2(raw: &Path, img: &Path, opts: &str, compress: bool) -> PathBuf {
     let mut args: Vec<String> = vec!["convert".into(), "-f".into(), "raw".into()];
     args.extend(["-O".into(), "qcow2".into()]);
     if compress {
@@ -166,6 +188,7 @@ pub fn convert_raw_to_qcow2(raw: &Path, img: &Path, opts: &str, compress: bool) 
     args.push(raw.display().to_string());
     args.push(img.display().to_string());
     qemu_img(&args);
+    img.to_path_buf()
 }
 
 /// `qemu-io -c 'write -P BYTE OFF LEN'`.
@@ -293,6 +316,24 @@ pub fn qemu_img_compare_raw(img: &Path, raw: &Path) -> Result<(), String> {
             out.status, out.stdout, out.stderr
         ))
     }
+}
+
+/// Fails unless `qemu-img compare` finds the image's guest data equal to `model` (written to
+/// `dir/model.raw` for it).
+pub fn assert_equal_to_model(img: &Path, model: &[u8], dir: &Path, what: &str) {
+    let raw = dir.join("model.raw");
+    write_file(&raw, model);
+    if let Err(e) = qemu_img_compare_raw(img, &raw) {
+        panic!("{what}: the image differs from the model: {e}");
+    }
+}
+
+/// [`assert_check_clean`] and [`assert_equal_to_model`]: what a test checks of an image after
+/// writing it through the engine and closing it.
+pub fn assert_clean_and_equal(img: &Path, model: &[u8], dir: &Path) {
+    let what = img.display().to_string();
+    assert_check_clean(img, &what);
+    assert_equal_to_model(img, model, dir, &what);
 }
 
 /// A `qemu-io` process that holds an image open (read-write, or read-only with `-r`) until it

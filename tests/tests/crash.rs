@@ -258,9 +258,15 @@ const KINDS: u64 = 6;
 fn make_image(s: &Scratch, round: u64) -> (PathBuf, Vec<u8>) {
     let img = s.join("crash.qcow2");
     match round % KINDS {
-        0 => create_qcow2(&img, SIZE, ""),
-        4 => create_qcow2(&img, SIZE, "cluster_size=512,refcount_bits=64"),
-        5 => create_qcow2(&img, SIZE, "cluster_size=2M"),
+        0 => {
+            create_qcow2(&img, SIZE, "");
+        }
+        4 => {
+            create_qcow2(&img, SIZE, "cluster_size=512,refcount_bits=64");
+        }
+        5 => {
+            create_qcow2(&img, SIZE, "cluster_size=2M");
+        }
         1 => {
             let raw = s.join("src.raw");
             write_file(&raw, &mixed_bytes(round, SIZE as usize));

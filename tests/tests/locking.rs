@@ -187,7 +187,9 @@ fn make_tree(dir: &Path, kind: &str) -> Tree {
     let size = (16 * MIB).to_string();
     let mut files = vec![("image", top.clone())];
     match kind {
-        "plain" => create_qcow2(&top, 16 * MIB, ""),
+        "plain" => {
+            create_qcow2(&top, 16 * MIB, "");
+        }
         "data-file" => {
             data_file_image_in(dir, "top.data");
             files.push(("data file", dir.join("top.data")));

@@ -314,11 +314,7 @@ fn verify_image(img: &Path, model: &Model, dir: &Path, what: &str) {
         qemu_img_info_text(img)
     );
     assert_check_clean(img, what);
-    let raw = dir.join("model.raw");
-    model.save(&raw);
-    if let Err(e) = qemu_img_compare_raw(img, &raw) {
-        panic!("{what}: the image differs from the model: {e}");
-    }
+    assert_equal_to_model(img, &model.data, dir, what);
 }
 
 /// The whole model-based run on `img`: serve it writable, two client sessions of `batches / 2`
