@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,6 @@ impl Qsd {
     /// until the socket exists (the image is open and locked by then); `Err` with its output
     /// when it exits instead.
     fn start(img: &Path, socket: &Path, mode: Mode) -> Result<Qsd, String> {
-        require_tool("qemu-storage-daemon", "qemu-utils");
         let (ro, writable) = match mode {
             Mode::Writable => ("off", "on"),
             Mode::ReadOnly => ("on", "off"),
@@ -288,9 +287,12 @@ const TOOL_PROBES: &[&str] = &[
 /// Runs one probe of [`TOOL_PROBES`] on `img` (the `-c` argument is the words after it up to
 /// IMG); `out` is a scratch output path.
 fn run_tool_probe(probe: &str, img: &Path, out: &Path) -> Outcome {
-    require_qemu_tools();
     let words: Vec<&str> = probe.split(' ').collect();
-    let mut c = Command::new(words[0]);
+    let mut c = match words[0] {
+        "qemu-img" => qemu_img_cmd(),
+        "qemu-io" => qemu_io_cmd(),
+        other => panic!("a tool probe names `{other}`, not qemu-img or qemu-io"),
+    };
     c.current_dir(image_dir(img));
     let mut i = 1;
     while i < words.len() {
