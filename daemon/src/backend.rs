@@ -809,7 +809,7 @@ mod tests {
     fn qemu_img_create(name: &str, size: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("qcow2d-backend-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        crate::test_support::qemu_img_create(&dir.join(name), size)
+        qcow2d_tests::create_qcow2_in(&dir, name, "", size)
     }
 
     fn params(image: &Image, queues: u16, shards: usize) -> DeviceParams {

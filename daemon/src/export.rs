@@ -607,7 +607,7 @@ mod tests {
     fn the_relay_passes_messages_and_answers_the_inflight_ones() {
         let dir = std::env::temp_dir().join(format!("qcow2d-relay-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = crate::test_support::qemu_img_create(&dir.join("disk.qcow2"), "16M");
+        let path = qcow2d_tests::create_qcow2_in(&dir, "disk.qcow2", "", "16M");
         let options = qcow2d_engine::OpenOptions {
             read_only: false,
             ..qcow2d_engine::OpenOptions::default()

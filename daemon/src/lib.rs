@@ -39,8 +39,6 @@ mod sandbox;
 mod serve;
 mod sigbus;
 mod signals;
-#[cfg(test)]
-mod test_support;
 mod throttle;
 mod timer;
 mod virtio_blk;

@@ -186,12 +186,9 @@ mod tests {
             }
             edge *= 2;
         }
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = qcow2d_tests::Rng::new(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            values.push(1 + x % HIGHEST_NS);
+            values.push(1 + rng.below(HIGHEST_NS));
         }
         values.push(HIGHEST_NS);
         values
