@@ -1,5 +1,9 @@
-//! Helpers for the integration tests in tests/tests/: the library every test binary links, so
-//! each binary uses what it needs and nothing is compiled eight times under `allow(dead_code)`.
+//! The workspace's test helpers: the library every test binary of tests/tests/ links, so each
+//! binary uses what it needs and nothing is compiled eight times under `allow(dead_code)`. The
+//! engine's integration tests (engine/tests/) and the daemon's unit tests link it too, as a
+//! dev-dependency. No other test code wraps the tools, draws test data or runs a blkio client
+//! (the fuzz targets, a workspace of their own, keep the two qemu helpers they need; the
+//! bench's load generator and image maker are the product's own).
 //!
 //! - [`process`]: time limits; running a closure or a command under a limit;
 //! - [`tools`]: `qemu-img`, `qemu-io` and `qemu-storage-daemon`, found once (a missing tool
