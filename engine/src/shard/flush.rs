@@ -34,11 +34,13 @@
 //! No frees are applied after a write-back: invariant 3 waits for a flush. A failed write-back
 //! fails the image like a failed flush.
 
+use super::config::{Completion, ShardConfig};
 use super::flush_plan::{self, Dirty, MovedTable, PlannedWrite, Step, WriteMode};
 use super::op::OpKind;
 use super::reserve::PendingFree;
 use super::slab::OpId;
 use super::state::State;
+use super::write_log::{LoggedStep, WriteLog};
 use crate::error::IoError;
 use crate::format::field;
 use crate::io::sqe;
@@ -49,48 +51,6 @@ use crate::write::BlockWriter;
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-
-/// Test hook ([`super::ShardConfig::write_log`]): what a shard's runs and durable refcount
-/// writes submitted to the image file, in order, so that a test can rebuild every file a
-/// crash could leave (`engine/tests/crash_states.rs`).
-#[doc(hidden)]
-#[derive(Debug, Default)]
-pub struct WriteLog {
-    steps: std::sync::Mutex<Vec<LoggedStep>>,
-}
-
-/// One entry of a [`WriteLog`].
-#[doc(hidden)]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LoggedStep {
-    /// A run starts: a flush (`hard`) or a write-back.
-    RunStart { hard: bool },
-    /// Writes submitted together into the image file, (host offset, bytes); the next step
-    /// starts only once all completed. With `durable`, each is durable when it completes
-    /// (RWF_DSYNC), else only after a later sync.
-    Writes {
-        durable: bool,
-        writes: Vec<(u64, Vec<u8>)>,
-    },
-    /// fdatasync of the image file (and of the external data file with it).
-    Sync,
-    /// The run ended, successfully or not.
-    RunEnd { ok: bool },
-}
-
-impl WriteLog {
-    fn push(&self, step: LoggedStep) {
-        self.steps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(step);
-    }
-
-    /// Takes what was recorded so far.
-    pub fn take(&self) -> Vec<LoggedStep> {
-        std::mem::take(&mut *self.steps.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
 
 /// The shard's part that gets metadata into the file: what changed since it was last
 /// written (L1 entries, the syncs L2 entries wait for), the flushes and writes waiting for a
@@ -114,7 +74,7 @@ pub(super) struct FlushState {
     /// Flushes started so far.
     flushes: u64,
     /// Test hook: the flush (counting from 1) whose syncs fail
-    /// ([`super::ShardConfig::fail_flush_number`]).
+    /// ([`ShardConfig::fail_flush_number`]).
     fail_flush_number: Option<u64>,
     /// Flushes waiting for the next run.
     queued: Vec<u64>,
@@ -147,7 +107,7 @@ pub(super) struct FlushState {
 
 impl FlushState {
     /// Nothing changed yet, nothing waiting; the test hooks of `config`.
-    pub(super) fn new(config: &super::ShardConfig) -> FlushState {
+    pub(super) fn new(config: &ShardConfig) -> FlushState {
         FlushState {
             fail_flush_number: config.fail_flush_number,
             log: config.write_log.clone(),
@@ -249,7 +209,7 @@ impl State {
         let Some(w) = &img.writable else {
             let f = &mut self.flush;
             for token in f.queued.drain(..).chain(f.writeback.drain(..)) {
-                self.finished.push(super::Completion {
+                self.finished.push(Completion {
                     token,
                     result: Ok(()),
                 });
@@ -259,7 +219,7 @@ impl State {
         if w.failed.load(Ordering::Relaxed) {
             let f = &mut self.flush;
             for token in f.queued.drain(..).chain(f.writeback.drain(..)) {
-                self.finished.push(super::Completion {
+                self.finished.push(Completion {
                     token,
                     result: Err(IoError::Os { errno: libc::EIO }),
                 });
@@ -555,7 +515,7 @@ impl State {
         match step {
             Step::Complete => {
                 for token in std::mem::take(&mut self.flush.running) {
-                    self.finished.push(super::Completion {
+                    self.finished.push(Completion {
                         token,
                         result: Ok(()),
                     });
@@ -691,7 +651,7 @@ impl State {
             }
         };
         for token in std::mem::take(&mut self.flush.running) {
-            self.finished.push(super::Completion { token, result });
+            self.finished.push(Completion { token, result });
         }
     }
 }

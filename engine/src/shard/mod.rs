@@ -34,6 +34,7 @@
 //!   `group.rs`: several shards of a writable image.
 
 mod buffers;
+mod config;
 mod direct;
 mod flush;
 mod flush_plan;
@@ -46,12 +47,13 @@ mod reserve;
 mod slab;
 mod state;
 mod write;
+mod write_log;
 
 use crate::error::{Error, ErrorKind, IoError};
-use crate::io::{iov_total_len, InflateSharing, Job, Ring, POSTED};
+use crate::io::{iov_total_len, Job, Ring, POSTED};
 
 use crate::shared::ImageInner;
-pub use flush::{LoggedStep, WriteLog};
+pub use config::{Completion, ShardConfig, DEFAULT_SCRATCH_BYTES};
 use group::forwarded_parts;
 use group::{Group, GroupLink};
 use libc::iovec;
@@ -60,75 +62,12 @@ use slab::{OpId, Slab, SlabId};
 use state::State;
 use std::os::fd::RawFd;
 use std::sync::Arc;
-
-/// How a shard is set up.
-#[derive(Clone, Debug)]
-pub struct ShardConfig {
-    /// This shard's index, `0..count`.
-    pub index: usize,
-    /// How many shards serve the image. Several shards of a writable image are made together
-    /// by [`Image::new_shards`](crate::Image::new_shards).
-    pub count: usize,
-    /// Submission queue entries of the shard's io_uring.
-    pub ring_entries: u32,
-    /// Bytes of decompressed clusters cached, shared by the image's qcow2 layers.
-    pub decompressed_cache_bytes: u64,
-    /// Most bytes of scratch buffers that compressed reads in flight may hold together (a
-    /// compressed extent's buffer, and a cluster prefix's); a read that would need more waits
-    /// for another to give its buffers back. At least what one read needs.
-    pub scratch_bytes: u64,
-    /// Whether compressed clusters may be inflated by other threads (the process-wide
-    /// inflate pool's workers, other shards with nothing to do) when this shard is busy.
-    pub inflate: InflateSharing,
-    /// Fault injection for tests: every fdatasync of the n-th flush of this shard (counting
-    /// from 1) fails with EIO instead of reaching the kernel. `None` in production.
-    #[doc(hidden)]
-    pub fail_flush_number: Option<u64>,
-    /// Fault injection for tests: in-place writes of guest data are held back, as if the
-    /// kernel were slow to do them, until [`Shard::release_held_writes`]. `false` in
-    /// production.
-    #[doc(hidden)]
-    pub hold_data_writes: bool,
-    /// Test hook: every metadata write of a flush or write-back (and every durable refcount
-    /// write) is recorded here with its bytes, and every sync, in the order submitted (see
-    /// [`WriteLog`]). `None` in production.
-    #[doc(hidden)]
-    pub write_log: Option<Arc<WriteLog>>,
-}
-
-impl Default for ShardConfig {
-    fn default() -> Self {
-        ShardConfig {
-            index: 0,
-            count: 1,
-            ring_entries: 256,
-            decompressed_cache_bytes: 16 << 20,
-            scratch_bytes: DEFAULT_SCRATCH_BYTES,
-            inflate: InflateSharing::Shared,
-            fail_flush_number: None,
-            hold_data_writes: false,
-            write_log: None,
-        }
-    }
-}
-
-/// A finished request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Completion {
-    /// The token the request was submitted with.
-    pub token: u64,
-    /// Success, or why it failed.
-    pub result: Result<(), IoError>,
-}
+pub use write_log::{LoggedStep, WriteLog};
 
 /// Most inflate jobs of other shards one poll runs.
 const MAX_STEALS_PER_POLL: usize = 4;
 /// Most iovecs one request may carry (the kernel's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
-/// Default [`ShardConfig::scratch_bytes`]: 85 compressed reads of 64 KiB clusters in flight,
-/// 5 of 2 MiB clusters.
-pub const DEFAULT_SCRATCH_BYTES: u64 = 16 << 20;
-
 /// See the module documentation.
 pub struct Shard {
     // Field order is drop order; Drop waits for the kernel first anyway.

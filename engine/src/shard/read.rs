@@ -440,7 +440,7 @@ impl State {
         }
     }
 
-    /// Test hook: submits the writes [`super::ShardConfig::hold_data_writes`] held back.
+    /// Test hook: submits the writes [`ShardConfig::hold_data_writes`](super::config::ShardConfig::hold_data_writes) held back.
     pub(super) fn release_held_writes(&mut self, ring: &mut Ring) {
         for (op, entry) in std::mem::take(&mut self.held) {
             let OpKind::Data { io, .. } = &self.ops[op].kind else {

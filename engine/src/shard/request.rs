@@ -5,10 +5,10 @@
 //!
 //! Runs on the shard's thread, on the shard's own arenas.
 
+use super::config::Completion;
 use super::slab::Slab;
 use super::slab::{AllocId, PartId, ReqId, SlabId};
 use super::state::State;
-use super::Completion;
 use crate::error::IoError;
 use crate::io::Ring;
 use crate::meta::{WaitList, NO_ID};

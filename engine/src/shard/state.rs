@@ -12,6 +12,7 @@
 //! Owned by one shard and used only on its thread.
 
 use super::buffers::{Buffers, Scratch};
+use super::config::{Completion, ShardConfig};
 use super::flush::FlushState;
 use super::group::GroupLink;
 use super::op::Op;
@@ -20,7 +21,6 @@ use super::request::Requests;
 use super::reserve::Reservations;
 use super::slab::{OpId, Slab};
 use super::write::Allocations;
-use super::{Completion, ShardConfig};
 
 use crate::layer::KindRef;
 use crate::meta::SlotCache;
