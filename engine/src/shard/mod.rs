@@ -41,6 +41,7 @@ mod flush_plan;
 mod group;
 mod l2;
 mod op;
+mod plan;
 mod read;
 mod request;
 mod reserve;

@@ -1,18 +1,14 @@
 //! Requests and their parts: a request as submitted (its kind, iovecs, pieces pending), the
-//! parts it is cut into (a guest range at one layer of the chain), their wait lists (the
-//! shard's [`Requests`], one part of its state), and how a part is planned, finished and its
-//! request completed (an `impl State` block).
+//! parts it is cut into (a guest range at one layer of the chain), and their wait lists: the
+//! shard's [`Requests`], one part of its state. How a part is planned, finished and its
+//! request completed is `plan.rs`.
 //!
 //! Runs on the shard's thread, on the shard's own arenas.
 
-use super::config::Completion;
 use super::slab::Slab;
 use super::slab::{AllocId, PartId, ReqId, SlabId};
-use super::state::State;
 use crate::error::IoError;
-use crate::io::Ring;
 use crate::meta::{WaitList, NO_ID};
-use crate::shared::ImageInner;
 use libc::iovec;
 use std::collections::VecDeque;
 
@@ -179,84 +175,6 @@ impl Requests {
     pub(super) fn wake_waiters(&mut self, mut list: WaitList) {
         while let Some(pid) = self.pop_waiter(&mut list) {
             self.ready.push_back(pid);
-        }
-    }
-}
-
-impl State {
-    /// Starts a request of `len` (> 0) bytes at `offset` as one ready part; `parent` is the
-    /// allocation an internal copy-on-write read belongs to, if any.
-    pub(super) fn start_request(
-        &mut self,
-        token: u64,
-        kind: ReqKind,
-        parent: Option<AllocId>,
-        offset: u64,
-        len: u64,
-        iov: &[iovec],
-    ) {
-        let r = self
-            .requests
-            .new_req(token, kind, parent, iov, true, self.writethrough);
-        self.requests.new_part(r, offset, len, 0);
-    }
-
-    pub(super) fn finish_part(&mut self, pid: PartId, result: Result<(), IoError>) {
-        let p = self.requests.parts[pid];
-        if p.tag != 0 && self.table_version(p.guest_off / self.l2_cover) != p.tag {
-            // Planned with a copy of another shard's table that changed meanwhile: what it
-            // read may be stale (even from a cluster freed and reused since). Its owner
-            // serves it again.
-            return self.forward_part(pid);
-        }
-        let req_id = self.requests.parts[pid].req;
-        self.requests.parts.free(pid);
-        self.piece_done(req_id, result);
-    }
-
-    /// One piece (a part of this shard, or a piece another shard served) of request `req_id`
-    /// is done; completes the request after its last.
-    pub(super) fn piece_done(&mut self, req_id: ReqId, result: Result<(), IoError>) {
-        let req = &mut self.requests.reqs[req_id];
-        if let Err(e) = result {
-            req.error.get_or_insert(e);
-        }
-        req.pending -= 1;
-        if req.pending > 0 {
-            return;
-        }
-        let result = req.error.map_or(Ok(()), Err);
-        let (token, kind, parent) = (req.token, req.kind, req.parent);
-        let (has_local, writethrough) = (req.has_local, req.writethrough);
-        self.requests.reqs.free(req_id);
-        if let Some(parent) = parent {
-            self.cow_read_done(parent, result);
-        } else if !has_local {
-            self.finished.push(Completion { token, result });
-        } else if kind.is_write() && writethrough && result.is_ok() {
-            self.flush.enqueue(token);
-        } else if kind.is_write() && result.is_ok() && self.metadata_unwritten() {
-            // Write-back: the write completes once the metadata it changed is in the file
-            // (not yet durable), so that losing this process loses nothing it acknowledged.
-            self.flush.enqueue_writeback(token);
-        } else {
-            self.finished.push(Completion { token, result });
-        }
-    }
-
-    pub(super) fn fail_waiters(&mut self, mut list: WaitList, err: IoError) {
-        while let Some(pid) = self.requests.pop_waiter(&mut list) {
-            self.finish_part(pid, Err(err));
-        }
-    }
-
-    /// Plans part `pid`: reads by the read planner, the rest by the write planner.
-    pub(super) fn plan(&mut self, ring: &mut Ring, img: &ImageInner, pid: PartId) {
-        let kind = self.requests.reqs[self.requests.parts[pid].req].kind;
-        if kind.is_write() {
-            self.plan_write(ring, img, pid, kind);
-        } else {
-            self.plan_read(ring, img, pid);
         }
     }
 }
