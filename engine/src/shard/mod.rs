@@ -36,6 +36,7 @@
 mod buffers;
 mod config;
 mod direct;
+mod dispatch;
 mod flush;
 mod flush_plan;
 mod group;
