@@ -36,6 +36,7 @@
 mod allocate;
 mod buffers;
 mod config;
+mod coordinate;
 mod direct;
 mod dispatch;
 mod flush;
