@@ -41,6 +41,7 @@ mod direct;
 mod dispatch;
 mod flush;
 mod flush_plan;
+mod flush_state;
 mod group;
 mod l2;
 mod op;

@@ -13,7 +13,7 @@
 
 use super::buffers::{Buffers, Scratch};
 use super::config::{Completion, ShardConfig};
-use super::flush::FlushState;
+use super::flush_state::FlushState;
 use super::group::GroupLink;
 use super::op::Op;
 use super::read::Inflation;
