@@ -43,6 +43,7 @@ mod flush;
 mod flush_plan;
 mod flush_state;
 mod group;
+mod inflation;
 mod l2;
 mod op;
 mod plan;
