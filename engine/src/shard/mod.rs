@@ -33,6 +33,7 @@
 //!   buffers; `flush_plan.rs` and `flush.rs`: the flush as planned steps and their execution;
 //!   `group.rs`: several shards of a writable image.
 
+mod alloc_write;
 mod allocate;
 mod buffers;
 mod config;

@@ -11,6 +11,7 @@
 //!
 //! Owned by one shard and used only on its thread.
 
+use super::alloc_write::Allocations;
 use super::buffers::{Buffers, Scratch};
 use super::config::{Completion, ShardConfig};
 use super::flush_state::FlushState;
@@ -20,7 +21,6 @@ use super::op::Op;
 use super::request::Requests;
 use super::reserve::Reservations;
 use super::slab::{OpId, Slab};
-use super::write::Allocations;
 
 use crate::layer::KindRef;
 use crate::meta::SlotCache;

@@ -9,78 +9,21 @@
 //! durable. While an allocation is in flight on a cluster, other writes to it wait; reads see
 //! the old mapping until the entry changes, so they get old or new data, never garbage.
 
+use super::alloc_write::Alloc;
 use super::direct::write_fd;
 use super::op::{Buffer, OpKind};
 use super::request::ReqKind;
 use super::reserve::PendingFree;
-use super::slab::{AllocId, PartId, Slab};
+use super::slab::{AllocId, PartId};
 use super::state::State;
 use crate::error::IoError;
 use crate::format::{be64_at, encode_l2_entry, ClusterMapping, L2Entry, SubclusterState};
 use crate::io::sqe;
 use crate::io::{iov_copy_to, iov_subrange, Ring};
 use crate::layer::Qcow2Layer;
-use crate::meta::{U64Hasher, WaitList};
+use crate::meta::WaitList;
 use crate::shared::ImageInner;
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::sync::atomic::Ordering;
-
-/// An allocating write of one cluster in flight.
-#[derive(Default)]
-pub(super) struct Alloc {
-    part: PartId,
-    /// Guest offset of the cluster.
-    cluster: u64,
-    /// L2 slot (pinned) and entry index of the cluster.
-    slot: u32,
-    index: usize,
-    /// Host cluster written, and whether it was allocated for this write.
-    host: u64,
-    new_cluster: bool,
-    /// In-cluster byte range written to the host cluster.
-    span: (u64, u64),
-    /// In-cluster byte range taken from the request (the rest is copied).
-    write: (u64, u64),
-    zeros: bool,
-    /// The cluster lives at its guest offset in the external data file (no refcounts).
-    identity: bool,
-    /// Extended L2: every subcluster is allocated afterwards (whole-cluster copy).
-    whole: bool,
-    old_raw: u64,
-    old_bitmap: Option<u64>,
-    /// The span read as zeros before and the host cluster is fresh: should the entry reach
-    /// the disk without the data, the span still reads as zeros, never as stale host bytes
-    /// or as neither its old nor its new content.
-    survives_loss: bool,
-    /// Number of the reservation `host` came from (0: not newly allocated).
-    reservation: u64,
-    buf: Option<Box<[u8]>>,
-    cow_pending: u32,
-    error: Option<IoError>,
-    expected: u64,
-    waiters: WaitList,
-}
-
-/// A shard's allocating writes in flight.
-pub(super) struct Allocations {
-    pub(super) allocs: Slab<AllocId, Alloc>,
-    /// Guest cluster offset -> allocation in flight on it.
-    pub(super) allocating: HashMap<u64, AllocId, BuildHasherDefault<U64Hasher>>,
-    /// Allocations whose copy-on-write reads have all completed.
-    pub(super) cow_ready: Vec<AllocId>,
-}
-
-impl Allocations {
-    /// None in flight, with room for the usual load before the arenas grow.
-    pub(super) fn new() -> Allocations {
-        Allocations {
-            allocs: Slab::with_capacity(64),
-            allocating: HashMap::with_capacity_and_hasher(64, BuildHasherDefault::default()),
-            cow_ready: Vec::with_capacity(64),
-        }
-    }
-}
 
 /// Bits of the subclusters overlapping in-cluster bytes `a..b`.
 fn subcluster_mask(a: u64, b: u64, sc: u64) -> u64 {
