@@ -21,17 +21,26 @@
 //! the I/O that produced with one `io_uring_enter`.
 //!
 //! The shard holds the image's shared state (`crate::shared`), never the front
-//! ([`crate::Image`]). Its files, each a part of its `State` or the behaviour of one:
+//! ([`crate::Image`]). Its files are layers, each importing only from files below it
+//! (`engine/tests/layers.rs` checks it; ARCHITECTURE.md draws them), top first:
 //! - `mod.rs`: [`Shard`], its public API (submission, polling, blocking helpers), its
 //!   creation (`new_shards`) and its drop (waiting for the kernel first);
-//! - `slab.rs`: the arenas and their typed ids; `request.rs`: requests and parts;
-//!   `op.rs`: operations, the buffers they own, completion dispatch; `buffers.rs`: buffer
-//!   pools and the scratch budget; `state.rs`: the `State` that gathers the parts and its
-//!   sizing; `reserve.rs`: reservations, allocation and frees;
-//! - `l2.rs`: L2 tables (lookup, load, copy, create, entries); `read.rs`: reads and the data
-//!   I/O; `write.rs`: writes, write-zeroes and discards; `direct.rs`: O_DIRECT bounce
-//!   buffers; `flush_plan.rs` and `flush.rs`: the flush as planned steps and their execution;
-//!   `group.rs`: several shards of a writable image.
+//! - the behaviour, `impl State` blocks across parts: `read.rs` (reads, compressed clusters,
+//!   the data I/O) and `write.rs` (writes, write-zeroes, discards, allocating writes); below
+//!   them `l2.rs` (L2 tables: lookup, load, copy, create, entries), `flush.rs` (flush and
+//!   write-back runs, durable refcount writes, frees), `plan.rs` (a request's way: start,
+//!   plan, finish, complete), `dispatch.rs` (pushing, freeing and completing operations),
+//!   `allocate.rs` (handing out and reserving clusters), `coordinate.rs` (the shard's side of
+//!   its group: cutting, forwarding, answering, table versions);
+//! - `state.rs`: the `State` that gathers the parts, and its sizing;
+//! - the parts, each with the methods that need only it: `group.rs` (the group, its
+//!   messages, the link), `flush_state.rs` (what is unwritten, the flush queues, the run in
+//!   progress); `request.rs` (requests, parts, wait lists), `op.rs` (operations and the
+//!   buffers they own), `alloc_write.rs` (allocating writes in flight), `config.rs`
+//!   ([`ShardConfig`], [`Completion`]); `reserve.rs` (reservations, frees), `inflation.rs`
+//!   (the inflater and its jobs), `buffers.rs` (buffer pools, scratch budget),
+//!   `write_log.rs` (the test hook's log), `flush_plan.rs` (the flush as planned steps, pure),
+//!   `direct.rs` (O_DIRECT bounce buffers), `slab.rs` (arenas and their typed ids).
 
 mod alloc_write;
 mod allocate;

@@ -1,13 +1,14 @@
 //! Everything a shard mutates apart from its ring ([`State`]), the per-layer caches, and how a
 //! new shard's state is sized from the image (the L2 cache budget shared out among layers).
-//! `State` gathers owned parts, each declared with the methods that work on it in its own
-//! file: the requests and their parts (`request.rs`: `Requests`), the group link and its
-//! coordination (`group.rs`: `GroupLink`), reservations and frees (`reserve.rs`:
-//! `Reservations`), allocating writes (`write.rs`: `Allocations`), buffer pools and scratch
-//! (`buffers.rs`), inflation (`read.rs`: `Inflation`), metadata not yet written with the
-//! flushes and write-backs that write it and the corruption found this turn (`flush.rs`:
-//! `FlushState`). What spans several parts is an `impl State` block in the file of its
-//! concern (`op.rs`, `l2.rs`, `read.rs`, `write.rs`, `flush.rs`, `group.rs`).
+//! `State` gathers owned parts, each declared with the methods that need only it in its own
+//! file below this one: the requests and their parts (`request.rs`: `Requests`), the
+//! operations (`op.rs`: `Op`), the group link (`group.rs`: `GroupLink`), reservations and
+//! frees (`reserve.rs`: `Reservations`), allocating writes (`alloc_write.rs`: `Allocations`),
+//! buffer pools and scratch (`buffers.rs`), inflation (`inflation.rs`: `Inflation`), metadata
+//! not yet written with the flushes and write-backs waiting and running and the corruption
+//! found this turn (`flush_state.rs`: `FlushState`). What spans several parts is an
+//! `impl State` block in a file above this one, one per concern: `plan.rs`, `dispatch.rs`,
+//! `allocate.rs`, `coordinate.rs`, `l2.rs`, `flush.rs`, `read.rs`, `write.rs`.
 //!
 //! Owned by one shard and used only on its thread.
 

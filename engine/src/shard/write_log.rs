@@ -3,9 +3,9 @@
 //! in production. The shard's thread records (through its `FlushState`); the test that holds
 //! the log takes the steps, from any thread (behind a mutex).
 
-/// Test hook ([`ShardConfig::write_log`](super::config::ShardConfig::write_log)): what a
-/// shard's runs and durable refcount writes submitted to the image file, in order, so that a
-/// test can rebuild every file a crash could leave (`engine/tests/crash_states.rs`).
+/// Test hook (`ShardConfig::write_log`): what a shard's runs and durable refcount writes
+/// submitted to the image file, in order, so that a test can rebuild every file a crash could
+/// leave (`engine/tests/crash_states.rs`).
 #[doc(hidden)]
 #[derive(Debug, Default)]
 pub struct WriteLog {
