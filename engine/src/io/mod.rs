@@ -8,15 +8,16 @@
 //! submission entry (`sqe.rs`) is safe; pushing one ([`Ring::push`]) is not.
 //!
 //! Outside io/, unsafe code is confined to the shard (`shard/`), at the points where its
-//! contract with the kernel and its callers is kept: pushing entries (`op.rs`, callers in
-//! `l2.rs`, `read.rs`, `write.rs`, `flush.rs`; the buffer named lives in the operation's arena
-//! entry, freed only after its completion is reaped, and the ring is drained before it is
-//! dropped), copying between requests' iovecs and the shard's buffers (`read.rs`,
+//! contract with the kernel and its callers is kept: pushing entries (`dispatch.rs`, callers
+//! in `l2.rs`, `read.rs`, `write.rs`, `flush.rs`; the buffer named lives in the operation's
+//! arena entry, freed only after its completion is reaped, and the ring is drained before it
+//! is dropped), copying between requests' iovecs and the shard's buffers (`read.rs`,
 //! `write.rs`, `direct.rs`), handing a compressed cluster to an inflate worker (`read.rs`),
 //! the public `submit_read`/`submit_write` (whose callers keep their memory valid until the
-//! completion), `Send` for `Shard`, and in `group.rs` the iovec pointer a piece sent to
-//! another shard carries and the eventfd write that wakes it. format/, meta/, paths.rs,
-//! check/ and `shard/flush_plan.rs` forbid unsafe code.
+//! completion), `Send` for `Shard`, the iovec pointer a piece sent to another shard carries
+//! (`Send` for the message and the eventfd write that wakes the shard in `group.rs`, its
+//! reading in `coordinate.rs`). format/, meta/, paths.rs, check/ and `shard/flush_plan.rs`
+//! forbid unsafe code.
 
 mod direct;
 mod inflate;

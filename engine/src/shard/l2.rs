@@ -1,7 +1,8 @@
 //! The L2 tables of a shard: finding a layer's table in the shard's cache and loading it on a
 //! miss (reads and writes), and, for writes to the top image, the table owned by the active L1
 //! alone (copied when a snapshot shares it, created when missing), pointing the L1 entry at a
-//! moved table, and storing entries. What the flush writes back is in `flush.rs`.
+//! moved table, and storing entries. What the flush writes back is in `flush.rs`. An
+//! `impl State` block over the shard's L2 caches, its requests and operations.
 //!
 //! Runs on the shard's thread, on the shard's own caches.
 

@@ -1,5 +1,8 @@
-//! Planning and completing reads (compressed clusters included), and the data I/O shared with
-//! writes.
+//! Planning and completing reads (compressed clusters included, inflated here or handed to
+//! the shard's inflate queue), and the data I/O shared with writes. An `impl State` block
+//! over the requests, the caches, the operations and the inflation part (`inflation.rs`).
+//!
+//! Runs on the shard's thread.
 
 use super::direct::write_fd;
 use super::l2::Table;

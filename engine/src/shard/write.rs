@@ -8,6 +8,9 @@
 //! points at it). The old host cluster is freed after the next flush has made the new entry
 //! durable. While an allocation is in flight on a cluster, other writes to it wait; reads see
 //! the old mapping until the entry changes, so they get old or new data, never garbage.
+//!
+//! An `impl State` block over the requests, the top layer's L2 cache, the allocations in
+//! flight (`alloc_write.rs`), the reservations and the operations; runs on the shard's thread.
 
 use super::alloc_write::Alloc;
 use super::direct::write_fd;
