@@ -130,12 +130,25 @@ fn range(sector: u16, count: u64) -> Option<(u64, u64)> {
     Some((start * 512, count * 512))
 }
 
-fn submit_all(shards: &mut [Shard], ops: &mut [(Op, u64, Vec<u8>)], flush: bool) {
+/// One request of a batch: the operation, its disk range, and its data (reads and writes
+/// only: a write-zeroes or a discard carries none).
+struct Planned {
+    op: Op,
+    off: u64,
+    len: u64,
+    buf: Vec<u8>,
+}
+
+/// What a read buffer holds before the read: bytes a read would leave unwritten show as a
+/// difference from the model wherever it does not hold this value.
+const POISON: u8 = 0xa5;
+
+fn submit_all(shards: &mut [Shard], ops: &mut [Planned], flush: bool) {
     let n = shards.len();
-    for (i, (op, off, buf)) in ops.iter_mut().enumerate() {
+    for (i, Planned { op, off, len, buf }) in ops.iter_mut().enumerate() {
         let shard = &mut shards[i % n];
         let token = i as u64;
-        let len = buf.len() as u64;
+        let (off, len) = (*off, *len);
         let r = match op {
             Op::Read { .. } => {
                 let iov = [libc::iovec {
@@ -143,7 +156,7 @@ fn submit_all(shards: &mut [Shard], ops: &mut [(Op, u64, Vec<u8>)], flush: bool)
                     iov_len: buf.len(),
                 }];
                 // SAFETY: `buf` lives in `ops` until the batch is drained by the caller.
-                unsafe { shard.submit_read(token, *off, &iov) }
+                unsafe { shard.submit_read(token, off, &iov) }
             }
             Op::Write { .. } => {
                 let iov = [libc::iovec {
@@ -151,10 +164,10 @@ fn submit_all(shards: &mut [Shard], ops: &mut [(Op, u64, Vec<u8>)], flush: bool)
                     iov_len: buf.len(),
                 }];
                 // SAFETY: as above.
-                unsafe { shard.submit_write(token, *off, &iov) }
+                unsafe { shard.submit_write(token, off, &iov) }
             }
-            Op::Zero { unmap, .. } => shard.submit_write_zeroes(token, *off, len, *unmap),
-            Op::Discard { .. } => shard.submit_discard(token, *off, len),
+            Op::Zero { unmap, .. } => shard.submit_write_zeroes(token, off, len, *unmap),
+            Op::Discard { .. } => shard.submit_discard(token, off, len),
         };
         r.unwrap_or_else(|e| panic!("submitting {op:?} at {off:#x}: {e}"));
     }
@@ -165,23 +178,43 @@ fn submit_all(shards: &mut [Shard], ops: &mut [(Op, u64, Vec<u8>)], flush: bool)
 
 fn run(input: Input) {
     let templates = templates();
-    let t = &templates[usize::from(input.layout) % templates.len()];
+    let layout = usize::from(input.layout) % templates.len();
+    let t = &templates[layout];
     let path = scratch_file("ops.qcow2", &t.file);
-    MODEL.with_borrow_mut(|model| {
-        model.clear();
-        model.extend_from_slice(&t.disk);
+    MODELS.with_borrow_mut(|models| {
+        if models.is_empty() {
+            models.extend(templates.iter().map(|t| Model {
+                disk: t.disk.clone(),
+                changed: Vec::new(),
+            }));
+        }
+        let model = &mut models[layout];
+        // Back to the template's disk: the ranges the last execution on this layout changed
+        // are copied from it again (the whole 2 MiB would cost every execution a copy).
+        for (at, len) in model.changed.drain(..) {
+            model.disk[at..at + len].copy_from_slice(&t.disk[at..at + len]);
+        }
+        debug_assert!(model.disk == t.disk);
         run_on(input, t, &path, model);
     });
 }
 
+/// The flat model of one layout's disk, and the byte ranges (offset, length) the current
+/// execution changed in it.
+struct Model {
+    disk: Vec<u8>,
+    changed: Vec<(usize, usize)>,
+}
+
 thread_local! {
-    /// The flat model of the disk, and the buffer the reopened disk is read into: allocated
-    /// once (a fresh 2 MiB buffer costs every execution its page faults).
-    static MODEL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One model per layout, made once and brought back to the template's disk by its
+    /// changed ranges; and the buffer the reopened disk is read into, allocated once (a fresh
+    /// 2 MiB buffer costs every execution its page faults).
+    static MODELS: std::cell::RefCell<Vec<Model>> = const { std::cell::RefCell::new(Vec::new()) };
     static DISK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn run_on(input: Input, t: &Template, path: &Path, model: &mut [u8]) {
+fn run_on(input: Input, t: &Template, path: &Path, m: &mut Model) {
     let options = OpenOptions {
         read_only: false,
         lazy_refcounts: t.lazy_refcounts,
@@ -194,7 +227,7 @@ fn run_on(input: Input, t: &Template, path: &Path, model: &mut [u8]) {
     let mut out = Vec::new();
     for (b, (batch, flush)) in input.batches.into_iter().take(16).enumerate() {
         // Requests in flight together never overlap (a guest gets no ordering between them).
-        let mut ops: Vec<(Op, u64, Vec<u8>)> = Vec::new();
+        let mut ops: Vec<Planned> = Vec::new();
         for op in batch.into_iter().take(24) {
             let r = match &op {
                 Op::Read { sector, count } => range(*sector, u64::from(*count)),
@@ -203,17 +236,19 @@ fn run_on(input: Input, t: &Template, path: &Path, model: &mut [u8]) {
                 Op::Discard { sector, count } => range(*sector, u64::from(*count)),
             };
             let Some((off, len)) = r else { continue };
-            if ops
-                .iter()
-                .any(|(_, o, l)| off < o + l.len() as u64 && *o < off + len)
-            {
+            if ops.iter().any(|p| off < p.off + p.len && p.off < off + len) {
                 continue;
             }
-            let mut buf = vec![0u8; len as usize];
-            if let Op::Write { fill, .. } = &op {
-                pattern(&mut buf, off, *fill);
-            }
-            ops.push((op, off, buf));
+            let buf = match &op {
+                Op::Read { .. } => vec![POISON; len as usize],
+                Op::Write { fill, .. } => {
+                    let mut buf = vec![0u8; len as usize];
+                    pattern(&mut buf, off, *fill);
+                    buf
+                }
+                Op::Zero { .. } | Op::Discard { .. } => Vec::new(),
+            };
+            ops.push(Planned { op, off, len, buf });
         }
         submit_all(&mut shards, &mut ops, flush);
         drain_all(&mut shards, &mut out);
@@ -225,9 +260,12 @@ fn run_on(input: Input, t: &Template, path: &Path, model: &mut [u8]) {
                 c.result
             );
         }
-        for (op, off, buf) in &ops {
-            let at = *off as usize;
-            let len = buf.len();
+        for Planned { op, off, len, buf } in &ops {
+            let (at, len) = (*off as usize, *len as usize);
+            let model = &mut m.disk;
+            if !matches!(op, Op::Read { .. }) {
+                m.changed.push((at, len));
+            }
             match op {
                 Op::Read { .. } => {
                     // A slice comparison (memcmp) first: a loop is instrumented byte by byte.
@@ -265,7 +303,7 @@ fn run_on(input: Input, t: &Template, path: &Path, model: &mut [u8]) {
     drop(shards);
     image.close().expect("clean close");
     drop(image);
-    verify(path, model);
+    verify(path, &m.disk);
 }
 
 /// The closed image is consistent and holds the model.
@@ -283,7 +321,7 @@ fn verify(path: &Path, model: &[u8]) {
     DISK.with_borrow_mut(|buf| {
         // Poisoned, so that bytes a read would leave unwritten cannot pass for the model's.
         buf.clear();
-        buf.resize(SIZE as usize, 0xa5);
+        buf.resize(SIZE as usize, POISON);
         assert!(read(&mut shard, buf, 0), "reading the reopened image");
         if buf[..] != model[..] {
             let i = (0..buf.len()).find(|&i| buf[i] != model[i]).unwrap_or(0);
