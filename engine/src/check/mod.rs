@@ -386,15 +386,20 @@ fn clear_unknown_autoclear(t: &mut Target, log: &mut Log) -> Result<(), Error> {
     Ok(())
 }
 
-/// The final analysis; when it finds the image consistent (version 3), the dirty and corrupt
-/// bits are cleared and the image analysed again.
+/// The final analysis, of the snapshot table the file holds now (as a fresh check reads it);
+/// when it finds the image consistent (version 3), the dirty and corrupt bits are cleared and
+/// the image analysed again.
 fn clear_dirty_and_corrupt(
     t: &mut Target,
     snapshots: &SnapshotTable,
     kept: Option<Kept>,
     log: &mut Log,
 ) -> Result<Analysis, Error> {
-    let fin = analysis_now(t, snapshots, kept)?;
+    let now = snapshots_now(t)?;
+    // An analysis made with the table the repair held counts what a fresh check will only
+    // when the file still holds that table.
+    let kept = kept.filter(|_| now == *snapshots);
+    let fin = analysis_now(t, &now, kept)?;
     if fin.corruptions != 0 || fin.check_errors != 0 || fin.header.version < 3 {
         return Ok(fin);
     }
@@ -414,7 +419,19 @@ fn clear_dirty_and_corrupt(
         fin.header
             .feature_list(crate::format::FeatureKind::Incompatible, old & flags)
     ));
-    analyze(t, snapshots)
+    // The header's cluster may hold part of the table too.
+    let now = snapshots_now(t)?;
+    analyze(t, &now)
+}
+
+/// The snapshot table as a fresh check reads it from the file now, for the double check: the
+/// repair keeps the table it read (or wrote) at the start, but its later writes (a COPIED
+/// flag, a refcount, the header) land in clusters a damaged image's table may share with an
+/// L2 table, a refcount block or the header.
+fn snapshots_now(t: &mut Target) -> Result<SnapshotTable, Error> {
+    let header = read_header(t)?;
+    let (table, _) = read_snapshots(t, &header, false, &mut Log::default())?;
+    Ok(table)
 }
 
 /// The report of a repair: the final analysis (`fin`), what was fixed since the first one
