@@ -579,10 +579,16 @@ impl Analysis {
             if off == 0 {
                 continue;
             }
-            if off >> g.cb >= g.file_clusters {
+            // Outside the clusters counted so far, as QEMU judges it: the file's, and the one
+            // after it when a reference reaches into it. A block in that one is counted (a
+            // reference past the end of the file) and compared as any other.
+            if off >> g.cb >= self.compare_len() {
                 self.corrupt(format!("ERROR refcount block {i} is outside image"));
                 self.rebuild = true;
                 continue;
+            }
+            if off >> g.cb >= g.file_clusters {
+                self.rebuild = true;
             }
             // A cluster already at the refcount width's maximum: the block's own reference
             // overflows (reported by inc()) and its count stays at that maximum, which is 1
