@@ -1,7 +1,7 @@
 //! The vhost-user-blk client on blkio's `virtio-blk-vhost-user` driver ([`BlkClient`]),
 //! connected read-only ([`blk_session`]) or read-write ([`rw_session`]) and used on the
 //! session's own thread with every wait bounded; and checking a whole image read through the
-//! daemon against the oracle.
+//! daemon against the oracle; [`read_answers`], whether an export takes a new client.
 
 use crate::*;
 use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
@@ -739,4 +739,20 @@ where
         let mut c = BlkClient::connect_rw(&socket, num_queues)?;
         f(&mut c)
     })?
+}
+
+/// Reads `want.len()` bytes at offset 0 through a fresh read-only blkio connection to `socket`
+/// (on a thread of its own, bounded by [`READ_TIMEOUT`]) and fails the test unless they are
+/// `want`: the export takes a new connection and answers it.
+pub fn read_answers(socket: &Path, want: &[u8]) {
+    let socket = socket.to_path_buf();
+    let want = want.to_vec();
+    with_timeout("a read of a new connection", READ_TIMEOUT, move || {
+        let mut c = BlkClient::connect(&socket, 1)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
+        let got = c
+            .read_range(0, want.len() as u64)
+            .unwrap_or_else(|e| panic!("read from {}: {e}", socket.display()));
+        assert!(got == want, "wrong data from {}", socket.display());
+    });
 }

@@ -1,5 +1,6 @@
 //! The daemon process: finding the binary, starting `qcow2d serve` and waiting for its ready
-//! line, stopping it (SIGTERM, SIGKILL), its stderr, and running `qcow2d` subcommands.
+//! line (and for its other sockets), stopping it (SIGTERM, SIGKILL), its stderr, and running
+//! `qcow2d` subcommands.
 
 use crate::*;
 use std::ffi::OsStr;
@@ -352,4 +353,18 @@ pub fn o_direct_files(pid: i32) -> Vec<PathBuf> {
 /// Runs `qcow2d ARGS` to completion.
 pub fn run_daemon_cmd(args: &[&OsStr]) -> CmdOutput {
     run_cmd(Command::new(daemon_bin()).args(args), TOOL_TIMEOUT)
+}
+
+/// Waits until `socket` accepts a connection (the daemon binds every export before it prints
+/// its ready line for the first one); fails the test after 30 s.
+pub fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never accepted a connection",
+            socket.display()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }

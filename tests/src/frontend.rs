@@ -4,10 +4,14 @@
 //!
 //! Messages go through vhost's own frontend (`vhost::vhost_user::Frontend`, with REPLY_ACK, so
 //! a refused message is an error here); the guest memory is a memfd mapped here and written
-//! with plain copies; split rings are laid out and driven by hand. Every wait is bounded.
+//! with plain copies; split rings are laid out and driven by hand. Messages vhost's frontend
+//! would not send (unknown codes, wrong sizes, any descriptors) go through a [`Wire`]: raw
+//! bytes on the same socket or a new one. Every wait is bounded.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::io::{ErrorKind, Read};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,6 +19,7 @@ use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures}
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Descriptor flags.
 pub const F_NEXT: u16 = 1;
@@ -332,6 +337,20 @@ impl RawFrontend {
             F_INDIRECT,
             0,
         );
+        self.make_available(ram, q, head);
+    }
+
+    /// Makes available on queue `q` the chain that starts at descriptor `head` of its table
+    /// (written by the caller: [`GuestRam::write_desc`] at `desc_addr() + 16 * index`; the
+    /// indirect requests of [`RawFrontend::add_indirect`] take the table's first entries, one
+    /// each, from 0 on), and kicks.
+    pub fn push_head(&mut self, ram: &GuestRam, q: usize, head: u16) {
+        self.make_available(ram, q, head);
+        self.kick(q);
+    }
+
+    fn make_available(&mut self, ram: &GuestRam, q: usize, head: u16) {
+        let queue = self.queues[q].as_mut().expect("queue started");
         let slot = queue.avail_addr() + 4 + 2 * u64::from(queue.avail_idx % queue.size);
         ram.write(slot, &head.to_le_bytes());
         queue.avail_idx = queue.avail_idx.wrapping_add(1);
@@ -382,4 +401,183 @@ pub fn rss_kib(pid: i32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("RssAnon:"))
+}
+
+/// Header flags of a vhost-user message: protocol version 1, and "reply wanted".
+pub const VERSION_1: u32 = 0x1;
+pub const NEED_REPLY: u32 = 0x8;
+
+/// One message the daemon sent on a [`Wire`].
+#[derive(Debug)]
+pub struct WireMsg {
+    pub request: u32,
+    pub flags: u32,
+    pub body: Vec<u8>,
+}
+
+impl WireMsg {
+    /// The body's u64 at byte `at` (a REPLY_ACK status, a feature set), if the body has one.
+    pub fn u64_at(&self, at: usize) -> Option<u64> {
+        let b = self.body.get(at..at + 8)?;
+        Some(u64::from_ne_bytes(b.try_into().ok()?))
+    }
+}
+
+/// A vhost-user connection spoken in raw bytes: any request code, flags, size field, body
+/// and descriptors, and the daemon's answers read as they come. Every read waits at most the
+/// time it is given.
+pub struct Wire {
+    pub sock: UnixStream,
+}
+
+impl Wire {
+    /// A new connection to `socket`, nothing sent yet.
+    pub fn connect(socket: &Path) -> Result<Wire, String> {
+        UnixStream::connect(socket)
+            .map(|sock| Wire { sock })
+            .map_err(|e| format!("connect to {}: {e}", socket.display()))
+    }
+
+    /// The socket of `fe` (a duplicate descriptor): raw messages after an honest set-up. The
+    /// caller reads every answer its messages ask for, so the framing stays whole.
+    pub fn of(fe: &RawFrontend) -> Wire {
+        // SAFETY: dup of a descriptor `fe` keeps open; the new one is owned by the stream.
+        let fd = unsafe { libc::fcntl(fe.fe.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        assert!(fd >= 0, "dup: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nothing else owns.
+        let sock = unsafe { UnixStream::from_raw_fd(fd) };
+        Wire { sock }
+    }
+
+    /// Sends `bytes` as they are, `fds` with the first byte.
+    pub fn send_bytes(&self, bytes: &[u8], fds: &[RawFd]) -> Result<(), String> {
+        let mut sent = 0;
+        while sent < bytes.len() {
+            let attach: &[RawFd] = if sent == 0 { fds } else { &[] };
+            match self.sock.send_with_fds(&[&bytes[sent..]], attach) {
+                Ok(n) => sent += n,
+                Err(e) if e.errno() == libc::EINTR => {}
+                Err(e) => return Err(format!("send: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one message: `request`, `flags`, a size field of `body.len()`, `body`, `fds`.
+    pub fn send(&self, request: u32, flags: u32, body: &[u8], fds: &[RawFd]) -> Result<(), String> {
+        self.send_bytes(&message(request, flags, body.len() as u32, body), fds)
+    }
+
+    /// Sends `request` asking for an answer, and returns the answer (`None`: the daemon closed
+    /// the connection instead).
+    pub fn ask(
+        &self,
+        request: u32,
+        body: &[u8],
+        fds: &[RawFd],
+        timeout: Duration,
+    ) -> Result<Option<WireMsg>, String> {
+        self.send(request, VERSION_1 | NEED_REPLY, body, fds)?;
+        self.recv(timeout)
+    }
+
+    /// The next message from the daemon; `None` when it closed the connection (between two
+    /// messages); an error if nothing whole came within `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Result<Option<WireMsg>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut header = [0u8; 12];
+        if !self.read_exact(&mut header, deadline, true)? {
+            return Ok(None);
+        }
+        let field = |i: usize| u32::from_ne_bytes(header[4 * i..4 * i + 4].try_into().unwrap());
+        let mut body = vec![0u8; field(2) as usize];
+        if !self.read_exact(&mut body, deadline, false)? {
+            return Err("the daemon closed the connection in the middle of a message".into());
+        }
+        Ok(Some(WireMsg {
+            request: field(0),
+            flags: field(1),
+            body,
+        }))
+    }
+
+    /// Fills `buf`; `false` if the connection ended before its first byte (only allowed when
+    /// `at_start`).
+    fn read_exact(
+        &self,
+        buf: &mut [u8],
+        deadline: Instant,
+        at_start: bool,
+    ) -> Result<bool, String> {
+        let mut got = 0;
+        while got < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("{got} of {} bytes came in time", buf.len()));
+            }
+            self.sock
+                .set_read_timeout(Some(left.min(Duration::from_millis(200))))
+                .map_err(|e| format!("set_read_timeout: {e}"))?;
+            match (&self.sock).read(&mut buf[got..]) {
+                Ok(0) | Err(_) if got == 0 && at_start && self.ended() => return Ok(false),
+                Ok(0) => return Err(format!("end of connection after {got} bytes")),
+                Ok(n) => got += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset && got == 0 && at_start => {
+                    return Ok(false)
+                }
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether the daemon has closed (or reset) the connection: a zero-byte peek.
+    fn ended(&self) -> bool {
+        let mut b = [0u8; 1];
+        // SAFETY: recv into a one-byte local buffer; MSG_PEEK | MSG_DONTWAIT leave the socket
+        // as it was.
+        let n = unsafe {
+            libc::recv(
+                self.sock.as_raw_fd(),
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n == 0
+            || (n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECONNRESET))
+    }
+
+    /// Waits until the daemon closes the connection, dropping what it sends meanwhile (its
+    /// answers to the messages before); an error if it is still open after `timeout`.
+    pub fn wait_closed(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("the connection is still open after {timeout:?}"));
+            }
+            match self.recv(left) {
+                Ok(None) => return Ok(()),
+                Ok(Some(_)) => {}
+                Err(_) if self.ended() => return Ok(()),
+                Err(e) => return Err(format!("the connection stayed open: {e}")),
+            }
+        }
+    }
+}
+
+/// The bytes of one vhost-user message with any size field (`size` need not be the body's).
+pub fn message(request: u32, flags: u32, size: u32, body: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(12 + body.len());
+    bytes.extend_from_slice(&request.to_ne_bytes());
+    bytes.extend_from_slice(&flags.to_ne_bytes());
+    bytes.extend_from_slice(&size.to_ne_bytes());
+    bytes.extend_from_slice(body);
+    bytes
 }

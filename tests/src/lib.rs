@@ -15,8 +15,8 @@
 //! - [`daemon`]: the `qcow2d` process (start, ready line, stop, kill, subcommands);
 //! - [`blk`]: the vhost-user-blk client on blkio (read and read-write), every wait bounded;
 //! - [`header`]: big-endian header parsing and patching for the bad-image tests;
-//! - [`frontend`]: a raw vhost-user-blk frontend with its own guest memory, for tests that play
-//!   a hostile frontend.
+//! - [`frontend`]: a raw vhost-user-blk frontend with its own guest memory, and raw messages
+//!   of any shape on its socket, for tests that play a hostile frontend.
 //!
 //! Everything but [`frontend`] is re-exported at the root: a test says `use qcow2d_tests::*;`.
 //! Every helper runs on the calling test's thread unless its doc says otherwise.

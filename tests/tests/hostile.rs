@@ -19,7 +19,7 @@ use qcow2d_tests::frontend::{rss_kib, GuestRam, RawFrontend, T_IN};
 use qcow2d_tests::*;
 use std::io::Write;
 use std::os::fd::FromRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,34 +111,6 @@ fn setup(name: &str) -> Setup {
         socket,
         other_socket,
     }
-}
-
-fn wait_for_socket(socket: &Path) {
-    for _ in 0..300 {
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{} never accepted a connection", socket.display());
-}
-
-/// One read of 64 KiB through a fresh blkio connection to `socket`, checked against `want`.
-fn read_answers(socket: &Path, want: &[u8]) {
-    let socket = socket.to_path_buf();
-    let want = want.to_vec();
-    with_timeout("a read of another connection", READ_TIMEOUT, move || {
-        let mut c = BlkClient::connect(&socket, 1).unwrap_or_else(|e| panic!("connect: {e}"));
-        let got = c
-            .read_batch(&[(0, want.len())])
-            .unwrap_or_else(|e| panic!("read: {e}"));
-        let got = got
-            .into_iter()
-            .next()
-            .unwrap()
-            .unwrap_or_else(|e| panic!("read: {e}"));
-        assert!(got == want, "wrong data from {}", socket.display());
-    });
 }
 
 /// Reads the other export over and over on its own connection until `stop`; counts reads.
