@@ -41,6 +41,7 @@ const SHOWN: usize = 64 << 10;
 const GET_FEATURES: u32 = 1;
 const SET_FEATURES: u32 = 2;
 const SET_OWNER: u32 = 3;
+const RESET_OWNER: u32 = 4;
 const SET_MEM_TABLE: u32 = 5;
 const SET_LOG_BASE: u32 = 6;
 const SET_LOG_FD: u32 = 7;
@@ -60,10 +61,12 @@ const SET_CONFIG: u32 = 25;
 const GET_INFLIGHT_FD: u32 = 31;
 const SET_INFLIGHT_FD: u32 = 32;
 const GPU_SET_SOCKET: u32 = 33;
+const RESET_DEVICE: u32 = 34;
 const GET_MAX_MEM_SLOTS: u32 = 36;
 const ADD_MEM_REG: u32 = 37;
 const REM_MEM_REG: u32 = 38;
 const SET_DEVICE_STATE_FD: u32 = 42;
+const CHECK_DEVICE_STATE: u32 = 43;
 
 /// Protocol feature bits.
 const BACKEND_REQ: u64 = 1 << 5;
@@ -1750,4 +1753,84 @@ fn areas_replaced_and_rings_shared() {
     }
     drop(fe);
     s.still_serving("after two queues on one ring");
+}
+
+/// Requests vhost-user-backend has no handler for, or whose feature the frontend claimed
+/// without the daemon offering it (every protocol bit set): each ends the connection, but
+/// CHECK_DEVICE_STATE, which is answered with an error.
+#[test]
+fn messages_without_a_handler_end_only_their_connection() {
+    let mut s = setup("unhandled-messages");
+    for code in [
+        19u32, 20, 22, 23, 26, 27, 28, 29, 30, 35, 39, 40, 41, 44, 45, 60, 1000,
+    ] {
+        let before = s.count(ENDED_WITH_ERROR);
+        let (fe, wire) = handshake(&s.disk);
+        let ack = wire
+            .ask(SET_PROTOCOL_FEATURES, &u64s(&[u64::MAX]), &[], PATIENCE)
+            .unwrap()
+            .expect("SET_PROTOCOL_FEATURES answered");
+        assert_eq!(status(&ack), 0);
+        wire.send(code, VERSION_1 | NEED_REPLY, &u64s(&[0]), &[])
+            .unwrap();
+        drop(fe);
+        ends_connection(
+            &mut s,
+            &format!("request {code}"),
+            wire,
+            ENDED_WITH_ERROR,
+            before,
+        );
+    }
+    let (fe, wire) = handshake(&s.disk);
+    let got = wire
+        .ask(CHECK_DEVICE_STATE, &[], &[], PATIENCE)
+        .unwrap()
+        .expect("CHECK_DEVICE_STATE answered");
+    assert_ne!(status(&got), 0, "CHECK_DEVICE_STATE said the state is fine");
+    drop(fe);
+    drop(wire);
+    s.still_serving("after messages without a handler");
+}
+
+/// RESET_OWNER, and RESET_DEVICE (claimed without being offered), with reads in flight: the
+/// daemon goes on, GET_VRING_BASE then answers the queue's index, and every chain taken up to
+/// it comes back to the used ring.
+#[test]
+fn resets_with_requests_in_flight() {
+    let mut s = setup("resets");
+    for (name, reset) in [("RESET_OWNER", RESET_OWNER), ("RESET_DEVICE", RESET_DEVICE)] {
+        let ram = GuestRam::new(RAM_BYTES, true);
+        let mut fe = RawFrontend::connect(&s.disk, 2).unwrap();
+        let wire = Wire::of(&fe);
+        let ack = wire
+            .ask(SET_PROTOCOL_FEATURES, &u64s(&[u64::MAX]), &[], PATIENCE)
+            .unwrap()
+            .expect("SET_PROTOCOL_FEATURES answered");
+        assert_eq!(status(&ack), 0);
+        fe.set_memory(&ram, RAM_BYTES as u64).unwrap();
+        fe.start_queue(&ram, 0, 128).unwrap();
+        ram.write_header(HEADER, T_IN, 0);
+        let big: Vec<(u64, u32)> = (0..32).map(|_| (DATA, 1 << 20)).collect();
+        let len = ram.write_request_table(TABLE, HEADER, &big, true, STATUS);
+        for _ in 0..32 {
+            fe.add_indirect(&ram, 0, TABLE, len);
+        }
+        fe.kick(0);
+        let ack = wire
+            .ask(reset, &[], &[], PATIENCE)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: the connection ended"));
+        assert_eq!(status(&ack), 0, "{name} refused");
+        let base = wire
+            .ask(GET_VRING_BASE, &vring_state(0, 0), &[], PATIENCE)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: the connection ended at GET_VRING_BASE"));
+        let taken = u16::from_ne_bytes([base.body[4], base.body[5]]);
+        fe.wait_used(&ram, 0, taken, PATIENCE)
+            .unwrap_or_else(|e| panic!("after {name}: {e}"));
+        drop(fe);
+        drop(wire);
+        s.still_serving(&format!("after {name} with requests in flight"));
+    }
 }
