@@ -294,6 +294,18 @@ fn repair_refcounts(
         ));
         return Ok(());
     }
+    if layout.is_some() {
+        if let Some(table) = l1_over_reftable_fields(&first.header, snapshots) {
+            // The header's refcount table offset is an entry of that L1 table: the new table
+            // is an L2 table too, its entries data clusters, and each new refcount block
+            // referenced twice. No structure is consistent there; a rebuild would only
+            // move the corruptions.
+            log.push(format!(
+                "Not rebuilding the refcount structure: {table} covers the header's refcount table offset and size, which a new structure would change"
+            ));
+            return Ok(());
+        }
+    }
     // Clearing COPIED is always safe, setting it only once the refcount is right.
     fix_copied_flags(t, &mut first, FlagMode::ClearUnsafe, log)?;
     let Some(layout) = layout else {
@@ -309,6 +321,23 @@ fn repair_refcounts(
         fix_refcounts(t, again, log)?;
     }
     Ok(())
+}
+
+/// The L1 table (the active one, or a snapshot's) that covers the header's refcount table
+/// offset or size, which a rebuild of the refcount structure writes; as a message's subject.
+fn l1_over_reftable_fields(h: &Header, snapshots: &SnapshotTable) -> Option<String> {
+    let fields = field::REFCOUNT_TABLE_OFFSET as u64..field::NB_SNAPSHOTS as u64;
+    let covers = |off: u64, size: u32| {
+        off < fields.end && off.saturating_add(u64::from(size) * 8) > fields.start
+    };
+    if covers(h.l1_table_offset, h.l1_size) {
+        return Some(format!("the active L1 table at {:#x}", h.l1_table_offset));
+    }
+    snapshots
+        .entries
+        .iter()
+        .position(|e| covers(e.l1_table_offset, e.l1_size))
+        .map(|k| format!("the L1 table of snapshot table entry {k}"))
 }
 
 /// An analysis, and how many writes the repair had made when it was made.
