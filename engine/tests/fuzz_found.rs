@@ -261,15 +261,22 @@ fn repair_copied_flags_of_l1_entries_naming_invalid_tables() {
 /// and size. A rebuild of the refcount structure writes the new table's offset into that L1
 /// entry: the new table is walked as an L2 table too, its entries as data clusters, and every
 /// new refcount block is referenced twice. QEMU's repair rebuilds anyway and adds
-/// corruptions: 14 become 21 in this image (which has no refcount table; an L1 and an L2
-/// entry point just past the end of the file, where the new structure goes). qcow2d's repair
-/// says why it does not rebuild there and leaves what it found.
+/// corruptions: 14 become 21 in the first image (which has no refcount table; an L1 and an L2
+/// entry point just past the end of the file, where the new structure goes), 118 become 122
+/// in the second (found by the `check_repair` fuzz target as a repair that adds
+/// corruptions). qcow2d's repair says why it does not rebuild there and leaves what it found.
 #[test]
 fn repair_does_not_rebuild_refcounts_whose_offset_an_l1_entry_holds() {
-    let images: [(&[u8], u64); 1] = [(
-        include_bytes!("data/fuzz/repair-new-refcount-table-where-an-entry-points.img"),
-        14,
-    )];
+    let images: [(&[u8], u64); 2] = [
+        (
+            include_bytes!("data/fuzz/repair-new-refcount-table-where-an-entry-points.img"),
+            14,
+        ),
+        (
+            include_bytes!("data/fuzz/repair-l1-over-refcount-table-fields.img"),
+            118,
+        ),
+    ];
     for (image, corruptions) in images {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("image.img");
