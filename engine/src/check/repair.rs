@@ -127,6 +127,16 @@ pub(super) fn rewrite_snapshots(
     let in_place = !needs_rebuild(a)
         && (first..first + table_clusters)
             .all(|c| matches!(Stored::new(a).block_of(c / g.epb), Block::At(_)));
+    if !in_place {
+        if let Some(l1) = super::l1_over_reftable_fields(&a.header, table) {
+            // The refcounts could not be rebuilt around the new table (see
+            // `repair_refcounts`): it would stay without refcounts.
+            log.push(format!(
+                "Not writing the snapshot table again: {l1} covers the header's refcount table offset and size, so the refcount structure cannot be rebuilt around a new table"
+            ));
+            return Ok(None);
+        }
+    }
     let blocked_at = if in_place {
         grows_towards(a, first + table_clusters, a.past_eof_from_but_table)
     } else {
