@@ -314,6 +314,19 @@ fn repair_does_not_rebuild_refcounts_whose_offset_an_l1_entry_holds() {
     }
 }
 
+/// Found by the `check_repair` fuzz target: the L1 table of snapshot 0 covers the header's
+/// refcount table offset and size. The repair wrote the snapshot table again at 64 MiB (to
+/// complete its entry) and then could not rebuild the refcounts around it (a rebuild is
+/// refused there, see above): 62 corruptions became 163 (after QEMU's repair, 168). It
+/// leaves the table where it is now and fixes what it can in place.
+#[test]
+fn repair_keeps_the_snapshot_table_where_refcounts_cannot_be_rebuilt_around_a_new_one() {
+    let (corruptions, _) = repair_consistent(include_bytes!(
+        "data/fuzz/repair-snapshot-l1-over-refcount-table-fields.img"
+    ));
+    assert_eq!(corruptions, 58);
+}
+
 /// Found by replaying the `check_repair` corpus against `qemu-img check`: after the repair,
 /// qcow2d counted 212 corruptions where QEMU counts 211 in the same file. The file (1049
 /// bytes) ends inside a sector, and QEMU sees its length rounded up to whole sectors: the
