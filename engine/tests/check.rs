@@ -736,6 +736,36 @@ fn rebuild_uses_free_clusters_when_a_reference_points_past_the_end() {
     }
 }
 
+/// A file cut inside its active L1 table (grown by a resize, so at the end of the file;
+/// its entries past the cut are zeros), and a refcount table entry with a reserved bit set:
+/// the refcount structure must be rebuilt, the file has one free cluster for it and the L1
+/// table runs over every place after it. A new structure appended to the file would bring
+/// the table within a cluster of the end, where it counts (and QEMU's repair, which writes
+/// there, stops at its overlap check), so the rebuild was refused and every error stayed.
+/// The repair now grows the file past the table's end, counts the table there, and lays the
+/// new structure out around it: the image ends clean on both sides, its data unchanged.
+#[test]
+fn rebuild_grows_the_file_past_a_table_cut_by_its_end() {
+    let d = Dir::new();
+    let src = d.image("cut.qcow2", "cluster_size=512", "1M", &["write -P 7 0 64k"]);
+    qemu_img(&["resize", "-q", src.to_str().unwrap(), "64M"]);
+    let img = read_file(&src);
+    let l = layout(&img);
+    let l1_end = l.l1_table_offset + u64::from(be32(&img, 36)) * 8;
+    assert_eq!(l1_end, img.len() as u64, "the resize put the L1 table last");
+    let p = d.copy(&src, "cut.qcow2.damaged");
+    edit(&p, |l, img| {
+        img.truncate(l.l1_table_offset as usize + 1024);
+        img[l.refcount_table_offset as usize + 7] |= 1;
+    });
+    let before = assert_agrees(&p);
+    assert_eq!((before.corruptions, before.leaks), (2, 3), "{before}");
+    let r = repair_and_verify(&p, &src);
+    let msgs = r.messages.join("\n");
+    assert!(msgs.contains("Growing the file"), "{msgs}");
+    assert!(std::fs::metadata(&p).unwrap().len() >= l1_end);
+}
+
 /// An L2 entry of a preallocated zero cluster at a misaligned offset whose cluster-sized
 /// region straddles the L1 table and the L2 table that holds it: both tables then count one
 /// reference too many, so the repair took them for shared metadata and rewrote neither (the

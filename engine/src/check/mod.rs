@@ -31,8 +31,8 @@ use crate::format::{autoclear, field, incompat, FormatError, Header, SnapshotTab
 use crate::io::{BlockingReader, Role};
 use copied::{fix_copied_flags, FlagMode};
 use repair::{
-    fix_refcounts, fix_zero_entries, grows_towards, needs_rebuild, plan_rebuild, rebuild_refcounts,
-    rewrite_snapshots,
+    fix_refcounts, fix_zero_entries, grows_towards, needs_rebuild, plan_grown, plan_rebuild,
+    rebuild_refcounts, rewrite_snapshots,
 };
 use stored::Stored;
 use walk::{read_header, read_snapshots, Analysis};
@@ -283,15 +283,13 @@ fn repair_refcounts(
     } else {
         None
     };
-    let blocked = layout
-        .as_ref()
-        .and_then(|l| grows_towards(&first, l.end(), first.past_eof_from));
-    if let Some(from) = blocked {
-        // The new structure, where the file has no room for it, would grow the file to
-        // where a reference past its end points (or within a cluster of it).
-        log.push(format!(
-            "Not rebuilding the refcount structure: a reference past the end of the file points at {from:#x}, where the new one would go"
-        ));
+    if layout.is_some() && snapshot_table_holds_reftable_fields(&first, snapshots) {
+        // The rebuild points the header at the new table: those bytes are a snapshot
+        // table entry's too, which the repair never writes over.
+        log.push(
+            "Not rebuilding the refcount structure: the snapshot table holds the header's refcount table fields"
+                .to_owned(),
+        );
         return Ok(());
     }
     if layout.is_some() {
@@ -306,12 +304,38 @@ fn repair_refcounts(
             return Ok(());
         }
     }
+    let blocked = layout
+        .as_ref()
+        .and_then(|l| grows_towards(&first, l.end(), first.past_eof_from).map(|f| (f, l.end())));
+    let mut grown = None;
+    if let Some((from, end)) = blocked {
+        // The new structure, where the file has no room for it, would grow the file to
+        // where a reference past its end points (or within a cluster of it), which would
+        // then count. Grown past every such region, the file counts them all.
+        grown = plan_grown(t, snapshots, &first, end, |_| None)?;
+        if grown.is_none() {
+            log.push(format!(
+                "Not rebuilding the refcount structure: a reference past the end of the file points at {from:#x}, where the new one would go"
+            ));
+            return Ok(());
+        }
+    }
     // Clearing COPIED is always safe, setting it only once the refcount is right.
     fix_copied_flags(t, &mut first, FlagMode::ClearUnsafe, log)?;
-    let Some(layout) = layout else {
-        return fix_refcounts(t, first, log);
-    };
-    rebuild_refcounts(t, first, &layout, log)?;
+    if let Some(g) = grown {
+        t.grow(g.len)?;
+        t.sync()?;
+        log.push(format!(
+            "Growing the file to {:#x} bytes: the regions that ran past its end count there",
+            g.len
+        ));
+        rebuild_refcounts(t, g.analysis, &g.layout, log)?;
+    } else {
+        let Some(layout) = layout else {
+            return fix_refcounts(t, first, log);
+        };
+        rebuild_refcounts(t, first, &layout, log)?;
+    }
     // The header names the new table now: where its cluster is also walked as an L2 table
     // (an L1 entry without an offset), that moved a reference. Count again and fix what
     // moved in place, as QEMU's second pass after a rebuild does.
@@ -338,6 +362,15 @@ fn l1_over_reftable_fields(h: &Header, snapshots: &SnapshotTable) -> Option<Stri
         .iter()
         .position(|e| covers(e.l1_table_offset, e.l1_size))
         .map(|k| format!("the L1 table of snapshot table entry {k}"))
+}
+
+/// Whether the snapshot table (as read, with entries) covers the header's refcount table
+/// offset and size, which a rebuild writes.
+fn snapshot_table_holds_reftable_fields(a: &Analysis, snapshots: &SnapshotTable) -> bool {
+    let start = a.header.snapshots_offset;
+    let end = start.saturating_add(snapshots.size_bytes);
+    let fields = field::REFCOUNT_TABLE_OFFSET as u64..field::REFCOUNT_TABLE_CLUSTERS as u64 + 4;
+    !snapshots.entries.is_empty() && start < fields.end && fields.start < end
 }
 
 /// An analysis, and how many writes the repair had made when it was made.
@@ -520,6 +553,12 @@ struct Target {
     io: BlockingReader,
     /// Writes made so far.
     writes: u64,
+    /// A length the file is taken to have (when longer than it is) while a repair judges
+    /// growing it: what lies past its end reads as zeros, as it will once grown.
+    pretend_len: Option<u64>,
+    /// Bytes of expected refcounts another, live analysis holds meanwhile: a counting made
+    /// now takes at most [`MAX_CHECK_MEMORY`] less these.
+    counts_held: u64,
 }
 
 impl Drop for Target {
@@ -550,11 +589,36 @@ impl Target {
             file,
             io,
             writes: 0,
+            pretend_len: None,
+            counts_held: 0,
         })
     }
 
     fn len(&self) -> Result<u64, Error> {
-        crate::layer::file_len(&self.file, Path::new(&self.path))
+        let len = crate::layer::file_len(&self.file, Path::new(&self.path))?;
+        Ok(len.max(self.pretend_len.unwrap_or(0)))
+    }
+
+    /// Runs `f` on the file as if it were `len` bytes long (zeros past its end), writing
+    /// nothing, while another analysis holds `held` bytes of expected refcounts.
+    fn as_if_grown<R>(&mut self, len: u64, held: u64, f: impl FnOnce(&mut Target) -> R) -> R {
+        self.pretend_len = Some(len);
+        self.counts_held = held;
+        let r = f(self);
+        self.pretend_len = None;
+        self.counts_held = 0;
+        r
+    }
+
+    /// Grows the file to `len` bytes (zeros).
+    fn grow(&mut self, len: u64) -> Result<(), Error> {
+        self.writes += 1;
+        self.file.set_len(len).map_err(|e| {
+            Error::io(
+                format!("{}: cannot grow the file to {len} bytes", self.path),
+                e,
+            )
+        })
     }
 
     /// Reads `buf.len()` bytes at `off`; what lies past the end of the file reads as zeros

@@ -119,7 +119,7 @@ pub(super) fn rewrite_snapshots(
     let old = (old_start, old_end.saturating_sub(old_start));
     let gaps = Gaps::new(a, end, vec![old]);
     let first = gaps.run(table_clusters.max(1));
-    let at = first << g.cb;
+    let mut at = first << g.cb;
     // The refcount repair that follows must be possible with the table there: in place when
     // every refcount it changes has a block, else a new structure laid out around it that
     // does not grow the file towards a reference past its end other than the old table.
@@ -148,10 +148,26 @@ pub(super) fn rewrite_snapshots(
         )
     };
     if let Some(from) = blocked_at {
+        // Grown past every region that runs past its end, the file counts them all: the
+        // table goes where that counting leaves room, and the refcount repair after it too.
+        let place = |c: &Analysis| {
+            let gaps = Gaps::new(c, end.max(c.counts.len), vec![old]);
+            Some((gaps.run(table_clusters.max(1)), table_clusters))
+        };
+        let start = (first + table_clusters).max(g.file_clusters + 1);
+        let Some(grown) = plan_grown(t, table, a, start, place)? else {
+            log.push(format!(
+                "Not writing the snapshot table again: a reference past the end of the file points at {from:#x}, where the repair would write"
+            ));
+            return Ok(None);
+        };
+        t.grow(grown.len)?;
+        t.sync()?;
         log.push(format!(
-            "Not writing the snapshot table again: a reference past the end of the file points at {from:#x}, where the repair would write"
+            "Growing the file to {:#x} bytes: the regions that ran past its end count there",
+            grown.len
         ));
-        return Ok(None);
+        at = grown.extra.map_or(at, |(s, _)| s << g.cb);
     }
     t.write(at, &padded, "the new snapshot table")?;
     t.sync()?;
@@ -363,6 +379,83 @@ impl<'a> Gaps<'a> {
 pub(super) fn grows_towards(a: &Analysis, end: u64, from: u64) -> Option<u64> {
     let new_len = end.saturating_mul(a.g.cs);
     (new_len > a.g.file_len && from < new_len.saturating_add(a.g.cs)).then_some(from)
+}
+
+/// How much a repair may grow the file beyond its length so that a region running past its
+/// end counts (see [`plan_grown`]).
+pub(super) const MAX_REPAIR_GROWTH: u64 = 1 << 30;
+
+/// A rebuild made possible by growing the file first: to `len` bytes, where `analysis`
+/// counted everything as a check of the grown file will, and `layout` lies, around the
+/// clusters `extra` (start, count) another new structure takes.
+pub(super) struct Grown {
+    pub(super) len: u64,
+    pub(super) analysis: Analysis,
+    pub(super) layout: Layout,
+    pub(super) extra: Option<(u64, u64)>,
+}
+
+/// Lays out a new refcount structure for a file grown to a length (whole clusters, at least
+/// `end`) where every region that starts inside it also ends inside it (or within a cluster
+/// of its end): each then counts, so the new structure stays clear of it and holds its
+/// refcounts. The counting is done again as if the file were that long (zeros past its
+/// end, as a grown file reads) with the snapshot table `snapshots`, another new structure
+/// placed by `place` in what that counting leaves free, and the refcount structure laid out
+/// around it, until the length covers them all. Then nothing a check of the grown file reads
+/// lies where the structure goes, and that check counts what the layout counted. `None`
+/// (nothing to write) when no such length is found within [`MAX_REPAIR_GROWTH`] of the
+/// file's end, or when the grown file would hold more corruptions than the counting of the
+/// file as it is (`a`) found (none has been seen; the length only makes regions count).
+pub(super) fn plan_grown(
+    t: &mut Target,
+    snapshots: &SnapshotTable,
+    a: &Analysis,
+    mut end: u64,
+    place: impl Fn(&Analysis) -> Option<(u64, u64)>,
+) -> Result<Option<Grown>, Error> {
+    let g = a.g;
+    let limit = g.file_len.saturating_add(MAX_REPAIR_GROWTH);
+    // Each round either returns or moves `end` past something that ran past it, or doubles
+    // what the file grows by: 32 rounds reach the limit from a single cluster.
+    for _ in 0..32 {
+        let Some(len) = end.checked_mul(g.cs).filter(|&l| l <= limit) else {
+            return Ok(None);
+        };
+        let held = a.counts.held();
+        let counted = match t.as_if_grown(len, held, |t| super::walk::count(t, snapshots)) {
+            Ok(c) => c,
+            Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+            Err(_) => return Ok(None), // More than the check's memory, for one.
+        };
+        if counted.uncounted_from < end {
+            // A region still runs past the end: grow past it.
+            end = end.max(counted.uncounted_end);
+            continue;
+        }
+        if counted.walk_corruptions > a.walk_corruptions {
+            return Ok(None);
+        }
+        let extra = place(&counted);
+        let Ok(layout) = plan_rebuild(&counted, &t.path, extra) else {
+            return Ok(None);
+        };
+        let needed = extra.map_or(0, |(s, n)| s.saturating_add(n));
+        if layout.end().max(needed) > end {
+            // What the file grew by is taken (clusters the image references past its end,
+            // which count now, say): grow at least as much again, so that a long run of
+            // them takes few rounds.
+            let grown_by = end.saturating_sub(g.file_clusters).max(1);
+            end = layout.end().max(needed).max(end.saturating_add(grown_by));
+            continue;
+        }
+        return Ok(Some(Grown {
+            len,
+            analysis: counted,
+            layout,
+            extra,
+        }));
+    }
+    Ok(None)
 }
 
 /// Where a rebuild puts the new refcount structure: refcount block number `blocks[i].0` at

@@ -101,15 +101,24 @@ pub(super) struct Counts {
     pub(super) bytes: Vec<u8>,
     /// Clusters the array covers.
     pub(super) len: u64,
+    /// Most bytes the array may take.
+    limit: u64,
 }
 
 impl Counts {
-    pub(super) fn new(order: u32) -> Counts {
+    /// An array that takes at most `limit` bytes (at most [`MAX_CHECK_MEMORY`]).
+    pub(super) fn with_limit(order: u32, limit: u64) -> Counts {
         Counts {
             order,
             bytes: Vec::new(),
             len: 0,
+            limit: limit.min(MAX_CHECK_MEMORY),
         }
+    }
+
+    /// Bytes the array holds.
+    pub(super) fn held(&self) -> u64 {
+        self.bytes.capacity() as u64
     }
 
     pub(super) fn get(&self, c: u64) -> u64 {
@@ -120,8 +129,8 @@ impl Counts {
         refcount_get(&self.bytes, self.order, c as usize)
     }
 
-    /// Makes the array cover clusters `0..clusters`; false when that needs more than
-    /// [`MAX_CHECK_MEMORY`] or the allocation fails.
+    /// Makes the array cover clusters `0..clusters`; false when that needs more than its
+    /// limit ([`MAX_CHECK_MEMORY`] unless less was given) or the allocation fails.
     pub(super) fn grow(&mut self, clusters: u64) -> bool {
         if clusters <= self.len {
             return true;
@@ -132,7 +141,7 @@ impl Counts {
         else {
             return false;
         };
-        if bytes > MAX_CHECK_MEMORY {
+        if bytes > self.limit {
             return false;
         }
         let Ok(n) = usize::try_from(bytes) else {
@@ -143,7 +152,7 @@ impl Counts {
             // increasing order cost few reallocations.
             let want = n
                 .max(self.bytes.len().saturating_mul(2))
-                .min(MAX_CHECK_MEMORY as usize);
+                .min(usize::try_from(self.limit).unwrap_or(usize::MAX));
             if self
                 .bytes
                 .try_reserve_exact(want - self.bytes.len())
@@ -223,12 +232,18 @@ pub(super) struct Analysis {
     /// hold live metadata nothing counted (an L1 table, the refcount table), and a repair
     /// writes nothing new there. `u64::MAX` without such a region.
     pub(super) uncounted_from: u64,
+    /// One past the last cluster such a region (one that starts inside the file) covers, 0
+    /// without one: a file grown to there counts them.
+    pub(super) uncounted_end: u64,
     /// Regions (first cluster, one past the last) named as metadata but not counted (a
     /// snapshot's L1 table the walk could not follow): a repair writes nothing new there.
     pub(super) keep: Vec<(u64, u64)>,
     /// The refcount structure itself is broken and must be rebuilt.
     pub(super) rebuild: bool,
     pub(super) corruptions: u64,
+    /// The corruptions the counting pass found, before the stored refcounts and the COPIED
+    /// flags are compared.
+    pub(super) walk_corruptions: u64,
     pub(super) leaks: u64,
     /// Clusters whose stored refcount differs from the expected one.
     pub(super) mismatches: u64,
@@ -337,7 +352,9 @@ pub(super) fn count(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysi
     let mut a = Analysis {
         header,
         g,
-        counts: Counts::new(g.order),
+        // Another counting may be alive (a repair judging a grown file): both stay within
+        // the limit.
+        counts: Counts::with_limit(g.order, MAX_CHECK_MEMORY.saturating_sub(t.counts_held)),
         too_big: None,
         check_errors: 0,
         zero_fixes: Vec::new(),
@@ -348,9 +365,11 @@ pub(super) fn count(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysi
         past_eof_from: u64::MAX,
         past_eof_from_but_table: u64::MAX,
         uncounted_from: u64::MAX,
+        uncounted_end: 0,
         keep: Vec::new(),
         rebuild: false,
         corruptions: 0,
+        walk_corruptions: 0,
         leaks: 0,
         mismatches: 0,
         corrupt_clusters: Vec::new(),
@@ -386,6 +405,7 @@ pub(super) fn count(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysi
     if let Some(clusters) = a.too_big {
         return Err(memory_error(&t.path, clusters, g.order));
     }
+    a.walk_corruptions = a.corruptions;
     Ok(a)
 }
 
@@ -419,6 +439,8 @@ impl Analysis {
             _ => {
                 if off < self.g.file_len {
                     self.uncounted_from = self.uncounted_from.min(off >> self.g.cb);
+                    let end = off.saturating_add(len).div_ceil(self.g.cs);
+                    self.uncounted_end = self.uncounted_end.max(end);
                 }
                 // The refcount structure itself is replaced by a rebuild: it does not stop one.
                 let what = what.to_string();
@@ -639,7 +661,7 @@ mod tests {
         let points = [0u64, 1, 3, 7, 8, 9, 63, 64, 65, 150, 4095, 4096, 4097, 9000];
         for order in 0..=6 {
             for set in points {
-                let mut c = Counts::new(order);
+                let mut c = Counts::with_limit(order, MAX_CHECK_MEMORY);
                 assert!(c.grow(9001));
                 c.set(set, 1);
                 for first in points {
