@@ -30,14 +30,21 @@
 //! Whatever ends an export (stopped, or failed: accept, the connection's set-up, a panic)
 //! reports it once through the `finished` callback, after the export's socket file is gone
 //! (the listener is dropped first), so a new export on the same path is never unlinked by
-//! the old one.
+//! the old one. An accept that fails because the process has no file descriptor left
+//! (EMFILE, ENFILE) does not end the export: that is the whole process's state, which a
+//! frontend of another export may have brought about and which passes when it leaves; nor
+//! does a connection's set-up that fails for that reason (the connection is closed). A
+//! connection that cannot be accepted keeps the socket readable, so the listener gives up a
+//! descriptor it holds in reserve, accepts the connection, closes it at once (the frontend
+//! sees it end), says so, and takes a new reserve (see `Shared::shed`).
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
-use tracing::error;
+use tracing::{error, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -77,6 +84,9 @@ struct Shared {
     /// is in the epoll set. Only the listener thread touches it.
     served: Mutex<HashMap<u64, (Export, Connection)>>,
     finished: Finished,
+    /// A descriptor held in reserve for when the process has none left (see `shed`); only
+    /// the listener thread takes it.
+    reserve: Mutex<Option<EventFd>>,
 }
 
 /// Every idle export's listening socket, and the thread that waits on them.
@@ -100,6 +110,7 @@ impl Listeners {
             idle: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
             finished,
+            reserve: Mutex::new(Some(EventFd::new(EFD_NONBLOCK)?)),
         })))
     }
 
@@ -208,8 +219,38 @@ impl Shared {
                     self.retire(export, result);
                 }
             }
+            Err(vhost::vhost_user::Error::SocketError(e)) if out_of_descriptors(&e) => {
+                self.shed(&export, &e);
+                if let Some((export, result)) = self.put_back(export) {
+                    self.retire(export, result);
+                }
+            }
             Err(e) => self.retire(export, Err(ExportError::Accept(e.to_string()))),
         }
+    }
+
+    /// The process has no file descriptor left, so the frontend waiting in `export`'s backlog
+    /// cannot be accepted, and the socket stays readable: the listener gives up its reserve
+    /// descriptor, accepts the frontend and closes it at once (it sees the connection end),
+    /// then takes a new reserve. The export goes on; frontends that connect once descriptors
+    /// are free again are served. Without a reserve (it could not be taken again), the
+    /// listener waits 10 ms instead, so that it does not spin on the readable socket.
+    fn shed(&self, export: &Export, e: &std::io::Error) {
+        warn!(
+            socket = listening_path(&export.listener),
+            "Cannot accept a connection: {e}: the process has no file descriptor left, the \
+             connection is closed and the export goes on"
+        );
+        let mut reserve = self.reserve.lock().unwrap_or_else(PoisonError::into_inner);
+        if reserve.take().is_some() {
+            // The reserve is closed: one descriptor for the connection, closed at once.
+            if let Ok(Some(frontend)) = export.listener.accept() {
+                drop(frontend);
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        *reserve = EventFd::new(EFD_NONBLOCK).ok();
     }
 
     /// Starts serving `frontend` on `export` (on this thread: the set-up does not wait for
@@ -236,6 +277,19 @@ impl Shared {
                 }
             }
             Ok(Ok(None)) => {
+                if let Some((export, result)) = self.put_back(export) {
+                    self.retire(export, result);
+                }
+            }
+            // As for an accept: a connection that could not be set up for want of file
+            // descriptors ends (the frontend sees it end), not the export.
+            Ok(Err(e)) if chain_out_of_descriptors(&e) => {
+                warn!(
+                    socket = listening_path(&export.listener),
+                    "Cannot set up a connection: {}: the process has no file descriptor \
+                     left, the connection is closed and the export goes on",
+                    crate::error_chain_text(&e)
+                );
                 if let Some((export, result)) = self.put_back(export) {
                     self.retire(export, result);
                 }
@@ -376,4 +430,36 @@ impl Shared {
         drop(export);
         (self.finished)(id, result.and(closed));
     }
+}
+
+/// Whether an accept failed because the process (or the system) has no file descriptor left.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Whether an error, or one of its sources, is an I/O error for want of file descriptors.
+fn chain_out_of_descriptors(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(out_of_descriptors)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The path `listener` listens on, for log lines (empty if it cannot be read).
+fn listening_path(listener: &vhost::vhost_user::Listener) -> String {
+    // SAFETY: the descriptor stays open for as long as `listener` lives, which outlives this
+    // borrowed copy; ManuallyDrop keeps the copy from closing it.
+    let borrowed =
+        std::mem::ManuallyDrop::new(unsafe { UnixListener::from_raw_fd(listener.as_raw_fd()) });
+    borrowed
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+        .unwrap_or_default()
 }
