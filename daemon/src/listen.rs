@@ -37,6 +37,12 @@
 //! connection that cannot be accepted keeps the socket readable, so the listener gives up a
 //! descriptor it holds in reserve, accepts the connection, closes it at once (the frontend
 //! sees it end), says so, and takes a new reserve (see `Shared::shed`).
+//!
+//! Test hook, in debug builds only: `QCOW2D_TEST_ONLY_FAIL_SETUP`, read once when the
+//! listener is made, names listening sockets (separated by `:`) whose next connection's
+//! set-up fails, once each, with an error that says so; the export then fails as it would
+//! on any other set-up error. The integration tests use it to make an export fail while
+//! serving (see `Shared::injected_setup_failure`).
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -59,6 +65,10 @@ const CONNECTED: u64 = 1 << 62;
 
 /// Events taken from the epoll set per wait.
 const EVENTS: usize = 64;
+
+/// The test hook's environment variable (debug builds only, see the module's documentation).
+#[cfg(debug_assertions)]
+const FAIL_SETUP: &str = "QCOW2D_TEST_ONLY_FAIL_SETUP";
 
 /// Called once when an export has ended, with its id and its result.
 pub type Finished = Box<dyn Fn(u64, Result<(), ExportError>) + Send + Sync>;
@@ -87,6 +97,10 @@ struct Shared {
     /// A descriptor held in reserve for when the process has none left (see `shed`); only
     /// the listener thread takes it.
     reserve: Mutex<Option<EventFd>>,
+    /// The sockets whose next connection's set-up fails (the test hook, see the module's
+    /// documentation); each is taken out when it has failed once.
+    #[cfg(debug_assertions)]
+    fail_setup: Mutex<Vec<String>>,
 }
 
 /// Every idle export's listening socket, and the thread that waits on them.
@@ -111,6 +125,17 @@ impl Listeners {
             served: Mutex::new(HashMap::new()),
             finished,
             reserve: Mutex::new(Some(EventFd::new(EFD_NONBLOCK)?)),
+            #[cfg(debug_assertions)]
+            fail_setup: Mutex::new(
+                std::env::var(FAIL_SETUP)
+                    .map(|v| {
+                        v.split(':')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
         })))
     }
 
@@ -257,8 +282,12 @@ impl Shared {
     /// the frontend) and watches for the connection's end.
     fn start_connection(self: &Arc<Self>, mut export: Export, frontend: UnixStream) {
         let id = export.id;
-        let connected =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| export.connect(frontend)));
+        let connected = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            match self.injected_setup_failure(&export) {
+                Some(e) => Err(e),
+                None => export.connect(frontend),
+            }
+        }));
         match connected {
             Ok(Ok(Some(connection))) => {
                 let fd = connection.ended_fd();
@@ -302,6 +331,30 @@ impl Shared {
                 (self.finished)(id, Err(ExportError::Panicked));
             }
         }
+    }
+
+    /// The test hook (debug builds only, see the module's documentation): an error for the
+    /// set-up of a connection to `export` if its socket is named in `QCOW2D_TEST_ONLY_FAIL_SETUP`
+    /// and has not failed yet. It takes the place of the set-up's own result, so the export
+    /// fails as it does on a real set-up error.
+    #[cfg(debug_assertions)]
+    fn injected_setup_failure(&self, export: &Export) -> Option<ExportError> {
+        let path = listening_path(&export.listener);
+        let mut sockets = self
+            .fail_setup
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let at = sockets.iter().position(|s| *s == path)?;
+        sockets.swap_remove(at);
+        Some(ExportError::Relay(std::io::Error::other(format!(
+            "set-up failure injected by {FAIL_SETUP} (a test hook of debug builds)"
+        ))))
+    }
+
+    /// Release builds have no test hook.
+    #[cfg(not(debug_assertions))]
+    fn injected_setup_failure(&self, _export: &Export) -> Option<ExportError> {
+        None
     }
 
     fn served(&self) -> MutexGuard<'_, HashMap<u64, (Export, Connection)>> {

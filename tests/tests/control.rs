@@ -685,37 +685,26 @@ fn a_daemon_with_only_a_control_socket_takes_exports_later() {
     assert_check_clean(&a, "after exit");
 }
 
-/// Sets the soft limit of open files of process `pid`; returns the old limits.
-fn set_open_files(pid: i32, soft: u64) -> libc::rlimit {
-    let mut old = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: reads the limits into a local struct.
-    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-    let new = libc::rlimit {
-        rlim_cur: soft,
-        rlim_max: old.rlim_max,
-    };
-    // SAFETY: sets the limits from a local struct; `old` is not written again.
-    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-    old
+/// The daemon's test hook (debug builds only): the set-up of the next connection to each
+/// socket it names (separated by `:`) fails once, as a real set-up error would.
+const FAIL_SETUP: &str = "QCOW2D_TEST_ONLY_FAIL_SETUP";
+
+/// Waits until the daemon has logged `count` export failures; `what` names the wait.
+fn wait_for_failures(d: &Daemon, count: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.stderr().matches("Export failed").count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not fail (the {FAIL_SETUP} hook exists in debug builds only: is \
+             QCOW2D_BIN a release build?):\n{}",
+            d.stderr()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
-/// The lowest descriptor number process `pid` does not use: with the limit of open files
-/// there, its next open, socket or accept fails with EMFILE.
-fn lowest_free_fd(pid: i32) -> u64 {
-    let used: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    (0..).find(|n| !used.contains(n)).unwrap()
-}
-
-/// One export that fails while serving (here the process is out of file descriptors when its
-/// next client connects: its accept fails, which ends the export) stops only itself: one log
+/// One export that fails while serving (here the set-up of its next client's connection
+/// fails, through the daemon's test hook, which ends the export) stops only itself: one log
 /// line names it, `ctl list` shows it failed, the other export goes on serving its client
 /// and new ones, the daemon lives, and `ctl remove` / `ctl add` replace it.
 #[test]
@@ -730,6 +719,7 @@ fn an_export_that_fails_while_serving_stops_only_itself() {
     write_config(&config, &control, &[(&a, &a_sock, ""), (&b, &b_sock, "")]);
     let mut cmd = Command::new(daemon_bin());
     cmd.arg("serve").arg("--config").arg(&config);
+    cmd.env(FAIL_SETUP, &a_sock);
     let mut d = Daemon::spawn(cmd, &b, &b_sock).unwrap_or_else(|f| panic!("{f}"));
     wait_for_list(&control, "both exports", |e| e.len() == 2);
 
@@ -741,14 +731,8 @@ fn an_export_that_fails_while_serving_stops_only_itself() {
     };
     read_b(&mut b_client);
 
-    let old = set_open_files(d.pid(), lowest_free_fd(d.pid()));
     let attempt = UnixStream::connect(&a_sock);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !d.stderr().contains("Export failed") {
-        assert!(Instant::now() < deadline, "a did not fail:\n{}", d.stderr());
-        thread::sleep(Duration::from_millis(20));
-    }
-    set_open_files(d.pid(), old.rlim_cur);
+    wait_for_failures(&d, 1, "a");
     drop(attempt);
     d.assert_alive("after an export failed");
     let log = d.stderr();
@@ -758,7 +742,7 @@ fn an_export_that_fails_while_serving_stops_only_itself() {
         .unwrap()
         .to_owned();
     assert!(
-        line.contains(&a_sock.display().to_string()) && line.contains("Too many open files"),
+        line.contains(&a_sock.display().to_string()) && line.contains(FAIL_SETUP),
         "the failure line names neither the export nor the cause: {line}"
     );
 
@@ -772,10 +756,7 @@ fn an_export_that_fails_while_serving_stops_only_itself() {
     let failed = export_of(&exports, &a_sock).unwrap();
     assert_eq!(failed["state"], "failed", "{failed}");
     assert!(
-        failed["error"]
-            .as_str()
-            .unwrap()
-            .contains("Too many open files"),
+        failed["error"].as_str().unwrap().contains(FAIL_SETUP),
         "{failed}"
     );
     assert_eq!(export_of(&exports, &b_sock).unwrap()["state"], "serving");
@@ -820,18 +801,15 @@ fn a_failed_export_is_forgotten_by_remove_and_reported_at_exit() {
     );
     let mut cmd = Command::new(daemon_bin());
     cmd.arg("serve").arg("--config").arg(&config);
+    cmd.env(
+        FAIL_SETUP,
+        format!("{}:{}", a_sock.display(), b_sock.display()),
+    );
     let mut d = Daemon::spawn(cmd, &c, &c_sock).unwrap_or_else(|f| panic!("{f}"));
     wait_for_list(&control, "three exports", |e| e.len() == 3);
-    for sock in [&a_sock, &b_sock] {
-        let old = set_open_files(d.pid(), lowest_free_fd(d.pid()));
+    for (sock, failures) in [(&a_sock, 1), (&b_sock, 2)] {
         let attempt = UnixStream::connect(sock);
-        let failures = if sock == &a_sock { 1 } else { 2 };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while d.stderr().matches("Export failed").count() < failures {
-            assert!(Instant::now() < deadline, "no failure:\n{}", d.stderr());
-            thread::sleep(Duration::from_millis(20));
-        }
-        set_open_files(d.pid(), old.rlim_cur);
+        wait_for_failures(&d, failures, &sock.display().to_string());
         drop(attempt);
     }
     d.assert_alive("after two exports failed");
