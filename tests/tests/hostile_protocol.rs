@@ -6,11 +6,12 @@
 //! the daemon says so (an error answer, the connection closed, a log line) or, for a request,
 //! fails it with the status the virtio spec asks for.
 //!
-//! Four attacks break the daemon today and are kept here as ignored tests, each saying why:
+//! Three attacks break the daemon today and are kept here as ignored tests, each saying why:
 //! memory tables that use up the SIGBUS guards (then a truncation kills the daemon), memory
-//! slots past the advertised maximum (accepted), and with them the process's file
-//! descriptors (the other export is ended for good), and a backend request channel whose
-//! send timeout the frontend resets (an online resize blocks).
+//! slots past the advertised maximum (accepted), and a backend request channel whose send
+//! timeout the frontend resets (an online resize blocks). The slots a frontend adds past the
+//! maximum hold the process's file descriptors; that no longer ends another export (its
+//! connection is closed, the export goes on).
 //!
 //! hostile.rs covers the resource attacks (huge reads, memory past the end of its file, rings
 //! outside memory, truncated memory, a runaway available index, pipes as eventfds); the relay's
@@ -1865,10 +1866,6 @@ fn resets_with_requests_in_flight() {
 /// cannot be accepted: the daemon closes it and says why, the export is not given up, and
 /// once the frontend has left both exports serve again.
 #[test]
-#[ignore = "the other export is retired for good: ~1000 ADD_MEM_REG regions (unbounded, see \
-            memory_slots_beyond_the_advertised_maximum_are_refused) hold ~1000 descriptors, \
-            the other export's next accept (EMFILE) or connection set-up (an io_uring, EMFILE) \
-            fails, and listen.rs ends an export on either failure, its socket removed"]
 fn running_out_of_descriptors_does_not_end_the_other_export() {
     let mut s = setup_with("descriptor-starvation", Some(1024));
     let pid = s.daemon.pid();
