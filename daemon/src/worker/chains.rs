@@ -46,14 +46,17 @@ impl<B: BlockIo> Worker<B> {
         }
     }
 
+    /// Takes the chains available on local queue `index` while the gate is open and the ring
+    /// is sound, and starts them; returns how many it took.
     pub(super) fn pop_requests(
         &mut self,
         vring: &Vring,
         index: usize,
         mem: &Arc<GuestMemoryMmap>,
         dev: &DeviceInfo,
-    ) {
+    ) -> usize {
         let mut state = vring.get_mut();
+        let mut taken = 0;
         while self.gate_open() && self.broken & (1 << index) == 0 {
             let head = match next_avail(&mut state, mem) {
                 Avail::Chain(head) => head,
@@ -76,7 +79,9 @@ impl<B: BlockIo> Worker<B> {
                 tracker.taken(head);
             }
             self.start_chain(&mut state, index, head, mem, dev, false);
+            taken += 1;
         }
+        taken
     }
 
     /// Prepares the chain of `head` on local queue `index` and submits it, or answers it at

@@ -199,6 +199,10 @@ pub struct Worker<B: BlockIo> {
 /// event loop (see [`Worker::settle`]).
 const MAX_RESUME_ROUNDS: u32 = 8;
 
+/// Rounds in a row in which a queue said it had chains and none could be taken, before the
+/// worker leaves it to its timer (see [`Worker::take_chains`]).
+const MAX_IDLE_ROUNDS: u32 = 4;
+
 /// How many times in one turn the worker hands back what the engine finished before the
 /// engine's next job of its own and comes back for that job at once (see
 /// [`Worker::settle`]); then the engine's completion descriptor brings it back through its
@@ -431,15 +435,20 @@ impl<B: BlockIo> Worker<B> {
         if self.broken & (1 << index) != 0 {
             return;
         }
-        let mem = self.mem.memory().into_inner();
-        self.sync_inflight(vring, index, &mem, dev);
+        self.sync_inflight(vring, index, &self.mem.memory().into_inner(), dev);
+        let mut idle_rounds = 0;
         loop {
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
                     warn!(index, "Cannot disable queue notifications: {e}");
                 }
             }
-            self.pop_requests(vring, index, &mem, dev);
+            // A fresh view of guest memory each round: the frontend may replace the memory
+            // table while the worker is here, and the queue's own view (which answers
+            // `enable_notification`) is then the new one. Reading the ring through the old
+            // view found nothing while the new one kept saying there was more: a spin.
+            let mem = self.mem.memory().into_inner();
+            let taken = self.pop_requests(vring, index, &mem, dev);
             if self.broken & (1 << index) != 0 {
                 break;
             }
@@ -455,7 +464,17 @@ impl<B: BlockIo> Worker<B> {
             // Re-enable notifications; if the driver added chains meanwhile, go round again
             // so that no kick is lost.
             match vring.enable_notification() {
-                Ok(true) => continue,
+                Ok(true) if taken == 0 && idle_rounds == MAX_IDLE_ROUNDS => {
+                    // The ring says there is more, yet nothing could be taken: whatever the
+                    // cause, never spin here (the worker's exit event waits in its loop);
+                    // come back through the timer.
+                    self.wake_soon("to take chains the ring announced");
+                    break;
+                }
+                Ok(true) => {
+                    idle_rounds = if taken == 0 { idle_rounds + 1 } else { 0 };
+                    continue;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     warn!(index, "Cannot enable queue notifications: {e}");
