@@ -56,7 +56,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -125,9 +125,6 @@ pub struct BackendChannel {
 impl BackendChannel {
     fn set(&self, fd: OwnedFd) {
         let sock = UnixStream::from(fd);
-        if let Err(e) = sock.set_write_timeout(Some(CHANNEL_WRITE_TIMEOUT)) {
-            warn!("Cannot bound writes to the backend request channel: {e}");
-        }
         *self.sock.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(sock));
     }
 
@@ -147,9 +144,49 @@ impl BackendChannel {
         header[0..4].copy_from_slice(&request.to_ne_bytes());
         header[4..8].copy_from_slice(&VERSION_1.to_ne_bytes());
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
-        (&*sock).write_all(&header)?;
+        send_within(&sock, &header, CHANNEL_WRITE_TIMEOUT)?;
         Ok(true)
     }
+}
+
+/// Sends all of `buf` on `sock` within `limit`, never blocking in the kernel: the socket is
+/// shared with the frontend, which can change its blocking mode and its send timeout at will,
+/// so each send says MSG_DONTWAIT itself, and a full socket is tried again every millisecond
+/// until the limit.
+fn send_within(sock: &UnixStream, mut buf: &[u8], limit: std::time::Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    while !buf.is_empty() {
+        // SAFETY: `buf` is valid for reads of its length for the whole call, and the
+        // descriptor is owned by `sock`, alive for the call.
+        let rc = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if rc >= 0 {
+            // In range: send wrote at most `buf.len()` bytes.
+            buf = &buf[rc as usize..];
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the frontend does not read its backend request channel",
+                ))
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What the relay thread is asked to do, in order.
