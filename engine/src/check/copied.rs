@@ -169,7 +169,9 @@ impl Analysis {
             self.corrupt(msg);
             return Ok(0);
         }
-        if self.expected_at(entry_off >> g.cb) != Some(1) {
+        // The header's cluster is always shared with the header, even where the count
+        // cannot show it (1-bit refcounts, overflowed).
+        if entry_off >> g.cb == 0 || self.expected_at(entry_off >> g.cb) != Some(1) {
             log.push(format!(
                 "Not repairing L1 entry {i}: the L1 table overlaps other metadata"
             ));
@@ -298,7 +300,9 @@ impl Analysis {
         log: &mut Log,
     ) -> Result<(), Error> {
         let refs = self.l2_tables.get(&l2_off).map_or(0, |u| u.refs);
-        if self.expected_at(l2_off >> self.g.cb) != Some(refs) {
+        // The header's cluster is always shared with the header, even where the count
+        // cannot show it (1-bit refcounts, overflowed).
+        if l2_off >> self.g.cb == 0 || self.expected_at(l2_off >> self.g.cb) != Some(refs) {
             log.push(format!(
                 "Not rewriting the L2 table at {l2_off:#x}: its cluster is also used by other metadata"
             ));
