@@ -28,7 +28,7 @@
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use qcow2d_engine::Image;
 use tracing::{debug, error, info, warn};
@@ -141,10 +141,11 @@ pub struct BlkBackend {
     inflight: Arc<InflightShared>,
     /// The frontend's backend request channel, once it shares one (through the relay).
     channel: Arc<BackendChannel>,
-    /// The regions of every memory table of this connection, guarded against truncation
-    /// (`crate::sigbus`) until the connection's backend is dropped, and the pages the handler
-    /// had replaced when the connection began.
-    guards: Mutex<Vec<crate::sigbus::Guard>>,
+    /// The regions of this connection's memory tables, guarded against truncation
+    /// (`crate::sigbus`): each table's for as long as something holds it (the current one,
+    /// and older ones that requests in flight still use), and the pages the handler had
+    /// replaced when the connection began.
+    guards: Mutex<Vec<(Weak<GuestMemoryMmap>, crate::sigbus::Guard)>>,
     replaced_before: u64,
 }
 
@@ -634,11 +635,18 @@ impl VhostUserBackend for BlkBackend {
                     Some((host as usize, usize::try_from(r.len()).ok()?))
                 })
                 .collect::<Vec<_>>();
-            // Kept with the old ones: requests in flight may still use older tables.
-            self.guards
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(crate::sigbus::guard(ranges));
+            // Kept with the older tables that something still holds (requests in flight
+            // keep the table they were taken with); the guards of tables nobody holds any
+            // more go, or a frontend sending table after table would use up the handler's
+            // registry (its room is for the whole process) and leave the next regions, of
+            // every connection, unguarded. A region of a dropped table that a newer one
+            // shares is still mapped, and guarded by the newer table's guard.
+            let mut guards = self.guards.lock().unwrap_or_else(PoisonError::into_inner);
+            guards.retain(|(table, _)| table.strong_count() > 0);
+            guards.push((
+                Arc::downgrade(&snapshot.into_inner()),
+                crate::sigbus::guard(ranges),
+            ));
         }
         for thread in 0..self.workers.len() {
             self.lock(thread).set_memory(mem.clone());
