@@ -1658,9 +1658,6 @@ fn a_frontend_cannot_use_up_the_truncation_guards() {
 /// The daemon advertises how many memory slots a frontend may add (GET_MAX_MEM_SLOTS); one
 /// more is refused.
 #[test]
-#[ignore = "accepted: vhost-user-backend's add_mem_region does not check the slot count it \
-            advertises (509), and neither does the relay, so a frontend adds regions (each a \
-            mapping, each registered with the SIGBUS guards) without bound"]
 fn memory_slots_beyond_the_advertised_maximum_are_refused() {
     let mut s = setup("memory-slots");
     let (fe, wire) = handshake(&s.disk);
@@ -1858,15 +1855,15 @@ fn resets_with_requests_in_flight() {
 }
 
 /// A frontend that adds memory slots until the daemon cannot take more: each region the
-/// daemon maps keeps its file open, so a frontend that adds regions past the slots it was
-/// offered (the refusal the test above asks for) runs the whole process out of file
-/// descriptors. The daemon runs with a limit of 1024 descriptors (a common default soft
-/// limit) so that this takes a second, not a minute. A connection to the other export then
+/// daemon maps keeps its file open, so a frontend that fills the slots it was offered runs a
+/// process with few descriptors out of them. The daemon runs with a limit of 512
+/// descriptors (below the 509 slots and what the daemon holds itself) so that one
+/// connection is enough and this takes a second, not a minute. A connection to the other export then
 /// cannot be accepted: the daemon closes it and says why, the export is not given up, and
 /// once the frontend has left both exports serve again.
 #[test]
 fn running_out_of_descriptors_does_not_end_the_other_export() {
-    let mut s = setup_with("descriptor-starvation", Some(1024));
+    let mut s = setup_with("descriptor-starvation", Some(512));
     let pid = s.daemon.pid();
     let open_files = || {
         std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -1892,7 +1889,7 @@ fn running_out_of_descriptors_does_not_end_the_other_export() {
             _ => break,
         }
     }
-    assert!(added > 500, "only {added} memory slots went in");
+    assert!(added > 400, "only {added} memory slots went in");
     let line = "the process has no file descriptor left";
     let before = s.count(line);
     let starved = Wire::connect(&s.other).unwrap();
