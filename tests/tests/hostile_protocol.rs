@@ -6,12 +6,11 @@
 //! the daemon says so (an error answer, the connection closed, a log line) or, for a request,
 //! fails it with the status the virtio spec asks for.
 //!
-//! Three attacks break the daemon today and are kept here as ignored tests, each saying why:
-//! memory tables that use up the SIGBUS guards (then a truncation kills the daemon), memory
-//! slots past the advertised maximum (accepted), and a backend request channel whose send
-//! timeout the frontend resets (an online resize blocks). The slots a frontend adds past the
-//! maximum hold the process's file descriptors; that no longer ends another export (its
-//! connection is closed, the export goes on).
+//! Among them: memory tables sent one after another until the SIGBUS guards would run out
+//! (then a truncation must still read as zeros), memory slots past the advertised maximum
+//! (refused), a backend request channel whose send timeout the frontend resets (an online
+//! resize still completes), and a frontend that fills its memory slots in a process short of
+//! file descriptors (another export's connection is closed, the export goes on).
 //!
 //! hostile.rs covers the resource attacks (huge reads, memory past the end of its file, rings
 //! outside memory, truncated memory, a runaway available index, pipes as eventfds); the relay's
