@@ -1565,7 +1565,23 @@ fn full_socket() -> (UnixStream, UnixStream) {
 /// and both exports go on serving.
 #[test]
 fn a_backend_channel_nobody_reads_does_not_stall_a_resize() {
-    let mut s = setup("stalled-channel");
+    resize_with_a_stalled_channel("stalled-channel", false);
+}
+
+/// As above, but the frontend clears the channel's send timeout after sharing it: the socket
+/// is shared, so a send timeout (or blocking mode) the daemon relied on would be the
+/// frontend's to take back. The resize must still complete.
+#[test]
+fn a_backend_channel_whose_timeout_the_frontend_resets_does_not_stall_a_resize() {
+    resize_with_a_stalled_channel("reset-channel-timeout", true);
+}
+
+/// Shares a full socket nobody reads as the backend request channel (its send timeout
+/// cleared after the daemon took it if `clear_timeout`), resizes the export online, and
+/// checks that the resize completes, the daemon says it could not tell the frontend, and
+/// both exports go on serving.
+fn resize_with_a_stalled_channel(name: &str, clear_timeout: bool) {
+    let mut s = setup(name);
     let (fe, wire) = handshake(&s.disk);
     let (channel, _peer) = full_socket();
     let ack = wire
@@ -1577,6 +1593,9 @@ fn a_backend_channel_nobody_reads_does_not_stall_a_resize() {
         0,
         "a socket as the backend request channel was refused"
     );
+    if clear_timeout {
+        channel.set_write_timeout(None).unwrap();
+    }
     let line = "Cannot tell the frontend of the new size";
     let before = s.count(line);
     let out = resize(&s, "96M");
@@ -1585,32 +1604,6 @@ fn a_backend_channel_nobody_reads_does_not_stall_a_resize() {
     drop(fe);
     drop(wire);
     s.still_serving("after a resize with a stalled backend channel");
-}
-
-/// As above, but the frontend clears the channel's send timeout after sharing it: the socket
-/// is shared, so a send timeout (or blocking mode) the daemon relied on would be the
-/// frontend's to take back. The resize must still complete.
-#[test]
-fn a_backend_channel_whose_timeout_the_frontend_resets_does_not_stall_a_resize() {
-    let mut s = setup("reset-channel-timeout");
-    let (fe, wire) = handshake(&s.disk);
-    let (channel, _peer) = full_socket();
-    let ack = wire
-        .ask(SET_BACKEND_REQ_FD, &[], &[channel.as_raw_fd()], PATIENCE)
-        .unwrap()
-        .expect("SET_BACKEND_REQ_FD answered");
-    assert_eq!(
-        status(&ack),
-        0,
-        "a socket as the backend request channel was refused"
-    );
-    // The relay set its send timeout when it took the channel; the answer came after.
-    channel.set_write_timeout(None).unwrap();
-    let out = resize(&s, "96M");
-    assert!(out.status.success(), "resize failed: {}", out.stderr);
-    drop(fe);
-    drop(wire);
-    s.still_serving("after a resize with a channel that blocks forever");
 }
 
 /// More memory tables than the SIGBUS handler has room for, on one connection (each table is
