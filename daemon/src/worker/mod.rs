@@ -435,7 +435,8 @@ impl<B: BlockIo> Worker<B> {
         if self.broken & (1 << index) != 0 {
             return;
         }
-        self.sync_inflight(vring, index, &self.mem.memory().into_inner(), dev);
+        let mut mem = self.mem.memory().into_inner();
+        self.sync_inflight(vring, index, &mem, dev);
         let mut idle_rounds = 0;
         loop {
             if event_idx {
@@ -443,11 +444,6 @@ impl<B: BlockIo> Worker<B> {
                     warn!(index, "Cannot disable queue notifications: {e}");
                 }
             }
-            // A fresh view of guest memory each round: the frontend may replace the memory
-            // table while the worker is here, and the queue's own view (which answers
-            // `enable_notification`) is then the new one. Reading the ring through the old
-            // view found nothing while the new one kept saying there was more: a spin.
-            let mem = self.mem.memory().into_inner();
             let taken = self.pop_requests(vring, index, &mem, dev);
             if self.broken & (1 << index) != 0 {
                 break;
@@ -473,6 +469,12 @@ impl<B: BlockIo> Worker<B> {
                 }
                 Ok(true) => {
                     idle_rounds = if taken == 0 { idle_rounds + 1 } else { 0 };
+                    // A fresh view of guest memory for the next round: the frontend may
+                    // have replaced the memory table meanwhile, and the queue's own view
+                    // (which answers `enable_notification`) is then the new one. Reading
+                    // the ring through the old view found nothing while the new one kept
+                    // saying there was more: a spin.
+                    mem = self.mem.memory().into_inner();
                     continue;
                 }
                 Ok(false) => break,
