@@ -141,12 +141,92 @@ pub struct BlkBackend {
     inflight: Arc<InflightShared>,
     /// The frontend's backend request channel, once it shares one (through the relay).
     channel: Arc<BackendChannel>,
-    /// The regions of this connection's memory tables, guarded against truncation
-    /// (`crate::sigbus`): each table's for as long as something holds it (the current one,
-    /// and older ones that requests in flight still use), and the pages the handler had
-    /// replaced when the connection began.
-    guards: Mutex<Vec<(Weak<GuestMemoryMmap>, crate::sigbus::Guard)>>,
+    /// The regions of this connection's memory tables guarded against truncation
+    /// (`crate::sigbus`), and the pages the handler had replaced when the connection began.
+    guards: Mutex<MemoryGuards>,
     replaced_before: u64,
+}
+
+/// A mapping's host address and length.
+type HostRange = (usize, usize);
+
+/// What a connection registered with the SIGBUS handler: the regions of its memory tables
+/// whose files are not sealed against shrinking (the sealed ones cannot be cut short), each
+/// table's for as long as something holds it (the current one, and older ones that requests
+/// in flight still use; a region several tables share is registered once).
+#[derive(Default)]
+struct MemoryGuards {
+    tables: Vec<(Weak<GuestMemoryMmap>, Vec<HostRange>)>,
+    registered: crate::sigbus::Guards,
+}
+
+impl MemoryGuards {
+    /// Registers the unsealed regions of `table`, the connection's new memory table, and
+    /// lets go of those no table holds any more. A region that cannot be registered (the
+    /// connection's share of the registry, or the registry, is full) is taken out of use:
+    /// private zero memory is mapped over it, so nothing the frontend does to its file can
+    /// fault there, and the error refuses the table (vhost-user-backend then ends the
+    /// connection).
+    fn update(&mut self, table: &Arc<GuestMemoryMmap>) -> io::Result<()> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let unsealed = table
+            .iter()
+            .filter(|r| {
+                r.file_offset()
+                    .is_some_and(|f| !crate::fdcheck::is_shrink_sealed(f.file()))
+            })
+            .filter_map(|r| {
+                let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
+                Some((host as usize, usize::try_from(r.len()).ok()?))
+            })
+            .collect::<Vec<_>>();
+        self.tables.retain(|(held, _)| held.strong_count() > 0);
+        self.tables.push((Arc::downgrade(table), unsealed));
+        let wanted = self
+            .tables
+            .iter()
+            .flat_map(|(_, ranges)| ranges.iter().copied())
+            .collect::<std::collections::HashSet<_>>();
+        let refused = self.registered.set(&wanted);
+        if refused.is_empty() {
+            return Ok(());
+        }
+        for &(start, len) in &refused {
+            // SAFETY: `[start, start + len)` is a region of `table`, mapped by
+            // vm-memory; an anonymous private mapping replaces it at the same place and size,
+            // which vm-memory unmaps with the table as it would have its own. Guest memory is
+            // only ever accessed through raw copies and the kernel, so no reference into it
+            // sees the contents change.
+            let mapped = unsafe {
+                libc::mmap(
+                    start as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if mapped == libc::MAP_FAILED {
+                error!(
+                    "Cannot take unguarded guest memory out of use: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+        let why = format!(
+            "{} regions of the memory table are in files that cannot be sealed against \
+             shrinking, and the daemon cannot guard more of them against truncation (at most \
+             {} per connection, {} in the process; {} registered by this connection): the \
+             table is refused",
+            refused.len(),
+            crate::sigbus::PER_CONNECTION,
+            crate::sigbus::MAX_SLOTS,
+            self.registered.count(),
+        );
+        error!("{why}");
+        Err(io::Error::other(why))
+    }
 }
 
 /// The config space of one connection and the write-cache mode behind its `writeback` byte.
@@ -288,7 +368,7 @@ impl BlkBackend {
             quiescing: AtomicBool::new(false),
             inflight,
             channel: Arc::new(BackendChannel::default()),
-            guards: Mutex::new(Vec::new()),
+            guards: Mutex::new(MemoryGuards::default()),
             replaced_before: crate::sigbus::replaced_pages(),
         };
         backend.apply_cache_mode();
@@ -626,27 +706,12 @@ impl VhostUserBackend for BlkBackend {
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         frontend_thread();
         {
-            use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
-            let snapshot = mem.memory();
-            let ranges = snapshot
-                .iter()
-                .filter_map(|r| {
-                    let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
-                    Some((host as usize, usize::try_from(r.len()).ok()?))
-                })
-                .collect::<Vec<_>>();
-            // Kept with the older tables that something still holds (requests in flight
-            // keep the table they were taken with); the guards of tables nobody holds any
-            // more go, or a frontend sending table after table would use up the handler's
-            // registry (its room is for the whole process) and leave the next regions, of
-            // every connection, unguarded. A region of a dropped table that a newer one
-            // shares is still mapped, and guarded by the newer table's guard.
-            let mut guards = self.guards.lock().unwrap_or_else(PoisonError::into_inner);
-            guards.retain(|(table, _)| table.strong_count() > 0);
-            guards.push((
-                Arc::downgrade(&snapshot.into_inner()),
-                crate::sigbus::guard(ranges),
-            ));
+            use vm_memory::GuestAddressSpace;
+            let table = mem.memory().into_inner();
+            self.guards
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .update(&table)?;
         }
         for thread in 0..self.workers.len() {
             self.lock(thread).set_memory(mem.clone());
@@ -879,5 +944,78 @@ mod tests {
         assert_eq!(backend.get_config(WRITEBACK_OFFSET, 1), vec![0]);
         backend.finish().unwrap();
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// A memfd of `len` bytes, each byte `fill`, sealed against shrinking or not sealable.
+    fn memfd(len: u64, fill: u8, sealed: bool) -> std::fs::File {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        let flags = libc::MFD_CLOEXEC | if sealed { libc::MFD_ALLOW_SEALING } else { 0 };
+        // SAFETY: memfd_create with a C string literal and flags; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"backend-test".as_ptr(), flags) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nothing else owns.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.write_all(&vec![fill; len as usize]).unwrap();
+        let sealing = crate::fdcheck::seal_against_shrinking(&file);
+        assert_eq!(sealing == crate::fdcheck::Sealing::Unsealable, !sealed);
+        file
+    }
+
+    /// `count` regions of one page at guest addresses `first << 20`, `(first + 1) << 20`...,
+    /// each mapping the start of `file`.
+    fn table(file: &std::fs::File, first: u64, count: u64) -> Arc<GuestMemoryMmap> {
+        let ranges = (first..first + count).map(|i| {
+            let offset = vm_memory::FileOffset::new(file.try_clone().unwrap(), 0);
+            (vm_memory::GuestAddress(i << 20), 4096, Some(offset))
+        });
+        Arc::new(GuestMemoryMmap::from_ranges_with_files(ranges).unwrap())
+    }
+
+    #[test]
+    fn unsealed_memory_past_what_can_be_guarded_is_refused_and_taken_out_of_use() {
+        use vm_memory::{Bytes, GuestAddress};
+        crate::sigbus::install().unwrap();
+        let unsealed = memfd(4096, 1, false);
+        let sealed = memfd(4096, 2, true);
+        let half = (crate::sigbus::PER_CONNECTION / 2) as u64;
+        let mut guards = MemoryGuards::default();
+        // A table, and a newer one of as many fresh regions while requests in flight still
+        // hold the first: the connection's whole share.
+        let old = table(&unsealed, 0, half);
+        guards.update(&old).unwrap();
+        let newer = table(&unsealed, half, half);
+        guards.update(&newer).unwrap();
+        // Sealed regions need no guard and take none.
+        let sealed_table = table(&sealed, 2 * half, 8);
+        guards.update(&sealed_table).unwrap();
+        assert_eq!(guards.registered.count(), 2 * half as usize);
+        // One unsealed region more cannot be guarded: refused, and no longer the file.
+        let last_file = memfd(4096, 7, false);
+        let last = table(&last_file, 3 * half, 1);
+        let err = guards.update(&last).unwrap_err();
+        assert!(err.to_string().contains("the table is refused"), "{err}");
+        let at = GuestAddress((3 * half) << 20);
+        assert_eq!(
+            last.read_obj::<u8>(at).unwrap(),
+            0,
+            "still the file's memory"
+        );
+        // Cut short, it still cannot fault (nothing registered it).
+        last_file.set_len(0).unwrap();
+        assert_eq!(last.read_obj::<u8>(at).unwrap(), 0);
+        // The guarded regions are the file's, and the sealed ones too.
+        assert_eq!(old.read_obj::<u8>(GuestAddress(0)).unwrap(), 1);
+        assert_eq!(
+            sealed_table
+                .read_obj::<u8>(GuestAddress((2 * half) << 20))
+                .unwrap(),
+            2
+        );
+        // Once the older tables are gone, their room is the connection's again.
+        drop((old, newer, last));
+        let again = table(&memfd(4096, 3, false), 4 * half, 1);
+        guards.update(&again).unwrap();
+        assert_eq!(guards.registered.count(), 1);
     }
 }

@@ -7,8 +7,8 @@
 //! new end raises SIGBUS, whose default action kills the whole daemon.
 //!
 //! So the daemon handles SIGBUS ([`install`], once at start-up): when the faulting address
-//! lies in guest memory registered here ([`guard`], by each connection for the regions of its
-//! memory table), the page is replaced by a private zero page (`mmap` with MAP_FIXED, which is
+//! lies in guest memory registered here ([`Guards`], by each connection for the regions of its
+//! memory tables), the page is replaced by a private zero page (`mmap` with MAP_FIXED, which is
 //! async-signal-safe) and the access is retried: the guest that cut its own memory reads
 //! zeros there, and its writes land in a page nobody else sees. Anything else is not ours to
 //! handle: the handler restores the default action and returns, so the access faults again
@@ -16,22 +16,68 @@
 //! writes of guest memory) never raise SIGBUS: they fail with EFAULT, and the request with
 //! IOERR.
 //!
-//! The registry is a fixed array of atomics, so the handler takes no lock and allocates
-//! nothing. Any thread may register and unregister ranges.
+//! Regions whose files are sealed against shrinking cannot be cut short and are not
+//! registered; only the others are (`BlkBackend::update_memory` asks `crate::fdcheck`).
+//!
+//! The registry takes no lock in the handler and allocates nothing there: it is a list of
+//! chunks of [`CHUNK`] slots (start and end of a range, atomics), grown by the threads that
+//! register ranges (under a mutex the handler never takes), each chunk published with a
+//! release store once it is initialised and never freed, so the handler can read every
+//! published chunk at any time. The handler scans the slots ever used (up to [`HIGH`]), a
+//! linear scan: it runs only when a frontend cut its memory short, once per page it then
+//! replaces; with the unsealed regions of a few connections that is a few thousand atomics
+//! (microseconds, about the cost of the mmap that follows), and it stays within tens of
+//! microseconds for a full registry. A sorted or hashed registry would need a lock or a
+//! copy on every change, and a change is far more frequent than a fault. The registry holds at most [`MAX_SLOTS`] ranges (as many as the mappings a process may
+//! have by default, `vm.max_map_count`), and one connection at most [`PER_CONNECTION`], so
+//! that one frontend cannot take the room of the others. A range that cannot be registered
+//! is for the caller to refuse ([`Guards::set`] says which): its table is not used.
+//!
+//! Any thread may register and unregister ranges; a connection's frontend thread does.
 
+use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
-/// Ranges that can be registered at once (regions of every connection's memory tables).
-const SLOTS: usize = 1024;
+/// Slots per chunk of the registry.
+const CHUNK: usize = 1024;
+/// Chunks the registry may grow to.
+const MAX_CHUNKS: usize = 64;
+/// Ranges that can be registered at once, for the whole process: 65536, about the default
+/// `vm.max_map_count` (65530), the most mappings a process may have, each guarded range being
+/// one of them.
+pub const MAX_SLOTS: usize = CHUNK * MAX_CHUNKS;
+/// Ranges one connection may have registered at once: a full memory table (the memory slots
+/// the daemon offers) and as many again of older tables that requests in flight still hold.
+pub const PER_CONNECTION: usize = 2 * crate::relay::MAX_MEM_SLOTS;
 
-/// Per slot: start (0: free) and end (exclusive) of a guest-memory mapping.
-static STARTS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
-static ENDS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+/// One chunk of slots: per slot, the start (0: free, `usize::MAX`: being claimed) and the end
+/// (exclusive) of a guest-memory mapping.
+struct Chunk {
+    starts: [AtomicUsize; CHUNK],
+    ends: [AtomicUsize; CHUNK],
+}
+
+/// The published chunks, in order (a chunk is published only after the one before it).
+static CHUNKS: [AtomicPtr<Chunk>; MAX_CHUNKS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_CHUNKS];
+/// One more than the highest slot ever claimed: the handler scans no further.
+static HIGH: AtomicUsize = AtomicUsize::new(0);
+/// Held while a chunk is added (never by the handler).
+static GROWING: Mutex<()> = Mutex::new(());
 /// The page size, read once by [`install`] (sysconf is not async-signal-safe).
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
 /// Pages replaced by zero pages since the daemon started.
 static REPLACED: AtomicU64 = AtomicU64::new(0);
+
+/// The published chunk `index`, if it is.
+fn chunk(index: usize) -> Option<&'static Chunk> {
+    let ptr = CHUNKS.get(index)?.load(Ordering::Acquire);
+    // SAFETY: a non-null pointer in CHUNKS points to a chunk leaked by `grow` (never freed,
+    // only read and written through atomics), fully initialised before it was published.
+    unsafe { ptr.as_ref() }
+}
 
 /// Installs the SIGBUS handler for the whole process.
 pub fn install() -> io::Result<()> {
@@ -57,6 +103,24 @@ pub fn install() -> io::Result<()> {
     Ok(())
 }
 
+/// Whether `addr` lies in a registered range (async-signal-safe: atomics only).
+fn registered(addr: usize) -> bool {
+    let high = HIGH.load(Ordering::Acquire);
+    for index in 0..high.div_ceil(CHUNK) {
+        let Some(chunk) = chunk(index) else {
+            break;
+        };
+        let used = (high - index * CHUNK).min(CHUNK);
+        for (start, end) in chunk.starts[..used].iter().zip(&chunk.ends[..used]) {
+            let start = start.load(Ordering::Acquire);
+            if start != 0 && addr >= start && addr < end.load(Ordering::Acquire) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 extern "C" fn on_sigbus(
     _signal: libc::c_int,
     info: *mut libc::siginfo_t,
@@ -65,12 +129,8 @@ extern "C" fn on_sigbus(
     // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler; for SIGBUS
     // `si_addr` is the faulting address.
     let addr = unsafe { (*info).si_addr() } as usize;
-    let page_size = PAGE.load(Ordering::Relaxed);
-    for i in 0..SLOTS {
-        let start = STARTS[i].load(Ordering::Acquire);
-        if start == 0 || addr < start || addr >= ENDS[i].load(Ordering::Acquire) {
-            continue;
-        }
+    if registered(addr) {
+        let page_size = PAGE.load(Ordering::Relaxed);
         let page = addr & !(page_size - 1);
         // SAFETY: replaces one page of a guest-memory mapping of ours (registered, so mapped
         // by this process and only ever accessed through raw copies and the kernel) with a
@@ -89,49 +149,101 @@ extern "C" fn on_sigbus(
             REPLACED.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        break;
     }
     // Not guest memory (or it could not be replaced): the default action, on the retry.
     // SAFETY: signal(2) is async-signal-safe.
     unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
 }
 
-/// Guest-memory ranges registered with the handler; unregistered when dropped.
-#[derive(Default)]
-pub struct Guard {
-    slots: Vec<usize>,
-}
+/// One registered range; unregistered when dropped.
+struct Slot(&'static AtomicUsize);
 
-/// Registers the `(start, length)` host ranges of guest memory. Ranges beyond the registry's
-/// room are not protected (a warning says so).
-pub fn guard(ranges: impl IntoIterator<Item = (usize, usize)>) -> Guard {
-    let mut g = Guard::default();
-    for (start, len) in ranges {
-        if start == 0 || len == 0 {
-            continue;
-        }
-        let claimed = (0..SLOTS).find(|&i| {
-            // Claimed with a placeholder start, then the range written.
-            STARTS[i]
-                .compare_exchange(0, usize::MAX, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        });
-        let Some(i) = claimed else {
-            tracing::warn!("Too many guest-memory regions to guard against truncation");
-            break;
-        };
-        ENDS[i].store(start.saturating_add(len), Ordering::Release);
-        STARTS[i].store(start, Ordering::Release);
-        g.slots.push(i);
-    }
-    g
-}
-
-impl Drop for Guard {
+impl Drop for Slot {
     fn drop(&mut self) {
-        for &i in &self.slots {
-            STARTS[i].store(0, Ordering::Release);
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+/// Claims a free slot of `chunk`, marked as being claimed.
+fn claim_in(index: usize, chunk: &'static Chunk) -> Option<(usize, &'static Chunk)> {
+    let free = chunk.starts.iter().position(|start| {
+        start
+            .compare_exchange(0, usize::MAX, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    })?;
+    Some((index * CHUNK + free, chunk))
+}
+
+/// Claims a free slot, growing the registry by a chunk if every published one is full.
+fn claim() -> Option<(usize, &'static Chunk)> {
+    let published = |from: usize| {
+        (from..MAX_CHUNKS)
+            .map_while(|i| chunk(i).map(|c| (i, c)))
+            .find_map(|(i, c)| claim_in(i, c))
+    };
+    if let Some(claimed) = published(0) {
+        return Some(claimed);
+    }
+    let _growing = GROWING.lock().unwrap_or_else(PoisonError::into_inner);
+    // Another thread may have grown the registry, or freed a slot, meanwhile.
+    if let Some(claimed) = published(0) {
+        return Some(claimed);
+    }
+    let index = (0..MAX_CHUNKS).find(|&i| chunk(i).is_none())?;
+    let fresh: &'static Chunk = Box::leak(Box::new(Chunk {
+        starts: [const { AtomicUsize::new(0) }; CHUNK],
+        ends: [const { AtomicUsize::new(0) }; CHUNK],
+    }));
+    fresh.starts[0].store(usize::MAX, Ordering::Relaxed);
+    CHUNKS[index].store(std::ptr::from_ref(fresh).cast_mut(), Ordering::Release);
+    Some((index * CHUNK, fresh))
+}
+
+/// Registers `[start, start + len)`, or `None` when the registry is full.
+fn register(start: usize, len: usize) -> Option<Slot> {
+    let (slot, chunk) = claim()?;
+    HIGH.fetch_max(slot + 1, Ordering::AcqRel);
+    let at = slot % CHUNK;
+    chunk.ends[at].store(start.saturating_add(len), Ordering::Release);
+    chunk.starts[at].store(start, Ordering::Release);
+    Some(Slot(&chunk.starts[at]))
+}
+
+/// The `(start, length)` host ranges one connection has registered, each once however many
+/// of its memory tables hold it, at most [`PER_CONNECTION`]; unregistered when dropped.
+#[derive(Default)]
+pub struct Guards {
+    held: HashMap<(usize, usize), Slot>,
+}
+
+impl Guards {
+    /// Makes the registered ranges `wanted`: a range held and still wanted stays registered,
+    /// the others held are unregistered, the new ones registered. Returns the new ranges
+    /// that could not be (past [`PER_CONNECTION`], or the registry full); the ranges that
+    /// were registered before and are still wanted are never among them.
+    pub fn set(&mut self, wanted: &HashSet<(usize, usize)>) -> Vec<(usize, usize)> {
+        self.held.retain(|range, _| wanted.contains(range));
+        let mut refused = Vec::new();
+        for &(start, len) in wanted {
+            if start == 0 || len == 0 || self.held.contains_key(&(start, len)) {
+                continue;
+            }
+            let slot = (self.held.len() < PER_CONNECTION)
+                .then(|| register(start, len))
+                .flatten();
+            match slot {
+                Some(slot) => {
+                    self.held.insert((start, len), slot);
+                }
+                None => refused.push((start, len)),
+            }
         }
+        refused
+    }
+
+    /// Ranges registered.
+    pub fn count(&self) -> usize {
+        self.held.len()
     }
 }
 
@@ -145,9 +257,24 @@ mod tests {
     use super::*;
     use std::os::fd::{AsRawFd, FromRawFd};
 
+    /// `count` fake ranges of one page, `tag` apart from those of other tests (nothing is
+    /// mapped there; only the registry sees them).
+    fn fake_ranges(tag: usize, count: usize) -> HashSet<(usize, usize)> {
+        (0..count)
+            .map(|i| ((0x7000_0000_0000 + (tag << 32)) + (i << 16), 4096))
+            .collect()
+    }
+
     #[test]
     fn a_truncated_guest_mapping_reads_as_zeros_instead_of_killing_the_process() {
         install().unwrap();
+        // More ranges than one chunk holds are registered already: the mapping's lands in a
+        // chunk the registry grew.
+        let mut others = [Guards::default(), Guards::default()];
+        for (tag, guards) in others.iter_mut().enumerate() {
+            assert!(guards.set(&fake_ranges(tag + 1, CHUNK - 100)).is_empty());
+        }
+        assert!(HIGH.load(Ordering::Relaxed) > CHUNK);
         // SAFETY: memfd_create with a C string literal and flags; the result is checked.
         let fd = unsafe { libc::memfd_create(c"sigbus-test".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0);
@@ -170,7 +297,8 @@ mod tests {
         let bytes = ptr.cast::<u8>();
         // SAFETY: within the mapping, and the file covers it.
         unsafe { bytes.add(len - 1).write_volatile(7) };
-        let guard = guard([(ptr as usize, len)]);
+        let mut guards = Guards::default();
+        assert!(guards.set(&HashSet::from([(ptr as usize, len)])).is_empty());
         // The frontend cuts the file to one page.
         file.set_len(PAGE.load(Ordering::Relaxed) as u64).unwrap();
         let before = replaced_pages();
@@ -181,8 +309,38 @@ mod tests {
         // SAFETY: as above: the write lands in the private page.
         unsafe { bytes.add(len - 2).write_volatile(9) };
         assert_eq!(replaced_pages(), before + 1);
-        drop(guard);
+        drop(guards);
+        assert!(!registered(ptr as usize));
         // SAFETY: unmaps what was mapped above.
         unsafe { libc::munmap(ptr, len) };
+    }
+
+    #[test]
+    fn a_connection_registers_each_range_once_and_no_more_than_its_share() {
+        let mut guards = Guards::default();
+        let table = fake_ranges(10, 300);
+        assert!(guards.set(&table).is_empty());
+        let first = *table.iter().next().unwrap();
+        assert!(registered(first.0 + 100));
+        // The same ranges again (a newer table over the same mappings): nothing new.
+        assert!(guards.set(&table).is_empty());
+        assert_eq!(guards.count(), 300);
+        // Past the connection's share, the new ranges are refused, never the held ones.
+        let mut more = table.clone();
+        more.extend(fake_ranges(11, PER_CONNECTION));
+        let refused = guards.set(&more);
+        assert_eq!(refused.len(), 300);
+        assert!(refused.iter().all(|r| !table.contains(r)));
+        assert!(refused.iter().all(|r| !registered(r.0)));
+        assert_eq!(guards.count(), PER_CONNECTION);
+        assert!(table.iter().all(|r| registered(r.0)));
+        // Ranges no table holds any more are unregistered.
+        assert!(guards.set(&fake_ranges(11, 10)).is_empty());
+        assert_eq!(guards.count(), 10);
+        assert!(!registered(first.0));
+        drop(guards);
+        assert!(!registered(
+            fake_ranges(11, 1).into_iter().next().unwrap().0
+        ));
     }
 }

@@ -7,7 +7,9 @@
 //! fails it with the status the virtio spec asks for.
 //!
 //! Among them: memory tables sent one after another until the SIGBUS guards would run out
-//! (then a truncation must still read as zeros), memory slots past the advertised maximum
+//! (then a truncation must still read as zeros), connections of three exports filling their
+//! memory slots with unsealable memory (a truncation past what the guards once held reads as
+//! zeros too), memory slots past the advertised maximum
 //! (refused), a backend request channel whose send timeout the frontend resets (an online
 //! resize still completes), and a frontend that fills its memory slots in a process short of
 //! file descriptors (another export's connection is closed, the export goes on).
@@ -86,6 +88,8 @@ struct Setup {
     disk: PathBuf,
     /// The read-only export.
     other: PathBuf,
+    /// Further writable exports over empty images ([`setup_extra`]).
+    extra: Vec<PathBuf>,
     control: PathBuf,
 }
 
@@ -93,11 +97,17 @@ struct Setup {
 /// daemon with two shards: `disk` writable with two queues, `other` read-only; and a control
 /// socket.
 fn setup(name: &str) -> Setup {
-    setup_with(name, None)
+    setup_with(name, None, 0)
 }
 
-/// As [`setup`], the daemon limited to `nofile` open files when given.
-fn setup_with(name: &str, nofile: Option<u64>) -> Setup {
+/// As [`setup`], with `extra` more writable exports over empty 64 MiB images.
+fn setup_extra(name: &str, extra: usize) -> Setup {
+    setup_with(name, None, extra)
+}
+
+/// As [`setup`], the daemon limited to `nofile` open files when given, with `extra` more
+/// exports.
+fn setup_with(name: &str, nofile: Option<u64>, extra: usize) -> Setup {
     require_qemu_tools();
     let dir = Scratch::new(name);
     let disk_img = dir.join("disk.qcow2");
@@ -110,15 +120,22 @@ fn setup_with(name: &str, nofile: Option<u64>) -> Setup {
     let other = dir.socket("other.sock");
     let control = dir.socket("control.sock");
     let config = dir.join("qcow2d.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "shards = 2\ncontrol = {control:?}\n\
-             [[export]]\nimage = {disk_img:?}\nsocket = {disk:?}\nqueues = 2\n\
-             [[export]]\nimage = {other_img:?}\nsocket = {other:?}\nread_only = true\n"
-        ),
-    )
-    .unwrap();
+    let mut text = format!(
+        "shards = 2\ncontrol = {control:?}\n\
+         [[export]]\nimage = {disk_img:?}\nsocket = {disk:?}\nqueues = 2\n\
+         [[export]]\nimage = {other_img:?}\nsocket = {other:?}\nread_only = true\n"
+    );
+    let mut extras = Vec::new();
+    for i in 0..extra {
+        let img = dir.join(&format!("extra{i}.qcow2"));
+        create_qcow2(&img, 64 * MIB, "");
+        let socket = dir.socket(&format!("extra{i}.sock"));
+        text.push_str(&format!(
+            "[[export]]\nimage = {img:?}\nsocket = {socket:?}\n"
+        ));
+        extras.push(socket);
+    }
+    std::fs::write(&config, text).unwrap();
     let mut cmd = std::process::Command::new(daemon_bin());
     cmd.arg("serve").arg("--config").arg(&config);
     if let Some(n) = nofile {
@@ -140,11 +157,15 @@ fn setup_with(name: &str, nofile: Option<u64>) -> Setup {
     let daemon =
         Daemon::spawn(cmd, &disk_img, &disk).unwrap_or_else(|f| panic!("qcow2d serve: {f}"));
     wait_for_socket(&other);
+    for socket in &extras {
+        wait_for_socket(socket);
+    }
     Setup {
         _dir: dir,
         daemon,
         disk,
         other,
+        extra: extras,
         control,
     }
 }
@@ -1647,6 +1668,84 @@ fn a_frontend_cannot_use_up_the_truncation_guards() {
     s.still_serving("after a frontend used up the truncation guards");
 }
 
+/// Three connections (one per export) fill the memory slots they were offered with regions
+/// of memfds that cannot be sealed: more such regions than the SIGBUS handler's registry
+/// once had room for in the whole process (1024). The last region of the last connection
+/// holds its rings and is truncated under the daemon: the pages cut off must read as zeros,
+/// as the first regions' do, not kill the daemon; the other exports go on serving.
+#[test]
+fn unsealed_memory_of_many_connections_stays_guarded() {
+    let mut s = setup_extra("many-unsealed", 2);
+    let sockets = [s.disk.clone(), s.extra[0].clone(), s.extra[1].clone()];
+    // Where the filler regions claim to be mapped in the frontend: nowhere the rings are.
+    const FILLER_USER: u64 = 0x4000_0000_0000;
+    let victim = GuestRam::new(64 << 10, false);
+    let mut connections = Vec::new();
+    for (n, socket) in sockets.iter().enumerate() {
+        let (fe, wire) = handshake(socket);
+        let slots = wire
+            .ask(GET_MAX_MEM_SLOTS, &[], &[], PATIENCE)
+            .unwrap()
+            .and_then(|m| m.u64_at(0))
+            .expect("GET_MAX_MEM_SLOTS answered");
+        let filler = GuestRam::new(4096, false);
+        let last = n + 1 == sockets.len();
+        for i in 0..slots {
+            // The last connection's last region: its rings, in a file of their own.
+            let (ram, len, user) = if last && i + 1 == slots {
+                (&victim, victim.len() as u64, victim.addr())
+            } else {
+                (&filler, 4096, FILLER_USER + (i << 20))
+            };
+            let ack = wire
+                .ask(
+                    ADD_MEM_REG,
+                    &one_region(i << 20, len, user, 0),
+                    &[ram.file.as_raw_fd()],
+                    PATIENCE,
+                )
+                .unwrap()
+                .unwrap_or_else(|| {
+                    panic!(
+                        "connection {n} ended at slot {i} of {slots}; stderr:\n{}",
+                        s.daemon.stderr()
+                    )
+                });
+            assert_eq!(
+                status(&ack),
+                0,
+                "connection {n}: slot {i} of {slots} refused"
+            );
+        }
+        connections.push((fe, wire, filler));
+    }
+    let (fe, _, _) = connections.last_mut().unwrap();
+    fe.start_queue_with(&victim, 0, 128, 0, eventfd(), eventfd())
+        .unwrap();
+    victim.file.set_len(0).unwrap();
+    // The worker reads the ring's index at each kick: a page cut off either reads as zeros
+    // (the handler's, counted and reported when the connection ends) or kills the daemon.
+    let line = "cut guest memory short";
+    let before = s.count(line);
+    for _ in 0..10 {
+        fe.kick(0);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(connections);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while s.count(line) == before {
+        if let Some(status) = s.daemon.try_exit_status() {
+            panic!("the daemon died ({status}) when it touched truncated guest memory");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection never reported the pages it read as zeros"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.still_serving("after three connections filled their slots with unsealed memory");
+}
+
 /// The daemon advertises how many memory slots a frontend may add (GET_MAX_MEM_SLOTS); one
 /// more is refused.
 #[test]
@@ -1855,7 +1954,7 @@ fn resets_with_requests_in_flight() {
 /// once the frontend has left both exports serve again.
 #[test]
 fn running_out_of_descriptors_does_not_end_the_other_export() {
-    let mut s = setup_with("descriptor-starvation", Some(512));
+    let mut s = setup_with("descriptor-starvation", Some(512), 0);
     let pid = s.daemon.pid();
     let open_files = || {
         std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -41,7 +41,8 @@
 //! and ADD_MEM_REG must lie inside its file (`mmap_offset + memory_size` at most the file's
 //! size) and the file must be sealed against shrinking where it can be (a memfd not sealed yet
 //! is sealed here; a file that cannot be sealed, such as a memfd made without sealing, as
-//! libblkio makes them, or a hugetlbfs file, is accepted with a warning); the descriptor of
+//! libblkio makes them, or a hugetlbfs file, is accepted with a warning, and guarded by
+//! `crate::sigbus` once mapped, or refused there when it cannot be); the descriptor of
 //! SET_VRING_KICK, SET_VRING_CALL and SET_VRING_ERR must be an eventfd, and is made
 //! non-blocking. A message that fails these checks is not forwarded: the connection ends with
 //! a log line (and an error answer when the frontend asked for one), and the export goes on
@@ -96,7 +97,7 @@ const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
 const REM_MEM_REG: u32 = FrontendReq::REM_MEM_REG as u32;
 /// The memory slots a frontend may fill with ADD_MEM_REG: what GET_MAX_MEM_SLOTS answers
 /// (vhost-user-backend's 509). Each region holds a mapping and its file open.
-const MAX_MEM_SLOTS: usize = 509;
+pub(crate) const MAX_MEM_SLOTS: usize = 509;
 /// Bytes of one memory region description (guest address, size, user address, mmap offset).
 const REGION_BYTES: usize = 32;
 /// How long a config-change message may take to reach the frontend.

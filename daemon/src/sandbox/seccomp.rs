@@ -730,6 +730,9 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
             // Reading a socket's options (the backend request channel QEMU shares).
             allow(&mut rules, &[libc::SYS_getsockopt]);
             ioctl_fionbio(&mut rules)?;
+            // Whether a memory region's file is sealed against shrinking (an unsealed one is
+            // registered with the SIGBUS handler).
+            allow_arg_in(&mut rules, libc::SYS_fcntl, 1, &[libc::F_GET_SEALS as u64])?;
         }
         Role::Export => {
             // A connection's set-up and teardown, and the threads it starts, which inherit
