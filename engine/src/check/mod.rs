@@ -21,6 +21,7 @@ mod stored;
 mod tables;
 mod walk;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -210,7 +211,29 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         report.messages = log.into_vec();
         return Ok(report);
     }
-    repair_image(&mut t, first, snapshots, cut, log)
+    if first.check_errors == 0 {
+        return repair_image(&mut t, first, snapshots, cut, log, None);
+    }
+    // Refcount blocks the check cannot read hide the COPIED flags of the tables whose
+    // refcounts they hold (QEMU's check skips them). A rebuild makes them readable, and the
+    // flags the repair cannot fix (in tables that share their clusters with other metadata
+    // or data) count again. Rehearsed first, the rebuild is made only where it leaves no more
+    // corruptions, nor corruptions and leaks, than the check found.
+    let found = (first.corruptions + cut, first.leaks);
+    let rehearsed =
+        t.rehearse(|t| repair_image(t, first, snapshots.clone(), cut, Log::default(), None));
+    let refusal = match rehearsed {
+        Ok(r) if r.corruptions > found.0 || r.corruptions + r.leaks > found.0 + found.1 => Some(format!(
+            "Not rebuilding the refcount structure: with the refcount blocks the check cannot read rebuilt, {} corruptions and {} leaks would remain where it found {} and {} (COPIED flags behind those blocks, in tables the repair does not rewrite)",
+            r.corruptions, r.leaks, found.0, found.1
+        )),
+        Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+        // Rehearsed without a worse end, or it could not be (more memory than a check may
+        // take): repaired as it would be without a rehearsal.
+        Ok(_) | Err(_) => None,
+    };
+    let first = analyze(&mut t, &snapshots)?;
+    repair_image(&mut t, first, snapshots, cut, log, refusal)
 }
 
 /// As QEMU does when a repair drops snapshots off the end of the table: lowers the count in
@@ -226,13 +249,15 @@ fn lower_snapshot_count(t: &mut Target, snapshots: &SnapshotTable) -> Result<(),
 
 /// The repair after the first analysis (`first`, which counted `cut` snapshots dropped off
 /// the table as corruptions): zero entries, the snapshot table, the refcounts, the COPIED
-/// flags, the header's flags, and the report of the image as it is left.
+/// flags, the header's flags, and the report of the image as it is left. With `refusal` (why)
+/// no new refcount structure is written, nor a snapshot table that would need one.
 fn repair_image(
     t: &mut Target,
     mut first: Analysis,
     mut snapshots: SnapshotTable,
     cut: u64,
     mut log: Log,
+    refusal: Option<String>,
 ) -> Result<CheckReport, Error> {
     let (first_corruptions, first_leaks) = (first.corruptions + cut, first.leaks);
     // The writes made when `first` was made.
@@ -243,7 +268,7 @@ fn repair_image(
     }
     let rewrite =
         snapshots.extra_truncated > 0 || (first.header.version >= 3 && snapshots.incomplete() > 0);
-    if rewrite {
+    if rewrite && refusal.is_none() {
         if let Some(table) = rewrite_snapshots(t, &first, &snapshots, &mut log)? {
             snapshots = table;
             first = analyze(t, &snapshots)?;
@@ -251,7 +276,7 @@ fn repair_image(
         }
     }
     let kept = if first.mismatches > 0 || first.rebuild {
-        repair_refcounts(t, first, &snapshots, &mut log)?;
+        repair_refcounts(t, first, &snapshots, refusal, &mut log)?;
         None
     } else {
         Some(Kept {
@@ -274,8 +299,13 @@ fn repair_refcounts(
     t: &mut Target,
     mut first: Analysis,
     snapshots: &SnapshotTable,
+    refusal: Option<String>,
     log: &mut Log,
 ) -> Result<(), Error> {
+    if let Some(why) = refusal.filter(|_| needs_rebuild(&first)) {
+        log.push(why);
+        return Ok(());
+    }
     // Whether the refcounts can be made right is decided before anything is written: the
     // COPIED flags are judged by the refcounts, so they change only with them.
     let layout = if needs_rebuild(&first) {
@@ -559,7 +589,21 @@ struct Target {
     /// Bytes of expected refcounts another, live analysis holds meanwhile: a counting made
     /// now takes at most [`MAX_CHECK_MEMORY`] less these.
     counts_held: u64,
+    /// While a repair is rehearsed ([`Target::rehearse`]): what it wrote and how far it grew
+    /// the file, which reads see and the file never does.
+    dry: Option<DryRun>,
 }
+
+/// The writes of a rehearsed repair, in [`DRY_PAGE`]-byte pages of the file, and the length
+/// it grew the file to.
+#[derive(Default)]
+struct DryRun {
+    pages: HashMap<u64, Box<[u8]>>,
+    len: u64,
+}
+
+/// The page size of a [`DryRun`].
+const DRY_PAGE: u64 = 4096;
 
 impl Drop for Target {
     fn drop(&mut self) {
@@ -591,12 +635,76 @@ impl Target {
             writes: 0,
             pretend_len: None,
             counts_held: 0,
+            dry: None,
         })
     }
 
     fn len(&self) -> Result<u64, Error> {
         let len = crate::layer::file_len(&self.file, Path::new(&self.path))?;
-        Ok(len.max(self.pretend_len.unwrap_or(0)))
+        let dry = self.dry.as_ref().map_or(0, |d| d.len);
+        Ok(len.max(self.pretend_len.unwrap_or(0)).max(dry))
+    }
+
+    /// Runs `f` with every write and growth of the file kept in memory instead (reads see
+    /// them), and drops them after: what a repair would leave, without writing anything.
+    /// What it keeps is bounded by [`MAX_CHECK_MEMORY`] (a write past that fails).
+    fn rehearse<R>(&mut self, f: impl FnOnce(&mut Target) -> R) -> R {
+        let writes = self.writes;
+        self.dry = Some(DryRun::default());
+        let r = f(self);
+        self.dry = None;
+        // What was analysed since is stale again.
+        self.writes = writes + 1;
+        r
+    }
+
+    /// Copies what a rehearsal wrote over `buf`, read from `off`.
+    fn read_dry(&self, off: u64, buf: &mut [u8]) {
+        let Some(dry) = &self.dry else {
+            return;
+        };
+        let end = off.saturating_add(buf.len() as u64);
+        for p in off / DRY_PAGE..end.div_ceil(DRY_PAGE) {
+            if let Some(page) = dry.pages.get(&p) {
+                let (from, to) = ((p * DRY_PAGE).max(off), ((p + 1) * DRY_PAGE).min(end));
+                buf[(from - off) as usize..(to - off) as usize].copy_from_slice(
+                    &page[(from - p * DRY_PAGE) as usize..(to - p * DRY_PAGE) as usize],
+                );
+            }
+        }
+    }
+
+    /// A rehearsal's write of `buf` at `off`.
+    fn write_dry(&mut self, off: u64, buf: &[u8], what: &str) -> Result<(), Error> {
+        let end = off.saturating_add(buf.len() as u64);
+        for p in off / DRY_PAGE..end.div_ceil(DRY_PAGE) {
+            let held = self.dry.as_ref().is_none_or(|d| d.pages.contains_key(&p));
+            if !held {
+                if self.dry.as_ref().map_or(0, |d| d.pages.len() as u64) * DRY_PAGE
+                    >= MAX_CHECK_MEMORY
+                {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!(
+                            "{}: rehearsing the repair would hold more than {} MiB",
+                            self.path,
+                            MAX_CHECK_MEMORY >> 20
+                        ),
+                    ));
+                }
+                let mut page = vec![0u8; DRY_PAGE as usize].into_boxed_slice();
+                self.read(p * DRY_PAGE, &mut page, what)?;
+                if let Some(d) = self.dry.as_mut() {
+                    d.pages.insert(p, page);
+                }
+            }
+            let (from, to) = ((p * DRY_PAGE).max(off), ((p + 1) * DRY_PAGE).min(end));
+            if let Some(page) = self.dry.as_mut().and_then(|d| d.pages.get_mut(&p)) {
+                page[(from - p * DRY_PAGE) as usize..(to - p * DRY_PAGE) as usize]
+                    .copy_from_slice(&buf[(from - off) as usize..(to - off) as usize]);
+            }
+        }
+        Ok(())
     }
 
     /// Runs `f` on the file as if it were `len` bytes long (zeros past its end), writing
@@ -613,6 +721,10 @@ impl Target {
     /// Grows the file to `len` bytes (zeros).
     fn grow(&mut self, len: u64) -> Result<(), Error> {
         self.writes += 1;
+        if let Some(dry) = self.dry.as_mut() {
+            dry.len = dry.len.max(len);
+            return Ok(());
+        }
         self.file.set_len(len).map_err(|e| {
             Error::io(
                 format!("{}: cannot grow the file to {len} bytes", self.path),
@@ -627,6 +739,7 @@ impl Target {
         if off > i64::MAX as u64 {
             // No file reaches there.
             buf.fill(0);
+            self.read_dry(off, buf);
             return Ok(());
         }
         let n = self
@@ -636,6 +749,7 @@ impl Target {
         if let Some(rest) = buf.get_mut(n..) {
             rest.fill(0);
         }
+        self.read_dry(off, buf);
         Ok(())
     }
 
@@ -658,12 +772,18 @@ impl Target {
 
     fn write(&mut self, off: u64, buf: &[u8], what: &str) -> Result<(), Error> {
         self.writes += 1;
+        if self.dry.is_some() {
+            return self.write_dry(off, buf, what);
+        }
         self.io
             .write_all_at(self.file.as_raw_fd(), buf, off)
             .map_err(|e| Error::io(format!("{}: cannot write {what} at {off:#x}", self.path), e))
     }
 
     fn sync(&mut self) -> Result<(), Error> {
+        if self.dry.is_some() {
+            return Ok(());
+        }
         self.io
             .fdatasync(self.file.as_raw_fd())
             .map_err(|e| Error::io(format!("{}: fdatasync failed", self.path), e))
