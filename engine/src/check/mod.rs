@@ -28,7 +28,9 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use crate::error::{Error, ErrorKind};
-use crate::format::{autoclear, field, incompat, FormatError, Header, SnapshotTable};
+use crate::format::{
+    autoclear, field, incompat, FormatError, Header, SnapshotTable, REFCOUNT_TABLE_FIELDS,
+};
 use crate::io::{BlockingReader, Role};
 use copied::{fix_copied_flags, FlagMode};
 use repair::{
@@ -377,13 +379,16 @@ fn repair_refcounts(
     Ok(())
 }
 
+/// Whether `len` bytes at file offset `off` overlap the header's refcount table fields,
+/// which a rebuild of the refcount structure writes.
+fn covers_reftable_fields(off: u64, len: u64) -> bool {
+    off < REFCOUNT_TABLE_FIELDS.end && off.saturating_add(len) > REFCOUNT_TABLE_FIELDS.start
+}
+
 /// The L1 table (the active one, or a snapshot's) that covers the header's refcount table
 /// offset or size, which a rebuild of the refcount structure writes; as a message's subject.
 fn l1_over_reftable_fields(h: &Header, snapshots: &SnapshotTable) -> Option<String> {
-    let fields = field::REFCOUNT_TABLE_OFFSET as u64..field::NB_SNAPSHOTS as u64;
-    let covers = |off: u64, size: u32| {
-        off < fields.end && off.saturating_add(u64::from(size) * 8) > fields.start
-    };
+    let covers = |off: u64, size: u32| covers_reftable_fields(off, u64::from(size) * 8);
     if covers(h.l1_table_offset, h.l1_size) {
         return Some(format!("the active L1 table at {:#x}", h.l1_table_offset));
     }
@@ -397,10 +402,8 @@ fn l1_over_reftable_fields(h: &Header, snapshots: &SnapshotTable) -> Option<Stri
 /// Whether the snapshot table (as read, with entries) covers the header's refcount table
 /// offset and size, which a rebuild writes.
 fn snapshot_table_holds_reftable_fields(a: &Analysis, snapshots: &SnapshotTable) -> bool {
-    let start = a.header.snapshots_offset;
-    let end = start.saturating_add(snapshots.size_bytes);
-    let fields = field::REFCOUNT_TABLE_OFFSET as u64..field::REFCOUNT_TABLE_CLUSTERS as u64 + 4;
-    !snapshots.entries.is_empty() && start < fields.end && fields.start < end
+    !snapshots.entries.is_empty()
+        && covers_reftable_fields(a.header.snapshots_offset, snapshots.size_bytes)
 }
 
 /// An analysis, and how many writes the repair had made when it was made.
@@ -871,6 +874,19 @@ impl Log {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The refcount table's fields are header bytes 48..60: a table ending at 48 or starting
+    /// at 60 leaves them alone, one byte into them covers them.
+    #[test]
+    fn the_refcount_table_fields_are_header_bytes_48_to_60() {
+        assert_eq!(REFCOUNT_TABLE_FIELDS, 48..60);
+        assert!(!covers_reftable_fields(40, 8));
+        assert!(covers_reftable_fields(40, 9));
+        assert!(covers_reftable_fields(59, 1));
+        assert!(!covers_reftable_fields(60, 8));
+        assert!(covers_reftable_fields(0, 1 << 16));
+        assert!(!covers_reftable_fields(u64::MAX - 4, 8));
+    }
 
     /// A check gives its image's locks back as it ends, even while something else (the
     /// thread's kept io_uring, a moment after a request) still holds the file: whoever runs

@@ -54,6 +54,10 @@ pub mod field {
     /// `u8` (v3, when the header is longer than 104 bytes): compression type.
     pub const COMPRESSION_TYPE: usize = 104;
 }
+/// The bytes of the refcount table's offset and size (in clusters), as offsets in the file
+/// (the header starts it): what a rebuild of the refcount structure rewrites.
+pub const REFCOUNT_TABLE_FIELDS: std::ops::Range<u64> =
+    field::REFCOUNT_TABLE_OFFSET as u64..field::REFCOUNT_TABLE_CLUSTERS as u64 + 4;
 /// Size of the fixed v2 header.
 pub const V2_HEADER_BYTES: usize = 72;
 /// Smallest v3 header.

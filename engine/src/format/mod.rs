@@ -24,7 +24,7 @@ pub use entry::{
 };
 pub use header::{
     field, CompressionType, Extension, FeatureKind, FeatureName, Header, BACKING_FORMAT_EXT,
-    BITMAPS_EXT, CRYPTO_EXT, DATA_FILE_EXT, FEATURE_NAME_TABLE_EXT, MAGIC,
+    BITMAPS_EXT, CRYPTO_EXT, DATA_FILE_EXT, FEATURE_NAME_TABLE_EXT, MAGIC, REFCOUNT_TABLE_FIELDS,
 };
 pub use refcount::{
     refcount_get, refcount_max, refcount_set, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
