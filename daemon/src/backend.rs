@@ -301,13 +301,10 @@ pub fn queue_masks(queues: usize, threads: usize) -> Vec<u64> {
 }
 
 impl BlkBackend {
-    /// Creates the backend and one engine shard per worker thread. `mem` must be the guest
-    /// memory handed to the `VhostUserDaemon` that will drive this backend.
-    pub fn new(
-        image: &Image,
-        params: &DeviceParams,
-        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
-    ) -> Result<Self, BackendError> {
+    /// Creates the backend and one engine shard per worker thread. The workers see no guest
+    /// memory until the frontend's first memory table ([`VhostUserBackend::update_memory`]).
+    pub fn new(image: &Image, params: &DeviceParams) -> Result<Self, BackendError> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let num_queues = usize::from(params.num_queues.clamp(1, MAX_QUEUES));
         let shards = params.shards.clamp(1, num_queues);
         let inflight = Arc::new(InflightShared::default());
@@ -705,16 +702,21 @@ impl VhostUserBackend for BlkBackend {
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         frontend_thread();
-        {
+        // The workers get a table of their own (the same regions), published only once its
+        // regions are guarded: vhost-user-backend publishes its table in `mem` before it
+        // calls here, and a worker reading a region of it that the frontend had cut short
+        // meanwhile would kill the daemon.
+        let table = {
             use vm_memory::GuestAddressSpace;
-            let table = mem.memory().into_inner();
-            self.guards
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .update(&table)?;
-        }
+            Arc::new(GuestMemoryMmap::clone(&mem.memory()))
+        };
+        self.guards
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .update(&table)?;
         for thread in 0..self.workers.len() {
-            self.lock(thread).set_memory(mem.clone());
+            self.lock(thread)
+                .set_memory(GuestMemoryAtomic::from(Arc::clone(&table)));
         }
         Ok(())
     }
@@ -910,8 +912,7 @@ mod tests {
             ..qcow2d_engine::OpenOptions::default()
         };
         let image = Image::open(&path, &options).unwrap();
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = BlkBackend::new(&image, &params(&image, 8, 1), &mem).unwrap();
+        let backend = BlkBackend::new(&image, &params(&image, 8, 1)).unwrap();
         assert_eq!(backend.threads(), 1);
         assert_eq!(backend.queues_per_thread(), vec![0xff]);
         let features = backend.features();
@@ -935,7 +936,7 @@ mod tests {
 
         // Read-only: RO and several shards.
         let image = Image::open(&path, &qcow2d_engine::OpenOptions::default()).unwrap();
-        let backend = BlkBackend::new(&image, &params(&image, 8, 2), &mem).unwrap();
+        let backend = BlkBackend::new(&image, &params(&image, 8, 2)).unwrap();
         assert_eq!(backend.threads(), 2);
         let features = backend.features();
         assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
@@ -1017,5 +1018,50 @@ mod tests {
         let again = table(&memfd(4096, 3, false), 4 * half, 1);
         guards.update(&again).unwrap();
         assert_eq!(guards.registered.count(), 1);
+    }
+
+    /// The workers get a memory table only once its regions are guarded: a table refused
+    /// for want of room never reaches them (vhost-user-backend's own copy of it is taken out
+    /// of use, and the connection ends).
+    #[test]
+    fn a_refused_memory_table_never_reaches_the_workers() {
+        use vm_memory::GuestMemoryBackend;
+        crate::sigbus::install().unwrap();
+        let dir = std::env::temp_dir().join(format!("qcow2d-tables-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = qcow2d_tests::create_qcow2_in(&dir, "tables.qcow2", "", "64M");
+        let image = Image::open(&path, &qcow2d_engine::OpenOptions::default()).unwrap();
+        let backend = BlkBackend::new(&image, &params(&image, 2, 2)).unwrap();
+        let unsealed = memfd(4096, 1, false);
+        let half = (crate::sigbus::PER_CONNECTION / 2) as u64;
+        // Two tables of fresh regions, the first still held by requests in flight (here,
+        // the test): the connection's whole share.
+        let mut held = Vec::new();
+        for first in [0, half] {
+            let given = table(&unsealed, first, half);
+            backend
+                .update_memory(GuestMemoryAtomic::from(Arc::clone(&given)))
+                .unwrap();
+            let seen = backend.lock(1).memory();
+            assert!(
+                !Arc::ptr_eq(&seen, &given),
+                "the workers' table is their own"
+            );
+            assert_eq!(seen.num_regions(), half as usize);
+            held.push(seen);
+        }
+        let refused = table(&memfd(4096, 7, false), 2 * half, 1);
+        let err = backend
+            .update_memory(GuestMemoryAtomic::from(Arc::clone(&refused)))
+            .unwrap_err();
+        assert!(err.to_string().contains("the table is refused"), "{err}");
+        for thread in 0..2 {
+            assert!(Arc::ptr_eq(&backend.lock(thread).memory(), &held[1]));
+        }
+        drop(held);
+        backend.finish().unwrap();
+        drop(backend);
+        image.close().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

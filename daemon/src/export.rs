@@ -449,7 +449,7 @@ impl Export {
             let Some(image) = st.image.as_ref() else {
                 return Ok(None);
             };
-            let backend = Arc::new(BlkBackend::new(image, &self.params, &mem)?);
+            let backend = Arc::new(BlkBackend::new(image, &self.params)?);
             let daemon = VhostUserDaemon::new(self.thread_name.clone(), backend.clone(), mem)
                 .map_err(|e| ExportError::Daemon(e.to_string()))?;
             let handlers = daemon.get_epoll_handlers();

@@ -11,7 +11,7 @@ use std::time::Instant;
 use tracing::{debug, error, info, warn};
 use vhost_user_backend::VringT;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
 use crate::block_io::BlockIo;
 use crate::chain::ChainWalker;
@@ -233,7 +233,12 @@ impl<B: BlockIo> Worker<B> {
         if let Some(t) = tracker {
             t.returning(head);
         }
-        match state.add_used(head, len) {
+        // Through this worker's view of guest memory, never the vring's own: only the
+        // backend publishes a table to the workers, once its regions are guarded.
+        let used = state
+            .get_queue_mut()
+            .add_used(&*self.mem.memory(), head, len);
+        match used {
             Ok(()) => {
                 if let Some(t) = tracker {
                     t.returned(head, state.get_queue().next_used());
@@ -562,7 +567,11 @@ impl<B: BlockIo> Worker<B> {
             let Some(vring) = vrings.get(queue) else {
                 continue;
             };
-            let needed = vring.needs_notification().unwrap_or_else(|e| {
+            let needed = vring
+                .get_mut()
+                .get_queue_mut()
+                .needs_notification(&*self.mem.memory());
+            let needed = needed.unwrap_or_else(|e| {
                 warn!(queue, "Cannot read the driver's notification index: {e}");
                 true
             });

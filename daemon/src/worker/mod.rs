@@ -15,6 +15,11 @@
 //! the engine is done. The slab, the scratch buffers and the completion vector are reused: the
 //! steady state allocates nothing.
 //!
+//! Guest memory (buffers and rings alike) is reached only through the worker's own view
+//! ([`Worker::set_memory`]), never through the vrings' (which vhost-user-backend replaces as
+//! soon as it has mapped a new table): the backend hands a table to the workers only once the
+//! regions the frontend could cut short are guarded (`crate::sigbus`).
+//!
 //! With `--metrics` the worker also records every request into its [`ShardMetrics`]: the time
 //! from popping the chain to adding it to the used ring, its operation, payload bytes and
 //! outcome (relaxed atomic adds, no lock, no allocation); once per turn of the event loop it
@@ -387,6 +392,12 @@ impl<B: BlockIo> Worker<B> {
         self.mem = mem;
     }
 
+    /// The guest memory this worker uses now.
+    #[cfg(test)]
+    pub fn memory(&self) -> Arc<GuestMemoryMmap> {
+        self.mem.memory().into_inner()
+    }
+
     /// Requests in flight on local queue `index`.
     pub fn queue_in_flight(&self, index: usize) -> u32 {
         self.in_flight_per_queue.get(index).copied().unwrap_or(0)
@@ -440,7 +451,7 @@ impl<B: BlockIo> Worker<B> {
         let mut idle_rounds = 0;
         loop {
             if event_idx {
-                if let Err(e) = vring.disable_notification() {
+                if let Err(e) = vring.get_mut().get_queue_mut().disable_notification(&*mem) {
                     warn!(index, "Cannot disable queue notifications: {e}");
                 }
             }
@@ -459,7 +470,8 @@ impl<B: BlockIo> Worker<B> {
             }
             // Re-enable notifications; if the driver added chains meanwhile, go round again
             // so that no kick is lost.
-            match vring.enable_notification() {
+            let more = vring.get_mut().get_queue_mut().enable_notification(&*mem);
+            match more {
                 Ok(true) if taken == 0 && idle_rounds == MAX_IDLE_ROUNDS => {
                     // The ring says there is more, yet nothing could be taken: whatever the
                     // cause, never spin here (the worker's exit event waits in its loop);
@@ -470,10 +482,7 @@ impl<B: BlockIo> Worker<B> {
                 Ok(true) => {
                     idle_rounds = if taken == 0 { idle_rounds + 1 } else { 0 };
                     // A fresh view of guest memory for the next round: the frontend may
-                    // have replaced the memory table meanwhile, and the queue's own view
-                    // (which answers `enable_notification`) is then the new one. Reading
-                    // the ring through the old view found nothing while the new one kept
-                    // saying there was more: a spin.
+                    // have replaced the memory table meanwhile.
                     mem = self.mem.memory().into_inner();
                     continue;
                 }
