@@ -647,19 +647,12 @@ fn resize_of_a_read_only_export_is_refused() {
     assert_eq!(qemu_img_virtual_size(&a), 64 * MIB);
 }
 
-/// `serve --control SOCK` alone: no export until `ctl add`, and the daemon says when its
-/// control socket takes requests.
-#[test]
-fn a_daemon_with_only_a_control_socket_takes_exports_later() {
-    require_qemu_tools();
-    let s = Scratch::new("ctl-empty");
-    let a = image_with(&s, "a.qcow2", 0xa1);
-    let sock = s.socket("a.sock");
-    let control = s.socket("ctl.sock");
+/// Starts `serve --control CONTROL` without an export and waits for its control line.
+fn serve_control_only(control: &Path) -> std::process::Child {
     let mut child = Command::new(daemon_bin())
         .arg("serve")
         .arg("--control")
-        .arg(&control)
+        .arg(control)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -673,16 +666,58 @@ fn a_daemon_with_only_a_control_socket_takes_exports_later() {
     });
     let line = line.expect("read the daemon's stdout");
     assert_eq!(line.trim_end(), want);
-    assert!(list(&control).is_empty());
-    ctl_ok(&control, &add_args(&a, &sock, &[]));
-    let data = read_through(&sock, 0, 4096);
-    assert!(data.iter().all(|&x| x == 0xa1));
+    child
+}
+
+/// Stops a daemon started by [`serve_control_only`] with SIGTERM; it must exit cleanly.
+fn stop(mut child: std::process::Child) {
     // SAFETY: kill(2) on our own child's pid; no memory involved.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let status = with_timeout("the daemon's exit", EXIT_TIMEOUT, move || child.wait());
     assert!(status.unwrap().success());
+}
+
+/// `serve --control SOCK` alone: no export until `ctl add`, and the daemon says when its
+/// control socket takes requests.
+#[test]
+fn a_daemon_with_only_a_control_socket_takes_exports_later() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-empty");
+    let a = image_with(&s, "a.qcow2", 0xa1);
+    let sock = s.socket("a.sock");
+    let control = s.socket("ctl.sock");
+    let child = serve_control_only(&control);
+    assert!(list(&control).is_empty());
+    ctl_ok(&control, &add_args(&a, &sock, &[]));
+    let data = read_through(&sock, 0, 4096);
+    assert!(data.iter().all(|&x| x == 0xa1));
+    stop(child);
     assert!(!sock.exists() && !control.exists());
     assert_check_clean(&a, "after exit");
+}
+
+/// An image left dirty (lazy refcounts) added at run time is repaired by the supervisor
+/// thread, under its seccomp filter (the repair reads, writes and syncs the file), before it
+/// is served: the export answers with the image's data and the dirty bit is cleared.
+#[test]
+fn a_dirty_image_added_at_run_time_is_repaired_under_the_filter() {
+    require_qemu_tools();
+    let s = Scratch::new("ctl-dirty");
+    let img = s.join("dirty.qcow2");
+    create_qcow2(&img, 64 * MIB, "lazy_refcounts=on");
+    write_pattern(&img, "qcow2", 0xd1, 0, MIB);
+    let features = be64(&img, hdr::INCOMPATIBLE_FEATURES);
+    set_be64(&img, hdr::INCOMPATIBLE_FEATURES, features | 1);
+    assert!(dirty_bit(&img));
+    let sock = s.socket("d.sock");
+    let control = s.socket("ctl.sock");
+    let child = serve_control_only(&control);
+    ctl_ok(&control, &add_args(&img, &sock, &[]));
+    assert!(!dirty_bit(&img), "the repair at open clears the dirty bit");
+    let data = read_through(&sock, 0, 4096);
+    assert!(data.iter().all(|&x| x == 0xd1));
+    stop(child);
+    assert_check_clean(&img, "after exit");
 }
 
 /// The daemon's test hook (debug builds only): the set-up of the next connection to each

@@ -24,14 +24,15 @@ mod walk;
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Error, ErrorKind};
 use crate::format::{
     autoclear, field, incompat, FormatError, Header, SnapshotTable, REFCOUNT_TABLE_FIELDS,
 };
-use crate::io::{BlockingReader, Role};
+use crate::io::Role;
 use copied::{fix_copied_flags, FlagMode};
 use repair::{
     fix_refcounts, fix_zero_entries, grows_towards, needs_rebuild, plan_grown, plan_rebuild,
@@ -580,10 +581,15 @@ fn header_notes(h: &Header, log: &mut Log) {
 }
 
 /// The opened image file.
+///
+/// Read and written with plain positioned system calls (`pread`, `pwrite`, `fdatasync`) on
+/// the checking thread: a check does one I/O at a time and waits for each, so an io_uring
+/// would only add a submission and a completion to every one of them, and on a file system
+/// that cannot serve reads without blocking (tmpfs), a hand-off to a kernel worker thread and
+/// back.
 struct Target {
     path: String,
     file: File,
-    io: BlockingReader,
     /// Writes made so far.
     writes: u64,
     /// A length the file is taken to have (when longer than it is) while a repair judges
@@ -610,9 +616,9 @@ const DRY_PAGE: u64 = 4096;
 
 impl Drop for Target {
     fn drop(&mut self) {
-        // Given back now, not when the last reference to the file goes: the thread's kept
-        // io_uring may still hold one for a moment, and whoever runs `qemu-img` on the image
-        // next must not find it locked.
+        // Given back now, not when the last reference to the file goes (a duplicate of the
+        // descriptor may outlive the check): whoever runs `qemu-img` on the image next must
+        // not find it locked.
         crate::io::unlock_file(&self.file);
     }
 }
@@ -629,12 +635,9 @@ impl Target {
             Role::Qcow2Reader
         };
         crate::layer::lock_file(&file, path, role)?;
-        let io = BlockingReader::new()
-            .map_err(|e| Error::io(format!("{name}: cannot create an io_uring"), e))?;
         Ok(Target {
             path: name,
             file,
-            io,
             writes: 0,
             pretend_len: None,
             counts_held: 0,
@@ -745,9 +748,7 @@ impl Target {
             self.read_dry(off, buf);
             return Ok(());
         }
-        let n = self
-            .io
-            .read_at(self.file.as_raw_fd(), buf, off)
+        let n = read_up_to(&self.file, buf, off)
             .map_err(|e| Error::io(format!("{}: cannot read {what} at {off:#x}", self.path), e))?;
         if let Some(rest) = buf.get_mut(n..) {
             rest.fill(0);
@@ -778,8 +779,8 @@ impl Target {
         if self.dry.is_some() {
             return self.write_dry(off, buf, what);
         }
-        self.io
-            .write_all_at(self.file.as_raw_fd(), buf, off)
+        self.file
+            .write_all_at(buf, off)
             .map_err(|e| Error::io(format!("{}: cannot write {what} at {off:#x}", self.path), e))
     }
 
@@ -787,10 +788,25 @@ impl Target {
         if self.dry.is_some() {
             return Ok(());
         }
-        self.io
-            .fdatasync(self.file.as_raw_fd())
+        self.file
+            .sync_data()
             .map_err(|e| Error::io(format!("{}: fdatasync failed", self.path), e))
     }
+}
+
+/// Reads up to `buf.len()` bytes of `file` at `off`; returns how many were read (fewer only
+/// where the file ends).
+fn read_up_to(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 fn to_usize(v: u64, path: &str) -> Result<usize, Error> {
@@ -888,9 +904,9 @@ mod tests {
         assert!(!covers_reftable_fields(u64::MAX - 4, 8));
     }
 
-    /// A check gives its image's locks back as it ends, even while something else (the
-    /// thread's kept io_uring, a moment after a request) still holds the file: whoever runs
-    /// `qemu-img` on the image next finds it free.
+    /// A check gives its image's locks back as it ends, even while something else (a
+    /// duplicate of its descriptor) still holds the file: whoever runs `qemu-img` on the image
+    /// next finds it free.
     #[test]
     fn a_check_gives_its_locks_back_as_it_ends() {
         let dir = tempfile::tempdir().unwrap();
