@@ -171,7 +171,7 @@ impl Analysis {
         }
         // The header's cluster is always shared with the header, even where the count
         // cannot show it (1-bit refcounts, overflowed).
-        if entry_off >> g.cb == 0 || self.expected_at(entry_off >> g.cb) != Some(1) {
+        if entry_off >> g.cb == 0 || !self.only_as(entry_off >> g.cb, 1) {
             log.push(format!(
                 "Not repairing L1 entry {i}: the L1 table overlaps other metadata"
             ));
@@ -302,13 +302,23 @@ impl Analysis {
         let refs = self.l2_tables.get(&l2_off).map_or(0, |u| u.refs);
         // The header's cluster is always shared with the header, even where the count
         // cannot show it (1-bit refcounts, overflowed).
-        if l2_off >> self.g.cb == 0 || self.expected_at(l2_off >> self.g.cb) != Some(refs) {
+        if l2_off >> self.g.cb == 0 || !self.only_as(l2_off >> self.g.cb, refs) {
             log.push(format!(
                 "Not rewriting the L2 table at {l2_off:#x}: its cluster is also used by other metadata"
             ));
             return Ok(());
         }
         t.write(l2_off, table, "an L2 table")
+    }
+}
+
+impl Analysis {
+    /// Whether the `refs` references of the table the repair writes are all cluster `c` has,
+    /// but those from the header's cluster walked as an L2 table, which name no guest data
+    /// ([`Analysis::header_l2_refs`]; then only where the count cannot have saturated).
+    pub(super) fn only_as(&self, c: u64, refs: u64) -> bool {
+        let header = self.header_l2_refs.get(&c).copied().unwrap_or(0);
+        self.expected_at(c) == Some(refs + header) && (header == 0 || refs + header < self.g.rc_max)
     }
 }
 

@@ -20,15 +20,17 @@ use crate::format::{
 
 /// Turns entries that reference a preallocated zero cluster at a misaligned offset (and hold
 /// no data) into plain zero entries, as QEMU's repair does. The L2 table is written only when
-/// nothing but L1 entries (as an L2 table) and such entries (whose misaligned clusters hold
-/// no data and are dropped here) references its cluster; otherwise the entry is left alone.
+/// nothing but L1 entries (as an L2 table), such entries (whose misaligned clusters hold no
+/// data and are dropped here) and entries of the header's cluster walked as an L2 table
+/// (which name no guest data) references its cluster; otherwise the entry is left alone.
 /// Returns how many entries changed.
 pub(super) fn fix_zero_entries(t: &mut Target, a: &Analysis, log: &mut Log) -> Result<u64, Error> {
     let g = a.g;
-    // How many of each cluster's counted references are such entries.
+    // How many of each cluster's counted references are such entries (those of the
+    // header's cluster, never written, are counted as references naming no guest data).
     let mut dropped: HashMap<u64, u64> = HashMap::new();
-    for &(_, _, off) in &a.zero_fixes {
-        if g.counted(off, g.cs) {
+    for &(l2_off, _, off) in &a.zero_fixes {
+        if l2_off != 0 && g.counted(off, g.cs) {
             for c in (off >> g.cb)..=((off + g.cs - 1) >> g.cb) {
                 *dropped.entry(c).or_default() += 1;
             }
@@ -43,7 +45,7 @@ pub(super) fn fix_zero_entries(t: &mut Target, a: &Analysis, log: &mut Log) -> R
         let refs = a.l2_tables.get(&l2_off).map_or(0, |u| u.refs);
         let c = l2_off >> g.cb;
         let others = dropped.get(&c).copied().unwrap_or(0);
-        if refs == 0 || l2_off == 0 || a.expected_at(c) != Some(refs + others) {
+        if refs == 0 || l2_off == 0 || !a.only_as(c, refs + others) {
             log.push(format!(
                 "Not repairing L2 table {l2_off:#x} entry {j}: the table overlaps other metadata"
             ));

@@ -132,7 +132,9 @@ impl Analysis {
                 u.active |= active;
             }
             t.read(l2_off, &mut l2, "an L2 table")?;
+            self.in_header_l2 = l2_off == 0;
             self.walk_l2(&l2, l2_off, active);
+            self.in_header_l2 = false;
         }
         Ok(())
     }

@@ -220,6 +220,13 @@ pub(super) struct Analysis {
     /// Clusters counted for the refcount table and blocks (dropped when rebuilding).
     pub(super) refstruct: Vec<u64>,
     pub(super) l2_tables: HashMap<u64, L2Use>,
+    /// References counted from the entries of the header's cluster walked as an L2 table
+    /// (an L1 entry with flags and no offset names it), by cluster. Reads take such an L1
+    /// entry as unallocated, so nothing reads a guest cluster through them: a cluster they
+    /// point at holds no guest data for them.
+    pub(super) header_l2_refs: HashMap<u64, u64>,
+    /// Whether the walk is in the header's cluster as an L2 table now.
+    pub(super) in_header_l2: bool,
     /// References to clusters past the end of the file (reported, not counted).
     pub(super) past_eof: u64,
     /// Where the lowest of them starts (`u64::MAX` without any).
@@ -361,6 +368,8 @@ pub(super) fn count(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysi
         reftable: Vec::new(),
         refstruct: Vec::new(),
         l2_tables: HashMap::new(),
+        header_l2_refs: HashMap::new(),
+        in_header_l2: false,
         past_eof: 0,
         past_eof_from: u64::MAX,
         past_eof_from_but_table: u64::MAX,
@@ -476,6 +485,9 @@ impl Analysis {
             self.counts.set(c, e + 1);
             if refstruct {
                 self.refstruct.push(c);
+            }
+            if self.in_header_l2 {
+                *self.header_l2_refs.entry(c).or_default() += 1;
             }
         }
         true
