@@ -147,8 +147,7 @@ pub struct BlkBackend {
     replaced_before: u64,
 }
 
-/// A mapping's host address and length.
-type HostRange = (usize, usize);
+use crate::sigbus::Range as HostRange;
 
 /// What a connection registered with the SIGBUS handler: the regions of its memory tables
 /// whose files are not sealed against shrinking (the sealed ones cannot be cut short), each
@@ -161,25 +160,47 @@ struct MemoryGuards {
 }
 
 impl MemoryGuards {
-    /// Registers the unsealed regions of `table`, the connection's new memory table, and
-    /// lets go of those no table holds any more. A region that cannot be registered (the
-    /// connection's share of the registry, or the registry, is full) is taken out of use:
+    /// Registers the unsealed regions of `table`, the connection's new memory table, each
+    /// with its file's page size, and lets go of those no table holds any more. A region
+    /// that cannot be registered (the connection's share of the registry, or the registry,
+    /// is full, or its file's page size cannot be learnt) is taken out of use:
     /// private zero memory is mapped over it, so nothing the frontend does to its file can
     /// fault there, and the error refuses the table (vhost-user-backend then ends the
     /// connection).
     fn update(&mut self, table: &Arc<GuestMemoryMmap>) -> io::Result<()> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let unsealed = table
-            .iter()
-            .filter(|r| {
-                r.file_offset()
-                    .is_some_and(|f| !crate::fdcheck::is_shrink_sealed(f.file()))
-            })
-            .filter_map(|r| {
-                let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
-                Some((host as usize, usize::try_from(r.len()).ok()?))
-            })
-            .collect::<Vec<_>>();
+        let mut unknown = Vec::new();
+        let mut unsealed = Vec::new();
+        for region in table.iter() {
+            let Some(file) = region
+                .file_offset()
+                .map(|f| f.file())
+                .filter(|f| !crate::fdcheck::is_shrink_sealed(f))
+            else {
+                continue;
+            };
+            let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+                continue;
+            };
+            let Ok(len) = usize::try_from(region.len()) else {
+                continue;
+            };
+            match crate::fdcheck::page_size(file) {
+                Ok(page) => unsealed.push(HostRange {
+                    start: host as usize,
+                    len,
+                    page,
+                }),
+                Err(e) => {
+                    error!("Cannot learn the page size of a guest memory file: {e}");
+                    unknown.push(HostRange {
+                        start: host as usize,
+                        len,
+                        page: 0,
+                    });
+                }
+            }
+        }
         self.tables.retain(|(held, _)| held.strong_count() > 0);
         self.tables.push((Arc::downgrade(table), unsealed));
         let wanted = self
@@ -187,16 +208,26 @@ impl MemoryGuards {
             .iter()
             .flat_map(|(_, ranges)| ranges.iter().copied())
             .collect::<std::collections::HashSet<_>>();
-        let refused = self.registered.set(&wanted);
-        if refused.is_empty() {
+        let mut refused = self.registered.set(&wanted);
+        if refused.is_empty() && unknown.is_empty() {
             return Ok(());
         }
-        for &(start, len) in &refused {
+        let guards_full = refused.len();
+        refused.append(&mut unknown);
+        for &HostRange { start, len, page } in &refused {
+            // The whole mapping: a hugetlb one reaches to the end of its last huge page, and
+            // can only be split at a huge-page boundary. (A range whose page size is unknown
+            // is taken as of base pages: if that fails, it is logged below.)
+            let len = if page.is_power_of_two() {
+                len.next_multiple_of(page)
+            } else {
+                len
+            };
             // SAFETY: `[start, start + len)` is a region of `table`, mapped by
-            // vm-memory; an anonymous private mapping replaces it at the same place and size,
-            // which vm-memory unmaps with the table as it would have its own. Guest memory is
-            // only ever accessed through raw copies and the kernel, so no reference into it
-            // sees the contents change.
+            // vm-memory (up to the end of its last page); an anonymous private mapping
+            // replaces it at the same place and size, which vm-memory unmaps with the table
+            // as it would have its own. Guest memory is only ever accessed through raw copies
+            // and the kernel, so no reference into it sees the contents change.
             let mapped = unsafe {
                 libc::mmap(
                     start as *mut libc::c_void,
@@ -214,16 +245,24 @@ impl MemoryGuards {
                 );
             }
         }
-        let why = format!(
-            "{} regions of the memory table are in files that cannot be sealed against \
-             shrinking, and the daemon cannot guard more of them against truncation (at most \
-             {} per connection, {} in the process; {} registered by this connection): the \
-             table is refused",
-            refused.len(),
-            crate::sigbus::PER_CONNECTION,
-            crate::sigbus::MAX_SLOTS,
-            self.registered.count(),
-        );
+        let why = if guards_full > 0 {
+            format!(
+                "{guards_full} regions of the memory table are in files that cannot be sealed \
+                 against shrinking, and the daemon cannot guard more of them against \
+                 truncation (at most {} per connection, {} in the process; {} registered by \
+                 this connection): the table is refused",
+                crate::sigbus::PER_CONNECTION,
+                crate::sigbus::MAX_SLOTS,
+                self.registered.count(),
+            )
+        } else {
+            format!(
+                "{} regions of the memory table are in files that cannot be sealed against \
+                 shrinking and whose page size cannot be learnt, so the daemon cannot guard \
+                 them against truncation: the table is refused",
+                refused.len()
+            )
+        };
         error!("{why}");
         Err(io::Error::other(why))
     }

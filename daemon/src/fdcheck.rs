@@ -10,12 +10,19 @@
 //! sealed (a hugetlbfs or tmpfs file of memory-backend-file, a memfd created without
 //! MFD_ALLOW_SEALING, as libblkio creates them) is for the caller to refuse or accept.
 //!
+//! A file on huge pages (a hugetlbfs file, a memfd made with MFD_HUGETLB) is mapped with
+//! pages of its file system's block size, which [`page_size`] tells (the SIGBUS handler
+//! replaces a page of that size). Its size is always a multiple of the huge page (the kernel
+//! refuses any other) and so is the offset of any mapping of it, so the size check holds as
+//! for any file; a hugetlb memfd made with MFD_ALLOW_SEALING is sealed like any other memfd.
+//!
 //! Queue kick and call descriptors must be eventfds ([`is_eventfd`]), and are made
 //! non-blocking ([`set_nonblocking`]): a pipe, or an eventfd whose counter the frontend filled,
 //! could otherwise block the thread that writes to it forever.
 //!
-//! Pure functions over descriptors, called by the relay thread (`crate::relay`) and by
-//! `crate::inflight` when it maps an area.
+//! Pure functions over descriptors, called by the relay thread (`crate::relay`), by
+//! `crate::inflight` when it maps an area, and by a connection's frontend thread when it
+//! guards a memory table (`BlkBackend::update_memory`: [`is_shrink_sealed`], [`page_size`]).
 
 use std::fs::File;
 use std::io;
@@ -63,6 +70,30 @@ pub fn seal_against_shrinking(file: &File) -> Sealing {
         Sealing::SealedNow
     } else {
         Sealing::Unsealable
+    }
+}
+
+/// The size of the pages a shared mapping of `file` is made of: the huge page size of a file
+/// on hugetlbfs (the file system's block size), else the base page size.
+pub fn page_size(file: &File) -> io::Result<usize> {
+    // SAFETY: a zeroed statfs is a valid value for fstatfs to fill.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on a descriptor we own, into a statfs of ours.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let base = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .map_err(|_| io::Error::other("the page size is unknown"))?;
+    if fs.f_type != libc::HUGETLBFS_MAGIC {
+        return Ok(base);
+    }
+    match usize::try_from(fs.f_bsize) {
+        Ok(huge) if huge.is_power_of_two() && huge >= base => Ok(huge),
+        _ => Err(io::Error::other(format!(
+            "a hugetlbfs file of {}-byte blocks",
+            fs.f_bsize
+        ))),
     }
 }
 
@@ -132,6 +163,37 @@ mod tests {
         let file = File::create(dir.join("ram")).unwrap();
         assert_eq!(seal_against_shrinking(&file), Sealing::Unsealable);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Huge-page memfds: their page size is the huge page's, sealable ones are sealed, the
+    /// others cannot be. (Sizing and sealing them needs no huge page reserved.)
+    #[test]
+    fn huge_page_memfds_have_huge_pages_and_seal_as_other_memfds() {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let base = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        assert_eq!(page_size(&memfd(libc::MFD_CLOEXEC)).unwrap(), base);
+        let huge = |flags: libc::c_uint| {
+            let flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB | flags;
+            // SAFETY: memfd_create with a C string literal and flags; the result is checked.
+            let fd = unsafe { libc::memfd_create(c"fdcheck-huge".as_ptr(), flags) };
+            assert!(
+                fd >= 0,
+                "memfd_create(MFD_HUGETLB): {} (a kernel without hugetlbfs?)",
+                io::Error::last_os_error()
+            );
+            // SAFETY: a fresh descriptor nothing else owns.
+            let file = unsafe { File::from_raw_fd(fd) };
+            file.set_len(4 << 20).unwrap();
+            assert!(file.set_len((4 << 20) + 4096).is_err(), "huge pages only");
+            file
+        };
+        let closed = huge(0);
+        assert_eq!(page_size(&closed).unwrap(), 2 << 20);
+        assert_eq!(seal_against_shrinking(&closed), Sealing::Unsealable);
+        let open = huge(libc::MFD_ALLOW_SEALING);
+        assert_eq!(page_size(&open).unwrap(), 2 << 20);
+        assert_eq!(seal_against_shrinking(&open), Sealing::SealedNow);
+        assert!(open.set_len(2 << 20).is_err(), "cannot shrink any more");
     }
 
     #[test]

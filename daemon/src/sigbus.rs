@@ -10,7 +10,11 @@
 //! lies in guest memory registered here ([`Guards`], by each connection for the regions of its
 //! memory tables), the page is replaced by a private zero page (`mmap` with MAP_FIXED, which is
 //! async-signal-safe) and the access is retried: the guest that cut its own memory reads
-//! zeros there, and its writes land in a page nobody else sees. Anything else is not ours to
+//! zeros there, and its writes land in a page nobody else sees. The page replaced is one of
+//! the mapping's own pages: each range is registered with its file's page size (a huge page
+//! for hugetlbfs files and MFD_HUGETLB memfds, `crate::fdcheck::page_size`), and the whole
+//! page holding the fault, aligned to that size, is replaced (the kernel splits a hugetlb
+//! mapping only at huge-page boundaries: a 4 KiB page cannot be mapped into one). Anything else is not ours to
 //! handle: the handler restores the default action and returns, so the access faults again
 //! and the process dies as it would have. The kernel's own accesses (io_uring reads and
 //! writes of guest memory) never raise SIGBUS: they fail with EFAULT, and the request with
@@ -20,7 +24,7 @@
 //! registered; only the others are (`BlkBackend::update_memory` asks `crate::fdcheck`).
 //!
 //! The registry takes no lock in the handler and allocates nothing there: it is a list of
-//! chunks of [`CHUNK`] slots (start and end of a range, atomics), grown by the threads that
+//! chunks of [`CHUNK`] slots (start, end and page size of a range, atomics), grown by the threads that
 //! register ranges (under a mutex the handler never takes), each chunk published with a
 //! release store once it is initialised and never freed, so the handler can read every
 //! published chunk at any time. The handler scans the slots ever used (up to [`HIGH`]), a
@@ -52,11 +56,12 @@ pub const MAX_SLOTS: usize = CHUNK * MAX_CHUNKS;
 /// the daemon offers) and as many again of older tables that requests in flight still hold.
 pub const PER_CONNECTION: usize = 2 * crate::relay::MAX_MEM_SLOTS;
 
-/// One chunk of slots: per slot, the start (0: free, `usize::MAX`: being claimed) and the end
-/// (exclusive) of a guest-memory mapping.
+/// One chunk of slots: per slot, the start (0: free, `usize::MAX`: being claimed), the end
+/// (exclusive) and the page size of a guest-memory mapping.
 struct Chunk {
     starts: [AtomicUsize; CHUNK],
     ends: [AtomicUsize; CHUNK],
+    pages: [AtomicUsize; CHUNK],
 }
 
 /// The published chunks, in order (a chunk is published only after the one before it).
@@ -103,22 +108,28 @@ pub fn install() -> io::Result<()> {
     Ok(())
 }
 
-/// Whether `addr` lies in a registered range (async-signal-safe: atomics only).
-fn registered(addr: usize) -> bool {
+/// The page size of the registered range `addr` lies in, if it lies in one
+/// (async-signal-safe: atomics only).
+fn registered(addr: usize) -> Option<usize> {
     let high = HIGH.load(Ordering::Acquire);
     for index in 0..high.div_ceil(CHUNK) {
         let Some(chunk) = chunk(index) else {
             break;
         };
         let used = (high - index * CHUNK).min(CHUNK);
-        for (start, end) in chunk.starts[..used].iter().zip(&chunk.ends[..used]) {
-            let start = start.load(Ordering::Acquire);
-            if start != 0 && addr >= start && addr < end.load(Ordering::Acquire) {
-                return true;
+        for at in 0..used {
+            let start = chunk.starts[at].load(Ordering::Acquire);
+            if start == 0 || addr < start || addr >= chunk.ends[at].load(Ordering::Acquire) {
+                continue;
+            }
+            let page = chunk.pages[at].load(Ordering::Acquire);
+            // The slot still holds the range its end and page size were read for.
+            if chunk.starts[at].load(Ordering::Acquire) == start {
+                return Some(page);
             }
         }
     }
-    false
+    None
 }
 
 extern "C" fn on_sigbus(
@@ -129,12 +140,20 @@ extern "C" fn on_sigbus(
     // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler; for SIGBUS
     // `si_addr` is the faulting address.
     let addr = unsafe { (*info).si_addr() } as usize;
-    if registered(addr) {
-        let page_size = PAGE.load(Ordering::Relaxed);
+    if let Some(page_size) = registered(addr) {
+        // The mapping's own page (a huge one for hugetlb memory), never less than the base
+        // page.
+        let base = PAGE.load(Ordering::Relaxed);
+        let page_size = if page_size.is_power_of_two() {
+            page_size.max(base)
+        } else {
+            base
+        };
         let page = addr & !(page_size - 1);
-        // SAFETY: replaces one page of a guest-memory mapping of ours (registered, so mapped
-        // by this process and only ever accessed through raw copies and the kernel) with a
-        // private anonymous page; mmap is async-signal-safe.
+        // SAFETY: replaces the page holding `addr` of a guest-memory mapping of ours
+        // (registered, so mapped by this process with pages of `page_size`, which the range's
+        // start is aligned to, and only ever accessed through raw copies and the kernel) with
+        // private anonymous memory of the same size; mmap is async-signal-safe.
         let mapped = unsafe {
             libc::mmap(
                 page as *mut libc::c_void,
@@ -193,27 +212,39 @@ fn claim() -> Option<(usize, &'static Chunk)> {
     let fresh: &'static Chunk = Box::leak(Box::new(Chunk {
         starts: [const { AtomicUsize::new(0) }; CHUNK],
         ends: [const { AtomicUsize::new(0) }; CHUNK],
+        pages: [const { AtomicUsize::new(0) }; CHUNK],
     }));
     fresh.starts[0].store(usize::MAX, Ordering::Relaxed);
     CHUNKS[index].store(std::ptr::from_ref(fresh).cast_mut(), Ordering::Release);
     Some((index * CHUNK, fresh))
 }
 
-/// Registers `[start, start + len)`, or `None` when the registry is full.
-fn register(start: usize, len: usize) -> Option<Slot> {
+/// Registers `[start, start + len)`, mapped with pages of `page` bytes, or `None` when the
+/// registry is full.
+fn register(start: usize, len: usize, page: usize) -> Option<Slot> {
     let (slot, chunk) = claim()?;
     HIGH.fetch_max(slot + 1, Ordering::AcqRel);
     let at = slot % CHUNK;
     chunk.ends[at].store(start.saturating_add(len), Ordering::Release);
+    chunk.pages[at].store(page, Ordering::Release);
     chunk.starts[at].store(start, Ordering::Release);
     Some(Slot(&chunk.starts[at]))
 }
 
-/// The `(start, length)` host ranges one connection has registered, each once however many
-/// of its memory tables hold it, at most [`PER_CONNECTION`]; unregistered when dropped.
+/// A guest-memory mapping to guard: its host address, its length, and the size of the pages
+/// it is mapped with (its file's, `crate::fdcheck::page_size`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Range {
+    pub start: usize,
+    pub len: usize,
+    pub page: usize,
+}
+
+/// The host ranges one connection has registered, each once however many of its memory
+/// tables hold it, at most [`PER_CONNECTION`]; unregistered when dropped.
 #[derive(Default)]
 pub struct Guards {
-    held: HashMap<(usize, usize), Slot>,
+    held: HashMap<Range, Slot>,
 }
 
 impl Guards {
@@ -221,21 +252,21 @@ impl Guards {
     /// the others held are unregistered, the new ones registered. Returns the new ranges
     /// that could not be (past [`PER_CONNECTION`], or the registry full); the ranges that
     /// were registered before and are still wanted are never among them.
-    pub fn set(&mut self, wanted: &HashSet<(usize, usize)>) -> Vec<(usize, usize)> {
+    pub fn set(&mut self, wanted: &HashSet<Range>) -> Vec<Range> {
         self.held.retain(|range, _| wanted.contains(range));
         let mut refused = Vec::new();
-        for &(start, len) in wanted {
-            if start == 0 || len == 0 || self.held.contains_key(&(start, len)) {
+        for &range in wanted {
+            if range.start == 0 || range.len == 0 || self.held.contains_key(&range) {
                 continue;
             }
             let slot = (self.held.len() < PER_CONNECTION)
-                .then(|| register(start, len))
+                .then(|| register(range.start, range.len, range.page))
                 .flatten();
             match slot {
                 Some(slot) => {
-                    self.held.insert((start, len), slot);
+                    self.held.insert(range, slot);
                 }
-                None => refused.push((start, len)),
+                None => refused.push(range),
             }
         }
         refused
@@ -259,9 +290,13 @@ mod tests {
 
     /// `count` fake ranges of one page, `tag` apart from those of other tests (nothing is
     /// mapped there; only the registry sees them).
-    fn fake_ranges(tag: usize, count: usize) -> HashSet<(usize, usize)> {
+    fn fake_ranges(tag: usize, count: usize) -> HashSet<Range> {
         (0..count)
-            .map(|i| ((0x7000_0000_0000 + (tag << 32)) + (i << 16), 4096))
+            .map(|i| Range {
+                start: (0x7000_0000_0000 + (tag << 32)) + (i << 16),
+                len: 4096,
+                page: 4096,
+            })
             .collect()
     }
 
@@ -298,7 +333,13 @@ mod tests {
         // SAFETY: within the mapping, and the file covers it.
         unsafe { bytes.add(len - 1).write_volatile(7) };
         let mut guards = Guards::default();
-        assert!(guards.set(&HashSet::from([(ptr as usize, len)])).is_empty());
+        let range = Range {
+            start: ptr as usize,
+            len,
+            page: crate::fdcheck::page_size(&file).unwrap(),
+        };
+        assert_eq!(range.page, PAGE.load(Ordering::Relaxed));
+        assert!(guards.set(&HashSet::from([range])).is_empty());
         // The frontend cuts the file to one page.
         file.set_len(PAGE.load(Ordering::Relaxed) as u64).unwrap();
         let before = replaced_pages();
@@ -310,7 +351,7 @@ mod tests {
         unsafe { bytes.add(len - 2).write_volatile(9) };
         assert_eq!(replaced_pages(), before + 1);
         drop(guards);
-        assert!(!registered(ptr as usize));
+        assert!(registered(ptr as usize).is_none());
         // SAFETY: unmaps what was mapped above.
         unsafe { libc::munmap(ptr, len) };
     }
@@ -321,7 +362,7 @@ mod tests {
         let table = fake_ranges(10, 300);
         assert!(guards.set(&table).is_empty());
         let first = *table.iter().next().unwrap();
-        assert!(registered(first.0 + 100));
+        assert_eq!(registered(first.start + 100), Some(4096));
         // The same ranges again (a newer table over the same mappings): nothing new.
         assert!(guards.set(&table).is_empty());
         assert_eq!(guards.count(), 300);
@@ -331,16 +372,14 @@ mod tests {
         let refused = guards.set(&more);
         assert_eq!(refused.len(), 300);
         assert!(refused.iter().all(|r| !table.contains(r)));
-        assert!(refused.iter().all(|r| !registered(r.0)));
+        assert!(refused.iter().all(|r| registered(r.start).is_none()));
         assert_eq!(guards.count(), PER_CONNECTION);
-        assert!(table.iter().all(|r| registered(r.0)));
+        assert!(table.iter().all(|r| registered(r.start).is_some()));
         // Ranges no table holds any more are unregistered.
         assert!(guards.set(&fake_ranges(11, 10)).is_empty());
         assert_eq!(guards.count(), 10);
-        assert!(!registered(first.0));
+        assert!(registered(first.start).is_none());
         drop(guards);
-        assert!(!registered(
-            fake_ranges(11, 1).into_iter().next().unwrap().0
-        ));
+        assert!(registered(fake_ranges(11, 1).into_iter().next().unwrap().start).is_none());
     }
 }

@@ -731,8 +731,10 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
             allow(&mut rules, &[libc::SYS_getsockopt]);
             ioctl_fionbio(&mut rules)?;
             // Whether a memory region's file is sealed against shrinking (an unsealed one is
-            // registered with the SIGBUS handler).
+            // registered with the SIGBUS handler), and the size of its pages (fstatfs: huge
+            // pages on hugetlbfs).
             allow_arg_in(&mut rules, libc::SYS_fcntl, 1, &[libc::F_GET_SEALS as u64])?;
+            allow(&mut rules, &[libc::SYS_fstatfs]);
         }
         Role::Export => {
             // A connection's set-up and teardown, and the threads it starts, which inherit
