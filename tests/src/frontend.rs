@@ -84,6 +84,55 @@ impl GuestRam {
         }
     }
 
+    /// `len` bytes (a multiple of 2 MiB) of zeroed guest memory on huge pages: a memfd made
+    /// with MFD_HUGETLB and without MFD_ALLOW_SEALING, so that it cannot be sealed, as the
+    /// hugetlbfs files of QEMU's `memory-backend-file,mem-path=/dev/hugepages` cannot. Panics,
+    /// naming `/proc/sys/vm/nr_hugepages`, when the host has no huge pages to give.
+    pub fn huge(len: usize) -> GuestRam {
+        let short = |what: &str, e: std::io::Error| -> ! {
+            let reserved = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+                .unwrap_or_else(|e| format!("unreadable ({e})"));
+            panic!(
+                "{what} of {len} bytes of guest memory on 2 MiB huge pages failed: {e}; this                  test needs huge pages reserved (as root: `echo 64 > /proc/sys/vm/nr_hugepages`;                  /proc/sys/vm/nr_hugepages is {})",
+                reserved.trim()
+            )
+        };
+        // SAFETY: memfd_create with a C string literal and flags; the result is checked.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"hostile-huge-ram".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+            )
+        };
+        if fd < 0 {
+            short("memfd_create(MFD_HUGETLB)", std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        if let Err(e) = file.set_len(len as u64) {
+            short("ftruncate", e);
+        }
+        // SAFETY: maps `len` bytes of a file of that size, shared; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            short("mmap", std::io::Error::last_os_error());
+        }
+        GuestRam {
+            file,
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
     /// Where the memory is mapped here (the region's `userspace_addr`).
     pub fn addr(&self) -> u64 {
         self.ptr as u64

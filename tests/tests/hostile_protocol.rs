@@ -9,7 +9,9 @@
 //! Among them: memory tables sent one after another until the SIGBUS guards would run out
 //! (then a truncation must still read as zeros), connections of three exports filling their
 //! memory slots with unsealable memory (a truncation past what the guards once held reads as
-//! zeros too), memory slots past the advertised maximum
+//! zeros too), unsealable guest memory on huge pages truncated with reads in flight (the huge
+//! pages cut off read as zeros; needs huge pages reserved, `/proc/sys/vm/nr_hugepages`),
+//! memory slots past the advertised maximum
 //! (refused), a backend request channel whose send timeout the frontend resets (an online
 //! resize still completes), and a frontend that fills its memory slots in a process short of
 //! file descriptors (another export's connection is closed, the export goes on).
@@ -1744,6 +1746,61 @@ fn unsealed_memory_of_many_connections_stays_guarded() {
         std::thread::sleep(Duration::from_millis(20));
     }
     s.still_serving("after three connections filled their slots with unsealed memory");
+}
+
+/// Guest memory on 2 MiB huge pages that cannot be sealed (a memfd made with MFD_HUGETLB
+/// and without MFD_ALLOW_SEALING, like the hugetlbfs files of QEMU's
+/// `memory-backend-file,mem-path=/dev/hugepages`), holding the rings and the buffers of reads
+/// in flight, truncated under the daemon and kicked: the huge pages cut off must read as zeros
+/// (a zero page of 4 KiB cannot be mapped into a huge-page mapping), not kill the daemon; the
+/// attacked export takes the next client and the other export answers. Needs huge pages
+/// reserved (`/proc/sys/vm/nr_hugepages`, which `.ci/run` sets): without them it fails.
+#[test]
+fn guest_memory_on_huge_pages_truncated_under_the_daemon() {
+    const HUGE: u64 = 2 << 20;
+    const LEN: usize = 8 << 20;
+    let mut s = setup("huge-pages");
+    let ram = GuestRam::huge(LEN);
+    let mut fe = RawFrontend::connect(&s.disk, 2).unwrap();
+    fe.set_memory(&ram, LEN as u64).unwrap();
+    // Rings in the first huge page, the reads' buffers spread over the three others.
+    fe.start_queue(&ram, 0, 128).unwrap();
+    for (i, table) in [0x30000u64, 0x40000, 0x50000].into_iter().enumerate() {
+        let header = HEADER + 0x200 * i as u64;
+        ram.write_header(header, T_IN, 0);
+        let buffers: Vec<(u64, u32)> = (0..4)
+            .map(|b| (HUGE * (i as u64 + 1) + (b << 19), 1 << 19))
+            .collect();
+        let len = ram.write_request_table(table, header, &buffers, true, header + 0x100);
+        fe.push_indirect(&ram, 0, table, len);
+    }
+    let line = "cut guest memory short";
+    let before = s.count(line);
+    // Nothing here touches guest memory from now on: the test's own mapping of it faults too.
+    ram.file.set_len(0).unwrap();
+    for _ in 0..10 {
+        fe.kick(0);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(fe);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while s.count(line) == before {
+        if let Some(status) = s.daemon.try_exit_status() {
+            panic!(
+                "the daemon died ({status}) when it touched truncated guest memory on huge \
+                 pages; stderr:\n{}",
+                s.daemon.stderr()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection never reported the pages it read as zeros; stderr:\n{}",
+            s.daemon.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(ram);
+    s.still_serving("after guest memory on huge pages was truncated under the daemon");
 }
 
 /// The daemon advertises how many memory slots a frontend may add (GET_MAX_MEM_SLOTS); one
