@@ -1085,10 +1085,24 @@ fn idle_exports_share_one_listener_thread() {
     wait_for_list(&control, "17 exports", |e| e.len() == 17);
 
     // Idle: main, signals, control, the listener, the relay thread and the inflate pool; no
-    // export thread.
-    let idle = thread_names(d.pid());
+    // export thread. A thread of start-up may still be ending, or one of the pool starting
+    // (named after its parent until it names itself): wait (bounded) for the threads to be
+    // those, then check them.
     let count =
         |names: &[String], prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let idle = loop {
+        let names = thread_names(d.pid());
+        let pool = count(&names, "qcow2d-inflate");
+        let settled = count(&names, "qcow2d-listen") == 1
+            && count(&names, "qcow2d-relay") == 1
+            && count(&names, "qcow2d-export") == 0
+            && names.len() == 5 + pool;
+        if settled || Instant::now() >= deadline {
+            break names;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(count(&idle, "qcow2d-listen"), 1, "{idle:?}");
     assert_eq!(count(&idle, "qcow2d-relay"), 1, "{idle:?}");
     assert_eq!(count(&idle, "qcow2d-export"), 0, "{idle:?}");
