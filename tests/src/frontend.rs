@@ -93,7 +93,9 @@ impl GuestRam {
             let reserved = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
                 .unwrap_or_else(|e| format!("unreadable ({e})"));
             panic!(
-                "{what} of {len} bytes of guest memory on 2 MiB huge pages failed: {e}; this                  test needs huge pages reserved (as root: `echo 64 > /proc/sys/vm/nr_hugepages`;                  /proc/sys/vm/nr_hugepages is {})",
+                "{what} of {len} bytes of guest memory on 2 MiB huge pages failed: {e}; this \
+                 test needs huge pages reserved (as root: `echo 64 > \
+                 /proc/sys/vm/nr_hugepages`; /proc/sys/vm/nr_hugepages is {})",
                 reserved.trim()
             )
         };
