@@ -728,3 +728,26 @@ fn repair_copied_flags_in_an_l1_table_the_header_names() {
     assert_eq!((before.corruptions, before.leaks), (43, 6));
     assert_eq!(repair_consistent(image), (32, 0));
 }
+
+/// Found by the repair comparison: 2-bit refcounts, and L2 tables in the refcount table's
+/// cluster (0x200) and others that more references name than 2 bits count. The count stopped
+/// at 3, equal to the L1 entries naming the table, so the repair took the tables as theirs
+/// alone and cleared COPIED flags in them, over the refcount table (1316 corruptions became
+/// 1286). A cluster whose count overflowed is never taken as one table's alone now, and the
+/// repair leaves those tables as they are.
+#[test]
+fn repair_never_writes_a_table_in_a_cluster_whose_count_overflowed() {
+    let image = include_bytes!("data/fuzz/repair-l2-table-in-an-overflowed-cluster.img");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.img");
+    std::fs::write(&path, image).unwrap();
+    assert_eq!(check(&path, false).unwrap().corruptions, 1316);
+    let repaired = check(&path, true).unwrap();
+    assert!(
+        repaired.messages.iter().any(|m| m
+            == "Not rewriting the L2 table at 0x200: its cluster is also used by other metadata"),
+        "{:?}",
+        repaired.messages
+    );
+    assert_eq!(repair_consistent(image), (1316, 0));
+}

@@ -315,10 +315,12 @@ impl Analysis {
 impl Analysis {
     /// Whether the `refs` references of the table the repair writes are all cluster `c` has,
     /// but those from the header's cluster walked as an L2 table, which name no guest data
-    /// ([`Analysis::header_l2_refs`]; then only where the count cannot have saturated).
+    /// ([`Analysis::header_l2_refs`]). Never where the count overflowed the refcount width
+    /// ([`Analysis::overflowed`]): it stopped at the maximum and hides other users.
     pub(super) fn only_as(&self, c: u64, refs: u64) -> bool {
         let header = self.header_l2_refs.get(&c).copied().unwrap_or(0);
-        self.expected_at(c) == Some(refs + header) && (header == 0 || refs + header < self.g.rc_max)
+        let overflowed = self.overflowed.as_ref().is_none_or(|set| set.contains(&c));
+        !overflowed && self.expected_at(c) == Some(refs + header)
     }
 }
 

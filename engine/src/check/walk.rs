@@ -12,7 +12,7 @@
 //! layer's parsers. It runs on the thread that called [`super::check`].
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use super::tables::L2Use;
@@ -24,6 +24,9 @@ use crate::format::{
     MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAP_TABLE_ENTRIES, MAX_SNAPSHOTS, REFT_OFFSET_MASK,
     REFT_RESERVED_MASK, SNAPSHOT_HEADER_BYTES,
 };
+
+/// How many overflowed clusters an analysis lists (see [`Analysis::overflowed`]).
+const MAX_OVERFLOWED: usize = 1 << 16;
 
 /// What [`Analysis::inc`] calls the snapshot table's region.
 pub(super) const SNAPSHOT_TABLE: &str = "snapshot table";
@@ -227,6 +230,10 @@ pub(super) struct Analysis {
     pub(super) header_l2_refs: HashMap<u64, u64>,
     /// Whether the walk is in the header's cluster as an L2 table now.
     pub(super) in_header_l2: bool,
+    /// Clusters with more references than the refcount width holds: their expected
+    /// refcount stopped at the maximum, and says nothing of who else uses them. `None` once
+    /// more than [`MAX_OVERFLOWED`] did (then any cluster may have).
+    pub(super) overflowed: Option<HashSet<u64>>,
     /// References to clusters past the end of the file (reported, not counted).
     pub(super) past_eof: u64,
     /// Where the lowest of them starts (`u64::MAX` without any).
@@ -370,6 +377,7 @@ pub(super) fn count(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysi
         l2_tables: HashMap::new(),
         header_l2_refs: HashMap::new(),
         in_header_l2: false,
+        overflowed: Some(HashSet::new()),
         past_eof: 0,
         past_eof_from: u64::MAX,
         past_eof_from_but_table: u64::MAX,
@@ -475,6 +483,12 @@ impl Analysis {
         for c in first..=last {
             let e = self.counts.get(c);
             if e >= self.g.rc_max {
+                if let Some(set) = self.overflowed.as_mut() {
+                    set.insert(c);
+                    if set.len() > MAX_OVERFLOWED {
+                        self.overflowed = None;
+                    }
+                }
                 self.corrupt(format!(
                     "ERROR: overflow cluster offset={:#x}: more references than {}-bit refcounts hold",
                     c << self.g.cb,
