@@ -1,41 +1,46 @@
 //! The last line of defence against a frontend that shrinks guest memory under the daemon.
 //!
-//! Guest memory is a file the frontend shares (`crate::fdcheck` checks each region against its
-//! file and seals the file against shrinking). A file that cannot be sealed (a memfd made
-//! without MFD_ALLOW_SEALING, as libblkio makes them, or a hugetlbfs or tmpfs file) can still
-//! be truncated by the frontend while the daemon maps it; the next access to a page past the
-//! new end raises SIGBUS, whose default action kills the whole daemon.
+//! Guest memory is a file the frontend shares (`crate::fdcheck` checks each region against its file
+//! and seals the file against shrinking). A file that cannot be sealed (a memfd made without
+//! MFD_ALLOW_SEALING, as libblkio makes them, or a hugetlbfs or tmpfs file) can still be truncated
+//! by the frontend while the daemon maps it; the next access to a page past the new end raises
+//! SIGBUS, whose default action kills the whole daemon.
 //!
-//! So the daemon handles SIGBUS ([`install`], once at start-up): when the faulting address
-//! lies in guest memory registered here ([`Guards`], by each connection for the regions of its
-//! memory tables), the page is replaced by a private zero page (`mmap` with MAP_FIXED, which is
-//! async-signal-safe) and the access is retried: the guest that cut its own memory reads
-//! zeros there, and its writes land in a page nobody else sees. The page replaced is one of
-//! the mapping's own pages: each range is registered with its file's page size (a huge page
-//! for hugetlbfs files and MFD_HUGETLB memfds, `crate::fdcheck::page_size`), and the whole
-//! page holding the fault, aligned to that size, is replaced (the kernel splits a hugetlb
-//! mapping only at huge-page boundaries: a 4 KiB page cannot be mapped into one). Anything else is not ours to
-//! handle: the handler restores the default action and returns, so the access faults again
-//! and the process dies as it would have. The kernel's own accesses (io_uring reads and
-//! writes of guest memory) never raise SIGBUS: they fail with EFAULT, and the request with
-//! IOERR.
+//! So the daemon handles SIGBUS ([`install`], once at start-up): when the faulting address lies in
+//! guest memory registered here ([`Guards`], by each connection for the regions of its memory
+//! tables), the page is replaced by a private zero page (`mmap` with MAP_FIXED, which is
+//! async-signal-safe) and the access is retried: the guest that cut its own memory reads zeros
+//! there, and its writes land in a page nobody else sees. The page replaced is one of the mapping's
+//! own pages: each range is registered with its file's page size (a huge page for hugetlbfs files
+//! and MFD_HUGETLB memfds, `crate::fdcheck::page_size`), and the whole page holding the fault,
+//! aligned to that size, is replaced (the kernel splits a hugetlb mapping only at huge-page
+//! boundaries: a 4 KiB page cannot be mapped into one). Ranges of memory tables no longer used may
+//! stay registered for a while, and the address space they covered may meanwhile hold another
+//! mapping: when several registered ranges hold the fault, the smallest of their page sizes is
+//! used, so the handler never replaces more than the faulting mapping's own page (a size too small
+//! for a hugetlb mapping makes the `mmap` fail, and the process dies as it would have, rather than
+//! losing memory next to the page). Anything else is not ours to handle: the handler restores the
+//! default action and returns, so the access faults again and the process dies as it would have.
+//! The kernel's own accesses (io_uring reads and writes of guest memory) never raise SIGBUS: they
+//! fail with EFAULT, and the request with IOERR.
 //!
-//! Regions whose files are sealed against shrinking cannot be cut short and are not
-//! registered; only the others are (`BlkBackend::update_memory` asks `crate::fdcheck`).
+//! Regions whose files are sealed against shrinking cannot be cut short and are not registered;
+//! only the others are (`BlkBackend::update_memory` asks `crate::fdcheck`).
 //!
-//! The registry takes no lock in the handler and allocates nothing there: it is a list of
-//! chunks of [`CHUNK`] slots (start, end and page size of a range, atomics), grown by the threads that
-//! register ranges (under a mutex the handler never takes), each chunk published with a
-//! release store once it is initialised and never freed, so the handler can read every
-//! published chunk at any time. The handler scans the slots ever used (up to [`HIGH`]), a
-//! linear scan: it runs only when a frontend cut its memory short, once per page it then
-//! replaces; with the unsealed regions of a few connections that is a few thousand atomics
-//! (microseconds, about the cost of the mmap that follows), and it stays within tens of
-//! microseconds for a full registry. A sorted or hashed registry would need a lock or a
-//! copy on every change, and a change is far more frequent than a fault. The registry holds at most [`MAX_SLOTS`] ranges (as many as the mappings a process may
-//! have by default, `vm.max_map_count`), and one connection at most [`PER_CONNECTION`], so
-//! that one frontend cannot take the room of the others. A range that cannot be registered
-//! is for the caller to refuse ([`Guards::set`] says which): its table is not used.
+//! The registry takes no lock in the handler and allocates nothing there: it is a list of chunks of
+//! [`CHUNK`] slots (start, end and page size of a range, and a generation that changes whenever the
+//! slot is freed, atomics), grown by the threads that register ranges (under a mutex the handler
+//! never takes), each chunk published with a release store once it is initialised and never freed,
+//! so the handler can read every published chunk at any time. The handler scans the slots ever used
+//! (up to [`HIGH`]), a linear scan: it runs only when a frontend cut its memory short, once per
+//! page it then replaces; with the unsealed regions of a few connections that is a few thousand
+//! atomics (microseconds, about the cost of the mmap that follows), and it stays within tens of
+//! microseconds for a full registry. A sorted or hashed registry would need a lock or a copy on
+//! every change, and a change is far more frequent than a fault. The registry holds at most
+//! [`MAX_SLOTS`] ranges (as many as the mappings a process may have by default,
+//! `vm.max_map_count`), and one connection at most [`PER_CONNECTION`], so that one frontend cannot
+//! take the room of the others. A range that cannot be registered is for the caller to refuse
+//! ([`Guards::set`] says which): its table is not used.
 //!
 //! Any thread may register and unregister ranges; a connection's frontend thread does.
 
@@ -57,11 +62,14 @@ pub const MAX_SLOTS: usize = CHUNK * MAX_CHUNKS;
 pub const PER_CONNECTION: usize = 2 * crate::relay::MAX_MEM_SLOTS;
 
 /// One chunk of slots: per slot, the start (0: free, `usize::MAX`: being claimed), the end
-/// (exclusive) and the page size of a guest-memory mapping.
+/// (exclusive) and the page size of a guest-memory mapping, and the slot's generation (bumped
+/// before the slot is freed, so a reader sees when the slot changed range under it, even to a
+/// range with the same start).
 struct Chunk {
     starts: [AtomicUsize; CHUNK],
     ends: [AtomicUsize; CHUNK],
     pages: [AtomicUsize; CHUNK],
+    generations: [AtomicUsize; CHUNK],
 }
 
 /// The published chunks, in order (a chunk is published only after the one before it).
@@ -108,9 +116,10 @@ pub fn install() -> io::Result<()> {
     Ok(())
 }
 
-/// The page size of the registered range `addr` lies in, if it lies in one
+/// The smallest page size of the registered ranges `addr` lies in, if it lies in one
 /// (async-signal-safe: atomics only).
 fn registered(addr: usize) -> Option<usize> {
+    let mut smallest: Option<usize> = None;
     let high = HIGH.load(Ordering::Acquire);
     for index in 0..high.div_ceil(CHUNK) {
         let Some(chunk) = chunk(index) else {
@@ -118,18 +127,22 @@ fn registered(addr: usize) -> Option<usize> {
         };
         let used = (high - index * CHUNK).min(CHUNK);
         for at in 0..used {
+            let generation = chunk.generations[at].load(Ordering::Acquire);
             let start = chunk.starts[at].load(Ordering::Acquire);
             if start == 0 || addr < start || addr >= chunk.ends[at].load(Ordering::Acquire) {
                 continue;
             }
             let page = chunk.pages[at].load(Ordering::Acquire);
-            // The slot still holds the range its end and page size were read for.
-            if chunk.starts[at].load(Ordering::Acquire) == start {
-                return Some(page);
+            // The slot still holds the range its end and page size were read for: neither
+            // freed (which bumps the generation first) nor claimed again since.
+            if chunk.starts[at].load(Ordering::Acquire) == start
+                && chunk.generations[at].load(Ordering::Acquire) == generation
+            {
+                smallest = Some(smallest.map_or(page, |s| s.min(page)));
             }
         }
     }
-    None
+    smallest
 }
 
 extern "C" fn on_sigbus(
@@ -159,7 +172,7 @@ extern "C" fn on_sigbus(
                 page as *mut libc::c_void,
                 page_size,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
@@ -174,21 +187,24 @@ extern "C" fn on_sigbus(
     unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
 }
 
-/// One registered range; unregistered when dropped.
-struct Slot(&'static AtomicUsize);
+/// One registered range (a chunk and a slot in it); unregistered when dropped.
+struct Slot(&'static Chunk, usize);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.store(0, Ordering::Release);
+        let Slot(chunk, at) = *self;
+        chunk.generations[at].fetch_add(1, Ordering::AcqRel);
+        chunk.starts[at].store(0, Ordering::Release);
     }
 }
 
 /// Claims a free slot of `chunk`, marked as being claimed.
 fn claim_in(index: usize, chunk: &'static Chunk) -> Option<(usize, &'static Chunk)> {
     let free = chunk.starts.iter().position(|start| {
-        start
-            .compare_exchange(0, usize::MAX, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
+        start.load(Ordering::Relaxed) == 0
+            && start
+                .compare_exchange(0, usize::MAX, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
     })?;
     Some((index * CHUNK + free, chunk))
 }
@@ -213,6 +229,7 @@ fn claim() -> Option<(usize, &'static Chunk)> {
         starts: [const { AtomicUsize::new(0) }; CHUNK],
         ends: [const { AtomicUsize::new(0) }; CHUNK],
         pages: [const { AtomicUsize::new(0) }; CHUNK],
+        generations: [const { AtomicUsize::new(0) }; CHUNK],
     }));
     fresh.starts[0].store(usize::MAX, Ordering::Relaxed);
     CHUNKS[index].store(std::ptr::from_ref(fresh).cast_mut(), Ordering::Release);
@@ -228,7 +245,7 @@ fn register(start: usize, len: usize, page: usize) -> Option<Slot> {
     chunk.ends[at].store(start.saturating_add(len), Ordering::Release);
     chunk.pages[at].store(page, Ordering::Release);
     chunk.starts[at].store(start, Ordering::Release);
-    Some(Slot(&chunk.starts[at]))
+    Some(Slot(chunk, at))
 }
 
 /// A guest-memory mapping to guard: its host address, its length, and the size of the pages
@@ -354,6 +371,45 @@ mod tests {
         assert!(registered(ptr as usize).is_none());
         // SAFETY: unmaps what was mapped above.
         unsafe { libc::munmap(ptr, len) };
+    }
+
+    #[test]
+    fn overlapping_ranges_with_different_page_sizes_replace_the_smallest_page() {
+        const HUGE: usize = 2 << 20;
+        let start = 0x7000_0000_0000 + (20 << 32);
+        let huge = Range {
+            start,
+            len: 4 * HUGE,
+            page: HUGE,
+        };
+        let small = Range {
+            start: start + HUGE,
+            len: 4096 * 16,
+            page: 4096,
+        };
+        // Either order of registration: the smaller page size wins where both hold the address.
+        for (first, second) in [(huge, small), (small, huge)] {
+            let mut older = Guards::default();
+            assert!(older.set(&HashSet::from([first])).is_empty());
+            let mut newer = Guards::default();
+            assert!(newer.set(&HashSet::from([second])).is_empty());
+            assert_eq!(registered(start + HUGE + 100), Some(4096));
+            assert_eq!(registered(start + 100), Some(HUGE));
+            assert_eq!(registered(start + 3 * HUGE), Some(HUGE));
+            // The same start registered again with another page size, after being freed.
+            drop(older);
+            drop(newer);
+            assert_eq!(registered(start + HUGE + 100), None);
+        }
+        let mut again = Guards::default();
+        let small_at_start = Range {
+            start,
+            len: 4096,
+            page: 4096,
+        };
+        assert!(again.set(&HashSet::from([small_at_start])).is_empty());
+        assert_eq!(registered(start + 100), Some(4096));
+        assert_eq!(registered(start + HUGE), None);
     }
 
     #[test]
