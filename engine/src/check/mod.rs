@@ -47,6 +47,11 @@ use walk::{read_header, read_snapshots, Analysis};
 /// in-memory refcount table does; a check that would need more fails ("check not
 /// completed").
 pub const MAX_CHECK_MEMORY: u64 = 256 << 20;
+/// Most memory a rehearsed repair ([`Target::rehearse`]) may take for the writes it would
+/// make, besides its expected refcounts: the refcount blocks of a rebuild of a 2 TiB image
+/// of 64 KiB clusters with 16-bit refcounts. A rehearsal that needs more is not made, and
+/// neither is the rebuild it was for.
+pub const MAX_REHEARSAL_MEMORY: u64 = 64 << 20;
 /// How many mismatching clusters a report lists; the counts cover all of them.
 pub const MAX_LISTED_CLUSTERS: usize = 100;
 /// How many messages a report keeps; the rest are counted in one final message.
@@ -230,10 +235,13 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
             "Not rebuilding the refcount structure: with the refcount blocks the check cannot read rebuilt, {} corruptions and {} leaks would remain where it found {} and {} (COPIED flags behind those blocks, in tables the repair does not rewrite)",
             r.corruptions, r.leaks, found.0, found.1
         )),
+        Ok(_) => None,
         Err(e) if e.kind() == ErrorKind::Io => return Err(e),
-        // Rehearsed without a worse end, or it could not be (more memory than a check may
-        // take): repaired as it would be without a rehearsal.
-        Ok(_) | Err(_) => None,
+        // Not known to end no worse (more memory than a rehearsal may take, or the repair
+        // failed): not made.
+        Err(e) => Some(format!(
+            "Not rebuilding the refcount structure behind the refcount blocks the check cannot read: the rebuild could not be rehearsed ({e})"
+        )),
     };
     let first = analyze(&mut t, &snapshots)?;
     repair_image(&mut t, first, snapshots, cut, log, refusal)
@@ -653,7 +661,7 @@ impl Target {
 
     /// Runs `f` with every write and growth of the file kept in memory instead (reads see
     /// them), and drops them after: what a repair would leave, without writing anything.
-    /// What it keeps is bounded by [`MAX_CHECK_MEMORY`] (a write past that fails).
+    /// What it keeps is bounded by [`MAX_REHEARSAL_MEMORY`] (a write past that fails).
     fn rehearse<R>(&mut self, f: impl FnOnce(&mut Target) -> R) -> R {
         let writes = self.writes;
         self.dry = Some(DryRun::default());
@@ -687,14 +695,14 @@ impl Target {
             let held = self.dry.as_ref().is_none_or(|d| d.pages.contains_key(&p));
             if !held {
                 if self.dry.as_ref().map_or(0, |d| d.pages.len() as u64) * DRY_PAGE
-                    >= MAX_CHECK_MEMORY
+                    >= MAX_REHEARSAL_MEMORY
                 {
                     return Err(Error::new(
                         ErrorKind::Unsupported,
                         format!(
                             "{}: rehearsing the repair would hold more than {} MiB",
                             self.path,
-                            MAX_CHECK_MEMORY >> 20
+                            MAX_REHEARSAL_MEMORY >> 20
                         ),
                     ));
                 }
