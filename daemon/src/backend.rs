@@ -1,16 +1,22 @@
-//! The vhost-user-blk device: what vhost-user-backend asks a backend for.
+//! The vhost-user-blk device of one connection: features, config space, the write-cache mode,
+//! the workers' per-thread state and their events.
 //!
 //! One [`BlkBackend`] serves one frontend connection of one export (a fresh one, with fresh
 //! engine shards, per connection, so no state leaks from one client to the next; what the
 //! previous client wrote was made durable before its shards were dropped). Its methods run on
-//! three kinds of threads:
-//! - the vhost-user frontend thread (feature negotiation, config space and its `writeback`
-//!   byte, memory table, GET_VRING_BASE via [`BlkBackend::stop_vring`]);
-//! - the worker threads, one per engine shard, each running vhost-user-backend's epoll loop and
-//!   calling [`BlkBackend::handle_event`] for kicks of the queues it owns and for its shard's
-//!   completion eventfd. Queue `q` is served by worker `q % shards`; the shards of a writable
-//!   image form a group and pass each other the pieces of requests whose L2 tables another
-//!   shard owns (see the engine's `shard/group.rs`);
+//! these threads:
+//! - the relay thread, which runs the connection's request handler ([`crate::handler`]:
+//!   feature negotiation, config space and its `writeback` byte, memory table). It never
+//!   takes a worker's mutex: a write-cache change is recorded and applied by each worker before
+//!   its next event, and GET_VRING_BASE waits (held back by the relay, not blocking it) until
+//!   the queue's worker has stopped the queue on its own thread ([`BlkBackend::stop_queues`]);
+//! - the worker threads, one per engine shard, each running its own epoll loop
+//!   ([`crate::worker_loop`]) and calling [`BlkBackend::handle_event`] for kicks of the queues
+//!   it owns, its shard's completion eventfd and its timer. Queue `q` is served by worker
+//!   `q % shards`; the shards of a writable image form a group and pass each other the pieces
+//!   of requests whose L2 tables another shard owns (see the engine's `shard/group.rs`);
+//! - the main thread (a stop quiesces the queues), the control thread (a resize suspends and
+//!   resumes the shards);
 //! - the thread that tears the connection down, which calls [`BlkBackend::finish`] once the
 //!   connection's other threads are gone.
 //!
@@ -18,9 +24,9 @@
 //! [`BlkBackend::inflight`], where the workers pick it up.
 //!
 //! Per-thread state ([`Worker`]) sits in a `Mutex` per worker thread, indexed by thread id; only
-//! its own thread takes it on the data path, so it is uncontended. The frontend thread takes
-//! one worker's mutex at a time (GET_VRING_BASE, a write-cache change) and never while holding
-//! another lock of ours, so it cannot deadlock with the data path.
+//! its own thread takes it on the data path, so it is uncontended. The main and control
+//! threads take one worker's mutex at a time (quiesce, resize) and never while holding
+//! another lock of ours, so they cannot deadlock with the data path.
 //!
 //! The write-cache mode belongs to the export, not to a connection: a driver that turned the
 //! cache off and reconnects (QEMU with `reconnect=1`) must not find it silently on again.
@@ -33,26 +39,24 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use qcow2d_engine::Image;
 use tracing::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::block_io::{BlockIo, EngineIo};
 use crate::budget::{Budgets, ConnectionBudget, Gate};
-use crate::exit_events::ExitEvents;
 use crate::inflight::InflightShared;
 use crate::metrics::ExportMetrics;
 use crate::relay::BackendChannel;
 use crate::request::DeviceInfo;
-use crate::sandbox::{seccomp, Role};
 use crate::throttle::{ExportThrottle, WorkerThrottle};
 use crate::timer::Timer;
 use crate::virtio_blk::{
     device_features, writeback_written, BlkConfig, MAX_QUEUES, MAX_QUEUE_SIZE,
 };
 use crate::worker::{Vring, Worker};
+use crate::worker_loop::WorkerLoop;
 
 /// Failures while building a backend.
 #[derive(Debug, thiserror::Error)]
@@ -75,9 +79,9 @@ pub enum BackendError {
         #[source]
         source: io::Error,
     },
-    /// The workers' exit eventfds could not be created.
-    #[error("Cannot create the exit events of the worker threads")]
-    ExitEvents(#[source] io::Error),
+    /// The eventfd that tells the relay a queue stopped could not be created.
+    #[error("Cannot create the queue-stopped eventfd")]
+    Stopped(#[source] io::Error),
     /// A worker's timer could not be duplicated to wake it.
     #[error("Cannot duplicate the timer of a worker")]
     Wakers(#[source] io::Error),
@@ -116,8 +120,8 @@ pub struct DeviceParams {
     pub budgets: Budgets,
 }
 
-/// The handlers of a connection's worker threads (their epoll loops), in worker order.
-pub type Handlers = Vec<Arc<VringEpollHandler<Arc<BlkBackend>>>>;
+/// The event loops of a connection's worker threads, in worker order.
+pub type Handlers = Vec<Arc<WorkerLoop>>;
 
 /// How long a resize waits for the requests in flight to complete.
 const SUSPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -131,7 +135,15 @@ pub struct BlkBackend {
     capacity: std::sync::atomic::AtomicU64,
     config: ConfigSpace,
     workers: Vec<Mutex<Worker<EngineIo>>>,
-    exit_events: ExitEvents,
+    /// Bumped whenever the write-cache mode may have changed; each worker applies the mode
+    /// before its next event once it sees a generation it has not applied
+    /// (`cache_applied[thread]`, changed only under that worker's lock), so that the relay
+    /// thread never waits for a worker's lock.
+    cache_generation: std::sync::atomic::AtomicU64,
+    cache_applied: Vec<std::sync::atomic::AtomicU64>,
+    /// Written by a worker once it has stopped the queues the relay asked it to stop
+    /// (GET_VRING_BASE); the relay watches it.
+    stopped: EventFd,
     event_idx: AtomicBool,
     /// Set by [`BlkBackend::quiesce`]: queue kicks are no longer processed, so requests the
     /// guest adds stay in the available ring for whoever serves it next.
@@ -165,7 +177,7 @@ impl MemoryGuards {
     /// that cannot be registered (the connection's share of the registry, or the registry,
     /// is full, or its file's page size cannot be learnt) is taken out of use:
     /// private zero memory is mapped over it, so nothing the frontend does to its file can
-    /// fault there, and the error refuses the table (vhost-user-backend then ends the
+    /// fault there, and the error refuses the table (the request handler then ends the
     /// connection).
     fn update(&mut self, table: &Arc<GuestMemoryMmap>) -> io::Result<()> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -266,6 +278,14 @@ impl MemoryGuards {
         error!("{why}");
         Err(io::Error::other(why))
     }
+
+    /// The table [`MemoryGuards::update`] registered last is held as `table` now (the same
+    /// regions, published): its guards last as long as `table` does.
+    fn now_held_by(&mut self, table: &Arc<GuestMemoryMmap>) {
+        if let Some((held, _)) = self.tables.last_mut() {
+            *held = Arc::downgrade(table);
+        }
+    }
 }
 
 /// The config space of one connection and the write-cache mode behind its `writeback` byte.
@@ -327,23 +347,14 @@ impl ConfigSpace {
     }
 }
 
-/// Which queues each worker thread owns: queue `q` goes to thread `q % threads`.
-pub fn queue_masks(queues: usize, threads: usize) -> Vec<u64> {
-    let threads = threads.max(1);
-    (0..threads)
-        .map(|t| {
-            (0..queues.min(usize::from(MAX_QUEUES)))
-                .filter(|q| q % threads == t)
-                .fold(0u64, |mask, q| mask | (1 << q))
-        })
-        .collect()
-}
-
 impl BlkBackend {
-    /// Creates the backend and one engine shard per worker thread. The workers see no guest
-    /// memory until the frontend's first memory table ([`VhostUserBackend::update_memory`]).
-    pub fn new(image: &Image, params: &DeviceParams) -> Result<Self, BackendError> {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    /// Creates the backend and one engine shard per worker thread. `mem` must be the guest
+    /// memory the connection's request handler publishes memory tables in.
+    pub fn new(
+        image: &Image,
+        params: &DeviceParams,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> Result<Self, BackendError> {
         let num_queues = usize::from(params.num_queues.clamp(1, MAX_QUEUES));
         let shards = params.shards.clamp(1, num_queues);
         let inflight = Arc::new(InflightShared::default());
@@ -377,7 +388,10 @@ impl BlkBackend {
             .collect::<io::Result<Vec<_>>>()
             .map_err(BackendError::Wakers)?;
         budget.set_wakers(wakers);
-        let exit_events = ExitEvents::new(shards).map_err(BackendError::ExitEvents)?;
+        let stopped = EventFd::new(EFD_NONBLOCK).map_err(BackendError::Stopped)?;
+        let cache_applied = (0..shards)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
         // The image's size now: an online resize may have changed it since the export began.
         let capacity = image.virtual_size();
         let backend = BlkBackend {
@@ -399,7 +413,9 @@ impl BlkBackend {
                 Arc::clone(&params.writeback),
             ),
             workers,
-            exit_events,
+            cache_generation: std::sync::atomic::AtomicU64::new(0),
+            cache_applied,
+            stopped,
             event_idx: AtomicBool::new(false),
             quiescing: AtomicBool::new(false),
             inflight,
@@ -411,7 +427,8 @@ impl BlkBackend {
         Ok(backend)
     }
 
-    /// Tells every shard whether to make each write durable before completing it.
+    /// Tells every shard whether to make each write durable before completing it: now,
+    /// taking each worker's lock (set-up, resume).
     fn apply_cache_mode(&self) {
         if self.device.read_only {
             return;
@@ -422,8 +439,62 @@ impl BlkBackend {
         }
     }
 
-    /// Once the connection's threads are gone (the `VhostUserDaemon` dropped): waits for every
-    /// request still in flight, then flushes every shard and returns what it reserved. Every
+    /// Has every worker apply the write-cache mode before it handles its next event (from the
+    /// relay thread, which must not wait for a worker's lock: a worker holds it while it
+    /// drains a queue). Requests already in flight keep the mode they were submitted with,
+    /// as they did when the mode was applied between two events.
+    fn request_cache_mode(&self) {
+        self.cache_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// On worker `thread`, under its lock: applies a mode change it has not applied yet.
+    fn catch_up_cache_mode(&self, thread: usize, worker: &mut Worker<EngineIo>) {
+        let generation = self.cache_generation.load(Ordering::SeqCst);
+        let applied = &self.cache_applied[thread];
+        if applied.load(Ordering::Relaxed) != generation {
+            applied.store(generation, Ordering::Relaxed);
+            if !self.device.read_only {
+                worker.set_writethrough(!self.config.writeback());
+            }
+        }
+    }
+
+    /// The eventfd a worker writes once it has stopped the queues the relay asked it to stop.
+    pub fn stopped_fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.stopped.as_raw_fd()
+    }
+
+    /// Reads [`BlkBackend::stopped_fd`]; true if a stop had completed since the last read.
+    pub fn clear_stopped(&self) -> bool {
+        self.stopped.read().is_ok()
+    }
+
+    /// On worker `thread`: stops each local queue of `mask` (GET_VRING_BASE): no chain is
+    /// taken from it any more, and the requests it has in flight are completed to its used
+    /// ring (this waits for the engine, on the worker's own thread); then tells the relay.
+    pub fn stop_queues(&self, thread: usize, mask: u64, vrings: &[Vring]) {
+        if mask != 0 && thread < self.workers.len() {
+            let mut worker = self.lock(thread);
+            for local in (0..vrings.len().min(64)).filter(|l| mask & (1 << l) != 0) {
+                vrings[local].set_queue_ready(false);
+                let pending = worker.queue_in_flight(local);
+                if pending > 0 {
+                    info!(
+                        queue = local * self.workers.len() + thread,
+                        pending, "Waiting for requests in flight on a stopping queue"
+                    );
+                }
+                worker.stop_queue(local);
+            }
+        }
+        // A full counter is readable already: the relay sees it either way.
+        let _ = self.stopped.write(1);
+    }
+
+    /// Once the connection's worker threads are gone (and the relay has dropped its handler):
+    /// waits for every request still in flight, then flushes every shard and returns what it
+    /// reserved. Every
     /// worker is finished even if one fails; the first error is returned (for the caller to
     /// report), later ones are logged here.
     pub fn finish(&self) -> Result<(), qcow2d_engine::Error> {
@@ -582,8 +653,8 @@ impl BlkBackend {
         self.workers.len()
     }
 
-    /// The epoll data of worker `thread`'s completion eventfd: above the range that
-    /// vhost-user-backend reserves for queues and its exit event (0..=num_queues).
+    /// The epoll data of worker `thread`'s completion eventfd: above the range of the queues'
+    /// kicks (local queue indexes, below `num_queues`).
     fn completion_event(&self, thread: usize) -> u64 {
         (self.num_queues + 1 + thread) as u64
     }
@@ -595,30 +666,17 @@ impl BlkBackend {
 
     /// Adds each worker's shard completion eventfd and throttle timer to that worker's epoll
     /// loop.
-    pub fn register_completions(
-        &self,
-        handlers: &[std::sync::Arc<VringEpollHandler<std::sync::Arc<BlkBackend>>>],
-    ) -> Result<(), BackendError> {
+    pub fn register_completions(&self, handlers: &[Arc<WorkerLoop>]) -> io::Result<()> {
         for (index, handler) in handlers.iter().enumerate() {
             let (fd, timer): (Option<RawFd>, Option<RawFd>) = {
                 let worker = self.lock(index);
                 (worker.io().completion_fd(), worker.timer_fd())
             };
             if let Some(fd) = fd {
-                handler
-                    .register_listener(fd, EventSet::IN, self.completion_event(index))
-                    .map_err(|source| BackendError::RegisterCompletions { index, source })?;
-                // Wakes the worker at once, so that it installs its seccomp filter before any
-                // client reaches it (the spurious completion event finds nothing to do).
-                let one = 1u64;
-                // SAFETY: writes the 8 bytes of a local u64 to an eventfd the shard owns;
-                // failure (a saturated counter) means the worker has an event pending anyway.
-                unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+                handler.register_listener(fd, EventSet::IN, self.completion_event(index))?;
             }
             if let Some(timer) = timer {
-                handler
-                    .register_listener(timer, EventSet::IN, self.timer_event(index))
-                    .map_err(|source| BackendError::RegisterCompletions { index, source })?;
+                handler.register_listener(timer, EventSet::IN, self.timer_event(index))?;
             }
         }
         Ok(())
@@ -641,11 +699,6 @@ impl BlkBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
-
-    /// The worker thread that owns queue `queue`.
-    fn thread_of(&self, queue: usize) -> usize {
-        queue % self.workers.len()
-    }
 }
 
 impl Drop for BlkBackend {
@@ -661,32 +714,27 @@ impl Drop for BlkBackend {
     }
 }
 
-/// vhost-user-backend's request thread reaches the backend only through these callbacks: the
-/// first one installs its filter. The connection's thread, which calls some of them while it
-/// builds the connection, already has its own role, so they leave it alone.
-fn frontend_thread() {
-    seccomp::enter_unless_set(Role::Frontend);
-}
-
-impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = Vring;
-
-    fn num_queues(&self) -> usize {
+/// What the frontend handler (`crate::handler`, on the relay thread) asks of the device, and
+/// the workers' event handling. None of these waits for a worker's lock but
+/// [`BlkBackend::handle_event`] and [`BlkBackend::stop_queues`], which run on the worker.
+impl BlkBackend {
+    /// Queues offered to the guest.
+    pub fn num_queues(&self) -> usize {
         self.num_queues
     }
 
-    fn max_queue_size(&self) -> usize {
+    /// The largest queue the frontend may set up.
+    pub fn max_queue_size(&self) -> usize {
         MAX_QUEUE_SIZE
     }
 
-    fn features(&self) -> u64 {
-        frontend_thread();
+    /// The virtio features offered, with the vhost-user protocol bit.
+    pub fn features(&self) -> u64 {
         device_features(self.device.read_only) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
-    fn acked_features(&self, features: u64) {
-        frontend_thread();
+    /// The driver's features (SET_FEATURES).
+    pub fn acked_features(&self, features: u64) {
         debug!("Guest acknowledged features {features:#x}");
         self.config.ack_features(features);
         // QEMU first acknowledges only the vhost-user protocol bit; a driver's own set always
@@ -695,36 +743,36 @@ impl VhostUserBackend for BlkBackend {
         if from_driver && features & (1 << VIRTIO_BLK_F_FLUSH) == 0 && !self.device.read_only {
             info!("The driver cannot flush: every write is made durable before it completes");
         }
-        self.apply_cache_mode();
+        self.request_cache_mode();
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        frontend_thread();
+    /// The vhost-user protocol features offered (vhost's request handler adds REPLY_ACK).
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            // Answered by the relay in front of vhost-user-backend (see crate::relay).
+            // Answered by the relay (see crate::relay).
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             // The channel the daemon tells the frontend of a resize on.
             | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        frontend_thread();
+    /// Whether EVENT_IDX was negotiated.
+    pub fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        frontend_thread();
+    /// GET_CONFIG.
+    pub fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         self.config.read(offset, size)
     }
 
-    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        frontend_thread();
+    /// SET_CONFIG: only the write-cache byte of a writable export changes anything.
+    pub fn set_config(&self, offset: u32, buf: &[u8]) {
         match self.config.write(offset, buf) {
             Some(writeback) => {
-                self.apply_cache_mode();
+                self.request_cache_mode();
                 info!(
                     "The driver set the write cache to {}",
                     if writeback {
@@ -736,82 +784,42 @@ impl VhostUserBackend for BlkBackend {
             }
             None => debug!(offset, len = buf.len(), "Ignoring a config-space write"),
         }
-        Ok(())
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        frontend_thread();
-        // The workers get a table of their own (the same regions), published only once its
-        // regions are guarded: vhost-user-backend publishes its table in `mem` before it
-        // calls here, and a worker reading a region of it that the frontend had cut short
-        // meanwhile would kill the daemon.
-        let table = {
-            use vm_memory::GuestAddressSpace;
-            Arc::new(GuestMemoryMmap::clone(&mem.memory()))
-        };
-        self.guards
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .update(&table)?;
-        for thread in 0..self.workers.len() {
-            self.lock(thread)
-                .set_memory(GuestMemoryAtomic::from(Arc::clone(&table)));
-        }
-        Ok(())
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        queue_masks(self.num_queues, self.workers.len())
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match self.exit_events.take(thread_index) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!(thread_index, "Cannot create a worker exit event: {e}");
-                None
-            }
-        }
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        frontend_thread();
-        let queue = queue_index as usize;
-        if queue >= self.num_queues {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        }
-        let thread = self.thread_of(queue);
-        let mut worker = self.lock(thread);
-        let local = queue / self.workers.len();
-        let pending = worker.queue_in_flight(local);
-        if pending > 0 {
-            info!(
-                queue,
-                pending, "Waiting for requests in flight on a stopping queue"
-            );
-        }
-        worker.stop_queue(local);
-        Ok(())
-    }
-
-    fn handle_event(
+    /// Guards the unsealed regions of `mem`, the connection's new memory table, against
+    /// truncation for as long as something holds it, then has `publish` make it the one the
+    /// workers and queues read (the connection's atomic) and return what it published. The
+    /// table reaches them only once its regions are guarded: a worker reading a region the
+    /// frontend had cut short before its guard was registered would kill the daemon. An error
+    /// refuses the table, which is never published (the request handler ends the
+    /// connection).
+    pub fn guard_and_publish(
         &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
+        mem: GuestMemoryMmap,
+        publish: impl FnOnce(GuestMemoryMmap) -> Arc<GuestMemoryMmap>,
     ) -> io::Result<()> {
-        // The first event of a worker thread (provoked by `register_completions`) installs
-        // its filter.
-        seccomp::enter_unless_set(Role::Worker);
-        // Errors returned from here stop the worker's event loop for good, so everything is
-        // handled (and logged) inside.
+        let mut guards = self.guards.lock().unwrap_or_else(PoisonError::into_inner);
+        let candidate = Arc::new(mem);
+        guards.update(&candidate)?;
+        // Nothing else holds the candidate: the table itself is published (no copy).
+        let mem =
+            Arc::try_unwrap(candidate).unwrap_or_else(|shared| GuestMemoryMmap::clone(&shared));
+        let published = publish(mem);
+        // Under the same lock: no other update saw the candidate's entry without a holder.
+        guards.now_held_by(&published);
+        Ok(())
+    }
+
+    /// One event of worker `thread`'s loop: a kick of its local queue `event` (below the
+    /// number of its queues), its shard's completions or its timer.
+    pub fn handle_event(&self, event: u64, vrings: &[Vring], thread_id: usize) {
         if thread_id >= self.workers.len() {
             warn!(thread_id, "Event for an unknown worker thread");
-            return Ok(());
+            return;
         }
-        let event = usize::from(device_event);
+        let event = usize::try_from(event).unwrap_or(usize::MAX);
         let mut worker = self.lock(thread_id);
+        self.catch_up_cache_mode(thread_id, &mut worker);
         // The size may change at run time (an online resize); the rest is fixed.
         let device = DeviceInfo {
             capacity: self.capacity.load(Ordering::Relaxed),
@@ -834,9 +842,8 @@ impl VhostUserBackend for BlkBackend {
                 worker.process_timer(vrings, event_idx, &device);
             }
         } else {
-            warn!(thread_id, device_event, "Unexpected event");
+            warn!(thread_id, event, "Unexpected event");
         }
-        Ok(())
     }
 }
 
@@ -847,21 +854,6 @@ mod tests {
     use virtio_bindings::virtio_blk::{
         VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
     };
-
-    #[test]
-    fn queue_masks_round_robin() {
-        assert_eq!(queue_masks(4, 2), vec![0b0101, 0b1010]);
-        assert_eq!(queue_masks(3, 3), vec![1, 2, 4]);
-        assert_eq!(queue_masks(1, 1), vec![1]);
-        let all = queue_masks(64, 5);
-        assert_eq!(all.len(), 5);
-        assert_eq!(all.iter().fold(0, |a, m| a | m), u64::MAX);
-        assert_eq!(all.iter().map(|m| m.count_ones()).sum::<u32>(), 64);
-        // Queue 7 of 64 with 5 threads belongs to thread 2.
-        assert_ne!(all[2] & (1 << 7), 0);
-        // One thread (a writable export) owns every queue.
-        assert_eq!(queue_masks(16, 1), vec![0xffff]);
-    }
 
     fn space(read_only: bool, writeback: bool) -> (ConfigSpace, Arc<AtomicBool>) {
         let shared = Arc::new(AtomicBool::new(writeback));
@@ -951,9 +943,9 @@ mod tests {
             ..qcow2d_engine::OpenOptions::default()
         };
         let image = Image::open(&path, &options).unwrap();
-        let backend = BlkBackend::new(&image, &params(&image, 8, 1)).unwrap();
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = BlkBackend::new(&image, &params(&image, 8, 1), &mem).unwrap();
         assert_eq!(backend.threads(), 1);
-        assert_eq!(backend.queues_per_thread(), vec![0xff]);
         let features = backend.features();
         for bit in [
             VIRTIO_BLK_F_DISCARD,
@@ -964,9 +956,9 @@ mod tests {
         }
         assert_eq!(features & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(backend.get_config(WRITEBACK_OFFSET, 1), vec![1]);
-        backend.set_config(WRITEBACK_OFFSET, &[0]).unwrap();
+        backend.set_config(WRITEBACK_OFFSET, &[0]);
         assert_eq!(backend.get_config(WRITEBACK_OFFSET, 1), vec![0]);
-        backend.set_config(WRITEBACK_OFFSET, &[1]).unwrap();
+        backend.set_config(WRITEBACK_OFFSET, &[1]);
         assert_eq!(backend.get_config(WRITEBACK_OFFSET, 1), vec![1]);
         backend.finish().unwrap();
         drop(backend);
@@ -975,12 +967,12 @@ mod tests {
 
         // Read-only: RO and several shards.
         let image = Image::open(&path, &qcow2d_engine::OpenOptions::default()).unwrap();
-        let backend = BlkBackend::new(&image, &params(&image, 8, 2)).unwrap();
+        let backend = BlkBackend::new(&image, &params(&image, 8, 2), &mem).unwrap();
         assert_eq!(backend.threads(), 2);
         let features = backend.features();
         assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(features & (1 << VIRTIO_BLK_F_DISCARD), 0);
-        backend.set_config(WRITEBACK_OFFSET, &[1]).unwrap();
+        backend.set_config(WRITEBACK_OFFSET, &[1]);
         assert_eq!(backend.get_config(WRITEBACK_OFFSET, 1), vec![0]);
         backend.finish().unwrap();
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
@@ -1060,17 +1052,23 @@ mod tests {
     }
 
     /// The workers get a memory table only once its regions are guarded: a table refused
-    /// for want of room never reaches them (vhost-user-backend's own copy of it is taken out
-    /// of use, and the connection ends).
+    /// for want of room is never published (the request handler then ends the connection),
+    /// and the guards of a published table last as long as something holds that table.
     #[test]
     fn a_refused_memory_table_never_reaches_the_workers() {
-        use vm_memory::GuestMemoryBackend;
+        use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
         crate::sigbus::install().unwrap();
         let dir = std::env::temp_dir().join(format!("qcow2d-tables-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = qcow2d_tests::create_qcow2_in(&dir, "tables.qcow2", "", "64M");
         let image = Image::open(&path, &qcow2d_engine::OpenOptions::default()).unwrap();
-        let backend = BlkBackend::new(&image, &params(&image, 2, 2)).unwrap();
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = BlkBackend::new(&image, &params(&image, 2, 2), &mem).unwrap();
+        // As the request handler publishes a table.
+        let publish = |table: GuestMemoryMmap| {
+            mem.lock().unwrap().replace(table);
+            mem.memory().into_inner()
+        };
         let unsealed = memfd(4096, 1, false);
         let half = (crate::sigbus::PER_CONNECTION / 2) as u64;
         // Two tables of fresh regions, the first still held by requests in flight (here,
@@ -1079,23 +1077,23 @@ mod tests {
         for first in [0, half] {
             let given = table(&unsealed, first, half);
             backend
-                .update_memory(GuestMemoryAtomic::from(Arc::clone(&given)))
+                .guard_and_publish(GuestMemoryMmap::clone(&given), publish)
                 .unwrap();
             let seen = backend.lock(1).memory();
-            assert!(
-                !Arc::ptr_eq(&seen, &given),
-                "the workers' table is their own"
-            );
+            assert!(Arc::ptr_eq(&seen, &mem.memory().into_inner()));
             assert_eq!(seen.num_regions(), half as usize);
             held.push(seen);
         }
         let refused = table(&memfd(4096, 7, false), 2 * half, 1);
         let err = backend
-            .update_memory(GuestMemoryAtomic::from(Arc::clone(&refused)))
+            .guard_and_publish(GuestMemoryMmap::clone(&refused), publish)
             .unwrap_err();
         assert!(err.to_string().contains("the table is refused"), "{err}");
         for thread in 0..2 {
-            assert!(Arc::ptr_eq(&backend.lock(thread).memory(), &held[1]));
+            assert!(
+                Arc::ptr_eq(&backend.lock(thread).memory(), &held[1]),
+                "the refused table reached the workers"
+            );
         }
         drop(held);
         backend.finish().unwrap();

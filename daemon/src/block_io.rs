@@ -5,10 +5,9 @@
 //! between write-back and write-through, make everything durable when a connection ends, and
 //! report cache statistics for the metrics.
 //! [`EngineIo`] implements it with one engine [`Shard`]. Each `EngineIo` is owned by one worker
-//! thread's state (behind that thread's mutex); the vhost-user frontend thread only touches it
-//! through that mutex, to drain a queue on GET_VRING_BASE or to change the write-cache mode, and
-//! the thread that tears the connection down finishes it after the connection's other threads
-//! are gone. Tests
+//! thread's state (behind that thread's mutex); other threads touch it only through that
+//! mutex (a stop's quiesce, a resize), and the thread that tears the connection down finishes
+//! it after the connection's worker threads are gone. Tests
 //! implement the trait with a synchronous fake.
 
 use std::fmt;

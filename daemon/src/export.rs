@@ -4,11 +4,12 @@
 //! waits for a client it sits with every other idle export in the listener thread's epoll set
 //! ([`crate::listen`]), holding no thread, shard, cache or worker. For each frontend the
 //! listener accepts, [`Export::connect`] (on the listener thread) builds a fresh [`BlkBackend`]
-//! (with new engine shards) and a fresh `VhostUserDaemon`, whose request and worker threads
-//! are spawned by vhost-user-backend, and hands the frontend's socket to the relay thread; no
-//! thread waits for the connection. When the frontend goes away the listener sees its socket
+//! (with new engine shards), its queues and worker threads (one per shard,
+//! [`crate::worker_loop`]) and its request handler ([`crate::handler`]), and hands the
+//! frontend's socket and the handler to the relay thread, which runs it; no thread waits for
+//! the connection. When the frontend goes away the listener sees its socket
 //! hang up and runs [`Export::disconnect`] on a short-lived thread, which tears everything
-//! down (worker threads joined through their exit events; shards drained, flushed and their
+//! down (dropped from the relay; worker threads joined; shards drained, flushed and their
 //! reserved clusters given back, so the next client sees every write of this one).
 //! When the export stops, [`Export::close`] closes the image cleanly (refcounts written, dirty
 //! bit cleared) — unless a flush failed, in which case the image is left as it is on disk and
@@ -24,12 +25,26 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use qcow2d_engine::Image;
 use tracing::{error, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{BackendError, BlkBackend, DeviceParams, Handlers};
+use crate::handler::{DeviceLink, FrontendHandler};
 use crate::listen::Waker;
 use crate::relay::Relay;
+use crate::virtio_blk::MAX_QUEUE_SIZE;
+use crate::vring::Vring;
+use crate::worker_loop::WorkerThreads;
+
+/// Ends a connection from another thread: shuts the frontend's socket down, so that the relay
+/// ends the connection and the listener sees it hang up.
+#[derive(Clone)]
+struct ShutdownHandle(Arc<UnixStream>);
+
+impl ShutdownHandle {
+    fn shutdown(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
 
 /// Failures to create an export's socket.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +96,7 @@ pub enum ExportError {
     /// The backend of a new connection could not be built.
     #[error("Cannot set up the device for a new connection")]
     Backend(#[from] BackendError),
-    /// vhost-user-backend refused to create its daemon (worker threads).
+    /// The connection's queues or worker threads could not be made.
     #[error("Cannot create the vhost-user device: {0}")]
     Daemon(String),
     /// Accepting a connection failed.
@@ -365,8 +380,10 @@ pub struct Export {
     pub listener: Listener,
     /// Stop requests from the main thread.
     pub control: Arc<ExportControl>,
-    /// Name of the vhost-user frontend thread.
+    /// The name of the export's connections in log lines.
     thread_name: String,
+    /// The prefix of its worker threads' names.
+    worker_name: String,
     /// The first failure to make a connection's writes durable: the export goes on serving
     /// (the engine refuses writes from then on) and reports it when it closes.
     flush_error: Option<qcow2d_engine::Error>,
@@ -388,6 +405,7 @@ impl Export {
             listener,
             control,
             thread_name: format!("qcow2d-vu{id}"),
+            worker_name: format!("qcow2d-w{id}"),
             flush_error: None,
         }
     }
@@ -428,12 +446,12 @@ impl Export {
         }
     }
 
-    /// Starts serving `frontend`: builds the connection's backend (fresh shards), its
-    /// vhost-user-backend daemon (whose threads serve the frontend's requests and the queues)
-    /// and hands both sockets to the relay thread. Runs on the listener thread and returns at
-    /// once; `None` when there is nothing to serve (the export is stopping, or its image is
-    /// gone). The connection ends when [`Connection::ended_fd`] hangs up; then
-    /// [`Export::disconnect`] tears it down.
+    /// Starts serving `frontend`: builds the connection's backend (fresh shards), its queues
+    /// and worker threads (one per shard), and hands the frontend's socket with the
+    /// connection's request handler to the relay thread, which runs it. Runs on the listener
+    /// thread and returns at once; `None` when there is nothing to serve (the export is
+    /// stopping, or its image is gone). The connection ends when [`Connection::ended_fd`]
+    /// hangs up; then [`Export::disconnect`] tears it down.
     pub fn connect(&mut self, frontend: UnixStream) -> Result<Option<Connection>, ExportError> {
         if self.control.is_stopping() {
             return Ok(None);
@@ -441,42 +459,43 @@ impl Export {
         // Watches the frontend's socket for the end of the connection: the socket hangs up
         // when the frontend closes it or when the relay shuts it down (either side ended).
         let ended = frontend.try_clone().map_err(ExportError::Relay)?;
+        let stopper = ShutdownHandle(Arc::new(frontend.try_clone().map_err(ExportError::Relay)?));
         // Built for this client only: an export waiting for one holds no shard, cache or
         // worker thread.
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let (backend, mut daemon) = {
+        let (backend, workers, vrings) = {
             let mut st = self.control.image_state();
             let Some(image) = st.image.as_ref() else {
                 return Ok(None);
             };
-            let backend = Arc::new(BlkBackend::new(image, &self.params)?);
-            let daemon = VhostUserDaemon::new(self.thread_name.clone(), backend.clone(), mem)
+            let backend = Arc::new(BlkBackend::new(image, &self.params, &mem)?);
+            let vrings = (0..backend.num_queues())
+                .map(|_| Vring::new(mem.clone(), MAX_QUEUE_SIZE as u16))
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| ExportError::Daemon(e.to_string()))?;
-            let handlers = daemon.get_epoll_handlers();
-            backend.register_completions(&handlers)?;
-            st.backend = Some((Arc::clone(&backend), handlers));
-            (backend, daemon)
+            let workers = WorkerThreads::start(&backend, &vrings, &self.worker_name)
+                .map_err(|e| ExportError::Daemon(e.to_string()))?;
+            st.backend = Some((Arc::clone(&backend), workers.loops().to_vec()));
+            (backend, workers, vrings)
         };
-        // vhost-user-backend serves the private end; the relay thread (one for every
-        // connection) sits between it and the frontend.
-        let (mut private, device_end) =
-            crate::relay::private_connection().map_err(ExportError::Relay)?;
-        daemon
-            .start(&mut private)
-            .map_err(|e| ExportError::Daemon(e.to_string()))?;
-        drop(private);
+        // The relay thread writes each message into one end of a private socket pair and
+        // runs the handler, which reads it from the other end (see crate::handler).
+        let (relay_end, device_end) = UnixStream::pair().map_err(ExportError::Relay)?;
+        let handler =
+            FrontendHandler::new(Arc::clone(&backend), vrings, mem, workers.loops().to_vec());
+        let device = DeviceLink::new(handler, device_end).map_err(ExportError::Relay)?;
         let pid = peer_pid(&frontend);
         let relay = Relay::start(
             frontend,
-            device_end,
+            relay_end,
+            Some(Box::new(device)),
             backend.inflight(),
             backend.channel(),
             &self.thread_name,
         )
         .map_err(ExportError::Relay)?;
         // If a stop was requested meanwhile, this ends the connection at once.
-        self.control
-            .connected(daemon.shutdown_handle(), &backend, pid);
+        self.control.connected(Some(stopper), &backend, pid);
         let stopped_at_once = self.control.is_stopping();
         if !stopped_at_once {
             info!(
@@ -488,49 +507,42 @@ impl Export {
         }
         Ok(Some(Connection {
             backend,
-            daemon,
+            workers,
             relay,
             stopped_at_once,
             ended,
         }))
     }
 
-    /// Tears down a connection that has ended (its [`Connection::ended_fd`] hung up): waits
-    /// for vhost-user-backend's threads, then drains and flushes the shards so that the next
-    /// client sees every write of this one. Runs on a thread of its own, since a flush may
-    /// take as long as the disk does. A failure to make the connection's writes durable is
-    /// kept for [`Export::close`]; the export goes on serving.
+    /// Tears down a connection that has ended (its [`Connection::ended_fd`] hung up): drops
+    /// it from the relay, stops the worker threads, then drains and flushes the shards so that
+    /// the next client sees every write of this one. Runs on a thread of its own, since a
+    /// flush may take as long as the disk does. A failure to make the connection's writes
+    /// durable is kept for [`Export::close`]; the export goes on serving.
     pub fn disconnect(&mut self, connection: Connection) {
         let Connection {
             backend,
-            mut daemon,
+            workers,
             relay,
             stopped_at_once,
             ended: _,
         } = connection;
         let socket = self.control.socket.display().to_string();
-        let result = daemon.wait();
-        // Returns once the relay thread has dropped the connection, both sockets closed.
+        // Returns once the relay thread has dropped the connection (and its handler), both
+        // sockets closed; why it ended was logged there.
         relay.stop();
         self.control.disconnected();
-        match result {
-            _ if stopped_at_once => {}
-            Ok(()) => info!(socket, "Client disconnected"),
-            Err(DaemonError::HandleRequest(
-                VhostUserError::Disconnected
-                | VhostUserError::PartialMessage
-                | VhostUserError::SocketBroken(_),
-            )) => info!(socket, "Client disconnected"),
-            Err(e) if self.control.is_stopping() => {
-                info!(socket, "Connection closed for shutdown ({e})");
+        if !stopped_at_once {
+            if self.control.is_stopping() {
+                info!(socket, "Connection closed for shutdown");
+            } else {
+                info!(socket, "Client disconnected");
             }
-            Err(e) => warn!(socket, "Connection ended with an error: {e}"),
         }
-        // Dropping the daemon stops and joins the worker threads (and the frontend thread
-        // is gone already): nothing else touches the shards. Finishing them waits for the
-        // requests still in flight and makes every write durable before they are dropped.
-        // Under the image lock: a resize does not change the shards meanwhile.
-        drop(daemon);
+        // Joins the worker threads: nothing else touches the shards. Finishing them waits
+        // for the requests still in flight and makes every write durable before they are
+        // dropped. Under the image lock: a resize does not change the shards meanwhile.
+        workers.stop();
         let mut st = self.control.image_state();
         st.backend = None;
         if let Err(e) = backend.finish() {
@@ -544,12 +556,12 @@ impl Export {
 }
 
 /// A frontend being served: what [`Export::connect`] built and [`Export::disconnect`] tears
-/// down. While it lasts, it holds no thread of its own: vhost-user-backend's request thread
-/// and the workers serve it, the relay thread relays for it, and the listener thread watches
-/// for its end.
+/// down. While it lasts, it holds no thread of its own but its workers (one per shard): the
+/// relay thread relays its messages and runs its request handler, and the listener thread
+/// watches for its end.
 pub struct Connection {
     backend: Arc<BlkBackend>,
-    daemon: VhostUserDaemon<Arc<BlkBackend>>,
+    workers: WorkerThreads,
     relay: Relay,
     /// A stop was requested while the connection was being made: it ends at once, quietly.
     stopped_at_once: bool,
@@ -565,11 +577,9 @@ impl Connection {
         self.ended.as_raw_fd()
     }
 
-    /// Ends the connection now: the frontend's socket is shut down (so the relay ends it) and
-    /// so is vhost-user-backend's request thread's.
+    /// Ends the connection now: the frontend's socket is shut down, so the relay ends it.
     pub fn shut_down(&self) {
         let _ = self.ended.shutdown(std::net::Shutdown::Both);
-        self.daemon.request_shutdown();
     }
 }
 
@@ -600,7 +610,7 @@ mod tests {
     }
 
     /// The export through its relay, driven by vhost's own frontend: messages and file
-    /// descriptors reach vhost-user-backend and its replies come back; GET_INFLIGHT_FD and
+    /// descriptors reach the request handler and its replies come back; GET_INFLIGHT_FD and
     /// SET_INFLIGHT_FD are answered by the relay (with REPLY_ACK); malformed requests get an
     /// error answer or end the connection, and the export goes on serving.
     #[test]
@@ -655,7 +665,7 @@ mod tests {
         // Every request from now on asks for an answer (REPLY_ACK), relayed or not.
         frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         assert_eq!(frontend.get_queue_num().unwrap(), 2);
-        // A memory table with its file descriptor reaches vhost-user-backend (acknowledged).
+        // A memory table with its file descriptor reaches the handler (acknowledged).
         let ram = memfd(1 << 20);
         frontend
             .set_mem_table(&[VhostUserMemoryRegionInfo {

@@ -13,8 +13,9 @@
 //! - [`throttle`], [`timer`]: I/O limits (throttle groups) and the workers' timers;
 //! - [`metrics`]: per-worker counters and histograms, the Prometheus scrape endpoint;
 //! - [`sandbox`]: seccomp filters per thread, file system confinement, dropping privileges;
-//! - [`backend`], [`worker`], [`request`], [`virtio_blk`], [`block_io`], [`exit_events`]: the
-//!   vhost-user-blk device and its data path onto the engine;
+//! - [`handler`], [`backend`], [`vring`], [`worker_loop`], [`worker`], [`request`],
+//!   [`virtio_blk`], [`block_io`]: the vhost-user-blk device (its request handler, run by the
+//!   relay thread; its queues; its worker threads) and its data path onto the engine;
 //! - [`budget`], [`fdcheck`], [`sigbus`]: what a guest may have in flight, the checks of the
 //!   descriptors a frontend hands over, and the SIGBUS handler for guest memory cut short.
 
@@ -26,9 +27,9 @@ mod cli;
 pub mod config;
 mod control;
 mod ctl;
-mod exit_events;
 mod export;
 mod fdcheck;
+mod handler;
 pub mod inflight;
 mod listen;
 mod metrics;
@@ -42,7 +43,9 @@ mod signals;
 mod throttle;
 mod timer;
 mod virtio_blk;
+mod vring;
 mod worker;
+mod worker_loop;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -4,7 +4,7 @@
 //!
 //! Pure data and pure functions: nothing here touches guest memory or the engine. The config
 //! space is built once per connection on the export's listener thread and read and written by
-//! the vhost-user frontend thread (GET_CONFIG, SET_CONFIG); the header and segment parsers run
+//! connection's request handler on the relay thread (GET_CONFIG, SET_CONFIG); the header and segment parsers run
 //! on the worker threads.
 
 use virtio_bindings::virtio_blk::{

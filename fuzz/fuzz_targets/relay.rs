@@ -224,6 +224,7 @@ fn run(input: Input) {
     let relay = Relay::start(
         relay_frontend,
         relay_backend,
+        None,
         Arc::new(InflightShared::default()),
         Arc::new(BackendChannel::default()),
         "fuzz",

@@ -1136,7 +1136,7 @@ fn idle_exports_share_one_listener_thread() {
         let names = thread_names(d.pid());
         if !names
             .iter()
-            .any(|n| n.starts_with("qcow2d-vu3") || n == "qcow2d-export3")
+            .any(|n| n.starts_with("qcow2d-w3-") || n == "qcow2d-export3")
             && count(&names, "qcow2d-listen") == 1
         {
             break names;
@@ -1145,11 +1145,10 @@ fn idle_exports_share_one_listener_thread() {
         thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(count(&busy, "qcow2d-export16"), 0, "{busy:?}");
-    assert_eq!(
-        busy.iter().filter(|n| *n == "qcow2d-vu16").count(),
-        1,
-        "{busy:?}"
-    );
+    // w's connection: its one worker (one queue, one shard), and no request thread (the
+    // relay thread runs its handler).
+    assert_eq!(count(&busy, "qcow2d-w16-"), 1, "{busy:?}");
+    assert_eq!(count(&busy, "qcow2d-vu"), 0, "{busy:?}");
     assert_eq!(count(&busy, "qcow2d-listen"), 1, "{busy:?}");
     // One relay thread, whatever the number of connections, and none per connection.
     assert_eq!(count(&busy, "qcow2d-relay"), 1, "{busy:?}");
@@ -1183,7 +1182,7 @@ fn idle_exports_share_one_listener_thread() {
         let names = thread_names(d.pid());
         if count(&names, "qcow2d-export") == 0
             && count(&names, "qcow2d-vu") == 0
-            && count(&names, "vring_worker") == 0
+            && count(&names, "qcow2d-w") == 0
         {
             break;
         }

@@ -96,10 +96,10 @@ fn assert_all_filtered(pid: i32, when: &str) -> Vec<ThreadStatus> {
 }
 
 /// Every thread of a serving daemon has a seccomp filter and NO_NEW_PRIVS, before a client
-/// connects and once one is served (vhost-user-backend's workers and request thread are made
-/// per connection, by the listener thread, and no thread waits for the connection; the one
-/// relay thread exists from the start); the workers and the request thread each added their
-/// own filters on top of the listener's, and the relay thread has its own alone.
+/// connects and once one is served (a connection's workers, one per shard, are made by the
+/// listener thread, and no thread waits for the connection: the one relay thread, which
+/// exists from the start, runs its request handler); the workers added their own filters on
+/// top of the listener's, and the relay thread has its own alone.
 #[test]
 fn every_thread_is_filtered_before_and_after_a_client_connects() {
     let s = Scratch::new("sbx_threads");
@@ -124,7 +124,7 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
             .all(|t| t.seccomp == "2" && t.no_new_privs == "1")
             && all.iter().any(|t| t.name == "qcow2d-listen")
             && all.iter().any(|t| t.name == "qcow2d-relay")
-            && !all.iter().any(|t| t.name == "vring_worker");
+            && !all.iter().any(|t| t.name.starts_with("qcow2d-w0-"));
         if ready {
             break;
         }
@@ -144,12 +144,15 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
             .collect::<Vec<_>>())
     })
     .unwrap_or_else(|e| panic!("client: {e}\n{}", d.stderr()));
-    // Listener, relay thread, request thread, two workers; main, signals.
+    // Listener, relay thread (which also runs the connection's request handler), two
+    // workers; main, signals.
     let count = |name: &str| names.iter().filter(|(n, _)| n == name).count();
     let filters = |name: &str| names.iter().find(|(n, _)| n == name).map(|(_, f)| *f);
     assert_eq!(count("qcow2d-listen"), 1, "{names:?}");
     assert_eq!(count("qcow2d-export0"), 0, "{names:?}");
-    assert_eq!(count("qcow2d-vu0"), 1, "{names:?}");
+    assert_eq!(count("qcow2d-vu0"), 0, "no request thread: {names:?}");
+    assert_eq!(count("qcow2d-w0-0"), 1, "{names:?}");
+    assert_eq!(count("qcow2d-w0-1"), 1, "{names:?}");
     assert_eq!(count("qcow2d-relay"), 1, "{names:?}");
     assert!(
         !names.iter().any(|(n, _)| n.starts_with("qcow2d-vu0-")),
@@ -159,9 +162,9 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
     // Each role installs its filter and the no-open filter over what it inherited; the
     // relay thread, started by the main thread before any filter existed, has its own two.
     assert_eq!(filters("qcow2d-listen"), Some(2), "{names:?}");
-    assert_eq!(filters("qcow2d-vu0"), Some(4), "{names:?}");
     assert_eq!(filters("qcow2d-relay"), Some(2), "{names:?}");
-    assert_eq!(filters("vring_worker"), Some(4), "{names:?}");
+    assert_eq!(filters("qcow2d-w0-0"), Some(4), "{names:?}");
+    assert_eq!(filters("qcow2d-w0-1"), Some(4), "{names:?}");
     d.assert_alive("after the client");
     let st = d.terminate();
     assert!(st.success(), "qcow2d exited with {st}\n");
@@ -268,7 +271,7 @@ fn trap_mode_names_the_thread_and_call_then_kills() {
     let (st, stderr) = death(&socket, started);
     assert_eq!(st.signal(), Some(libc::SIGSYS), "{st}\n{stderr}");
     let line = format!(
-        "qcow2d: seccomp: thread \"vring_worker\" made the forbidden system call {GETPPID}; killing \
+        "qcow2d: seccomp: thread \"qcow2d-w0-0\" made the forbidden system call {GETPPID}; killing \
          the process"
     );
     assert!(stderr.contains(&line), "{stderr}");
@@ -404,4 +407,109 @@ fn user_drops_every_privilege() {
     assert!(st.success(), "{st}");
     let (code, report) = qemu_img_check(&img, None);
     assert_eq!(code, 0, "{report}");
+}
+
+/// Every request a frontend like QEMU sends is handled on the relay thread under its own
+/// filter (the default mode kills the process on a forbidden call): the backend request
+/// channel (whose socket vhost checks), memory slots, the config space and its write-cache
+/// byte, a queue set up, a read through it, GET_VRING_BASE (answered once the queue's worker
+/// stopped it) and the queue started again from that base; the daemon then serves the next
+/// client.
+#[test]
+fn a_frontends_requests_are_handled_on_the_relay_thread_under_its_filter() {
+    use qcow2d_tests::frontend::{GuestRam, RawFrontend, T_IN};
+    use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::VhostBackend;
+
+    let s = Scratch::new("sbx_requests");
+    let img = image(&s, "r.qcow2");
+    let socket = s.socket("r.sock");
+    let cmd = serve_cmd(&img, &socket, &["--queues", "2", "--shards", "2"], &[]);
+    let mut d = Daemon::spawn(cmd, &img, &socket).unwrap_or_else(|f| panic!("{f}"));
+
+    let mut fe = RawFrontend::connect(&socket, 2).unwrap_or_else(|e| panic!("{e}"));
+    let offered = fe.fe.get_protocol_features().unwrap();
+    let wanted = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    assert!(offered.contains(wanted), "{offered:?}");
+    fe.fe.set_protocol_features(wanted).unwrap();
+    assert_eq!(fe.fe.get_queue_num().unwrap(), 2);
+    assert!(fe.fe.get_max_mem_slots().unwrap() > 0);
+    let (channel, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    fe.fe
+        .set_backend_request_fd(&channel)
+        .unwrap_or_else(|e| panic!("SET_BACKEND_REQ_FD: {e:?}\n{}", d.stderr()));
+    // The config space: capacity in sectors, then the write-cache byte turned off and on.
+    let (_, config) = fe
+        .fe
+        .get_config(0, 40, VhostUserConfigFlags::WRITABLE, &[0; 40])
+        .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(config[0..8].try_into().unwrap()),
+        16 * MIB / 512
+    );
+    for byte in [0u8, 1] {
+        fe.fe
+            .set_config(32, VhostUserConfigFlags::WRITABLE, &[byte])
+            .unwrap();
+        let (_, now) = fe
+            .fe
+            .get_config(32, 1, VhostUserConfigFlags::WRITABLE, &[0])
+            .unwrap();
+        assert_eq!(now, [byte]);
+    }
+
+    let ram = GuestRam::new(4 * MIB as usize, true);
+    fe.set_memory(&ram, 4 * MIB).unwrap();
+    fe.start_queue(&ram, 1, 128).unwrap();
+    let read = |fe: &mut RawFrontend, round: u64| {
+        let header = 0x10000 + 0x100 * round;
+        ram.write_header(header, T_IN, 0);
+        let len = ram.write_request_table(
+            0x20000 + 0x100 * round,
+            header,
+            &[(0x30000, 4096)],
+            true,
+            header + 0x20,
+        );
+        fe.push_indirect(&ram, 1, 0x20000 + 0x100 * round, len);
+        fe.wait_used(&ram, 1, round as u16 + 1, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.stderr()));
+        let mut data = vec![0u8; 4096];
+        ram.read(0x30000, &mut data);
+        assert!(data.iter().all(|&b| b == 0x5a), "round {round}");
+        ram.write(0x30000, &[0; 4096]);
+    };
+    read(&mut fe, 0);
+    // Stopped: the base is the one chain taken.
+    let base = fe
+        .fe
+        .get_vring_base(1)
+        .unwrap_or_else(|e| panic!("GET_VRING_BASE: {e:?}\n{}", d.stderr()));
+    assert_eq!(base, 1);
+    // Started again where it stopped (rings as they are, fresh eventfds).
+    {
+        use vmm_sys_util::eventfd::EventFd;
+        let q = fe.queues[1].as_mut().unwrap();
+        q.kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        q.call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let q = fe.queues[1].as_ref().unwrap();
+        fe.fe.set_vring_base(1, base as u16).unwrap();
+        fe.fe.set_vring_call(1, &q.call).unwrap();
+        fe.fe.set_vring_kick(1, &q.kick).unwrap();
+        fe.fe.set_vring_enable(1, true).unwrap();
+    }
+    read(&mut fe, 1);
+    drop(fe);
+    d.assert_alive("after the frontend's requests");
+    let data = blk_session(&socket, 2, SESSION_TIMEOUT, |c| c.read_batch(&[(0, 4096)]))
+        .and_then(|mut r| r.remove(0))
+        .unwrap_or_else(|e| panic!("next client: {e}\n{}", d.stderr()));
+    assert!(data.iter().all(|&b| b == 0x5a));
+    let st = d.terminate();
+    assert!(st.success(), "qcow2d exited with {st}");
 }

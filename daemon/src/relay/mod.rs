@@ -1,12 +1,15 @@
-//! The vhost-user relay: sits between each frontend (QEMU) and vhost-user-backend's request
-//! handler of its connection, answers the two in-flight-area messages itself and passes
-//! everything else through. One thread, `qcow2d-relay`, relays for every connection of the
-//! process.
+//! The vhost-user relay: every frontend connection's messages, and the running of each
+//! connection's request handler. One thread, `qcow2d-relay`, does it for every connection of
+//! the process; a connection has no thread of its own but its workers.
 //!
-//! vhost-user-backend 0.24 answers GET_INFLIGHT_FD and SET_INFLIGHT_FD with an error and takes
-//! no other handler, so the export accepts the frontend's connection itself and gives
-//! vhost-user-backend's daemon the other end of a private connection ([`private_connection`],
-//! through a socket in the daemon's private directory, [`make_private_dir`]).
+//! The export accepts the frontend's connection and gives the relay its socket, one end of a
+//! private socket pair and the connection's [`Device`] (`crate::handler`), which owns the
+//! other end. The relay frames the frontend's messages, checks their descriptors, writes each
+//! message whole into the private socket and runs the device's handler there and then, which
+//! reads it and writes its reply; the relay passes the reply on. Nothing in that blocks (see
+//! `crate::handler`); what must wait (GET_VRING_BASE, while the queue's worker completes the
+//! queue's requests in flight) is held back by the relay, which serves the other connections
+//! meanwhile and goes on once the device's wake-up eventfd fires ([`Device::must_wait`]).
 //!
 //! [`start_thread`] starts the relay thread once, when `qcow2d serve` starts up (a process
 //! that never called it, such as a unit test, gets it at its first [`Relay::start`]).
@@ -25,19 +28,19 @@
 //!   connection wait, with at most [`MAX_BUFFERED_BYTES`] held for it, and a connection moves
 //!   at most [`MESSAGES_PER_TURN`] messages before the others get their turn.
 //!
-//! Frontend → backend: answers GET_INFLIGHT_FD (a new area: [`crate::inflight::create_area`])
+//! Frontend → device: answers GET_INFLIGHT_FD (a new area: [`crate::inflight::create_area`])
 //! and SET_INFLIGHT_FD (maps the area and publishes it to the workers through the
 //! connection's [`InflightShared`]) itself, with a REPLY_ACK answer when the frontend asks for
 //! one, and forwards every other message unchanged. Once SET_VRING_KICK is forwarded it writes
 //! to the kick eventfd, so that a queue is processed (and what a previous daemon left in flight
 //! is resumed) even if the guest never kicks again. It keeps a copy of the socket that
 //! SET_BACKEND_REQ_FD shares ([`BackendChannel`]), to tell the frontend of a resize.
-//! Backend → frontend: every reply is forwarded unchanged. Only the relay thread writes to the
+//! Device → frontend: every reply is forwarded unchanged. Only the relay thread writes to the
 //! frontend's socket, one whole message after the other, so a reply is never interleaved with
 //! another.
 //!
-//! Before a message with file descriptors reaches vhost-user-backend (which maps and uses them
-//! as they are), the relay checks them ([`crate::fdcheck`]): each memory region of SET_MEM_TABLE
+//! Before a message with file descriptors reaches the handler (which maps and uses them as
+//! they are), the relay checks them ([`crate::fdcheck`]): each memory region of SET_MEM_TABLE
 //! and ADD_MEM_REG must lie inside its file (`mmap_offset + memory_size` at most the file's
 //! size) and the file must be sealed against shrinking where it can be (a memfd not sealed yet
 //! is sealed here; a file that cannot be sealed, such as a memfd made without sealing, as
@@ -50,10 +53,11 @@
 //!
 //! A message that cannot be framed (a truncated header or body, a size above vhost-user's
 //! 4 KiB limit, too many file descriptors) ends the connection with a log line; the content of
-//! relayed messages is left to vhost-user-backend to judge. An error (or a panic) ends only
-//! its own connection. When either side closes, both sockets are shut down, so
-//! vhost-user-backend's request thread and the export see the connection end; they are closed
-//! when the connection's thread stops its relay.
+//! relayed messages is left to the handler to judge (a message it refuses ends the
+//! connection, as do its errors). An error (or a panic) ends only its own connection. When
+//! either side closes, both sockets are shut down, so the export sees the connection end; they
+//! are closed (and the device dropped) when the thread tearing the connection down stops its
+//! relay.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -74,11 +78,9 @@ use crate::sandbox::{seccomp, Role};
 
 mod checks;
 mod frame;
-mod private;
 
 use checks::{check_fds, kick};
 use frame::{FrameError, Message, Outgoing, Reader, Received, HEADER_BYTES, VERSION_1};
-pub use private::{make_private_dir, private_connection};
 
 /// Bytes of the in-flight description (`VhostUserInflight`: u64, u64, u16, u16, padded to 8).
 const INFLIGHT_BYTES: usize = 24;
@@ -109,15 +111,38 @@ pub const MAX_BUFFERED_BYTES: usize = 4 * (HEADER_BYTES + MAX_MSG_SIZE);
 /// Messages one connection may move per turn of the relay thread before the other
 /// connections' events are handled.
 pub const MESSAGES_PER_TURN: usize = 16;
-/// The relay thread's epoll token of its wake-up eventfd; a connection's sockets have the
-/// tokens `2 × id` (the frontend's) and `2 × id + 1` (vhost-user-backend's).
+/// The relay thread's epoll token of its wake-up eventfd; a connection has the tokens
+/// `3 × id` (the frontend's socket), `3 × id + 1` (the device's end of the private socket)
+/// and `3 × id + 2` (its device's wake-up eventfd, [`Device::wake_fd`]).
 const WAKE: u64 = u64::MAX;
+/// Tokens per connection.
+const TOKENS: u64 = 3;
+
+/// The device behind a connection, run by the relay thread itself (`crate::handler`): each
+/// message is written whole (with its descriptors) into the private socket, then
+/// [`Device::handle`] reads it from the other end and writes its reply there, which the relay
+/// passes on. Nothing it does may block (see `crate::handler`); what must wait is started by
+/// [`Device::must_wait`] and ends with its wake-up eventfd readable, while the relay holds the
+/// message back and serves every other connection.
+pub trait Device: Send {
+    /// An eventfd that becomes readable when what [`Device::must_wait`] started is done.
+    fn wake_fd(&self) -> std::os::fd::RawFd;
+    /// Whether the message (`request`, `body`) must wait before it is handled; if so, what it
+    /// waits for has been started.
+    fn must_wait(&mut self, request: u32, body: &[u8]) -> bool;
+    /// Reads the wake-up eventfd; true if it was readable (what the held message waited for
+    /// is done).
+    fn ready(&mut self) -> bool;
+    /// Handles the message just written into the private socket, writing its reply (if any)
+    /// there. An error ends the connection.
+    fn handle(&mut self) -> Result<(), vhost::vhost_user::Error>;
+}
 /// Events taken from the epoll set per wait.
 const EVENTS: usize = 64;
 
 /// The frontend's backend request channel (the socket SET_BACKEND_REQ_FD shares), kept by the
 /// relay so the daemon can tell the frontend that the config space changed (an online resize).
-/// vhost-user-backend gets the message too, unchanged; it never writes to the channel.
+/// The handler gets the message too, unchanged; it never writes to the channel.
 #[derive(Default)]
 pub struct BackendChannel {
     /// The channel; the relay thread takes this lock only to replace it, never while a
@@ -295,7 +320,7 @@ impl Shared {
                         let _ = self.wake.read();
                         self.commands(&mut conns);
                     }
-                    token => self.turn(&mut conns, token / 2),
+                    token => self.turn(&mut conns, token / TOKENS),
                 }
             }
         }
@@ -395,13 +420,14 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Relays between `frontend` (the accepted frontend connection) and `backend` (the end of
-    /// the private connection whose other end vhost-user-backend's daemon accepted), on the
-    /// relay thread (started now unless it runs already, [`start_thread`]). `name` names the
+    /// Relays between `frontend` (the accepted frontend connection) and `backend` (one end of
+    /// the private socket pair whose other end `device` reads, or a peer served elsewhere when
+    /// `device` is `None`), running `device`'s handler, on the relay thread (started now unless it runs already, [`start_thread`]). `name` names the
     /// connection in log lines.
     pub fn start(
         frontend: UnixStream,
         backend: UnixStream,
+        device: Option<Box<dyn Device>>,
         inflight: Arc<InflightShared>,
         channel: Arc<BackendChannel>,
         name: &str,
@@ -419,14 +445,17 @@ impl Relay {
             name: name.to_owned(),
             frontend,
             backend,
+            device,
             inflight,
             channel,
             inbound: Reader::new(),
             outbound: Reader::new(),
             to_backend: None,
             to_frontend: None,
+            held: None,
             frontend_events: EventSet::empty(),
             backend_events: EventSet::empty(),
+            wake_events: EventSet::empty(),
             peak: Arc::clone(&peak),
             regions: 0,
             _gone: GoneOnDrop(Arc::clone(&gone)),
@@ -485,6 +514,8 @@ enum End {
     Refused,
     ToBackend(io::Error),
     ToFrontend(io::Error),
+    /// The device's handler refused a message (or could not answer it).
+    Device(vhost::vhost_user::Error),
     Watch(io::Error),
     Panicked,
 }
@@ -506,6 +537,15 @@ impl End {
             // The other side is gone (or going): the connection is over.
             End::ToBackend(e) => debug!(connection, "Relay to the device ended: {e}"),
             End::ToFrontend(e) => debug!(connection, "Cannot pass a reply to the frontend: {e}"),
+            End::Device(
+                e @ (vhost::vhost_user::Error::Disconnected
+                | vhost::vhost_user::Error::PartialMessage
+                | vhost::vhost_user::Error::SocketBroken(_)),
+            ) => debug!(connection, "The device's end of the connection closed: {e}"),
+            End::Device(e) => warn!(
+                connection,
+                "Closing the connection: the frontend's request failed: {e}"
+            ),
             End::Watch(e) => error!(
                 connection,
                 "Closing the connection: the relay cannot watch its sockets: {e}"
@@ -531,6 +571,9 @@ struct Conn {
     name: String,
     frontend: UnixStream,
     backend: UnixStream,
+    /// The device the relay runs the handler of (`None`: the backend socket's peer is served
+    /// elsewhere, as in the relay's own tests).
+    device: Option<Box<dyn Device>>,
     inflight: Arc<InflightShared>,
     channel: Arc<BackendChannel>,
     /// Frontend → backend, being read.
@@ -539,9 +582,14 @@ struct Conn {
     outbound: Reader,
     to_backend: Option<Outgoing>,
     to_frontend: Option<Outgoing>,
-    /// What each socket waits for in the epoll set (empty: it is not in the set).
+    /// A message the device asked to hold back ([`Device::must_wait`]) until its wake-up
+    /// eventfd fires; while there is one, the frontend's socket is not read.
+    held: Option<Outgoing>,
+    /// What each socket (and the device's wake-up eventfd) waits for in the epoll set
+    /// (empty: it is not in the set).
     frontend_events: EventSet,
     backend_events: EventSet,
+    wake_events: EventSet,
     peak: Arc<AtomicUsize>,
     /// Memory regions the frontend has set (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG): a
     /// region past [`MAX_MEM_SLOTS`] is refused.
@@ -573,10 +621,12 @@ impl Conn {
         self.unwatch(epoll);
         self.frontend_events = EventSet::empty();
         self.backend_events = EventSet::empty();
+        self.wake_events = EventSet::empty();
         self.inbound = Reader::new();
         self.outbound = Reader::new();
         self.to_backend = None;
         self.to_frontend = None;
+        self.held = None;
     }
 
     fn held_bytes(&self) -> usize {
@@ -584,12 +634,21 @@ impl Conn {
             + self.outbound.held_bytes()
             + self.to_backend.as_ref().map_or(0, Outgoing::len)
             + self.to_frontend.as_ref().map_or(0, Outgoing::len)
+            + self.held.as_ref().map_or(0, Outgoing::len)
     }
 
     /// Sends what is on its way out and reads what may be read now, until nothing moves or
     /// [`MESSAGES_PER_TURN`] messages were read.
     fn turn(&mut self) -> Result<(), End> {
         let mut moved = 0;
+        // Read whatever woke the device's eventfd, held message or not, so that it does not
+        // fire again.
+        let woke = self.device.as_mut().is_some_and(|d| d.ready());
+        if woke {
+            if let Some(out) = self.held.take() {
+                self.to_backend = Some(out);
+            }
+        }
         loop {
             let before = moved;
             if let Some(out) = &mut self.to_frontend {
@@ -603,12 +662,19 @@ impl Conn {
                         kick(&out.msg);
                     }
                     self.to_backend = None;
+                    // The whole message, descriptors included, is in the private socket, and
+                    // the socket held nothing else (its previous reply was read before this
+                    // message was): the handler reads it without waiting and writes at most
+                    // one reply of at most 4 KiB into an empty socket buffer.
+                    if let Some(device) = &mut self.device {
+                        device.handle().map_err(End::Device)?;
+                    }
                 }
             }
             if moved >= MESSAGES_PER_TURN {
                 break;
             }
-            if self.to_backend.is_none() && self.to_frontend.is_none() {
+            if self.to_backend.is_none() && self.to_frontend.is_none() && self.held.is_none() {
                 match self
                     .inbound
                     .read(&self.frontend)
@@ -616,6 +682,14 @@ impl Conn {
                 {
                     Received::Message(msg) => {
                         moved += 1;
+                        tracing::trace!(
+                            connection = self.name,
+                            request = msg.request(),
+                            flags = msg.flags(),
+                            len = msg.body.len(),
+                            fds = msg.fds.len(),
+                            "From the frontend"
+                        );
                         self.inbound_message(msg)?;
                     }
                     Received::WouldBlock => {}
@@ -630,6 +704,12 @@ impl Conn {
                 {
                     Received::Message(msg) => {
                         moved += 1;
+                        tracing::trace!(
+                            connection = self.name,
+                            request = msg.request(),
+                            len = msg.body.len(),
+                            "Reply"
+                        );
                         self.to_frontend = Some(Outgoing::new(msg));
                     }
                     Received::WouldBlock => {}
@@ -646,12 +726,12 @@ impl Conn {
 
     /// Puts each socket in the epoll set for what the connection waits for now: the frontend's
     /// for reading when nothing is on its way out, and for writing while a reply is on its way
-    /// to it; vhost-user-backend's for reading unless a reply is on its way to the frontend,
+    /// to it; the private socket for reading unless a reply is on its way to the frontend,
     /// and for writing while a message is on its way to it. A socket waiting for nothing
     /// leaves the set (its peer hanging up would otherwise wake the thread again and again).
     fn watch(&mut self, epoll: &Epoll) -> io::Result<()> {
         let mut frontend = EventSet::empty();
-        if self.to_backend.is_none() && self.to_frontend.is_none() {
+        if self.to_backend.is_none() && self.to_frontend.is_none() && self.held.is_none() {
             frontend |= EventSet::IN;
         }
         if self.to_frontend.is_some() {
@@ -664,36 +744,44 @@ impl Conn {
         if self.to_backend.is_some() {
             backend |= EventSet::OUT;
         }
-        let token = 2 * self.id;
+        let token = TOKENS * self.id;
         interest(
             epoll,
-            &self.frontend,
+            self.frontend.as_raw_fd(),
             &mut self.frontend_events,
             frontend,
             token,
         )?;
         interest(
             epoll,
-            &self.backend,
+            self.backend.as_raw_fd(),
             &mut self.backend_events,
             backend,
             token + 1,
-        )
+        )?;
+        if let Some(device) = &self.device {
+            interest(
+                epoll,
+                device.wake_fd(),
+                &mut self.wake_events,
+                EventSet::IN,
+                token + 2,
+            )?;
+        }
+        Ok(())
     }
 
     /// Takes both sockets out of the epoll set.
     fn unwatch(&self, epoll: &Epoll) {
-        for (sock, events) in [
-            (&self.frontend, self.frontend_events),
-            (&self.backend, self.backend_events),
+        let wake = self.device.as_ref().map(|d| d.wake_fd());
+        for (fd, events) in [
+            (Some(self.frontend.as_raw_fd()), self.frontend_events),
+            (Some(self.backend.as_raw_fd()), self.backend_events),
+            (wake, self.wake_events),
         ] {
-            if !events.is_empty() {
+            if let (Some(fd), false) = (fd, events.is_empty()) {
                 // Cannot fail for a descriptor in the set; closing it takes it out anyway.
-                let _ = epoll.ctl(
-                    ControlOperation::Delete,
-                    sock.as_raw_fd(),
-                    EpollEvent::default(),
-                );
+                let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
         }
     }
@@ -756,16 +844,30 @@ impl Conn {
                         "SET_BACKEND_REQ_FD without a file descriptor"
                     ),
                 }
-                self.to_backend = Some(Outgoing::new(msg));
+                self.forward(Outgoing::new(msg));
             }
             SET_VRING_KICK => {
                 let mut out = Outgoing::new(msg);
                 out.kick = true;
-                self.to_backend = Some(out);
+                self.forward(out);
             }
-            _ => self.to_backend = Some(Outgoing::new(msg)),
+            _ => self.forward(Outgoing::new(msg)),
         }
         Ok(())
+    }
+
+    /// Sends `out` on to the device, or holds it back while the device starts what it must
+    /// wait for ([`Device::must_wait`]).
+    fn forward(&mut self, out: Outgoing) {
+        let wait = match &mut self.device {
+            Some(device) => device.must_wait(out.msg.request(), &out.msg.body),
+            None => false,
+        };
+        if wait {
+            self.held = Some(out);
+        } else {
+            self.to_backend = Some(out);
+        }
     }
 
     /// GET_INFLIGHT_FD: a new zeroed area sized for the frontend's queues. On failure the
@@ -850,7 +952,7 @@ impl Conn {
 /// the set).
 fn interest(
     epoll: &Epoll,
-    sock: &UnixStream,
+    fd: std::os::fd::RawFd,
     current: &mut EventSet,
     wanted: EventSet,
     token: u64,
@@ -865,7 +967,7 @@ fn interest(
     } else {
         ControlOperation::Modify
     };
-    epoll.ctl(operation, sock.as_raw_fd(), EpollEvent::new(wanted, token))?;
+    epoll.ctl(operation, fd, EpollEvent::new(wanted, token))?;
     *current = wanted;
     Ok(())
 }
@@ -953,6 +1055,7 @@ mod tests {
         let relay = Relay::start(
             relay_frontend,
             relay_backend,
+            None,
             Arc::new(InflightShared::default()),
             Arc::new(BackendChannel::default()),
             "test",
@@ -1230,7 +1333,7 @@ mod tests {
         echo.join().unwrap();
     }
 
-    /// A frontend that floods messages while vhost-user-backend reads none: the relay stops
+    /// A frontend that floods messages while the backend side reads none: the relay stops
     /// reading once one message waits to go out, so the flood stays in the flooder's socket.
     #[test]
     fn a_flood_is_held_back_with_bounded_memory() {
@@ -1266,5 +1369,126 @@ mod tests {
         }
         assert_eq!(passed, sent);
         relay.stop();
+    }
+
+    /// A device over the far end of a private socket pair, as `crate::handler`'s: it answers
+    /// every message with an 8-byte reply; GET_VRING_BASE must wait until the test writes
+    /// its wake-up eventfd (a queue whose drain is slow).
+    struct SlowDevice {
+        sock: UnixStream,
+        wake: Arc<EventFd>,
+        reader: Reader,
+        waits: Arc<AtomicUsize>,
+    }
+
+    const GET_VRING_BASE: u32 = FrontendReq::GET_VRING_BASE as u32;
+
+    impl Device for SlowDevice {
+        fn wake_fd(&self) -> std::os::fd::RawFd {
+            self.wake.as_raw_fd()
+        }
+
+        fn must_wait(&mut self, request: u32, _body: &[u8]) -> bool {
+            let wait = request == GET_VRING_BASE;
+            if wait {
+                self.waits.fetch_add(1, Ordering::SeqCst);
+            }
+            wait
+        }
+
+        fn ready(&mut self) -> bool {
+            self.wake.read().is_ok()
+        }
+
+        fn handle(&mut self) -> Result<(), vhost::vhost_user::Error> {
+            // The message is whole in the socket: a non-blocking read gets all of it.
+            match self.reader.read(&self.sock) {
+                Ok(Received::Message(msg)) => {
+                    let reply = msg.reply(msg.body.clone(), Vec::new());
+                    assert!(
+                        Outgoing::new(reply).send(&self.sock).unwrap(),
+                        "reply sent whole"
+                    );
+                    Ok(())
+                }
+                _ => Err(vhost::vhost_user::Error::PartialMessage),
+            }
+        }
+    }
+
+    /// A connection whose device runs on the relay thread; returns the frontend's end, the
+    /// device's wake-up eventfd, how many messages it held back, and the relay.
+    fn with_slow_device() -> (UnixStream, Arc<EventFd>, Arc<AtomicUsize>, Relay) {
+        let (frontend, relay_frontend) = UnixStream::pair().unwrap();
+        let (relay_end, device_end) = UnixStream::pair().unwrap();
+        device_end.set_nonblocking(true).unwrap();
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let waits = Arc::new(AtomicUsize::new(0));
+        let device = SlowDevice {
+            sock: device_end,
+            wake: Arc::clone(&wake),
+            reader: Reader::new(),
+            waits: Arc::clone(&waits),
+        };
+        let relay = Relay::start(
+            relay_frontend,
+            relay_end,
+            Some(Box::new(device)),
+            Arc::new(InflightShared::default()),
+            Arc::new(BackendChannel::default()),
+            "slow",
+        )
+        .unwrap();
+        (frontend, wake, waits, relay)
+    }
+
+    /// One connection's GET_VRING_BASE waits for its queue to stop (a slow drain, here
+    /// forever until the test says so): the relay thread holds that message back and goes on
+    /// serving another connection's messages, each handled and answered; once the drain is
+    /// done, the held message is handled and answered, and the connection goes on.
+    #[test]
+    fn a_queue_stopping_slowly_does_not_stall_other_connections() {
+        let (stuck, stuck_wake, stuck_waits, stuck_relay) = with_slow_device();
+        let mut ask = vec![0u8; 8];
+        ask[0..4].copy_from_slice(&1u32.to_ne_bytes());
+        let get_base = message_bytes(GET_VRING_BASE, VERSION_1, &ask);
+        send(&stuck, &get_base, &[]).unwrap();
+        // A message sent after it waits behind it.
+        let after = message_bytes(PLAIN, VERSION_1, &[2; 8]);
+        send(&stuck, &after, &[]).unwrap();
+        wait_for("held the message back", || {
+            stuck_waits.load(Ordering::SeqCst) == 1
+        });
+
+        let (other, _other_wake, other_waits, other_relay) = with_slow_device();
+        for i in 0..100u64 {
+            let msg = message_bytes(PLAIN, VERSION_1, &i.to_ne_bytes());
+            send(&other, &msg, &[]).unwrap();
+            let reply = receive(&other).expect("the other connection is answered");
+            assert_eq!(reply.flags(), VERSION_1 | FLAG_REPLY);
+            assert_eq!(reply.u64_at(0), Some(i));
+        }
+        assert_eq!(other_waits.load(Ordering::SeqCst), 0);
+        other_relay.stop();
+
+        // Nothing came back on the stuck connection meanwhile.
+        stuck.set_nonblocking(true).unwrap();
+        let mut peek = [0u8; 1];
+        assert!(
+            matches!(
+                std::io::Read::read(&mut &stuck, &mut peek),
+                Err(ref e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+            "GET_VRING_BASE was answered before its queue stopped"
+        );
+        stuck.set_nonblocking(false).unwrap();
+        // The drain is done: the held message is answered, then the one behind it.
+        stuck_wake.write(1).unwrap();
+        let answer = receive(&stuck).expect("GET_VRING_BASE answered");
+        assert_eq!(answer.request(), GET_VRING_BASE);
+        assert_eq!(answer.body, ask);
+        let next = receive(&stuck).expect("the next message answered");
+        assert_eq!(next.request(), PLAIN);
+        stuck_relay.stop();
     }
 }

@@ -9,9 +9,7 @@
 //! which. What stays reachable ([`FsPolicy`]):
 //! - every image of every export, with its backing files and external data file: read, and
 //!   write and truncate for the files of a writable export;
-//! - each socket's directory and the relay's private directory: make, connect to and remove
-//!   unix sockets;
-//! - the directory holding the private directory: remove it at exit;
+//! - each socket's directory: make, connect to and remove unix sockets;
 //! - systemd's notification socket (connect);
 //! - each allowed root (`allow_paths`), for images and sockets added at run time: read, write,
 //!   truncate, list, make, connect to and remove sockets.
@@ -40,8 +38,6 @@ pub struct FsPolicy {
     pub write_files: Vec<PathBuf>,
     /// Directories where unix sockets are made, connected to and removed.
     pub socket_dirs: Vec<PathBuf>,
-    /// Directories from which an empty directory may be removed.
-    pub remove_dir_in: Vec<PathBuf>,
     /// Unix sockets that may be connected to (systemd's notification socket).
     pub connect_sockets: Vec<PathBuf>,
     /// Allowed roots: everything above beneath each of them.
@@ -109,11 +105,10 @@ pub fn prepare(policy: &FsPolicy) -> Result<Prepared, LandlockError> {
         .handle_access(AccessNet::from_all(TARGET_ABI))?
         .scope(scopes)?
         .create()?;
-    let rules: [(&[PathBuf], BitFlags<AccessFs>); 6] = [
+    let rules: [(&[PathBuf], BitFlags<AccessFs>); 5] = [
         (&policy.read_files, read.into()),
         (&policy.write_files, write),
         (&policy.socket_dirs, sockets),
-        (&policy.remove_dir_in, AccessFs::RemoveDir.into()),
         (&policy.connect_sockets, AccessFs::ResolveUnix.into()),
         (&policy.roots, write | sockets | AccessFs::ReadDir),
     ];

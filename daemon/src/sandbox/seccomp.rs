@@ -16,16 +16,16 @@
 //! - `export` (the listener thread, and the threads it starts to tear connections down and
 //!   close images, which inherit its filter and only record the role) accepts frontends and
 //!   builds everything a connection needs (engine shards and their io_urings, eventfds and
-//!   epoll sets, the private socket of the relay, handing a connection to the relay thread),
-//!   starts vhost-user-backend's threads, and closes images (writes, syncs, lock release), so
-//!   its filter is the widest but opens no file;
-//! - `frontend` (vhost-user-backend's request thread) maps guest memory and registers kick
-//!   eventfds; it takes its filter on its first call into the backend;
-//! - `worker` (vhost-user-backend's vring threads, the engine shards) polls epoll and its
-//!   io_uring; it takes its filter on its first event, which the export provokes as soon as
-//!   the thread exists;
+//!   epoll sets, the private socket pair between the relay and the connection's request
+//!   handler, handing a connection to the relay thread), starts the connection's worker
+//!   threads, and closes images (writes, syncs, lock release), so its filter is the widest but
+//!   opens no file;
+//! - `worker` (a connection's worker threads, the engine shards) polls epoll and its
+//!   io_uring; it takes its filter as it starts;
 //! - `relay` (the one relay thread of every connection: epoll, messages with descriptors,
-//!   the checks of those descriptors, in-flight areas), `signals`, `metrics`, `inflate`,
+//!   the checks of those descriptors, in-flight areas, and every connection's vhost-user
+//!   request handler: mapping guest memory, adding kick eventfds to the workers' epoll sets),
+//!   `signals`, `metrics`, `inflate`,
 //!   `control` (the control socket's listener; its connection threads inherit its filter):
 //!   what their loops do, nothing else.
 //!
@@ -94,8 +94,6 @@ pub enum Role {
     /// The listener thread (every export's socket) and the threads it starts: sets up each
     /// connection and its threads, tears connections down, closes images.
     Export,
-    /// vhost-user-backend's request handler of one connection.
-    Frontend,
     /// A vring worker thread (an engine shard).
     Worker,
     /// The relay thread: every connection's messages between the frontend and
@@ -107,12 +105,11 @@ pub enum Role {
     Control,
 }
 
-const ROLES: [Role; 9] = [
+const ROLES: [Role; 8] = [
     Role::Main,
     Role::Signals,
     Role::Metrics,
     Role::Export,
-    Role::Frontend,
     Role::Worker,
     Role::Relay,
     Role::Inflate,
@@ -131,7 +128,6 @@ impl Role {
             Role::Signals => "signals",
             Role::Metrics => "metrics",
             Role::Export => "export",
-            Role::Frontend => "frontend",
             Role::Worker => "worker",
             Role::Relay => "relay",
             Role::Inflate => "inflate",
@@ -331,15 +327,6 @@ fn debug_forbidden_call(role: Role) {
     }
     #[cfg(not(debug_assertions))]
     let _ = role;
-}
-
-/// [`enter`] for a thread that the daemon did not start and reaches only through callbacks
-/// (vhost-user-backend's): installs `role`'s filter unless the thread already has a role.
-/// A thread that cannot get its filter must not go on without it: the process aborts.
-pub fn enter_unless_set(role: Role) {
-    if ROLE.with(Cell::get).is_none() {
-        enter_or_abort(role);
-    }
 }
 
 fn remember_thread_name() {
@@ -574,7 +561,7 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
             // this filter before it adds its own: all of an export's calls and more.
             // Stopping: completing the requests in flight of each connection (on its shards)
             // and shutting its socket down, waking the listener (an eventfd write),
-            // systemd's STOPPING=1, removing sockets and the private directory.
+            // systemd's STOPPING=1, removing sockets.
             merge(&mut rules, role_rules(Role::Export)?);
             allow(
                 &mut rules,
@@ -710,6 +697,26 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
                 1,
                 &[libc::F_ADD_SEALS as u64, libc::F_GET_SEALS as u64],
             )?;
+            // Every connection's request handler runs here (crate::handler): messages and the
+            // descriptors they carry through vhost's endpoint on the private socket
+            // (recvmsg/sendmsg, plus what `unix_messages` has for its reads and writes and
+            // the descriptors' duplicates), mapping guest memory (mmap, in `base`; lseek and
+            // fstat on the region's file while vm-memory maps it), and the kick eventfds of
+            // the queues added to and removed from the workers' epoll sets (epoll_ctl, above).
+            unix_messages(&mut rules);
+            allow(&mut rules, &[libc::SYS_lseek]);
+            ioctl_fionbio(&mut rules)?;
+            // The size of a guest memory region's pages (fstatfs: huge pages on hugetlbfs),
+            // for its truncation guard.
+            allow(&mut rules, &[libc::SYS_fstatfs]);
+            // vhost's handler checks that the descriptor SET_BACKEND_REQ_FD carries is a unix
+            // stream socket (SO_DOMAIN, SO_TYPE).
+            allow_arg_in(
+                &mut rules,
+                libc::SYS_getsockopt,
+                2,
+                &[libc::SO_DOMAIN as u64, libc::SO_TYPE as u64],
+            )?;
             // A timeout on writes to the frontend's backend request channel (SO_SNDTIMEO).
             allow_arg_in(
                 &mut rules,
@@ -718,31 +725,11 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
                 &[libc::SO_SNDTIMEO as u64],
             )?;
         }
-        Role::Frontend => {
-            // Messages and the descriptors they carry, guest memory, kick and call eventfds
-            // (epoll registrations), and draining a stopping queue on the shards.
-            unix_messages(&mut rules);
-            shard(&mut rules);
-            allow(
-                &mut rules,
-                &[libc::SYS_epoll_ctl, libc::SYS_eventfd2, libc::SYS_lseek],
-            );
-            // Reading a socket's options (the backend request channel QEMU shares).
-            allow(&mut rules, &[libc::SYS_getsockopt]);
-            ioctl_fionbio(&mut rules)?;
-            // Whether a memory region's file is sealed against shrinking (an unsealed one is
-            // registered with the SIGBUS handler), and the size of its pages (fstatfs: huge
-            // pages on hugetlbfs).
-            allow_arg_in(&mut rules, libc::SYS_fcntl, 1, &[libc::F_GET_SEALS as u64])?;
-            allow(&mut rules, &[libc::SYS_fstatfs]);
-        }
         Role::Export => {
             // A connection's set-up and teardown, and the threads it starts, which inherit
             // this filter before they add their own (the relay thread is not one of them:
             // the main thread starts it before any filter exists).
-            for child in [Role::Frontend, Role::Worker] {
-                merge(&mut rules, role_rules(child)?);
-            }
+            merge(&mut rules, role_rules(Role::Worker)?);
             spawn_threads(&mut rules)?;
             shard(&mut rules);
             unix_messages(&mut rules);

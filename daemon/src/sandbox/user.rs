@@ -2,7 +2,7 @@
 //! capabilities left.
 //!
 //! Runs on the main thread during start-up. [`lookup`] resolves the names (or numbers) before
-//! anything is opened; the sockets and the relay's private directory are then made with that
+//! anything is opened; the sockets are then made with that
 //! owner ([`give`]); [`drop_to`] runs once everything that needs root is done and before any
 //! other thread exists (glibc would otherwise have to change every thread's ids behind their
 //! seccomp filters): it empties the capability bounding set and the ambient set, sets the

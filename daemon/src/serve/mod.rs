@@ -85,15 +85,6 @@ pub enum ServeError {
     /// Signal handling cannot be set up.
     #[error("Cannot set up signal handling")]
     Signals(#[source] std::io::Error),
-    /// The private directory of the relay's sockets cannot be made.
-    #[error("Cannot make a private directory in {}", parent.display())]
-    PrivateDir {
-        /// Where it was to be made.
-        parent: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
     /// `--user` cannot be honoured.
     #[error("Cannot serve as user {spec:?}")]
     User {
@@ -214,25 +205,9 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
         give(path, user, 0o600)?;
     }
     let metrics_listener = config.metrics.map(bind_metrics).transpose()?;
-    let parent = std::env::temp_dir();
-    let private_dir = crate::relay::make_private_dir(&parent)
-        .map(RemoveOnDrop)
-        .map_err(|source| ServeError::PrivateDir {
-            parent: parent.clone(),
-            source,
-        })?;
-    if let Some(user) = &user {
-        give(&private_dir.0, user, 0o700)?;
-    }
 
     // Set-up is done: give up what serving does not need, before any other thread exists.
-    let policy = fs_policy(
-        &config,
-        config_path.as_deref(),
-        &bound,
-        &private_dir.0,
-        &parent,
-    );
+    let policy = fs_policy(&config, config_path.as_deref(), &bound);
     let confinement = landlock::prepare(&policy)?;
     if let Some(user) = &user {
         user::drop_to(user).map_err(|source| ServeError::User {
@@ -371,7 +346,7 @@ fn inflate_thread_start() {
 }
 
 /// What the file system sandbox leaves reachable: the files of every export, the socket
-/// directories, the private directory (and removing it from its parent), systemd's socket.
+/// directories, systemd's socket.
 /// When exports can be added at run time (a control socket, or a config file that SIGHUP
 /// re-reads), the config file is readable and the allowed roots of every export (its
 /// image's directory and `allow_paths`) and the socket directories are roots: files in them
@@ -380,8 +355,6 @@ fn fs_policy(
     config: &ServeConfig,
     config_path: Option<&Path>,
     exports: &[(ExportConfig, Image, vhost::vhost_user::Listener)],
-    private_dir: &Path,
-    parent: &Path,
 ) -> FsPolicy {
     let dir_of = |path: &Path| match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -404,8 +377,6 @@ fn fs_policy(
     if let Some(control) = &config.control {
         policy.socket_dirs.push(dir_of(control));
     }
-    policy.socket_dirs.push(private_dir.to_path_buf());
-    policy.remove_dir_in.push(parent.to_path_buf());
     if let Some(notify) = std::env::var_os("NOTIFY_SOCKET") {
         if notify.as_encoded_bytes().starts_with(b"@") {
             policy.abstract_unix = true;
@@ -422,7 +393,6 @@ fn fs_policy(
             .flat_map(|(cfg, _, _)| cfg.allowed_roots.iter().cloned())
             .chain(config.allow_paths.iter().cloned())
             .chain(policy.socket_dirs.iter().cloned())
-            .filter(|d| d != private_dir)
             .collect();
         roots.sort();
         roots.dedup();
@@ -453,15 +423,6 @@ fn debug_open_hook() {
                 crate::error_chain(&e)
             ),
         }
-    }
-}
-
-/// A directory removed when `serve` returns (it is empty by then).
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
     }
 }
 

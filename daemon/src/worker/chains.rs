@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{debug, error, info, warn};
-use vhost_user_backend::VringT;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 

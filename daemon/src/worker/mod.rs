@@ -1,11 +1,13 @@
 //! The data path of one worker thread: from available descriptor chains to used ones.
 //!
-//! vhost-user-backend runs one epoll loop per worker thread; queue `q` belongs to worker
-//! `q % shards`. That thread calls into its [`Worker`] (through the backend's per-thread mutex,
-//! uncontended on the data path) when a queue it owns is kicked and when its engine shard's
-//! completion eventfd fires. The vhost-user frontend thread takes the same mutex only for
-//! GET_VRING_BASE ([`Worker::stop_queue`]), to wait out the requests of a queue being stopped,
-//! and to switch the shard between write-back and write-through ([`Worker::set_writethrough`]).
+//! Each worker thread runs its own epoll loop ([`crate::worker_loop`]); queue `q` belongs to
+//! worker `q % shards`. That thread calls into its [`Worker`] (through the backend's
+//! per-thread mutex, uncontended on the data path) when a queue it owns is kicked, when its
+//! engine shard's completion eventfd fires, when its timer fires and when the frontend stops
+//! one of its queues (GET_VRING_BASE, [`Worker::stop_queue`]: it waits out that queue's
+//! requests on its own thread). Before each event it applies a write-cache change the driver
+//! made meanwhile ([`Worker::set_writethrough`]). Other threads take the mutex only to
+//! quiesce the queues for a stop, to suspend the shards for a resize and to finish them.
 //!
 //! A request in flight lives in a slot of a slab; its token is the slot index. A discard or
 //! write-zeroes request with several segments becomes one engine request per segment, all with
@@ -54,8 +56,8 @@
 //! it: a worker that never returns to its event loop never sees its exit event, and the
 //! export could never take its next connection.
 //!
-//! When the connection is gone, the export's listener thread calls [`Worker::finish`] (after
-//! vhost-user-backend has joined the worker thread): it waits for what is still in flight and
+//! When the connection is gone, the thread tearing it down calls [`Worker::finish`] (after
+//! it has joined the worker thread): it waits for what is still in flight and
 //! makes every write durable before the shard is dropped. `Drop` does the same if that was
 //! skipped.
 //!
@@ -68,7 +70,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{error, warn};
-use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -85,10 +86,9 @@ mod chains;
 #[cfg(test)]
 mod tests;
 
-/// The vring type the backend uses.
-pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+pub use crate::vring::Vring;
 /// The state behind a [`Vring`]'s lock.
-type RingState = VringState<GuestMemoryAtomic<GuestMemoryMmap>>;
+type RingState = crate::vring::VringState;
 
 /// How many request failures a worker logs before it only logs every power of two.
 const LOUD_ERRORS: u64 = 16;
@@ -387,7 +387,9 @@ impl<B: BlockIo> Worker<B> {
         self.io.set_writethrough(on);
     }
 
-    /// Uses `mem` for requests popped from now on.
+    /// Uses `mem` for requests popped from now on (in the daemon every worker of a
+    /// connection reads the one atomic the frontend handler publishes tables in).
+    #[cfg(test)]
     pub fn set_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) {
         self.mem = mem;
     }
@@ -611,8 +613,9 @@ impl<B: BlockIo> Worker<B> {
         self.notify(&vrings);
         self.vrings = vrings;
         self.publish_metrics();
-        // This runs on the frontend's thread: chains of the worker's other queues that the
-        // completions reaped here have made room for are taken by the worker's own thread.
+        // This runs outside the worker's event handling (a stop request, or a quiesce on the
+        // main thread): chains of the worker's other queues that the completions reaped here
+        // have made room for are taken in the worker's next turn.
         if self.resumable() {
             self.wake_soon("to take chains left in the rings");
         }

@@ -233,7 +233,7 @@ impl Harness {
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
         );
-        let vring = <Vring as VringT<_>>::new(mem.clone(), QSIZE).unwrap();
+        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
         Harness { mem, vring }
     }
 

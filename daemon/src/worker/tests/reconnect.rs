@@ -2,14 +2,14 @@
 
 use super::*;
 
-/// A vring of a new connection over the rings of `vq`, as vhost-user-backend sets it up:
+/// A vring of a new connection over the rings of `vq`, as the frontend handler sets it up:
 /// SET_VRING_BASE to `base` and the used index read from guest memory.
 fn reconnected_vring(
     mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     vq: &MockSplitQueue<'_, GuestMemoryMmap>,
     base: u16,
 ) -> Vring {
-    let vring = <Vring as VringT<_>>::new(mem.clone(), QSIZE).unwrap();
+    let vring = Vring::new(mem.clone(), QSIZE).unwrap();
     vring
         .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
         .unwrap();
