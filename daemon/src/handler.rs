@@ -54,8 +54,10 @@ use crate::backend::BlkBackend;
 use crate::vring::Vring;
 use crate::worker_loop::WorkerLoop;
 
-/// Memory slots offered (CONFIGURE_MEM_SLOTS), as vhost in the kernel has.
-const MAX_MEM_SLOTS: u64 = 509;
+/// Memory slots offered (CONFIGURE_MEM_SLOTS, GET_MAX_MEM_SLOTS), as vhost in the kernel
+/// has; ADD_MEM_REG past them is refused here (each region holds a mapping and its file
+/// open).
+pub(crate) const MAX_MEM_SLOTS: usize = 509;
 const GET_VRING_BASE: u32 = vhost::vhost_user::message::FrontendReq::GET_VRING_BASE as u32;
 
 /// Where a frontend's user address lands in guest memory.
@@ -406,7 +408,7 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
-        Ok(MAX_MEM_SLOTS)
+        Ok(MAX_MEM_SLOTS as u64)
     }
 
     fn add_mem_region(
@@ -417,6 +419,13 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     ) -> VhostUserResult<Option<VhostUserMemoryRegionBase>> {
         if postcopy_listening.is_some() {
             return Err(VhostUserError::InvalidOperation("postcopy not supported"));
+        }
+        // The slots advertised (GET_MAX_MEM_SLOTS) are all a frontend gets: each region is a
+        // mapping and a descriptor held for the connection's life.
+        if self.mappings.len() >= MAX_MEM_SLOTS {
+            return Err(VhostUserError::InvalidOperation(
+                "every advertised memory slot is in use",
+            ));
         }
         let guest = Arc::new(
             GuestRegionMmap::new(
@@ -469,7 +478,16 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     }
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("no dirty page logging"))
+        // LOG_SHMFD is never offered, and the daemon logs no dirty pages. A frontend that
+        // enables it anyway gets a log with no memory to cover taken (and closed at once,
+        // costing nothing), and one over guest memory refused: that would end its connection.
+        if vm_memory::GuestMemoryBackend::num_regions(&*self.mem.memory()) > 0 {
+            return Err(VhostUserError::InvalidOperation(
+                "dirty page logging is not supported",
+            ));
+        }
+        debug!("Ignoring a dirty log over no guest memory (LOG_SHMFD was never offered)");
+        Ok(())
     }
 }
 

@@ -59,7 +59,7 @@ const MAX_CHUNKS: usize = 64;
 pub const MAX_SLOTS: usize = CHUNK * MAX_CHUNKS;
 /// Ranges one connection may have registered at once: a full memory table (the memory slots
 /// the daemon offers) and as many again of older tables that requests in flight still hold.
-pub const PER_CONNECTION: usize = 2 * crate::relay::MAX_MEM_SLOTS;
+pub const PER_CONNECTION: usize = 2 * crate::handler::MAX_MEM_SLOTS;
 
 /// One chunk of slots: per slot, the start (0: free, `usize::MAX`: being claimed), the end
 /// (exclusive) and the page size of a guest-memory mapping, and the slot's generation (bumped

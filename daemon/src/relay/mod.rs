@@ -96,10 +96,6 @@ const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
 const SET_VRING_ERR: u32 = FrontendReq::SET_VRING_ERR as u32;
 const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
 const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
-const REM_MEM_REG: u32 = FrontendReq::REM_MEM_REG as u32;
-/// The memory slots a frontend may fill with ADD_MEM_REG: what GET_MAX_MEM_SLOTS answers
-/// (vhost-user-backend's 509). Each region holds a mapping and its file open.
-pub(crate) const MAX_MEM_SLOTS: usize = 509;
 /// Bytes of one memory region description (guest address, size, user address, mmap offset).
 const REGION_BYTES: usize = 32;
 /// How long a config-change message may take to reach the frontend.
@@ -457,7 +453,6 @@ impl Relay {
             backend_events: EventSet::empty(),
             wake_events: EventSet::empty(),
             peak: Arc::clone(&peak),
-            regions: 0,
             _gone: GoneOnDrop(Arc::clone(&gone)),
         };
         // Refused: the connection is dropped with the command, its sockets closed.
@@ -542,10 +537,7 @@ impl End {
                 | vhost::vhost_user::Error::PartialMessage
                 | vhost::vhost_user::Error::SocketBroken(_)),
             ) => debug!(connection, "The device's end of the connection closed: {e}"),
-            End::Device(e) => warn!(
-                connection,
-                "Closing the connection: the frontend's request failed: {e}"
-            ),
+            End::Device(e) => warn!(connection, "Connection ended with an error: {e}"),
             End::Watch(e) => error!(
                 connection,
                 "Closing the connection: the relay cannot watch its sockets: {e}"
@@ -591,9 +583,6 @@ struct Conn {
     backend_events: EventSet,
     wake_events: EventSet,
     peak: Arc<AtomicUsize>,
-    /// Memory regions the frontend has set (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG): a
-    /// region past [`MAX_MEM_SLOTS`] is refused.
-    regions: usize,
     /// Last: dropped once the sockets are closed.
     _gone: GoneOnDrop,
 }
@@ -786,27 +775,9 @@ impl Conn {
         }
     }
 
-    /// Counts the memory regions a message sets, adds or removes; refuses a region past the
-    /// slots the daemon advertises. A message the backend then refuses ends the connection,
-    /// so the count is never off for long.
-    fn count_regions(&mut self, msg: &Message) -> Result<(), String> {
-        match msg.request() {
-            SET_MEM_TABLE => self.regions = msg.fds.len(),
-            ADD_MEM_REG if self.regions >= MAX_MEM_SLOTS => {
-                return Err(format!(
-                    "a memory region past the {MAX_MEM_SLOTS} slots the daemon offers"
-                ))
-            }
-            ADD_MEM_REG => self.regions += 1,
-            REM_MEM_REG => self.regions = self.regions.saturating_sub(1),
-            _ => {}
-        }
-        Ok(())
-    }
-
     /// A whole message from the frontend, when nothing is on its way out either way.
     fn inbound_message(&mut self, mut msg: Message) -> Result<(), End> {
-        if let Err(why) = check_fds(&msg).and_then(|()| self.count_regions(&msg)) {
+        if let Err(why) = check_fds(&msg) {
             error!(
                 connection = self.name,
                 request = msg.request(),
