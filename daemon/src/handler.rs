@@ -326,9 +326,15 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     }
 
     fn set_vring_kick(&mut self, index: u8, file: Option<File>) -> VhostUserResult<()> {
-        let i = u32::from(index);
-        let vring = self.vring(i)?.clone();
-        // A kick being replaced leaves its worker's epoll set as it is closed.
+        let vring = self.vring(u32::from(index))?.clone();
+        // The kick being replaced leaves its worker's epoll set first. Closing it would not
+        // take it out: the set watches the eventfd itself, which the frontend's descriptor
+        // keeps open, and an old kick nobody reads any more would wake the worker for ever.
+        if let Some(old) = vring.get_ref().kick() {
+            let (worker, local) = self.owner(usize::from(index));
+            // Not in the set (the queue was not being served) is fine.
+            let _ = worker.unregister_listener(old.as_raw_fd(), EventSet::IN, local as u64);
+        }
         vring.set_kick(file);
         self.start_if_set_up(usize::from(index))
     }
@@ -547,5 +553,100 @@ impl crate::relay::Device for DeviceLink {
 
     fn handle(&mut self) -> Result<(), VhostUserError> {
         self.requests.handle_request()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::DeviceParams;
+    use crate::budget::Budgets;
+    use crate::request::DeviceInfo;
+    use crate::throttle::ExportThrottle;
+    use crate::virtio_blk::{ID_BYTES, MAX_QUEUE_SIZE};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::sync::atomic::AtomicBool;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// The handler of a read-only connection with one queue, served by one worker loop
+    /// (not running: the test looks at what it would be woken for).
+    fn handler_with_one_loop(name: &str) -> (FrontendHandler, Arc<WorkerLoop>, Vring) {
+        let dir = std::env::temp_dir().join(format!("qcow2d-handler-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = qcow2d_tests::create_qcow2_in(&dir, name, "", "16M");
+        let options = qcow2d_engine::OpenOptions {
+            read_only: true,
+            ..qcow2d_engine::OpenOptions::default()
+        };
+        let image = qcow2d_engine::Image::open(&path, &options).unwrap();
+        let params = DeviceParams {
+            num_queues: 1,
+            shards: 1,
+            device: DeviceInfo {
+                capacity: image.virtual_size(),
+                read_only: true,
+                serial: [0; ID_BYTES],
+            },
+            cluster_size: image.cluster_size(),
+            writeback: Arc::new(AtomicBool::new(false)),
+            metrics: None,
+            throttle: Arc::new(ExportThrottle::default()),
+            budgets: Budgets::default(),
+        };
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(BlkBackend::new(&image, &params, &mem).unwrap());
+        let vring = Vring::new(mem.clone(), MAX_QUEUE_SIZE as u16).unwrap();
+        let worker = Arc::new(WorkerLoop::new().unwrap());
+        let handler =
+            FrontendHandler::new(backend, vec![vring.clone()], mem, vec![Arc::clone(&worker)]);
+        (handler, worker, vring)
+    }
+
+    /// The daemon's own descriptor of `kick`, as SET_VRING_KICK hands it over (the
+    /// frontend keeps its own).
+    fn handed_over(kick: &EventFd) -> File {
+        let copy = kick.try_clone().unwrap();
+        // SAFETY: the descriptor was just duplicated and is owned by `copy` alone, whose
+        // ownership the file takes over.
+        unsafe { File::from_raw_fd(copy.into_raw_fd()) }
+    }
+
+    /// A frontend that replaces a served queue's kick and goes on writing the old one (it
+    /// keeps its descriptor, so the eventfd stays open): the worker is not woken for the old
+    /// kick, which nobody reads any more and which would otherwise wake it for ever.
+    #[test]
+    fn a_replaced_kick_no_longer_wakes_the_worker() {
+        let (mut handler, worker, vring) = handler_with_one_loop("kick.qcow2");
+        // Without the vhost-user protocol bit every queue is enabled at once.
+        handler.set_features(0).unwrap();
+        let old = EventFd::new(EFD_NONBLOCK).unwrap();
+        handler.set_vring_kick(0, Some(handed_over(&old))).unwrap();
+        // A newly served queue is woken once, for chains added before its kick was set.
+        assert_eq!(worker.ready_now(), vec![0]);
+        assert!(vring.read_kick(), "the queue is served");
+        assert_eq!(worker.ready_now(), Vec::<u64>::new());
+        old.write(1).unwrap();
+        assert_eq!(worker.ready_now(), vec![0], "the kick wakes its worker");
+        old.read().unwrap();
+
+        let new = EventFd::new(EFD_NONBLOCK).unwrap();
+        handler.set_vring_kick(0, Some(handed_over(&new))).unwrap();
+        assert_eq!(worker.ready_now(), vec![0]);
+        assert!(vring.read_kick());
+        assert_eq!(worker.ready_now(), Vec::<u64>::new());
+        old.write(1).unwrap();
+        assert_eq!(
+            worker.ready_now(),
+            Vec::<u64>::new(),
+            "the replaced kick still wakes the worker"
+        );
+        new.write(1).unwrap();
+        assert_eq!(worker.ready_now(), vec![0], "the new kick wakes it");
+
+        // A kick taken away (no descriptor) stops waking it too.
+        assert!(vring.read_kick());
+        handler.set_vring_kick(0, None).unwrap();
+        new.write(1).unwrap();
+        assert_eq!(worker.ready_now(), Vec::<u64>::new());
     }
 }

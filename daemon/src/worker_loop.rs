@@ -43,7 +43,8 @@ pub struct WorkerLoop {
 }
 
 impl WorkerLoop {
-    fn new() -> io::Result<Self> {
+    /// A loop watching only its exit and control eventfds (see [`WorkerThreads::start`]).
+    pub(crate) fn new() -> io::Result<Self> {
         let epoll = Epoll::new()?;
         let exit = EventFd::new(EFD_NONBLOCK)?;
         let control = EventFd::new(EFD_NONBLOCK)?;
@@ -115,6 +116,16 @@ impl WorkerLoop {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+impl WorkerLoop {
+    /// The epoll data of the events ready now, without waiting and without running them.
+    pub(crate) fn ready_now(&self) -> Vec<u64> {
+        let mut events = vec![EpollEvent::default(); EVENTS];
+        let n = self.epoll.wait(0, &mut events).unwrap();
+        events[..n].iter().map(EpollEvent::data).collect()
     }
 }
 
