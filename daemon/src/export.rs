@@ -96,9 +96,13 @@ pub enum ExportError {
     /// The backend of a new connection could not be built.
     #[error("Cannot set up the device for a new connection")]
     Backend(#[from] BackendError),
-    /// The connection's queues or worker threads could not be made.
-    #[error("Cannot create the vhost-user device: {0}")]
-    Daemon(String),
+    /// The connection's queues could not be made.
+    #[error("Cannot create the connection's queues")]
+    Queues(#[source] virtio_queue::Error),
+    /// The connection's worker threads (their epoll sets and eventfds, the threads) could not
+    /// be started.
+    #[error("Cannot start the connection's worker threads")]
+    Workers(#[source] std::io::Error),
     /// Accepting a connection failed.
     #[error("Cannot accept a connection: {0}")]
     Accept(String),
@@ -472,9 +476,9 @@ impl Export {
             let vrings = (0..backend.num_queues())
                 .map(|_| Vring::new(mem.clone(), MAX_QUEUE_SIZE as u16))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ExportError::Daemon(e.to_string()))?;
+                .map_err(ExportError::Queues)?;
             let workers = WorkerThreads::start(&backend, &vrings, &self.worker_name)
-                .map_err(|e| ExportError::Daemon(e.to_string()))?;
+                .map_err(ExportError::Workers)?;
             st.backend = Some((Arc::clone(&backend), workers.loops().to_vec()));
             (backend, workers, vrings)
         };

@@ -516,3 +516,35 @@ fn listening_path(listener: &vhost::vhost_user::Listener) -> String {
         .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendError;
+
+    /// A connection's set-up that fails for want of descriptors, wherever in the set-up
+    /// (the backend's eventfds, the worker threads' epoll sets, the relay's sockets), is
+    /// known as such, so that it closes that connection and not the export; any other
+    /// failure is not.
+    #[test]
+    fn set_up_failures_for_want_of_descriptors_are_recognised() {
+        let emfile = || std::io::Error::from_raw_os_error(libc::EMFILE);
+        let enfile = || std::io::Error::from_raw_os_error(libc::ENFILE);
+        for e in [
+            ExportError::Workers(emfile()),
+            ExportError::Workers(enfile()),
+            ExportError::Relay(emfile()),
+            ExportError::Backend(BackendError::Stopped(emfile())),
+        ] {
+            assert!(chain_out_of_descriptors(&e), "{e:?}");
+        }
+        for e in [
+            ExportError::Workers(std::io::Error::from_raw_os_error(libc::ENOMEM)),
+            ExportError::Relay(std::io::Error::other("set-up failure")),
+            ExportError::Queues(virtio_queue::Error::InvalidSize),
+            ExportError::Panicked,
+        ] {
+            assert!(!chain_out_of_descriptors(&e), "{e:?}");
+        }
+    }
+}
