@@ -24,8 +24,8 @@
 //! The kernel's own accesses (io_uring reads and writes of guest memory) never raise SIGBUS: they
 //! fail with EFAULT, and the request with IOERR.
 //!
-//! Regions whose files are sealed against shrinking cannot be cut short and are not registered;
-//! only the others are (`BlkBackend::update_memory` asks `crate::fdcheck`).
+//! Regions whose files are sealed against shrinking cannot be cut short and are not
+//! registered; only the others are (`BlkBackend::guard_and_publish` asks `crate::fdcheck`).
 //!
 //! The registry takes no lock in the handler and allocates nothing there: it is a list of chunks of
 //! [`CHUNK`] slots (start, end and page size of a range, and a generation that changes whenever the
@@ -42,7 +42,8 @@
 //! take the room of the others. A range that cannot be registered is for the caller to refuse
 //! ([`Guards::set`] says which): its table is not used.
 //!
-//! Any thread may register and unregister ranges; a connection's frontend thread does.
+//! Any thread may register and unregister ranges; the relay thread does, running each
+//! connection's request handler.
 
 use std::collections::{HashMap, HashSet};
 use std::io;

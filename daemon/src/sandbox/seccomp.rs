@@ -96,8 +96,8 @@ pub enum Role {
     Export,
     /// A vring worker thread (an engine shard).
     Worker,
-    /// The relay thread: every connection's messages between the frontend and
-    /// vhost-user-backend.
+    /// The relay thread: every connection's messages, and each connection's vhost-user
+    /// request handler.
     Relay,
     /// An engine inflate worker.
     Inflate,

@@ -17,10 +17,9 @@
 //! the engine is done. The slab, the scratch buffers and the completion vector are reused: the
 //! steady state allocates nothing.
 //!
-//! Guest memory (buffers and rings alike) is reached only through the worker's own view
-//! ([`Worker::set_memory`]), never through the vrings' (which vhost-user-backend replaces as
-//! soon as it has mapped a new table): the backend hands a table to the workers only once the
-//! regions the frontend could cut short are guarded (`crate::sigbus`).
+//! Guest memory (buffers and rings alike) is reached through the connection's atomic pointer
+//! the worker was given, which the request handler publishes a table in only once the regions
+//! the frontend could cut short are guarded (`crate::sigbus`, `BlkBackend::guard_and_publish`).
 //!
 //! With `--metrics` the worker also records every request into its [`ShardMetrics`]: the time
 //! from popping the chain to adding it to the used ring, its operation, payload bytes and
