@@ -2006,12 +2006,18 @@ fn resets_with_requests_in_flight() {
 /// daemon maps keeps its file open, so a frontend that fills the slots it was offered runs a
 /// process with few descriptors out of them. The daemon runs with a limit of 512
 /// descriptors (below the 509 slots and what the daemon holds itself) so that one
-/// connection is enough and this takes a second, not a minute. A connection to the other export then
-/// cannot be accepted: the daemon closes it and says why, the export is not given up, and
-/// once the frontend has left both exports serve again.
+/// connection is enough and this takes a second, not a minute. The frontend stops adding
+/// while the daemon still has a few descriptors (too few for a connection's set-up, enough
+/// for its own messages): one more region would end its connection, whose teardown gives the
+/// descriptors back, and the connection below could then race it. A connection to the other
+/// export then cannot be accepted or set up: the daemon closes it and says why, the export is
+/// not given up, and once the frontend has left both exports serve again.
 #[test]
 fn running_out_of_descriptors_does_not_end_the_other_export() {
-    let mut s = setup_with("descriptor-starvation", Some(512), 0);
+    /// The daemon's descriptor limit, and how many it keeps free once the frontend stops.
+    const LIMIT: usize = 512;
+    const FEW_LEFT: usize = 4;
+    let mut s = setup_with("descriptor-starvation", Some(LIMIT as u64), 0);
     let pid = s.daemon.pid();
     let open_files = || {
         std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -2023,7 +2029,12 @@ fn running_out_of_descriptors_does_not_end_the_other_export() {
     let ram = GuestRam::new(1 << 20, true);
     let fd = ram.file.as_raw_fd();
     let mut added = 0;
+    let mut few_left = false;
     for i in 0..2000u64 {
+        if open_files() + FEW_LEFT >= LIMIT {
+            few_left = true;
+            break;
+        }
         let answer = wire
             .ask(
                 ADD_MEM_REG,
@@ -2038,6 +2049,12 @@ fn running_out_of_descriptors_does_not_end_the_other_export() {
         }
     }
     assert!(added > 400, "only {added} memory slots went in");
+    assert!(
+        few_left,
+        "a memory slot was refused after {added} while the daemon had {} of {LIMIT} \
+         descriptors open",
+        open_files()
+    );
     let line = "the process has no file descriptor left";
     let before = s.count(line);
     let starved = Wire::connect(&s.other).unwrap();
