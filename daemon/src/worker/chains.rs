@@ -47,18 +47,34 @@ impl<B: BlockIo> Worker<B> {
 
     /// Takes the chains available on local queue `index` while the gate is open and the ring
     /// is sound, and starts them; returns how many it took.
+    ///
+    /// Chains are read through a view of guest memory taken after the available index that
+    /// showed them was read (`mem` is replaced by a fresh view when it is not): the frontend
+    /// adds a memory region, and only once the daemon has answered does the driver put
+    /// chains that use it in the ring. A view taken before that index, even an instant before,
+    /// may lack the region, and the chain would fail as lying outside guest memory. One view
+    /// per index read that shows new chains, not one per chain.
     pub(super) fn pop_requests(
         &mut self,
         vring: &Vring,
         index: usize,
-        mem: &Arc<GuestMemoryMmap>,
+        mem: &mut Arc<GuestMemoryMmap>,
         dev: &DeviceInfo,
     ) -> usize {
         let mut state = vring.get_mut();
         let mut taken = 0;
+        // Chains, from the next one on, that the index showed before `mem` was taken.
+        let mut covered: u16 = 0;
         while self.gate_open() && self.broken & (1 << index) == 0 {
             let head = match next_avail(&mut state, mem) {
-                Avail::Chain(head) => head,
+                Avail::Chain { head, shown } => {
+                    if covered == 0 {
+                        *mem = self.mem.memory().into_inner();
+                        covered = shown;
+                    }
+                    covered -= 1;
+                    head
+                }
                 Avail::Empty => break,
                 Avail::Broken(why) => {
                     // Taking nothing more from this ring is the only way not to spin on it:
@@ -615,7 +631,10 @@ pub(super) fn next_avail(state: &mut RingState, mem: &GuestMemoryMmap) -> Avail 
     }
     match queue.iter(mem) {
         Ok(mut chains) => match chains.next() {
-            Some(chain) => Avail::Chain(chain.head_index()),
+            Some(chain) => Avail::Chain {
+                head: chain.head_index(),
+                shown: (idx - next).0,
+            },
             None => Avail::Broken(format!("its entry {} cannot be read", next.0)),
         },
         Err(e) => Avail::Broken(e.to_string()),

@@ -226,8 +226,12 @@ enum Reap {
 
 /// What the available ring of a queue offers.
 enum Avail {
-    /// The head index of the next chain (taken from the ring).
-    Chain(u16),
+    /// The next chain (taken from the ring): its head index, and how many chains the
+    /// available index showed from this one on, this one included (at least 1).
+    Chain {
+        head: u16,
+        shown: u16,
+    },
     Empty,
     /// The ring cannot be right: its index is more than the queue size ahead of the device's
     /// (or not readable), or an entry it offers cannot be read.
@@ -456,7 +460,7 @@ impl<B: BlockIo> Worker<B> {
                     warn!(index, "Cannot disable queue notifications: {e}");
                 }
             }
-            let taken = self.pop_requests(vring, index, &mem, dev);
+            let taken = self.pop_requests(vring, index, &mut mem, dev);
             if self.broken & (1 << index) != 0 {
                 break;
             }

@@ -794,3 +794,50 @@ fn finish_drains_then_flushes_once_and_drop_finishes_otherwise() {
 
 mod metrics;
 mod reconnect;
+
+/// The frontend adds a memory region and, once answered, the driver makes a read into it
+/// available, while the worker holds a view of guest memory taken before the region was
+/// added (it was in the middle of a round): the chain is read through a fresh view and the
+/// read goes to the engine, not back as lying outside guest memory.
+#[test]
+fn chains_are_read_through_a_view_no_older_than_the_index_that_showed_them() {
+    let h = Harness::new();
+    let mut w = Worker::new(FakeIo::default(), h.mem.clone());
+    let stale = h.mem.memory().into_inner();
+    // The new region, after the first one's MiB; the table shares the first region.
+    let added = Arc::new(
+        vm_memory::GuestRegionMmap::from_range(GuestAddress(0x10_0000), 0x1_0000, None).unwrap(),
+    );
+    let table = h.mem.memory().insert_region(added).unwrap();
+    h.mem.lock().unwrap().replace(table);
+    let m = h.mem.memory();
+    write_header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+    let descs = [
+        desc(0x1000, 16, false, Some(1)),
+        desc(0x10_0000, 512, true, Some(2)),
+        desc(0x10_0200, 1, true, None),
+    ];
+    let used_addr = h.queue(&descs);
+    assert!(
+        !vm_memory::GuestMemoryBackend::address_in_range(&*stale, GuestAddress(0x10_0000)),
+        "the old view lacks the region"
+    );
+
+    let mut mem = stale;
+    let taken = w.pop_requests(&h.vring, 0, &mut mem, &device());
+    assert_eq!(taken, 1);
+    assert_eq!(
+        w.io().log.len(),
+        1,
+        "the read reached the engine (the old view would have answered it with IOERR)"
+    );
+    assert!(vm_memory::GuestMemoryBackend::address_in_range(
+        &*mem,
+        GuestAddress(0x10_0000)
+    ));
+    // It completes into the new region.
+    w.process_queue(std::slice::from_ref(&h.vring), 0, false, &device());
+    assert_eq!(h.used_idx(used_addr), 1);
+    assert_eq!(h.byte(0x10_0200), STATUS_OK);
+    assert_eq!(h.byte(0x10_0000 + 7), pattern(7));
+}
