@@ -22,7 +22,7 @@
 //!
 //! Pure functions over descriptors, called by the relay thread (`crate::relay`), by
 //! `crate::inflight` when it maps an area, and by a connection's frontend thread when it
-//! guards a memory table (`BlkBackend::update_memory`: [`is_shrink_sealed`], [`page_size`]).
+//! guards a memory table (`BlkBackend::guard_and_publish`: [`is_shrink_sealed`], [`page_size`]).
 
 use std::fs::File;
 use std::io;
