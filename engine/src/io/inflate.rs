@@ -496,6 +496,11 @@ impl InflateQueue {
             && !self.local.is_empty()
     }
 
+    /// Jobs on the shard's own deque (not yet run by the shard or taken by a thief).
+    pub fn own_len(&self) -> usize {
+        self.local.len()
+    }
+
     /// Every job still on the deque (for a shard being dropped).
     pub fn take_all(&mut self) -> Vec<Job> {
         std::iter::from_fn(|| self.local.pop()).collect()

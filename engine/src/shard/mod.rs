@@ -82,6 +82,9 @@ pub use write_log::{LoggedStep, WriteLog};
 
 /// Most inflate jobs of other shards one poll runs.
 const MAX_STEALS_PER_POLL: usize = 4;
+/// Own inflate jobs queued from which finished requests wait for one more job before they
+/// go back (see [`Shard::poll_more`]).
+const HOLD_FINISHED_FROM_JOBS: usize = 3;
 /// Most iovecs one request may carry (the kernel's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
 /// See the module documentation.
@@ -369,8 +372,9 @@ impl Shard {
     /// Reaps kernel completions, plans every ready part, submits the new I/O with one
     /// `io_uring_enter`, inflates the compressed clusters read meanwhile (those no other
     /// thread took), and appends finished requests to `out`. Finished requests are returned
-    /// before another of this shard's inflate jobs is run: a poll that returns with jobs of
-    /// its own left makes the eventfd readable, so that a caller waiting on it comes back at
+    /// before another of this shard's inflate jobs is run (after one more when at least
+    /// `HOLD_FINISHED_FROM_JOBS` are queued): a poll that returns with jobs of its own
+    /// left makes the eventfd readable, so that a caller waiting on it comes back at
     /// once. With nothing else to do, it inflates a few clusters of other shards that are
     /// waiting. Never blocks.
     pub fn poll(&mut self, out: &mut Vec<Completion>) {
@@ -390,6 +394,7 @@ impl Shard {
         let mut more = false;
         self.st.inflation.jobs.enter();
         let mut stolen = 0;
+        let mut held = false;
         loop {
             self.turn();
             // Idle workers may take some of the jobs this turn queued.
@@ -402,9 +407,20 @@ impl Shard {
             // microseconds each): the guest waiting for them sends its next requests
             // meanwhile, which keeps work coming for the other cores. The caller comes back
             // at once for the jobs left (see `poll`).
+            //
+            // Unless the queue is deep: with at least `HOLD_FINISHED_FROM_JOBS` jobs queued,
+            // requests the guest sends now wait behind two jobs or more (one for each core
+            // inflating) and there is work for the other cores meanwhile, so handing back
+            // now buys nothing and costs a notification (and a wake-up of the guest's
+            // thread, which takes a core from an inflation) per request. Those requests go
+            // back after one more job, together with any that finish meanwhile: never
+            // later than that.
             if !self.st.finished.is_empty() && self.st.inflation.jobs.has_own() {
-                more = true;
-                break;
+                if held || self.st.inflation.jobs.own_len() < HOLD_FINISHED_FROM_JOBS {
+                    more = true;
+                    break;
+                }
+                held = true;
             }
             // This shard's own jobs, oldest first, one per turn: each may make parts ready.
             if let Some(job) = self.st.inflation.jobs.pop_own() {
