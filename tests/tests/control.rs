@@ -179,9 +179,9 @@ struct Throttled {
     requests: u64,
 }
 
-/// The name (`comm`) of the threads that serve an export's queues (vhost-user-backend's
-/// workers, which hold and release throttled requests).
-const QUEUE_THREAD: &str = "vring_worker";
+/// The start of the name (`comm`) of the threads that serve an export's queues (a connection's
+/// workers, `qcow2d-w<export>-<thread>`, which hold and release throttled requests).
+const QUEUE_THREAD: &str = "qcow2d-w";
 
 /// Nanoseconds each thread of `pid` serving queues ([`QUEUE_THREAD`]) has waited on a run
 /// queue, runnable but not running (`/proc/PID/task/TID/schedstat`, second field), by thread
@@ -196,7 +196,7 @@ fn run_delays(pid: i32) -> std::collections::HashMap<String, u64> {
         let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
             continue;
         };
-        if comm.trim_end() != QUEUE_THREAD {
+        if !comm.starts_with(QUEUE_THREAD) {
             continue;
         }
         let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
@@ -1066,8 +1066,8 @@ fn thread_names(pid: i32) -> Vec<String> {
 }
 
 /// Many exports share one listener thread: an idle export has no thread of its own; two
-/// exports serve a client each at once (no thread of the export's own: vhost-user-backend's
-/// request thread and the workers, gone when the client is); a second
+/// exports serve a client each at once (no thread of the export's own: the connection's
+/// workers, gone when the client is); a second
 /// client of a busy export waits for the first to leave; an idle writable export that is
 /// removed gives its socket and its image back at once.
 #[test]

@@ -78,7 +78,7 @@ const BACKEND_REQ: u64 = 1 << 5;
 const INFLIGHT_SHMFD: u64 = 1 << 12;
 const CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
 
-/// What the daemon logs when vhost-user-backend ends a connection over a message it refuses.
+/// What the daemon logs when its request handler ends a connection over a message it refuses.
 const ENDED_WITH_ERROR: &str = "Connection ended with an error";
 /// What the relay logs when it refuses a message's descriptors.
 const REFUSED: &str = "the frontend's message is refused";
@@ -524,7 +524,7 @@ fn messages_the_daemon_refuses_end_only_their_connection() {
             &fds,
         );
     }
-    // What the relay refuses itself, before vhost-user-backend maps anything.
+    // What the relay refuses itself, before the request handler maps anything.
     for (name, body, fds) in [
         (
             "a region count that is not the table's",
@@ -1922,7 +1922,7 @@ fn areas_replaced_and_rings_shared() {
     s.still_serving("after two queues on one ring");
 }
 
-/// Requests vhost-user-backend has no handler for, or whose feature the frontend claimed
+/// Requests the daemon's request handler has no answer for, or whose feature the frontend claimed
 /// without the daemon offering it (every protocol bit set): each ends the connection, but
 /// CHECK_DEVICE_STATE, which is answered with an error.
 #[test]
