@@ -240,17 +240,7 @@ impl MemoryGuards {
             // replaces it at the same place and size, which vm-memory unmaps with the table
             // as it would have its own. Guest memory is only ever accessed through raw copies
             // and the kernel, so no reference into it sees the contents change.
-            let mapped = unsafe {
-                libc::mmap(
-                    start as *mut libc::c_void,
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if mapped == libc::MAP_FAILED {
+            if !unsafe { crate::sigbus::replace_with_zeros(start, len) } {
                 error!(
                     "Cannot take unguarded guest memory out of use: {}",
                     io::Error::last_os_error()

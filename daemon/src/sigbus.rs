@@ -168,17 +168,7 @@ extern "C" fn on_sigbus(
         // (registered, so mapped by this process with pages of `page_size`, which the range's
         // start is aligned to, and only ever accessed through raw copies and the kernel) with
         // private anonymous memory of the same size; mmap is async-signal-safe.
-        let mapped = unsafe {
-            libc::mmap(
-                page as *mut libc::c_void,
-                page_size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if mapped != libc::MAP_FAILED {
+        if unsafe { replace_with_zeros(page, page_size) } {
             REPLACED.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -186,6 +176,29 @@ extern "C" fn on_sigbus(
     // Not guest memory (or it could not be replaced): the default action, on the retry.
     // SAFETY: signal(2) is async-signal-safe.
     unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}
+
+/// Maps private anonymous memory (zeros) over `[start, start + len)`, in place and of the
+/// same size; false if the mmap failed (errno says why). Async-signal-safe: one mmap.
+///
+/// # Safety
+/// The range must be guest memory this process mapped, whole pages of that mapping, and only
+/// ever accessed through raw copies and the kernel, so that no reference into it sees its
+/// contents change.
+pub unsafe fn replace_with_zeros(start: usize, len: usize) -> bool {
+    // SAFETY: the caller promises the range is guest memory of ours in whole pages, which a
+    // fixed anonymous private mapping of the same place and size may replace.
+    let mapped = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    mapped != libc::MAP_FAILED
 }
 
 /// One registered range (a chunk and a slot in it); unregistered when dropped.

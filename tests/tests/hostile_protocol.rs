@@ -80,6 +80,8 @@ const CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
 
 /// What the daemon logs when its request handler ends a connection over a message it refuses.
 const ENDED_WITH_ERROR: &str = "Connection ended with an error";
+/// What the daemon logs when a connection ends that read guest memory cut short as zeros.
+const CUT_SHORT: &str = "cut guest memory short";
 /// What the relay logs when it refuses a message's descriptors.
 const REFUSED: &str = "the frontend's message is refused";
 
@@ -184,6 +186,28 @@ impl Setup {
     /// Occurrences of `what` in the daemon's stderr so far.
     fn count(&self, what: &str) -> usize {
         self.daemon.stderr().matches(what).count()
+    }
+
+    /// Waits until the daemon reports pages of guest memory it read as zeros (the SIGBUS
+    /// handler's, counted and reported when the connection ends) more than `before` times;
+    /// fails if the daemon died meanwhile: a page cut off either reads as zeros or kills it.
+    fn read_cut_pages_as_zeros(&mut self, before: usize) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while self.count(CUT_SHORT) == before {
+            if let Some(status) = self.daemon.try_exit_status() {
+                panic!(
+                    "the daemon died ({status}) when it touched truncated guest memory; \
+                     stderr:\n{}",
+                    self.daemon.stderr()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the connection never reported the pages it read as zeros; stderr:\n{}",
+                self.daemon.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits until `what` occurs in the daemon's stderr more than `before` times: the attack
@@ -1647,26 +1671,11 @@ fn a_frontend_cannot_use_up_the_truncation_guards() {
     fe.set_memory(&fresh, 64 << 20).unwrap();
     fe.start_queue(&fresh, 0, 128).unwrap();
     fresh.file.set_len(0).unwrap();
-    // The worker reads the ring's index at each kick: a page cut off either reads as zeros
-    // (the handler's, counted and reported when the connection ends) or kills the daemon.
-    let line = "cut guest memory short";
-    let before = s.count(line);
-    for _ in 0..10 {
-        fe.kick(0);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The worker reads the ring's index at each kick.
+    let before = s.count(CUT_SHORT);
+    kick_ten_times(&fe);
     drop(fe);
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while s.count(line) == before {
-        if let Some(status) = s.daemon.try_exit_status() {
-            panic!("the daemon died ({status}) when it touched truncated guest memory");
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the connection never reported the pages it read as zeros"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    s.read_cut_pages_as_zeros(before);
     s.still_serving("after a frontend used up the truncation guards");
 }
 
@@ -1725,26 +1734,11 @@ fn unsealed_memory_of_many_connections_stays_guarded() {
     fe.start_queue_with(&victim, 0, 128, 0, eventfd(), eventfd())
         .unwrap();
     victim.file.set_len(0).unwrap();
-    // The worker reads the ring's index at each kick: a page cut off either reads as zeros
-    // (the handler's, counted and reported when the connection ends) or kills the daemon.
-    let line = "cut guest memory short";
-    let before = s.count(line);
-    for _ in 0..10 {
-        fe.kick(0);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The worker reads the ring's index at each kick.
+    let before = s.count(CUT_SHORT);
+    kick_ten_times(fe);
     drop(connections);
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while s.count(line) == before {
-        if let Some(status) = s.daemon.try_exit_status() {
-            panic!("the daemon died ({status}) when it touched truncated guest memory");
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the connection never reported the pages it read as zeros"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    s.read_cut_pages_as_zeros(before);
     s.still_serving("after three connections filled their slots with unsealed memory");
 }
 
@@ -1774,31 +1768,12 @@ fn guest_memory_on_huge_pages_truncated_under_the_daemon() {
         let len = ram.write_request_table(table, header, &buffers, true, header + 0x100);
         fe.push_indirect(&ram, 0, table, len);
     }
-    let line = "cut guest memory short";
-    let before = s.count(line);
+    let before = s.count(CUT_SHORT);
     // Nothing here touches guest memory from now on: the test's own mapping of it faults too.
     ram.file.set_len(0).unwrap();
-    for _ in 0..10 {
-        fe.kick(0);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kick_ten_times(&fe);
     drop(fe);
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while s.count(line) == before {
-        if let Some(status) = s.daemon.try_exit_status() {
-            panic!(
-                "the daemon died ({status}) when it touched truncated guest memory on huge \
-                 pages; stderr:\n{}",
-                s.daemon.stderr()
-            );
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the connection never reported the pages it read as zeros; stderr:\n{}",
-            s.daemon.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    s.read_cut_pages_as_zeros(before);
     drop(ram);
     s.still_serving("after guest memory on huge pages was truncated under the daemon");
 }
@@ -2075,4 +2050,12 @@ fn running_out_of_descriptors_does_not_end_the_other_export() {
         std::thread::sleep(Duration::from_millis(20));
     }
     s.still_serving("after a frontend held every descriptor it could");
+}
+
+/// Kicks queue 0 ten times, 20 ms apart: the worker reads the ring's index at each kick.
+fn kick_ten_times(fe: &RawFrontend) {
+    for _ in 0..10 {
+        fe.kick(0);
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
