@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod copied;
+mod fields;
 mod repair;
 mod stored;
 mod tables;
@@ -29,11 +30,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Error, ErrorKind};
-use crate::format::{
-    autoclear, field, incompat, FormatError, Header, SnapshotTable, REFCOUNT_TABLE_FIELDS,
-};
+use crate::format::{autoclear, field, incompat, FormatError, Header, SnapshotTable};
 use crate::io::Role;
 use copied::{fix_copied_flags, FlagMode};
+use fields::{l1_over_reftable_fields, snapshot_table_holds_reftable_fields, UnderSnapshotL1};
 use repair::{
     fix_refcounts, fix_zero_entries, grows_towards, needs_rebuild, plan_grown, plan_rebuild,
     rebuild_refcounts, rewrite_snapshots,
@@ -219,17 +219,37 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         report.messages = log.into_vec();
         return Ok(report);
     }
+    let found = (first.corruptions + cut, first.leaks);
+    let (first, under) = match first.check_errors {
+        0 => match fields::choose(&mut t, &snapshots, cut, found)? {
+            // `first` is counted again after the rehearsals, not held through them.
+            Some((under, why)) => {
+                log.push(why);
+                (analyze(&mut t, &snapshots)?, under)
+            }
+            None => (first, UnderSnapshotL1::Keep),
+        },
+        _ => (first, UnderSnapshotL1::Keep),
+    };
     if first.check_errors == 0 {
-        return repair_image(&mut t, first, snapshots, cut, log, None);
+        return repair_image(&mut t, first, snapshots, cut, log, None, under);
     }
     // Refcount blocks the check cannot read hide the COPIED flags of the tables whose
     // refcounts they hold (QEMU's check skips them). A rebuild makes them readable, and the
     // flags the repair cannot fix (in tables that share their clusters with other metadata
     // or data) count again. Rehearsed first, the rebuild is made only where it leaves no more
     // corruptions, nor corruptions and leaks, than the check found.
-    let found = (first.corruptions + cut, first.leaks);
-    let rehearsed =
-        t.rehearse(|t| repair_image(t, first, snapshots.clone(), cut, Log::default(), None));
+    let rehearsed = t.rehearse(|t| {
+        repair_image(
+            t,
+            first,
+            snapshots.clone(),
+            cut,
+            Log::default(),
+            None,
+            under,
+        )
+    });
     let refusal = match rehearsed {
         Ok(r) if r.corruptions > found.0 || r.corruptions + r.leaks > found.0 + found.1 => Some(format!(
             "Not rebuilding the refcount structure: with the refcount blocks the check cannot read rebuilt, {} corruptions and {} leaks would remain where it found {} and {} (COPIED flags behind those blocks, in tables the repair does not rewrite)",
@@ -244,7 +264,7 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         )),
     };
     let first = analyze(&mut t, &snapshots)?;
-    repair_image(&mut t, first, snapshots, cut, log, refusal)
+    repair_image(&mut t, first, snapshots, cut, log, refusal, under)
 }
 
 /// As QEMU does when a repair drops snapshots off the end of the table: lowers the count in
@@ -261,7 +281,8 @@ fn lower_snapshot_count(t: &mut Target, snapshots: &SnapshotTable) -> Result<(),
 /// The repair after the first analysis (`first`, which counted `cut` snapshots dropped off
 /// the table as corruptions): zero entries, the snapshot table, the refcounts, the COPIED
 /// flags, the header's flags, and the report of the image as it is left. With `refusal` (why)
-/// no new refcount structure is written, nor a snapshot table that would need one.
+/// no new refcount structure is written, nor a snapshot table that would need one; `under`
+/// says whether one is written where a snapshot's L1 table covers the header's fields.
 fn repair_image(
     t: &mut Target,
     mut first: Analysis,
@@ -269,6 +290,7 @@ fn repair_image(
     cut: u64,
     mut log: Log,
     refusal: Option<String>,
+    under: UnderSnapshotL1,
 ) -> Result<CheckReport, Error> {
     let (first_corruptions, first_leaks) = (first.corruptions + cut, first.leaks);
     // The writes made when `first` was made.
@@ -280,14 +302,14 @@ fn repair_image(
     let rewrite =
         snapshots.extra_truncated > 0 || (first.header.version >= 3 && snapshots.incomplete() > 0);
     if rewrite && refusal.is_none() {
-        if let Some(table) = rewrite_snapshots(t, &first, &snapshots, &mut log)? {
+        if let Some(table) = rewrite_snapshots(t, &first, &snapshots, under, &mut log)? {
             snapshots = table;
             first = analyze(t, &snapshots)?;
             first_writes = t.writes;
         }
     }
     let kept = if first.mismatches > 0 || first.rebuild {
-        repair_refcounts(t, first, &snapshots, refusal, &mut log)?;
+        repair_refcounts(t, first, &snapshots, refusal, under, &mut log)?;
         None
     } else {
         Some(Kept {
@@ -311,6 +333,7 @@ fn repair_refcounts(
     mut first: Analysis,
     snapshots: &SnapshotTable,
     refusal: Option<String>,
+    under: UnderSnapshotL1,
     log: &mut Log,
 ) -> Result<(), Error> {
     if let Some(why) = refusal.filter(|_| needs_rebuild(&first)) {
@@ -324,7 +347,9 @@ fn repair_refcounts(
     } else {
         None
     };
-    if layout.is_some() && snapshot_table_holds_reftable_fields(&first, snapshots) {
+    if layout.is_some()
+        && snapshot_table_holds_reftable_fields(first.header.snapshots_offset, snapshots)
+    {
         // The rebuild points the header at the new table: those bytes are a snapshot
         // table entry's too, which the repair never writes over.
         log.push(
@@ -334,7 +359,7 @@ fn repair_refcounts(
         return Ok(());
     }
     if layout.is_some() {
-        if let Some(table) = l1_over_reftable_fields(&first.header, snapshots) {
+        if let Some(table) = l1_over_reftable_fields(&first.header, snapshots, under) {
             // The header's refcount table offset is an entry of that L1 table: the new table
             // is an L2 table too, its entries data clusters, and each new refcount block
             // referenced twice. No structure is consistent there; a rebuild would only
@@ -386,33 +411,6 @@ fn repair_refcounts(
         fix_refcounts(t, again, log)?;
     }
     Ok(())
-}
-
-/// Whether `len` bytes at file offset `off` overlap the header's refcount table fields,
-/// which a rebuild of the refcount structure writes.
-fn covers_reftable_fields(off: u64, len: u64) -> bool {
-    off < REFCOUNT_TABLE_FIELDS.end && off.saturating_add(len) > REFCOUNT_TABLE_FIELDS.start
-}
-
-/// The L1 table (the active one, or a snapshot's) that covers the header's refcount table
-/// offset or size, which a rebuild of the refcount structure writes; as a message's subject.
-fn l1_over_reftable_fields(h: &Header, snapshots: &SnapshotTable) -> Option<String> {
-    let covers = |off: u64, size: u32| covers_reftable_fields(off, u64::from(size) * 8);
-    if covers(h.l1_table_offset, h.l1_size) {
-        return Some(format!("the active L1 table at {:#x}", h.l1_table_offset));
-    }
-    snapshots
-        .entries
-        .iter()
-        .position(|e| covers(e.l1_table_offset, e.l1_size))
-        .map(|k| format!("the L1 table of snapshot table entry {k}"))
-}
-
-/// Whether the snapshot table (as read, with entries) covers the header's refcount table
-/// offset and size, which a rebuild writes.
-fn snapshot_table_holds_reftable_fields(a: &Analysis, snapshots: &SnapshotTable) -> bool {
-    !snapshots.entries.is_empty()
-        && covers_reftable_fields(a.header.snapshots_offset, snapshots.size_bytes)
 }
 
 /// An analysis, and how many writes the repair had made when it was made.
@@ -898,19 +896,6 @@ impl Log {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The refcount table's fields are header bytes 48..60: a table ending at 48 or starting
-    /// at 60 leaves them alone, one byte into them covers them.
-    #[test]
-    fn the_refcount_table_fields_are_header_bytes_48_to_60() {
-        assert_eq!(REFCOUNT_TABLE_FIELDS, 48..60);
-        assert!(!covers_reftable_fields(40, 8));
-        assert!(covers_reftable_fields(40, 9));
-        assert!(covers_reftable_fields(59, 1));
-        assert!(!covers_reftable_fields(60, 8));
-        assert!(covers_reftable_fields(0, 1 << 16));
-        assert!(!covers_reftable_fields(u64::MAX - 4, 8));
-    }
 
     /// A check gives its image's locks back as it ends, even while something else (a
     /// duplicate of its descriptor) still holds the file: whoever runs `qemu-img` on the image

@@ -85,11 +85,13 @@ pub(super) fn fix_zero_entries(t: &mut Target, a: &Analysis, log: &mut Log) -> R
 /// counts, then points the header at it. The old table leaks and the new one has no refcount
 /// yet: the refcount repair that follows fixes both. `None` (nothing written) when that
 /// repair could not be made (a new refcount structure would have to grow the file towards a
-/// reference past its end, where it would count).
+/// reference past its end, where it would count, or write the header's refcount table fields
+/// where an L1 table covers them and `under` keeps them).
 pub(super) fn rewrite_snapshots(
     t: &mut Target,
     a: &Analysis,
     table: &SnapshotTable,
+    under: super::UnderSnapshotL1,
     log: &mut Log,
 ) -> Result<Option<SnapshotTable>, Error> {
     let g = a.g;
@@ -130,7 +132,7 @@ pub(super) fn rewrite_snapshots(
         && (first..first + table_clusters)
             .all(|c| matches!(Stored::new(a).block_of(c / g.epb), Block::At(_)));
     if !in_place {
-        if let Some(l1) = super::l1_over_reftable_fields(&a.header, table) {
+        if let Some(l1) = super::l1_over_reftable_fields(&a.header, table, under) {
             // The refcounts could not be rebuilt around the new table (see
             // `repair_refcounts`): it would stay without refcounts.
             log.push(format!(
