@@ -9,7 +9,9 @@
 //! For each input qcow2d checks can open, one copy is repaired by qcow2d and another by QEMU;
 //! it prints the corruptions and leaks each side leaves (as `qemu-img check` counts them),
 //! marks the inputs where QEMU's repair leaves fewer errors (fewer corruptions, or as many
-//! and fewer leaks), and fails if qcow2d's repair is
+//! and fewer leaks), apart from those where QEMU's repair stopped ("Check failed": its overlap
+//! check refused a write and it marked the image corrupt, rewriting the header's cluster on
+//! the way), and fails if qcow2d's repair is
 //! inconsistent on any input (a second check disagrees with the repair's own, the repair
 //! added corruptions, or QEMU judges qcow2d's repaired image differently from qcow2d).
 
@@ -61,9 +63,10 @@ enum Outcome {
     QemuCannotCheck,
     /// qcow2d's repair failed or was inconsistent: why.
     Inconsistent(String),
-    /// (qcow2d's result, QEMU's result) as QEMU counts them; QEMU's is `None` when its
-    /// repair left an image it cannot check.
-    Compared((u64, u64), Option<(u64, u64)>),
+    /// (qcow2d's result, QEMU's result) as QEMU counts them, and whether QEMU's repair
+    /// stopped ("Check failed"); QEMU's result is `None` when its repair left an image it
+    /// cannot check.
+    Compared((u64, u64), Option<(u64, u64)>, bool),
 }
 
 fn compare_one(input: &Path, dir: &Path) -> Outcome {
@@ -112,12 +115,13 @@ fn compare_one(input: &Path, dir: &Path) -> Outcome {
         ));
     }
     // Its result is judged by the check that follows, whatever its exit status.
-    let _ = qemu_img_bounded_cmd()
+    let out = qemu_img_bounded_cmd()
         .args(["check", "-q", "-r", "all", "-f", "qcow2"])
         .arg(&theirs)
         .output()
         .expect("cannot run prlimit, timeout and qemu-img (util-linux, coreutils, qemu-utils)");
-    Outcome::Compared(ours_counts, qemu_counts(&theirs))
+    let stopped = String::from_utf8_lossy(&out.stderr).contains("Check failed");
+    Outcome::Compared(ours_counts, qemu_counts(&theirs), stopped)
 }
 
 #[test]
@@ -127,7 +131,7 @@ fn compare_repair_with_qemu() {
     let files = inputs();
     let dir = tempfile::tempdir().unwrap();
     let (mut compared, mut skipped, mut worse, mut better) = (0, 0, 0, 0);
-    let (mut qemu_failed, mut qemu_cannot) = (0, 0);
+    let (mut qemu_failed, mut qemu_cannot, mut worse_stopped) = (0, 0, 0);
     let mut bad = Vec::new();
     println!("input\tqcow2d(corruptions,leaks)\tqemu(corruptions,leaks)\tverdict");
     for f in &files {
@@ -142,12 +146,16 @@ fn compare_repair_with_qemu() {
                 println!("{name}\t-\t-\tINCONSISTENT: {why}");
                 bad.push(format!("{name}: {why}"));
             }
-            Outcome::Compared(ours, theirs) => {
+            Outcome::Compared(ours, theirs, stopped) => {
                 compared += 1;
                 let verdict = match theirs {
                     None => {
                         qemu_failed += 1;
                         "qemu's repaired image cannot be checked"
+                    }
+                    Some(t) if t < ours && stopped => {
+                        worse_stopped += 1;
+                        "QEMU-fewer, but its repair stopped (Check failed)"
                     }
                     Some(t) if t < ours => {
                         worse += 1;
@@ -164,7 +172,7 @@ fn compare_repair_with_qemu() {
         }
     }
     println!(
-        "{} inputs: {compared} compared, {skipped} skipped (qcow2d cannot check them), {qemu_cannot} QEMU cannot check, {} inconsistent; QEMU leaves fewer errors on {worse}, qcow2d on {better}; QEMU's repair left {qemu_failed} uncheckable",
+        "{} inputs: {compared} compared, {skipped} skipped (qcow2d cannot check them), {qemu_cannot} QEMU cannot check, {} inconsistent; QEMU leaves fewer errors on {worse} (and on {worse_stopped} where its repair stopped), qcow2d on {better}; QEMU's repair left {qemu_failed} uncheckable",
         files.len(),
         bad.len()
     );
