@@ -7,10 +7,11 @@
 use std::collections::{HashMap, HashSet};
 
 use super::stored::Stored;
-use super::tables::{classify, Kind};
+use super::tables::{classify, for_each_entry, runs, Kind};
+use super::walk::all_zero;
 use super::walk::Analysis;
 use super::{zeroed, Log, Target};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::format::be64_at;
 use crate::format::mask::{self, COMPRESSED, COPIED};
 
@@ -90,7 +91,22 @@ impl Analysis {
         let g = self.g;
         let fixing = mode != FlagMode::Check;
         let (l1_off, l1_size) = (self.header.l1_table_offset, self.header.l1_size);
-        let l1 = t.read_entries(l1_off, u64::from(l1_size) * 8, "the active L1 table")?;
+        // The entries naming a table, as they are before this pass writes any (it may
+        // write L1 entries, and L2 tables that a damaged image's L1 table overlaps).
+        let mut l1 = Vec::new();
+        let what = "the active L1 table";
+        for_each_entry(t, l1_off, u64::from(l1_size) * 8, &what, |t, i, raw| {
+            if raw & mask::OFFSET != 0 {
+                l1.try_reserve(1).map_err(|_| {
+                    Error::new(
+                        ErrorKind::Io,
+                        format!("{}: cannot allocate memory for {what}", t.path),
+                    )
+                })?;
+                l1.push((i, raw));
+            }
+            Ok(())
+        })?;
         let mut l2 = zeroed(g.cs, &t.path)?;
         let mut fixed = 0u64;
         let mut done_tables = HashSet::new();
@@ -98,12 +114,8 @@ impl Analysis {
         // active L1 entry that names it and counts its errors each time; the table is read
         // once here and its count added again.
         let mut wrong_in: HashMap<u64, u64> = HashMap::new();
-        for (i, chunk) in l1.chunks_exact(8).enumerate() {
-            let raw = be64_at(chunk, 0);
+        for (i, raw) in l1 {
             let l2_off = raw & mask::OFFSET;
-            if l2_off == 0 {
-                continue;
-            }
             // Invalid tables were reported by the counting pass; QEMU still checks their
             // flags (reading zeros past the end of the file) and repairs the L1 entry's, but
             // the tables are never rewritten.
@@ -195,15 +207,20 @@ impl Analysis {
     ) -> Result<u64, Error> {
         let g = self.g;
         let mut changed = 0u64;
-        for j in 0..l2.len() / g.esz {
-            let at = j * g.esz;
-            let e = be64_at(l2, at);
-            let Some(want) = self.l2_entry_flag(t, stored, mode, e, log)? else {
+        for run in runs(l2.len()) {
+            // A zero entry has no flag: runs of them are skipped as a whole.
+            if all_zero(&l2[run.clone()]) {
                 continue;
-            };
-            if let Some(slot) = l2.get_mut(at..at + 8) {
-                slot.copy_from_slice(&want.to_be_bytes());
-                changed += 1;
+            }
+            for at in run.step_by(g.esz) {
+                let e = be64_at(l2, at);
+                let Some(want) = self.l2_entry_flag(t, stored, mode, e, log)? else {
+                    continue;
+                };
+                if let Some(slot) = l2.get_mut(at..at + 8) {
+                    slot.copy_from_slice(&want.to_be_bytes());
+                    changed += 1;
+                }
             }
         }
         Ok(changed)
@@ -272,8 +289,7 @@ impl Analysis {
         for l2_off in others {
             t.read(l2_off, l2, "an L2 table")?;
             let mut dirty = false;
-            for j in 0..l2.len() / g.esz {
-                let at = j * g.esz;
+            for at in (0..l2.len()).step_by(g.esz) {
                 let e = be64_at(l2, at);
                 if e & COMPRESSED != 0 && e & COPIED != 0 {
                     if let Some(slot) = l2.get_mut(at..at + 8) {

@@ -748,6 +748,17 @@ impl Target {
     /// Reads `buf.len()` bytes at `off`; what lies past the end of the file reads as zeros
     /// (as QEMU's reads do).
     fn read(&mut self, off: u64, buf: &mut [u8], what: &str) -> Result<(), Error> {
+        self.read_named(off, buf, &what)
+    }
+
+    /// [`Target::read`] with what is read formatted only for an error message (a table's
+    /// name is built from a snapshot's entry, and a table may have 65536 of them).
+    fn read_named(
+        &mut self,
+        off: u64,
+        buf: &mut [u8],
+        what: &dyn fmt::Display,
+    ) -> Result<(), Error> {
         if off > i64::MAX as u64 {
             // No file reaches there.
             buf.fill(0);

@@ -9,13 +9,71 @@
 
 use std::fmt;
 
-use super::walk::{Analysis, Geo, SNAPSHOT_TABLE};
+use super::walk::{all_zero, Analysis, Geo, SNAPSHOT_TABLE};
 use super::{zeroed, Target};
 use crate::error::Error;
 use crate::format::mask::{self, COMPRESSED, COPIED, ZERO};
 use crate::format::{
     be64_at, CompressedDescriptor, L2Entry, SnapshotTable, MAX_L1_BYTES, SNAPSHOT_KNOWN_EXTRA_BYTES,
 };
+
+/// Bytes of a table [`for_each_entry`] reads at a time.
+const TABLE_WINDOW: u64 = 256 << 10;
+
+/// Bytes of entries [`for_each_entry`] compares with zeros at once.
+const ZERO_RUN: usize = 512;
+
+/// Calls `f` with the index and value of every non-zero entry of the table of `len` bytes
+/// (whole 8-byte entries) at `off`, in order. The table is read [`TABLE_WINDOW`] bytes at a
+/// time, up to the last entry the file holds any byte of (past the end of the file entries
+/// read as zeros, and a zero entry names nothing), and runs of entries are compared with
+/// zeros as a whole before any is looked at: a huge sparse image's L1 table (or a damaged
+/// header's, up to 32 MiB) is mostly zeros, and a check walks it once per analysis.
+pub(super) fn for_each_entry(
+    t: &mut Target,
+    off: u64,
+    len: u64,
+    what: &dyn fmt::Display,
+    mut f: impl FnMut(&mut Target, usize, u64) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let held = t
+        .len()?
+        .saturating_sub(off)
+        .min(len)
+        .next_multiple_of(8)
+        .min(len);
+    let mut window = zeroed(held.min(TABLE_WINDOW), &t.path)?;
+    let mut done = 0u64;
+    while done < held {
+        let n = (held - done).min(TABLE_WINDOW) as usize;
+        let buf = &mut window[..n];
+        // `off + done` lies inside the file: no overflow.
+        t.read_named(off + done, buf, what)?;
+        let first = (done / 8) as usize;
+        for (r, run) in buf.chunks(ZERO_RUN).enumerate() {
+            if all_zero(run) {
+                continue;
+            }
+            for (k, e) in run.chunks_exact(8).enumerate() {
+                let raw = be64_at(e, 0);
+                if raw != 0 {
+                    f(t, first + r * (ZERO_RUN / 8) + k, raw)?;
+                }
+            }
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// The byte ranges of a table of `len` bytes, [`ZERO_RUN`] bytes each (whole entries: a
+/// cluster holds whole runs), that a walk compares with zeros before it looks at any of
+/// their entries: an entry that is all zeros names nothing, and a zero run is skipped.
+pub(super) fn runs(len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..len)
+        .step_by(ZERO_RUN)
+        .map(move |at| at..(at + ZERO_RUN).min(len))
+}
 
 /// How the L2 tables at one host offset are referenced.
 #[derive(Clone, Copy, Debug, Default)]
@@ -74,6 +132,15 @@ impl fmt::Display for SnapshotLabel<'_> {
     }
 }
 
+/// A name after a prefix, formatted only when shown.
+struct Prefixed<'a>(&'static str, &'a dyn fmt::Display);
+
+impl fmt::Display for Prefixed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.0, self.1)
+    }
+}
+
 /// A name followed by a suffix, formatted only when shown.
 struct Suffixed<'a>(&'a dyn fmt::Display, &'static str);
 
@@ -84,7 +151,9 @@ impl fmt::Display for Suffixed<'_> {
 }
 
 impl Analysis {
-    /// Counts an L1 table, its L2 tables and their clusters.
+    /// Counts an L1 table, its L2 tables and their clusters; `l2` is a buffer to read the L2
+    /// tables into (allocated here at the cluster size when it is not yet: one for all the
+    /// tables of a check, whose snapshots may be 65536).
     pub(super) fn walk_l1(
         &mut self,
         t: &mut Target,
@@ -92,6 +161,7 @@ impl Analysis {
         l1_size: u32,
         active: bool,
         label: &dyn fmt::Display,
+        l2: &mut Vec<u8>,
     ) -> Result<(), Error> {
         let g = self.g;
         let bytes = u64::from(l1_size) * 8;
@@ -99,13 +169,8 @@ impl Analysis {
             return Ok(()); // Nothing to count.
         }
         self.inc_named(l1_off, bytes, &Suffixed(label, " L1 table"), false);
-        let l1 = t.read_entries(l1_off, bytes, &format!("the {label} L1 table"))?;
-        let mut l2 = zeroed(g.cs, &t.path)?;
-        for chunk in l1.chunks_exact(8) {
-            let raw = be64_at(chunk, 0);
-            if raw == 0 {
-                continue;
-            }
+        let what = Prefixed("the ", &Suffixed(label, " L1 table"));
+        for_each_entry(t, l1_off, bytes, &what, |t, _, raw| {
             if raw & mask::L1_RESERVED != 0 {
                 self.corrupt(format!(
                     "ERROR found L1 entry with reserved bits set: {raw:x}"
@@ -124,26 +189,32 @@ impl Analysis {
                 ));
             }
             if !counted {
-                continue; // Past the end of the file: it would read as zeros.
+                return Ok(()); // Past the end of the file: it would read as zeros.
             }
             if aligned {
                 let u = self.l2_tables.entry(l2_off).or_default();
                 u.refs += 1;
                 u.active |= active;
             }
-            t.read(l2_off, &mut l2, "an L2 table")?;
+            if l2.len() as u64 != g.cs {
+                *l2 = zeroed(g.cs, &t.path)?;
+            }
+            t.read(l2_off, l2, "an L2 table")?;
             self.in_header_l2 = l2_off == 0;
-            self.walk_l2(&l2, l2_off, active);
+            self.walk_l2(l2, l2_off, active);
             self.in_header_l2 = false;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Counts the clusters one L2 table points at.
     pub(super) fn walk_l2(&mut self, table: &[u8], l2_off: u64, active: bool) {
         let g = self.g;
         let mut next_contiguous = 0u64;
-        for (j, e) in table.chunks_exact(g.esz).enumerate() {
+        // A zero entry is unallocated and correct: runs of them are skipped as a whole.
+        let nonzero = runs(table.len()).filter(|run| !all_zero(&table[run.clone()]));
+        for at in nonzero.flat_map(|run| run.step_by(g.esz)) {
+            let (j, e) = (at / g.esz, &table[at..at + g.esz]);
             let raw = be64_at(e, 0);
             let bitmap = if g.extended { be64_at(e, 8) } else { 0 };
             let before = self.corruptions;
@@ -267,6 +338,7 @@ impl Analysis {
         &mut self,
         t: &mut Target,
         snapshots: &SnapshotTable,
+        l2: &mut Vec<u8>,
     ) -> Result<(), Error> {
         let g = self.g;
         let entries = &snapshots.entries;
@@ -302,7 +374,7 @@ impl Analysis {
             }
             // Past the end of the file the table reads as zeros (and walk_l1 reports a
             // table that lies a cluster or more past it).
-            self.walk_l1(t, l1_off, l1_size, false, &label)?;
+            self.walk_l1(t, l1_off, l1_size, false, &label, l2)?;
         }
         let (start, size) = (self.header.snapshots_offset, snapshots.size_bytes);
         self.inc(start, size, SNAPSHOT_TABLE, false);
@@ -322,6 +394,59 @@ struct EntryAt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every non-zero entry, and only those, in order with its index: at the edges of the
+    /// zero runs and of the windows, in a table that ends past the end of the file (an entry
+    /// the file holds only part of reads with zeros after it, the rest is not read).
+    #[test]
+    fn every_nonzero_entry_is_visited_once_across_runs_and_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("table");
+        let window = TABLE_WINDOW as usize / 8;
+        let run = ZERO_RUN / 8;
+        let at = [
+            0,
+            1,
+            run - 1,
+            run,
+            3 * run + 5,
+            window - 1,
+            window,
+            window + run,
+            2 * window + 7,
+        ];
+        let entries = 2 * window + 40; // The file holds these and 3 bytes of one more.
+        let off = 4096u64;
+        let mut bytes = vec![0u8; off as usize + entries * 8 + 3];
+        let value = |i: usize| 0x1_0000_0000u64 + i as u64;
+        for &i in &at {
+            let e = off as usize + i * 8;
+            bytes[e..e + 8].copy_from_slice(&value(i).to_be_bytes());
+        }
+        let last = off as usize + entries * 8;
+        bytes[last..last + 3].copy_from_slice(&[0x12, 0x34, 0x56]);
+        std::fs::write(&path, &bytes).unwrap();
+        let mut t = Target::open(&path, false).unwrap();
+        let mut seen = Vec::new();
+        // Declared far longer than the file.
+        let len = (3 * window as u64 + 100) * 8;
+        for_each_entry(&mut t, off, len, &"a table", |_, i, raw| {
+            seen.push((i, raw));
+            Ok(())
+        })
+        .unwrap();
+        let mut want: Vec<(usize, u64)> = at.iter().map(|&i| (i, value(i))).collect();
+        want.push((entries, 0x1234_5600_0000_0000));
+        assert_eq!(seen, want);
+        // A table wholly past the end of the file has no entries to read.
+        let mut none = 0;
+        for_each_entry(&mut t, 1 << 40, 1 << 20, &"a table", |_, _, _| {
+            none += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(none, 0);
+    }
 
     #[test]
     fn classification_matches_qemu() {

@@ -401,8 +401,11 @@ pub(super) fn count(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysi
 
     // QEMU counts the first cluster for the header, its extensions and the backing file name.
     a.inc(0, g.cs, "header", false);
-    a.walk_l1(t, h.l1_table_offset, h.l1_size, true, &"active")?;
-    a.walk_snapshots(t, snapshots)?;
+    // One buffer for every L2 table the walk reads.
+    let mut l2 = Vec::new();
+    a.walk_l1(t, h.l1_table_offset, h.l1_size, true, &"active", &mut l2)?;
+    a.walk_snapshots(t, snapshots, &mut l2)?;
+    drop(l2);
     if let Some(clusters) = a.too_big {
         return Err(memory_error(&t.path, clusters, g.order));
     }
