@@ -178,7 +178,7 @@ impl Analysis {
         );
         let entry_off = self.header.l1_table_offset + (i as u64) * 8;
         if mode == FlagMode::Check {
-            self.corrupt(msg);
+            self.corrupt(format_args!("{msg}"));
             return Ok(0);
         }
         // The header's cluster is always shared with the header, even where the count
@@ -258,7 +258,7 @@ impl Analysis {
                     mode.verb()
                 );
                 if !fixing {
-                    self.corrupt(msg);
+                    self.corrupt(format_args!("{msg}"));
                     return Ok(None);
                 }
                 log.push(msg);

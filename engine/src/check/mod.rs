@@ -874,6 +874,15 @@ impl Log {
         }
     }
 
+    /// [`Log::push`] of a message formatted only when it is kept.
+    fn push_fmt(&mut self, line: fmt::Arguments<'_>) {
+        if self.lines.len() < MAX_MESSAGES {
+            self.lines.push(line.to_string());
+        } else {
+            self.dropped += 1;
+        }
+    }
+
     fn append(&mut self, other: &Log) {
         for line in &other.lines {
             self.push(line.clone());

@@ -172,7 +172,7 @@ impl Analysis {
         let what = Prefixed("the ", &Suffixed(label, " L1 table"));
         for_each_entry(t, l1_off, bytes, &what, |t, _, raw| {
             if raw & mask::L1_RESERVED != 0 {
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR found L1 entry with reserved bits set: {raw:x}"
                 ));
             }
@@ -184,7 +184,7 @@ impl Analysis {
             let counted = self.inc(l2_off, g.cs, "L2 table", false);
             let aligned = l2_off.is_multiple_of(g.cs);
             if !aligned {
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
             }
@@ -220,7 +220,7 @@ impl Analysis {
             let before = self.corruptions;
             let kind = classify(raw, &g);
             if kind != Kind::Compressed && raw & mask::L2_STD_RESERVED != 0 {
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR found l2 entry with reserved bits set: {raw:x}"
                 ));
             }
@@ -239,7 +239,7 @@ impl Analysis {
                 Kind::ZeroPlain => {}
                 Kind::Unallocated => {
                     if g.extended && bitmap & 0xffff_ffff != 0 {
-                        self.corrupt(format!(
+                        self.corrupt(format_args!(
                             "ERROR: L2 table {l2_off:#x} entry {j}: Unallocated cluster has non-zero subcluster allocation map"
                         ));
                     }
@@ -249,7 +249,7 @@ impl Analysis {
             if self.corruptions == before && kind != Kind::Compressed {
                 let bm = g.extended.then_some(bitmap);
                 if let Err(why) = L2Entry::decode(raw, bm, g.cb, g.data_file) {
-                    self.corrupt(format!(
+                    self.corrupt(format_args!(
                         "ERROR L2 table {l2_off:#x} entry {j} ({raw:#x}): {why}"
                     ));
                 }
@@ -263,18 +263,18 @@ impl Analysis {
         let g = self.g;
         let EntryAt { l2_off, j, raw } = at;
         if raw & COPIED != 0 {
-            self.corrupt(format!(
+            self.corrupt(format_args!(
                 "ERROR: L2 table {l2_off:#x} entry {j}: copied flag must never be set for compressed clusters (entry {raw:#x})"
             ));
         }
         if g.data_file {
-            self.corrupt(format!(
+            self.corrupt(format_args!(
                 "ERROR compressed cluster {j} with data file, entry=0x{raw:x}"
             ));
             return;
         }
         if bitmap != 0 {
-            self.corrupt(format!(
+            self.corrupt(format_args!(
                 "ERROR compressed cluster {j} with non-zero subcluster allocation bitmap, entry=0x{raw:x}"
             ));
             return;
@@ -297,7 +297,7 @@ impl Analysis {
         let g = self.g;
         let EntryAt { l2_off, j, raw } = at;
         if g.extended && (bitmap >> 32) & bitmap & 0xffff_ffff != 0 {
-            self.corrupt(format!(
+            self.corrupt(format_args!(
                 "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
             ));
         }
@@ -310,11 +310,11 @@ impl Analysis {
                 raw & ZERO == 0
             };
             if data {
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."
                 ));
             } else {
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
                 ));
                 if l2_off.is_multiple_of(g.cs) {
@@ -344,12 +344,12 @@ impl Analysis {
         let entries = &snapshots.entries;
         let nb = entries.len();
         if nb > 0 && g.data_file {
-            self.corrupt(format!("ERROR {nb} snapshots in image with data file"));
+            self.corrupt(format_args!("ERROR {nb} snapshots in image with data file"));
         }
         for (k, e) in entries.iter().enumerate() {
             let label = SnapshotLabel(e);
             if self.header.version >= 3 && e.extra_data_size < SNAPSHOT_KNOWN_EXTRA_BYTES {
-                self.corrupt(format!("ERROR snapshot table entry {k} is incomplete"));
+                self.corrupt(format_args!("ERROR snapshot table entry {k} is incomplete"));
             }
             let (l1_off, l1_size) = (e.l1_table_offset, e.l1_size);
             let l1_end = l1_off
@@ -360,14 +360,14 @@ impl Analysis {
                 self.keep.push((l1_off >> g.cb, l1_end));
             }
             if !l1_off.is_multiple_of(g.cs) {
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR {label} l1_offset={l1_off:#x}: L1 table is not cluster aligned; snapshot table entry corrupted"
                 ));
                 continue;
             }
             let l1_bytes = u64::from(l1_size) * 8;
             if l1_bytes > MAX_L1_BYTES {
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR {label} l1_size={l1_size:#x}: L1 table is too large; snapshot table entry corrupted"
                 ));
                 continue;

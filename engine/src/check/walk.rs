@@ -430,9 +430,11 @@ pub(super) fn count(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysi
 }
 
 impl Analysis {
-    pub(super) fn corrupt(&mut self, msg: String) {
+    /// Counts a corruption; its message is formatted only when the log keeps it (a damaged
+    /// image may hold millions of bad entries, and each analysis of a repair finds them).
+    pub(super) fn corrupt(&mut self, msg: fmt::Arguments<'_>) {
         self.corruptions += 1;
-        self.log.push(msg);
+        self.log.push_fmt(msg);
     }
 
     /// Adds one reference to every host cluster that `len` bytes at `off` touch. As in QEMU,
@@ -471,7 +473,7 @@ impl Analysis {
                         self.past_eof_from_but_table = self.past_eof_from_but_table.min(off);
                     }
                 }
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x} ({what})"
                 ));
                 return false;
@@ -492,7 +494,7 @@ impl Analysis {
                         self.overflowed = None;
                     }
                 }
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR: overflow cluster offset={:#x}: more references than {}-bit refcounts hold",
                     c << self.g.cb,
                     self.header.refcount_bits()
@@ -546,7 +548,7 @@ impl Analysis {
             || !dir_off.is_multiple_of(g.cs)
             || !g.in_file(dir_off, dir_size)
         {
-            self.corrupt(format!(
+            self.corrupt(format_args!(
                 "ERROR bitmap directory at {dir_off:#x} of {dir_size} bytes is invalid"
             ));
             return Ok(());
@@ -561,7 +563,7 @@ impl Analysis {
                 table_size,
             }) = entry
             else {
-                self.corrupt("ERROR broken bitmap directory".to_owned());
+                self.corrupt(format_args!("ERROR broken bitmap directory"));
                 return Ok(());
             };
             count += 1;
@@ -570,7 +572,7 @@ impl Analysis {
                 || table_size == 0
                 || table_size > MAX_BITMAP_TABLE_ENTRIES
             {
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR bitmap {count}: invalid bitmap table at {table_off:#x} of {table_size} entries"
                 ));
                 continue;
@@ -587,7 +589,7 @@ impl Analysis {
                 t.read(table_off + done, buf, "a bitmap table")?;
                 for raw in buf.chunks_exact(8).map(|c| be64_at(c, 0)) {
                     match decode_bitmap_table_entry(raw, g.cs) {
-                        Err(_) => self.corrupt(format!(
+                        Err(_) => self.corrupt(format_args!(
                             "ERROR bitmap {count}: invalid bitmap table entry {raw:#x}"
                         )),
                         Ok(Some(off)) => {
@@ -600,7 +602,7 @@ impl Analysis {
             }
         }
         if count != nb {
-            self.corrupt(format!(
+            self.corrupt(format_args!(
                 "ERROR the bitmap directory holds {count} bitmaps, the header extension says {nb}"
             ));
         }
@@ -613,7 +615,7 @@ impl Analysis {
         for i in 0..self.reftable.len() {
             let raw = self.reftable[i];
             if raw & REFT_RESERVED_MASK != 0 {
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR refcount table entry {i} has reserved bits set"
                 ));
                 self.rebuild = true;
@@ -621,7 +623,7 @@ impl Analysis {
             }
             let off = raw & REFT_OFFSET_MASK;
             if !off.is_multiple_of(g.cs) {
-                self.corrupt(format!(
+                self.corrupt(format_args!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
                 self.rebuild = true;
@@ -634,7 +636,7 @@ impl Analysis {
             // after it when a reference reaches into it. A block in that one is counted (a
             // reference past the end of the file) and compared as any other.
             if off >> g.cb >= self.compare_len() {
-                self.corrupt(format!("ERROR refcount block {i} is outside image"));
+                self.corrupt(format_args!("ERROR refcount block {i} is outside image"));
                 self.rebuild = true;
                 continue;
             }
@@ -648,7 +650,7 @@ impl Analysis {
             self.inc(off, g.cs, "refcount block", true);
             let refs = self.expected_at(off >> g.cb).unwrap_or(0);
             if refs != 1 {
-                self.corrupt(format!("ERROR refcount block {i} refcount={refs}"));
+                self.corrupt(format_args!("ERROR refcount block {i} refcount={refs}"));
                 self.rebuild = true;
             } else if shared {
                 // Counted as the overflow already, as QEMU counts it; a new structure in
