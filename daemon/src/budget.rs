@@ -200,10 +200,22 @@ impl Gate {
     /// Counts a request of `bytes` done, and wakes the workers the connection's budget
     /// stopped.
     pub fn give(&mut self, bytes: u64) {
+        self.give_many(bytes, 1);
+    }
+
+    /// Counts `requests` requests of `bytes` in all done (a batch of completions: the
+    /// connection's counters, which its other workers write too, are written once), and
+    /// wakes the workers the connection's budget stopped.
+    pub fn give_many(&mut self, bytes: u64, requests: u32) {
+        if requests == 0 {
+            return;
+        }
         self.bytes = self.bytes.saturating_sub(bytes);
-        self.requests = self.requests.saturating_sub(1);
+        self.requests = self.requests.saturating_sub(requests);
         self.connection.bytes.fetch_sub(bytes, Ordering::AcqRel);
-        self.connection.requests.fetch_sub(1, Ordering::AcqRel);
+        self.connection
+            .requests
+            .fetch_sub(requests, Ordering::AcqRel);
         if self.connection.waiting.load(Ordering::Acquire) != 0 {
             self.connection.wake(self.worker);
         }

@@ -130,7 +130,7 @@ impl<B: BlockIo> Worker<B> {
                 if let Some((addr, code)) = status {
                     write_status(mem, addr, code);
                 }
-                self.return_chain(state, index, head, used_len);
+                self.return_chain(state, &self.mem.memory(), index, head, used_len);
                 let ok = matches!(status, Some((_, STATUS_OK)));
                 // On success everything written but the status byte is payload (GET_ID).
                 let bytes = u64::from(used_len.saturating_sub(1));
@@ -198,7 +198,7 @@ impl<B: BlockIo> Worker<B> {
             ok_len,
             pending: 0,
             failed: false,
-            mem: Some(Arc::clone(mem)),
+            mem: Some(self.snapshots.hold(mem)),
             op: op.operation(),
             bytes,
             started,
@@ -226,10 +226,12 @@ impl<B: BlockIo> Worker<B> {
             return;
         }
         // Nothing reached the engine: answer now.
-        slot_state.mem = None;
+        if let Some(snapshot) = slot_state.mem.take() {
+            self.snapshots.release(snapshot);
+        }
         self.free.push(slot);
         write_status(mem, status, STATUS_IOERR);
-        self.return_chain(state, index, head, 1);
+        self.return_chain(state, &self.mem.memory(), index, head, 1);
         self.record(started, op.operation(), false, bytes);
     }
 
@@ -237,9 +239,14 @@ impl<B: BlockIo> Worker<B> {
     /// in-flight area in libvhost-user's order: the head about to be returned, the used
     /// element and index (virtio-queue stores the index with release ordering), then the
     /// chain's flag cleared and the new index copied.
+    ///
+    /// `mem` is this worker's view of guest memory (taken for the batch being returned),
+    /// never the vring's own: only the backend publishes a table to the workers, once its
+    /// regions are guarded.
     pub(super) fn return_chain(
         &mut self,
         state: &mut RingState,
+        mem: &GuestMemoryMmap,
         index: usize,
         head: u16,
         len: u32,
@@ -248,11 +255,7 @@ impl<B: BlockIo> Worker<B> {
         if let Some(t) = tracker {
             t.returning(head);
         }
-        // Through this worker's view of guest memory, never the vring's own: only the
-        // backend publishes a table to the workers, once its regions are guarded.
-        let used = state
-            .get_queue_mut()
-            .add_used(&*self.mem.memory(), head, len);
+        let used = state.get_queue_mut().add_used(mem, head, len);
         match used {
             Ok(()) => {
                 if let Some(t) = tracker {
@@ -447,6 +450,15 @@ impl<B: BlockIo> Worker<B> {
             }
             Reap::PollMore => self.io.poll_more(&mut done),
         };
+        if done.is_empty() {
+            self.done = done;
+            return more;
+        }
+        // One view of guest memory, one lock of a queue's state for as long as consecutive
+        // completions are of that queue, and one give of the budget for the whole batch.
+        let mem = self.mem.memory();
+        let mut locked: Option<(usize, std::sync::MutexGuard<'_, RingState>)> = None;
+        let (mut given_bytes, mut given) = (0u64, 0u32);
         for (token, result) in done.drain(..) {
             let ok = match result {
                 Ok(()) => true,
@@ -457,55 +469,103 @@ impl<B: BlockIo> Worker<B> {
                     false
                 }
             };
-            self.complete(vrings, token, ok);
+            let Some(c) = self.release_slot(token, ok) else {
+                continue;
+            };
+            given_bytes += c.budget_bytes;
+            given += 1;
+            if locked.as_ref().map(|(q, _)| *q) != Some(c.queue) {
+                locked = None;
+                match vrings.get(c.queue) {
+                    Some(vring) => locked = Some((c.queue, vring.get_mut())),
+                    None => {
+                        error!(
+                            queue = c.queue,
+                            "Completion for a queue this worker does not know"
+                        );
+                        continue;
+                    }
+                }
+            }
+            if let Some((_, state)) = &mut locked {
+                self.return_chain(state, &mem, c.queue, c.head, c.len);
+            }
+            self.record(c.started, c.op, c.ok, c.bytes);
         }
+        drop(locked);
+        self.budget.give_many(given_bytes, given);
         self.done = done;
         more
     }
 
-    pub(super) fn complete(&mut self, vrings: &[Vring], token: u64, ok: bool) {
+    /// One engine request of `token` is done (`ok`: it succeeded). After the chain's last,
+    /// writes its status, frees its slot and returns what its chain goes back with; the
+    /// caller returns the chain to its used ring and gives its budget back.
+    fn release_slot(&mut self, token: u64, ok: bool) -> Option<Completed> {
         let Some(slot) = usize::try_from(token)
             .ok()
             .and_then(|i| self.slots.get_mut(i))
         else {
             error!(token, "Completion for an unknown request");
-            return;
+            return None;
         };
         if slot.mem.is_none() || slot.pending == 0 {
             error!(token, "Completion for a request that is not in flight");
-            return;
+            return None;
         }
         slot.failed |= !ok;
         slot.pending -= 1;
         if slot.pending > 0 {
             // More segments of the same chain to come.
-            return;
+            return None;
         }
-        let Some(mem) = slot.mem.take() else {
-            return;
-        };
+        let snapshot = slot.mem.take()?;
         let (code, len) = if !slot.failed {
             (STATUS_OK, slot.ok_len)
         } else {
             (STATUS_IOERR, 1)
         };
-        write_status(&mem, slot.status, code);
-        let (queue, head) = (usize::from(slot.queue), slot.head);
-        let (op, bytes, started, ok) = (slot.op, slot.bytes, slot.started, !slot.failed);
-        let budget_bytes = slot.budget_bytes;
-        drop(mem);
-        self.budget.give(budget_bytes);
+        let status = slot.status;
+        let done = Completed {
+            queue: usize::from(slot.queue),
+            head: slot.head,
+            len,
+            op: slot.op,
+            bytes: slot.bytes,
+            started: slot.started,
+            ok: !slot.failed,
+            budget_bytes: slot.budget_bytes,
+        };
+        match self.snapshots.get(snapshot) {
+            Some(mem) => write_status(mem, status, code),
+            None => error!(token, "A request in flight lost its memory snapshot"),
+        }
+        self.snapshots.release(snapshot);
         // In range: `token` indexed `slots`, whose length fits u32 (see `pop_requests`).
         self.free.push(token as u32);
-        if let Some(n) = self.in_flight_per_queue.get_mut(queue) {
+        if let Some(n) = self.in_flight_per_queue.get_mut(done.queue) {
             *n = n.saturating_sub(1);
         }
-        match vrings.get(queue) {
+        Some(done)
+    }
+
+    /// One engine request of `token` is done: after the chain's last, returns the chain to
+    /// its used ring (for a completion outside a batch of [`Worker::reap_as`]).
+    pub(super) fn complete(&mut self, vrings: &[Vring], token: u64, ok: bool) {
+        let Some(c) = self.release_slot(token, ok) else {
+            return;
+        };
+        self.budget.give(c.budget_bytes);
+        match vrings.get(c.queue) {
             Some(vring) => {
-                self.return_chain(&mut vring.get_mut(), queue, head, len);
-                self.record(started, op, ok, bytes);
+                let mem = self.mem.memory();
+                self.return_chain(&mut vring.get_mut(), &mem, c.queue, c.head, c.len);
+                self.record(c.started, c.op, c.ok, c.bytes);
             }
-            None => error!(queue, "Completion for a queue this worker does not know"),
+            None => error!(
+                queue = c.queue,
+                "Completion for a queue this worker does not know"
+            ),
         }
     }
 
@@ -646,4 +706,17 @@ pub(super) fn write_status(mem: &GuestMemoryMmap, addr: GuestAddress, code: u8) 
     if let Err(e) = mem.write_obj(code, addr) {
         warn!("Cannot write a request status at {:#x}: {e}", addr.0);
     }
+}
+
+/// A chain whose last engine request completed, to return to its used ring.
+struct Completed {
+    queue: usize,
+    head: u16,
+    /// Used length: the data read and the status byte, or the status byte alone.
+    len: u32,
+    op: crate::metrics::Operation,
+    bytes: u64,
+    started: Option<Instant>,
+    ok: bool,
+    budget_bytes: u64,
 }

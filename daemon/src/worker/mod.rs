@@ -12,10 +12,18 @@
 //! A request in flight lives in a slot of a slab; its token is the slot index. A discard or
 //! write-zeroes request with several segments becomes one engine request per segment, all with
 //! the slot's token; the slot counts them and completes the chain after the last one, with
-//! VIRTIO_BLK_S_IOERR if any failed. The slot keeps a clone of the `Arc` of the guest-memory
-//! snapshot that its host buffers point into, so a memory-table change cannot unmap them before
-//! the engine is done. The slab, the scratch buffers and the completion vector are reused: the
-//! steady state allocates nothing.
+//! VIRTIO_BLK_S_IOERR if any failed. The slot holds the guest-memory snapshot that its host
+//! buffers point into, so a memory-table change cannot unmap them before the engine is done:
+//! the worker keeps one clone of each snapshot's `Arc` that requests in flight use, with a
+//! count of those requests ([`Snapshots`]), rather than a clone per request (the `Arc`'s
+//! count is shared with the connection's other workers, and two atomic writes per request
+//! to a line that other cores write too cost more than the rest of the bookkeeping). The
+//! slab, the scratch buffers and the completion vector are reused: the steady state
+//! allocates nothing.
+//!
+//! Completions are returned in batches: the requests the engine finished in one reap go to
+//! their used rings under one lock of each queue's state (taken again only when the queue
+//! changes from one completion to the next), and give their in-flight budget back at once.
 //!
 //! Guest memory (buffers and rings alike) is reached through the connection's atomic pointer
 //! the worker was given, which the request handler publishes a table in only once the regions
@@ -106,8 +114,9 @@ struct Slot {
     pending: u32,
     /// Whether one of them failed (or could not be submitted).
     failed: bool,
-    /// The memory the request's buffers point into; `None` while the slot is free.
-    mem: Option<Arc<GuestMemoryMmap>>,
+    /// The snapshot (in [`Worker::snapshots`]) of the memory the request's buffers point
+    /// into; `None` while the slot is free.
+    mem: Option<u32>,
     /// For the metrics: what the request is, its payload bytes and when its chain was popped
     /// (`None` without metrics).
     op: Operation,
@@ -131,6 +140,63 @@ impl Slot {
         started: None,
         budget_bytes: 0,
     };
+}
+
+/// The guest-memory snapshots that requests in flight point into, each with how many
+/// requests hold it. A snapshot is dropped when its last request completes, so an old memory
+/// table is unmapped as soon as no request uses it (as with a clone per request).
+#[derive(Default)]
+struct Snapshots {
+    held: Vec<Option<(Arc<GuestMemoryMmap>, u32)>>,
+}
+
+impl Snapshots {
+    /// Counts one more request in `mem`; returns the snapshot's index.
+    fn hold(&mut self, mem: &Arc<GuestMemoryMmap>) -> u32 {
+        let mut free = None;
+        for (i, entry) in self.held.iter_mut().enumerate() {
+            match entry {
+                Some((m, n)) if Arc::ptr_eq(m, mem) => {
+                    *n += 1;
+                    return i as u32;
+                }
+                None if free.is_none() => free = Some(i),
+                _ => {}
+            }
+        }
+        let entry = Some((Arc::clone(mem), 1));
+        // At most one entry per snapshot with requests in flight: far below u32::MAX.
+        match free {
+            Some(i) => {
+                self.held[i] = entry;
+                i as u32
+            }
+            None => {
+                self.held.push(entry);
+                (self.held.len() - 1) as u32
+            }
+        }
+    }
+
+    /// The snapshot at `index` (held).
+    fn get(&self, index: u32) -> Option<&GuestMemoryMmap> {
+        match self.held.get(index as usize) {
+            Some(Some((m, _))) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// One request of snapshot `index` is done; the last one drops it.
+    fn release(&mut self, index: u32) {
+        if let Some(entry) = self.held.get_mut(index as usize) {
+            if let Some((_, n)) = entry {
+                *n -= 1;
+                if *n == 0 {
+                    *entry = None;
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -160,6 +226,8 @@ pub struct Worker<B: BlockIo> {
     // is dropped (and waits for the kernel) before the slots release the guest memory.
     io: B,
     slots: Vec<Slot>,
+    /// The guest memory the slots' requests point into.
+    snapshots: Snapshots,
     free: Vec<u32>,
     scratch: Scratch,
     done: Vec<Done<B::IoError>>,
@@ -270,6 +338,7 @@ impl<B: BlockIo> Worker<B> {
         Worker {
             io,
             slots: Vec::with_capacity(256),
+            snapshots: Snapshots::default(),
             free: Vec::with_capacity(256),
             scratch: Scratch::new(),
             done: Vec::with_capacity(256),
