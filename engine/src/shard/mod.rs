@@ -390,6 +390,7 @@ impl Shard {
     /// back to waiting instead must call [`Shard::poll`] first, or the jobs wait for
     /// whatever wakes it next.
     pub fn poll_more(&mut self, out: &mut Vec<Completion>) -> bool {
+        self.ring.drain_eventfd();
         let mut more = false;
         self.st.inflation.jobs.enter();
         let mut stolen = 0;
@@ -454,15 +455,6 @@ impl Shard {
             link.wake_others();
         }
         out.append(&mut self.st.finished);
-        // The eventfd is read last, not first: reads served from the page cache complete
-        // during this poll's submits and signal it, and reading it first left it readable
-        // for completions already handled here (a wake-up of the caller's event loop, and a
-        // read, for nothing). Whatever arrived since the last look (a completion, or a
-        // message whose sender's signal the read took) signals it again.
-        self.ring.drain_eventfd();
-        if self.ring.has_completions() || self.st.has_mail() {
-            self.ring.signal_eventfd();
-        }
         more
     }
 
