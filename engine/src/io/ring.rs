@@ -9,6 +9,7 @@
 //! (before Linux 5.10) gets an unrestricted ring and one warning.
 
 use io_uring::{opcode, register, squeue, IoUring};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -129,6 +130,9 @@ pub struct Ring {
     /// or below the completion queue's size, so the kernel never overflows it.
     in_kernel: usize,
     cq_capacity: usize,
+    /// Entries pushed while the completion queue had no room for their completions, in
+    /// order: handed to the kernel as completions are reaped (see [`Ring::push`]).
+    overflow: VecDeque<squeue::Entry>,
 }
 
 impl Ring {
@@ -165,6 +169,7 @@ impl Ring {
             stash: Vec::new(),
             in_kernel: 0,
             cq_capacity,
+            overflow: VecDeque::new(),
         })
     }
 
@@ -230,6 +235,9 @@ impl Ring {
             if let Some(result) = posted {
                 return Ok(result);
             }
+            // The post may be in the overflow, behind entries waiting for the room the
+            // completions just taken made.
+            self.admit_overflow()?;
             self.submit_and_wait()?;
         }
     }
@@ -271,20 +279,46 @@ impl Ring {
 
     /// Queues one entry, submitting what is queued first when the submission queue is full.
     /// At most as many entries as the completion queue holds are in the kernel at once: when
-    /// that many are, completions are moved to the stash to make room (waiting for one if
-    /// none has arrived), so the completion queue never overflows and nothing spins.
+    /// that many are (after moving the completions that arrived to the stash), the entry
+    /// waits in the ring's overflow, in order behind any already there, and goes to the
+    /// kernel once reaping has made room ([`Ring::reap_into`]). So the completion queue never
+    /// overflows, and nothing waits: the thread pushing may serve other shards too.
     ///
     /// # Safety
     /// Every buffer and iovec array the entry points to must stay valid (and not be moved
     /// or freed) until the completion carrying the entry's user data has been reaped.
     pub unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
-        while self.in_kernel >= self.cq_capacity {
+        if !self.overflow.is_empty() || self.in_kernel >= self.cq_capacity {
             self.stash_completions();
-            if self.in_kernel >= self.cq_capacity {
-                self.submit_and_wait()?;
-                self.stash_completions();
+            self.admit_overflow()?;
+            if !self.overflow.is_empty() || self.in_kernel >= self.cq_capacity {
+                self.overflow.push_back(entry.clone());
+                return Ok(());
             }
         }
+        // SAFETY: the caller's guarantee.
+        unsafe { self.push_now(entry) }
+    }
+
+    /// Hands the entries of the overflow to the submission queue while the completion queue
+    /// has room for their completions.
+    fn admit_overflow(&mut self) -> io::Result<()> {
+        while self.in_kernel < self.cq_capacity {
+            let Some(entry) = self.overflow.pop_front() else {
+                break;
+            };
+            // SAFETY: `push` took it under its caller's guarantee, which lasts until its
+            // completion is reaped.
+            unsafe { self.push_now(&entry)? };
+        }
+        Ok(())
+    }
+
+    /// Puts one entry in the submission queue (submitting what is queued first if it is full).
+    ///
+    /// # Safety
+    /// As [`Ring::push`]; the completion queue must have room for its completion.
+    unsafe fn push_now(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: the caller guarantees the entry's buffers outlive its completion.
             let pushed = unsafe { self.ring.submission().push(entry).is_ok() };
@@ -374,12 +408,35 @@ impl Ring {
     /// Collected into a caller-owned buffer (reused, so no allocation in steady state) because
     /// handling a completion may push new entries, which needs the ring again.
     pub fn reap_into(&mut self, out: &mut Vec<(u64, i32)>) -> usize {
+        self.reap_at_most(out, usize::MAX)
+    }
+
+    /// Like [`Ring::reap_into`], but appends at most `max` completions (the oldest); the others
+    /// stay for the next reap.
+    pub fn reap_at_most(&mut self, out: &mut Vec<(u64, i32)>, max: usize) -> usize {
         let before = out.len();
-        out.append(&mut self.stash);
+        let from_stash = self.stash.len().min(max);
+        out.extend(self.stash.drain(..from_stash));
         let stashed = out.len() - before;
-        out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        out.extend(
+            self.ring
+                .completion()
+                .take(max - stashed)
+                .map(|c| (c.user_data(), c.result())),
+        );
         self.in_kernel -= out.len() - before - stashed;
+        if !self.overflow.is_empty() {
+            // Entries left behind for room go in now; the caller's next submit sends them.
+            if let Err(e) = self.admit_overflow() {
+                tracing::error!("io_uring submit failed while making room: {e}");
+            }
+        }
         out.len() - before
+    }
+
+    /// Entries waiting in the overflow for room in the completion queue.
+    pub fn overflowed(&self) -> usize {
+        self.overflow.len()
     }
 }
 
@@ -550,6 +607,51 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0, 7);
         out[0].1
+    }
+
+    /// Pushing more entries than the completion queue holds never waits: those without room
+    /// wait in the overflow and go to the kernel as reaping makes room; every one completes
+    /// exactly once. (Reads of an empty pipe stay in the kernel until it has data.)
+    #[test]
+    fn pushes_past_the_completion_queue_wait_in_the_overflow_and_never_block() {
+        let mut ring = Ring::new(1).unwrap();
+        let cap = ring.cq_capacity();
+        let total = cap + 5;
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pipe(2) just returned these descriptors, owned here from now on.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut bufs = vec![0u8; total];
+        for (i, byte) in bufs.iter_mut().enumerate() {
+            let read = opcode::Read::new(types::Fd(rd.as_raw_fd()), byte, 1)
+                .build()
+                .user_data(i as u64);
+            // SAFETY: `bufs` outlives every completion (all are reaped below).
+            unsafe { ring.push(&read).unwrap() };
+            ring.submit().unwrap();
+        }
+        assert_eq!(ring.overflowed(), total - cap);
+        assert_eq!(ring.in_kernel, cap);
+        let mut seen = vec![0u32; total];
+        let mut done = 0;
+        while done < total {
+            // SAFETY: writes one byte from a local to the pipe this test owns.
+            let n = unsafe { libc::write(wr.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+            assert_eq!(n, 1);
+            ring.submit_and_wait().unwrap();
+            let mut out = Vec::new();
+            ring.reap_into(&mut out);
+            ring.submit().unwrap();
+            for (data, res) in out {
+                assert_eq!(res, 1);
+                seen[data as usize] += 1;
+                done += 1;
+            }
+            assert!(ring.in_kernel <= cap);
+        }
+        assert_eq!(ring.overflowed(), 0);
+        assert!(seen.iter().all(|&n| n == 1), "{seen:?}");
     }
 
     /// A shard's ring performs the operations it was allowed and refuses, with EACCES and

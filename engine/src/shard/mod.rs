@@ -85,6 +85,12 @@ const MAX_STEALS_PER_POLL: usize = 4;
 /// Own inflate jobs queued from which finished requests wait for one more job before they
 /// go back (see [`Shard::poll_more`]).
 const HOLD_FINISHED_FROM_JOBS: usize = 3;
+/// Most completions one poll handles and own inflate jobs it runs, together (a completed
+/// compressed read may be inflated as it is handled: tens of microseconds each): then it
+/// returns, saying that work is left, so that the thread polling it (which may serve other
+/// shards, of other images) gets to its other work. A request of a GiB is thousands of
+/// clusters.
+const MAX_WORK_PER_POLL: usize = 32;
 /// Most iovecs one request may carry (the kernel's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
 /// See the module documentation.
@@ -373,9 +379,9 @@ impl Shard {
     /// `io_uring_enter`, inflates the compressed clusters read meanwhile (those no other
     /// thread took), and appends finished requests to `out`. Finished requests are returned
     /// before another of this shard's inflate jobs is run (after one more when at least
-    /// `HOLD_FINISHED_FROM_JOBS` are queued): a poll that returns with jobs of its own
-    /// left makes the eventfd readable, so that a caller waiting on it comes back at
-    /// once. With nothing else to do, it inflates a few clusters of other shards that are
+    /// `HOLD_FINISHED_FROM_JOBS` are queued), and at most `MAX_WORK_PER_POLL` completions
+    /// and jobs are handled: a poll that returns with jobs of its own left makes the eventfd readable,
+    /// so that a caller waiting on it comes back at once. With nothing else to do, it inflates a few clusters of other shards that are
     /// waiting. Never blocks.
     pub fn poll(&mut self, out: &mut Vec<Completion>) {
         if self.poll_more(out) {
@@ -383,8 +389,8 @@ impl Shard {
         }
     }
 
-    /// Like [`Shard::poll`], but a poll that returns finished requests with jobs of its own
-    /// left says so (true) instead of making the eventfd readable: a caller that hands the
+    /// Like [`Shard::poll`], but a poll that returns with jobs of its own left says so
+    /// (true) instead of making the eventfd readable: a caller that hands the
     /// requests back and then calls `poll` or this again at once saves the trip through its
     /// event loop (a write, a wait and a read of the eventfd per job). A caller that goes
     /// back to waiting instead must call [`Shard::poll`] first, or the jobs wait for
@@ -394,9 +400,10 @@ impl Shard {
         let mut more = false;
         self.st.inflation.jobs.enter();
         let mut stolen = 0;
+        let mut work = 0;
         let mut held = false;
         loop {
-            self.turn();
+            work += self.turn(MAX_WORK_PER_POLL.saturating_sub(work).max(1));
             // Idle workers may take some of the jobs this turn queued.
             self.st.inflation.jobs.offer();
             if let Err(e) = self.ring.submit() {
@@ -423,8 +430,15 @@ impl Shard {
                 held = true;
             }
             // This shard's own jobs, oldest first, one per turn: each may make parts ready.
+            if work >= MAX_WORK_PER_POLL
+                && (self.st.inflation.jobs.has_own() || self.ring.has_completions())
+            {
+                more = true;
+                break;
+            }
             if let Some(job) = self.st.inflation.jobs.pop_own() {
                 self.run_own_job(&job);
+                work += 1;
                 continue;
             }
             // Reads served from the page cache complete during the submit: finish them in
@@ -463,9 +477,17 @@ impl Shard {
     pub fn wait(&mut self, out: &mut Vec<Completion>) {
         let before = out.len();
         loop {
-            self.poll(out);
+            let more = self.poll_more(out);
             if out.len() > before || (self.in_flight() == 0 && self.st.ops_in_kernel == 0) {
+                if more {
+                    self.ring.signal_eventfd();
+                }
                 return;
+            }
+            if more {
+                // Work of its own left (a poll does a bounded share): no completion to wait
+                // for may ever come before it is done.
+                continue;
             }
             if self.st.group.is_some() {
                 // Other shards answer through the eventfd, not through this ring.
@@ -631,13 +653,13 @@ impl Shard {
         job.post_result(&mut self.ring, result);
     }
 
-    /// One pass: handle every available completion, then plan every ready part, then start a
-    /// flush if one is due.
-    fn turn(&mut self) {
+    /// One pass: handle up to `max_completions` available completions, then plan every ready
+    /// part, then start a flush if one is due. Returns the completions handled.
+    fn turn(&mut self, max_completions: usize) -> usize {
         let Shard { ring, st, image } = self;
         let img = &**image;
         st.cqes.clear();
-        ring.reap_into(&mut st.cqes);
+        ring.reap_at_most(&mut st.cqes, max_completions);
         for i in 0..st.cqes.len() {
             let (op, res) = st.cqes[i];
             if op == POSTED {
@@ -668,6 +690,7 @@ impl Shard {
         st.start_refcount_writes(ring, img);
         st.report_corruption(img);
         st.route_finished();
+        st.cqes.len()
     }
 }
 
