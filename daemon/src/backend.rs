@@ -9,24 +9,28 @@
 //!   feature negotiation, config space and its `writeback` byte, memory table). It never
 //!   takes a worker's mutex: a write-cache change is recorded and applied by each worker before
 //!   its next event, and GET_VRING_BASE waits (held back by the relay, not blocking it) until
-//!   the queue's worker has stopped the queue on its own thread ([`BlkBackend::stop_queues`]);
-//! - the worker threads, one per engine shard, each running its own epoll loop
-//!   ([`crate::worker_loop`]) and calling [`BlkBackend::handle_event`] for kicks of the queues
-//!   it owns, its shard's completion eventfd and its timer. Queue `q` is served by worker
-//!   `q % shards`; the shards of a writable image form a group and pass each other the pieces
-//!   of requests whose L2 tables another shard owns (see the engine's `shard/group.rs`);
-//! - the main thread (a stop quiesces the queues), the control thread (a resize suspends and
-//!   resumes the shards);
+//!   the queue's worker has stopped the queue ([`BlkBackend::stop_queues`]: once its requests
+//!   in flight have completed);
+//! - the core threads ([`crate::cores`]), which run the workers of every connection, one
+//!   worker per engine shard: each worker's event set ([`crate::worker_loop`]) brings
+//!   [`BlkBackend::handle_event`] the kicks of the queues it owns, its shard's completion
+//!   eventfd and its timer. Queue `q` is served by worker `q % shards`; the shards of a
+//!   writable image form a group and pass each other the pieces of requests whose L2 tables
+//!   another shard owns (see the engine's `shard/group.rs`). Nothing run there ever waits:
+//!   a core thread serves other connections too;
+//! - the main thread (a stop quiesces the queues, completing what is in flight itself), the
+//!   control thread (a resize suspends and resumes the shards);
 //! - the thread that tears the connection down, which calls [`BlkBackend::finish`] once the
 //!   connection's other threads are gone.
 //!
 //! The relay thread ([`crate::relay`]) publishes the frontend's in-flight area in
 //! [`BlkBackend::inflight`], where the workers pick it up.
 //!
-//! Per-thread state ([`Worker`]) sits in a `Mutex` per worker thread, indexed by thread id; only
-//! its own thread takes it on the data path, so it is uncontended. The main and control
-//! threads take one worker's mutex at a time (quiesce, resize) and never while holding
-//! another lock of ours, so they cannot deadlock with the data path.
+//! Per-worker state ([`Worker`]) sits in a `Mutex` per worker, indexed by worker id; only its
+//! core thread takes it on the data path, so it is uncontended. The main and control threads
+//! take one worker's mutex at a time and briefly (quiesce, resize) and never while holding
+//! another lock of ours, so they cannot deadlock with the data path or hold up the other
+//! connections of its core thread.
 //!
 //! The write-cache mode belongs to the export, not to a connection: a driver that turned the
 //! cache off and reconnects (QEMU with `reconnect=1`) must not find it silently on again.
@@ -122,6 +126,9 @@ pub struct DeviceParams {
 
 /// The event loops of a connection's worker threads, in worker order.
 pub type Handlers = Vec<Arc<WorkerLoop>>;
+
+/// How long a quiesce waits for the engine when it completes nothing.
+const QUIESCE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a resize waits for the requests in flight to complete.
 const SUSPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -460,26 +467,38 @@ impl BlkBackend {
         self.stopped.read().is_ok()
     }
 
-    /// On worker `thread`: stops each local queue of `mask` (GET_VRING_BASE): no chain is
-    /// taken from it any more, and the requests it has in flight are completed to its used
-    /// ring (this waits for the engine, on the worker's own thread); then tells the relay.
+    /// On worker `thread`'s core thread: stops each local queue of `mask` (GET_VRING_BASE):
+    /// no chain is taken from it any more, and once the requests it has in flight have
+    /// completed to its used ring (now, or as the engine completes them: see
+    /// [`BlkBackend::handle_event`]), the relay is told through [`BlkBackend::stopped_fd`].
     pub fn stop_queues(&self, thread: usize, mask: u64, vrings: &[Vring]) {
-        if mask != 0 && thread < self.workers.len() {
-            let mut worker = self.lock(thread);
-            for local in (0..vrings.len().min(64)).filter(|l| mask & (1 << l) != 0) {
-                vrings[local].set_queue_ready(false);
-                let pending = worker.queue_in_flight(local);
-                if pending > 0 {
-                    info!(
-                        queue = local * self.workers.len() + thread,
-                        pending, "Waiting for requests in flight on a stopping queue"
-                    );
-                }
-                worker.stop_queue(local);
-            }
+        if mask == 0 || thread >= self.workers.len() {
+            // Nothing to wait for: the relay must not wait either.
+            let _ = self.stopped.write(1);
+            return;
         }
-        // A full counter is readable already: the relay sees it either way.
-        let _ = self.stopped.write(1);
+        let mut worker = self.lock(thread);
+        for local in (0..vrings.len().min(64)).filter(|l| mask & (1 << l) != 0) {
+            vrings[local].set_queue_ready(false);
+            let pending = worker.queue_in_flight(local);
+            if pending > 0 {
+                info!(
+                    queue = local * self.workers.len() + thread,
+                    pending, "Waiting for requests in flight on a stopping queue"
+                );
+            }
+            worker.begin_stop(local);
+        }
+        self.end_stops(&mut worker, vrings);
+    }
+
+    /// Ends the stops of `worker`'s queues that have nothing in flight any more, and tells
+    /// the relay if any ended.
+    fn end_stops(&self, worker: &mut Worker<EngineIo>, vrings: &[Vring]) {
+        if worker.stops_pending() && worker.finish_stops(vrings) > 0 {
+            // A full counter is readable already: the relay sees it either way.
+            let _ = self.stopped.write(1);
+        }
     }
 
     /// Once the connection's worker threads are gone (and the relay has dropped its handler):
@@ -674,11 +693,36 @@ impl BlkBackend {
 
     /// Stops taking requests from the guest and completes every request in flight to the
     /// used rings, so that a frontend that reconnects (to this daemon or the next one) resumes
-    /// exactly after the last request it got back. Called before a shutdown disconnects.
+    /// exactly after the last request it got back. Called before a shutdown disconnects. It
+    /// waits (on the caller's thread, which also returns what the engine finished, so it needs
+    /// no core thread) until nothing is in flight, or until nothing completed for
+    /// [`QUIESCE_STALL`].
     pub fn quiesce(&self) {
         self.quiescing.store(true, Ordering::SeqCst);
         for thread in 0..self.workers.len() {
             self.lock(thread).quiesce();
+        }
+        let mut last_progress = std::time::Instant::now();
+        loop {
+            let mut left = 0;
+            for thread in 0..self.workers.len() {
+                let (chains, moved) = self.lock(thread).drain_step();
+                left += chains;
+                if moved {
+                    last_progress = std::time::Instant::now();
+                }
+            }
+            if left == 0 {
+                return;
+            }
+            if last_progress.elapsed() > QUIESCE_STALL {
+                error!(
+                    left,
+                    "The engine stopped completing requests; disconnecting with requests in flight"
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
         }
     }
 
@@ -834,6 +878,7 @@ impl BlkBackend {
         } else {
             warn!(thread_id, event, "Unexpected event");
         }
+        self.end_stops(&mut worker, vrings);
     }
 }
 

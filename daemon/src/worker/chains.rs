@@ -428,22 +428,12 @@ impl<B: BlockIo> Worker<B> {
         }
     }
 
-    /// Collects finished requests from the engine (blocking for at least one if `block`) and
-    /// returns them to their queues.
-    pub(super) fn reap(&mut self, vrings: &[Vring], block: bool) {
-        self.reap_as(vrings, if block { Reap::Wait } else { Reap::Poll });
-    }
-
     /// Collects finished requests from the engine as `how` says and returns them to their
     /// queues; true if the engine has work of its own left that waits for the next reap
     /// ([`Reap::PollMore`] only).
     pub(super) fn reap_as(&mut self, vrings: &[Vring], how: Reap) -> bool {
         let mut done = std::mem::take(&mut self.done);
         let more = match how {
-            Reap::Wait => {
-                self.io.wait(&mut done);
-                false
-            }
             Reap::Poll => {
                 self.io.poll(&mut done);
                 false

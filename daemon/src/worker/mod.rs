@@ -1,13 +1,17 @@
-//! The data path of one worker thread: from available descriptor chains to used ones.
+//! The data path of one worker: from available descriptor chains to used ones.
 //!
-//! Each worker thread runs its own epoll loop ([`crate::worker_loop`]); queue `q` belongs to
-//! worker `q % shards`. That thread calls into its [`Worker`] (through the backend's
-//! per-thread mutex, uncontended on the data path) when a queue it owns is kicked, when its
-//! engine shard's completion eventfd fires, when its timer fires and when the frontend stops
-//! one of its queues (GET_VRING_BASE, [`Worker::stop_queue`]: it waits out that queue's
-//! requests on its own thread). Before each event it applies a write-cache change the driver
-//! made meanwhile ([`Worker::set_writethrough`]). Other threads take the mutex only to
-//! quiesce the queues for a stop, to suspend the shards for a resize and to finish them.
+//! A connection has one worker per engine shard; queue `q` belongs to worker `q % shards`.
+//! Each worker is run by one of the process's core threads ([`crate::cores`]), which serve
+//! the workers of every connection, through its event set ([`crate::worker_loop`]). That
+//! thread calls into its [`Worker`] (through the backend's per-worker mutex, uncontended on
+//! the data path) when a queue it owns is kicked, when its engine shard's completion eventfd
+//! fires, when its timer fires and when the frontend stops one of its queues
+//! (GET_VRING_BASE, [`Worker::begin_stop`]: the stop ends once that queue's requests have
+//! completed, [`Worker::finish_stops`]; nothing on a core thread ever waits, since the
+//! thread serves other connections too). Before each event it applies a write-cache change
+//! the driver made meanwhile ([`Worker::set_writethrough`]). Other threads take the mutex
+//! only briefly: to quiesce the queues for a stop, to suspend the shards for a resize and to
+//! finish them.
 //!
 //! A request in flight lives in a slot of a slab; its token is the slot index. A discard or
 //! write-zeroes request with several segments becomes one engine request per segment, all with
@@ -232,7 +236,7 @@ pub struct Worker<B: BlockIo> {
     scratch: Scratch,
     done: Vec<Done<B::IoError>>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    /// This thread's vrings, remembered from the first event so that GET_VRING_BASE (which
+    /// This worker's vrings, remembered from the first event so that a quiesce (which
     /// does not get them) can complete requests.
     vrings: Vec<Vring>,
     in_flight_per_queue: [u32; MAX_QUEUES as usize],
@@ -265,6 +269,8 @@ pub struct Worker<B: BlockIo> {
     /// Local queues whose available ring the driver broke (see [`Worker::pop_requests`]): no
     /// chain is taken from them until the frontend stops the queue and sets it up again.
     broken: u64,
+    /// Local queues being stopped ([`Worker::begin_stop`]), one bit each.
+    stopping: u64,
 }
 
 /// Rounds of taking chains and reaping in one turn of the worker before it goes back to its
@@ -284,8 +290,6 @@ const MAX_HAND_BACK_ROUNDS: u32 = 8;
 /// How a reap collects finished requests from the engine.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reap {
-    /// Blocks for at least one.
-    Wait,
     /// Never blocks; work left makes the engine's completion descriptor readable.
     Poll,
     /// Never blocks; work left is the caller's to come back for ([`BlockIo::poll_more`]).
@@ -369,6 +373,7 @@ impl<B: BlockIo> Worker<B> {
             starved: false,
             quiescing: false,
             broken: 0,
+            stopping: 0,
         }
     }
 
@@ -663,42 +668,57 @@ impl<B: BlockIo> Worker<B> {
         }
     }
 
-    /// Blocks until every request in flight on local queue `index` has completed to the used
-    /// ring (GET_VRING_BASE). Requests of this thread's other queues that finish meanwhile are
-    /// completed too.
-    pub fn stop_queue(&mut self, index: usize) {
+    /// Starts stopping local queue `index` (GET_VRING_BASE): its held chain, if any, is
+    /// submitted now, and the queue is stopped once its requests in flight have completed to
+    /// its used ring, which [`Worker::finish_stops`] notices. Never waits: the worker's thread
+    /// serves the other connections of its core meanwhile.
+    pub fn begin_stop(&mut self, index: usize) {
         if self.held.as_ref().is_some_and(|h| h.queue == index) {
             self.release_held();
         }
-        let vrings = std::mem::take(&mut self.vrings);
-        while self.queue_in_flight(index) > 0 {
-            if self.io.in_flight() == 0 {
+        if index < 64 {
+            self.stopping |= 1 << index;
+        }
+    }
+
+    /// Whether a queue is being stopped ([`Worker::begin_stop`]).
+    pub fn stops_pending(&self) -> bool {
+        self.stopping != 0
+    }
+
+    /// Ends the stop of every stopping queue that has no request in flight any more (one
+    /// whose requests the engine lost track of, a bug, has them failed): the guest is
+    /// notified of its last completions and the queue is set up afresh whenever it starts
+    /// again (the frontend may reset it, or share another area, in between). Returns how
+    /// many stops ended.
+    pub fn finish_stops(&mut self, vrings: &[Vring]) -> u32 {
+        let mut ended = 0;
+        let mut pending = self.stopping;
+        while pending != 0 {
+            let index = pending.trailing_zeros() as usize;
+            pending &= pending - 1;
+            if self.queue_in_flight(index) > 0 {
+                if self.io.in_flight() > 0 {
+                    continue;
+                }
                 error!(
                     index,
                     "Requests still pending on a stopping queue but none in the engine"
                 );
-                self.abandon_queue(&vrings, index);
-                break;
+                self.abandon_queue(vrings, index);
             }
-            self.reap(&vrings, true);
-        }
-        self.notify(&vrings);
-        self.vrings = vrings;
-        self.publish_metrics();
-        // This runs outside the worker's event handling (a stop request, or a quiesce on the
-        // main thread): chains of the worker's other queues that the completions reaped here
-        // have made room for are taken in the worker's next turn.
-        if self.resumable() {
-            self.wake_soon("to take chains left in the rings");
-        }
-        // Whenever the queue starts again it is set up afresh (the frontend may reset it, or
-        // share another area, in between).
-        if let Some(t) = self.tracked.get_mut(index) {
-            *t = TrackedQueue::default();
-        }
-        if index < 64 {
+            self.stopping &= !(1 << index);
+            if let Some(t) = self.tracked.get_mut(index) {
+                *t = TrackedQueue::default();
+            }
             self.broken &= !(1 << index);
+            ended += 1;
         }
+        if ended > 0 {
+            self.notify(vrings);
+            self.publish_metrics();
+        }
+        ended
     }
 
     /// Handles the throttle timer: submits the held chain once its time has come, then takes
@@ -753,18 +773,31 @@ impl<B: BlockIo> Worker<B> {
         self.start_chain(&mut state, held.queue, held.head, &mem, &held.dev, true);
     }
 
-    /// Completes every request in flight on every queue of this worker to the used rings and
-    /// notifies the guest (see [`crate::backend::BlkBackend::quiesce`]).
+    /// Stops taking chains for good (the connection is about to end): the held chain, if
+    /// any, is submitted now. The requests in flight complete to the used rings as usual
+    /// (see [`crate::backend::BlkBackend::quiesce`]).
     pub fn quiesce(&mut self) {
         self.quiescing = true;
-        if let Some(queue) = self.held.as_ref().map(|h| h.queue) {
-            self.stop_queue(queue);
-        }
-        for index in 0..self.in_flight_per_queue.len() {
-            if self.queue_in_flight(index) > 0 {
-                self.stop_queue(index);
+        self.release_held();
+    }
+
+    /// For a quiesce: returns to the used rings what the engine has finished (never
+    /// waiting), and fails the requests it lost track of (a bug). Returns the chains still
+    /// in flight and whether any completed.
+    pub fn drain_step(&mut self) -> (u32, bool) {
+        let vrings = std::mem::take(&mut self.vrings);
+        let before = self.chains_in_flight();
+        self.reap_as(&vrings, Reap::Poll);
+        if self.chains_in_flight() > 0 && self.io.in_flight() == 0 {
+            error!("Requests still pending on a quiescing connection but none in the engine");
+            for index in 0..vrings.len() {
+                self.abandon_queue(&vrings, index);
             }
         }
+        self.notify(&vrings);
+        self.vrings = vrings;
+        let left = self.chains_in_flight();
+        (left, left < before)
     }
 }
 

@@ -172,5 +172,7 @@ fn without_metrics_nothing_is_timed() {
     );
     w.process_queue(std::slice::from_ref(&h.vring), 0, true, &device());
     assert!(w.slots.iter().all(|s| s.started.is_none()));
-    w.stop_queue(0);
+    w.io_mut().hold = false;
+    w.quiesce();
+    assert_eq!(w.drain_step(), (0, true));
 }
