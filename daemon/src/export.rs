@@ -33,7 +33,7 @@ use crate::listen::Waker;
 use crate::relay::Relay;
 use crate::virtio_blk::MAX_QUEUE_SIZE;
 use crate::vring::Vring;
-use crate::worker_loop::WorkerThreads;
+use crate::worker_loop::Workers;
 
 /// Ends a connection from another thread: shuts the frontend's socket down, so that the relay
 /// ends the connection and the listener sees it hang up.
@@ -386,8 +386,6 @@ pub struct Export {
     pub control: Arc<ExportControl>,
     /// The name of the export's connections in log lines.
     thread_name: String,
-    /// The prefix of its worker threads' names.
-    worker_name: String,
     /// The first failure to make a connection's writes durable: the export goes on serving
     /// (the engine refuses writes from then on) and reports it when it closes.
     flush_error: Option<qcow2d_engine::Error>,
@@ -409,7 +407,6 @@ impl Export {
             listener,
             control,
             thread_name: format!("qcow2d-vu{id}"),
-            worker_name: format!("qcow2d-w{id}"),
             flush_error: None,
         }
     }
@@ -477,7 +474,7 @@ impl Export {
                 .map(|_| Vring::new(mem.clone(), MAX_QUEUE_SIZE as u16))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(ExportError::Queues)?;
-            let workers = WorkerThreads::start(&backend, &vrings, &self.worker_name)
+            let workers = Workers::start(&backend, &vrings, Some(Arc::clone(&stopper.0)))
                 .map_err(ExportError::Workers)?;
             st.backend = Some((Arc::clone(&backend), workers.loops().to_vec()));
             (backend, workers, vrings)
@@ -556,6 +553,9 @@ impl Export {
         drop(backend);
         drop(st);
         crate::release_freed_memory();
+        if let Some(cores) = crate::cores::running() {
+            cores.release_freed_memory();
+        }
     }
 }
 
@@ -565,7 +565,7 @@ impl Export {
 /// watches for its end.
 pub struct Connection {
     backend: Arc<BlkBackend>,
-    workers: WorkerThreads,
+    workers: Workers,
     relay: Relay,
     /// A stop was requested while the connection was being made: it ends at once, quietly.
     stopped_at_once: bool,

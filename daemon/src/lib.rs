@@ -26,6 +26,7 @@ pub mod chain;
 mod cli;
 pub mod config;
 mod control;
+mod cores;
 mod ctl;
 mod export;
 mod fdcheck;

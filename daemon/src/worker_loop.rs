@@ -1,63 +1,56 @@
-//! The worker threads of one connection: one per engine shard, each running its own epoll
-//! loop ([`WorkerLoop`]) over the kick eventfds of the queues it owns (queue `q` belongs to
-//! worker `q % shards`, as its local queue `q / shards`), its shard's completion eventfd, its
-//! throttle timer, an exit eventfd and a control eventfd, and calling
-//! [`BlkBackend::handle_event`] for each.
+//! The workers of one connection: one per engine shard, each with its own epoll set
+//! ([`WorkerLoop`]) over the kick eventfds of the queues it owns (queue `q` belongs to worker
+//! `q % shards`, as its local queue `q / shards`), its shard's completion eventfd, its
+//! throttle timer and a control eventfd, run by one of the process's core threads
+//! ([`crate::cores`]), which calls [`BlkBackend::handle_event`] for each ready event.
 //!
-//! Made by the listener thread as a connection is set up ([`WorkerThreads::start`]); the
-//! frontend handler on the relay thread adds and removes kick eventfds
-//! ([`WorkerLoop::register_listener`]) and asks a worker to stop one of its queues
-//! ([`WorkerLoop::request_stop`]: the worker stops taking chains from it, waits for its
-//! requests in flight and then writes the connection's "stopped" eventfd, which the relay
-//! watches before it answers GET_VRING_BASE); the thread that tears the connection down
-//! stops and joins them ([`WorkerThreads::stop`]).
+//! Placed on the core threads by the listener thread as a connection is set up
+//! ([`Workers::start`]); the frontend handler on the relay thread adds and removes kick
+//! eventfds ([`WorkerLoop::register_listener`]) and asks a worker to stop one of its queues
+//! ([`WorkerLoop::request_stop`]: the worker stops taking chains from it and, once its
+//! requests in flight have completed, writes the connection's "stopped" eventfd, which the
+//! relay watches before it answers GET_VRING_BASE); the thread that tears the connection down
+//! takes them off their core threads ([`Workers::stop`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use tracing::error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::BlkBackend;
-use crate::sandbox::{seccomp, Role};
+use crate::cores::{Core, CoreWork};
 use crate::vring::Vring;
 
-/// The epoll data of the exit eventfd.
-const EXIT: u64 = u64::MAX;
 /// The epoll data of the control eventfd (queues to stop).
 const CONTROL: u64 = u64::MAX - 1;
 /// Events taken per wait.
 const EVENTS: usize = 64;
 
-/// The event loop of one worker thread (see the module documentation).
+/// The event set of one worker (see the module documentation).
 pub struct WorkerLoop {
     epoll: Epoll,
-    exit: EventFd,
     control: EventFd,
     /// Local queues the frontend handler asked to stop, one bit each.
     stopping: AtomicU64,
 }
 
 impl WorkerLoop {
-    /// A loop watching only its exit and control eventfds (see [`WorkerThreads::start`]).
+    /// A set watching only its control eventfd (see [`Workers::start`]).
     pub(crate) fn new() -> io::Result<Self> {
         let epoll = Epoll::new()?;
-        let exit = EventFd::new(EFD_NONBLOCK)?;
         let control = EventFd::new(EFD_NONBLOCK)?;
-        for (fd, data) in [(exit.as_raw_fd(), EXIT), (control.as_raw_fd(), CONTROL)] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, data),
-            )?;
-        }
+        epoll.ctl(
+            ControlOperation::Add,
+            control.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, CONTROL),
+        )?;
         Ok(WorkerLoop {
             epoll,
-            exit,
             control,
             stopping: AtomicU64::new(0),
         })
@@ -77,7 +70,7 @@ impl WorkerLoop {
     }
 
     /// Asks the worker to stop its local queue `local` (see the module documentation).
-    /// Never waits: the worker does the waiting on its own thread.
+    /// Never waits.
     pub fn request_stop(&self, local: usize) {
         if local < 64 {
             self.stopping.fetch_or(1 << local, Ordering::SeqCst);
@@ -86,35 +79,64 @@ impl WorkerLoop {
         let _ = self.control.write(1);
     }
 
-    fn run(&self, backend: &BlkBackend, vrings: &[Vring], thread: usize) {
-        seccomp::enter_or_abort(Role::Worker);
-        let mut events = vec![EpollEvent::default(); EVENTS];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Only a broken epoll descriptor gets here.
-                    error!(thread, "A worker cannot wait for events any more: {e}");
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    EXIT => return,
-                    CONTROL => {
-                        let _ = self.control.read();
-                        let mask = self.stopping.swap(0, Ordering::SeqCst);
-                        backend.stop_queues(thread, mask, vrings);
-                    }
-                    data if (data as usize) < vrings.len() => {
-                        if vrings[data as usize].read_kick() {
-                            backend.handle_event(data, vrings, thread);
-                        }
-                    }
-                    data => backend.handle_event(data, vrings, thread),
-                }
+    /// Runs the events ready now (at most [`EVENTS`]; the set stays readable for the core
+    /// thread if more are), never waiting: on `thread`'s core thread, for worker `thread` of
+    /// `backend`, which owns `vrings`.
+    pub(crate) fn run_ready(&self, backend: &BlkBackend, vrings: &[Vring], thread: usize) {
+        let mut events = [EpollEvent::default(); EVENTS];
+        let n = match self.epoll.wait(0, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+            Err(e) => {
+                // Only a broken epoll descriptor gets here.
+                error!(thread, "A worker cannot read its events: {e}");
+                return;
             }
+        };
+        for event in &events[..n] {
+            match event.data() {
+                CONTROL => {
+                    let _ = self.control.read();
+                    let mask = self.stopping.swap(0, Ordering::SeqCst);
+                    backend.stop_queues(thread, mask, vrings);
+                }
+                data if (data as usize) < vrings.len() => {
+                    if vrings[data as usize].read_kick() {
+                        backend.handle_event(data, vrings, thread);
+                    }
+                }
+                data => backend.handle_event(data, vrings, thread),
+            }
+        }
+    }
+}
+
+/// One worker as its core thread runs it.
+struct Placed {
+    event_loop: Arc<WorkerLoop>,
+    backend: Arc<BlkBackend>,
+    /// The queues the worker owns (queue `q` of the connection is local queue `q / shards`
+    /// of worker `q % shards`).
+    vrings: Vec<Vring>,
+    /// The worker's index among the connection's workers.
+    thread: usize,
+    /// The frontend's socket: shut down to end the connection if the worker panics.
+    frontend: Option<Arc<UnixStream>>,
+}
+
+impl CoreWork for Placed {
+    fn ready_fd(&self) -> RawFd {
+        self.event_loop.epoll.as_raw_fd()
+    }
+
+    fn run_ready(&self) {
+        self.event_loop
+            .run_ready(&self.backend, &self.vrings, self.thread);
+    }
+
+    fn abandon(&self) {
+        if let Some(frontend) = &self.frontend {
+            let _ = frontend.shutdown(std::net::Shutdown::Both);
         }
     }
 }
@@ -129,68 +151,91 @@ impl WorkerLoop {
     }
 }
 
-/// The worker threads of one connection, stopped and joined by [`WorkerThreads::stop`] (or
-/// when dropped).
-pub struct WorkerThreads {
+/// The workers of one connection, placed on the core threads; taken off them by
+/// [`Workers::stop`] (or when dropped).
+pub struct Workers {
     loops: Vec<Arc<WorkerLoop>>,
-    handles: Vec<JoinHandle<()>>,
+    /// Each worker's core thread and its key there.
+    placed: Vec<(Arc<Core>, u64)>,
 }
 
-impl WorkerThreads {
-    /// Starts one worker per shard of `backend`, worker `t` serving the queues of `vrings`
-    /// whose index is `t` modulo the number of shards. `name` names the threads.
-    pub fn start(backend: &Arc<BlkBackend>, vrings: &[Vring], name: &str) -> io::Result<Self> {
+impl Workers {
+    /// Places one worker per shard of `backend` on the core threads, worker `t` serving the
+    /// queues of `vrings` whose index is `t` modulo the number of shards. A worker that
+    /// panics ends the connection by shutting `frontend` down.
+    pub fn start(
+        backend: &Arc<BlkBackend>,
+        vrings: &[Vring],
+        frontend: Option<Arc<UnixStream>>,
+    ) -> io::Result<Self> {
+        let pool = crate::cores::start()?;
         let threads = backend.threads();
         let loops = (0..threads)
             .map(|_| WorkerLoop::new().map(Arc::new))
             .collect::<io::Result<Vec<_>>>()?;
         backend.register_completions(&loops)?;
-        let mut started = WorkerThreads {
+        let cores = pool.place(threads);
+        let mut started = Workers {
             loops,
-            handles: Vec::with_capacity(threads),
+            placed: Vec::with_capacity(threads),
         };
+        let mut cores = cores.into_iter();
         for thread in 0..threads {
+            let Some(core) = cores.next() else { break };
             let own: Vec<Vring> = vrings
                 .iter()
                 .enumerate()
                 .filter(|(q, _)| q % threads == thread)
                 .map(|(_, v)| v.clone())
                 .collect();
-            let event_loop = Arc::clone(&started.loops[thread]);
-            let backend = Arc::clone(backend);
-            // Dropping `started` on failure stops the threads already running.
-            let handle = std::thread::Builder::new()
-                .name(format!("{name}-{thread}"))
-                .spawn(move || event_loop.run(&backend, &own, thread))?;
-            started.handles.push(handle);
+            let placed = Placed {
+                event_loop: Arc::clone(&started.loops[thread]),
+                backend: Arc::clone(backend),
+                vrings: own,
+                thread,
+                frontend: frontend.clone(),
+            };
+            match core.add(Box::new(placed)) {
+                Ok(key) => started.placed.push((core, key)),
+                Err(e) => {
+                    // Counted by `place`: uncounted here (and the rest of `cores` below);
+                    // dropping `started` takes the workers already placed off their cores.
+                    core.unplace();
+                    for rest in cores {
+                        rest.unplace();
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(started)
     }
 
-    /// Each worker's event loop, in worker order.
+    /// Each worker's event set, in worker order.
     pub fn loops(&self) -> &[Arc<WorkerLoop>] {
         &self.loops
     }
 
-    /// Stops every worker and waits until it has ended (between two events: a worker in the
-    /// middle of draining a queue finishes that first).
+    /// Takes every worker off its core thread and returns once none runs any more (a worker
+    /// in the middle of its events finishes them first).
     pub fn stop(mut self) {
         self.stop_all();
     }
 
     fn stop_all(&mut self) {
-        for event_loop in &self.loops {
-            let _ = event_loop.exit.write(1);
-        }
-        for handle in self.handles.drain(..) {
-            if handle.join().is_err() {
-                error!("A worker thread panicked");
-            }
+        let answers: Vec<_> = self
+            .placed
+            .drain(..)
+            .map(|(core, key)| core.remove(key))
+            .collect();
+        for answer in answers {
+            // An error means the core thread has ended: nothing runs there either.
+            let _ = answer.recv();
         }
     }
 }
 
-impl Drop for WorkerThreads {
+impl Drop for Workers {
     fn drop(&mut self) {
         self.stop_all();
     }

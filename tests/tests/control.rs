@@ -179,9 +179,10 @@ struct Throttled {
     requests: u64,
 }
 
-/// The start of the name (`comm`) of the threads that serve an export's queues (a connection's
-/// workers, `qcow2d-w<export>-<thread>`, which hold and release throttled requests).
-const QUEUE_THREAD: &str = "qcow2d-w";
+/// The start of the name (`comm`) of the threads that serve exports' queues (the core threads,
+/// `qcow2d-core-<cpu>`, which run the connections' workers, which hold and release throttled
+/// requests).
+const QUEUE_THREAD: &str = "qcow2d-core-";
 
 /// Nanoseconds each thread of `pid` serving queues ([`QUEUE_THREAD`]) has waited on a run
 /// queue, runnable but not running (`/proc/PID/task/TID/schedstat`, second field), by thread
@@ -1053,21 +1054,25 @@ fn ctl_add_takes_the_overlap_check_mode() {
     assert!(st.success(), "{st}");
 }
 
-/// The names of the threads of process `pid`.
+/// The names of the threads of process `pid`, but the kernel's io_uring workers (`iou-wrk-…`,
+/// which the kernel starts for the rings' blocking work and ends once idle for a few seconds).
 fn thread_names(pid: i32) -> Vec<String> {
     let mut names = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         // A thread may end meanwhile.
         if let Ok(name) = std::fs::read_to_string(task.unwrap().path().join("comm")) {
-            names.push(name.trim_end().to_owned());
+            let name = name.trim_end();
+            if !name.starts_with("iou-") {
+                names.push(name.to_owned());
+            }
         }
     }
     names
 }
 
 /// Many exports share one listener thread: an idle export has no thread of its own; two
-/// exports serve a client each at once (no thread of the export's own: the connection's
-/// workers, gone when the client is); a second
+/// exports serve a client each at once (no thread of their own: the core threads run the
+/// connections' workers); a second
 /// client of a busy export waits for the first to leave; an idle writable export that is
 /// removed gives its socket and its image back at once.
 #[test]
@@ -1100,12 +1105,13 @@ fn idle_exports_share_one_listener_thread() {
     let mut d = Daemon::spawn(cmd, &w, &w_sock).unwrap_or_else(|f| panic!("{f}"));
     wait_for_list(&control, "17 exports", |e| e.len() == 17);
 
-    // Idle: main, signals, control, the listener, the relay thread and the inflate pool; no
-    // export thread. A thread of start-up may still be ending, or one of the pool starting
+    // Idle: main, signals, control, the listener, the relay thread, the core threads (one
+    // per CPU) and the inflate pool; no export thread. A thread of start-up may still be ending, or one of the pool starting
     // (named after its parent until it names itself): wait (bounded) for the threads to be
     // those, then check them.
     let count =
         |names: &[String], prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).count();
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let deadline = Instant::now() + Duration::from_secs(30);
     let idle = loop {
         let names = thread_names(d.pid());
@@ -1113,7 +1119,8 @@ fn idle_exports_share_one_listener_thread() {
         let settled = count(&names, "qcow2d-listen") == 1
             && count(&names, "qcow2d-relay") == 1
             && count(&names, "qcow2d-export") == 0
-            && names.len() == 5 + pool;
+            && count(&names, "qcow2d-core-") == cpus
+            && names.len() == 5 + cpus + pool;
         if settled || Instant::now() >= deadline {
             break names;
         }
@@ -1122,32 +1129,31 @@ fn idle_exports_share_one_listener_thread() {
     assert_eq!(count(&idle, "qcow2d-listen"), 1, "{idle:?}");
     assert_eq!(count(&idle, "qcow2d-relay"), 1, "{idle:?}");
     assert_eq!(count(&idle, "qcow2d-export"), 0, "{idle:?}");
+    assert_eq!(count(&idle, "qcow2d-core-"), cpus, "{idle:?}");
     let pool = count(&idle, "qcow2d-inflate");
-    assert_eq!(idle.len(), 5 + pool, "{idle:?}");
+    assert_eq!(idle.len(), 5 + cpus + pool, "{idle:?}");
 
     // A writer on w holds its connection while r3 serves a reader.
     let (release, holder) = hold_client(&w_sock);
     let data = read_through(&sockets[3], 0, 4096);
     assert!(data.iter().all(|&x| x == 0x5e));
-    // Once r3's connection is torn down (a thread just started shows its parent's name, the
-    // listener's, until it names itself), only w's connection has threads.
+    // Once r3's connection is torn down (by a short-lived thread, which shows its parent's
+    // name, the listener's, until it names itself), the threads are the idle daemon's: w's
+    // connection has none of its own.
     let deadline = Instant::now() + Duration::from_secs(30);
     let busy = loop {
         let names = thread_names(d.pid());
-        if !names
-            .iter()
-            .any(|n| n.starts_with("qcow2d-w3-") || n == "qcow2d-export3")
-            && count(&names, "qcow2d-listen") == 1
-        {
+        if !names.iter().any(|n| n == "qcow2d-export3") && count(&names, "qcow2d-listen") == 1 {
             break names;
         }
         assert!(Instant::now() < deadline, "r3's threads left: {names:?}");
         thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(count(&busy, "qcow2d-export16"), 0, "{busy:?}");
-    // w's connection: its one worker (one queue, one shard), and no request thread (the
-    // relay thread runs its handler).
-    assert_eq!(count(&busy, "qcow2d-w16-"), 1, "{busy:?}");
+    // w's connection: no worker thread (the core threads run its worker) and no request
+    // thread (the relay thread runs its handler).
+    assert_eq!(busy.len(), idle.len(), "{busy:?}");
+    assert_eq!(count(&busy, "qcow2d-core-"), cpus, "{busy:?}");
     assert_eq!(count(&busy, "qcow2d-vu"), 0, "{busy:?}");
     assert_eq!(count(&busy, "qcow2d-listen"), 1, "{busy:?}");
     // One relay thread, whatever the number of connections, and none per connection.
@@ -1182,7 +1188,7 @@ fn idle_exports_share_one_listener_thread() {
         let names = thread_names(d.pid());
         if count(&names, "qcow2d-export") == 0
             && count(&names, "qcow2d-vu") == 0
-            && count(&names, "qcow2d-w") == 0
+            && names.len() == idle.len()
         {
             break;
         }

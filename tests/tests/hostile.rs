@@ -263,8 +263,9 @@ fn a_guest_flooding_its_queues_with_huge_reads_stays_within_the_memory_budget() 
     );
     assert!(
         after.1 <= anon0 + FALLBACK_SLACK_KIB,
-        "RssAnon {} KiB once the guest left, started at {anon0} KiB",
-        after.1
+        "RssAnon {} KiB once the guest left, started at {anon0} KiB\n{}",
+        after.1,
+        s.daemon.stderr()
     );
     // Both exports still answer new connections.
     read_answers(&s.socket, &s.data[..64 << 10]);

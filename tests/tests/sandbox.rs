@@ -52,6 +52,11 @@ struct ThreadStatus {
     uid: String,
 }
 
+/// The CPUs this process (and so a daemon it starts) may run on: one core thread each.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 fn threads(pid: i32) -> Vec<ThreadStatus> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
@@ -96,10 +101,9 @@ fn assert_all_filtered(pid: i32, when: &str) -> Vec<ThreadStatus> {
 }
 
 /// Every thread of a serving daemon has a seccomp filter and NO_NEW_PRIVS, before a client
-/// connects and once one is served (a connection's workers, one per shard, are made by the
-/// listener thread, and no thread waits for the connection: the one relay thread, which
-/// exists from the start, runs its request handler); the workers added their own filters on
-/// top of the listener's, and the relay thread has its own alone.
+/// connects and once one is served (no thread is made for a connection: the one relay
+/// thread runs its request handler and the core threads, one per CPU, its workers, all of
+/// them started by the main thread before any filter existed, so each has its own alone).
 #[test]
 fn every_thread_is_filtered_before_and_after_a_client_connects() {
     let s = Scratch::new("sbx_threads");
@@ -108,9 +112,8 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
     let cmd = serve_cmd(&img, &socket, &["--shards", "2", "--queues", "2"], &[]);
     let mut d = Daemon::spawn(cmd, &img, &socket).unwrap_or_else(|f| panic!("{f}"));
     let pid = d.pid();
-    // The ready line comes once the main thread is filtered; an export waiting for its first
-    // client has no worker yet (they are made for each connection and take their own filter
-    // at once, before the client's first message reaches them).
+    // The ready line comes once the main thread is filtered; the other threads take their
+    // own filters as they start.
     let main = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(
         main.contains("\nSeccomp:\t2\n"),
@@ -124,7 +127,11 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
             .all(|t| t.seccomp == "2" && t.no_new_privs == "1")
             && all.iter().any(|t| t.name == "qcow2d-listen")
             && all.iter().any(|t| t.name == "qcow2d-relay")
-            && !all.iter().any(|t| t.name.starts_with("qcow2d-w0-"));
+            && all
+                .iter()
+                .filter(|t| t.name.starts_with("qcow2d-core-"))
+                .count()
+                == cpus();
         if ready {
             break;
         }
@@ -144,15 +151,22 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
             .collect::<Vec<_>>())
     })
     .unwrap_or_else(|e| panic!("client: {e}\n{}", d.stderr()));
-    // Listener, relay thread (which also runs the connection's request handler), two
-    // workers; main, signals.
+    // Listener, relay thread (which also runs the connection's request handler), the core
+    // threads (which run the connection's two workers); main, signals.
     let count = |name: &str| names.iter().filter(|(n, _)| n == name).count();
     let filters = |name: &str| names.iter().find(|(n, _)| n == name).map(|(_, f)| *f);
     assert_eq!(count("qcow2d-listen"), 1, "{names:?}");
     assert_eq!(count("qcow2d-export0"), 0, "{names:?}");
     assert_eq!(count("qcow2d-vu0"), 0, "no request thread: {names:?}");
-    assert_eq!(count("qcow2d-w0-0"), 1, "{names:?}");
-    assert_eq!(count("qcow2d-w0-1"), 1, "{names:?}");
+    assert!(
+        !names.iter().any(|(n, _)| n.starts_with("qcow2d-w")),
+        "no worker thread per connection: {names:?}"
+    );
+    let cores = names
+        .iter()
+        .filter(|(n, _)| n.starts_with("qcow2d-core-"))
+        .count();
+    assert_eq!(cores, cpus(), "{names:?}");
     assert_eq!(count("qcow2d-relay"), 1, "{names:?}");
     assert!(
         !names.iter().any(|(n, _)| n.starts_with("qcow2d-vu0-")),
@@ -160,11 +174,11 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
     );
     assert_eq!(count("qcow2d-signals"), 1, "{names:?}");
     // Each role installs its filter and the no-open filter over what it inherited; the
-    // relay thread, started by the main thread before any filter existed, has its own two.
+    // relay and core threads, started by the main thread before any filter existed, have
+    // their own two.
     assert_eq!(filters("qcow2d-listen"), Some(2), "{names:?}");
     assert_eq!(filters("qcow2d-relay"), Some(2), "{names:?}");
-    assert_eq!(filters("qcow2d-w0-0"), Some(4), "{names:?}");
-    assert_eq!(filters("qcow2d-w0-1"), Some(4), "{names:?}");
+    assert_eq!(filters("qcow2d-core-0"), Some(2), "{names:?}");
     d.assert_alive("after the client");
     let st = d.terminate();
     assert!(st.success(), "qcow2d exited with {st}\n");
@@ -231,8 +245,8 @@ fn forbidden_call(s: &Scratch, mode: &str) -> (PathBuf, Result<Daemon, StartFail
     (socket, started)
 }
 
-/// The exit status and stderr of a daemon that is expected to die once a client connects
-/// (its workers exist, and take their filter, only then).
+/// The exit status and stderr of a daemon that is expected to die as its core threads take
+/// their filter (at start-up; a client connects in case it survived that far).
 fn death(
     socket: &Path,
     started: Result<Daemon, StartFailure>,
@@ -270,11 +284,14 @@ fn trap_mode_names_the_thread_and_call_then_kills() {
     let (socket, started) = forbidden_call(&s, "trap");
     let (st, stderr) = death(&socket, started);
     assert_eq!(st.signal(), Some(libc::SIGSYS), "{st}\n{stderr}");
-    let line = format!(
-        "qcow2d: seccomp: thread \"qcow2d-w0-0\" made the forbidden system call {GETPPID}; killing \
-         the process"
+    // Whichever core thread gets there first.
+    let tail = format!("\" made the forbidden system call {GETPPID}; killing the process");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("qcow2d: seccomp: thread \"qcow2d-core-") && l.ends_with(&tail)),
+        "{stderr}"
     );
-    assert!(stderr.contains(&line), "{stderr}");
     assert!(!stderr.contains("the process goes on"), "{stderr}");
 }
 
@@ -286,7 +303,7 @@ fn log_mode_lets_the_call_through_and_the_kernel_logs_it() {
     let (socket, started) = forbidden_call(&s, "log");
     let mut d = started.unwrap_or_else(|f| panic!("{f}"));
     let pid = d.pid();
-    // The workers, and so the forbidden call, come with a client.
+    // The core threads make the forbidden call as they start; a client connects meanwhile.
     let probe = std::os::unix::net::UnixStream::connect(&socket);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !d.stderr().contains("the process goes on") {

@@ -9,19 +9,19 @@
 //! their own on top: the kernel runs every filter of a thread and takes the strictest answer,
 //! so a thread can only ever narrow what its parent allowed. The roles and who starts whom:
 //!
-//! - `main` (the supervisor) starts the signal, metrics, control, inflate, relay and listener
-//!   threads, then keeps what adding exports at run time needs (opening and locking images,
+//! - `main` (the supervisor) starts the signal, metrics, control, inflate, relay, core and
+//!   listener threads, then keeps what adding exports at run time needs (opening and locking images,
 //!   reading the config file, binding sockets, adding them to the listener's epoll set:
 //!   everything `export` has and more) and what a stop needs;
 //! - `export` (the listener thread, and the threads it starts to tear connections down and
 //!   close images, which inherit its filter and only record the role) accepts frontends and
 //!   builds everything a connection needs (engine shards and their io_urings, eventfds and
 //!   epoll sets, the private socket pair between the relay and the connection's request
-//!   handler, handing a connection to the relay thread), starts the connection's worker
-//!   threads, and closes images (writes, syncs, lock release), so its filter is the widest but
+//!   handler, handing a connection to the relay thread and its workers to the core threads),
+//!   and closes images (writes, syncs, lock release), so its filter is the widest but
 //!   opens no file;
-//! - `worker` (a connection's worker threads, the engine shards) polls epoll and its
-//!   io_uring; it takes its filter as it starts;
+//! - `worker` (the core threads, one per CPU, which run every connection's workers, the
+//!   engine shards) polls epoll and the shards' io_urings; it takes its filter as it starts;
 //! - `relay` (the one relay thread of every connection: epoll, messages with descriptors,
 //!   the checks of those descriptors, in-flight areas, and every connection's vhost-user
 //!   request handler: mapping guest memory, adding kick eventfds to the workers' epoll sets),
@@ -645,7 +645,8 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
         Role::Inflate => allow(&mut rules, &[libc::SYS_io_uring_enter]),
         Role::Worker => {
             shard(&mut rules);
-            // The I/O limits' timer.
+            // The workers' epoll sets (nested in the core thread's), the I/O limits' timer,
+            // and ending a connection whose worker panicked (its frontend's socket).
             allow(
                 &mut rules,
                 &[
@@ -653,6 +654,7 @@ fn role_rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
                     libc::SYS_epoll_ctl,
                     libc::SYS_timerfd_settime,
                     libc::SYS_timerfd_gettime,
+                    libc::SYS_shutdown,
                 ],
             );
             #[cfg(target_arch = "x86_64")]

@@ -238,6 +238,10 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
     // filter: it takes the relay's alone, and the connection threads' filter (inherited
     // from the listener) need not allow what relaying does.
     crate::relay::start_thread().map_err(ServeError::Thread)?;
+    // The core threads, which run every connection's workers, started here for the same
+    // reason: each takes the worker's filter alone.
+    let cores = crate::cores::start().map_err(ServeError::Thread)?;
+    info!(threads = cores.cores(), "Core threads started");
 
     let (tx, rx) = mpsc::channel();
     // One thread waits for the clients of every export.
