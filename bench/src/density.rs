@@ -14,7 +14,7 @@ use crate::error::{Context, Error, Result};
 use crate::load::{run_load, LoadSpec, RunReport};
 use crate::memory::{mib, read_rss, Sampler};
 use crate::pattern::Pattern;
-use crate::procs::Server;
+use crate::procs::{clock_ticks_per_second, Server};
 use crate::signals;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,9 @@ pub struct DensityResult {
     pub busy_threads: u64,
     pub busy_peak_own_kib: u64,
     pub iops: f64,
+    /// The server's CPU time (user and system) per request over the measured window, in
+    /// microseconds: what the requests cost it, whatever share of the CPUs it got.
+    pub cpu_us_per_io: Option<f64>,
     /// The highest p99 latency of any one client, in microseconds.
     pub worst_p99_us: f64,
     /// The median of the clients' p99 latencies, in microseconds.
@@ -184,8 +187,14 @@ fn measure(
                 .context("Starting a client thread")
         })
         .collect::<Result<_>>()?;
-    std::thread::sleep(options.warmup + options.runtime / 2);
+    // The server's CPU time over (about) the measured window: from the end of the warm-up
+    // to the end of the run, the clients' measured window.
+    std::thread::sleep(options.warmup);
+    let ticks_start = server.cpu_ticks().ok();
+    std::thread::sleep(options.runtime / 2);
     let busy_threads = threads(pid).unwrap_or(0);
+    std::thread::sleep(options.runtime - options.runtime / 2);
+    let ticks_end = server.cpu_ticks().ok();
     let mut reports: Vec<RunReport> = Vec::with_capacity(clients.len());
     let mut failure = None;
     for client in clients {
@@ -210,6 +219,14 @@ fn measure(
             failure.get_or_insert(reason);
         }
     }
+    let iops: f64 = reports.iter().map(|r| r.iops).sum();
+    let cpu_us_per_io = match (ticks_start, ticks_end) {
+        (Some(a), Some(b)) if iops > 0.0 => Some(
+            b.saturating_sub(a) as f64 / clock_ticks_per_second() as f64 * 1e6
+                / (iops * options.runtime.as_secs_f64()),
+        ),
+        _ => None,
+    };
     Ok(DensityResult {
         server: name.to_owned(),
         exports: sockets.len(),
@@ -218,7 +235,8 @@ fn measure(
         idle_anon_kib: idle.anon_kib,
         busy_threads,
         busy_peak_own_kib: memory.peak_kib,
-        iops: reports.iter().map(|r| r.iops).sum(),
+        iops,
+        cpu_us_per_io,
         worst_p99_us: p99s.last().copied().unwrap_or(0.0),
         median_p99_us: p99s.get(p99s.len() / 2).copied().unwrap_or(0.0),
         errors: reports.iter().map(|r| r.errors).sum(),
@@ -238,9 +256,10 @@ fn print_report(report: &DensityReport) {
         report.warmup_s
     );
     println!(
-        "  {:<20} {:>10} {:>12} {:>12} {:>10} {:>12} {:>12} {:>13}",
+        "  {:<20} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12} {:>12} {:>13}",
         "server",
         "IOPS",
+        "CPU/IO",
         "worst p99",
         "median p99",
         "threads",
@@ -250,9 +269,11 @@ fn print_report(report: &DensityReport) {
     );
     for r in &report.results {
         println!(
-            "  {:<20} {:>10.0} {:>9.1} us {:>9.1} us {:>10} {:>12} {:>12} {:>13}",
+            "  {:<20} {:>10.0} {:>7} us {:>9.1} us {:>9.1} us {:>10} {:>12} {:>12} {:>13}",
             r.server,
             r.iops,
+            r.cpu_us_per_io
+                .map_or_else(|| "-".to_owned(), |c| format!("{c:.2}")),
             r.worst_p99_us,
             r.median_p99_us,
             r.idle_threads,

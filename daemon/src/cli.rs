@@ -20,14 +20,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve one image (--image/--socket) or the exports of a config file (--config).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print what an image is made of.
     Info(InfoArgs),
     /// Check an image's refcounts and metadata like `qemu-img check` (exit status 0: clean,
     /// 2: corruptions, 3: leaked clusters only, 1: the check could not complete).
     Check(CheckArgs),
     /// Talk to a running daemon through its control socket (`serve --control SOCK`).
-    Ctl(CtlArgs),
+    Ctl(Box<CtlArgs>),
 }
 
 /// I/O limits (QEMU throttle group semantics): rates per second, each with an optional burst
@@ -286,6 +286,12 @@ pub struct ServeArgs {
     /// Overrides a config file's `user`.
     #[arg(long, value_name = "USER[:GROUP]")]
     pub user: Option<String>,
+
+    /// The nice value the daemon's threads run at: its core threads run every connection's
+    /// I/O (-20 to 19; a value below 0 needs root or a RLIMIT_NICE allowing it, and is set
+    /// before --user drops root). Overrides a config file's `nice` [default: -10]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub nice: Option<i64>,
 }
 
 /// How one export is served: `serve --image` and `ctl add`.
@@ -373,7 +379,7 @@ mod tests {
     fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
         let all = ["qcow2d", "serve"].iter().chain(args).copied();
         Cli::try_parse_from(all).map(|cli| match cli.command {
-            Command::Serve(args) => args,
+            Command::Serve(args) => *args,
             Command::Info(_) | Command::Check(_) | Command::Ctl(_) => panic!("not serve"),
         })
     }
@@ -403,6 +409,12 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn nice_takes_a_negative_value() {
+        assert_eq!(serve_image(&["--nice", "-5"]).unwrap().nice, Some(-5));
+        assert_eq!(serve_image(&["--nice", "3"]).unwrap().nice, Some(3));
     }
 
     #[test]
@@ -567,6 +579,7 @@ mod tests {
             };
             assert_eq!(args.seccomp.as_deref(), Some("trap"));
             assert_eq!(args.user.as_deref(), Some("qcow2d:kvm"));
+            assert_eq!(args.nice, None);
         }
     }
 

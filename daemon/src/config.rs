@@ -11,6 +11,7 @@
 //! allow_paths = ["/var/lib/images/base"]  # optional: for every export (see below)
 //! seccomp = "kill"        # optional: kill (default), trap, log or none (see crate::sandbox)
 //! user = "qcow2d:kvm"     # optional: serve as this USER[:GROUP] once set up (start as root)
+//! nice = -10            # optional: the daemon's threads' nice value, -20..19 (default -10)
 //!
 //! [[export]]
 //! image = "/var/lib/images/vm1.qcow2"
@@ -106,6 +107,14 @@ pub enum ConfigError {
         place: String,
         /// The value given.
         value: String,
+    },
+    /// The nice value is out of range.
+    #[error("{place}: invalid nice {value}: expected a nice value from -20 to 19")]
+    Nice {
+        /// `Command line` or `Config file <path>`.
+        place: String,
+        /// The value given.
+        value: i64,
     },
     /// The seccomp mode is not one of the known ones.
     #[error("{place}: invalid seccomp mode {value:?}: expected kill, trap, log or none")]
@@ -222,6 +231,24 @@ pub struct ServeConfig {
     /// only a control socket), absolute: they apply to exports added at run time too, and
     /// are roots of the file system sandbox even when no export is configured.
     pub allow_paths: Vec<PathBuf>,
+    /// The nice value the daemon's threads run at (set up before it drops privileges).
+    pub nice: i32,
+}
+
+/// The daemon's nice value unless configured: above the guests' vCPU threads (nice 0), since
+/// each core thread serves the I/O of every VM placed on it and a preempted one holds up all
+/// of them.
+pub const DEFAULT_NICE: i32 = -10;
+
+/// Checks a nice value (`--nice`, `nice`; `file`: the config file, if from one).
+pub fn nice_value(value: i64, file: Option<&Path>) -> Result<i32, ConfigError> {
+    match i32::try_from(value) {
+        Ok(v) if (-20..=19).contains(&v) => Ok(v),
+        _ => Err(ConfigError::Nice {
+            place: place(file),
+            value,
+        }),
+    }
 }
 
 /// Export settings as given, before validation.
@@ -305,6 +332,7 @@ struct FileConfig {
     overlap_check: Option<OverlapCheck>,
     seccomp: Option<String>,
     user: Option<String>,
+    nice: Option<i64>,
     #[serde(default)]
     allow_paths: Vec<PathBuf>,
     #[serde(default)]
@@ -404,6 +432,7 @@ pub fn from_command_line(raw: RawExport, shards: Option<u64>) -> Result<ServeCon
         control: None,
         shards,
         seccomp: SeccompMode::default(),
+        nice: DEFAULT_NICE,
         user: None,
         allow_paths: Vec::new(),
     })
@@ -416,10 +445,7 @@ pub fn metrics_address(value: &str, file: Option<&Path>) -> Result<SocketAddr, C
         .trim()
         .parse()
         .map_err(|_| ConfigError::MetricsAddress {
-            place: match file {
-                Some(path) => format!("Config file {}", path.display()),
-                None => "Command line".to_owned(),
-            },
+            place: place(file),
             value: value.to_owned(),
         })
 }
@@ -428,12 +454,17 @@ pub fn metrics_address(value: &str, file: Option<&Path>) -> Result<SocketAddr, C
 /// key.
 pub fn seccomp_mode(value: &str, file: Option<&Path>) -> Result<SeccompMode, ConfigError> {
     SeccompMode::parse(value.trim()).ok_or_else(|| ConfigError::SeccompMode {
-        place: match file {
-            Some(path) => format!("Config file {}", path.display()),
-            None => "Command line".to_owned(),
-        },
+        place: place(file),
         value: value.to_owned(),
     })
+}
+
+/// Where a top-level value came from, for its error: `Command line` or `Config file <path>`.
+fn place(file: Option<&Path>) -> String {
+    match file {
+        Some(path) => format!("Config file {}", path.display()),
+        None => "Command line".to_owned(),
+    }
 }
 
 /// Reads and validates a config file.
@@ -552,6 +583,10 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
         .filter(|p| !p.as_os_str().is_empty())
         .map(|p| base.join(p))
         .collect();
+    let nice = match file.nice {
+        Some(value) => nice_value(value, Some(path))?,
+        None => DEFAULT_NICE,
+    };
     Ok(ServeConfig {
         exports,
         metrics,
@@ -560,6 +595,7 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
         seccomp,
         user: file.user,
         allow_paths,
+        nice,
     })
 }
 
@@ -1072,8 +1108,27 @@ socket = "/run/b.sock"
     }
 
     #[test]
+    fn nice_defaults_to_minus_ten_and_takes_a_nice_value() {
+        assert_eq!(parse_ok(EXPORT).nice, DEFAULT_NICE);
+        assert_eq!(parse_ok(&format!("nice = 5\n{EXPORT}")).nice, 5);
+        assert_eq!(parse_ok(&format!("nice = -20\n{EXPORT}")).nice, -20);
+        let err = parse_err(&format!("nice = 20\n{EXPORT}"));
+        assert_eq!(
+            err.to_string(),
+            "Config file /etc/qcow2d/test.toml: invalid nice 20: expected a nice value \
+             from -20 to 19"
+        );
+        assert!(nice_value(-21, None)
+            .unwrap_err()
+            .to_string()
+            .starts_with("Command line: invalid nice -21"));
+    }
+
+    /// The smallest export section.
+    const EXPORT: &str = "[[export]]\nimage = \"a\"\nsocket = \"s\"\n";
+
+    #[test]
     fn seccomp_and_user() {
-        const EXPORT: &str = "[[export]]\nimage = \"a\"\nsocket = \"s\"\n";
         let cfg = parse_ok(EXPORT);
         assert_eq!((cfg.seccomp, cfg.user), (SeccompMode::Kill, None));
         let cfg = parse_ok(&format!(

@@ -130,10 +130,10 @@ pub fn main() -> ExitCode {
 /// Runs the subcommand; the exit status on success (`check` reports findings through it).
 fn run(cli: Cli) -> Result<u8, Error> {
     match cli.command {
-        Command::Serve(args) => serve(args).map(|()| 0),
+        Command::Serve(args) => serve(*args).map(|()| 0),
         Command::Info(args) => info(args).map(|()| 0),
         Command::Check(args) => check(args),
-        Command::Ctl(args) => ctl::run(args).map(|()| 0).map_err(Error::from),
+        Command::Ctl(args) => ctl::run(*args).map(|()| 0).map_err(Error::from),
     }
 }
 
@@ -196,6 +196,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
                 control: None,
                 shards: args.shards,
                 seccomp: Default::default(),
+                nice: config::DEFAULT_NICE,
                 user: None,
                 allow_paths: args
                     .allow
@@ -239,6 +240,9 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
     }
     if let Some(user) = args.user {
         config.user = Some(user);
+    }
+    if let Some(value) = args.nice {
+        config.nice = config::nice_value(value, None)?;
     }
     serve::serve(config, config_path)?;
     Ok(())

@@ -57,6 +57,26 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
+/// The nice value of each core thread of process `pid` (field 19 of its `stat`).
+fn core_nice_values(pid: i32) -> Vec<i64> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = entry.unwrap().path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue;
+        };
+        if comm.starts_with("qcow2d-core-") {
+            // After the name in parentheses: field 3 on, so the nice value is the 17th.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            out.push(rest.split(' ').nth(16).unwrap().parse().unwrap());
+        }
+    }
+    out
+}
+
 fn threads(pid: i32) -> Vec<ThreadStatus> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
@@ -109,7 +129,12 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
     let s = Scratch::new("sbx_threads");
     let img = image(&s, "a.qcow2");
     let socket = s.socket("a.sock");
-    let cmd = serve_cmd(&img, &socket, &["--shards", "2", "--queues", "2"], &[]);
+    let cmd = serve_cmd(
+        &img,
+        &socket,
+        &["--shards", "2", "--queues", "2", "--nice", "-3"],
+        &[],
+    );
     let mut d = Daemon::spawn(cmd, &img, &socket).unwrap_or_else(|f| panic!("{f}"));
     let pid = d.pid();
     // The ready line comes once the main thread is filtered; the other threads take their
@@ -179,6 +204,8 @@ fn every_thread_is_filtered_before_and_after_a_client_connects() {
     assert_eq!(filters("qcow2d-listen"), Some(2), "{names:?}");
     assert_eq!(filters("qcow2d-relay"), Some(2), "{names:?}");
     assert_eq!(filters("qcow2d-core-0"), Some(2), "{names:?}");
+    // `--nice` sets the core threads' nice value.
+    assert_eq!(core_nice_values(pid), vec![-3; cpus()]);
     d.assert_alive("after the client");
     let st = d.terminate();
     assert!(st.success(), "qcow2d exited with {st}\n");
@@ -416,6 +443,8 @@ fn user_drops_every_privilege() {
             assert!(t.uid.split_whitespace().all(|u| u == nobody), "{t:?}");
             assert!(t.caps.iter().all(|(_, v)| *v == 0), "{t:?}");
         }
+        // The core threads took their default nice value with no privilege left.
+        assert_eq!(core_nice_values(pid), vec![-10; cpus()]);
         Ok(data)
     })
     .unwrap_or_else(|e| panic!("client: {e}\n{}", d.stderr()));

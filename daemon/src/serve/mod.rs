@@ -209,6 +209,9 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
     // Set-up is done: give up what serving does not need, before any other thread exists.
     let policy = fs_policy(&config, config_path.as_deref(), &bound);
     let confinement = landlock::prepare(&policy)?;
+    // Every thread started from here on inherits it; lowering it needs the privilege the
+    // drop below gives up.
+    set_nice(config.nice);
     if let Some(user) = &user {
         user::drop_to(user).map_err(|source| ServeError::User {
             spec: user.spec.clone(),
@@ -322,6 +325,22 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
     match stopped {
         Ok(()) if failed > 0 => Err(ServeError::Failed { count: failed }),
         other => other,
+    }
+}
+
+/// Gives the main thread, and so every thread it starts afterwards, the nice value `nice`
+/// (`--nice`): the core threads and the inflate workers run the I/O of every VM, and one
+/// preempted by a busy vCPU thread holds up all of them. A failure (no privilege to lower
+/// it) is logged; the daemon then runs at the nice value it was started with.
+fn set_nice(nice: i32) {
+    // SAFETY: setpriority takes no pointers; PRIO_PROCESS with 0 names the calling thread,
+    // whose value the threads it starts inherit.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        warn!(
+            nice,
+            "Cannot run at the configured nice value: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
