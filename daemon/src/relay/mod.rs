@@ -1213,6 +1213,14 @@ mod tests {
             assert_eq!(bytes_of(&receive(&frontend).unwrap()), reply);
         }
         relay.stop();
+        // The flooder's relay keeps one message buffered at most; on a busy machine it may
+        // not have got that far yet.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stuck_relay.peak_buffered_bytes() < HEADER_BYTES + MAX_MSG_SIZE
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
 
         assert!(
             !flooder.is_finished(),
