@@ -105,7 +105,7 @@ pub enum BackendError {
 pub struct DeviceParams {
     /// Queues offered to the guest (1..=64).
     pub num_queues: u16,
-    /// Worker threads, each with one engine shard (1..=num_queues).
+    /// Workers, each with one engine shard (1..=num_queues).
     pub shards: usize,
     /// What requests are checked against.
     pub device: DeviceInfo,
@@ -124,7 +124,7 @@ pub struct DeviceParams {
     pub budgets: Budgets,
 }
 
-/// The event loops of a connection's worker threads, in worker order.
+/// The event sets of a connection's workers, in worker order.
 pub type Handlers = Vec<Arc<WorkerLoop>>;
 
 /// How long a quiesce waits for the engine when it completes nothing.
@@ -477,6 +477,11 @@ impl BlkBackend {
             let _ = self.stopped.write(1);
             return;
         }
+        if (0..vrings.len().min(64)).all(|l| mask & (1 << l) == 0) {
+            // No queue of this worker: nothing to wait for either.
+            let _ = self.stopped.write(1);
+            return;
+        }
         let mut worker = self.lock(thread);
         for local in (0..vrings.len().min(64)).filter(|l| mask & (1 << l) != 0) {
             vrings[local].set_queue_ready(false);
@@ -501,7 +506,7 @@ impl BlkBackend {
         }
     }
 
-    /// Once the connection's worker threads are gone (and the relay has dropped its handler):
+    /// Once the connection's workers are off their core threads (and the relay has dropped its handler):
     /// waits for every request still in flight, then flushes every shard and returns what it
     /// reserved. Every
     /// worker is finished even if one fails; the first error is returned (for the caller to
@@ -536,7 +541,7 @@ impl BlkBackend {
 
     /// Polls every shard until none has requests in flight (or none completed one for 30 s).
     /// The shards of a writable image serve pieces of each other's requests, so with the
-    /// worker threads gone one thread must drive them all: a shard waiting on its own could
+    /// workers off their core threads one thread must drive them all: a shard waiting on its own could
     /// wait for a shard nobody polls.
     fn settle(&self) {
         let mut last_progress = std::time::Instant::now();
@@ -657,7 +662,7 @@ impl BlkBackend {
         }
     }
 
-    /// Number of worker threads (and shards).
+    /// Number of workers (and shards).
     pub fn threads(&self) -> usize {
         self.workers.len()
     }
@@ -706,10 +711,14 @@ impl BlkBackend {
         loop {
             let mut left = 0;
             for thread in 0..self.workers.len() {
-                let (chains, moved) = self.lock(thread).drain_step();
+                let (chains, moved, stops) = self.lock(thread).drain_step();
                 left += chains;
                 if moved {
                     last_progress = std::time::Instant::now();
+                }
+                if stops > 0 {
+                    // A GET_VRING_BASE waiting for this queue is answered.
+                    let _ = self.stopped.write(1);
                 }
             }
             if left == 0 {

@@ -229,7 +229,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub export: ExportArgs,
 
-    /// Worker threads, each with its own engine shard [default: CPUs, at most --queues]
+    /// Workers of a connection, each with its own engine shard, run by the core threads
+    /// [default: CPUs, at most --queues]
     #[arg(long, value_name = "N")]
     pub shards: Option<u64>,
 

@@ -4,7 +4,7 @@
 //! Runs on the main thread at start-up. A config file looks like:
 //!
 //! ```toml
-//! shards = 4              # optional: worker threads (engine shards) per export
+//! shards = 4              # optional: workers (engine shards) per connection
 //! metrics = "127.0.0.1:9187"  # optional: serve Prometheus metrics on http://ADDR/metrics
 //! control = "/run/qcow2d/control.sock"  # optional: the control socket (`qcow2d ctl`)
 //! overlap_check = "cached"    # optional: default of every export (see below)
@@ -30,8 +30,8 @@
 //! allow_paths = ["/srv/templates"]  # optional, added to the top-level list
 //! inflight_bytes = "256M"       # optional: data in flight per connection (bytes, or K/M/G)
 //! inflight_requests = 4096      # optional: requests in flight per connection
-//! shard_inflight_bytes = "64M"  # optional: data in flight per worker thread (shard)
-//! shard_inflight_requests = 1024  # optional: requests in flight per worker thread
+//! shard_inflight_bytes = "64M"  # optional: data in flight per worker (shard)
+//! shard_inflight_requests = 1024  # optional: requests in flight per worker
 //! ```
 //!
 //! Files an image names (backing files at any depth, external data files) must be regular
@@ -43,7 +43,8 @@
 //! one of its workers is at its limit, no more chains are taken from the guest's queues until
 //! requests complete (see `crate::budget`).
 //!
-//! Each worker thread owns one engine shard. The shards of a writable image share out its L2
+//! Each worker of a connection owns one engine shard (and runs on a core thread, see
+//! `crate::cores`). The shards of a writable image share out its L2
 //! tables and pass each other the pieces of requests they do not own (see the engine's
 //! `shard` module); those of a read-only image are independent.
 //!
@@ -66,7 +67,7 @@ use crate::virtio_blk::{ID_BYTES, MAX_QUEUES};
 /// Smallest byte budget accepted.
 const MIN_BUDGET_BYTES: u64 = 1 << 20;
 
-/// Most worker threads (shards) an export may ask for: one per queue at most, and the engine
+/// Most workers (shards) an export may ask for: one per queue at most, and the engine
 /// groups up to 64 shards.
 const MAX_SHARDS: u64 = MAX_QUEUES as u64;
 
@@ -193,7 +194,7 @@ pub struct ExportConfig {
     pub direct: bool,
     /// Number of virtqueues offered.
     pub queues: u16,
-    /// Worker threads (engine shards): never more than `queues`.
+    /// Workers (engine shards) per connection: never more than `queues`.
     pub shards: usize,
     /// GET_ID answer, at most 20 bytes.
     pub serial: String,
@@ -208,7 +209,7 @@ pub struct ExportConfig {
     /// config file's top-level ones. Absolute, not yet resolved (the engine resolves symlinks
     /// and `..` when it opens the image).
     pub allowed_roots: Vec<PathBuf>,
-    /// What one connection, and each of its worker threads, may have in flight.
+    /// What one connection, and each of its workers, may have in flight.
     pub budgets: Budgets,
 }
 
@@ -231,8 +232,9 @@ pub struct ServeConfig {
     /// only a control socket), absolute: they apply to exports added at run time too, and
     /// are roots of the file system sandbox even when no export is configured.
     pub allow_paths: Vec<PathBuf>,
-    /// The nice value the daemon's threads run at (set up before it drops privileges).
-    pub nice: i32,
+    /// The nice value the daemon's threads run at (set before it drops privileges); `None`:
+    /// [`DEFAULT_NICE`] where the daemon may lower its nice value, else what it has.
+    pub nice: Option<i32>,
 }
 
 /// The daemon's nice value unless configured: above the guests' vCPU threads (nice 0), since
@@ -432,7 +434,7 @@ pub fn from_command_line(raw: RawExport, shards: Option<u64>) -> Result<ServeCon
         control: None,
         shards,
         seccomp: SeccompMode::default(),
-        nice: DEFAULT_NICE,
+        nice: None,
         user: None,
         allow_paths: Vec::new(),
     })
@@ -583,10 +585,10 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
         .filter(|p| !p.as_os_str().is_empty())
         .map(|p| base.join(p))
         .collect();
-    let nice = match file.nice {
-        Some(value) => nice_value(value, Some(path))?,
-        None => DEFAULT_NICE,
-    };
+    let nice = file
+        .nice
+        .map(|value| nice_value(value, Some(path)))
+        .transpose()?;
     Ok(ServeConfig {
         exports,
         metrics,
@@ -1109,9 +1111,9 @@ socket = "/run/b.sock"
 
     #[test]
     fn nice_defaults_to_minus_ten_and_takes_a_nice_value() {
-        assert_eq!(parse_ok(EXPORT).nice, DEFAULT_NICE);
-        assert_eq!(parse_ok(&format!("nice = 5\n{EXPORT}")).nice, 5);
-        assert_eq!(parse_ok(&format!("nice = -20\n{EXPORT}")).nice, -20);
+        assert_eq!(parse_ok(EXPORT).nice, None);
+        assert_eq!(parse_ok(&format!("nice = 5\n{EXPORT}")).nice, Some(5));
+        assert_eq!(parse_ok(&format!("nice = -20\n{EXPORT}")).nice, Some(-20));
         let err = parse_err(&format!("nice = 20\n{EXPORT}"));
         assert_eq!(
             err.to_string(),

@@ -80,16 +80,21 @@ impl CorePool {
     }
 
     /// Picks a core thread for each of `workers` workers of one connection, and counts them
-    /// there: worker `t` goes to core `(first + t) % cores`, where `first` is the core with
-    /// the fewest workers (the lowest index among equals).
+    /// there: the cores in order of their workers (the lowest index among equals), worker `t`
+    /// on the `t`-th of them, round again past the last.
     pub fn place(&self, workers: usize) -> Vec<Arc<Core>> {
-        let n = self.cores.len();
-        let first = (0..n)
-            .min_by_key(|&c| self.cores[c].load.load(Ordering::Relaxed))
-            .unwrap_or(0);
+        // Cores whose thread ended take no more workers (unless none is left: then `add`
+        // says so).
+        let mut order: Vec<usize> = (0..self.cores.len())
+            .filter(|&c| !self.cores[c].commands().ended)
+            .collect();
+        if order.is_empty() {
+            order = (0..self.cores.len()).collect();
+        }
+        order.sort_by_key(|&c| (self.cores[c].load.load(Ordering::Relaxed), c));
         (0..workers)
             .map(|t| {
-                let core = &self.cores[(first + t) % n];
+                let core = &self.cores[order[t % order.len()]];
                 core.load.fetch_add(1, Ordering::Relaxed);
                 Arc::clone(core)
             })
@@ -232,20 +237,32 @@ impl Core {
     fn run(&self, index: usize) {
         seccomp::enter_or_abort(Role::Worker);
         // Marks the thread ended however it leaves, so that no command waits for it.
-        struct Ended<'a>(&'a Core);
+        // Marks the thread ended however it leaves, so that no command waits for it, and
+        // ends the connections of the workers it ran: nothing serves them any more.
+        struct Ended<'a> {
+            core: &'a Core,
+            running: Running,
+        }
         impl Drop for Ended<'_> {
             fn drop(&mut self) {
-                let mut commands = self.0.commands();
+                let mut commands = self.core.commands();
                 commands.ended = true;
                 // Answers every command left (their senders go).
                 commands.list.clear();
+                drop(commands);
+                for worker in self.running.slots.iter().filter_map(|(_, w)| w.as_ref()) {
+                    worker.abandon();
+                }
             }
         }
-        let _ended = Ended(self);
-        let mut running = Running {
-            slots: Vec::new(),
-            free: Vec::new(),
+        let mut ended = Ended {
+            core: self,
+            running: Running {
+                slots: Vec::new(),
+                free: Vec::new(),
+            },
         };
+        let running = &mut ended.running;
         let mut events = vec![EpollEvent::default(); EVENTS];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -266,7 +283,7 @@ impl Core {
                     let _ = self.wake.read();
                     let list = std::mem::take(&mut self.commands().list);
                     for command in list {
-                        self.apply(command, &mut running);
+                        self.apply(command, running);
                     }
                     continue;
                 }
@@ -278,7 +295,7 @@ impl Core {
                 if catch_unwind(AssertUnwindSafe(|| worker.run_ready())).is_err() {
                     error!(core = index, "A worker panicked: its connection is ended");
                     worker.abandon();
-                    self.drop_worker(key, &mut running);
+                    self.drop_worker(key, running);
                 }
             }
         }
@@ -414,6 +431,9 @@ mod tests {
         pool.cores[1].unplace();
         let fourth: Vec<usize> = pool.place(1).iter().map(index).collect();
         assert_eq!(fourth, [1]);
+        // Loads 3, 1, 2: the two least loaded, not the one after the least loaded.
+        let fifth: Vec<usize> = pool.place(2).iter().map(index).collect();
+        assert_eq!(fifth, [1, 2]);
     }
 
     #[test]

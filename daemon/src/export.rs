@@ -4,12 +4,12 @@
 //! waits for a client it sits with every other idle export in the listener thread's epoll set
 //! ([`crate::listen`]), holding no thread, shard, cache or worker. For each frontend the
 //! listener accepts, [`Export::connect`] (on the listener thread) builds a fresh [`BlkBackend`]
-//! (with new engine shards), its queues and worker threads (one per shard,
+//! (with new engine shards), its queues and workers (one per shard, placed on the core threads,
 //! [`crate::worker_loop`]) and its request handler ([`crate::handler`]), and hands the
 //! frontend's socket and the handler to the relay thread, which runs it; no thread waits for
 //! the connection. When the frontend goes away the listener sees its socket
 //! hang up and runs [`Export::disconnect`] on a short-lived thread, which tears everything
-//! down (dropped from the relay; worker threads joined; shards drained, flushed and their
+//! down (dropped from the relay; workers taken off their core threads; shards drained, flushed and their
 //! reserved clusters given back, so the next client sees every write of this one).
 //! When the export stops, [`Export::close`] closes the image cleanly (refcounts written, dirty
 //! bit cleared) — unless a flush failed, in which case the image is left as it is on disk and
@@ -99,9 +99,10 @@ pub enum ExportError {
     /// The connection's queues could not be made.
     #[error("Cannot create the connection's queues")]
     Queues(#[source] virtio_queue::Error),
-    /// The connection's worker threads (their epoll sets and eventfds, the threads) could not
+    /// The connection's workers (their epoll sets and eventfds, their places on the core
+    /// threads) could not
     /// be started.
-    #[error("Cannot start the connection's worker threads")]
+    #[error("Cannot start the connection's workers")]
     Workers(#[source] std::io::Error),
     /// Accepting a connection failed.
     #[error("Cannot accept a connection: {0}")]
@@ -448,7 +449,7 @@ impl Export {
     }
 
     /// Starts serving `frontend`: builds the connection's backend (fresh shards), its queues
-    /// and worker threads (one per shard), and hands the frontend's socket with the
+    /// and workers (one per shard, on the core threads), and hands the frontend's socket with the
     /// connection's request handler to the relay thread, which runs it. Runs on the listener
     /// thread and returns at once; `None` when there is nothing to serve (the export is
     /// stopping, or its image is gone). The connection ends when [`Connection::ended_fd`]
@@ -516,7 +517,7 @@ impl Export {
     }
 
     /// Tears down a connection that has ended (its [`Connection::ended_fd`] hung up): drops
-    /// it from the relay, stops the worker threads, then drains and flushes the shards so that
+    /// it from the relay, takes its workers off the core threads, then drains and flushes the shards so that
     /// the next client sees every write of this one. Runs on a thread of its own, since a
     /// flush may take as long as the disk does. A failure to make the connection's writes
     /// durable is kept for [`Export::close`]; the export goes on serving.
@@ -540,7 +541,7 @@ impl Export {
                 info!(socket, "Client disconnected");
             }
         }
-        // Joins the worker threads: nothing else touches the shards. Finishing them waits
+        // Takes the workers off their core threads: nothing else touches the shards. Finishing them waits
         // for the requests still in flight and makes every write durable before they are
         // dropped. Under the image lock: a resize does not change the shards meanwhile.
         workers.stop();

@@ -16,8 +16,8 @@
 //!   only once the previous reply has been passed on), at most 4 KiB and a header, far below
 //!   a unix socket's buffer;
 //! - what must wait is done beforehand, elsewhere: GET_VRING_BASE is held back by the relay
-//!   ([`DeviceLink::must_wait`]) while the worker that owns the queue stops it and waits for
-//!   its requests in flight on its own thread; the relay watches the connection's "stopped"
+//!   ([`DeviceLink::must_wait`]) while the worker that owns the queue stops it, which ends
+//!   once its requests in flight have completed; the relay watches the connection's "stopped"
 //!   eventfd ([`DeviceLink::wake_fd`]) and only then lets the handler answer, at once. A
 //!   write-cache change is only recorded (the workers apply it before their next request,
 //!   `BlkBackend::handle_event`); a new memory table is published through the guest memory's

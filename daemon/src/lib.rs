@@ -15,7 +15,7 @@
 //! - [`sandbox`]: seccomp filters per thread, file system confinement, dropping privileges;
 //! - [`handler`], [`backend`], [`vring`], [`worker_loop`], [`worker`], [`request`],
 //!   [`virtio_blk`], [`block_io`]: the vhost-user-blk device (its request handler, run by the
-//!   relay thread; its queues; its worker threads) and its data path onto the engine;
+//!   relay thread; its queues; its workers, run by the core threads) and its data path onto the engine;
 //! - [`budget`], [`fdcheck`], [`sigbus`]: what a guest may have in flight, the checks of the
 //!   descriptors a frontend hands over, and the SIGBUS handler for guest memory cut short.
 
@@ -69,10 +69,11 @@ extern "C" {
     fn mi_collect(force: bool);
 }
 
-/// Gives the memory of freed allocations back to the system. A connection's shards (caches,
-/// pools, arenas) are allocated by its worker threads, which have exited by the time the
-/// shards are dropped: mimalloc keeps such pages in abandoned segments until it is told to
-/// collect them. Called once a connection is over.
+/// Gives the memory of freed allocations in the calling thread's heap (and in abandoned
+/// ones) back to the system. A connection's shards (caches, pools, arenas) are allocated by
+/// the core threads that run its workers and freed by the thread that tears it down:
+/// mimalloc keeps such pages until the owning thread collects them, so a teardown calls this
+/// and has every core thread call it too (`crate::cores::CorePool::release_freed_memory`).
 pub fn release_freed_memory() {
     // SAFETY: mi_collect takes no pointers and may be called from any thread at any time.
     unsafe { mi_collect(true) };
@@ -196,7 +197,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
                 control: None,
                 shards: args.shards,
                 seccomp: Default::default(),
-                nice: config::DEFAULT_NICE,
+                nice: None,
                 user: None,
                 allow_paths: args
                     .allow
@@ -242,7 +243,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
         config.user = Some(user);
     }
     if let Some(value) = args.nice {
-        config.nice = config::nice_value(value, None)?;
+        config.nice = Some(config::nice_value(value, None)?);
     }
     serve::serve(config, config_path)?;
     Ok(())

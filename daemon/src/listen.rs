@@ -8,13 +8,13 @@
 //! socket in the set (the map's key is the epoll token). When its socket is readable the
 //! listener takes the export out of the map and out of the set, accepts the frontend
 //! (sockets are non-blocking: a connection the peer closed meanwhile is no reason to wait)
-//! and starts serving it right there ([`Export::connect`]: the shards, the worker threads,
+//! and starts serving it right there ([`Export::connect`]: the shards, the workers,
 //! the hand-over to the relay thread; nothing in it waits for the frontend). The
 //! export then sits in the served map, and a second descriptor of the frontend's socket in
 //! the set, watched for hang-up only: the socket hangs up when the frontend closes it or the
 //! relay shuts it down (either side went away, a protocol error, a stop). Then a short-lived
-//! thread (`qcow2d-exportN`) tears the connection down ([`Export::disconnect`]: joins
-//! the worker threads, drains and flushes the shards, which may take as long as
+//! thread (`qcow2d-exportN`) tears the connection down ([`Export::disconnect`]: takes
+//! its workers off the core threads, drains and flushes the shards, which may take as long as
 //! the disk does) and puts the export back (`put_back`), or closes it when it was
 //! asked to stop. One export serves one frontend at a time, as before: while it is connected
 //! its socket is out of the set and a second frontend waits in the socket's backlog.
@@ -377,7 +377,7 @@ impl Shared {
     }
 
     /// Tears `connection` down on a thread of its own (or here, if no thread can be started):
-    /// it joins the connection's worker threads and flushes the shards, which may take as
+    /// it takes the connection's workers off the core threads and flushes the shards, which may take as
     /// long as the disk does. Then the export waits for its next client, or ends.
     fn tear_down(self: &Arc<Self>, export: Export, connection: Connection) {
         let shared = Arc::clone(self);
@@ -523,7 +523,7 @@ mod tests {
     use crate::backend::BackendError;
 
     /// A connection's set-up that fails for want of descriptors, wherever in the set-up
-    /// (the backend's eventfds, the worker threads' epoll sets, the relay's sockets), is
+    /// (the backend's eventfds, the workers' epoll sets, the relay's sockets), is
     /// known as such, so that it closes that connection and not the export; any other
     /// failure is not.
     #[test]

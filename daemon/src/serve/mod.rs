@@ -329,18 +329,24 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
 }
 
 /// Gives the main thread, and so every thread it starts afterwards, the nice value `nice`
-/// (`--nice`): the core threads and the inflate workers run the I/O of every VM, and one
-/// preempted by a busy vCPU thread holds up all of them. A failure (no privilege to lower
-/// it) is logged; the daemon then runs at the nice value it was started with.
-fn set_nice(nice: i32) {
+/// (`--nice`; unset: [`crate::config::DEFAULT_NICE`]): the core threads and the inflate
+/// workers run the I/O of every VM, and one preempted by a busy vCPU thread holds up all of
+/// them. Without the privilege to lower it the daemon runs at the nice value it was started
+/// with: a warning if the value was configured, a note otherwise.
+fn set_nice(nice: Option<i32>) {
+    let value = nice.unwrap_or(crate::config::DEFAULT_NICE);
     // SAFETY: setpriority takes no pointers; PRIO_PROCESS with 0 names the calling thread,
     // whose value the threads it starts inherit.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
-        warn!(
-            nice,
-            "Cannot run at the configured nice value: {}",
-            std::io::Error::last_os_error()
-        );
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, value) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if nice.is_some() {
+            warn!(nice = value, "Cannot run at the configured nice value: {e}");
+        } else {
+            info!(
+                nice = value,
+                "Running at the nice value the daemon was started with (lowering it: {e})"
+            );
+        }
     }
 }
 

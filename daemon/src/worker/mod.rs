@@ -64,11 +64,11 @@
 //! entry that cannot be read: a hostile driver, or a frontend that truncated the memory the
 //! ring lies in) stops its queue: no chain is taken from it until the frontend stops it
 //! (GET_VRING_BASE) and sets it up again, with one error line. The worker must not spin on
-//! it: a worker that never returns to its event loop never sees its exit event, and the
-//! export could never take its next connection.
+//! it: a worker that never returns to its core thread holds up every connection of that
+//! core, and its own could never end.
 //!
-//! When the connection is gone, the thread tearing it down calls [`Worker::finish`] (after
-//! it has joined the worker thread): it waits for what is still in flight and
+//! When the connection is gone, the thread tearing it down calls [`Worker::finish`] (once
+//! the worker is off its core thread): it waits for what is still in flight and
 //! makes every write durable before the shard is dropped. `Drop` does the same if that was
 //! skipped.
 //!
@@ -409,7 +409,7 @@ impl<B: BlockIo> Worker<B> {
         self.paused = true;
     }
 
-    /// Reopens the gate closed by [`Worker::pause`] and has the worker thread go round its
+    /// Reopens the gate closed by [`Worker::pause`] and has the worker go round its
     /// queues (through its timer, since kicks that came meanwhile were taken and left).
     pub fn unpause(&mut self) {
         self.paused = false;
@@ -553,7 +553,7 @@ impl<B: BlockIo> Worker<B> {
             match more {
                 Ok(true) if taken == 0 && idle_rounds == MAX_IDLE_ROUNDS => {
                     // The ring says there is more, yet nothing could be taken: whatever the
-                    // cause, never spin here (the worker's exit event waits in its loop);
+                    // cause, never spin here (its core thread serves other workers too);
                     // come back through the timer.
                     self.wake_soon("to take chains the ring announced");
                     break;
@@ -591,7 +591,7 @@ impl<B: BlockIo> Worker<B> {
     /// wait for a kick the guest has no reason to send. After [`MAX_RESUME_ROUNDS`] rounds
     /// the worker arms its timer instead and goes back to its event loop, so that a guest
     /// whose requests complete as fast as they are taken cannot keep it from its other
-    /// events (its exit event among them).
+    /// events (and its core thread to the other workers).
     ///
     /// The engine returns what finished before each next job of its own (inflating a
     /// compressed cluster: tens of microseconds), so that the guest gets it at once and
@@ -636,7 +636,7 @@ impl<B: BlockIo> Worker<B> {
         self.starved && !self.quiescing && self.gate_open()
     }
 
-    /// Has the worker thread come back through its timer ([`Worker::process_timer`]) as
+    /// Has the worker come back through its timer ([`Worker::process_timer`]) as
     /// soon as it is back in its event loop. `why` is for the log.
     fn wake_soon(&mut self, why: &str) {
         if let Some((_, timer)) = &mut self.throttle {
@@ -783,8 +783,9 @@ impl<B: BlockIo> Worker<B> {
 
     /// For a quiesce: returns to the used rings what the engine has finished (never
     /// waiting), and fails the requests it lost track of (a bug). Returns the chains still
-    /// in flight and whether any completed.
-    pub fn drain_step(&mut self) -> (u32, bool) {
+    /// in flight, whether any completed, and how many queue stops ended with them (see
+    /// [`Worker::finish_stops`]).
+    pub fn drain_step(&mut self) -> (u32, bool, u32) {
         let vrings = std::mem::take(&mut self.vrings);
         let before = self.chains_in_flight();
         self.reap_as(&vrings, Reap::Poll);
@@ -795,9 +796,14 @@ impl<B: BlockIo> Worker<B> {
             }
         }
         self.notify(&vrings);
+        let stops = if self.stops_pending() {
+            self.finish_stops(&vrings)
+        } else {
+            0
+        };
         self.vrings = vrings;
         let left = self.chains_in_flight();
-        (left, left < before)
+        (left, left < before, stops)
     }
 }
 

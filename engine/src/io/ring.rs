@@ -434,6 +434,12 @@ impl Ring {
         out.len() - before
     }
 
+    /// Whether an entry pushed now goes to the kernel at once (nothing waits in the overflow
+    /// and the completion queue has room for one more completion).
+    pub fn has_room(&self) -> bool {
+        self.overflow.is_empty() && self.in_kernel < self.cq_capacity
+    }
+
     /// Entries waiting in the overflow for room in the completion queue.
     pub fn overflowed(&self) -> usize {
         self.overflow.len()

@@ -451,7 +451,13 @@ impl Shard {
                 // Nothing else to do (and nothing finished to hand back first): help a busy
                 // shard, a few clusters at most, so that work arriving on this thread's own
                 // queues (which it cannot see from here) waits for little.
-                if stolen == MAX_STEALS_PER_POLL || !self.st.finished.is_empty() {
+                // A stolen job's result is posted into its owner's ring through this one,
+                // which waits for the post: only with room for it here, so that the post
+                // never waits behind this ring's own operations.
+                if stolen == MAX_STEALS_PER_POLL
+                    || !self.st.finished.is_empty()
+                    || !self.ring.has_room()
+                {
                     break;
                 }
                 match self.st.inflation.jobs.steal() {

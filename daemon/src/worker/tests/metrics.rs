@@ -174,5 +174,5 @@ fn without_metrics_nothing_is_timed() {
     assert!(w.slots.iter().all(|s| s.started.is_none()));
     w.io_mut().hold = false;
     w.quiesce();
-    assert_eq!(w.drain_step(), (0, true));
+    assert_eq!(w.drain_step(), (0, true, 0));
 }
