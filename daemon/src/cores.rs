@@ -172,13 +172,7 @@ impl Running {
 
 impl Core {
     fn new() -> io::Result<Self> {
-        let epoll = Epoll::new()?;
-        let wake = EventFd::new(EFD_NONBLOCK)?;
-        epoll.ctl(
-            ControlOperation::Add,
-            wake.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, WAKE),
-        )?;
+        let (epoll, wake) = epoll_with_wake(WAKE)?;
         Ok(Core {
             epoll,
             wake,
@@ -350,6 +344,19 @@ impl Core {
             running.free.push(slot);
         }
     }
+}
+
+/// An epoll set watching one non-blocking eventfd (readable, with `data`), through which
+/// other threads wake the thread waiting on the set.
+pub(crate) fn epoll_with_wake(data: u64) -> io::Result<(Epoll, EventFd)> {
+    let epoll = Epoll::new()?;
+    let wake = EventFd::new(EFD_NONBLOCK)?;
+    epoll.ctl(
+        ControlOperation::Add,
+        wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, data),
+    )?;
+    Ok((epoll, wake))
 }
 
 fn ended() -> io::Error {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use tracing::error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::BlkBackend;
 use crate::cores::{Core, CoreWork};
@@ -42,13 +42,7 @@ pub struct WorkerLoop {
 impl WorkerLoop {
     /// A set watching only its control eventfd (see [`Workers::start`]).
     pub(crate) fn new() -> io::Result<Self> {
-        let epoll = Epoll::new()?;
-        let control = EventFd::new(EFD_NONBLOCK)?;
-        epoll.ctl(
-            ControlOperation::Add,
-            control.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, CONTROL),
-        )?;
+        let (epoll, control) = crate::cores::epoll_with_wake(CONTROL)?;
         Ok(WorkerLoop {
             epoll,
             control,

@@ -71,7 +71,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use tracing::{debug, error, info, warn};
 use vhost::vhost_user::message::{FrontendReq, MAX_MSG_SIZE};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::inflight::{create_area, InflightArea, InflightShared};
 use crate::sandbox::{seccomp, Role};
@@ -172,13 +172,7 @@ fn relay_thread() -> io::Result<Arc<Shared>> {
     if let Some(shared) = slot.as_ref() {
         return Ok(Arc::clone(shared));
     }
-    let epoll = Epoll::new()?;
-    let wake = EventFd::new(EFD_NONBLOCK)?;
-    epoll.ctl(
-        ControlOperation::Add,
-        wake.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, WAKE),
-    )?;
+    let (epoll, wake) = crate::cores::epoll_with_wake(WAKE)?;
     let shared = Arc::new(Shared {
         epoll,
         wake,
@@ -1323,7 +1317,7 @@ mod tests {
         let (frontend, relay_frontend) = UnixStream::pair().unwrap();
         let (relay_end, device_end) = UnixStream::pair().unwrap();
         device_end.set_nonblocking(true).unwrap();
-        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let wake = Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
         let waits = Arc::new(AtomicUsize::new(0));
         let device = SlowDevice {
             sock: device_end,
