@@ -230,7 +230,6 @@ impl Core {
 
     fn run(&self, index: usize) {
         seccomp::enter_or_abort(Role::Worker);
-        // Marks the thread ended however it leaves, so that no command waits for it.
         // Marks the thread ended however it leaves, so that no command waits for it, and
         // ends the connections of the workers it ran: nothing serves them any more.
         struct Ended<'a> {
