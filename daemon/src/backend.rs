@@ -127,8 +127,9 @@ pub struct DeviceParams {
 /// The event sets of a connection's workers, in worker order.
 pub type Handlers = Vec<Arc<WorkerLoop>>;
 
-/// How long a quiesce waits for the engine when it completes nothing.
-const QUIESCE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a quiesce or the end of a connection waits for the engine when it completes
+/// nothing.
+const ENGINE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a resize waits for the requests in flight to complete.
 const SUSPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -539,31 +540,41 @@ impl BlkBackend {
         result
     }
 
-    /// Polls every shard until none has requests in flight (or none completed one for 30 s).
-    /// The shards of a writable image serve pieces of each other's requests, so with the
-    /// workers off their core threads one thread must drive them all: a shard waiting on its own could
-    /// wait for a shard nobody polls.
+    /// Polls every shard until none has requests in flight (or none completed one for
+    /// [`ENGINE_STALL`]). The shards of a writable image serve pieces of each other's
+    /// requests, so with the workers off their core threads one thread must drive them all:
+    /// a shard waiting on its own could wait for a shard nobody polls.
     fn settle(&self) {
+        if let Some(in_flight) = self.drive_until_idle(|w| w.pump()) {
+            error!(
+                in_flight,
+                "The engine stopped completing requests; flushing the shards that are idle"
+            );
+        }
+    }
+
+    /// Calls `step` on every worker in turn (under its lock, taken briefly each time) until
+    /// all say nothing is left, or none made progress for [`ENGINE_STALL`]: then returns what
+    /// is left. `step` returns what is left of the worker's and whether it made progress.
+    fn drive_until_idle(
+        &self,
+        mut step: impl FnMut(&mut Worker<EngineIo>) -> (usize, bool),
+    ) -> Option<usize> {
         let mut last_progress = std::time::Instant::now();
         loop {
-            let mut in_flight = 0;
-            let mut progressed = false;
+            let mut left = 0;
             for thread in 0..self.workers.len() {
-                let (left, moved) = self.lock(thread).pump();
-                in_flight += left;
-                progressed |= moved;
+                let (rest, moved) = step(&mut self.lock(thread));
+                left += rest;
+                if moved {
+                    last_progress = std::time::Instant::now();
+                }
             }
-            if in_flight == 0 {
-                return;
+            if left == 0 {
+                return None;
             }
-            if progressed {
-                last_progress = std::time::Instant::now();
-            } else if last_progress.elapsed() > std::time::Duration::from_secs(30) {
-                error!(
-                    in_flight,
-                    "The engine stopped completing requests; flushing the shards that are idle"
-                );
-                return;
+            if last_progress.elapsed() > ENGINE_STALL {
+                return Some(left);
             }
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
@@ -701,37 +712,25 @@ impl BlkBackend {
     /// exactly after the last request it got back. Called before a shutdown disconnects. It
     /// waits (on the caller's thread, which also returns what the engine finished, so it needs
     /// no core thread) until nothing is in flight, or until nothing completed for
-    /// [`QUIESCE_STALL`].
+    /// [`ENGINE_STALL`].
     pub fn quiesce(&self) {
         self.quiescing.store(true, Ordering::SeqCst);
         for thread in 0..self.workers.len() {
             self.lock(thread).quiesce();
         }
-        let mut last_progress = std::time::Instant::now();
-        loop {
-            let mut left = 0;
-            for thread in 0..self.workers.len() {
-                let (chains, moved, stops) = self.lock(thread).drain_step();
-                left += chains;
-                if moved {
-                    last_progress = std::time::Instant::now();
-                }
-                if stops > 0 {
-                    // A GET_VRING_BASE waiting for this queue is answered.
-                    let _ = self.stopped.write(1);
-                }
+        let stalled = self.drive_until_idle(|w| {
+            let (chains, moved, stops) = w.drain_step();
+            if stops > 0 {
+                // A GET_VRING_BASE waiting for this queue is answered.
+                let _ = self.stopped.write(1);
             }
-            if left == 0 {
-                return;
-            }
-            if last_progress.elapsed() > QUIESCE_STALL {
-                error!(
-                    left,
-                    "The engine stopped completing requests; disconnecting with requests in flight"
-                );
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_micros(200));
+            (chains as usize, moved)
+        });
+        if let Some(left) = stalled {
+            error!(
+                left,
+                "The engine stopped completing requests; disconnecting with requests in flight"
+            );
         }
     }
 

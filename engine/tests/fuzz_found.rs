@@ -8,6 +8,14 @@ use std::path::Path;
 use qcow2d_engine::check;
 
 /// `qemu-img check`'s (corruptions, leaks) of `path`, whatever its exit status.
+/// `image` in a file of its own (the directory goes with the first value).
+fn image_file(image: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.img");
+    std::fs::write(&path, image).unwrap();
+    (dir, path)
+}
+
 fn qemu_counts(path: &Path) -> (u64, u64) {
     qemu_counts_or_refusal(path).unwrap_or_else(|e| panic!("qemu-img check gave no JSON: {e}"))
 }
@@ -275,9 +283,7 @@ fn repair_uncovers_copied_flags_behind_unreadable_refcount_blocks() {
 fn repair_never_ends_worse_behind_unreadable_refcount_blocks() {
     let image =
         include_bytes!("data/fuzz/repair-rebuild-uncovers-copied-flags-in-shared-tables.img");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("image.img");
-    std::fs::write(&path, image).unwrap();
+    let (_dir, path) = image_file(image);
     let before = check(&path, false).unwrap();
     assert_eq!(
         (before.corruptions, before.leaks, before.check_errors),
@@ -319,9 +325,7 @@ fn repair_does_not_rebuild_refcounts_whose_offset_an_l1_entry_holds() {
         ),
     ];
     for (image, corruptions) in images {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("image.img");
-        std::fs::write(&path, image).unwrap();
+        let (dir, path) = image_file(image);
         let before = check(&path, false).unwrap();
         let repaired = check(&path, true).unwrap();
         assert!(
@@ -380,9 +384,7 @@ fn repair_writes_the_snapshot_table_only_where_refcounts_can_be_rebuilt_around_i
 fn repair_rebuilds_through_a_snapshot_l1_table_over_the_header_where_that_ends_better() {
     let image =
         include_bytes!("data/fuzz/repair-rebuild-through-a-snapshot-l1-over-the-header.img");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("image.img");
-    std::fs::write(&path, image).unwrap();
+    let (dir, path) = image_file(image);
     let repaired = check(&path, true).unwrap();
     assert!(
         repaired.messages.iter().any(|m| m
@@ -757,9 +759,7 @@ fn repair_never_writes_a_copied_flag_into_the_header() {
 #[test]
 fn repair_copied_flags_in_an_l1_table_the_header_names() {
     let image = include_bytes!("data/fuzz/repair-l1-table-named-by-the-header-as-l2-table.img");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("image.img");
-    std::fs::write(&path, image).unwrap();
+    let (_dir, path) = image_file(image);
     let before = check(&path, false).unwrap();
     assert_eq!((before.corruptions, before.leaks), (43, 6));
     assert_eq!(repair_consistent(image), (32, 0));
@@ -774,9 +774,7 @@ fn repair_copied_flags_in_an_l1_table_the_header_names() {
 #[test]
 fn repair_never_writes_a_table_in_a_cluster_whose_count_overflowed() {
     let image = include_bytes!("data/fuzz/repair-l2-table-in-an-overflowed-cluster.img");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("image.img");
-    std::fs::write(&path, image).unwrap();
+    let (_dir, path) = image_file(image);
     assert_eq!(check(&path, false).unwrap().corruptions, 1316);
     let repaired = check(&path, true).unwrap();
     assert!(

@@ -4,7 +4,7 @@
 //! repairs (rebuilding through that L1 table or not) ends with fewer errors. Runs on the
 //! checking thread, within [`super::check`].
 
-use super::{analyze, repair_image, Log, Target};
+use super::{analyze, rehearse_repair, Target};
 use crate::error::{Error, ErrorKind};
 use crate::format::{Header, SnapshotTable, REFCOUNT_TABLE_FIELDS};
 
@@ -86,18 +86,7 @@ pub(super) fn choose(
     };
     let rehearse = |t: &mut Target, under| -> Result<Option<(u64, u64)>, Error> {
         let first = analyze(t, snapshots)?;
-        let r = t.rehearse(|t| {
-            repair_image(
-                t,
-                first,
-                snapshots.clone(),
-                cut,
-                Log::default(),
-                None,
-                under,
-            )
-        });
-        match r {
+        match rehearse_repair(t, first, snapshots, cut, under) {
             Ok(r) => Ok(Some((r.corruptions, r.leaks))),
             Err(e) if e.kind() == ErrorKind::Io => Err(e),
             // Not known to end no worse (more memory than a rehearsal may take, or the

@@ -239,17 +239,7 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
     // flags the repair cannot fix (in tables that share their clusters with other metadata
     // or data) count again. Rehearsed first, the rebuild is made only where it leaves no more
     // corruptions, nor corruptions and leaks, than the check found.
-    let rehearsed = t.rehearse(|t| {
-        repair_image(
-            t,
-            first,
-            snapshots.clone(),
-            cut,
-            Log::default(),
-            None,
-            under,
-        )
-    });
+    let rehearsed = rehearse_repair(&mut t, first, &snapshots, cut, under);
     let refusal = match rehearsed {
         Ok(r) if r.corruptions > found.0 || r.corruptions + r.leaks > found.0 + found.1 => Some(format!(
             "Not rebuilding the refcount structure: with the refcount blocks the check cannot read rebuilt, {} corruptions and {} leaks would remain where it found {} and {} (COPIED flags behind those blocks, in tables the repair does not rewrite)",
@@ -283,6 +273,27 @@ fn lower_snapshot_count(t: &mut Target, snapshots: &SnapshotTable) -> Result<(),
 /// flags, the header's flags, and the report of the image as it is left. With `refusal` (why)
 /// no new refcount structure is written, nor a snapshot table that would need one; `under`
 /// says whether one is written where a snapshot's L1 table covers the header's fields.
+/// What the repair of `first` would leave, made in memory only ([`Target::rehearse`]).
+fn rehearse_repair(
+    t: &mut Target,
+    first: Analysis,
+    snapshots: &SnapshotTable,
+    cut: u64,
+    under: UnderSnapshotL1,
+) -> Result<CheckReport, Error> {
+    t.rehearse(|t| {
+        repair_image(
+            t,
+            first,
+            snapshots.clone(),
+            cut,
+            Log::default(),
+            None,
+            under,
+        )
+    })
+}
+
 fn repair_image(
     t: &mut Target,
     mut first: Analysis,
