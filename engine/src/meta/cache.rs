@@ -6,6 +6,11 @@
 //! kernel is writing into is never reused. When every slot is loading, the cache grows past its
 //! capacity rather than stall (bounded by the number of requests in flight).
 //!
+//! A cache may draw its slots from a [`CacheBudget`] shared with other caches
+//! ([`SlotCache::with_budget`]): past a floor of slots it adds one only if the budget has
+//! room, and otherwise reuses one of its own (CLOCK) as if it were full. The budget is
+//! touched only as a slot is added and as the cache is dropped, never on a lookup.
+//!
 //! A caller that can serve a miss without the cache (a whole compressed cluster inflated
 //! straight into guest memory) asks [`SlotCache::admit_on_repeat`] first: keys are admitted on
 //! their second miss within a recent window, so a stream that reads every key once never goes
@@ -14,6 +19,8 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
+
+use super::budget::CacheBudget;
 
 /// Ways of each set of [`SlotCache`]'s recent-miss table.
 const RECENT_WAYS: usize = 4;
@@ -135,6 +142,9 @@ pub struct SlotCache {
     /// empty; set-associative, so a few keys that hash alike do not keep pushing each other
     /// out); about twice the capacity, allocated on first use.
     recent: Vec<[u64; RECENT_WAYS]>,
+    /// The budget the slots are drawn from, and the slots the cache may hold whatever the
+    /// budget's state (see [`SlotCache::with_budget`]).
+    budget: Option<(CacheBudget, usize)>,
 }
 
 impl SlotCache {
@@ -155,7 +165,23 @@ impl SlotCache {
             hits: 0,
             misses: 0,
             recent: Vec::new(),
+            budget: None,
         }
+    }
+
+    /// Draws the buffers from `budget` (before the first is allocated): up to `floor` slots
+    /// (at least 1) are taken whatever the budget holds, more only while it has room; past
+    /// that the cache reuses its own slots as if it were full. Its bytes go back when the
+    /// cache is dropped. `capacity` stays the most it holds.
+    pub fn with_budget(mut self, budget: CacheBudget, floor: usize) -> SlotCache {
+        assert!(self.slots.is_empty(), "a budget is given before any slot");
+        self.budget = Some((budget, floor.max(1)));
+        self
+    }
+
+    /// Bytes of the buffers allocated now.
+    pub fn allocated_bytes(&self) -> u64 {
+        (self.slots.len() as u64).saturating_mul(self.buf_bytes as u64)
     }
 
     /// Bytes of the buffers this cache holds when full (it may grow past that only while every
@@ -236,7 +262,7 @@ impl SlotCache {
         if let Some(id) = self.free.pop() {
             return id;
         }
-        if self.slots.len() < self.capacity {
+        if self.slots.len() < self.capacity && self.may_grow() {
             return self.push_slot();
         }
         // CLOCK over ready slots, at most two sweeps.
@@ -256,10 +282,30 @@ impl SlotCache {
             slot.state = State::Free;
             return i as u32;
         }
-        // Every slot is loading or dirty: grow rather than stall.
+        // Every slot is loading, dirty or pinned: grow rather than stall (past the budget
+        // too).
+        if let Some((budget, _)) = &self.budget {
+            budget.take(self.buf_bytes as u64);
+        }
         self.push_slot()
     }
 
+    /// Whether one more slot may be added, taking its bytes from the budget if so: always
+    /// below the floor, past it only while the budget has room.
+    fn may_grow(&self) -> bool {
+        let Some((budget, floor)) = &self.budget else {
+            return true;
+        };
+        let bytes = self.buf_bytes as u64;
+        if self.slots.len() < *floor {
+            budget.take(bytes);
+            true
+        } else {
+            budget.try_take(bytes)
+        }
+    }
+
+    /// Adds a slot (its bytes already taken from the budget, if any).
     fn push_slot(&mut self) -> u32 {
         self.slots.push(Slot {
             key: 0,
@@ -454,6 +500,14 @@ impl SlotCache {
     }
 }
 
+impl Drop for SlotCache {
+    fn drop(&mut self) {
+        if let Some((budget, _)) = &self.budget {
+            budget.give_back(self.allocated_bytes());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,6 +599,88 @@ mod tests {
         let keys: Vec<u64> = (1..=128u64).map(|k| k * 65536 + 77).collect();
         assert!(keys.iter().all(|&k| !c.admit_on_repeat(k)));
         assert!(keys.iter().all(|&k| c.admit_on_repeat(k)));
+    }
+
+    /// Loads `key` into `c` and marks it ready; returns its slot.
+    fn load(c: &mut SlotCache, key: u64) -> u32 {
+        let id = c.start_load(key);
+        c.finish_load(id);
+        id
+    }
+
+    #[test]
+    fn caches_sharing_a_budget_grow_within_it_past_their_floors() {
+        // Room for 6 slots of 16 bytes; each cache could hold 8, its floor is 2.
+        let budget = CacheBudget::new(6 * 16);
+        let mut a = SlotCache::new(8, 16).with_budget(budget.clone(), 2);
+        let mut b = SlotCache::new(8, 16).with_budget(budget.clone(), 2);
+        for key in 1..=5 {
+            load(&mut a, key);
+        }
+        assert_eq!(a.allocated_bytes(), 5 * 16);
+        assert_eq!(budget.used_bytes(), 5 * 16);
+        // `b` gets its floor (past the budget by one slot) and not one slot more: it reuses
+        // its own slots from then on.
+        let first: Vec<u32> = (101..=110).map(|key| load(&mut b, key)).collect();
+        assert_eq!(b.slots.len(), 2);
+        assert!(first.iter().all(|&id| id < 2), "{first:?}");
+        assert_eq!(budget.used_bytes(), 7 * 16);
+        // The last two keys stay cached, the ones before were evicted.
+        assert!(matches!(b.lookup(110), Lookup::Ready(_)));
+        assert!(matches!(b.lookup(109), Lookup::Ready(_)));
+        assert_eq!(b.lookup(101), Lookup::Miss);
+        // `a` is past its floor and the budget is used up: it reuses its slots too.
+        load(&mut a, 6);
+        assert_eq!(a.slots.len(), 5);
+        assert_eq!(budget.used_bytes(), 7 * 16);
+        // A hit leaves the budget alone.
+        assert!(matches!(a.lookup(6), Lookup::Ready(_)));
+        assert_eq!(budget.used_bytes(), 7 * 16);
+
+        // Dropping `a` gives its bytes back: `b` grows again, up to the budget.
+        drop(a);
+        assert_eq!(budget.used_bytes(), 2 * 16);
+        for key in 201..=210 {
+            load(&mut b, key);
+        }
+        assert_eq!(b.slots.len(), 6);
+        assert_eq!(budget.used_bytes(), 6 * 16);
+        drop(b);
+        assert_eq!(budget.used_bytes(), 0);
+    }
+
+    #[test]
+    fn a_cache_whose_slots_are_all_busy_grows_past_its_budget_rather_than_stall() {
+        let budget = CacheBudget::new(0);
+        let mut c = SlotCache::new(8, 16).with_budget(budget.clone(), 1);
+        let a = c.start_load(1);
+        // The floor is taken, then every slot is loading: one more slot anyway.
+        let b = c.start_load(2);
+        assert_ne!(a, b);
+        assert_eq!(budget.used_bytes(), 2 * 16);
+        // Once one is ready, it is reused instead.
+        c.finish_load(a);
+        c.finish_load(b);
+        let d = c.start_load(3);
+        assert!(d == a || d == b);
+        assert_eq!(budget.used_bytes(), 2 * 16);
+        // A freed slot is reused before anything else, and stays counted.
+        c.fail_load(d);
+        assert_eq!(c.start_load(4), d);
+        assert_eq!(budget.used_bytes(), 2 * 16);
+        drop(c);
+        assert_eq!(budget.used_bytes(), 0);
+    }
+
+    #[test]
+    fn a_cache_never_holds_more_than_its_own_capacity_within_a_large_budget() {
+        let budget = CacheBudget::new(1 << 20);
+        let mut c = SlotCache::new(3, 16).with_budget(budget.clone(), 2);
+        for key in 1..=10 {
+            load(&mut c, key);
+        }
+        assert_eq!(c.slots.len(), 3);
+        assert_eq!(budget.used_bytes(), 3 * 16);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use super::write_log::WriteLog;
 use crate::error::IoError;
 use crate::io::InflateSharing;
+use crate::meta::CacheBudget;
 use std::sync::Arc;
 
 /// How a shard is set up.
@@ -18,6 +19,14 @@ pub struct ShardConfig {
     pub ring_entries: u32,
     /// Bytes of decompressed clusters cached, shared by the image's qcow2 layers.
     pub decompressed_cache_bytes: u64,
+    /// Budgets shared with other shards that the caches (L2 tables and decompressed
+    /// clusters) draw their memory from: shard `index` draws from
+    /// `cache_budgets[index % len]`, so that [`Image::new_shards`](crate::Image::new_shards)
+    /// can give each shard the budget of the thread that will run it. Within a budget each
+    /// cache keeps its own limit (the image's L2 cache size, `decompressed_cache_bytes`) and a
+    /// floor of a few slots per layer (see [`CacheBudget`]). Empty (the default): no shared
+    /// budget, each cache grows to its own limit.
+    pub cache_budgets: Vec<CacheBudget>,
     /// Most bytes of scratch buffers that compressed reads in flight may hold together (a
     /// compressed extent's buffer, and a cluster prefix's); a read that would need more waits
     /// for another to give its buffers back. At least what one read needs.
@@ -41,6 +50,16 @@ pub struct ShardConfig {
     pub write_log: Option<Arc<WriteLog>>,
 }
 
+impl ShardConfig {
+    /// The budget shard `index` draws from (see [`ShardConfig::cache_budgets`]).
+    pub(crate) fn cache_budget(&self) -> Option<&CacheBudget> {
+        match self.cache_budgets.len() {
+            0 => None,
+            n => self.cache_budgets.get(self.index % n),
+        }
+    }
+}
+
 impl Default for ShardConfig {
     fn default() -> Self {
         ShardConfig {
@@ -48,6 +67,7 @@ impl Default for ShardConfig {
             count: 1,
             ring_entries: 256,
             decompressed_cache_bytes: 16 << 20,
+            cache_budgets: Vec::new(),
             scratch_bytes: DEFAULT_SCRATCH_BYTES,
             inflate: InflateSharing::Shared,
             fail_flush_number: None,

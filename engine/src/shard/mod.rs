@@ -198,12 +198,24 @@ impl Shard {
     /// Bytes the shard's caches hold when full, summed over the layers: (L2 tables,
     /// decompressed clusters). Each is within its one budget for the shard (the image's L2
     /// cache size, [`ShardConfig::decompressed_cache_bytes`]), but for a floor of a few slots
-    /// per layer.
+    /// per layer; a budget shared with other shards ([`ShardConfig::cache_budgets`]) may hold
+    /// them to less.
     pub fn cache_capacity_bytes(&self) -> (u64, u64) {
         self.st.layers.iter().fold((0, 0), |(l2, d), l| {
             (
                 l2 + l.l2.capacity_bytes(),
                 d + l.decompressed.capacity_bytes(),
+            )
+        })
+    }
+
+    /// Bytes the shard's caches hold now (their buffers are allocated as they are first
+    /// used), summed over the layers: (L2 tables, decompressed clusters).
+    pub fn cache_bytes(&self) -> (u64, u64) {
+        self.st.layers.iter().fold((0, 0), |(l2, d), l| {
+            (
+                l2 + l.l2.allocated_bytes(),
+                d + l.decompressed.allocated_bytes(),
             )
         })
     }

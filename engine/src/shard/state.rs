@@ -74,12 +74,20 @@ pub(super) struct State {
     pub(super) writethrough: bool,
 }
 
-/// L2 cache slots of each layer of `inner` (0 for raw layers) within the shard's one L2
+/// L2 tables each qcow2 layer's cache holds whatever its budgets (the shard's own L2 cache
+/// size, a budget shared with other shards): enough for a request across a few tables to go on.
+const L2_FLOOR_SLOTS: usize = 4;
+/// Decompressed clusters each qcow2 layer's cache holds whatever its budgets.
+const DECOMPRESSED_FLOOR_SLOTS: usize = 2;
+
+/// L2 cache slots of each layer of `inner` (1 for raw layers) within the shard's one L2
 /// cache budget: every layer gets a slot per L2 table when that fits; otherwise the budget is
-/// shared in proportion to what would cover each layer, with at least 4 slots per layer.
+/// shared in proportion to what would cover each layer, with at least [`L2_FLOOR_SLOTS`] per
+/// layer.
 pub(super) fn l2_slots_per_layer(inner: &ImageInner) -> Vec<usize> {
+    let floor = L2_FLOOR_SLOTS as u64;
     let need = |l: crate::layer::LayerRef| match l.kind {
-        KindRef::Qcow2(q) => (q.l1.len() as u64).max(4) * q.geom.cluster_size(),
+        KindRef::Qcow2(q) => (q.l1.len() as u64).max(floor) * q.geom.cluster_size(),
         KindRef::Raw(_) => 0,
     };
     let total: u64 = inner.layers().map(need).sum();
@@ -95,7 +103,7 @@ pub(super) fn l2_slots_per_layer(inner: &ImageInner) -> Vec<usize> {
                     // At most `budget`: fits u64.
                     (u128::from(budget) * u128::from(need(l)) / u128::from(total)) as u64
                 };
-                (share / cs).clamp(4, (q.l1.len() as u64).max(4)) as usize
+                (share / cs).clamp(floor, (q.l1.len() as u64).max(floor)) as usize
             }
             KindRef::Raw(_) => 1,
         })
@@ -103,7 +111,8 @@ pub(super) fn l2_slots_per_layer(inner: &ImageInner) -> Vec<usize> {
 }
 
 impl State {
-    /// A shard's state for `image`: per-layer caches within the shard's budgets, empty arenas.
+    /// A shard's state for `image`: per-layer caches within the shard's budgets (drawn from
+    /// the budget shared with other shards, if it has one), empty arenas.
     pub(super) fn new(image: &ImageInner, config: &ShardConfig, grouped: bool) -> State {
         let inner = image;
         let mut layers = Vec::with_capacity(inner.layer_count());
@@ -115,6 +124,10 @@ impl State {
             .count()
             .max(1) as u64;
         let l2_slots = l2_slots_per_layer(inner);
+        let shared = |cache: SlotCache, floor: usize| match config.cache_budget() {
+            Some(budget) => cache.with_budget(budget.clone(), floor),
+            None => cache,
+        };
         for (i, layer) in inner.layers().enumerate() {
             let caches = match layer.kind {
                 KindRef::Qcow2(q) => {
@@ -125,9 +138,15 @@ impl State {
                     big_buf_bytes = big_buf_bytes.max(2 * cs as usize);
                     // The shard's decompressed-cluster budget, shared by its qcow2 layers.
                     let decompressed = config.decompressed_cache_bytes / qcow2_layers / cs;
+                    let decompressed = usize::try_from(decompressed)
+                        .unwrap_or(usize::MAX)
+                        .max(DECOMPRESSED_FLOOR_SLOTS);
                     LayerCaches {
-                        l2: SlotCache::new(l2_slots[i], cs as usize),
-                        decompressed: SlotCache::new(decompressed.max(2) as usize, cs as usize),
+                        l2: shared(SlotCache::new(l2_slots[i], cs as usize), L2_FLOOR_SLOTS),
+                        decompressed: shared(
+                            SlotCache::new(decompressed, cs as usize),
+                            DECOMPRESSED_FLOOR_SLOTS,
+                        ),
                     }
                 }
                 KindRef::Raw(_) => LayerCaches {

@@ -1,0 +1,130 @@
+//! Shards whose caches draw from one shared budget ([`CacheBudget`], `ShardConfig::cache_budgets`):
+//! reading more L2 tables than the budget holds, every read is right, the shards hold no
+//! more than the budget and a floor each, and a dropped shard gives its bytes back. Images are
+//! made by the real `qemu-img`.
+
+use qcow2d_engine::{CacheBudget, Image, OpenOptions, Shard, ShardConfig};
+use qcow2d_tests::{convert_raw_to_qcow2, Rng};
+
+/// 1 KiB clusters: an L2 table of 128 entries maps 128 KiB.
+const CLUSTER: u64 = 1024;
+/// 64 L2 tables of data.
+const SIZE: usize = 64 * 128 * 1024;
+/// Room for 16 of the 64 tables.
+const LIMIT: u64 = 16 * CLUSTER;
+/// What each shard's caches hold whatever the budget: 4 tables and 2 decompressed clusters
+/// (one qcow2 layer).
+const FLOOR: u64 = (4 + 2) * CLUSTER;
+
+/// Reads `buf.len()` bytes at `offset` through `shard`, waiting for the result.
+fn read(shard: &mut Shard, offset: u64, buf: &mut [u8]) {
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: `buf` is neither moved nor touched until the completion is back (waited for
+    // below).
+    unsafe { shard.submit_read(7, offset, &iov) }.unwrap();
+    let mut out = Vec::new();
+    while out.is_empty() {
+        shard.wait(&mut out);
+    }
+    assert_eq!(out[0].result, Ok(()), "read at {offset}");
+}
+
+/// Reads the whole image through `shard`, 4 KiB at a time, and compares it with `data`.
+fn read_all(shard: &mut Shard, data: &[u8]) {
+    let mut buf = vec![0u8; 4096];
+    for offset in (0..data.len()).step_by(buf.len()) {
+        read(shard, offset as u64, &mut buf);
+        assert!(
+            buf[..] == data[offset..offset + buf.len()],
+            "wrong bytes at {offset}"
+        );
+    }
+}
+
+#[test]
+fn shards_sharing_a_budget_read_right_within_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(0x5eed_cac4e);
+    let data: Vec<u8> = (0..SIZE).map(|_| rng.below(256) as u8).collect();
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let img = convert_raw_to_qcow2(
+        &raw,
+        &dir.path().join("a.qcow2"),
+        &format!("cluster_size={CLUSTER}"),
+        false,
+    );
+    let image = Image::open(&img, &OpenOptions::default()).unwrap();
+    let budget = CacheBudget::new(LIMIT);
+    let config = ShardConfig {
+        cache_budgets: vec![budget.clone()],
+        ..ShardConfig::default()
+    };
+    // Its own limit would hold every table: the budget is what holds it back.
+    let mut a = image.new_shard(&config).unwrap();
+    let mut b = image.new_shard(&config).unwrap();
+    assert_eq!(a.cache_capacity_bytes().0, 64 * CLUSTER);
+
+    read_all(&mut a, &data);
+    read_all(&mut b, &data);
+    // Again, now that both hold their slots: evicted tables are loaded again, right.
+    read_all(&mut a, &data);
+    read_all(&mut b, &data);
+    let used = |s: &Shard| {
+        let (l2, decompressed) = s.cache_bytes();
+        l2 + decompressed
+    };
+    assert_eq!(budget.used_bytes(), used(&a) + used(&b));
+    assert!(
+        budget.used_bytes() <= LIMIT + 2 * FLOOR,
+        "{} bytes of cache",
+        budget.used_bytes()
+    );
+    // The first reader took the budget, the second kept its floor.
+    assert_eq!(a.cache_bytes().0, LIMIT);
+    assert_eq!(b.cache_bytes().0, 4 * CLUSTER);
+
+    // A dropped shard gives its bytes back; the other grows into them.
+    drop(a);
+    assert_eq!(budget.used_bytes(), used(&b));
+    read_all(&mut b, &data);
+    assert_eq!(b.cache_bytes().0, LIMIT);
+    drop(b);
+    assert_eq!(budget.used_bytes(), 0);
+}
+
+#[test]
+fn each_shard_of_a_group_draws_from_its_own_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(0xb0d9e7);
+    let data: Vec<u8> = (0..SIZE).map(|_| rng.below(256) as u8).collect();
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let img = convert_raw_to_qcow2(
+        &raw,
+        &dir.path().join("b.qcow2"),
+        &format!("cluster_size={CLUSTER}"),
+        false,
+    );
+    let image = Image::open(&img, &OpenOptions::default()).unwrap();
+    let budgets = [CacheBudget::new(LIMIT), CacheBudget::new(2 * LIMIT)];
+    let config = ShardConfig {
+        cache_budgets: budgets.to_vec(),
+        ..ShardConfig::default()
+    };
+    let mut shards = image.new_shards(&config, 2).unwrap();
+    for shard in &mut shards {
+        read_all(shard, &data);
+    }
+    assert_eq!(shards[0].cache_bytes().0, LIMIT);
+    assert_eq!(shards[1].cache_bytes().0, 2 * LIMIT);
+    for (shard, budget) in shards.iter().zip(&budgets) {
+        let (l2, decompressed) = shard.cache_bytes();
+        assert_eq!(budget.used_bytes(), l2 + decompressed);
+    }
+    drop(shards);
+    assert!(budgets.iter().all(|b| b.used_bytes() == 0));
+}
