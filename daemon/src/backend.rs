@@ -40,7 +40,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use qcow2d_engine::Image;
+use qcow2d_engine::{CacheBudget, Image};
 use tracing::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
@@ -124,6 +124,14 @@ pub struct DeviceParams {
     pub budgets: Budgets,
 }
 
+impl DeviceParams {
+    /// Workers (and shards) of a connection: `shards`, within 1 and the number of queues.
+    pub fn workers(&self) -> usize {
+        let num_queues = usize::from(self.num_queues.clamp(1, MAX_QUEUES));
+        self.shards.clamp(1, num_queues)
+    }
+}
+
 /// The event sets of a connection's workers, in worker order.
 pub type Handlers = Vec<Arc<WorkerLoop>>;
 
@@ -143,6 +151,9 @@ pub struct BlkBackend {
     capacity: std::sync::atomic::AtomicU64,
     config: ConfigSpace,
     workers: Vec<Mutex<Worker<EngineIo>>>,
+    /// The cache budget of each worker's core thread, in worker order (shards made again
+    /// after a resize draw from them too).
+    cache_budgets: Vec<CacheBudget>,
     /// Bumped whenever the write-cache mode may have changed; each worker applies the mode
     /// before its next event once it sees a generation it has not applied
     /// (`cache_applied[thread]`, changed only under that worker's lock), so that the relay
@@ -346,18 +357,21 @@ impl ConfigSpace {
 }
 
 impl BlkBackend {
-    /// Creates the backend and one engine shard per worker thread. `mem` must be the guest
-    /// memory the connection's request handler publishes memory tables in.
+    /// Creates the backend and one engine shard per worker thread ([`DeviceParams::workers`]),
+    /// shard `i` drawing its caches from `cache_budgets[i]` (its worker's core thread's; none
+    /// when the list is empty). `mem` must be the guest memory the connection's request
+    /// handler publishes memory tables in.
     pub fn new(
         image: &Image,
         params: &DeviceParams,
         mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        cache_budgets: &[CacheBudget],
     ) -> Result<Self, BackendError> {
         let num_queues = usize::from(params.num_queues.clamp(1, MAX_QUEUES));
-        let shards = params.shards.clamp(1, num_queues);
+        let shards = params.workers();
         let inflight = Arc::new(InflightShared::default());
         let budget = Arc::new(ConnectionBudget::new(params.budgets.connection));
-        let workers = EngineIo::for_workers(image, shards)
+        let workers = EngineIo::for_workers(image, shards, cache_budgets)
             .map_err(|source| BackendError::Shard { index: 0, source })?
             .into_iter()
             .enumerate()
@@ -411,6 +425,7 @@ impl BlkBackend {
                 Arc::clone(&params.writeback),
             ),
             workers,
+            cache_budgets: cache_budgets.to_vec(),
             cache_generation: std::sync::atomic::AtomicU64::new(0),
             cache_applied,
             stopped,
@@ -648,7 +663,7 @@ impl BlkBackend {
             capacity >> crate::virtio_blk::SECTOR_SHIFT,
             Ordering::Relaxed,
         );
-        let ios = EngineIo::for_workers(image, self.workers.len())
+        let ios = EngineIo::for_workers(image, self.workers.len(), &self.cache_budgets)
             .map_err(|source| BackendError::Shard { index: 0, source })?;
         for (thread, io) in ios.into_iter().enumerate() {
             let mut worker = self.lock(thread);
@@ -987,7 +1002,7 @@ mod tests {
         };
         let image = Image::open(&path, &options).unwrap();
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = BlkBackend::new(&image, &params(&image, 8, 1), &mem).unwrap();
+        let backend = BlkBackend::new(&image, &params(&image, 8, 1), &mem, &[]).unwrap();
         assert_eq!(backend.threads(), 1);
         let features = backend.features();
         for bit in [
@@ -1010,7 +1025,7 @@ mod tests {
 
         // Read-only: RO and several shards.
         let image = Image::open(&path, &qcow2d_engine::OpenOptions::default()).unwrap();
-        let backend = BlkBackend::new(&image, &params(&image, 8, 2), &mem).unwrap();
+        let backend = BlkBackend::new(&image, &params(&image, 8, 2), &mem, &[]).unwrap();
         assert_eq!(backend.threads(), 2);
         let features = backend.features();
         assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
@@ -1106,7 +1121,7 @@ mod tests {
         let path = qcow2d_tests::create_qcow2_in(&dir, "tables.qcow2", "", "64M");
         let image = Image::open(&path, &qcow2d_engine::OpenOptions::default()).unwrap();
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = BlkBackend::new(&image, &params(&image, 2, 2), &mem).unwrap();
+        let backend = BlkBackend::new(&image, &params(&image, 2, 2), &mem, &[]).unwrap();
         // As the request handler publishes a table.
         let publish = |table: GuestMemoryMmap| {
             mem.lock().unwrap().replace(table);

@@ -13,7 +13,7 @@
 use std::fmt;
 use std::os::fd::RawFd;
 
-use qcow2d_engine::{Completion, Image, IoError, Shard, ShardConfig};
+use qcow2d_engine::{CacheBudget, Completion, Image, IoError, Shard, ShardConfig};
 
 /// One finished request: its token and whether it succeeded.
 pub type Done<E> = (u64, Result<(), E>);
@@ -145,12 +145,22 @@ pub struct EngineIo {
 }
 
 impl EngineIo {
-    /// Creates the `count` shards of one connection to `image`, one per worker thread. The
-    /// shards of a writable image pass each other pieces of requests, so every one of them
-    /// must be polled (on its completion eventfd) for any of them to make progress.
-    pub fn for_workers(image: &Image, count: usize) -> Result<Vec<Self>, qcow2d_engine::Error> {
+    /// Creates the `count` shards of one connection to `image`, one per worker thread, shard
+    /// `i` drawing its caches from `cache_budgets[i]` (its worker's core thread's; none when
+    /// the list is empty). The shards of a writable image pass each other pieces of requests,
+    /// so every one of them must be polled (on its completion eventfd) for any of them to make
+    /// progress.
+    pub fn for_workers(
+        image: &Image,
+        count: usize,
+        cache_budgets: &[CacheBudget],
+    ) -> Result<Vec<Self>, qcow2d_engine::Error> {
+        let config = ShardConfig {
+            cache_budgets: cache_budgets.to_vec(),
+            ..ShardConfig::default()
+        };
         Ok(image
-            .new_shards(&ShardConfig::default(), count)?
+            .new_shards(&config, count)?
             .into_iter()
             .map(|shard| EngineIo {
                 shard: Some(shard),

@@ -293,6 +293,13 @@ pub struct ServeArgs {
     /// before --user drops root). Overrides a config file's `nice` [default: -10]
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub nice: Option<i64>,
+
+    /// Engine cache (L2 tables and decompressed clusters) that the shards on one core thread
+    /// share, whatever the number of exports (bytes, or with a K/M/G/T suffix); each shard
+    /// keeps a floor of a few clusters per image layer beyond it. Overrides a config file's
+    /// `cache_per_core` [default: 256M]
+    #[arg(long, value_name = "SIZE")]
+    pub cache_per_core: Option<String>,
 }
 
 /// How one export is served: `serve --image` and `ctl add`.
@@ -410,6 +417,18 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cache_per_core_takes_a_size() {
+        assert_eq!(
+            serve_image(&["--cache-per-core", "64M"])
+                .unwrap()
+                .cache_per_core
+                .as_deref(),
+            Some("64M")
+        );
+        assert_eq!(serve_image(&[]).unwrap().cache_per_core, None);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! seccomp = "kill"        # optional: kill (default), trap, log or none (see crate::sandbox)
 //! user = "qcow2d:kvm"     # optional: serve as this USER[:GROUP] once set up (start as root)
 //! nice = -10            # optional: the daemon's threads' nice value, -20..19 (default -10)
+//! cache_per_core = "256M"  # optional: L2 and decompressed-cluster cache per core thread
 //!
 //! [[export]]
 //! image = "/var/lib/images/vm1.qcow2"
@@ -44,7 +45,10 @@
 //! requests complete (see `crate::budget`).
 //!
 //! Each worker of a connection owns one engine shard (and runs on a core thread, see
-//! `crate::cores`). The shards of a writable image share out its L2
+//! `crate::cores`). The caches of the shards on one core thread (L2 tables, decompressed
+//! clusters) draw from one budget, `cache_per_core`, whatever the number of exports; each
+//! shard also keeps within its own limits and holds a floor of a few slots whatever the
+//! budget (see the engine's `CacheBudget`). The shards of a writable image share out its L2
 //! tables and pass each other the pieces of requests they do not own (see the engine's
 //! `shard` module); those of a read-only image are independent.
 //!
@@ -120,6 +124,17 @@ pub enum ConfigError {
     /// The seccomp mode is not one of the known ones.
     #[error("{place}: invalid seccomp mode {value:?}: expected kill, trap, log or none")]
     SeccompMode {
+        /// `Command line` or `Config file <path>`.
+        place: String,
+        /// The value given.
+        value: String,
+    },
+    /// The cache size per core is not a size.
+    #[error(
+        "{place}: invalid cache_per_core {value:?}: expected bytes, or a size with a K, M, G \
+         or T suffix"
+    )]
+    CacheSize {
         /// `Command line` or `Config file <path>`.
         place: String,
         /// The value given.
@@ -235,6 +250,23 @@ pub struct ServeConfig {
     /// The nice value the daemon's threads run at (set before it drops privileges); `None`:
     /// [`DEFAULT_NICE`] where the daemon may lower its nice value, else what it has.
     pub nice: Option<i32>,
+    /// Bytes of engine cache (L2 tables and decompressed clusters) the shards on one core
+    /// thread share; `None`: [`DEFAULT_CACHE_PER_CORE_BYTES`].
+    pub cache_per_core: Option<u64>,
+}
+
+/// The cache each core thread's shards share unless configured: an L2 cache covering 2 TiB of
+/// guest data in 64 KiB clusters, shared by every export served there.
+pub const DEFAULT_CACHE_PER_CORE_BYTES: u64 = 256 << 20;
+
+/// Checks a cache size per core (`--cache-per-core`, `cache_per_core`; `file`: the config
+/// file, if from one): bytes, or a size with a K, M, G or T suffix; 0 leaves each shard its
+/// floor.
+pub fn cache_per_core_value(text: &str, file: Option<&Path>) -> Result<u64, ConfigError> {
+    parse_size(text).ok_or_else(|| ConfigError::CacheSize {
+        place: place(file),
+        value: text.to_owned(),
+    })
 }
 
 /// The daemon's nice value unless configured: above the guests' vCPU threads (nice 0), since
@@ -335,6 +367,7 @@ struct FileConfig {
     seccomp: Option<String>,
     user: Option<String>,
     nice: Option<i64>,
+    cache_per_core: Option<FileSize>,
     #[serde(default)]
     allow_paths: Vec<PathBuf>,
     #[serde(default)]
@@ -435,6 +468,7 @@ pub fn from_command_line(raw: RawExport, shards: Option<u64>) -> Result<ServeCon
         shards,
         seccomp: SeccompMode::default(),
         nice: None,
+        cache_per_core: None,
         user: None,
         allow_paths: Vec::new(),
     })
@@ -589,6 +623,10 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
         .nice
         .map(|value| nice_value(value, Some(path)))
         .transpose()?;
+    let cache_per_core = file
+        .cache_per_core
+        .map(|value| cache_per_core_value(&value.into_text(), Some(path)))
+        .transpose()?;
     Ok(ServeConfig {
         exports,
         metrics,
@@ -598,6 +636,7 @@ pub fn parse(text: &str, path: &Path, cpus: usize) -> Result<ServeConfig, Config
         user: file.user,
         allow_paths,
         nice,
+        cache_per_core,
     })
 }
 
@@ -1107,6 +1146,29 @@ socket = "/run/b.sock"
         // Writable: the same.
         let cfg = parse_ok("shards = 32\n[[export]]\nimage = \"a\"\nsocket = \"s\"\nqueues = 4\n");
         assert_eq!(cfg.exports[0].shards, 4);
+    }
+
+    #[test]
+    fn cache_per_core_takes_a_size() {
+        assert_eq!(parse_ok(EXPORT).cache_per_core, None);
+        assert_eq!(
+            parse_ok(&format!("cache_per_core = \"64M\"\n{EXPORT}")).cache_per_core,
+            Some(64 << 20)
+        );
+        assert_eq!(
+            parse_ok(&format!("cache_per_core = 4096\n{EXPORT}")).cache_per_core,
+            Some(4096)
+        );
+        let err = parse_err(&format!("cache_per_core = \"lots\"\n{EXPORT}"));
+        assert_eq!(
+            err.to_string(),
+            "Config file /etc/qcow2d/test.toml: invalid cache_per_core \"lots\": expected bytes, \
+             or a size with a K, M, G or T suffix"
+        );
+        assert!(cache_per_core_value("1x", None)
+            .unwrap_err()
+            .to_string()
+            .starts_with("Command line: invalid cache_per_core"));
     }
 
     #[test]

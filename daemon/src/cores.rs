@@ -14,6 +14,12 @@
 //! queue ends its stop as its requests complete (see `BlkBackend::stop_queues`); the threads
 //! that quiesce, suspend or finish a connection take a worker's mutex only briefly.
 //!
+//! Each core thread has a cache budget ([`Core::cache_budget`]): the engine caches (L2 tables,
+//! decompressed clusters) of every shard whose worker it runs draw from it, so that what many
+//! exports cache is bounded per core rather than per export. A connection's workers are
+//! placed before its shards are made ([`CorePool::place`]), and each shard is given the budget
+//! of its worker's core.
+//!
 //! Workers come and go through commands to the core thread (a queue under a mutex and an
 //! eventfd that wakes it): [`Core::add`] from the listener thread as a connection is set up,
 //! [`Core::remove`] from the thread tearing it down, which returns once the core thread has
@@ -28,6 +34,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use qcow2d_engine::CacheBudget;
 use tracing::error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -46,16 +53,26 @@ pub struct CorePool {
 
 static POOL: Mutex<Option<Arc<CorePool>>> = Mutex::new(None);
 
-/// Starts the core threads, one per CPU the process may run on, if they are not running yet
-/// (the daemon does so at set-up, before any thread has a filter; each takes the worker's).
-pub fn start() -> io::Result<Arc<CorePool>> {
+/// Starts the core threads, one per CPU the process may run on, each with a cache budget of
+/// `cache_bytes_per_core`, if they are not running yet (the daemon does so at set-up, before
+/// any thread has a filter; each takes the worker's); returns the running ones if they are
+/// (with the budgets they were started with).
+pub fn start_with(cache_bytes_per_core: u64) -> io::Result<Arc<CorePool>> {
     let mut slot = POOL.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(pool) = slot.as_ref() {
         return Ok(Arc::clone(pool));
     }
-    let pool = Arc::new(CorePool::new(crate::config::cpu_count())?);
+    let pool = Arc::new(CorePool::new(
+        crate::config::cpu_count(),
+        cache_bytes_per_core,
+    )?);
     *slot = Some(Arc::clone(&pool));
     Ok(pool)
+}
+
+/// [`start_with`] the default cache budget ([`crate::config::DEFAULT_CACHE_PER_CORE_BYTES`]).
+pub fn start() -> io::Result<Arc<CorePool>> {
+    start_with(crate::config::DEFAULT_CACHE_PER_CORE_BYTES)
 }
 
 /// The core threads, if they were started.
@@ -64,12 +81,13 @@ pub fn running() -> Option<Arc<CorePool>> {
 }
 
 impl CorePool {
-    /// Starts `count` core threads (at least one).
-    fn new(count: usize) -> io::Result<Self> {
+    /// Starts `count` core threads (at least one), each with a cache budget of
+    /// `cache_bytes` (see [`Core::cache_budget`]).
+    fn new(count: usize, cache_bytes: u64) -> io::Result<Self> {
         let count = count.max(1);
         let mut cores = Vec::with_capacity(count);
         for index in 0..count {
-            let core = Arc::new(Core::new()?);
+            let core = Arc::new(Core::new(cache_bytes)?);
             let theirs = Arc::clone(&core);
             std::thread::Builder::new()
                 .name(format!("qcow2d-core-{index}"))
@@ -114,6 +132,11 @@ impl CorePool {
     pub fn cores(&self) -> usize {
         self.cores.len()
     }
+
+    /// Each core thread's cache budget, in core order.
+    pub fn cache_budgets(&self) -> Vec<CacheBudget> {
+        self.cores.iter().map(|c| c.cache.clone()).collect()
+    }
 }
 
 /// What a core thread runs: one worker of a connection (`crate::worker_loop`).
@@ -147,6 +170,8 @@ pub struct Core {
     commands: Mutex<Commands>,
     /// Workers placed on this core (for [`CorePool::place`]).
     load: AtomicUsize,
+    /// What the caches of the shards of the workers placed here draw from.
+    cache: CacheBudget,
 }
 
 /// The workers a core thread runs: a slab. A worker's key (the epoll data of its set) is
@@ -171,7 +196,7 @@ impl Running {
 }
 
 impl Core {
-    fn new() -> io::Result<Self> {
+    fn new(cache_bytes: u64) -> io::Result<Self> {
         let (epoll, wake) = epoll_with_wake(WAKE)?;
         Ok(Core {
             epoll,
@@ -181,7 +206,15 @@ impl Core {
                 ended: false,
             }),
             load: AtomicUsize::new(0),
+            cache: CacheBudget::new(cache_bytes),
         })
+    }
+
+    /// The cache budget of this core thread: a shard whose worker is placed here is made with
+    /// it, and its caches grow only while the budget has room (past a floor of a few slots
+    /// per image layer, see the engine's `CacheBudget`).
+    pub fn cache_budget(&self) -> &CacheBudget {
+        &self.cache
     }
 
     fn commands(&self) -> MutexGuard<'_, Commands> {
@@ -424,7 +457,7 @@ mod tests {
 
     #[test]
     fn a_connections_workers_go_to_distinct_cores_starting_with_the_least_loaded() {
-        let pool = CorePool::new(3).unwrap();
+        let pool = CorePool::new(3, 0).unwrap();
         let index = |c: &Arc<Core>| pool.cores.iter().position(|p| Arc::ptr_eq(p, c)).unwrap();
         let first: Vec<usize> = pool.place(2).iter().map(index).collect();
         assert_eq!(first, [0, 1]);
@@ -443,8 +476,29 @@ mod tests {
     }
 
     #[test]
+    fn each_core_has_a_cache_budget_of_its_own() {
+        use qcow2d_engine::meta::SlotCache;
+        let pool = CorePool::new(2, 1 << 20).unwrap();
+        let placed = pool.place(2);
+        assert!(placed
+            .iter()
+            .all(|c| c.cache_budget().limit_bytes() == 1 << 20));
+        // A cache drawing from the first worker's core counts there, and only there.
+        let mut cache = SlotCache::new(4, 4096).with_budget(placed[0].cache_budget().clone(), 1);
+        cache.start_load(1);
+        let used: Vec<u64> = pool
+            .cache_budgets()
+            .iter()
+            .map(|b| b.used_bytes())
+            .collect();
+        assert_eq!(used, [4096, 0]);
+        drop(cache);
+        assert_eq!(placed[0].cache_budget().used_bytes(), 0);
+    }
+
+    #[test]
     fn a_worker_runs_while_added_and_never_after_its_removal_returned() {
-        let pool = CorePool::new(1).unwrap();
+        let pool = CorePool::new(1, 0).unwrap();
         let core = &pool.place(1)[0];
         let (work, h) = fake();
         let key = core.add(work).unwrap();
@@ -460,7 +514,7 @@ mod tests {
 
     #[test]
     fn a_panicking_worker_is_dropped_and_abandoned_while_the_others_go_on() {
-        let pool = CorePool::new(1).unwrap();
+        let pool = CorePool::new(1, 0).unwrap();
         let core = Arc::clone(&pool.cores[0]);
         let (bad, b) = fake();
         let (good, g) = fake();

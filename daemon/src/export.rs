@@ -33,7 +33,7 @@ use crate::listen::Waker;
 use crate::relay::Relay;
 use crate::virtio_blk::MAX_QUEUE_SIZE;
 use crate::vring::Vring;
-use crate::worker_loop::Workers;
+use crate::worker_loop::{Placement, Workers};
 
 /// Ends a connection from another thread: shuts the frontend's socket down, so that the relay
 /// ends the connection and the listener sees it hang up.
@@ -470,13 +470,21 @@ impl Export {
             let Some(image) = st.image.as_ref() else {
                 return Ok(None);
             };
-            let backend = Arc::new(BlkBackend::new(image, &self.params, &mem)?);
+            // The core threads first: each shard draws its caches from its worker's core.
+            let placement = Placement::new(self.params.workers()).map_err(ExportError::Workers)?;
+            let backend = Arc::new(BlkBackend::new(
+                image,
+                &self.params,
+                &mem,
+                &placement.cache_budgets(),
+            )?);
             let vrings = (0..backend.num_queues())
                 .map(|_| Vring::new(mem.clone(), MAX_QUEUE_SIZE as u16))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(ExportError::Queues)?;
-            let workers = Workers::start(&backend, &vrings, Some(Arc::clone(&stopper.0)))
-                .map_err(ExportError::Workers)?;
+            let workers =
+                Workers::start(placement, &backend, &vrings, Some(Arc::clone(&stopper.0)))
+                    .map_err(ExportError::Workers)?;
             st.backend = Some((Arc::clone(&backend), workers.loops().to_vec()));
             (backend, workers, vrings)
         };

@@ -594,7 +594,7 @@ mod tests {
             budgets: Budgets::default(),
         };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(BlkBackend::new(&image, &params, &mem).unwrap());
+        let backend = Arc::new(BlkBackend::new(&image, &params, &mem, &[]).unwrap());
         let vring = Vring::new(mem.clone(), MAX_QUEUE_SIZE as u16).unwrap();
         let worker = Arc::new(WorkerLoop::new().unwrap());
         let handler =

@@ -198,6 +198,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
                 shards: args.shards,
                 seccomp: Default::default(),
                 nice: None,
+                cache_per_core: None,
                 user: None,
                 allow_paths: args
                     .allow
@@ -244,6 +245,9 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
     }
     if let Some(value) = args.nice {
         config.nice = Some(config::nice_value(value, None)?);
+    }
+    if let Some(value) = &args.cache_per_core {
+        config.cache_per_core = Some(config::cache_per_core_value(value, None)?);
     }
     serve::serve(config, config_path)?;
     Ok(())

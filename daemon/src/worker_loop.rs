@@ -4,8 +4,10 @@
 //! throttle timer and a control eventfd, run by one of the process's core threads
 //! ([`crate::cores`]), which calls [`BlkBackend::handle_event`] for each ready event.
 //!
-//! Placed on the core threads by the listener thread as a connection is set up
-//! ([`Workers::start`]); the frontend handler on the relay thread adds and removes kick
+//! Placed on the core threads by the listener thread as a connection is set up: picked
+//! ([`Placement`]) before the connection's shards are made, so that each shard draws its
+//! caches from its worker's core's budget, then added there ([`Workers::start`]); the
+//! frontend handler on the relay thread adds and removes kick
 //! eventfds ([`WorkerLoop::register_listener`]) and asks a worker to stop one of its queues
 //! ([`WorkerLoop::request_stop`]: the worker stops taking chains from it and, once its
 //! requests in flight have completed, writes the connection's "stopped" eventfd, which the
@@ -18,6 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use qcow2d_engine::CacheBudget;
 use tracing::error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -145,6 +148,41 @@ impl WorkerLoop {
     }
 }
 
+/// The core threads picked for the workers of one connection, counted there, before its
+/// shards are made ([`Placement::cache_budgets`]); [`Workers::start`] adds the workers there.
+/// Dropped before that, it gives the places back.
+pub struct Placement {
+    cores: Vec<Arc<Core>>,
+}
+
+impl Placement {
+    /// Picks a core thread for each of `workers` workers (see `CorePool::place`), starting
+    /// the core threads if they are not running yet.
+    pub fn new(workers: usize) -> io::Result<Self> {
+        let pool = crate::cores::start()?;
+        Ok(Placement {
+            cores: pool.place(workers),
+        })
+    }
+
+    /// The cache budget of each worker's core thread, in worker order: the budgets the
+    /// connection's shards draw from.
+    pub fn cache_budgets(&self) -> Vec<CacheBudget> {
+        self.cores
+            .iter()
+            .map(|c| c.cache_budget().clone())
+            .collect()
+    }
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        for core in self.cores.drain(..) {
+            core.unplace();
+        }
+    }
+}
+
 /// The workers of one connection, placed on the core threads; taken off them by
 /// [`Workers::stop`] (or when dropped).
 pub struct Workers {
@@ -154,21 +192,28 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Places one worker per shard of `backend` on the core threads, worker `t` serving the
-    /// queues of `vrings` whose index is `t` modulo the number of shards. A worker that
-    /// panics ends the connection by shutting `frontend` down.
+    /// Adds one worker per shard of `backend` to the core threads of `placement` (worker `t`
+    /// to its `t`-th), worker `t` serving the queues of `vrings` whose index is `t` modulo the
+    /// number of shards. A worker that panics ends the connection by shutting `frontend` down.
     pub fn start(
+        mut placement: Placement,
         backend: &Arc<BlkBackend>,
         vrings: &[Vring],
         frontend: Option<Arc<UnixStream>>,
     ) -> io::Result<Self> {
-        let pool = crate::cores::start()?;
         let threads = backend.threads();
+        if placement.cores.len() != threads {
+            return Err(io::Error::other(format!(
+                "{threads} workers and {} core threads picked for them",
+                placement.cores.len()
+            )));
+        }
         let loops = (0..threads)
             .map(|_| WorkerLoop::new().map(Arc::new))
             .collect::<io::Result<Vec<_>>>()?;
         backend.register_completions(&loops)?;
-        let cores = pool.place(threads);
+        // Each is counted by `place` until it is added or given back below.
+        let cores = std::mem::take(&mut placement.cores);
         let mut started = Workers {
             loops,
             placed: Vec::with_capacity(threads),

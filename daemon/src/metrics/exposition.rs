@@ -70,11 +70,22 @@ pub struct ExportSnapshot {
     pub shards: Vec<ShardSnapshot>,
 }
 
+/// The cache budget of one core thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreSnapshot {
+    /// Bytes the caches of the shards placed there hold.
+    pub cache_bytes: u64,
+    /// The budget they draw from.
+    pub cache_limit_bytes: u64,
+}
+
 /// Every export, as read by one scrape.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// In configuration order.
     pub exports: Vec<ExportSnapshot>,
+    /// Each core thread, in core order (none before they start).
+    pub cores: Vec<CoreSnapshot>,
 }
 
 impl Snapshot {
@@ -311,6 +322,29 @@ impl Collector for Snapshot {
             exports,
             |e| Self::cache_total(e, |c| c.decompressed_misses),
         )?;
+
+        for (name, help, value) in [
+            (
+                "qcow2d_core_cache",
+                "Engine cache (L2 tables, decompressed clusters) held by the shards on one core \
+                 thread, of every export",
+                (|c| c.cache_bytes) as fn(&CoreSnapshot) -> u64,
+            ),
+            (
+                "qcow2d_core_cache_limit",
+                "The cache budget of one core thread (each shard holds a floor of a few \
+                 clusters per image layer beyond it)",
+                |c| c.cache_limit_bytes,
+            ),
+        ] {
+            let mut family =
+                encoder.encode_descriptor(name, help, Some(&Unit::Bytes), MetricType::Gauge)?;
+            for (index, core) in self.cores.iter().enumerate() {
+                let index = index.to_string();
+                let labels = [("core", index.as_str())];
+                ConstGauge::new(value(core)).encode(family.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }
@@ -393,6 +427,13 @@ mod tests {
     fn families_have_help_and_type_and_expected_names() {
         let snap = Snapshot {
             exports: vec![export("/run/a.sock")],
+            cores: vec![
+                CoreSnapshot {
+                    cache_bytes: 65536,
+                    cache_limit_bytes: 1 << 20,
+                },
+                CoreSnapshot::default(),
+            ],
         };
         let text = snap.render();
         let types: HashMap<&str, &str> = text
@@ -415,6 +456,8 @@ mod tests {
             ("qcow2d_l2_cache_misses_total", "counter"),
             ("qcow2d_decompressed_cache_hits_total", "counter"),
             ("qcow2d_decompressed_cache_misses_total", "counter"),
+            ("qcow2d_core_cache_bytes", "gauge"),
+            ("qcow2d_core_cache_limit_bytes", "gauge"),
         ];
         for (name, kind) in expected {
             assert_eq!(types.get(name), Some(&kind), "{name}\n{text}");
@@ -456,6 +499,15 @@ mod tests {
             "0"
         );
         assert_eq!(
+            value(&s, "qcow2d_core_cache_bytes", &[("core", "0")]),
+            "65536"
+        );
+        assert_eq!(
+            value(&s, "qcow2d_core_cache_limit_bytes", &[("core", "0")]),
+            "1048576"
+        );
+        assert_eq!(value(&s, "qcow2d_core_cache_bytes", &[("core", "1")]), "0");
+        assert_eq!(
             value(
                 &s,
                 "qcow2d_export_info",
@@ -470,7 +522,11 @@ mod tests {
         let nasty = "/run/q\"uo\\te\nd.sock";
         let mut e = export(nasty);
         e.labels.serial = "s\\\"".into();
-        let text = Snapshot { exports: vec![e] }.render();
+        let text = Snapshot {
+            exports: vec![e],
+            cores: Vec::new(),
+        }
+        .render();
         assert!(
             text.contains(r#"export="/run/q\"uo\\te\nd.sock""#),
             "{text}"
@@ -509,7 +565,11 @@ mod tests {
         e.shards[1].in_flight = 3;
         e.shards[1].cache.l2_misses = 9;
         e.shards[0].cache.l2_misses = 1;
-        let text = Snapshot { exports: vec![e] }.render();
+        let text = Snapshot {
+            exports: vec![e],
+            cores: Vec::new(),
+        }
+        .render();
         let s = samples(&text);
         let l = [("export", "/run/a.sock"), ("op", "read")];
 
@@ -584,6 +644,7 @@ mod tests {
     fn several_exports_share_each_family() {
         let text = Snapshot {
             exports: vec![export("/run/a.sock"), export("/run/b.sock")],
+            cores: Vec::new(),
         }
         .render();
         assert_eq!(

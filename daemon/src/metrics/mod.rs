@@ -1,5 +1,5 @@
 //! Metrics: per-worker request counters and latency histograms, per-shard cache statistics,
-//! merged and formatted in the Prometheus text format when scraped.
+//! the core threads' cache use, merged and formatted in the Prometheus text format when scraped.
 //!
 //! Ownership and threads. `serve` makes one [`ExportMetrics`] per export at start-up, kept for
 //! the life of the daemon, so counters count from the start across all of the export's
@@ -11,7 +11,9 @@
 //! operations on memory that no other worker writes (each `ShardMetrics` is its own cache-aligned
 //! allocation), and the scraper only loads, never touching the workers' mutexes. A scrape may
 //! see a request in some counters and not yet in others; every counter is monotonic and each
-//! settles once the request is done.
+//! settles once the request is done. The core threads' cache gauges are loads of their cache
+//! budgets' counters (`crate::cores`), which the shards change only as a cache slot is added
+//! or a shard dropped.
 //!
 //! What a request costs the worker: a clock read when its chain is popped and one when it is
 //! returned to the used ring, then [`ShardMetrics::record`]: four relaxed `fetch_add`s (latency
@@ -316,8 +318,20 @@ impl Metrics {
     /// Reads every counter now.
     pub fn snapshot(&self) -> exposition::Snapshot {
         let exports = self.list().clone();
+        let cores = crate::cores::running()
+            .map(|pool| {
+                pool.cache_budgets()
+                    .iter()
+                    .map(|b| exposition::CoreSnapshot {
+                        cache_bytes: b.used_bytes(),
+                        cache_limit_bytes: b.limit_bytes(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         exposition::Snapshot {
             exports: exports.iter().map(|e| snapshot_export(e)).collect(),
+            cores,
         }
     }
 

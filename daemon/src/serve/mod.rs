@@ -243,8 +243,14 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
     crate::relay::start_thread().map_err(ServeError::Thread)?;
     // The core threads, which run every connection's workers, started here for the same
     // reason: each takes the worker's filter alone.
-    let cores = crate::cores::start().map_err(ServeError::Thread)?;
-    info!(threads = cores.cores(), "Core threads started");
+    let cache_per_core = config
+        .cache_per_core
+        .unwrap_or(crate::config::DEFAULT_CACHE_PER_CORE_BYTES);
+    let cores = crate::cores::start_with(cache_per_core).map_err(ServeError::Thread)?;
+    info!(
+        threads = cores.cores(),
+        cache_per_core, "Core threads started"
+    );
 
     let (tx, rx) = mpsc::channel();
     // One thread waits for the clients of every export.
