@@ -631,12 +631,9 @@ impl BlkBackend {
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        for thread in 0..self.workers.len() {
-            if let Err(e) = self.lock(thread).io_mut().finish() {
-                self.unpause();
-                return Err(format!("cannot flush the export's writes: {e}"));
-            }
-        }
+        // The shards leave their workers first, then are flushed from this thread: a flush
+        // waits for the disk, and the core threads that run these workers serve other
+        // connections meanwhile, which a worker locked for that long would hold up.
         let mut detached = Vec::with_capacity(self.workers.len());
         for (thread, handler) in handlers.iter().enumerate().take(self.workers.len()) {
             let mut worker = self.lock(thread);
@@ -648,6 +645,14 @@ impl BlkBackend {
                 }
             }
             detached.push(worker.io_mut().detach());
+        }
+        if let Err(e) = detached.iter_mut().try_for_each(EngineIo::finish) {
+            // The shards go back as they were (the engine refuses writes after a failed
+            // flush); the export goes on at its old size.
+            let back = self.attach(detached, handlers);
+            self.unpause();
+            back.map_err(|b| format!("cannot flush the export's writes: {e}; {b}"))?;
+            return Err(format!("cannot flush the export's writes: {e}"));
         }
         // Every shard of the group goes at once, with nothing in flight.
         drop(detached);
@@ -665,6 +670,15 @@ impl BlkBackend {
         );
         let ios = EngineIo::for_workers(image, self.workers.len(), &self.cache_budgets)
             .map_err(|source| BackendError::Shard { index: 0, source })?;
+        self.attach(ios, handlers)?;
+        self.apply_cache_mode();
+        self.unpause();
+        Ok(())
+    }
+
+    /// Gives each worker its shard of `ios` and watches the shard's completions in the
+    /// worker's epoll loop.
+    fn attach(&self, ios: Vec<EngineIo>, handlers: &Handlers) -> Result<(), BackendError> {
         for (thread, io) in ios.into_iter().enumerate() {
             let mut worker = self.lock(thread);
             worker.io_mut().attach(io);
@@ -677,8 +691,6 @@ impl BlkBackend {
                     })?;
             }
         }
-        self.apply_cache_mode();
-        self.unpause();
         Ok(())
     }
 

@@ -174,10 +174,13 @@ impl EngineIo {
         self.shard.as_ref().map(Shard::completion_fd)
     }
 
-    /// Gives up the shard (to drop it: the image is to be resized). Requests submitted until
-    /// [`EngineIo::attach`] fail; nothing completes.
-    pub fn detach(&mut self) -> Option<Shard> {
-        self.shard.take()
+    /// Gives up the shard, as an `EngineIo` of its own (to flush and drop it: the image is to
+    /// be resized). Requests submitted until [`EngineIo::attach`] fail; nothing completes.
+    pub fn detach(&mut self) -> EngineIo {
+        EngineIo {
+            shard: self.shard.take(),
+            completions: Vec::new(),
+        }
     }
 
     /// Takes the shard of `other` (made from the resized image).
