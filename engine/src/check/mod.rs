@@ -697,7 +697,8 @@ impl Target {
         }
     }
 
-    /// A rehearsal's write of `buf` at `off`.
+    /// A rehearsal's write of `buf` at `off`. A write past the end of the file makes it
+    /// longer, as the write itself would.
     fn write_dry(&mut self, off: u64, buf: &[u8], what: &str) -> Result<(), Error> {
         let end = off.saturating_add(buf.len() as u64);
         for p in off / DRY_PAGE..end.div_ceil(DRY_PAGE) {
@@ -726,6 +727,9 @@ impl Target {
                 page[(from - p * DRY_PAGE) as usize..(to - p * DRY_PAGE) as usize]
                     .copy_from_slice(&buf[(from - off) as usize..(to - off) as usize]);
             }
+        }
+        if let Some(d) = self.dry.as_mut() {
+            d.len = d.len.max(end);
         }
         Ok(())
     }
