@@ -785,3 +785,51 @@ fn repair_never_writes_a_table_in_a_cluster_whose_count_overflowed() {
     );
     assert_eq!(repair_consistent(image), (1316, 0));
 }
+
+/// Made after the `check_repair` fuzz target found repairs that grow the file past regions
+/// that ran past its end and then leave more corruptions (the inputs were not kept): 1-bit
+/// refcounts, no free cluster in the file, an L2 table that both active L1 entries name, and
+/// in it five entries naming the cluster just past the end of the file (and one the refcount
+/// block, which makes the structure be rebuilt). The new structure goes past the end, so the
+/// file grew over that cluster, which then counted ten references: nine overflow the 1-bit
+/// refcount, and its refcount of 1 wants COPIED flags in a table the repair does not rewrite
+/// (shared): 14 corruptions became 22. Rehearsed, the rebuild is refused now, and the repair
+/// ends where QEMU's does (its repair refuses the overflowing refcounts).
+#[test]
+fn repair_does_not_grow_the_file_where_references_overflow_the_refcount_width() {
+    let image = include_bytes!("data/fuzz/repair-grown-refcounts-overflow.img");
+    let (_dir, path) = image_file(image);
+    let before = check(&path, false).unwrap();
+    assert_eq!((before.corruptions, before.leaks), (14, 0), "{before}");
+    let repaired = check(&path, true).unwrap();
+    assert!(
+        repaired.messages.iter().any(|m| m
+            == "Not rebuilding the refcount structure: rehearsed, the repair with a new one would leave 22 corruptions where the check found 14"),
+        "{:?}",
+        repaired.messages
+    );
+    repair_like_qemu(image);
+}
+
+/// Found by the `check_repair` fuzz target (minimized): 1-bit refcounts, a refcount
+/// structure to rebuild, a snapshot table to write again (an entry without its extra data)
+/// and many references past the end of the file. The repair grew the file to 64 MiB so that
+/// the new structures went clear of them; counted there, their clusters overflowed the
+/// 1-bit refcounts, and 251 corruptions became 255. Rehearsed, the rebuild is refused now
+/// and the repair leaves what the check found. (QEMU's repair stops at its overlap check,
+/// "Check failed", and leaves an image its check cannot read: "File too large".)
+#[test]
+fn repair_does_not_grow_the_file_where_found_references_overflow() {
+    let image = include_bytes!("data/fuzz/repair-grown-refcounts-overflow-found.img");
+    let (_dir, path) = image_file(image);
+    let before = check(&path, false).unwrap();
+    assert_eq!((before.corruptions, before.leaks), (251, 0), "{before}");
+    let repaired = check(&path, true).unwrap();
+    assert!(
+        repaired.messages.iter().any(|m| m
+            == "Not rebuilding the refcount structure: rehearsed, the repair with a new one would leave 255 corruptions where the check found 251"),
+        "{:?}",
+        repaired.messages
+    );
+    assert_eq!(repair_consistent(image), (251, 0));
+}

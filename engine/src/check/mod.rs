@@ -231,30 +231,54 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         },
         _ => (first, UnderSnapshotL1::Keep),
     };
-    if first.check_errors == 0 {
+    let rebuild = needs_rebuild(&first);
+    if first.check_errors == 0 && !rebuild && !rewrites_snapshot_table(&first, &snapshots) {
         return repair_image(&mut t, first, snapshots, cut, log, None, under);
     }
-    // Refcount blocks the check cannot read hide the COPIED flags of the tables whose
-    // refcounts they hold (QEMU's check skips them). A rebuild makes them readable, and the
-    // flags the repair cannot fix (in tables that share their clusters with other metadata
-    // or data) count again. Rehearsed first, the rebuild is made only where it leaves no more
-    // corruptions, nor corruptions and leaks, than the check found.
+    // A new refcount structure (or a snapshot table written again, which may need one) is
+    // rehearsed first, and made only where the repair with it leaves no more corruptions
+    // than the check found. Laid out, it may grow the file over regions that ran past its
+    // end, which then count: with a narrow refcount width, references to them may overflow
+    // it, and COPIED flags that follow such a count may stay wrong. Behind refcount blocks
+    // the check cannot read, no more corruptions and leaks either: those blocks hide the
+    // COPIED flags of the tables whose refcounts they hold (QEMU's check skips them); a
+    // rebuild makes them readable, and the flags the repair cannot fix (in tables that share
+    // their clusters with other metadata or data) count again.
+    let unreadable = first.check_errors > 0;
     let rehearsed = rehearse_repair(&mut t, first, &snapshots, cut, under);
     let refusal = match rehearsed {
-        Ok(r) if r.corruptions > found.0 || r.corruptions + r.leaks > found.0 + found.1 => Some(format!(
+        Ok(r) if unreadable && (r.corruptions > found.0 || r.corruptions + r.leaks > found.0 + found.1) => Some(format!(
             "Not rebuilding the refcount structure: with the refcount blocks the check cannot read rebuilt, {} corruptions and {} leaks would remain where it found {} and {} (COPIED flags behind those blocks, in tables the repair does not rewrite)",
             r.corruptions, r.leaks, found.0, found.1
         )),
+        Ok(r) if r.corruptions > found.0 => Some(if rebuild {
+            format!(
+                "Not rebuilding the refcount structure: rehearsed, the repair with a new one would leave {} corruptions where the check found {}",
+                r.corruptions, found.0
+            )
+        } else {
+            format!(
+                "Not writing the snapshot table again: rehearsed, the repair that writes it would leave {} corruptions where the check found {}",
+                r.corruptions, found.0
+            )
+        }),
         Ok(_) => None,
         Err(e) if e.kind() == ErrorKind::Io => return Err(e),
         // Not known to end no worse (more memory than a rehearsal may take, or the repair
         // failed): not made.
         Err(e) => Some(format!(
-            "Not rebuilding the refcount structure behind the refcount blocks the check cannot read: the rebuild could not be rehearsed ({e})"
+            "Not rebuilding the refcount structure: the rebuild could not be rehearsed ({e})"
         )),
     };
     let first = analyze(&mut t, &snapshots)?;
     repair_image(&mut t, first, snapshots, cut, log, refusal, under)
+}
+
+/// Whether the repair of `a` writes the snapshot table again (entries with truncated or
+/// missing extra data): the new table needs refcounts, and may need a new refcount
+/// structure or a longer file.
+fn rewrites_snapshot_table(a: &Analysis, snapshots: &SnapshotTable) -> bool {
+    snapshots.extra_truncated > 0 || (a.header.version >= 3 && snapshots.incomplete() > 0)
 }
 
 /// As QEMU does when a repair drops snapshots off the end of the table: lowers the count in
@@ -268,11 +292,6 @@ fn lower_snapshot_count(t: &mut Target, snapshots: &SnapshotTable) -> Result<(),
     t.sync()
 }
 
-/// The repair after the first analysis (`first`, which counted `cut` snapshots dropped off
-/// the table as corruptions): zero entries, the snapshot table, the refcounts, the COPIED
-/// flags, the header's flags, and the report of the image as it is left. With `refusal` (why)
-/// no new refcount structure is written, nor a snapshot table that would need one; `under`
-/// says whether one is written where a snapshot's L1 table covers the header's fields.
 /// What the repair of `first` would leave, made in memory only ([`Target::rehearse`]).
 fn rehearse_repair(
     t: &mut Target,
@@ -294,6 +313,11 @@ fn rehearse_repair(
     })
 }
 
+/// The repair after the first analysis (`first`, which counted `cut` snapshots dropped off
+/// the table as corruptions): zero entries, the snapshot table, the refcounts, the COPIED
+/// flags, the header's flags, and the report of the image as it is left. With `refusal` (why)
+/// no new refcount structure is written, nor the snapshot table written again; `under` says
+/// whether one is written where a snapshot's L1 table covers the header's fields.
 fn repair_image(
     t: &mut Target,
     mut first: Analysis,
@@ -310,13 +334,18 @@ fn repair_image(
         first = analyze(t, &snapshots)?;
         first_writes = t.writes;
     }
-    let rewrite =
-        snapshots.extra_truncated > 0 || (first.header.version >= 3 && snapshots.incomplete() > 0);
-    if rewrite && refusal.is_none() {
-        if let Some(table) = rewrite_snapshots(t, &first, &snapshots, under, &mut log)? {
-            snapshots = table;
-            first = analyze(t, &snapshots)?;
-            first_writes = t.writes;
+    if rewrites_snapshot_table(&first, &snapshots) {
+        match &refusal {
+            None => {
+                if let Some(table) = rewrite_snapshots(t, &first, &snapshots, under, &mut log)? {
+                    snapshots = table;
+                    first = analyze(t, &snapshots)?;
+                    first_writes = t.writes;
+                }
+            }
+            // Said by the refcount repair when it is refused there.
+            Some(why) if !needs_rebuild(&first) => log.push(why.clone()),
+            Some(_) => {}
         }
     }
     let kept = if first.mismatches > 0 || first.rebuild {
