@@ -42,6 +42,26 @@ const WANTED_FEATURES: u64 = (1 << 32)
     | (1 << 9)
     | (1 << 12);
 
+/// The knob that reserves huge pages of `page` bytes:
+/// `/sys/kernel/mm/hugepages/hugepages-<KiB>kB/nr_hugepages` (for the default size, 2 MiB on
+/// x86-64, the same number as `/proc/sys/vm/nr_hugepages`). It is absent when the kernel or
+/// the CPU has no pages of that size.
+pub fn huge_page_knob(page: usize) -> std::path::PathBuf {
+    format!(
+        "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages",
+        page >> 10
+    )
+    .into()
+}
+
+/// How many huge pages of `page` bytes are reserved ([`huge_page_knob`]), `None` when the
+/// kernel has none of that size.
+pub fn reserved_huge_pages(page: usize) -> Option<u64> {
+    std::fs::read_to_string(huge_page_knob(page))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
 /// Guest memory: a memfd mapped shared into this process.
 pub struct GuestRam {
     pub file: File,
@@ -84,26 +104,39 @@ impl GuestRam {
         }
     }
 
-    /// `len` bytes (a multiple of 2 MiB) of zeroed guest memory on huge pages: a memfd made
-    /// with MFD_HUGETLB and without MFD_ALLOW_SEALING, so that it cannot be sealed, as the
-    /// hugetlbfs files of QEMU's `memory-backend-file,mem-path=/dev/hugepages` cannot. Panics,
-    /// naming `/proc/sys/vm/nr_hugepages`, when the host has no huge pages to give.
-    pub fn huge(len: usize) -> GuestRam {
+    /// `len` bytes (a multiple of `page`) of zeroed guest memory on huge pages of `page` bytes
+    /// (2 MiB, or 1 GiB: a gigantic page): a memfd made with MFD_HUGETLB and the size's
+    /// MFD_HUGE_* flag, without MFD_ALLOW_SEALING, so that it cannot be sealed, as the
+    /// hugetlbfs files of QEMU's `memory-backend-file,mem-path=/dev/hugepages` cannot; mapped
+    /// and populated here. Panics, naming [`huge_page_knob`], when the host has no huge pages
+    /// of that size to give.
+    pub fn huge(len: usize, page: usize) -> GuestRam {
+        assert!(
+            page.is_power_of_two() && len.is_multiple_of(page),
+            "test setup: {len} bytes of {page}-byte pages"
+        );
+        let knob = huge_page_knob(page);
         let short = |what: &str, e: std::io::Error| -> ! {
-            let reserved = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
-                .unwrap_or_else(|e| format!("unreadable ({e})"));
+            let reserved =
+                std::fs::read_to_string(&knob).unwrap_or_else(|e| format!("unreadable ({e})"));
             panic!(
-                "{what} of {len} bytes of guest memory on 2 MiB huge pages failed: {e}; this \
-                 test needs huge pages reserved (as root: `echo 64 > \
-                 /proc/sys/vm/nr_hugepages`; /proc/sys/vm/nr_hugepages is {})",
+                "{what} of {len} bytes of guest memory on huge pages of {} KiB failed: {e}; \
+                 this test needs {} such pages reserved (as root: `echo {} > {}`, which \
+                 .ci/run does; it is {})",
+                page >> 10,
+                len / page,
+                len / page,
+                knob.display(),
                 reserved.trim()
             )
         };
+        // MFD_HUGE_2MB, MFD_HUGE_1GB: the page size's log2 in the flag's bits.
+        let size_flag = page.trailing_zeros() << libc::MFD_HUGE_SHIFT;
         // SAFETY: memfd_create with a C string literal and flags; the result is checked.
         let fd = unsafe {
             libc::memfd_create(
                 c"hostile-huge-ram".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | size_flag,
             )
         };
         if fd < 0 {

@@ -9,12 +9,15 @@
 //! Among them: memory tables sent one after another until the SIGBUS guards would run out
 //! (then a truncation must still read as zeros), connections of three exports filling their
 //! memory slots with unsealable memory (a truncation past what the guards once held reads as
-//! zeros too), unsealable guest memory on huge pages truncated with reads in flight (the huge
-//! pages cut off read as zeros; needs huge pages reserved, `/proc/sys/vm/nr_hugepages`),
-//! memory slots past the advertised maximum
-//! (refused), a backend request channel whose send timeout the frontend resets (an online
-//! resize still completes), and a frontend that fills its memory slots in a process short of
-//! file descriptors (another export's connection is closed, the export goes on).
+//! zeros too), unsealable guest memory on huge pages of 2 MiB and on a gigantic page of 1 GiB
+//! truncated with reads in flight (the huge pages cut off read as zeros; needs huge pages
+//! reserved, `/sys/kernel/mm/hugepages/hugepages-{2048,1048576}kB/nr_hugepages`: without the
+//! 2 MiB ones the test fails, without a 1 GiB one the gigantic-page tests say loudly that they
+//! cannot run), reads and writes through guest memory on a gigantic page, memory slots past
+//! the advertised maximum (refused), a backend request channel whose send timeout the
+//! frontend resets (an online resize still completes), and a frontend that fills its memory
+//! slots in a process short of file descriptors (another export's connection is closed, the
+//! export goes on).
 //!
 //! hostile.rs covers the resource attacks (huge reads, memory past the end of its file, rings
 //! outside memory, truncated memory, a runaway available index, pipes as eventfds); the relay's
@@ -974,9 +977,13 @@ struct Driver {
 
 impl Driver {
     fn new(socket: &Path) -> Driver {
-        let ram = GuestRam::new(RAM_BYTES, true);
+        Driver::with_ram(socket, GuestRam::new(RAM_BYTES, true))
+    }
+
+    /// As [`Driver::new`], over guest memory `ram` (one region of all of it).
+    fn with_ram(socket: &Path, ram: GuestRam) -> Driver {
         let mut fe = RawFrontend::connect(socket, 1).unwrap();
-        fe.set_memory(&ram, RAM_BYTES as u64).unwrap();
+        fe.set_memory(&ram, ram.len() as u64).unwrap();
         fe.start_queue(&ram, 0, 128).unwrap();
         Driver { fe, ram, used: 0 }
     }
@@ -1747,26 +1754,128 @@ fn unsealed_memory_of_many_connections_stays_guarded() {
 /// `memory-backend-file,mem-path=/dev/hugepages`), holding the rings and the buffers of reads
 /// in flight, truncated under the daemon and kicked: the huge pages cut off must read as zeros
 /// (a zero page of 4 KiB cannot be mapped into a huge-page mapping), not kill the daemon; the
-/// attacked export takes the next client and the other export answers. Needs huge pages
-/// reserved (`/proc/sys/vm/nr_hugepages`, which `.ci/run` sets): without them it fails.
+/// attacked export takes the next client and the other export answers
+/// ([`huge_pages_truncated_under_the_daemon`]). Needs 4 huge pages of 2 MiB reserved
+/// (`/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages`, or `/proc/sys/vm/nr_hugepages`,
+/// which `.ci/run` sets): without them it fails.
 #[test]
 fn guest_memory_on_huge_pages_truncated_under_the_daemon() {
-    const HUGE: u64 = 2 << 20;
-    const LEN: usize = 8 << 20;
+    const HUGE: usize = 2 << 20;
     let mut s = setup("huge-pages");
-    let ram = GuestRam::huge(LEN);
+    huge_pages_truncated_under_the_daemon(&mut s, GuestRam::huge(4 * HUGE, HUGE));
+}
+
+/// Gigantic pages: 1 GiB huge pages.
+const GIGANTIC: usize = 1 << 30;
+/// Held by the tests that map guest memory on a gigantic page: a machine may have only one
+/// reserved, and the tests of this file run in parallel.
+static GIGANTIC_PAGE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Whether a gigantic page is reserved for the tests; when none is (the kernel or the CPU
+/// has no 1 GiB pages, or none could be reserved), says loudly, naming the knob, that the
+/// test `name` cannot run. With one reserved the test runs, and fails on any error.
+fn gigantic_page_reserved(name: &str) -> bool {
+    let knob = qcow2d_tests::frontend::huge_page_knob(GIGANTIC);
+    match qcow2d_tests::frontend::reserved_huge_pages(GIGANTIC) {
+        Some(reserved) if reserved > 0 => true,
+        reserved => {
+            eprintln!(
+                "\n!!!!!!!! {name} CANNOT RUN: it needs a 1 GiB huge page reserved, and {} \
+                 (as root: `echo 1 > {}`; .ci/run tries). NOTHING WAS TESTED. !!!!!!!!\n",
+                match reserved {
+                    Some(_) => format!("{} is 0", knob.display()),
+                    None => format!(
+                        "{} does not exist (a kernel or CPU without 1 GiB pages)",
+                        knob.display()
+                    ),
+                },
+                knob.display()
+            );
+            false
+        }
+    }
+}
+
+/// As [`guest_memory_on_huge_pages_truncated_under_the_daemon`], on one gigantic page (a
+/// memfd made with MFD_HUGETLB | MFD_HUGE_1GB, without MFD_ALLOW_SEALING, as QEMU's
+/// `mem-path` files on a hugetlbfs mounted with `pagesize=1G`): the whole gigantic page cut
+/// off must read as zeros. Needs one 1 GiB huge page reserved
+/// (`/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages`, which `.ci/run` tries to
+/// set): without one it says loudly that it cannot run; with one it runs and fails on error.
+#[test]
+fn guest_memory_on_a_gigantic_page_truncated_under_the_daemon() {
+    let name = "guest_memory_on_a_gigantic_page_truncated_under_the_daemon";
+    if !gigantic_page_reserved(name) {
+        return;
+    }
+    let _page = GIGANTIC_PAGE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup("gigantic-page");
+    huge_pages_truncated_under_the_daemon(&mut s, GuestRam::huge(GIGANTIC, GIGANTIC));
+}
+
+/// Reads and writes through guest memory on one gigantic page: a write from a buffer far into
+/// the page lands on the disk, and reads into buffers elsewhere in it (one across its middle,
+/// one at its very end) bring back what the disk holds. Needs one 1 GiB huge page reserved, as
+/// [`guest_memory_on_a_gigantic_page_truncated_under_the_daemon`].
+#[test]
+fn reads_and_writes_through_guest_memory_on_a_gigantic_page() {
+    let name = "reads_and_writes_through_guest_memory_on_a_gigantic_page";
+    if !gigantic_page_reserved(name) {
+        return;
+    }
+    let _page = GIGANTIC_PAGE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup("gigantic-page-io");
+    let mut d = Driver::with_ram(&s.disk, GuestRam::huge(GIGANTIC, GIGANTIC));
+    const LEN: u32 = 64 << 10;
+    // Past the first 64 KiB that `still_serving` reads back.
+    const SECTOR: u64 = 1024;
+    let source = 0x3000_0000u64;
+    let pattern: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    d.ram.write(source, &pattern);
+    d.header(T_OUT, SECTOR);
+    let head = d.direct(&plain(&[(source, LEN, 0)]));
+    assert_eq!(d.submit("a write", head), (1, S_OK), "a write");
+    let last = GIGANTIC as u64 - u64::from(LEN);
+    for (what, sector, at, want) in [
+        ("what was written", SECTOR, last, pattern.clone()),
+        (
+            "the disk's first bytes",
+            0,
+            0x2000_0000 - 0x1000,
+            vec![DISK_BYTE; LEN as usize],
+        ),
+    ] {
+        d.ram.write(at, &vec![0u8; LEN as usize]);
+        d.header(T_IN, sector);
+        let head = d.direct(&plain(&[(at, LEN, F_WRITE)]));
+        assert_eq!(d.submit(what, head), (LEN + 1, S_OK), "a read of {what}");
+        let mut got = vec![0u8; LEN as usize];
+        d.ram.read(at, &mut got);
+        assert!(got == want, "a read of {what} at {at:#x}: wrong data");
+    }
+    drop(d);
+    s.still_serving("after reads and writes through a gigantic page");
+}
+
+/// `ram`, unsealable guest memory on huge pages, holds the rings of queue 0 of the writable
+/// export and the buffers of three reads in flight (in its second, third and fourth quarters:
+/// on other huge pages than the rings, or far into the one gigantic page), is truncated under
+/// the daemon and kicked: the daemon reads the pages cut off as zeros instead of dying, the
+/// attacked export takes the next client and the other export answers.
+fn huge_pages_truncated_under_the_daemon(s: &mut Setup, ram: GuestRam) {
+    let len = ram.len() as u64;
     let mut fe = RawFrontend::connect(&s.disk, 2).unwrap();
-    fe.set_memory(&ram, LEN as u64).unwrap();
-    // Rings in the first huge page, the reads' buffers spread over the three others.
+    fe.set_memory(&ram, len).unwrap();
+    // Rings at the start, each read's four buffers of 512 KiB in a quarter of its own.
     fe.start_queue(&ram, 0, 128).unwrap();
     for (i, table) in [0x30000u64, 0x40000, 0x50000].into_iter().enumerate() {
         let header = HEADER + 0x200 * i as u64;
         ram.write_header(header, T_IN, 0);
         let buffers: Vec<(u64, u32)> = (0..4)
-            .map(|b| (HUGE * (i as u64 + 1) + (b << 19), 1 << 19))
+            .map(|b| (len / 4 * (i as u64 + 1) + (b << 19), 1 << 19))
             .collect();
-        let len = ram.write_request_table(table, header, &buffers, true, header + 0x100);
-        fe.push_indirect(&ram, 0, table, len);
+        let table_len = ram.write_request_table(table, header, &buffers, true, header + 0x100);
+        fe.push_indirect(&ram, 0, table, table_len);
     }
     let before = s.count(CUT_SHORT);
     // Nothing here touches guest memory from now on: the test's own mapping of it faults too.
