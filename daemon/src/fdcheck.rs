@@ -10,11 +10,15 @@
 //! sealed (a hugetlbfs or tmpfs file of memory-backend-file, a memfd created without
 //! MFD_ALLOW_SEALING, as libblkio creates them) is for the caller to refuse or accept.
 //!
-//! A file on huge pages (a hugetlbfs file, a memfd made with MFD_HUGETLB) is mapped with
-//! pages of its file system's block size, which [`page_size`] tells (the SIGBUS handler
-//! replaces a page of that size). Its size is always a multiple of the huge page (the kernel
-//! refuses any other) and so is the offset of any mapping of it, so the size check holds as
-//! for any file; a hugetlb memfd made with MFD_ALLOW_SEALING is sealed like any other memfd.
+//! A file on huge pages (a hugetlbfs file, a memfd made with MFD_HUGETLB, of 2 MiB or 1 GiB
+//! pages) is mapped with pages of its file system's block size, which [`page_size`] tells
+//! (the SIGBUS handler replaces a page of that size). Its size is always a multiple of the
+//! huge page (the kernel refuses any other), so the size check holds as for any file; a
+//! mapping of it must lie on whole pages ([`off_whole_pages`]): mmap refuses an offset inside
+//! a huge page, and a size that ends inside one is mapped to the page's end, which munmap
+//! with the mapping's own size cannot undo (a hugetlb mapping splits only at its page
+//! boundaries): the mapping, and the file's pages, would stay in the daemon. A hugetlb memfd
+//! made with MFD_ALLOW_SEALING is sealed like any other memfd.
 //!
 //! Queue kick and call descriptors must be eventfds ([`is_eventfd`]), and are made
 //! non-blocking ([`set_nonblocking`]): a pipe, or an eventfd whose counter the frontend filled,
@@ -82,9 +86,7 @@ pub fn page_size(file: &File) -> io::Result<usize> {
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let base = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-        .map_err(|_| io::Error::other("the page size is unknown"))?;
+    let base = base_page_size()?;
     if fs.f_type != libc::HUGETLBFS_MAGIC {
         return Ok(base);
     }
@@ -95,6 +97,37 @@ pub fn page_size(file: &File) -> io::Result<usize> {
             fs.f_bsize
         ))),
     }
+}
+
+/// The base page size.
+pub fn base_page_size() -> io::Result<usize> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .ok_or_else(|| io::Error::other("the page size is unknown"))
+}
+
+/// Why a shared mapping of `size` bytes at `offset` of a file of `page`-byte pages
+/// ([`page_size`]) could not be made and unmapped again like any other, if it could not:
+/// mmap takes only an offset on a page boundary, and a mapping of huge pages covers whole
+/// pages, which munmap frees only whole (the kernel splits a hugetlb mapping at its page
+/// boundaries alone), so one whose size ends inside a page would stay mapped, holding its
+/// file, once unmapped with its own size.
+pub fn off_whole_pages(offset: u64, size: u64, page: usize, base: usize) -> Option<String> {
+    let page_bytes = page as u64;
+    if offset % page_bytes != 0 {
+        return Some(format!(
+            "the offset {offset} is not a multiple of the file's page size ({page} bytes)"
+        ));
+    }
+    if page > base && size % page_bytes != 0 {
+        return Some(format!(
+            "the size {size} is not a multiple of the file's page size ({page} bytes: huge \
+             pages are unmapped only whole)"
+        ));
+    }
+    None
 }
 
 /// What `/proc/self/fd/N` says `fd` is (`anon_inode:[eventfd]`, `/memfd:name (deleted)`, a
@@ -129,7 +162,7 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::{AsFd, FromRawFd};
 
@@ -165,35 +198,92 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Huge-page memfds: their page size is the huge page's, sealable ones are sealed, the
-    /// others cannot be. (Sizing and sealing them needs no huge page reserved.)
+    /// Huge-page memfds, of 2 MiB and of 1 GiB pages: their page size is the huge page's,
+    /// they are sized in whole pages, sealable ones are sealed, the others cannot be. (Sizing
+    /// and sealing them needs no huge page reserved.)
     #[test]
     fn huge_page_memfds_have_huge_pages_and_seal_as_other_memfds() {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let base = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let base = base_page_size().unwrap();
         assert_eq!(page_size(&memfd(libc::MFD_CLOEXEC)).unwrap(), base);
-        let huge = |flags: libc::c_uint| {
-            let flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB | flags;
-            // SAFETY: memfd_create with a C string literal and flags; the result is checked.
-            let fd = unsafe { libc::memfd_create(c"fdcheck-huge".as_ptr(), flags) };
+        for page in [2 << 20, 1 << 30] {
+            let len = 2 * page as u64;
+            let Some(closed) = huge_memfd(page, len, 0) else {
+                continue;
+            };
+            assert!(closed.set_len(len + 4096).is_err(), "whole huge pages only");
+            assert_eq!(page_size(&closed).unwrap(), page);
+            assert_eq!(seal_against_shrinking(&closed), Sealing::Unsealable);
+            let Some(open) = huge_memfd(page, len, libc::MFD_ALLOW_SEALING) else {
+                continue;
+            };
+            assert_eq!(page_size(&open).unwrap(), page);
+            assert_eq!(seal_against_shrinking(&open), Sealing::SealedNow);
+            assert!(open.set_len(page as u64).is_err(), "cannot shrink any more");
+        }
+    }
+
+    /// A huge-page memfd of `page` bytes per page and `len` bytes, made with `flags` and the
+    /// size's MFD_HUGE_* flag, not mapped; `None`, said loudly, when the kernel has no pages
+    /// of that size.
+    pub(crate) fn huge_memfd(page: usize, len: u64, flags: libc::c_uint) -> Option<File> {
+        let flags = libc::MFD_CLOEXEC
+            | libc::MFD_HUGETLB
+            | (page.trailing_zeros() << libc::MFD_HUGE_SHIFT)
+            | flags;
+        // SAFETY: memfd_create with a C string literal and flags; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"fdcheck-huge".as_ptr(), flags) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            let knob = format!("/sys/kernel/mm/hugepages/hugepages-{}kB", page >> 10);
             assert!(
-                fd >= 0,
-                "memfd_create(MFD_HUGETLB): {} (a kernel without hugetlbfs?)",
-                io::Error::last_os_error()
+                e.raw_os_error() == Some(libc::EINVAL) && !std::path::Path::new(&knob).exists(),
+                "memfd_create(MFD_HUGETLB) of {page}-byte pages: {e}"
             );
-            // SAFETY: a fresh descriptor nothing else owns.
-            let file = unsafe { File::from_raw_fd(fd) };
-            file.set_len(4 << 20).unwrap();
-            assert!(file.set_len((4 << 20) + 4096).is_err(), "huge pages only");
-            file
-        };
-        let closed = huge(0);
-        assert_eq!(page_size(&closed).unwrap(), 2 << 20);
-        assert_eq!(seal_against_shrinking(&closed), Sealing::Unsealable);
-        let open = huge(libc::MFD_ALLOW_SEALING);
-        assert_eq!(page_size(&open).unwrap(), 2 << 20);
-        assert_eq!(seal_against_shrinking(&open), Sealing::SealedNow);
-        assert!(open.set_len(2 << 20).is_err(), "cannot shrink any more");
+            eprintln!(
+                "\n!!!!!!!! NOT TESTED: huge pages of {page} bytes, which this kernel does not \
+                 have ({knob} does not exist) !!!!!!!!\n"
+            );
+            return None;
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        Some(file)
+    }
+
+    /// Offsets on the file's pages, and for huge pages sizes of whole pages too; a size of
+    /// base pages may end anywhere (munmap rounds it up to its page).
+    #[test]
+    fn mappings_lie_on_whole_pages_of_their_file() {
+        const BASE: usize = 4096;
+        const HUGE: usize = 2 << 20;
+        const GIGANTIC: usize = 1 << 30;
+        let g = GIGANTIC as u64;
+        // (offset, size, page size, refused)
+        for (offset, size, page, refused) in [
+            (0, 100, BASE, false),
+            (8192, 4096 * 3 + 1, BASE, false),
+            (100, 4096, BASE, true),
+            (4 << 20, 2 << 20, HUGE, false),
+            (4096, 2 << 20, HUGE, true),
+            (0, 4096, HUGE, true),
+            (0, (2 << 20) + 4096, HUGE, true),
+            (g, 3 * g, GIGANTIC, false),
+            (2 << 20, g, GIGANTIC, true),
+            (g / 2, g, GIGANTIC, true),
+            (0, 2 << 20, GIGANTIC, true),
+            (g, g + 4096, GIGANTIC, true),
+        ] {
+            let why = off_whole_pages(offset, size, page, BASE);
+            assert_eq!(
+                why.is_some(),
+                refused,
+                "{size} bytes at {offset} of {page}: {why:?}"
+            );
+            if let Some(why) = why {
+                assert!(why.contains(&format!("page size ({page} bytes")), "{why}");
+            }
+        }
     }
 
     #[test]

@@ -62,6 +62,29 @@ pub fn reserved_huge_pages(page: usize) -> Option<u64> {
         .and_then(|s| s.trim().parse().ok())
 }
 
+/// A memfd of `len` bytes (a multiple of `page`) on huge pages of `page` bytes, made with
+/// MFD_HUGETLB and the size's MFD_HUGE_* flag, without MFD_ALLOW_SEALING, and not mapped: no
+/// huge page is taken from the host's reserve until someone maps it without MAP_NORESERVE.
+/// Fails when the kernel has no pages of that size ([`huge_page_knob`] is absent).
+pub fn huge_memfd(len: usize, page: usize) -> std::io::Result<File> {
+    // MFD_HUGE_2MB, MFD_HUGE_1GB: the page size's log2 in the flag's bits.
+    let size_flag = page.trailing_zeros() << libc::MFD_HUGE_SHIFT;
+    // SAFETY: memfd_create with a C string literal and flags; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"hostile-huge-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | size_flag,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len as u64)?;
+    Ok(file)
+}
+
 /// Guest memory: a memfd mapped shared into this process.
 pub struct GuestRam {
     pub file: File,
@@ -130,23 +153,10 @@ impl GuestRam {
                 reserved.trim()
             )
         };
-        // MFD_HUGE_2MB, MFD_HUGE_1GB: the page size's log2 in the flag's bits.
-        let size_flag = page.trailing_zeros() << libc::MFD_HUGE_SHIFT;
-        // SAFETY: memfd_create with a C string literal and flags; the result is checked.
-        let fd = unsafe {
-            libc::memfd_create(
-                c"hostile-huge-ram".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | size_flag,
-            )
+        let file = match huge_memfd(len, page) {
+            Ok(file) => file,
+            Err(e) => short("memfd_create(MFD_HUGETLB) and ftruncate", e),
         };
-        if fd < 0 {
-            short("memfd_create(MFD_HUGETLB)", std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        if let Err(e) = file.set_len(len as u64) {
-            short("ftruncate", e);
-        }
         // SAFETY: maps `len` bytes of a file of that size, shared; checked below.
         let ptr = unsafe {
             libc::mmap(

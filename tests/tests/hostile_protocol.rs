@@ -537,10 +537,6 @@ fn messages_the_daemon_refuses_end_only_their_connection() {
             "overlapping regions",
             vec![region(0, len, user, 0), region(4096, 4096, user, 0)],
         ),
-        (
-            "a region at an offset that is not page-aligned",
-            vec![region(0, 4096, user, 100)],
-        ),
     ] {
         let fds = vec![fd; regions.len()];
         refused(
@@ -572,6 +568,11 @@ fn messages_the_daemon_refuses_end_only_their_connection() {
             "a region over an eventfd",
             mem_table(1, &[region(0, 4096, user, 0)]),
             vec![efd_raw],
+        ),
+        (
+            "a region at an offset that is not page-aligned",
+            mem_table(1, &[region(0, 4096, user, 100)]),
+            vec![fd],
         ),
     ] {
         let before = s.count(REFUSED);
@@ -1855,6 +1856,103 @@ fn reads_and_writes_through_guest_memory_on_a_gigantic_page() {
     }
     drop(d);
     s.still_serving("after reads and writes through a gigantic page");
+}
+
+/// Memory regions in files of huge pages (2 MiB, and 1 GiB where the kernel has such pages)
+/// must start and end on the file's pages: a region at an offset inside a huge page cannot be
+/// mapped, and one whose size ends inside a huge page is mapped to the page's end, which the
+/// daemon could not unmap with the region's own size later (a hugetlb mapping splits only at
+/// its page boundaries), so every such table would leave a mapping behind in the daemon.
+/// Both are refused by the relay, in SET_MEM_TABLE and ADD_MEM_REG, with a line naming the
+/// page size; a region on whole pages of the same file is taken, and once its connection
+/// ends, no mapping of the file is left in the daemon. Needs no huge page reserved (the
+/// files are never mapped here, and the daemon maps them with MAP_NORESERVE); without 1 GiB
+/// pages in the kernel, it says loudly that it tested 2 MiB pages only.
+#[test]
+fn memory_regions_not_on_whole_huge_pages_are_refused() {
+    const HUGE: usize = 2 << 20;
+    const NOT_WHOLE: &str = "not a multiple of the file's page size";
+    let mut s = setup("huge-page-alignment");
+    let mut sizes = vec![HUGE];
+    if qcow2d_tests::frontend::reserved_huge_pages(GIGANTIC).is_some() {
+        sizes.push(GIGANTIC);
+    } else {
+        eprintln!(
+            "\n!!!!!!!! memory_regions_not_on_whole_huge_pages_are_refused tests 2 MiB pages \
+             ONLY: the kernel has no 1 GiB pages ({} does not exist). !!!!!!!!\n",
+            qcow2d_tests::frontend::huge_page_knob(GIGANTIC).display()
+        );
+    }
+    for page in sizes {
+        let file = qcow2d_tests::frontend::huge_memfd(2 * page, page)
+            .unwrap_or_else(|e| panic!("a memfd of {page}-byte pages: {e}"));
+        let fd = file.as_raw_fd();
+        let p = page as u64;
+        let user = 0x7f00_0000_0000u64;
+        for (what, size, offset) in [
+            ("at an offset inside a huge page", p, p / 2),
+            ("at an offset of base pages only", p, 4096),
+            ("ending inside a huge page", p / 2, 0),
+            ("of one base page", 4096, p),
+        ] {
+            for request in [SET_MEM_TABLE, ADD_MEM_REG] {
+                let name = format!("a region of {page}-byte pages {what} ({request})");
+                let body = if request == SET_MEM_TABLE {
+                    mem_table(1, &[region(0, size, user, offset)])
+                } else {
+                    one_region(0, size, user, offset)
+                };
+                let before = s.count(NOT_WHOLE);
+                let (fe, wire) = handshake(&s.disk);
+                if let Some(msg) = wire.ask(request, &body, &[fd], PATIENCE).unwrap() {
+                    assert_ne!(status(&msg), 0, "{name}: the daemon answered success");
+                }
+                drop(fe);
+                ends_connection(&mut s, &name, wire, NOT_WHOLE, before);
+            }
+        }
+        // Whole pages: taken.
+        let (fe, wire) = handshake(&s.disk);
+        for (request, body) in [
+            (SET_MEM_TABLE, mem_table(1, &[region(0, p, user, p)])),
+            (ADD_MEM_REG, one_region(p, p, user + p, 0)),
+        ] {
+            let answer = wire.ask(request, &body, &[fd], PATIENCE).unwrap();
+            let answer = answer.unwrap_or_else(|| {
+                panic!(
+                    "whole pages of {page} bytes ({request}): the connection ended; stderr:\n{}",
+                    s.daemon.stderr()
+                )
+            });
+            assert_eq!(
+                status(&answer),
+                0,
+                "whole pages of {page} bytes ({request})"
+            );
+        }
+        drop(fe);
+        drop(wire);
+        s.still_serving(&format!("after regions of {page}-byte pages"));
+        // Nothing of the file is left mapped in the daemon once its connections are gone.
+        let maps = format!("/proc/{}/maps", s.daemon.pid());
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let text = std::fs::read_to_string(&maps).unwrap();
+            let left: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("hostile-huge-ram"))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mappings of {page}-byte pages left in the daemon:\n{}",
+                left.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// `ram`, unsealable guest memory on huge pages, holds the rings of queue 0 of the writable

@@ -32,7 +32,8 @@ pub(super) fn check_fds(msg: &Message) -> Result<(), String> {
 }
 
 /// Checks the `count` memory regions described from byte `at` of the body, each against its
-/// file descriptor: the file covers the region and cannot shrink.
+/// file descriptor: the file covers the region, the region lies on whole pages of the file
+/// (`fdcheck::off_whole_pages`), and the file cannot shrink.
 pub(super) fn check_regions(msg: &Message, at: usize, count: usize) -> Result<(), String> {
     if msg.body.len() != at + count * REGION_BYTES {
         return Err(format!(
@@ -68,6 +69,15 @@ pub(super) fn check_regions(msg: &Message, at: usize, count: usize) -> Result<()
             return Err(format!(
                 "memory region {i} (guest address {guest:#x}) maps {size} bytes at offset \
                  {offset} of a file of {file_len} bytes"
+            ));
+        }
+        let page = fdcheck::page_size(&file)
+            .map_err(|e| format!("cannot learn the page size of memory region {i}: {e}"))?;
+        let base = fdcheck::base_page_size().map_err(|e| e.to_string())?;
+        if let Some(why) = fdcheck::off_whole_pages(offset, size, page, base) {
+            return Err(format!(
+                "memory region {i} (guest address {guest:#x}) maps {size} bytes at offset \
+                 {offset} of its file: {why}"
             ));
         }
         match fdcheck::seal_against_shrinking(&file) {

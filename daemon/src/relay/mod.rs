@@ -42,7 +42,8 @@
 //! Before a message with file descriptors reaches the handler (which maps and uses them as
 //! they are), the relay checks them ([`crate::fdcheck`]): each memory region of SET_MEM_TABLE
 //! and ADD_MEM_REG must lie inside its file (`mmap_offset + memory_size` at most the file's
-//! size) and the file must be sealed against shrinking where it can be (a memfd not sealed yet
+//! size) and on whole pages of it (the offset a multiple of the file's page size, and the
+//! size too for huge pages: `fdcheck::off_whole_pages`), and the file must be sealed against shrinking where it can be (a memfd not sealed yet
 //! is sealed here; a file that cannot be sealed, such as a memfd made without sealing, as
 //! libblkio makes them, or a hugetlbfs file, is accepted with a warning, and guarded by
 //! `crate::sigbus` once mapped, or refused there when it cannot be); the descriptor of
