@@ -333,6 +333,7 @@ mod tests {
 
     #[test]
     fn a_truncated_guest_mapping_reads_as_zeros_instead_of_killing_the_process() {
+        let _one = TRUNCATING.lock().unwrap_or_else(PoisonError::into_inner);
         install().unwrap();
         // More ranges than one chunk holds are registered already: the mapping's lands in a
         // chunk the registry grew.
@@ -385,6 +386,107 @@ mod tests {
         assert!(registered(ptr as usize).is_none());
         // SAFETY: unmaps what was mapped above.
         unsafe { libc::munmap(ptr, len) };
+    }
+
+    /// Held by the tests that truncate a mapping and count the pages replaced.
+    static TRUNCATING: Mutex<()> = Mutex::new(());
+
+    /// Guest memory on `pages` huge pages of `page` bytes, registered, then truncated to all
+    /// but its last page, which is read and written: the whole last page is replaced by zeros
+    /// (one page replaced), the others keep their contents. Needs `pages` huge pages of that
+    /// size reserved: without them it says loudly, naming the knob, that it cannot run.
+    fn truncated_huge_pages_read_as_zeros(page: usize, pages: usize) {
+        let knob = format!(
+            "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages",
+            page >> 10
+        );
+        let reserved: usize = std::fs::read_to_string(&knob)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if reserved < pages {
+            eprintln!(
+                "\n!!!!!!!! NOT TESTED: the replacement of a truncated huge page of {page} \
+                 bytes needs {pages} such pages reserved (as root: `echo {pages} > {knob}`); \
+                 {reserved} are !!!!!!!!\n"
+            );
+            return;
+        }
+        let _one = TRUNCATING.lock().unwrap_or_else(PoisonError::into_inner);
+        install().unwrap();
+        let len = page * pages;
+        let Some(file) = crate::fdcheck::tests::huge_memfd(page, len as u64, 0) else {
+            return;
+        };
+        // SAFETY: maps the whole file, shared, its pages reserved now; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap of {pages} huge pages of {page} bytes ({knob} is {reserved}): {}",
+            io::Error::last_os_error()
+        );
+        let bytes = ptr.cast::<u8>();
+        for p in 0..pages {
+            // SAFETY: within the mapping, and the file covers it.
+            unsafe { bytes.add(p * page + page - 1).write_volatile(7) };
+        }
+        let mut guards = Guards::default();
+        let range = Range {
+            start: ptr as usize,
+            len,
+            page: crate::fdcheck::page_size(&file).unwrap(),
+        };
+        assert_eq!(range.page, page);
+        assert!(guards.set(&HashSet::from([range])).is_empty());
+        file.set_len(((pages - 1) * page) as u64).unwrap();
+        let before = replaced_pages();
+        let last = (pages - 1) * page;
+        // SAFETY: within the mapping; the page past the end of the file raises SIGBUS, which
+        // the handler turns into a zero page of the mapping's own size.
+        let read = unsafe { bytes.add(len - 1).read_volatile() };
+        assert_eq!(read, 0);
+        // SAFETY: as above: the writes land in the private page, its first and last bytes.
+        unsafe {
+            bytes.add(last).write_volatile(9);
+            bytes.add(len - 2).write_volatile(9);
+        }
+        // SAFETY: as above.
+        assert_eq!(unsafe { bytes.add(last).read_volatile() }, 9);
+        assert_eq!(
+            replaced_pages(),
+            before + 1,
+            "one page of {page} bytes replaced"
+        );
+        for p in 0..pages - 1 {
+            // SAFETY: within the mapping, on a page the file still covers.
+            let kept = unsafe { bytes.add(p * page + page - 1).read_volatile() };
+            assert_eq!(kept, 7, "page {p} of {page} bytes kept its contents");
+        }
+        drop(guards);
+        // SAFETY: unmaps what was mapped above (whole pages).
+        assert_eq!(unsafe { libc::munmap(ptr, len) }, 0);
+    }
+
+    #[test]
+    fn a_truncated_huge_page_reads_as_zeros() {
+        truncated_huge_pages_read_as_zeros(2 << 20, 2);
+    }
+
+    /// As [`a_truncated_huge_page_reads_as_zeros`], on a gigantic page of 1 GiB: one page
+    /// (a machine may have only one reserved), cut off whole.
+    #[test]
+    fn a_truncated_gigantic_page_reads_as_zeros() {
+        truncated_huge_pages_read_as_zeros(1 << 30, 1);
     }
 
     #[test]
