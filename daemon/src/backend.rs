@@ -181,8 +181,8 @@ pub struct BlkBackend {
 use crate::sigbus::Range as HostRange;
 
 /// What a connection registered with the SIGBUS handler: the regions of its memory tables
-/// whose files are not sealed against shrinking (the sealed ones cannot be cut short), each
-/// table's for as long as something holds it (the current one, and older ones that requests
+/// that may fault under the daemon ([`MemoryGuards::update`] says which), each table's for as
+/// long as something holds it (the current one, and older ones that requests
 /// in flight still use; a region several tables share is registered once).
 #[derive(Default)]
 struct MemoryGuards {
@@ -191,8 +191,13 @@ struct MemoryGuards {
 }
 
 impl MemoryGuards {
-    /// Registers the unsealed regions of `table`, the connection's new memory table, each
-    /// with its file's page size, and lets go of those no table holds any more. A region
+    /// Registers the regions of `table`, the connection's new memory table, that may fault
+    /// under the daemon, each with its file's page size, and lets go of those no table holds
+    /// any more. A region may fault when its file is not sealed against shrinking (the
+    /// frontend may cut it short), or when its file is of huge pages, sealed or not: a huge
+    /// page that is not backed (never touched, or punched out with FALLOC_FL_PUNCH_HOLE,
+    /// which F_SEAL_SHRINK allows) takes a free huge page at the first access, and raises
+    /// SIGBUS when the host has none left. A sealed file of base pages cannot fault. A region
     /// that cannot be registered (the connection's share of the registry, or the registry,
     /// is full, or its file's page size cannot be learnt) is taken out of use:
     /// private zero memory is mapped over it, so nothing the frontend does to its file can
@@ -201,23 +206,25 @@ impl MemoryGuards {
     fn update(&mut self, table: &Arc<GuestMemoryMmap>) -> io::Result<()> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         let mut unknown = Vec::new();
-        let mut unsealed = Vec::new();
+        let mut faulting = Vec::new();
+        let base = crate::fdcheck::base_page_size().unwrap_or(4096);
         for region in table.iter() {
-            let Some(file) = region
-                .file_offset()
-                .map(|f| f.file())
-                .filter(|f| !crate::fdcheck::is_shrink_sealed(f))
-            else {
+            let Some(file) = region.file_offset().map(|f| f.file()) else {
                 continue;
             };
+            let page = crate::fdcheck::page_size(file);
+            let huge = matches!(page, Ok(page) if page > base);
+            if !huge && crate::fdcheck::is_shrink_sealed(file) {
+                continue;
+            }
             let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
                 continue;
             };
             let Ok(len) = usize::try_from(region.len()) else {
                 continue;
             };
-            match crate::fdcheck::page_size(file) {
-                Ok(page) => unsealed.push(HostRange {
+            match page {
+                Ok(page) => faulting.push(HostRange {
                     start: host as usize,
                     len,
                     page,
@@ -233,7 +240,7 @@ impl MemoryGuards {
             }
         }
         self.tables.retain(|(held, _)| held.strong_count() > 0);
-        self.tables.push((Arc::downgrade(table), unsealed));
+        self.tables.push((Arc::downgrade(table), faulting));
         let wanted = self
             .tables
             .iter()
@@ -269,8 +276,8 @@ impl MemoryGuards {
         let why = if guards_full > 0 {
             format!(
                 "{guards_full} regions of the memory table are in files that cannot be sealed \
-                 against shrinking, and the daemon cannot guard more of them against \
-                 truncation (at most {} per connection, {} in the process; {} registered by \
+                 against shrinking or are of huge pages, and the daemon cannot guard more of \
+                 them against faults (at most {} per connection, {} in the process; {} registered by \
                  this connection): the table is refused",
                 crate::sigbus::PER_CONNECTION,
                 crate::sigbus::MAX_SLOTS,
@@ -855,8 +862,8 @@ impl BlkBackend {
         }
     }
 
-    /// Guards the unsealed regions of `mem`, the connection's new memory table, against
-    /// truncation for as long as something holds it, then has `publish` make it the one the
+    /// Guards the regions of `mem`, the connection's new memory table, that may fault
+    /// (unsealed ones, and those of huge pages: [`MemoryGuards::update`]) for as long as something holds it, then has `publish` make it the one the
     /// workers and queues read (the connection's atomic) and return what it published. The
     /// table reaches them only once its regions are guarded: a worker reading a region the
     /// frontend had cut short before its guard was registered would kill the daemon. An error
@@ -1119,6 +1126,41 @@ mod tests {
         let again = table(&memfd(4096, 3, false), 4 * half, 1);
         guards.update(&again).unwrap();
         assert_eq!(guards.registered.count(), 1);
+    }
+
+    /// Guest memory of huge pages (2 MiB and 1 GiB) is guarded even when sealed against
+    /// shrinking (a page not backed faults when the host has no huge page left), sealed
+    /// memory of base pages is not. (Nothing touches the huge pages: none needs reserving.)
+    #[test]
+    fn sealed_memory_on_huge_pages_is_guarded_all_the_same() {
+        use vm_memory::{FileOffset, GuestAddress};
+        for page in [2usize << 20, 1 << 30] {
+            let Some(huge) =
+                crate::fdcheck::tests::huge_memfd(page, page as u64, libc::MFD_ALLOW_SEALING)
+            else {
+                continue;
+            };
+            assert_eq!(
+                crate::fdcheck::seal_against_shrinking(&huge),
+                crate::fdcheck::Sealing::SealedNow
+            );
+            let small = memfd(4096, 2, true);
+            let regions = [
+                (GuestAddress(0), page, Some(FileOffset::new(huge, 0))),
+                (
+                    GuestAddress(page as u64),
+                    4096,
+                    Some(FileOffset::new(small, 0)),
+                ),
+            ];
+            let table = Arc::new(GuestMemoryMmap::from_ranges_with_files(regions).unwrap());
+            let mut guards = MemoryGuards::default();
+            guards.update(&table).unwrap();
+            assert_eq!(guards.registered.count(), 1, "{page}-byte pages");
+            let (_, ranges) = guards.tables.last().unwrap();
+            assert_eq!(ranges.len(), 1);
+            assert_eq!((ranges[0].len, ranges[0].page), (page, page));
+        }
     }
 
     /// The workers get a memory table only once its regions are guarded: a table refused

@@ -25,7 +25,11 @@
 //! fail with EFAULT, and the request with IOERR.
 //!
 //! Regions whose files are sealed against shrinking cannot be cut short and are not
-//! registered; only the others are (`BlkBackend::guard_and_publish` asks `crate::fdcheck`).
+//! registered, unless they are of huge pages: a huge page not backed (never touched, or punched
+//! out with FALLOC_FL_PUNCH_HOLE, which F_SEAL_SHRINK allows) takes a free huge page at the first
+//! access and raises SIGBUS when the host has none left, so regions of huge pages are registered
+//! whatever their seals, as are all unsealed ones (`BlkBackend::guard_and_publish` asks
+//! `crate::fdcheck`).
 //!
 //! The registry takes no lock in the handler and allocates nothing there: it is a list of chunks of
 //! [`CHUNK`] slots (start, end and page size of a range, and a generation that changes whenever the

@@ -62,20 +62,28 @@ pub fn reserved_huge_pages(page: usize) -> Option<u64> {
         .and_then(|s| s.trim().parse().ok())
 }
 
+/// How many of the reserved huge pages of `page` bytes are free (`free_hugepages` beside
+/// [`huge_page_knob`]), `None` when the kernel has none of that size.
+pub fn free_huge_pages(page: usize) -> Option<u64> {
+    std::fs::read_to_string(huge_page_knob(page).with_file_name("free_hugepages"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
 /// A memfd of `len` bytes (a multiple of `page`) on huge pages of `page` bytes, made with
-/// MFD_HUGETLB and the size's MFD_HUGE_* flag, without MFD_ALLOW_SEALING, and not mapped: no
-/// huge page is taken from the host's reserve until someone maps it without MAP_NORESERVE.
-/// Fails when the kernel has no pages of that size ([`huge_page_knob`] is absent).
-pub fn huge_memfd(len: usize, page: usize) -> std::io::Result<File> {
+/// MFD_HUGETLB and the size's MFD_HUGE_* flag, with MFD_ALLOW_SEALING when `sealable` (the
+/// daemon then seals it) and without it otherwise, and not mapped: no huge page is taken from
+/// the host's reserve until someone maps it without MAP_NORESERVE. Fails when the kernel has
+/// no pages of that size ([`huge_page_knob`] is absent).
+pub fn huge_memfd(len: usize, page: usize, sealable: bool) -> std::io::Result<File> {
     // MFD_HUGE_2MB, MFD_HUGE_1GB: the page size's log2 in the flag's bits.
-    let size_flag = page.trailing_zeros() << libc::MFD_HUGE_SHIFT;
+    let mut flags =
+        libc::MFD_CLOEXEC | libc::MFD_HUGETLB | page.trailing_zeros() << libc::MFD_HUGE_SHIFT;
+    if sealable {
+        flags |= libc::MFD_ALLOW_SEALING;
+    }
     // SAFETY: memfd_create with a C string literal and flags; the result is checked.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"hostile-huge-ram".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | size_flag,
-        )
-    };
+    let fd = unsafe { libc::memfd_create(c"hostile-huge-ram".as_ptr(), flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -128,12 +136,12 @@ impl GuestRam {
     }
 
     /// `len` bytes (a multiple of `page`) of zeroed guest memory on huge pages of `page` bytes
-    /// (2 MiB, or 1 GiB: a gigantic page): a memfd made with MFD_HUGETLB and the size's
-    /// MFD_HUGE_* flag, without MFD_ALLOW_SEALING, so that it cannot be sealed, as the
-    /// hugetlbfs files of QEMU's `memory-backend-file,mem-path=/dev/hugepages` cannot; mapped
-    /// and populated here. Panics, naming [`huge_page_knob`], when the host has no huge pages
-    /// of that size to give.
-    pub fn huge(len: usize, page: usize) -> GuestRam {
+    /// (2 MiB, or 1 GiB: a gigantic page), mapped and populated here: a memfd made with
+    /// MFD_HUGETLB and the size's MFD_HUGE_* flag ([`huge_memfd`]), sealable or not (as the
+    /// hugetlbfs files of QEMU's `memory-backend-file,mem-path=/dev/hugepages` cannot be
+    /// sealed). Panics, naming [`huge_page_knob`], when the host has no huge pages of that
+    /// size to give.
+    pub fn huge(len: usize, page: usize, sealable: bool) -> GuestRam {
         assert!(
             page.is_power_of_two() && len.is_multiple_of(page),
             "test setup: {len} bytes of {page}-byte pages"
@@ -153,7 +161,7 @@ impl GuestRam {
                 reserved.trim()
             )
         };
-        let file = match huge_memfd(len, page) {
+        let file = match huge_memfd(len, page, sealable) {
             Ok(file) => file,
             Err(e) => short("memfd_create(MFD_HUGETLB) and ftruncate", e),
         };

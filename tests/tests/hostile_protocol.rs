@@ -1763,7 +1763,7 @@ fn unsealed_memory_of_many_connections_stays_guarded() {
 fn guest_memory_on_huge_pages_truncated_under_the_daemon() {
     const HUGE: usize = 2 << 20;
     let mut s = setup("huge-pages");
-    huge_pages_truncated_under_the_daemon(&mut s, GuestRam::huge(4 * HUGE, HUGE));
+    huge_pages_truncated_under_the_daemon(&mut s, GuestRam::huge(4 * HUGE, HUGE, false));
 }
 
 /// Gigantic pages: 1 GiB huge pages.
@@ -1811,7 +1811,79 @@ fn guest_memory_on_a_gigantic_page_truncated_under_the_daemon() {
     }
     let _page = GIGANTIC_PAGE.lock().unwrap_or_else(|e| e.into_inner());
     let mut s = setup("gigantic-page");
-    huge_pages_truncated_under_the_daemon(&mut s, GuestRam::huge(GIGANTIC, GIGANTIC));
+    huge_pages_truncated_under_the_daemon(&mut s, GuestRam::huge(GIGANTIC, GIGANTIC, false));
+}
+
+/// Guest memory on gigantic pages sealed against shrinking (a memfd made with MFD_HUGETLB |
+/// MFD_HUGE_1GB | MFD_ALLOW_SEALING, as QEMU's `memory-backend-memfd,hugetlb=on,
+/// hugetlbsize=1G` makes it) can still fault under the daemon: a page of it that is not backed
+/// (never touched by the frontend, or punched out with FALLOC_FL_PUNCH_HOLE, which
+/// F_SEAL_SHRINK allows) takes a free huge page at the daemon's first access, and when the
+/// host has none left, that access raises SIGBUS. Here the frontend backs as many gigantic
+/// pages as are free, declares one more, and puts a request's header on that last page: the
+/// daemon must read it as zeros (a read of sector 0, into a buffer on a backed page, which
+/// then holds the disk's bytes), not die; the export takes the next client and the other
+/// export answers. Needs a 1 GiB huge page reserved, as
+/// [`guest_memory_on_a_gigantic_page_truncated_under_the_daemon`].
+#[test]
+fn sealed_guest_memory_on_gigantic_pages_the_host_cannot_back() {
+    let name = "sealed_guest_memory_on_gigantic_pages_the_host_cannot_back";
+    if !gigantic_page_reserved(name) {
+        return;
+    }
+    let _page = GIGANTIC_PAGE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup("gigantic-unbacked");
+    let free = qcow2d_tests::frontend::free_huge_pages(GIGANTIC).unwrap_or(0) as usize;
+    assert!(
+        free > 0,
+        "a 1 GiB page is reserved, but none is free: another process holds it"
+    );
+    let ram = GuestRam::huge(free * GIGANTIC, GIGANTIC, true);
+    assert_eq!(qcow2d_tests::frontend::free_huge_pages(GIGANTIC), Some(0));
+    let len = ((free + 1) * GIGANTIC) as u64;
+    ram.file.set_len(len).unwrap();
+    let mut fe = RawFrontend::connect(&s.disk, 2).unwrap();
+    fe.set_memory(&ram, len).unwrap();
+    fe.start_queue(&ram, 0, 128).unwrap();
+    let unbacked = (free * GIGANTIC) as u64 + HEADER;
+    let buffer = DATA;
+    ram.write(buffer, &[0u8; 4096]);
+    ram.write(STATUS, &[UNTOUCHED]);
+    let table = 0x30000;
+    let table_len = ram.write_request_table(table, unbacked, &[(buffer, 4096)], true, STATUS);
+    let before = s.count(CUT_SHORT);
+    fe.push_indirect(&ram, 0, table, table_len);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while let Err(e) = fe.wait_used(&ram, 0, 1, Duration::from_millis(50)) {
+        if let Some(status) = s.daemon.try_exit_status() {
+            panic!(
+                "the daemon died ({status}) when it read a page the host could not back; \
+                 stderr:\n{}",
+                s.daemon.stderr()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request with its header on an unbacked page: {e}; stderr:\n{}",
+            s.daemon.stderr()
+        );
+    }
+    let mut status = [0u8];
+    ram.read(STATUS, &mut status);
+    assert_eq!(
+        status[0], S_OK,
+        "a header read as zeros is a read of sector 0"
+    );
+    let mut got = vec![0u8; 4096];
+    ram.read(buffer, &mut got);
+    assert!(
+        got.iter().all(|&b| b == DISK_BYTE),
+        "the read brought the disk's bytes"
+    );
+    drop(fe);
+    s.read_cut_pages_as_zeros(before);
+    drop(ram);
+    s.still_serving("after sealed guest memory on gigantic pages the host could not back");
 }
 
 /// Reads and writes through guest memory on one gigantic page: a write from a buffer far into
@@ -1826,7 +1898,7 @@ fn reads_and_writes_through_guest_memory_on_a_gigantic_page() {
     }
     let _page = GIGANTIC_PAGE.lock().unwrap_or_else(|e| e.into_inner());
     let mut s = setup("gigantic-page-io");
-    let mut d = Driver::with_ram(&s.disk, GuestRam::huge(GIGANTIC, GIGANTIC));
+    let mut d = Driver::with_ram(&s.disk, GuestRam::huge(GIGANTIC, GIGANTIC, false));
     const LEN: u32 = 64 << 10;
     // Past the first 64 KiB that `still_serving` reads back.
     const SECTOR: u64 = 1024;
@@ -1884,7 +1956,7 @@ fn memory_regions_not_on_whole_huge_pages_are_refused() {
         );
     }
     for page in sizes {
-        let file = qcow2d_tests::frontend::huge_memfd(2 * page, page)
+        let file = qcow2d_tests::frontend::huge_memfd(2 * page, page, false)
             .unwrap_or_else(|e| panic!("a memfd of {page}-byte pages: {e}"));
         let fd = file.as_raw_fd();
         let p = page as u64;
