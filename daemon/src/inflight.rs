@@ -94,6 +94,14 @@ pub enum InflightError {
     /// after the frontend shrank it would raise SIGBUS.
     #[error("The in-flight area's file is not sealed against shrinking")]
     NotSealed,
+    /// The file is of huge pages: a huge page not backed (punched out, which seals allow)
+    /// raises SIGBUS when the host has none free, and a mapping of part of one could not be
+    /// unmapped again. This daemon, QEMU and libvhost-user make areas of base pages.
+    #[error("The in-flight area's file is of huge pages ({page_bytes} bytes)")]
+    HugePages {
+        /// The file's page size.
+        page_bytes: usize,
+    },
     /// The file could not be created, sized, sealed or examined.
     #[error("Cannot create or examine the in-flight area file")]
     File(#[source] io::Error),
@@ -222,6 +230,10 @@ impl InflightArea {
         if !crate::fdcheck::is_shrink_sealed(&file) {
             // Areas from this daemon, QEMU and libvhost-user are sealed memfds.
             return Err(InflightError::NotSealed);
+        }
+        let page_bytes = crate::fdcheck::page_size(&file).map_err(InflightError::File)?;
+        if page_bytes > crate::fdcheck::base_page_size().map_err(InflightError::File)? {
+            return Err(InflightError::HugePages { page_bytes });
         }
         let file_len = file.metadata().map_err(InflightError::File)?.len();
         let beyond = InflightError::BeyondFile {
@@ -610,6 +622,20 @@ mod tests {
             InflightArea::map(unsealed, 0, size, 2, 128),
             Err(InflightError::NotSealed)
         ));
+        // Sealed files of huge pages (2 MiB, 1 GiB): refused before anything maps them.
+        for page in [2usize << 20, 1 << 30] {
+            let Some(huge) =
+                crate::fdcheck::tests::huge_memfd(page, page as u64, libc::MFD_ALLOW_SEALING)
+            else {
+                continue;
+            };
+            crate::fdcheck::seal_against_shrinking(&huge);
+            assert!(crate::fdcheck::is_shrink_sealed(&huge));
+            assert!(matches!(
+                InflightArea::map(huge, 0, size, 2, 128),
+                Err(InflightError::HugePages { page_bytes }) if page_bytes == page
+            ));
+        }
     }
 
     #[test]
