@@ -231,6 +231,12 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
             config::from_command_line(raw, args.shards)?
         }
     };
+    // The file's own settings, which a reload compares the file's next ones with (the
+    // command line's overrides below are not the file's).
+    let file_settings = config_path.as_ref().map(|_| config::ServeConfig {
+        exports: Vec::new(),
+        ..config.clone()
+    });
     if let Some(value) = &args.metrics {
         config.metrics = Some(config::metrics_address(value, None)?);
     }
@@ -249,7 +255,7 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
     if let Some(value) = &args.cache_per_core {
         config.cache_per_core = Some(config::cache_per_core_value(value, None)?);
     }
-    serve::serve(config, config_path)?;
+    serve::serve(config, config_path.zip(file_settings))?;
     Ok(())
 }
 

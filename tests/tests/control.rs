@@ -678,10 +678,38 @@ fn sighup_applies_the_config_difference() {
     d.assert_alive("after reloading a broken config file");
     assert_eq!(list(&control).len(), 2);
 
-    // An export removed from the file, limits removed.
+    // Daemon-wide settings fixed at start-up: reported, not applied; the rest is.
+    write_config(&config, &control, &[(&a, &a_sock, ""), (&b, &b_sock, "")]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("nice = 5\ncache_per_core = \"1G\"\n{text}"),
+    )
+    .unwrap();
+    hup(&d);
+    d.wait_for_stderr(
+        "Reload: a change of nice, cache_per_core takes a restart; not applied",
+        1,
+        Duration::from_secs(30),
+    );
+    // The next reload compares with the file as it was read last: nothing more to report.
     write_config(&config, &control, &[(&a, &a_sock, "")]);
+    std::fs::write(
+        &config,
+        format!(
+            "nice = 5\ncache_per_core = \"1G\"\n{}",
+            std::fs::read_to_string(&config).unwrap()
+        ),
+    )
+    .unwrap();
     hup(&d);
     let exports = wait_for_list(&control, "b removed", |e| e.len() == 1);
+    assert_eq!(
+        d.stderr().matches("takes a restart").count(),
+        1,
+        "{}",
+        d.stderr()
+    );
     assert!(!b_sock.exists());
     assert_eq!(
         export_of(&exports, &a_sock).unwrap()["limits"],

@@ -159,8 +159,13 @@ fn control_event(call: Call) -> Event {
 }
 
 /// Runs `qcow2d serve` until stopped. Returns `Ok` after a clean stop on SIGINT/SIGTERM.
-/// `config_path` is the config file the configuration came from, re-read on SIGHUP.
-pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), ServeError> {
+/// `config_file` is the config file the configuration came from, re-read on SIGHUP, with what
+/// it said (before the command line's overrides).
+pub fn serve(
+    config: ServeConfig,
+    config_file: Option<(PathBuf, ServeConfig)>,
+) -> Result<(), ServeError> {
+    let (config_path, file_settings) = config_file.unzip();
     // Before any other thread exists, so that they all inherit the mask.
     let stop_signals = signals::block_stop_signals().map_err(ServeError::Signals)?;
     if let Err(e) = crate::sigbus::install() {
@@ -268,6 +273,7 @@ pub fn serve(config: ServeConfig, config_path: Option<PathBuf>) -> Result<(), Se
         shards: config.shards,
         allow_paths: config.allow_paths.clone(),
         config_path,
+        file_settings,
         control_path: config.control.clone(),
         listeners,
         rx,

@@ -16,7 +16,7 @@ use qcow2d_engine::Image;
 use tracing::{error, info, warn};
 
 use super::{announce, device_params, open_image, Event, ServeError, STOP_TIMEOUT};
-use crate::config::{ExportConfig, Origin};
+use crate::config::{ExportConfig, Origin, ServeConfig};
 use crate::control::{Request, Response};
 use crate::export::{bind_socket, Export, ExportControl, ExportError};
 use crate::listen::Listeners;
@@ -54,6 +54,9 @@ pub(super) struct Supervisor {
     /// The top-level `allow_paths`, for exports added later.
     pub(super) allow_paths: Vec<PathBuf>,
     pub(super) config_path: Option<PathBuf>,
+    /// What the config file said when last read (at start-up, or by a reload), for the next
+    /// reload to tell which of its daemon-wide settings changed.
+    pub(super) file_settings: Option<ServeConfig>,
     pub(super) control_path: Option<PathBuf>,
     /// The listener thread, which holds every idle export.
     pub(super) listeners: Listeners,
@@ -532,9 +535,19 @@ impl Supervisor {
                 return;
             }
         };
-        if new.control != self.control_path {
-            warn!("A change of the control socket takes a restart; not applied");
+        if let Some(old) = &self.file_settings {
+            let changed = restart_settings_changed(old, &new);
+            if !changed.is_empty() {
+                warn!(
+                    "Reload: a change of {} takes a restart; not applied",
+                    changed.join(", ")
+                );
+            }
         }
+        self.file_settings = Some(ServeConfig {
+            exports: Vec::new(),
+            ..new.clone()
+        });
         if new.shards != self.shards {
             self.shards = new.shards;
         }
@@ -611,6 +624,23 @@ impl Supervisor {
             self.exports[index].file_config = Some(cfg);
         }
     }
+}
+
+/// The config file's keys, among the daemon-wide settings fixed at start-up (threads, sandbox,
+/// sockets), whose values differ between `old` and `new`.
+fn restart_settings_changed(old: &ServeConfig, new: &ServeConfig) -> Vec<&'static str> {
+    [
+        ("metrics", old.metrics != new.metrics),
+        ("control", old.control != new.control),
+        ("seccomp", old.seccomp != new.seccomp),
+        ("user", old.user != new.user),
+        ("allow_paths", old.allow_paths != new.allow_paths),
+        ("nice", old.nice != new.nice),
+        ("cache_per_core", old.cache_per_core != new.cache_per_core),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }
 
 fn no_export(socket: &Path) -> String {
