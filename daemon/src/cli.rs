@@ -295,8 +295,9 @@ pub struct ServeArgs {
     pub nice: Option<i64>,
 
     /// Engine cache (L2 tables and decompressed clusters) that the shards on one core thread
-    /// share, whatever the number of exports (bytes, or with a K/M/G/T suffix); each shard
-    /// keeps a floor of a few clusters per image layer beyond it. Overrides a config file's
+    /// share, whatever the number of exports (bytes, or with a K/M/G/T suffix), each shard
+    /// entitled to an equal share; each shard keeps a floor of a few clusters per image layer
+    /// beyond it. Overrides a config file's
     /// `cache_per_core` [default: 256M]
     #[arg(long, value_name = "SIZE")]
     pub cache_per_core: Option<String>,

@@ -46,11 +46,12 @@
 //!
 //! Each worker of a connection owns one engine shard (and runs on a core thread, see
 //! `crate::cores`). The caches of the shards on one core thread (L2 tables, decompressed
-//! clusters) draw from one budget, `cache_per_core`, whatever the number of exports; each
-//! shard also keeps within its own limits and holds a floor of a few slots whatever the
-//! budget (see the engine's `CacheBudget`). The shards of a writable image share out its L2
-//! tables and pass each other the pieces of requests they do not own (see the engine's
-//! `shard` module); those of a read-only image are independent.
+//! clusters) draw from one budget, `cache_per_core`, whatever the number of exports, each
+//! shard entitled to an equal share of it; each shard also keeps within its own limits and
+//! holds a floor of a few slots whatever the budget (see the engine's `CacheBudget`). The
+//! shards of a writable image share out its L2 tables and pass each other the pieces of
+//! requests they do not own (see the engine's `shard` module); those of a read-only image are
+//! independent.
 //!
 //! Relative paths in a config file are relative to the directory of that file. Unknown keys
 //! are errors, reported with their line and column.

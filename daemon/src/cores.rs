@@ -211,8 +211,9 @@ impl Core {
     }
 
     /// The cache budget of this core thread: a shard whose worker is placed here is made with
-    /// it, and its caches grow only while the budget has room (past a floor of a few slots
-    /// per image layer, see the engine's `CacheBudget`).
+    /// it, and its caches grow to its fair share of it (the budget divided by the shards
+    /// here), past that only while the budget has room (beyond a floor of a few slots per
+    /// image layer, see the engine's `CacheBudget`).
     pub fn cache_budget(&self) -> &CacheBudget {
         &self.cache
     }

@@ -36,7 +36,7 @@ pub use check::{check, CheckReport};
 pub use error::{Error, ErrorKind, IoError};
 pub use image::{verify_named_files, Image, ImageInfo, OpenOptions};
 pub use io::{start_inflate_pool, InflatePoolConfig, InflateSharing};
-pub use meta::CacheBudget;
+pub use meta::{CacheBudget, CacheShare};
 pub use overlap::OverlapCheck;
 pub use shard::{Completion, LoggedStep, Shard, ShardConfig, WriteLog};
 

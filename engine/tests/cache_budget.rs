@@ -1,7 +1,8 @@
 //! Shards whose caches draw from one shared budget ([`CacheBudget`], `ShardConfig::cache_budgets`):
-//! reading more L2 tables than the budget holds, every read is right, the shards hold no
-//! more than the budget and a floor each, and a dropped shard gives its bytes back. Images are
-//! made by the real `qemu-img`.
+//! reading more L2 tables than the budget holds, every read is right; a shard made once the
+//! budget is used up still grows to its fair share, those holding more give tables back as
+//! they miss until the budget is within its limit, and a dropped shard gives its bytes back.
+//! Images are made by the real `qemu-img`.
 
 use qcow2d_engine::{CacheBudget, Image, OpenOptions, Shard, ShardConfig};
 use qcow2d_tests::{convert_raw_to_qcow2, Rng};
@@ -65,34 +66,98 @@ fn shards_sharing_a_budget_read_right_within_it() {
     };
     // Its own limit would hold every table: the budget is what holds it back.
     let mut a = image.new_shard(&config).unwrap();
-    let mut b = image.new_shard(&config).unwrap();
     assert_eq!(a.cache_capacity_bytes().0, 64 * CLUSTER);
+    read_all(&mut a, &data);
+    // Alone, the first reader takes the whole budget.
+    assert_eq!(a.cache_bytes().0, LIMIT);
+    assert_eq!(budget.used_bytes(), LIMIT);
 
-    read_all(&mut a, &data);
+    // A shard made once the budget is used up still grows to its fair share, half of it.
+    let mut b = image.new_shard(&config).unwrap();
+    assert_eq!(budget.members(), 2);
     read_all(&mut b, &data);
-    // Again, now that both hold their slots: evicted tables are loaded again, right.
-    read_all(&mut a, &data);
-    read_all(&mut b, &data);
-    let used = |s: &Shard| {
-        let (l2, decompressed) = s.cache_bytes();
-        l2 + decompressed
-    };
+    assert_eq!(b.cache_bytes().0, LIMIT / 2);
     assert_eq!(budget.used_bytes(), used(&a) + used(&b));
     assert!(
-        budget.used_bytes() <= LIMIT + 2 * FLOOR,
+        budget.used_bytes() <= 2 * LIMIT + 2 * FLOOR,
         "{} bytes of cache",
         budget.used_bytes()
     );
-    // The first reader took the budget, the second kept its floor.
-    assert_eq!(a.cache_bytes().0, LIMIT);
-    assert_eq!(b.cache_bytes().0, 4 * CLUSTER);
+    // Again: the first gives tables back as it misses, down to its share, and the budget is
+    // within its limit again; evicted tables are loaded again, right.
+    read_all(&mut a, &data);
+    assert_eq!(a.cache_bytes().0, LIMIT / 2);
+    read_all(&mut b, &data);
+    assert_eq!(b.cache_bytes().0, LIMIT / 2);
+    assert_eq!(budget.used_bytes(), LIMIT);
+    assert_eq!(budget.used_bytes(), used(&a) + used(&b));
 
     // A dropped shard gives its bytes back; the other grows into them.
     drop(a);
     assert_eq!(budget.used_bytes(), used(&b));
+    assert_eq!(budget.members(), 1);
     read_all(&mut b, &data);
     assert_eq!(b.cache_bytes().0, LIMIT);
     drop(b);
+    assert_eq!(budget.used_bytes(), 0);
+    assert_eq!(budget.members(), 0);
+}
+
+/// Bytes the caches of `s` hold now.
+fn used(s: &Shard) -> u64 {
+    let (l2, decompressed) = s.cache_bytes();
+    l2 + decompressed
+}
+
+#[test]
+fn shards_that_join_one_by_one_share_the_budget_fairly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(0xfa1e_5a7e);
+    let data: Vec<u8> = (0..SIZE).map(|_| rng.below(256) as u8).collect();
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let img = convert_raw_to_qcow2(
+        &raw,
+        &dir.path().join("c.qcow2"),
+        &format!("cluster_size={CLUSTER}"),
+        false,
+    );
+    let image = Image::open(&img, &OpenOptions::default()).unwrap();
+    let budget = CacheBudget::new(LIMIT);
+    let config = ShardConfig {
+        cache_budgets: vec![budget.clone()],
+        ..ShardConfig::default()
+    };
+    // Each joins when the others are done reading, and grows to its share (16, 8, then 5 of
+    // the 16 tables the budget holds) while the others keep theirs: the budget holds up to
+    // twice its limit.
+    let mut shards = Vec::new();
+    for (n, tables) in [(1, 16), (2, 8), (3, 5)] {
+        let mut s = image.new_shard(&config).unwrap();
+        read_all(&mut s, &data);
+        shards.push(s);
+        assert_eq!(budget.members(), n);
+        assert_eq!(shards[n as usize - 1].cache_bytes().0, tables * CLUSTER);
+    }
+    assert_eq!(budget.used_bytes(), 29 * CLUSTER);
+    assert!(budget.used_bytes() <= 2 * LIMIT + 3 * FLOOR);
+    // As they read again, those above their share give tables back while the budget is over
+    // its limit: the first down to its share, the second until the budget is within its
+    // limit; the third, at its share, keeps its tables.
+    for s in &mut shards {
+        read_all(s, &data);
+    }
+    let held: Vec<u64> = shards.iter().map(|s| s.cache_bytes().0 / CLUSTER).collect();
+    assert_eq!(held, [5, 6, 5]);
+    assert_eq!(budget.used_bytes(), LIMIT);
+    assert_eq!(budget.used_bytes(), shards.iter().map(used).sum::<u64>());
+    // Once two are gone, the last grows into the whole budget again.
+    let mut last = shards.pop().unwrap();
+    drop(shards);
+    assert_eq!(budget.members(), 1);
+    read_all(&mut last, &data);
+    assert_eq!(last.cache_bytes().0, LIMIT);
+    drop(last);
     assert_eq!(budget.used_bytes(), 0);
 }
 

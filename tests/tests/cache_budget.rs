@@ -1,9 +1,10 @@
 //! The engine caches of every export drawn from one budget per core thread
 //! (`cache_per_core`), through the real daemon: several exports, each with a client reading
 //! over more distinct L2 tables than the budget holds, all connected at once. Every read is
-//! right; the cache the core threads report (`qcow2d_core_cache_bytes`) stays within the
-//! budget and a floor per shard, and the daemon's anonymous memory grows by about that, where
-//! a budget that holds every table lets it grow by every export's tables.
+//! right; the cache the core threads report (`qcow2d_core_cache_bytes`) stays within twice the
+//! budget (shards that connect after the budget is used up still grow to their fair share)
+//! and a floor per shard, and the daemon's anonymous memory grows by about that, where a
+//! budget that holds every table lets it grow by every export's tables.
 
 use qcow2d_tests::frontend::rss_kib;
 use qcow2d_tests::*;
@@ -177,10 +178,10 @@ fn exports_on_one_daemon_share_a_cache_budget_per_core() {
     let small = run(&s, &img, "4M");
     let cores = small.limit_bytes / SMALL_BUDGET;
     assert_eq!(small.limit_bytes, cores * SMALL_BUDGET);
-    // Within the budget and a floor per shard (one per export), and far below what every
-    // export's tables take.
+    // Within twice the budget and a floor per shard (one per export), and far below what
+    // every export's tables take.
     assert!(
-        small.cache_bytes <= small.limit_bytes + EXPORTS as u64 * FLOOR_BYTES,
+        small.cache_bytes <= 2 * small.limit_bytes + EXPORTS as u64 * FLOOR_BYTES,
         "{} bytes cached with budgets of {} in all",
         small.cache_bytes,
         small.limit_bytes

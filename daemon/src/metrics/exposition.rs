@@ -332,8 +332,9 @@ impl Collector for Snapshot {
             ),
             (
                 "qcow2d_core_cache_limit",
-                "The cache budget of one core thread (each shard holds a floor of a few \
-                 clusters per image layer beyond it)",
+                "The cache budget of one core thread, an equal share of it per shard (the \
+                 shards hold up to twice it until those over their share miss, and a floor \
+                 of a few clusters per image layer beyond it)",
                 |c| c.cache_limit_bytes,
             ),
         ] {

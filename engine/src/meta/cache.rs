@@ -6,10 +6,23 @@
 //! kernel is writing into is never reused. When every slot is loading, the cache grows past its
 //! capacity rather than stall (bounded by the number of requests in flight).
 //!
-//! A cache may draw its slots from a [`CacheBudget`] shared with other caches
-//! ([`SlotCache::with_budget`]): past a floor of slots it adds one only if the budget has
-//! room, and otherwise reuses one of its own (CLOCK) as if it were full. The budget is
-//! touched only as a slot is added and as the cache is dropped, never on a lookup.
+//! A cache may draw its slots from a [`CacheBudget`] shared with other caches, as part of a
+//! member of it ([`CacheShare`], [`SlotCache::with_share`]): past a floor of slots it adds one
+//! only as the budget's policy allows (room in the budget, or a member below its fair share),
+//! and otherwise reuses one of its own (CLOCK) as if it were full; a cache whose member holds
+//! more than its fair share while the budget is over its limit also gives one more slot back
+//! as it reuses one. The budget is touched only on a miss with no free slot and as the cache
+//! is dropped, never on a lookup.
+//!
+//! Giving a slot back drops its buffer but keeps the slot, empty, under its id (a hollow
+//! slot), and a hollow slot is the first to get a buffer again when the cache grows. Slot ids
+//! are handed out (`u32`, to parts waiting on a load, to operations, to allocations that pin
+//! a table, to a shard's per-slot tags) and must stay meaning the same slot; removing slots
+//! from the vector would move others. Only a slot that CLOCK would reuse is given back (ready,
+//! clean, unpinned, not referenced since the hand last passed), and an id of such a slot is
+//! held by nothing: a reused slot gets a new key under the same id just as well. The cost of a
+//! hollow slot is its bookkeeping (under a hundred bytes), and there are never more slots than
+//! the most the cache held at once.
 //!
 //! A caller that can serve a miss without the cache (a whole compressed cluster inflated
 //! straight into guest memory) asks [`SlotCache::admit_on_repeat`] first: keys are admitted on
@@ -20,7 +33,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
 
-use super::budget::CacheBudget;
+use super::budget::{CacheBudget, CacheShare};
 
 /// Ways of each set of [`SlotCache`]'s recent-miss table.
 const RECENT_WAYS: usize = 4;
@@ -142,9 +155,12 @@ pub struct SlotCache {
     /// empty; set-associative, so a few keys that hash alike do not keep pushing each other
     /// out); about twice the capacity, allocated on first use.
     recent: Vec<[u64; RECENT_WAYS]>,
-    /// The budget the slots are drawn from, and the slots the cache may hold whatever the
-    /// budget's state (see [`SlotCache::with_budget`]).
-    budget: Option<(CacheBudget, usize)>,
+    /// The budget member the slots are drawn from, and the slots the cache may hold whatever
+    /// the budget's state (see [`SlotCache::with_share`]).
+    budget: Option<(CacheShare, usize)>,
+    /// Slots whose buffers were given back to the budget (empty, free, in no other list),
+    /// each once; given a buffer again before a slot is added.
+    hollow: Vec<u32>,
 }
 
 impl SlotCache {
@@ -166,22 +182,37 @@ impl SlotCache {
             misses: 0,
             recent: Vec::new(),
             budget: None,
+            hollow: Vec::new(),
         }
     }
 
-    /// Draws the buffers from `budget` (before the first is allocated): up to `floor` slots
-    /// (at least 1) are taken whatever the budget holds, more only while it has room; past
-    /// that the cache reuses its own slots as if it were full. Its bytes go back when the
-    /// cache is dropped. `capacity` stays the most it holds.
-    pub fn with_budget(mut self, budget: CacheBudget, floor: usize) -> SlotCache {
+    /// Draws the buffers from `budget` as a member of its own (see
+    /// [`SlotCache::with_share`]).
+    pub fn with_budget(self, budget: CacheBudget, floor: usize) -> SlotCache {
+        self.with_share(budget.share(), floor)
+    }
+
+    /// Draws the buffers from the budget of `share`, a member that other caches (those of the
+    /// same shard) may draw on too (before the first buffer is allocated): up to `floor`
+    /// slots (at least 1) are taken whatever the budget holds, more only as the budget's
+    /// policy allows (see [`CacheBudget`]); past that the cache reuses its own slots as if it
+    /// were full, and gives one more back on such a miss while its member holds more than its
+    /// fair share of a budget over its limit. Its bytes go back when the cache is dropped.
+    /// `capacity` stays the most it holds.
+    pub fn with_share(mut self, share: CacheShare, floor: usize) -> SlotCache {
         assert!(self.slots.is_empty(), "a budget is given before any slot");
-        self.budget = Some((budget, floor.max(1)));
+        self.budget = Some((share, floor.max(1)));
         self
+    }
+
+    /// Slots that hold a buffer (every slot but the hollow ones).
+    fn held_slots(&self) -> usize {
+        self.slots.len() - self.hollow.len()
     }
 
     /// Bytes of the buffers allocated now.
     pub fn allocated_bytes(&self) -> u64 {
-        (self.slots.len() as u64).saturating_mul(self.buf_bytes as u64)
+        (self.held_slots() as u64).saturating_mul(self.buf_bytes as u64)
     }
 
     /// Bytes of the buffers this cache holds when full (it may grow past that only while every
@@ -262,10 +293,28 @@ impl SlotCache {
         if let Some(id) = self.free.pop() {
             return id;
         }
-        if self.slots.len() < self.capacity && self.may_grow() {
-            return self.push_slot();
+        if self.held_slots() < self.capacity && self.may_grow() {
+            return self.add_slot();
         }
-        // CLOCK over ready slots, at most two sweeps.
+        let Some(id) = self.evict() else {
+            // Every slot is loading, dirty or pinned: grow rather than stall (past the budget
+            // too).
+            if let Some((share, _)) = &self.budget {
+                share.take(self.buf_bytes as u64);
+            }
+            return self.add_slot();
+        };
+        if self.should_shrink() {
+            if let Some(victim) = self.evict() {
+                self.release(victim);
+            }
+        }
+        id
+    }
+
+    /// CLOCK over ready, clean, unpinned slots, at most two sweeps: the slot found is unmapped
+    /// and free (in no list: the caller takes it).
+    fn evict(&mut self) -> Option<u32> {
         let n = self.slots.len();
         for _ in 0..2 * n {
             let i = self.hand;
@@ -280,33 +329,53 @@ impl SlotCache {
             }
             self.map.remove(&slot.key);
             slot.state = State::Free;
-            return i as u32;
+            return Some(i as u32);
         }
-        // Every slot is loading, dirty or pinned: grow rather than stall (past the budget
-        // too).
-        if let Some((budget, _)) = &self.budget {
-            budget.take(self.buf_bytes as u64);
-        }
-        self.push_slot()
+        None
     }
 
     /// Whether one more slot may be added, taking its bytes from the budget if so: always
-    /// below the floor, past it only while the budget has room.
+    /// below the floor, past it as the budget's policy allows.
     fn may_grow(&self) -> bool {
-        let Some((budget, floor)) = &self.budget else {
+        let Some((share, floor)) = &self.budget else {
             return true;
         };
         let bytes = self.buf_bytes as u64;
-        if self.slots.len() < *floor {
-            budget.take(bytes);
+        if self.held_slots() < *floor {
+            share.take(bytes);
             true
         } else {
-            budget.try_take(bytes)
+            share.try_grow(bytes)
         }
     }
 
-    /// Adds a slot (its bytes already taken from the budget, if any).
-    fn push_slot(&mut self) -> u32 {
+    /// Whether the cache, missing while full, gives a slot back besides the one it reuses:
+    /// while it holds more than its floor and its member more than its fair share of a budget
+    /// over its limit.
+    fn should_shrink(&self) -> bool {
+        self.budget
+            .as_ref()
+            .is_some_and(|(share, floor)| self.held_slots() > *floor && share.over_share())
+    }
+
+    /// Drops the buffer of slot `id`, just evicted (so free, clean, unpinned and in no list),
+    /// and gives its bytes back to the budget; the slot stays, hollow, under its id.
+    fn release(&mut self, id: u32) {
+        let slot = &mut self.slots[id as usize];
+        debug_assert!(matches!(slot.state, State::Free) && !slot.dirty && slot.pins == 0);
+        slot.buf = Box::default();
+        self.hollow.push(id);
+        if let Some((share, _)) = &self.budget {
+            share.give_back(self.buf_bytes as u64);
+        }
+    }
+
+    /// Adds a slot, a hollow one first (its bytes already taken from the budget, if any).
+    fn add_slot(&mut self) -> u32 {
+        if let Some(id) = self.hollow.pop() {
+            self.slots[id as usize].buf = vec![0u8; self.buf_bytes].into_boxed_slice();
+            return id;
+        }
         self.slots.push(Slot {
             key: 0,
             state: State::Free,
@@ -502,8 +571,8 @@ impl SlotCache {
 
 impl Drop for SlotCache {
     fn drop(&mut self) {
-        if let Some((budget, _)) = &self.budget {
-            budget.give_back(self.allocated_bytes());
+        if let Some((share, _)) = &self.budget {
+            share.give_back(self.allocated_bytes());
         }
     }
 }
@@ -608,43 +677,154 @@ mod tests {
         id
     }
 
-    #[test]
-    fn caches_sharing_a_budget_grow_within_it_past_their_floors() {
-        // Room for 6 slots of 16 bytes; each cache could hold 8, its floor is 2.
-        let budget = CacheBudget::new(6 * 16);
-        let mut a = SlotCache::new(8, 16).with_budget(budget.clone(), 2);
-        let mut b = SlotCache::new(8, 16).with_budget(budget.clone(), 2);
-        for key in 1..=5 {
-            load(&mut a, key);
-        }
-        assert_eq!(a.allocated_bytes(), 5 * 16);
-        assert_eq!(budget.used_bytes(), 5 * 16);
-        // `b` gets its floor (past the budget by one slot) and not one slot more: it reuses
-        // its own slots from then on.
-        let first: Vec<u32> = (101..=110).map(|key| load(&mut b, key)).collect();
-        assert_eq!(b.slots.len(), 2);
-        assert!(first.iter().all(|&id| id < 2), "{first:?}");
-        assert_eq!(budget.used_bytes(), 7 * 16);
-        // The last two keys stay cached, the ones before were evicted.
-        assert!(matches!(b.lookup(110), Lookup::Ready(_)));
-        assert!(matches!(b.lookup(109), Lookup::Ready(_)));
-        assert_eq!(b.lookup(101), Lookup::Miss);
-        // `a` is past its floor and the budget is used up: it reuses its slots too.
-        load(&mut a, 6);
-        assert_eq!(a.slots.len(), 5);
-        assert_eq!(budget.used_bytes(), 7 * 16);
-        // A hit leaves the budget alone.
-        assert!(matches!(a.lookup(6), Lookup::Ready(_)));
-        assert_eq!(budget.used_bytes(), 7 * 16);
+    /// Whether `key` is cached and ready in `c`.
+    fn ready(c: &mut SlotCache, key: u64) -> bool {
+        matches!(c.lookup(key), Lookup::Ready(_))
+    }
 
-        // Dropping `a` gives its bytes back: `b` grows again, up to the budget.
-        drop(a);
-        assert_eq!(budget.used_bytes(), 2 * 16);
-        for key in 201..=210 {
+    #[test]
+    fn a_cache_made_later_grows_to_its_fair_share_and_the_first_shrinks_toward_it() {
+        // Room for 8 slots of 16 bytes; each cache could hold 16, its floor is 2.
+        let budget = CacheBudget::new(8 * 16);
+        let mut a = SlotCache::new(16, 16).with_budget(budget.clone(), 2);
+        // Alone, `a` takes the whole budget, and no more.
+        let first: Vec<u32> = (1..=20).map(|key| load(&mut a, key)).collect();
+        assert_eq!(a.held_slots(), 8);
+        assert_eq!(budget.used_bytes(), 8 * 16);
+        assert!(first.iter().all(|&id| id < 8), "{first:?}");
+
+        // `b` joins a used-up budget: its fair share is half of it, and it grows that far
+        // (its floor, then two slots past the limit), then reuses its own slots.
+        let mut b = SlotCache::new(16, 16).with_budget(budget.clone(), 2);
+        assert_eq!(budget.members(), 2);
+        assert_eq!(budget.fair_share_bytes(), 4 * 16);
+        for key in 101..=120 {
             load(&mut b, key);
         }
-        assert_eq!(b.slots.len(), 6);
+        assert_eq!(b.held_slots(), 4);
+        assert_eq!(budget.used_bytes(), 12 * 16);
+        assert!((117..=120).all(|key| ready(&mut b, key)));
+        assert!(!ready(&mut b, 116));
+
+        // Hits leave everything as it is: `a` keeps its 8 slots while it only hits.
+        assert!((13..=20).all(|key| ready(&mut a, key)));
+        assert_eq!(a.held_slots(), 8);
+        assert_eq!(budget.used_bytes(), 12 * 16);
+
+        // As `a` misses while over its share of a budget over its limit, each miss reuses a
+        // slot and gives one more back, down to its share, where the budget is within its
+        // limit again.
+        for (n, key) in (21..=24).enumerate() {
+            load(&mut a, key);
+            assert_eq!(a.held_slots(), 7 - n);
+        }
+        assert_eq!(budget.used_bytes(), 8 * 16);
+        // There it stays: reusing its own slots, giving none back.
+        for key in 25..=40 {
+            load(&mut a, key);
+        }
+        assert_eq!(a.held_slots(), 4);
+        assert!((37..=40).all(|key| ready(&mut a, key)));
+        for key in 121..=140 {
+            load(&mut b, key);
+        }
+        assert_eq!(b.held_slots(), 4);
+        assert_eq!(budget.used_bytes(), 8 * 16);
+        // The slots given back keep their ids (hollow), nothing past them was added.
+        assert_eq!(a.slots.len(), 8);
+        assert_eq!(a.hollow.len(), 4);
+        assert!(a.hollow.iter().all(|&id| a.buf(id).is_empty()));
+
+        // Dropping `b` gives its bytes back and leaves `a` alone: it grows again, into its
+        // hollow slots first.
+        drop(b);
+        assert_eq!(budget.members(), 1);
+        assert_eq!(budget.used_bytes(), 4 * 16);
+        let again: Vec<u32> = (41..=60).map(|key| load(&mut a, key)).collect();
+        assert!(again.iter().all(|&id| id < 8), "{again:?}");
+        assert_eq!(a.slots.len(), 8);
+        assert!(a.hollow.is_empty());
+        assert!((0..8).all(|id| a.buf(id).len() == 16));
+        assert_eq!(budget.used_bytes(), 8 * 16);
+        drop(a);
+        assert_eq!(budget.used_bytes(), 0);
+        assert_eq!(budget.members(), 0);
+    }
+
+    #[test]
+    fn caches_of_one_member_draw_on_one_fair_share() {
+        let budget = CacheBudget::new(8 * 16);
+        let mut other = SlotCache::new(16, 16).with_budget(budget.clone(), 1);
+        for key in 1..=8 {
+            load(&mut other, key);
+        }
+        // Two caches of one shard: one member, half the budget between them.
+        let share = budget.share();
+        let mut l2 = SlotCache::new(16, 16).with_share(share.clone(), 1);
+        let mut decompressed = SlotCache::new(16, 16).with_share(share.clone(), 1);
+        drop(share);
+        assert_eq!(budget.members(), 2);
+        for key in 1..=10 {
+            load(&mut l2, key);
+        }
+        assert_eq!(l2.held_slots(), 4);
+        // The other cache of the member has its floor, and no more.
+        for key in 1..=10 {
+            load(&mut decompressed, key);
+        }
+        assert_eq!(decompressed.held_slots(), 1);
+        assert_eq!(budget.used_bytes(), 13 * 16);
+        drop(l2);
+        drop(decompressed);
+        assert_eq!(budget.members(), 1);
+        assert_eq!(budget.used_bytes(), 8 * 16);
+    }
+
+    #[test]
+    fn only_ready_clean_unpinned_slots_are_given_back() {
+        let budget = CacheBudget::new(4 * 16);
+        let mut a = SlotCache::new(8, 16).with_budget(budget.clone(), 1);
+        // A changed table, a pinned one, two clean ones: the whole budget.
+        let dirty = a.insert_new(1);
+        a.mark_all_dirty(dirty);
+        let pinned = load(&mut a, 2);
+        a.pin(pinned);
+        load(&mut a, 3);
+        load(&mut a, 4);
+        let mut b = SlotCache::new(8, 16).with_budget(budget.clone(), 1);
+        load(&mut b, 100);
+        load(&mut b, 101);
         assert_eq!(budget.used_bytes(), 6 * 16);
+
+        // `a` is over its share: a miss reuses one clean slot and gives the other back.
+        let loading = a.start_load(5);
+        assert_eq!(a.held_slots(), 3);
+        assert!(!ready(&mut a, 3) && !ready(&mut a, 4));
+        assert!(ready(&mut a, 1) && ready(&mut a, 2));
+        assert_eq!(a.lookup(5), Lookup::Loading(loading));
+        assert_eq!(a.buf(dirty).len(), 16);
+        assert_eq!(a.buf(pinned).len(), 16);
+        assert_eq!(a.buf(loading).len(), 16);
+        // Every slot it holds is dirty, pinned or loading: it grows rather than stall, into
+        // the hollow slot.
+        let grown = a.start_load(6);
+        assert_eq!(a.held_slots(), 4);
+        assert_eq!(a.buf(grown).len(), 16);
+        assert!(a.hollow.is_empty());
+
+        // Once the table is flushed, the pin released and the loads done, those slots are
+        // clean and ready: the next misses reuse and give back down to its share.
+        let mut flushed = Vec::new();
+        a.take_dirty(&mut flushed);
+        assert_eq!(flushed, vec![(1, dirty)]);
+        a.unpin(pinned);
+        a.finish_load(loading);
+        a.finish_load(grown);
+        load(&mut a, 7);
+        load(&mut a, 8);
+        assert_eq!(a.held_slots(), 2);
+        assert_eq!(budget.used_bytes(), 4 * 16);
+        drop(a);
         drop(b);
         assert_eq!(budget.used_bytes(), 0);
     }
@@ -658,16 +838,17 @@ mod tests {
         let b = c.start_load(2);
         assert_ne!(a, b);
         assert_eq!(budget.used_bytes(), 2 * 16);
-        // Once one is ready, it is reused instead.
+        // Once they are ready, one is reused instead, and the other given back: the cache is
+        // past its floor and its share of a budget over its limit.
         c.finish_load(a);
         c.finish_load(b);
         let d = c.start_load(3);
         assert!(d == a || d == b);
-        assert_eq!(budget.used_bytes(), 2 * 16);
+        assert_eq!(budget.used_bytes(), 16);
         // A freed slot is reused before anything else, and stays counted.
         c.fail_load(d);
         assert_eq!(c.start_load(4), d);
-        assert_eq!(budget.used_bytes(), 2 * 16);
+        assert_eq!(budget.used_bytes(), 16);
         drop(c);
         assert_eq!(budget.used_bytes(), 0);
     }

@@ -15,7 +15,7 @@ pub mod overlap;
 mod plan;
 mod refcount;
 
-pub use budget::CacheBudget;
+pub use budget::{CacheBudget, CacheShare};
 pub use cache::{Lookup, SlotCache, U64Hasher, WaitList, NO_ID};
 pub use overlap::{class, MetaMap};
 pub use plan::{resolve, Geometry, Step};

@@ -22,10 +22,14 @@ pub struct ShardConfig {
     /// Budgets shared with other shards that the caches (L2 tables and decompressed
     /// clusters) draw their memory from: shard `index` draws from
     /// `cache_budgets[index % len]`, so that [`Image::new_shards`](crate::Image::new_shards)
-    /// can give each shard the budget of the thread that will run it. Within a budget each
-    /// cache keeps its own limit (the image's L2 cache size, `decompressed_cache_bytes`) and a
-    /// floor of a few slots per layer (see [`CacheBudget`]). Empty (the default): no shared
-    /// budget, each cache grows to its own limit.
+    /// can give each shard the budget of the thread that will run it. Each shard is one
+    /// member of its budget: its caches may hold the budget's fair share (the limit divided
+    /// by the shards drawing from it) whatever the others took, more only while the budget
+    /// has room, and give slots back as they miss while the shard holds more than its share
+    /// of a budget over its limit. Within a budget each cache keeps its own limit (the
+    /// image's L2 cache size, `decompressed_cache_bytes`) and a floor of a few slots per
+    /// layer (see [`CacheBudget`]). Empty (the default): no shared budget, each cache grows
+    /// to its own limit.
     pub cache_budgets: Vec<CacheBudget>,
     /// Most bytes of scratch buffers that compressed reads in flight may hold together (a
     /// compressed extent's buffer, and a cluster prefix's); a read that would need more waits

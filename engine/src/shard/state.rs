@@ -24,7 +24,7 @@ use super::reserve::Reservations;
 use super::slab::{OpId, Slab};
 
 use crate::layer::KindRef;
-use crate::meta::SlotCache;
+use crate::meta::{CacheBudget, SlotCache};
 use crate::shared::ImageInner;
 
 pub(super) struct LayerCaches {
@@ -124,8 +124,11 @@ impl State {
             .count()
             .max(1) as u64;
         let l2_slots = l2_slots_per_layer(inner);
-        let shared = |cache: SlotCache, floor: usize| match config.cache_budget() {
-            Some(budget) => cache.with_budget(budget.clone(), floor),
+        // The shard is one member of the shared budget: its caches (two per qcow2 layer) draw
+        // on one fair share, so a shard's share does not depend on its image's chain.
+        let share = config.cache_budget().map(CacheBudget::share);
+        let shared = |cache: SlotCache, floor: usize| match &share {
+            Some(share) => cache.with_share(share.clone(), floor),
             None => cache,
         };
         for (i, layer) in inner.layers().enumerate() {
