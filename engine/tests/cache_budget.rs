@@ -17,6 +17,24 @@ const LIMIT: u64 = 16 * CLUSTER;
 /// (one qcow2 layer).
 const FLOOR: u64 = (4 + 2) * CLUSTER;
 
+/// An image of `SIZE` random bytes (from `seed`) in 1 KiB clusters, made by `qemu-img` in a
+/// temporary directory (kept as long as the first value), the bytes, and the image opened.
+fn image_of_random_data(seed: u64) -> (tempfile::TempDir, Vec<u8>, Image) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(seed);
+    let data: Vec<u8> = (0..SIZE).map(|_| rng.below(256) as u8).collect();
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let img = convert_raw_to_qcow2(
+        &raw,
+        &dir.path().join("image.qcow2"),
+        &format!("cluster_size={CLUSTER}"),
+        false,
+    );
+    let image = Image::open(&img, &OpenOptions::default()).unwrap();
+    (dir, data, image)
+}
+
 /// Reads `buf.len()` bytes at `offset` through `shard`, waiting for the result.
 fn read(shard: &mut Shard, offset: u64, buf: &mut [u8]) {
     let iov = [libc::iovec {
@@ -47,18 +65,7 @@ fn read_all(shard: &mut Shard, data: &[u8]) {
 
 #[test]
 fn shards_sharing_a_budget_read_right_within_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = Rng::new(0x5eed_cac4e);
-    let data: Vec<u8> = (0..SIZE).map(|_| rng.below(256) as u8).collect();
-    let raw = dir.path().join("src.raw");
-    std::fs::write(&raw, &data).unwrap();
-    let img = convert_raw_to_qcow2(
-        &raw,
-        &dir.path().join("a.qcow2"),
-        &format!("cluster_size={CLUSTER}"),
-        false,
-    );
-    let image = Image::open(&img, &OpenOptions::default()).unwrap();
+    let (_dir, data, image) = image_of_random_data(0x5eed_cac4e);
     let budget = CacheBudget::new(LIMIT);
     let config = ShardConfig {
         cache_budgets: vec![budget.clone()],
@@ -111,18 +118,7 @@ fn used(s: &Shard) -> u64 {
 
 #[test]
 fn shards_that_join_one_by_one_share_the_budget_fairly() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = Rng::new(0xfa1e_5a7e);
-    let data: Vec<u8> = (0..SIZE).map(|_| rng.below(256) as u8).collect();
-    let raw = dir.path().join("src.raw");
-    std::fs::write(&raw, &data).unwrap();
-    let img = convert_raw_to_qcow2(
-        &raw,
-        &dir.path().join("c.qcow2"),
-        &format!("cluster_size={CLUSTER}"),
-        false,
-    );
-    let image = Image::open(&img, &OpenOptions::default()).unwrap();
+    let (_dir, data, image) = image_of_random_data(0xfa1e_5a7e);
     let budget = CacheBudget::new(LIMIT);
     let config = ShardConfig {
         cache_budgets: vec![budget.clone()],
@@ -163,18 +159,7 @@ fn shards_that_join_one_by_one_share_the_budget_fairly() {
 
 #[test]
 fn each_shard_of_a_group_draws_from_its_own_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = Rng::new(0xb0d9e7);
-    let data: Vec<u8> = (0..SIZE).map(|_| rng.below(256) as u8).collect();
-    let raw = dir.path().join("src.raw");
-    std::fs::write(&raw, &data).unwrap();
-    let img = convert_raw_to_qcow2(
-        &raw,
-        &dir.path().join("b.qcow2"),
-        &format!("cluster_size={CLUSTER}"),
-        false,
-    );
-    let image = Image::open(&img, &OpenOptions::default()).unwrap();
+    let (_dir, data, image) = image_of_random_data(0xb0d9e7);
     let budgets = [CacheBudget::new(LIMIT), CacheBudget::new(2 * LIMIT)];
     let config = ShardConfig {
         cache_budgets: budgets.to_vec(),
