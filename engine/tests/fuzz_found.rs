@@ -811,6 +811,43 @@ fn repair_does_not_grow_the_file_where_references_overflow_the_refcount_width() 
     repair_like_qemu(image);
 }
 
+/// The same with 2- and 4-bit refcounts, made by hand: an L2 table that also names itself as a
+/// data cluster (so the repair does not rewrite it), and in it 10 (24) entries with COPIED
+/// naming the cluster just past the end of the file, whose stored refcount is 1. Grown over
+/// it, the file counted it 10 (24) times: the count overflowed the width, and the flags, right
+/// while the stored refcount was 1, were wrong at the maximum; 14 corruptions became 17, 28
+/// became 33. Rehearsed, the rebuild is refused now. (QEMU's repair counts fewer errors, 10
+/// and 12, by writing its new refcount block into that cluster, where the 10 (24) entries
+/// point: guest data there would overwrite refcounts.)
+#[test]
+fn repair_does_not_grow_the_file_where_references_overflow_2_and_4_bit_refcounts() {
+    let images: [(&[u8], u64, u64); 2] = [
+        (
+            include_bytes!("data/fuzz/repair-grown-refcounts-overflow-2bit.img"),
+            14,
+            17,
+        ),
+        (
+            include_bytes!("data/fuzz/repair-grown-refcounts-overflow-4bit.img"),
+            28,
+            33,
+        ),
+    ];
+    for (image, found, rehearsed) in images {
+        let (_dir, path) = image_file(image);
+        let before = check(&path, false).unwrap();
+        assert_eq!((before.corruptions, before.leaks), (found, 0), "{before}");
+        let repaired = check(&path, true).unwrap();
+        let refusal = format!("Not rebuilding the refcount structure: rehearsed, the repair with a new one would leave {rehearsed} corruptions where the check found {found}");
+        assert!(
+            repaired.messages.contains(&refusal),
+            "{:?}",
+            repaired.messages
+        );
+        assert_eq!(repair_consistent(image), (found, 0));
+    }
+}
+
 /// Found by the `check_repair` fuzz target (minimized): 1-bit refcounts, a refcount
 /// structure to rebuild, a snapshot table to write again (an entry without its extra data)
 /// and many references past the end of the file. The repair grew the file (to 64, 96 and 8
