@@ -889,3 +889,27 @@ fn repair_does_not_grow_the_file_where_found_references_overflow() {
         assert_eq!(repair_consistent(image), (found, 0));
     }
 }
+
+/// Made by hand while looking for repairs that add corruptions without growing the file:
+/// 2-bit refcounts, an L2 table that names itself as a data cluster (so the repair does not
+/// rewrite it), with COPIED set there and on two entries naming one data cluster, whose
+/// stored refcounts say 1. The refcounts fixed in place (2 for both clusters) made the
+/// three flags wrong in a table the repair leaves: 2 corruptions became 3. Such an in-place
+/// repair is rehearsed now, and refused. (QEMU's repair rewrites the table anyway and ends
+/// clean.)
+#[test]
+fn repair_does_not_fix_refcounts_in_place_where_flags_it_cannot_fix_would_turn_wrong() {
+    let image = include_bytes!("data/fuzz/repair-in-place-copied-in-a-shared-table.img");
+    let (_dir, path) = image_file(image);
+    let before = check(&path, false).unwrap();
+    assert_eq!((before.corruptions, before.leaks), (2, 0), "{before}");
+    let repaired = check(&path, true).unwrap();
+    assert!(
+        repaired.messages.iter().any(|m| m.starts_with(
+            "Not repairing the refcounts: rehearsed, the repair would leave 3 corruptions where the check found 2"
+        )),
+        "{:?}",
+        repaired.messages
+    );
+    assert_eq!(repair_consistent(image), (2, 0));
+}

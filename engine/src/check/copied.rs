@@ -329,6 +329,27 @@ impl Analysis {
 }
 
 impl Analysis {
+    /// Whether the COPIED fix may meet an active L1 or L2 table it does not write: one in the
+    /// header's cluster, or whose cluster something else uses too ([`Analysis::only_as`]).
+    /// The flags there stay as they are whatever the refcounts become.
+    pub(super) fn has_unwritable_table(&self) -> bool {
+        let g = self.g;
+        let unwritable = |c: u64, refs: u64| c == 0 || !self.only_as(c, refs);
+        let l2 = self
+            .l2_tables
+            .iter()
+            .any(|(&off, u)| u.active && unwritable(off >> g.cb, u.refs));
+        let l1_bytes = u64::from(self.header.l1_size) * 8;
+        let first = self.header.l1_table_offset >> g.cb;
+        let end = self
+            .header
+            .l1_table_offset
+            .saturating_add(l1_bytes)
+            .div_ceil(g.cs)
+            .min(g.file_clusters.saturating_add(1));
+        l2 || (l1_bytes > 0 && (first..end.max(first + 1)).any(|c| unwritable(c, 1)))
+    }
+
     /// Whether the `refs` references of the table the repair writes are all cluster `c` has,
     /// but those from the header's cluster walked as an L2 table, which name no guest data
     /// ([`Analysis::header_l2_refs`]). Never where the count overflowed the refcount width

@@ -232,46 +232,68 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         _ => (first, UnderSnapshotL1::Keep),
     };
     let rebuild = needs_rebuild(&first);
-    if first.check_errors == 0 && !rebuild && !rewrites_snapshot_table(&first, &snapshots) {
+    let rewrite = rewrites_snapshot_table(&first, &snapshots);
+    // Refcounts fixed in place change how the COPIED flags are judged, and those of a table
+    // the repair does not rewrite (its cluster is used by something else too) stay as they
+    // are: they may be right by the stored refcount and wrong by the expected one.
+    let in_place = !rebuild && !rewrite && first.mismatches > 0 && first.has_unwritable_table();
+    if first.check_errors == 0 && !rebuild && !rewrite && !in_place {
         return repair_image(&mut t, first, snapshots, cut, log, None, under);
     }
     // A new refcount structure (or a snapshot table written again, which may need one) is
     // rehearsed first, and made only where the repair with it leaves no more corruptions
     // than the check found. Laid out, it may grow the file over regions that ran past its
     // end, which then count: with a narrow refcount width, references to them may overflow
-    // it, and COPIED flags that follow such a count may stay wrong. Behind refcount blocks
-    // the check cannot read, no more corruptions and leaks either: those blocks hide the
-    // COPIED flags of the tables whose refcounts they hold (QEMU's check skips them); a
+    // it, and COPIED flags that follow such a count may stay wrong. So are refcounts fixed in
+    // place where a table the repair does not rewrite holds COPIED flags. Behind refcount
+    // blocks the check cannot read, no more corruptions and leaks either: those blocks hide
+    // the COPIED flags of the tables whose refcounts they hold (QEMU's check skips them); a
     // rebuild makes them readable, and the flags the repair cannot fix (in tables that share
     // their clusters with other metadata or data) count again.
     let unreadable = first.check_errors > 0;
     let rehearsed = rehearse_repair(&mut t, first, &snapshots, cut, under);
+    let refused = |why: String| Some(Refusal { why, in_place });
     let refusal = match rehearsed {
-        Ok(r) if unreadable && (r.corruptions > found.0 || r.corruptions + r.leaks > found.0 + found.1) => Some(format!(
+        Ok(r) if unreadable && (r.corruptions > found.0 || r.corruptions + r.leaks > found.0 + found.1) => refused(format!(
             "Not rebuilding the refcount structure: with the refcount blocks the check cannot read rebuilt, {} corruptions and {} leaks would remain where it found {} and {} (COPIED flags behind those blocks, in tables the repair does not rewrite)",
             r.corruptions, r.leaks, found.0, found.1
         )),
-        Ok(r) if r.corruptions > found.0 => Some(if rebuild {
+        Ok(r) if r.corruptions > found.0 => refused(if rebuild {
             format!(
                 "Not rebuilding the refcount structure: rehearsed, the repair with a new one would leave {} corruptions where the check found {}",
                 r.corruptions, found.0
             )
-        } else {
+        } else if rewrite {
             format!(
                 "Not writing the snapshot table again: rehearsed, the repair that writes it would leave {} corruptions where the check found {}",
+                r.corruptions, found.0
+            )
+        } else {
+            format!(
+                "Not repairing the refcounts: rehearsed, the repair would leave {} corruptions where the check found {} (COPIED flags that follow the refcounts, in tables the repair does not rewrite)",
                 r.corruptions, found.0
             )
         }),
         Ok(_) => None,
         Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+        // Refcounts fixed in place without a rehearsal, as they always were (more memory
+        // than a rehearsal may take, say): a dirty image needs them.
+        Err(_) if in_place && !unreadable => None,
         // Not known to end no worse (more memory than a rehearsal may take, or the repair
         // failed): not made.
-        Err(e) => Some(format!(
+        Err(e) => refused(format!(
             "Not rebuilding the refcount structure: the rebuild could not be rehearsed ({e})"
         )),
     };
     let first = analyze(&mut t, &snapshots)?;
     repair_image(&mut t, first, snapshots, cut, log, refusal, under)
+}
+
+/// Why a rehearsal ([`rehearse_repair`]) refused part of a repair: a new refcount structure
+/// and the snapshot table written again, and with `in_place` the refcounts fixed in place too.
+struct Refusal {
+    why: String,
+    in_place: bool,
 }
 
 /// Whether the repair of `a` writes the snapshot table again (entries with truncated or
@@ -315,16 +337,17 @@ fn rehearse_repair(
 
 /// The repair after the first analysis (`first`, which counted `cut` snapshots dropped off
 /// the table as corruptions): zero entries, the snapshot table, the refcounts, the COPIED
-/// flags, the header's flags, and the report of the image as it is left. With `refusal` (why)
-/// no new refcount structure is written, nor the snapshot table written again; `under` says
-/// whether one is written where a snapshot's L1 table covers the header's fields.
+/// flags, the header's flags, and the report of the image as it is left. With `refusal` no
+/// new refcount structure is written, nor the snapshot table written again (nor refcounts
+/// fixed in place, where it says so); `under` says whether one is written where a snapshot's
+/// L1 table covers the header's fields.
 fn repair_image(
     t: &mut Target,
     mut first: Analysis,
     mut snapshots: SnapshotTable,
     cut: u64,
     mut log: Log,
-    refusal: Option<String>,
+    refusal: Option<Refusal>,
     under: UnderSnapshotL1,
 ) -> Result<CheckReport, Error> {
     let (first_corruptions, first_leaks) = (first.corruptions + cut, first.leaks);
@@ -344,7 +367,7 @@ fn repair_image(
                 }
             }
             // Said by the refcount repair when it is refused there.
-            Some(why) if !needs_rebuild(&first) => log.push(why.clone()),
+            Some(r) if !needs_rebuild(&first) => log.push(r.why.clone()),
             Some(_) => {}
         }
     }
@@ -372,12 +395,12 @@ fn repair_refcounts(
     t: &mut Target,
     mut first: Analysis,
     snapshots: &SnapshotTable,
-    refusal: Option<String>,
+    refusal: Option<Refusal>,
     under: UnderSnapshotL1,
     log: &mut Log,
 ) -> Result<(), Error> {
-    if let Some(why) = refusal.filter(|_| needs_rebuild(&first)) {
-        log.push(why);
+    if let Some(r) = refusal.filter(|r| r.in_place || needs_rebuild(&first)) {
+        log.push(r.why);
         return Ok(());
     }
     // Whether the refcounts can be made right is decided before anything is written: the
