@@ -100,20 +100,23 @@ pub fn density(options: &DensityOptions) -> Result<DensityReport> {
     }
     std::fs::create_dir_all(&options.out)
         .with_context(|| format!("Creating {}", options.out.display()))?;
+    // The config file names the sockets, and a relative name in it is relative to the file.
+    let out = std::path::absolute(&options.out)
+        .with_context(|| format!("Resolving {}", options.out.display()))?;
     let image = std::path::absolute(&options.image)
         .with_context(|| format!("Resolving {}", options.image.display()))?;
     let sockets: Vec<PathBuf> = (0..options.exports)
-        .map(|i| options.out.join(format!("density-{i}.sock")))
+        .map(|i| out.join(format!("density-{i}.sock")))
         .collect();
     let mut results = Vec::new();
     for server in ["qcow2d", "qemu-storage-daemon"] {
         for socket in &sockets {
             let _ = std::fs::remove_file(socket);
         }
-        let log = options.out.join(format!("density-{server}.log"));
+        let log = out.join(format!("density-{server}.log"));
         let _ = std::fs::remove_file(&log);
         let mut process = if server == "qcow2d" {
-            let config = options.out.join("density-qcow2d.toml");
+            let config = out.join("density-qcow2d.toml");
             std::fs::write(&config, qcow2d_config(&image, &sockets))
                 .with_context(|| format!("Writing {}", config.display()))?;
             Server::start_qcow2d_config(&options.qcow2d, &config, &sockets, &log)?
