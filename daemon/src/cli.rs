@@ -290,7 +290,7 @@ pub struct ServeArgs {
 
     /// The nice value the daemon's threads run at: its core threads run every connection's
     /// I/O (-20 to 19; a value below 0 needs root or a RLIMIT_NICE allowing it, and is set
-    /// before --user drops root). Overrides a config file's `nice` [default: -10]
+    /// before --user drops root). Overrides a config file's `nice` [default: -5]
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub nice: Option<i64>,
 

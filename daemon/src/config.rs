@@ -11,7 +11,7 @@
 //! allow_paths = ["/var/lib/images/base"]  # optional: for every export (see below)
 //! seccomp = "kill"        # optional: kill (default), trap, log or none (see crate::sandbox)
 //! user = "qcow2d:kvm"     # optional: serve as this USER[:GROUP] once set up (start as root)
-//! nice = -10            # optional: the daemon's threads' nice value, -20..19 (default -10)
+//! nice = -5             # optional: the daemon's threads' nice value, -20..19 (default -5)
 //! cache_per_core = "256M"  # optional: L2 and decompressed-cluster cache per core thread
 //!
 //! [[export]]
@@ -273,7 +273,7 @@ pub fn cache_per_core_value(text: &str, file: Option<&Path>) -> Result<u64, Conf
 /// The daemon's nice value unless configured: above the guests' vCPU threads (nice 0), since
 /// each core thread serves the I/O of every VM placed on it and a preempted one holds up all
 /// of them.
-pub const DEFAULT_NICE: i32 = -10;
+pub const DEFAULT_NICE: i32 = -5;
 
 /// Checks a nice value (`--nice`, `nice`; `file`: the config file, if from one).
 pub fn nice_value(value: i64, file: Option<&Path>) -> Result<i32, ConfigError> {
@@ -1173,7 +1173,7 @@ socket = "/run/b.sock"
     }
 
     #[test]
-    fn nice_defaults_to_minus_ten_and_takes_a_nice_value() {
+    fn nice_is_unset_by_default_and_takes_a_nice_value() {
         assert_eq!(parse_ok(EXPORT).nice, None);
         assert_eq!(parse_ok(&format!("nice = 5\n{EXPORT}")).nice, Some(5));
         assert_eq!(parse_ok(&format!("nice = -20\n{EXPORT}")).nice, Some(-20));

@@ -444,7 +444,7 @@ fn user_drops_every_privilege() {
             assert!(t.caps.iter().all(|(_, v)| *v == 0), "{t:?}");
         }
         // The core threads took their default nice value with no privilege left.
-        assert_eq!(core_nice_values(pid), vec![-10; cpus()]);
+        assert_eq!(core_nice_values(pid), vec![-5; cpus()]);
         Ok(data)
     })
     .unwrap_or_else(|e| panic!("client: {e}\n{}", d.stderr()));
