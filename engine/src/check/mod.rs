@@ -251,6 +251,9 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
     // rebuild makes them readable, and the flags the repair cannot fix (in tables that share
     // their clusters with other metadata or data) count again.
     let unreadable = first.check_errors > 0;
+    // With refcounts of 16 bits or more, the regions a grown file makes count cannot overflow
+    // them (a cluster named 65,535 times over).
+    let wide_refcounts = first.g.order >= 4;
     let rehearsed = rehearse_repair(&mut t, first, &snapshots, cut, under);
     let refused = |why: String| Some(Refusal { why, in_place });
     let refusal = match rehearsed {
@@ -279,6 +282,10 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         // Refcounts fixed in place without a rehearsal, as they always were (more memory
         // than a rehearsal may take, say): a dirty image needs them.
         Err(_) if in_place && !unreadable => None,
+        // An image too large to rehearse whose refcount structure needs rebuilding: rebuilt
+        // unrehearsed, as it always was, where the width leaves no room for overflow (a
+        // refusal would leave it unrepairable); not behind unreadable blocks.
+        Err(e) if e.kind() == ErrorKind::Unsupported && wide_refcounts && !unreadable => None,
         // Not known to end no worse (more memory than a rehearsal may take, or the repair
         // failed): not made.
         Err(e) => refused(format!(
