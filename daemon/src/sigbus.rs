@@ -335,6 +335,22 @@ mod tests {
             .collect()
     }
 
+    /// The first `len` bytes of `file` mapped shared, read and write (`MAP_FAILED` if the
+    /// mmap failed: the caller checks).
+    fn map_shared(file: &std::fs::File, len: usize) -> *mut libc::c_void {
+        // SAFETY: a new shared mapping of a file the caller owns, at an address the kernel
+        // picks: nothing of ours is replaced.
+        unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        }
+    }
     #[test]
     fn a_truncated_guest_mapping_reads_as_zeros_instead_of_killing_the_process() {
         let _one = TRUNCATING.lock().unwrap_or_else(PoisonError::into_inner);
@@ -353,17 +369,7 @@ mod tests {
         let file = unsafe { std::fs::File::from_raw_fd(fd) };
         let len = 4 * PAGE.load(Ordering::Relaxed);
         file.set_len(len as u64).unwrap();
-        // SAFETY: maps the whole file, shared; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
+        let ptr = map_shared(&file, len);
         assert_ne!(ptr, libc::MAP_FAILED);
         let bytes = ptr.cast::<u8>();
         // SAFETY: within the mapping, and the file covers it.
@@ -422,17 +428,7 @@ mod tests {
         let Some(file) = crate::fdcheck::tests::huge_memfd(page, len as u64, 0) else {
             return;
         };
-        // SAFETY: maps the whole file, shared, its pages reserved now; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
+        let ptr = map_shared(&file, len);
         assert_ne!(
             ptr,
             libc::MAP_FAILED,
