@@ -646,6 +646,74 @@ fn refcount_block_sharing_a_cluster_at_full_width_is_rebuilt() {
     assert_eq!(r.corruptions_fixed, 1, "{r:?}");
 }
 
+/// With 1-bit refcounts, two L2 entries naming one data cluster: the second reference
+/// overflows the width and the cluster counts 1, as if unshared. A repair by that width
+/// (QEMU's) leaves the overflow and sets COPIED on both entries, so that a write through one
+/// lands in place under the other; with COPIED clear, a write through one would copy the
+/// cluster away and free it while the other still names it. The repair widens the refcounts
+/// to 16 bits instead: the cluster counts 2, neither entry has COPIED, both checks find the
+/// image clean, and a write through one reference leaves what the other reads.
+#[test]
+fn references_that_overflow_1_bit_refcounts_widen_them() {
+    for copied in [true, false] {
+        let d = Dir::new();
+        let p = d.image(
+            "shared.qcow2",
+            "cluster_size=4096,refcount_bits=1",
+            "1M",
+            &["write -P 0x11 0 4k", "write -P 0x22 64k 4k"],
+        );
+        let mut shared = 0;
+        edit(&p, |l, img| {
+            let l2 = (l.first_l2_cluster(img) << l.cluster_bits) as usize;
+            let e = be64(img, l2);
+            shared = (e & 0x00ff_ffff_ffff_fe00) >> l.cluster_bits;
+            let e = if copied { e } else { e & !(1 << 63) };
+            img[l2 + 16 * 8..l2 + 17 * 8].copy_from_slice(&e.to_be_bytes());
+        });
+        let before = assert_agrees(&p);
+        assert!(before.corruptions > 0, "{before}");
+        let r = check(&p, true).unwrap();
+        assert!(
+            r.messages
+                .iter()
+                .any(|m| m.starts_with("Widened the refcounts from 1 to 16 bits")),
+            "{:?}",
+            r.messages
+        );
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{r}");
+        assert_clean(&p);
+        let q = qemu_check(&p);
+        assert_eq!(q.exit, 0, "qemu-img check: {}{}", q.json, q.stderr);
+        let img = read_file(&p);
+        let l = layout(&img);
+        assert_eq!(l.refcount_order, 4);
+        assert_eq!(l.refcount(&img, shared), 2);
+        let l2 = (l.first_l2_cluster(&img) << l.cluster_bits) as usize;
+        for at in [l2, l2 + 16 * 8] {
+            assert_eq!(be64(&img, at), shared << l.cluster_bits, "entry at {at:#x}");
+        }
+        let image = Image::open(
+            &p,
+            &OpenOptions {
+                read_only: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        image.write_at(&[0x33; 4096], 0).unwrap();
+        let mut buf = vec![0u8; 4096];
+        image.read_at(&mut buf, 64 << 10).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0x11),
+            "the other reference changed"
+        );
+        image.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x33));
+        image.close().unwrap();
+    }
+}
+
 /// A refcount structure to rebuild, free clusters inside the file (discarded data), and an
 /// L2 entry pointing at the cluster just past the end of the file. A new structure appended
 /// to the file would land where that entry points, so the rebuild was refused and every

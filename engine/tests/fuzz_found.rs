@@ -793,22 +793,30 @@ fn repair_never_writes_a_table_in_a_cluster_whose_count_overflowed() {
 /// block, which makes the structure be rebuilt). The new structure goes past the end, so the
 /// file grew over that cluster, which then counted ten references: nine overflow the 1-bit
 /// refcount, and its refcount of 1 wants COPIED flags in a table the repair does not rewrite
-/// (shared): 14 corruptions became 22. Rehearsed, the rebuild is refused now, and the repair
-/// ends where QEMU's does (its repair refuses the overflowing refcounts).
+/// (shared): 14 corruptions became 22, and the rehearsed rebuild was refused. The L2 table
+/// named twice overflows the width already: the repair widens the refcounts to 16 bits, where
+/// every count fits, and leaves the image clean (QEMU's repair leaves the 14).
 #[test]
-fn repair_does_not_grow_the_file_where_references_overflow_the_refcount_width() {
+fn repair_widens_refcounts_that_references_overflow_where_the_file_grows() {
     let image = include_bytes!("data/fuzz/repair-grown-refcounts-overflow.img");
     let (_dir, path) = image_file(image);
     let before = check(&path, false).unwrap();
     assert_eq!((before.corruptions, before.leaks), (14, 0), "{before}");
-    let repaired = check(&path, true).unwrap();
+    assert_widened(&path);
+    assert_eq!(repair_consistent(image), (0, 0));
+}
+
+/// The repair of the image at `path` widens its 1-bit refcounts to 16 bits.
+fn assert_widened(path: &Path) {
+    let repaired = check(path, true).unwrap();
     assert!(
-        repaired.messages.iter().any(|m| m
-            == "Not rebuilding the refcount structure: rehearsed, the repair with a new one would leave 22 corruptions where the check found 14"),
+        repaired
+            .messages
+            .iter()
+            .any(|m| m.starts_with("Widened the refcounts from 1 to 16 bits")),
         "{:?}",
         repaired.messages
     );
-    repair_like_qemu(image);
 }
 
 /// The same with 2- and 4-bit refcounts, made by hand: an L2 table that also names itself as a
@@ -841,29 +849,37 @@ fn repair_does_not_grow_the_file_where_references_overflow_2_and_4_bit_refcounts
 /// and many references past the end of the file. The repair grew the file (to 64, 96 and 8
 /// MiB) so that the new structures went clear of them; counted there, their clusters
 /// overflowed the 1-bit refcounts, and 251 corruptions became 255, 172 became 173, 45 became
-/// 48. Rehearsed, the rebuild is refused now and the repair leaves what the check found.
-/// (QEMU's repair stops at its overlap check, "Check failed", and leaves images its check
-/// cannot read, "File too large", but for the last one.)
+/// 48. Rehearsed, the rebuild was refused and the repair left what the check found. In
+/// the last two, references overflow the width already: the repair widens the refcounts to
+/// 16 bits now, and leaves 81 and 31 corruptions. In the first, the header's cluster is used
+/// by other metadata, which the new width in the header would change: not widened, the
+/// rebuild is refused as before. (QEMU's repair stops at its overlap check, "Check failed",
+/// and leaves images its check cannot read, "File too large", but for the last one.)
 #[test]
 fn repair_does_not_grow_the_file_where_found_references_overflow() {
-    let images: [(&[u8], u64, u64); 3] = [
-        (
-            include_bytes!("data/fuzz/repair-grown-refcounts-overflow-found.img"),
-            251,
-            255,
-        ),
+    assert_rebuild_refused(&[(
+        include_bytes!("data/fuzz/repair-grown-refcounts-overflow-found.img"),
+        251,
+        255,
+    )]);
+    let widened: [(&[u8], u64, u64); 2] = [
         (
             include_bytes!("data/fuzz/repair-grown-refcounts-overflow-found-2.img"),
             172,
-            173,
+            81,
         ),
         (
             include_bytes!("data/fuzz/repair-grown-refcounts-overflow-found-3.img"),
             45,
-            48,
+            31,
         ),
     ];
-    assert_rebuild_refused(&images);
+    for (image, found, left) in widened {
+        let (_dir, path) = image_file(image);
+        assert_eq!(check(&path, false).unwrap().corruptions, found);
+        assert_widened(&path);
+        assert_eq!(repair_consistent(image), (left, 0));
+    }
 }
 
 /// Made by hand while looking for repairs that add corruptions without growing the file:

@@ -78,7 +78,6 @@ pub(super) fn snapshot_table_holds_reftable_fields(offset: u64, snapshots: &Snap
 pub(super) fn choose(
     t: &mut Target,
     snapshots: &SnapshotTable,
-    cut: u64,
     found: (u64, u64),
 ) -> Result<Option<(UnderSnapshotL1, String)>, Error> {
     let Some(k) = snapshot_l1_over_reftable_fields(snapshots) else {
@@ -86,7 +85,7 @@ pub(super) fn choose(
     };
     let rehearse = |t: &mut Target, under| -> Result<Option<(u64, u64)>, Error> {
         let first = analyze(t, snapshots)?;
-        match rehearse_repair(t, first, snapshots, cut, under) {
+        match rehearse_repair(t, first, snapshots, found, under) {
             Ok(r) => Ok(Some((r.corruptions, r.leaks))),
             Err(e) if e.kind() == ErrorKind::Io => Err(e),
             // Not known to end no worse (more memory than a rehearsal may take, or the

@@ -221,7 +221,7 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
     }
     let found = (first.corruptions + cut, first.leaks);
     let (first, under) = match first.check_errors {
-        0 => match fields::choose(&mut t, &snapshots, cut, found)? {
+        0 => match fields::choose(&mut t, &snapshots, found)? {
             // `first` is counted again after the rehearsals, not held through them.
             Some((under, why)) => {
                 log.push(why);
@@ -231,6 +231,11 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
         },
         _ => (first, UnderSnapshotL1::Keep),
     };
+    let first = match widening(&mut t, &snapshots, &first, &mut log)? {
+        Some(wide) => wide,
+        None => first,
+    };
+    let widen = t.widen;
     let rebuild = needs_rebuild(&first);
     let rewrite = rewrites_snapshot_table(&first, &snapshots);
     // Refcounts fixed in place change how the COPIED flags are judged, and those of a table
@@ -238,7 +243,7 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
     // are: they may be right by the stored refcount and wrong by the expected one.
     let in_place = !rebuild && !rewrite && first.mismatches > 0 && first.has_unwritable_table();
     if first.check_errors == 0 && !rebuild && !rewrite && !in_place {
-        return repair_image(&mut t, first, snapshots, cut, log, None, under);
+        return repair_image(&mut t, first, snapshots, found, log, None, under);
     }
     // A new refcount structure (or a snapshot table written again, which may need one) is
     // rehearsed first, and made only where the repair with it leaves no more corruptions
@@ -254,7 +259,7 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
     // With refcounts of 16 bits or more, the regions a grown file makes count cannot overflow
     // them (a cluster named 65,535 times over).
     let wide_refcounts = first.g.order >= 4;
-    let rehearsed = rehearse_repair(&mut t, first, &snapshots, cut, under);
+    let rehearsed = rehearse_repair(&mut t, first, &snapshots, found, under);
     let refused = |why: String| Some(Refusal { why, in_place });
     let refusal = match rehearsed {
         Ok(r) if unreadable && (r.corruptions > found.0 || r.corruptions + r.leaks > found.0 + found.1) => refused(format!(
@@ -292,8 +297,68 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
             "Not rebuilding the refcount structure: the rebuild could not be rehearsed ({e})"
         )),
     };
+    // The rehearsal ended the widening it made.
+    t.widen = widen;
     let first = analyze(&mut t, &snapshots)?;
-    repair_image(&mut t, first, snapshots, cut, log, refusal, under)
+    repair_image(&mut t, first, snapshots, found, log, refusal, under)
+}
+
+/// The refcount order a repair widens an image's refcounts to, where references overflow
+/// them: QEMU's default width, which `qemu-img amend -o refcount_bits=16` gives too.
+const WIDE_ORDER: u32 = 4;
+
+/// Where references overflow the image's refcount width (`first` counted them in it): the
+/// analysis of the image with references counted in [`WIDE_ORDER`], which makes the repair
+/// rebuild the refcount structure in that width (the rebuild is rehearsed as any other).
+/// Without it, a cluster shared more often than the width can count stays counted at the
+/// maximum: with 1-bit refcounts a shared cluster takes the COPIED flag (QEMU's repair sets
+/// it too) and is written in place under every reference, and with any width, writes that
+/// copy it away free it while references remain.
+///
+/// Only version 3 images (version 2 ones have 16-bit refcounts) whose first cluster is the
+/// header's alone: the new order is written in the header, with the new table's offset and
+/// size, and nothing else may read those bytes. `None` (with `t.widen` unset) where the
+/// image is not widened.
+fn widening(
+    t: &mut Target,
+    snapshots: &SnapshotTable,
+    first: &Analysis,
+    log: &mut Log,
+) -> Result<Option<Analysis>, Error> {
+    let overflowed = first.overflowed.as_ref().is_none_or(|set| !set.is_empty());
+    if !overflowed || first.header.version < 3 || first.g.order >= WIDE_ORDER {
+        return Ok(None);
+    }
+    let bits = |order: u32| 1u32 << order;
+    t.widen = Some(WIDE_ORDER);
+    // Both countings are alive meanwhile: together they stay within the check's memory.
+    t.counts_held = first.counts.held();
+    let wide = analyze(t, snapshots);
+    t.counts_held = 0;
+    let wide = match wide {
+        Ok(wide) => wide,
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            t.widen = None;
+            log.push(format!(
+                "Not widening the refcounts to {} bits: {e}",
+                bits(WIDE_ORDER)
+            ));
+            return Ok(None);
+        }
+        Err(e) => {
+            t.widen = None;
+            return Err(e);
+        }
+    };
+    if wide.expected_at(0) != Some(1) {
+        t.widen = None;
+        log.push(format!(
+            "Not widening the refcounts to {} bits: the header's cluster is used by other metadata too",
+            bits(WIDE_ORDER)
+        ));
+        return Ok(None);
+    }
+    Ok(Some(wide))
 }
 
 /// Why a rehearsal ([`rehearse_repair`]) refused part of a repair: a new refcount structure
@@ -326,7 +391,7 @@ fn rehearse_repair(
     t: &mut Target,
     first: Analysis,
     snapshots: &SnapshotTable,
-    cut: u64,
+    found: (u64, u64),
     under: UnderSnapshotL1,
 ) -> Result<CheckReport, Error> {
     t.rehearse(|t| {
@@ -334,7 +399,7 @@ fn rehearse_repair(
             t,
             first,
             snapshots.clone(),
-            cut,
+            found,
             Log::default(),
             None,
             under,
@@ -342,8 +407,8 @@ fn rehearse_repair(
     })
 }
 
-/// The repair after the first analysis (`first`, which counted `cut` snapshots dropped off
-/// the table as corruptions): zero entries, the snapshot table, the refcounts, the COPIED
+/// The repair after the first analysis (`first`; the check found `found` corruptions,
+/// counting the snapshots dropped off the table, and leaks): zero entries, the snapshot table, the refcounts, the COPIED
 /// flags, the header's flags, and the report of the image as it is left. With `refusal` no
 /// new refcount structure is written, nor the snapshot table written again (nor refcounts
 /// fixed in place, where it says so); `under` says whether one is written where a snapshot's
@@ -352,12 +417,12 @@ fn repair_image(
     t: &mut Target,
     mut first: Analysis,
     mut snapshots: SnapshotTable,
-    cut: u64,
+    found: (u64, u64),
     mut log: Log,
     refusal: Option<Refusal>,
     under: UnderSnapshotL1,
 ) -> Result<CheckReport, Error> {
-    let (first_corruptions, first_leaks) = (first.corruptions + cut, first.leaks);
+    let (first_corruptions, first_leaks) = found;
     // The writes made when `first` was made.
     let mut first_writes = t.writes;
     if fix_zero_entries(t, &first, &mut log)? > 0 {
@@ -378,8 +443,10 @@ fn repair_image(
             Some(_) => {}
         }
     }
-    let kept = if first.mismatches > 0 || first.rebuild {
+    let kept = if first.mismatches > 0 || first.rebuild || first.g.widened() {
         repair_refcounts(t, first, &snapshots, refusal, under, &mut log)?;
+        // Widened or not, what follows counts in the width the file now has.
+        t.widen = None;
         None
     } else {
         Some(Kept {
@@ -677,6 +744,9 @@ struct Target {
     /// While a repair is rehearsed ([`Target::rehearse`]): what it wrote and how far it grew
     /// the file, which reads see and the file never does.
     dry: Option<DryRun>,
+    /// The refcount order a repair widens the image to (see [`widening`]): analyses count
+    /// references in it, and the refcount structure is rebuilt in it.
+    widen: Option<u32>,
 }
 
 /// The writes of a rehearsed repair, in [`DRY_PAGE`]-byte pages of the file, and the length
@@ -718,6 +788,7 @@ impl Target {
             pretend_len: None,
             counts_held: 0,
             dry: None,
+            widen: None,
         })
     }
 

@@ -97,11 +97,12 @@ pub(super) fn rewrite_snapshots(
     let g = a.g;
     let bytes = crate::format::encode_snapshot_table(&table.entries, a.header.size);
     let mut stored = Stored::new(a);
+    let epb = stored.g.epb;
     let mut end = a.compare_len().max(a.counts.len);
     // Past the end of the file, past every cluster a stored refcount claims too.
     for b in 0..stored.table.len() as u64 {
         if let Block::At(_) = stored.read_block_of(b) {
-            for c in (b * g.epb..(b + 1) * g.epb).rev() {
+            for c in (b * epb..(b + 1) * epb).rev() {
                 if stored.get(t, c)?.unwrap_or(0) > 0 {
                     end = end.max(c + 1);
                     break;
@@ -130,7 +131,7 @@ pub(super) fn rewrite_snapshots(
     let extra = (first, table_clusters);
     let in_place = !needs_rebuild(a)
         && (first..first + table_clusters)
-            .all(|c| matches!(Stored::new(a).block_of(c / g.epb), Block::At(_)));
+            .all(|c| matches!(stored.block_of(c / epb), Block::At(_)));
     if !in_place {
         if let Some(l1) = super::l1_over_reftable_fields(&a.header, table, under) {
             // The refcounts could not be rebuilt around the new table (see
@@ -198,19 +199,23 @@ pub(super) fn rewrite_snapshots(
 }
 
 /// Whether making the stored refcounts right needs a new refcount structure: the existing
-/// one is broken, or a cluster with references has no valid block to hold its refcount.
+/// one is broken, a cluster with references has no valid block to hold its refcount, or
+/// the references are counted in a wider width than the image's ([`Geo::widened`](super::walk::Geo::widened)).
 pub(super) fn needs_rebuild(a: &Analysis) -> bool {
     let stored = Stored::new(a);
+    let epb = stored.g.epb;
     a.rebuild
+        || a.g.widened()
         || (0..a.counts.len)
-            .any(|c| a.counts.get(c) != 0 && !matches!(stored.block_of(c / a.g.epb), Block::At(_)))
+            .any(|c| a.counts.get(c) != 0 && !matches!(stored.block_of(c / epb), Block::At(_)))
 }
 
 /// Makes the stored refcounts equal to the expected ones in place, when every refcount that
 /// must change has a valid block (not [`needs_rebuild`]).
 pub(super) fn fix_refcounts(t: &mut Target, a: Analysis, log: &mut Log) -> Result<(), Error> {
-    let g = a.g;
     let stored = Stored::new(&a);
+    // The blocks the file holds, in its own width.
+    let g = stored.g;
 
     let compare_len = a.compare_len();
     let mut block = zeroed(g.cs, &t.path)?;
@@ -606,13 +611,34 @@ pub(super) fn rebuild_refcounts(
     t.write(table_off, &table, "the new refcount table")?;
     t.sync()?;
 
-    let mut h = [0u8; 12];
+    // The table's offset and size, and with a wider width its order too, in one write of
+    // the header's first sector: the old structure stays in use until it lands, whole.
+    let from = field::REFCOUNT_TABLE_OFFSET;
+    let to = if g.widened() {
+        field::REFCOUNT_ORDER + 4
+    } else {
+        field::REFCOUNT_TABLE_CLUSTERS + 4
+    };
+    let mut h = vec![0u8; to - from];
+    t.read(from as u64, &mut h, "the header")?;
     h[..8].copy_from_slice(&table_off.to_be_bytes());
-    h[8..].copy_from_slice(&(nt as u32).to_be_bytes());
-    t.write(field::REFCOUNT_TABLE_OFFSET as u64, &h, "the header")?;
+    h[8..12].copy_from_slice(&(nt as u32).to_be_bytes());
+    if g.widened() {
+        let at = field::REFCOUNT_ORDER - from;
+        h[at..].copy_from_slice(&g.order.to_be_bytes());
+    }
+    t.write(from as u64, &h, "the header")?;
     t.sync()?;
     log.push(format!(
         "Wrote a new refcount table at {table_off:#x} ({nt} clusters) and {nb} refcount blocks"
     ));
+    if g.widened() {
+        log.push(format!(
+            "Widened the refcounts from {} to {} bits: more clusters are referenced than {}-bit refcounts can count, and a shared cluster counted as unshared would be written in place or freed while still in use",
+            1u32 << g.file_order,
+            1u32 << g.order,
+            1u32 << g.file_order
+        ));
+    }
     Ok(())
 }

@@ -23,6 +23,7 @@ pub(super) enum Block {
 /// Reads stored refcounts through the refcount table, one block cached.
 pub(super) struct Stored {
     pub(super) table: Vec<u64>,
+    /// The geometry of the stored structure: in the image's own refcount width.
     pub(super) g: Geo,
     pub(super) cached: Option<u64>,
     pub(super) block: Vec<u8>,
@@ -33,7 +34,7 @@ impl Stored {
     pub(super) fn new(a: &Analysis) -> Stored {
         Stored {
             table: a.reftable.clone(),
-            g: a.g,
+            g: a.g.stored(),
             cached: None,
             block: Vec::new(),
             state: Block::Missing,
@@ -108,7 +109,8 @@ impl Analysis {
     /// refcount block nor a reference are skipped whole, so a huge sparse file costs time
     /// only where it has refcounts or references.
     pub(super) fn compare(&mut self, t: &mut Target, stored: &mut Stored) -> Result<(), Error> {
-        let g = self.g;
+        // Walked block by block of the stored structure.
+        let g = stored.g;
         let mut highest = 0u64;
         let len = self.compare_len();
         let mut c = 0u64;

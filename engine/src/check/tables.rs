@@ -454,6 +454,7 @@ mod tests {
             cb: 16,
             cs: 65536,
             order: 4,
+            file_order: 4,
             rc_max: 65535,
             extended: false,
             data_file: false,

@@ -36,7 +36,13 @@ pub(super) const SNAPSHOT_TABLE: &str = "snapshot table";
 pub(super) struct Geo {
     pub(super) cb: u32,
     pub(super) cs: u64,
+    /// The refcount width (as an order) references are counted in and a new refcount
+    /// structure is written in: the image's own, or a wider one a repair widens it to
+    /// ([`Target::widen`](super::Target)).
     pub(super) order: u32,
+    /// The refcount order of the structure the file holds, which its stored refcounts are
+    /// read in ([`Geo::stored`]).
+    pub(super) file_order: u32,
     pub(super) rc_max: u64,
     pub(super) extended: bool,
     pub(super) data_file: bool,
@@ -53,23 +59,42 @@ pub(super) struct Geo {
 }
 
 impl Geo {
-    pub(super) fn new(h: &Header, file_len: u64, path: &str) -> Result<Geo, Error> {
+    /// The geometry of the image with header `h` in a file of `file_len` bytes, counted in
+    /// refcounts of order `widen` where that is wider than the image's own.
+    pub(super) fn new(h: &Header, file_len: u64, widen: Option<u32>) -> Geo {
         let cs = h.cluster_size();
         let file_len = file_len.checked_next_multiple_of(512).unwrap_or(file_len);
         let file_clusters = file_len.div_ceil(cs);
-        let _ = path;
-        Ok(Geo {
+        let order = widen.map_or(h.refcount_order, |w| w.max(h.refcount_order));
+        Geo {
             cb: h.cluster_bits,
             cs,
-            order: h.refcount_order,
-            rc_max: refcount_max(h.refcount_order),
+            order,
+            file_order: h.refcount_order,
+            rc_max: refcount_max(order),
             extended: h.extended_l2(),
             data_file: h.has_data_file(),
             esz: if h.extended_l2() { 16 } else { 8 },
             file_len,
             file_clusters,
-            epb: (cs * 8) >> h.refcount_order,
-        })
+            epb: (cs * 8) >> order,
+        }
+    }
+
+    /// The geometry of the refcount structure the file holds: that of the image's own
+    /// refcount width, whatever width references are counted in.
+    pub(super) fn stored(self) -> Geo {
+        Geo {
+            order: self.file_order,
+            rc_max: refcount_max(self.file_order),
+            epb: (self.cs * 8) >> self.file_order,
+            ..self
+        }
+    }
+
+    /// Whether references are counted in a wider refcount width than the image's own.
+    pub(super) fn widened(&self) -> bool {
+        self.order != self.file_order
     }
 
     /// Whether [`Analysis::inc`] counts a region of `len` bytes at `off`: it ends less than
@@ -361,7 +386,7 @@ pub(super) fn read_snapshots(
 pub(super) fn count(t: &mut Target, snapshots: &SnapshotTable) -> Result<Analysis, Error> {
     let header = read_header(t)?;
     let file_len = t.len()?;
-    let g = Geo::new(&header, file_len, &t.path)?;
+    let g = Geo::new(&header, file_len, t.widen);
 
     let mut a = Analysis {
         header,
