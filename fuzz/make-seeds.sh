@@ -9,6 +9,7 @@ cd "$(dirname "$0")"
 for tool in qemu-img qemu-io; do
     command -v "$tool" >/dev/null || { echo "make-seeds.sh: $tool is missing (Debian: qemu-utils)" >&2; exit 1; }
 done
+command -v python3 >/dev/null || { echo "make-seeds.sh: python3 is missing (Debian: python3)" >&2; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -40,6 +41,22 @@ qemu-img create -q -f qcow2 -o cluster_size=512 "$tmp/base" 128k
 qemu-img create -q -f qcow2 -o cluster_size=512 -b base -F qcow2 "$tmp/backing-512"
 qemu-io -f qcow2 -c 'write -P 0x88 0 1k' "$tmp/backing-512" >/dev/null
 qemu-img create -q -f qcow2 -o cluster_size=512,data_file="$tmp/data.raw" "$tmp/datafile-512" 64k
+# Two L2 entries naming one data cluster, which 1-bit refcounts cannot count: the repair
+# widens them.
+seed refcount1-shared-512 cluster_size=512,refcount_bits=1 128k 'write -P 0x23 0 512' 'write -P 0x24 2k 512'
+python3 - "$tmp/refcount1-shared-512" <<'EOF'
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(40)
+    (l1,) = struct.unpack(">Q", f.read(8))
+    f.seek(l1)
+    (l2,) = struct.unpack(">Q", f.read(8))
+    l2 &= 0x00FFFFFFFFFFFE00
+    f.seek(l2)
+    first = f.read(8)
+    f.seek(l2 + 4 * 8)
+    f.write(first)
+EOF
 seed snapshot-512 cluster_size=512 128k 'write -P 0x99 0 1k'
 qemu-img snapshot -c s1 "$tmp/snapshot-512"
 qemu-io -f qcow2 -c 'write -P 0x9a 0 512' "$tmp/snapshot-512" >/dev/null
@@ -47,7 +64,7 @@ qemu-io -f qcow2 -c 'write -P 0x9a 0 512' "$tmp/snapshot-512" >/dev/null
 for target in image_read check_repair; do
     mkdir -p "corpus/$target"
     for f in empty-512 data-512 v2-512 refcount1-512 refcount64-512 lazy-512 extl2-16k data-4k \
-        zlib-4k zstd-4k backing-512 datafile-512 snapshot-512; do
+        zlib-4k zstd-4k backing-512 datafile-512 snapshot-512 refcount1-shared-512; do
         cp "$tmp/$f" "corpus/$target/seed-$f"
     done
 done
