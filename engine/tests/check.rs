@@ -671,24 +671,8 @@ fn references_that_overflow_1_bit_refcounts_widen_them() {
             let e = if copied { e } else { e & !(1 << 63) };
             img[l2 + 16 * 8..l2 + 17 * 8].copy_from_slice(&e.to_be_bytes());
         });
-        let before = assert_agrees(&p);
-        assert!(before.corruptions > 0, "{before}");
-        let r = check(&p, true).unwrap();
-        assert!(
-            r.messages
-                .iter()
-                .any(|m| m.starts_with("Widened the refcounts from 1 to 16 bits")),
-            "{:?}",
-            r.messages
-        );
-        assert_eq!((r.corruptions, r.leaks), (0, 0), "{r}");
-        assert_clean(&p);
-        let q = qemu_check(&p);
-        assert_eq!(q.exit, 0, "qemu-img check: {}{}", q.json, q.stderr);
-        let img = read_file(&p);
+        let img = repair_widens(&p, (1, 16), shared, 2);
         let l = layout(&img);
-        assert_eq!(l.refcount_order, 4);
-        assert_eq!(l.refcount(&img, shared), 2);
         let l2 = (l.first_l2_cluster(&img) << l.cluster_bits) as usize;
         for at in [l2, l2 + 16 * 8] {
             assert_eq!(be64(&img, at), shared << l.cluster_bits, "entry at {at:#x}");
@@ -712,6 +696,57 @@ fn references_that_overflow_1_bit_refcounts_widen_them() {
         assert!(buf.iter().all(|&b| b == 0x33));
         image.close().unwrap();
     }
+}
+
+/// With 16-bit refcounts, one data cluster named by 65,536 L2 entries (128 full tables): one
+/// reference more than the width counts. The repair widens the refcounts to 32 bits.
+#[test]
+fn references_that_overflow_16_bit_refcounts_widen_them_to_32_bits() {
+    let d = Dir::new();
+    let writes: Vec<String> = (0..128)
+        .map(|i| format!("write -P {} {}M 4k", i + 1, i * 2))
+        .collect();
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    let p = d.image("wide.qcow2", "cluster_size=4096", "256M", &writes);
+    let mut shared = 0;
+    edit(&p, |l, img| {
+        let first = be64(img, (l.first_l2_cluster(img) << l.cluster_bits) as usize);
+        shared = (first & 0x00ff_ffff_ffff_fe00) >> l.cluster_bits;
+        let entry = (first & !(1 << 63)).to_be_bytes();
+        for i in 0..128 {
+            let l2 = be64(img, l.l1_table_offset as usize + i * 8) & 0x00ff_ffff_ffff_fe00;
+            assert_ne!(l2, 0, "L1 entry {i}");
+            for j in 0..512 {
+                let at = l2 as usize + j * 8;
+                img[at..at + 8].copy_from_slice(&entry);
+            }
+        }
+    });
+    repair_widens(&p, (16, 32), shared, 1 << 16);
+}
+
+/// Checks the damaged image at `p` (as QEMU does: the overflow is a corruption), repairs it,
+/// and asserts that the repair widened its refcounts from `bits.0` to `bits.1` bits, that both
+/// checks find it clean, and that cluster `shared` counts `refs`. Returns the image's bytes.
+fn repair_widens(p: &Path, bits: (u32, u32), shared: u64, refs: u64) -> Vec<u8> {
+    let before = assert_agrees(p);
+    assert!(before.corruptions > 0, "{before}");
+    let r = check(p, true).unwrap();
+    let widened = format!("Widened the refcounts from {} to {} bits", bits.0, bits.1);
+    assert!(
+        r.messages.iter().any(|m| m.starts_with(&widened)),
+        "{:?}",
+        r.messages
+    );
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{r}");
+    assert_clean(p);
+    let q = qemu_check(p);
+    assert_eq!(q.exit, 0, "qemu-img check: {}{}", q.json, q.stderr);
+    let img = read_file(p);
+    let l = layout(&img);
+    assert_eq!(1 << l.refcount_order, bits.1);
+    assert_eq!(l.refcount(&img, shared), refs);
+    img
 }
 
 /// A refcount structure to rebuild, free clusters inside the file (discarded data), and an

@@ -303,22 +303,30 @@ fn run(path: &Path, repair: bool, refuse_check_errors: bool) -> Result<CheckRepo
     repair_image(&mut t, first, snapshots, found, log, refusal, under)
 }
 
-/// The refcount order a repair widens an image's refcounts to, where references overflow
-/// them: QEMU's default width, which `qemu-img amend -o refcount_bits=16` gives too.
-const WIDE_ORDER: u32 = 4;
+/// The refcount order a repair widens refcounts of order `order` to, where references
+/// overflow them: QEMU's default width (16 bits, which `qemu-img amend -o refcount_bits=16`
+/// gives too) for narrower ones, twice the width for 16 and 32 bits; `None` for 64 bits,
+/// which no count overflows.
+fn wider_order(order: u32) -> Option<u32> {
+    match order {
+        0..=3 => Some(4),
+        4 | 5 => Some(order + 1),
+        _ => None,
+    }
+}
 
 /// Where references overflow the image's refcount width (`first` counted them in it): the
-/// analysis of the image with references counted in [`WIDE_ORDER`], which makes the repair
-/// rebuild the refcount structure in that width (the rebuild is rehearsed as any other).
-/// Without it, a cluster shared more often than the width can count stays counted at the
-/// maximum: with 1-bit refcounts a shared cluster takes the COPIED flag (QEMU's repair sets
-/// it too) and is written in place under every reference, and with any width, writes that
-/// copy it away free it while references remain.
+/// analysis of the image with references counted in a wider one ([`wider_order`]), which
+/// makes the repair rebuild the refcount structure in that width (the rebuild is rehearsed
+/// as any other). Without it, a cluster shared more often than the width can count stays
+/// counted at the maximum: with 1-bit refcounts a shared cluster takes the COPIED flag
+/// (QEMU's repair sets it too) and is written in place under every reference, and with any
+/// width, writes that copy it away free it while references remain.
 ///
-/// Only version 3 images (version 2 ones have 16-bit refcounts) whose first cluster is the
-/// header's alone: the new order is written in the header, with the new table's offset and
-/// size, and nothing else may read those bytes. `None` (with `t.widen` unset) where the
-/// image is not widened.
+/// Only version 3 images (the refcount width of version 2 ones is fixed at 16 bits) whose
+/// first cluster is the header's alone: the new order is written in the header, with the
+/// new table's offset and size, and nothing else may read those bytes. `None` (with
+/// `t.widen` unset) where the image is not widened.
 fn widening(
     t: &mut Target,
     snapshots: &SnapshotTable,
@@ -326,11 +334,12 @@ fn widening(
     log: &mut Log,
 ) -> Result<Option<Analysis>, Error> {
     let overflowed = first.overflowed.as_ref().is_none_or(|set| !set.is_empty());
-    if !overflowed || first.header.version < 3 || first.g.order >= WIDE_ORDER {
-        return Ok(None);
-    }
-    let bits = |order: u32| 1u32 << order;
-    t.widen = Some(WIDE_ORDER);
+    let order = match wider_order(first.g.order) {
+        Some(order) if overflowed && first.header.version >= 3 => order,
+        _ => return Ok(None),
+    };
+    let bits = 1u32 << order;
+    t.widen = Some(order);
     // Both countings are alive meanwhile: together they stay within the check's memory.
     t.counts_held = first.counts.held();
     let wide = analyze(t, snapshots);
@@ -339,10 +348,7 @@ fn widening(
         Ok(wide) => wide,
         Err(e) if e.kind() == ErrorKind::Unsupported => {
             t.widen = None;
-            log.push(format!(
-                "Not widening the refcounts to {} bits: {e}",
-                bits(WIDE_ORDER)
-            ));
+            log.push(format!("Not widening the refcounts to {bits} bits: {e}"));
             return Ok(None);
         }
         Err(e) => {
@@ -353,8 +359,7 @@ fn widening(
     if wide.expected_at(0) != Some(1) {
         t.widen = None;
         log.push(format!(
-            "Not widening the refcounts to {} bits: the header's cluster is used by other metadata too",
-            bits(WIDE_ORDER)
+            "Not widening the refcounts to {bits} bits: the header's cluster is used by other metadata too"
         ));
         return Ok(None);
     }

@@ -634,7 +634,7 @@ pub(super) fn rebuild_refcounts(
     ));
     if g.widened() {
         log.push(format!(
-            "Widened the refcounts from {} to {} bits: more clusters are referenced than {}-bit refcounts can count, and a shared cluster counted as unshared would be written in place or freed while still in use",
+            "Widened the refcounts from {} to {} bits: a cluster is referenced more often than {}-bit refcounts can count, and a shared cluster counted as unshared would be written in place or freed while still in use",
             1u32 << g.file_order,
             1u32 << g.order,
             1u32 << g.file_order
