@@ -147,6 +147,9 @@ pub(crate) fn lock_file(file: &File, path: &Path, role: Role) -> Result<(), Erro
                 path.display()
             ),
         ),
+        crate::io::LockError::GuestData(why) => {
+            Error::new(ErrorKind::Locked, format!("{}: {why}", path.display()))
+        }
         crate::io::LockError::Os(e) => Error::io(format!("Cannot lock {}", path.display()), e),
     })
 }

@@ -452,3 +452,61 @@ fn top_level_allow_paths_apply_to_exports_added_to_a_daemon_without_exports() {
     let status = with_timeout("the daemon's exit", EXIT_TIMEOUT, move || child.wait());
     assert!(status.unwrap().success());
 }
+
+/// An image whose external data file is another image's raw backing file would write its
+/// guest data into that other disk (QEMU's locks let it: they share writes of both). A daemon
+/// serving the other image refuses it, naming the file, and keeps serving the other; read-only,
+/// it is served (it writes nothing there).
+#[test]
+fn a_data_file_another_image_reads_as_guest_data_is_not_written() {
+    let sc = Scratch::new("paths_shared_data");
+    let dir = sc.join("vm");
+    std::fs::create_dir_all(&dir).unwrap();
+    let raw = dir.join("base.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    write_pattern(&raw, "raw", 0x55, 0, 64 * KIB);
+    overlay_in(&dir, "a.qcow2", "base.raw", "raw");
+    // b.qcow2 names base.raw as its data file (made with another name, then renamed in the
+    // header: creating it would write the data file).
+    let b = create_qcow2_in(&dir, "b.qcow2", "data_file=xxxx.raw", "16M");
+    let _ = std::fs::remove_file(dir.join("xxxx.raw"));
+    let mut bytes = std::fs::read(&b).unwrap();
+    let at = bytes
+        .windows(8)
+        .position(|w| w == b"xxxx.raw")
+        .expect("the data file name in the header");
+    bytes[at..at + 8].copy_from_slice(b"base.raw");
+    std::fs::write(&b, bytes).unwrap();
+
+    let control = sc.socket("ctl.sock");
+    let a_socket = sc.socket("a.sock");
+    let daemon = Daemon::start_with(&dir.join("a.qcow2"), &a_socket, &["--control", s(&control)])
+        .unwrap_or_else(|f| panic!("{f}"));
+    let add = |extra: &[&str]| {
+        let mut c = Command::new(daemon_bin());
+        c.args(["ctl", "--control", s(&control), "add", "--image", s(&b)])
+            .args(["--socket", s(&sc.socket("b.sock"))])
+            .args(extra);
+        run_cmd(&mut c, Duration::from_secs(60))
+    };
+    let out = add(&[]);
+    assert!(
+        !out.status.success()
+            && out.stderr.contains(s(&raw))
+            && out
+                .stderr
+                .contains("raw backing file or external data file in use"),
+        "{out:?}"
+    );
+    let data = blk_session(&a_socket, 1, READ_TIMEOUT, |c| {
+        c.read_batch(&[(0, 512)])?.remove(0)
+    })
+    .unwrap_or_else(|e| panic!("reading a.qcow2: {e}"));
+    assert!(data.iter().all(|&x| x == 0x55));
+    let out = add(&["--read-only"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(daemon.terminate().success());
+}

@@ -13,6 +13,14 @@
 //! Which bytes a QEMU process takes depends on the file's role under the qcow2 driver; the
 //! [`Role`]s below are those qemu-storage-daemon takes (QEMU 10, read from /proc/locks while it
 //! exports an image over vhost-user-blk writable, and read-only with `read-only=on` nodes).
+//!
+//! QEMU lets others write an external data file or a raw backing file while it uses one: an
+//! image whose data file names another image's raw backing file or data file would write its
+//! guest data into that other disk. qcow2d keeps that out with one lock of its own, on bytes
+//! QEMU never takes (so QEMU's tools meet exactly the locks a QEMU process takes): a data file
+//! written through an image holds "guest data write" ([`OWN_PERM_BASE`]), and every data file
+//! and raw backing file unshares it ([`OWN_SHARED_BASE`]). Images of one daemon, and of two,
+//! so never write guest data into a file another image reads or writes as guest data.
 
 use std::fs::File;
 use std::io;
@@ -20,6 +28,12 @@ use std::os::fd::AsRawFd;
 
 const PERM_BASE: i64 = 100;
 const SHARED_BASE: i64 = 200;
+/// qcow2d's own "guest data write" permission: held by an external data file written through
+/// an image. Far from QEMU's bytes (100..=104, 200..=204).
+const OWN_PERM_BASE: i64 = 0x7163_6400;
+/// Held where "guest data write" is not shared: by every external data file and raw backing
+/// file.
+const OWN_SHARED_BASE: i64 = OWN_PERM_BASE + 0x100;
 
 /// QEMU's permission bits, as byte offsets from the two bases.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +93,16 @@ impl Role {
             Role::RawBacking => (&[ConsistentRead], &[]),
         }
     }
+
+    /// Whether the role holds qcow2d's own "guest data write" permission, and whether it
+    /// unshares it.
+    fn guest_data(self) -> (bool, bool) {
+        match self {
+            Role::Qcow2Writer | Role::Qcow2Reader => (false, false),
+            Role::DataWriter => (true, true),
+            Role::DataReader | Role::RawBacking => (false, true),
+        }
+    }
 }
 
 fn flock_at(byte: i64, lock_type: i32) -> libc::flock {
@@ -130,6 +154,9 @@ pub fn unlock_file(file: &File) {
 pub enum LockError {
     /// Another process holds a conflicting lock.
     Conflict(String),
+    /// Another image (of this process or another) reads or writes the file as guest data,
+    /// which it would then share with this one.
+    GuestData(String),
     /// The lock calls failed.
     Os(io::Error),
 }
@@ -145,22 +172,34 @@ const CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 /// is checked again until [`CONFLICT_GRACE`] has passed before it is reported.
 pub fn lock_file(file: &File, role: Role) -> Result<(), LockError> {
     let (held, unshared) = role.perms();
-    lock_image(file, held, unshared)
+    let (hold, unshare) = role.guest_data();
+    retry_conflicts(|| {
+        if hold && held_by_others(file, OWN_SHARED_BASE).map_err(LockError::Os)? {
+            return Err(LockError::GuestData(
+                "it is a raw backing file or external data file in use (by this image or another), whose data guest writes through this image would overwrite".to_owned(),
+            ));
+        }
+        if unshare && held_by_others(file, OWN_PERM_BASE).map_err(LockError::Os)? {
+            return Err(LockError::GuestData(
+                "an image in use (this one or another) writes its guest data into it as its external data file".to_owned(),
+            ));
+        }
+        Ok(())
+    })?;
+    lock_image(file, held, unshared)?;
+    if hold {
+        lock_byte(file, OWN_PERM_BASE).map_err(LockError::Os)?;
+    }
+    if unshare {
+        lock_byte(file, OWN_SHARED_BASE).map_err(LockError::Os)?;
+    }
+    Ok(())
 }
 
 /// Takes QEMU-compatible locks on `file`: `held` permissions, and `unshared` permissions that
 /// no one else may hold.
 pub fn lock_image(file: &File, held: &[Perm], unshared: &[Perm]) -> Result<(), LockError> {
-    let start = std::time::Instant::now();
-    loop {
-        match check_conflicts(file, held, unshared) {
-            Err(LockError::Conflict(_)) if start.elapsed() < CONFLICT_GRACE => {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            Err(e) => return Err(e),
-            Ok(()) => break,
-        }
-    }
+    retry_conflicts(|| check_conflicts(file, held, unshared))?;
     for &p in held {
         lock_byte(file, PERM_BASE + p as i64).map_err(LockError::Os)?;
     }
@@ -168,6 +207,22 @@ pub fn lock_image(file: &File, held: &[Perm], unshared: &[Perm]) -> Result<(), L
         lock_byte(file, SHARED_BASE + p as i64).map_err(LockError::Os)?;
     }
     Ok(())
+}
+
+/// Runs `check` until it finds no conflict, or reports the conflict it still finds once
+/// [`CONFLICT_GRACE`] has passed.
+fn retry_conflicts(check: impl Fn() -> Result<(), LockError>) -> Result<(), LockError> {
+    let start = std::time::Instant::now();
+    loop {
+        match check() {
+            Err(LockError::Conflict(_) | LockError::GuestData(_))
+                if start.elapsed() < CONFLICT_GRACE =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// QEMU's check, with its messages: a held permission someone does not share, then an
@@ -235,6 +290,38 @@ mod tests {
             let f = File::open(&path).unwrap();
             lock_file(&f, role).unwrap();
             assert_eq!(locked_bytes(&path), bytes, "{role:?}");
+        }
+    }
+
+    #[test]
+    fn guest_data_is_never_written_where_another_image_reads_or_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"x").unwrap();
+        let open = || File::options().read(true).write(true).open(&path).unwrap();
+        use Role::*;
+        for (first, second, ok) in [
+            (RawBacking, DataWriter, false),
+            (DataReader, DataWriter, false),
+            (DataWriter, DataWriter, false),
+            (DataWriter, RawBacking, false),
+            (DataWriter, DataReader, false),
+            (RawBacking, RawBacking, true),
+            (RawBacking, DataReader, true),
+            (DataReader, DataReader, true),
+        ] {
+            let a = open();
+            lock_file(&a, first).unwrap();
+            let b = open();
+            match lock_file(&b, second) {
+                Ok(()) => assert!(ok, "{first:?} then {second:?} was allowed"),
+                Err(LockError::GuestData(_)) => assert!(!ok, "{first:?} then {second:?}"),
+                Err(e) => panic!("{first:?} then {second:?}: {e:?}"),
+            }
+            // Given back with the file, as QEMU's are.
+            drop(a);
+            let c = open();
+            lock_file(&c, second).unwrap();
         }
     }
 }
