@@ -200,7 +200,8 @@ pub(super) fn rewrite_snapshots(
 
 /// Whether making the stored refcounts right needs a new refcount structure: the existing
 /// one is broken, a cluster with references has no valid block to hold its refcount, or
-/// the references are counted in a wider width than the image's ([`Geo::widened`](super::walk::Geo::widened)).
+/// the references are counted in a wider width than the image's
+/// ([`Geo::widened`](super::walk::Geo::widened)).
 pub(super) fn needs_rebuild(a: &Analysis) -> bool {
     let stored = Stored::new(a);
     let epb = stored.g.epb;
