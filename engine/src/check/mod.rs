@@ -415,10 +415,9 @@ fn rehearse_repair(
 /// The repair after the first analysis (`first`; the check found `found` corruptions,
 /// counting the snapshots dropped off the table, and leaks): zero entries, the snapshot
 /// table, the refcounts, the COPIED flags, the header's flags, and the report of the image
-/// as it is left. With `refusal` no
-/// new refcount structure is written, nor the snapshot table written again (nor refcounts
-/// fixed in place, where it says so); `under` says whether one is written where a snapshot's
-/// L1 table covers the header's fields.
+/// as it is left. With `refusal` no new refcount structure is written, nor the snapshot
+/// table written again (nor refcounts fixed in place, where it says so); `under` says
+/// whether one is written where a snapshot's L1 table covers the header's fields.
 fn repair_image(
     t: &mut Target,
     mut first: Analysis,
