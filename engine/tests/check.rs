@@ -218,6 +218,18 @@ impl Layout {
     }
 }
 
+/// The image at `path`, opened for writing through the engine.
+fn open_writable(path: &Path) -> Image {
+    Image::open(
+        path,
+        &OpenOptions {
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 fn edit(path: &Path, f: impl FnOnce(&Layout, &mut Vec<u8>)) {
     let mut img = read_file(path);
     let l = layout(&img);
@@ -677,14 +689,7 @@ fn references_that_overflow_1_bit_refcounts_widen_them() {
         for at in [l2, l2 + 16 * 8] {
             assert_eq!(be64(&img, at), shared << l.cluster_bits, "entry at {at:#x}");
         }
-        let image = Image::open(
-            &p,
-            &OpenOptions {
-                read_only: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let image = open_writable(&p);
         image.write_at(&[0x33; 4096], 0).unwrap();
         let mut buf = vec![0u8; 4096];
         image.read_at(&mut buf, 64 << 10).unwrap();
@@ -973,14 +978,7 @@ fn corrupt_bit_is_cleared_by_repair() {
 fn repair_refuses_an_image_in_use() {
     let d = Dir::new();
     let p = d.image("busy.qcow2", "", "4M", &["write -P 1 0 64k"]);
-    let img = Image::open(
-        &p,
-        &OpenOptions {
-            read_only: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = open_writable(&p);
     let e = check(&p, true).unwrap_err();
     assert_eq!(e.kind(), qcow2d_engine::ErrorKind::Locked, "{e}");
     drop(img);
