@@ -343,6 +343,15 @@ fn repair_if_dirty(path: &Path, reader: &mut BlockingReader) -> Result<(), Error
         path.display()
     );
     let report = crate::check::repair_dirty(path)?;
+    // A repair that changes the image's refcount width says so: the operator may have
+    // chosen that width.
+    for m in report
+        .messages
+        .iter()
+        .filter(|m| m.starts_with("Widened the refcounts"))
+    {
+        tracing::warn!("{}: {m}", path.display());
+    }
     if report.corruptions > 0 {
         return Err(Error::new(
             ErrorKind::Corrupt,

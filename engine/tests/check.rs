@@ -703,6 +703,33 @@ fn references_that_overflow_1_bit_refcounts_widen_them() {
     }
 }
 
+/// The same damage under the dirty bit (lazy refcounts): opening the image for writing
+/// repairs it, and the repair widens its refcounts there too.
+#[test]
+fn a_dirty_image_whose_references_overflow_is_widened_when_opened() {
+    let d = Dir::new();
+    let p = d.image(
+        "dirty.qcow2",
+        "cluster_size=4096,refcount_bits=1,lazy_refcounts=on",
+        "1M",
+        &["write -P 0x11 0 4k", "write -P 0x22 64k 4k"],
+    );
+    edit(&p, |l, img| {
+        let l2 = (l.first_l2_cluster(img) << l.cluster_bits) as usize;
+        let e = be64(img, l2);
+        img[l2 + 16 * 8..l2 + 17 * 8].copy_from_slice(&e.to_be_bytes());
+        // The dirty bit.
+        img[79] |= 1;
+    });
+    open_writable(&p).close().unwrap();
+    let img = read_file(&p);
+    assert_eq!(layout(&img).refcount_order, 4);
+    assert_eq!(be64(&img, 72) & 1, 0, "still dirty");
+    assert_clean(&p);
+    let q = qemu_check(&p);
+    assert_eq!(q.exit, 0, "qemu-img check: {}{}", q.json, q.stderr);
+}
+
 /// With 16-bit refcounts, one data cluster named by 65,536 L2 entries (128 full tables): one
 /// reference more than the width counts. The repair widens the refcounts to 32 bits.
 #[test]
