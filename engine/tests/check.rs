@@ -669,20 +669,7 @@ fn refcount_block_sharing_a_cluster_at_full_width_is_rebuilt() {
 fn references_that_overflow_1_bit_refcounts_widen_them() {
     for copied in [true, false] {
         let d = Dir::new();
-        let p = d.image(
-            "shared.qcow2",
-            "cluster_size=4096,refcount_bits=1",
-            "1M",
-            &["write -P 0x11 0 4k", "write -P 0x22 64k 4k"],
-        );
-        let mut shared = 0;
-        edit(&p, |l, img| {
-            let l2 = (l.first_l2_cluster(img) << l.cluster_bits) as usize;
-            let e = be64(img, l2);
-            shared = (e & 0x00ff_ffff_ffff_fe00) >> l.cluster_bits;
-            let e = if copied { e } else { e & !(1 << 63) };
-            img[l2 + 16 * 8..l2 + 17 * 8].copy_from_slice(&e.to_be_bytes());
-        });
+        let (p, shared) = two_names_for_one_cluster(&d, "", copied, false);
         let img = repair_widens(&p, (1, 16), shared, 2);
         let l = layout(&img);
         let l2 = (l.first_l2_cluster(&img) << l.cluster_bits) as usize;
@@ -703,24 +690,38 @@ fn references_that_overflow_1_bit_refcounts_widen_them() {
     }
 }
 
+/// An image with 1-bit refcounts (and `opts` besides) whose first L2 table names its first
+/// data cluster (guest data 0x11 at 0) twice: from entry 0 and from entry 16 (guest offset
+/// 64 KiB, whose own cluster leaks), with COPIED as in entry 0 or clear; `dirty` sets the
+/// dirty bit. Returns the image and the shared host cluster.
+fn two_names_for_one_cluster(d: &Dir, opts: &str, copied: bool, dirty: bool) -> (PathBuf, u64) {
+    let p = d.image(
+        "shared.qcow2",
+        &format!("cluster_size=4096,refcount_bits=1{opts}"),
+        "1M",
+        &["write -P 0x11 0 4k", "write -P 0x22 64k 4k"],
+    );
+    let mut shared = 0;
+    edit(&p, |l, img| {
+        let l2 = (l.first_l2_cluster(img) << l.cluster_bits) as usize;
+        let e = be64(img, l2);
+        shared = (e & 0x00ff_ffff_ffff_fe00) >> l.cluster_bits;
+        let e = if copied { e } else { e & !(1 << 63) };
+        img[l2 + 16 * 8..l2 + 17 * 8].copy_from_slice(&e.to_be_bytes());
+        if dirty {
+            // Incompatible feature bit 0, the last byte of the big-endian field at 72.
+            img[79] |= 1;
+        }
+    });
+    (p, shared)
+}
+
 /// The same damage under the dirty bit (lazy refcounts): opening the image for writing
 /// repairs it, and the repair widens its refcounts there too.
 #[test]
 fn a_dirty_image_whose_references_overflow_is_widened_when_opened() {
     let d = Dir::new();
-    let p = d.image(
-        "dirty.qcow2",
-        "cluster_size=4096,refcount_bits=1,lazy_refcounts=on",
-        "1M",
-        &["write -P 0x11 0 4k", "write -P 0x22 64k 4k"],
-    );
-    edit(&p, |l, img| {
-        let l2 = (l.first_l2_cluster(img) << l.cluster_bits) as usize;
-        let e = be64(img, l2);
-        img[l2 + 16 * 8..l2 + 17 * 8].copy_from_slice(&e.to_be_bytes());
-        // The dirty bit.
-        img[79] |= 1;
-    });
+    let (p, _) = two_names_for_one_cluster(&d, ",lazy_refcounts=on", true, true);
     open_writable(&p).close().unwrap();
     let img = read_file(&p);
     assert_eq!(layout(&img).refcount_order, 4);
