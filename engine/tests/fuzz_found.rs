@@ -202,14 +202,7 @@ fn repair_reports_what_it_does_behind_many_errors() {
         before.messages.last()
     );
     let repaired = check(&path, true).unwrap();
-    assert!(
-        repaired
-            .messages
-            .iter()
-            .any(|m| m.starts_with("Growing the file to")),
-        "{:#?}",
-        repaired.messages
-    );
+    assert_says(&repaired, "Growing the file to");
 }
 
 /// A header declaring a refcount table of 11009 clusters (5.4 MiB) in a file of 1 KiB: as
@@ -260,14 +253,7 @@ fn repair_uncovers_copied_flags_behind_unreadable_refcount_blocks() {
         (again.corruptions, again.leaks, again.check_errors),
         (649, 0, 18)
     );
-    assert!(
-        repaired
-            .messages
-            .iter()
-            .any(|m| m.starts_with("Not rebuilding the refcount structure: with the refcount blocks the check cannot read rebuilt, 709 corruptions")),
-        "{:?}",
-        repaired.messages
-    );
+    assert_says(&repaired, "Not rebuilding the refcount structure: with the refcount blocks the check cannot read rebuilt, 709 corruptions");
     assert_eq!(qemu_counts(&path), (649, 0));
 }
 
@@ -328,12 +314,9 @@ fn repair_does_not_rebuild_refcounts_whose_offset_an_l1_entry_holds() {
         let (dir, path) = image_file(image);
         let before = check(&path, false).unwrap();
         let repaired = check(&path, true).unwrap();
-        assert!(
-            repaired.messages.iter().any(|m| m.starts_with(
-                "Not rebuilding the refcount structure: the active L1 table at 0x0 covers"
-            )),
-            "{:?}",
-            repaired.messages
+        assert_says(
+            &repaired,
+            "Not rebuilding the refcount structure: the active L1 table at 0x0 covers",
         );
         let again = check(&path, false).unwrap();
         assert_eq!(
@@ -809,13 +792,15 @@ fn repair_widens_refcounts_that_references_overflow_where_the_file_grows() {
 /// The repair of the image at `path` widens its 1-bit refcounts to 16 bits.
 fn assert_widened(path: &Path) {
     let repaired = check(path, true).unwrap();
+    assert_says(&repaired, "Widened the refcounts from 1 to 16 bits");
+}
+
+/// `report` has a message that begins with `start`.
+fn assert_says(report: &check::CheckReport, start: &str) {
     assert!(
-        repaired
-            .messages
-            .iter()
-            .any(|m| m.starts_with("Widened the refcounts from 1 to 16 bits")),
-        "{:?}",
-        repaired.messages
+        report.messages.iter().any(|m| m.starts_with(start)),
+        "no message begins with {start:?}: {:#?}",
+        report.messages
     );
 }
 
@@ -896,13 +881,7 @@ fn repair_does_not_fix_refcounts_in_place_where_flags_it_cannot_fix_would_turn_w
     let before = check(&path, false).unwrap();
     assert_eq!((before.corruptions, before.leaks), (2, 0), "{before}");
     let repaired = check(&path, true).unwrap();
-    assert!(
-        repaired.messages.iter().any(|m| m.starts_with(
-            "Not repairing the refcounts: rehearsed, the repair would leave 3 corruptions where the check found 2"
-        )),
-        "{:?}",
-        repaired.messages
-    );
+    assert_says(&repaired, "Not repairing the refcounts: rehearsed, the repair would leave 3 corruptions where the check found 2");
     assert_eq!(repair_consistent(image), (2, 0));
 }
 
